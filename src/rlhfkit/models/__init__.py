@@ -1,0 +1,20 @@
+"""Model loading (local dir, hub id, GGUF, the built-in default), scalar heads and saving."""
+
+from rlhfkit.models.loading import (
+    DEFAULT_MODEL,
+    cache_root,
+    ensure_default_model,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    resolve_model_path,
+    save_pretrained_atomic,
+    tiny_causal_lm,
+)
+from rlhfkit.models.heads import last_token_index, position_ids_from_mask, token_values, sequence_scores
+
+__all__ = [
+    "DEFAULT_MODEL", "cache_root", "ensure_default_model", "load_causal_lm", "load_scalar_model",
+    "load_tokenizer", "resolve_model_path", "save_pretrained_atomic", "tiny_causal_lm",
+    "last_token_index", "position_ids_from_mask", "token_values", "sequence_scores",
+]

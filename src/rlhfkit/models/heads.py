@@ -1,0 +1,53 @@
+"""Scalar heads on an LM backbone: per-token values (critic) and per-sequence scores (reward)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) position ids counting only real tokens.
+
+    With left padding the first real token must get position 0, exactly as it would without
+    padding; otherwise rotary embeddings shift and log-probs differ between padded and unpadded
+    copies of the same text (a classic cause of PPO ratios != 1 at the first step).
+    """
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B,) index of the last real token (works for left and right padding)."""
+    T = attention_mask.shape[-1]
+    flipped = attention_mask.flip(-1).long()
+    return (T - 1 - flipped.argmax(-1)).clamp(min=0)
+
+
+def _backbone_and_head(model):
+    """Return (backbone, head) of a *ForSequenceClassification model, looking through peft wrappers."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "score") or hasattr(m, "classifier"):
+            break
+        m = getattr(m, "base_model", None) or getattr(m, "model", None)
+        if m is None:
+            raise TypeError(f"{type(model).__name__} has no scalar head")
+    head = getattr(m, "score", None) or getattr(m, "classifier")
+    backbone = getattr(m, m.base_model_prefix)
+    return backbone, head
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) scalar head output at every position (the critic's V(t); the RM reads the last one)."""
+    backbone, head = _backbone_and_head(model)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    hidden = out.last_hidden_state  # (B, T, H)
+    return head(hidden).squeeze(-1).float()  # (B, T)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) reward read at the last real token of prompt+response."""
+    values = token_values(model, input_ids, attention_mask)
+    idx = last_token_index(attention_mask)
+    return values.gather(1, idx[:, None]).squeeze(1)

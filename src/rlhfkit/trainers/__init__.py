@@ -1,0 +1,1 @@
+"""One small file per algorithm; the shared loop machinery lives in ``common``."""

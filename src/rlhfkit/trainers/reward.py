@@ -1,0 +1,151 @@
+"""Bradley-Terry reward model: backbone + scalar head read at the last real token (SPEC section 2).
+
+    rlhfkit rm --config rm.yaml data.train=prefs.jsonl
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos import bradley_terry_loss
+from rlhfkit.config import RewardConfig
+from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
+from rlhfkit.models import load_scalar_model, load_tokenizer, save_pretrained_atomic, sequence_scores
+from rlhfkit.models.lora import apply_lora
+from rlhfkit.trainers.common import (
+    Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
+    load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+)
+from rlhfkit.trainers.sources import resolve_source, split_eval
+
+
+def prepare_preference_data(cfg, tokenizer):
+    """Load, validate and tokenise preference pairs (train, eval) before any model loads."""
+    train_ex = load_preference(resolve_source(cfg.data.train, "preference"))
+    if cfg.data.limit:
+        train_ex = train_ex[:cfg.data.limit]
+    if cfg.data.eval:
+        eval_ex = load_preference(resolve_source(cfg.data.eval, "preference"))
+    else:
+        train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_fraction, cfg.train.seed)
+    train, tstats = tokenize_dataset(tokenizer, train_ex, "preference", cfg.data.max_length, cfg.data.truncation)
+    evals, estats = tokenize_dataset(tokenizer, eval_ex, "preference", cfg.data.max_length, cfg.data.truncation)
+    return train, evals, {"train": tstats, "eval": estats}
+
+
+def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of chosen (first half of the rows) and rejected (second half): (B,), (B,)."""
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+    n = scores.shape[0] // 2
+    return scores[:n], scores[n:]
+
+
+@torch.no_grad()
+def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, device) -> dict:
+    """Held-out pairwise accuracy and mean margin, overall and per category."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    correct, margins, cats = [], [], []
+    for chunk in micro_batches(examples, micro_batch_size):
+        batch = collator(chunk)
+        tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        rc, rr = pair_scores(model, tensors)
+        # ties count as half right, so a constant model scores 50%, not 0%
+        correct += ((rc > rr).float() + 0.5 * (rc == rr).float()).tolist()
+        margins += (rc - rr).tolist()
+        cats += [c or "all" for c in batch.get("category", [None] * len(chunk))]
+    model.train(was_training)
+    out = {"eval/accuracy": sum(correct) / len(correct), "eval/margin": sum(margins) / len(margins),
+           "eval/pairs": len(correct)}
+    by_cat = defaultdict(list)
+    for c, ok in zip(cats, correct):
+        by_cat[c].append(ok)
+    if len(by_cat) > 1:
+        for c, oks in sorted(by_cat.items()):
+            out[f"eval/accuracy/{c}"] = sum(oks) / len(oks)
+    return out
+
+
+def train_reward_model(cfg: RewardConfig) -> dict:
+    """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
+    rt = Runtime(cfg.train.seed)
+    out = prepare_run_dir(cfg, "rm", rt.is_main)
+
+    # 1. Data, validated before the model loads.
+    tokenizer = load_tokenizer(cfg.model.name)
+    train, evals, trunc = prepare_preference_data(cfg, tokenizer)
+    if not train:
+        raise ValueError(f"{cfg.data.train}: no training pairs")
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+
+    # 2. Backbone + fresh scalar head (or a trained RM to continue from).
+    model = load_scalar_model(cfg.model.name, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
+    model.train()
+    total = total_steps_for(len(train), cfg.train)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    model, optimizer = rt.prepare(model, optimizer)
+
+    ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
+    start = 0
+    if cfg.train.resume and (last := ckpt.latest()) is not None:
+        load_weights_into(rt.unwrap(model), last / "model")
+        start = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})["step"]
+    logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="rm", initial_step=start)
+    guard = StepGuard(cfg.train.max_bad_steps)
+    if start == 0 and evals:
+        logger.log(0, evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device))
+
+    # 3. Optimisation: BT loss summed over pairs, divided by the global number of pairs.
+    metrics: dict = {}
+    for step in range(start, total):
+        idx = batch_indices(len(train), cfg.train.batch_size, step, cfg.train.seed)
+        global_batch = [train[i] for i in idx]
+        normalizer = len(global_batch) / rt.world_size
+        mine = micro_batches(rt.shard(global_batch), cfg.train.micro_batch_size)
+        loss_sum = torch.zeros((), device=rt.device)
+        acc_sum = torch.zeros((), device=rt.device)
+        for j, chunk in enumerate(mine):
+            batch = {k: v.to(rt.device) for k, v in collator(chunk).items() if isinstance(v, torch.Tensor)}
+            with rt.no_sync(model, skip=j < len(mine) - 1):
+                rc, rr = pair_scores(model, batch)
+                margin = batch.get("margin") if cfg.use_margin else None
+                loss, m = bradley_terry_loss(rc, rr, margin=margin, reduction="sum")
+                if cfg.center_rewards_coef:
+                    loss = loss + cfg.center_rewards_coef * ((rc + rr) ** 2).sum()
+                rt.backward(loss / normalizer)
+            loss_sum += loss.detach()
+            acc_sum += (rc > rr).float().sum().detach()
+        n = len(global_batch)
+        train_loss = rt.sum(loss_sum) / n
+        stepped, gnorm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm, train_loss, guard)
+
+        # 4. Log, evaluate, checkpoint.
+        metrics = {"train/loss": train_loss, "train/accuracy": rt.sum(acc_sum) / n, "train/grad_norm": gnorm,
+                   "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": guard.skipped_total}
+        if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or step + 1 == total:
+            metrics.update(evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device))
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
+            logger.log(step + 1, metrics, show=("train/loss", "eval/accuracy"))
+        logger.advance()
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
+            ckpt.save(step + 1, {"model": rt.unwrap(model)}, {"optimizer": optimizer, "scheduler": scheduler},
+                      {"kind": "rm"})
+        rt.wait()
+
+    # 5. Save: AutoModelForSequenceClassification.from_pretrained(dir) loads it as is.
+    if rt.is_main:
+        save_pretrained_atomic(rt.unwrap(model), tokenizer, Path(out) / "model")
+        final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        write_json_atomic(Path(out) / "rm_results.json", final)
+    logger.close()
+    rt.wait()
+    return metrics
