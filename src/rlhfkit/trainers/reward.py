@@ -100,6 +100,10 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         load_weights_into(rt.unwrap(model), last / "model")
         start = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="rm", initial_step=start)
+    if rt.is_main:
+        for split, st in trunc.items():
+            if st.truncated or st.dropped:
+                logger.write(f"[rm] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
     guard = StepGuard(cfg.train.max_bad_steps)
     if start == 0 and evals:
         logger.log(0, evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device))
@@ -145,6 +149,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     if rt.is_main:
         save_pretrained_atomic(rt.unwrap(model), tokenizer, Path(out) / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        final["truncation"] = {k: v.by_source for k, v in trunc.items()}
         write_json_atomic(Path(out) / "rm_results.json", final)
     logger.close()
     rt.wait()

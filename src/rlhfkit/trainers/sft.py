@@ -12,7 +12,7 @@ import torch
 
 from rlhfkit.algos import masked_sum
 from rlhfkit.config import SFTConfig
-from rlhfkit.data import SFTCollator, load_sft, tokenize_dataset
+from rlhfkit.data import PackedSFTCollator, SFTCollator, load_sft, pack_sft, tokenize_dataset
 from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.lora import apply_lora
@@ -43,7 +43,8 @@ def sft_batch_loss(model, batch: dict, normalizer: float) -> tuple[torch.Tensor,
     Dividing by the global count, not the micro-batch's, makes batch 8 x accumulation 1 equal
     batch 1 x accumulation 8 exactly. Returns (loss, summed nll, token count).
     """
-    logp = causal_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (B, T-1)
+    logp = causal_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                           position_ids=batch.get("position_ids"))  # (B, T-1)
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     nll_sum = -masked_sum(logp, mask)
@@ -78,7 +79,10 @@ def train_sft(cfg: SFTConfig) -> dict:
     train, evals, trunc = prepare_sft_data(cfg, tokenizer)
     if not train:
         raise ValueError(f"{cfg.data.train}: no training examples")
-    collator = SFTCollator(tokenizer.pad_token_id)
+    collator = eval_collator = SFTCollator(tokenizer.pad_token_id)
+    if cfg.packing:  # several short examples per row, attention blocked between them
+        train = pack_sft(train, cfg.data.max_length)
+        collator = PackedSFTCollator(tokenizer.pad_token_id)
 
     # 2. Model, optimizer, schedule.
     model = load_causal_lm(cfg.model.name, cfg.model.dtype)
@@ -101,11 +105,11 @@ def train_sft(cfg: SFTConfig) -> dict:
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="sft", initial_step=start)
     if rt.is_main:
         for split, st in trunc.items():
-            if st.total:
-                logger.write(f"[sft] {split}: truncated {st.total} sequences to {cfg.data.max_length} tokens")
+            if st.truncated or st.dropped:
+                logger.write(f"[sft] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
     guard = StepGuard(cfg.train.max_bad_steps)
     if start == 0 and evals:
-        logger.log(0, evaluate_sft(model, evals, collator, cfg.train.micro_batch_size, rt.device))
+        logger.log(0, evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, rt.device))
 
     # 3. Optimisation: each step is one global batch, accumulated over micro-batches.
     metrics: dict = {}
@@ -129,7 +133,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         metrics = {"train/loss": train_loss, "train/grad_norm": gnorm, "train/lr": scheduler.get_last_lr()[0],
                    "train/tokens": n_tokens, "train/skipped_steps": guard.skipped_total}
         if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or step + 1 == total:
-            metrics.update(evaluate_sft(model, evals, collator, cfg.train.micro_batch_size, rt.device))
+            metrics.update(evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, rt.device))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, metrics, show=("train/loss", "eval/loss"))
         logger.advance()
@@ -142,7 +146,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     if rt.is_main:
         save_pretrained_atomic(rt.unwrap(model), tokenizer, Path(out) / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
-        final["truncated"] = {k: v.total for k, v in trunc.items()}
+        final["truncation"] = {k: v.by_source for k, v in trunc.items()}
         write_json_atomic(Path(out) / "sft_results.json", final)
     logger.close()
     rt.wait()

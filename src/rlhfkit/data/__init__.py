@@ -1,0 +1,53 @@
+"""Data: formats (SFT, preference, prompts), chat-template tokenization, collators, packing.
+
+Typical use:
+    examples = load_preference("data/pairs.jsonl")                        # validated, or DataError
+    features, stats = tokenize_dataset(tok, examples, "preference", 1024)  # all errors before training
+    batch = PreferenceCollator(tok.pad_token_id)(features[:8])
+"""
+
+from rlhfkit.data.collate import (
+    PackedSFTCollator,
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    block_causal_mask,
+    pack_sft,
+    pad_sequences,
+)
+from rlhfkit.data.errors import DataError, Origin
+from rlhfkit.data.formats import (
+    PreferenceExample,
+    PromptExample,
+    SFTExample,
+    load_preference,
+    load_prompts,
+    load_sft,
+    parse_preference,
+    parse_prompts,
+    parse_sft,
+    sft_from_preference,
+)
+from rlhfkit.data.records import Record, load_records
+from rlhfkit.data.tokenize import (
+    IGNORE_INDEX,
+    TruncationStats,
+    end_of_turn_ids,
+    render_ids,
+    render_prompt_ids,
+    tokenize_dataset,
+    tokenize_preference,
+    tokenize_prompt,
+    tokenize_sft,
+)
+
+__all__ = [
+    "DataError", "Origin", "Record", "load_records",
+    "SFTExample", "PreferenceExample", "PromptExample",
+    "parse_sft", "parse_preference", "parse_prompts", "load_sft", "load_preference", "load_prompts",
+    "sft_from_preference",
+    "IGNORE_INDEX", "TruncationStats", "render_ids", "render_prompt_ids", "end_of_turn_ids",
+    "tokenize_sft", "tokenize_preference", "tokenize_prompt", "tokenize_dataset",
+    "pad_sequences", "SFTCollator", "PreferenceCollator", "PromptCollator",
+    "pack_sft", "block_causal_mask", "PackedSFTCollator",
+]

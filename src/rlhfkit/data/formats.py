@@ -1,0 +1,269 @@
+"""The three example types the trainers consume, parsed and validated from raw records.
+
+- `SFTExample`: a conversation ending with an assistant turn (every assistant turn is trained).
+- `PreferenceExample`: a prompt (messages) with a chosen and a rejected response (strings).
+- `PromptExample`: a prompt for rollouts, with an optional reference answer.
+
+Accepted record shapes are listed on each `parse_*` function. Validation fails on the first bad
+record with a `DataError` naming file, line and field; nothing is silently skipped.
+Each example keeps ``origin = (source, line)`` so that tokenization errors point back to the file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from rlhfkit.data.errors import DataError, Origin, type_name
+from rlhfkit.data.messages import (
+    check_messages, check_starts_with_user, check_text, first_difference, is_transcript_string,
+    parse_transcript_string, prompt_messages,
+)
+from rlhfkit.data.records import Record, load_records
+
+_NO_ORIGIN = Origin(None, None)
+
+
+@dataclass
+class SFTExample:
+    messages: list[dict]  # system? user, assistant, (user, assistant)*; ends with assistant
+    origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
+    field: str = field(default="messages", compare=False, repr=False)  # record key named in errors
+
+
+@dataclass
+class PreferenceExample:
+    prompt: list[dict]  # messages, ending with a user turn
+    chosen: str  # content of the preferred assistant reply
+    rejected: str
+    category: str | None = None  # e.g. chat / chat-hard / safety / reasoning, for per-category metrics
+    margin: float | None = None  # optional preference strength, for a margin term in the RM loss
+    origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
+
+
+@dataclass
+class PromptExample:
+    prompt: list[dict]  # messages, ending with a user turn
+    reference: str | None = None  # reference answer for verifiable rewards, if any
+    meta: dict[str, Any] = field(default_factory=dict)  # every other field of the record
+    origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
+
+
+# ----------------------------------------------------------------------------------------- SFT
+
+def parse_sft(records: Iterable[Record]) -> list[SFTExample]:
+    """Records -> SFT conversations.
+
+    Accepted: ``{"messages": [...]}``; ``{"prompt", "response"}`` (or ``"completion"``), where the
+    prompt is a string or messages ending with a user turn and the response a string or a
+    single assistant message.
+    """
+    return [_parse_sft_one(rec) for rec in records]
+
+
+def _parse_sft_one(rec: Record) -> SFTExample:
+    d, o = rec.data, rec.origin
+    if d.get("messages") is not None:
+        messages = check_messages(d["messages"], o, "messages")
+        check_starts_with_user(messages, o, "messages")
+        if messages[-1]["role"] != "assistant":
+            raise DataError.at(o, "messages", f"the conversation must end with an assistant turn, "
+                                              f"got {messages[-1]['role']!r}")
+        return SFTExample(messages, origin=o, field="messages")
+    if d.get("prompt") is None:
+        raise DataError.at(o, "messages", "missing: an SFT record needs 'messages', or 'prompt' and 'response'")
+    key = next((k for k in ("response", "completion") if d.get(k) is not None), None)
+    if key is None:
+        raise DataError.at(o, "response", "missing (or null)")
+    prompt = prompt_messages(d["prompt"], o, "prompt")
+    reply = _reply_content(d[key], o, key)
+    return SFTExample([*prompt, {"role": "assistant", "content": reply}], origin=o, field=key)
+
+
+def _reply_content(value, origin, key: str) -> str:
+    """A response given as a string or as ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(value, list) and len(value) == 1:
+        msg = check_messages(value, origin, key)[0]
+        if msg["role"] != "assistant":
+            raise DataError.at(origin, f"{key}[0].role", f"expected an assistant message, got {msg['role']!r}")
+        return msg["content"]
+    if isinstance(value, (str, type(None))):
+        return check_text(value, origin, key)
+    raise DataError.at(origin, key, f"expected a string or a single assistant message, got {type_name(value)}")
+
+
+# ---------------------------------------------------------------------------------- preferences
+
+def parse_preference(records: Iterable[Record]) -> list[PreferenceExample]:
+    """Records -> preference pairs.
+
+    Accepted:
+    - ``{"prompt", "chosen", "rejected"}``: prompt a string or messages; chosen / rejected strings,
+      a single assistant message, or full transcripts (messages whose last turn is the reply and
+      whose earlier turns repeat the prompt);
+    - ``{"chosen", "rejected"}`` without a prompt (Anthropic HH style): two full conversations,
+      as message lists or "\\n\\nHuman: ...\\n\\nAssistant: ..." strings, split at the last
+      assistant turn; the turns before it must be identical in both.
+    Optional: ``category`` (string), ``margin`` (number).
+    """
+    return [_parse_preference_one(rec) for rec in records]
+
+
+def _parse_preference_one(rec: Record) -> PreferenceExample:
+    d, o = rec.data, rec.origin
+    for key in ("chosen", "rejected"):
+        if d.get(key) is None:
+            raise DataError.at(o, key, "missing (or null)")
+    if d.get("prompt") is not None:
+        prompt, chosen, rejected = _pair_with_prompt(d, o)
+    else:
+        prompt, chosen, rejected = _pair_from_transcripts(d, o)
+    if chosen.strip() == rejected.strip():
+        raise DataError.at(o, "rejected", "identical to 'chosen': a pair needs two different responses")
+    return PreferenceExample(prompt, chosen, rejected, category=_category(d, o), margin=_margin(d, o), origin=o)
+
+
+def _pair_with_prompt(d: dict, o) -> tuple[list[dict], str, str]:
+    prompt = prompt_messages(d["prompt"], o, "prompt")
+    replies, prefixes = {}, {}
+    for key in ("chosen", "rejected"):
+        value = d[key]
+        if isinstance(value, list) and len(value) > 1:
+            prefixes[key], replies[key] = _split_transcript(value, o, key)
+        else:
+            replies[key] = _reply_content(value, o, key)
+    for key, prefix in prefixes.items():
+        # A transcript must repeat the prompt; with a string prompt, its last user turn suffices
+        # (then the transcript's prefix, which may hold a system message, becomes the prompt).
+        same = prefix == prompt or (isinstance(d["prompt"], str) and prefix[-1] == prompt[-1])
+        if not same:
+            raise DataError.at(o, key, "the transcript before the last assistant turn does not match 'prompt' "
+                                       f"(first difference at message {first_difference(prefix, prompt)})")
+    if len(prefixes) == 2 and prefixes["chosen"] != prefixes["rejected"]:
+        i = first_difference(prefixes["chosen"], prefixes["rejected"])
+        raise DataError.at(o, "rejected",
+                           f"conversation before the last assistant turn differs from 'chosen' at message {i}")
+    if prefixes:
+        prompt = next(iter(prefixes.values()))
+    if isinstance(d["prompt"], str) and is_transcript_string(d["prompt"]):
+        # HH split into prompt / response: replies start with the space after "Assistant:"
+        replies = {k: v.strip() for k, v in replies.items()}
+    return prompt, replies["chosen"], replies["rejected"]
+
+
+def _pair_from_transcripts(d: dict, o) -> tuple[list[dict], str, str]:
+    split = {}
+    for key in ("chosen", "rejected"):
+        value = d[key]
+        if isinstance(value, str):
+            check_text(value, o, key)
+            if not is_transcript_string(value):
+                raise DataError.at(o, "prompt", f"missing, and '{key}' is not a full conversation "
+                                                "(a message list or a '\\n\\nHuman: ...\\n\\nAssistant: ...' string)")
+            value = parse_transcript_string(value, o, key)
+        elif not isinstance(value, list):
+            raise DataError.at(o, key, f"expected a string or a list of messages, got {type_name(value)}")
+        split[key] = _split_transcript(value, o, key)
+    (p_chosen, chosen), (p_rejected, rejected) = split["chosen"], split["rejected"]
+    if p_chosen != p_rejected:
+        i = first_difference(p_chosen, p_rejected)
+        raise DataError.at(o, "rejected", f"conversation before the last assistant turn differs from 'chosen' "
+                                          f"at message {i}: both must share the same prompt")
+    return p_chosen, chosen, rejected
+
+
+def _split_transcript(value: list, o, key: str) -> tuple[list[dict], str]:
+    """Messages -> (prompt messages, content of the final assistant turn)."""
+    messages = check_messages(value, o, key)
+    if messages[-1]["role"] != "assistant":
+        raise DataError.at(o, key, f"a conversation must end with the assistant reply, got {messages[-1]['role']!r}")
+    prompt = messages[:-1]
+    if not prompt:
+        raise DataError.at(o, key, "the conversation has no turns before the assistant reply")
+    check_starts_with_user(prompt, o, key)
+    if prompt[-1]["role"] != "user":
+        raise DataError.at(o, key, "the turn before the final assistant reply must be a user turn")
+    return prompt, messages[-1]["content"]
+
+
+def _category(d: dict, o) -> str | None:
+    value = d.get("category")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError.at(o, "category", f"expected a string, got {type_name(value)}")
+    return value
+
+
+def _margin(d: dict, o) -> float | None:
+    value = d.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, str):  # CSV cells are strings
+        try:
+            value = float(value)
+        except ValueError:
+            raise DataError.at(o, "margin", f"expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError.at(o, "margin", f"expected a number, got {type_name(value)}")
+    if not math.isfinite(value):
+        raise DataError.at(o, "margin", f"expected a finite number, got {value}")
+    return float(value)
+
+
+# -------------------------------------------------------------------------------------- prompts
+
+_PROMPT_KEYS = ("prompt", "messages", "reference", "answer")
+
+
+def parse_prompts(records: Iterable[Record]) -> list[PromptExample]:
+    """Records -> rollout prompts.
+
+    Accepted: ``{"prompt": str | messages}`` or ``{"messages": [...]}`` ending with a user turn;
+    optional ``reference`` (or ``answer``): a string or a number (kept as its string).
+    Every other field goes to ``meta`` (e.g. a task id for a reward function).
+    """
+    return [_parse_prompt_one(rec) for rec in records]
+
+
+def _parse_prompt_one(rec: Record) -> PromptExample:
+    d, o = rec.data, rec.origin
+    if d.get("prompt") is not None:
+        prompt = prompt_messages(d["prompt"], o, "prompt")
+    elif d.get("messages") is not None:
+        prompt = prompt_messages(d["messages"], o, "messages")
+    else:
+        raise DataError.at(o, "prompt", "missing: a prompt record needs 'prompt' or 'messages'")
+    ref_key = "reference" if d.get("reference") is not None else "answer"
+    ref = d.get(ref_key)
+    if ref is not None:
+        if isinstance(ref, bool) or not isinstance(ref, (str, int, float)):
+            raise DataError.at(o, ref_key, f"expected a string or a number, got {type_name(ref)}")
+        ref = check_text(str(ref), o, ref_key)
+    meta = {k: v for k, v in d.items() if k not in _PROMPT_KEYS}
+    return PromptExample(prompt, reference=ref, meta=meta, origin=o)
+
+
+# ---------------------------------------------------------------------------------- convenience
+
+def load_sft(source, **kw) -> list[SFTExample]:
+    """`load_records` (same keywords: split, limit) + `parse_sft`."""
+    return parse_sft(load_records(source, **kw))
+
+
+def load_preference(source, **kw) -> list[PreferenceExample]:
+    """`load_records` + `parse_preference`."""
+    return parse_preference(load_records(source, **kw))
+
+
+def load_prompts(source, **kw) -> list[PromptExample]:
+    """`load_records` + `parse_prompts`."""
+    return parse_prompts(load_records(source, **kw))
+
+
+def sft_from_preference(examples: Iterable[PreferenceExample]) -> list[SFTExample]:
+    """SFT on the chosen responses of a preference set: the usual step before off-policy DPO,
+    so that the policy starts close to the distribution the pairs were sampled from."""
+    return [SFTExample([*ex.prompt, {"role": "assistant", "content": ex.chosen}], origin=ex.origin, field="chosen")
+            for ex in examples]

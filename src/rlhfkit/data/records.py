@@ -1,0 +1,228 @@
+"""Raw records from files and datasets, each remembering where it came from.
+
+Supported sources (`load_records`):
+- ``*.jsonl`` / ``*.ndjson``: one JSON object per line (blank lines skipped, numbering kept);
+- ``*.json``: a list of objects, or ``{"data": [...]}``;
+- ``*.parquet``: one record per row (nested message lists come back as lists of dicts);
+- ``*.csv`` / ``*.tsv``: one record per row, header = field names; an empty cell means "absent";
+- a ``datasets.Dataset`` or ``datasets.DatasetDict`` object;
+- ``"hf:org/name[@config][:split]"``: ``datasets.load_dataset`` (needs the hub or a local cache);
+- a list of dicts (in-memory, e.g. pairs built by online DPO).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from rlhfkit.data.errors import DataError, Origin, type_name
+
+
+@dataclass
+class Record:
+    """One raw record and its origin, for error messages."""
+
+    data: dict[str, Any]
+    source: str
+    line: int  # 1-based line (JSONL/CSV) or record index + 1 (other sources)
+
+    @property
+    def origin(self) -> Origin:
+        return Origin(self.source, self.line)
+
+
+def load_records(source, *, split: str | None = None, limit: int | None = None) -> list[Record]:
+    """Read every record of `source` (see the module docstring for what a source can be).
+
+    split: which split of a DatasetDict / hub dataset (default: "train", or the only split).
+           Files have no splits; passing one is an error rather than silently ignored.
+    limit: keep only the first `limit` records.
+    Raises DataError for unreadable content (bad JSON names the line), an empty source, or a
+    record that is not an object; FileNotFoundError for a missing file.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    records = list(_take(_iter_records(source, split), limit))
+    if not records:
+        name = _source_name(source)
+        raise DataError("no records (empty file or dataset)" if limit != 0 else "limit=0 selects no records",
+                        source=name)
+    return records
+
+
+def _take(it: Iterator[Record], limit: int | None) -> Iterator[Record]:
+    if limit is None:
+        yield from it
+        return
+    for i, rec in enumerate(it):
+        if i >= limit:
+            return
+        yield rec
+
+
+def _source_name(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, list):
+        return "<memory>"
+    name = getattr(getattr(source, "info", None), "dataset_name", None)
+    return name or f"<{type(source).__name__}>"
+
+
+def _iter_records(source, split: str | None) -> Iterator[Record]:
+    if isinstance(source, list):
+        return _from_rows(source, "<memory>")
+    if _is_hf_dataset(source):
+        return _from_hf_object(source, split)
+    if isinstance(source, str) and source.startswith("hf:"):
+        return _from_hub(source[3:], split)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"unsupported data source of type {type(source).__name__}")
+    path = Path(source)
+    name = str(source)
+    if split is not None:
+        raise ValueError(f"{name}: split={split!r} only applies to datasets, not to files")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {name}")
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+               ".parquet": _read_parquet, ".csv": _read_csv, ".tsv": _read_csv}
+    if suffix not in readers:
+        raise DataError(f"unsupported file type {suffix!r}; expected one of {', '.join(sorted(readers))}", source=name)
+    return readers[suffix](path, name)
+
+
+def _check_object(obj, name: str, line: int) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object (one record), got {type_name(obj)}", source=name, line=line)
+    return obj
+
+
+def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
+    # Read bytes so that an encoding error is reported on its own line, like a JSON error.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source=name, line=lineno) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", source=name, line=lineno) from None
+            yield Record(_check_object(obj, name, lineno), name, lineno)
+
+
+def _read_json(path: Path, name: str) -> Iterator[Record]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        # Here the position is a real line of the file, not a record number.
+        raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", source=name) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source=name) from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"expected a list of records or {{\"data\": [...]}}, got {type_name(obj)}", source=name)
+    return _from_rows(obj, name)
+
+
+def _from_rows(rows: Iterable, name: str) -> Iterator[Record]:
+    for i, row in enumerate(rows):
+        yield Record(_check_object(row, name, i + 1), name, i + 1)
+
+
+def _read_parquet(path: Path, name: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"cannot read Parquet: {e}", source=name) from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            i += 1
+            yield Record(row, name, i)
+
+
+def _read_csv(path: Path, name: str) -> Iterator[Record]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"invalid CSV: {e}", source=name, line=1) from None
+        header = [h.strip() for h in header]
+        prev_end = reader.line_num
+        while True:
+            start = prev_end + 1  # a quoted cell may span lines: report the row's first line
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise DataError(f"invalid CSV: {e}", source=name, line=start) from None
+            prev_end = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"expected {len(header)} columns (as in the header), got {len(row)}",
+                                source=name, line=start)
+            # CSV has no null: an empty cell means the field is absent.
+            yield Record({k: (v if v != "" else None) for k, v in zip(header, row)}, name, start)
+
+
+def _is_hf_dataset(obj) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(obj, (datasets.Dataset, datasets.DatasetDict))
+
+
+def _from_hf_object(ds, split: str | None) -> Iterator[Record]:
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds.keys())
+        if split is None:
+            if "train" in ds:
+                split = "train"
+            elif len(splits) == 1:
+                split = splits[0]
+            else:
+                raise ValueError(f"dataset has splits {splits}; choose one with split=...")
+        if split not in ds:
+            raise ValueError(f"split {split!r} not found; available: {splits}")
+        ds = ds[split]
+        name = f"{ds.info.dataset_name or '<DatasetDict>'}[{split}]"
+    else:
+        if split is not None and ds.split is not None and str(ds.split) != split:
+            raise ValueError(f"this Dataset is split {ds.split!r}, not {split!r}")
+        name = ds.info.dataset_name or "<Dataset>"
+    return _from_rows(iter(ds), name)
+
+
+def _from_hub(spec: str, split: str | None) -> Iterator[Record]:
+    """``org/name[@config][:split]`` -> datasets.load_dataset (not testable offline)."""
+    import datasets
+
+    ref, _, spec_split = spec.partition(":")
+    repo, _, config = ref.partition("@")
+    if spec_split and split and spec_split != split:
+        raise ValueError(f"hf:{spec}: split given twice ({spec_split!r} and split={split!r})")
+    split = spec_split or split or "train"
+    ds = datasets.load_dataset(repo, config or None, split=split)
+    return _from_rows(iter(ds), f"hf:{ref}:{split}")

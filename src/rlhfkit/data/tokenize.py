@@ -1,0 +1,327 @@
+"""Chat rendering with the tokenizer's own chat template, and which tokens are trained.
+
+Assistant spans are found by rendering prefixes of the conversation, not by searching for marker
+strings: for assistant turn i,
+    before = template(messages[:i], add_generation_prompt=True)   # ... <|im_start|>assistant\\n
+    upto   = template(messages[:i+1])                              # ... reply<|im_end|>\\n
+and the reply's tokens are upto[len(before):]. Both must be token prefixes of the whole
+rendering ("prefix-stable"); if a template rewrites earlier turns or a merge crosses the boundary
+(e.g. a reply starting with a newline right after "assistant\\n"), a DataError says so.
+
+Labelled tokens: the reply content and the end-of-turn token (``<|im_end|>``), so the model
+learns to stop. Template text *after* the end-of-turn token (ChatML's "\\n") is -100: generation
+stops at the end-of-turn token, so that newline is never sampled; it is a separator that the
+template re-inserts when the conversation continues. The assistant header is prompt (-100).
+"""
+
+from __future__ import annotations
+
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from rlhfkit.data.errors import DataError
+from rlhfkit.data.formats import PreferenceExample, PromptExample, SFTExample
+
+IGNORE_INDEX = -100
+TRUNCATION_MODES = ("error", "left", "right")
+
+# End-of-turn tokens of common templates; the tokenizer's eos is always included.
+_EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
+_eot_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+@dataclass
+class TruncationStats:
+    """Per-dataset counts of what truncation did, for the trainer to report.
+
+    by_source[source] = {"examples", "truncated", "dropped", "tokens_removed"}; "dropped" counts
+    examples left with nothing to train on (all labels masked) and removed from the dataset.
+    """
+
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def _row(self, source: str | None) -> dict[str, int]:
+        return self.by_source.setdefault(source or "<data>",
+                                         {"examples": 0, "truncated": 0, "dropped": 0, "tokens_removed": 0})
+
+    def add(self, source: str | None, removed: int = 0) -> None:
+        row = self._row(source)
+        row["examples"] += 1
+        if removed > 0:
+            row["truncated"] += 1
+            row["tokens_removed"] += removed
+
+    def drop(self, source: str | None) -> None:
+        self._row(source)["dropped"] += 1
+
+    def merge(self, other: TruncationStats) -> TruncationStats:
+        for source, counts in other.by_source.items():
+            row = self._row(source)
+            for k, v in counts.items():
+                row[k] += v
+        return self
+
+    def _total(self, key: str) -> int:
+        return sum(row[key] for row in self.by_source.values())
+
+    @property
+    def examples(self) -> int:
+        return self._total("examples")
+
+    @property
+    def truncated(self) -> int:
+        return self._total("truncated")
+
+    @property
+    def dropped(self) -> int:
+        return self._total("dropped")
+
+    def summary(self) -> str:
+        """One line per dataset, e.g. ``train.jsonl: 3/120 truncated (412 tokens removed), 1 dropped``."""
+        return "\n".join(f"{src}: {r['truncated']}/{r['examples']} truncated ({r['tokens_removed']} tokens removed), "
+                         f"{r['dropped']} dropped" for src, r in self.by_source.items())
+
+    def metrics(self, prefix: str = "data/") -> dict[str, float]:
+        n = max(self.examples, 1)
+        return {f"{prefix}truncated_frac": self.truncated / n, f"{prefix}dropped": float(self.dropped),
+                f"{prefix}tokens_removed": float(self._total("tokens_removed"))}
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of the chat-template rendering (special tokens come from the template itself)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)
+    if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding from older / custom tokenizers
+        out = out["input_ids"]
+    return list(out)
+
+
+def render_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt as the model sees it before answering: template + generation header."""
+    return render_ids(tokenizer, messages, add_generation_prompt=True)
+
+
+def end_of_turn_ids(tokenizer) -> frozenset[int]:
+    """Ids that close an assistant turn: eos plus the known end-of-turn tokens in the vocabulary."""
+    try:
+        return _eot_cache[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in _EOT_CANDIDATES if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    ids = frozenset(ids)
+    try:
+        _eot_cache[tokenizer] = ids
+    except TypeError:
+        pass
+    return ids
+
+
+def _render(tokenizer, messages, gen: bool, origin, field: str) -> list[int]:
+    import jinja2
+
+    try:
+        return render_ids(tokenizer, messages, add_generation_prompt=gen)
+    except (jinja2.TemplateError, ValueError) as e:
+        raise DataError.at(origin, field, f"the chat template refused this conversation: {e}") from None
+
+
+def _reply_span(full, before, upto, eot, origin, field: str, turn: int) -> tuple[int, int]:
+    """[start, stop) of assistant turn `turn` in `full`, ending at its end-of-turn token."""
+    if full[:len(before)] != before or full[:len(upto)] != upto or len(upto) <= len(before):
+        raise DataError.at(origin, field, (
+            f"the chat template is not prefix-stable at message {turn}: rendering the conversation up to "
+            "that turn does not give a token prefix of the whole rendering, so the assistant tokens cannot "
+            "be located (typical causes: a reply starting with whitespace/newlines that merges with the "
+            "template's 'assistant\\n' header, or a template that rewrites earlier turns)"))
+    start, stop = len(before), len(upto)
+    for j in range(stop - 1, start - 1, -1):
+        if full[j] in eot:
+            return start, j + 1
+    return start, stop
+
+
+def _check_mode(truncation: str) -> None:
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+
+
+def _too_long(origin, field: str, n: int, max_length: int, what: str) -> DataError:
+    return DataError.at(origin, field, f"{what} is {n} tokens, longer than max_length={max_length} "
+                                       "(raise max_length, shorten the example, or set truncation='left'/'right')")
+
+
+# ----------------------------------------------------------------------------------- tokenizers
+
+def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: str = "error",
+                 stats: TruncationStats | None = None) -> dict[str, list[int]]:
+    """-> {"input_ids", "labels"}: labels = token id on every assistant reply token (content and
+    end-of-turn token), -100 elsewhere. Every assistant turn of a multi-turn conversation is trained.
+
+    truncation: "error" raises a DataError for sequences over max_length; "left" drops tokens from
+    the start (keeps the latest turns), "right" drops them from the end.
+    """
+    _check_mode(truncation)
+    msgs, o = example.messages, example.origin
+    full = _render(tokenizer, msgs, False, o, example.field)
+    labels = [IGNORE_INDEX] * len(full)
+    eot = end_of_turn_ids(tokenizer)
+    for i, msg in enumerate(msgs):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, msgs[:i], True, o, example.field)
+        upto = full if i == len(msgs) - 1 else _render(tokenizer, msgs[:i + 1], False, o, example.field)
+        start, stop = _reply_span(full, before, upto, eot, o, example.field, i)
+        labels[start:stop] = full[start:stop]
+    removed = max(0, len(full) - max_length)
+    if removed:
+        if truncation == "error":
+            raise _too_long(o, example.field, len(full), max_length, "the conversation")
+        keep = slice(removed, None) if truncation == "left" else slice(0, max_length)
+        full, labels = full[keep], labels[keep]
+    if stats is not None:
+        stats.add(o[0], removed)
+    return {"input_ids": full, "labels": labels}
+
+
+def tokenize_preference(tokenizer, example: PreferenceExample, max_length: int, truncation: str = "error",
+                        stats: TruncationStats | None = None) -> dict:
+    """-> {"prompt_ids", "chosen_ids", "rejected_ids"} (+ "category", "margin" when set).
+
+    chosen_ids are the reply tokens after the generation header, up to and including the
+    end-of-turn token, so prompt_ids + chosen_ids is the template rendering of the conversation.
+    max_length bounds prompt + each response. Over it, with truncation "left" or "right" (same
+    behaviour here): the prompt keeps its end (it is cut from the left, down to no less than
+    max_length // 2 tokens), then responses are cut from the right to fit.
+    """
+    _check_mode(truncation)
+    o = example.origin
+    prompt_ids = _render(tokenizer, example.prompt, True, o, "prompt")
+    eot = end_of_turn_ids(tokenizer)
+    replies = {}
+    for key in ("chosen", "rejected"):
+        full = _render(tokenizer, [*example.prompt, {"role": "assistant", "content": getattr(example, key)}],
+                       False, o, key)
+        start, stop = _reply_span(full, prompt_ids, full, eot, o, key, len(example.prompt))
+        replies[key] = full[start:stop]
+    p, c, r = prompt_ids, replies["chosen"], replies["rejected"]
+    longest = max(len(c), len(r))
+    removed = 0
+    if len(p) + longest > max_length:
+        if truncation == "error":
+            key = "prompt" if len(p) >= max_length else ("chosen" if len(c) >= len(r) else "rejected")
+            n = len(p) if key == "prompt" else len(p) + longest
+            raise _too_long(o, key, n, max_length, "the prompt" if key == "prompt" else f"prompt + {key}")
+        keep = min(len(p), max(max_length - longest, max_length // 2))
+        budget = max_length - keep
+        removed = (len(p) - keep) + max(0, len(c) - budget) + max(0, len(r) - budget)
+        p, c, r = p[len(p) - keep:], c[:budget], r[:budget]
+    if stats is not None:
+        stats.add(o[0], removed)
+    out = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+    if example.category is not None:
+        out["category"] = example.category
+    if example.margin is not None:
+        out["margin"] = example.margin
+    return out
+
+
+def tokenize_prompt(tokenizer, example: PromptExample, max_length: int, truncation: str = "error",
+                    stats: TruncationStats | None = None) -> dict:
+    """-> {"input_ids", "messages", "reference", "meta"}: the rendered prompt with generation header.
+
+    Over max_length, "left" and "right" both keep the end of the prompt (its generation header
+    and latest turn); "error" raises.
+    """
+    _check_mode(truncation)
+    o = example.origin
+    ids = _render(tokenizer, example.prompt, True, o, "prompt")
+    removed = max(0, len(ids) - max_length)
+    if removed:
+        if truncation == "error":
+            raise _too_long(o, "prompt", len(ids), max_length, "the prompt")
+        ids = ids[removed:]
+    if stats is not None:
+        stats.add(o[0], removed)
+    return {"input_ids": ids, "messages": example.prompt, "reference": example.reference, "meta": example.meta}
+
+
+# -------------------------------------------------------------------------------- whole datasets
+
+_KINDS = {"sft": (tokenize_sft, SFTExample), "preference": (tokenize_preference, PreferenceExample),
+          "prompt": (tokenize_prompt, PromptExample)}
+_worker_tokenizer = None
+
+
+def _is_empty(feature: dict, kind: str) -> bool:
+    if kind == "sft":
+        return all(t == IGNORE_INDEX for t in feature["labels"][1:])  # label 0 is never predicted
+    if kind == "preference":
+        return not feature["chosen_ids"] or not feature["rejected_ids"]
+    return not feature["input_ids"]
+
+
+def _tokenize_chunk(tokenizer, examples, kind, max_length, truncation):
+    fn = _KINDS[kind][0]
+    stats = TruncationStats()
+    features = []
+    for ex in examples:
+        feat = fn(tokenizer, ex, max_length, truncation, stats)
+        if _is_empty(feat, kind):
+            stats.drop(ex.origin[0])
+        else:
+            features.append(feat)
+    return features, stats
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _worker_chunk(args):
+    return _tokenize_chunk(_worker_tokenizer, *args)
+
+
+def tokenize_dataset(tokenizer, examples: Sequence, kind: str, max_length: int, truncation: str = "error",
+                     num_proc: int = 1) -> tuple[list[dict], TruncationStats]:
+    """Tokenize every example up front, so that data errors surface before training starts.
+
+    kind: "sft" | "preference" | "prompt". Examples with nothing left to train on after truncation
+    are dropped and counted. The first bad example (in dataset order, also with num_proc > 1)
+    raises a DataError naming its file, line and field.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    _check_mode(truncation)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    examples = list(examples)
+    cls = _KINDS[kind][1]
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, cls):
+            raise TypeError(f"kind={kind!r} expects {cls.__name__}, got {type(ex).__name__} at index {i}")
+    if num_proc <= 1 or len(examples) < 4 * num_proc:
+        features, stats = _tokenize_chunk(tokenizer, examples, kind, max_length, truncation)
+    else:
+        n_chunks = 4 * num_proc
+        size = -(-len(examples) // n_chunks)
+        jobs = [(examples[k:k + size], kind, max_length, truncation) for k in range(0, len(examples), size)]
+        features, stats = [], TruncationStats()
+        with ProcessPoolExecutor(num_proc, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+            for feats, st in pool.map(_worker_chunk, jobs):  # in order: the first error is the first bad example
+                features.extend(feats)
+                stats.merge(st)
+    if examples and not features:
+        raise DataError(f"all {len(examples)} examples were dropped by truncation to max_length={max_length}",
+                        source=examples[0].origin[0])
+    return features, stats
+

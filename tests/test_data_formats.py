@@ -1,0 +1,216 @@
+"""Loading and validating records: every format gives the same examples; errors point at file:line:field."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+
+import pytest
+
+from rlhfkit.data import (
+    DataError, PreferenceExample, PromptExample, SFTExample, load_preference, load_prompts, load_records,
+    load_sft, sft_from_preference,
+)
+
+PAIRS = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "category": "math", "margin": 1.5},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Dog.", "category": "chat", "margin": 0.5},
+    {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No.", "category": "chat", "margin": 2.0},
+]
+CHATS = [
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
+                  {"role": "assistant", "content": "6"}]},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_all_formats(tmp_path, rows, csv_ok=True):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sources = {
+        "jsonl": write_jsonl(tmp_path / "d.jsonl", rows),
+        "json": tmp_path / "d.json", "json_data": tmp_path / "d_data.json", "parquet": tmp_path / "d.parquet",
+        "dataset": datasets.Dataset.from_list(rows),
+        "datasetdict": datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
+        "memory": rows,
+    }
+    sources["json"].write_text(json.dumps(rows, indent=2))
+    sources["json_data"].write_text(json.dumps({"data": rows}))
+    pq.write_table(pa.Table.from_pylist(rows), sources["parquet"])
+    if csv_ok:
+        sources["csv"] = tmp_path / "d.csv"
+        with open(sources["csv"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return sources
+
+
+# ------------------------------------------------------------------------------------- formats
+
+def test_every_format_gives_the_same_preference_examples(tmp_path):
+    sources = write_all_formats(tmp_path, PAIRS)
+    expected = load_preference(sources["jsonl"])
+    assert expected[0] == PreferenceExample([{"role": "user", "content": "What is 2+2?"}], "4", "5", "math", 1.5)
+    for name, src in sources.items():
+        got = load_preference(src)
+        assert got == expected, name
+        assert [ex.origin.line for ex in got] == ([2, 3, 4] if name == "csv" else [1, 2, 3]), name
+
+
+def test_every_format_gives_the_same_sft_examples(tmp_path):
+    sources = write_all_formats(tmp_path, CHATS, csv_ok=False)
+    expected = load_sft(sources["jsonl"])
+    assert expected[1].messages[-1] == {"role": "assistant", "content": "6"}
+    for name, src in sources.items():
+        assert load_sft(src) == expected, name
+    # prompt/response rows (CSV) build the same [user, assistant] conversation
+    csv_path = tmp_path / "pr.csv"
+    csv_path.write_text("prompt,response\nHi,Hello!\n")
+    assert load_sft(csv_path) == expected[:1]
+
+
+def test_prompts_from_strings_and_messages(tmp_path):
+    rows = [{"prompt": "2+2?", "answer": 4, "id": "a"},
+            {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}], "reference": "x"}]
+    got = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert got[0] == PromptExample([{"role": "user", "content": "2+2?"}], reference="4", meta={"id": "a"})
+    assert got[1].prompt[0]["role"] == "system" and got[1].reference == "x"
+
+
+def test_limit_and_splits(tmp_path):
+    import datasets
+
+    assert len(load_records(write_jsonl(tmp_path / "d.jsonl", PAIRS), limit=2)) == 2
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS),
+                               "test": datasets.Dataset.from_list(PAIRS[:1])})
+    assert len(load_records(dd)) == 3 and len(load_records(dd, split="test")) == 1
+    with pytest.raises(ValueError, match="split"):
+        load_records(tmp_path / "d.jsonl", split="train")
+
+
+HH_CHOSEN = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6."
+HH_REJECTED = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 7, I think."
+HH_PROMPT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+             {"role": "user", "content": "And 3+3?"}]
+
+
+def test_hh_string_transcripts_split_at_last_assistant_turn():
+    ex = load_preference([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])[0]
+    assert ex == PreferenceExample(HH_PROMPT, "6.", "7, I think.")
+
+
+def test_hh_message_transcripts_and_other_common_shapes():
+    as_lists = {k: [*HH_PROMPT, {"role": "assistant", "content": c}]
+                for k, c in (("chosen", "6."), ("rejected", "7, I think."))}
+    open_prompt = {"prompt": HH_CHOSEN.rsplit(" 6.", 1)[0], "chosen": " 6.", "rejected": " 7, I think."}
+    # UltraFeedback style: a string prompt and full [user, assistant] transcripts
+    uf = {"prompt": "And 3+3?", "chosen": [HH_PROMPT[-1], {"role": "assistant", "content": "6."}],
+          "rejected": [HH_PROMPT[-1], {"role": "assistant", "content": "7, I think."}]}
+    single = {"prompt": HH_PROMPT, "chosen": [{"role": "assistant", "content": "6."}], "rejected": "7, I think."}
+    got = load_preference([as_lists, open_prompt, single, uf])
+    want = PreferenceExample(HH_PROMPT, "6.", "7, I think.")
+    assert got[0] == want and got[2] == want
+    assert got[1] == want  # the space after "Assistant:" is not part of the reply
+    assert got[3] == PreferenceExample(HH_PROMPT[-1:], "6.", "7, I think.")
+
+
+def test_sft_from_preference_trains_on_chosen():
+    ex = load_preference(PAIRS[:1])[0]
+    assert sft_from_preference([ex])[0] == SFTExample([*ex.prompt, {"role": "assistant", "content": "4"}])
+
+
+# ---------------------------------------------------------------------------------- malformed
+
+def raises_at(loader, path, line, field, *fragments):
+    with pytest.raises(DataError) as info:
+        loader(path)
+    err, msg = info.value, str(info.value)
+    assert err.source == str(path) and err.line == line and err.field == field, msg
+    assert f"{path.name}:{line}:" in msg and (field is None or f"'{field}'" in msg), msg
+    for frag in fragments:
+        assert frag in msg, msg
+    return err
+
+
+def test_bad_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n\n" + '{"prompt": "x", "chosen": }\n')
+    raises_at(load_preference, path, 3, None, "invalid JSON")
+
+
+def test_empty_file_and_non_object(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl.*no records"):
+        load_records(tmp_path / "empty.jsonl")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    raises_at(load_records, tmp_path / "list.jsonl", 1, None, "expected a JSON object")
+
+
+@pytest.mark.parametrize("row, field, fragment", [
+    ({"prompt": "p", "chosen": "a"}, "rejected", "missing"),
+    ({"prompt": "p", "chosen": 5, "rejected": "b"}, "chosen", "got int"),
+    ({"prompt": "   ", "chosen": "a", "rejected": "b"}, "prompt", "whitespace-only"),
+    ({"prompt": "p", "chosen": "a", "rejected": " a "}, "rejected", "identical to 'chosen'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "margin", "expected a number"),
+    ({"chosen": "just text", "rejected": "other"}, "prompt", "missing"),
+    ({"chosen": HH_CHOSEN, "rejected": HH_REJECTED.replace("And 3+3?", "And 4+4?")},
+     "rejected", "differs from 'chosen'"),
+    ({"chosen": HH_CHOSEN, "rejected": HH_REJECTED + "\n\nHuman: ok?"},
+     "rejected", "must end with the assistant reply"),
+    ({"prompt": [{"role": "user", "content": "p"}, {"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"},
+     "prompt[1].role", "unknown role 'human'"),
+])
+def test_malformed_preference_rows(tmp_path, row, field, fragment):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PAIRS[0], row])
+    raises_at(load_preference, path, 2, field, fragment)
+
+
+@pytest.mark.parametrize("row, field, fragment", [
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "x"}]},
+     "messages[1].role", "unknown role"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+     "messages[1].content", "empty"),
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "messages", "must end with an assistant turn"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "messages[0].role", "first non-system message"),
+    ({"messages": "Hi"}, "messages", "got str"),
+    ({"prompt": "Hi"}, "response", "missing"),
+    ({"text": "Hi"}, "messages", "missing"),
+])
+def test_malformed_sft_rows(tmp_path, row, field, fragment):
+    path = write_jsonl(tmp_path / "sft.jsonl", [CHATS[0], CHATS[1], row])
+    raises_at(load_sft, path, 3, field, fragment)
+
+
+def test_malformed_prompt_row(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, row])
+    raises_at(load_prompts, path, 2, "messages", "must end with a user turn")
+
+
+def test_csv_line_numbers_follow_multiline_cells(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text('prompt,chosen,rejected\n"two\nlines",a,b\np,a,\n')
+    raises_at(load_preference, path, 4, "rejected", "missing")
+
+
+def test_non_text_formats_report_record_numbers(tmp_path):
+    sources = write_all_formats(tmp_path, [PAIRS[0], {**PAIRS[1], "chosen": "Dog."}], csv_ok=False)
+    with pytest.raises(DataError) as info:
+        load_preference(sources["parquet"])
+    assert info.value.line == 2 and "d.parquet:record 2: field 'rejected'" in str(info.value)
+
+
+def test_data_error_survives_pickling():
+    err = DataError("bad", source="x.jsonl", line=3, field="chosen")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.source, back.line, back.field, str(back)) == ("x.jsonl", 3, "chosen", "x.jsonl:3: field 'chosen': bad")

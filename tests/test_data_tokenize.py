@@ -1,0 +1,174 @@
+"""Chat-template tokenization: which tokens are trained, preference splits, truncation and its counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit.data import (
+    IGNORE_INDEX, DataError, PreferenceExample, PromptExample, SFTExample, TruncationStats, load_preference,
+    load_sft, render_ids, render_prompt_ids, tokenize_dataset, tokenize_preference, tokenize_prompt, tokenize_sft,
+)
+
+EOT = "<|im_end|>"
+
+
+def labelled_runs(feature) -> list[list[int]]:
+    """Maximal runs of consecutive labelled positions, as token ids."""
+    runs, cur = [], []
+    for tok_id, lab in zip(feature["input_ids"], feature["labels"]):
+        if lab == IGNORE_INDEX:
+            if cur:
+                runs.append(cur)
+            cur = []
+        else:
+            assert lab == tok_id
+            cur.append(tok_id)
+    return runs + ([cur] if cur else [])
+
+
+def chat(*turns, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return msgs
+
+
+# ---------------------------------------------------------------------------------------- SFT
+
+def test_sft_labels_are_exactly_the_reply_and_end_of_turn(tokenizer):
+    ex = SFTExample(chat("What is the capital of France?", "Paris, of course."))
+    f = tokenize_sft(tokenizer, ex, 512)
+    assert f["input_ids"] == render_ids(tokenizer, ex.messages)
+    runs = labelled_runs(f)
+    assert [tokenizer.decode(r) for r in runs] == ["Paris, of course." + EOT]
+    # everything before the reply (system, user turn, assistant header) is masked
+    n_prompt = len(render_prompt_ids(tokenizer, ex.messages[:1]))
+    assert all(lab == IGNORE_INDEX for lab in f["labels"][:n_prompt])
+    assert f["labels"][n_prompt] != IGNORE_INDEX
+    # the template's newline after <|im_end|> is not trained
+    assert tokenizer.decode(f["input_ids"][-1:]) == "\n" and f["labels"][-1] == IGNORE_INDEX
+
+
+def test_sft_multi_turn_trains_every_assistant_turn(tokenizer):
+    ex = SFTExample(chat("2+2?", "4", "And 3+3?", "It is 6.", system="Be brief."))
+    runs = labelled_runs(tokenize_sft(tokenizer, ex, 512))
+    assert [tokenizer.decode(r) for r in runs] == ["4" + EOT, "It is 6." + EOT]
+
+
+def test_sft_prompt_response_rows_equal_messages_rows(tokenizer, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "response": "Hello!"}) + "\n"
+                    + json.dumps({"messages": chat("Hi", "Hello!")}) + "\n")
+    a, b = (tokenize_sft(tokenizer, ex, 128) for ex in load_sft(path))
+    assert a == b
+
+
+def test_reply_that_breaks_prefix_stability_is_reported(tokenizer):
+    # "assistant\n" + "\n\nHello" tokenizes differently from the two parts: say so, don't mislabel.
+    ex = SFTExample(chat("Hi", "\n\nHello"), origin=("x.jsonl", 4))
+    with pytest.raises(DataError, match=r"x.jsonl:4: field 'messages': .*prefix-stable"):
+        tokenize_sft(tokenizer, ex, 128)
+
+
+# ---------------------------------------------------------------------------------- preference
+
+def test_preference_prompt_plus_response_is_the_full_rendering(tokenizer):
+    prompt = chat("Hi", "Hello!", "Tell me a joke.", system="Be funny.")
+    ex = PreferenceExample(prompt, "Why did the chicken cross the road?", "No.", category="chat", margin=1.0)
+    f = tokenize_preference(tokenizer, ex, 512)
+    assert f["prompt_ids"] == render_prompt_ids(tokenizer, prompt)
+    for key, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        full = render_ids(tokenizer, [*prompt, {"role": "assistant", "content": text}])
+        seq = f["prompt_ids"] + f[f"{key}_ids"]
+        assert full[:len(seq)] == seq and tokenizer.decode(full[len(seq):]) == "\n"
+        assert tokenizer.decode(f[f"{key}_ids"]) == text + EOT
+    assert f["category"] == "chat" and f["margin"] == 1.0
+
+
+def test_prompt_rendering_ends_with_generation_header(tokenizer):
+    ex = PromptExample(chat("2+2?"), reference="4", meta={"id": 7})
+    f = tokenize_prompt(tokenizer, ex, 128)
+    assert f["input_ids"] == render_prompt_ids(tokenizer, ex.prompt)
+    assert tokenizer.decode(f["input_ids"]).endswith("<|im_start|>assistant\n")
+    assert (f["reference"], f["meta"]) == ("4", {"id": 7})
+
+
+# ---------------------------------------------------------------------------------- truncation
+
+def test_over_long_with_error_names_file_line_field_and_lengths(tokenizer, tmp_path):
+    rows = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+            {"prompt": "Hi", "chosen": "word " * 100, "rejected": "Hey."}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as info:
+        tokenize_dataset(tokenizer, load_preference(path), "preference", max_length=64)
+    msg = str(info.value)
+    assert "pairs.jsonl:2: field 'chosen'" in msg and "max_length=64" in msg, msg
+    assert (info.value.line, info.value.field) == (2, "chosen")
+
+
+def test_sft_truncation_sides_and_counts(tokenizer):
+    ex = SFTExample(chat("Hi", "one two three four five six seven eight"), origin=("a.jsonl", 1))
+    full = tokenize_sft(tokenizer, ex, 512)
+    n = len(full["input_ids"])
+    stats = TruncationStats()
+    right = tokenize_sft(tokenizer, ex, n - 3, "right", stats)
+    left = tokenize_sft(tokenizer, ex, n - 3, "left", stats)
+    assert right["input_ids"] == full["input_ids"][:n - 3] and right["labels"] == full["labels"][:n - 3]
+    assert left["input_ids"] == full["input_ids"][3:] and left["labels"] == full["labels"][3:]
+    assert stats.by_source["a.jsonl"] == {"examples": 2, "truncated": 2, "dropped": 0, "tokens_removed": 6}
+
+
+def test_tokenize_dataset_counts_truncations_and_drops_per_source(tokenizer):
+    short = SFTExample(chat("Hi", "Yo."), origin=("a.jsonl", 1))
+    long_reply = SFTExample(chat("Hi", "word " * 40), origin=("a.jsonl", 2))
+    long_prompt = SFTExample(chat("word " * 60, "Yo."), origin=("b.jsonl", 1))  # right-cut removes the whole reply
+    L = 48
+    feats, stats = tokenize_dataset(tokenizer, [short, long_reply, long_prompt], "sft", L, "right")
+    assert len(feats) == 2 and all(len(f["input_ids"]) <= L for f in feats)
+    assert stats.by_source["a.jsonl"]["truncated"] == 1 and stats.by_source["a.jsonl"]["dropped"] == 0
+    n_long = len(tokenize_sft(tokenizer, long_prompt, 999)["input_ids"])
+    assert stats.by_source["b.jsonl"] == {"examples": 1, "truncated": 1, "dropped": 1, "tokens_removed": n_long - L}
+    assert (stats.examples, stats.truncated, stats.dropped) == (3, 2, 1)
+    assert "b.jsonl: 1/1 truncated" in stats.summary()
+    with pytest.raises(DataError, match="all 1 examples were dropped"):
+        tokenize_dataset(tokenizer, [long_prompt], "sft", L, "right")
+
+
+def test_preference_truncation_keeps_prompt_end_and_response_start(tokenizer):
+    ex = PreferenceExample(chat("context " * 50 + "Question?"), "answer " * 40, "no " * 10)
+    full = tokenize_preference(tokenizer, ex, 1024)
+    L = 64
+    stats = TruncationStats()
+    cut = tokenize_preference(tokenizer, ex, L, "left", stats)
+    p = cut["prompt_ids"]
+    assert len(p) + max(len(cut["chosen_ids"]), len(cut["rejected_ids"])) <= L
+    assert p == full["prompt_ids"][-len(p):] and len(p) >= L // 2  # end of the prompt, at least half the budget
+    assert cut["chosen_ids"] == full["chosen_ids"][:len(cut["chosen_ids"])]
+    assert cut["rejected_ids"] == full["rejected_ids"]  # short enough to survive
+    assert stats.truncated == 1
+
+
+def test_prompt_truncation_keeps_the_generation_header(tokenizer):
+    ex = PromptExample(chat("word " * 100))
+    f = tokenize_prompt(tokenizer, ex, 16, "left")
+    assert len(f["input_ids"]) == 16 and tokenizer.decode(f["input_ids"]).endswith("<|im_start|>assistant\n")
+
+
+def test_tokenize_dataset_in_processes_matches_and_reports_the_first_error(tokenizer):
+    exs = [SFTExample(chat(f"Question {i}?", f"Answer {i}."), origin=("c.jsonl", i + 1)) for i in range(24)]
+    one, s1 = tokenize_dataset(tokenizer, exs, "sft", 64)
+    two, s2 = tokenize_dataset(tokenizer, exs, "sft", 64, num_proc=2)
+    assert one == two and s1 == s2
+    bad = list(exs)
+    bad[9] = SFTExample(chat("Hi", "word " * 80), origin=("c.jsonl", 10))
+    bad[20] = SFTExample(chat("Hi", "word " * 80), origin=("c.jsonl", 21))
+    with pytest.raises(DataError, match=r"c.jsonl:10: field 'messages'"):
+        tokenize_dataset(tokenizer, bad, "sft", 64, num_proc=2)
+
+
+def test_tokenize_dataset_checks_kind(tokenizer):
+    with pytest.raises(TypeError, match="PreferenceExample"):
+        tokenize_dataset(tokenizer, [SFTExample(chat("a", "b"))], "preference", 64)

@@ -1,0 +1,129 @@
+"""SFT and reward-model trainers on tiny random models: they learn, and the invariances hold."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from rlhfkit.config import RewardConfig, SFTConfig, load_config
+from rlhfkit.trainers.reward import train_reward_model
+from rlhfkit.trainers.sft import train_sft
+
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"]
+
+
+def _sft_rows(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        c = rng.choice(COLORS)
+        rows.append({"prompt": f"Repeat the colour: {c}", "response": f"The colour is {c}."})
+    return rows
+
+
+def _cfg(cls, tmp_path, model_dir, train, eval_, **over):
+    data = {"model": {"name": str(model_dir)},
+            "data": {"train": str(train), "eval": str(eval_), "max_length": 96},
+            "train": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "micro_batch_size": 8,
+                      "progress": False, "seed": 0},
+            "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "schedule": "constant"}}
+    for k, v in over.items():
+        sec, key = k.split("__")
+        data.setdefault(sec, {})[key] = v
+    return load_config(cls, data=data)
+
+
+def _metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_learns_and_saves_loadable_model(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", _sft_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _sft_rows(16, 1))
+    cfg = _cfg(SFTConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=24)
+    train_sft(cfg)
+    m = _metrics(tmp_path / "run")
+    first = next(r for r in m if "eval/loss" in r)["eval/loss"]
+    last = [r for r in m if "eval/loss" in r][-1]["eval/loss"]
+    assert last < 0.5 * first, (first, last)  # held-out loss falls a lot, not just moves
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.vocab_size == json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "sft_results.json").is_file()
+
+
+def _params_after_one_step(tmp_path, tiny_model_dir, name, micro, packing=False):
+    train = write_jsonl(tmp_path / "train.jsonl", _sft_rows(8, 3) + [
+        {"prompt": "A longer prompt with several more words in it", "response": "and a longer reply too, see"}])
+    cfg = _cfg(SFTConfig, tmp_path / name, tiny_model_dir, train, train, train__max_steps=1,
+               train__micro_batch_size=micro)
+    cfg.data.eval = ""
+    cfg.data.eval_fraction = 0.0
+    cfg.data.limit = 8
+    train_sft(cfg)
+    from safetensors.torch import load_file
+
+    return load_file(str(tmp_path / name / "run" / "model" / "model.safetensors"))
+
+
+def test_sft_batch8_accum1_equals_batch1_accum8(tmp_path, tiny_model_dir):
+    a = _params_after_one_step(tmp_path, tiny_model_dir, "a", micro=8)
+    b = _params_after_one_step(tmp_path, tiny_model_dir, "b", micro=1)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+
+
+def _pref_rows(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        c = rng.choice(COLORS)
+        rows.append({"prompt": f"Describe something {c}.", "chosen": f"It is a wonderful {c} thing, I love it.",
+                     "rejected": f"It is a terrible {c} thing, I hate it.",
+                     "category": "even" if i % 2 == 0 else "odd"})
+    return rows
+
+
+def test_reward_model_learns_heldout_accuracy(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=16)
+    cfg.optim.lr = 1e-3
+    train_reward_model(cfg)
+    m = _metrics(tmp_path / "run")
+    evals = [r for r in m if "eval/accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["eval/accuracy"] >= 0.95
+    assert evals[-1]["eval/margin"] > evals[0]["eval/margin"] + 0.5
+    assert "eval/accuracy/even" in evals[-1] and "eval/accuracy/odd" in evals[-1]
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert rm.config.num_labels == 1
+
+
+def test_sft_packing_learns(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", _sft_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _sft_rows(16, 1))
+    cfg = _cfg(SFTConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=16, train__batch_size=2,
+               train__micro_batch_size=2)
+    cfg.packing = True
+    cfg.data.max_length = 256
+    train_sft(cfg)
+    evals = [r for r in _metrics(tmp_path / "run") if "eval/loss" in r]
+    assert evals[-1]["eval/loss"] < 0.7 * evals[0]["eval/loss"]
+
+
+def test_bad_data_fails_before_training(tmp_path, tiny_model_dir):
+    from rlhfkit.data import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "response": "ok"}) + "\n" + json.dumps({"prompt": "x", "respons": "y"}) + "\n")
+    cfg = _cfg(SFTConfig, tmp_path, tiny_model_dir, bad, bad, train__max_steps=1)
+    with pytest.raises(DataError, match=r"bad.jsonl:2.*response"):
+        train_sft(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
