@@ -73,13 +73,19 @@ def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutat
 
 
 def _fake_eval(stage_dir):
+    """An eval stage's files in the format `rlhfkit eval` writes."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
-    ev = {"policies": {"trained": {"win_rate": 0.7, "win_rate_ci": [0.63, 0.76], "gold_mean": 0.4, "kl": 3.1}},
-          "length_reward": {"trained": [[rng.randint(20, 200), rng.random()] for _ in range(50)]},
-          "samples": [{"prompt": "Describe <b>a</b> day", "baseline": "It was a day.", "trained": "A lovely day!",
-                       "score_baseline": 0.0, "score_trained": 0.8}]}
-    (stage_dir / "eval.json").write_text(json.dumps(ev))
+    ci = lambda m: {"mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05}
+    ev = {"prompts": 3, "samples_per_prompt": 1,
+          "baseline": {"model": "base", "gold_mean": ci(0.1), "length_tokens": 30.0},
+          "policies": {"trained": {"model": "x", "gold_mean": ci(0.4), "kl": ci(3.1), "length_tokens": 35.0,
+                                   "win_rate": {"gold": {"win_rate": 0.7, "ci_low": 0.63, "ci_high": 0.76}}}}}
+    (stage_dir / "eval_results.json").write_text(json.dumps(ev))
+    prompts = ["Describe <b>a</b> day", "Write a note", "Review a film"]
+    for name, text in (("baseline", "It was a day."), ("trained", "A lovely day!")):
+        write_jsonl(stage_dir / f"samples-{name}.jsonl",
+                    [{"prompt": p, "response": text + " " * rng.randint(0, 9), "gold": rng.random()} for p in prompts])
 
 
 def test_report_renders_in_chromium(tmp_path, tiny_model_dir):

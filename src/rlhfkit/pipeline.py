@@ -115,6 +115,49 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
         timings[spec.name] = time.time() - t
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"seconds": timings[spec.name]}))
-    summary = {"output_dir": str(out), "stage_seconds": timings}
+    summary = {"output_dir": str(out), "stage_seconds": timings, "headline": headline(out, stages)}
     (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+    from rlhfkit.report import build_report
+
+    report = build_report([out])
+    summary["report"] = str(report)
+    print(format_summary(summary), flush=True)
     return summary
+
+
+def _m(v):
+    return v.get("mean") if isinstance(v, dict) else v
+
+
+def headline(out: Path, stages) -> dict:
+    """The figures a user looks at first, from the last eval stage (if any)."""
+    evals = [spec.name for spec, _ in stages if spec.kind == "eval"]
+    if not evals or not (out / evals[-1] / "eval_results.json").is_file():
+        return {}
+    ev = json.loads((out / evals[-1] / "eval_results.json").read_text())
+    base = ev.get("baseline", {})
+    h: dict = {"eval prompts": ev.get("prompts"), "samples per prompt": ev.get("samples_per_prompt")}
+    for name, pol in (ev.get("policies") or {}).items():
+        w = (pol.get("win_rate") or {}).get("gold")
+        if w:
+            h[f"{name}: gold win rate vs start [95% CI]"] = (
+                f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]")
+        for key, label in (("gold_mean", "gold score"), ("proxy_mean", "proxy (RM) reward")):
+            if key in pol and key in base:
+                h[f"{name}: {label} before -> after"] = f"{_m(base[key]):.3f} -> {_m(pol[key]):.3f}"
+        if "kl" in pol:
+            h[f"{name}: KL to start (nats)"] = round(_m(pol["kl"]), 3)
+        if "length_tokens" in pol:
+            h[f"{name}: length (tokens) before -> after"] = f"{base.get('length_tokens', 0):.1f} -> {pol['length_tokens']:.1f}"
+    return h
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "=" * 72, f"rlhfkit pipeline finished: {summary['output_dir']}"]
+    for name, sec in summary["stage_seconds"].items():
+        lines.append(f"  stage {name:<12} {sec / 60:6.1f} min")
+    for k, v in (summary.get("headline") or {}).items():
+        lines.append(f"  {k}: {v}")
+    lines.append(f"  report: {summary.get('report')}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -118,10 +118,62 @@ def _find_evals(stages: list[Path]) -> list[tuple[Path, dict]]:
     for s in stages:
         for p in sorted(s.glob("eval*.json")):
             try:
-                found.append((p, json.loads(p.read_text())))
-            except json.JSONDecodeError:
+                found.append((p, normalise_eval(p, json.loads(p.read_text()))))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 pass
     return found
+
+
+def _mean(v: Any) -> Any:
+    return v.get("mean") if isinstance(v, dict) else v
+
+
+def normalise_eval(path: Path, ev: dict) -> dict:
+    """``eval_results.json`` (+ its ``samples-*.jsonl``) -> what the report draws.
+
+    policies: name -> flat metrics with ``win_rate`` / ``win_rate_ci`` (gold judge when present);
+    length_reward: name -> [(characters, gold or proxy score)]; samples: side-by-side rows.
+    """
+    policies: dict[str, dict] = {}
+    rows = [("baseline", ev.get("baseline") or {})] + list((ev.get("policies") or {}).items())
+    for name, m in rows:
+        flat = {}
+        for k, v in m.items():
+            if k in ("win_rate", "model"):
+                continue
+            v = _mean(v)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                flat[k] = v
+        for judge, w in (m.get("win_rate") or {}).items():
+            if isinstance(w, dict):
+                flat[f"win_rate[{judge}]"] = w.get("win_rate")
+        gold = (m.get("win_rate") or {}).get("gold") or next(iter((m.get("win_rate") or {}).values()), None)
+        if isinstance(gold, dict):
+            flat["win_rate"] = gold.get("win_rate")
+            flat["win_rate_ci"] = [gold.get("ci_low"), gold.get("ci_high")]
+        policies[name] = flat
+    samples_by = {name: _read_jsonl(path.parent / f"samples-{name}.jsonl") for name, _ in rows}
+    length_reward = {}
+    for name, recs in samples_by.items():
+        key = next((k for k in ("gold", "proxy") if recs and k in recs[0]), None)
+        if key:
+            length_reward[f"{name} ({key})"] = [(len(r["response"]), r[key]) for r in recs
+                                                if isinstance(r.get(key), (int, float))]
+    side = []
+    names = [n for n, recs in samples_by.items() if recs]
+    if len(names) > 1:
+        n_rows = min(len(samples_by[n]) for n in names)
+        stride = max(1, int(ev.get("samples_per_prompt") or 1))  # one sample per prompt in the table
+        for i in range(0, n_rows, stride):
+            row = {"prompt": samples_by[names[0]][i].get("prompt", "")}
+            for n in names:
+                rec = samples_by[n][i]
+                row[n] = rec.get("response", "")
+                sc = rec.get("gold", rec.get("proxy"))
+                if isinstance(sc, (int, float)):
+                    row[f"score_{n}"] = sc
+            side.append(row)
+    return {"policies": policies, "length_reward": length_reward, "samples": side, "raw": ev}
 
 
 def winrate_plot(evals: dict[str, dict]) -> str | None:
@@ -130,14 +182,14 @@ def winrate_plot(evals: dict[str, dict]) -> str | None:
     for run_name, ev in evals.items():
         for pol, m in (ev.get("policies") or {}).items():
             wr = m.get("win_rate")
-            if isinstance(wr, (int, float)):
+            if isinstance(wr, (int, float)) and m.get("win_rate_ci") and None not in m["win_rate_ci"]:
                 lo, hi = (m.get("win_rate_ci") or [wr, wr])[:2]
                 bars.append((f"{run_name}:{pol}" if len(evals) > 1 else pol, wr, lo, hi))
     if not bars:
         return None
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.2, 0.5 + 0.45 * len(bars)))
+    fig, ax = plt.subplots(figsize=(5.2, 1.0 + 0.45 * len(bars)))
     names = [b[0] for b in bars]
     vals = [b[1] for b in bars]
     err = [[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]]
