@@ -21,6 +21,20 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
     "sft": ("rlhfkit.config:SFTConfig", "rlhfkit.trainers.sft:train_sft", "supervised fine-tuning on responses"),
     "rm": ("rlhfkit.config:RewardConfig", "rlhfkit.trainers.reward:train_reward_model",
            "Bradley-Terry reward model"),
+    "ppo": ("rlhfkit.trainers.ppo:PPOConfig", "rlhfkit.trainers.ppo:train_ppo",
+            "PPO with actor, critic, reward and reference models"),
+    "grpo": ("rlhfkit.trainers.grpo:GRPOConfig", "rlhfkit.trainers.grpo:train_grpo",
+             "GRPO: group-normalised advantages, no critic"),
+    "rloo": ("rlhfkit.trainers.grpo:RLOOConfig", "rlhfkit.trainers.grpo:train_grpo",
+             "RLOO: leave-one-out baseline, no critic"),
+    "dpo": ("rlhfkit.trainers.dpo:DPOConfig", "rlhfkit.trainers.dpo:train_dpo",
+            "DPO / IPO / conservative DPO on preference pairs (optionally SFT on the chosen first)"),
+    "online-dpo": ("rlhfkit.trainers.online_dpo:OnlineDPOConfig", "rlhfkit.trainers.online_dpo:train_online_dpo",
+                   "online iterative DPO, or rejection-sampling fine-tuning (mode: rsft)"),
+    "pm": ("rlhfkit.trainers.pm:PMConfig", "rlhfkit.trainers.pm:train_pm",
+           "pairwise preference model (A/B next token), with LLM-as-judge baseline"),
+    "eval": ("rlhfkit.eval.policy_compare:EvalConfig", "rlhfkit.eval.policy_compare:run_eval",
+             "policies vs a baseline: win rate with CI, gold/proxy reward, KL, length bias, RM accuracy"),
 }
 
 
@@ -43,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, help_text) in TRAINERS.items():
         _add_trainer(sub, name, help_text)
+    pl = sub.add_parser("pipeline", help="run the stages of a workflow in order (sft, rm, ppo/dpo/..., eval)")
+    pl.add_argument("--config", "-c", required=True, help="pipeline YAML (see configs/demo.yaml)")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=runs/x stages.0.config.optim.lr=1e-5")
+    rp = sub.add_parser("report", help="(re)build report.html for one run directory, or compare several")
+    rp.add_argument("runs", nargs="+", help="run directories")
+    rp.add_argument("--out", help="output HTML (default: RUN/report.html; required when comparing)")
     md = sub.add_parser("make-data", help="generate a built-in task's datasets from a seed", add_help=False)
     md.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -75,6 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.config import ConfigError
     from rlhfkit.data import DataError
 
+    if args.command == "report":
+        if len(args.runs) > 1 and not args.out:
+            parser.error("comparing several runs needs --out FILE")
+        from rlhfkit.report import build_report
+
+        print(build_report(args.runs, args.out))
+        return 0
+    if args.command == "pipeline":
+        from rlhfkit.pipeline import run_pipeline
+
+        try:
+            run_pipeline(args.config, args.overrides)
+        except (ConfigError, DataError, FileNotFoundError) as e:
+            print(f"rlhfkit pipeline: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         run_trainer(args.command, args.config, args.overrides, args.resume, args.print_config)
     except (ConfigError, DataError, FileNotFoundError) as e:

@@ -25,7 +25,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _backbone_and_head(model):
     """Return (backbone, head) of a *ForSequenceClassification model, looking through peft wrappers."""
-    m = model
+    # peft forwards attribute lookups to the wrapped model, so hasattr(PeftModel, "score") is true and
+    # base_model_prefix would resolve to the whole *ForSequenceClassification: unwrap it first.
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
     for _ in range(4):
         if hasattr(m, "score") or hasattr(m, "classifier"):
             break

@@ -1,0 +1,240 @@
+"""``rlhfkit eval``: policies against a baseline policy on held-out prompts (SPEC 9).
+
+    rlhfkit eval policies='[runs/dpo/model, online=runs/odpo/model]' baseline=smollm2-135m-instruct \
+        proxy=rm:runs/rm judges='[pm:runs/pm]' rollout.n=4
+
+For the baseline and each policy, n responses per held-out prompt are sampled with the shared
+rollout engine (same seed for every model), then:
+- win rate against the baseline's responses to the same prompts, by the gold judge, the proxy
+  reward and every extra judge (pairwise judges score both orders); sample i of the policy meets
+  sample i of the baseline; the 95% interval treats the *prompt* as the unit (per-prompt mean
+  of the n votes), so several samples per prompt do not fake precision;
+- mean gold and proxy reward, mean response length (tokens and characters);
+- KL(pi || baseline): k1 summed over response tokens, averaged over the policy's own samples
+  (unbiased at temperature 1; the rollout stores log pi at temperature 1 whatever it sampled at);
+- Pearson correlation of response length (characters) with gold and proxy reward, pooled and
+  within prompt (needs n >= 2);
+- with ``preference_set``: accuracy of the proxy and of every judge on that set, by category.
+Writes ``eval_results.json`` and one ``samples-NAME.jsonl`` per model; prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import ConfigError, dump_config
+from rlhfkit.eval.stats import mean_ci, pearson, prob_indicators, win_indicators, win_rate, within_group_pearson
+from rlhfkit.trainers.policy_gradient import PromptsSection, RolloutSection
+
+
+@dataclass
+class EvalRunSection:
+    """Named ``train`` like every stage's run section, so the pipeline can set output_dir and seed."""
+
+    output_dir: str = "runs/eval"
+    seed: int = 0  # sampling seed, the same for every model
+    resume: bool = False  # accepted for the pipeline; an evaluation is always recomputed
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    policies: list = field(default_factory=list)  # model dirs or names; "label=path" names a row
+    baseline: str = "smollm2-135m-instruct"  # usually the starting policy (SFT model)
+    prompts: PromptsSection = field(default_factory=lambda: PromptsSection(train="task:sentiment/prompts_eval.jsonl"))
+    rollout: RolloutSection = field(default_factory=lambda: RolloutSection(n=2, temperature=1.0, micro_batch_size=64))
+    gold: str = "task:sentiment"  # pointwise gold judge (task:NAME or module:function); "" = none
+    proxy: str = ""  # pointwise proxy reward, e.g. rm:DIR; "" = none
+    judges: list = field(default_factory=list)  # more win-rate judges: rm:, task:, module:fn, pm:, judge:, annotator:
+    preference_set: str = ""  # preference pairs for proxy/judge accuracy by category; "" = skip
+    batch_size: int = 16  # rows per scoring forward (RM, judge, KL)
+    train: EvalRunSection = field(default_factory=EvalRunSection)
+
+    def validate(self, where: str) -> None:
+        if not self.policies:
+            raise ConfigError(f"{where}.policies: name at least one policy to evaluate")
+        if not all(isinstance(p, str) and p for p in self.policies + self.judges):
+            raise ConfigError(f"{where}: policies and judges must be non-empty strings")
+
+
+# --------------------------------------------------------------------------- pieces
+
+def policy_label(spec: str) -> tuple[str, str]:
+    """"label=path" -> (label, path); "runs/x/model" -> ("x", ...); "runs/x" -> ("x", ...)."""
+    if "=" in spec:
+        label, path = spec.split("=", 1)
+        return label, path
+    p = Path(spec)
+    return (p.parent.name if p.name == "model" and p.parent.name else p.name or spec), spec
+
+
+def build_judges(cfg: EvalConfig, tokenizer, device) -> dict:
+    """name -> ("point", RewardFn) or ("pair", judge); gold and proxy first."""
+    from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
+    from rlhfkit.judges.rewards import build_reward_fn
+
+    out = {}
+    for name, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *((j, j) for j in cfg.judges)]:
+        if not spec:
+            continue
+        if is_pairwise_spec(spec):
+            out[name] = ("pair", build_pairwise_judge(spec, tokenizer=tokenizer, device=device,
+                                                      batch_size=cfg.batch_size, seed=cfg.train.seed))
+        else:
+            out[name] = ("point", build_reward_fn(spec, tokenizer=tokenizer, device=device, batch_size=cfg.batch_size))
+    return out
+
+
+@torch.no_grad()
+def kl_to_baseline(baseline, exp, batch_size: int) -> list[float]:
+    """Per-sample k1 KL estimate sum_t log pi(a_t) - log base(a_t) on the policy's own samples."""
+    from rlhfkit.models.forward import causal_logprobs
+
+    R = exp.response_ids.shape[1]
+    ids, mask = exp.input_ids(), exp.attention_mask()
+    out = []
+    for i in range(0, len(exp), batch_size):
+        base = causal_logprobs(baseline, ids[i:i + batch_size], mask[i:i + batch_size], keep_last=R)
+        diff = torch.where(exp.response_mask[i:i + batch_size].bool(), exp.logprobs[i:i + batch_size] - base, 0.0)
+        out += diff.sum(-1).tolist()
+    return out
+
+
+def sample_and_score(model, items, cfg: EvalConfig, tokenizer, judges: dict) -> dict:
+    """n responses per prompt from ``model`` and their pointwise scores."""
+    from rlhfkit.trainers.common import set_seed
+    from rlhfkit.trainers.policy_gradient import decode_responses, rollout
+
+    set_seed(cfg.train.seed)  # common random numbers across models
+    exp = rollout(model, items, cfg.rollout, tokenizer)
+    responses = decode_responses(exp, tokenizer)
+    rows = [items[i] for i in exp.prompt_index.tolist()]
+    scores = {name: fn([r.text for r in rows], responses, messages=[r.messages for r in rows])
+              for name, (kind, fn) in judges.items() if kind == "point"}
+    return {"exp": exp, "rows": rows, "responses": responses, "scores": scores,
+            "tokens": exp.response_lengths().tolist(), "chars": [len(r) for r in responses]}
+
+
+def per_prompt(values: list[float], n: int) -> list[float]:
+    """Mean of each prompt's n values (the unit of the confidence interval)."""
+    return [sum(values[g:g + n]) / n for g in range(0, len(values), n)]
+
+
+def summarize(s: dict, n: int) -> dict:
+    """Means, lengths and length-reward correlations of one model's samples."""
+    out = {"length_tokens": sum(s["tokens"]) / len(s["tokens"]), "length_chars": sum(s["chars"]) / len(s["chars"]),
+           "eos_frac": s["exp"].eos.float().mean().item(), "samples": len(s["responses"])}
+    for name, sc in s["scores"].items():
+        out[f"{name}_mean"] = mean_ci(per_prompt(sc, n))
+        out[f"corr_length_{name}"] = pearson(s["chars"], sc)
+        if n > 1:
+            out[f"corr_length_{name}_within_prompt"] = within_group_pearson(s["chars"], sc, n)
+    return out
+
+
+def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
+    """Win rate of the policy's sample i over the baseline's sample i, per judge."""
+    out = {}
+    for name, (kind, judge) in judges.items():
+        if kind == "point":
+            votes = win_indicators(pol["scores"][name], base["scores"][name])
+        else:
+            ctx = [judge.context(r.messages) for r in pol["rows"]]
+            votes = prob_indicators(judge.compare(ctx, pol["responses"], base["responses"]))
+        out[name] = win_rate(votes, per_prompt=n)
+    return out
+
+
+def preference_set_accuracy(cfg: EvalConfig, judges: dict) -> dict:
+    """Accuracy of the proxy and every judge (not the gold one) on the labelled preference set."""
+    from rlhfkit.data import load_preference
+    from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
+    from rlhfkit.trainers.sources import resolve_source
+
+    examples = load_preference(resolve_source(cfg.preference_set, "preference"))
+    out = {}
+    for name, (kind, judge) in judges.items():
+        out[name] = reward_accuracy(judge, examples) if kind == "point" else judge_accuracy(judge, examples)
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate every policy against the baseline; returns what ``eval_results.json`` holds."""
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+    from rlhfkit.trainers.common import write_json_atomic
+    from rlhfkit.trainers.policy_gradient import load_prompt_items
+
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "eval_config.yaml")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = cfg.rollout.n
+
+    # 1. Prompts, judges and the baseline's samples.
+    tokenizer = load_tokenizer(cfg.baseline)
+    items, dropped = load_prompt_items(cfg.prompts, tokenizer)
+    judges = build_judges(cfg, tokenizer, device)
+    baseline = load_causal_lm(cfg.baseline).to(device).eval()
+    base = sample_and_score(baseline, items, cfg, tokenizer, judges)
+    _write_samples(out / "samples-baseline.jsonl", base)
+    results = {"baseline": {"model": cfg.baseline, **summarize(base, n)}, "prompts": len(items),
+               "prompts_dropped_too_long": dropped, "samples_per_prompt": n, "policies": {}}
+
+    # 2. Each policy: samples, scores, KL to the baseline, win rates.
+    for spec in cfg.policies:
+        label, path = policy_label(spec)
+        model = load_causal_lm(path).to(device).eval()
+        pol = sample_and_score(model, items, cfg, tokenizer, judges)
+        del model
+        kl = kl_to_baseline(baseline, pol["exp"], cfg.batch_size)
+        _write_samples(out / f"samples-{label}.jsonl", pol)
+        results["policies"][label] = {"model": path, **summarize(pol, n), "kl": mean_ci(per_prompt(kl, n)),
+                                      "win_rate": win_rates(pol, base, judges, n)}
+
+    # 3. Reward-model / judge accuracy on a labelled set.
+    if cfg.preference_set:
+        results["preference_set"] = preference_set_accuracy(cfg, judges)
+    write_json_atomic(out / "eval_results.json", results)
+    print(format_table(results))
+    return results
+
+
+def _write_samples(path: Path, s: dict) -> None:
+    with open(path, "w") as f:
+        for i, (row, resp) in enumerate(zip(s["rows"], s["responses"])):
+            rec = {"prompt": row.text, "response": resp, **{k: v[i] for k, v in s["scores"].items()}}
+            f.write(json.dumps(rec) + "\n")
+
+
+def format_table(results: dict) -> str:
+    """One row per model: gold win rate [95% CI], means, KL, length, length-reward correlation;
+    then one line per extra judge's win rate, and the preference-set accuracies."""
+    def ci(w):
+        return f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
+
+    def num(d, key, fmt=".3f"):
+        v = d.get(key)
+        v = v["mean"] if isinstance(v, dict) else v
+        return "-" if v is None else format(v, fmt)
+
+    head = f"{'model':<16} {'win (gold) [95% CI]':<26} {'gold':>7} {'proxy':>7} {'KL':>7} {'len':>6} {'r(len,gold)':>11}"
+    lines = [f"{results['prompts']} prompts x {results['samples_per_prompt']} samples", head, "-" * len(head)]
+    rows = [("baseline", results["baseline"], None), *((k, v, v["win_rate"]) for k, v in results["policies"].items())]
+    for name, r, w in rows:
+        win = ci(w["gold"]) if w and "gold" in w else "-"
+        lines.append(f"{name:<16} {win:<26} {num(r, 'gold_mean'):>7} {num(r, 'proxy_mean'):>7} {num(r, 'kl'):>7} "
+                     f"{num(r, 'length_tokens', '.1f'):>6} {num(r, 'corr_length_gold'):>11}")
+    for name, r in results["policies"].items():
+        for judge, w in r["win_rate"].items():
+            if judge != "gold":
+                lines.append(f"  {name} win rate by {judge}: {ci(w)}")
+    for judge, acc in results.get("preference_set", {}).items():
+        cats = ", ".join(f"{c} {a['accuracy']:.3f}" for c, a in acc.get("by_category", {}).items())
+        lines.append(f"  accuracy of {judge} on the preference set: {acc['accuracy']:.3f}" + (f" ({cats})" if cats else ""))
+    return "\n".join(lines)

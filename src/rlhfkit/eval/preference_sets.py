@@ -1,0 +1,52 @@
+"""Accuracy of reward models and pairwise judges on a labelled preference set, by category
+(SPEC 2 and 9; the categories RewardBench reports when the set has a ``category`` field)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def _by_category(examples, correct: list[float]) -> dict:
+    groups = defaultdict(list)
+    for ex, c in zip(examples, correct):
+        groups[ex.category or "all"].append(c)
+    out = {"accuracy": sum(correct) / max(len(correct), 1), "pairs": len(correct)}
+    if len(groups) > 1:
+        out["by_category"] = {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(groups.items())}
+    return out
+
+
+def reward_accuracy(reward_fn, examples) -> dict:
+    """Pointwise scorer (`judges.rewards.RewardFn`: rm:DIR, task:NAME, ...) on PreferenceExamples:
+    share of pairs where r(chosen) > r(rejected); ties count half."""
+    from rlhfkit.judges.rewards import prompt_text
+
+    texts = [prompt_text(ex.prompt) for ex in examples]
+    msgs = [ex.prompt for ex in examples]
+    rc = reward_fn(texts, [ex.chosen for ex in examples], messages=msgs)
+    rr = reward_fn(texts, [ex.rejected for ex in examples], messages=msgs)
+    correct = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(rc, rr)]
+    out = _by_category(examples, correct)
+    out["margin"] = sum(c - r for c, r in zip(rc, rr)) / max(len(rc), 1)
+    return out
+
+
+def judge_accuracy(judge, examples) -> dict:
+    """Pairwise judge on PreferenceExamples: accuracy of P(chosen > rejected) averaged over both
+    orders; for model judges also the single-order accuracy and the position bias
+    (mean P("A") over both orders minus 0.5; > 0 means the judge favours the first response)."""
+    from rlhfkit.judges.preference import average_orders
+
+    ctx = [judge.context(ex.prompt) for ex in examples]
+    ch, rj = [ex.chosen for ex in examples], [ex.rejected for ex in examples]
+    if not hasattr(judge, "prob_first"):  # the simulated annotator: no order to average
+        p = judge.compare(ctx, ch, rj)
+        return _by_category(examples, [1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p])
+    fwd = judge.prob_first(ctx, ch, rj)  # chosen shown as A
+    swp = judge.prob_first(ctx, rj, ch)  # chosen shown as B
+    p = average_orders(fwd, swp).tolist()
+    out = _by_category(examples, [1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p])
+    single = ((fwd > 0.5).float() + (swp < 0.5).float()) / 2
+    out["accuracy_single_order"] = single.mean().item()
+    out["position_bias"] = ((fwd + swp) / 2).mean().item() - 0.5
+    return out

@@ -1,0 +1,171 @@
+"""Pairwise judges: the trained preference model, the LLM-as-judge, the simulated annotator (SPEC 3, 8).
+
+The preference model is the LM itself, fine-tuned as a next-token predictor on
+
+    [CONTEXT] {x} [RESPONSE A] {a1} [RESPONSE B] {a2}   ->   "A" or "B"
+
+(rendered as one user turn with the tokenizer's chat template, plus a one-line question so that
+an untrained instruct model, the LLM-as-judge, understands the same prompt). At inference
+
+    P(a1 > a2) = p("A") / (p("A") + p("B"))   at the first assistant position,
+
+scored in both orders and averaged, which removes the position bias that is left:
+
+    P = 0.5 * (P_A(x, a1, a2) + 1 - P_A(x, a2, a1)).
+
+    judge = build_pairwise_judge("pm:runs/pm", tokenizer=tok)       # trained preference model
+    judge = build_pairwise_judge("judge:smollm2-135m-instruct")     # LLM-as-judge, no training
+    judge = build_pairwise_judge("annotator:sentiment")             # SPEC 8's simulated human
+    judge.compare(contexts, a1s, a2s) -> list[float]                 # P(a1 > a2)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+QUESTION = "Which response is better? Answer A or B."
+LABELS = ("A", "B")
+
+
+def context_text(messages: list[dict] | str) -> str:
+    """The prompt as one string: a single user turn as is, a longer conversation as 'role: text' lines."""
+    if isinstance(messages, str):
+        return messages
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def pm_prompt(context: str, first: str, second: str) -> str:
+    """SPEC 3's pairwise format, with the question the LLM-as-judge needs on its own line."""
+    return f"[CONTEXT] {context} [RESPONSE A] {first} [RESPONSE B] {second}\n{QUESTION}"
+
+
+def pm_training_records(examples, seed: int = 0) -> list[dict]:
+    """Preference pairs -> SFT conversations whose answer is "A" or "B", order randomised per pair
+    (so the model cannot learn "the chosen one comes first"). examples: `PreferenceExample`s."""
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        chosen_first = rng.random() < 0.5
+        first, second = (ex.chosen, ex.rejected) if chosen_first else (ex.rejected, ex.chosen)
+        label = "A" if chosen_first else "B"
+        out.append({"messages": [{"role": "user", "content": pm_prompt(context_text(ex.prompt), first, second)},
+                                 {"role": "assistant", "content": label}]})
+    return out
+
+
+def average_orders(p_a_forward: torch.Tensor, p_a_swapped: torch.Tensor) -> torch.Tensor:
+    """P(a1 > a2) from P("A") with a1 shown first and P("A") with a2 shown first."""
+    return 0.5 * (p_a_forward + (1.0 - p_a_swapped))
+
+
+def label_token_ids(tokenizer) -> tuple[int, int]:
+    """Token ids of "A" and "B" *as they appear as the first assistant token* in a rendered chat
+    (found by rendering, not by encoding the bare letter: a BPE may merge it with what precedes)."""
+    from rlhfkit.judges.rewards import chat_ids
+
+    user = [{"role": "user", "content": "?"}]
+    prefix = chat_ids(tokenizer, user, add_generation_prompt=True)
+    ids = []
+    for label in LABELS:
+        full = chat_ids(tokenizer, [*user, {"role": "assistant", "content": label}])
+        if full[:len(prefix)] != prefix or len(full) <= len(prefix):
+            raise ValueError(f"chat template does not render the assistant turn after the generation prompt "
+                             f"({tokenizer.name_or_path}); cannot read the {label!r} token")
+        ids.append(full[len(prefix)])
+    if ids[0] == ids[1]:
+        raise ValueError("'A' and 'B' map to the same first token")
+    return ids[0], ids[1]
+
+
+class PairwiseJudge:
+    """A causal LM read as a pairwise preference model (trained PM or untrained LLM judge)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, name: str = "pm"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, batch_size)
+        self.name = name
+        self.label_ids = label_token_ids(tokenizer)
+        self.calls = 0  # judge forward passes (one per order per pair)
+
+    context = staticmethod(context_text)  # how a prompt (messages) is shown to this judge
+
+    @torch.no_grad()
+    def prob_first(self, contexts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> torch.Tensor:
+        """P("A") normalised over {A, B}, in the given order only: (N,)."""
+        from rlhfkit.judges.rewards import chat_ids
+        from rlhfkit.models.heads import position_ids_from_mask
+        from rlhfkit.rollout import left_pad
+
+        device = next(self.model.parameters()).device
+        rows = [chat_ids(self.tokenizer, [{"role": "user", "content": pm_prompt(c, a, b)}], add_generation_prompt=True)
+                for c, a, b in zip(contexts, firsts, seconds)]
+        out = []
+        self.model.eval()
+        for i in range(0, len(rows), self.batch_size):
+            ids, mask = left_pad(rows[i:i + self.batch_size], self.tokenizer.pad_token_id, device)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                use_cache=False, logits_to_keep=1).logits[:, -1].float()  # (b, V)
+            ab = logits[:, list(self.label_ids)]  # (b, 2)
+            out.append(ab.softmax(-1)[:, 0])
+        self.calls += len(rows)
+        return torch.cat(out).cpu() if out else torch.zeros(0)
+
+    def compare(self, contexts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str]) -> list[float]:
+        """P(a1 > a2), averaged over both orders (SPEC 3)."""
+        fwd = self.prob_first(contexts, a1s, a2s)
+        swp = self.prob_first(contexts, a2s, a1s)
+        return average_orders(fwd, swp).tolist()
+
+
+class AnnotatorJudge:
+    """SPEC 8's simulated human: one Bernoulli(s(r*(a1) - r*(a2))) label per comparison, as 1.0 / 0.0.
+
+    Wraps a built-in task's `SimulatedAnnotator`; there is no position bias to average out.
+    """
+
+    def __init__(self, annotator, name: str):
+        self.annotator = annotator
+        self.name = name
+        self.calls = 0
+
+    @staticmethod
+    def context(messages) -> str:
+        """The gold judge reads the plain user text, as every reward function does."""
+        from rlhfkit.judges.rewards import prompt_text
+
+        return prompt_text(messages)
+
+    def compare(self, contexts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str]) -> list[float]:
+        self.calls += len(a1s)
+        return [float(y) for y in self.annotator.prefers_first(list(contexts), list(a1s), list(a2s))]
+
+
+def build_pairwise_judge(spec: str, *, tokenizer=None, device="cpu", batch_size: int = 8, seed: int = 0):
+    """``pm:DIR`` (trained by ``rlhfkit pm``; a run dir or its model dir), ``judge:MODEL`` (any causal
+    LM used untrained) or ``annotator:TASK`` (the task's simulated annotator)."""
+    kind, _, target = spec.partition(":")
+    if kind == "annotator":
+        from rlhfkit.tasks import get_task
+
+        return AnnotatorJudge(get_task(target).annotator(seed=seed), spec)
+    if kind not in ("pm", "judge") or not target:
+        raise ValueError(f"pairwise judge {spec!r}: expected pm:DIR, judge:MODEL or annotator:TASK")
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+
+    path = Path(target).expanduser()
+    if kind == "pm" and (path / "model" / "config.json").is_file():
+        target = str(path / "model")
+    tok = load_tokenizer(target) if kind == "pm" or tokenizer is None else tokenizer
+    model = load_causal_lm(target).to(device).eval().requires_grad_(False)
+    return PairwiseJudge(model, tok, batch_size=batch_size, name=spec)
+
+
+def is_pairwise_spec(spec: str) -> bool:
+    return spec.split(":", 1)[0] in ("pm", "judge", "annotator")

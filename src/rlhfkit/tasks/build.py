@@ -1,0 +1,293 @@
+"""Build a task's training data from a model's own samples, reproducibly from a seed.
+
+    rlhfkit make-data --task sentiment --out data/sentiment --seed 0
+
+writes to OUT:
+  sft.jsonl             {"prompt", "response"}: best-of-n demonstrations by the gold judge
+                        (rejection sampling), one per SFT prompt;
+  preference.jsonl      {"prompt", "chosen", "rejected", "category", "gold_chosen", "gold_rejected"}:
+                        two samples per prompt labelled by the simulated annotator (SPEC 8);
+                        identical or empty pairs are dropped;
+  prompts_train.jsonl   all training prompts of the task (for PPO / GRPO / online DPO);
+  prompts_eval.jsonl    the held-out prompts (never used for SFT or preference data);
+  meta.json             settings, seed, counts, gold-score statistics and the annotator's
+                        ceiling accuracy on the preference pairs.
+
+With --prompts-only, only the two prompt files (and meta.json) are written.
+
+SFT and preference prompts are disjoint slices of the training prompts, so the reward model is
+not fitted on the prompts whose demonstrations the SFT model memorised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.tasks import get_task
+from rlhfkit.tasks.annotator import agreement
+from rlhfkit.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+def build_task_data(
+    task: str | Task,
+    model_name: str,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_sft_prompts: int = 256,
+    n_pref_prompts: int = 512,
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    annotator_beta: float | None = None,
+    flip_prob: float = 0.0,
+    batch_size: int = 64,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
+    """Sample, judge and label; write the files listed in the module docstring; return meta.
+
+    model_name: loaded with `load_causal_lm` / `load_tokenizer` unless `model` and `tokenizer`
+        are given (then it is only recorded in meta.json).
+    samples_per_prompt: n of best-of-n for the SFT demonstrations (preference prompts get 2).
+    annotator_beta: None uses the task's default. batch_size: rows per generation call.
+    """
+    task = get_task(task)
+    beta = task.default_beta if annotator_beta is None else annotator_beta
+    settings = {"n_sft_prompts": n_sft_prompts, "n_pref_prompts": n_pref_prompts,
+                "samples_per_prompt": samples_per_prompt, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p, "annotator_beta": beta, "flip_prob": flip_prob,
+                "batch_size": batch_size,
+                "torch_threads": torch.get_num_threads()}  # float sums, hence samples, depend on it
+    if model is None or tokenizer is None:
+        from rlhfkit.models import load_causal_lm, load_tokenizer
+
+        tokenizer = tokenizer or load_tokenizer(model_name)
+        model = model or load_causal_lm(model_name)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    train = task.train_prompts(seed=seed)
+    if n_sft_prompts + n_pref_prompts > len(train):
+        raise ValueError(f"{n_sft_prompts} SFT + {n_pref_prompts} preference prompts > the "
+                         f"{len(train)} training prompts of task {task.name}")
+    sampler = _Sampler(model, tokenizer, task, generator=generator, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, batch_size=batch_size, progress=progress)
+    t0 = time.perf_counter()
+
+    # 1. SFT demonstrations: best of n samples by the gold judge (rejection sampling).
+    sft_prompts = train[:n_sft_prompts]
+    sft_samples = sampler(sft_prompts, samples_per_prompt, "sft best-of-n")
+    sft_rows = _best_of_n(sft_prompts, sft_samples)
+
+    # 2. Preference pairs: two samples per prompt, labelled by the simulated annotator.
+    pref_prompts = train[n_sft_prompts:n_sft_prompts + n_pref_prompts]
+    pref_samples = sampler(pref_prompts, 2, "preference pairs")
+    annotator = task.annotator(beta=beta, flip_prob=flip_prob, seed=seed)
+    pref_rows = _label_pairs(pref_prompts, pref_samples, annotator)
+    elapsed = time.perf_counter() - t0
+
+    # 3. Files.
+    out = Path(out_dir)
+    prompt_counts = write_prompt_files(task, out, seed=seed)
+    _write_jsonl(out / "sft.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in sft_rows])
+    _write_jsonl(out / "preference.jsonl", pref_rows)
+    meta = {"task": task.name, "model": str(model_name), "seed": seed, "settings": settings,
+            **_summary(sft_rows, pref_rows, len(pref_prompts), sft_samples + pref_samples, prompt_counts,
+                       sampler.tokens, elapsed)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _summary(sft_rows, pref_rows, n_pref_prompts, samples, prompt_counts, tokens, elapsed) -> dict:
+    """Counts, gold-score statistics, annotator ceiling and speed for meta.json."""
+    flat = [s for group in samples for s in group]
+    return {
+        "counts": {"sft": len(sft_rows), "preference": len(pref_rows),
+                   "preference_dropped": n_pref_prompts - len(pref_rows),
+                   **prompt_counts, "samples": len(flat), "generated_tokens": tokens},
+        "gold": {"all_samples": _stats([s.gold for s in flat]),
+                 "sft_demonstrations": _stats([r["gold"] for r in sft_rows]),
+                 "chosen": _stats([r["gold_chosen"] for r in pref_rows]),
+                 "rejected": _stats([r["gold_rejected"] for r in pref_rows])},
+        "eos_fraction": round(sum(s.eos for s in flat) / max(1, len(flat)), 4),
+        # How often the gold judge agrees with the labels: the noise ceiling of a learned RM.
+        "annotator_ceiling_accuracy": agreement([r["gold_chosen"] for r in pref_rows],
+                                                [r["gold_rejected"] for r in pref_rows]),
+        "generation_seconds": round(elapsed, 1),
+        "generation_tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+    }
+
+
+def write_prompt_files(task: str | Task, out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    """Write prompts_train.jsonl and prompts_eval.jsonl (no model needed); return their counts.
+
+    Rows are in the task's shuffled order for `seed`, so that the first N lines of a file are a
+    fair sample (a sorted file would start with one template, or with "10 + 10").
+    """
+    task = get_task(task)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = task.train_prompts(seed=seed), task.eval_prompts(seed=seed)
+    _write_jsonl(out / "prompts_train.jsonl", train)
+    _write_jsonl(out / "prompts_eval.jsonl", held)
+    return {"prompts_train": len(train), "prompts_eval": len(held)}
+
+
+class _Sample:
+    __slots__ = ("text", "gold", "eos")
+
+    def __init__(self, text: str, gold: float, eos: bool):
+        self.text, self.gold, self.eos = text, gold, eos
+
+
+class _Sampler:
+    """n samples per prompt record, decoded and scored by the gold judge, in batches of rows."""
+
+    def __init__(self, model, tokenizer, task: Task, *, generator, max_new_tokens, temperature, top_p,
+                 batch_size, progress):
+        from rlhfkit.data import end_of_turn_ids, render_prompt_ids
+
+        self.model, self.tok, self.task = model, tokenizer, task
+        self.render = lambda p: render_prompt_ids(tokenizer, task.messages(p))
+        self.eos = sorted(end_of_turn_ids(tokenizer))
+        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+        self.batch_size, self.progress = batch_size, progress
+        self.tokens = 0
+
+    def __call__(self, records: list[dict], n: int, desc: str) -> list[list[_Sample]]:
+        from tqdm.auto import tqdm
+
+        from rlhfkit.rollout import generate
+
+        per_call = max(1, self.batch_size // n)  # prompts per generate call
+        out: list[list[_Sample]] = []
+        with tqdm(total=len(records) * n, desc=desc, unit="sample", disable=not self.progress) as bar:
+            for i in range(0, len(records), per_call):
+                chunk = records[i:i + per_call]
+                exp = generate(self.model, [self.render(r["prompt"]) for r in chunk], n=n,
+                               eos_token_id=self.eos, pad_token_id=self.tok.pad_token_id,
+                               return_logprobs=False, **self.kw)
+                lengths = exp.response_lengths().tolist()
+                self.tokens += sum(lengths)
+                texts = [self.tok.decode(row[:k], skip_special_tokens=True).strip()
+                         for row, k in zip(exp.response_ids.tolist(), lengths)]
+                prompts = [chunk[j]["prompt"] for j in exp.prompt_index.tolist()]
+                gold = self.task.gold_scores(prompts, texts)
+                eos = exp.eos.tolist()
+                for j in range(len(chunk)):
+                    out.append([_Sample(texts[k], gold[k], eos[k]) for k in range(j * n, (j + 1) * n)])
+                bar.update(len(texts))
+        return out
+
+
+def _best_of_n(records: list[dict], samples: list[list[_Sample]]) -> list[dict]:
+    """One demonstration per prompt: the highest gold score among non-empty samples, preferring
+    samples that ended with EOS (a truncated demonstration teaches the model to stop mid-sentence,
+    since SFT appends the end-of-turn token). Prompts whose samples are all empty are skipped."""
+    rows = []
+    for rec, group in zip(records, samples):
+        cands = [s for s in group if s.text]
+        if not cands:
+            continue
+        best = max(cands, key=lambda s: (s.eos, s.gold))  # first of equals: deterministic
+        rows.append({"prompt": rec["prompt"], "response": best.text, "gold": best.gold})
+    return rows
+
+
+def _label_pairs(records: list[dict], samples: list[list[_Sample]], annotator) -> list[dict]:
+    """Preference records from two samples per prompt (identical or empty pairs dropped)."""
+    keep = [(rec, g[0], g[1]) for rec, g in zip(records, samples)
+            if g[0].text and g[1].text and g[0].text != g[1].text]
+    if not keep:
+        return []
+    prompts = [rec["prompt"] for rec, _, _ in keep]
+    labels, g1, g2 = annotator.annotate(prompts, [a.text for _, a, _ in keep], [b.text for _, _, b in keep])
+    rows = []
+    for (rec, a, b), y, s1, s2 in zip(keep, labels, g1, g2):
+        (c, sc), (r, sr) = ((a, s1), (b, s2)) if y else ((b, s2), (a, s1))
+        rows.append({"prompt": rec["prompt"], "chosen": c.text, "rejected": r.text,
+                     "category": rec.get("category", "default"),
+                     "gold_chosen": sc, "gold_rejected": sr})
+    return rows
+
+
+def _stats(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0}
+    return {"n": len(xs), "mean": round(statistics.fmean(xs), 4),
+            "std": round(statistics.pstdev(xs), 4) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs),
+            "quartiles": [round(q, 4) for q in statistics.quantiles(xs, n=4)] if len(xs) > 1 else [xs[0]] * 3}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``rlhfkit make-data --task NAME --out DIR [--seed ...]`` (see --help)."""
+    from rlhfkit.models import DEFAULT_MODEL
+    from rlhfkit.tasks import list_tasks
+
+    ap = argparse.ArgumentParser(prog="rlhfkit make-data", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", required=True, choices=list_tasks())
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="policy that writes the samples (default: %(default)s)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-sft-prompts", type=int, default=256)
+    ap.add_argument("--n-pref-prompts", type=int, default=512)
+    ap.add_argument("--samples-per-prompt", type=int, default=4, help="n of best-of-n for SFT demonstrations")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--annotator-beta", type=float, default=None, help="default: the task's own")
+    ap.add_argument("--flip-prob", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=64, help="rows per generation call")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default). When other jobs share the CPU, 1 thread "
+                         "avoids OpenMP threads spinning on each other (measured 7x faster here)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--prompts-only", action="store_true",
+                    help="write only prompts_train.jsonl / prompts_eval.jsonl (no model, no sampling)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.prompts_only:
+        counts = write_prompt_files(args.task, args.out, seed=args.seed)
+        meta = {"task": args.task, "prompts_only": True, "seed": args.seed, "counts": counts,
+                "split": "fixed by a hash of the prompt text; --seed only sets the row order"}
+        Path(args.out, "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"wrote {args.out}: {counts['prompts_train']} train / {counts['prompts_eval']} eval prompts")
+        return 0
+    meta = build_task_data(
+        args.task, args.model, args.out, seed=args.seed, n_sft_prompts=args.n_sft_prompts,
+        n_pref_prompts=args.n_pref_prompts, samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        annotator_beta=args.annotator_beta, flip_prob=args.flip_prob, batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    c = meta["counts"]
+    print(f"wrote {args.out}: {c['sft']} SFT demonstrations, {c['preference']} preference pairs, "
+          f"{c['prompts_train']} train / {c['prompts_eval']} eval prompts; annotator ceiling accuracy "
+          f"{meta['annotator_ceiling_accuracy']:.3f}; {meta['generation_tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

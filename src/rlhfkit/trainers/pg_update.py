@@ -1,0 +1,212 @@
+"""Step 5 of PPO / GRPO / RLOO: epochs of clipped-surrogate updates over minibatches of the stored
+experience, micro-batched with a global normaliser so that gradient accumulation is exact; the
+value loss when there is a critic, the KL-to-reference loss term (GRPO) and the PTX term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhfkit.algos import agg_loss, kl_estimate, ppo_policy_loss, value_loss
+from rlhfkit.models import token_values
+from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.rollout import Experience
+from rlhfkit.trainers.common import (
+    Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler, micro_batches, optimizer_step,
+)
+
+@dataclass
+class UpdateSettings:
+    """How step 5 runs: epochs over shuffled minibatches, micro-batched, with a global normaliser."""
+
+    epochs: int
+    mini_batch_size: int  # rows per optimizer step (this rank)
+    micro_batch_size: int  # rows per forward/backward
+    clip_eps: float
+    clip_eps_high: float | None = None
+    agg: str = "token-mean"
+    vf_coef: float = 0.0  # PPO: weight of the value loss (needs a critic)
+    value_clip_eps: float | None = 0.2
+    kl_coef: float = 0.0  # GRPO: weight of the KL-to-reference loss term
+    kl_kind: str = "k3"
+    max_grad_norm: float = 1.0
+    critic_max_grad_norm: float = 1.0
+
+
+def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
+    """(B, R) V(t): the critic's output at the state *before* response token t, i.e. at position
+    P-1+t of the (B, P+R) sequence (the last prompt token is the state before the first action)."""
+    v = token_values(critic, ids, mask)  # (B, P+R)
+    P = ids.shape[1] - R
+    return v[:, P - 1:P - 1 + R]
+
+
+def _micro_loss(actor, critic, mb: Experience, s: UpdateSettings, normalizer: float) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch (already divided by the minibatch-global normaliser) and its metrics."""
+    ids, mask = mb.input_ids(), mb.attention_mask()
+    R = mb.response_ids.shape[1]
+    rmask = mb.response_mask
+    logp = causal_logprobs(actor, ids, mask, keep_last=R)  # (b, R) with grad
+    loss, pm = ppo_policy_loss(logp, mb.logprobs, mb.advantages, rmask, clip_eps=s.clip_eps,
+                               clip_eps_high=s.clip_eps_high, agg=s.agg, normalizer=normalizer)
+    metrics = {"loss/policy": loss.detach(), "policy/clipfrac": pm["clipfrac"],
+               "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"]}
+    if critic is not None and s.vf_coef > 0:
+        v = response_values(critic, ids, mask, R)
+        vl, vm = value_loss(v, mb.values, mb.returns, rmask, clip_eps=s.value_clip_eps, agg=s.agg,
+                            normalizer=normalizer)
+        loss = loss + s.vf_coef * vl
+        metrics.update({"loss/value": vl.detach(), "value/clipfrac": vm["vf_clipfrac"]})
+    if s.kl_coef > 0:
+        kl = kl_estimate(logp, mb.ref_logprobs, s.kl_kind)
+        kl_loss = agg_loss(kl, rmask, mode=s.agg, normalizer=normalizer)
+        loss = loss + s.kl_coef * kl_loss
+        metrics["loss/kl"] = kl_loss.detach()
+    return loss, metrics
+
+
+def _normalizer(mb: Experience, agg: str, rt: Runtime) -> float:
+    """Denominator of the whole minibatch (all micro-batches and ranks) for exact accumulation."""
+    count = mb.response_mask.sum() if agg == "token-mean" else torch.tensor(float(len(mb)))
+    return max(float(rt.sum(count.float())), 1.0) / rt.world_size  # DDP averages gradients over ranks
+
+
+def _ptx_backward(actor, ptx, rt: Runtime, opt_step: int) -> torch.Tensor:
+    """PTX term: gamma_ptx * token NLL of the actor on a batch of SFT data (SPEC 4.5)."""
+    from rlhfkit.trainers.sft import sft_batch_loss
+
+    idx = batch_indices(len(ptx.examples), ptx.batch_size, opt_step, ptx.seed)
+    chunk_all = rt.shard([ptx.examples[i] for i in idx])
+    n_tok = sum(sum(1 for lab in ex["labels"][1:] if lab != -100) for ex in chunk_all)
+    normalizer = max(float(rt.sum(torch.tensor(float(n_tok)))), 1.0) / rt.world_size
+    total = torch.zeros(())
+    for chunk in micro_batches(chunk_all, ptx.micro_batch_size):
+        batch = {k: v.to(rt.device) for k, v in ptx.collator(chunk).items() if isinstance(v, torch.Tensor)}
+        loss, nll_sum, _ = sft_batch_loss(actor, batch, normalizer)
+        rt.backward(ptx.coef * loss)
+        total += nll_sum.cpu()
+    return total / max(n_tok, 1)
+
+
+class _Means:
+    """Weighted running means of metrics (token-weighted or per minibatch)."""
+
+    def __init__(self):
+        self.num: dict[str, float] = {}
+        self.den: dict[str, float] = {}
+
+    def add(self, metrics: dict, weight: float = 1.0) -> None:
+        for k, v in metrics.items():
+            self.num[k] = self.num.get(k, 0.0) + float(v) * weight
+            self.den[k] = self.den.get(k, 0.0) + weight
+
+    def merge(self, other: _Means) -> None:
+        for k in other.num:
+            self.num[k] = self.num.get(k, 0.0) + other.num[k]
+            self.den[k] = self.den.get(k, 0.0) + other.den[k]
+
+    def result(self) -> dict:
+        return {k: v / self.den[k] for k, v in self.num.items() if self.den[k] > 0}
+
+
+def _minibatch_backward(actor, critic, mb: Experience, s: UpdateSettings, rt: Runtime,
+                        token_means: _Means) -> dict:
+    """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms."""
+    normalizer = _normalizer(mb, s.agg, rt)
+    losses: dict[str, float] = {}
+    for rows in micro_batches(list(range(len(mb))), s.micro_batch_size):
+        micro = mb.select(rows)
+        loss, m = _micro_loss(actor, critic, micro, s, normalizer)
+        rt.backward(loss)
+        for k in [k for k in m if k.startswith("loss/")]:  # shares of the minibatch loss: sum them
+            losses[k] = losses.get(k, 0.0) + float(m.pop(k))
+        token_means.add(m, weight=float(micro.response_mask.sum()))
+    return losses
+
+
+def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt: Runtime, guard: StepGuard, *,
+                  critic=None, critic_opt: dict | None = None, ptx: PTXData | None = None,
+                  opt_step: int = 0) -> dict:
+    """Step 5: s.epochs passes over shuffled minibatches of the stored experience.
+
+    Each minibatch is one optimizer step of the actor (and of the critic, with its own optimizer
+    and clipping), accumulated over micro-batches whose losses are divided by the minibatch's
+    global token (or row) count, so the accumulated gradient equals the full-minibatch gradient
+    exactly. Metrics are token-weighted over the whole update (losses: mean over minibatches).
+    `policy/ratio_first` is the ratio mean on the first minibatch of the first epoch: it must be 1.
+    """
+    token_means, step_means = _Means(), _Means()
+    ratio_first = None
+    n = len(exp)
+    for _ in range(s.epochs):
+        order = torch.randperm(n).tolist()
+        for start in range(0, n, s.mini_batch_size):
+            mb = exp.select(order[start:start + s.mini_batch_size])
+            mb_means = _Means()
+            losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means)
+            if ratio_first is None:
+                ratio_first = mb_means.result()["policy/ratio_mean"]
+            token_means.merge(mb_means)
+            if ptx is not None:
+                losses["loss/ptx"] = float(_ptx_backward(actor, ptx, rt, opt_step))
+            _sync_grads(actor, rt)
+            _sync_grads(critic, rt)
+            total = torch.tensor(sum(losses.values()))
+            _, gnorm = optimizer_step(actor, actor_opt["optimizer"], actor_opt["scheduler"], s.max_grad_norm,
+                                      total, guard)
+            losses["policy/grad_norm"] = gnorm
+            if critic is not None:
+                _, losses["value/grad_norm"] = optimizer_step(
+                    critic, critic_opt["optimizer"], critic_opt["scheduler"], s.critic_max_grad_norm, total, guard)
+            step_means.add(losses)
+            opt_step += 1
+    out = {**token_means.result(), **step_means.result(), "policy/ratio_first": ratio_first}
+    out.pop("policy/ratio_mean", None)
+    return out
+
+
+def _sync_grads(model, rt: Runtime) -> None:
+    """Average gradients over ranks after accumulation (one all-reduce per optimizer step).
+    The models are not DDP-wrapped: the critic's forward (token_values) would go around the
+    wrapper, and one explicit reduction is simpler than no_sync bookkeeping. No-op on one process."""
+    if model is None or rt.world_size == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.copy_(rt.accelerator.reduce(p.grad, reduction="mean"))
+
+
+def build_opt(model, optim, total_steps: int) -> dict:
+    optimizer = build_optimizer(model, optim)
+    return {"optimizer": optimizer, "scheduler": build_scheduler(optimizer, optim, total_steps)}
+
+
+# --------------------------------------------------------------------------- PTX data
+
+@dataclass
+class PTXData:
+    examples: list
+    collator: Any
+    coef: float
+    batch_size: int
+    micro_batch_size: int
+    seed: int
+
+
+def load_ptx(section, tokenizer, micro_batch_size: int, seed: int) -> PTXData | None:
+    """Tokenised SFT examples for the PTX term, prepared exactly as `rlhfkit sft` prepares them."""
+    if not section.data or section.coef <= 0:
+        return None
+    from rlhfkit.config import DataSection, SFTConfig, TrainSection
+    from rlhfkit.data import SFTCollator
+    from rlhfkit.trainers.sft import prepare_sft_data
+
+    sft_cfg = SFTConfig(data=DataSection(train=section.data, eval_fraction=0.0, max_length=section.max_length),
+                        train=TrainSection(seed=seed))
+    train, _, _ = prepare_sft_data(sft_cfg, tokenizer)
+    return PTXData(train, SFTCollator(tokenizer.pad_token_id), section.coef, section.batch_size,
+                   micro_batch_size, seed)
+

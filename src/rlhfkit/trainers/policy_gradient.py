@@ -1,0 +1,427 @@
+"""What PPO, GRPO and RLOO share (SPEC sections 4 and 5): config sections, prompt loading, the
+actor and its reference, rollout, scoring, the clipped-surrogate update and run bookkeeping.
+
+The trainers compose these pieces in numbered steps (1 rollout, 2 score, 3 rewards,
+4 advantages, 5 update); only steps 3 and 4 differ between them (GAE with a critic vs group
+baselines), plus the value loss that PPO adds to the update.
+
+Two rules keep the first PPO ratio exactly 1:
+- the behaviour log-probs (logp_old) are recomputed after the rollout with the *same* forward
+  (`models.forward.causal_logprobs`) that the update uses, on the same padded tensors: the KV-cache
+  decoding path is mathematically equal but not bit-identical. The rollout's own log-probs are
+  kept only for a diagnostic (`rollout/logprob_diff_max`);
+- the experience keeps one padded width (P prompt + R response columns) from scoring to update,
+  so every row is computed on identical inputs in both passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rlhfkit.algos import kl_estimate, masked_mean
+from rlhfkit.config import ConfigError, TrainSection
+from rlhfkit.judges.rewards import RewardFn, build_reward_fn, prompt_text
+from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.lora import adapters_disabled, apply_lora
+from rlhfkit.rollout import Experience, generate
+from rlhfkit.trainers.common import (
+    Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, load_weights_into, prepare_run_dir, write_json_atomic,
+)
+from rlhfkit.trainers.pg_update import UpdateSettings, response_values
+from rlhfkit.trainers.sources import resolve_source
+
+log = logging.getLogger("rlhfkit")
+
+
+# --------------------------------------------------------------------------- config sections
+
+@dataclass
+class PromptsSection:
+    train: str = "task:sentiment"
+    """Prompt source: a .jsonl/.json/.parquet/.csv file, hf:org/name[:split], or task:NAME (its prompts_train.jsonl)."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens (after the chat template) are dropped and counted."""
+    limit: int = 0
+    """Use only the first N prompts (0 = all)."""
+
+    def validate(self, where: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{where}.train: a prompt source is required")
+        if self.max_prompt_length < 1:
+            raise ConfigError(f"{where}.max_prompt_length: must be >= 1")
+
+
+@dataclass
+class PolicyTrainSection(TrainSection):
+    """TrainSection with the policy-gradient meaning of the batch sizes: batch_size is the number of
+    *prompts* per iteration (each sampled rollout.n times), micro_batch_size the number of *rows*
+    (responses) per forward/backward, so the two need not divide each other."""
+
+    batch_size: int = 16
+    micro_batch_size: int = 8
+    max_steps: int = 20
+
+    def validate(self, where: str) -> None:
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError(f"{where}.batch_size/micro_batch_size: must be >= 1")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{where}.epochs: set epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class RolloutSection:
+    n: int = 1
+    """Responses sampled per prompt (GRPO/RLOO's group size G)."""
+    max_new_tokens: int = 48
+    """Response budget in tokens; responses that reach it without EOS count as truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy (evaluation only). Log-probs for the ratio and the KL always
+    use the untempered model."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 = off."""
+    top_k: int = 0
+    """Top-k filter; 0 = off."""
+    micro_batch_size: int = 0
+    """Rows per generation forward; 0 = all rows of a step at once."""
+
+    def validate(self, where: str) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"{where}: n and max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}: need temperature >= 0 (0 = greedy) and 0 < top_p <= 1")
+
+
+@dataclass
+class RewardSection:
+    spec: str = ""
+    """Reward source: rm:DIR (trained reward model), task:NAME (gold judge), module:function or file.py:function."""
+    clip: float = 0.0
+    """Clip the sequence score to [-clip, clip]; 0 = no clipping."""
+    missing_eos_score: Optional[float] = None
+    """Score given *instead of* the reward to responses that never emitted EOS (SPEC 4.2); null = off."""
+    batch_size: int = 16
+    """Reward-model scoring micro-batch (rows per forward)."""
+
+    def validate(self, where: str) -> None:
+        if not self.spec:
+            raise ConfigError(f"{where}.spec: a reward source is required (rm:DIR, task:NAME, module:function)")
+        if self.clip < 0:
+            raise ConfigError(f"{where}.clip: must be >= 0")
+
+
+@dataclass
+class PTXSection:
+    data: str = ""
+    """SFT/pretraining data for the PTX loss (same formats as `rlhfkit sft`); empty = no PTX term."""
+    coef: float = 0.0
+    """gamma_ptx: weight of the actor's token NLL on that data in the total loss."""
+    batch_size: int = 8
+    """SFT examples per optimizer step."""
+    max_length: int = 512
+    """Tokens per SFT example (longer ones are an error, as in `rlhfkit sft`)."""
+
+    def validate(self, where: str) -> None:
+        if self.coef < 0 or (self.coef > 0 and not self.data):
+            raise ConfigError(f"{where}: coef must be >= 0 and needs ptx.data when > 0")
+
+
+# --------------------------------------------------------------------------- prompts
+
+@dataclass
+class PromptItem:
+    ids: list[int]  # chat-templated prompt tokens, ending with the assistant header
+    messages: list[dict]
+    text: str  # plain user text, what reward functions receive
+    reference: str | None = None
+
+
+def load_prompt_items(section: PromptsSection, tokenizer) -> tuple[list[PromptItem], int]:
+    """Load and render the prompts; returns (items, number dropped for length)."""
+    from rlhfkit.data import load_prompts, render_prompt_ids
+
+    examples = load_prompts(resolve_source(section.train, "prompts"))
+    if section.limit:
+        examples = examples[:section.limit]
+    items, dropped = [], 0
+    for ex in examples:
+        ids = render_prompt_ids(tokenizer, ex.prompt)
+        if len(ids) > section.max_prompt_length:
+            dropped += 1
+            continue
+        items.append(PromptItem(ids, ex.prompt, prompt_text(ex.prompt), ex.reference))
+    if not items:
+        raise ValueError(f"{section.train}: no prompts left (dropped {dropped} longer than "
+                         f"{section.max_prompt_length} tokens)")
+    return items, dropped
+
+
+# --------------------------------------------------------------------------- models
+
+def load_actor(model_cfg, rt: Runtime):
+    """(actor, reference). With LoRA the reference is None: `score_logprobs` then runs the actor
+    with its adapters disabled, so the base weights exist once in memory (SPEC 4)."""
+    actor = load_causal_lm(model_cfg.name, model_cfg.dtype)
+    if model_cfg.gradient_checkpointing:
+        actor.gradient_checkpointing_enable()
+        actor.config.use_cache = False
+    actor = apply_lora(actor, model_cfg.lora, "CAUSAL_LM").to(rt.device)
+    ref = None
+    if not model_cfg.lora.enabled:
+        ref = load_causal_lm(model_cfg.name, model_cfg.dtype).to(rt.device)
+        ref.eval().requires_grad_(False)
+    actor.train()
+    return actor, ref
+
+
+# --------------------------------------------------------------------------- timing
+
+class Stopwatch:
+    """Wall time of consecutive phases of an iteration, as time/<phase> metrics."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[f"time/{phase}"] = now - self.t
+        self.t = now
+
+
+# --------------------------------------------------------------------------- 1. rollout
+
+def rollout(actor, items: list[PromptItem], settings: RolloutSection, tokenizer) -> Experience:
+    """Sample settings.n responses per prompt (rows i*n..i*n+n-1 belong to items[i])."""
+    eos = tokenizer.eos_token_id
+    return generate(actor, [it.ids for it in items], max_new_tokens=settings.max_new_tokens,
+                    eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, temperature=settings.temperature,
+                    top_p=settings.top_p, top_k=settings.top_k, n=settings.n,
+                    micro_batch_size=settings.micro_batch_size or None)
+
+
+def decode_responses(exp: Experience, tokenizer) -> list[str]:
+    lengths = exp.response_lengths().tolist()
+    return [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            for row, n in zip(exp.response_ids.tolist(), lengths)]
+
+
+# --------------------------------------------------------------------------- 2. score
+
+def _batched(fn, exp: Experience, micro: int) -> Any:
+    """Apply fn(ids, mask) over row micro-batches of the experience and concatenate the outputs."""
+    ids, mask = exp.input_ids(), exp.attention_mask()
+    outs = [fn(ids[i:i + micro], mask[i:i + micro]) for i in range(0, len(exp), micro)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
+    return torch.cat(outs, dim=0)
+
+
+@torch.no_grad()
+def score_logprobs(actor, ref, exp: Experience, micro: int) -> dict:
+    """Step 2 for the policy side: logp_old + entropy (actor, eval mode) and logp_ref, (B, R) each."""
+    R = exp.response_ids.shape[1]
+    was_training = actor.training
+    actor.eval()
+    try:
+        logp, ent = _batched(lambda i, m: causal_logprobs(actor, i, m, keep_last=R, with_entropy=True), exp, micro)
+        if ref is None:  # LoRA: the reference is the same weights with the adapters switched off
+            with adapters_disabled(actor):
+                ref_logp = _batched(lambda i, m: causal_logprobs(actor, i, m, keep_last=R), exp, micro)
+        else:
+            ref_logp = _batched(lambda i, m: causal_logprobs(ref, i, m, keep_last=R), exp, micro)
+    finally:
+        actor.train(was_training)
+    return {"logp": logp, "entropy": ent, "ref_logp": ref_logp}
+
+
+@torch.no_grad()
+def score_values(critic, exp: Experience, micro: int) -> torch.Tensor:
+    R = exp.response_ids.shape[1]
+    was_training = critic.training
+    critic.eval()
+    try:
+        return _batched(lambda i, m: response_values(critic, i, m, R), exp, micro)
+    finally:
+        critic.train(was_training)
+
+
+def score_sequences(exp: Experience, items: list[PromptItem], responses: list[str], reward_fn: RewardFn,
+                    section: RewardSection) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, shaped) sequence scores (B,): shaped = clipped to [-clip, clip], then the fixed
+    missing-EOS score for responses that never emitted EOS."""
+    rows = [items[i] for i in exp.prompt_index.tolist()]
+    raw = torch.tensor(reward_fn([r.text for r in rows], responses, messages=[r.messages for r in rows]),
+                       dtype=torch.float32, device=exp.response_ids.device)
+    shaped = raw.clamp(-section.clip, section.clip) if section.clip > 0 else raw.clone()
+    if section.missing_eos_score is not None:
+        shaped = torch.where(exp.eos, shaped, torch.full_like(shaped, section.missing_eos_score))
+    return raw, shaped
+
+
+def score_experience(exp: Experience, items, reward_fn, section: RewardSection, actor, ref, tokenizer,
+                     micro: int) -> tuple[Experience, dict, list[str]]:
+    """Step 2 shared by all trainers: fills logprobs (logp_old), ref_logprobs and scores.
+    Returns (exp, metrics, decoded responses)."""
+    mask = exp.response_mask.bool()
+    rollout_logp = exp.logprobs
+    lp = score_logprobs(actor, ref, exp, micro)
+    exp.logprobs, exp.ref_logprobs = lp["logp"], lp["ref_logp"]
+    responses = decode_responses(exp, tokenizer)
+    raw, exp.scores = score_sequences(exp, items, responses, reward_fn, section)
+    metrics = {
+        "reward/score_mean": raw.mean(), "reward/score_std": raw.std() if len(raw) > 1 else raw.new_zeros(()),
+        "reward/shaped_mean": exp.scores.mean(),
+        "policy/entropy": masked_mean(lp["entropy"], mask),
+        **response_metrics(exp, responses),
+    }
+    if rollout_logp is not None:  # KV-cache decoding vs the training forward: should be ~1e-5 or less
+        metrics["rollout/logprob_diff_max"] = torch.where(mask, (rollout_logp - exp.logprobs).abs(), 0.0).max()
+    return exp, metrics, responses
+
+
+def response_metrics(exp: Experience, responses: list[str]) -> dict:
+    """Length, EOS rate and two degeneration alarms: empty answers and repeated bigrams."""
+    lengths = exp.response_lengths().float()
+    distinct = []
+    for row, n in zip(exp.response_ids.tolist(), exp.response_lengths().tolist()):
+        bigrams = list(zip(row[:n - 1], row[1:n]))
+        distinct.append(len(set(bigrams)) / len(bigrams) if bigrams else 1.0)
+    return {
+        "response/length_mean": lengths.mean(),
+        "response/eos_frac": exp.eos.float().mean(),
+        "response/empty_frac": sum(1 for r in responses if not r) / max(len(responses), 1),
+        "response/distinct2": sum(distinct) / max(len(distinct), 1),
+    }
+
+
+def sequence_kl(exp: Experience, kind: str) -> torch.Tensor:
+    """(B,) KL(pi_old || pi_ref) estimate per response: the per-token estimator summed over tokens."""
+    kl = kl_estimate(exp.logprobs, exp.ref_logprobs, kind)
+    return torch.where(exp.response_mask.bool(), kl, 0.0).sum(-1)
+
+
+# --------------------------------------------------------------------------- run bookkeeping
+
+@dataclass
+class PolicyRun:
+    """Everything a policy-gradient loop holds besides its algorithm-specific models."""
+
+    cfg: Any
+    kind: str
+    rt: Runtime
+    out: Path
+    tokenizer: Any
+    prompts: list[PromptItem]
+    reward_fn: RewardFn
+    actor: Any
+    ref: Any
+    settings: UpdateSettings
+    rows_per_step: int
+    total_steps: int
+
+
+def setup_run(cfg, kind: str, *, epochs: int, mini_batch_size: int, **update_kw) -> PolicyRun:
+    """Data, reward function, actor + reference, update settings. Validates batch arithmetic."""
+    rt = Runtime(cfg.train.seed)
+    out = prepare_run_dir(cfg, kind, rt.is_main)
+    tokenizer = load_tokenizer(cfg.model.name)
+    prompts, dropped = load_prompt_items(cfg.prompts, tokenizer)
+    if dropped:
+        log.warning("[%s] dropped %d prompts longer than %d tokens", kind, dropped, cfg.prompts.max_prompt_length)
+    rows = cfg.train.batch_size * cfg.rollout.n
+    if rows % rt.world_size or (rows // rt.world_size) % max(mini_batch_size // rt.world_size, 1):
+        raise ConfigError(f"train.batch_size * rollout.n = {rows} rows per step must split into minibatches of "
+                          f"{mini_batch_size} rows over {rt.world_size} process(es)")
+    reward_fn = build_reward_fn(cfg.reward.spec, tokenizer=tokenizer, device=rt.device,
+                                batch_size=cfg.reward.batch_size)
+    actor, ref = load_actor(cfg.model, rt)
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
+        1, int(cfg.train.epochs * len(prompts) // cfg.train.batch_size))
+    settings = UpdateSettings(epochs=epochs, mini_batch_size=max(mini_batch_size // rt.world_size, 1),
+                              micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm,
+                              **update_kw)
+    return PolicyRun(cfg, kind, rt, out, tokenizer, prompts, reward_fn, actor, ref, settings, rows, total)
+
+
+def optimizer_steps_per_iteration(run: PolicyRun) -> int:
+    local_rows = run.rows_per_step // run.rt.world_size
+    return run.settings.epochs * -(-local_rows // run.settings.mini_batch_size)
+
+
+def prompt_batch(run: PolicyRun, step: int) -> list[PromptItem]:
+    """This rank's prompts for iteration `step` (deterministic in (seed, step): resumable)."""
+    idx = batch_indices(len(run.prompts), run.cfg.train.batch_size, step, run.cfg.train.seed)
+    return run.rt.shard([run.prompts[i] for i in idx])
+
+
+def log_samples(run: PolicyRun, logger: RunLogger, step: int, exp: Experience, items, responses: list[str],
+                k: int = 3) -> None:
+    """A few (prompt, response, score) triples to samples.jsonl and TensorBoard text."""
+    if not run.rt.is_main:
+        return
+    rows = []
+    for i in range(min(k, len(exp))):
+        item = items[int(exp.prompt_index[i])]
+        rows.append({"step": step, "prompt": item.text, "response": responses[i],
+                     "score": float(exp.scores[i]), "eos": bool(exp.eos[i])})
+    with open(run.out / "samples.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    md = "\n\n".join(f"**prompt:** {r['prompt']}\n\n**response:** {r['response']}\n\n**score:** {r['score']:.3f}"
+                     for r in rows)
+    logger.text(step, "samples", md)
+
+
+def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state_fn=dict, load_state=None,
+               show: tuple[str, ...] = ()) -> dict:
+    """The outer loop every policy-gradient trainer shares: resume, iterate, log, checkpoint.
+
+    iterate(step, guard, logger) -> metrics runs one iteration. models/optimizers are what a
+    checkpoint holds (with the RNG state); state_fn() adds trainer state (e.g. the KL controller),
+    which load_state(state) restores on resume.
+    """
+    cfg = run.cfg
+    ckpt = Checkpointer(run.out, cfg.train.keep_checkpoints, enabled=run.rt.is_main)
+    last = ckpt.latest() if cfg.train.resume else None
+    state: dict = {}
+    if last is not None:
+        for name, model in models.items():
+            load_weights_into(run.rt.unwrap(model), last / name)
+        state = Checkpointer.load_state(last, optimizers)
+        if load_state is not None:
+            load_state(state)
+    start = state.get("step", 0)
+    logger = RunLogger(run.out, run.total_steps, enabled=run.rt.is_main, progress=cfg.train.progress,
+                       desc=run.kind, initial_step=start)
+    guard = StepGuard(cfg.train.max_bad_steps)
+    metrics: dict = {}
+    for step in range(start, run.total_steps):
+        metrics = iterate(step, guard, logger)
+        metrics["train/skipped_steps"] = guard.skipped_total
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == run.total_steps:
+            logger.log(step + 1, metrics, show=show)
+        logger.advance()
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < run.total_steps:
+            ckpt.save(step + 1, {k: run.rt.unwrap(m) for k, m in models.items()}, optimizers,
+                      {"kind": run.kind, **state_fn()})
+        run.rt.wait()
+    logger.close()
+    return metrics
+
+
+def save_final(run: PolicyRun, models: dict[str, Any], results: dict) -> None:
+    """Final models as plain transformers/peft dirs (output_dir/model, ...) and the results json."""
+    if run.rt.is_main:
+        for name, model in models.items():
+            save_pretrained_atomic(run.rt.unwrap(model), run.tokenizer, run.out / name)
+        clean = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in results.items()}
+        write_json_atomic(run.out / f"{run.kind}_results.json", clean)
+    run.rt.wait()

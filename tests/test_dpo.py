@@ -1,0 +1,173 @@
+"""DPO trainer on tiny random models: the step-0 identities, the reference options, learning,
+and the batch x accumulation invariance."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rlhfkit.config import load_config
+from rlhfkit.data import PreferenceCollator
+from rlhfkit.models import tiny_causal_lm
+from rlhfkit.trainers.dpo import (
+    DPOConfig, Reference, build_policy_and_reference, dpo_batch_loss, precompute_reference, reference_logps,
+    train_dpo,
+)
+from rlhfkit.trainers.reward import prepare_preference_data
+
+WORDS = ["apple", "river", "stone", "cloud", "music", "garden", "window", "forest", "silver", "candle",
+         "bridge", "island", "pepper", "rocket", "violin", "meadow", "harbor", "lantern", "marble", "thunder"]
+
+
+def _pairs(n: int, offset: int = 0) -> list[dict]:
+    """Separable pairs: the chosen answer always says 'yes', the rejected one 'no'."""
+    return [{"prompt": f"Tell me about the {WORDS[(i + offset) % 20]} number {i + offset}.",
+             "chosen": "yes yes yes", "rejected": "no no no"} for i in range(n)]
+
+
+@pytest.fixture()
+def setup(tmp_path, tokenizer):
+    model_dir = tmp_path / "tiny-as-run" / "model"  # laid out like a run dir, for _final_weights
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    for name, rows in (("train.jsonl", _pairs(32)), ("eval.jsonl", _pairs(16, offset=100))):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path, model_dir
+
+
+def _cfg(tmp_path, model_dir, *overrides):
+    return load_config(DPOConfig, overrides=[
+        f"model.name={model_dir}", f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
+        f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "data.max_length=64", *overrides])
+
+
+def test_step0_loss_is_ln2_and_rewards_zero(setup, tokenizer):
+    tmp_path, model_dir = setup
+    cfg = _cfg(tmp_path, model_dir)
+    train, _, _ = prepare_preference_data(cfg, tokenizer)
+    policy, ref = build_policy_and_reference(cfg, tokenizer)
+    assert ref.model is not policy  # full fine-tuning: a frozen copy
+    chunk = train[:8]
+    loss, sums = dpo_batch_loss(policy, ref, chunk, PreferenceCollator(tokenizer.pad_token_id), cfg.dpo,
+                                normalizer=len(chunk), device="cpu")
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+        assert abs(float(sums[k])) < 1e-6
+
+
+def test_precomputed_reference_equals_live(setup, tokenizer):
+    tmp_path, model_dir = setup
+    cfg = _cfg(tmp_path, model_dir)
+    train, _, _ = prepare_preference_data(cfg, tokenizer)
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    policy, ref = build_policy_and_reference(cfg, tokenizer)
+    examples = [dict(ex) for ex in train[:12]]
+    precompute_reference(examples, ref, collator, micro_batch_size=5, device="cpu")  # other padding widths
+    batch = collator(examples)
+    live = ref.logps(batch)
+    stored = reference_logps(examples, batch, None, average=False)
+    for a, b in zip(live, stored):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+
+
+def test_precompute_and_lora_keep_one_copy_of_the_weights(setup, tokenizer):
+    tmp_path, model_dir = setup
+    policy, ref = build_policy_and_reference(_cfg(tmp_path, model_dir, "dpo.precompute_ref_logps=true"), tokenizer)
+    assert ref.model is policy and not ref.adapters_off  # the untrained policy is the reference
+
+    cfg = _cfg(tmp_path, model_dir, "model.lora.enabled=true", "model.lora.r=4")
+    policy, ref = build_policy_and_reference(cfg, tokenizer)
+    assert ref.model is policy and ref.adapters_off
+    base_params = [p for n, p in policy.named_parameters() if "lora_" not in n]
+    assert len({p.data_ptr() for p in base_params}) == len(base_params)
+    assert not any(p.requires_grad for p in base_params)
+    # Move the adapters: the policy changes, the reference (adapters disabled) does not.
+    train, _, _ = prepare_preference_data(cfg, tokenizer)
+    batch = PreferenceCollator(tokenizer.pad_token_id)(train[:4])
+    before = ref.logps(batch)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    torch.testing.assert_close(ref.logps(batch), before)
+    assert not torch.allclose(Reference(policy).logps(batch)[0], before[0])
+
+
+def test_dpo_learns_a_separable_preference(setup):
+    tmp_path, model_dir = setup
+    cfg = _cfg(tmp_path, model_dir, "optim.lr=3e-3", "optim.warmup_ratio=0", "optim.schedule=constant",
+               "train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=12", "dpo.beta=0.5")
+    metrics = train_dpo(cfg)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start, end = lines[0], lines[-1]
+    assert start["eval/rewards/accuracy"] == 0.0 and abs(start["eval/rewards/margin"]) < 1e-6
+    assert float(metrics["eval/rewards/accuracy"]) >= 0.9  # held-out prompts never seen in training
+    assert end["eval/rewards/margin"] > 0.5 and end["eval/loss"] < 0.5 * math.log(2)
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / "run" / "dpo_results.json").read_text())["pairs"] == {"train": 32, "eval": 16}
+
+
+def _final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_batch8_equals_batch1_times_accumulation8(setup):
+    tmp_path, model_dir = setup
+    # adam_eps=1 makes Adam's first steps ~ lr * grad, so parameter differences track gradient
+    # differences instead of being rounded to +-lr by the normalisation.
+    common = ["optim.lr=0.05", "optim.adam_eps=1.0", "optim.warmup_ratio=0", "optim.schedule=constant",
+              "train.batch_size=8", "train.max_steps=2", "data.eval=", "data.eval_fraction=0"]
+    results = {}
+    for micro in (8, 1):
+        out = tmp_path / f"run-{micro}"
+        cfg = _cfg(tmp_path, model_dir, *common, f"train.micro_batch_size={micro}", f"train.output_dir={out}")
+        results[micro] = (train_dpo(cfg), _final_weights(out))
+    (m8, w8), (m1, w1) = results[8], results[1]
+    assert float(m8["train/loss"]) == pytest.approx(float(m1["train/loss"]), abs=1e-6)
+    init = _final_weights(model_dir.parent)
+    moved = 0.0
+    for k in w8:
+        torch.testing.assert_close(w8[k], w1[k], atol=2e-6, rtol=1e-5)
+        moved = max(moved, (w8[k] - init[k]).abs().max().item())
+    assert moved > 1e-3  # the runs did move the weights
+
+
+def test_resume_continues_to_the_same_weights(setup):
+    tmp_path, model_dir = setup
+    common = ["optim.lr=1e-3", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=4",
+              "dpo.precompute_ref_logps=true", "data.eval=", "data.eval_fraction=0"]
+    full = tmp_path / "full"
+    train_dpo(_cfg(tmp_path, model_dir, *common, f"train.output_dir={full}"))
+    part = tmp_path / "part"
+    # First run stops after 2 steps with a checkpoint; the second resumes to step 4.
+    train_dpo(_cfg(tmp_path, model_dir, *common, "train.max_steps=4", "train.save_every=2",
+                   f"train.output_dir={part}"))
+    import shutil
+
+    shutil.rmtree(part / "model")
+    shutil.rmtree(part / "checkpoints" / "step-00000004", ignore_errors=True)
+    train_dpo(_cfg(tmp_path, model_dir, *common, "train.resume=true", f"train.output_dir={part}"))
+    a, b = _final_weights(full), _final_weights(part)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+def test_sft_first_then_dpo_anchors_on_the_sft_model(setup):
+    tmp_path, model_dir = setup
+    cfg = _cfg(tmp_path, model_dir, "sft_first.enabled=true", "sft_first.max_steps=3", "sft_first.lr=1e-2",
+               "train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=1")
+    train_dpo(cfg)
+    run = tmp_path / "run"
+    assert (run / "sft" / "model" / "config.json").is_file()
+    first = json.loads((run / "sft" / "train.jsonl").read_text().splitlines()[0])
+    assert first["messages"][-1] == {"role": "assistant", "content": "yes yes yes"}  # the chosen side
+    step0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    # The SFT model is both the start and the reference: DPO starts exactly at ln 2, and the SFT
+    # stage did change the model (its chosen log-probs are far above the random model's).
+    assert step0["step"] == 0 and step0["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert step0["eval/logps/chosen"] > step0["eval/logps/rejected"] + 1.0

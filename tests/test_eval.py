@@ -1,0 +1,110 @@
+"""Evaluation statistics on hand-made numbers, and the table/labels of `rlhfkit eval`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rlhfkit.eval.policy_compare import format_table, policy_label
+from rlhfkit.eval.stats import (
+    mean_ci, pearson, prob_indicators, win_indicators, win_rate, within_group_pearson,
+)
+
+
+def test_win_indicators_count_ties_half():
+    assert win_indicators([3, 1, 2, 5], [1, 1, 4, 0]) == [1.0, 0.5, 0.0, 1.0]
+    assert prob_indicators([0.9, 0.5, 0.2]) == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError):
+        win_indicators([1], [1, 2])
+
+
+def test_win_rate_and_ci_by_hand():
+    votes = [1.0] * 6 + [0.0] * 3 + [0.5]  # 6 wins, 3 losses, 1 tie -> 6.5 / 10
+    w = win_rate(votes)
+    assert w["win_rate"] == pytest.approx(0.65)
+    sd = math.sqrt((6 * 0.35 ** 2 + 3 * 0.65 ** 2 + 0.15 ** 2) / 9)
+    half = 1.959963984540054 * sd / math.sqrt(10)
+    assert w["ci_low"] == pytest.approx(0.65 - half) and w["ci_high"] == pytest.approx(0.65 + half)
+    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (6, 1, 3, 10)
+    assert win_rate([1.0] * 5)["ci_high"] == 1.0  # clipped, zero width
+
+
+def test_win_rate_clusters_samples_by_prompt():
+    # 2 prompts x 2 samples: the interval has n = 2 prompts, computed on the prompt means 1.0 and 0.5.
+    w = win_rate([1.0, 1.0, 1.0, 0.0], per_prompt=2)
+    assert w["n"] == 2 and w["win_rate"] == pytest.approx(0.75)
+    half = 1.959963984540054 * math.sqrt(((0.25 ** 2) * 2) / 1) / math.sqrt(2)
+    assert w["ci_low"] == pytest.approx(max(0.0, 0.75 - half))
+    assert (w["wins"], w["losses"]) == (3, 1)
+
+
+def test_mean_ci_by_hand():
+    s = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert s["mean"] == 2.5
+    assert s["ci_high"] - 2.5 == pytest.approx(1.959963984540054 * math.sqrt(5 / 3) / 2)
+
+
+def test_pearson_by_hand():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # x = (1,2,3,4), y = (1,3,2,4): sxy = 4, sxx = syy = 5 -> 0.8
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_within_prompt_pearson_removes_prompt_effects():
+    # Prompt 2 has longer and better answers overall, but within each prompt longer = worse.
+    lengths = [10, 20, 110, 120]
+    rewards = [1.0, 0.0, 11.0, 10.0]
+    assert pearson(lengths, rewards) > 0.9
+    assert within_group_pearson(lengths, rewards, n=2) == pytest.approx(-1.0)
+
+
+def test_policy_labels():
+    assert policy_label("runs/dpo/model") == ("dpo", "runs/dpo/model")
+    assert policy_label("online=runs/x/iter-3/model") == ("online", "runs/x/iter-3/model")
+    assert policy_label("smollm2-135m-instruct") == ("smollm2-135m-instruct", "smollm2-135m-instruct")
+
+
+def test_table_shows_win_rate_with_ci():
+    w = {"win_rate": 0.6, "ci_low": 0.55, "ci_high": 0.65, "n": 200}
+    res = {"prompts": 200, "samples_per_prompt": 1,
+           "baseline": {"gold_mean": {"mean": 0.1}, "length_tokens": 30.0},
+           "policies": {"dpo": {"gold_mean": {"mean": 0.3}, "kl": {"mean": 2.0}, "length_tokens": 35.0,
+                                "corr_length_gold": 0.2, "win_rate": {"gold": w, "pm:x": w}}}}
+    table = format_table(res)
+    assert "0.600 [0.550, 0.650]" in table and "win rate by pm:x" in table
+
+
+def test_eval_of_a_policy_against_itself(tmp_path, tokenizer):
+    """Same model, same seed: identical samples, so every judge gives exactly 0.5 and the KL is 0."""
+    import json
+
+    from rlhfkit.config import load_config
+    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+    from rlhfkit.models import tiny_causal_lm
+
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm(tokenizer, seed=5).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say a word {i}"}) + "\n" for i in range(4)))
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(
+        {"prompt": f"q{i}", "chosen": "long answer here", "rejected": "no", "category": c}) + "\n"
+        for i, c in enumerate(["a", "a", "b", "b"])))
+    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    cfg = load_config(EvalConfig, overrides=[
+        f"policies=[same={model_dir}]", f"baseline={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}",
+        "rollout.n=2", "rollout.max_new_tokens=5", f"gold={tmp_path / 'rew.py'}:reward",
+        f"judges=[judge:{model_dir}]", f"preference_set={tmp_path / 'prefs.jsonl'}",
+        f"train.output_dir={tmp_path / 'eval'}"])
+    res = run_eval(cfg)
+    pol = res["policies"]["same"]
+    for judge in ("gold", f"judge:{model_dir}"):
+        assert pol["win_rate"][judge]["win_rate"] == 0.5 and pol["win_rate"][judge]["n"] == 4
+    assert abs(pol["kl"]["mean"]) < 1e-4
+    assert pol["gold_mean"]["mean"] == res["baseline"]["gold_mean"]["mean"]
+    acc = res["preference_set"]
+    assert acc["gold"]["accuracy"] == 1.0 and set(acc["gold"]["by_category"]) == {"a", "b"}
+    assert "position_bias" in acc[f"judge:{model_dir}"]
+    assert (tmp_path / "eval" / "eval_results.json").is_file() and (tmp_path / "eval" / "samples-same.jsonl").is_file()

@@ -1,0 +1,62 @@
+"""GRPO / RLOO: they learn the same trivial reward; one advantage per response, group-centred."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pg_utils import base_config, read_metrics
+from rlhfkit.config import ConfigError, load_config
+from rlhfkit.trainers import grpo as grpo_mod
+from rlhfkit.trainers.grpo import GRPOConfig, RLOOConfig, train_grpo
+
+GRPO_OVER = dict(rollout={"n": 4, "max_new_tokens": 6}, mini_batch_size=16, kl_coef=0.0)
+
+
+@pytest.mark.parametrize("cls, advantage", [(GRPOConfig, "grpo"), (RLOOConfig, "rloo")])
+def test_group_methods_raise_a_learnable_reward(tokenizer, tmp_path, cls, advantage):
+    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **GRPO_OVER))
+    assert cfg.advantage == advantage
+    train_grpo(cfg)
+    rows = read_metrics(tmp_path / "run")
+    assert all(abs(r["policy/ratio_first"] - 1.0) < 1e-6 for r in rows)
+    first = sum(r["reward/score_mean"] for r in rows[:2]) / 2
+    last = sum(r["reward/score_mean"] for r in rows[-2:]) / 2
+    assert last > first + 0.1, (first, last)
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert (tmp_path / "run" / f"{advantage}_results.json").is_file()
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_one_advantage_per_response_centred_in_its_group(tokenizer, tmp_path, monkeypatch, advantage):
+    seen = []
+    real_update = grpo_mod.policy_update
+
+    def spy(exp, *args, **kw):
+        seen.append(exp)
+        return real_update(exp, *args, **kw)
+
+    monkeypatch.setattr(grpo_mod, "policy_update", spy)
+    cfg = load_config(GRPOConfig, data=base_config(
+        tmp_path, tokenizer, **{**GRPO_OVER, "advantage": advantage, "kl_coef": 0.04},
+        train={"max_steps": 1}))
+    train_grpo(cfg)
+    exp = seen[0]
+    mask = exp.response_mask.bool()
+    adv = exp.advantages
+    assert torch.all(adv[~mask] == 0)
+    for row in range(len(exp)):
+        vals = adv[row][mask[row]]
+        assert torch.all(vals == vals[0]), "every token of a response gets the same advantage"
+    seq = torch.stack([adv[r][mask[r]][0] for r in range(len(exp))]).view(-1, cfg.rollout.n)
+    torch.testing.assert_close(seq.sum(1), torch.zeros(seq.shape[0]), atol=1e-5, rtol=0)  # centred per group
+    scores = exp.scores.view(-1, cfg.rollout.n)
+    # within a group, a higher score means a higher advantage
+    for s, a in zip(scores, seq):
+        order = s.argsort()
+        assert torch.all(a[order].diff() >= -1e-6)
+
+
+def test_group_size_must_be_at_least_two(tmp_path):
+    with pytest.raises(ConfigError, match="at least 2"):
+        load_config(GRPOConfig, data={"rollout": {"n": 1}, "mini_batch_size": 8})

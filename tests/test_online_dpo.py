@@ -1,0 +1,81 @@
+"""Online iterative DPO: pair construction (pure), round-robin pairwise scores, one tiny iteration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit.config import load_config
+from rlhfkit.trainers.online_dpo import (
+    OnlineDPOConfig, best_of_n, build_pairs, length_penalised, round_robin, train_online_dpo,
+)
+
+
+def test_pairs_pick_true_best_and_worst():
+    scores = [0.1, 0.9, -0.3, 0.5,   2.0, 1.0, 3.0, 0.0]
+    resp = ["a", "b", "c", "d",      "e", "f", "g", "h"]
+    pairs, counts = build_pairs(scores, resp, n=4)
+    assert pairs == [(0, 1, 2), (1, 6, 7)]
+    assert counts == {"identical": 0, "ties": 0, "empty": 0}
+
+
+def test_pairs_drop_ties_identicals_and_empties():
+    scores = [1.0, 1.0,   0.5, 0.2,   0.7, 0.1,   0.30, 0.25,  0.9, 0.0]
+    resp = ["x", "y",     "s", " s ",  "", "z",    "p", "q",    "ok", "no"]
+    pairs, counts = build_pairs(scores, resp, n=2, tie_tolerance=0.1)
+    assert pairs == [(4, 8, 9)]
+    assert counts == {"identical": 1, "ties": 2, "empty": 1}  # "s" vs " s " is identical once stripped
+
+
+def test_pairs_reject_ragged_groups():
+    with pytest.raises(ValueError, match="groups of 3"):
+        build_pairs([1.0, 2.0], ["a", "b"], n=3)
+
+
+def test_length_penalty_changes_the_ranking():
+    resp = ["short", "a much much longer answer"]
+    scores = [1.0, 1.2]
+    assert build_pairs(scores, resp, 2)[0] == [(0, 1, 0)]
+    assert build_pairs(length_penalised(scores, resp, lam=0.05), resp, 2)[0] == [(0, 0, 1)]
+
+
+def test_best_of_n_skips_empty_best():
+    assert best_of_n([0.1, 0.9, 0.5, 0.2], ["a", "", "b", "c"], 2) == [(1, 2)]
+
+
+def test_round_robin_scores():
+    # A judge that prefers the longer response with probability 1.
+    compare = lambda ctx, a, b: [1.0 if len(x) > len(y) else 0.0 for x, y in zip(a, b)]
+    scores = round_robin(compare, ["c"] * 3, ["aa", "a", "aaa"], n=3)
+    assert scores == [0.5, 0.0, 1.0]  # wins / (n - 1)
+
+
+def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
+    from rlhfkit.models import tiny_causal_lm
+
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm(tokenizer, seed=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something {i}"}) + "\n"
+                                                    for i in range(6)))
+    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        f"model.name={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}", f"scorer={tmp_path / 'rew.py'}:reward",
+        "iterations=1", "prompts_per_iteration=6", "rollout.n=3", "rollout.max_new_tokens=6",
+        "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1", "train.progress=false",
+        f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true"])
+    results = train_online_dpo(cfg)
+    it = tmp_path / "run" / "iter-1"
+    for f in ("samples.jsonl", "pairs.jsonl", "sampling.json", "iteration.json", "metrics.jsonl",
+              "model/config.json", "dpo_results.json"):
+        assert (it / f).exists(), f
+    samples = [json.loads(l) for l in (it / "samples.jsonl").read_text().splitlines()]
+    pairs = [json.loads(l) for l in (it / "pairs.jsonl").read_text().splitlines()]
+    assert len(samples) == 18
+    assert results["labels_used"] == 18  # one pointwise score per sampled response
+    summary = results["iterations"][0]
+    assert summary["pairs"] + summary["dropped_ties"] + summary["dropped_identical"] + summary["dropped_empty"] == 6
+    for p in pairs:  # chosen is the longest of its group, rejected the shortest
+        assert p["score_chosen"] > p["score_rejected"]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()  # link to the last iteration's model

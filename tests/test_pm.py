@@ -1,0 +1,77 @@
+"""Pairwise preference model: the prompt format, randomised training order, both-order averaging."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from rlhfkit.data import PreferenceExample
+from rlhfkit.judges.preference import (
+    QUESTION, PairwiseJudge, average_orders, context_text, label_token_ids, pm_prompt, pm_training_records,
+)
+
+
+def test_prompt_format():
+    assert pm_prompt("Is it nice?", "yes", "no") == f"[CONTEXT] Is it nice? [RESPONSE A] yes [RESPONSE B] no\n{QUESTION}"
+    assert context_text([{"role": "user", "content": "hi"}]) == "hi"
+    multi = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "how?"}]
+    assert context_text(multi) == "user: hi\nassistant: hello\nuser: how?"
+
+
+def test_training_records_randomise_order_and_label_the_chosen():
+    pairs = [PreferenceExample([{"role": "user", "content": f"q{i}"}], f"good{i}", f"bad{i}") for i in range(200)]
+    recs = pm_training_records(pairs, seed=0)
+    firsts = 0
+    for ex, rec in zip(pairs, recs):
+        user, answer = rec["messages"][0]["content"], rec["messages"][1]["content"]
+        a, b = re.match(r"\[CONTEXT\] .* \[RESPONSE A\] (.*) \[RESPONSE B\] (.*)\n", user).groups()
+        assert {a, b} == {ex.chosen, ex.rejected}
+        assert answer == ("A" if a == ex.chosen else "B")
+        firsts += a == ex.chosen
+    assert 70 < firsts < 130  # about half each way: position carries no signal
+    assert pm_training_records(pairs, seed=0) == recs  # reproducible
+
+
+def test_average_orders_by_hand():
+    fwd, swp = torch.tensor([0.8, 0.5, 0.9]), torch.tensor([0.4, 0.5, 0.9])
+    # a1 first: P(A)=0.8 says a1 wins; a2 first: P(A)=0.4 -> P(a1 wins)=0.6; mean 0.7.
+    # A judge that always says "A" with 0.9 has no preference once both orders are averaged.
+    torch.testing.assert_close(average_orders(fwd, swp), torch.tensor([0.7, 0.5, 0.5]))
+
+
+def test_label_tokens_follow_the_generation_prompt(tokenizer):
+    a, b = label_token_ids(tokenizer)
+    assert a != b
+    assert tokenizer.decode([a]) == "A" and tokenizer.decode([b]) == "B"
+
+
+def test_judge_probabilities_are_order_symmetric(tokenizer, tiny_model):
+    judge = PairwiseJudge(tiny_model, tokenizer, batch_size=2)
+    ctx, x, y = ["Say hi", "Name a fruit", "2+2?"], ["hi there", "apple", "4"], ["go away", "a rock", "five"]
+    p_xy = torch.tensor(judge.compare(ctx, x, y))
+    p_yx = torch.tensor(judge.compare(ctx, y, x))
+    torch.testing.assert_close(p_xy + p_yx, torch.ones(3))  # P(x > y) + P(y > x) = 1 exactly
+    # ... and each is the specified average of the two single-order probabilities.
+    torch.testing.assert_close(p_xy, average_orders(judge.prob_first(ctx, x, y), judge.prob_first(ctx, y, x)))
+    assert ((p_xy > 0) & (p_xy < 1)).all()
+    assert judge.calls == 3 * 2 * 2 + 3 * 2  # two compare() calls (2 orders each) + two prob_first()
+
+
+def test_single_order_batches_match_one_by_one(tokenizer, tiny_model):
+    """Left padding of judge prompts of different lengths must not change P(A)."""
+    judge = PairwiseJudge(tiny_model, tokenizer, batch_size=3)
+    ctx, x, y = ["a", "a much longer context here", "b"], ["yes", "no", "a long answer with words"], ["x", "y", "z"]
+    batched = judge.prob_first(ctx, x, y)
+    single = torch.cat([judge.prob_first([c], [a], [b]) for c, a, b in zip(ctx, x, y)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["nope:x", "pm:"])
+def test_bad_judge_spec(spec):
+    from rlhfkit.judges.preference import build_pairwise_judge
+
+    with pytest.raises(ValueError, match="expected pm:DIR"):
+        build_pairwise_judge(spec)

@@ -1,0 +1,278 @@
+"""Rollout engine: batched KV-cache sampling against naive references, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhfkit.models import load_tokenizer, position_ids_from_mask, tiny_causal_lm
+from rlhfkit.rollout import Experience, generate, left_pad
+from rlhfkit.rollout.generate import _pick
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    m = tiny_causal_lm(tok, seed=0)
+    # Default init (std 0.02) gives near-uniform logits and outputs that ignore the context, so a
+    # padding or cache bug would go unnoticed. Larger weights make every token depend on the past.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.2))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    # Unequal lengths and a shared prefix (exercises left padding and prefix sharing).
+    texts = ["Hello there, how", "Hello there, what is the capital of", "Hi", "Hello there, tell me a very long story about a cat"]
+    return [tok.encode(t) for t in texts]
+
+
+def _naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """No cache, no padding, no batching: re-run the whole sequence for every token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def _full_forward_logprobs(model, exp: Experience) -> torch.Tensor:
+    """(B, R) log pi(response token) from one pass over prompt+response, positions from the mask."""
+    ids, mask = exp.input_ids(), exp.attention_mask()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    P = exp.prompt_ids.shape[1]
+    logits = logits[:, P - 1:-1]  # position t predicts token t+1
+    return logits.log_softmax(-1).gather(-1, exp.response_ids[..., None]).squeeze(-1)
+
+
+def _gen(model, prompts, **kw):
+    kw.setdefault("max_new_tokens", 10)
+    return generate(model, prompts, eos_token_id=kw.pop("eos_token_id", []), pad_token_id=PAD, **kw)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(model, prompts):
+    exp = _gen(model, prompts, temperature=0)
+    assert exp.prompt_ids.shape == (4, max(map(len, prompts)))
+    for i, p in enumerate(prompts):
+        alone = _gen(model, [p], temperature=0)
+        assert exp.response_ids[i].tolist() == alone.response_ids[0].tolist()
+        assert exp.response_ids[i].tolist() == _naive_greedy(model, p, 10)
+        # The prompt is stored left-padded.
+        assert exp.prompt_ids[i, -len(p):].tolist() == p
+        assert exp.prompt_mask[i].sum() == len(p)
+
+
+def test_shared_prefix_and_duplicate_prompts(model, tok):
+    """Prompts sharing a chat-template-like prefix, one of them twice: the prefix and the duplicate
+    are prefilled once; results must equal unshared decoding, and the forward pass in float64."""
+    head = tok.encode("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    tails = ["Hello", "What is the capital of France?", "Hello", "Tell me a story"]
+    prompts = [head + tok.encode(t) for t in tails]
+    exp = _gen(model, prompts, n=2, temperature=0)
+    for i, p in enumerate(prompts):
+        want = _naive_greedy(model, p, 10)
+        assert exp.response_ids[2 * i].tolist() == want and exp.response_ids[2 * i + 1].tolist() == want
+    m64 = copy.deepcopy(model).double()
+    exp = _gen(m64, prompts, n=2, temperature=1.0, seed=0)
+    ref = _full_forward_logprobs(m64, exp)
+    torch.testing.assert_close(exp.logprobs, ref * exp.response_mask, atol=1e-9, rtol=0)
+
+
+def test_outputs_depend_on_context(model, prompts):
+    """Guard for the test model itself: different prompts give different continuations."""
+    exp = _gen(model, prompts, temperature=0)
+    assert len({tuple(r) for r in exp.response_ids.tolist()}) == len(prompts)
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=20)])
+def test_logprobs_equal_fresh_forward_pass(model, prompts, settings):
+    """Stored log-probs are log pi(a_t) at temperature 1 from raw logits: PPO's first ratio is 1.
+
+    In float64 the match is exact to rounding, which checks the logic (positions, cache, masks,
+    untempered distribution); in float32 different kernel shapes (cached steps vs one long pass)
+    leave ~1e-5 of noise on log-probs of magnitude ~5.
+    """
+    for m, atol in [(copy.deepcopy(model).double(), 1e-9), (model, 1e-4)]:
+        exp = _gen(m, prompts, n=2, micro_batch_size=3, seed=1, max_new_tokens=12, **settings)
+        ref = _full_forward_logprobs(m, exp)
+        mask = exp.response_mask.bool()
+        assert exp.logprobs.dtype == ref.dtype
+        torch.testing.assert_close(exp.logprobs[mask], ref[mask], atol=atol, rtol=0)
+        assert (exp.logprobs[~mask] == 0).all()
+
+
+def test_eos_stops_rows_and_masks_the_rest(model, prompts):
+    free = _gen(model, prompts, temperature=0, max_new_tokens=12)
+    # Choose stop tokens that greedy decoding is known to produce: row 0 at step 2, row 1 at step 5.
+    eos = [int(free.response_ids[0, 2]), int(free.response_ids[1, 5])]
+    exp = _gen(model, prompts, temperature=0, max_new_tokens=12, eos_token_id=eos)
+    for i in range(len(prompts)):
+        row = free.response_ids[i].tolist()
+        hits = [t for t, x in enumerate(row) if x in eos]
+        if hits:
+            stop = hits[0]
+            assert exp.eos[i]
+            assert exp.response_mask[i].sum() == stop + 1  # EOS itself counts
+            assert exp.response_ids[i, : stop + 1].tolist() == row[: stop + 1]
+            assert (exp.response_ids[i, stop + 1:] == PAD).all()
+            assert (exp.logprobs[i, stop + 1:] == 0).all()
+        else:
+            assert not exp.eos[i]
+            assert exp.response_mask[i].all()
+    assert exp.response_lengths().tolist() == exp.response_mask.sum(-1).tolist()
+    # Rows that finished early were dropped from the batch; the others are unaffected.
+    ref = _full_forward_logprobs(model, exp)
+    mask = exp.response_mask.bool()
+    torch.testing.assert_close(exp.logprobs[mask], ref[mask], atol=1e-4, rtol=0)
+
+
+def test_sampling_with_eos_matches_forward_pass(model, prompts):
+    """Many rows ending at different steps (batch compaction at work), sampled, in float64."""
+    m64 = copy.deepcopy(model).double()
+    free = _gen(m64, prompts, n=4, temperature=1.0, seed=3, max_new_tokens=12)
+    eos = sorted({int(x) for x in free.response_ids[:, :6].flatten()})[:12]  # frequent early tokens
+    exp = _gen(m64, prompts, n=4, temperature=1.0, seed=3, max_new_tokens=12, eos_token_id=eos)
+    assert 0 < int(exp.eos.sum()) < len(exp)
+    lengths = exp.response_lengths()
+    assert len(set(lengths.tolist())) > 2
+    ref = _full_forward_logprobs(m64, exp)
+    mask = exp.response_mask.bool()
+    torch.testing.assert_close(exp.logprobs[mask], ref[mask], atol=1e-9, rtol=0)
+    for i in range(len(exp)):
+        k = int(lengths[i])
+        assert bool(exp.eos[i]) == (int(exp.response_ids[i, k - 1]) in eos)
+        assert (exp.response_ids[i, k:] == PAD).all()
+
+
+def test_stops_early_when_every_row_finished(model, prompts):
+    free = _gen(model, prompts[:2], temperature=0, max_new_tokens=12)
+    eos = [int(free.response_ids[0, 1]), int(free.response_ids[1, 3])]
+    exp = _gen(model, prompts[:2], temperature=0, max_new_tokens=12, eos_token_id=eos)
+    assert exp.eos.all()
+    assert exp.response_ids.shape[1] == int(exp.response_lengths().max()) <= 4
+
+
+def test_n_samples_are_contiguous(model, prompts):
+    exp = _gen(model, prompts[:3], n=4, temperature=1.0, seed=0)
+    assert len(exp) == 12
+    assert exp.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for i, p in enumerate(prompts[:3]):
+        for r in range(i * 4, (i + 1) * 4):
+            assert exp.prompt_ids[r, -len(p):].tolist() == p
+        assert len({tuple(x) for x in exp.response_ids[i * 4:(i + 1) * 4].tolist()}) > 1  # samples differ
+
+
+def test_seeded_sampling_is_reproducible(model, prompts):
+    a = _gen(model, prompts, n=2, seed=123, temperature=1.0)
+    b = _gen(model, prompts, n=2, seed=123, temperature=1.0)
+    c = _gen(model, prompts, n=2, seed=124, temperature=1.0)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(_gen(model, prompts, generator=g1).response_ids, _gen(model, prompts, generator=g2).response_ids)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_top_k_1_is_greedy(model, prompts, temperature):
+    greedy = _gen(model, prompts, temperature=0)
+    topk1 = _gen(model, prompts, temperature=temperature, top_k=1, seed=0)
+    assert torch.equal(greedy.response_ids, topk1.response_ids)
+    torch.testing.assert_close(greedy.logprobs, topk1.logprobs)
+
+
+def test_micro_batching_matches_one_batch(model, prompts):
+    full = _gen(model, prompts, n=2, temperature=0)
+    micro = _gen(model, prompts, n=2, temperature=0, micro_batch_size=3)
+    assert torch.equal(full.response_ids, micro.response_ids)
+    assert torch.equal(full.prompt_index, micro.prompt_index)
+    torch.testing.assert_close(full.logprobs, micro.logprobs, atol=1e-5, rtol=0)
+
+
+def test_accepts_tensor_prompts_and_validates(model, prompts):
+    a = _gen(model, prompts, temperature=0, max_new_tokens=4)
+    b = _gen(model, [torch.tensor(p) for p in prompts], temperature=0, max_new_tokens=4)
+    assert torch.equal(a.response_ids, b.response_ids)
+    with pytest.raises(ValueError, match="empty prompt"):
+        _gen(model, [prompts[0], []])
+    with pytest.raises(ValueError, match="sampling settings"):
+        _gen(model, prompts, top_p=0.0)
+
+
+def test_restores_train_mode_and_returns_normal_tensors(model, prompts):
+    model.train()
+    exp = _gen(model, prompts[:1], max_new_tokens=3)
+    assert model.training
+    model.eval()
+    assert not exp.logprobs.is_inference()
+    exp.logprobs.add_(0)  # in-place ops are forbidden on inference tensors
+
+
+def test_zero_new_tokens(model, prompts):
+    exp = _gen(model, prompts, max_new_tokens=0)
+    assert exp.response_ids.shape == (4, 0) and exp.input_ids().shape == exp.prompt_ids.shape
+
+
+def test_pick_matches_naive_filters():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 2
+    for top_k, top_p, temp in [(0, 0.8, 1.0), (5, 1.0, 0.7), (10, 0.5, 1.5)]:
+        z = logits / temp
+        # Naive: keep the k best, then the smallest set of tokens (by probability) reaching top_p.
+        allowed = torch.zeros_like(z, dtype=torch.bool)
+        for b in range(3):
+            order = z[b].argsort(descending=True)
+            if top_k:
+                order = order[:top_k]
+            p = z[b, order].softmax(-1)
+            n_keep = int((p.cumsum(0) < top_p).sum()) + 1
+            allowed[b, order[:n_keep]] = True
+        g = torch.Generator().manual_seed(0)
+        draws = torch.stack([_pick(logits, temp, top_p, top_k, g) for _ in range(400)], 1)  # (3, 400)
+        assert allowed.gather(1, draws).all()
+        assert all(len(set(draws[b].tolist())) == int(allowed[b].sum()) for b in range(3))
+
+
+def test_pick_samples_from_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1e9, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    draws = _pick(logits.repeat(40000, 1), 1.0, 1.0, 0, g)
+    freq = torch.bincount(draws, minlength=5).float() / 40000
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
+
+
+def test_experience_select_and_cat():
+    def make(P, R, offset):
+        ids, mask = left_pad([[5] * (P - 1), [6] * P], PAD)
+        return Experience(
+            prompt_ids=ids, prompt_mask=mask, response_ids=torch.full((2, R), 7), response_mask=torch.ones(2, R, dtype=torch.long),
+            logprobs=torch.full((2, R), -1.0), eos=torch.tensor([True, False]), prompt_index=torch.tensor([offset, offset + 1]),
+            pad_token_id=PAD, scores=torch.tensor([1.0, 2.0]),
+        )
+
+    a, b = make(3, 2, 0), make(5, 4, 2)
+    c = Experience.cat([a, b])
+    assert c.prompt_ids.shape == (4, 5) and c.response_ids.shape == (4, 4)
+    assert c.prompt_ids[0].tolist() == [PAD, PAD, PAD, 5, 5]  # prompts stay left-padded
+    assert c.response_ids[0].tolist() == [7, 7, PAD, PAD]  # responses stay right-padded
+    assert c.response_mask[0].tolist() == [1, 1, 0, 0] and c.logprobs[0].tolist() == [-1, -1, 0, 0]
+    assert c.scores.tolist() == [1, 2, 1, 2] and c.prompt_index.tolist() == [0, 1, 2, 3]
+    assert c.input_ids().shape == c.attention_mask().shape == (4, 9)
+    s = c.select(torch.tensor([3, 0]))
+    assert s.prompt_index.tolist() == [3, 0] and s.scores.tolist() == [2, 1] and s.values is None
+    assert c.select([1]).response_lengths().tolist() == [2]
+    assert c.to("cpu").prompt_ids.device.type == "cpu"

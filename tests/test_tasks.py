@@ -1,0 +1,166 @@
+"""Built-in tasks: prompt splits, gold judges, the simulated annotator and the data builder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit.tasks import SimulatedAnnotator, get_task, list_tasks
+from rlhfkit.tasks.annotator import agreement
+from rlhfkit.tasks.arithmetic import answer_from_prompt, check_answer, evaluate, last_number
+
+
+def test_registry():
+    assert list_tasks() == ["arithmetic", "sentiment"]
+    assert get_task("sentiment") is get_task("sentiment")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nope")
+
+
+@pytest.mark.parametrize("name", ["sentiment", "arithmetic"])
+def test_splits_are_disjoint_and_deterministic(name):
+    task = get_task(name)
+    train, held = task.train_prompts(), task.eval_prompts()
+    assert len(held) >= 300
+    tr, ev = {r["prompt"] for r in train}, {r["prompt"] for r in held}
+    assert len(tr) == len(train) and len(ev) == len(held)  # no duplicates
+    assert not tr & ev
+    # Same seed, same order; another seed, another order of the same prompts.
+    assert task.train_prompts(n=50, seed=3) == task.train_prompts(n=50, seed=3)
+    assert task.train_prompts(n=50, seed=3) != task.train_prompts(n=50, seed=4)
+    assert {r["prompt"] for r in task.eval_prompts(seed=9)} == ev
+    # The split does not depend on the task instance (a fresh one gives the same held-out set).
+    assert {r["prompt"] for r in type(task)().eval_prompts()} == ev
+    assert all(isinstance(r["prompt"], str) and r["prompt"] and r["category"] for r in train + held)
+    with pytest.raises(ValueError, match="asked for"):
+        task.train_prompts(n=len(train) + 1)
+
+
+def test_sentiment_prompts_are_varied():
+    prompts = [r["prompt"] for r in get_task("sentiment").train_prompts()]
+    assert len(prompts) >= 1000
+    assert len({r["category"] for r in get_task("sentiment").train_prompts()}) >= 5
+
+
+def test_vader_ranks_positive_above_negative():
+    task = get_task("sentiment")
+    pos, neu, neg = task.gold_scores(["Review a film."] * 3, [
+        "What a wonderful film! The acting was brilliant and I loved every minute.",
+        "The film is two hours long and was released in March.",
+        "A terrible, boring film. The plot was awful and I hated it.",
+    ])
+    assert pos > 0.5 > neu > -0.5 > neg
+    assert all(-1 <= s <= 1 for s in (pos, neu, neg))
+
+
+@pytest.mark.parametrize("text,value", [
+    ("42", 42), ("The answer is 42.", 42), ("12 + 30 = 42", 42), ("= -7", -7), ("It is -7.", -7),
+    ("1,234", 1234), ("about 3-5 apples", 5), ("x = 2.50", 2.5), ("no number here", None),
+    ("First 10, then 20", 20), ("\u22123", -3),
+])
+def test_last_number(text, value):
+    assert last_number(text) == value
+
+
+@pytest.mark.parametrize("response,score", [
+    ("47", 1.0), ("12 + 35 = 47", 1.0), ("The answer is 47.", 1.0), ("47.0", 1.0),
+    ("47 is not right, it is 48", 0.0), ("", 0.0), ("forty-seven", 0.0), ("-47", 0.0),
+])
+def test_arithmetic_checker(response, score):
+    assert check_answer(response, "47") == score
+
+
+def test_arithmetic_prompts_carry_their_answer():
+    task = get_task("arithmetic")
+    for r in task.train_prompts(n=200, seed=1):
+        assert answer_from_prompt(r["prompt"]) == int(r["reference"])
+    assert evaluate("3 + 4 * 5 - 2") == 21 and evaluate("2 x 3 × 4") == 24
+    prompts = [r["prompt"] for r in task.eval_prompts(n=3)]
+    refs = [r["reference"] for r in task.eval_prompts(n=3)]
+    assert task.gold_scores(prompts, [f"= {x}" for x in refs]) == [1.0, 1.0, 1.0]
+    assert task.gold_scores(prompts, [f"{int(x) + 1}" for x in refs]) == [0.0, 0.0, 0.0]
+
+
+def _toy_gold(prompts, responses):
+    return [float(len(r)) for r in responses]  # longer is better
+
+
+def _pairs(n=2000):
+    a1 = ["x" * (i % 7) for i in range(n)]
+    a2 = ["x" * ((i * 3 + 1) % 7) for i in range(n)]
+    return ["p"] * n, a1, a2
+
+
+def test_annotator_beta_extremes():
+    prompts, a1, a2 = _pairs()
+    gold = [1 if len(x) > len(y) else 0 for x, y in zip(a1, a2)]
+    decided = [i for i, (x, y) in enumerate(zip(a1, a2)) if len(x) != len(y)]
+    sharp = SimulatedAnnotator(_toy_gold, beta=1e6, seed=0).label(prompts, a1, a2)
+    assert all(sharp[i] == gold[i] for i in decided)
+    coin = SimulatedAnnotator(_toy_gold, beta=0.0, seed=0).label(prompts, a1, a2)
+    assert abs(sum(coin[i] == gold[i] for i in decided) / len(decided) - 0.5) < 0.05
+    # Moderate beta: the agreement rate matches the Bradley-Terry probability.
+    ann = SimulatedAnnotator(_toy_gold, beta=0.5, seed=1)
+    labels = ann.label(prompts, a1, a2)
+    expected = sum(max(p, 1 - p) for p in ann.prob_first([len(x) for x in a1], [len(y) for y in a2])) / len(a1)
+    got = sum(0.5 if len(x) == len(z) else float(y == g) for y, g, x, z in zip(labels, gold, a1, a2)) / len(a1)
+    assert abs(got - expected) < 0.03
+
+
+def test_annotator_flip_prob_and_seed():
+    prompts, a1, a2 = _pairs()
+    sharp = SimulatedAnnotator(_toy_gold, beta=1e6, seed=0).label(prompts, a1, a2)
+    flipped = SimulatedAnnotator(_toy_gold, beta=1e6, flip_prob=1.0, seed=0).label(prompts, a1, a2)
+    decided = [i for i, (x, y) in enumerate(zip(a1, a2)) if len(x) != len(y)]
+    assert all(flipped[i] == 1 - sharp[i] for i in decided)
+    noisy = SimulatedAnnotator(_toy_gold, beta=1e6, flip_prob=0.2, seed=0).label(prompts, a1, a2)
+    assert abs(sum(noisy[i] != sharp[i] for i in decided) / len(decided) - 0.2) < 0.03
+    again = SimulatedAnnotator(_toy_gold, beta=1e6, flip_prob=0.2, seed=0).label(prompts, a1, a2)
+    assert noisy == again
+    with pytest.raises(ValueError):
+        SimulatedAnnotator(_toy_gold, beta=1.0, flip_prob=1.5)
+
+
+def test_ceiling_accuracy():
+    ann = SimulatedAnnotator(_toy_gold, beta=1.0)
+    assert ann.ceiling_accuracy(["p"] * 4, ["aa", "a", "aaa", "b"], ["a", "aa", "a", "c"]) == pytest.approx(2.5 / 4)
+    assert agreement([1.0, 0.0], [0.0, 1.0]) == 0.5
+    # The task-level annotator speaks the judges' interface.
+    task_ann = get_task("sentiment").annotator(seed=0)
+    assert task_ann.prefers_first(["p"], ["I love it, wonderful!"], ["I hate it, awful."]) == [1]
+
+
+def test_build_task_data_with_tiny_model(tmp_path):
+    from rlhfkit.data import load_preference, load_prompts, load_sft
+    from rlhfkit.models import load_tokenizer, tiny_causal_lm
+    from rlhfkit.tasks.build import build_task_data
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = tiny_causal_lm(tok, seed=0)
+    kw = dict(seed=0, n_sft_prompts=4, n_pref_prompts=4, samples_per_prompt=3, max_new_tokens=6,
+              temperature=1.0, annotator_beta=5.0, flip_prob=0.1, model=model, tokenizer=tok, progress=False)
+    meta = build_task_data("sentiment", "tiny", tmp_path / "a", **kw)
+    for f in ["sft.jsonl", "preference.jsonl", "prompts_train.jsonl", "prompts_eval.jsonl", "meta.json"]:
+        assert (tmp_path / "a" / f).is_file()
+    sft = [json.loads(x) for x in (tmp_path / "a" / "sft.jsonl").read_text().splitlines()]
+    pref = [json.loads(x) for x in (tmp_path / "a" / "preference.jsonl").read_text().splitlines()]
+    assert len(sft) == meta["counts"]["sft"] <= 4 and len(pref) == meta["counts"]["preference"] <= 4
+    assert all(set(r) == {"prompt", "response"} and r["response"] for r in sft)
+    assert all(set(r) == {"prompt", "chosen", "rejected", "category", "gold_chosen", "gold_rejected"} for r in pref)
+    assert all(r["chosen"] != r["rejected"] for r in pref)
+    # Every file passes the library's own validation.
+    assert len(load_sft(str(tmp_path / "a" / "sft.jsonl"))) == len(sft)
+    assert len(load_preference(str(tmp_path / "a" / "preference.jsonl"))) == len(pref)
+    assert len(load_prompts(str(tmp_path / "a" / "prompts_eval.jsonl"))) == meta["counts"]["prompts_eval"]
+    # SFT and preference prompts are disjoint training prompts.
+    train = {json.loads(x)["prompt"] for x in (tmp_path / "a" / "prompts_train.jsonl").read_text().splitlines()}
+    held = {json.loads(x)["prompt"] for x in (tmp_path / "a" / "prompts_eval.jsonl").read_text().splitlines()}
+    assert {r["prompt"] for r in sft} <= train and {r["prompt"] for r in pref} <= train
+    assert not {r["prompt"] for r in sft} & {r["prompt"] for r in pref} and not train & held
+    assert meta["settings"]["annotator_beta"] == 5.0 and meta["seed"] == 0
+    assert 0.0 <= meta["annotator_ceiling_accuracy"] <= 1.0 or meta["counts"]["preference"] == 0
+    # Same seed, same bytes.
+    build_task_data("sentiment", "tiny", tmp_path / "b", **kw)
+    for f in ["sft.jsonl", "preference.jsonl", "prompts_train.jsonl"]:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
