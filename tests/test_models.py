@@ -108,3 +108,22 @@ def test_default_model_loads_and_generates(tokenizer):
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+@pytest.mark.e2e
+def test_default_model_rollout_logprobs_match_training_forward(tokenizer):
+    """On the real model: left-padded rollout log-probs equal the training forward (PPO ratio 1)."""
+    from rlhfkit.data import render_prompt_ids
+    from rlhfkit.models.forward import causal_logprobs
+    from rlhfkit.rollout import generate
+
+    model = load_causal_lm("smollm2-135m-instruct")
+    prompts = [render_prompt_ids(tokenizer, [{"role": "user", "content": t}])
+               for t in ("Hi.", "Describe a sunny afternoon at the beach in one sentence.")]
+    exp = generate(model, prompts, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, temperature=1.0, seed=0)
+    with torch.no_grad():
+        logp = causal_logprobs(model, exp.input_ids(), exp.attention_mask(), keep_last=exp.response_ids.shape[1])
+    m = exp.response_mask.bool()
+    ratio = torch.exp(logp[m] - exp.logprobs[m])
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4)
