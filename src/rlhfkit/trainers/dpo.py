@@ -74,9 +74,9 @@ class SFTFirstSection:
 class DPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)  # preference pairs {prompt, chosen, rejected}
-    # DPO wants small steps: the loss is flat at ln 2 only at the start, and the implicit
-    # reward grows without bound on separable data. 5e-7 is the usual full-size value; the
-    # 135M default model on a few hundred pairs needs about 1e-6..5e-6.
+    # DPO wants small steps: the implicit reward grows without bound on separable data. 5e-7 is
+    # the usual value for 7B models; the 135M default model needed 2e-5 to move measurably in
+    # ~15 steps of 8 pairs (5e-6 left its gold win rate at 0.50; docs/results_dpo.md).
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, warmup_ratio=0.1))
     train: TrainSection = field(default_factory=TrainSection)
     dpo: DPOSection = field(default_factory=DPOSection)
