@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.eval.stats import pearson
+
 # Metric keys worth a plot, in the order they are shown; whichever a stage logged are drawn.
 PLOT_GROUPS: list[tuple[str, list[str]]] = [
     ("Reward", ["reward/score_mean", "reward/gold_mean", "objective/scores", "reward/mean", "iter/score_mean"]),
@@ -215,24 +217,13 @@ def scatter_plot(evals: dict[str, dict]) -> str | None:
     for name, pts in series:
         xs = [p[0] for p in pts]
         ys = [p[1] for p in pts]
-        r = _pearson(xs, ys)
+        r = pearson(xs, ys)
         ax.scatter(xs, ys, s=6, alpha=0.5, label=f"{name} (r={r:.2f})")
     ax.set_xlabel("response length (characters)")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _fig_to_img(fig, "length vs reward")
-
-
-def _pearson(xs: list[float], ys: list[float]) -> float:
-    n = len(xs)
-    if n < 2:
-        return float("nan")
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
 
 
 def _fmt(v: Any) -> str:
