@@ -164,3 +164,14 @@ def test_build_task_data_with_tiny_model(tmp_path):
     build_task_data("sentiment", "tiny", tmp_path / "b", **kw)
     for f in ["sft.jsonl", "preference.jsonl", "prompts_train.jsonl"]:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_make_data_cli_parses_its_own_options(tmp_path, capsys):
+    """`rlhfkit make-data --task ...` reaches the task builder (its options start with --)."""
+    from rlhfkit.cli import main
+
+    assert main(["make-data", "--task", "arithmetic", "--out", str(tmp_path), "--prompts-only"]) == 0
+    assert "train" in capsys.readouterr().out
+    train = (tmp_path / "prompts_train.jsonl").read_text().splitlines()
+    evals = (tmp_path / "prompts_eval.jsonl").read_text().splitlines()
+    assert train and evals and not set(train) & set(evals)

@@ -85,6 +85,10 @@ def run_trainer(name: str, config: str | None, overrides: list[str], resume: boo
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["make-data"]:  # its own argparse (argparse.REMAINDER drops leading --options)
+        from rlhfkit.tasks.build import main as build_main
+
+        return build_main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
