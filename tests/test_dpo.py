@@ -171,3 +171,29 @@ def test_sft_first_then_dpo_anchors_on_the_sft_model(setup):
     # stage did change the model (its chosen log-probs are far above the random model's).
     assert step0["step"] == 0 and step0["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert step0["eval/logps/chosen"] > step0["eval/logps/rejected"] + 1.0
+
+
+@pytest.mark.parametrize("line, field, fragment", [
+    ('{"prompt": "x", "chosen": "a", "rejected": ', None, "invalid JSON"),
+    (json.dumps({"prompt": "x", "chosen": "a"}), "rejected", "missing"),
+    (json.dumps({"prompt": "x", "chosen": 5, "rejected": "b"}), "chosen", "got int"),
+    (json.dumps({"prompt": "x", "chosen": " ", "rejected": "b"}), "chosen", "empty or whitespace-only text"),
+    (json.dumps({"prompt": "x", "chosen": "word " * 100, "rejected": "b"}), "chosen", "longer than max_length=64"),
+])
+def test_bad_pairs_name_file_line_and_field_before_any_model_loads(setup, monkeypatch, line, field, fragment):
+    import transformers
+
+    from rlhfkit.data import DataError
+
+    tmp_path, model_dir = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in _pairs(2)) + line + "\n")
+
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the data was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    with pytest.raises(DataError) as info:
+        train_dpo(_cfg(tmp_path, model_dir, f"data.train={bad}"))
+    msg = str(info.value)
+    assert msg.startswith(f"{bad}:3: ") and (field is None or f"field '{field}'" in msg) and fragment in msg, msg

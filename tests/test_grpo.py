@@ -15,14 +15,16 @@ GRPO_OVER = dict(rollout={"n": 4, "max_new_tokens": 6}, mini_batch_size=16, kl_c
 
 @pytest.mark.parametrize("cls, advantage", [(GRPOConfig, "grpo"), (RLOOConfig, "rloo")])
 def test_group_methods_raise_a_learnable_reward(tokenizer, tmp_path, cls, advantage):
-    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **GRPO_OVER))
+    # 14 steps: at 8 the rise (about +0.1) sat at the threshold and a change of random stream
+    # (a new sampler) was enough to fail it
+    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **GRPO_OVER, train={"max_steps": 14}))
     assert cfg.advantage == advantage
     train_grpo(cfg)
     rows = read_metrics(tmp_path / "run")
     assert all(abs(r["policy/ratio_first"] - 1.0) < 1e-6 for r in rows)
     first = sum(r["reward/score_mean"] for r in rows[:2]) / 2
-    last = sum(r["reward/score_mean"] for r in rows[-2:]) / 2
-    assert last > first + 0.1, (first, last)
+    last = sum(r["reward/score_mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, [round(r["reward/score_mean"], 3) for r in rows]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     assert (tmp_path / "run" / f"{advantage}_results.json").is_file()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -161,3 +163,111 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tokenizer, tmp_path):
 
     train_ppo(cfg)  # end to end with LoRA: adapters saved
     assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
+
+
+def _fixed_experience(actor, critic, pad_id: int, seed: int = 0) -> Experience:
+    """8 rows with left-padded prompts and responses of unequal lengths (1..7 tokens); stale
+    behaviour log-probs (ratios away from 1, so some tokens clip), V_old, returns, advantages and
+    reference log-probs filled in as the trainers would."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens, resp_lens = [6, 2, 4, 3, 6, 1, 5, 2], [7, 1, 3, 5, 2, 7, 4, 6]
+    P, R = max(prompt_lens), max(resp_lens)
+    B = len(prompt_lens)
+    prompt_ids = torch.full((B, P), pad_id)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    response_ids = torch.full((B, R), pad_id)
+    response_mask = torch.zeros(B, R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_lens, resp_lens)):
+        prompt_ids[i, P - p:] = torch.randint(100, 1000, (p,), generator=g)
+        prompt_mask[i, P - p:] = 1
+        response_ids[i, :r] = torch.randint(100, 1000, (r,), generator=g)
+        response_mask[i, :r] = 1
+    exp = Experience(prompt_ids, prompt_mask, response_ids, response_mask, logprobs=None,
+                     eos=torch.ones(B, dtype=torch.bool), prompt_index=torch.arange(B), pad_token_id=pad_id)
+    m = response_mask.bool()
+
+    def noise(scale):
+        return torch.where(m, scale * torch.randn(B, R, generator=g), 0.0)
+
+    with torch.no_grad():
+        logp = causal_logprobs(actor, exp.input_ids(), exp.attention_mask(), keep_last=R)
+        v = response_values(critic, exp.input_ids(), exp.attention_mask(), R)
+    exp.logprobs = torch.where(m, logp, 0.0) + noise(0.3)
+    exp.ref_logprobs = torch.where(m, logp, 0.0) + noise(0.2)
+    exp.values = torch.where(m, v, 0.0) + noise(0.1)
+    exp.returns = exp.values + noise(1.0)
+    exp.advantages = noise(1.0)
+    return exp
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_ppo_update_batch8_equals_batch1_times_accumulation8(agg):
+    """One optimizer step of the PPO update (clipped policy loss + clipped value loss + k3 KL term)
+    on the same minibatch of 8 responses of unequal lengths: micro-batches of 8 and of 1 give the
+    same actor and critic parameters, because every micro-batch divides by the minibatch's global
+    normaliser (its token count for token-mean, its row count for the seq-mean modes)."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhfkit.config import OptimSection
+    from rlhfkit.trainers.common import Runtime
+
+    rt = Runtime(0)
+    # A small vocabulary keeps this fast; the update does not care which tokens they are.
+    config = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    actor0, critic0 = LlamaForCausalLM(config).train(), LlamaForSequenceClassification(config).train()
+    exp = _fixed_experience(actor0, critic0, pad_id=0)
+    # adam_eps=1 makes the first Adam step ~ lr * grad: parameter differences track gradient differences
+    optim = OptimSection(lr=0.05, adam_eps=1.0, schedule="constant", warmup_ratio=0.0)
+    results = {}
+    for micro in (8, 1):
+        actor, critic = copy.deepcopy(actor0), copy.deepcopy(critic0)
+        s = UpdateSettings(epochs=1, mini_batch_size=8, micro_batch_size=micro, clip_eps=0.2, agg=agg,
+                           vf_coef=0.5, value_clip_eps=0.2, kl_coef=0.1, kl_kind="k3")
+        torch.manual_seed(1)
+        out = policy_update(exp, actor, build_opt(actor, optim, 1), s, rt, StepGuard(), critic=critic,
+                            critic_opt=build_opt(critic, optim, 1))
+        results[micro] = (out, dict(actor.named_parameters()), dict(critic.named_parameters()))
+    (o8, a8, c8), (o1, a1, c1) = results[8], results[1]
+    assert 0.0 < o8["policy/clipfrac"] < 1.0  # the clipped branch is active on some tokens
+    for key in ("loss/policy", "loss/value", "loss/kl", "policy/grad_norm", "value/grad_norm"):
+        assert o1[key] == pytest.approx(o8[key], rel=1e-5, abs=1e-7), key
+    moved = 0.0
+    for p8, p1, p0 in [(a8[k], a1[k], p) for k, p in actor0.named_parameters()] + \
+                      [(c8[k], c1[k], p) for k, p in critic0.named_parameters()]:
+        torch.testing.assert_close(p8, p1, atol=2e-6, rtol=1e-5)
+        moved = max(moved, (p8 - p0).abs().max().item())
+    assert moved > 1e-3  # the step did move the weights
+
+
+@pytest.mark.parametrize("line, field, fragment", [
+    ('{"prompt": "unclosed', None, "invalid JSON"),
+    (json.dumps({"text": "x"}), "prompt", "missing"),
+    (json.dumps({"prompt": 3}), "prompt", "got int"),
+    (json.dumps({"prompt": "  "}), "prompt", "empty or whitespace-only text"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+     "messages", "must end with a user turn"),
+])
+def test_bad_prompts_name_file_line_and_field_before_any_model_loads(tokenizer, tmp_path, monkeypatch, line, field,
+                                                                      fragment):
+    import transformers
+
+    from rlhfkit.data import DataError
+
+    cfg = _cfg(tmp_path, tokenizer)  # writes the tiny policy and the prompts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n' + line + "\n")
+
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the prompts were validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    monkeypatch.setattr(cfg.prompts, "train", str(bad))
+    with pytest.raises(DataError) as info:
+        train_ppo(cfg)
+    msg = str(info.value)
+    assert msg.startswith(f"{bad}:2: ") and (field is None or f"field '{field}'" in msg) and fragment in msg, msg

@@ -30,6 +30,16 @@ def reward_module(tmp_path, monkeypatch):
         def as_tensor(prompts, responses):
             import torch
             return torch.ones(len(responses))
+        def too_many(prompts, responses):
+            return [1.0] * (len(responses) + 1)
+        def has_inf(prompts, responses):
+            return [1.0, math.inf][:len(responses)]
+        def minus_inf(prompts, responses):
+            return [-math.inf for _ in responses]
+        def scalar(prompts, responses):
+            return 1.0
+        def nothing(prompts, responses):
+            pass
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -50,9 +60,14 @@ def test_file_function(reward_module):
 
 @pytest.mark.parametrize("name, message", [
     ("too_few", "returned 1 scores for 2 responses"),
-    ("boom", "raised KeyError"),
-    ("has_nan", "nan"),
-    ("strings", "non-number"),
+    ("too_many", "returned 3 scores for 2 responses"),
+    ("boom", "raised KeyError: 'missing label'"),
+    ("has_nan", "returned nan at index 0 (must be finite)"),
+    ("has_inf", "returned inf at index 1 (must be finite)"),
+    ("minus_inf", "returned -inf at index 0 (must be finite)"),
+    ("strings", "returned a non-number at index 0: str 'good'"),
+    ("scalar", "must return a list of 2 numbers, got float"),
+    ("nothing", "must return a list of 2 numbers, got NoneType"),
 ])
 def test_validator_names_the_function(reward_module, name, message):
     fn = build_reward_fn(f"my_rewards:{name}")
@@ -120,3 +135,41 @@ def test_task_source():
     fn = build_reward_fn("task:sentiment")
     good, bad = fn(["Review a film."] * 2, ["A wonderful, delightful, great film!", "Awful, terrible, bad."])
     assert good > bad
+
+
+def test_reward_errors_in_training_name_the_function(tokenizer, tmp_path):
+    """A reward function that fails mid-run stops PPO at its first call, before any update,
+    with the function's spec in the message (not a bare traceback from inside the trainer)."""
+    from pg_utils import base_config
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.ppo import PPOConfig, train_ppo
+
+    (tmp_path / "bad_reward.py").write_text("def score(prompts, responses):\n    return [len(r) for r in responses[1:]]\n")
+    spec = f"{tmp_path / 'bad_reward.py'}:score"
+    cfg = load_config(PPOConfig, data=base_config(
+        tmp_path, tokenizer, reward={"spec": spec}, critic_init="policy", rollout={"n": 2, "max_new_tokens": 4},
+        train={"max_steps": 2, "save_every": 1}, ppo_epochs=1))
+    with pytest.raises(RewardFunctionError, match=r"reward function .*bad_reward\.py:score returned 15 scores for 16 "
+                                                  r"responses"):
+        train_ppo(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model").exists()
+
+
+def test_bad_reward_specs_fail_before_any_model_loads(tmp_path, monkeypatch, tokenizer):
+    from pg_utils import base_config
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.ppo import PPOConfig, train_ppo
+
+    import transformers
+
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the reward spec was checked")
+
+    (tmp_path / "r.py").write_text("def score(prompts, responses):\n    return [0.0 for _ in responses]\n")
+    cfg = base_config(tmp_path, tokenizer, critic_init="policy", rollout={"n": 2})  # writes the policy before the patch
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    for spec, error, match in [(f"{tmp_path / 'r.py'}:scor", ValueError, r"r\.py.*no function 'scor'"),
+                               (f"{tmp_path / 'nope.py'}:score", FileNotFoundError, r"nope\.py"),
+                               ("no_such_module_xyz:score", ValueError, r"cannot import module 'no_such_module_xyz'")]:
+        with pytest.raises(error, match=match):
+            train_ppo(load_config(PPOConfig, data={**cfg, "reward": {"spec": spec}}))

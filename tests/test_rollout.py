@@ -276,3 +276,68 @@ def test_experience_select_and_cat():
     assert s.prompt_index.tolist() == [3, 0] and s.scores.tolist() == [2, 1] and s.values is None
     assert c.select([1]).response_lengths().tolist() == [2]
     assert c.to("cpu").prompt_ids.device.type == "cpu"
+
+
+def test_pick_across_blocks_of_a_vocabulary_not_a_multiple_of_the_block():
+    """The two-level sampler: tokens at block edges and in a partial last block get their mass."""
+    from rlhfkit.rollout.generate import _Sampler
+
+    V = 2 * _Sampler.BLOCK + 88
+    support = [0, _Sampler.BLOCK - 1, _Sampler.BLOCK, 2 * _Sampler.BLOCK, V - 1]
+    logits = torch.full((1, V), float("-inf"))
+    logits[0, support] = torch.tensor([0.0, 1.0, -0.5, 0.5, 1.5])
+    g = torch.Generator().manual_seed(0)
+    draws = _pick(logits.repeat(40000, 1), 1.0, 1.0, 0, g)
+    freq = torch.bincount(draws, minlength=V).float() / 40000
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
+    assert freq[[i for i in range(V) if i not in support]].sum() == 0
+
+
+def test_sampler_logprobs_are_the_log_softmax():
+    from rlhfkit.rollout.generate import _Sampler
+
+    logits = torch.randn(6, 700, dtype=torch.float64) * 3
+    for kw in [dict(temperature=1.0, top_p=1.0, top_k=0), dict(temperature=0.6, top_p=0.9, top_k=50),
+               dict(temperature=0.0, top_p=1.0, top_k=0)]:
+        sampler = _Sampler(generator=torch.Generator().manual_seed(0), **kw)
+        for b in (6, 3):  # the work buffer is reused for fewer rows (finished rows dropped)
+            tok, lp = sampler(logits[:b], True)
+            torch.testing.assert_close(lp, logits[:b].log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1),
+                                       atol=1e-12, rtol=0)
+
+
+def test_preallocated_cache_layer_grows_and_selects_rows():
+    from rlhfkit.rollout.generate import _preallocated_layer_class
+
+    k, v = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    layer = _preallocated_layer_class()(k, v, 2, torch.tensor([0, 0, 2, 1]))  # room for 2 more
+    ref_k, ref_v = k[[0, 0, 2, 1]], v[[0, 0, 2, 1]]
+    for n_new in (1, 1, 3, 1):  # the third update overflows the buffer
+        nk, nv = torch.randn(4, 2, n_new, 5), torch.randn(4, 2, n_new, 5)
+        ref_k, ref_v = torch.cat([ref_k, nk], -2), torch.cat([ref_v, nv], -2)
+        keys, values = layer.update(nk, nv)
+        assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)
+        assert layer.get_seq_length() == ref_k.shape[-2]
+    layer.batch_select_indices(torch.tensor([3, 1]))
+    assert torch.equal(layer.keys, ref_k[[3, 1]]) and torch.equal(layer.values, ref_v[[3, 1]])
+
+
+def test_packed_linears_match_default_kernels_and_are_removed(model, prompts, monkeypatch):
+    import importlib
+
+    gen_module = importlib.import_module("rlhfkit.rollout.generate")
+    packed = _gen(model, prompts, n=2, temperature=0, max_new_tokens=10)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
+    monkeypatch.setattr(gen_module, "PACK_CPU_LINEARS", False)
+    plain = _gen(model, prompts, n=2, temperature=0, max_new_tokens=10)
+    assert torch.equal(packed.response_ids, plain.response_ids)
+    torch.testing.assert_close(packed.logprobs, plain.logprobs, atol=1e-4, rtol=0)
+    monkeypatch.setattr(gen_module, "PACK_CPU_LINEARS", True)
+    # Inside the call the linear layers do run the packed kernel.
+    seen = []
+    real = gen_module._packed_linear_forward
+    monkeypatch.setattr(gen_module, "_packed_linear_forward", lambda *a: seen.append(1) or real(*a))
+    _gen(model, prompts, temperature=0, max_new_tokens=8)
+    if torch.backends.mkldnn.is_available():
+        assert seen
+    assert not any("forward" in m.__dict__ for m in model.modules())

@@ -106,6 +106,34 @@ def test_reward_model_learns_heldout_accuracy(tmp_path, tiny_model_dir):
     assert rm.config.num_labels == 1
 
 
+def _rm_params_after_one_step(tmp_path, tiny_model_dir, name, micro):
+    rows = _pref_rows(7, 3) + [{"prompt": "A longer prompt with several more words in it, about colours.",
+                                "chosen": "A long and friendly answer that goes on for a while.", "rejected": "No."}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = _cfg(RewardConfig, tmp_path / name, tiny_model_dir, train, train, train__max_steps=1,
+               train__micro_batch_size=micro)
+    cfg.data.eval, cfg.data.eval_fraction = "", 0.0
+    cfg.center_rewards_coef = 0.1  # the centring term must accumulate exactly too
+    cfg.optim.lr, cfg.optim.adam_eps = 0.05, 1.0  # Adam's first step ~ lr * grad: compares gradients
+    metrics = train_reward_model(cfg)
+    from safetensors.torch import load_file
+
+    return metrics, load_file(str(tmp_path / name / "run" / "model" / "model.safetensors"))
+
+
+def test_rm_batch8_accum1_equals_batch1_accum8(tmp_path, tiny_model_dir):
+    (m8, a), (m1, b) = (_rm_params_after_one_step(tmp_path, tiny_model_dir, n, micro=m)
+                        for n, m in (("a", 8), ("b", 1)))
+    assert float(m8["train/loss"]) == pytest.approx(float(m1["train/loss"]), abs=1e-6)
+    from safetensors.torch import load_file
+
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert "score.weight" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+    assert max((a[k] - init[k]).abs().max().item() for k in a if k in init) > 1e-3  # the step moved weights
+
+
 def test_sft_packing_learns(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", _sft_rows(64, 0))
     held = write_jsonl(tmp_path / "eval.jsonl", _sft_rows(16, 1))
@@ -127,3 +155,52 @@ def test_bad_data_fails_before_training(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match=r"bad.jsonl:2.*response"):
         train_sft(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _forbid_model_loading(monkeypatch):
+    """Fail the test if any model is loaded: data errors must surface before one."""
+    import transformers
+
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the data was validated")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(cls, "from_pretrained", loaded)
+
+
+@pytest.mark.parametrize("line, field, fragment", [
+    ('{"prompt": "x", "response": }', None, "invalid JSON"),
+    (json.dumps({"prompt": "x"}), "response", "missing"),
+    (json.dumps({"prompt": "x", "response": 5}), "response", "got int"),
+    (json.dumps({"prompt": "x", "response": "  "}), "response", "empty or whitespace-only text"),
+    (json.dumps({"prompt": "", "response": "y"}), "prompt", "empty or whitespace-only text"),
+    (json.dumps({"prompt": "x", "response": "word " * 200}), "response", "longer than max_length=96"),
+])
+def test_bad_sft_data_names_file_line_and_field(tmp_path, tiny_model_dir, monkeypatch, line, field, fragment):
+    from rlhfkit.data import DataError
+
+    ok = json.dumps({"prompt": "hi", "response": "ok"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f"{ok}\n{ok}\n{line}\n")
+    _forbid_model_loading(monkeypatch)
+    with pytest.raises(DataError) as info:
+        train_sft(_cfg(SFTConfig, tmp_path, tiny_model_dir, bad, bad, train__max_steps=1))
+    msg = str(info.value)
+    assert msg.startswith(f"{bad}:3: ") and (field is None or f"field '{field}'" in msg) and fragment in msg, msg
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("row, field, fragment", [
+    ({"prompt": "x", "chosen": "a"}, "rejected", "missing"),
+    ({"prompt": "x", "chosen": "a", "rejected": "a"}, "rejected", "identical to 'chosen'"),
+    ({"prompt": "x " * 100, "chosen": "a", "rejected": "b"}, "prompt", "longer than max_length=96"),
+])
+def test_bad_reward_model_data_names_file_line_and_field(tmp_path, tiny_model_dir, monkeypatch, row, field, fragment):
+    from rlhfkit.data import DataError
+
+    bad = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "hi", "chosen": "yes", "rejected": "no"}, row])
+    _forbid_model_loading(monkeypatch)
+    with pytest.raises(DataError) as info:
+        train_reward_model(_cfg(RewardConfig, tmp_path, tiny_model_dir, bad, bad, train__max_steps=1))
+    msg = str(info.value)
+    assert msg.startswith(f"{bad}:2: field '{field}': ") and fragment in msg, msg

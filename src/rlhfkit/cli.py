@@ -3,6 +3,7 @@
     rlhfkit sft --config configs/sft.yaml optim.lr=1e-5 train.output_dir=runs/sft
     rlhfkit rm  --config configs/rm.yaml model.name=runs/sft/model
     rlhfkit make-data --task sentiment --out data/sentiment
+    rlhfkit merge runs/sft/model --out runs/sft/merged     # LoRA adapter -> full model
 
 Trailing ``key.path=value`` arguments override the YAML config; the merged config is validated
 (unknown keys, types, impossible combinations) before any model loads.
@@ -63,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="(re)build report.html for one run directory, or compare several")
     rp.add_argument("runs", nargs="+", help="run directories")
     rp.add_argument("--out", help="output HTML (default: RUN/report.html; required when comparing)")
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base: a full transformers model directory",
+                        description="Merge a LoRA adapter directory (as trainers save it with model.lora.enabled) "
+                                    "into its base model and write a plain transformers directory with the tokenizer. "
+                                    "A reward/value model adapter gives a *ForSequenceClassification model.")
+    mg.add_argument("adapter", help="adapter directory (holds adapter_config.json)")
+    mg.add_argument("--out", required=True, help="output directory (written atomically)")
+    mg.add_argument("--base", help="base model to merge into (default: the one named in adapter_config.json)")
+    mg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="dtype of the merged weights (auto: as the trainers load, fp32 on CPU)")
     md = sub.add_parser("make-data", help="generate a built-in task's datasets from a seed", add_help=False)
     md.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -105,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.report import build_report
 
         print(build_report(args.runs, args.out))
+        return 0
+    if args.command == "merge":
+        from rlhfkit.models.lora import merge_adapter
+
+        try:
+            print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"rlhfkit merge: error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "pipeline":
         from rlhfkit.pipeline import run_pipeline

@@ -35,30 +35,38 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / _count(x, mask, dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def _mean_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool, reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) over valid entries, two-pass; ``reduce`` sums each partial over ranks."""
+    reduce = reduce or (lambda t: t)
+    total = reduce(torch.stack([masked_sum(x, mask), _count(x, mask, None)]))  # (sum, count)
+    mean = total[0] / total[1].clamp(min=1)
+    sq_dev = reduce(masked_sum((x - mean) ** 2, mask))
+    n = total[1]
+    return mean, sq_dev / (n - 1 if unbiased else n).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=None) -> torch.Tensor:
     """Variance of `x` over all valid entries (a scalar).
 
     unbiased=True divides by n - 1 (Bessel). With fewer than two valid entries the denominator is
-    clamped to 1, which gives variance 0 instead of inf/nan.
+    clamped to 1, which gives variance 0 instead of inf/nan. ``reduce`` (e.g. `Runtime.sum`) sums
+    a tensor over data-parallel ranks: the variance is then that of every rank's valid entries.
     """
-    mean = masked_mean(x, mask)
-    sq_dev = masked_sum((x - mean) ** 2, mask)
-    n = _count(x, mask, None)
-    return sq_dev / (n - 1 if unbiased else n).clamp(min=1)
+    return _mean_var(x, mask, unbiased, reduce)[1]
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None
 ) -> torch.Tensor:
     """Normalise `x` to mean 0 / variance 1 over its valid entries; masked entries become 0.
 
     Used on PPO advantages over all valid tokens of the batch (SPEC 4.4). With shift_mean=False
     the mean is added back after scaling, i.e. (x - mean) / std + mean (same as OpenAI's
     lm-human-preferences and TRL): the spread is normalised but the sign balance is kept.
-    The variance is the unbiased one.
+    The variance is the unbiased one. With ``reduce`` (sums a tensor over data-parallel ranks)
+    the statistics are the global batch's, so N ranks whiten exactly as one process would.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mean, var = _mean_var(x, mask, True, reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -105,14 +113,15 @@ def agg_loss(
 
 
 def explained_variance(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce=None
 ) -> torch.Tensor:
     """1 - Var[returns - values] / Var[returns] over valid entries (cleanrl's critic metric).
 
     1 is a perfect critic, 0 is no better than predicting the mean, negative is worse than that.
     Returns nan when the returns have zero variance (the ratio is undefined), as cleanrl does.
+    ``reduce`` as in `masked_var`.
     """
-    var_returns = masked_var(returns, mask)
-    var_resid = masked_var(returns - values, mask)
+    var_returns = masked_var(returns, mask, reduce=reduce)
+    var_resid = masked_var(returns - values, mask, reduce=reduce)
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns > 0, 1 - var_resid / var_returns, nan)

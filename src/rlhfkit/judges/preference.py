@@ -160,7 +160,7 @@ def build_pairwise_judge(spec: str, *, tokenizer=None, device="cpu", batch_size:
     from rlhfkit.models import load_causal_lm, load_tokenizer
 
     path = Path(target).expanduser()
-    if kind == "pm" and (path / "model" / "config.json").is_file():
+    if kind == "pm" and any((path / "model" / f).is_file() for f in ("config.json", "adapter_config.json")):
         target = str(path / "model")
     tok = load_tokenizer(target) if kind == "pm" or tokenizer is None else tokenizer
     model = load_causal_lm(target).to(device).eval().requires_grad_(False)

@@ -166,10 +166,19 @@ def python_reward_fn(spec: str) -> RewardFn:
 
 
 def find_rm_dir(path: str) -> Path:
-    """Accept a reward-model directory or the run directory that holds it in ``model/``."""
+    """Accept a reward-model directory or the run directory that holds it in ``model/``; a LoRA
+    reward-model adapter (``rlhfkit rm`` with model.lora.enabled) is accepted too and is loaded
+    merged into its base (`models.load_scalar_model`)."""
+    from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
+
     p = Path(path).expanduser()
-    if (p / "model" / "config.json").is_file():
+    if (p / "model" / "config.json").is_file() or (p / "model" / "adapter_config.json").is_file():
         p = p / "model"
+    if adapter_config(p) is not None and not (p / "config.json").is_file():
+        if not is_seq_cls_adapter(p):
+            raise ValueError(f"rm:{path}: {p} is not a reward model (a LoRA adapter of a policy); its scalar "
+                             "head would be random. Train one with `rlhfkit rm`.")
+        return p
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"rm:{path}: no reward model found (expected a directory with config.json, "
                                 "as written by `rlhfkit rm` to OUTPUT_DIR/model)")

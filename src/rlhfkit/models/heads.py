@@ -27,6 +27,7 @@ def _backbone_and_head(model):
     """Return (backbone, head) of a *ForSequenceClassification model, looking through peft wrappers."""
     # peft forwards attribute lookups to the wrapped model, so hasattr(PeftModel, "score") is true and
     # base_model_prefix would resolve to the whole *ForSequenceClassification: unwrap it first.
+    model = _inner(model)
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
     for _ in range(4):
         if hasattr(m, "score") or hasattr(m, "classifier"):
@@ -39,13 +40,45 @@ def _backbone_and_head(model):
     return backbone, head
 
 
+def _inner(model):
+    """The model inside a DDP / DeepSpeed (``.module``) or FSDP1 wrapper; FSDP2 does not wrap."""
+    children = model.__dict__.get("_modules", {})  # not getattr: peft forwards unknown attributes
+    for name in ("module", "_fsdp_wrapped_module"):
+        if children.get(name) is not None:
+            return _inner(children[name])
+    return model
+
+
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) scalar head output at every position (the critic's V(t); the RM reads the last one)."""
+    """(B, T) scalar head output at every position (the critic's V(t); the RM reads the last one).
+
+    The model's own forward runs, and a hook on the head keeps its per-position output (the
+    *ForSequenceClassification forward applies the head to every position, then pools one).
+    Going through ``model(...)`` rather than calling the backbone and head directly is what lets
+    data-parallel wrappers work: DDP all-reduces gradients only for a forward it saw, and
+    FSDP/ZeRO-3 gather their shards in forward hooks of the root module.
+    """
+    _, head = _backbone_and_head(model)
+    config = _inner(model).config
+    if getattr(config.get_text_config(), "pad_token_id", None) is None:
+        # The pooling inside forward refuses batches without a pad id; we ignore its pooling
+        # anyway, so the (unwrapped) backbone and head are called directly.
+        return _token_values_direct(model, input_ids, attention_mask)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _args, out: seen.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    return seen[-1].squeeze(-1).float()  # (B, T)
+
+
+def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     backbone, head = _backbone_and_head(model)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    hidden = out.last_hidden_state  # (B, T, H)
-    return head(hidden).squeeze(-1).float()  # (B, T)
+    return head(out.last_hidden_state).squeeze(-1).float()  # (B, T)
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

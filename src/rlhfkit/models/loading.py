@@ -108,6 +108,11 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     return s  # a hub id: transformers resolves it (needs network or a populated HF cache)
 
 
+def _is_adapter_dir(path: str) -> bool:
+    p = Path(path)
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
 def _prepare_tokenizer(tok):
     """Give the tokenizer a pad token distinct from EOS where the vocabulary allows.
 
@@ -146,10 +151,18 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = None):
-    """Load a causal LM (policy / reference) from any supported source."""
+    """Load a causal LM (policy / reference) from any supported source.
+
+    A LoRA adapter directory (as the trainers save with LoRA on) loads as its base with the
+    adapter merged in: a plain model, the same one ``rlhfkit merge`` writes.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
+    if _is_adapter_dir(path):
+        from rlhfkit.models.lora import load_merged
+
+        return load_merged(path, dtype=dtype, kind="causal")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
     return model
 
@@ -159,11 +172,16 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
 
     A directory saved as ``*ForSequenceClassification`` loads with its trained head; a causal LM
     (the SFT policy, the default model) gets a fresh head, initialised small so that initial
-    scores are near zero (std 1/sqrt(hidden+1), as in Stiennon et al. 2020).
+    scores are near zero (std 1/sqrt(hidden+1), as in Stiennon et al. 2020). A LoRA adapter
+    directory loads merged into its base (with its trained head when it is an RM adapter).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
+    if _is_adapter_dir(path):
+        from rlhfkit.models.lora import load_merged
+
+        return load_merged(path, dtype=dtype, pad_token_id=pad_token_id, kind="scalar")
     config = AutoConfig.from_pretrained(path)
     is_seqcls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     config.num_labels = 1

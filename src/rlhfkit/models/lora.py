@@ -1,8 +1,26 @@
-"""LoRA through peft: adapters on every trainer, the base model with adapters disabled as reference."""
+"""LoRA through peft, for every trainer, and what goes with it.
+
+- `apply_lora`: adapters on a policy ("CAUSAL_LM") or on a reward / value model ("SEQ_CLS", whose
+  scalar head is trained in full alongside the adapters via ``modules_to_save``).
+- `adapters_disabled`: the base model of a peft model, the frozen reference, without a second
+  copy of the weights in memory.
+- `share_frozen_base`: a second model (PPO's critic started from the policy) made to use the
+  very same frozen base tensors as the first; only its adapters and head are its own.
+- `load_for_training`: start from a plain model, or continue training a saved adapter.
+- `load_merged` / `merge_adapter`: an adapter directory (peft format, as the trainers save it)
+  folded into its base, the full model that ``rlhfkit merge`` writes.
+- `enable_gradient_checkpointing`: the one switch all trainers use (it must keep working when
+  every base weight is frozen, as under LoRA).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+from pathlib import Path
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def apply_lora(model, section, task_type: str):
@@ -39,3 +57,174 @@ def adapters_disabled(model):
             yield model
     else:
         yield model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass instead of storing them (memory for compute).
+
+    Non-reentrant checkpointing, and inputs that require grad: with the reentrant variant a
+    checkpointed block whose inputs need no gradient (the frozen embeddings of a LoRA model)
+    silently returns no gradient for the adapters inside it. Call before `apply_lora`.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    # config.use_cache stays as it is: every training forward passes use_cache=False itself, and
+    # a saved model should not come back with its KV cache switched off for generation.
+
+
+# --------------------------------------------------------------------------- one copy of the base
+
+def _base_key(name: str) -> str:
+    """Parameter name without the peft wrapping: ``base_model.model.`` and ``.base_layer``."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def share_frozen_base(model, source) -> int:
+    """Point ``model``'s backbone parameters at ``source``'s frozen base tensors; returns how many.
+
+    source: a peft model (e.g. the LoRA actor), its base weights frozen; model: a plain
+    transformers model with the same backbone (e.g. the *ForSequenceClassification critic
+    loaded from the same weights). Only a backbone whose every parameter has the same name,
+    shape, dtype and values is shared, so a model initialised from other weights is left alone
+    (returns 0). Call before `apply_lora` on ``model``; its adapters and head stay its own.
+    """
+    import torch
+
+    source_prefix = source.get_base_model().base_model_prefix + "."
+    model_prefix = model.base_model_prefix + "."
+    frozen = {}
+    for name, p in source.named_parameters():
+        key = _base_key(name)
+        if "lora_" in name or p.requires_grad or not key.startswith(source_prefix):
+            continue
+        frozen[key[len(source_prefix):]] = p
+    targets = []
+    for mod_name, module in model.named_modules():
+        for p_name, p in list(module._parameters.items()):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p is None or not full.startswith(model_prefix):
+                continue
+            src = frozen.get(full[len(model_prefix):])
+            if src is None or src.shape != p.shape or src.dtype != p.dtype:
+                return 0
+            targets.append((module, p_name, p, src))
+    with torch.no_grad():  # compared one tensor at a time on the source's device
+        if not targets or not all(torch.equal(p.to(src.device), src) for _, _, p, src in targets):
+            return 0
+    for module, p_name, _, src in targets:
+        module._parameters[p_name] = src  # the same Parameter object: one tensor, frozen
+    return len(targets)
+
+
+# --------------------------------------------------------------------------- adapter directories
+
+def adapter_config(path: str | os.PathLike) -> dict | None:
+    """The adapter_config.json of a peft adapter directory, or None for anything else."""
+    f = Path(path) / ADAPTER_CONFIG
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def adapter_base(path: str | os.PathLike, base: str | None = None) -> str:
+    """The base model an adapter was trained on (``base`` overrides what the adapter records)."""
+    cfg = adapter_config(path) or {}
+    name = base or cfg.get("base_model_name_or_path")
+    if not name:
+        raise FileNotFoundError(f"{path}: the adapter does not record its base model; pass --base")
+    return name
+
+
+def _peft_config_without_task(path: str | os.PathLike):
+    """The adapter's LoraConfig with task_type cleared, so `PeftModel.from_pretrained` builds a
+    plain PeftModel around whatever head the base has (it still restores ``modules_to_save``)."""
+    from peft import PeftConfig
+
+    cfg = PeftConfig.from_pretrained(str(path))
+    cfg.task_type = None
+    return cfg
+
+
+def load_adapter_onto(model, path: str | os.PathLike, trainable: bool = False):
+    """``model`` (the adapter's base, already loaded) with the adapter of ``path`` attached."""
+    from peft import PeftModel
+
+    if trainable:  # keep the task class (PeftModelForCausalLM...): training code relies on it
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    return PeftModel.from_pretrained(model, str(path), config=_peft_config_without_task(path))
+
+
+def is_seq_cls_adapter(path: str | os.PathLike) -> bool:
+    cfg = adapter_config(path) or {}
+    return cfg.get("task_type") == "SEQ_CLS" or "score" in (cfg.get("modules_to_save") or [])
+
+
+def load_merged(path: str | os.PathLike, *, base: str | None = None, dtype=None, pad_token_id: int | None = None,
+                kind: str | None = None):
+    """Load an adapter directory as one plain transformers model: base + adapter, merged.
+
+    kind: "causal" or "scalar"; None = from the adapter (a reward / value model adapter, whose
+    head is in ``modules_to_save``, gives a *ForSequenceClassification model).
+    """
+    from rlhfkit.models.loading import load_causal_lm, load_scalar_model
+
+    base_name = adapter_base(path, base)
+    if kind is None:
+        kind = "scalar" if is_seq_cls_adapter(path) else "causal"
+    if kind == "scalar":
+        model = load_scalar_model(base_name, dtype, pad_token_id=pad_token_id)
+    else:
+        model = load_causal_lm(base_name, dtype)
+    merged = load_adapter_onto(model, path).merge_and_unload()
+    # Adapters trained on top of this model record it as their base: the chain stays loadable.
+    merged.config.name_or_path = merged.name_or_path = str(path)
+    return merged
+
+
+def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | None = None,
+                  dtype=None) -> Path:
+    """``rlhfkit merge``: write adapter + base as a full model directory (with the tokenizer).
+
+    The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``, or with
+    ``AutoModelForSequenceClassification`` for a reward / value model adapter. Written atomically.
+    """
+    from rlhfkit.models.loading import load_tokenizer, save_pretrained_atomic
+
+    path = Path(path)
+    if adapter_config(path) is None:
+        raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    tok_src = path if (path / "tokenizer_config.json").is_file() else adapter_base(path, base)
+    tokenizer = load_tokenizer(tok_src)
+    merged = load_merged(path, base=base, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+    if merged.config.pad_token_id is None:
+        merged.config.pad_token_id = tokenizer.pad_token_id
+    return save_pretrained_atomic(merged, tokenizer, out_dir)
+
+
+def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int | None = None):
+    """The model a trainer starts from, LoRA-wrapped when ``model_cfg.lora.enabled``.
+
+    With LoRA, an adapter directory of the same task as ``model_cfg.name`` *continues* that
+    adapter on its base (the base stays frozen and is what `adapters_disabled` gives back);
+    otherwise fresh adapters go on the named model, an adapter directory being merged into a full
+    model first (e.g. a reward model started from a LoRA SFT policy).
+    Returns (model, base model name if an adapter was continued else None).
+    """
+    from rlhfkit.models.loading import load_causal_lm, load_scalar_model
+
+    def load(name):
+        if task_type == "SEQ_CLS":
+            return load_scalar_model(name, model_cfg.dtype, pad_token_id=pad_token_id)
+        return load_causal_lm(name, model_cfg.dtype)
+
+    cont = adapter_config(model_cfg.name)
+    continued = model_cfg.lora.enabled and cont is not None and cont.get("task_type") == task_type
+    model = load(adapter_base(model_cfg.name) if continued else model_cfg.name)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if continued:
+        return load_adapter_onto(model, model_cfg.name, trainable=True), adapter_base(model_cfg.name)
+    return apply_lora(model, model_cfg.lora, task_type), None

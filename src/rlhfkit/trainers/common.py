@@ -16,6 +16,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,17 +36,34 @@ class TrainingDiverged(RuntimeError):
 # --------------------------------------------------------------------------- runtime
 
 class Runtime:
-    """Device, ranks and collective ops, backed by an ``accelerate.Accelerator``."""
+    """Device, ranks and collective ops, backed by an ``accelerate.Accelerator``.
+
+    Launched with ``torchrun`` / ``accelerate launch`` on N processes, every rank runs the same
+    trainer code: each takes its strided share of every global batch (`shard`), gradients are
+    averaged by DDP (or by `average_gradients` for models used outside a wrapper), and metrics are
+    sums over ranks divided by global counts (`sum`, `gather`). Every helper is a no-op on one
+    process. docs/distributed.md has the whole picture.
+    """
 
     def __init__(self, seed: int = 0):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # cpu=True when there is no GPU: without it accelerate ignores a torchrun environment on a
+        # CPU-only machine and every process trains alone (DistributedType.NO, world size 1).
+        # broadcast_buffers=False: the only buffers here are constants (rotary inv_freq), and DDP
+        # would otherwise broadcast them in forward, a collective that makes ranks running
+        # different numbers of forwards (evaluation shards) wait for each other forever. (torch 2.13
+        # renamed the flag forward_sync_buffers and warns; the old name works on every torch >= 2.4.)
+        warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated", category=FutureWarning)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.device = self.accelerator.device
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        set_seed(seed)
+        _warn_if_fsdp_ignored(self.accelerator)
+        set_seed(seed)  # the same on every rank: models built from it are identical replicas
 
     def prepare(self, *objs):
         return self.accelerator.prepare(*objs)
@@ -63,12 +81,122 @@ class Runtime:
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(x.to(self.device), reduction="sum") if self.world_size > 1 else x
 
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        x = x.detach().to(self.device).clone()
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return x
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``x`` along dim 0 (in rank order); shapes must agree past dim 0."""
+        if self.world_size == 1:
+            return x
+        x = x.detach().to(self.device)
+        sizes = self.accelerator.gather(torch.tensor([x.shape[0]], device=self.device)).tolist()
+        if len(set(sizes)) == 1:
+            return self.accelerator.gather(x.contiguous())
+        padded = self.accelerator.pad_across_processes(x, dim=0)
+        parts = self.accelerator.gather(padded).split(max(sizes))
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def gather_objects(self, items: list) -> list:
+        """Concatenate every rank's list of picklable objects (in rank order)."""
+        if self.world_size == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
     def wait(self):
         self.accelerator.wait_for_everyone()
 
     def shard(self, items: list) -> list:
-        """This rank's share of a global batch (strided, so every rank gets the same count)."""
+        """This rank's share of a global batch (strided: rank r takes items r, r+W, r+2W, ...)."""
         return items[self.rank::self.world_size]
+
+    def shard_chunks(self, items: list, micro_batch_size: int) -> list[list | None]:
+        """This rank's share of ``items`` (an evaluation set) in micro-batches, padded with ``None``
+        so that every rank has as many as the busiest one: FSDP and ZeRO-3 gather weights inside
+        each forward, so a rank that stops early would leave the others waiting. Callers run a
+        forward on a stand-in for a ``None`` and discard it (see `lockstep_forwards`)."""
+        mine = micro_batches(self.shard(items), micro_batch_size)
+        if self.world_size == 1:
+            return mine
+        most = int(self.max(torch.tensor(len(mine))))
+        return mine + [None] * (most - len(mine))
+
+    @property
+    def lockstep_forwards(self) -> bool:
+        """True when a forward is itself a collective (FSDP, DeepSpeed), not only the backward."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def check_divisible(self, n: int, what: str) -> None:
+        """Equal shares on every rank: each must run the same number of synchronised backwards."""
+        if n % self.world_size:
+            from rlhfkit.config import ConfigError
+
+            raise ConfigError(f"{what}: {n} does not split evenly over {self.world_size} processes")
+
+    def broadcast_params(self, model) -> None:
+        """Copy rank 0's parameters to every rank (models trained outside a DDP wrapper)."""
+        if self.world_size == 1 or model is None:
+            return
+        for p in model.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+
+    def average_gradients(self, model) -> None:
+        """Average the accumulated gradients over ranks, in one flat all-reduce: what DDP does,
+        for models that are not wrapped (the policy-gradient trainers run the actor through the
+        rollout engine and the critic through `token_values`). A parameter must have a gradient on
+        every rank or on none (true of every model here: each forward uses all of its weights)."""
+        if self.world_size == 1 or model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def check_replicas(self, model, what: str = "model") -> float:
+        """Raise if the ranks' copies of ``model`` differ; returns the largest difference found.
+
+        Data parallelism keeps replicas identical only if every gradient went through the
+        all-reduce; one forward that bypassed a DDP wrapper would let the ranks drift apart
+        silently (and rank 0 alone writes the model). Compares one float64 sum per parameter.
+        """
+        if self.world_size == 1:
+            return 0.0
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.unwrap(model).parameters() if not isinstance(p, DTensor)]  # FSDP2: sharded
+        if not params:
+            return 0.0
+        sums = torch.stack([p.detach().double().sum() for p in params]).to(self.device)
+        lo, hi = -self.max(-sums), self.max(sums)
+        diff = float((hi - lo).abs().max())
+        scale = float(sums.abs().max()) + 1.0
+        if diff > 1e-9 * scale:
+            raise RuntimeError(f"{what}: the {self.world_size} data-parallel replicas differ (largest per-parameter "
+                               f"sum difference {diff:.3g}); a gradient missed the all-reduce")
+        return diff
+
+
+def _warn_if_fsdp_ignored(accelerator) -> None:
+    """`accelerate launch --use_fsdp` on CPU processes silently runs DDP: accelerate (1.x) only
+    turns FSDP on for GPU-like devices. Say so instead of letting the user believe weights are sharded."""
+    from accelerate.utils import DistributedType
+
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if wants_fsdp and accelerator.distributed_type != DistributedType.FSDP and accelerator.is_main_process:
+        log.warning("FSDP was requested but accelerate runs %s on %s: parameters are replicated, not sharded "
+                    "(accelerate enables FSDP only on GPU-like devices)",
+                    accelerator.distributed_type.value, accelerator.device)
 
 
 def set_seed(seed: int) -> None:
@@ -105,8 +233,7 @@ class RunLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        if initial_step > 0:
-            self._truncate_after(initial_step)
+        self._truncate_after(initial_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -119,11 +246,13 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop records written after the checkpoint we resumed from."""
+        """On resume, drop records written after the checkpoint we resumed from. A run starting at
+        step 0 (killed before its first checkpoint, or rerun in place) drops them all: it logs
+        every step, step 0's evaluation included, again."""
         if not self.metrics_path.exists():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+                if ln.strip() and step > 0 and json.loads(ln).get("step", 0) <= step]
         self.metrics_path.write_text("".join(k + "\n" for k in keep))
 
     def log(self, step: int, metrics: dict[str, Any], show: tuple[str, ...] = ()) -> None:
@@ -239,6 +368,21 @@ def micro_batches(items: list, micro_batch_size: int) -> list[list]:
     return [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
 
 
+def eval_chunks(examples: list, micro_batch_size: int, rt: Runtime | None = None):
+    """Yield ``(chunk, real)`` over an evaluation set: all of it on one process; this rank's shard
+    with ``rt``. ``real=False`` marks a stand-in chunk, run only so that every rank makes the same
+    number of forwards when forwards are collectives (FSDP, ZeRO-3); its result is discarded.
+    Callers sum over real chunks and reduce the sums with ``rt.sum``."""
+    if rt is None or rt.world_size == 1:
+        yield from ((chunk, True) for chunk in micro_batches(examples, micro_batch_size))
+        return
+    for chunk in rt.shard_chunks(examples, micro_batch_size):
+        if chunk is not None:
+            yield chunk, True
+        elif rt.lockstep_forwards:
+            yield examples[:1], False
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """Deterministic shuffle of range(n) for an epoch: resuming only needs (seed, epoch, position)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -286,7 +430,10 @@ class Checkpointer:
     """Resumable checkpoints under ``out_dir/checkpoints/step-N``; each one is whole or absent.
 
     A checkpoint holds the trainable model(s) in transformers/peft format, the optimizer and
-    scheduler states, RNG states and a ``trainer_state.json`` (step, data position, controllers).
+    scheduler states, every rank's RNG state and a ``trainer_state.json`` (step, data position,
+    controllers). Under data parallelism the weights and optimizer states are replicas, so the
+    main process alone writes them and a run may resume on a different number of processes:
+    the data position is global (`batch_indices`), not per rank.
     """
 
     def __init__(self, out_dir: str | Path, keep: int = 2, enabled: bool = True):
@@ -296,6 +443,9 @@ class Checkpointer:
 
     def save(self, step: int, models: dict[str, Any], optimizers: dict[str, Any], state: dict,
              tokenizer=None) -> Path | None:
+        """Write checkpoint ``step``. Call it on every rank: each contributes its RNG state (a
+        collective), and the main process (``enabled``) writes; the caller then waits for it."""
+        rng = _all_rng_states()
         if not self.enabled:
             return None
 
@@ -305,7 +455,7 @@ class Checkpointer:
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
             torch.save({k: v.state_dict() for k, v in optimizers.items() if v is not None}, tmp / "optim.pt")
-            torch.save(rng_state(), tmp / "rng.pt")
+            torch.save(rng, tmp / "rng.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
 
         path = _atomic_dir_write(self.root / f"{CKPT_PREFIX}{step:08d}", write)
@@ -334,8 +484,41 @@ class Checkpointer:
         for k, opt in optimizers.items():
             if opt is not None and k in opt_states:
                 opt.load_state_dict(opt_states[k])
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        return json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text())
+        _restore_rng(torch.load(path / "rng.pt", weights_only=False), state["step"])
+        return state
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_rng_states() -> dict:
+    """Every rank's RNG state, gathered on all ranks: ``{"world_size": W, "ranks": [state_0, ...]}``."""
+    rank, world = _dist_info()
+    states = [rng_state()]
+    if world > 1:
+        import torch.distributed as dist
+
+        states = [None] * world
+        dist.all_gather_object(states, rng_state())
+    return {"world_size": world, "ranks": states}
+
+
+def _restore_rng(saved: dict, step: int) -> None:
+    """This rank's saved RNG state. Resumed on more processes than were saved, a new rank gets a
+    fresh stream seeded from (step, rank): the run continues, but not bit for bit."""
+    rank, _ = _dist_info()
+    if "ranks" not in saved:  # a checkpoint from before per-rank states: one state for everyone
+        set_rng_state(saved)
+    elif rank < len(saved["ranks"]):
+        set_rng_state(saved["ranks"][rank])
+    else:
+        set_seed(1_000_003 * step + rank)
 
 
 def load_weights_into(model: torch.nn.Module, ckpt_model_dir: Path) -> None:

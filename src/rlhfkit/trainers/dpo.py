@@ -29,10 +29,10 @@ from rlhfkit.algos import dpo_loss, sequence_logps
 from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection, TrainSection
 from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import adapters_disabled, apply_lora
+from rlhfkit.models.lora import adapters_disabled, load_for_training, merge_adapter
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
-    load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+    eval_chunks, load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed values stored on each example
@@ -153,29 +153,39 @@ def dpo_batch_loss(policy, reference, chunk: list[dict], collator, dcfg: DPOSect
 
 @torch.no_grad()
 def precompute_reference(examples: list[dict], reference: Reference, collator, micro_batch_size: int,
-                         device, average: bool = False) -> None:
-    """Store pi_ref's log-probs on each example (keys REF_KEYS), in place."""
-    for chunk in micro_batches(examples, micro_batch_size):
-        rc, rr = reference.logps(_tensors(collator(chunk), device), average)
-        for ex, c, r in zip(chunk, rc.tolist(), rr.tolist()):
-            ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
+                         device, average: bool = False, rt=None) -> None:
+    """Store pi_ref's log-probs on each example (keys REF_KEYS), in place. With a Runtime ``rt``
+    each rank scores its shard and the numbers are exchanged: every rank ends with all of them."""
+    index = list(range(len(examples)))
+    found = []  # (example index, chosen logp, rejected logp)
+    for idx in micro_batches(rt.shard(index) if rt is not None else index, micro_batch_size):
+        rc, rr = reference.logps(_tensors(collator([examples[i] for i in idx]), device), average)
+        found += zip(idx, rc.tolist(), rr.tolist())
+    if rt is not None:
+        found = rt.gather_objects(found)
+    for i, c, r in found:
+        examples[i][REF_KEYS[0]], examples[i][REF_KEYS[1]] = c, r
 
 
 @torch.no_grad()
 def evaluate_dpo(policy, reference, examples: list[dict], collator, dcfg: DPOSection, micro_batch_size: int,
-                 device) -> dict:
+                 device, rt=None) -> dict:
     """Held-out DPO loss and implicit-reward metrics (accuracy = share of pairs whose chosen
-    response gets the larger implicit reward)."""
+    response gets the larger implicit reward). With a Runtime ``rt`` each rank scores its shard
+    and the sums are added over ranks."""
     if not examples:
         return {}
     was_training = policy.training
     policy.eval()
     totals: dict = {}
-    for chunk in micro_batches(examples, micro_batch_size):
+    for chunk, real in eval_chunks(examples, micro_batch_size, rt):
         _, sums = dpo_batch_loss(policy, reference, chunk, collator, dcfg, 1.0, device)
         for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+            totals[k] = totals.get(k, 0.0) + (float(v) if real else 0.0)
     policy.train(was_training)
+    if rt is not None and rt.world_size > 1:
+        summed = rt.sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
+        totals = dict(zip(totals, summed))
     out = {f"eval/{k}": v / len(examples) for k, v in totals.items()}
     out["eval/pairs"] = len(examples)
     return out
@@ -196,15 +206,10 @@ def build_policy_and_reference(cfg, tokenizer=None):
       caller computes the numbers once, before any update, and then drops the Reference.
     Returns (policy, Reference).
     """
-    policy, adapter_base = _load_start(cfg)
+    policy, adapter_base = load_for_training(cfg.model, "CAUSAL_LM")
     if tokenizer is not None and policy.config.pad_token_id is None:
         policy.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.config.use_cache = False
     fresh_lora = cfg.model.lora.enabled and adapter_base is None
-    if fresh_lora:
-        policy = apply_lora(policy, cfg.model.lora, "CAUSAL_LM")
     policy.train()
     ref_name = cfg.dpo.reference
     if adapter_base is not None and ref_name and _same_model(ref_name, adapter_base):
@@ -214,18 +219,6 @@ def build_policy_and_reference(cfg, tokenizer=None):
     if fresh_lora or cfg.dpo.precompute_ref_logps:
         return policy, Reference(policy, adapters_off=fresh_lora)
     return policy, Reference(_frozen(copy.deepcopy(policy)))
-
-
-def _load_start(cfg):
-    """(starting policy, base model path if it continues a LoRA adapter else None)."""
-    adapter_cfg = Path(cfg.model.name) / "adapter_config.json"
-    if cfg.model.lora.enabled and adapter_cfg.is_file():
-        from peft import PeftModel
-
-        base_name = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        base = load_causal_lm(base_name, cfg.model.dtype)
-        return PeftModel.from_pretrained(base, cfg.model.name, is_trainable=True), base_name
-    return load_causal_lm(cfg.model.name, cfg.model.dtype), None
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -250,7 +243,8 @@ def _precompute_or_load(cfg, out: Path, train, evals, reference, collator, rt) -
                 ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
         return
     for exs in (train, evals):
-        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, rt.device, cfg.dpo.average_logps)
+        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, rt.device, cfg.dpo.average_logps,
+                             rt)
     if rt.is_main:
         write_json_atomic(path, {name: [[ex[k] for k in REF_KEYS] for ex in exs]
                                  for name, exs in (("train", train), ("eval", evals))})
@@ -265,11 +259,12 @@ def train_dpo(cfg: DPOConfig) -> dict:
     from rlhfkit.trainers.reward import prepare_preference_data
 
     rt = Runtime(cfg.train.seed)
+    rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "dpo", rt.is_main)
 
     # 0. SFT-then-DPO: the SFT model becomes both the starting policy and the reference.
     if cfg.sft_first.enabled:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(run_sft_first(cfg, out))))
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(run_sft_first(cfg, out, rt))))
 
     # 1. Data: validated and tokenised before the model loads.
     tokenizer = load_tokenizer(cfg.model.name)
@@ -287,6 +282,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     metrics = fit_dpo(cfg, policy, reference, train, evals, collator, out, rt, desc="dpo")
 
     # 5. The trained policy: a directory transformers (or peft) loads as is.
+    rt.check_replicas(policy)
     if rt.is_main:
         save_pretrained_atomic(rt.unwrap(policy), tokenizer, out / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
@@ -317,7 +313,7 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     guard = StepGuard(cfg.train.max_bad_steps)
     mbs = cfg.train.micro_batch_size
     if start == 0 and evals:
-        logger.log(0, evaluate_dpo(policy, reference, evals, collator, cfg.dpo, mbs, rt.device))
+        logger.log(0, evaluate_dpo(policy, reference, evals, collator, cfg.dpo, mbs, rt.device, rt))
 
     # 3. Optimisation: each step is one global batch of pairs, accumulated over micro-batches.
     metrics: dict = {}
@@ -340,7 +336,7 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
         metrics = {**means, "train/grad_norm": gnorm, "train/lr": scheduler.get_last_lr()[0],
                    "train/skipped_steps": guard.skipped_total}
         if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or step + 1 == total:
-            metrics.update(evaluate_dpo(policy, reference, evals, collator, cfg.dpo, mbs, rt.device))
+            metrics.update(evaluate_dpo(policy, reference, evals, collator, cfg.dpo, mbs, rt.device, rt))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, metrics, show=("train/loss", "train/rewards/accuracy", "eval/rewards/accuracy"))
         logger.advance()
@@ -354,12 +350,13 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
 
 # --------------------------------------------------------------------------- SFT first
 
-def run_sft_first(cfg: DPOConfig, out: Path) -> Path:
+def run_sft_first(cfg: DPOConfig, out: Path, rt=None) -> Path:
     """SFT on the chosen responses of ``cfg.data`` into ``out/sft``; returns the model directory.
 
     Reuses trainers/sft.py whole: the chosen side of every pair becomes a {prompt, response}
     record. A finished stage (``out/sft/model`` present) is not redone, so a resumed run skips it.
-    With LoRA the adapter is merged, so DPO starts (and anchors) on a plain model.
+    With LoRA the adapter is merged, so DPO starts (and anchors) on a plain model. Under several
+    processes (``rt``) the main one writes the files and the others wait for them.
     """
     from rlhfkit.config import SFTConfig
     from rlhfkit.trainers.sft import train_sft
@@ -368,8 +365,15 @@ def run_sft_first(cfg: DPOConfig, out: Path) -> Path:
     model_dir = sft_dir / ("merged" if cfg.model.lora.enabled else "model")
     if (model_dir / "config.json").is_file():
         return model_dir
-    data = dataclasses.replace(cfg.data, train=str(_chosen_as_sft(cfg.data.train, sft_dir / "train.jsonl")),
-                               eval=str(_chosen_as_sft(cfg.data.eval, sft_dir / "eval.jsonl")) if cfg.data.eval else "")
+    main = rt is None or rt.is_main
+    if main:
+        _chosen_as_sft(cfg.data.train, sft_dir / "train.jsonl")
+        if cfg.data.eval:
+            _chosen_as_sft(cfg.data.eval, sft_dir / "eval.jsonl")
+    if rt is not None:
+        rt.wait()
+    data = dataclasses.replace(cfg.data, train=str(sft_dir / "train.jsonl"),
+                               eval=str(sft_dir / "eval.jsonl") if cfg.data.eval else "")
     sft_cfg = SFTConfig(
         model=cfg.model, data=data,
         optim=dataclasses.replace(cfg.optim, lr=cfg.sft_first.lr, warmup_ratio=0.03),
@@ -377,8 +381,10 @@ def run_sft_first(cfg: DPOConfig, out: Path) -> Path:
                                   max_steps=cfg.sft_first.max_steps),  # resumes its own checkpoints
     )
     train_sft(sft_cfg)
-    if cfg.model.lora.enabled:
-        _merge_adapter(sft_dir / "model", model_dir)
+    if cfg.model.lora.enabled and main:
+        merge_adapter(sft_dir / "model", model_dir)
+    if rt is not None:
+        rt.wait()
     return model_dir
 
 
@@ -392,10 +398,3 @@ def _chosen_as_sft(source: str, dest: Path) -> Path:
     dest.write_text("".join(json.dumps({"messages": ex.messages}) + "\n" for ex in examples))
     return dest
 
-
-def _merge_adapter(adapter_dir: Path, dest: Path) -> None:
-    from peft import AutoPeftModelForCausalLM
-
-    tok = load_tokenizer(adapter_dir)
-    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir)).merge_and_unload()
-    save_pretrained_atomic(merged, tok, dest)

@@ -14,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import torch
+
 from rlhfkit.algos import expand_to_tokens, group_advantages, rloo_advantages
 from rlhfkit.config import ConfigError, ModelSection, OptimSection
 from rlhfkit.trainers.common import RunLogger, StepGuard
 from rlhfkit.trainers.pg_update import build_opt, load_ptx, policy_update
 from rlhfkit.trainers.policy_gradient import (
     PolicyTrainSection, PromptsSection, PTXSection, RewardSection, RolloutSection, log_samples,
-    optimizer_steps_per_iteration, prompt_batch, rollout, save_final, score_experience,
+    optimizer_steps_per_iteration, prompt_batch, rollout, sampling_seed, save_final, score_experience,
     sequence_kl, setup_run, Stopwatch, train_loop,
 )
 
@@ -99,12 +101,12 @@ def grpo_iteration(run, step: int, opts: dict, guard: StepGuard, ptx, logger: Ru
     clock = Stopwatch()
 
     # 1. Rollout: G samples per prompt (rows i*G..i*G+G-1 belong to prompt i).
-    exp = rollout(run.actor, items, cfg.rollout, run.tokenizer)
+    exp = rollout(run.actor, items, cfg.rollout, run.tokenizer, seed=sampling_seed(run, step))
     clock.lap("rollout")
 
     # 2. Score, no gradients: logp_old (actor, eval mode), logp_ref, sequence scores.
     exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
-                                               run.tokenizer, micro)
+                                               run.tokenizer, micro, run.rt)
     seq_kl = sequence_kl(exp, cfg.kl_kind)
     clock.lap("score")
 
@@ -121,14 +123,18 @@ def grpo_iteration(run, step: int, opts: dict, guard: StepGuard, ptx, logger: Ru
     clock.lap("update")
     metrics.update(upd)
     metrics.update(clock.times)
-    metrics["time/gen_tokens_per_s"] = float(exp.response_mask.sum()) / max(clock.times["time/rollout"], 1e-9)
+    gen_tokens = float(run.rt.sum(exp.response_mask.sum().float()))  # all ranks' rollouts
+    metrics["time/gen_tokens_per_s"] = gen_tokens / max(clock.times["time/rollout"], 1e-9)
     groups = exp.scores.view(-1, cfg.rollout.n)
+    per_row = run.rt.gather(torch.stack([sequence_kl(exp, "k1"), seq_kl, seq_adv.abs()], dim=1))  # (N, 3)
+    per_group = run.rt.gather(torch.stack(
+        [groups.std(dim=1), (groups.max(dim=1).values == groups.min(dim=1).values).float()], dim=1))  # (G, 2)
     metrics.update({
-        "objective/kl": sequence_kl(exp, "k1").mean(), f"objective/kl_{cfg.kl_kind}": seq_kl.mean(),
+        "objective/kl": per_row[:, 0].mean(), f"objective/kl_{cfg.kl_kind}": per_row[:, 1].mean(),
         "objective/kl_coef": cfg.kl_coef,
-        "reward/group_std_mean": groups.std(dim=1).mean(),
-        "reward/flat_group_frac": (groups.max(dim=1).values == groups.min(dim=1).values).float().mean(),
-        "advantage/abs_mean": seq_adv.abs().mean(),
+        "reward/group_std_mean": per_group[:, 0].mean(),
+        "reward/flat_group_frac": per_group[:, 1].mean(),
+        "advantage/abs_mean": per_row[:, 2].mean(),
     })
     log_samples(run, logger, step + 1, exp, items, responses)
     return metrics

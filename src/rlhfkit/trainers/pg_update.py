@@ -111,6 +111,20 @@ class _Means:
     def result(self) -> dict:
         return {k: v / self.den[k] for k, v in self.num.items() if self.den[k] > 0}
 
+    def reduced(self, rt: Runtime) -> _Means:
+        """The same means over every rank's data: numerators and weights summed over ranks.
+        A per-rank loss is its share sum / (global count / W), so for the losses (weight 1 per
+        minibatch on each rank) this gives their mean over ranks = the global minibatch loss."""
+        if rt.world_size == 1:
+            return self
+        keys = sorted(self.num)  # the same keys on every rank (the same code ran), in one order
+        both = dict(zip(keys, rt.sum(torch.tensor([[self.num[k], self.den[k]] for k in keys],
+                                                  dtype=torch.float64)).tolist()))
+        out = _Means()
+        for k in self.num:  # keep the logging order
+            out.num[k], out.den[k] = both[k]
+        return out
+
 
 def _minibatch_backward(actor, critic, mb: Experience, s: UpdateSettings, rt: Runtime,
                         token_means: _Means) -> dict:
@@ -137,6 +151,12 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     global token (or row) count, so the accumulated gradient equals the full-minibatch gradient
     exactly. Metrics are token-weighted over the whole update (losses: mean over minibatches).
     `policy/ratio_first` is the ratio mean on the first minibatch of the first epoch: it must be 1.
+
+    On N processes each rank updates on its own rows (s.mini_batch_size is per rank) and the
+    gradients are averaged with `Runtime.average_gradients` before each optimizer step. The models
+    are not DDP-wrapped: the actor also serves the rollout engine and the reference (adapters off),
+    and one explicit all-reduce per step is simpler than keeping every other use off the wrapper.
+    The metrics are reduced over ranks, so they describe the global batch.
     """
     token_means, step_means = _Means(), _Means()
     ratio_first = None
@@ -148,12 +168,12 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
             mb_means = _Means()
             losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means)
             if ratio_first is None:
-                ratio_first = mb_means.result()["policy/ratio_mean"]
+                ratio_first = mb_means.reduced(rt).result()["policy/ratio_mean"]
             token_means.merge(mb_means)
             if ptx is not None:
                 losses["loss/ptx"] = float(_ptx_backward(actor, ptx, rt, opt_step))
-            _sync_grads(actor, rt)
-            _sync_grads(critic, rt)
+            rt.average_gradients(actor)
+            rt.average_gradients(critic)
             total = torch.tensor(sum(losses.values()))
             _, gnorm = optimizer_step(actor, actor_opt["optimizer"], actor_opt["scheduler"], s.max_grad_norm,
                                       total, guard)
@@ -163,20 +183,9 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
                     critic, critic_opt["optimizer"], critic_opt["scheduler"], s.critic_max_grad_norm, total, guard)
             step_means.add(losses)
             opt_step += 1
-    out = {**token_means.result(), **step_means.result(), "policy/ratio_first": ratio_first}
+    out = {**token_means.reduced(rt).result(), **step_means.reduced(rt).result(), "policy/ratio_first": ratio_first}
     out.pop("policy/ratio_mean", None)
     return out
-
-
-def _sync_grads(model, rt: Runtime) -> None:
-    """Average gradients over ranks after accumulation (one all-reduce per optimizer step).
-    The models are not DDP-wrapped: the critic's forward (token_values) would go around the
-    wrapper, and one explicit reduction is simpler than no_sync bookkeeping. No-op on one process."""
-    if model is None or rt.world_size == 1:
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.copy_(rt.accelerator.reduce(p.grad, reduction="mean"))
 
 
 def build_opt(model, optim, total_steps: int) -> dict:

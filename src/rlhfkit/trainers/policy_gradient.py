@@ -16,6 +16,7 @@ Two rules keep the first PPO ratio exactly 1:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -25,12 +26,12 @@ from typing import Any, Optional
 
 import torch
 
-from rlhfkit.algos import kl_estimate, masked_mean
+from rlhfkit.algos import kl_estimate, masked_sum
 from rlhfkit.config import ConfigError, TrainSection
 from rlhfkit.judges.rewards import RewardFn, build_reward_fn, prompt_text
 from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import adapters_disabled, apply_lora
+from rlhfkit.models.lora import adapters_disabled, apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import Experience, generate
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, load_weights_into, prepare_run_dir, write_json_atomic,
@@ -167,11 +168,12 @@ def load_prompt_items(section: PromptsSection, tokenizer) -> tuple[list[PromptIt
 
 def load_actor(model_cfg, rt: Runtime):
     """(actor, reference). With LoRA the reference is None: `score_logprobs` then runs the actor
-    with its adapters disabled, so the base weights exist once in memory (SPEC 4)."""
+    with its adapters disabled, so the base weights exist once in memory (SPEC 4). The reference
+    is the starting policy, so a LoRA adapter as model.name (a LoRA SFT run) is merged into its
+    base first and fresh adapters go on top; `rlhfkit merge` follows that chain back."""
     actor = load_causal_lm(model_cfg.name, model_cfg.dtype)
     if model_cfg.gradient_checkpointing:
-        actor.gradient_checkpointing_enable()
-        actor.config.use_cache = False
+        enable_gradient_checkpointing(actor)
     actor = apply_lora(actor, model_cfg.lora, "CAUSAL_LM").to(rt.device)
     ref = None
     if not model_cfg.lora.enabled:
@@ -198,13 +200,30 @@ class Stopwatch:
 
 # --------------------------------------------------------------------------- 1. rollout
 
-def rollout(actor, items: list[PromptItem], settings: RolloutSection, tokenizer) -> Experience:
-    """Sample settings.n responses per prompt (rows i*n..i*n+n-1 belong to items[i])."""
+def rollout(actor, items: list[PromptItem], settings: RolloutSection, tokenizer, seed: int | None = None) -> Experience:
+    """Sample settings.n responses per prompt (rows i*n..i*n+n-1 belong to items[i]).
+    ``seed`` gives the sampling its own generator (see `sampling_seed`); None = torch's global RNG."""
     eos = tokenizer.eos_token_id
     return generate(actor, [it.ids for it in items], max_new_tokens=settings.max_new_tokens,
                     eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, temperature=settings.temperature,
                     top_p=settings.top_p, top_k=settings.top_k, n=settings.n,
-                    micro_batch_size=settings.micro_batch_size or None)
+                    micro_batch_size=settings.micro_batch_size or None, seed=seed)
+
+
+def sampling_seed(run: PolicyRun, step: int) -> int | None:
+    """The rollout's random stream for iteration ``step`` on this rank; None (torch's global RNG,
+    checkpointed with the run) on a single process.
+
+    Ranks must not share a stream: with the training seed on every rank (which identical model
+    initialisation needs), rank 1 would draw the very same uniforms as rank 0 for its different
+    prompts, and the samples of the shards would be correlated. Each rank's stream is a function
+    of (seed, step, rank) only, so it needs no RNG state in a checkpoint: a run resumed on the same
+    number of processes draws what the uninterrupted one drew.
+    """
+    if run.rt.world_size == 1:
+        return None
+    digest = hashlib.sha256(f"rollout:{run.cfg.train.seed}:{step}:{run.rt.rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
 
 
 def decode_responses(exp: Experience, tokenizer) -> list[str]:
@@ -267,8 +286,9 @@ def score_sequences(exp: Experience, items: list[PromptItem], responses: list[st
 
 
 def score_experience(exp: Experience, items, reward_fn, section: RewardSection, actor, ref, tokenizer,
-                     micro: int) -> tuple[Experience, dict, list[str]]:
+                     micro: int, rt: Runtime | None = None) -> tuple[Experience, dict, list[str]]:
     """Step 2 shared by all trainers: fills logprobs (logp_old), ref_logprobs and scores.
+    Each rank scores its own rows; the metrics are over the global batch when ``rt`` is given.
     Returns (exp, metrics, decoded responses)."""
     mask = exp.response_mask.bool()
     rollout_logp = exp.logprobs
@@ -276,30 +296,37 @@ def score_experience(exp: Experience, items, reward_fn, section: RewardSection, 
     exp.logprobs, exp.ref_logprobs = lp["logp"], lp["ref_logp"]
     responses = decode_responses(exp, tokenizer)
     raw, exp.scores = score_sequences(exp, items, responses, reward_fn, section)
+    everyone = rt.gather if rt is not None else (lambda x: x)
+    total = rt.sum if rt is not None else (lambda x: x)
+    raw_all = everyone(raw)
+    ent = total(torch.stack([masked_sum(lp["entropy"], mask), mask.sum().float()]))  # (sum, count)
     metrics = {
-        "reward/score_mean": raw.mean(), "reward/score_std": raw.std() if len(raw) > 1 else raw.new_zeros(()),
-        "reward/shaped_mean": exp.scores.mean(),
-        "policy/entropy": masked_mean(lp["entropy"], mask),
-        **response_metrics(exp, responses),
+        "reward/score_mean": raw_all.mean(),
+        "reward/score_std": raw_all.std() if len(raw_all) > 1 else raw.new_zeros(()),
+        "reward/shaped_mean": everyone(exp.scores).mean(),
+        "policy/entropy": ent[0] / ent[1].clamp(min=1),
+        **response_metrics(exp, responses, rt),
     }
     if rollout_logp is not None:  # KV-cache decoding vs the training forward: should be ~1e-5 or less
-        metrics["rollout/logprob_diff_max"] = torch.where(mask, (rollout_logp - exp.logprobs).abs(), 0.0).max()
+        diff = torch.where(mask, (rollout_logp - exp.logprobs).abs(), 0.0).max()
+        metrics["rollout/logprob_diff_max"] = rt.max(diff) if rt is not None else diff
     return exp, metrics, responses
 
 
-def response_metrics(exp: Experience, responses: list[str]) -> dict:
-    """Length, EOS rate and two degeneration alarms: empty answers and repeated bigrams."""
-    lengths = exp.response_lengths().float()
+def response_metrics(exp: Experience, responses: list[str], rt: Runtime | None = None) -> dict:
+    """Length, EOS rate and two degeneration alarms: empty answers and repeated bigrams
+    (means over every rank's responses when ``rt`` is given)."""
     distinct = []
     for row, n in zip(exp.response_ids.tolist(), exp.response_lengths().tolist()):
         bigrams = list(zip(row[:n - 1], row[1:n]))
         distinct.append(len(set(bigrams)) / len(bigrams) if bigrams else 1.0)
-    return {
-        "response/length_mean": lengths.mean(),
-        "response/eos_frac": exp.eos.float().mean(),
-        "response/empty_frac": sum(1 for r in responses if not r) / max(len(responses), 1),
-        "response/distinct2": sum(distinct) / max(len(distinct), 1),
-    }
+    per_row = torch.stack([exp.response_lengths().float().cpu(), exp.eos.float().cpu(),
+                           torch.tensor([float(not r) for r in responses]), torch.tensor(distinct)], dim=1)  # (B, 4)
+    if rt is not None:
+        per_row = rt.gather(per_row)
+    means = per_row.mean(0) if len(per_row) else per_row.new_zeros(4)
+    return {"response/length_mean": means[0], "response/eos_frac": means[1],
+            "response/empty_frac": float(means[2]), "response/distinct2": float(means[3])}
 
 
 def sequence_kl(exp: Experience, kind: str) -> torch.Tensor:
@@ -331,21 +358,23 @@ class PolicyRun:
 def setup_run(cfg, kind: str, *, epochs: int, mini_batch_size: int, **update_kw) -> PolicyRun:
     """Data, reward function, actor + reference, update settings. Validates batch arithmetic."""
     rt = Runtime(cfg.train.seed)
+    # Each rank takes whole prompts (a group never straddles ranks) and an equal share of every
+    # minibatch, so all ranks make the same number of optimizer steps (each one an all-reduce).
+    rt.check_divisible(cfg.train.batch_size, "train.batch_size (prompts per step)")
+    rt.check_divisible(mini_batch_size, "mini_batch_size")
     out = prepare_run_dir(cfg, kind, rt.is_main)
     tokenizer = load_tokenizer(cfg.model.name)
     prompts, dropped = load_prompt_items(cfg.prompts, tokenizer)
     if dropped:
         log.warning("[%s] dropped %d prompts longer than %d tokens", kind, dropped, cfg.prompts.max_prompt_length)
     rows = cfg.train.batch_size * cfg.rollout.n
-    if rows % rt.world_size or (rows // rt.world_size) % max(mini_batch_size // rt.world_size, 1):
-        raise ConfigError(f"train.batch_size * rollout.n = {rows} rows per step must split into minibatches of "
-                          f"{mini_batch_size} rows over {rt.world_size} process(es)")
     reward_fn = build_reward_fn(cfg.reward.spec, tokenizer=tokenizer, device=rt.device,
                                 batch_size=cfg.reward.batch_size)
     actor, ref = load_actor(cfg.model, rt)
+    rt.broadcast_params(actor)  # not DDP-wrapped (see pg_update.policy_update): start from rank 0's copy
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
         1, int(cfg.train.epochs * len(prompts) // cfg.train.batch_size))
-    settings = UpdateSettings(epochs=epochs, mini_batch_size=max(mini_batch_size // rt.world_size, 1),
+    settings = UpdateSettings(epochs=epochs, mini_batch_size=mini_batch_size // rt.world_size,
                               micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm,
                               **update_kw)
     return PolicyRun(cfg, kind, rt, out, tokenizer, prompts, reward_fn, actor, ref, settings, rows, total)
@@ -380,6 +409,14 @@ def log_samples(run: PolicyRun, logger: RunLogger, step: int, exp: Experience, i
     logger.text(step, "samples", md)
 
 
+def _drop_samples_after(path: Path, step: int) -> None:
+    """On resume, samples.jsonl keeps the steps up to the checkpoint (none when starting at step 0),
+    as RunLogger does for metrics.jsonl: the steps after it are sampled and logged again."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and step > 0 and json.loads(ln)["step"] <= step]
+        path.write_text("".join(k + "\n" for k in keep))
+
+
 def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state_fn=dict, load_state=None,
                show: tuple[str, ...] = ()) -> dict:
     """The outer loop every policy-gradient trainer shares: resume, iterate, log, checkpoint.
@@ -399,6 +436,8 @@ def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state
         if load_state is not None:
             load_state(state)
     start = state.get("step", 0)
+    if run.rt.is_main:
+        _drop_samples_after(run.out / "samples.jsonl", start)
     logger = RunLogger(run.out, run.total_steps, enabled=run.rt.is_main, progress=cfg.train.progress,
                        desc=run.kind, initial_step=start)
     guard = StepGuard(cfg.train.max_bad_steps)
@@ -419,6 +458,8 @@ def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state
 
 def save_final(run: PolicyRun, models: dict[str, Any], results: dict) -> None:
     """Final models as plain transformers/peft dirs (output_dir/model, ...) and the results json."""
+    for name, model in models.items():
+        run.rt.check_replicas(model, name)
     if run.rt.is_main:
         for name, model in models.items():
             save_pretrained_atomic(run.rt.unwrap(model), run.tokenizer, run.out / name)

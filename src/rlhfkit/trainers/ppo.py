@@ -15,17 +15,17 @@ import torch
 
 from rlhfkit.algos import (
     AdaptiveKLController, FixedKLController, explained_variance, gae_advantages, kl_penalized_rewards,
-    masked_whiten,
+    masked_sum, masked_whiten,
 )
 from rlhfkit.config import ConfigError, ModelSection, OptimSection
 from rlhfkit.models import load_scalar_model
 from rlhfkit.models.heads import _backbone_and_head
-from rlhfkit.models.lora import apply_lora
+from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, share_frozen_base
 from rlhfkit.trainers.common import RunLogger, StepGuard
 from rlhfkit.trainers.pg_update import build_opt, load_ptx, policy_update
 from rlhfkit.trainers.policy_gradient import (
     PolicyTrainSection, PromptsSection, PTXSection, RewardSection, RolloutSection, log_samples,
-    optimizer_steps_per_iteration, prompt_batch, rollout, save_final, score_experience,
+    optimizer_steps_per_iteration, prompt_batch, rollout, sampling_seed, save_final, score_experience,
     score_values, sequence_kl, setup_run, Stopwatch, train_loop,
 )
 
@@ -108,9 +108,13 @@ class PPOConfig:
                               "or critic_init: policy)")
 
 
-def load_critic(cfg: PPOConfig, tokenizer, device):
+def load_critic(cfg: PPOConfig, tokenizer, device, actor=None):
     """The critic V_psi: a scalar-head model, initialised from the RM (its head predicts the final
-    score from the start) or from the policy backbone with a zero head (V = 0 at first)."""
+    score from the start) or from the policy backbone with a zero head (V = 0 at first).
+
+    With LoRA and a critic started from the policy, the critic's frozen backbone *is* the LoRA
+    actor's frozen base (the same tensors, `share_frozen_base`): actor, reference and critic then
+    hold one copy of the base weights, and the critic owns only its adapters and head."""
     from rlhfkit.judges.rewards import find_rm_dir
 
     if cfg.critic_model:
@@ -128,6 +132,10 @@ def load_critic(cfg: PPOConfig, tokenizer, device):
         with torch.no_grad():
             _, head = _backbone_and_head(critic)
             head.weight.zero_()
+    if cfg.model.lora.enabled and actor is not None and src == cfg.model.name:
+        share_frozen_base(critic, actor)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(critic)
     critic = apply_lora(critic, cfg.model.lora, "SEQ_CLS").to(device)
     critic.train()
     return critic
@@ -145,12 +153,12 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
     clock = Stopwatch()
 
     # 1. Rollout: n samples per prompt from the current policy (left-padded prompts, stop at EOS).
-    exp = rollout(run.actor, items, cfg.rollout, run.tokenizer)
+    exp = rollout(run.actor, items, cfg.rollout, run.tokenizer, seed=sampling_seed(run, step))
     clock.lap("rollout")
 
     # 2. Score, no gradients: logp_old (actor, eval mode), logp_ref, V_old, sequence scores.
     exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
-                                               run.tokenizer, micro)
+                                               run.tokenizer, micro, run.rt)
     exp.values = score_values(critic, exp, micro)
     mask = exp.response_mask
     clock.lap("score")
@@ -160,9 +168,10 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
                                            kl_ctl.value, cfg.kl.kind)
     seq_kl = sequence_kl(exp, "k1")
 
-    # 4. Advantages by GAE, whitened over the batch's valid tokens; returns are the value targets.
+    # 4. Advantages by GAE, whitened over the batch's valid tokens (every rank's: reduce=rt.sum);
+    #    returns are the value targets.
     adv, exp.returns = gae_advantages(exp.rewards, exp.values, mask, cfg.gamma, cfg.lam)
-    exp.advantages = masked_whiten(adv, mask) if cfg.whiten_advantages else adv
+    exp.advantages = masked_whiten(adv, mask, reduce=run.rt.sum) if cfg.whiten_advantages else adv
 
     # 5. Update: ppo_epochs x minibatches, clipped policy + value losses (+ PTX), two optimizers.
     upd = policy_update(exp, run.actor, opts["actor"], run.settings, run.rt, guard, critic=critic,
@@ -170,15 +179,17 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
     clock.lap("update")
     metrics.update(upd)
     metrics.update(clock.times)
-    metrics["time/gen_tokens_per_s"] = float(mask.sum()) / max(clock.times["time/rollout"], 1e-9)
+    metrics["time/gen_tokens_per_s"] = float(run.rt.sum(mask.sum().float())) / max(clock.times["time/rollout"], 1e-9)
+    per_row = run.rt.gather(torch.stack([seq_kl, kl.sum(-1)], dim=1))  # (N, 2) over every rank's rows
+    values = run.rt.sum(torch.stack([masked_sum(exp.values, mask), mask.sum().float()]))
     metrics.update({
-        "objective/kl": seq_kl.mean(), "objective/kl_penalty": kl.sum(-1).mean(),
+        "objective/kl": per_row[:, 0].mean(), "objective/kl_penalty": per_row[:, 1].mean(),
         "objective/kl_coef": kl_ctl.value,
-        "objective/non_score_reward": (-kl_ctl.value * kl.sum(-1)).mean(),
-        "value/explained_variance": explained_variance(exp.values, exp.returns, mask),
-        "value/mean": exp.values[mask.bool()].mean(),
+        "objective/non_score_reward": -kl_ctl.value * per_row[:, 1].mean(),
+        "value/explained_variance": explained_variance(exp.values, exp.returns, mask, reduce=run.rt.sum),
+        "value/mean": values[0] / values[1].clamp(min=1),
     })
-    kl_ctl.update(float(kl.sum(-1).mean()), n_steps=run.rows_per_step)
+    kl_ctl.update(float(per_row[:, 1].mean()), n_steps=run.rows_per_step)  # the same beta on every rank
     log_samples(run, logger, step + 1, exp, items, responses)
     return metrics
 
@@ -191,7 +202,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
     run = setup_run(cfg, "ppo", epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
                     clip_eps=cfg.clip_eps, agg=cfg.loss_agg, vf_coef=cfg.vf_coef, value_clip_eps=cfg.value_clip_eps,
                     critic_max_grad_norm=cfg.critic_optim.max_grad_norm)
-    critic = load_critic(cfg, run.tokenizer, run.rt.device)
+    critic = load_critic(cfg, run.tokenizer, run.rt.device, actor=run.actor)
+    run.rt.broadcast_params(critic)
     n_opt = run.total_steps * optimizer_steps_per_iteration(run)
     opts = {"actor": build_opt(run.actor, cfg.optim, n_opt), "critic": build_opt(critic, cfg.critic_optim, n_opt)}
     ptx = load_ptx(cfg.ptx, run.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)

@@ -13,11 +13,11 @@ import torch
 from rlhfkit.algos import bradley_terry_loss
 from rlhfkit.config import RewardConfig
 from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
-from rlhfkit.models import load_scalar_model, load_tokenizer, save_pretrained_atomic, sequence_scores
-from rlhfkit.models.lora import apply_lora
+from rlhfkit.models import load_tokenizer, save_pretrained_atomic, sequence_scores
+from rlhfkit.models.lora import load_for_training
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
-    load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+    eval_chunks, load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 from rlhfkit.trainers.sources import resolve_source, split_eval
 
@@ -44,22 +44,27 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, device) -> dict:
-    """Held-out pairwise accuracy and mean margin, overall and per category."""
+def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, device, rt=None) -> dict:
+    """Held-out pairwise accuracy and mean margin, overall and per category; with a Runtime
+    ``rt`` each rank scores its shard and the per-pair results are gathered."""
     if not examples:
         return {}
     was_training = model.training
     model.eval()
     correct, margins, cats = [], [], []
-    for chunk in micro_batches(examples, micro_batch_size):
+    for chunk, real in eval_chunks(examples, micro_batch_size, rt):
         batch = collator(chunk)
         tensors = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         rc, rr = pair_scores(model, tensors)
+        if not real:
+            continue
         # ties count as half right, so a constant model scores 50%, not 0%
         correct += ((rc > rr).float() + 0.5 * (rc == rr).float()).tolist()
         margins += (rc - rr).tolist()
         cats += [c or "all" for c in batch.get("category", [None] * len(chunk))]
     model.train(was_training)
+    if rt is not None:
+        correct, margins, cats = (rt.gather_objects(x) for x in (correct, margins, cats))
     out = {"eval/accuracy": sum(correct) / len(correct), "eval/margin": sum(margins) / len(margins),
            "eval/pairs": len(correct)}
     by_cat = defaultdict(list)
@@ -74,6 +79,7 @@ def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, de
 def train_reward_model(cfg: RewardConfig) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
     rt = Runtime(cfg.train.seed)
+    rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "rm", rt.is_main)
 
     # 1. Data, validated before the model loads.
@@ -83,11 +89,9 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         raise ValueError(f"{cfg.data.train}: no training pairs")
     collator = PreferenceCollator(tokenizer.pad_token_id)
 
-    # 2. Backbone + fresh scalar head (or a trained RM to continue from).
-    model = load_scalar_model(cfg.model.name, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
+    # 2. Backbone + fresh scalar head (or a trained RM to continue from). With LoRA the head is
+    #    trained in full next to the adapters and saved with them.
+    model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
     model.train()
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(model, cfg.optim)
@@ -106,7 +110,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                 logger.write(f"[rm] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
     guard = StepGuard(cfg.train.max_bad_steps)
     if start == 0 and evals:
-        logger.log(0, evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device))
+        logger.log(0, evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device, rt))
 
     # 3. Optimisation: BT loss summed over pairs, divided by the global number of pairs.
     metrics: dict = {}
@@ -136,7 +140,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         metrics = {"train/loss": train_loss, "train/accuracy": rt.sum(acc_sum) / n, "train/grad_norm": gnorm,
                    "train/lr": scheduler.get_last_lr()[0], "train/skipped_steps": guard.skipped_total}
         if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or step + 1 == total:
-            metrics.update(evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device))
+            metrics.update(evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device, rt))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, metrics, show=("train/loss", "eval/accuracy"))
         logger.advance()
@@ -145,7 +149,9 @@ def train_reward_model(cfg: RewardConfig) -> dict:
                       {"kind": "rm"})
         rt.wait()
 
-    # 5. Save: AutoModelForSequenceClassification.from_pretrained(dir) loads it as is.
+    # 5. Save: AutoModelForSequenceClassification.from_pretrained(dir) loads it as is (with LoRA a
+    #    peft adapter holding the head too; `rlhfkit merge` turns it into such a directory).
+    rt.check_replicas(model)
     if rt.is_main:
         save_pretrained_atomic(rt.unwrap(model), tokenizer, Path(out) / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}

@@ -13,11 +13,11 @@ import torch
 from rlhfkit.algos import masked_sum
 from rlhfkit.config import SFTConfig
 from rlhfkit.data import PackedSFTCollator, SFTCollator, load_sft, pack_sft, tokenize_dataset
-from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models import load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import apply_lora
+from rlhfkit.models.lora import load_for_training
 from rlhfkit.trainers.common import (
-    Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
+    Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler, eval_chunks,
     load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 from rlhfkit.trainers.sources import resolve_source, split_eval
@@ -52,19 +52,22 @@ def sft_batch_loss(model, batch: dict, normalizer: float) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate_sft(model, examples: list[dict], collator, micro_batch_size: int, device) -> dict:
-    """Token-mean held-out loss (and perplexity) over ``examples``."""
+def evaluate_sft(model, examples: list[dict], collator, micro_batch_size: int, device, rt=None) -> dict:
+    """Token-mean held-out loss (and perplexity) over ``examples``; with a Runtime ``rt`` each
+    rank scores its shard and the sums are added over ranks."""
     if not examples:
         return {}
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
-    for chunk in micro_batches(examples, micro_batch_size):
+    sums = torch.zeros(2, dtype=torch.float64)  # summed nll, token count
+    for chunk, real in eval_chunks(examples, micro_batch_size, rt):
         batch = {k: v.to(device) for k, v in collator(chunk).items() if isinstance(v, torch.Tensor)}
         _, s, c = sft_batch_loss(model, batch, 1.0)
-        nll += float(s)
-        count += int(c)
+        if real:
+            sums += torch.tensor([float(s), float(c)], dtype=torch.float64)
     model.train(was_training)
+    nll, count = (rt.sum(sums) if rt is not None else sums).tolist()
+    count = int(count)
     loss = nll / max(count, 1)
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": count}
 
@@ -72,6 +75,7 @@ def evaluate_sft(model, examples: list[dict], collator, micro_batch_size: int, d
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns the final metrics. The trained policy lands in ``output_dir/model``."""
     rt = Runtime(cfg.train.seed)
+    rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "sft", rt.is_main)
 
     # 1. Data: validated and tokenised before the model loads.
@@ -84,12 +88,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         train = pack_sft(train, cfg.data.max_length)
         collator = PackedSFTCollator(tokenizer.pad_token_id)
 
-    # 2. Model, optimizer, schedule.
-    model = load_causal_lm(cfg.model.name, cfg.model.dtype)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
+    # 2. Model (LoRA-wrapped when enabled; a LoRA adapter as model.name is continued), optimizer, schedule.
+    model, _ = load_for_training(cfg.model, "CAUSAL_LM")
     model.train()
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(model, cfg.optim)
@@ -109,7 +109,7 @@ def train_sft(cfg: SFTConfig) -> dict:
                 logger.write(f"[sft] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
     guard = StepGuard(cfg.train.max_bad_steps)
     if start == 0 and evals:
-        logger.log(0, evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, rt.device))
+        logger.log(0, evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, rt.device, rt))
 
     # 3. Optimisation: each step is one global batch, accumulated over micro-batches.
     metrics: dict = {}
@@ -133,7 +133,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         metrics = {"train/loss": train_loss, "train/grad_norm": gnorm, "train/lr": scheduler.get_last_lr()[0],
                    "train/tokens": n_tokens, "train/skipped_steps": guard.skipped_total}
         if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or step + 1 == total:
-            metrics.update(evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, rt.device))
+            metrics.update(evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, rt.device, rt))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
             logger.log(step + 1, metrics, show=("train/loss", "eval/loss"))
         logger.advance()
@@ -143,6 +143,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         rt.wait()
 
     # 5. The trained policy: a directory transformers (or peft) loads as is.
+    rt.check_replicas(model)
     if rt.is_main:
         save_pretrained_atomic(rt.unwrap(model), tokenizer, Path(out) / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}

@@ -1,0 +1,399 @@
+"""rlhfkit against TRL, step for step: SFT, RM, DPO, PPO and GRPO on the default model, fp32 on CPU.
+
+    make bench-trl                                     # builds .venv-bench (TRL lives only there)
+    .venv-bench/bin/python benchmarks/bench_trl.py [--methods sft,rm,dpo,ppo,grpo]
+        [--warmup 2] [--steps 3] [--dpo-steps 10] [--lora] [--set dpo.train.batch_size=8 ...]
+
+For each method two worker processes (benchmarks/trl_worker.py) build the same job, one with
+rlhfkit's trainer and one with TRL's: same model directory, same data files in the same order,
+same batch / micro-batch / minibatch sizes, sequence lengths, max_new_tokens, samples per prompt,
+epochs, learning rate (constant), AdamW hyperparameters, gradient clipping, fp32, no gradient
+checkpointing. Settings come from the shipped configs/*.yaml with the overrides printed below;
+the TRL arguments are derived from the same parsed config. Then the two take their steps in
+turns (step k of one, step k of the other, the order flipping every step), so that load from
+other jobs on this shared machine falls on both alike. A "step" is one optimizer step for SFT, RM
+and DPO and one iteration (generation + scoring + all updates on that batch) for PPO and GRPO.
+
+Reported per method and framework: seconds per step (mean of the timed steps, after warm-up),
+real (unpadded) tokens per second, the process's peak RSS (each worker is its own process, so
+peaks do not mix), achieved GFLOP/s of matrix products (model FLOPs: 6 x params per trained token,
+2 x params per forward-only token, plus attention; `common.train_flops_per_token`) against this
+machine's fp32 matmul peak measured in the same run, and the speed-up of rlhfkit over TRL. PPO
+and GRPO also get the gen / score / update split and the update phase's own GFLOP/s. The learning
+curve per step (loss, or mean reward for PPO/GRPO) of both is printed next to each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import fmt_table, matmul_peak_gflops, train_flops_per_token  # noqa: E402
+
+METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
+CONFIGS = {m: str(ROOT / "configs" / f"{m}.yaml") for m in METHODS}
+
+# Benchmark sizes: the shipped configs' settings, with batches cut so that one step of the
+# 135M model takes seconds, not minutes, on a 2-core CPU. Full fine-tuning everywhere (--lora
+# keeps PPO/GRPO on the configs' LoRA adapters instead).
+COMMON = ["optim.schedule=constant", "optim.warmup_ratio=0.0", "train.save_every=0", "train.progress=false",
+          "train.seed=0", "train.log_every=1"]
+SIZES = {
+    "sft": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=8", "train.micro_batch_size=8"],
+    "rm": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4"],
+    "dpo": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4",
+            "dpo.precompute_ref_logps=false"],
+    "ppo": ["train.batch_size=4", "train.micro_batch_size=4", "mini_batch_size=4", "ppo_epochs=2",
+            "rollout.max_new_tokens=32", "critic_optim.schedule=constant", "critic_optim.warmup_ratio=0.0"],
+    "grpo": ["train.batch_size=2", "rollout.n=8", "train.micro_batch_size=8", "mini_batch_size=8",
+             "rollout.max_new_tokens=24", "ppo_epochs=1"],
+}
+FULL_FT = {"ppo": ["model.lora.enabled=false", "optim.lr=1e-6", "critic_optim.lr=1e-5"],
+           "grpo": ["model.lora.enabled=false", "optim.lr=1e-6"]}
+CURVE = {"sft": ("train/loss", "loss", "loss"), "rm": ("train/loss", "loss", "loss"),
+         "dpo": ("train/loss", "loss", "loss"), "ppo": ("reward/score_mean", "objective/scores", "mean RM score"),
+         "grpo": ("reward/score_mean", "reward", "mean reward")}
+
+
+# --------------------------------------------------------------------------- workers
+
+class Worker:
+    def __init__(self, framework: str, method: str, spec: dict, out: Path, python: str):
+        self.framework, self.method = framework, method
+        spec_path = out / f"{method}_{framework}.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log_path = out / f"{method}_{framework}.log"
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+        if spec.get("threads"):
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [python, str(HERE / "trl_worker.py"), "--framework", framework, "--method", method,
+             "--spec", str(spec_path), "--ctl-in", str(to_child_r), "--ctl-out", str(from_child_w)],
+            pass_fds=(to_child_r, from_child_w), stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.w = os.fdopen(to_child_w, "w")
+        self.r = os.fdopen(from_child_r, "r")
+        self.steps: list[dict] = []
+        self.result: dict = {}
+        self.ready: dict = {}
+
+    def recv(self, want: str) -> dict:
+        line = self.r.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.framework} {self.method} worker exited (code {self.proc.returncode}); "
+                               f"last lines of {self.log_path}:\n" + _tail(self.log_path))
+        msg = json.loads(line)
+        if msg.get("event") == "error":
+            self.proc.wait()
+            raise RuntimeError(f"{self.framework} {self.method}: {msg['error']}\n" + _tail(self.log_path))
+        if msg.get("event") != want:
+            raise RuntimeError(f"{self.framework} {self.method}: expected {want}, got {msg}")
+        return msg
+
+    def go(self) -> dict:
+        self.w.write("go\n")
+        self.w.flush()
+        msg = self.recv("done")
+        msg["loadavg"] = os.getloadavg()[0]
+        self.steps.append(msg)
+        return msg
+
+    def stop(self) -> None:
+        for f in (self.w, self.r):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_method(method: str, spec: dict, out: Path, python: str, first: str) -> dict[str, Worker]:
+    """Both frameworks' workers for one method, stepped in turns (the first one flips each step)."""
+    workers = {fw: Worker(fw, method, {**spec, "out_dir": str(out / f"{method}_{fw}"),
+                                       "overrides": spec["overrides"] + [f"train.output_dir={out / f'{method}_{fw}'}"]},
+                          out, python)
+               for fw in ("rlhfkit", "trl")}
+    try:
+        for w in workers.values():
+            w.ready = w.recv("ready")
+        order = [first, "trl" if first == "rlhfkit" else "rlhfkit"]
+        for k in range(spec["steps"]):
+            for fw in (order if k % 2 == 0 else order[::-1]):
+                msg = workers[fw].go()
+                print(f"  [{method}] step {k + 1}/{spec['steps']} {fw:8s} {msg['sec']:7.2f} s  "
+                      f"load {msg['loadavg']:.2f}", flush=True)
+        for w in workers.values():
+            w.result = w.recv("result")
+    finally:
+        for w in workers.values():
+            w.stop()
+    return workers
+
+
+# --------------------------------------------------------------------------- data-side token counts
+
+def data_tokens_per_step(method: str, spec: dict, steps: int) -> list[dict]:
+    """Real (unpadded) tokens per optimizer step for SFT/RM/DPO, from rlhfkit's tokenisation of the
+    data in file order (both frameworks take the batches in that order)."""
+    from rlhfkit.config import RewardConfig, SFTConfig, load_config
+    from rlhfkit.models import load_tokenizer
+
+    tok = load_tokenizer(spec["model_dir"])
+    if method == "sft":
+        from rlhfkit.trainers.sft import prepare_sft_data
+
+        cfg = load_config(SFTConfig, spec["config"], spec["overrides"])
+        train, _, _ = prepare_sft_data(cfg, tok)
+        rows = [[len(ex["input_ids"])] for ex in train]
+    else:
+        from rlhfkit.trainers.dpo import DPOConfig
+        from rlhfkit.trainers.reward import prepare_preference_data
+
+        cfg = load_config(RewardConfig if method == "rm" else DPOConfig, spec["config"], spec["overrides"])
+        train, _, _ = prepare_preference_data(cfg, tok)
+        rows = [[len(ex["prompt_ids"]) + len(ex["chosen_ids"]), len(ex["prompt_ids"]) + len(ex["rejected_ids"])]
+                for ex in train]
+    b = cfg.train.batch_size
+    per_epoch = max(len(rows) // b, 1)
+    out = []
+    for k in range(steps):
+        pos = k % per_epoch
+        lens = [n for ex in rows[pos * b:(pos + 1) * b] for n in ex]
+        out.append({"rows": len(lens), "tokens": sum(lens)})
+    return out
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict) -> tuple[float, float]:
+    """(whole-step FLOPs, update-phase FLOPs) of matrix products for one step's real tokens."""
+    f_lm = lambda t: train_flops_per_token(model_cfg, t, lm_head=True)  # noqa: E731 (fwd+bwd per token)
+    f_sc = lambda t: train_flops_per_token(model_cfg, t, lm_head=False)  # noqa: E731 (scalar-head models)
+    if method in ("sft", "rm", "dpo"):
+        n, rows = data["tokens"], data["rows"]
+        T = n / rows
+        if method == "sft":
+            fl = f_lm(T) * n
+        elif method == "rm":
+            fl = f_sc(T) * n
+        else:
+            live = "dpo.precompute_ref_logps=true" not in spec["overrides"]
+            fl = f_lm(T) * n * (4 / 3 if live else 1.0)  # + a forward of the reference
+        return fl, fl
+    tk = step["tokens"]
+    n_p, n_r, rows = tk.get("prompt", 0), tk.get("response", 0), max(tk.get("rows", 1), 1)
+    n = n_p + n_r
+    T = n / rows
+    epochs = spec["epochs"]
+    gen = f_sc(T) / 3 * n_p + f_lm(T) / 3 * n_r  # prefill (no LM head), then one token per decode step
+    if method == "ppo":  # actor, reference, critic, reward model forwards; actor + critic trained
+        score = 2 * f_lm(T) / 3 * n + 2 * f_sc(T) / 3 * n
+        update = epochs * (f_lm(T) + f_sc(T)) * n
+    else:  # actor (logp_old) and reference forwards; actor trained
+        score = 2 * f_lm(T) / 3 * n
+        update = epochs * f_lm(T) * n
+    return gen + score + update, update
+
+
+# --------------------------------------------------------------------------- report
+
+def summarise(method: str, workers: dict[str, Worker], spec: dict, warmup: int, model_cfg, data) -> list[dict]:
+    rows = []
+    for fw in ("rlhfkit", "trl"):
+        w = workers[fw]
+        timed = w.steps[warmup:]
+        secs = [s["sec"] for s in timed]
+        sec = statistics.mean(secs)
+        toks, flops, upd_flops, upd_secs, phases = 0.0, 0.0, 0.0, 0.0, {"gen": 0.0, "score": 0.0, "update": 0.0}
+        for i, s in enumerate(timed):
+            d = data[warmup + i] if data else None
+            toks += d["tokens"] if d else s["tokens"].get("prompt", 0) + s["tokens"].get("response", 0)
+            fl, ufl = step_flops(method, model_cfg, s, d, spec)
+            flops += fl
+            upd_flops += ufl
+            if method in ("ppo", "grpo"):
+                g, sc = s["phases"].get("gen", 0.0), s["phases"].get("score", 0.0)
+                phases["gen"] += g
+                phases["score"] += sc
+                phases["update"] += s["sec"] - g - sc
+                upd_secs += s["sec"] - g - sc
+        total = sum(secs)
+        row = {"framework": fw, "s/step": sec, "sd": statistics.stdev(secs) if len(secs) > 1 else 0.0,
+               "tokens/step": toks / len(timed), "tokens/s": toks / total,
+               "peak RSS MB": max(w.result.get("rss_mb", 0.0), max(s["rss_mb"] for s in w.steps)),
+               "GFLOP/s": flops / total / 1e9, "load": statistics.mean(s["loadavg"] for s in timed),
+               "steps s": " ".join(f"{s['sec']:.1f}" for s in w.steps)}
+        if method in ("ppo", "grpo"):
+            n = len(timed)
+            row.update({"gen s": phases["gen"] / n, "score s": phases["score"] / n,
+                        "update s": phases["update"] / n, "update GFLOP/s": upd_flops / max(upd_secs, 1e-9) / 1e9,
+                        "resp tok/row": sum(s["tokens"].get("response", 0) for s in timed)
+                        / max(sum(s["tokens"].get("rows", 0) for s in timed), 1)})
+        rows.append(row)
+    trl_sec = rows[1]["s/step"]
+    for r in rows:
+        r["speed-up vs TRL"] = trl_sec / r["s/step"]
+    return rows
+
+
+def print_curve(method: str, workers: dict[str, Worker]) -> None:
+    ours, theirs, label = CURVE[method]
+    a = {c["step"]: c.get(ours) for c in workers["rlhfkit"].result.get("curve", [])}
+    b = {c["step"]: c.get(theirs) for c in workers["trl"].result.get("curve", [])}
+    steps = sorted(set(a) | set(b))
+    rows = [{"step": k, f"rlhfkit {label}": a.get(k), f"TRL {label}": b.get(k)} for k in steps]
+    print(f"learning curve per step ({label}; same data in the same order, same starting weights):")
+    print(fmt_table(rows, ["step", f"rlhfkit {label}", f"TRL {label}"]))
+
+
+def make_reward_model(out: Path, model_dir: str) -> str:
+    """A Bradley-Terry-shaped reward model for PPO (both frameworks load the same directory): the
+    default model with a fresh scalar head. Its scores are noise; only speed is measured with it."""
+    d = out / "ppo_reward_model"
+    if (d / "config.json").is_file():
+        return str(d)
+    import torch
+
+    from rlhfkit.models import load_scalar_model, load_tokenizer, save_pretrained_atomic
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(model_dir)
+    save_pretrained_atomic(load_scalar_model(model_dir, pad_token_id=tok.pad_token_id), tok, d)
+    return str(d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, caches)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
+    ap.add_argument("--dpo-steps", type=int, default=0,
+                    help="timed DPO steps (default --steps); more give a longer learning curve")
+    ap.add_argument("--lora", action="store_true", help="PPO/GRPO with the configs' LoRA adapters (r=16, all-linear)")
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="extra rlhfkit config override for one method, e.g. dpo.train.batch_size=8")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch/OpenMP threads in every worker and for the peak (default: torch's, = cores); "
+                         "1 is far faster than 2 when other jobs load the cores (OpenMP threads wait on each other)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_trl"))
+    ap.add_argument("--python", default=sys.executable, help="interpreter with rlhfkit and trl installed")
+    args = ap.parse_args()
+
+    import torch
+
+    from rlhfkit.models import resolve_model_path
+
+    try:
+        import trl
+    except ImportError:
+        sys.exit("TRL is not installed in this interpreter: run `make bench-trl` (it builds .venv-bench)")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_path("smollm2-135m-instruct")
+    from transformers import AutoConfig
+
+    model_cfg = AutoConfig.from_pretrained(model_dir)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    extra: dict[str, list[str]] = {m: [] for m in METHODS}
+    for item in args.set:
+        m, _, kv = item.partition(".")
+        if m not in extra or "=" not in kv:
+            sys.exit(f"--set {item!r}: expected METHOD.key=value with METHOD in {METHODS}")
+        extra[m].append(kv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load0 = os.getloadavg()
+    t_start = time.time()
+    peak0 = matmul_peak_gflops()
+    print(f"rlhfkit vs TRL {trl.__version__} | torch {torch.__version__}, {torch.get_num_threads()} threads | "
+          f"model {model_dir} (fp32) | fp32 matmul peak (2048^3, best of 10): {peak0:.1f} GFLOP/s | "
+          f"loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
+
+    results = {}
+    for i, method in enumerate(methods):
+        overrides = COMMON + SIZES[method] + ([] if args.lora else FULL_FT.get(method, []))
+        if method == "ppo":
+            overrides.append(f"reward.spec=rm:{make_reward_model(out, model_dir)}")
+            overrides.append("critic_init=reward")
+        steps = args.steps if not (method == "dpo" and args.dpo_steps) else args.dpo_steps
+        total = args.warmup + steps
+        overrides = overrides + [f"train.max_steps={total}"] + extra[method]
+        spec = {"config": CONFIGS[method], "overrides": overrides, "model_dir": model_dir, "steps": total,
+                "seed": 0, "threads": args.threads}
+        if method in ("ppo", "grpo"):
+            from rlhfkit.config import load_config
+            from rlhfkit.trainers.grpo import GRPOConfig
+            from rlhfkit.trainers.ppo import PPOConfig
+
+            spec["epochs"] = load_config(PPOConfig if method == "ppo" else GRPOConfig, CONFIGS[method],
+                                         overrides).ppo_epochs
+        print(f"\n== {method}: {args.warmup} warm-up + {steps} timed steps; rlhfkit config {CONFIGS[method]} with "
+              f"{' '.join(o for o in overrides if not o.startswith('train.output_dir'))}", flush=True)
+        try:
+            workers = run_method(method, spec, out, args.python, first="rlhfkit" if i % 2 == 0 else "trl")
+        except RuntimeError as e:
+            print(f"  FAILED: {e}", flush=True)
+            continue
+        data = data_tokens_per_step(method, spec, total) if method in ("sft", "rm", "dpo") else None
+        results[method] = (workers, spec, data)
+
+    peak1 = matmul_peak_gflops()
+    peak = max(peak0, peak1)
+    load1 = os.getloadavg()
+    print(f"\nfp32 matmul peak: {peak0:.1f} GFLOP/s before, {peak1:.1f} after -> using {peak:.1f} | "
+          f"loadavg at start {load0[0]:.2f}, at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} | "
+          f"wall {time.time() - t_start:.0f} s")
+    summary = {"trl": trl.__version__, "torch": torch.__version__, "peak_gflops": peak,
+               "loadavg_start": load0, "loadavg_end": load1, "methods": {}}
+    for method, (workers, spec, data) in results.items():
+        rows = summarise(method, workers, spec, args.warmup, model_cfg, data)
+        for r in rows:
+            r["% of peak"] = 100 * r["GFLOP/s"] / peak
+            if "update GFLOP/s" in r:
+                r["update % of peak"] = 100 * r["update GFLOP/s"] / peak
+        cols = ["framework", "s/step", "sd", "tokens/s", "peak RSS MB", "GFLOP/s", "% of peak", "speed-up vs TRL"]
+        if method in ("ppo", "grpo"):
+            cols += ["gen s", "score s", "update s", "update GFLOP/s", "update % of peak", "resp tok/row"]
+        unit = "iteration" if method in ("ppo", "grpo") else "optimizer step"
+        print(f"\n### {method.upper()} (step = one {unit}; {rows[0]['tokens/step']:.0f} real tokens per step for "
+              f"rlhfkit, {rows[1]['tokens/step']:.0f} for TRL; mean 1-min loadavg while timing "
+              f"{statistics.mean(r['load'] for r in rows):.2f})")
+        print(fmt_table(rows, cols))
+        print("all steps (s, warm-up first): " + " | ".join(f"{r['framework']}: {r['steps s']}" for r in rows))
+        print_curve(method, workers)
+        summary["methods"][method] = {"rows": rows, "overrides": spec["overrides"],
+                                      "curves": {fw: w.result.get("curve") for fw, w in workers.items()},
+                                      "steps": {fw: w.steps for fw, w in workers.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"\nraw numbers: {out / 'results.json'}; worker logs: {out}/<method>_<framework>.log")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Data parallelism on CPU: 2 processes (torchrun, gloo) against 1 process with the same global batch.
+
+One `torchrun --nproc_per_node 2` job runs every 2-process case (tests/dist_worker.py: the CLI,
+several invocations per job, so torch is imported once); the 1-process references run in this
+process through the same CLI entry point.
+
+- SFT, RM and DPO: the same global batches, split over the ranks and accumulated, give the same
+  per-step losses and the same final weights (differences: summation order only).
+- A checkpoint written by 2 processes resumes on 1, and one written by 1 resumes on 2.
+- GRPO and PPO: each rank samples its own prompts from its own stream (`sampling_seed`), so a
+  2-process rollout cannot equal a 1-process one. What must hold is that everything after the
+  sampling is the 1-process computation: the 1-process run is fed the very experience the two
+  ranks sampled (their prompts and rollouts, concatenated), and then its metrics (global
+  reductions: whitening, KL controller, losses, clip fraction) and final weights must match.
+  That the two replicas stay identical is checked by the trainers themselves
+  (`Runtime.check_replicas` before the final save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from rlhfkit.cli import main as cli
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+HERE = Path(__file__).resolve().parent
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)  # per-step losses: summation order only
+# Final weights: Adam divides each gradient by its running RMS, so an element whose gradient is
+# ~0 moves by up to lr whatever the rounding of that tiny gradient; lr 1e-4 keeps that below 1e-5.
+PARAM_ATOL = 1e-5
+
+COMMON = ["train.progress=false", "optim.lr=1e-4", "optim.schedule=constant", "optim.warmup_ratio=0",
+          "train.batch_size=8", "train.micro_batch_size=2", "data.max_length=64"]
+
+
+def _sft_args(model, data, out, *extra):
+    return ["sft", f"model.name={model}", f"data.train={data}", "data.eval_fraction=0.1",
+            f"train.output_dir={out}", "train.max_steps=4", "train.save_every=2", *COMMON, *extra]
+
+
+def _pref_args(kind, model, data, out):
+    return [kind, f"model.name={model}", f"data.train={data}", "data.eval_fraction=0.1",
+            f"train.output_dir={out}", "train.max_steps=2", *COMMON]
+
+
+def _pg_args(kind, work: Path, out: Path):
+    args = [kind, f"model.name={work / 'policy'}", f"prompts.train={work / 'prompts.jsonl'}",
+            f"reward.spec={work / 'reward_fn.py'}:e_share", "rollout.n=4", "rollout.max_new_tokens=6",
+            "mini_batch_size=16", "ppo_epochs=2", "train.batch_size=4", "train.micro_batch_size=4",
+            "train.max_steps=2", "train.progress=false", "optim.lr=1e-4", f"train.output_dir={out}"]
+    if kind == "grpo":
+        return args + ["kl_coef=0.04"]
+    # PPO: critic from the policy; an adaptive KL controller, so beta must move the same way on all ranks
+    return args + ["critic_init=policy", "kl.target=0.01", "kl.horizon=100", "critic_optim.lr=1e-4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The 1-process runs here use one thread, like each of the two processes (and a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, tokenizer):
+    """Every 2-process run, in one torchrun job; plus the 1-process SFT run the 2-process job resumes."""
+    from pg_utils import tiny_policy_dir, write_prompts, write_reward
+
+    work = tmp_path_factory.mktemp("dist")
+    sft = write_jsonl(work / "sft.jsonl", [
+        {"prompt": f"Count to {i}", "response": " ".join(str(j) for j in range(1, i % 7 + 2))} for i in range(48)])
+    pref = write_jsonl(work / "pref.jsonl", [
+        {"prompt": f"Name a colour like {c}", "chosen": c + " yes" * (i % 3), "rejected": "no idea" + " hmm" * (i % 4)}
+        for i, c in enumerate(COLOURS * 6)])
+    tiny_policy_dir(tokenizer, work / "policy")
+    write_prompts(work / "prompts.jsonl")
+    write_reward(work / "reward_fn.py")
+
+    # A 1-process SFT run whose step-2 checkpoint the 2-process job resumes.
+    assert cli(_sft_args(tiny_model_dir, sft, work / "sft-1")) == 0
+    shutil.copytree(work / "sft-1", work / "sft-1to2")
+    shutil.rmtree(work / "sft-1to2" / "model")
+
+    jobs = [
+        {"argv": _sft_args(tiny_model_dir, sft, work / "sft-2")},
+        {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2", "--resume")},
+        {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-2")},
+        {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-2")},
+        {"argv": _pg_args("grpo", work, work / "grpo-2"), "capture": str(work / "grpo-rollouts")},
+        {"argv": _pg_args("ppo", work, work / "ppo-2"), "capture": str(work / "ppo-rollouts")},
+    ]
+    (work / "jobs.json").write_text(json.dumps([{**j, "argv": [str(a) for a in j["argv"]]} for j in jobs]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "dist_worker.py"), str(work / "jobs.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return work
+
+
+def _losses(run: Path, key: str = "train/loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = PARAM_ATOL) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _assert_same_metrics(a: Path, b: Path, keys: list[str]) -> None:
+    for key in keys:
+        la, lb = _losses(a, key), _losses(b, key)
+        assert la and la.keys() == lb.keys(), (key, la, lb)
+        torch.testing.assert_close(torch.tensor(list(la.values()), dtype=torch.float64),
+                                   torch.tensor(list(lb.values()), dtype=torch.float64),
+                                   **LOSS_TOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_sft_two_processes_equal_one(runs):
+    _assert_same_metrics(runs / "sft-1", runs / "sft-2", ["train/loss", "train/grad_norm", "eval/loss"])
+    assert _losses(runs / "sft-2", "train/tokens") == _losses(runs / "sft-1", "train/tokens")  # global counts
+    _assert_same_weights(runs / "sft-1", runs / "sft-2")
+    # written once, by rank 0: one checkpoint (step 2; step 4 is the final model)
+    assert sorted(p.name for p in (runs / "sft-2" / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_checkpoints_resume_across_world_sizes(runs, tiny_model_dir):
+    # 1 -> 2 processes: the 1-process checkpoint at step 2, finished by 2 processes
+    _assert_same_metrics(runs / "sft-1", runs / "sft-1to2", ["train/loss"])
+    _assert_same_weights(runs / "sft-1", runs / "sft-1to2")
+    # 2 -> 1 process: the 2-process checkpoint at step 2, finished here
+    resumed = runs / "sft-2to1"
+    shutil.copytree(runs / "sft-2", resumed)
+    shutil.rmtree(resumed / "model")
+    assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", resumed, "--resume")) == 0
+    _assert_same_metrics(runs / "sft-2", resumed, ["train/loss"])
+    _assert_same_weights(runs / "sft-2", resumed)
+    rng = torch.load(runs / "sft-2" / "checkpoints" / "step-00000002" / "rng.pt", weights_only=False)
+    assert rng["world_size"] == 2 and len(rng["ranks"]) == 2  # each rank's stream is kept
+
+
+@pytest.mark.parametrize("kind", ["dpo", "rm"])
+def test_preference_trainers_two_processes_equal_one(runs, tiny_model_dir, kind):
+    one = runs / f"{kind}-1"
+    assert cli(_pref_args(kind, tiny_model_dir, runs / "pref.jsonl", one)) == 0
+    keys = ["train/loss", "train/grad_norm"] + (["eval/loss", "train/rewards/margin"] if kind == "dpo"
+                                                else ["train/accuracy", "eval/margin"])
+    _assert_same_metrics(one, runs / f"{kind}-2", keys)
+    _assert_same_weights(one, runs / f"{kind}-2")
+
+
+def _replay(monkeypatch, module, captured: Path) -> None:
+    """Make `module`'s 1-process loop use the prompts and rollouts the two ranks had: rank 0's rows,
+    then rank 1's (groups stay contiguous), with prompt indices renumbered into the joint list."""
+    from rlhfkit.rollout import Experience
+
+    def load(step):
+        parts = [torch.load(captured / f"rollout-{step}-rank{r}.pt", weights_only=False) for r in (0, 1)]
+        items = parts[0]["items"] + parts[1]["items"]
+        exps = [parts[0]["exp"], parts[1]["exp"]]
+        exps[1].prompt_index = exps[1].prompt_index + len(parts[0]["items"])
+        return items, Experience.cat(exps)
+
+    state = {}
+
+    def prompt_batch(run, step):
+        state["items"], state["exp"] = load(step)
+        return state["items"]
+
+    monkeypatch.setattr(module, "prompt_batch", prompt_batch)
+    monkeypatch.setattr(module, "rollout", lambda *args, **kw: state["exp"])
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_policy_gradient_update_equals_one_process_on_the_same_experience(runs, monkeypatch, kind):
+    import importlib
+
+    _replay(monkeypatch, importlib.import_module(f"rlhfkit.trainers.{kind}"), runs / f"{kind}-rollouts")
+    one = runs / f"{kind}-1"
+    assert cli(_pg_args(kind, runs, one)) == 0
+    keys = ["reward/score_mean", "reward/score_std", "policy/entropy", "response/length_mean", "objective/kl",
+            "loss/policy", "policy/clipfrac", "policy/approx_kl", "policy/ratio_first", "policy/grad_norm"]
+    if kind == "grpo":
+        keys += ["loss/kl", "advantage/abs_mean", "reward/group_std_mean"]
+    else:
+        keys += ["loss/value", "value/explained_variance", "value/mean", "objective/kl_coef", "value/grad_norm"]
+    _assert_same_metrics(one, runs / f"{kind}-2", keys)
+    _assert_same_weights(one, runs / f"{kind}-2")

@@ -1,0 +1,337 @@
+"""LoRA and gradient checkpointing on tiny random models.
+
+- ``rlhfkit merge``: the merged full model gives the adapter model's logits (policies) or scores
+  (reward models, whose trained head rides in the adapter);
+- LoRA PPO and LoRA DPO runs learn while holding one copy of the base weights (actor, reference
+  and critic share it);
+- online DPO continues one adapter on pi_0 across iterations;
+- gradient checkpointing is on for every trainer when asked, and changes no gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from rlhfkit.config import LoraSection, RewardConfig, SFTConfig, load_config
+from rlhfkit.models import load_causal_lm, load_scalar_model, load_tokenizer, sequence_scores
+from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, load_adapter_onto, load_for_training
+
+LORA = {"enabled": True, "r": 8, "alpha": 16}
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _batch(tokenizer, texts):
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _frozen_numel(*models) -> int:
+    """Elements of frozen parameter storage held by the models together, each tensor counted once."""
+    seen, total = set(), 0
+    for m in models:
+        for p in m.parameters():
+            if not p.requires_grad and p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+    return total
+
+
+def _base_numel(model_dir) -> int:
+    return sum(p.numel() for p in load_causal_lm(model_dir).parameters())  # tied embeddings once
+
+
+# --------------------------------------------------------------------------- merge
+
+def _sft_rows(n, seed):
+    import random
+
+    rng = random.Random(seed)
+    colors = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+    return [{"prompt": f"Repeat the colour: {c}", "response": f"The colour is {c}."}
+            for c in (rng.choice(colors) for _ in range(n))]
+
+
+def _trainer_cfg(cls, tmp_path, model_dir, train_path, eval_path, **sections):
+    data = {"model": {"name": str(model_dir), "lora": LORA},
+            "data": {"train": str(train_path), "eval": str(eval_path), "max_length": 96},
+            "train": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "micro_batch_size": 8,
+                      "progress": False, "max_steps": 16},
+            "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "schedule": "constant"}}
+    for sec, values in sections.items():
+        data[sec] = {**data.get(sec, {}), **values}
+    return load_config(cls, data=data)
+
+
+def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from pg_utils import tiny_policy_dir
+    from rlhfkit.cli import main
+    from rlhfkit.trainers.sft import train_sft
+
+    # A peaked tiny model: with the embeddings frozen (LoRA) and a final RMSNorm, a model whose
+    # embeddings are ~0.02 cannot express a confident next token whatever its adapters do.
+    tiny_model_dir = tiny_policy_dir(tokenizer, tmp_path / "policy")
+    train = write_jsonl(tmp_path / "train.jsonl", _sft_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _sft_rows(16, 1))
+    train_sft(_trainer_cfg(SFTConfig, tmp_path, tiny_model_dir, train, held, train={"max_steps": 12}))
+    evals = [r["eval/loss"] for r in _metrics(tmp_path / "run") if "eval/loss" in r]
+    assert evals[-1] < 0.6 * evals[0], evals  # the adapters alone learn the task
+    adapter = tmp_path / "run" / "model"
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(adapter), "--out", str(merged)]) == 0
+    assert not (merged / "adapter_config.json").exists() and (merged / "tokenizer_config.json").is_file()
+    full = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with_adapter = load_adapter_onto(load_causal_lm(tiny_model_dir), adapter).eval()
+    base = load_causal_lm(tiny_model_dir).eval()
+    ids, mask = _batch(tokenizer, ["Repeat the colour: red", "The colour is"])
+    with torch.no_grad():
+        want = with_adapter(input_ids=ids, attention_mask=mask).logits
+        got = full(input_ids=ids, attention_mask=mask).logits
+        assert (want - base(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-2  # adapters matter
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # an adapter directory also loads directly, merged on the fly
+        torch.testing.assert_close(load_causal_lm(adapter)(input_ids=ids, attention_mask=mask).logits, want,
+                                   atol=1e-4, rtol=1e-4)
+    assert main(["merge", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2  # not an adapter
+
+
+def _pref_rows(n, seed):
+    import random
+
+    rng = random.Random(seed)
+    colors = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+    return [{"prompt": f"Describe something {c}.", "chosen": f"It is a wonderful {c} thing, I love it.",
+             "rejected": f"It is a terrible {c} thing, I hate it."} for c in (rng.choice(colors) for _ in range(n))]
+
+
+def test_rm_lora_trains_the_head_and_merges_into_a_sequence_classifier(tmp_path, tiny_model_dir, tokenizer):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.cli import main
+    from rlhfkit.judges.rewards import reward_model_fn
+    from rlhfkit.trainers.reward import train_reward_model
+
+    # Start from a saved reward model, so the head's starting value is known.
+    rm0 = tmp_path / "rm0"
+    from rlhfkit.models import save_pretrained_atomic
+
+    save_pretrained_atomic(load_scalar_model(tiny_model_dir, pad_token_id=tokenizer.pad_token_id), tokenizer, rm0)
+    head0 = load_file(str(rm0 / "model.safetensors"))["score.weight"]
+
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1))
+    cfg = _trainer_cfg(RewardConfig, tmp_path, rm0, train, held, optim={"lr": 3e-3})
+    model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and all("lora_" in n or "score" in n for n in trainable)
+
+    train_reward_model(cfg)
+    evals = [r for r in _metrics(tmp_path / "run") if "eval/accuracy" in r]
+    assert evals[-1]["eval/accuracy"] >= 0.9 and evals[-1]["eval/margin"] > evals[0]["eval/margin"] + 0.5
+    adapter = tmp_path / "run" / "model"
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    heads = [k for k in saved if "score" in k]
+    assert heads and (saved[heads[0]] - head0).abs().max() > 1e-3  # the head trained with the adapters
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(adapter), "--out", str(merged)]) == 0
+    rm = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    unmerged = load_adapter_onto(load_scalar_model(rm0, pad_token_id=tokenizer.pad_token_id), adapter).eval()
+    texts = ["It is a wonderful red thing, I love it.", "It is a terrible red thing, I hate it."]
+    with torch.no_grad():
+        want = torch.stack([sequence_scores(unmerged, *_batch(tokenizer, [t])) for t in texts]).squeeze(-1)
+        got = torch.stack([rm(*_batch(tokenizer, [t])).logits[0, 0] for t in texts])  # HF's own pooling
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert want[0] > want[1]
+    # rm:DIR accepts the adapter itself (merged on load) and scores like the merged directory
+    prompts, responses = ["Describe something red."] * 2, ["It is a wonderful red thing.", "It is a terrible thing."]
+    a = reward_model_fn(str(tmp_path / "run"), tokenizer=tokenizer)(prompts, responses)
+    b = reward_model_fn(str(merged), tokenizer=tokenizer)(prompts, responses)
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- one copy of the base
+
+def test_lora_ppo_learns_with_one_copy_of_the_base_weights(tokenizer, tmp_path, monkeypatch):
+    from pg_utils import base_config, read_metrics
+    from rlhfkit.trainers import ppo
+
+    seen = {}
+    real_loop = ppo.train_loop
+
+    def spy(run, iterate, models, *a, **kw):
+        seen.update(run=run, **models)
+        return real_loop(run, iterate, models, *a, **kw)
+
+    monkeypatch.setattr(ppo, "train_loop", spy)
+    # The 1-layer tiny policy needs a wide adapter to move its (frozen, tied) output embeddings'
+    # choices quickly; with r=8 the reward creeps up too slowly for a 10-step test.
+    cfg = load_config(ppo.PPOConfig, data=base_config(
+        tmp_path, tokenizer, critic_init="policy", model={"lora": {"enabled": True, "r": 32, "alpha": 64}},
+        rollout={"n": 4, "max_new_tokens": 6}, train={"max_steps": 16, "seed": 1}, mini_batch_size=16,
+        ppo_epochs=4, kl={"coef": 0.0}, vf_coef=0.5, optim={"lr": 3e-2}, critic_optim={"lr": 1e-2}))
+    ppo.train_ppo(cfg)
+
+    rows = read_metrics(tmp_path / "run")
+    first = sum(r["reward/score_mean"] for r in rows[:2]) / 2
+    last = sum(r["reward/score_mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.08, [r["reward/score_mean"] for r in rows]
+    assert all(abs(r["policy/ratio_first"] - 1.0) < 1e-6 for r in rows)
+
+    actor, critic, run = seen["actor"], seen["critic"], seen["run"]
+    assert run.ref is None  # the reference is the actor with its adapters disabled
+    # Frozen storage of actor + reference + critic together: one base, plus the critic's frozen
+    # copy of its initial head (peft's modules_to_save keeps the original next to the trained one).
+    head_numel = critic.get_base_model().score.original_module.weight.numel()
+    assert _frozen_numel(actor, critic) == _base_numel(cfg.model.name) + head_numel
+    trainable = [n for m in (actor, critic) for n, p in m.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "score" in n for n in trainable)
+    out = tmp_path / "run"
+    assert (out / "model" / "adapter_config.json").is_file() and (out / "critic" / "adapter_config.json").is_file()
+
+
+def test_lora_dpo_learns_with_one_copy_of_the_base_weights(tmp_path, tokenizer, monkeypatch):
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.trainers import dpo
+
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm(tokenizer, seed=1).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    words = ["apple", "river", "stone", "cloud", "music", "garden", "window", "forest"]
+    for name, n, offset in (("train.jsonl", 32, 0), ("eval.jsonl", 16, 100)):  # separable: yes beats no
+        write_jsonl(tmp_path / name, [{"prompt": f"Tell me about the {words[i % 8]} number {i + offset}.",
+                                       "chosen": "yes yes yes", "rejected": "no no no"} for i in range(n)])
+    seen = {}
+    real_fit = dpo.fit_dpo
+
+    def spy(cfg, policy, reference, *a, **kw):
+        seen.update(policy=policy, reference=reference)
+        return real_fit(cfg, policy, reference, *a, **kw)
+
+    monkeypatch.setattr(dpo, "fit_dpo", spy)
+    cfg = load_config(dpo.DPOConfig, overrides=[
+        f"model.name={model_dir}", f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
+        f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "data.max_length=64",
+        "model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16", "model.gradient_checkpointing=true",
+        "optim.lr=1e-2", "optim.warmup_ratio=0", "optim.schedule=constant", "train.batch_size=8",
+        "train.micro_batch_size=4", "train.max_steps=12", "dpo.beta=0.5"])
+    metrics = dpo.train_dpo(cfg)
+    start = _metrics(tmp_path / "run")[0]
+    assert start["eval/rewards/accuracy"] == 0.0 and abs(start["eval/rewards/margin"]) < 1e-6
+    assert float(metrics["eval/rewards/accuracy"]) >= 0.9  # held-out prompts
+
+    policy, reference = seen["policy"], seen["reference"]
+    assert reference.model is policy and reference.adapters_off
+    assert _frozen_numel(policy) == _base_numel(model_dir)
+    assert all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
+    assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
+
+
+def test_online_dpo_with_lora_continues_one_adapter_on_pi0(tmp_path, tokenizer):
+    from rlhfkit.models.lora import adapter_config
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.trainers.online_dpo import OnlineDPOConfig, train_online_dpo
+
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm(tokenizer, seed=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say something {i}"} for i in range(8)])
+    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        f"model.name={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}", f"scorer={tmp_path / 'rew.py'}:reward",
+        "iterations=2", "prompts_per_iteration=4", "rollout.n=3", "rollout.max_new_tokens=6",
+        "model.lora.enabled=true", "model.lora.r=4", "optim.lr=1e-3",
+        "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1", "train.progress=false",
+        f"train.output_dir={tmp_path / 'run'}"])
+    train_online_dpo(cfg)
+    for k in (1, 2):  # iteration 2 trained the same adapter further, still on pi_0
+        assert adapter_config(tmp_path / "run" / f"iter-{k}" / "model")["base_model_name_or_path"] == str(model_dir)
+    from rlhfkit.cli import main
+
+    assert main(["merge", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "final")]) == 0
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+def _gc_on(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["causal", "scalar"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(kind, lora):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhfkit.trainers.pg_update import response_values
+
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    base = (LlamaForCausalLM if kind == "causal" else LlamaForSequenceClassification)(config)
+    models = []
+    for gc in (False, True):
+        m = copy.deepcopy(base)
+        if gc:
+            enable_gradient_checkpointing(m)
+        torch.manual_seed(1)
+        m = apply_lora(m, LoraSection(enabled=lora, r=4, alpha=8), "CAUSAL_LM" if kind == "causal" else "SEQ_CLS")
+        models.append(m.train())
+    if lora:  # non-zero B, identical in both, so the adapters change the forward
+        g = torch.Generator().manual_seed(2)
+        for (n, p), (_, q) in zip(*(m.named_parameters() for m in models)):
+            if "lora_B" in n:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                    q.copy_(p)
+    assert not _gc_on(models[0]) and _gc_on(models[1])
+    ids = torch.randint(1, 512, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # one left-padded row
+    for m in models:
+        if kind == "causal":
+            loss = -causal_logprobs(m, ids, mask, keep_last=5).sum()
+        else:
+            loss = response_values(m, ids, mask, 5).square().sum()
+        loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    assert grads[0].keys() == grads[1].keys()
+    assert all(g is not None for g in grads[1].values())  # checkpointing lost no gradient (LoRA: frozen inputs)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_gradient_checkpointing_flag_reaches_every_trainer(tmp_path, tokenizer, tiny_model_dir):
+    """model.gradient_checkpointing turns it on for SFT, RM, DPO (and online DPO, which runs DPO/SFT),
+    PPO's actor and critic, and GRPO/RLOO (the same actor loader), with or without LoRA."""
+    from pg_utils import base_config
+    from rlhfkit.trainers.common import Runtime
+    from rlhfkit.trainers.dpo import DPOConfig, build_policy_and_reference
+    from rlhfkit.trainers.policy_gradient import load_actor
+    from rlhfkit.trainers.ppo import PPOConfig, load_critic
+
+    for lora in (False, True):
+        model = {"name": str(tiny_model_dir), "gradient_checkpointing": True, "lora": {**LORA, "enabled": lora}}
+        common = {"model": model, "data": {"train": "x.jsonl"}}
+        assert _gc_on(load_for_training(load_config(SFTConfig, data=common).model, "CAUSAL_LM")[0])
+        assert _gc_on(load_for_training(load_config(RewardConfig, data=common).model, "SEQ_CLS",
+                                        pad_token_id=tokenizer.pad_token_id)[0])
+        policy, _ = build_policy_and_reference(load_config(DPOConfig, data=common), tokenizer)
+        assert _gc_on(policy)
+        cfg = load_config(PPOConfig, data=base_config(tmp_path, tokenizer, model=model, critic_init="policy",
+                                                        mini_batch_size=8))
+        actor, _ = load_actor(cfg.model, Runtime(0))
+        assert _gc_on(actor) and _gc_on(load_critic(cfg, tokenizer, "cpu", actor=actor))
