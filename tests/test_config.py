@@ -86,3 +86,25 @@ def test_cli_reports_config_errors_before_any_model_loads(tmp_path, capsys, argv
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"rlhfkit {argv[0]}: error: ") and match in err, err
     assert not out.exists()
+
+
+def test_every_shipped_config_validates():
+    """configs/*.yaml load into their typed configs (a renamed or retyped field fails here, not in
+    a user's run); the demo pipeline plans all its stages."""
+    from pathlib import Path
+
+    from rlhfkit.cli import TRAINERS, _resolve
+    from rlhfkit.pipeline import plan
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    seen = []
+    for path in sorted(root.glob("*.yaml")):
+        kind = path.stem.replace("_", "-")
+        if path.stem == "demo":
+            _, stages = plan(str(path))
+            assert [s.kind for s, _ in stages] == ["sft", "rm", "ppo", "eval"]
+        else:
+            assert kind in TRAINERS, f"{path.name}: no trainer named {kind!r}"
+            load_config(_resolve(TRAINERS[kind][0]), str(path))
+        seen.append(path.stem)
+    assert {"demo", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo", "pm"} <= set(seen)

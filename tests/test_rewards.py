@@ -155,6 +155,23 @@ def test_reward_errors_in_training_name_the_function(tokenizer, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model").exists()
 
 
+def test_cli_reports_a_failing_reward_function_in_one_line(tokenizer, tmp_path, capsys):
+    """From the command line the same error is one message naming the function, exit code 2."""
+    import yaml
+    from pg_utils import base_config
+    from rlhfkit.cli import main
+
+    (tmp_path / "bad_reward.py").write_text("def score(prompts, responses):\n    raise KeyError('label')\n")
+    spec = f"{tmp_path / 'bad_reward.py'}:score"
+    cfg = base_config(tmp_path, tokenizer, reward={"spec": spec}, critic_init="policy",
+                      rollout={"n": 2, "max_new_tokens": 4}, train={"max_steps": 1}, ppo_epochs=1)
+    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["ppo", "--config", str(tmp_path / "ppo.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "rlhfkit ppo: error: reward function" in err and "bad_reward.py:score" in err and "KeyError" in err
+    assert "Traceback" not in err
+
+
 def test_bad_reward_specs_fail_before_any_model_loads(tmp_path, monkeypatch, tokenizer):
     from pg_utils import base_config
     from rlhfkit.config import load_config

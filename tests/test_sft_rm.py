@@ -204,3 +204,46 @@ def test_bad_reward_model_data_names_file_line_and_field(tmp_path, tiny_model_di
         train_reward_model(_cfg(RewardConfig, tmp_path, tiny_model_dir, bad, bad, train__max_steps=1))
     msg = str(info.value)
     assert msg.startswith(f"{bad}:2: field '{field}': ") and fragment in msg, msg
+
+
+def test_head_lr_gives_the_scalar_head_its_own_param_group(tiny_model_dir):
+    """optim.head_lr: the reward/value head trains at its own rate; everything else at optim.lr."""
+    from rlhfkit.config import ModelSection, OptimSection
+    from rlhfkit.models.lora import load_for_training
+    from rlhfkit.trainers.common import build_optimizer, build_scheduler
+
+    model, _ = load_for_training(ModelSection(name=str(tiny_model_dir)), "SEQ_CLS", pad_token_id=0)
+    head = {id(p) for p in model.score.parameters()}
+    opt = build_optimizer(model, OptimSection(lr=1e-5, head_lr=1e-3, warmup_ratio=0.5, schedule="linear"))
+    groups = [g for g in opt.param_groups if any(id(p) in head for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["lr"] == 1e-3 and {id(p) for p in groups[0]["params"]} == head
+    others = [g for g in opt.param_groups if g is not groups[0]]
+    assert others and all(g["lr"] == 1e-5 for g in others)
+    n_all = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_all  # nothing dropped or doubled
+    sched = build_scheduler(opt, OptimSection(lr=1e-5, head_lr=1e-3, warmup_ratio=0.5, schedule="linear"), 4)
+    opt.step()
+    sched.step()  # warm-up scales both groups alike, keeping the 100x ratio
+    assert groups[0]["lr"] == pytest.approx(100 * others[0]["lr"])
+    plain = build_optimizer(model, OptimSection(lr=1e-5))
+    assert all(g["lr"] == 1e-5 for g in plain.param_groups)
+
+
+def test_rm_head_init_probe_ranks_before_any_gradient_step(tmp_path, tiny_model_dir):
+    """head_init=probe: the head is fitted on frozen features first, so the step-0 evaluation
+    (before any optimizer step) already ranks held-out pairs; the fitted head is what training
+    starts from and what gets saved when the learning rate is ~0."""
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=1)
+    cfg.optim.lr, cfg.head_init = 1e-12, "probe"
+    train_reward_model(cfg)
+    m = _metrics(tmp_path / "run")
+    probe = next(r for r in m if "probe/cv_accuracy" in r)
+    step0 = next(r for r in m if r["step"] == 0 and "eval/accuracy" in r)
+    assert probe["probe/cv_accuracy"] >= 0.95 and probe["probe/train_accuracy"] >= 0.95
+    assert step0["eval/accuracy"] >= 0.95 and step0["eval/margin"] > 0
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert rm.score.weight.abs().sum().item() > 0

@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         return build_main(args.args) or 0
     from rlhfkit.config import ConfigError
     from rlhfkit.data import DataError
+    from rlhfkit.judges.rewards import RewardFunctionError
+    from rlhfkit.trainers.common import TrainingDiverged
+
+    # Errors in what the user gave us (config, data, a reward function) and a run stopped for
+    # non-finite updates end with one clear line, not a traceback from inside the trainer.
+    user_errors = (ConfigError, DataError, FileNotFoundError, RewardFunctionError)
 
     if args.command == "report":
         if len(args.runs) > 1 and not args.out:
@@ -130,15 +136,21 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             run_pipeline(args.config, args.overrides)
-        except (ConfigError, DataError, FileNotFoundError) as e:
+        except user_errors as e:
             print(f"rlhfkit pipeline: error: {e}", file=sys.stderr)
             return 2
+        except TrainingDiverged as e:
+            print(f"rlhfkit pipeline: stopped: {e}", file=sys.stderr)
+            return 3
         return 0
     try:
         run_trainer(args.command, args.config, args.overrides, args.resume, args.print_config)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except user_errors as e:
         print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"rlhfkit {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -56,10 +56,13 @@ class OptimSection:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.03  # fraction of optimizer steps spent warming up linearly
     max_grad_norm: float = 1.0  # 0 disables clipping
+    head_lr: float = 0.0  # learning rate of a scalar head (reward model, critic); 0 = same as lr
 
     def validate(self, where: str) -> None:
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.head_lr < 0:
+            raise ConfigError(f"{where}.head_lr: must be >= 0 (0 = same as lr), got {self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
 
@@ -127,6 +130,10 @@ class RewardConfig:
     train: TrainSection = field(default_factory=TrainSection)
     use_margin: bool = False  # subtract the example's "margin" field inside the BT sigmoid
     center_rewards_coef: float = 0.0  # optional penalty (r_c + r_r)^2 keeping scores near zero
+    # "probe": before fine-tuning, fit the fresh head alone as a linear Bradley-Terry model on the
+    # frozen backbone's features of the training pairs (L2 by cross-validation), then fine-tune
+    # everything from there (linear probing, then fine-tuning). "random": the usual fresh head.
+    head_init: Literal["random", "probe"] = "random"
 
 
 # --------------------------------------------------------------------------- loading

@@ -156,6 +156,8 @@ def format_summary(summary: dict) -> str:
     lines = ["", "=" * 72, f"rlhfkit pipeline finished: {summary['output_dir']}"]
     for name, sec in summary["stage_seconds"].items():
         lines.append(f"  stage {name:<12} {sec / 60:6.1f} min")
+    if len(summary["stage_seconds"]) > 1:
+        lines.append(f"  {'all stages run':<18} {sum(summary['stage_seconds'].values()) / 60:6.1f} min")
     for k, v in (summary.get("headline") or {}).items():
         lines.append(f"  {k}: {v}")
     lines.append(f"  report: {summary.get('report')}")

@@ -11,6 +11,7 @@ from rlhfkit.algos.advantages import (
     reinforce_baseline_advantages,
     rloo_advantages,
 )
+from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt
 from rlhfkit.algos.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhfkit.algos.logprobs import (
     entropy_from_logits,
@@ -44,6 +45,8 @@ __all__ = [
     "entropy_from_logits",
     "expand_to_tokens",
     "explained_variance",
+    "fit_bt_probe",
+    "fit_linear_bt",
     "gae_advantages",
     "group_advantages",
     "kl_estimate",

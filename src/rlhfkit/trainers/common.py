@@ -303,14 +303,31 @@ def _to_float(v: Any) -> Any:
 # --------------------------------------------------------------------------- optimisation
 
 def build_optimizer(model: torch.nn.Module, optim, extra_groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (the usual transformer recipe)."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases and norm weights (the usual transformer recipe).
+
+    With ``optim.head_lr`` set, the scalar head of a reward/value model gets its own learning rate:
+    a freshly initialised head on a pretrained backbone learns far too slowly at a backbone-sized lr
+    (schedules scale every group's lr by the same factor, so the ratio holds throughout).
+    """
+    head_ids: set[int] = set()
+    if getattr(optim, "head_lr", 0.0):
+        from rlhfkit.models.heads import _backbone_and_head
+
+        try:
+            head_ids = {id(p) for p in _backbone_and_head(model)[1].parameters()}
+        except TypeError:  # a causal LM: no scalar head, head_lr does not apply
+            head_ids = set()
+    decay, no_decay, head = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        if id(p) in head_ids:
+            head.append(p)
+        else:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": head, "weight_decay": 0.0, "lr": optim.head_lr}]
     groups = [g for g in groups if g["params"]] + list(extra_groups or [])
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps)
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.algos import bradley_terry_loss
+from rlhfkit.algos import bradley_terry_loss, fit_bt_probe
 from rlhfkit.config import RewardConfig
 from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
 from rlhfkit.models import load_tokenizer, save_pretrained_atomic, sequence_scores
+from rlhfkit.models.heads import _backbone_and_head, last_token_index, position_ids_from_mask
 from rlhfkit.models.lora import load_for_training
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
@@ -76,6 +77,50 @@ def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, de
     return out
 
 
+@torch.no_grad()
+def pair_feature_differences(model, examples: list[dict], collator, micro_batch_size: int, device,
+                             rt=None) -> torch.Tensor:
+    """(N, H) last-token features of chosen minus rejected: the input of the scalar head at the
+    position the reward is read, for every pair (all ranks' shards gathered, in rank order)."""
+    _, head = _backbone_and_head(model)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    was_training = model.training
+    model.eval()
+    diffs = []
+    try:
+        for chunk, real in eval_chunks(examples, micro_batch_size, rt):
+            batch = collator(chunk)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+            h = seen.pop()  # (2B, T, H)
+            f = h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float().cpu()
+            if real:
+                n = f.shape[0] // 2
+                diffs.extend(f[:n] - f[n:])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if rt is not None:
+        diffs = rt.gather_objects(diffs)
+    return torch.stack(diffs)
+
+
+@torch.no_grad()
+def install_probe_head(model, w: torch.Tensor) -> None:
+    """Set the scalar head to the probe's weights w: (H,) (bias, if any, to 0: BT ignores it).
+    Under peft only the trainable copy of the head changes."""
+    _, head = _backbone_and_head(model)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    trainable = [m for m in linears if m.weight.requires_grad] or linears
+    for lin in trainable:
+        if lin.weight.shape != (1, w.numel()):
+            raise ValueError(f"head_init=probe needs a (1, {w.numel()}) scalar head, got {tuple(lin.weight.shape)}")
+        lin.weight.copy_(w.to(lin.weight)[None])
+        if lin.bias is not None:
+            lin.bias.zero_()
+
+
 def train_reward_model(cfg: RewardConfig) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
     rt = Runtime(cfg.train.seed)
@@ -109,6 +154,15 @@ def train_reward_model(cfg: RewardConfig) -> dict:
             if st.truncated or st.dropped:
                 logger.write(f"[rm] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
     guard = StepGuard(cfg.train.max_bad_steps)
+    if start == 0 and cfg.head_init == "probe":
+        # Linear probing first: one forward over the training pairs, a convex fit of the head.
+        logger.write(f"[rm] fitting the head as a linear probe on {len(train)} training pairs")
+        d = pair_feature_differences(model, train, collator, cfg.train.micro_batch_size, rt.device, rt)
+        w, probe = fit_bt_probe(d, seed=cfg.train.seed)
+        install_probe_head(rt.unwrap(model), w)
+        logger.write(f"[rm] probe: l2 {probe['l2']:g}, cross-validated accuracy {probe['cv_accuracy']:.3f}, "
+                     f"train accuracy {probe['train_accuracy']:.3f}")
+        logger.log(0, {f"probe/{k}": v for k, v in probe.items()})
     if start == 0 and evals:
         logger.log(0, evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, rt.device, rt))
 

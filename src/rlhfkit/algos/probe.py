@@ -1,0 +1,73 @@
+"""Linear Bradley-Terry probe: the reward head fitted alone on frozen features.
+
+Linear probing before fine-tuning ("LP-FT", Kumar et al. 2022) starts the fine-tuning from a head
+that already ranks pairs, instead of a random one whose large early gradients distort the
+pretrained features. For a linear head r(x) = w . h(x) the Bradley-Terry loss of a pair depends only
+on the feature difference d = h(chosen) - h(rejected):
+
+    loss(w) = mean_i softplus(-w . d_i) + l2 * |w|^2
+
+which is convex: L-BFGS solves it in well under a second for thousands of pairs. The L2 strength
+is picked by k-fold cross-validated pairwise accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fit_linear_bt(d: torch.Tensor, l2: float, max_iter: int = 200) -> torch.Tensor:
+    """Minimise mean softplus(-d @ w) + l2 * |w|^2 over w.
+
+    d: (N, H) chosen-minus-rejected features. Returns w: (H,), float64.
+    """
+    d = d.double()
+    w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.softplus(-(d @ w)).mean() + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def pairwise_accuracy(d: torch.Tensor, w: torch.Tensor) -> float:
+    """Share of pairs with w . d > 0 (ties count half). d: (N, H), w: (H,)."""
+    s = d.double() @ w.double()
+    return float(((s > 0).double() + 0.5 * (s == 0).double()).mean())
+
+
+def fit_bt_probe(d: torch.Tensor, l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0), folds: int = 4,
+                 seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Fit a linear BT head on feature differences, L2 chosen by ``folds``-fold cross-validation.
+
+    d: (N, H). The features are divided by their root-mean-square first (so the grid means the
+    same whatever the backbone's activation scale) and the returned w: (H,) undoes it, so that
+    ``d @ w`` are the logits of the fitted model on the original features. Also returns
+    {"l2", "cv_accuracy", "train_accuracy"}.
+    """
+    n = d.shape[0]
+    if n < 2 * folds:
+        raise ValueError(f"a probe needs at least {2 * folds} pairs, got {n}")
+    scale = d.double().pow(2).mean().sqrt().clamp_min(1e-12)
+    x = d.double() / scale
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts = order.chunk(folds)
+    best = None
+    for l2 in l2_grid:
+        accs = []
+        for k in range(folds):
+            held = parts[k]
+            fit = torch.cat([parts[j] for j in range(folds) if j != k])
+            accs.append(pairwise_accuracy(x[held], fit_linear_bt(x[fit], l2)) * len(held))
+        cv = sum(accs) / n
+        if best is None or cv > best[1]:
+            best = (l2, cv)
+    w = fit_linear_bt(x, best[0])
+    return w / scale, {"l2": best[0], "cv_accuracy": best[1], "train_accuracy": pairwise_accuracy(x, w)}
