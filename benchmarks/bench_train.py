@@ -22,6 +22,8 @@ from common import fmt_table, matmul_peak_gflops, train_flops_per_token  # noqa:
 
 from rlhfkit.algos import bradley_terry_loss  # noqa: E402
 from rlhfkit.models import load_causal_lm, load_scalar_model  # noqa: E402
+from rlhfkit.config import OptimSection  # noqa: E402
+from rlhfkit.trainers.common import build_optimizer  # noqa: E402
 from rlhfkit.trainers.reward import pair_scores  # noqa: E402
 from rlhfkit.trainers.sft import sft_batch_loss  # noqa: E402
 
@@ -36,7 +38,7 @@ def _timed_steps(step_fn, steps: int) -> float:
 
 def bench_sft(batch: int, seq: int, steps: int) -> dict:
     model = load_causal_lm("smollm2-135m-instruct").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = build_optimizer(model, OptimSection(lr=1e-6))  # the trainers' own AdamW (fused)
     ids = torch.randint(10, 40000, (batch, seq))
     labels = ids.clone()
     labels[:, : seq // 3] = -100  # prompt third unlabelled, as in chat SFT
@@ -57,7 +59,7 @@ def bench_sft(batch: int, seq: int, steps: int) -> dict:
 
 def bench_rm(batch: int, seq: int, steps: int) -> dict:
     model = load_scalar_model("smollm2-135m-instruct").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = build_optimizer(model, OptimSection(lr=1e-6))  # the trainers' own AdamW (fused)
     ids = torch.randint(10, 40000, (2 * batch, seq))  # chosen rows then rejected rows
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -83,7 +85,7 @@ def bench_dpo(batch: int, seq: int, steps: int, precompute: bool) -> dict:
 
     model = load_causal_lm("smollm2-135m-instruct").train()
     ref = None if precompute else Reference(load_causal_lm("smollm2-135m-instruct").eval().requires_grad_(False))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    opt = build_optimizer(model, OptimSection(lr=1e-7))
     p = seq // 3  # prompt third, response two thirds (as in the SFT benchmark)
     rnd = lambda n: torch.randint(10, 40000, (n,)).tolist()
     feats = [{"prompt_ids": rnd(p), "chosen_ids": rnd(seq - p), "rejected_ids": rnd(seq - p)} for _ in range(batch)]

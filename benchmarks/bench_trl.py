@@ -49,7 +49,10 @@ COMMON = ["optim.schedule=constant", "optim.warmup_ratio=0.0", "train.save_every
           "train.seed=0", "train.log_every=1"]
 SIZES = {
     "sft": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=8", "train.micro_batch_size=8"],
-    "rm": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4"],
+    # TRL's reward trainer starts from a random head at one learning rate: so does rlhfkit here
+    # (configs/rm.yaml's probe initialisation would also add a pass over all pairs to step 1)
+    "rm": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4",
+           "head_init=random", "optim.head_lr=0.0"],
     "dpo": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4",
             "dpo.precompute_ref_logps=false"],
     "ppo": ["train.batch_size=4", "train.micro_batch_size=4", "mini_batch_size=4", "ppo_epochs=2",
