@@ -178,17 +178,18 @@ def test_lora_ppo_learns_with_one_copy_of_the_base_weights(tokenizer, tmp_path, 
 
     monkeypatch.setattr(ppo, "train_loop", spy)
     # The 1-layer tiny policy needs a wide adapter to move its (frozen, tied) output embeddings'
-    # choices quickly; with r=8 the reward creeps up too slowly for a 10-step test.
+    # choices; even so the reward creeps for ~10 steps before it climbs. With these settings seeds
+    # 0-3 each at least doubled or gained >= 0.09 in 40 steps (measured when the threshold was set).
     cfg = load_config(ppo.PPOConfig, data=base_config(
         tmp_path, tokenizer, critic_init="policy", model={"lora": {"enabled": True, "r": 32, "alpha": 64}},
-        rollout={"n": 4, "max_new_tokens": 6}, train={"max_steps": 16, "seed": 1}, mini_batch_size=16,
-        ppo_epochs=4, kl={"coef": 0.0}, vf_coef=0.5, optim={"lr": 3e-2}, critic_optim={"lr": 1e-2}))
+        rollout={"n": 4, "max_new_tokens": 6}, train={"max_steps": 40, "seed": 0}, mini_batch_size=16,
+        ppo_epochs=4, kl={"coef": 0.0}, vf_coef=0.5, optim={"lr": 5e-2}, critic_optim={"lr": 1e-2}))
     ppo.train_ppo(cfg)
 
     rows = read_metrics(tmp_path / "run")
     first = sum(r["reward/score_mean"] for r in rows[:2]) / 2
     last = sum(r["reward/score_mean"] for r in rows[-3:]) / 3
-    assert last > first + 0.08, [r["reward/score_mean"] for r in rows]
+    assert last > first + 0.06 and last > 1.5 * first, [r["reward/score_mean"] for r in rows]
     assert all(abs(r["policy/ratio_first"] - 1.0) < 1e-6 for r in rows)
 
     actor, critic, run = seen["actor"], seen["critic"], seen["run"]
