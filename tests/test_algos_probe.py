@@ -62,3 +62,15 @@ def test_fit_bt_probe_recovers_a_planted_direction_and_is_scale_free():
 def test_fit_bt_probe_needs_enough_pairs():
     with pytest.raises(ValueError, match="at least 8 pairs"):
         fit_bt_probe(torch.randn(5, 3))
+
+
+def test_fit_bt_probe_prefers_the_strongest_l2_within_one_standard_error():
+    """Few pairs, many dimensions, weak signal: a small L2 separates the training pairs perfectly
+    and its CV edge is noise; the one-SE rule takes a stronger L2, which does not overfit."""
+    g = torch.Generator().manual_seed(2)
+    d = torch.randn(120, 200, generator=g)
+    d[:, 0] += 0.3  # a weak real direction
+    w, info = fit_bt_probe(d, seed=0)
+    assert info["cv_accuracy"] >= info["cv_best_accuracy"] - (0.25 / 120) ** 0.5 - 1e-12
+    assert info["train_accuracy"] < 1.0
+    assert info["l2"] >= 1.0
