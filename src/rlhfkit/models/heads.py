@@ -49,8 +49,9 @@ def _inner(model):
     return model
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
     """(B, T) scalar head output at every position (the critic's V(t); the RM reads the last one).
+    With ``with_features`` also the head's input, (B, T, H): the features a linear head reads.
 
     The model's own forward runs, and a hook on the head keeps its per-position output (the
     *ForSequenceClassification forward applies the head to every position, then pools one).
@@ -63,22 +64,25 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     if getattr(config.get_text_config(), "pad_token_id", None) is None:
         # The pooling inside forward refuses batches without a pad id; we ignore its pooling
         # anyway, so the (unwrapped) backbone and head are called directly.
-        return _token_values_direct(model, input_ids, attention_mask)
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _m, _args, out: seen.append(out))
+        return _token_values_direct(model, input_ids, attention_mask, with_features)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = head.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask,
               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:
         handle.remove()
-    return seen[-1].squeeze(-1).float()  # (B, T)
+    features, out = seen[-1]
+    values = out.squeeze(-1).float()  # (B, T)
+    return (values, features) if with_features else values
 
 
-def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
     backbone, head = _backbone_and_head(model)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return head(out.last_hidden_state).squeeze(-1).float()  # (B, T)
+    features = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    values = head(features).squeeze(-1).float()  # (B, T)
+    return (values, features) if with_features else values
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

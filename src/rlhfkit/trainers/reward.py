@@ -14,7 +14,7 @@ from rlhfkit.algos import bradley_terry_loss, fit_bt_probe
 from rlhfkit.config import RewardConfig
 from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
 from rlhfkit.models import load_tokenizer, save_pretrained_atomic, sequence_scores
-from rlhfkit.models.heads import _backbone_and_head, last_token_index, position_ids_from_mask
+from rlhfkit.models.heads import _backbone_and_head, last_token_index, token_values
 from rlhfkit.models.lora import load_for_training
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
@@ -82,9 +82,6 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
                              rt=None) -> torch.Tensor:
     """(N, H) last-token features of chosen minus rejected: the input of the scalar head at the
     position the reward is read, for every pair (all ranks' shards gathered, in rank order)."""
-    _, head = _backbone_and_head(model)
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
     was_training = model.training
     model.eval()
     diffs = []
@@ -92,14 +89,12 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
         for chunk, real in eval_chunks(examples, micro_batch_size, rt):
             batch = collator(chunk)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-            h = seen.pop()  # (2B, T, H)
+            _, h = token_values(model, ids, mask, with_features=True)  # (2B, T, H)
             f = h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float().cpu()
             if real:
                 n = f.shape[0] // 2
                 diffs.extend(f[:n] - f[n:])
     finally:
-        handle.remove()
         model.train(was_training)
     if rt is not None:
         diffs = rt.gather_objects(diffs)
