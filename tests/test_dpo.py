@@ -13,8 +13,8 @@ from rlhfkit.config import load_config
 from rlhfkit.data import PreferenceCollator
 from rlhfkit.models import tiny_causal_lm
 from rlhfkit.trainers.dpo import (
-    DPOConfig, Reference, build_policy_and_reference, dpo_batch_loss, precompute_reference, reference_logps,
-    train_dpo,
+    DPOConfig, Reference, build_policy_and_reference, dpo_batch_loss, pair_logps, precompute_reference,
+    reference_logps, train_dpo,
 )
 from rlhfkit.trainers.reward import prepare_preference_data
 
@@ -197,3 +197,28 @@ def test_bad_pairs_name_file_line_and_field_before_any_model_loads(setup, monkey
         train_dpo(_cfg(tmp_path, model_dir, f"data.train={bad}"))
     msg = str(info.value)
     assert msg.startswith(f"{bad}:3: ") and (field is None or f"field '{field}'" in msg) and fragment in msg, msg
+
+
+def test_shared_prompt_pairs_match_separate_rows(setup, tokenizer):
+    """One packed sequence per pair (prompt once) gives the rows' sequence log-probs and gradients."""
+    tmp_path, model_dir = setup
+    cfg = _cfg(tmp_path, model_dir)
+    train, _, _ = prepare_preference_data(cfg, tokenizer)
+    policy, _ = build_policy_and_reference(cfg, tokenizer)
+    chunk = train[:6]
+    rows = PreferenceCollator(tokenizer.pad_token_id)(chunk)
+    packed = PreferenceCollator(tokenizer.pad_token_id, share_prompt=True)(chunk)
+    assert "prompt_lengths" in packed and "prompt_lengths" not in rows
+    grads = []
+    for batch in (rows, packed):
+        policy.zero_grad()
+        c, r = pair_logps(policy, batch)
+        (c.sum() - 2 * r.sum()).backward()
+        grads.append(([c.detach(), r.detach()], [p.grad.clone() for p in policy.parameters() if p.grad is not None]))
+    (a_lp, a_g), (b_lp, b_g) = grads
+    for x, y in zip(a_lp, b_lp):
+        torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-5)
+    for x, y in zip(a_g, b_g):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)
+    # the trainer's collator packs by default
+    assert cfg.dpo.share_prompt

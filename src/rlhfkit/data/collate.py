@@ -67,10 +67,13 @@ class PreferenceCollator:
     input_ids, attention_mask, loss_mask: (2B, T), right-padded. Rows 0..B-1 are prompt+chosen,
     rows B..2B-1 prompt+rejected (same order), so ``logps[:B]`` / ``logps[B:]`` split them.
     loss_mask[t] = 1 where token t is a response token. Also "category" (list, None where absent)
-    and "margin" ((B,) float, 0 where absent) when any feature has them.
+    and "margin" ((B,) float, 0 where absent) when any feature has them. With ``share_prompt``
+    also "prompt_lengths" (B,): the log-prob code then scores each pair as one packed sequence,
+    the prompt once (`rlhfkit.trainers.dpo.pair_logps`).
     """
 
     pad_token_id: int
+    share_prompt: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
         rows, masks = [], []
@@ -82,6 +85,8 @@ class PreferenceCollator:
         input_ids, attention_mask = pad_sequences(rows, self.pad_token_id)
         loss_mask, _ = pad_sequences(masks, 0)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        if self.share_prompt:
+            batch["prompt_lengths"] = torch.tensor([len(f["prompt_ids"]) for f in features], dtype=torch.long)
         if any(f.get("category") is not None for f in features):
             batch["category"] = [f.get("category") for f in features]
         if any(f.get("margin") is not None for f in features):

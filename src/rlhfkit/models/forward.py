@@ -37,3 +37,115 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if with_entropy:
         return logp, entropy_from_logits(logits)
     return logp
+
+
+# --------------------------------------------------------------------------- prompt sharing
+
+def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                        response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int) -> dict:
+    """Rows that share a prompt -> one packed sequence per prompt: the prompt once, then each
+    row's response (its real tokens only), each response seeing the prompt and itself.
+
+    Inputs as in `Experience`: (B, P) left-padded prompts, (B, R) right-padded responses, (B,)
+    prompt_index (rows with the same index must carry the same prompt). Returns the model inputs
+    for K packed sequences of length L: ``input_ids``/``position_ids`` (K, L) and ``allowed``
+    (K, 1, L, L) bool (query may attend key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat
+    index into the (K*L) logits of the position predicting each response token, ``target`` (N,)
+    those tokens, and ``row``/``col`` (N,) where they go in the (B, R) output.
+
+    Position ids restart the responses at the prompt length, so every response sees exactly the
+    positions and context it has in its own unpacked row: the log-probs agree with
+    `causal_logprobs` up to float rounding. Work per group of G rows falls from G*(P+R) tokens to
+    P + sum of response lengths.
+    """
+    B, R = response_ids.shape
+    lengths = response_mask.sum(-1).tolist()
+    groups: dict[int, list[int]] = {}
+    for b, g in enumerate(prompt_index.tolist()):
+        groups.setdefault(g, []).append(b)
+    seqs, segs, poss = [], [], []
+    pred, target, row, col = [], [], [], []
+    for k, rows in enumerate(groups.values()):
+        prompt = prompt_ids[rows[0]][prompt_mask[rows[0]].bool()]
+        for b in rows[1:]:
+            other = prompt_ids[b][prompt_mask[b].bool()]
+            if other.shape != prompt.shape or not torch.equal(other, prompt):
+                raise ValueError(f"rows {rows[0]} and {b} share prompt_index but not their prompt tokens")
+        p = prompt.shape[0]
+        if p == 0:
+            raise ValueError(f"row {rows[0]}: empty prompt (a packed response needs a token to condition on)")
+        parts, seg, pos = [prompt], [0] * p, list(range(p))
+        start = p
+        for j, b in enumerate(rows, start=1):
+            n = int(lengths[b])
+            parts.append(response_ids[b, :n])
+            seg += [j] * n
+            pos += range(p, p + n)
+            # token t of the response is predicted at the position before it: the last prompt
+            # token for t = 0, else the response's own token t-1
+            pred += [(k, p - 1)] + [(k, start + t - 1) for t in range(1, n)]
+            target += response_ids[b, :n].tolist()
+            row += [b] * n
+            col += range(n)
+            start += n
+        seqs.append(torch.cat(parts))
+        segs.append(seg)
+        poss.append(pos)
+    K, L = len(seqs), max(s.shape[0] for s in seqs)
+    input_ids = torch.full((K, L), pad_token_id, dtype=torch.long)
+    seg_ids = torch.full((K, L), -1, dtype=torch.long)  # padding: its own segment (no all-masked row)
+    position_ids = torch.zeros((K, L), dtype=torch.long)
+    for k, (s, sg, ps) in enumerate(zip(seqs, segs, poss)):
+        input_ids[k, :len(s)] = s
+        seg_ids[k, :len(s)] = torch.tensor(sg)
+        position_ids[k, :len(s)] = torch.tensor(ps)
+        position_ids[k, len(s):] = torch.arange(L - len(s))
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    q, kk = seg_ids[:, :, None], seg_ids[:, None, :]
+    allowed = causal & ((q == kk) | ((kk == 0) & (q > 0)))  # own segment, or a response seeing the prompt
+    dev = response_ids.device
+    return {"input_ids": input_ids.to(dev), "position_ids": position_ids.to(dev), "allowed": allowed[:, None].to(dev),
+            "pred": torch.tensor([k * L + t for k, t in pred], dtype=torch.long, device=dev),
+            "target": torch.tensor(target, dtype=torch.long, device=dev),
+            "row": torch.tensor(row, dtype=torch.long, device=dev),
+            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": (B, R)}
+
+
+def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                           response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int, *,
+                           with_entropy: bool = False):
+    """(B, R) log p(response token t | prompt, response tokens < t), as
+    ``causal_logprobs(model, [prompt; response], mask, keep_last=R)`` gives, but with the rows that
+    share a prompt packed into one sequence (see `pack_shared_prompts`). 0 where response_mask is 0.
+    With ``with_entropy`` also the (B, R) entropies (0 where masked)."""
+    packed = pack_shared_prompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, pad_token_id)
+    out = model(input_ids=packed["input_ids"], attention_mask=additive_mask(packed["allowed"], _mask_dtype(model)),
+                position_ids=packed["position_ids"], use_cache=False)
+    logits = out.logits.flatten(0, 1).index_select(0, packed["pred"]).float()[None]  # (1, N, V)
+    B, R = packed["shape"]
+    dev = response_ids.device
+
+    def place(v: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(B, R, dtype=v.dtype, device=dev)
+        return full.index_put((packed["row"], packed["col"]), v[0])
+
+    logp = place(token_logprobs(logits, packed["target"][None]))
+    if with_entropy:
+        return logp, place(entropy_from_logits(logits))
+    return logp
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bool "may attend" -> 0 / the dtype's most negative value. Float, not bool: transformers'
+    eager attention adds the mask to the scores."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _mask_dtype(model) -> torch.dtype:
+    """The additive mask in the model's compute dtype (its most negative value must not overflow)."""
+    try:
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    except StopIteration:
+        return torch.float32
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32

@@ -28,7 +28,7 @@ import torch
 from rlhfkit.algos import dpo_loss, sequence_logps
 from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection, TrainSection
 from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
-from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.forward import causal_logprobs, shared_prompt_logprobs
 from rlhfkit.models.lora import adapters_disabled, load_for_training, merge_adapter
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
@@ -50,6 +50,9 @@ class DPOSection:
     average_logps: bool = False  # length-normalised sequence log-probs (TRL's IPO); SPEC 6 sums them
     precompute_ref_logps: bool = False  # reference log-probs once before training; no reference kept
     reference: str = ""  # reference model; "" = the starting policy (the SFT model with sft_first)
+    # score each pair as one packed sequence (prompt once, then chosen and rejected, each seeing the
+    # prompt and itself): the same log-probs up to float rounding, fewer tokens per pair
+    share_prompt: bool = True
 
     def validate(self, where: str) -> None:
         if self.beta <= 0:
@@ -91,7 +94,14 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor,
     batch: PreferenceCollator output; input_ids (2B, T) with the B chosen rows first,
     loss_mask (2B, T) 1 on response tokens. Logits are only computed from the earliest response
     token of the batch on (`keep_last`): the LM head over prompt positions would be wasted.
+    When the batch carries "prompt_lengths" (``PreferenceCollator(share_prompt=True)``) each pair
+    is one packed sequence, prompt + chosen + rejected, each response seeing the prompt and itself.
     """
+    if "prompt_lengths" in batch:
+        logp, lmask = _shared_pair_token_logps(model, batch)
+        seq = sequence_logps(logp, lmask, average=average)
+        n = seq.shape[0] // 2
+        return seq[:n], seq[n:]
     ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     T = ids.shape[1]
     has_resp = lmask.bool().any(0).nonzero()
@@ -101,6 +111,27 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor,
     seq = sequence_logps(logp, lmask[:, T - k:], average=average)  # (2B,)
     n = seq.shape[0] // 2
     return seq[:n], seq[n:]
+
+
+def _shared_pair_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, R) response-token log-probs and mask, each pair's prompt computed once."""
+    ids, lmask, plens = batch["input_ids"], batch["loss_mask"], batch["prompt_lengths"].tolist()
+    n = len(plens)
+    rlens = lmask.sum(-1).tolist()
+    P, R = max(plens), max(max(rlens), 1)
+    prompt_ids = ids.new_zeros((2 * n, P))
+    prompt_mask = ids.new_zeros((2 * n, P))
+    response_ids = ids.new_zeros((2 * n, R))
+    response_mask = ids.new_zeros((2 * n, R))
+    for b in range(2 * n):
+        p, r = plens[b % n], int(rlens[b])
+        prompt_ids[b, P - p:] = ids[b, :p]
+        prompt_mask[b, P - p:] = 1
+        response_ids[b, :r] = ids[b, p:p + r]
+        response_mask[b, :r] = 1
+    index = torch.arange(n, device=ids.device).repeat(2)
+    logp = shared_prompt_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, index, 0)
+    return logp, response_mask
 
 
 class Reference:
@@ -271,7 +302,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     if not train:
         raise ValueError(f"{cfg.data.train}: no training pairs")
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.dpo.share_prompt)
 
     # 2. Policy and reference; reference log-probs once, up front, when asked.
     policy, reference = build_policy_and_reference(cfg, tokenizer)

@@ -66,6 +66,11 @@ class GRPOConfig:
     """Upper clip epsilon (DAPO's clip-higher, e.g. 0.28); null = symmetric."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     """Token loss reduction; the GRPO paper's is seq-mean-token-mean, DAPO/Dr. GRPO use token-mean."""
+    share_prompt: bool = True
+    """Score and train each prompt's G responses as one packed sequence: the prompt once, each response
+    attending to it and to itself (block attention mask, positions as in its own row). Same log-probs up
+    to float rounding, and G*(P+R) tokens per group become P + the responses' real lengths. Minibatches
+    then hold whole groups (shuffled group-wise). false: one padded [prompt; response] row per sample."""
 
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:
@@ -106,7 +111,7 @@ def grpo_iteration(run, step: int, opts: dict, guard: StepGuard, ptx, logger: Ru
 
     # 2. Score, no gradients: logp_old (actor, eval mode), logp_ref, sequence scores.
     exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
-                                               run.tokenizer, micro, run.rt)
+                                               run.tokenizer, micro, run.rt, share_prompt=cfg.share_prompt)
     seq_kl = sequence_kl(exp, cfg.kl_kind)
     clock.lap("score")
 
@@ -148,7 +153,8 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     kind = "rloo" if cfg.advantage == "rloo" else "grpo"
     run = setup_run(cfg, kind, epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size, clip_eps=cfg.clip_eps,
                     clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
-                    kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_kind=cfg.kl_kind)
+                    kl_coef=0.0 if cfg.kl_in_reward else cfg.kl_coef, kl_kind=cfg.kl_kind,
+                    share_prompt=cfg.share_prompt)
     n_opt = run.total_steps * optimizer_steps_per_iteration(run)
     opts = {"actor": build_opt(run.actor, cfg.optim, n_opt)}
     ptx = load_ptx(cfg.ptx, run.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)

@@ -12,7 +12,7 @@ import torch
 
 from rlhfkit.algos import agg_loss, kl_estimate, ppo_policy_loss, value_loss
 from rlhfkit.models import token_values
-from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.forward import causal_logprobs, shared_prompt_logprobs
 from rlhfkit.rollout import Experience
 from rlhfkit.trainers.common import (
     Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler, micro_batches, optimizer_step,
@@ -34,6 +34,30 @@ class UpdateSettings:
     kl_kind: str = "k3"
     max_grad_norm: float = 1.0
     critic_max_grad_norm: float = 1.0
+    share_prompt: bool = False  # GRPO/RLOO: pack each prompt's responses into one sequence (prompt once)
+
+
+def policy_logprobs(model, mb: Experience, share_prompt: bool, with_entropy: bool = False):
+    """(b, R) log-probs of the stored responses under `model`: each [prompt; response] row on its
+    own, or with ``share_prompt`` the rows of one prompt packed together (the same values up to
+    float rounding, with the prompt computed once per micro-batch)."""
+    if share_prompt:
+        return shared_prompt_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
+                                      mb.prompt_index, mb.pad_token_id, with_entropy=with_entropy)
+    return causal_logprobs(model, mb.input_ids(), mb.attention_mask(), keep_last=mb.response_ids.shape[1],
+                           with_entropy=with_entropy)
+
+
+def shuffled_rows(exp: Experience, share_prompt: bool) -> list[int]:
+    """The row order of one epoch: a random permutation of rows, or with ``share_prompt`` of whole
+    prompt groups (rows of a group stay together, so minibatches and micro-batches hold groups)."""
+    if not share_prompt:
+        return torch.randperm(len(exp)).tolist()
+    groups: dict[int, list[int]] = {}
+    for b, g in enumerate(exp.prompt_index.tolist()):
+        groups.setdefault(g, []).append(b)
+    blocks = list(groups.values())
+    return [b for k in torch.randperm(len(blocks)).tolist() for b in blocks[k]]
 
 
 def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
@@ -46,16 +70,15 @@ def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int) -> to
 
 def _micro_loss(actor, critic, mb: Experience, s: UpdateSettings, normalizer: float) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch (already divided by the minibatch-global normaliser) and its metrics."""
-    ids, mask = mb.input_ids(), mb.attention_mask()
     R = mb.response_ids.shape[1]
     rmask = mb.response_mask
-    logp = causal_logprobs(actor, ids, mask, keep_last=R)  # (b, R) with grad
+    logp = policy_logprobs(actor, mb, s.share_prompt)  # (b, R) with grad
     loss, pm = ppo_policy_loss(logp, mb.logprobs, mb.advantages, rmask, clip_eps=s.clip_eps,
                                clip_eps_high=s.clip_eps_high, agg=s.agg, normalizer=normalizer)
     metrics = {"loss/policy": loss.detach(), "policy/clipfrac": pm["clipfrac"],
                "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"]}
     if critic is not None and s.vf_coef > 0:
-        v = response_values(critic, ids, mask, R)
+        v = response_values(critic, mb.input_ids(), mb.attention_mask(), R)
         vl, vm = value_loss(v, mb.values, mb.returns, rmask, clip_eps=s.value_clip_eps, agg=s.agg,
                             normalizer=normalizer)
         loss = loss + s.vf_coef * vl
@@ -162,7 +185,7 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     ratio_first = None
     n = len(exp)
     for _ in range(s.epochs):
-        order = torch.randperm(n).tolist()
+        order = shuffled_rows(exp, s.share_prompt)
         for start in range(0, n, s.mini_batch_size):
             mb = exp.select(order[start:start + s.mini_batch_size])
             mb_means = _Means()

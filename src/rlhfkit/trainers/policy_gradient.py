@@ -30,7 +30,6 @@ from rlhfkit.algos import kl_estimate, masked_sum
 from rlhfkit.config import ConfigError, TrainSection
 from rlhfkit.judges.rewards import RewardFn, build_reward_fn, prompt_text
 from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
-from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.lora import adapters_disabled, apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import Experience, generate
 from rlhfkit.trainers.common import (
@@ -244,18 +243,28 @@ def _batched(fn, exp: Experience, micro: int) -> Any:
 
 
 @torch.no_grad()
-def score_logprobs(actor, ref, exp: Experience, micro: int) -> dict:
-    """Step 2 for the policy side: logp_old + entropy (actor, eval mode) and logp_ref, (B, R) each."""
-    R = exp.response_ids.shape[1]
+def score_logprobs(actor, ref, exp: Experience, micro: int, share_prompt: bool = False) -> dict:
+    """Step 2 for the policy side: logp_old + entropy (actor, eval mode) and logp_ref, (B, R) each.
+    With ``share_prompt`` each micro-batch's rows of one prompt are packed (as the update does),
+    so logp_old comes from the same computation as the first minibatch's logp."""
+    from rlhfkit.trainers.pg_update import policy_logprobs
+
+    def over(model, with_entropy=False):
+        outs = [policy_logprobs(model, exp.select(slice(i, i + micro)), share_prompt, with_entropy)
+                for i in range(0, len(exp), micro)]
+        if with_entropy:
+            return tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
+        return torch.cat(outs, dim=0)
+
     was_training = actor.training
     actor.eval()
     try:
-        logp, ent = _batched(lambda i, m: causal_logprobs(actor, i, m, keep_last=R, with_entropy=True), exp, micro)
+        logp, ent = over(actor, with_entropy=True)
         if ref is None:  # LoRA: the reference is the same weights with the adapters switched off
             with adapters_disabled(actor):
-                ref_logp = _batched(lambda i, m: causal_logprobs(actor, i, m, keep_last=R), exp, micro)
+                ref_logp = over(actor)
         else:
-            ref_logp = _batched(lambda i, m: causal_logprobs(ref, i, m, keep_last=R), exp, micro)
+            ref_logp = over(ref)
     finally:
         actor.train(was_training)
     return {"logp": logp, "entropy": ent, "ref_logp": ref_logp}
@@ -286,13 +295,14 @@ def score_sequences(exp: Experience, items: list[PromptItem], responses: list[st
 
 
 def score_experience(exp: Experience, items, reward_fn, section: RewardSection, actor, ref, tokenizer,
-                     micro: int, rt: Runtime | None = None) -> tuple[Experience, dict, list[str]]:
+                     micro: int, rt: Runtime | None = None, share_prompt: bool = False
+                     ) -> tuple[Experience, dict, list[str]]:
     """Step 2 shared by all trainers: fills logprobs (logp_old), ref_logprobs and scores.
     Each rank scores its own rows; the metrics are over the global batch when ``rt`` is given.
     Returns (exp, metrics, decoded responses)."""
     mask = exp.response_mask.bool()
     rollout_logp = exp.logprobs
-    lp = score_logprobs(actor, ref, exp, micro)
+    lp = score_logprobs(actor, ref, exp, micro, share_prompt)
     exp.logprobs, exp.ref_logprobs = lp["logp"], lp["ref_logp"]
     responses = decode_responses(exp, tokenizer)
     raw, exp.scores = score_sequences(exp, items, responses, reward_fn, section)
