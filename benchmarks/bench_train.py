@@ -77,9 +77,11 @@ def bench_rm(batch: int, seq: int, steps: int) -> dict:
             "GFLOP/s": flops / sec / 1e9}
 
 
-def bench_dpo(batch: int, seq: int, steps: int, precompute: bool) -> dict:
+def bench_dpo(batch: int, seq: int, steps: int, precompute: bool, share: bool = False) -> dict:
     """One DPO step (chosen + rejected in one forward); the reference either runs live (a frozen
-    copy: one more forward per step) or was precomputed once (numbers on the examples)."""
+    copy: one more forward per step) or was precomputed once (numbers on the examples). With
+    ``share`` each pair is one packed sequence, prompt once (`dpo.share_prompt`, the default):
+    tokens/s still counts 2 x seq tokens per pair, GFLOP/s only the tokens actually computed."""
     from rlhfkit.data import PreferenceCollator
     from rlhfkit.trainers.dpo import REF_KEYS, DPOSection, Reference, dpo_batch_loss
 
@@ -92,7 +94,7 @@ def bench_dpo(batch: int, seq: int, steps: int, precompute: bool) -> dict:
     if precompute:
         for f in feats:
             f[REF_KEYS[0]], f[REF_KEYS[1]] = -300.0, -300.0
-    collator = PreferenceCollator(0)
+    collator = PreferenceCollator(0, share_prompt=share)
 
     def step():
         loss, _ = dpo_batch_loss(model, ref, feats, collator, DPOSection(), float(batch), "cpu")
@@ -102,9 +104,11 @@ def bench_dpo(batch: int, seq: int, steps: int, precompute: bool) -> dict:
 
     sec = _timed_steps(step, steps)
     tokens = 2 * batch * seq
-    # policy forward+backward (logits on the response only) + a forward of the reference (1/3 of it)
-    flops = train_flops_per_token(model.config, seq, lm_head=True) * tokens * (1.0 if precompute else 4 / 3)
-    return {"phase": f"dpo step ({'precomputed ref' if precompute else 'live ref'})",
+    computed = batch * (2 * seq - p) if share else tokens  # packed: prompt once per pair
+    # policy forward+backward + a forward of the reference (1/3 of it)
+    flops = train_flops_per_token(model.config, seq, lm_head=True) * computed * (1.0 if precompute else 4 / 3)
+    what = ("precomputed ref" if precompute else "live ref") + (", shared prompt" if share else "")
+    return {"phase": f"dpo step ({what})",
             "batch x seq": f"{batch} pairs x{seq}", "s/step": sec, "tokens/s": tokens / sec, "GFLOP/s": flops / sec / 1e9}
 
 
@@ -117,7 +121,8 @@ def main() -> None:
     torch.manual_seed(0)
     peak = matmul_peak_gflops()
     rows = [bench_sft(args.batch, args.seq, args.steps), bench_rm(args.batch // 2 or 1, args.seq, args.steps)]
-    rows += [bench_dpo(args.batch // 2 or 1, args.seq, args.steps, precompute) for precompute in (False, True)]
+    rows += [bench_dpo(args.batch // 2 or 1, args.seq, args.steps, precompute, share)
+             for precompute, share in ((False, False), (True, False), (True, True))]
     peak_after = matmul_peak_gflops()
     peak = max(peak, peak_after)
     for r in rows:

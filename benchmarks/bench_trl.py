@@ -181,20 +181,29 @@ def data_tokens_per_step(method: str, spec: dict, steps: int) -> list[dict]:
         train, _, _ = prepare_preference_data(cfg, tok)
         rows = [[len(ex["prompt_ids"]) + len(ex["chosen_ids"]), len(ex["prompt_ids"]) + len(ex["rejected_ids"])]
                 for ex in train]
+        prompts = [len(ex["prompt_ids"]) for ex in train]
     b = cfg.train.batch_size
     per_epoch = max(len(rows) // b, 1)
     out = []
     for k in range(steps):
         pos = k % per_epoch
         lens = [n for ex in rows[pos * b:(pos + 1) * b] for n in ex]
-        out.append({"rows": len(lens), "tokens": sum(lens)})
+        step = {"rows": len(lens), "tokens": sum(lens)}
+        if method == "dpo":  # a pair's prompt, once: what prompt sharing saves
+            step["prompt_once"] = sum(prompts[pos * b:(pos + 1) * b])
+        out.append(step)
     return out
 
 
 # --------------------------------------------------------------------------- FLOPs
 
-def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict) -> tuple[float, float]:
-    """(whole-step FLOPs, update-phase FLOPs) of matrix products for one step's real tokens."""
+def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict,
+               shared: int = 1) -> tuple[float, float]:
+    """(whole-step FLOPs, update-phase FLOPs) of matrix products for one step's real tokens.
+
+    ``shared`` > 1: rows come in groups of that size sharing one prompt, computed once per group
+    (rlhfkit's prompt sharing: GRPO's G samples, DPO's chosen + rejected). The FLOPs then count
+    the work actually done, so GFLOP/s stays a measure of hardware use, not of work avoided."""
     f_lm = lambda t: train_flops_per_token(model_cfg, t, lm_head=True)  # noqa: E731 (fwd+bwd per token)
     f_sc = lambda t: train_flops_per_token(model_cfg, t, lm_head=False)  # noqa: E731 (scalar-head models)
     if method in ("sft", "rm", "dpo"):
@@ -206,6 +215,8 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
             fl = f_sc(T) * n
         else:
             live = "dpo.precompute_ref_logps=true" not in spec["overrides"]
+            if shared > 1:
+                n -= data["prompt_once"]
             fl = f_lm(T) * n * (4 / 3 if live else 1.0)  # + a forward of the reference
         return fl, fl
     tk = step["tokens"]
@@ -214,6 +225,7 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
     T = n / rows
     epochs = spec["epochs"]
     gen = f_sc(T) / 3 * n_p + f_lm(T) / 3 * n_r  # prefill (no LM head), then one token per decode step
+    n = n_p / shared + n_r  # scored and trained tokens
     if method == "ppo":  # actor, reference, critic, reward model forwards; actor + critic trained
         score = 2 * f_lm(T) / 3 * n + 2 * f_sc(T) / 3 * n
         update = epochs * (f_lm(T) + f_sc(T)) * n
@@ -236,7 +248,7 @@ def summarise(method: str, workers: dict[str, Worker], spec: dict, warmup: int, 
         for i, s in enumerate(timed):
             d = data[warmup + i] if data else None
             toks += d["tokens"] if d else s["tokens"].get("prompt", 0) + s["tokens"].get("response", 0)
-            fl, ufl = step_flops(method, model_cfg, s, d, spec)
+            fl, ufl = step_flops(method, model_cfg, s, d, spec, spec.get("shared_group", 1) if fw == "rlhfkit" else 1)
             flops += fl
             upd_flops += ufl
             if method in ("ppo", "grpo"):
@@ -355,8 +367,15 @@ def main() -> None:
             from rlhfkit.trainers.grpo import GRPOConfig
             from rlhfkit.trainers.ppo import PPOConfig
 
-            spec["epochs"] = load_config(PPOConfig if method == "ppo" else GRPOConfig, CONFIGS[method],
-                                         overrides).ppo_epochs
+            loaded = load_config(PPOConfig if method == "ppo" else GRPOConfig, CONFIGS[method], overrides)
+            spec["epochs"] = loaded.ppo_epochs
+            # rlhfkit scores and trains a prompt's G responses as one packed sequence (prompt once)
+            spec["shared_group"] = loaded.rollout.n if getattr(loaded, "share_prompt", False) else 1
+        if method == "dpo":
+            from rlhfkit.config import load_config
+            from rlhfkit.trainers.dpo import DPOConfig
+
+            spec["shared_group"] = 2 if load_config(DPOConfig, CONFIGS[method], overrides).dpo.share_prompt else 1
         print(f"\n== {method}: {args.warmup} warm-up + {steps} timed steps; rlhfkit config {CONFIGS[method]} with "
               f"{' '.join(o for o in overrides if not o.startswith('train.output_dir'))}", flush=True)
         try:
