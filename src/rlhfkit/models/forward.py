@@ -6,6 +6,8 @@ same position ids (from the attention mask, so left padding is harmless), same d
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
@@ -119,9 +121,11 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     share a prompt packed into one sequence (see `pack_shared_prompts`). 0 where response_mask is 0.
     With ``with_entropy`` also the (B, R) entropies (0 where masked)."""
     packed = pack_shared_prompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, pad_token_id)
-    out = model(input_ids=packed["input_ids"], attention_mask=additive_mask(packed["allowed"], _mask_dtype(model)),
-                position_ids=packed["position_ids"], use_cache=False)
-    logits = out.logits.flatten(0, 1).index_select(0, packed["pred"]).float()[None]  # (1, N, V)
+    with _head_on_positions(model, packed["pred"]) as gathered:
+        out = model(input_ids=packed["input_ids"], attention_mask=additive_mask(packed["allowed"], _mask_dtype(model)),
+                    position_ids=packed["position_ids"], use_cache=False)
+    logits = out.logits.float()
+    logits = logits[None] if gathered else logits.flatten(0, 1).index_select(0, packed["pred"])[None]  # (1, N, V)
     B, R = packed["shape"]
     dev = response_ids.device
 
@@ -133,6 +137,33 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     if with_entropy:
         return logp, place(entropy_from_logits(logits))
     return logp
+
+
+@contextmanager
+def _head_on_positions(model, flat_positions: torch.Tensor):
+    """Run the LM head only on the hidden states at ``flat_positions`` of the flattened (K*L) batch:
+    a pre-hook on the output embedding swaps its (K, L, H) input for those (N, H) rows, so the
+    model returns (N, V) logits and the head's matmul (a fifth of this model's FLOPs per token)
+    skips the prompt and padding positions. Yields whether the hook is in place (no output
+    embedding found: the caller gathers from the full logits instead)."""
+    from rlhfkit.models.heads import _inner
+
+    inner = _inner(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+
+    def swap(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("input")
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions)
+        return (picked, *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield True
+    finally:
+        handle.remove()
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
