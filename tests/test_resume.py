@@ -317,10 +317,14 @@ def test_non_finite_updates_stop_the_run_and_keep_the_last_good_checkpoint(tmp_p
     for k in six:
         assert torch.isfinite(eight[k]).all(), k
         torch.testing.assert_close(six[k], eight[k], atol=0, rtol=0)
-    assert json.loads((ckpt.latest() / "trainer_state.json").read_text())["step"] == 8
+    state = json.loads((ckpt.latest() / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["guard"] == {"consecutive": 2, "skipped_total": 3}
     monkeypatch.setattr(sft, "sft_batch_loss", real)  # the data is fixed: resume finishes the run
     sft.train_sft(load_config(SFTConfig, overrides=[*overrides, "train.resume=true"]))
-    assert sorted(r["step"] for r in _metric_rows(out)) == list(range(1, 13))
+    rows = {r["step"]: r for r in _metric_rows(out)}
+    assert sorted(rows) == list(range(1, 13))
+    # the resumed run keeps counting from the checkpoint's counters (3 skipped before it)
+    assert [rows[s]["train/skipped_steps"] for s in (9, 12)] == [3, 3]
     assert all(torch.isfinite(v).all() for v in _final_params(out).values())
 
 

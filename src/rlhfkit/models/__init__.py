@@ -11,10 +11,13 @@ from rlhfkit.models.loading import (
     save_pretrained_atomic,
     tiny_causal_lm,
 )
-from rlhfkit.models.heads import last_token_index, position_ids_from_mask, token_values, sequence_scores
+from rlhfkit.models.heads import (
+    backbone_and_head, last_token_index, position_ids_from_mask, sequence_scores, token_values, unwrap_model,
+)
 
 __all__ = [
     "DEFAULT_MODEL", "cache_root", "ensure_default_model", "load_causal_lm", "load_scalar_model",
     "load_tokenizer", "resolve_model_path", "save_pretrained_atomic", "tiny_causal_lm",
-    "last_token_index", "position_ids_from_mask", "token_values", "sequence_scores",
+    "last_token_index", "position_ids_from_mask", "token_values", "sequence_scores", "backbone_and_head",
+    "unwrap_model",
 ]

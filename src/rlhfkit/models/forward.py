@@ -146,9 +146,9 @@ def _head_on_positions(model, flat_positions: torch.Tensor):
     model returns (N, V) logits and the head's matmul (a fifth of this model's FLOPs per token)
     skips the prompt and padding positions. Yields whether the hook is in place (no output
     embedding found: the caller gathers from the full logits instead)."""
-    from rlhfkit.models.heads import _inner
+    from rlhfkit.models.heads import unwrap_model
 
-    inner = _inner(model)
+    inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None:
         yield False

@@ -23,11 +23,11 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (T - 1 - flipped.argmax(-1)).clamp(min=0)
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
     """Return (backbone, head) of a *ForSequenceClassification model, looking through peft wrappers."""
     # peft forwards attribute lookups to the wrapped model, so hasattr(PeftModel, "score") is true and
     # base_model_prefix would resolve to the whole *ForSequenceClassification: unwrap it first.
-    model = _inner(model)
+    model = unwrap_model(model)
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
     for _ in range(4):
         if hasattr(m, "score") or hasattr(m, "classifier"):
@@ -40,12 +40,12 @@ def _backbone_and_head(model):
     return backbone, head
 
 
-def _inner(model):
+def unwrap_model(model):
     """The model inside a DDP / DeepSpeed (``.module``) or FSDP1 wrapper; FSDP2 does not wrap."""
     children = model.__dict__.get("_modules", {})  # not getattr: peft forwards unknown attributes
     for name in ("module", "_fsdp_wrapped_module"):
         if children.get(name) is not None:
-            return _inner(children[name])
+            return unwrap_model(children[name])
     return model
 
 
@@ -59,8 +59,8 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
     data-parallel wrappers work: DDP all-reduces gradients only for a forward it saw, and
     FSDP/ZeRO-3 gather their shards in forward hooks of the root module.
     """
-    _, head = _backbone_and_head(model)
-    config = _inner(model).config
+    _, head = backbone_and_head(model)
+    config = unwrap_model(model).config
     if getattr(config.get_text_config(), "pad_token_id", None) is None:
         # The pooling inside forward refuses batches without a pad id; we ignore its pooling
         # anyway, so the (unwrapped) backbone and head are called directly.
@@ -78,7 +78,7 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
 
 
 def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     features = backbone(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     values = head(features).squeeze(-1).float()  # (B, T)

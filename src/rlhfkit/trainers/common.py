@@ -311,10 +311,10 @@ def build_optimizer(model: torch.nn.Module, optim, extra_groups: list[dict] | No
     """
     head_ids: set[int] = set()
     if getattr(optim, "head_lr", 0.0):
-        from rlhfkit.models.heads import _backbone_and_head
+        from rlhfkit.models.heads import backbone_and_head
 
         try:
-            head_ids = {id(p) for p in _backbone_and_head(model)[1].parameters()}
+            head_ids = {id(p) for p in backbone_and_head(model)[1].parameters()}
         except TypeError:  # a causal LM: no scalar head, head_lr does not apply
             head_ids = set()
     decay, no_decay, head = [], [], []
@@ -353,6 +353,17 @@ class StepGuard:
     max_bad_steps: int = 3
     consecutive: int = 0
     skipped_total: int = 0
+
+    def state_dict(self) -> dict:
+        """The counters, for a checkpoint's trainer_state.json (a resumed run keeps counting)."""
+        return {"consecutive": self.consecutive, "skipped_total": self.skipped_total}
+
+    def load_state_dict(self, state: dict | None) -> StepGuard:
+        """Restore the counters (checkpoints written before they were saved carry none: start at 0)."""
+        state = state or {}
+        self.consecutive = int(state.get("consecutive", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
+        return self
 
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         ok = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad_norm).all())

@@ -336,12 +336,13 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     policy, optimizer = rt.prepare(policy, optimizer)
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
-    start = 0
+    start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
         load_weights_into(rt.unwrap(policy), last / "model")
-        start = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})["step"]
+        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})
+        start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc=desc, initial_step=start)
-    guard = StepGuard(cfg.train.max_bad_steps)
+    guard = StepGuard(cfg.train.max_bad_steps).load_state_dict(state.get("guard"))
     mbs = cfg.train.micro_batch_size
     if start == 0 and evals:
         logger.log(0, evaluate_dpo(policy, reference, evals, collator, cfg.dpo, mbs, rt.device, rt))
@@ -373,7 +374,7 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
         logger.advance()
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
             ckpt.save(step + 1, {"model": rt.unwrap(policy)}, {"optimizer": optimizer, "scheduler": scheduler},
-                      {"kind": desc})
+                      {"kind": desc, "guard": guard.state_dict()})
         rt.wait()
     logger.close()
     return metrics

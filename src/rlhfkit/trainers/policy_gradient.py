@@ -450,7 +450,7 @@ def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state
         _drop_samples_after(run.out / "samples.jsonl", start)
     logger = RunLogger(run.out, run.total_steps, enabled=run.rt.is_main, progress=cfg.train.progress,
                        desc=run.kind, initial_step=start)
-    guard = StepGuard(cfg.train.max_bad_steps)
+    guard = StepGuard(cfg.train.max_bad_steps).load_state_dict(state.get("guard"))
     metrics: dict = {}
     for step in range(start, run.total_steps):
         metrics = iterate(step, guard, logger)
@@ -460,7 +460,7 @@ def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state
         logger.advance()
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < run.total_steps:
             ckpt.save(step + 1, {k: run.rt.unwrap(m) for k, m in models.items()}, optimizers,
-                      {"kind": run.kind, **state_fn()})
+                      {"kind": run.kind, "guard": guard.state_dict(), **state_fn()})
         run.rt.wait()
     logger.close()
     return metrics

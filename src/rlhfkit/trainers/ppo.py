@@ -19,7 +19,7 @@ from rlhfkit.algos import (
 )
 from rlhfkit.config import ConfigError, ModelSection, OptimSection
 from rlhfkit.models import load_scalar_model
-from rlhfkit.models.heads import _backbone_and_head
+from rlhfkit.models.heads import backbone_and_head
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, share_frozen_base
 from rlhfkit.trainers.common import RunLogger, StepGuard
 from rlhfkit.trainers.pg_update import build_opt, load_ptx, policy_update
@@ -130,7 +130,7 @@ def load_critic(cfg: PPOConfig, tokenizer, device, actor=None):
         # reward's spread) until the critic has learned; V = 0 makes the first iterations plain
         # REINFORCE with whitened returns.
         with torch.no_grad():
-            _, head = _backbone_and_head(critic)
+            _, head = backbone_and_head(critic)
             head.weight.zero_()
     if cfg.model.lora.enabled and actor is not None and src == cfg.model.name:
         share_frozen_base(critic, actor)

@@ -14,7 +14,7 @@ from rlhfkit.algos import bradley_terry_loss, fit_bt_probe
 from rlhfkit.config import RewardConfig
 from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
 from rlhfkit.models import load_tokenizer, save_pretrained_atomic, sequence_scores
-from rlhfkit.models.heads import _backbone_and_head, last_token_index, token_values
+from rlhfkit.models.heads import backbone_and_head, last_token_index, token_values
 from rlhfkit.models.lora import load_for_training
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
@@ -105,7 +105,7 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
 def install_probe_head(model, w: torch.Tensor) -> None:
     """Set the scalar head to the probe's weights w: (H,) (bias, if any, to 0: BT ignores it).
     Under peft only the trainable copy of the head changes."""
-    _, head = _backbone_and_head(model)
+    _, head = backbone_and_head(model)
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     trainable = [m for m in linears if m.weight.requires_grad] or linears
     for lin in trainable:
@@ -139,16 +139,17 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     model, optimizer = rt.prepare(model, optimizer)
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
-    start = 0
+    start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
         load_weights_into(rt.unwrap(model), last / "model")
-        start = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})["step"]
+        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})
+        start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="rm", initial_step=start)
     if rt.is_main:
         for split, st in trunc.items():
             if st.truncated or st.dropped:
                 logger.write(f"[rm] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
-    guard = StepGuard(cfg.train.max_bad_steps)
+    guard = StepGuard(cfg.train.max_bad_steps).load_state_dict(state.get("guard"))
     if start == 0 and cfg.head_init == "probe":
         # Linear probing first: one forward over the training pairs, a convex fit of the head.
         logger.write(f"[rm] fitting the head as a linear probe on {len(train)} training pairs")
@@ -195,7 +196,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
         logger.advance()
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
             ckpt.save(step + 1, {"model": rt.unwrap(model)}, {"optimizer": optimizer, "scheduler": scheduler},
-                      {"kind": "rm"})
+                      {"kind": "rm", "guard": guard.state_dict()})
         rt.wait()
 
     # 5. Save: AutoModelForSequenceClassification.from_pretrained(dir) loads it as is (with LoRA a

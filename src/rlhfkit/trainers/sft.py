@@ -97,7 +97,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     model, optimizer = rt.prepare(model, optimizer)
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
-    start = 0
+    start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
         load_weights_into(rt.unwrap(model), last / "model")
         state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})
@@ -107,7 +107,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         for split, st in trunc.items():
             if st.truncated or st.dropped:
                 logger.write(f"[sft] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
-    guard = StepGuard(cfg.train.max_bad_steps)
+    guard = StepGuard(cfg.train.max_bad_steps).load_state_dict(state.get("guard"))
     if start == 0 and evals:
         logger.log(0, evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, rt.device, rt))
 
@@ -139,7 +139,7 @@ def train_sft(cfg: SFTConfig) -> dict:
         logger.advance()
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
             ckpt.save(step + 1, {"model": rt.unwrap(model)}, {"optimizer": optimizer, "scheduler": scheduler},
-                      {"kind": "sft"})
+                      {"kind": "sft", "guard": guard.state_dict()})
         rt.wait()
 
     # 5. The trained policy: a directory transformers (or peft) loads as is.
