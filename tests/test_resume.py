@@ -332,3 +332,28 @@ def _load_safetensors(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("restart_at", [0, 3])
+def test_tensorboard_drops_the_steps_a_restart_rewrites(tmp_path, restart_at):
+    """A run restarted at step s (0: from scratch, no checkpoint) shows one curve in TensorBoard:
+    the old events at or past s are purged, the ones before s kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhfkit.trainers.common import RunLogger
+
+    first = RunLogger(tmp_path, 6, progress=False)
+    for step in range(1, 7):
+        first.log(step, {"train/loss": 10.0 + step})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    second = RunLogger(tmp_path, 6, progress=False, initial_step=restart_at)
+    for step in range(restart_at + 1, 5):
+        second.log(step, {"train/loss": float(step)})
+    second.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    points = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert points == {s: (10.0 + s if s <= restart_at else float(s)) for s in range(1, 5)}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 5))

@@ -237,7 +237,11 @@ class RunLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=initial_step or None)
+            # purge_step: TensorBoard drops the earlier events at or past it, as _truncate_after does
+            # for the jsonl: a run resumed at step s logs from s+1 on; one restarted at step 0
+            # (step 0's evaluation included) replaces the old curves entirely
+            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tb"),
+                                    purge_step=initial_step + 1 if initial_step > 0 else 0)
         except Exception as e:  # tensorboard missing: jsonl is still written
             log.warning("TensorBoard logging disabled: %s", e)
         if progress:
