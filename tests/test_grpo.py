@@ -65,8 +65,9 @@ def test_group_size_must_be_at_least_two(tmp_path):
 
 
 def test_shared_prompt_packing_gives_the_same_update(tokenizer, tmp_path, monkeypatch):
-    """One iteration, one minibatch (so the row order inside it does not matter), micro-batches of
-    6 rows that cut groups of 4: packed and unpacked scoring and training land on the same weights."""
+    """Two iterations of two minibatches each, micro-batches of 6 rows that cut groups of 4: packed
+    and unpacked scoring and training take the same minibatches (the same shuffle) and land on the
+    same weights, with the same samples in the second iteration."""
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.trainers import pg_update
@@ -79,18 +80,21 @@ def test_shared_prompt_packing_gives_the_same_update(tokenizer, tmp_path, monkey
         packed_calls.clear()
         out = tmp_path / f"run-{share}"
         cfg = load_config(GRPOConfig, data=base_config(
-            tmp_path, tokenizer, **{**GRPO_OVER, "kl_coef": 0.04, "mini_batch_size": 32, "share_prompt": share,
+            tmp_path, tokenizer, **{**GRPO_OVER, "kl_coef": 0.04, "mini_batch_size": 16, "share_prompt": share,
                                     "optim": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0}},
-            train={"max_steps": 1, "micro_batch_size": 6, "output_dir": str(out)}))
+            train={"max_steps": 2, "micro_batch_size": 6, "output_dir": str(out)}))
         train_grpo(cfg)
-        metrics[share], calls[share] = read_metrics(out)[0], len(packed_calls)
+        metrics[share], calls[share] = read_metrics(out), len(packed_calls)
         weights[share] = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
-    # 32 rows in micro-batches of 6: 6 packed forwards for logp_old, 6 for logp_ref, 6 in the update
-    assert calls == {False: 0, True: 18}
-    a, b = metrics[False], metrics[True]
-    for key in ("loss/policy", "loss/kl", "policy/entropy", "objective/kl", "policy/grad_norm"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    assert abs(b["policy/ratio_first"] - 1.0) < 1e-6
+    # per iteration, 32 rows in micro-batches of 6: 6 packed forwards for logp_old, 6 for logp_ref,
+    # and 2 minibatches of 16 rows = 3 + 3 in the update
+    assert calls == {False: 0, True: 2 * 18}
+    for a, b in zip(metrics[False], metrics[True], strict=True):
+        for key in ("reward/score_mean", "loss/policy", "loss/kl", "policy/entropy", "objective/kl",
+                    "policy/grad_norm", "policy/clipfrac"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+        assert abs(b["policy/ratio_first"] - 1.0) < 1e-6
+    assert metrics[True][1]["loss/kl"] > 0  # the second iteration is off the reference: the test has teeth
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
     moved = max((weights[False][k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-3  # the step did something ...

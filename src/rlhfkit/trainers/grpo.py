@@ -70,7 +70,8 @@ class GRPOConfig:
     """Score and train each prompt's G responses as one packed sequence: the prompt once, each response
     attending to it and to itself (block attention mask, positions as in its own row). Same log-probs up
     to float rounding, and G*(P+R) tokens per group become P + the responses' real lengths. Minibatches
-    then hold whole groups (shuffled group-wise). false: one padded [prompt; response] row per sample."""
+    are the same shuffled rows either way; within one, the rows of a prompt are packed together.
+    false: one padded [prompt; response] row per sample."""
 
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:

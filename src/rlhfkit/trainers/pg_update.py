@@ -48,16 +48,12 @@ def policy_logprobs(model, mb: Experience, share_prompt: bool, with_entropy: boo
                            with_entropy=with_entropy)
 
 
-def shuffled_rows(exp: Experience, share_prompt: bool) -> list[int]:
-    """The row order of one epoch: a random permutation of rows, or with ``share_prompt`` of whole
-    prompt groups (rows of a group stay together, so minibatches and micro-batches hold groups)."""
-    if not share_prompt:
-        return torch.randperm(len(exp)).tolist()
-    groups: dict[int, list[int]] = {}
-    for b, g in enumerate(exp.prompt_index.tolist()):
-        groups.setdefault(g, []).append(b)
-    blocks = list(groups.values())
-    return [b for k in torch.randperm(len(blocks)).tolist() for b in blocks[k]]
+def rows_by_prompt(rows: list[int], prompt_index: torch.Tensor) -> list[int]:
+    """A minibatch's rows reordered so that rows of one prompt are adjacent (stable: the shuffled
+    order is kept within a prompt). The minibatch, and so its gradient, is the same set of rows;
+    its micro-batches then hold runs of one prompt's responses to pack (``share_prompt``)."""
+    idx = prompt_index.tolist()
+    return sorted(rows, key=lambda r: idx[r])
 
 
 def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
@@ -185,9 +181,10 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     ratio_first = None
     n = len(exp)
     for _ in range(s.epochs):
-        order = shuffled_rows(exp, s.share_prompt)
+        order = torch.randperm(n).tolist()
         for start in range(0, n, s.mini_batch_size):
-            mb = exp.select(order[start:start + s.mini_batch_size])
+            rows = order[start:start + s.mini_batch_size]
+            mb = exp.select(rows_by_prompt(rows, exp.prompt_index) if s.share_prompt else rows)
             mb_means = _Means()
             losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means)
             if ratio_first is None:
