@@ -362,8 +362,9 @@ def main() -> None:
         overrides = overrides + [f"train.max_steps={total}"] + extra[method]
         spec = {"config": CONFIGS[method], "overrides": overrides, "model_dir": model_dir, "steps": total,
                 "seed": 0, "threads": args.threads}
+        from rlhfkit.config import load_config
+
         if method in ("ppo", "grpo"):
-            from rlhfkit.config import load_config
             from rlhfkit.trainers.grpo import GRPOConfig
             from rlhfkit.trainers.ppo import PPOConfig
 
@@ -372,7 +373,6 @@ def main() -> None:
             # rlhfkit scores and trains a prompt's G responses as one packed sequence (prompt once)
             spec["shared_group"] = loaded.rollout.n if getattr(loaded, "share_prompt", False) else 1
         if method == "dpo":
-            from rlhfkit.config import load_config
             from rlhfkit.trainers.dpo import DPOConfig
 
             spec["shared_group"] = 2 if load_config(DPOConfig, CONFIGS[method], overrides).dpo.share_prompt else 1

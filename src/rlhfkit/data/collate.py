@@ -167,9 +167,14 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.floa
     T = segment_ids.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     allowed = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, T, T)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return additive_mask(allowed[:, None], dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bool "may attend" -> 0 there, the dtype's most negative value elsewhere. Float, not bool:
+    transformers' eager attention adds the mask to the scores."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 @dataclass

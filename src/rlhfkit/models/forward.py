@@ -11,7 +11,8 @@ from contextlib import contextmanager
 import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
-from rlhfkit.models.heads import position_ids_from_mask
+from rlhfkit.data.collate import additive_mask
+from rlhfkit.models.heads import position_ids_from_mask, unwrap_model
 
 
 def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -45,48 +46,59 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                         response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int) -> dict:
-    """Rows that share a prompt -> one packed sequence per prompt: the prompt once, then each
-    row's response (its real tokens only), each response seeing the prompt and itself.
+    """Rows that share a prompt -> one packed sequence per prompt (see `pack_groups`).
 
     Inputs as in `Experience`: (B, P) left-padded prompts, (B, R) right-padded responses, (B,)
-    prompt_index (rows with the same index must carry the same prompt). Returns the model inputs
-    for K packed sequences of length L: ``input_ids``/``position_ids`` (K, L) and ``allowed``
-    (K, 1, L, L) bool (query may attend key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat
-    index into the (K*L) logits of the position predicting each response token, ``target`` (N,)
-    those tokens, and ``row``/``col`` (N,) where they go in the (B, R) output.
-
-    Position ids restart the responses at the prompt length, so every response sees exactly the
-    positions and context it has in its own unpacked row: the log-probs agree with
-    `causal_logprobs` up to float rounding. Work per group of G rows falls from G*(P+R) tokens to
-    P + sum of response lengths.
+    prompt_index (rows with the same index must carry the same prompt tokens).
     """
-    B, R = response_ids.shape
     lengths = response_mask.sum(-1).tolist()
-    groups: dict[int, list[int]] = {}
+    rows_of: dict[int, list[int]] = {}
     for b, g in enumerate(prompt_index.tolist()):
-        groups.setdefault(g, []).append(b)
-    seqs, segs, poss = [], [], []
-    pred, target, row, col = [], [], [], []
-    for k, rows in enumerate(groups.values()):
+        rows_of.setdefault(g, []).append(b)
+    groups = []
+    for rows in rows_of.values():
         prompt = prompt_ids[rows[0]][prompt_mask[rows[0]].bool()]
         for b in rows[1:]:
             other = prompt_ids[b][prompt_mask[b].bool()]
             if other.shape != prompt.shape or not torch.equal(other, prompt):
                 raise ValueError(f"rows {rows[0]} and {b} share prompt_index but not their prompt tokens")
+        groups.append((prompt, [(b, response_ids[b, :int(lengths[b])]) for b in rows]))
+    return pack_groups(groups, tuple(response_ids.shape), pad_token_id)
+
+
+def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict:
+    """One packed sequence per group: the prompt once, then each response (its real tokens only),
+    each response attending to the prompt and to itself.
+
+    groups: ``[(prompt (p,), [(row, response (n,)), ...]), ...]``; ``shape`` = (B, R) of the output
+    the rows' log-probs go into. Returns the model inputs for K = len(groups) sequences of length
+    L: ``input_ids``/``position_ids`` (K, L) and ``allowed`` (K, 1, L, L) bool (query may attend
+    key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat index into the
+    K*L positions of the one predicting each response token, ``target`` (N,) those tokens, and
+    ``row``/``col`` (N,) where they go in the (B, R) output.
+
+    Position ids restart the responses at the prompt length, so every response sees exactly the
+    positions and context it has in its own unpacked row: the log-probs agree with
+    `causal_logprobs` up to float rounding. Work per group of G rows falls from G*(P+R) tokens to
+    P + the responses' real lengths.
+    """
+    seqs, segs, poss = [], [], []
+    pred, target, row, col = [], [], [], []
+    for k, (prompt, responses) in enumerate(groups):
         p = prompt.shape[0]
         if p == 0:
-            raise ValueError(f"row {rows[0]}: empty prompt (a packed response needs a token to condition on)")
+            raise ValueError(f"row {responses[0][0]}: empty prompt (a packed response needs a token to condition on)")
         parts, seg, pos = [prompt], [0] * p, list(range(p))
         start = p
-        for j, b in enumerate(rows, start=1):
-            n = int(lengths[b])
-            parts.append(response_ids[b, :n])
+        for j, (b, resp) in enumerate(responses, start=1):
+            n = resp.shape[0]
+            parts.append(resp)
             seg += [j] * n
             pos += range(p, p + n)
             # token t of the response is predicted at the position before it: the last prompt
             # token for t = 0, else the response's own token t-1
             pred += [(k, p - 1)] + [(k, start + t - 1) for t in range(1, n)]
-            target += response_ids[b, :n].tolist()
+            target += resp.tolist()
             row += [b] * n
             col += range(n)
             start += n
@@ -97,20 +109,20 @@ def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, res
     input_ids = torch.full((K, L), pad_token_id, dtype=torch.long)
     seg_ids = torch.full((K, L), -1, dtype=torch.long)  # padding: its own segment (no all-masked row)
     position_ids = torch.zeros((K, L), dtype=torch.long)
-    for k, (s, sg, ps) in enumerate(zip(seqs, segs, poss)):
-        input_ids[k, :len(s)] = s
-        seg_ids[k, :len(s)] = torch.tensor(sg)
-        position_ids[k, :len(s)] = torch.tensor(ps)
-        position_ids[k, len(s):] = torch.arange(L - len(s))
+    for k, (sq, sg, ps) in enumerate(zip(seqs, segs, poss)):
+        input_ids[k, :len(sq)] = sq
+        seg_ids[k, :len(sq)] = torch.tensor(sg)
+        position_ids[k, :len(sq)] = torch.tensor(ps)
+        position_ids[k, len(sq):] = torch.arange(L - len(sq))
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     q, kk = seg_ids[:, :, None], seg_ids[:, None, :]
     allowed = causal & ((q == kk) | ((kk == 0) & (q > 0)))  # own segment, or a response seeing the prompt
-    dev = response_ids.device
+    dev = seqs[0].device
     return {"input_ids": input_ids.to(dev), "position_ids": position_ids.to(dev), "allowed": allowed[:, None].to(dev),
             "pred": torch.tensor([k * L + t for k, t in pred], dtype=torch.long, device=dev),
             "target": torch.tensor(target, dtype=torch.long, device=dev),
             "row": torch.tensor(row, dtype=torch.long, device=dev),
-            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": (B, R)}
+            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape)}
 
 
 def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -121,16 +133,20 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     share a prompt packed into one sequence (see `pack_shared_prompts`). 0 where response_mask is 0.
     With ``with_entropy`` also the (B, R) entropies (0 where masked)."""
     packed = pack_shared_prompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, pad_token_id)
+    return packed_logprobs(model, packed, with_entropy=with_entropy)
+
+
+def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
+    """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch; 0 elsewhere."""
     with _head_on_positions(model, packed["pred"]) as gathered:
         out = model(input_ids=packed["input_ids"], attention_mask=additive_mask(packed["allowed"], _mask_dtype(model)),
                     position_ids=packed["position_ids"], use_cache=False)
     logits = out.logits.float()
     logits = logits[None] if gathered else logits.flatten(0, 1).index_select(0, packed["pred"])[None]  # (1, N, V)
     B, R = packed["shape"]
-    dev = response_ids.device
 
     def place(v: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(B, R, dtype=v.dtype, device=dev)
+        full = torch.zeros(B, R, dtype=v.dtype, device=v.device)
         return full.index_put((packed["row"], packed["col"]), v[0])
 
     logp = place(token_logprobs(logits, packed["target"][None]))
@@ -146,8 +162,6 @@ def _head_on_positions(model, flat_positions: torch.Tensor):
     model returns (N, V) logits and the head's matmul (a fifth of this model's FLOPs per token)
     skips the prompt and padding positions. Yields whether the hook is in place (no output
     embedding found: the caller gathers from the full logits instead)."""
-    from rlhfkit.models.heads import unwrap_model
-
     inner = unwrap_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None:
@@ -164,13 +178,6 @@ def _head_on_positions(model, flat_positions: torch.Tensor):
         yield True
     finally:
         handle.remove()
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Bool "may attend" -> 0 / the dtype's most negative value. Float, not bool: transformers'
-    eager attention adds the mask to the scores."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _mask_dtype(model) -> torch.dtype:

@@ -28,7 +28,7 @@ import torch
 from rlhfkit.algos import dpo_loss, sequence_logps
 from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection, TrainSection
 from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
-from rlhfkit.models.forward import causal_logprobs, shared_prompt_logprobs
+from rlhfkit.models.forward import causal_logprobs, pack_groups, packed_logprobs
 from rlhfkit.models.lora import adapters_disabled, load_for_training, merge_adapter
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
@@ -114,24 +114,15 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor,
 
 
 def _shared_pair_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2B, R) response-token log-probs and mask, each pair's prompt computed once."""
-    ids, lmask, plens = batch["input_ids"], batch["loss_mask"], batch["prompt_lengths"].tolist()
+    """(2B, R) response-token log-probs and mask, each pair one packed sequence (prompt once)."""
+    ids, plens = batch["input_ids"], batch["prompt_lengths"].tolist()
     n = len(plens)
-    rlens = lmask.sum(-1).tolist()
-    P, R = max(plens), max(max(rlens), 1)
-    prompt_ids = ids.new_zeros((2 * n, P))
-    prompt_mask = ids.new_zeros((2 * n, P))
-    response_ids = ids.new_zeros((2 * n, R))
-    response_mask = ids.new_zeros((2 * n, R))
-    for b in range(2 * n):
-        p, r = plens[b % n], int(rlens[b])
-        prompt_ids[b, P - p:] = ids[b, :p]
-        prompt_mask[b, P - p:] = 1
-        response_ids[b, :r] = ids[b, p:p + r]
-        response_mask[b, :r] = 1
-    index = torch.arange(n, device=ids.device).repeat(2)
-    logp = shared_prompt_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, index, 0)
-    return logp, response_mask
+    rlens = batch["loss_mask"].sum(-1).tolist()
+    groups = [(ids[i, :p], [(b, ids[b, p:p + int(rlens[b])]) for b in (i, n + i)]) for i, p in enumerate(plens)]
+    R = max(1, *map(int, rlens))
+    logp = packed_logprobs(model, pack_groups(groups, (2 * n, R), pad_token_id=0))
+    mask = (torch.arange(R, device=ids.device)[None] < torch.tensor(rlens, device=ids.device)[:, None]).long()
+    return logp, mask
 
 
 class Reference:

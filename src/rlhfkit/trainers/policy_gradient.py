@@ -234,9 +234,8 @@ def decode_responses(exp: Experience, tokenizer) -> list[str]:
 # --------------------------------------------------------------------------- 2. score
 
 def _batched(fn, exp: Experience, micro: int) -> Any:
-    """Apply fn(ids, mask) over row micro-batches of the experience and concatenate the outputs."""
-    ids, mask = exp.input_ids(), exp.attention_mask()
-    outs = [fn(ids[i:i + micro], mask[i:i + micro]) for i in range(0, len(exp), micro)]
+    """Apply fn(micro-batch Experience) over row micro-batches and concatenate the outputs."""
+    outs = [fn(exp.select(slice(i, i + micro))) for i in range(0, len(exp), micro)]
     if isinstance(outs[0], tuple):
         return tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
     return torch.cat(outs, dim=0)
@@ -250,11 +249,7 @@ def score_logprobs(actor, ref, exp: Experience, micro: int, share_prompt: bool =
     from rlhfkit.trainers.pg_update import policy_logprobs
 
     def over(model, with_entropy=False):
-        outs = [policy_logprobs(model, exp.select(slice(i, i + micro)), share_prompt, with_entropy)
-                for i in range(0, len(exp), micro)]
-        if with_entropy:
-            return tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
-        return torch.cat(outs, dim=0)
+        return _batched(lambda mb: policy_logprobs(model, mb, share_prompt, with_entropy), exp, micro)
 
     was_training = actor.training
     actor.eval()
@@ -276,7 +271,7 @@ def score_values(critic, exp: Experience, micro: int) -> torch.Tensor:
     was_training = critic.training
     critic.eval()
     try:
-        return _batched(lambda i, m: response_values(critic, i, m, R), exp, micro)
+        return _batched(lambda mb: response_values(critic, mb.input_ids(), mb.attention_mask(), R), exp, micro)
     finally:
         critic.train(was_training)
 
