@@ -80,6 +80,10 @@ class Worker:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
         if spec.get("threads"):
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
+        if framework == "trl" and spec.get("trl_malloc"):
+            # rlhfkit's trainers keep freed memory (rlhfkit/trainers/malloc.py); give TRL's process
+            # the same glibc settings through the environment, read at its start-up
+            env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2147483647")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [python, str(HERE / "trl_worker.py"), "--framework", framework, "--method", method,
@@ -315,6 +319,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch/OpenMP threads in every worker and for the peak (default: torch's, = cores); "
                          "1 is far faster than 2 when other jobs load the cores (OpenMP threads wait on each other)")
+    ap.add_argument("--trl-malloc", action="store_true",
+                    help="run TRL with the glibc malloc settings rlhfkit's trainers apply to themselves "
+                         "(no mmap for large blocks, no trimming); default: TRL as users run it")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_trl"))
     ap.add_argument("--python", default=sys.executable, help="interpreter with rlhfkit and trl installed")
     args = ap.parse_args()
@@ -349,7 +356,8 @@ def main() -> None:
     peak0 = matmul_peak_gflops()
     print(f"rlhfkit vs TRL {trl.__version__} | torch {torch.__version__}, {torch.get_num_threads()} threads | "
           f"model {model_dir} (fp32) | fp32 matmul peak (2048^3, best of 10): {peak0:.1f} GFLOP/s | "
-          f"loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
+          f"loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | TRL malloc: "
+          f"{'rlhfkit settings' if args.trl_malloc else 'glibc default'}", flush=True)
 
     results = {}
     for i, method in enumerate(methods):
@@ -361,7 +369,7 @@ def main() -> None:
         total = args.warmup + steps
         overrides = overrides + [f"train.max_steps={total}"] + extra[method]
         spec = {"config": CONFIGS[method], "overrides": overrides, "model_dir": model_dir, "steps": total,
-                "seed": 0, "threads": args.threads}
+                "seed": 0, "threads": args.threads, "trl_malloc": args.trl_malloc}
         from rlhfkit.config import load_config
 
         if method in ("ppo", "grpo"):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rlhfkit.config import dump_config
+from rlhfkit.trainers.malloc import keep_freed_memory
 
 log = logging.getLogger("rlhfkit")
 
@@ -63,6 +64,8 @@ class Runtime:
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         _warn_if_fsdp_ignored(self.accelerator)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # big gradient buffers reuse their pages instead of faulting each step
         set_seed(seed)  # the same on every rank: models built from it are identical replicas
 
     def prepare(self, *objs):
