@@ -92,14 +92,20 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
 
     # A 1-process SFT run whose step-2 checkpoint the 2-process job resumes.
     assert cli(_sft_args(tiny_model_dir, sft, work / "sft-1")) == 0
-    shutil.copytree(work / "sft-1", work / "sft-1to2")
-    shutil.rmtree(work / "sft-1to2" / "model")
+    for name in ("sft-1to2", "sft-1to2-fsdp"):
+        shutil.copytree(work / "sft-1", work / name)
+        shutil.rmtree(work / name / "model")
 
     jobs = [
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-2")},
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2", "--resume")},
         {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-2")},
         {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-2")},
+        # FSDP2: the same runs with the models sharded over the two ranks
+        {"argv": _sft_args(tiny_model_dir, sft, work / "sft-fsdp", "train.fsdp=true")},
+        {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2-fsdp", "train.fsdp=true", "--resume")},
+        {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-fsdp") + ["train.fsdp=true"]},
+        {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-fsdp") + ["train.fsdp=true", "head_init=probe"]},
         {"argv": _pg_args("grpo", work, work / "grpo-2"), "capture": str(work / "grpo-rollouts")},
         {"argv": _pg_args("ppo", work, work / "ppo-2"), "capture": str(work / "ppo-rollouts")},
     ]
@@ -169,6 +175,60 @@ def test_preference_trainers_two_processes_equal_one(runs, tiny_model_dir, kind)
                                                 else ["train/accuracy", "eval/margin"])
     _assert_same_metrics(one, runs / f"{kind}-2", keys)
     _assert_same_weights(one, runs / f"{kind}-2")
+
+
+def _assert_sharded(run: Path, results: str) -> None:
+    layout = json.loads((run / results).read_text())["distributed"]
+    assert layout["strategy"] == "fsdp" and layout["world_size"] == 2
+    # every block and the root are split in two (up to one row of rounding per parameter)
+    assert layout["param_elements_on_rank"] < 0.51 * layout["param_elements"], layout
+
+
+def test_fsdp_two_processes_equal_one(runs):
+    """SFT with the model sharded over 2 processes (FSDP2, gloo): the 1-process run's losses and
+    weights; its checkpoint holds full tensors in the unsharded format, written once."""
+    _assert_sharded(runs / "sft-fsdp", "sft_results.json")
+    _assert_same_metrics(runs / "sft-1", runs / "sft-fsdp", ["train/loss", "train/grad_norm", "eval/loss"])
+    _assert_same_weights(runs / "sft-1", runs / "sft-fsdp")
+    ckpt = runs / "sft-fsdp" / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-00000002"]
+    plain = _weights(runs / "sft-1")
+    saved = _weights(ckpt)  # the step-2 weights, whole
+    assert saved.keys() == plain.keys() and all(saved[k].shape == plain[k].shape for k in plain)
+    config = json.loads((runs / "sft-fsdp" / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(runs / "sft-fsdp" / "model")  # loads as is
+
+
+def test_fsdp_checkpoints_resume_across_world_sizes_and_layouts(runs, tiny_model_dir):
+    # 1 process, unsharded -> 2 processes, sharded: the optimizer state is re-keyed and sharded
+    _assert_sharded(runs / "sft-1to2-fsdp", "sft_results.json")
+    _assert_same_metrics(runs / "sft-1", runs / "sft-1to2-fsdp", ["train/loss"])
+    _assert_same_weights(runs / "sft-1", runs / "sft-1to2-fsdp")
+    # 2 processes, sharded -> 1 process, unsharded: the full, name-keyed state loads into a plain model
+    resumed = runs / "sft-fsdp-to1"
+    shutil.copytree(runs / "sft-fsdp", resumed)
+    shutil.rmtree(resumed / "model")
+    saved = torch.load(resumed / "checkpoints" / "step-00000002" / "optim.pt", weights_only=False)["optimizer"]
+    assert all(isinstance(k, str) for k in saved["state"])  # keyed by parameter name
+    assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", resumed, "--resume")) == 0
+    _assert_same_metrics(runs / "sft-1", resumed, ["train/loss"])
+    _assert_same_weights(runs / "sft-1", resumed)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "rm"])
+def test_fsdp_preference_trainers_equal_one_process(runs, tiny_model_dir, kind):
+    # the RM also fits its head as a linear probe first: features from the sharded forward, head set per shard
+    extra = ["head_init=probe"] if kind == "rm" else []
+    one = runs / f"{kind}-1-fsdp-ref"
+    assert cli(_pref_args(kind, tiny_model_dir, runs / "pref.jsonl", one) + extra) == 0
+    _assert_sharded(runs / f"{kind}-fsdp", f"{kind}_results.json")
+    keys = ["train/loss", "train/grad_norm"] + (["eval/loss", "train/rewards/margin"] if kind == "dpo"
+                                                else ["train/accuracy", "eval/margin"])
+    _assert_same_metrics(one, runs / f"{kind}-fsdp", keys)
+    _assert_same_weights(one, runs / f"{kind}-fsdp")
 
 
 def _replay(monkeypatch, module, captured: Path) -> None:

@@ -82,6 +82,7 @@ class TrainSection:
     max_bad_steps: int = 3  # consecutive non-finite losses/gradients tolerated before stopping
     resume: bool = False  # continue from the latest complete checkpoint in output_dir
     progress: bool = True
+    fsdp: bool = False  # on N processes: shard the trained model with torch FSDP2 instead of DDP replicas
 
     def validate(self, where: str) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 1:

@@ -46,7 +46,7 @@ class Runtime:
     process. docs/distributed.md has the whole picture.
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, fsdp: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -63,13 +63,64 @@ class Runtime:
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        _warn_if_fsdp_ignored(self.accelerator)
+        # train.fsdp: torch's FSDP2 shards the trained model over the ranks (rlhfkit/trainers/fsdp.py);
+        # on one process there is nothing to shard and the model trains as it is
+        self.fsdp = bool(fsdp) and self.world_size > 1
+        self.layout: dict = {"world_size": self.world_size, "strategy": "fsdp" if self.fsdp else "ddp"}
+        if not self.fsdp:
+            _warn_if_fsdp_ignored(self.accelerator)
         if self.device.type == "cpu":
             keep_freed_memory()  # big gradient buffers reuse their pages instead of faulting each step
         set_seed(seed)  # the same on every rank: models built from it are identical replicas
 
-    def prepare(self, *objs):
-        return self.accelerator.prepare(*objs)
+    def prepare(self, model, optimizer):
+        """Wrap the trained model for N processes: DDP through accelerate, or FSDP2 shards with
+        ``fsdp`` (the optimizer, built on the unsharded model, is pointed at the shards)."""
+        total = sum(p.numel() for p in model.parameters())
+        if not self.fsdp:
+            self.layout = {"world_size": self.world_size, "strategy": "ddp" if self.world_size > 1 else "single",
+                           "param_elements": total, "param_elements_on_rank": total}
+            return self.accelerator.prepare(model, optimizer)
+        from rlhfkit.trainers.fsdp import shard_model
+
+        if hasattr(model, "peft_config"):
+            from rlhfkit.config import ConfigError
+
+            raise ConfigError("train.fsdp: LoRA adapters are not sharded yet; use DDP (train.fsdp=false) with LoRA")
+        model, optimizer = shard_model(model, optimizer, self.device)
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+        self.layout = {"world_size": self.world_size, "strategy": "fsdp", "param_elements": total,
+                       "param_elements_on_rank": local}
+        if self.is_main:
+            log.info("FSDP over %d processes: rank 0 holds %d of %d parameter elements", self.world_size, local, total)
+        return model, optimizer
+
+    def load_weights(self, model, ckpt_model_dir: Path) -> None:
+        """A checkpoint's weights into the (wrapped or sharded) model: each rank keeps its shard."""
+        from rlhfkit.trainers.fsdp import is_sharded, load_model_state
+
+        if not is_sharded(model):
+            load_weights_into(self.unwrap(model), ckpt_model_dir)
+            return
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(Path(ckpt_model_dir).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        load_model_state(model, state)
+
+    def save_model(self, model, tokenizer, out_dir: Path) -> None:
+        """The trained model as a transformers directory, written once (by rank 0). Call it on
+        every rank: a sharded model's full weights are gathered first."""
+        from rlhfkit.models import save_pretrained_atomic
+        from rlhfkit.trainers.fsdp import full_model_state, is_sharded, unsharded_copy
+
+        if is_sharded(model):
+            state = full_model_state(model)
+            if self.is_main:
+                save_pretrained_atomic(unsharded_copy(model, state), tokenizer, out_dir)
+        elif self.is_main:
+            save_pretrained_atomic(self.unwrap(model), tokenizer, out_dir)
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
@@ -79,6 +130,10 @@ class Runtime:
 
     def no_sync(self, model, skip: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if self.fsdp:
+            from rlhfkit.trainers.fsdp import gradient_sync
+
+            return gradient_sync(model, sync=not skip)
         return self.accelerator.no_sync(model) if (skip and self.world_size > 1) else contextlib.nullcontext()
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +189,7 @@ class Runtime:
         """True when a forward is itself a collective (FSDP, DeepSpeed), not only the backward."""
         from accelerate.utils import DistributedType
 
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.fsdp or self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def check_divisible(self, n: int, what: str) -> None:
         """Equal shares on every rank: each must run the same number of synchronised backwards."""
@@ -394,8 +449,10 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, loss_value
     if max_grad_norm and max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     stepped = guard.check(loss_value, grad_norm)
     if stepped:
         optimizer.step()
@@ -485,8 +542,22 @@ class Checkpointer:
     def save(self, step: int, models: dict[str, Any], optimizers: dict[str, Any], state: dict,
              tokenizer=None) -> Path | None:
         """Write checkpoint ``step``. Call it on every rank: each contributes its RNG state (a
-        collective), and the main process (``enabled``) writes; the caller then waits for it."""
+        collective), and the main process (``enabled``) writes; the caller then waits for it.
+        Sharded (FSDP) models and their optimizers are gathered into full tensors first, so the
+        checkpoint has the same form as an unsharded run's (optimizer state keyed by name)."""
+        from rlhfkit.trainers.fsdp import full_model_state, full_optimizer_state, is_sharded, unsharded_copy
+
         rng = _all_rng_states()
+        models = dict(models)
+        opt_states = {}
+        for k, opt in optimizers.items():
+            owner = _sharded_owner(opt, models.values())
+            if owner is not None:
+                opt_states[k] = full_optimizer_state(owner, opt)
+        for name, model in models.items():
+            if is_sharded(model):
+                full = full_model_state(model)
+                models[name] = unsharded_copy(model, full) if self.enabled else None
         if not self.enabled:
             return None
 
@@ -495,7 +566,8 @@ class Checkpointer:
                 model.save_pretrained(tmp / name, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
-            torch.save({k: v.state_dict() for k, v in optimizers.items() if v is not None}, tmp / "optim.pt")
+            torch.save({k: opt_states[k] if k in opt_states else v.state_dict()
+                        for k, v in optimizers.items() if v is not None}, tmp / "optim.pt")
             torch.save(rng, tmp / "rng.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
 
@@ -520,14 +592,36 @@ class Checkpointer:
             shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod
-    def load_state(path: Path, optimizers: dict[str, Any]) -> dict:
+    def load_state(path: Path, optimizers: dict[str, Any], model=None) -> dict:
+        """Restore optimizer/scheduler states and this rank's RNG; returns trainer_state.json.
+        With ``model`` (the trained model, sharded or not) an optimizer's state may come from a
+        sharded run (keyed by parameter name) or from an unsharded one, at any world size."""
+        from rlhfkit.trainers.fsdp import load_optimizer_state
+
         opt_states = torch.load(path / "optim.pt", weights_only=False)
         for k, opt in optimizers.items():
-            if opt is not None and k in opt_states:
+            if opt is None or k not in opt_states:
+                continue
+            if model is not None and isinstance(opt, torch.optim.Optimizer):
+                load_optimizer_state(model, opt, opt_states[k])
+            else:
                 opt.load_state_dict(opt_states[k])
         state = json.loads((path / "trainer_state.json").read_text())
         _restore_rng(torch.load(path / "rng.pt", weights_only=False), state["step"])
         return state
+
+
+def _sharded_owner(optimizer, models) -> Any:
+    """The sharded model whose parameters ``optimizer`` updates, if any."""
+    from rlhfkit.trainers.fsdp import is_sharded
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return None
+    mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for model in models:
+        if is_sharded(model) and any(id(p) in mine for p in model.parameters()):
+            return model
+    return None
 
 
 def _dist_info() -> tuple[int, int]:

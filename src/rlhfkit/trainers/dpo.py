@@ -27,12 +27,12 @@ import torch
 
 from rlhfkit.algos import dpo_loss, sequence_logps
 from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection, TrainSection
-from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs, pack_groups, packed_logprobs
 from rlhfkit.models.lora import adapters_disabled, load_for_training, merge_adapter
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
-    eval_chunks, load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+    eval_chunks, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed values stored on each example
@@ -280,7 +280,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     from rlhfkit.data import PreferenceCollator
     from rlhfkit.trainers.reward import prepare_preference_data
 
-    rt = Runtime(cfg.train.seed)
+    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp)
     rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "dpo", rt.is_main)
 
@@ -305,9 +305,10 @@ def train_dpo(cfg: DPOConfig) -> dict:
 
     # 5. The trained policy: a directory transformers (or peft) loads as is.
     rt.check_replicas(policy)
+    rt.save_model(policy, tokenizer, out / "model")  # every rank: a sharded model is gathered first
     if rt.is_main:
-        save_pretrained_atomic(rt.unwrap(policy), tokenizer, out / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        final["distributed"] = rt.layout
         final["truncated"] = {k: {"truncated": v.truncated, "dropped": v.dropped} for k, v in trunc.items()}
         final["pairs"] = {"train": len(train), "eval": len(evals)}
         write_json_atomic(out / "dpo_results.json", final)
@@ -329,8 +330,8 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
-        load_weights_into(rt.unwrap(policy), last / "model")
-        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})
+        rt.load_weights(policy, last / "model")
+        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, model=policy)
         start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc=desc, initial_step=start)
     guard = StepGuard(cfg.train.max_bad_steps).load_state_dict(state.get("guard"))

@@ -13,12 +13,12 @@ import torch
 from rlhfkit.algos import bradley_terry_loss, fit_bt_probe
 from rlhfkit.config import RewardConfig
 from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
-from rlhfkit.models import load_tokenizer, save_pretrained_atomic, sequence_scores
+from rlhfkit.models import load_tokenizer, sequence_scores
 from rlhfkit.models.heads import backbone_and_head, last_token_index, token_values
 from rlhfkit.models.lora import load_for_training
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
-    eval_chunks, load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+    eval_chunks, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 from rlhfkit.trainers.sources import resolve_source, split_eval
 
@@ -81,7 +81,7 @@ def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, de
 def pair_feature_differences(model, examples: list[dict], collator, micro_batch_size: int, device,
                              rt=None) -> torch.Tensor:
     """(N, H) last-token features of chosen minus rejected: the input of the scalar head at the
-    position the reward is read, for every pair (all ranks' shards gathered, in rank order)."""
+    position the reward is read, for every pair, in data order (all ranks' shards gathered)."""
     was_training = model.training
     model.eval()
     diffs = []
@@ -96,29 +96,46 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
                 diffs.extend(f[:n] - f[n:])
     finally:
         model.train(was_training)
-    if rt is not None:
-        diffs = rt.gather_objects(diffs)
+    if rt is not None and rt.world_size > 1:
+        # rank r scored pairs r, r+W, r+2W, ...: put the gathered rows back in data order, so that
+        # the probe (its cross-validation folds) sees what one process sees
+        gathered, W, n = rt.gather_objects(diffs), rt.world_size, len(examples)
+        order = [i for r in range(W) for i in range(r, n, W)]
+        diffs = [None] * n
+        for i, d in zip(order, gathered):
+            diffs[i] = d
     return torch.stack(diffs)
 
 
 @torch.no_grad()
 def install_probe_head(model, w: torch.Tensor) -> None:
     """Set the scalar head to the probe's weights w: (H,) (bias, if any, to 0: BT ignores it).
-    Under peft only the trainable copy of the head changes."""
+    Under peft only the trainable copy of the head changes. Under FSDP each rank writes its shard."""
+    from rlhfkit.trainers.fsdp import is_sharded
+
+    if is_sharded(model):
+        # after a forward the root's weights may still be gathered (the module then holds plain
+        # copies that FSDP discards); reshard so that the write lands in the shards
+        model.reshard()
     _, head = backbone_and_head(model)
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     trainable = [m for m in linears if m.weight.requires_grad] or linears
     for lin in trainable:
         if lin.weight.shape != (1, w.numel()):
             raise ValueError(f"head_init=probe needs a (1, {w.numel()}) scalar head, got {tuple(lin.weight.shape)}")
-        lin.weight.copy_(w.to(lin.weight)[None])
+        src = w.to(lin.weight.dtype)[None]
+        if hasattr(lin.weight, "device_mesh"):  # an FSDP2 shard: every rank fitted the same w, each keeps its part
+            from torch.distributed.tensor import distribute_tensor
+
+            src = distribute_tensor(src, lin.weight.device_mesh, lin.weight.placements)
+        lin.weight.copy_(src)
         if lin.bias is not None:
             lin.bias.zero_()
 
 
 def train_reward_model(cfg: RewardConfig) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
-    rt = Runtime(cfg.train.seed)
+    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp)
     rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "rm", rt.is_main)
 
@@ -141,8 +158,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
-        load_weights_into(rt.unwrap(model), last / "model")
-        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})
+        rt.load_weights(model, last / "model")
+        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, model=model)
         start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="rm", initial_step=start)
     if rt.is_main:
@@ -202,9 +219,10 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     # 5. Save: AutoModelForSequenceClassification.from_pretrained(dir) loads it as is (with LoRA a
     #    peft adapter holding the head too; `rlhfkit merge` turns it into such a directory).
     rt.check_replicas(model)
+    rt.save_model(model, tokenizer, Path(out) / "model")  # every rank: a sharded model is gathered first
     if rt.is_main:
-        save_pretrained_atomic(rt.unwrap(model), tokenizer, Path(out) / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        final["distributed"] = rt.layout
         final["truncation"] = {k: v.by_source for k, v in trunc.items()}
         write_json_atomic(Path(out) / "rm_results.json", final)
     logger.close()

@@ -13,12 +13,12 @@ import torch
 from rlhfkit.algos import masked_sum
 from rlhfkit.config import SFTConfig
 from rlhfkit.data import PackedSFTCollator, SFTCollator, load_sft, pack_sft, tokenize_dataset
-from rlhfkit.models import load_tokenizer, save_pretrained_atomic
+from rlhfkit.models import load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.lora import load_for_training
 from rlhfkit.trainers.common import (
     Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler, eval_chunks,
-    load_weights_into, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+    micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 from rlhfkit.trainers.sources import resolve_source, split_eval
 
@@ -74,7 +74,7 @@ def evaluate_sft(model, examples: list[dict], collator, micro_batch_size: int, d
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns the final metrics. The trained policy lands in ``output_dir/model``."""
-    rt = Runtime(cfg.train.seed)
+    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp)
     rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "sft", rt.is_main)
 
@@ -99,8 +99,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
-        load_weights_into(rt.unwrap(model), last / "model")
-        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler})
+        rt.load_weights(model, last / "model")
+        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, model=model)
         start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="sft", initial_step=start)
     if rt.is_main:
@@ -144,9 +144,10 @@ def train_sft(cfg: SFTConfig) -> dict:
 
     # 5. The trained policy: a directory transformers (or peft) loads as is.
     rt.check_replicas(model)
+    rt.save_model(model, tokenizer, Path(out) / "model")  # every rank: a sharded model is gathered first
     if rt.is_main:
-        save_pretrained_atomic(rt.unwrap(model), tokenizer, Path(out) / "model")
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        final["distributed"] = rt.layout
         final["truncation"] = {k: v.by_source for k, v in trunc.items()}
         write_json_atomic(Path(out) / "sft_results.json", final)
     logger.close()

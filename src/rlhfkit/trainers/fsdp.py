@@ -1,0 +1,179 @@
+"""Fully sharded data parallelism with torch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+`train.fsdp: true` on N processes shards every transformer block, and the root (embeddings, final
+norm, LM or scalar head), over the ranks: each rank holds 1/N of every parameter, gradient and
+optimizer state; a block's weights are all-gathered for its forward and backward, and gradients
+are reduce-scattered (averaged over ranks, as DDP does) after it. rlhfkit calls torch directly
+rather than through accelerate, because accelerate (1.x) enables FSDP only on GPU-like devices
+(docs/distributed.md), and torch's own API is the same on CPU (gloo) and GPU (NCCL).
+
+What the trainers need besides the forward/backward:
+- the optimizer is built before sharding (its parameter groups come from the unsharded names);
+  `shard_model` points its groups at the sharded parameters, by name;
+- checkpoints and the final model hold **full** (unsharded) tensors, gathered from the shards, in
+  the same formats as unsharded runs: weights in transformers' safetensors layout, optimizer state
+  keyed by parameter name. A run therefore resumes at any world size, sharded or not
+  (`load_model_state`, `load_optimizer_state`);
+- micro-batch accumulation skips the reduce-scatter on all but the last micro-batch
+  (`gradient_sync`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _blocks(model) -> list[torch.nn.Module]:
+    """The transformer blocks: the entries of the decoder's layer list (``model.layers``, ``h``,
+    ...), found as the longest ModuleList of identical module types."""
+    best: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            if len({type(m) for m in module}) == 1:
+                best = list(module)
+    return best
+
+
+def shard_model(model, optimizer, device: torch.device):
+    """fully_shard each block, then the root; rebind ``optimizer`` (not stepped yet) to the sharded
+    parameters. Returns (model, optimizer): the same objects, now sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = dict(model.named_parameters())
+    if optimizer is not None:
+        if optimizer.state:
+            raise RuntimeError("shard the model before the optimizer takes a step")
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[name_of[id(p)]] for p in group["params"]]
+            # the fused CPU kernel takes plain tensors; DTensor shards go through foreach
+            if group.get("fused"):
+                group["fused"], group["foreach"] = False, True
+        optimizer.defaults["fused"] = False
+    return model, optimizer
+
+
+def gradient_sync(model, sync: bool):
+    """Context for one micro-batch's backward: reduce-scatter gradients only when ``sync`` (the last
+    micro-batch of an accumulation); the others accumulate unsharded gradients locally."""
+    if not is_sharded(model):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def ctx():
+        model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return ctx()
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The unsharded weights on every rank's CPU, keyed as in the unsharded model (a collective:
+    call it on every rank)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def unsharded_copy(model, state: dict[str, torch.Tensor]):
+    """A plain (unsharded) instance of the model's class holding ``state`` (from `full_model_state`),
+    for ``save_pretrained``: the saved directory is exactly what an unsharded run writes (class
+    name in config.json, tied weights once). Built on the meta device, so no weights are
+    initialised or copied twice."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(b for b in type(model).__bases__ if b is not FSDPModule)
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    for name, buf in list(plain.named_buffers()):  # non-persistent buffers (rotary tables): from the live model
+        if buf.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            live = model.get_buffer(name)
+            plain.get_submodule(owner).register_buffer(leaf, live.detach().cpu().clone(), persistent=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain.eval()
+
+
+def full_optimizer_state(model, optimizer) -> dict[str, Any]:
+    """The optimizer state with every tensor unsharded, keyed by parameter name (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+
+
+def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Full weights (e.g. a checkpoint's safetensors) into a sharded model: each rank keeps its shard.
+    Tied weights saved once (lm_head = embed_tokens) are filled in from their twin."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    wanted = get_model_state_dict_keys(model)
+    state = dict(state)
+    for key in wanted - state.keys():
+        if key.endswith("lm_head.weight"):
+            twin = key.replace("lm_head.weight", "model.embed_tokens.weight")
+            if twin in state:
+                state[key] = state[twin]
+    missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    set_model_state_dict(model, state, options=_full_options())
+
+
+def get_model_state_dict_keys(model) -> set[str]:
+    return set(model.state_dict().keys())
+
+
+def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
+    """A saved optimizer state into ``optimizer``: name-keyed (written by a sharded run) or, from
+    an unsharded run, ``optimizer.state_dict()``'s index-keyed form, into a sharded or plain model."""
+    if _index_keyed(saved):
+        if not is_sharded(model):
+            optimizer.load_state_dict(saved)
+            return
+        saved = _by_name(model, optimizer, saved)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, saved, options=_full_options())
+
+
+def _index_keyed(saved: dict) -> bool:
+    groups = saved.get("param_groups", [])
+    return bool(groups) and all(isinstance(i, int) for g in groups for i in g["params"])
+
+
+def _by_name(model, optimizer, saved: dict) -> dict:
+    """Index-keyed optimizer state -> name-keyed: index i is the i-th parameter over the groups in
+    order, which `shard_model` keeps (it rebinds each group's list in place)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise RuntimeError(f"checkpoint optimizer has {len(ids)} parameters, the model {len(names)}")
+    to_name = dict(zip(ids, names))
+    return {"state": {to_name[i]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [to_name[i] for i in g["params"]]} for g in saved["param_groups"]]}
