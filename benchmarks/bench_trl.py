@@ -230,12 +230,16 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
     epochs = spec["epochs"]
     gen = f_sc(T) / 3 * n_p + f_lm(T) / 3 * n_r  # prefill (no LM head), then one token per decode step
     n = n_p / shared + n_r  # scored and trained tokens
+    # the update's tokens over all epochs: as counted by rlhfkit's update when it reports them (with
+    # prompt sharing each minibatch packs its own groups, so a prompt is computed once per packed
+    # group it has rows in, not once per step); otherwise every epoch runs the step's tokens
+    n_upd = tk.get("update", epochs * n)
     if method == "ppo":  # actor, reference, critic, reward model forwards; actor + critic trained
         score = 2 * f_lm(T) / 3 * n + 2 * f_sc(T) / 3 * n
-        update = epochs * (f_lm(T) + f_sc(T)) * n
+        update = (f_lm(T) + f_sc(T)) * n_upd
     else:  # actor (logp_old) and reference forwards; actor trained
         score = 2 * f_lm(T) / 3 * n
-        update = epochs * f_lm(T) * n
+        update = f_lm(T) * n_upd
     return gen + score + update, update
 
 

@@ -95,9 +95,25 @@ def test_shared_prompt_packing_gives_the_same_update(tokenizer, tmp_path, monkey
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
         assert abs(b["policy/ratio_first"] - 1.0) < 1e-6
     assert metrics[True][1]["loss/kl"] > 0  # the second iteration is off the reference: the test has teeth
+    for a, b in zip(metrics[False], metrics[True]):  # packing computes each micro-batch's prompts once
+        assert 0 < b["update/tokens"] < a["update/tokens"]
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
     moved = max((weights[False][k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-3  # the step did something ...
     for k in base:  # ... and the same thing both ways (Adam's first step is about lr * sign(g), so
         # entries whose gradient is ~0 can differ by rounding: 1% of the step size allowed)
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=0)
+
+
+def test_forward_tokens_counts_each_packed_prompt_once():
+    from rlhfkit.rollout import Experience
+    from rlhfkit.trainers.pg_update import forward_tokens
+
+    # prompts of 3 and 2 tokens (left-padded to 4); rows 0, 1, 3 share prompt 0, row 2 has prompt 1
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    exp = Experience(prompt_mask * 7, prompt_mask, response_mask * 9, response_mask, logprobs=None,
+                     eos=torch.ones(4, dtype=torch.bool), prompt_index=torch.tensor([0, 0, 1, 0]))
+    assert forward_tokens(exp, share_prompt=False) == (3 + 3 + 2 + 3) + 8
+    assert forward_tokens(exp, share_prompt=True) == (3 + 2) + 8
+    assert forward_tokens(exp.select([2, 3]), share_prompt=True) == (2 + 3) + 3

@@ -145,15 +145,28 @@ class _Means:
         return out
 
 
+def forward_tokens(mb: Experience, share_prompt: bool) -> int:
+    """Real tokens a policy forward over ``mb`` runs: every row's prompt and response, or with
+    ``share_prompt`` each distinct prompt once plus the responses (for FLOP counts)."""
+    prompt_lens = mb.prompt_mask.sum(-1)
+    if share_prompt:
+        first = {int(g): b for b, g in reversed(list(enumerate(mb.prompt_index.tolist())))}
+        prompts = int(prompt_lens[list(first.values())].sum())
+    else:
+        prompts = int(prompt_lens.sum())
+    return prompts + int(mb.response_mask.sum())
+
+
 def _minibatch_backward(actor, critic, mb: Experience, s: UpdateSettings, rt: Runtime,
                         token_means: _Means) -> dict:
     """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms."""
     normalizer = _normalizer(mb, s.agg, rt)
-    losses: dict[str, float] = {}
+    losses: dict[str, float] = {"update/tokens": 0.0}
     for rows in micro_batches(list(range(len(mb))), s.micro_batch_size):
         micro = mb.select(rows)
         loss, m = _micro_loss(actor, critic, micro, s, normalizer)
         rt.backward(loss)
+        losses["update/tokens"] += forward_tokens(micro, s.share_prompt)
         for k in [k for k in m if k.startswith("loss/")]:  # shares of the minibatch loss: sum them
             losses[k] = losses.get(k, 0.0) + float(m.pop(k))
         token_means.add(m, weight=float(micro.response_mask.sum()))
@@ -168,7 +181,8 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     Each minibatch is one optimizer step of the actor (and of the critic, with its own optimizer
     and clipping), accumulated over micro-batches whose losses are divided by the minibatch's
     global token (or row) count, so the accumulated gradient equals the full-minibatch gradient
-    exactly. Metrics are token-weighted over the whole update (losses: mean over minibatches).
+    exactly. Metrics are token-weighted over the whole update (losses: mean over minibatches);
+    ``update/tokens`` counts the real tokens the actor's training forwards ran (all ranks).
     `policy/ratio_first` is the ratio mean on the first minibatch of the first epoch: it must be 1.
 
     On N processes each rank updates on its own rows (s.mini_batch_size is per rank) and the
@@ -179,6 +193,7 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     """
     token_means, step_means = _Means(), _Means()
     ratio_first = None
+    computed = 0.0  # real tokens through the actor's training forwards (all epochs)
     n = len(exp)
     for _ in range(s.epochs):
         order = torch.randperm(n).tolist()
@@ -190,6 +205,7 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
             if ratio_first is None:
                 ratio_first = mb_means.reduced(rt).result()["policy/ratio_mean"]
             token_means.merge(mb_means)
+            computed += losses.pop("update/tokens")
             if ptx is not None:
                 losses["loss/ptx"] = float(_ptx_backward(actor, ptx, rt, opt_step))
             rt.average_gradients(actor)
@@ -203,7 +219,8 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
                     critic, critic_opt["optimizer"], critic_opt["scheduler"], s.critic_max_grad_norm, total, guard)
             step_means.add(losses)
             opt_step += 1
-    out = {**token_means.reduced(rt).result(), **step_means.reduced(rt).result(), "policy/ratio_first": ratio_first}
+    out = {**token_means.reduced(rt).result(), **step_means.reduced(rt).result(), "policy/ratio_first": ratio_first,
+           "update/tokens": float(rt.sum(torch.tensor(computed, dtype=torch.float64)))}
     out.pop("policy/ratio_mean", None)
     return out
 
