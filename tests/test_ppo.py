@@ -271,3 +271,50 @@ def test_bad_prompts_name_file_line_and_field_before_any_model_loads(tokenizer, 
         train_ppo(cfg)
     msg = str(info.value)
     assert msg.startswith(f"{bad}:2: ") and (field is None or f"field '{field}'" in msg) and fragment in msg, msg
+
+
+def test_fused_scoring_is_the_unfused_computation(tokenizer, tmp_path, monkeypatch):
+    """The whole batch is one minibatch and one micro-batch: the first update step's actor and
+    critic forwards also give logp_old and V_old. Two iterations land where the separate scoring
+    forwards land, with two forwards fewer per iteration."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.trainers import pg_update
+
+    calls = []
+    real = pg_update.causal_logprobs
+    monkeypatch.setattr(pg_update, "causal_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    metrics, weights, n_calls = {}, {}, {}
+    for fuse in (False, True):
+        calls.clear()
+        out = tmp_path / f"run-{fuse}"
+        cfg = _cfg(tmp_path, tokenizer, rollout={"n": 2, "max_new_tokens": 6}, mini_batch_size=8, fuse_scoring=fuse,
+                   kl={"coef": 0.05}, train={"batch_size": 4, "micro_batch_size": 8, "max_steps": 2,
+                                             "output_dir": str(out)})
+        train_ppo(cfg)
+        metrics[fuse], n_calls[fuse] = read_metrics(out), len(calls)
+        weights[fuse] = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    # per iteration: actor scoring + reference + 2 epochs -> the reference + 2 epochs
+    assert n_calls == {False: 2 * 4, True: 2 * 3}
+    for a, b in zip(metrics[False], metrics[True], strict=True):
+        assert (a["score/fused"], b["score/fused"]) == (0.0, 1.0)
+        for key in ("reward/score_mean", "objective/kl", "policy/entropy", "loss/policy", "loss/value",
+                    "policy/grad_norm", "value/grad_norm", "value/explained_variance", "value/mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+        assert abs(b["policy/ratio_first"] - 1.0) < 1e-6
+    assert metrics[True][1]["objective/kl"] > 0  # the second iteration is off the reference
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    assert max((weights[True][k] - base[k]).abs().max().item() for k in base) > 1e-3
+    for k in base:
+        torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=0)
+
+
+def test_fusable_needs_one_minibatch_one_micro_batch_and_no_dropout(tiny_model):
+    from rlhfkit.trainers.pg_update import fusable
+
+    s = UpdateSettings(epochs=2, mini_batch_size=8, micro_batch_size=8, clip_eps=0.2)
+    assert fusable(8, s, tiny_model, None)
+    assert not fusable(16, s, tiny_model)  # two minibatches: the second starts from moved weights
+    assert not fusable(8, UpdateSettings(epochs=2, mini_batch_size=8, micro_batch_size=4, clip_eps=0.2), tiny_model)
+    tiny_model.config.attention_dropout = 0.1  # train-mode forwards would differ from logp_old's eval mode
+    assert not fusable(8, s, tiny_model)

@@ -64,17 +64,19 @@ def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int) -> to
     return v[:, P - 1:P - 1 + R]
 
 
-def _micro_loss(actor, critic, mb: Experience, s: UpdateSettings, normalizer: float) -> tuple[torch.Tensor, dict]:
-    """Loss of one micro-batch (already divided by the minibatch-global normaliser) and its metrics."""
+def _micro_loss(actor, critic, mb: Experience, s: UpdateSettings, normalizer: float,
+                first: FirstForward | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss of one micro-batch (already divided by the minibatch-global normaliser) and its metrics.
+    ``first``: this micro-batch's forwards, already run (`FirstForward`)."""
     R = mb.response_ids.shape[1]
     rmask = mb.response_mask
-    logp = policy_logprobs(actor, mb, s.share_prompt)  # (b, R) with grad
+    logp = first.logp if first is not None else policy_logprobs(actor, mb, s.share_prompt)  # (b, R) with grad
     loss, pm = ppo_policy_loss(logp, mb.logprobs, mb.advantages, rmask, clip_eps=s.clip_eps,
                                clip_eps_high=s.clip_eps_high, agg=s.agg, normalizer=normalizer)
     metrics = {"loss/policy": loss.detach(), "policy/clipfrac": pm["clipfrac"],
                "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"]}
     if critic is not None and s.vf_coef > 0:
-        v = response_values(critic, mb.input_ids(), mb.attention_mask(), R)
+        v = first.values if first is not None else response_values(critic, mb.input_ids(), mb.attention_mask(), R)
         vl, vm = value_loss(v, mb.values, mb.returns, rmask, clip_eps=s.value_clip_eps, agg=s.agg,
                             normalizer=normalizer)
         loss = loss + s.vf_coef * vl
@@ -85,6 +87,40 @@ def _micro_loss(actor, critic, mb: Experience, s: UpdateSettings, normalizer: fl
         loss = loss + s.kl_coef * kl_loss
         metrics["loss/kl"] = kl_loss.detach()
     return loss, metrics
+
+
+@dataclass
+class FirstForward:
+    """The update's first forwards, run before the advantages existed (PPO's fused scoring): the
+    actor's log-probs and the critic's values of every row, with their graphs. They serve as the
+    first minibatch's forwards when that minibatch is the whole batch in one micro-batch: the
+    weights have not moved since the rollout, so logp_old and V_old are these values, detached,
+    and no separate scoring forward is needed. Rows are in the order of the Experience."""
+
+    logp: torch.Tensor  # (B, R), with grad
+    values: torch.Tensor | None  # (B, R), with grad (None without a critic)
+
+    def select(self, rows: list[int]) -> FirstForward:
+        idx = torch.as_tensor(rows, device=self.logp.device)
+        return FirstForward(self.logp[idx], None if self.values is None else self.values[idx])
+
+
+def fusable(n_rows: int, s: UpdateSettings, *models) -> bool:
+    """Whether the first minibatch can reuse forwards run before the advantages (`FirstForward`):
+    it must be the whole batch in one micro-batch, and the models must compute the same function
+    in train mode as in eval mode (no active dropout), since logp_old is defined in eval mode."""
+    if n_rows > s.mini_batch_size or n_rows > s.micro_batch_size:
+        return False
+    for model in models:
+        if model is None:
+            continue
+        config = getattr(model, "config", None)
+        if any(float(getattr(config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout",
+                                                                     "resid_pdrop", "attn_pdrop", "embd_pdrop")):
+            return False
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            return False
+    return True
 
 
 def _normalizer(mb: Experience, agg: str, rt: Runtime) -> float:
@@ -158,13 +194,14 @@ def forward_tokens(mb: Experience, share_prompt: bool) -> int:
 
 
 def _minibatch_backward(actor, critic, mb: Experience, s: UpdateSettings, rt: Runtime,
-                        token_means: _Means) -> dict:
-    """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms."""
+                        token_means: _Means, first: FirstForward | None = None) -> dict:
+    """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms.
+    ``first``: the minibatch's forwards, already run (then it is one micro-batch)."""
     normalizer = _normalizer(mb, s.agg, rt)
     losses: dict[str, float] = {"update/tokens": 0.0}
     for rows in micro_batches(list(range(len(mb))), s.micro_batch_size):
         micro = mb.select(rows)
-        loss, m = _micro_loss(actor, critic, micro, s, normalizer)
+        loss, m = _micro_loss(actor, critic, micro, s, normalizer, first)
         rt.backward(loss)
         losses["update/tokens"] += forward_tokens(micro, s.share_prompt)
         for k in [k for k in m if k.startswith("loss/")]:  # shares of the minibatch loss: sum them
@@ -175,7 +212,7 @@ def _minibatch_backward(actor, critic, mb: Experience, s: UpdateSettings, rt: Ru
 
 def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt: Runtime, guard: StepGuard, *,
                   critic=None, critic_opt: dict | None = None, ptx: PTXData | None = None,
-                  opt_step: int = 0) -> dict:
+                  opt_step: int = 0, first: FirstForward | None = None) -> dict:
     """Step 5: s.epochs passes over shuffled minibatches of the stored experience.
 
     Each minibatch is one optimizer step of the actor (and of the critic, with its own optimizer
@@ -184,6 +221,8 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     exactly. Metrics are token-weighted over the whole update (losses: mean over minibatches);
     ``update/tokens`` counts the real tokens the actor's training forwards ran (all ranks).
     `policy/ratio_first` is the ratio mean on the first minibatch of the first epoch: it must be 1.
+    ``first``: the first minibatch's forwards, run by the caller before the advantages (see
+    `FirstForward`); the first minibatch then runs only its backward.
 
     On N processes each rank updates on its own rows (s.mini_batch_size is per rank) and the
     gradients are averaged with `Runtime.average_gradients` before each optimizer step. The models
@@ -195,13 +234,18 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     ratio_first = None
     computed = 0.0  # real tokens through the actor's training forwards (all epochs)
     n = len(exp)
+    first_step = opt_step
+    if first is not None and not fusable(n, s):
+        raise ValueError("a FirstForward needs the whole batch in the first minibatch and micro-batch")
     for _ in range(s.epochs):
         order = torch.randperm(n).tolist()
         for start in range(0, n, s.mini_batch_size):
             rows = order[start:start + s.mini_batch_size]
-            mb = exp.select(rows_by_prompt(rows, exp.prompt_index) if s.share_prompt else rows)
+            rows = rows_by_prompt(rows, exp.prompt_index) if s.share_prompt else rows
+            mb = exp.select(rows)
             mb_means = _Means()
-            losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means)
+            reuse = first.select(rows) if first is not None and opt_step == first_step else None
+            losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means, reuse)
             if ratio_first is None:
                 ratio_first = mb_means.reduced(rt).result()["policy/ratio_mean"]
             token_means.merge(mb_means)

@@ -242,10 +242,12 @@ def _batched(fn, exp: Experience, micro: int) -> Any:
 
 
 @torch.no_grad()
-def score_logprobs(actor, ref, exp: Experience, micro: int, share_prompt: bool = False) -> dict:
+def score_logprobs(actor, ref, exp: Experience, micro: int, share_prompt: bool = False,
+                   policy: dict | None = None) -> dict:
     """Step 2 for the policy side: logp_old + entropy (actor, eval mode) and logp_ref, (B, R) each.
     With ``share_prompt`` each micro-batch's rows of one prompt are packed (as the update does),
-    so logp_old comes from the same computation as the first minibatch's logp."""
+    so logp_old comes from the same computation as the first minibatch's logp. ``policy``:
+    logp_old and entropy already computed (PPO's fused first forward); only the reference runs."""
     from rlhfkit.trainers.pg_update import policy_logprobs
 
     def over(model, with_entropy=False):
@@ -254,7 +256,7 @@ def score_logprobs(actor, ref, exp: Experience, micro: int, share_prompt: bool =
     was_training = actor.training
     actor.eval()
     try:
-        logp, ent = over(actor, with_entropy=True)
+        logp, ent = over(actor, with_entropy=True) if policy is None else (policy["logp"], policy["entropy"])
         if ref is None:  # LoRA: the reference is the same weights with the adapters switched off
             with adapters_disabled(actor):
                 ref_logp = over(actor)
@@ -290,14 +292,15 @@ def score_sequences(exp: Experience, items: list[PromptItem], responses: list[st
 
 
 def score_experience(exp: Experience, items, reward_fn, section: RewardSection, actor, ref, tokenizer,
-                     micro: int, rt: Runtime | None = None, share_prompt: bool = False
-                     ) -> tuple[Experience, dict, list[str]]:
+                     micro: int, rt: Runtime | None = None, share_prompt: bool = False,
+                     policy: dict | None = None) -> tuple[Experience, dict, list[str]]:
     """Step 2 shared by all trainers: fills logprobs (logp_old), ref_logprobs and scores.
     Each rank scores its own rows; the metrics are over the global batch when ``rt`` is given.
-    Returns (exp, metrics, decoded responses)."""
+    ``policy`` ({"logp", "entropy"}, detached): logp_old computed by the caller. Returns (exp,
+    metrics, decoded responses)."""
     mask = exp.response_mask.bool()
     rollout_logp = exp.logprobs
-    lp = score_logprobs(actor, ref, exp, micro, share_prompt)
+    lp = score_logprobs(actor, ref, exp, micro, share_prompt, policy=policy)
     exp.logprobs, exp.ref_logprobs = lp["logp"], lp["ref_logp"]
     responses = decode_responses(exp, tokenizer)
     raw, exp.scores = score_sequences(exp, items, responses, reward_fn, section)

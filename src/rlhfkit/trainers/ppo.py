@@ -22,7 +22,9 @@ from rlhfkit.models import load_scalar_model
 from rlhfkit.models.heads import backbone_and_head
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, share_frozen_base
 from rlhfkit.trainers.common import RunLogger, StepGuard
-from rlhfkit.trainers.pg_update import build_opt, load_ptx, policy_update
+from rlhfkit.trainers.pg_update import (
+    FirstForward, build_opt, fusable, load_ptx, policy_logprobs, policy_update, response_values,
+)
 from rlhfkit.trainers.policy_gradient import (
     PolicyTrainSection, PromptsSection, PTXSection, RewardSection, RolloutSection, log_samples,
     optimizer_steps_per_iteration, prompt_batch, rollout, sampling_seed, save_final, score_experience,
@@ -93,6 +95,12 @@ class PPOConfig:
     """Whiten advantages over the batch's valid tokens (SPEC 4.4)."""
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     """How token losses reduce to a scalar (agg_loss)."""
+    fuse_scoring: bool = True
+    """When a rank's whole batch is one minibatch and one micro-batch (mini_batch_size and
+    train.micro_batch_size >= its rows: TRL's defaults), the first update step's actor and critic
+    forwards also give logp_old and V_old, and the two scoring forwards are skipped. Exact: the
+    weights have not moved since the rollout. Costs keeping that forward's graph while the
+    reference and reward model score. Models with active dropout are never fused."""
 
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:
@@ -156,10 +164,24 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
     exp = rollout(run.actor, items, cfg.rollout, run.tokenizer, seed=sampling_seed(run, step))
     clock.lap("rollout")
 
-    # 2. Score, no gradients: logp_old (actor, eval mode), logp_ref, V_old, sequence scores.
-    exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
-                                               run.tokenizer, micro, run.rt)
-    exp.values = score_values(critic, exp, micro)
+    # 2. Score: logp_old (actor, eval mode), logp_ref, V_old, sequence scores, without gradients.
+    #    Fused (cfg.fuse_scoring, when the rank's batch is one minibatch and one micro-batch): the
+    #    first update step's actor and critic forwards run now, with their graphs, and give
+    #    logp_old and V_old; the first minibatch then runs only its backward.
+    first = None
+    if cfg.fuse_scoring and fusable(len(exp), run.settings, run.actor, critic):
+        logp, ent = policy_logprobs(run.actor, exp, False, with_entropy=True)
+        values = response_values(critic, exp.input_ids(), exp.attention_mask(), exp.response_ids.shape[1])
+        first = FirstForward(logp, values)
+        policy = {"logp": logp.detach(), "entropy": ent.detach()}
+        exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
+                                                   run.tokenizer, micro, run.rt, policy=policy)
+        exp.values = values.detach()
+    else:
+        exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
+                                                   run.tokenizer, micro, run.rt)
+        exp.values = score_values(critic, exp, micro)
+    metrics["score/fused"] = float(first is not None)
     mask = exp.response_mask
     clock.lap("score")
 
@@ -175,7 +197,8 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
 
     # 5. Update: ppo_epochs x minibatches, clipped policy + value losses (+ PTX), two optimizers.
     upd = policy_update(exp, run.actor, opts["actor"], run.settings, run.rt, guard, critic=critic,
-                        critic_opt=opts["critic"], ptx=ptx, opt_step=step * optimizer_steps_per_iteration(run))
+                        critic_opt=opts["critic"], ptx=ptx, opt_step=step * optimizer_steps_per_iteration(run),
+                        first=first)
     clock.lap("update")
     metrics.update(upd)
     metrics.update(clock.times)
