@@ -237,6 +237,8 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
     if method == "ppo":  # actor, reference, critic, reward model forwards; actor + critic trained
         score = 2 * f_lm(T) / 3 * n + 2 * f_sc(T) / 3 * n
         update = (f_lm(T) + f_sc(T)) * n_upd
+        if tk.get("fused"):  # the actor and critic scoring forwards were the update's first: counted once, in score
+            update -= (f_lm(T) + f_sc(T)) / 3 * n
     else:  # actor (logp_old) and reference forwards; actor trained
         score = 2 * f_lm(T) / 3 * n
         update = f_lm(T) * n_upd
