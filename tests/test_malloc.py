@@ -3,6 +3,7 @@ faulting fresh ones in every step (counted with the process's minor page faults,
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ PROBE = textwrap.dedent("""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 1000, (2, 32))
     faults = []
-    for _ in range(8):
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
@@ -44,12 +45,13 @@ def _probe(setting: str) -> tuple[int, list[int]]:
 def test_training_steps_reuse_freed_pages():
     applied, faults = _probe("")
     assert applied == 1
-    # after warm-up the steps run on pages already touched: 4 steps fault in less than one gradient
-    assert sum(faults[4:]) < GRAD_PAGES
+    # after warm-up the steps run on pages already touched. The heap still grows now and then (a
+    # step faulting in up to one gradient's worth), so the typical step is what is checked
+    assert statistics.median(faults[2:]) < GRAD_PAGES // 10, faults
 
     applied, faults = _probe("default")  # opt-out: glibc maps and unmaps the big buffers every step
     assert applied == 0
-    assert min(faults[4:]) > GRAD_PAGES  # every step faults in more than one whole gradient
+    assert min(faults[2:]) > GRAD_PAGES, faults  # every step faults in more than one whole gradient
 
 
 def test_runtime_applies_it_on_cpu():
