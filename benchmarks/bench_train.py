@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
+    from rlhfkit.trainers.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as the trainers' Runtime does on CPU (RLHFKIT_MALLOC=default: glibc as it comes)
     torch.manual_seed(0)
     peak = matmul_peak_gflops()
     rows = [bench_sft(args.batch, args.seq, args.steps), bench_rm(args.batch // 2 or 1, args.seq, args.steps)]
