@@ -113,14 +113,11 @@ class Runtime:
         """The trained model as a transformers directory, written once (by rank 0). Call it on
         every rank: a sharded model's full weights are gathered first."""
         from rlhfkit.models import save_pretrained_atomic
-        from rlhfkit.trainers.fsdp import full_model_state, is_sharded, unsharded_copy
+        from rlhfkit.trainers.fsdp import gathered_copy, is_sharded
 
-        if is_sharded(model):
-            state = full_model_state(model)
-            if self.is_main:
-                save_pretrained_atomic(unsharded_copy(model, state), tokenizer, out_dir)
-        elif self.is_main:
-            save_pretrained_atomic(self.unwrap(model), tokenizer, out_dir)
+        plain = gathered_copy(model, keep=self.is_main) if is_sharded(model) else self.unwrap(model)
+        if self.is_main:
+            save_pretrained_atomic(plain, tokenizer, out_dir)
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
@@ -172,6 +169,18 @@ class Runtime:
     def shard(self, items: list) -> list:
         """This rank's share of a global batch (strided: rank r takes items r, r+W, r+2W, ...)."""
         return items[self.rank::self.world_size]
+
+    def unshard(self, mine: list) -> list:
+        """The inverse of `shard`: every rank's share (results computed item by item, in order)
+        gathered back into the global order, on every rank."""
+        if self.world_size == 1:
+            return list(mine)
+        everyone, W = self.gather_objects(mine), self.world_size
+        n = len(everyone)
+        out: list = [None] * n
+        for i, item in zip((i for r in range(W) for i in range(r, n, W)), everyone):
+            out[i] = item
+        return out
 
     def shard_chunks(self, items: list, micro_batch_size: int) -> list[list | None]:
         """This rank's share of ``items`` (an evaluation set) in micro-batches, padded with ``None``
@@ -545,7 +554,7 @@ class Checkpointer:
         collective), and the main process (``enabled``) writes; the caller then waits for it.
         Sharded (FSDP) models and their optimizers are gathered into full tensors first, so the
         checkpoint has the same form as an unsharded run's (optimizer state keyed by name)."""
-        from rlhfkit.trainers.fsdp import full_model_state, full_optimizer_state, is_sharded, unsharded_copy
+        from rlhfkit.trainers.fsdp import full_optimizer_state, gathered_copy, is_sharded
 
         rng = _all_rng_states()
         models = dict(models)
@@ -556,8 +565,7 @@ class Checkpointer:
                 opt_states[k] = full_optimizer_state(owner, opt)
         for name, model in models.items():
             if is_sharded(model):
-                full = full_model_state(model)
-                models[name] = unsharded_copy(model, full) if self.enabled else None
+                models[name] = gathered_copy(model, keep=self.enabled)
         if not self.enabled:
             return None
 

@@ -119,6 +119,13 @@ def unsharded_copy(model, state: dict[str, torch.Tensor]):
     return plain.eval()
 
 
+def gathered_copy(model, keep: bool):
+    """A collective (call it on every rank): the sharded model's full weights, as an unsharded
+    copy (`unsharded_copy`) on the ranks that ``keep`` it, else None."""
+    state = full_model_state(model)
+    return unsharded_copy(model, state) if keep else None
+
+
 def full_optimizer_state(model, optimizer) -> dict[str, Any]:
     """The optimizer state with every tensor unsharded, keyed by parameter name (a collective)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -131,7 +138,7 @@ def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
     Tied weights saved once (lm_head = embed_tokens) are filled in from their twin."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    wanted = get_model_state_dict_keys(model)
+    wanted = set(model.state_dict().keys())
     state = dict(state)
     for key in wanted - state.keys():
         if key.endswith("lm_head.weight"):
@@ -142,10 +149,6 @@ def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
     set_model_state_dict(model, state, options=_full_options())
-
-
-def get_model_state_dict_keys(model) -> set[str]:
-    return set(model.state_dict().keys())
 
 
 def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:

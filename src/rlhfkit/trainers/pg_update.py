@@ -186,11 +186,11 @@ def forward_tokens(mb: Experience, share_prompt: bool) -> int:
     ``share_prompt`` each distinct prompt once plus the responses (for FLOP counts)."""
     prompt_lens = mb.prompt_mask.sum(-1)
     if share_prompt:
-        first = {int(g): b for b, g in reversed(list(enumerate(mb.prompt_index.tolist())))}
-        prompts = int(prompt_lens[list(first.values())].sum())
-    else:
-        prompts = int(prompt_lens.sum())
-    return prompts + int(mb.response_mask.sum())
+        one_row_each: dict[int, int] = {}
+        for b, g in enumerate(mb.prompt_index.tolist()):
+            one_row_each.setdefault(g, b)
+        prompt_lens = prompt_lens[list(one_row_each.values())]
+    return int(prompt_lens.sum()) + int(mb.response_mask.sum())
 
 
 def _minibatch_backward(actor, critic, mb: Experience, s: UpdateSettings, rt: Runtime,
@@ -234,7 +234,6 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
     ratio_first = None
     computed = 0.0  # real tokens through the actor's training forwards (all epochs)
     n = len(exp)
-    first_step = opt_step
     if first is not None and not fusable(n, s):
         raise ValueError("a FirstForward needs the whole batch in the first minibatch and micro-batch")
     for _ in range(s.epochs):
@@ -244,7 +243,7 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
             rows = rows_by_prompt(rows, exp.prompt_index) if s.share_prompt else rows
             mb = exp.select(rows)
             mb_means = _Means()
-            reuse = first.select(rows) if first is not None and opt_step == first_step else None
+            reuse, first = (first.select(rows) if first is not None else None), None  # the first minibatch only
             losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means, reuse)
             if ratio_first is None:
                 ratio_first = mb_means.reduced(rt).result()["policy/ratio_mean"]

@@ -168,19 +168,15 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
     #    Fused (cfg.fuse_scoring, when the rank's batch is one minibatch and one micro-batch): the
     #    first update step's actor and critic forwards run now, with their graphs, and give
     #    logp_old and V_old; the first minibatch then runs only its backward.
-    first = None
+    first = policy = None
     if cfg.fuse_scoring and fusable(len(exp), run.settings, run.actor, critic):
         logp, ent = policy_logprobs(run.actor, exp, False, with_entropy=True)
         values = response_values(critic, exp.input_ids(), exp.attention_mask(), exp.response_ids.shape[1])
         first = FirstForward(logp, values)
         policy = {"logp": logp.detach(), "entropy": ent.detach()}
-        exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
-                                                   run.tokenizer, micro, run.rt, policy=policy)
-        exp.values = values.detach()
-    else:
-        exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
-                                                   run.tokenizer, micro, run.rt)
-        exp.values = score_values(critic, exp, micro)
+    exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
+                                               run.tokenizer, micro, run.rt, policy=policy)
+    exp.values = first.values.detach() if first is not None else score_values(critic, exp, micro)
     metrics["score/fused"] = float(first is not None)
     mask = exp.response_mask
     clock.lap("score")

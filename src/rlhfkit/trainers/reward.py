@@ -96,14 +96,8 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
                 diffs.extend(f[:n] - f[n:])
     finally:
         model.train(was_training)
-    if rt is not None and rt.world_size > 1:
-        # rank r scored pairs r, r+W, r+2W, ...: put the gathered rows back in data order, so that
-        # the probe (its cross-validation folds) sees what one process sees
-        gathered, W, n = rt.gather_objects(diffs), rt.world_size, len(examples)
-        order = [i for r in range(W) for i in range(r, n, W)]
-        diffs = [None] * n
-        for i, d in zip(order, gathered):
-            diffs[i] = d
+    if rt is not None:  # in data order, so that the probe's cross-validation folds are one process's
+        diffs = rt.unshard(diffs)
     return torch.stack(diffs)
 
 
