@@ -81,7 +81,7 @@ def test_sft_sigkill_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
     from rlhfkit.models import load_causal_lm
-    from rlhfkit.trainers.common import Checkpointer, load_weights_into
+    from rlhfkit.trainers.checkpoint import Checkpointer, load_weights_into
 
     model = load_causal_lm(tiny_model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -134,7 +134,7 @@ def _kill_past_checkpoint(cmd, out: Path, min_step: int) -> int:
     """Start the run; SIGKILL it once it has a checkpoint at or past ``min_step`` *and* has logged a
     later step, which the resumed run must then drop and redo. Returns the step of the latest
     complete checkpoint (the one --resume continues from)."""
-    from rlhfkit.trainers.common import Checkpointer
+    from rlhfkit.trainers.checkpoint import Checkpointer
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = Checkpointer(out)
@@ -287,7 +287,8 @@ def test_resume_without_a_checkpoint_starts_over_with_one_record_per_step(tmp_pa
 def test_non_finite_updates_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from rlhfkit.config import SFTConfig, load_config
     from rlhfkit.trainers import sft
-    from rlhfkit.trainers.common import Checkpointer, TrainingDiverged
+    from rlhfkit.trainers.checkpoint import Checkpointer
+    from rlhfkit.trainers.common import TrainingDiverged
 
     real, calls = sft.sft_batch_loss, []
     bad = {2, 6, 7, 8}  # 0-based steps with a NaN loss: one alone (skipped), then three in a row

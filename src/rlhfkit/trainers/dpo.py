@@ -30,9 +30,10 @@ from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection,
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs, pack_groups, packed_logprobs
 from rlhfkit.models.lora import adapters_disabled, load_for_training, merge_adapter
+from rlhfkit.trainers.checkpoint import Checkpointer, load_weights_into
 from rlhfkit.trainers.common import (
-    Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler,
-    eval_chunks, micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+    RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler, eval_chunks, micro_batches,
+    optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed values stored on each example
@@ -330,7 +331,7 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
-        rt.load_weights(policy, last / "model")
+        load_weights_into(rt.unwrap(policy), last / "model")
         state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, model=policy)
         start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc=desc, initial_step=start)

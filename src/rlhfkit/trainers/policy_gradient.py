@@ -32,8 +32,9 @@ from rlhfkit.judges.rewards import RewardFn, build_reward_fn, prompt_text
 from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.lora import adapters_disabled, apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import Experience, generate
+from rlhfkit.trainers.checkpoint import Checkpointer, load_weights_into
 from rlhfkit.trainers.common import (
-    Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, load_weights_into, prepare_run_dir, write_json_atomic,
+    RunLogger, Runtime, StepGuard, batch_indices, prepare_run_dir, write_json_atomic,
 )
 from rlhfkit.trainers.pg_update import UpdateSettings, response_values
 from rlhfkit.trainers.sources import resolve_source

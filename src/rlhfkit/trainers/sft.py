@@ -16,9 +16,10 @@ from rlhfkit.data import PackedSFTCollator, SFTCollator, load_sft, pack_sft, tok
 from rlhfkit.models import load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.lora import load_for_training
+from rlhfkit.trainers.checkpoint import Checkpointer, load_weights_into
 from rlhfkit.trainers.common import (
-    Checkpointer, RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler, eval_chunks,
-    micro_batches, optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
+    RunLogger, Runtime, StepGuard, batch_indices, build_optimizer, build_scheduler, eval_chunks, micro_batches,
+    optimizer_step, prepare_run_dir, total_steps_for, write_json_atomic,
 )
 from rlhfkit.trainers.sources import resolve_source, split_eval
 
@@ -99,7 +100,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
-        rt.load_weights(model, last / "model")
+        load_weights_into(rt.unwrap(model), last / "model")
         state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, model=model)
         start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="sft", initial_step=start)
