@@ -79,3 +79,46 @@ def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
     for p in pairs:  # chosen is the longest of its group, rejected the shortest
         assert p["score_chosen"] > p["score_rejected"]
     assert (tmp_path / "run" / "model" / "config.json").is_file()  # link to the last iteration's model
+
+
+@pytest.mark.parametrize("anchor", ["initial", "previous"])
+def test_reference_anchor_of_later_iterations(tmp_path, tokenizer, anchor):
+    """reference: previous anchors iteration k to pi_(k-1), so its first DPO loss is exactly ln 2
+    (policy = reference); with initial (pi_0) iteration 2 starts away from its reference."""
+    import math
+
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.trainers.dpo import DPOConfig
+
+    model_dir = tmp_path / "tiny"
+    tiny_causal_lm(tokenizer, seed=3).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something {i}"}) + "\n"
+                                                    for i in range(8)))
+    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        f"model.name={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}", f"scorer={tmp_path / 'rew.py'}:reward",
+        "iterations=2", "prompts_per_iteration=4", "rollout.n=3", "rollout.max_new_tokens=6", "optim.lr=1e-3",
+        "optim.warmup_ratio=0", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=3",
+        "train.progress=false", f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true",
+        f"reference={anchor}"])
+    train_online_dpo(cfg)
+    it2 = tmp_path / "run" / "iter-2"
+    ref = load_config(DPOConfig, it2 / "dpo_config.yaml").dpo.reference
+    first = json.loads((it2 / "metrics.jsonl").read_text().splitlines()[0])
+    if anchor == "previous":
+        assert ref == str(tmp_path / "run" / "iter-1" / "model")
+        assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert first["train/rewards/margin"] == pytest.approx(0.0, abs=1e-4)
+    else:
+        assert ref == str(model_dir)
+        assert abs(first["train/loss"] - math.log(2)) > 1e-3  # iteration 1 moved pi_1 away from pi_0
+
+
+def test_dpo_reference_is_owned_by_the_loop(tmp_path):
+    from rlhfkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reference"):
+        load_config(OnlineDPOConfig, overrides=["dpo.reference=somewhere"])
+    with pytest.raises(ConfigError, match="reference"):
+        load_config(OnlineDPOConfig, overrides=["reference=latest"])

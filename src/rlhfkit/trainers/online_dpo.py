@@ -11,7 +11,9 @@ each iteration k = 1..T, on a fresh slice of prompts:
   3. rank: score - length_penalty * |a| (characters); best = chosen, worst = rejected; pairs whose
      two responses are identical or tie are dropped and counted;
   4. train: `train_dpo` on the iteration's pairs from pi_{k-1}, with pi_0 kept as reference
-     (mode: rsft instead runs `train_sft` on the best response of each prompt).
+     (``reference: previous`` anchors iteration k to pi_{k-1} instead, as self-rewarding LMs do:
+     each iteration's KL budget then starts afresh; mode: rsft instead runs `train_sft` on the
+     best response of each prompt).
 Everything of iteration k lives in ``run_dir/iter-K/`` (samples, pairs, DPO metrics,
 checkpoints, model); a finished iteration is not redone on resume. ``run_dir/model`` links to
 the last iteration's model.
@@ -48,7 +50,8 @@ class OnlineDPOConfig:
     rollout: RolloutSection = field(default_factory=lambda: RolloutSection(n=4, temperature=1.0, micro_batch_size=64))
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, warmup_ratio=0.1))
     train: TrainSection = field(default_factory=lambda: TrainSection(epochs=2.0))  # each iteration's update
-    dpo: DPOSection = field(default_factory=DPOSection)  # dpo.reference is forced to model.name (pi_0)
+    dpo: DPOSection = field(default_factory=DPOSection)  # dpo.reference is set by `reference` below
+    reference: Literal["initial", "previous"] = "initial"  # DPO anchor of iteration k: pi_0 or pi_{k-1}
     mode: Literal["dpo", "rsft"] = "dpo"  # rsft = SFT on best-of-n (set optim.lr ~1e-5 for it)
     iterations: int = 3  # T
     prompts_per_iteration: int = 64  # size of each fresh prompt slice
@@ -63,6 +66,10 @@ class OnlineDPOConfig:
             raise ConfigError(f"{where}: iterations and prompts_per_iteration must be >= 1")
         if self.rollout.n < 2:
             raise ConfigError(f"{where}.rollout.n: need >= 2 samples per prompt to form a pair, got {self.rollout.n}")
+        if self.reference not in ("initial", "previous"):
+            raise ConfigError(f"{where}.reference: 'initial' (pi_0) or 'previous' (pi_(k-1)), got {self.reference!r}")
+        if self.dpo.reference:
+            raise ConfigError(f"{where}.dpo.reference: set by the loop; choose `reference: initial|previous` instead")
         if self.length_penalty < 0 or self.tie_tolerance < 0:
             raise ConfigError(f"{where}: length_penalty and tie_tolerance must be >= 0")
 
@@ -257,7 +264,8 @@ def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path
     model = dataclasses.replace(cfg.model, name=current)
     train = dataclasses.replace(cfg.train, output_dir=str(it_dir), resume=True)
     if cfg.mode == "dpo":
-        dpo = dataclasses.replace(cfg.dpo, reference=cfg.model.name)  # pi_0 stays the anchor
+        anchor = cfg.model.name if cfg.reference == "initial" else current  # pi_0 or pi_{k-1}
+        dpo = dataclasses.replace(cfg.dpo, reference=anchor)
         metrics = train_dpo(DPOConfig(model=model, data=data, optim=cfg.optim, train=train, dpo=dpo))
     else:
         from rlhfkit.config import SFTConfig
