@@ -106,8 +106,13 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2-fsdp", "train.fsdp=true", "--resume")},
         {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-fsdp") + ["train.fsdp=true"]},
         {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-fsdp") + ["train.fsdp=true", "head_init=probe"]},
-        {"argv": _pg_args("grpo", work, work / "grpo-2"), "capture": str(work / "grpo-rollouts")},
-        {"argv": _pg_args("ppo", work, work / "ppo-2"), "capture": str(work / "ppo-rollouts")},
+        {"argv": _pg_args("grpo", work, work / "grpo-2"), "capture": str(work / "grpo-2-rollouts")},
+        {"argv": _pg_args("ppo", work, work / "ppo-2"), "capture": str(work / "ppo-2-rollouts")},
+        # FSDP2 for the policy-gradient trainers: actor (and critic) sharded, gathered for the rollout
+        {"argv": _pg_args("grpo", work, work / "grpo-fsdp") + ["train.fsdp=true"],
+         "capture": str(work / "grpo-fsdp-rollouts")},
+        {"argv": _pg_args("ppo", work, work / "ppo-fsdp") + ["train.fsdp=true", "train.save_every=1"],
+         "capture": str(work / "ppo-fsdp-rollouts")},
     ]
     (work / "jobs.json").write_text(json.dumps([{**j, "argv": [str(a) for a in j["argv"]]} for j in jobs]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -122,14 +127,14 @@ def _losses(run: Path, key: str = "train/loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
+def _weights(run: Path, model: str = "model") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(run / "model" / "model.safetensors"))
+    return load_file(str(run / model / "model.safetensors"))
 
 
-def _assert_same_weights(a: Path, b: Path, atol: float = PARAM_ATOL) -> None:
-    wa, wb = _weights(a), _weights(b)
+def _assert_same_weights(a: Path, b: Path, atol: float = PARAM_ATOL, model: str = "model") -> None:
+    wa, wb = _weights(a, model), _weights(b, model)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
@@ -253,18 +258,53 @@ def _replay(monkeypatch, module, captured: Path) -> None:
     monkeypatch.setattr(module, "rollout", lambda *args, **kw: state["exp"])
 
 
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 @pytest.mark.parametrize("kind", ["grpo", "ppo"])
-def test_policy_gradient_update_equals_one_process_on_the_same_experience(runs, monkeypatch, kind):
+def test_policy_gradient_update_equals_one_process_on_the_same_experience(runs, monkeypatch, kind, layout):
+    """Data-parallel (replicas, gradients all-reduced) or FSDP (actor, reference and critic sharded;
+    the actor gathered for the rollout): the 2-process run is the 1-process computation."""
     import importlib
 
-    _replay(monkeypatch, importlib.import_module(f"rlhfkit.trainers.{kind}"), runs / f"{kind}-rollouts")
-    one = runs / f"{kind}-1"
+    two = runs / (f"{kind}-2" if layout == "ddp" else f"{kind}-fsdp")
+    _replay(monkeypatch, importlib.import_module(f"rlhfkit.trainers.{kind}"), runs / f"{two.name}-rollouts")
+    one = runs / f"{kind}-1-{layout}"
     assert cli(_pg_args(kind, runs, one)) == 0
+    _assert_same_pg_run(kind, one, two)
+    if layout == "fsdp":
+        _assert_sharded(two, f"{kind}_results.json")
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(two / "model")  # the gathered actor loads as is
+
+
+def test_sharded_ppo_checkpoint_resumes_on_one_process(runs, monkeypatch):
+    """The FSDP PPO run's step-1 checkpoint (actor, critic, both optimizers gathered and keyed by
+    name, KL controller) finished by 1 process on the same experience: the 2-process results."""
+    from rlhfkit.trainers import ppo
+
+    two = runs / "ppo-fsdp"
+    ckpt = two / "checkpoints" / "step-00000001"
+    assert {p.name for p in ckpt.iterdir()} >= {"actor", "critic", "optim.pt", "trainer_state.json"}
+    optim = torch.load(ckpt / "optim.pt", weights_only=False)
+    assert all(isinstance(k, str) for k in optim["actor"]["state"])  # by parameter name: any world size
+    resumed = runs / "ppo-fsdp-to1"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "model")
+    shutil.rmtree(resumed / "critic")
+    _replay(monkeypatch, ppo, runs / "ppo-fsdp-rollouts")
+    assert cli(_pg_args("ppo", runs, resumed) + ["--resume"]) == 0
+    assert sorted(_losses(resumed, "loss/policy")) == [1, 2]
+    _assert_same_pg_run("ppo", resumed, two)
+
+
+def _assert_same_pg_run(kind: str, one: Path, two: Path) -> None:
     keys = ["reward/score_mean", "reward/score_std", "policy/entropy", "response/length_mean", "objective/kl",
             "loss/policy", "policy/clipfrac", "policy/approx_kl", "policy/ratio_first", "policy/grad_norm"]
     if kind == "grpo":
         keys += ["loss/kl", "advantage/abs_mean", "reward/group_std_mean"]
     else:
         keys += ["loss/value", "value/explained_variance", "value/mean", "objective/kl_coef", "value/grad_norm"]
-    _assert_same_metrics(one, runs / f"{kind}-2", keys)
-    _assert_same_weights(one, runs / f"{kind}-2")
+    _assert_same_metrics(one, two, keys)
+    _assert_same_weights(one, two)
+    if kind == "ppo":
+        _assert_same_weights(one, two, model="critic")

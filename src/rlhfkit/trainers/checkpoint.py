@@ -105,16 +105,18 @@ class Checkpointer:
             shutil.rmtree(p, ignore_errors=True)
 
     @staticmethod
-    def load_state(path: Path, optimizers: dict[str, Any], model=None) -> dict:
+    def load_state(path: Path, optimizers: dict[str, Any], models=()) -> dict:
         """Restore optimizer/scheduler states and this rank's RNG; returns trainer_state.json.
-        With ``model`` (the trained model, sharded or not) an optimizer's state may come from a
-        sharded run (keyed by parameter name) or from an unsharded one, at any world size."""
+        With ``models`` (the trained models, sharded or not) an optimizer's state may come from a
+        sharded run (keyed by parameter name) or from an unsharded one, at any world size: each
+        optimizer is matched to the model whose parameters it updates."""
         opt_states = torch.load(path / "optim.pt", weights_only=False)
         for k, opt in optimizers.items():
             if opt is None or k not in opt_states:
                 continue
-            if model is not None and isinstance(opt, torch.optim.Optimizer):
-                load_optimizer_state(model, opt, opt_states[k])
+            owner = _owner(opt, models)
+            if owner is not None:
+                load_optimizer_state(owner, opt, opt_states[k])
             else:
                 opt.load_state_dict(opt_states[k])
         state = json.loads((path / "trainer_state.json").read_text())
@@ -122,15 +124,21 @@ class Checkpointer:
         return state
 
 
-def _sharded_owner(optimizer, models) -> Any:
-    """The sharded model whose parameters ``optimizer`` updates, if any."""
+def _owner(optimizer, models) -> Any:
+    """The model (sharded or not) whose parameters ``optimizer`` updates, if any."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         return None
     mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for model in models:
-        if is_sharded(model) and any(id(p) in mine for p in model.parameters()):
+        if any(id(p) in mine for p in model.parameters()):
             return model
     return None
+
+
+def _sharded_owner(optimizer, models) -> Any:
+    """The sharded model whose parameters ``optimizer`` updates, if any."""
+    owner = _owner(optimizer, models)
+    return owner if owner is not None and is_sharded(owner) else None
 
 
 def _dist_info() -> tuple[int, int]:

@@ -64,7 +64,8 @@ class Runtime:
         # train.fsdp: torch's FSDP2 shards the trained model over the ranks (rlhfkit/trainers/fsdp.py);
         # on one process there is nothing to shard and the model trains as it is
         self.fsdp = bool(fsdp) and self.world_size > 1
-        self.layout: dict = {"world_size": self.world_size, "strategy": "fsdp" if self.fsdp else "ddp"}
+        self.layout: dict = {"world_size": self.world_size,
+                             "strategy": "fsdp" if self.fsdp else "ddp" if self.world_size > 1 else "single"}
         if not self.fsdp:
             _warn_if_fsdp_ignored(self.accelerator)
         if self.device.type == "cpu":
@@ -204,6 +205,10 @@ class Runtime:
         rollout engine and the critic through `token_values`). A parameter must have a gradient on
         every rank or on none (true of every model here: each forward uses all of its weights)."""
         if self.world_size == 1 or model is None:
+            return
+        from rlhfkit.trainers.fsdp import is_sharded
+
+        if is_sharded(model):  # FSDP2 reduce-scattered (and averaged) them in backward
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:

@@ -332,7 +332,7 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
         load_weights_into(rt.unwrap(policy), last / "model")
-        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, model=policy)
+        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, models=[policy])
         start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc=desc, initial_step=start)
     guard = StepGuard(cfg.train.max_bad_steps).load_state_dict(state.get("guard"))

@@ -15,7 +15,10 @@ What the trainers need besides the forward/backward:
   keyed by parameter name. A run therefore resumes at any world size, sharded or not
   (`load_model_state`, `load_optimizer_state`);
 - micro-batch accumulation skips the reduce-scatter on all but the last micro-batch
-  (`gradient_sync`).
+  (`gradient_sync`);
+- the policy-gradient trainers' actor also generates: token-by-token decoding with EOS stopping
+  runs a different number of forwards on each rank, which per-forward all-gathers cannot do, so
+  `full_weights` gathers the actor once for the whole rollout and frees it afterwards.
 """
 
 from __future__ import annotations
@@ -65,6 +68,34 @@ def shard_model(model, optimizer, device: torch.device):
                 group["fused"], group["foreach"] = False, True
         optimizer.defaults["fused"] = False
     return model, optimizer
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """Inside the block every parameter of a sharded ``model`` is whole on every rank: each FSDP
+    unit is all-gathered once on entry (a collective) and kept whole by the forwards, which then
+    run no collectives at all, so the ranks may run different numbers of them (generation that
+    stops at EOS). On exit the units are resharded and reshard after forward again. The
+    root keeps FSDP's own choice (it does not reshard after forward). A no-op for unsharded models.
+    Memory: one full copy of the weights for the duration of the block."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    inner = [m for m in units if m is not model]
+    for m in inner:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in inner:
+            m.set_reshard_after_forward(True, recurse=False)
+        for m in units:
+            m.reshard()
 
 
 def gradient_sync(model, sync: bool):

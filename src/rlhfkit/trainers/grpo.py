@@ -23,7 +23,7 @@ from rlhfkit.trainers.pg_update import build_opt, load_ptx, policy_update
 from rlhfkit.trainers.policy_gradient import (
     PolicyTrainSection, PromptsSection, PTXSection, RewardSection, RolloutSection, log_samples,
     optimizer_steps_per_iteration, prompt_batch, rollout, sampling_seed, save_final, score_experience,
-    sequence_kl, setup_run, Stopwatch, train_loop,
+    sequence_kl, setup_run, shard_trained, Stopwatch, train_loop,
 )
 
 
@@ -158,6 +158,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
                     share_prompt=cfg.share_prompt)
     n_opt = run.total_steps * optimizer_steps_per_iteration(run)
     opts = {"actor": build_opt(run.actor, cfg.optim, n_opt)}
+    run.actor = shard_trained(run, run.actor, opts["actor"])  # train.fsdp
     ptx = load_ptx(cfg.ptx, run.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
 
     optimizers = {"actor": opts["actor"]["optimizer"], "actor_scheduler": opts["actor"]["scheduler"]}

@@ -29,7 +29,7 @@ import torch
 from rlhfkit.algos import kl_estimate, masked_sum
 from rlhfkit.config import ConfigError, TrainSection
 from rlhfkit.judges.rewards import RewardFn, build_reward_fn, prompt_text
-from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.models.lora import adapters_disabled, apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import Experience, generate
 from rlhfkit.trainers.checkpoint import Checkpointer, load_weights_into
@@ -203,11 +203,14 @@ class Stopwatch:
 def rollout(actor, items: list[PromptItem], settings: RolloutSection, tokenizer, seed: int | None = None) -> Experience:
     """Sample settings.n responses per prompt (rows i*n..i*n+n-1 belong to items[i]).
     ``seed`` gives the sampling its own generator (see `sampling_seed`); None = torch's global RNG."""
+    from rlhfkit.trainers.fsdp import full_weights
+
     eos = tokenizer.eos_token_id
-    return generate(actor, [it.ids for it in items], max_new_tokens=settings.max_new_tokens,
-                    eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, temperature=settings.temperature,
-                    top_p=settings.top_p, top_k=settings.top_k, n=settings.n,
-                    micro_batch_size=settings.micro_batch_size or None, seed=seed)
+    with full_weights(actor):  # FSDP: gathered once, so each rank decodes on its own (stops at its own EOS)
+        return generate(actor, [it.ids for it in items], max_new_tokens=settings.max_new_tokens,
+                        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, temperature=settings.temperature,
+                        top_p=settings.top_p, top_k=settings.top_k, n=settings.n,
+                        micro_batch_size=settings.micro_batch_size or None, seed=seed)
 
 
 def sampling_seed(run: PolicyRun, step: int) -> int | None:
@@ -366,7 +369,7 @@ class PolicyRun:
 
 def setup_run(cfg, kind: str, *, epochs: int, mini_batch_size: int, **update_kw) -> PolicyRun:
     """Data, reward function, actor + reference, update settings. Validates batch arithmetic."""
-    rt = Runtime(cfg.train.seed)
+    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp)
     # Each rank takes whole prompts (a group never straddles ranks) and an equal share of every
     # minibatch, so all ranks make the same number of optimizer steps (each one an all-reduce).
     rt.check_divisible(cfg.train.batch_size, "train.batch_size (prompts per step)")
@@ -381,12 +384,31 @@ def setup_run(cfg, kind: str, *, epochs: int, mini_batch_size: int, **update_kw)
                                 batch_size=cfg.reward.batch_size)
     actor, ref = load_actor(cfg.model, rt)
     rt.broadcast_params(actor)  # not DDP-wrapped (see pg_update.policy_update): start from rank 0's copy
+    if rt.fsdp:
+        if cfg.model.lora.enabled:
+            raise ConfigError("train.fsdp: LoRA adapters are not sharded yet; use DDP (train.fsdp=false) with LoRA")
+        if getattr(cfg, "ptx", None) is not None and cfg.ptx.coef > 0:
+            rt.check_divisible(cfg.ptx.batch_size, "ptx.batch_size")  # sharded forwards run in lockstep
+        if ref is not None:  # frozen: sharded like the actor, its scoring forwards gather block by block
+            from rlhfkit.trainers.fsdp import shard_model
+
+            shard_model(ref, None, rt.device)
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
         1, int(cfg.train.epochs * len(prompts) // cfg.train.batch_size))
     settings = UpdateSettings(epochs=epochs, mini_batch_size=mini_batch_size // rt.world_size,
                               micro_batch_size=cfg.train.micro_batch_size, max_grad_norm=cfg.optim.max_grad_norm,
                               **update_kw)
     return PolicyRun(cfg, kind, rt, out, tokenizer, prompts, reward_fn, actor, ref, settings, rows, total)
+
+
+def shard_trained(run: PolicyRun, model, opt: dict):
+    """``train.fsdp``: shard a trained model (actor, critic) and point its optimizer (built on the
+    unsharded model, `pg_update.build_opt`) at the shards. Unsharded runs keep the model as it is:
+    the policy-gradient loop averages gradients itself (`Runtime.average_gradients`)."""
+    if not run.rt.fsdp:
+        return model
+    model, opt["optimizer"] = run.rt.prepare(model, opt["optimizer"])
+    return model
 
 
 def optimizer_steps_per_iteration(run: PolicyRun) -> int:
@@ -441,7 +463,7 @@ def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state
     if last is not None:
         for name, model in models.items():
             load_weights_into(run.rt.unwrap(model), last / name)
-        state = Checkpointer.load_state(last, optimizers)
+        state = Checkpointer.load_state(last, optimizers, models=list(models.values()))
         if load_state is not None:
             load_state(state)
     start = state.get("step", 0)
@@ -466,12 +488,14 @@ def train_loop(run: PolicyRun, iterate, models: dict, optimizers: dict, *, state
 
 
 def save_final(run: PolicyRun, models: dict[str, Any], results: dict) -> None:
-    """Final models as plain transformers/peft dirs (output_dir/model, ...) and the results json."""
+    """Final models as plain transformers/peft dirs (output_dir/model, ...) and the results json.
+    Call it on every rank: sharded models are gathered (a collective), rank 0 writes."""
     for name, model in models.items():
         run.rt.check_replicas(model, name)
+    for name, model in models.items():
+        run.rt.save_model(model, run.tokenizer, run.out / name)
     if run.rt.is_main:
-        for name, model in models.items():
-            save_pretrained_atomic(run.rt.unwrap(model), run.tokenizer, run.out / name)
+        results = {**results, "distributed": run.rt.layout}
         clean = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in results.items()}
         write_json_atomic(run.out / f"{run.kind}_results.json", clean)
     run.rt.wait()

@@ -28,7 +28,7 @@ from rlhfkit.trainers.pg_update import (
 from rlhfkit.trainers.policy_gradient import (
     PolicyTrainSection, PromptsSection, PTXSection, RewardSection, RolloutSection, log_samples,
     optimizer_steps_per_iteration, prompt_batch, rollout, sampling_seed, save_final, score_experience,
-    score_values, sequence_kl, setup_run, Stopwatch, train_loop,
+    score_values, sequence_kl, setup_run, shard_trained, Stopwatch, train_loop,
 )
 
 
@@ -225,6 +225,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
     run.rt.broadcast_params(critic)
     n_opt = run.total_steps * optimizer_steps_per_iteration(run)
     opts = {"actor": build_opt(run.actor, cfg.optim, n_opt), "critic": build_opt(critic, cfg.critic_optim, n_opt)}
+    # train.fsdp: both trained models sharded (the results' layout describes the actor, sharded last)
+    critic = shard_trained(run, critic, opts["critic"])
+    run.actor = shard_trained(run, run.actor, opts["actor"])
     ptx = load_ptx(cfg.ptx, run.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
     kl_ctl = kl_controller(cfg.kl)
 

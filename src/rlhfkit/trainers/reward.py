@@ -154,7 +154,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     start, state = 0, {}
     if cfg.train.resume and (last := ckpt.latest()) is not None:
         load_weights_into(rt.unwrap(model), last / "model")
-        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, model=model)
+        state = Checkpointer.load_state(last, {"optimizer": optimizer, "scheduler": scheduler}, models=[model])
         start = state["step"]
     logger = RunLogger(out, total, enabled=rt.is_main, progress=cfg.train.progress, desc="rm", initial_step=start)
     if rt.is_main:
