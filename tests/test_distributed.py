@@ -66,6 +66,13 @@ def _pg_args(kind, work: Path, out: Path):
     return args + ["critic_init=policy", "kl.target=0.01", "kl.horizon=100", "critic_optim.lr=1e-4"]
 
 
+def _online_args(work: Path, out: Path):
+    return ["online-dpo", f"model.name={work / 'policy'}", f"prompts.train={work / 'prompts.jsonl'}",
+            f"scorer={work / 'reward_fn.py'}:e_share", "rollout.n=3", "rollout.max_new_tokens=6", "iterations=2",
+            "prompts_per_iteration=4", "train.batch_size=2", "train.micro_batch_size=1", "train.epochs=1",
+            "train.progress=false", "optim.lr=1e-4", "dpo.precompute_ref_logps=true", f"train.output_dir={out}"]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The 1-process runs here use one thread, like each of the two processes (and a shared CPU)."""
@@ -113,6 +120,10 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
          "capture": str(work / "grpo-fsdp-rollouts")},
         {"argv": _pg_args("ppo", work, work / "ppo-fsdp") + ["train.fsdp=true", "train.save_every=1"],
          "capture": str(work / "ppo-fsdp-rollouts")},
+        {"argv": _online_args(work, work / "online-2")},
+        {"argv": ["pm", f"model.name={tiny_model_dir}", f"data.train={pref}", "data.eval_fraction=0.25",
+                  "train.max_steps=2", "eval_untrained=false", f"train.output_dir={work / 'pm-2'}", *COMMON,
+                  "data.max_length=160"]},
     ]
     (work / "jobs.json").write_text(json.dumps([{**j, "argv": [str(a) for a in j["argv"]]} for j in jobs]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -308,3 +319,55 @@ def _assert_same_pg_run(kind: str, one: Path, two: Path) -> None:
     _assert_same_weights(one, two)
     if kind == "ppo":
         _assert_same_weights(one, two, model="critic")
+
+
+def test_online_dpo_on_two_processes(runs, tokenizer):
+    """Each rank samples its strided share of the slice from its own stream; rank 0 puts the
+    responses back in prompt order, scores and writes; every iteration's DPO runs on both ranks."""
+    import random
+
+    from rlhfkit.config import load_config
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.trainers.common import set_seed
+    from rlhfkit.trainers.online_dpo import OnlineDPOConfig
+    from rlhfkit.trainers.policy_gradient import decode_responses, load_prompt_items, rank_stream_seed, rollout
+
+    run = runs / "online-2"
+    results = json.loads((run / "online_dpo_results.json").read_text())
+    assert results["world_size"] == 2 and results["labels_used"] == 2 * 4 * 3  # one score per response
+    for k in (1, 2):
+        dpo = json.loads((run / f"iter-{k}" / "dpo_results.json").read_text())
+        assert dpo["distributed"]["world_size"] == 2
+    # iteration 1 samples pi_0: redo rank 0's and rank 1's rollouts here and find them in place
+    cfg = load_config(OnlineDPOConfig, overrides=_online_args(runs, run)[1:])
+    items, _ = load_prompt_items(cfg.prompts, tokenizer)
+    random.Random(cfg.train.seed).shuffle(items)
+    chunk = items[:4]
+    samples = [json.loads(line) for line in (run / "iter-1" / "samples.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [r["prompt"] for r in samples[::3]] == [it.messages for it in chunk]
+    policy = load_causal_lm(str(runs / "policy"))
+    for rank in (0, 1):
+        set_seed(cfg.train.seed * 1000 + 1)
+        exp = rollout(policy, chunk[rank::2], cfg.rollout, tokenizer, seed=rank_stream_seed(cfg.train.seed, 1, rank))
+        mine = decode_responses(exp, tokenizer)
+        for j, g in enumerate(range(rank, 4, 2)):
+            assert [r["response"] for r in samples[3 * g:3 * g + 3]] == mine[3 * j:3 * j + 3], (rank, g)
+    for r in samples:  # scored by rank 0 with the user's function, row by row
+        assert r["score"] == pytest.approx(r["response"].count("e") / max(len(r["response"]), 1))
+
+
+def test_preference_model_on_two_processes(runs, tiny_model_dir):
+    """`rlhfkit pm` is SFT on A/B conversations: on 2 processes the same per-step losses and weights
+    as on 1, and rank 0 alone evaluates both orders of the held-out pairs."""
+    one = runs / "pm-1"
+    args = ["pm", f"model.name={tiny_model_dir}", f"data.train={runs / 'pref.jsonl'}", "data.eval_fraction=0.25",
+            "train.max_steps=2", "eval_untrained=false", f"train.output_dir={one}", *COMMON, "data.max_length=160"]
+    assert cli(args) == 0
+    two = runs / "pm-2"
+    assert json.loads((two / "sft_results.json").read_text())["distributed"]["world_size"] == 2
+    _assert_same_metrics(one, two, ["train/loss", "train/grad_norm", "eval/loss"])
+    _assert_same_weights(one, two)
+    r1, r2 = (json.loads((d / "pm_results.json").read_text()) for d in (one, two))
+    assert r2["pairs"]["eval"] == r1["pairs"]["eval"] == 12
+    assert r2["pm"]["accuracy"] == pytest.approx(r1["pm"]["accuracy"], abs=1e-9)

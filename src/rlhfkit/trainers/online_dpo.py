@@ -18,6 +18,11 @@ Everything of iteration k lives in ``run_dir/iter-K/`` (samples, pairs, DPO metr
 checkpoints, model); a finished iteration is not redone on resume. ``run_dir/model`` links to
 the last iteration's model.
 
+On N processes (``torchrun``/``accelerate launch``) each rank samples its share of the slice from
+its own random stream, rank 0 scores everything (one annotator/judge stream, whatever N) and
+writes the iteration's files, and step 4 is `train_dpo` on all ranks (DDP, or FSDP2 with
+``train.fsdp``).
+
 Labels: one per pointwise score, one per pairwise comparison (both orders of a preference
 model = one label, two judge calls). That is the currency of the offline label budget, where
 one annotated pair = one label.
@@ -36,10 +41,10 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection, TrainSection
-from rlhfkit.trainers.common import RunLogger, prepare_run_dir, set_seed, write_json_atomic
+from rlhfkit.trainers.common import RunLogger, Runtime, prepare_run_dir, set_seed, write_json_atomic
 from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
 from rlhfkit.trainers.policy_gradient import (
-    PromptsSection, RolloutSection, decode_responses, load_prompt_items, response_metrics, rollout,
+    PromptsSection, RolloutSection, decode_responses, load_prompt_items, rank_stream_seed, response_metrics, rollout,
 )
 
 
@@ -165,7 +170,9 @@ def train_online_dpo(cfg: OnlineDPOConfig) -> dict:
     """Run T iterations; returns the summary written to ``online_dpo_results.json``."""
     from rlhfkit.models import load_tokenizer
 
-    out = prepare_run_dir(cfg, "online_dpo")
+    rt = Runtime(cfg.train.seed)  # the ranks share out sampling; each iteration's DPO makes its own (train.fsdp)
+    rt.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
+    out = prepare_run_dir(cfg, "online_dpo", rt.is_main)
     tokenizer = load_tokenizer(cfg.model.name)
     items, dropped = load_prompt_items(cfg.prompts, tokenizer)
     random.Random(cfg.train.seed).shuffle(items)  # each slice a random sample (files are often sorted)
@@ -173,10 +180,10 @@ def train_online_dpo(cfg: OnlineDPOConfig) -> dict:
     if len(items) < need:
         raise ValueError(f"{cfg.prompts.train}: {len(items)} prompts, but {cfg.iterations} iterations x "
                          f"{cfg.prompts_per_iteration} fresh prompts need {need}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = Scorer(cfg.scorer, tokenizer, device, cfg.scorer_batch_size, cfg.train.seed)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' summaries on resume
-    logger = RunLogger(out, cfg.iterations, progress=False, desc="online-dpo")
+    scorer = Scorer(cfg.scorer, tokenizer, rt.device, cfg.scorer_batch_size, cfg.train.seed) if rt.is_main else None
+    if rt.is_main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' summaries on resume
+    logger = RunLogger(out, cfg.iterations, enabled=rt.is_main, progress=False, desc="online-dpo")
 
     current, history, labels = cfg.model.name, [], 0
     for k in range(1, cfg.iterations + 1):
@@ -186,8 +193,10 @@ def train_online_dpo(cfg: OnlineDPOConfig) -> dict:
             summary = json.loads(done.read_text())
         else:
             chunk = items[(k - 1) * cfg.prompts_per_iteration:k * cfg.prompts_per_iteration]
-            summary = run_iteration(cfg, k, current, chunk, scorer, tokenizer, it_dir)
-            write_json_atomic(done, summary)
+            summary = run_iteration(cfg, k, current, chunk, scorer, tokenizer, it_dir, rt)
+            if rt.is_main:
+                write_json_atomic(done, summary)
+            rt.wait()
         labels += summary["labels"]
         summary["labels_cumulative"] = labels
         history.append(summary)
@@ -198,62 +207,79 @@ def train_online_dpo(cfg: OnlineDPOConfig) -> dict:
                      f"labels {labels}")
         current = str(it_dir / "model")
     logger.close()
-    _link_final(out, Path(current))
     results = {"mode": cfg.mode, "scorer": cfg.scorer, "labels_used": labels, "prompts_dropped_too_long": dropped,
-               "final_model": current, "iterations": history}
-    write_json_atomic(out / "online_dpo_results.json", results)
+               "final_model": current, "iterations": history, "world_size": rt.world_size}
+    if rt.is_main:
+        _link_final(out, Path(current))
+        write_json_atomic(out / "online_dpo_results.json", results)
+    rt.wait()
     return results
 
 
-def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, scorer: Scorer, tokenizer,
-                  it_dir: Path) -> dict:
-    """Steps 1-4 of one iteration; returns its summary."""
-    it_dir.mkdir(parents=True, exist_ok=True)
-    n = cfg.rollout.n
+def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, scorer: Scorer | None, tokenizer,
+                  it_dir: Path, rt: Runtime) -> dict:
+    """Steps 1-4 of one iteration; returns its summary. On N processes every rank samples its
+    share, rank 0 (the only one with a ``scorer``) scores and writes, all ranks train."""
     pairs_path = it_dir / ("pairs.jsonl" if cfg.mode == "dpo" else "best.jsonl")
+    # Decided before anyone writes (rank 0 writes only after the collective gather in `sample`).
     if not pairs_path.is_file():  # not yet sampled (else: resume the training of step 4)
         # 1. Rollout from the current policy.
-        responses, stats = sample(cfg, k, current, items, tokenizer)
-        rows = [items[i // n] for i in range(len(responses))]
-        # 2. Score. 3. Rank.
-        scores, labels = scorer.score(rows, responses, n)
-        ranked = length_penalised(scores, responses, cfg.length_penalty)
-        _write_jsonl(it_dir / "samples.jsonl", [
-            {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "group": i // n}
-            for i, (r, a, s, rs) in enumerate(zip(rows, responses, scores, ranked))])
-        pairs, counts = build_pairs(ranked, responses, n, cfg.tie_tolerance)
-        if cfg.mode == "dpo":
-            records = [{"prompt": items[g].messages, "chosen": responses[b], "rejected": responses[w],
-                        "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
-        else:
-            records = [{"messages": [*items[g].messages, {"role": "assistant", "content": responses[b]}],
-                        "score": scores[b]} for g, b in best_of_n(ranked, responses, n)]
-        stats.update(**labels, pairs=len(records), dropped_ties=counts["ties"],
-                     dropped_identical=counts["identical"], dropped_empty=counts["empty"],
-                     score_mean=sum(scores) / len(scores))
-        write_json_atomic(it_dir / "sampling.json", stats)
-        _write_jsonl(pairs_path, records)
+        responses, stats = sample(cfg, k, current, items, tokenizer, rt)
+        if rt.is_main:
+            _score_and_write(cfg, items, responses, stats, scorer, it_dir, pairs_path)
+        rt.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
         raise ValueError(f"iteration {k}: every pair was dropped (ties/identical); raise rollout.temperature or n")
 
-    # 4. Train from pi_{k-1}, anchored to pi_0.
+    # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
     result = train_step(cfg, current, pairs_path, it_dir)
     return {"iteration": k, **stats, **{f"train/{key}": v for key, v in result.items() if isinstance(v, (int, float))}}
 
 
-def sample(cfg: OnlineDPOConfig, k: int, current: str, items: list, tokenizer) -> tuple[list[str], dict]:
-    """n responses per prompt from ``current``; returns (decoded responses, response statistics)."""
+def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], stats: dict, scorer: Scorer,
+                     it_dir: Path, pairs_path: Path) -> None:
+    """Steps 2-3 and the iteration's files: samples, pairs (or RSFT's best responses), sampling.json."""
+    n = cfg.rollout.n
+    it_dir.mkdir(parents=True, exist_ok=True)
+    rows = [items[i // n] for i in range(len(responses))]
+    # 2. Score. 3. Rank.
+    scores, labels = scorer.score(rows, responses, n)
+    ranked = length_penalised(scores, responses, cfg.length_penalty)
+    _write_jsonl(it_dir / "samples.jsonl", [
+        {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "group": i // n}
+        for i, (r, a, s, rs) in enumerate(zip(rows, responses, scores, ranked))])
+    pairs, counts = build_pairs(ranked, responses, n, cfg.tie_tolerance)
+    if cfg.mode == "dpo":
+        records = [{"prompt": items[g].messages, "chosen": responses[b], "rejected": responses[w],
+                    "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
+    else:
+        records = [{"messages": [*items[g].messages, {"role": "assistant", "content": responses[b]}],
+                    "score": scores[b]} for g, b in best_of_n(ranked, responses, n)]
+    stats.update(**labels, pairs=len(records), dropped_ties=counts["ties"],
+                 dropped_identical=counts["identical"], dropped_empty=counts["empty"],
+                 score_mean=sum(scores) / len(scores))
+    write_json_atomic(it_dir / "sampling.json", stats)
+    _write_jsonl(pairs_path, records)
+
+
+def sample(cfg: OnlineDPOConfig, k: int, current: str, items: list, tokenizer,
+           rt: Runtime) -> tuple[list[str], dict]:
+    """n responses per prompt from ``current``, every rank sampling its share of ``items`` from its
+    own stream; returns (all decoded responses in the order of ``items``, response statistics)."""
     from rlhfkit.models import load_causal_lm
 
     set_seed(cfg.train.seed * 1000 + k)  # a different, reproducible sample stream per iteration
-    policy = load_causal_lm(current, cfg.model.dtype)
-    if torch.cuda.is_available():
-        policy = policy.cuda()
-    exp = rollout(policy, items, cfg.rollout, tokenizer)
+    policy = load_causal_lm(current, cfg.model.dtype).to(rt.device)
+    mine = rt.shard(items)
+    seed = None if rt.world_size == 1 else rank_stream_seed(cfg.train.seed, k, rt.rank)
+    exp = rollout(policy, mine, cfg.rollout, tokenizer, seed=seed)
     del policy
-    responses = decode_responses(exp, tokenizer)
-    stats = {k_: float(v) for k_, v in response_metrics(exp, responses).items()}
+    n = cfg.rollout.n
+    local = decode_responses(exp, tokenizer)
+    groups = rt.unshard([local[i * n:(i + 1) * n] for i in range(len(mine))])  # back in the order of items
+    responses = [r for g in groups for r in g]
+    stats = {k_: float(v) for k_, v in response_metrics(exp, local, rt).items()}
     stats["length_chars_mean"] = sum(len(r) for r in responses) / len(responses)
     return responses, stats
 

@@ -10,6 +10,8 @@
    single-order accuracy and the position bias, and the same numbers for the untrained model
    used as an LLM-as-judge, the baseline SPEC 3 says it should beat.
 The model lands in ``output_dir/model``; use it as ``pm:OUTPUT_DIR`` in online DPO and eval.
+On N processes step 2 is distributed like any `rlhfkit sft` run (DDP, or FSDP2 with
+``train.fsdp``); rank 0 writes the data of step 1 and runs the held-out evaluation of step 3.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfkit.config import DataSection, ModelSection, OptimSection, SFTConfig, TrainSection
-from rlhfkit.trainers.common import prepare_run_dir, write_json_atomic
+from rlhfkit.trainers.common import Runtime, prepare_run_dir, write_json_atomic
 from rlhfkit.trainers.sources import resolve_source, split_eval
 
 
@@ -34,8 +36,9 @@ class PMConfig:
     eval_untrained: bool = True  # also report the untrained model as LLM-as-judge on the same pairs
 
 
-def _pm_data(cfg: PMConfig, out: Path) -> tuple[Path, Path, list]:
-    """Write the A/B conversations for train and eval; returns (train path, eval path, eval pairs)."""
+def _pm_data(cfg: PMConfig, out: Path, write: bool = True) -> tuple[Path, Path, list]:
+    """Write (when ``write``) the A/B conversations for train and eval; returns (train path, eval
+    path, eval pairs)."""
     from rlhfkit.data import load_preference
     from rlhfkit.judges.preference import pm_training_records
 
@@ -49,8 +52,9 @@ def _pm_data(cfg: PMConfig, out: Path) -> tuple[Path, Path, list]:
     paths = []
     for name, exs, seed in (("train", train, cfg.train.seed), ("eval", evals, cfg.train.seed + 1)):
         p = out / "pm_data" / f"{name}.jsonl"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("".join(json.dumps(r) + "\n" for r in pm_training_records(exs, seed)))
+        if write:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("".join(json.dumps(r) + "\n" for r in pm_training_records(exs, seed)))
         paths.append(p)
     return paths[0], paths[1], evals
 
@@ -59,15 +63,20 @@ def train_pm(cfg: PMConfig) -> dict:
     """Train the preference model; returns the held-out results (also in ``pm_results.json``)."""
     from rlhfkit.trainers.sft import train_sft
 
-    out = prepare_run_dir(cfg, "pm")
-    # 1. A/B conversations with randomised order.
-    train_path, eval_path, eval_pairs = _pm_data(cfg, out)
+    rt = Runtime(cfg.train.seed)
+    out = prepare_run_dir(cfg, "pm", rt.is_main)
+    # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).
+    train_path, eval_path, eval_pairs = _pm_data(cfg, out, write=rt.is_main)
+    rt.wait()
     data = dataclasses.replace(cfg.data, train=str(train_path), eval=str(eval_path) if eval_pairs else "",
                                limit=0)
     # 2. Next-token training on the answer letter: plain SFT.
     train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train))
-    # 3. Held-out accuracy, both orders.
     results = {"pairs": {"eval": len(eval_pairs)}}
+    if not rt.is_main:
+        rt.wait()
+        return results
+    # 3. Held-out accuracy, both orders.
     if eval_pairs:
         results["pm"] = _judge_eval(f"pm:{out}", eval_pairs, cfg)
         if cfg.eval_untrained:
@@ -78,6 +87,7 @@ def train_pm(cfg: PMConfig) -> dict:
             r = results[name]
             print(f"[pm] {name}: held-out accuracy {r['accuracy']:.3f} (both orders), "
                   f"{r['accuracy_single_order']:.3f} (one order), position bias {r['position_bias']:+.3f}")
+    rt.wait()
     return results
 
 

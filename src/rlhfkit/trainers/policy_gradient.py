@@ -225,7 +225,12 @@ def sampling_seed(run: PolicyRun, step: int) -> int | None:
     """
     if run.rt.world_size == 1:
         return None
-    digest = hashlib.sha256(f"rollout:{run.cfg.train.seed}:{step}:{run.rt.rank}".encode()).digest()
+    return rank_stream_seed(run.cfg.train.seed, step, run.rt.rank)
+
+
+def rank_stream_seed(seed: int, step: int, rank: int) -> int:
+    """A rank's own sampling seed for iteration ``step``: a function of (seed, step, rank) only."""
+    digest = hashlib.sha256(f"rollout:{seed}:{step}:{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
 
 
