@@ -108,3 +108,18 @@ def test_every_shipped_config_validates():
             load_config(_resolve(TRAINERS[kind][0]), str(path))
         seen.append(path.stem)
     assert {"demo", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo", "pm"} <= set(seen)
+
+
+@pytest.mark.parametrize("kind, overrides, match", [
+    ("sft", ["data.train=x.jsonl", "train.zero_stage=3"], "zero_stage: 0 \\(off\\), 1 or 2"),
+    ("sft", ["data.train=x.jsonl", "train.zero_stage=2", "train.fsdp=true"], "one of fsdp and zero_stage"),
+    ("ppo", ["train.zero_stage=2", "reward.spec=task:sentiment", "critic_init=policy"], "policy-gradient trainers"),
+    ("grpo", ["train.zero_stage=1", "reward.spec=task:sentiment"], "policy-gradient trainers"),
+])
+def test_zero_stage_is_validated(kind, overrides, match):
+    """DeepSpeed ZeRO: stages 1 and 2, not with FSDP, not for the policy-gradient trainers."""
+    from rlhfkit.cli import TRAINERS, _resolve
+
+    cls = _resolve(TRAINERS[kind][0])
+    with pytest.raises(ConfigError, match=match):
+        load_config(cls, overrides=overrides)

@@ -83,6 +83,7 @@ class TrainSection:
     resume: bool = False  # continue from the latest complete checkpoint in output_dir
     progress: bool = True
     fsdp: bool = False  # on N processes: shard the trained model with torch FSDP2 instead of DDP replicas
+    zero_stage: int = 0  # on N processes: DeepSpeed ZeRO stage 1 (optimizer state) or 2 (+ gradients); 0 = off
 
     def validate(self, where: str) -> None:
         if self.batch_size < 1 or self.micro_batch_size < 1:
@@ -92,6 +93,11 @@ class TrainSection:
                 f"{where}.batch_size: {self.batch_size} is not divisible by micro_batch_size {self.micro_batch_size}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError(f"{where}.epochs: set epochs > 0 or max_steps > 0")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"{where}.zero_stage: 0 (off), 1 or 2, got {self.zero_stage} (stage 3 is not supported: "
+                              "use train.fsdp=true to shard the weights)")
+        if self.zero_stage and self.fsdp:
+            raise ConfigError(f"{where}: choose one of fsdp and zero_stage")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from rlhfkit.trainers import zero
 from rlhfkit.trainers.common import rng_state, set_rng_state, set_seed
 from rlhfkit.trainers.fsdp import (
     full_optimizer_state, gathered_copy, is_sharded, load_model_state, load_optimizer_state,
@@ -68,6 +69,8 @@ class Checkpointer:
             owner = _sharded_owner(opt, models.values())
             if owner is not None:
                 opt_states[k] = full_optimizer_state(owner, opt)
+            elif zero.is_zero_optimizer(opt):  # ZeRO partitions, gathered per parameter (collectives)
+                opt_states[k] = zero.full_optimizer_state(opt)
         for name, model in models.items():
             if is_sharded(model):
                 models[name] = gathered_copy(model, keep=self.enabled)
@@ -113,6 +116,10 @@ class Checkpointer:
         opt_states = torch.load(path / "optim.pt", weights_only=False)
         for k, opt in optimizers.items():
             if opt is None or k not in opt_states:
+                continue
+            if zero.is_zero_optimizer(opt):
+                zero.load_optimizer_state(opt, opt_states[k])
+                zero.weights_changed(opt.rlhfkit_params.values())  # the weights loaded into the module
                 continue
             owner = _owner(opt, models)
             if owner is not None:

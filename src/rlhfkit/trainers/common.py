@@ -44,7 +44,7 @@ class Runtime:
     process. docs/distributed.md has the whole picture.
     """
 
-    def __init__(self, seed: int = 0, fsdp: bool = False):
+    def __init__(self, seed: int = 0, fsdp: bool = False, zero_stage: int = 0):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -64,18 +64,41 @@ class Runtime:
         # train.fsdp: torch's FSDP2 shards the trained model over the ranks (rlhfkit/trainers/fsdp.py);
         # on one process there is nothing to shard and the model trains as it is
         self.fsdp = bool(fsdp) and self.world_size > 1
-        self.layout: dict = {"world_size": self.world_size,
-                             "strategy": "fsdp" if self.fsdp else "ddp" if self.world_size > 1 else "single"}
+        # train.zero_stage: DeepSpeed ZeRO 1/2 partitions optimizer state (and gradients) instead
+        # (rlhfkit/trainers/zero.py); like FSDP, nothing to partition on one process
+        self.zero = int(zero_stage) if self.world_size > 1 else 0
+        if self.zero:
+            from rlhfkit.trainers.zero import require_deepspeed
+
+            require_deepspeed()
+        self._engine = None  # the DeepSpeed engine of the trained model, once prepared
+        self._zero_boundary = True
+        strategy = "fsdp" if self.fsdp else f"zero{self.zero}" if self.zero else "ddp" if self.world_size > 1 else "single"
+        self.layout: dict = {"world_size": self.world_size, "strategy": strategy}
         if not self.fsdp:
             _warn_if_fsdp_ignored(self.accelerator)
         if self.device.type == "cpu":
             keep_freed_memory()  # big gradient buffers reuse their pages instead of faulting each step
         set_seed(seed)  # the same on every rank: models built from it are identical replicas
 
-    def prepare(self, model, optimizer):
-        """Wrap the trained model for N processes: DDP through accelerate, or FSDP2 shards with
-        ``fsdp`` (the optimizer, built on the unsharded model, is pointed at the shards)."""
+    def prepare(self, model, optimizer, micro_batch_size: int = 1, max_grad_norm: float = 0.0):
+        """Wrap the trained model for N processes: DDP through accelerate, FSDP2 shards with
+        ``fsdp`` (the optimizer, built on the unsharded model, is pointed at the shards), or a
+        DeepSpeed ZeRO engine with ``zero`` (which then clips to ``max_grad_norm`` and steps)."""
         total = sum(p.numel() for p in model.parameters())
+        if self.zero:
+            from rlhfkit.trainers.zero import initialize
+
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            model, optimizer = initialize(model, optimizer, self.zero, micro_batch_size, self.world_size,
+                                          max_grad_norm)
+            self._engine = model
+            self.layout = {"world_size": self.world_size, "strategy": f"zero{self.zero}", "param_elements": total,
+                           "param_elements_on_rank": total,
+                           "optimizer_elements_on_rank": sum(p.numel() for g in optimizer.optimizer.param_groups
+                                                             for p in g["params"]),
+                           "optimizer_elements": trainable}
+            return model, optimizer
         if not self.fsdp:
             self.layout = {"world_size": self.world_size, "strategy": "ddp" if self.world_size > 1 else "single",
                            "param_elements": total, "param_elements_on_rank": total}
@@ -105,13 +128,26 @@ class Runtime:
             save_pretrained_atomic(plain, tokenizer, out_dir)
 
     def unwrap(self, model):
+        from rlhfkit.trainers.zero import is_engine
+
+        if is_engine(model):
+            return model.module
         return self.accelerator.unwrap_model(model)
 
     def backward(self, loss):
+        if self._engine is not None:
+            from rlhfkit.trainers.zero import backward
+
+            backward(self._engine, loss, self._zero_boundary)
+            return
         self.accelerator.backward(loss)
 
     def no_sync(self, model, skip: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if self.zero:
+            from rlhfkit.trainers.zero import boundary
+
+            return boundary(self, sync=not skip)
         if self.fsdp:
             from rlhfkit.trainers.fsdp import gradient_sync
 
@@ -443,6 +479,12 @@ class StepGuard:
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, loss_value: torch.Tensor,
                    guard: StepGuard) -> tuple[bool, float]:
     """Clip, check for non-finite values, then step (or skip). Returns (stepped, grad_norm)."""
+    from rlhfkit.trainers.zero import is_engine
+
+    if is_engine(model):  # DeepSpeed clips and steps (and skips a non-finite step itself)
+        from rlhfkit.trainers.zero import step
+
+        return step(model, scheduler, loss_value, guard)
     params = [p for p in model.parameters() if p.requires_grad]
     if max_grad_norm and max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -281,7 +281,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     from rlhfkit.data import PreferenceCollator
     from rlhfkit.trainers.reward import prepare_preference_data
 
-    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp)
+    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp, zero_stage=cfg.train.zero_stage)
     rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "dpo", rt.is_main)
 
@@ -326,7 +326,7 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
-    policy, optimizer = rt.prepare(policy, optimizer)
+    policy, optimizer = rt.prepare(policy, optimizer, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}

@@ -75,6 +75,9 @@ class PolicyTrainSection(TrainSection):
             raise ConfigError(f"{where}.batch_size/micro_batch_size: must be >= 1")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError(f"{where}.epochs: set epochs > 0 or max_steps > 0")
+        if self.zero_stage:
+            raise ConfigError(f"{where}.zero_stage: DeepSpeed ZeRO is built for sft/rm/dpo/pm/online-dpo; the "
+                              "policy-gradient trainers use train.fsdp=true (or data parallelism)")
 
 
 @dataclass

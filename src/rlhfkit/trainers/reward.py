@@ -107,6 +107,7 @@ def install_probe_head(model, w: torch.Tensor) -> None:
     """Set the scalar head to the probe's weights w: (H,) (bias, if any, to 0: BT ignores it).
     Under peft only the trainable copy of the head changes. Under FSDP each rank writes its shard."""
     from rlhfkit.trainers.fsdp import is_sharded
+    from rlhfkit.trainers.zero import weights_changed
 
     if is_sharded(model):
         # after a forward the root's weights may still be gathered (the module then holds plain
@@ -126,11 +127,12 @@ def install_probe_head(model, w: torch.Tensor) -> None:
         lin.weight.copy_(src)
         if lin.bias is not None:
             lin.bias.zero_()
+        weights_changed(lin.parameters())  # DeepSpeed ZeRO: into its fp32 master copy too
 
 
 def train_reward_model(cfg: RewardConfig) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
-    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp)
+    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp, zero_stage=cfg.train.zero_stage)
     rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "rm", rt.is_main)
 
@@ -148,7 +150,7 @@ def train_reward_model(cfg: RewardConfig) -> dict:
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
-    model, optimizer = rt.prepare(model, optimizer)
+    model, optimizer = rt.prepare(model, optimizer, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}

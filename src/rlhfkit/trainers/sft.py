@@ -75,7 +75,7 @@ def evaluate_sft(model, examples: list[dict], collator, micro_batch_size: int, d
 
 def train_sft(cfg: SFTConfig) -> dict:
     """Run SFT; returns the final metrics. The trained policy lands in ``output_dir/model``."""
-    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp)
+    rt = Runtime(cfg.train.seed, fsdp=cfg.train.fsdp, zero_stage=cfg.train.zero_stage)
     rt.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
     out = prepare_run_dir(cfg, "sft", rt.is_main)
 
@@ -95,7 +95,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
-    model, optimizer = rt.prepare(model, optimizer)
+    model, optimizer = rt.prepare(model, optimizer, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}
