@@ -182,17 +182,22 @@ def test_sft_two_processes_equal_one(runs):
     assert sorted(p.name for p in (runs / "sft-2" / "checkpoints").iterdir()) == ["step-00000002"]
 
 
+def _finish_on_one_process(runs: Path, tiny_model_dir, two: str, resumed: str, expect: str) -> None:
+    """Copy 2-process SFT run ``two`` without its final model, resume it here from its step-2
+    checkpoint, and compare the losses and weights with run ``expect``."""
+    shutil.copytree(runs / two, runs / resumed)
+    shutil.rmtree(runs / resumed / "model")
+    assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", runs / resumed, "--resume")) == 0
+    _assert_same_metrics(runs / expect, runs / resumed, ["train/loss"])
+    _assert_same_weights(runs / expect, runs / resumed)
+
+
 def test_checkpoints_resume_across_world_sizes(runs, tiny_model_dir):
     # 1 -> 2 processes: the 1-process checkpoint at step 2, finished by 2 processes
     _assert_same_metrics(runs / "sft-1", runs / "sft-1to2", ["train/loss"])
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2")
     # 2 -> 1 process: the 2-process checkpoint at step 2, finished here
-    resumed = runs / "sft-2to1"
-    shutil.copytree(runs / "sft-2", resumed)
-    shutil.rmtree(resumed / "model")
-    assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", resumed, "--resume")) == 0
-    _assert_same_metrics(runs / "sft-2", resumed, ["train/loss"])
-    _assert_same_weights(runs / "sft-2", resumed)
+    _finish_on_one_process(runs, tiny_model_dir, "sft-2", "sft-2to1", expect="sft-2")
     rng = torch.load(runs / "sft-2" / "checkpoints" / "step-00000002" / "rng.pt", weights_only=False)
     assert rng["world_size"] == 2 and len(rng["ranks"]) == 2  # each rank's stream is kept
 
@@ -238,14 +243,10 @@ def test_fsdp_checkpoints_resume_across_world_sizes_and_layouts(runs, tiny_model
     _assert_same_metrics(runs / "sft-1", runs / "sft-1to2-fsdp", ["train/loss"])
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2-fsdp")
     # 2 processes, sharded -> 1 process, unsharded: the full, name-keyed state loads into a plain model
-    resumed = runs / "sft-fsdp-to1"
-    shutil.copytree(runs / "sft-fsdp", resumed)
-    shutil.rmtree(resumed / "model")
-    saved = torch.load(resumed / "checkpoints" / "step-00000002" / "optim.pt", weights_only=False)["optimizer"]
+    saved = torch.load(runs / "sft-fsdp" / "checkpoints" / "step-00000002" / "optim.pt",
+                       weights_only=False)["optimizer"]
     assert all(isinstance(k, str) for k in saved["state"])  # keyed by parameter name
-    assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", resumed, "--resume")) == 0
-    _assert_same_metrics(runs / "sft-1", resumed, ["train/loss"])
-    _assert_same_weights(runs / "sft-1", resumed)
+    _finish_on_one_process(runs, tiny_model_dir, "sft-fsdp", "sft-fsdp-to1", expect="sft-1")
 
 
 @pytest.mark.parametrize("kind", ["dpo", "rm"])
@@ -408,12 +409,7 @@ def test_zero_checkpoints_resume_across_world_sizes_and_layouts(runs, tiny_model
     _assert_same_metrics(runs / "sft-1", runs / "sft-1to2-zero2", ["train/loss"])
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2-zero2")
     # ZeRO 2 on 2 processes -> 1 process
-    resumed = runs / "sft-zero2-to1"
-    shutil.copytree(runs / "sft-zero2", resumed)
-    shutil.rmtree(resumed / "model")
-    assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", resumed, "--resume")) == 0
-    _assert_same_metrics(runs / "sft-1", resumed, ["train/loss"])
-    _assert_same_weights(runs / "sft-1", resumed)
+    _finish_on_one_process(runs, tiny_model_dir, "sft-zero2", "sft-zero2-to1", expect="sft-1")
 
 
 @needs_deepspeed

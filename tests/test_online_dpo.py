@@ -51,17 +51,23 @@ def test_round_robin_scores():
     assert scores == [0.5, 0.0, 1.0]  # wins / (n - 1)
 
 
-def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
+def _tiny_setup(tmp_path, tokenizer, n_prompts: int) -> list[str]:
+    """A tiny random policy, n prompts and a length reward; returns the overrides naming them."""
     from rlhfkit.models import tiny_causal_lm
 
     model_dir = tmp_path / "tiny"
     tiny_causal_lm(tokenizer, seed=3).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something {i}"}) + "\n"
-                                                    for i in range(6)))
+                                                    for i in range(n_prompts)))
     (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    return [f"model.name={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}",
+            f"scorer={tmp_path / 'rew.py'}:reward"]
+
+
+def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
     cfg = load_config(OnlineDPOConfig, overrides=[
-        f"model.name={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}", f"scorer={tmp_path / 'rew.py'}:reward",
+        *_tiny_setup(tmp_path, tokenizer, 6),
         "iterations=1", "prompts_per_iteration=6", "rollout.n=3", "rollout.max_new_tokens=6",
         "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1", "train.progress=false",
         f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true"])
@@ -87,17 +93,10 @@ def test_reference_anchor_of_later_iterations(tmp_path, tokenizer, anchor):
     (policy = reference); with initial (pi_0) iteration 2 starts away from its reference."""
     import math
 
-    from rlhfkit.models import tiny_causal_lm
     from rlhfkit.trainers.dpo import DPOConfig
 
-    model_dir = tmp_path / "tiny"
-    tiny_causal_lm(tokenizer, seed=3).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something {i}"}) + "\n"
-                                                    for i in range(8)))
-    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
     cfg = load_config(OnlineDPOConfig, overrides=[
-        f"model.name={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}", f"scorer={tmp_path / 'rew.py'}:reward",
+        *_tiny_setup(tmp_path, tokenizer, 8),
         "iterations=2", "prompts_per_iteration=4", "rollout.n=3", "rollout.max_new_tokens=6", "optim.lr=1e-3",
         "optim.warmup_ratio=0", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=3",
         "train.progress=false", f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true",
@@ -111,7 +110,7 @@ def test_reference_anchor_of_later_iterations(tmp_path, tokenizer, anchor):
         assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
         assert first["train/rewards/margin"] == pytest.approx(0.0, abs=1e-4)
     else:
-        assert ref == str(model_dir)
+        assert ref == str(tmp_path / "tiny")
         assert abs(first["train/loss"] - math.log(2)) > 1e-3  # iteration 1 moved pi_1 away from pi_0
 
 
