@@ -119,7 +119,6 @@ class Checkpointer:
                 continue
             if zero.is_zero_optimizer(opt):
                 zero.load_optimizer_state(opt, opt_states[k])
-                zero.weights_changed(opt.rlhfkit_params.values())  # the weights loaded into the module
                 continue
             owner = _owner(opt, models)
             if owner is not None:
@@ -190,6 +189,7 @@ def load_weights_into(model: torch.nn.Module, ckpt_model_dir: Path) -> None:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(str(adapter)))
+        zero.weights_changed(model.parameters())  # DeepSpeed ZeRO: into its fp32 master copy too
         return
     state = {}
     for f in sorted(ckpt_model_dir.glob("*.safetensors")):
@@ -202,3 +202,4 @@ def load_weights_into(model: torch.nn.Module, ckpt_model_dir: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt_model_dir} does not match the model: "
                            f"missing={missing[:5]} unexpected={unexpected[:5]}")
+    zero.weights_changed(model.parameters())  # DeepSpeed ZeRO: into its fp32 master copy too

@@ -185,26 +185,28 @@ def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
 def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
     """A saved optimizer state into ``optimizer``: name-keyed (written by a sharded run) or, from
     an unsharded run, ``optimizer.state_dict()``'s index-keyed form, into a sharded or plain model."""
-    if _index_keyed(saved):
+    if index_keyed(saved):
         if not is_sharded(model):
             optimizer.load_state_dict(saved)
             return
-        saved = _by_name(model, optimizer, saved)
+        # index i is the i-th parameter over the groups in order, which `shard_model` keeps
+        # (it rebinds each group's list in place)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        saved = by_name(saved, [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]])
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, saved, options=_full_options())
 
 
-def _index_keyed(saved: dict) -> bool:
+def index_keyed(saved: dict) -> bool:
+    """Whether a saved optimizer state is ``optimizer.state_dict()``'s (parameters by index)."""
     groups = saved.get("param_groups", [])
     return bool(groups) and all(isinstance(i, int) for g in groups for i in g["params"])
 
 
-def _by_name(model, optimizer, saved: dict) -> dict:
-    """Index-keyed optimizer state -> name-keyed: index i is the i-th parameter over the groups in
-    order, which `shard_model` keeps (it rebinds each group's list in place)."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+def by_name(saved: dict, names: list[str]) -> dict:
+    """Index-keyed optimizer state -> keyed by parameter name; ``names``: the parameters' names
+    in the optimizer's order (over its groups)."""
     ids = [i for g in saved["param_groups"] for i in g["params"]]
     if len(ids) != len(names):
         raise RuntimeError(f"checkpoint optimizer has {len(ids)} parameters, the model {len(names)}")

@@ -99,15 +99,11 @@ def step(engine, scheduler, loss_value: torch.Tensor, guard) -> tuple[bool, floa
     return stepped, float(norm)
 
 
-def _full_state(p, key: str):
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    return safe_get_full_optimizer_state(p, key)
-
-
 def full_optimizer_state(zopt) -> dict[str, Any]:
     """The AdamW state with every tensor whole, keyed by parameter name, in the form of torch's
     ``get_optimizer_state_dict(full_state_dict=True)`` (a collective: call it on every rank)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
     base = zopt.optimizer
     _relink(zopt)
     state: dict[str, dict] = {}
@@ -117,7 +113,7 @@ def full_optimizer_state(zopt) -> dict[str, Any]:
         keys = [k for k, v in flat_state.items() if torch.is_tensor(v) and v.dim() > 0]
         for name in names:
             p = zopt.rlhfkit_params[name]
-            entry = {k: _full_state(p, k).detach().cpu().clone() for k in keys}
+            entry = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in keys}
             if "step" in flat_state:
                 entry["step"] = flat_state["step"].detach().cpu().clone()
             if entry:
@@ -139,15 +135,11 @@ def load_optimizer_state(zopt, saved: dict[str, Any]) -> None:
     the ZeRO partitions; hyperparameters of the groups too."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    from rlhfkit.trainers.fsdp import by_name, index_keyed
+
     names = [n for group in zopt.rlhfkit_names for n in group]
-    groups_saved = saved.get("param_groups", [])
-    if groups_saved and all(isinstance(i, int) for g in groups_saved for i in g["params"]):
-        ids = [i for g in groups_saved for i in g["params"]]
-        if len(ids) != len(names):
-            raise RuntimeError(f"checkpoint optimizer has {len(ids)} parameters, the model {len(names)}")
-        to_name = dict(zip(ids, names))
-        saved = {"state": {to_name[i]: s for i, s in saved["state"].items()},
-                 "param_groups": [{**g, "params": [to_name[i] for i in g["params"]]} for g in groups_saved]}
+    if index_keyed(saved):
+        saved = by_name(saved, names)
     base = zopt.optimizer
     if len(saved["param_groups"]) != len(base.param_groups):
         raise RuntimeError(f"checkpoint optimizer has {len(saved['param_groups'])} parameter groups, "
