@@ -138,12 +138,16 @@ def _ptx_backward(actor, ptx, rt: Runtime, opt_step: int) -> torch.Tensor:
     n_tok = sum(sum(1 for lab in ex["labels"][1:] if lab != -100) for ex in chunk_all)
     normalizer = max(float(rt.sum(torch.tensor(float(n_tok)))), 1.0) / rt.world_size
     total = torch.zeros(())
-    for chunk in micro_batches(chunk_all, ptx.micro_batch_size):
+    chunks = micro_batches(chunk_all, ptx.micro_batch_size)
+    for i, chunk in enumerate(chunks):
         batch = {k: v.to(rt.device) for k, v in ptx.collator(chunk).items() if isinstance(v, torch.Tensor)}
         loss, nll_sum, _ = sft_batch_loss(actor, batch, normalizer)
-        rt.backward(ptx.coef * loss)
+        with _sharded_sync([(actor, i == len(chunks) - 1)]):  # the actor's last backward before its step
+            rt.backward(ptx.coef * loss)
         total += nll_sum.cpu()
-    return total / max(n_tok, 1)
+    # this rank's share of the global token mean (its NLL sum over global tokens / W): the mean
+    # over ranks, as the metrics are reduced, is then the global batch's mean NLL
+    return total / normalizer
 
 
 class _Means:
@@ -193,16 +197,36 @@ def forward_tokens(mb: Experience, share_prompt: bool) -> int:
     return int(prompt_lens.sum()) + int(mb.response_mask.sum())
 
 
+def _sharded_sync(models: list[tuple[Any, bool]]):
+    """FSDP: for each (model, sync), reduce-scatter that model's gradients in this backward only if
+    ``sync`` (its last backward before the optimizer step); otherwise they accumulate unsharded on
+    the rank, as DDP's ``no_sync``. Unsharded models are averaged once per step instead
+    (`Runtime.average_gradients`), so for them this does nothing."""
+    import contextlib
+
+    from rlhfkit.trainers.fsdp import gradient_sync, is_sharded
+
+    stack = contextlib.ExitStack()
+    for model, sync in models:
+        if model is not None and is_sharded(model):
+            stack.enter_context(gradient_sync(model, sync))
+    return stack
+
+
 def _minibatch_backward(actor, critic, mb: Experience, s: UpdateSettings, rt: Runtime,
-                        token_means: _Means, first: FirstForward | None = None) -> dict:
+                        token_means: _Means, first: FirstForward | None = None, ptx_follows: bool = False) -> dict:
     """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms.
-    ``first``: the minibatch's forwards, already run (then it is one micro-batch)."""
+    ``first``: the minibatch's forwards, already run (then it is one micro-batch).
+    ``ptx_follows``: the PTX backward comes next, so the actor's last backward is that one."""
     normalizer = _normalizer(mb, s.agg, rt)
     losses: dict[str, float] = {"update/tokens": 0.0}
-    for rows in micro_batches(list(range(len(mb))), s.micro_batch_size):
+    micros = micro_batches(list(range(len(mb))), s.micro_batch_size)
+    for i, rows in enumerate(micros):
         micro = mb.select(rows)
         loss, m = _micro_loss(actor, critic, micro, s, normalizer, first)
-        rt.backward(loss)
+        last = i == len(micros) - 1
+        with _sharded_sync([(actor, last and not ptx_follows), (critic, last)]):
+            rt.backward(loss)
         losses["update/tokens"] += forward_tokens(micro, s.share_prompt)
         for k in [k for k in m if k.startswith("loss/")]:  # shares of the minibatch loss: sum them
             losses[k] = losses.get(k, 0.0) + float(m.pop(k))
@@ -244,7 +268,7 @@ def policy_update(exp: Experience, actor, actor_opt: dict, s: UpdateSettings, rt
             mb = exp.select(rows)
             mb_means = _Means()
             reuse, first = (first.select(rows) if first is not None else None), None  # the first minibatch only
-            losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means, reuse)
+            losses = _minibatch_backward(actor, critic, mb, s, rt, mb_means, reuse, ptx_follows=ptx is not None)
             if ratio_first is None:
                 ratio_first = mb_means.reduced(rt).result()["policy/ratio_mean"]
             token_means.merge(mb_means)
