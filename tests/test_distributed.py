@@ -48,6 +48,7 @@ LOSS_TOL = dict(rtol=1e-5, atol=1e-6)  # per-step losses: summation order only
 # ~0 moves by up to lr whatever the rounding of that tiny gradient; lr 1e-4 keeps that below 1e-5.
 PARAM_ATOL = 1e-5
 
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
 COMMON = ["train.progress=false", "optim.lr=1e-4", "optim.schedule=constant", "optim.warmup_ratio=0",
           "train.batch_size=8", "train.micro_batch_size=2", "data.max_length=64"]
 
@@ -78,6 +79,12 @@ def _online_args(work: Path, out: Path):
             f"scorer={work / 'reward_fn.py'}:e_share", "rollout.n=3", "rollout.max_new_tokens=6", "iterations=2",
             "prompts_per_iteration=4", "train.batch_size=2", "train.micro_batch_size=1", "train.epochs=1",
             "train.progress=false", "optim.lr=1e-4", "dpo.precompute_ref_logps=true", f"train.output_dir={out}"]
+
+
+def _ptx(work: Path) -> list[str]:
+    # 8 SFT examples per rank per step: two micro-batches, so the actor's gradients accumulate
+    # over its last policy micro-batch and two PTX ones before they are reduced
+    return [f"ptx.data={work / 'sft.jsonl'}", "ptx.coef=0.5", "ptx.batch_size=16", "ptx.max_length=64"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,6 +134,12 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
          "capture": str(work / "grpo-fsdp-rollouts")},
         {"argv": _pg_args("ppo", work, work / "ppo-fsdp") + ["train.fsdp=true", "train.save_every=1"],
          "capture": str(work / "ppo-fsdp-rollouts")},
+        # LoRA under FSDP: the frozen base and the adapters sharded; saves gather the adapters only
+        {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-lora-fsdp") + [*LORA, "train.fsdp=true",
+                                                                                 "train.save_every=1"]},
+        {"argv": _pg_args("ppo", work, work / "ppo-lora-fsdp") + [*LORA, *_ptx(work), "train.fsdp=true",
+                                                                  "train.save_every=1"],
+         "capture": str(work / "ppo-lora-fsdp-rollouts")},
         {"argv": _online_args(work, work / "online-2")},
         # DeepSpeed ZeRO 1 and 2: optimizer state (and gradients) partitioned over the two ranks
         *([{"argv": _sft_args(tiny_model_dir, sft, work / "sft-zero2", "train.zero_stage=2")},
@@ -153,9 +166,11 @@ def _losses(run: Path, key: str = "train/loss") -> dict[int, float]:
 
 
 def _weights(run: Path, model: str = "model") -> dict[str, torch.Tensor]:
+    """A saved model's tensors: the full model, or a LoRA run's adapter (peft's file)."""
     from safetensors.torch import load_file
 
-    return load_file(str(run / model / "model.safetensors"))
+    adapter = run / model / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else run / model / "model.safetensors"))
 
 
 def _assert_same_weights(a: Path, b: Path, atol: float = PARAM_ATOL, model: str = "model") -> None:
@@ -319,6 +334,66 @@ def test_sharded_ppo_checkpoint_resumes_on_one_process(runs, monkeypatch):
     shutil.rmtree(resumed / "critic")
     _replay(monkeypatch, ppo, runs / "ppo-fsdp-rollouts")
     assert cli(_pg_args("ppo", runs, resumed) + ["--resume"]) == 0
+    assert sorted(_losses(resumed, "loss/policy")) == [1, 2]
+    _assert_same_pg_run("ppo", resumed, two)
+
+
+def test_fsdp_lora_dpo_equals_one_process_and_resumes_on_one(runs, tiny_model_dir):
+    """LoRA DPO with the model sharded (frozen base and adapters alike; the reference is the base
+    with the adapters disabled): the 1-process run's losses and adapter. The saved model and every
+    checkpoint are peft adapter directories holding the adapter's tensors alone, gathered whole;
+    the step-1 checkpoint finished on 1 process gives the 2-process result."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    two, one = runs / "dpo-lora-fsdp", runs / "dpo-lora-1"
+    assert cli(_pref_args("dpo", tiny_model_dir, runs / "pref.jsonl", one) + LORA) == 0
+    _assert_sharded(two, "dpo_results.json")
+    keys = ["train/loss", "train/grad_norm", "eval/loss", "train/rewards/margin"]
+    _assert_same_metrics(one, two, keys)
+    _assert_same_weights(one, two)
+    adapter = _weights(two)
+    assert adapter and all("lora_" in k for k in adapter)  # no base tensor was gathered into the save
+    assert abs(_losses(two)[2] - _losses(two)[1]) > 1e-4  # the adapters moved between the two steps
+    ckpt = two / "checkpoints" / "step-00000001"
+    assert (ckpt / "model" / "adapter_config.json").is_file()
+    assert all(isinstance(k, str) for k in torch.load(ckpt / "optim.pt", weights_only=False)["optimizer"]["state"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, two / "model")  # peft loads it as is
+    live = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert len(live) == len(adapter)
+
+    resumed = runs / "dpo-lora-fsdp-to1"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "model")
+    shutil.rmtree(resumed / "checkpoints" / "step-00000002", ignore_errors=True)
+    assert cli(_pref_args("dpo", tiny_model_dir, runs / "pref.jsonl", resumed) + LORA + ["--resume"]) == 0
+    _assert_same_metrics(two, resumed, keys)
+    _assert_same_weights(two, resumed)
+
+
+def test_fsdp_lora_ppo_equals_one_process_on_the_same_experience(runs, monkeypatch):
+    """LoRA PPO with a PTX term, sharded: actor and critic adapters (the critic's scalar head
+    trained in full), the reference being the actor's base with adapters disabled. On the ranks'
+    experience, 1 process gets the same metrics, actor adapter and critic adapter + head; the
+    step-1 checkpoint resumes on 1 process to the same result."""
+    from rlhfkit.trainers import ppo
+
+    two = runs / "ppo-lora-fsdp"
+    _replay(monkeypatch, ppo, runs / "ppo-lora-fsdp-rollouts")
+    one = runs / "ppo-lora-1"
+    assert cli(_pg_args("ppo", runs, one) + LORA + _ptx(runs)) == 0
+    _assert_sharded(two, "ppo_results.json")
+    _assert_same_pg_run("ppo", one, two)
+    _assert_same_metrics(one, two, ["loss/ptx"])
+    critic = _weights(two, "critic")
+    assert any("score" in k for k in critic) and all("lora_" in k or "score" in k for k in critic)
+
+    resumed = runs / "ppo-lora-fsdp-to1"
+    shutil.copytree(two, resumed)
+    for name in ("model", "critic"):
+        shutil.rmtree(resumed / name)
+    assert cli(_pg_args("ppo", runs, resumed) + LORA + _ptx(runs) + ["--resume"]) == 0
     assert sorted(_losses(resumed, "loss/policy")) == [1, 2]
     _assert_same_pg_run("ppo", resumed, two)
 

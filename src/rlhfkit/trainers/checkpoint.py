@@ -17,7 +17,7 @@ import torch
 from rlhfkit.trainers import zero
 from rlhfkit.trainers.common import rng_state, set_rng_state, set_seed
 from rlhfkit.trainers.fsdp import (
-    full_optimizer_state, gathered_copy, is_sharded, load_model_state, load_optimizer_state,
+    full_optimizer_state, gathered_copy, is_sharded, load_adapter_state, load_model_state, load_optimizer_state,
 )
 
 CKPT_PREFIX = "step-"
@@ -186,6 +186,9 @@ def load_weights_into(model: torch.nn.Module, ckpt_model_dir: Path) -> None:
 
     adapter = ckpt_model_dir / "adapter_model.safetensors"
     if adapter.is_file():
+        if is_sharded(model):  # FSDP2: each rank keeps its shard of the adapter's full tensors
+            load_adapter_state(model, load_file(str(adapter)))
+            return
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(str(adapter)))

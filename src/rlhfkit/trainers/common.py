@@ -105,10 +105,6 @@ class Runtime:
             return self.accelerator.prepare(model, optimizer)
         from rlhfkit.trainers.fsdp import shard_model
 
-        if hasattr(model, "peft_config"):
-            from rlhfkit.config import ConfigError
-
-            raise ConfigError("train.fsdp: LoRA adapters are not sharded yet; use DDP (train.fsdp=false) with LoRA")
         model, optimizer = shard_model(model, optimizer, self.device)
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
         self.layout = {"world_size": self.world_size, "strategy": "fsdp", "param_elements": total,

@@ -152,9 +152,45 @@ def unsharded_copy(model, state: dict[str, torch.Tensor]):
 
 def gathered_copy(model, keep: bool):
     """A collective (call it on every rank): the sharded model's full weights, as an unsharded
-    copy (`unsharded_copy`) on the ranks that ``keep`` it, else None."""
+    copy (`unsharded_copy`) on the ranks that ``keep`` it, else None. A LoRA (peft) model gives
+    its adapter instead (`AdapterWeights`): only the trainable tensors are gathered, never the
+    frozen base."""
+    from rlhfkit.models.lora import is_peft
+
+    if is_peft(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=_full_options(cpu_offload=True, ignore_frozen_params=True))
+        return AdapterWeights(model, state) if keep else None
     state = full_model_state(model)
     return unsharded_copy(model, state) if keep else None
+
+
+class AdapterWeights:
+    """A sharded peft model's adapter (and ``modules_to_save`` heads), gathered whole: saves
+    exactly the directory an unsharded LoRA run writes (peft's format, adapter_config.json)."""
+
+    def __init__(self, model, state: dict[str, torch.Tensor]):
+        self.model, self.state = model, state
+
+    def save_pretrained(self, path, safe_serialization: bool = True) -> None:
+        # peft picks the adapter's tensors out of the state dict it is given, as from its own
+        self.model.save_pretrained(path, safe_serialization=safe_serialization, state_dict=self.state)
+
+
+def load_adapter_state(model, saved: dict[str, torch.Tensor]) -> None:
+    """An adapter file's tensors (peft's saved names) into a sharded peft model, each rank keeping
+    its shard. The names are mapped by peft's own saving rule, applied to the trainable names."""
+    from peft import get_peft_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    saved_name = get_peft_model_state_dict(model, state_dict={n: torch.tensor(i) for i, n in enumerate(trainable)})
+    to_model = {k: trainable[int(v)] for k, v in saved_name.items()}
+    unknown, missing = sorted(saved.keys() - to_model.keys()), sorted(to_model.keys() - saved.keys())
+    if unknown or missing:
+        raise RuntimeError(f"adapter does not match the model: missing={missing[:5]} unexpected={unknown[:5]}")
+    set_model_state_dict(model, {to_model[k]: v for k, v in saved.items()}, options=_full_options(strict=False))
 
 
 def full_optimizer_state(model, optimizer) -> dict[str, Any]:

@@ -392,7 +392,7 @@ def setup_run(cfg, kind: str, *, epochs: int, mini_batch_size: int, **update_kw)
                                 batch_size=cfg.reward.batch_size)
     actor, ref = load_actor(cfg.model, rt)
     rt.broadcast_params(actor)  # not DDP-wrapped (see pg_update.policy_update): start from rank 0's copy
-    if rt.fsdp:  # (LoRA under FSDP is refused by Runtime.prepare, which shards the trained models)
+    if rt.fsdp:
         if getattr(cfg, "ptx", None) is not None and cfg.ptx.coef > 0:
             rt.check_divisible(cfg.ptx.batch_size, "ptx.batch_size")  # sharded forwards run in lockstep
         if ref is not None:  # frozen: sharded like the actor, its scoring forwards gather block by block
