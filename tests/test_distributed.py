@@ -116,6 +116,11 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
     for name in ("sft-1to2", "sft-1to2-fsdp", "sft-1to2-zero2"):
         shutil.copytree(work / "sft-1", work / name)
         shutil.rmtree(work / name / "model")
+    # A 1-process LoRA DPO run, the reference of the LoRA runs; ZeRO 2 resumes its step-1 checkpoint.
+    assert cli(_pref_args("dpo", tiny_model_dir, pref, work / "dpo-lora-1") + [*LORA, "train.save_every=1"]) == 0
+    shutil.copytree(work / "dpo-lora-1", work / "dpo-lora-1to2-zero2")
+    shutil.rmtree(work / "dpo-lora-1to2-zero2" / "model")
+    shutil.rmtree(work / "dpo-lora-1to2-zero2" / "checkpoints" / "step-00000002", ignore_errors=True)
 
     jobs = [
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-2")},
@@ -147,6 +152,10 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
            {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2-zero2", "train.zero_stage=2", "--resume")},
            {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-zero2") + ["train.zero_stage=2"]},
            {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-zero2") + ["train.zero_stage=2", "head_init=probe"]},
+           # LoRA under ZeRO 2: only the adapters are in the (partitioned) optimizer
+           {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-lora-zero2") + [*LORA, "train.zero_stage=2"]},
+           {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-lora-1to2-zero2") + [
+               *LORA, "train.zero_stage=2", "train.save_every=1", "--resume"]},
            ] if HAVE_DEEPSPEED else []),
         {"argv": ["pm", f"model.name={tiny_model_dir}", f"data.train={pref}", "data.eval_fraction=0.25",
                   "train.max_steps=2", "eval_untrained=false", f"train.output_dir={work / 'pm-2'}", *COMMON,
@@ -180,6 +189,18 @@ def _assert_same_weights(a: Path, b: Path, atol: float = PARAM_ATOL, model: str 
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def _assert_resumed(source: Path, resumed: Path, step: int) -> None:
+    """``resumed`` continued ``source``'s checkpoint at ``step`` rather than starting over: the
+    records up to that step are the source's own (wall-clock times included), later ones new."""
+    def rows(run):
+        return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    before, after = rows(source), rows(resumed)
+    assert [after[k] for k in after if k <= step] == [before[k] for k in before if k <= step]
+    later = [k for k in after if k > step]
+    assert later and all(after[k]["time"] != before.get(k, {}).get("time") for k in later)
+
+
 def _assert_same_metrics(a: Path, b: Path, keys: list[str]) -> None:
     for key in keys:
         la, lb = _losses(a, key), _losses(b, key)
@@ -203,12 +224,14 @@ def _finish_on_one_process(runs: Path, tiny_model_dir, two: str, resumed: str, e
     shutil.copytree(runs / two, runs / resumed)
     shutil.rmtree(runs / resumed / "model")
     assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", runs / resumed, "--resume")) == 0
+    _assert_resumed(runs / two, runs / resumed, 2)
     _assert_same_metrics(runs / expect, runs / resumed, ["train/loss"])
     _assert_same_weights(runs / expect, runs / resumed)
 
 
 def test_checkpoints_resume_across_world_sizes(runs, tiny_model_dir):
     # 1 -> 2 processes: the 1-process checkpoint at step 2, finished by 2 processes
+    _assert_resumed(runs / "sft-1", runs / "sft-1to2", 2)
     _assert_same_metrics(runs / "sft-1", runs / "sft-1to2", ["train/loss"])
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2")
     # 2 -> 1 process: the 2-process checkpoint at step 2, finished here
@@ -255,6 +278,7 @@ def test_fsdp_two_processes_equal_one(runs):
 def test_fsdp_checkpoints_resume_across_world_sizes_and_layouts(runs, tiny_model_dir):
     # 1 process, unsharded -> 2 processes, sharded: the optimizer state is re-keyed and sharded
     _assert_sharded(runs / "sft-1to2-fsdp", "sft_results.json")
+    _assert_resumed(runs / "sft-1", runs / "sft-1to2-fsdp", 2)
     _assert_same_metrics(runs / "sft-1", runs / "sft-1to2-fsdp", ["train/loss"])
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2-fsdp")
     # 2 processes, sharded -> 1 process, unsharded: the full, name-keyed state loads into a plain model
@@ -334,6 +358,7 @@ def test_sharded_ppo_checkpoint_resumes_on_one_process(runs, monkeypatch):
     shutil.rmtree(resumed / "critic")
     _replay(monkeypatch, ppo, runs / "ppo-fsdp-rollouts")
     assert cli(_pg_args("ppo", runs, resumed) + ["--resume"]) == 0
+    _assert_resumed(two, resumed, 1)
     assert sorted(_losses(resumed, "loss/policy")) == [1, 2]
     _assert_same_pg_run("ppo", resumed, two)
 
@@ -347,7 +372,6 @@ def test_fsdp_lora_dpo_equals_one_process_and_resumes_on_one(runs, tiny_model_di
     from transformers import AutoModelForCausalLM
 
     two, one = runs / "dpo-lora-fsdp", runs / "dpo-lora-1"
-    assert cli(_pref_args("dpo", tiny_model_dir, runs / "pref.jsonl", one) + LORA) == 0
     _assert_sharded(two, "dpo_results.json")
     keys = ["train/loss", "train/grad_norm", "eval/loss", "train/rewards/margin"]
     _assert_same_metrics(one, two, keys)
@@ -368,6 +392,7 @@ def test_fsdp_lora_dpo_equals_one_process_and_resumes_on_one(runs, tiny_model_di
     shutil.rmtree(resumed / "model")
     shutil.rmtree(resumed / "checkpoints" / "step-00000002", ignore_errors=True)
     assert cli(_pref_args("dpo", tiny_model_dir, runs / "pref.jsonl", resumed) + LORA + ["--resume"]) == 0
+    _assert_resumed(two, resumed, 1)
     _assert_same_metrics(two, resumed, keys)
     _assert_same_weights(two, resumed)
 
@@ -388,12 +413,14 @@ def test_fsdp_lora_ppo_equals_one_process_on_the_same_experience(runs, monkeypat
     _assert_same_metrics(one, two, ["loss/ptx"])
     critic = _weights(two, "critic")
     assert any("score" in k for k in critic) and all("lora_" in k or "score" in k for k in critic)
+    assert max(float(v.abs().max()) for k, v in _weights(two).items() if "lora_B" in k) > 1e-5  # B starts at 0
 
     resumed = runs / "ppo-lora-fsdp-to1"
     shutil.copytree(two, resumed)
     for name in ("model", "critic"):
         shutil.rmtree(resumed / name)
     assert cli(_pg_args("ppo", runs, resumed) + LORA + _ptx(runs) + ["--resume"]) == 0
+    _assert_resumed(two, resumed, 1)
     assert sorted(_losses(resumed, "loss/policy")) == [1, 2]
     _assert_same_pg_run("ppo", resumed, two)
 
@@ -481,6 +508,7 @@ def test_zero_two_processes_equal_one(runs, stage):
 @needs_deepspeed
 def test_zero_checkpoints_resume_across_world_sizes_and_layouts(runs, tiny_model_dir):
     # 1 process (plain AdamW) -> 2 processes under ZeRO 2
+    _assert_resumed(runs / "sft-1", runs / "sft-1to2-zero2", 2)
     _assert_same_metrics(runs / "sft-1", runs / "sft-1to2-zero2", ["train/loss"])
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2-zero2")
     # ZeRO 2 on 2 processes -> 1 process
@@ -507,3 +535,21 @@ def _assert_zero_grad_norms(one: Path, zero: Path) -> None:
     la, lb = _losses(one, "train/grad_norm"), _losses(zero, "train/grad_norm")
     assert la and la.keys() == lb.keys()
     torch.testing.assert_close(torch.tensor(list(lb.values())), torch.tensor(list(la.values())), rtol=5e-5, atol=0)
+
+
+@needs_deepspeed
+def test_zero_lora_dpo_equals_one_process_and_resumes_from_one(runs):
+    """LoRA DPO under ZeRO 2 (the adapters' AdamW state and gradients partitioned, the frozen base
+    whole on each rank): the 1-process losses and adapter; the 1-process step-1 checkpoint (an
+    adapter directory) finished under ZeRO 2 gives them too."""
+    keys = ["train/loss", "train/grad_norm", "eval/loss", "train/rewards/margin"]
+    for run in ("dpo-lora-zero2", "dpo-lora-1to2-zero2"):
+        layout = json.loads((runs / run / "dpo_results.json").read_text())["distributed"]
+        assert layout["strategy"] == "zero2" and layout["optimizer_elements_on_rank"] < 0.51 * layout["optimizer_elements"]
+        assert layout["optimizer_elements"] < 0.2 * layout["param_elements"]  # the adapters only
+        if run.endswith("1to2-zero2"):
+            _assert_resumed(runs / "dpo-lora-1", runs / run, 1)
+        _assert_same_metrics(runs / "dpo-lora-1", runs / run, keys[:1] + keys[2:])
+        _assert_zero_grad_norms(runs / "dpo-lora-1", runs / run)
+        _assert_same_weights(runs / "dpo-lora-1", runs / run)
+        assert (runs / run / "model" / "adapter_config.json").is_file()
