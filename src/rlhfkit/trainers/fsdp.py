@@ -16,6 +16,8 @@ What the trainers need besides the forward/backward:
   (`load_model_state`, `load_optimizer_state`);
 - micro-batch accumulation skips the reduce-scatter on all but the last micro-batch
   (`gradient_sync`);
+- a LoRA (peft) model is sharded as it is, frozen base and adapters alike; its saves gather only
+  the trainable tensors into a peft adapter directory (`AdapterWeights`, `load_adapter_state`);
 - the policy-gradient trainers' actor also generates: token-by-token decoding with EOS stopping
   runs a different number of forwards on each rank, which per-forward all-gathers cannot do, so
   `full_weights` gathers the actor once for the whole rollout and frees it afterwards.
