@@ -128,6 +128,12 @@ class Runtime:
 
         if is_engine(model):
             return model.module
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.module
+        if not hasattr(model, "_orig_mod"):  # not wrapped at all (one process, FSDP2, the PG trainers)
+            return model
+        # torch.compile'd: accelerate's unwrap (which also imports DeepSpeed when installed,
+        # printing its accelerator banner, so the plain cases above do not go through it)
         return self.accelerator.unwrap_model(model)
 
     def backward(self, loss):
