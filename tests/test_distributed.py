@@ -363,6 +363,7 @@ def test_sharded_ppo_checkpoint_resumes_on_one_process(runs, monkeypatch):
     _assert_same_pg_run("ppo", resumed, two)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft 0.21 on transformers 5
 def test_fsdp_lora_dpo_equals_one_process_and_resumes_on_one(runs, tiny_model_dir):
     """LoRA DPO with the model sharded (frozen base and adapters alike; the reference is the base
     with the adapters disabled): the 1-process run's losses and adapter. The saved model and every

@@ -38,7 +38,19 @@ def apply_lora(model, section, task_type: str):
         target_modules=section.target_modules, task_type=task_type,
         modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
-    return get_peft_model(model, cfg)
+    with _peft_on_transformers5():
+        return get_peft_model(model, cfg)
+
+
+@contextlib.contextmanager
+def _peft_on_transformers5():
+    """peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecated in favour
+    of ``is_activation_checkpointing`` and warns about on every wrap; the value is the same."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 def is_peft(model) -> bool:
@@ -152,9 +164,10 @@ def load_adapter_onto(model, path: str | os.PathLike, trainable: bool = False):
     """``model`` (the adapter's base, already loaded) with the adapter of ``path`` attached."""
     from peft import PeftModel
 
-    if trainable:  # keep the task class (PeftModelForCausalLM...): training code relies on it
-        return PeftModel.from_pretrained(model, str(path), is_trainable=True)
-    return PeftModel.from_pretrained(model, str(path), config=_peft_config_without_task(path))
+    with _peft_on_transformers5():
+        if trainable:  # keep the task class (PeftModelForCausalLM...): training code relies on it
+            return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        return PeftModel.from_pretrained(model, str(path), config=_peft_config_without_task(path))
 
 
 def is_seq_cls_adapter(path: str | os.PathLike) -> bool:
