@@ -295,6 +295,8 @@ def test_fsdp_preference_trainers_equal_one_process(runs, tiny_model_dir, kind):
     one = runs / f"{kind}-1-fsdp-ref"
     assert cli(_pref_args(kind, tiny_model_dir, runs / "pref.jsonl", one) + extra) == 0
     _assert_sharded(runs / f"{kind}-fsdp", f"{kind}_results.json")
+    if kind == "dpo":  # its frozen reference (a copy of the starting policy) is sharded too
+        assert json.loads((runs / "dpo-fsdp" / "dpo_results.json").read_text())["distributed"]["reference"] == "sharded"
     keys = ["train/loss", "train/grad_norm"] + (["eval/loss", "train/rewards/margin"] if kind == "dpo"
                                                 else ["train/accuracy", "eval/margin"])
     _assert_same_metrics(one, runs / f"{kind}-fsdp", keys)
