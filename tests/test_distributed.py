@@ -63,9 +63,11 @@ def _pref_args(kind, model, data, out):
             f"train.output_dir={out}", "train.max_steps=2", *COMMON]
 
 
-def _pg_args(kind, work: Path, out: Path):
+def _pg_args(kind, work: Path, out: Path, reward: str | None = None):
+    """reward: a reward spec instead of the e-share function (the FSDP GRPO run uses the 2-process RM)."""
+    reward = reward or f"{work / 'reward_fn.py'}:e_share"
     args = [kind, f"model.name={work / 'policy'}", f"prompts.train={work / 'prompts.jsonl'}",
-            f"reward.spec={work / 'reward_fn.py'}:e_share", "rollout.n=4", "rollout.max_new_tokens=6",
+            f"reward.spec={reward}", "reward.batch_size=4", "rollout.n=4", "rollout.max_new_tokens=6",
             "mini_batch_size=16", "ppo_epochs=2", "train.batch_size=4", "train.micro_batch_size=4",
             "train.max_steps=2", "train.progress=false", "optim.lr=1e-4", f"train.output_dir={out}"]
     if kind == "grpo":
@@ -79,6 +81,11 @@ def _online_args(work: Path, out: Path):
             f"scorer={work / 'reward_fn.py'}:e_share", "rollout.n=3", "rollout.max_new_tokens=6", "iterations=2",
             "prompts_per_iteration=4", "train.batch_size=2", "train.micro_batch_size=1", "train.epochs=1",
             "train.progress=false", "optim.lr=1e-4", "dpo.precompute_ref_logps=true", f"train.output_dir={out}"]
+
+
+def _rm(work: Path) -> str:
+    # the reward model trained by the 2-process RM job (which runs earlier in the same torchrun job)
+    return f"rm:{work / 'rm-2' / 'model'}"
 
 
 def _ptx(work: Path) -> list[str]:
@@ -135,7 +142,7 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
         {"argv": _pg_args("grpo", work, work / "grpo-2"), "capture": str(work / "grpo-2-rollouts")},
         {"argv": _pg_args("ppo", work, work / "ppo-2"), "capture": str(work / "ppo-2-rollouts")},
         # FSDP2 for the policy-gradient trainers: actor (and critic) sharded, gathered for the rollout
-        {"argv": _pg_args("grpo", work, work / "grpo-fsdp") + ["train.fsdp=true"],
+        {"argv": _pg_args("grpo", work, work / "grpo-fsdp", reward=_rm(work)) + ["train.fsdp=true"],
          "capture": str(work / "grpo-fsdp-rollouts")},
         {"argv": _pg_args("ppo", work, work / "ppo-fsdp") + ["train.fsdp=true", "train.save_every=1"],
          "capture": str(work / "ppo-fsdp-rollouts")},
@@ -296,7 +303,8 @@ def test_fsdp_preference_trainers_equal_one_process(runs, tiny_model_dir, kind):
     assert cli(_pref_args(kind, tiny_model_dir, runs / "pref.jsonl", one) + extra) == 0
     _assert_sharded(runs / f"{kind}-fsdp", f"{kind}_results.json")
     if kind == "dpo":  # its frozen reference (a copy of the starting policy) is sharded too
-        assert json.loads((runs / "dpo-fsdp" / "dpo_results.json").read_text())["distributed"]["reference"] == "sharded"
+        assert json.loads((runs / "dpo-fsdp" / "dpo_results.json").read_text())["distributed"]["sharded_frozen"] == [
+            "reference"]
     keys = ["train/loss", "train/grad_norm"] + (["eval/loss", "train/rewards/margin"] if kind == "dpo"
                                                 else ["train/accuracy", "eval/margin"])
     _assert_same_metrics(one, runs / f"{kind}-fsdp", keys)
@@ -335,10 +343,13 @@ def test_policy_gradient_update_equals_one_process_on_the_same_experience(runs, 
     two = runs / (f"{kind}-2" if layout == "ddp" else f"{kind}-fsdp")
     _replay(monkeypatch, importlib.import_module(f"rlhfkit.trainers.{kind}"), runs / f"{two.name}-rollouts")
     one = runs / f"{kind}-1-{layout}"
-    assert cli(_pg_args(kind, runs, one)) == 0
+    rm = (kind, layout) == ("grpo", "fsdp")  # scored by a reward model, sharded like the actor
+    assert cli(_pg_args(kind, runs, one, reward=_rm(runs) if rm else None)) == 0
     _assert_same_pg_run(kind, one, two)
     if layout == "fsdp":
         _assert_sharded(two, f"{kind}_results.json")
+        frozen = json.loads((two / f"{kind}_results.json").read_text())["distributed"]["sharded_frozen"]
+        assert frozen == (["reference", "reward_model"] if rm else ["reference"])
         from transformers import AutoModelForCausalLM
 
         AutoModelForCausalLM.from_pretrained(two / "model")  # the gathered actor loads as is

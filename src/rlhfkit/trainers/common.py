@@ -72,6 +72,7 @@ class Runtime:
 
             require_deepspeed()
         self._engine = None  # the DeepSpeed engine of the trained model, once prepared
+        self._frozen_sharded: list[str] = []  # frozen models sharded by `shard_frozen` (FSDP)
         self._zero_boundary = True
         strategy = "fsdp" if self.fsdp else f"zero{self.zero}" if self.zero else "ddp" if self.world_size > 1 else "single"
         self.layout: dict = {"world_size": self.world_size, "strategy": strategy}
@@ -109,9 +110,26 @@ class Runtime:
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
         self.layout = {"world_size": self.world_size, "strategy": "fsdp", "param_elements": total,
                        "param_elements_on_rank": local}
+        if self._frozen_sharded:
+            self.layout["sharded_frozen"] = sorted(self._frozen_sharded)
         if self.is_main:
             log.info("FSDP over %d processes: rank 0 holds %d of %d parameter elements", self.world_size, local, total)
         return model, optimizer
+
+    def shard_frozen(self, model, name: str):
+        """``train.fsdp``: shard a frozen model (a reference, a reward model) like the trained ones,
+        instead of keeping a whole copy on every rank. Its forwards become collectives, so every
+        rank must run the same number of them (true of the callers: equal shares of every batch).
+        Recorded in the results' layout under ``sharded_frozen``. A no-op without FSDP."""
+        if not self.fsdp or model is None:
+            return model
+        from rlhfkit.trainers.fsdp import is_sharded, shard_model
+
+        if not is_sharded(model):
+            shard_model(model, None, self.device)
+        self._frozen_sharded.append(name)
+        self.layout["sharded_frozen"] = sorted(self._frozen_sharded)
+        return model
 
     def save_model(self, model, tokenizer, out_dir: Path) -> None:
         """The trained model as a transformers directory, written once (by rank 0). Call it on

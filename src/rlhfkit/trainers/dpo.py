@@ -327,14 +327,8 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     policy, optimizer = rt.prepare(policy, optimizer, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
-    if rt.fsdp and reference is not None and reference.model is not policy:
-        # a separate frozen reference is sharded like the policy (its forwards run in lockstep with
-        # the policy's), instead of being a whole copy on every rank
-        from rlhfkit.trainers.fsdp import is_sharded, shard_model
-
-        if not is_sharded(reference.model):
-            shard_model(reference.model, None, rt.device)
-        rt.layout["reference"] = "sharded"
+    if reference is not None and reference.model is not policy:  # a separate frozen reference
+        rt.shard_frozen(reference.model, "reference")  # FSDP: its forwards run in lockstep with the policy's
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}

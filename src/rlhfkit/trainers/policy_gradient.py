@@ -395,10 +395,10 @@ def setup_run(cfg, kind: str, *, epochs: int, mini_batch_size: int, **update_kw)
     if rt.fsdp:
         if getattr(cfg, "ptx", None) is not None and cfg.ptx.coef > 0:
             rt.check_divisible(cfg.ptx.batch_size, "ptx.batch_size")  # sharded forwards run in lockstep
-        if ref is not None:  # frozen: sharded like the actor, its scoring forwards gather block by block
-            from rlhfkit.trainers.fsdp import shard_model
-
-            shard_model(ref, None, rt.device)
+        # frozen models sharded like the actor: their scoring forwards gather block by block, the
+        # same number on every rank (equal rows per rank; the RM's micro-batches of reward.batch_size)
+        rt.shard_frozen(ref, "reference")
+        rt.shard_frozen(getattr(reward_fn, "model", None), "reward_model")
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(
         1, int(cfg.train.epochs * len(prompts) // cfg.train.batch_size))
     settings = UpdateSettings(epochs=epochs, mini_batch_size=mini_batch_size // rt.world_size,
