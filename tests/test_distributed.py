@@ -260,6 +260,8 @@ def test_preference_trainers_two_processes_equal_one(runs, tiny_model_dir, kind)
 def _assert_sharded(run: Path, results: str) -> None:
     layout = json.loads((run / results).read_text())["distributed"]
     assert layout["strategy"] == "fsdp" and layout["world_size"] == 2
+    # rank 0 alone read the trained model's weights; rank 1 built it on the meta device and got its shards
+    assert layout["weights_read_by_ranks"] == [0], layout
     # every block and the root are split in two (up to one row of rounding per parameter)
     assert layout["param_elements_on_rank"] < 0.51 * layout["param_elements"], layout
 

@@ -200,7 +200,9 @@ def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int 
         tokenizer = load_tokenizer(rm_dir)
     if tokenizer is None:
         raise ValueError(f"rm:{path}: the directory has no tokenizer; pass tokenizer=")
-    model = load_scalar_model(rm_dir, pad_token_id=tokenizer.pad_token_id).to(device)
+    from rlhfkit.models.loading import to_device
+
+    model = to_device(load_scalar_model(rm_dir, pad_token_id=tokenizer.pad_token_id), device)
     model.eval().requires_grad_(False)
     scorer = RewardModelScorer(model, tokenizer, batch_size)
     fn = RewardFn(scorer, f"rm:{path}", wants_messages=True)

@@ -14,6 +14,7 @@ Everything we write is a plain transformers directory: policies load with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -150,19 +151,56 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
             "float16": torch.float16, "fp16": torch.float16}[dtype]
 
 
+_META_LOADS = 0  # > 0 inside `structure_only`
+
+
+@contextlib.contextmanager
+def structure_only(enabled: bool = True):
+    """Inside the block `load_causal_lm` / `load_scalar_model` build the model from its config on
+    the meta device: the right modules, names and shapes, no weights read and no memory used.
+    FSDP ranks other than 0 load this way; `trainers.fsdp.shard_model` then fills their shards
+    from rank 0's weights (``Runtime.loading_shards``)."""
+    global _META_LOADS
+    if not enabled:
+        yield
+        return
+    _META_LOADS += 1
+    try:
+        yield
+    finally:
+        _META_LOADS -= 1
+
+
+def is_structure_only(model) -> bool:
+    """Whether ``model`` was built by `structure_only` (its weights are still on the meta device)."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def to_device(model, device):
+    """``model.to(device)``; a `structure_only` model stays where it is (sharding places it)."""
+    return model if is_structure_only(model) else model.to(device)
+
+
+def _from_config(cls, config, dtype):
+    with torch.device("meta"):
+        return cls.from_config(config, dtype=dtype)
+
+
 def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = None):
     """Load a causal LM (policy / reference) from any supported source.
 
     A LoRA adapter directory (as the trainers save with LoRA on) loads as its base with the
     adapter merged in: a plain model, the same one ``rlhfkit merge`` writes.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
         from rlhfkit.models.lora import load_merged
 
         return load_merged(path, dtype=dtype, kind="causal")
+    if _META_LOADS:
+        return _from_config(AutoModelForCausalLM, AutoConfig.from_pretrained(path), _dtype(dtype))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
     return model
 
@@ -192,6 +230,8 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
     prev = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "lm_head unused / score newly initialised" is expected here
     try:
+        if _META_LOADS:
+            return _from_config(AutoModelForSequenceClassification, config, _dtype(dtype))
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype))
     finally:
         transformers.logging.set_verbosity(prev)

@@ -107,6 +107,10 @@ def share_frozen_base(model, source) -> int:
     """
     import torch
 
+    from rlhfkit.models.loading import is_structure_only
+
+    if is_structure_only(model) or is_structure_only(source):  # FSDP ranks > 0: nothing loaded to share
+        return 0
     source_prefix = source.get_base_model().base_model_prefix + "."
     model_prefix = model.base_model_prefix + "."
     frozen = {}

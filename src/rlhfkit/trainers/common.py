@@ -104,17 +104,29 @@ class Runtime:
             self.layout = {"world_size": self.world_size, "strategy": "ddp" if self.world_size > 1 else "single",
                            "param_elements": total, "param_elements_on_rank": total}
             return self.accelerator.prepare(model, optimizer)
+        from rlhfkit.models.loading import is_structure_only
         from rlhfkit.trainers.fsdp import shard_model
 
+        read = self.gather_objects([not is_structure_only(model)])  # which ranks read the weights
         model, optimizer = shard_model(model, optimizer, self.device)
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
         self.layout = {"world_size": self.world_size, "strategy": "fsdp", "param_elements": total,
-                       "param_elements_on_rank": local}
+                       "param_elements_on_rank": local, "weights_read_by_ranks": [r for r, x in enumerate(read) if x]}
         if self._frozen_sharded:
             self.layout["sharded_frozen"] = sorted(self._frozen_sharded)
         if self.is_main:
             log.info("FSDP over %d processes: rank 0 holds %d of %d parameter elements", self.world_size, local, total)
         return model, optimizer
+
+    def loading_shards(self):
+        """Context for loading models that FSDP will shard: rank 0 reads the weights, every other
+        rank builds the model on the meta device (`models.loading.structure_only`) and receives its
+        shards from rank 0 when it is sharded (`fsdp.shard_model`), so only rank 0 ever holds a
+        whole copy. Without FSDP every rank loads as usual. Every model loaded inside must be
+        sharded (`prepare`, `shard_frozen`) before its first forward."""
+        from rlhfkit.models.loading import structure_only
+
+        return structure_only(self.fsdp and self.rank != 0)
 
     def shard_frozen(self, model, name: str):
         """``train.fsdp``: shard a frozen model (a reference, a reward model) like the trained ones,
@@ -249,8 +261,9 @@ class Runtime:
             raise ConfigError(f"{what}: {n} does not split evenly over {self.world_size} processes")
 
     def broadcast_params(self, model) -> None:
-        """Copy rank 0's parameters to every rank (models trained outside a DDP wrapper)."""
-        if self.world_size == 1 or model is None:
+        """Copy rank 0's parameters to every rank (models trained outside a DDP wrapper). Under
+        FSDP sharding does it (`fsdp.shard_model` fills every shard from rank 0)."""
+        if self.world_size == 1 or model is None or self.fsdp:
             return
         for p in model.parameters():
             torch.distributed.broadcast(p.data, src=0)

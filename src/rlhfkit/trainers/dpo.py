@@ -179,11 +179,13 @@ def precompute_reference(examples: list[dict], reference: Reference, collator, m
                          device, average: bool = False, rt=None) -> None:
     """Store pi_ref's log-probs on each example (keys REF_KEYS), in place. With a Runtime ``rt``
     each rank scores its shard and the numbers are exchanged: every rank ends with all of them."""
-    index = list(range(len(examples)))
     found = []  # (example index, chosen logp, rejected logp)
-    for idx in micro_batches(rt.shard(index) if rt is not None else index, micro_batch_size):
+    # this rank's share in micro-batches; under FSDP padded with stand-ins so that every rank runs
+    # the same number of (collective) forwards
+    for idx, real in eval_chunks(list(range(len(examples))), micro_batch_size, rt):
         rc, rr = reference.logps(_tensors(collator([examples[i] for i in idx]), device), average)
-        found += zip(idx, rc.tolist(), rr.tolist())
+        if real:
+            found += zip(idx, rc.tolist(), rr.tolist())
     if rt is not None:
         found = rt.gather_objects(found)
     for i, c, r in found:
@@ -296,13 +298,12 @@ def train_dpo(cfg: DPOConfig) -> dict:
         raise ValueError(f"{cfg.data.train}: no training pairs")
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.dpo.share_prompt)
 
-    # 2. Policy and reference; reference log-probs once, up front, when asked.
-    policy, reference = build_policy_and_reference(cfg, tokenizer)
-    if cfg.dpo.precompute_ref_logps:
-        _precompute_or_load(cfg, out, train, evals, reference, collator, rt)
-        reference = None  # the examples carry the numbers now (a separately loaded reference is freed)
+    # 2. Policy and reference (FSDP: rank 0 reads the weights, the others get their shards from it).
+    with rt.loading_shards():
+        policy, reference = build_policy_and_reference(cfg, tokenizer)
 
-    metrics = fit_dpo(cfg, policy, reference, train, evals, collator, out, rt, desc="dpo")
+    metrics = fit_dpo(cfg, policy, reference, train, evals, collator, out, rt, desc="dpo",
+                      precompute=cfg.dpo.precompute_ref_logps)
 
     # 5. The trained policy: a directory transformers (or peft) loads as is.
     rt.check_replicas(policy)
@@ -318,10 +319,12 @@ def train_dpo(cfg: DPOConfig) -> dict:
 
 
 def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collator, out: Path, rt,
-            desc: str = "dpo") -> dict:
+            desc: str = "dpo", precompute: bool = False) -> dict:
     """The optimisation loop (steps 3-4), shared by offline and online DPO.
 
     cfg needs .optim, .train and .dpo sections. Checkpoints (and resume) like trainers/sft.py.
+    ``precompute``: the reference log-probs are computed once, before any update (from the models
+    as prepared: under FSDP, sharded), stored on the examples, and the reference is dropped.
     """
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(policy, cfg.optim)
@@ -329,6 +332,9 @@ def fit_dpo(cfg, policy, reference, train: list[dict], evals: list[dict], collat
     policy, optimizer = rt.prepare(policy, optimizer, cfg.train.micro_batch_size, cfg.optim.max_grad_norm)
     if reference is not None and reference.model is not policy:  # a separate frozen reference
         rt.shard_frozen(reference.model, "reference")  # FSDP: its forwards run in lockstep with the policy's
+    if precompute:
+        _precompute_or_load(cfg, out, train, evals, reference, collator, rt)
+        reference = None  # the examples carry the numbers now (a separately loaded reference is freed)
 
     ckpt = Checkpointer(out, cfg.train.keep_checkpoints, enabled=rt.is_main)
     start, state = 0, {}

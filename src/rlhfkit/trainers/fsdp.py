@@ -49,16 +49,36 @@ def _blocks(model) -> list[torch.nn.Module]:
 
 
 def shard_model(model, optimizer, device: torch.device):
-    """fully_shard each block, then the root; rebind ``optimizer`` (not stepped yet) to the sharded
-    parameters. Returns (model, optimizer): the same objects, now sharded."""
+    """fully_shard each block, then the root, and fill every rank's shards from rank 0's weights;
+    rebind ``optimizer`` (not stepped yet) to the sharded parameters. Returns (model, optimizer):
+    the same objects, now sharded.
+
+    Only rank 0 needs real weights: the other ranks may pass the model built on the meta device
+    (`models.loading.structure_only`), which then gets its shards allocated (``to_empty``) and
+    filled by a broadcast from rank 0 (``set_model_state_dict(..., broadcast_from_rank0=True)``),
+    buffers too. Rank 0 holds its full weights until then; the others never do."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from rlhfkit.models.loading import is_structure_only
+
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    rank0 = torch.distributed.get_rank() == 0
+    empty = is_structure_only(model)
+    if empty and rank0:
+        raise RuntimeError("rank 0 must hold the weights that the other ranks' shards are filled from")
+    full = model.state_dict() if rank0 else {}  # plain tensors, alive until broadcast
     name_of = {id(p): n for n, p in model.named_parameters()}
     for block in _blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if empty:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=_full_options(broadcast_from_rank0=True))
+    del full
+    for buf in model.buffers():  # constants outside the state dict too (rotary tables): rank 0's
+        torch.distributed.broadcast(buf.data, src=0)
     sharded = dict(model.named_parameters())
     if optimizer is not None:
         if optimizer.state:

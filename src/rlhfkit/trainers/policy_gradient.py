@@ -30,6 +30,7 @@ from rlhfkit.algos import kl_estimate, masked_sum
 from rlhfkit.config import ConfigError, TrainSection
 from rlhfkit.judges.rewards import RewardFn, build_reward_fn, prompt_text
 from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapters_disabled, apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import Experience, generate
 from rlhfkit.trainers.checkpoint import Checkpointer, load_weights_into
@@ -177,10 +178,10 @@ def load_actor(model_cfg, rt: Runtime):
     actor = load_causal_lm(model_cfg.name, model_cfg.dtype)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor)
-    actor = apply_lora(actor, model_cfg.lora, "CAUSAL_LM").to(rt.device)
+    actor = to_device(apply_lora(actor, model_cfg.lora, "CAUSAL_LM"), rt.device)
     ref = None
     if not model_cfg.lora.enabled:
-        ref = load_causal_lm(model_cfg.name, model_cfg.dtype).to(rt.device)
+        ref = to_device(load_causal_lm(model_cfg.name, model_cfg.dtype), rt.device)
         ref.eval().requires_grad_(False)
     actor.train()
     return actor, ref
@@ -388,9 +389,10 @@ def setup_run(cfg, kind: str, *, epochs: int, mini_batch_size: int, **update_kw)
     if dropped:
         log.warning("[%s] dropped %d prompts longer than %d tokens", kind, dropped, cfg.prompts.max_prompt_length)
     rows = cfg.train.batch_size * cfg.rollout.n
-    reward_fn = build_reward_fn(cfg.reward.spec, tokenizer=tokenizer, device=rt.device,
-                                batch_size=cfg.reward.batch_size)
-    actor, ref = load_actor(cfg.model, rt)
+    with rt.loading_shards():  # FSDP: rank 0 reads the weights, the others get their shards from it
+        reward_fn = build_reward_fn(cfg.reward.spec, tokenizer=tokenizer, device=rt.device,
+                                    batch_size=cfg.reward.batch_size)
+        actor, ref = load_actor(cfg.model, rt)
     rt.broadcast_params(actor)  # not DDP-wrapped (see pg_update.policy_update): start from rank 0's copy
     if rt.fsdp:
         if getattr(cfg, "ptx", None) is not None and cfg.ptx.coef > 0:

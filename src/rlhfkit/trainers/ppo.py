@@ -19,6 +19,7 @@ from rlhfkit.algos import (
 )
 from rlhfkit.config import ConfigError, ModelSection, OptimSection
 from rlhfkit.models import load_scalar_model
+from rlhfkit.models.loading import to_device
 from rlhfkit.models.heads import backbone_and_head
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, share_frozen_base
 from rlhfkit.trainers.common import RunLogger, StepGuard
@@ -144,7 +145,7 @@ def load_critic(cfg: PPOConfig, tokenizer, device, actor=None):
         share_frozen_base(critic, actor)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(critic)
-    critic = apply_lora(critic, cfg.model.lora, "SEQ_CLS").to(device)
+    critic = to_device(apply_lora(critic, cfg.model.lora, "SEQ_CLS"), device)
     critic.train()
     return critic
 
@@ -221,7 +222,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
     run = setup_run(cfg, "ppo", epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
                     clip_eps=cfg.clip_eps, agg=cfg.loss_agg, vf_coef=cfg.vf_coef, value_clip_eps=cfg.value_clip_eps,
                     critic_max_grad_norm=cfg.critic_optim.max_grad_norm)
-    critic = load_critic(cfg, run.tokenizer, run.rt.device, actor=run.actor)
+    with run.rt.loading_shards():  # FSDP: rank 0 reads the weights, the others get their shards from it
+        critic = load_critic(cfg, run.tokenizer, run.rt.device, actor=run.actor)
     run.rt.broadcast_params(critic)
     n_opt = run.total_steps * optimizer_steps_per_iteration(run)
     opts = {"actor": build_opt(run.actor, cfg.optim, n_opt), "critic": build_opt(critic, cfg.critic_optim, n_opt)}

@@ -145,7 +145,8 @@ def train_reward_model(cfg: RewardConfig) -> dict:
 
     # 2. Backbone + fresh scalar head (or a trained RM to continue from). With LoRA the head is
     #    trained in full next to the adapters and saved with them.
-    model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
+    with rt.loading_shards():  # FSDP: rank 0 reads the weights, the others get their shards from it
+        model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
     model.train()
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(model, cfg.optim)

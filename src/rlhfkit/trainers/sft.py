@@ -90,7 +90,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         collator = PackedSFTCollator(tokenizer.pad_token_id)
 
     # 2. Model (LoRA-wrapped when enabled; a LoRA adapter as model.name is continued), optimizer, schedule.
-    model, _ = load_for_training(cfg.model, "CAUSAL_LM")
+    with rt.loading_shards():  # FSDP: rank 0 reads the weights, the others get their shards from it
+        model, _ = load_for_training(cfg.model, "CAUSAL_LM")
     model.train()
     total = total_steps_for(len(train), cfg.train)
     optimizer = build_optimizer(model, cfg.optim)
