@@ -102,8 +102,14 @@ def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, 
         assert (want - base(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-2  # adapters matter
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         # an adapter directory also loads directly, merged on the fly
-        torch.testing.assert_close(load_causal_lm(adapter)(input_ids=ids, attention_mask=mask).logits, want,
+        merged_on_the_fly = load_causal_lm(adapter)
+        torch.testing.assert_close(merged_on_the_fly(input_ids=ids, attention_mask=mask).logits, want,
                                    atol=1e-4, rtol=1e-4)
+    assert all(p.requires_grad for p in merged_on_the_fly.parameters())  # a plain, trainable model
+    # full fine-tuning (LoRA off) can start from the adapter directory: the merged model trains
+    train_sft(_trainer_cfg(SFTConfig, tmp_path / "full", adapter, train, held, train={"max_steps": 2},
+                           model={"lora": {"enabled": False}}))
+    assert (tmp_path / "full" / "run" / "model" / "config.json").is_file()
     assert main(["merge", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2  # not an adapter
 
 

@@ -196,6 +196,9 @@ def load_merged(path: str | os.PathLike, *, base: str | None = None, dtype=None,
     else:
         model = load_causal_lm(base_name, dtype)
     merged = load_adapter_onto(model, path).merge_and_unload()
+    # peft froze the base to attach the adapter; the merged model is a plain model like any
+    # from_pretrained one (trainable), so that full fine-tuning can start from an adapter directory
+    merged.requires_grad_(True)
     # Adapters trained on top of this model record it as their base: the chain stays loadable.
     merged.config.name_or_path = merged.name_or_path = str(path)
     return merged
