@@ -143,12 +143,13 @@ def _full_options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_model_state(model) -> dict[str, torch.Tensor]:
-    """The unsharded weights on every rank's CPU, keyed as in the unsharded model (a collective:
+def full_model_state(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded weights on rank 0's CPU (other ranks get an empty dict), keyed as in the
+    unsharded model; ``trainable_only`` leaves the frozen ones out, ungathered (a collective:
     call it on every rank)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True, ignore_frozen_params=trainable_only))
 
 
 def unsharded_copy(model, state: dict[str, torch.Tensor]):
@@ -180,9 +181,7 @@ def gathered_copy(model, keep: bool):
     from rlhfkit.models.lora import is_peft
 
     if is_peft(model):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(model, options=_full_options(cpu_offload=True, ignore_frozen_params=True))
+        state = full_model_state(model, trainable_only=True)
         return AdapterWeights(model, state) if keep else None
     state = full_model_state(model)
     return unsharded_copy(model, state) if keep else None
