@@ -29,8 +29,8 @@ def _capturing(module, out: Path):
         seen["items"], seen["step"] = real_batch(run, step), step
         return seen["items"]
 
-    def rollout(actor, items, settings, tokenizer, seed=None):
-        exp = real_rollout(actor, items, settings, tokenizer, seed=seed)
+    def rollout(actor, items, settings, tokenizer, **kw):
+        exp = real_rollout(actor, items, settings, tokenizer, **kw)
         rank = int(os.environ.get("RANK", 0))
         torch.save({"items": items, "exp": exp}, out / f"rollout-{seen['step']}-rank{rank}.pt")
         return exp

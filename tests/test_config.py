@@ -55,11 +55,11 @@ def test_yaml_errors_name_the_file(tmp_path):
     ("dpo", ["train.resume=maybe"], r"train\.resume: expected true/false, got str 'maybe'"),
 ])
 def test_trainer_config_errors_are_located(kind, overrides, match):
-    from rlhfkit.cli import TRAINERS, _resolve
+    from rlhfkit.registry import COMMANDS
 
     base = {"ppo": ["reward.spec=m:f", "critic_init=policy"], "dpo": ["data.train=x"]}[kind]
     with pytest.raises(ConfigError, match=match):
-        load_config(_resolve(TRAINERS[kind][0]), overrides=[*base, *overrides])
+        load_config(COMMANDS[kind].config_class(), overrides=[*base, *overrides])
 
 
 def test_yaml_unknown_key_suggests_the_known_one(tmp_path):
@@ -93,8 +93,8 @@ def test_every_shipped_config_validates():
     a user's run); the demo pipeline plans all its stages."""
     from pathlib import Path
 
-    from rlhfkit.cli import TRAINERS, _resolve
     from rlhfkit.pipeline import plan
+    from rlhfkit.registry import COMMANDS
 
     root = Path(__file__).resolve().parents[1] / "configs"
     seen = []
@@ -104,8 +104,8 @@ def test_every_shipped_config_validates():
             _, stages = plan(str(path))
             assert [s.kind for s, _ in stages] == ["sft", "rm", "ppo", "eval"]
         else:
-            assert kind in TRAINERS, f"{path.name}: no trainer named {kind!r}"
-            load_config(_resolve(TRAINERS[kind][0]), str(path))
+            assert kind in COMMANDS, f"{path.name}: no trainer named {kind!r}"
+            load_config(COMMANDS[kind].config_class(), str(path))
         seen.append(path.stem)
     assert {"demo", "sft", "rm", "ppo", "grpo", "dpo", "online_dpo", "pm"} <= set(seen)
 
@@ -113,13 +113,13 @@ def test_every_shipped_config_validates():
 @pytest.mark.parametrize("kind, overrides, match", [
     ("sft", ["data.train=x.jsonl", "train.zero_stage=3"], "zero_stage: 0 \\(off\\), 1 or 2"),
     ("sft", ["data.train=x.jsonl", "train.zero_stage=2", "train.fsdp=true"], "one of fsdp and zero_stage"),
-    ("ppo", ["train.zero_stage=2", "reward.spec=task:sentiment", "critic_init=policy"], "policy-gradient trainers"),
-    ("grpo", ["train.zero_stage=1", "reward.spec=task:sentiment"], "policy-gradient trainers"),
+    ("ppo", ["train.zero_stage=3", "reward.spec=task:sentiment", "critic_init=policy"], "zero_stage: 0 \\(off\\), 1 or 2"),
+    ("grpo", ["train.zero_stage=2", "train.fsdp=true", "reward.spec=task:sentiment"], "one of fsdp and zero_stage"),
 ])
 def test_zero_stage_is_validated(kind, overrides, match):
-    """DeepSpeed ZeRO: stages 1 and 2, not with FSDP, not for the policy-gradient trainers."""
-    from rlhfkit.cli import TRAINERS, _resolve
+    """DeepSpeed ZeRO: stages 1 and 2 (every trainer), not together with FSDP."""
+    from rlhfkit.registry import COMMANDS
 
-    cls = _resolve(TRAINERS[kind][0])
+    cls = COMMANDS[kind].config_class()
     with pytest.raises(ConfigError, match=match):
         load_config(cls, overrides=overrides)

@@ -13,7 +13,7 @@ process through the same CLI entry point.
   ranks sampled (their prompts and rollouts, concatenated), and then its metrics (global
   reductions: whitening, KL controller, losses, clip fraction) and final weights must match.
   That the two replicas stay identical is checked by the trainers themselves
-  (`Runtime.check_replicas` before the final save).
+  (`DataParallel.check_replicas` before the final save).
 """
 
 from __future__ import annotations
@@ -163,6 +163,11 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
            {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-lora-zero2") + [*LORA, "train.zero_stage=2"]},
            {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-lora-1to2-zero2") + [
                *LORA, "train.zero_stage=2", "train.save_every=1", "--resume"]},
+           # the policy-gradient trainers: actor (and critic) each a ZeRO 2 engine
+           {"argv": _pg_args("grpo", work, work / "grpo-zero2") + ["train.zero_stage=2"],
+            "capture": str(work / "grpo-zero2-rollouts")},
+           {"argv": _pg_args("ppo", work, work / "ppo-zero2") + ["train.zero_stage=2"],
+            "capture": str(work / "ppo-zero2-rollouts")},
            ] if HAVE_DEEPSPEED else []),
         {"argv": ["pm", f"model.name={tiny_model_dir}", f"data.train={pref}", "data.eval_fraction=0.25",
                   "train.max_steps=2", "eval_untrained=false", f"train.output_dir={work / 'pm-2'}", *COMMON,
@@ -335,19 +340,25 @@ def _replay(monkeypatch, module, captured: Path) -> None:
     monkeypatch.setattr(module, "rollout", lambda *args, **kw: state["exp"])
 
 
-@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp", pytest.param("zero2", marks=needs_deepspeed)])
 @pytest.mark.parametrize("kind", ["grpo", "ppo"])
 def test_policy_gradient_update_equals_one_process_on_the_same_experience(runs, monkeypatch, kind, layout):
-    """Data-parallel (replicas, gradients all-reduced) or FSDP (actor, reference and critic sharded;
-    the actor gathered for the rollout): the 2-process run is the 1-process computation."""
+    """Data-parallel (replicas, gradients all-reduced), FSDP (actor, reference and critic sharded;
+    the actor gathered for the rollout) or ZeRO 2 (actor and critic each a DeepSpeed engine,
+    optimizer state and gradients partitioned): the 2-process run is the 1-process computation."""
     import importlib
 
-    two = runs / (f"{kind}-2" if layout == "ddp" else f"{kind}-fsdp")
+    two = runs / (f"{kind}-2" if layout == "ddp" else f"{kind}-{layout}")
     _replay(monkeypatch, importlib.import_module(f"rlhfkit.trainers.{kind}"), runs / f"{two.name}-rollouts")
     one = runs / f"{kind}-1-{layout}"
     rm = (kind, layout) == ("grpo", "fsdp")  # scored by a reward model, sharded like the actor
     assert cli(_pg_args(kind, runs, one, reward=_rm(runs) if rm else None)) == 0
     _assert_same_pg_run(kind, one, two)
+    strategy = json.loads((two / f"{kind}_results.json").read_text())["distributed"]["strategy"]
+    assert strategy == {"ddp": "ddp", "fsdp": "fsdp", "zero2": "zero2"}[layout]
+    if layout == "zero2":  # the partitioned optimizer holds a share of the trainable elements on each rank
+        layout_info = json.loads((two / f"{kind}_results.json").read_text())["distributed"]
+        assert layout_info["optimizer_elements_on_rank"] < layout_info["optimizer_elements"]
     if layout == "fsdp":
         _assert_sharded(two, f"{kind}_results.json")
         frozen = json.loads((two / f"{kind}_results.json").read_text())["distributed"]["sharded_frozen"]
@@ -461,9 +472,9 @@ def test_online_dpo_on_two_processes(runs, tokenizer):
 
     from rlhfkit.config import load_config
     from rlhfkit.models import load_causal_lm
-    from rlhfkit.trainers.common import set_seed
+    from rlhfkit.rng import set_seed
+    from rlhfkit.rollout import decode_responses, load_prompt_items, rank_stream_seed, rollout
     from rlhfkit.trainers.online_dpo import OnlineDPOConfig
-    from rlhfkit.trainers.policy_gradient import decode_responses, load_prompt_items, rank_stream_seed, rollout
 
     run = runs / "online-2"
     results = json.loads((run / "online_dpo_results.json").read_text())
@@ -473,7 +484,7 @@ def test_online_dpo_on_two_processes(runs, tokenizer):
         assert dpo["distributed"]["world_size"] == 2
     # iteration 1 samples pi_0: redo rank 0's and rank 1's rollouts here and find them in place
     cfg = load_config(OnlineDPOConfig, overrides=_online_args(runs, run)[1:])
-    items, _ = load_prompt_items(cfg.prompts, tokenizer)
+    items, _ = load_prompt_items(cfg.prompts.train, tokenizer, max_prompt_length=cfg.prompts.max_prompt_length)
     random.Random(cfg.train.seed).shuffle(items)
     chunk = items[:4]
     samples = [json.loads(line) for line in (run / "iter-1" / "samples.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ import torch
 from rlhfkit.config import load_config
 from rlhfkit.data import PreferenceCollator
 from rlhfkit.models import tiny_causal_lm
+from rlhfkit.parallel import SingleProcess
 from rlhfkit.trainers.dpo import (
     DPOConfig, Reference, build_policy_and_reference, dpo_batch_loss, pair_logps, precompute_reference,
     reference_logps, train_dpo,
@@ -65,7 +66,7 @@ def test_precomputed_reference_equals_live(setup, tokenizer):
     collator = PreferenceCollator(tokenizer.pad_token_id)
     policy, ref = build_policy_and_reference(cfg, tokenizer)
     examples = [dict(ex) for ex in train[:12]]
-    precompute_reference(examples, ref, collator, micro_batch_size=5, device="cpu")  # other padding widths
+    precompute_reference(examples, ref, collator, 5, SingleProcess())  # other padding widths
     batch = collator(examples)
     live = ref.logps(batch)
     stored = reference_logps(examples, batch, None, average=False)

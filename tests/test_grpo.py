@@ -34,9 +34,9 @@ def test_one_advantage_per_response_centred_in_its_group(tokenizer, tmp_path, mo
     seen = []
     real_update = grpo_mod.policy_update
 
-    def spy(exp, *args, **kw):
+    def spy(cfg, strategy, guard, exp, *args, **kw):
         seen.append(exp)
-        return real_update(exp, *args, **kw)
+        return real_update(cfg, strategy, guard, exp, *args, **kw)
 
     monkeypatch.setattr(grpo_mod, "policy_update", spy)
     cfg = load_config(GRPOConfig, data=base_config(
@@ -70,11 +70,11 @@ def test_shared_prompt_packing_gives_the_same_update(tokenizer, tmp_path, monkey
     same weights, with the same samples in the second iteration."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.trainers import pg_update
+    from rlhfkit.trainers import pg_score
 
     packed_calls = []
-    real = pg_update.shared_prompt_logprobs
-    monkeypatch.setattr(pg_update, "shared_prompt_logprobs", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
+    real = pg_score.shared_prompt_logprobs
+    monkeypatch.setattr(pg_score, "shared_prompt_logprobs", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
     metrics, weights, calls = {}, {}, {}
     for share in (False, True):
         packed_calls.clear()

@@ -176,13 +176,18 @@ def test_lora_ppo_learns_with_one_copy_of_the_base_weights(tokenizer, tmp_path, 
     from rlhfkit.trainers import ppo
 
     seen = {}
-    real_loop = ppo.train_loop
+    real_fit, real_setup = ppo.fit, ppo.setup_run
 
-    def spy(run, iterate, models, *a, **kw):
-        seen.update(run=run, **models)
-        return real_loop(run, iterate, models, *a, **kw)
+    def spy_fit(run, step, total, *, models, **kw):
+        seen.update(models)
+        return real_fit(run, step, total, models=models, **kw)
 
-    monkeypatch.setattr(ppo, "train_loop", spy)
+    def spy_setup(*a, **kw):
+        seen["run"] = real_setup(*a, **kw)
+        return seen["run"]
+
+    monkeypatch.setattr(ppo, "fit", spy_fit)
+    monkeypatch.setattr(ppo, "setup_run", spy_setup)
     # The 1-layer tiny policy needs a wide adapter to move its (frozen, tied) output embeddings'
     # choices; even so the reward creeps for ~10 steps before it climbs. With these settings seeds
     # 0-3 each at least doubled or gained >= 0.09 in 40 steps (measured when the threshold was set).
@@ -222,13 +227,14 @@ def test_lora_dpo_learns_with_one_copy_of_the_base_weights(tmp_path, tokenizer, 
         write_jsonl(tmp_path / name, [{"prompt": f"Tell me about the {words[i % 8]} number {i + offset}.",
                                        "chosen": "yes yes yes", "rejected": "no no no"} for i in range(n)])
     seen = {}
-    real_fit = dpo.fit_dpo
+    real_build = dpo.build_policy_and_reference
 
-    def spy(cfg, policy, reference, *a, **kw):
+    def spy(*a, **kw):
+        policy, reference = real_build(*a, **kw)
         seen.update(policy=policy, reference=reference)
-        return real_fit(cfg, policy, reference, *a, **kw)
+        return policy, reference
 
-    monkeypatch.setattr(dpo, "fit_dpo", spy)
+    monkeypatch.setattr(dpo, "build_policy_and_reference", spy)
     cfg = load_config(dpo.DPOConfig, overrides=[
         f"model.name={model_dir}", f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
         f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "data.max_length=64",
@@ -283,7 +289,7 @@ def _gc_on(model) -> bool:
 def test_gradient_checkpointing_gives_the_same_gradients(kind, lora):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhfkit.trainers.pg_update import response_values
+    from rlhfkit.trainers.pg_score import response_values
 
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
@@ -325,9 +331,8 @@ def test_gradient_checkpointing_flag_reaches_every_trainer(tmp_path, tokenizer, 
     """model.gradient_checkpointing turns it on for SFT, RM, DPO (and online DPO, which runs DPO/SFT),
     PPO's actor and critic, and GRPO/RLOO (the same actor loader), with or without LoRA."""
     from pg_utils import base_config
-    from rlhfkit.trainers.common import Runtime
     from rlhfkit.trainers.dpo import DPOConfig, build_policy_and_reference
-    from rlhfkit.trainers.policy_gradient import load_actor
+    from rlhfkit.trainers.pg_setup import load_actor
     from rlhfkit.trainers.ppo import PPOConfig, load_critic
 
     for lora in (False, True):
@@ -340,5 +345,5 @@ def test_gradient_checkpointing_flag_reaches_every_trainer(tmp_path, tokenizer, 
         assert _gc_on(policy)
         cfg = load_config(PPOConfig, data=base_config(tmp_path, tokenizer, model=model, critic_init="policy",
                                                         mini_batch_size=8))
-        actor, _ = load_actor(cfg.model, Runtime(0))
+        actor, _ = load_actor(cfg.model, "cpu")
         assert _gc_on(actor) and _gc_on(load_critic(cfg, tokenizer, "cpu", actor=actor))

@@ -13,7 +13,7 @@ import pytest
 PROBE = textwrap.dedent("""
     import resource, torch
     from rlhfkit.models import load_tokenizer, tiny_causal_lm
-    from rlhfkit.trainers.malloc import keep_freed_memory
+    from rlhfkit.parallel.malloc import keep_freed_memory
     torch.set_num_threads(1)
     applied = keep_freed_memory()
     assert keep_freed_memory() == applied  # once per process, same answer
@@ -54,10 +54,9 @@ def test_training_steps_reuse_freed_pages():
     assert min(faults[2:]) > GRAD_PAGES, faults  # every step faults in more than one whole gradient
 
 
-def test_runtime_applies_it_on_cpu():
-    from rlhfkit.trainers import malloc
-    from rlhfkit.trainers.common import Runtime
+def test_every_strategy_applies_it_on_cpu():
+    from rlhfkit.parallel import SingleProcess, malloc
 
-    Runtime(seed=0)
+    SingleProcess()
     assert malloc._applied is not None  # decided (applied, or not available on this C library)
     assert malloc.keep_freed_memory() == malloc._applied

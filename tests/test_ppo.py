@@ -13,12 +13,14 @@ from rlhfkit.config import load_config
 from rlhfkit.models import token_values
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.rollout import Experience
-from rlhfkit.trainers.common import StepGuard
-from rlhfkit.trainers.pg_update import UpdateSettings, build_opt, policy_update, response_values
-from rlhfkit.trainers.policy_gradient import (
-    RewardSection, prompt_batch, rollout, score_experience, score_sequences, setup_run,
-)
+from rlhfkit.config import RewardSection
+from rlhfkit.parallel import SingleProcess
+from rlhfkit.rollout import rollout
+from rlhfkit.trainers.pg_score import response_values, score_experience, score_sequences
+from rlhfkit.trainers.pg_setup import Trained, prepare_trained, prompt_batch, setup_run
+from rlhfkit.trainers.pg_update import policy_update
 from rlhfkit.trainers.ppo import PPOConfig, load_critic, train_ppo
+from rlhfkit.training import StepGuard, build_optimizer, build_scheduler
 
 PPO_OVER = dict(critic_init="policy", rollout={"n": 4, "max_new_tokens": 6}, mini_batch_size=16, ppo_epochs=2,
                 kl={"coef": 0.0}, vf_coef=0.5, critic_optim={"lr": 1e-2})
@@ -30,13 +32,14 @@ def _cfg(tmp_path, tokenizer, **over):
 
 def test_first_ratio_is_exactly_one_with_left_padding(tokenizer, tmp_path):
     cfg = _cfg(tmp_path, tokenizer, rollout={"n": 2, "max_new_tokens": 6})
-    run = setup_run(cfg, "ppo", epochs=1, mini_batch_size=16, clip_eps=0.2)
+    run = setup_run(cfg, "ppo", SingleProcess())
     items = prompt_batch(run, 0)
     assert len({len(it.ids) for it in items}) > 2, "prompts must differ in length"
     exp = rollout(run.actor, items, cfg.rollout, run.tokenizer)
     assert (exp.prompt_mask == 0).any(), "the batch must be left-padded"
     rollout_logp = exp.logprobs.clone()
-    exp, _, _ = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref, run.tokenizer, micro=3)
+    cfg.train.micro_batch_size = 3  # scoring in micro-batches of 3, the update in micro-batches of 5
+    exp, _, _ = score_experience(run, exp, items, run.actor)
     mask = exp.response_mask.bool()
     # KV-cache decoding and the full forward agree closely; the stored logp_old is the full forward's
     assert (rollout_logp - exp.logprobs)[mask].abs().max() < 1e-3
@@ -51,8 +54,8 @@ def test_first_ratio_is_exactly_one_with_left_padding(tokenizer, tmp_path):
 
     # Through the real update: ratio mean on the first minibatch of the first epoch is 1.
     exp.advantages = torch.where(mask, torch.randn(mask.shape), 0.0)
-    settings = UpdateSettings(epochs=1, mini_batch_size=8, micro_batch_size=5, clip_eps=0.2)
-    upd = policy_update(exp, run.actor, build_opt(run.actor, cfg.optim, 10), settings, run.rt, StepGuard())
+    cfg.ppo_epochs, cfg.mini_batch_size, cfg.train.micro_batch_size = 1, 8, 5
+    upd = policy_update(cfg, run.strategy, StepGuard(), exp, prepare_trained(run, run.actor, cfg.optim))
     assert abs(upd["policy/ratio_first"] - 1.0) < 1e-6
 
 
@@ -137,7 +140,7 @@ def test_resume_keeps_step_and_kl_controller(tokenizer, tmp_path):
 def test_lora_reference_is_the_base_with_adapters_disabled(tokenizer, tmp_path):
     cfg = _cfg(tmp_path, tokenizer, model={"lora": {"enabled": True, "r": 4, "alpha": 8}},
                train={"max_steps": 2}, rollout={"n": 2, "max_new_tokens": 4})
-    run = setup_run(cfg, "ppo", epochs=1, mini_batch_size=16, clip_eps=0.2)
+    run = setup_run(cfg, "ppo", SingleProcess())
     assert run.ref is None  # no second copy: the reference is the actor without its adapters
     base_params = [p for n, p in run.actor.named_parameters() if "lora_" not in n]
     assert all(not p.requires_grad for p in base_params)
@@ -149,7 +152,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tokenizer, tmp_path):
                 p.normal_(0, 0.5)
     items = prompt_batch(run, 0)
     exp = rollout(run.actor, items, cfg.rollout, run.tokenizer)
-    exp, _, _ = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref, run.tokenizer, micro=8)
+    exp, _, _ = score_experience(run, exp, items, run.actor)
 
     from rlhfkit.models import load_causal_lm
 
@@ -163,6 +166,11 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tokenizer, tmp_path):
 
     train_ppo(cfg)  # end to end with LoRA: adapters saved
     assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
+
+
+def _trained(model, optim) -> Trained:
+    optimizer = build_optimizer(model, optim)
+    return Trained(model, optimizer, build_scheduler(optimizer, optim, 1), optim.max_grad_norm)
 
 
 def _fixed_experience(actor, critic, pad_id: int, seed: int = 0) -> Experience:
@@ -210,10 +218,11 @@ def test_ppo_update_batch8_equals_batch1_times_accumulation8(agg):
 
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhfkit.config import OptimSection
-    from rlhfkit.trainers.common import Runtime
+    from types import SimpleNamespace
 
-    rt = Runtime(0)
+    from rlhfkit.config import OptimSection
+
+    strategy = SingleProcess()
     # A small vocabulary keeps this fast; the update does not care which tokens they are.
     config = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0,
@@ -226,11 +235,11 @@ def test_ppo_update_batch8_equals_batch1_times_accumulation8(agg):
     results = {}
     for micro in (8, 1):
         actor, critic = copy.deepcopy(actor0), copy.deepcopy(critic0)
-        s = UpdateSettings(epochs=1, mini_batch_size=8, micro_batch_size=micro, clip_eps=0.2, agg=agg,
-                           vf_coef=0.5, value_clip_eps=0.2, kl_coef=0.1, kl_kind="k3")
+        cfg = SimpleNamespace(ppo_epochs=1, mini_batch_size=8, train=SimpleNamespace(micro_batch_size=micro),
+                              clip_eps=0.2, clip_eps_high=None, loss_agg=agg, share_prompt=False, vf_coef=0.5,
+                              value_clip_eps=0.2, kl_loss=lambda: (0.1, "k3"))
         torch.manual_seed(1)
-        out = policy_update(exp, actor, build_opt(actor, optim, 1), s, rt, StepGuard(), critic=critic,
-                            critic_opt=build_opt(critic, optim, 1))
+        out = policy_update(cfg, strategy, StepGuard(), exp, _trained(actor, optim), critic=_trained(critic, optim))
         results[micro] = (out, dict(actor.named_parameters()), dict(critic.named_parameters()))
     (o8, a8, c8), (o1, a1, c1) = results[8], results[1]
     assert 0.0 < o8["policy/clipfrac"] < 1.0  # the clipped branch is active on some tokens
@@ -279,11 +288,11 @@ def test_fused_scoring_is_the_unfused_computation(tokenizer, tmp_path, monkeypat
     forwards land, with two forwards fewer per iteration."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.trainers import pg_update
+    from rlhfkit.trainers import pg_score
 
     calls = []
-    real = pg_update.causal_logprobs
-    monkeypatch.setattr(pg_update, "causal_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pg_score.causal_logprobs
+    monkeypatch.setattr(pg_score, "causal_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
     metrics, weights, n_calls = {}, {}, {}
     for fuse in (False, True):
         calls.clear()
@@ -312,12 +321,11 @@ def test_fused_scoring_is_the_unfused_computation(tokenizer, tmp_path, monkeypat
 def test_fusable_needs_one_minibatch_one_micro_batch_and_no_dropout(tiny_model):
     from rlhfkit.trainers.pg_update import fusable
 
-    s = UpdateSettings(epochs=2, mini_batch_size=8, micro_batch_size=8, clip_eps=0.2)
-    assert fusable(8, s, tiny_model, None)
-    assert not fusable(16, s, tiny_model)  # two minibatches: the second starts from moved weights
-    assert not fusable(8, UpdateSettings(epochs=2, mini_batch_size=8, micro_batch_size=4, clip_eps=0.2), tiny_model)
+    assert fusable(8, 8, 8, tiny_model, None)
+    assert not fusable(16, 8, 8, tiny_model)  # two minibatches: the second starts from moved weights
+    assert not fusable(8, 8, 4, tiny_model)
     tiny_model.config.attention_dropout = 0.1  # train-mode forwards would differ from logp_old's eval mode
-    assert not fusable(8, s, tiny_model)
+    assert not fusable(8, 8, 8, tiny_model)
 
 
 def _ptx_file(path):
@@ -329,18 +337,19 @@ def _ptx_file(path):
 
 
 def test_ptx_gradient_is_coef_times_the_token_mean_nll_of_its_batch(tokenizer, tmp_path):
-    """SPEC 4.5: the PTX term adds gamma * (mean NLL over the batch's response tokens). Computed in
+    """The PTX term adds gamma * (mean NLL over the batch's response tokens). Computed in
     padded micro-batches of unequal size, its gradient must equal that of a naive per-example
     computation of the same quantity."""
+    from rlhfkit.config import PTXSection
     from rlhfkit.models import tiny_causal_lm
-    from rlhfkit.trainers.common import Runtime, batch_indices
-    from rlhfkit.trainers.pg_update import _ptx_backward, load_ptx
-    from rlhfkit.trainers.policy_gradient import PTXSection
+    from rlhfkit.trainers.pg_setup import load_ptx
+    from rlhfkit.trainers.pg_update import ptx_backward
+    from rlhfkit.training import batch_indices
 
     section = PTXSection(data=str(_ptx_file(tmp_path / "ptx.jsonl")), coef=0.5, batch_size=6, max_length=64)
     ptx = load_ptx(section, tokenizer, micro_batch_size=4, seed=3)  # micro-batches of 4 and 2 rows
     model = tiny_causal_lm(tokenizer, seed=1)
-    mean_nll = _ptx_backward(model, ptx, Runtime(seed=0), opt_step=2)
+    mean_nll = ptx_backward(SingleProcess(), model, ptx, opt_step=2)
     fast = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()

@@ -81,12 +81,14 @@ def test_sft_sigkill_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
     from rlhfkit.models import load_causal_lm
-    from rlhfkit.trainers.checkpoint import Checkpointer, load_weights_into
+    from rlhfkit.parallel import SingleProcess
+    from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 
+    strategy = SingleProcess()
     model = load_causal_lm(tiny_model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ck = Checkpointer(tmp_path, keep=2)
-    ck.save(2, {"model": model}, {"optimizer": opt}, {"kind": "sft"})
+    save_checkpoint(ck, strategy, 2, {"model": model}, {"optimizer": opt}, {"kind": "sft"})
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -97,15 +99,14 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, t
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
-        ck.save(4, {"model": model}, {"optimizer": opt}, {"kind": "sft"})
+        save_checkpoint(ck, strategy, 4, {"model": model}, {"optimizer": opt}, {"kind": "sft"})
     monkeypatch.undo()
     assert ck.latest().name == "step-00000002"
     assert not list((tmp_path / "checkpoints").glob(".*tmp*"))
     fresh = load_causal_lm(tiny_model_dir)
-    load_weights_into(fresh, ck.latest() / "model")
+    state = load_checkpoint(ck.latest(), strategy, {"model": fresh}, {"optimizer": opt})
     for k, v in fresh.state_dict().items():
         torch.testing.assert_close(v, saved[k])
-    state = Checkpointer.load_state(ck.latest(), {"optimizer": opt})
     assert state["step"] == 2
 
 
@@ -134,7 +135,7 @@ def _kill_past_checkpoint(cmd, out: Path, min_step: int) -> int:
     """Start the run; SIGKILL it once it has a checkpoint at or past ``min_step`` *and* has logged a
     later step, which the resumed run must then drop and redo. Returns the step of the latest
     complete checkpoint (the one --resume continues from)."""
-    from rlhfkit.trainers.checkpoint import Checkpointer
+    from rlhfkit.training.checkpoint import Checkpointer
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = Checkpointer(out)
@@ -287,8 +288,8 @@ def test_resume_without_a_checkpoint_starts_over_with_one_record_per_step(tmp_pa
 def test_non_finite_updates_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from rlhfkit.config import SFTConfig, load_config
     from rlhfkit.trainers import sft
-    from rlhfkit.trainers.checkpoint import Checkpointer
-    from rlhfkit.trainers.common import TrainingDiverged
+    from rlhfkit.training.checkpoint import Checkpointer
+    from rlhfkit.training import TrainingDiverged
 
     real, calls = sft.sft_batch_loss, []
     bad = {2, 6, 7, 8}  # 0-based steps with a NaN loss: one alone (skipped), then three in a row
@@ -341,7 +342,7 @@ def test_tensorboard_drops_the_steps_a_restart_rewrites(tmp_path, restart_at):
     the old events at or past s are purged, the ones before s kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from rlhfkit.trainers.common import RunLogger
+    from rlhfkit.training.logger import RunLogger
 
     first = RunLogger(tmp_path, 6, progress=False)
     for step in range(1, 7):

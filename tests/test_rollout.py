@@ -9,7 +9,7 @@ import torch
 
 from rlhfkit.models import load_tokenizer, position_ids_from_mask, tiny_causal_lm
 from rlhfkit.rollout import Experience, generate, left_pad
-from rlhfkit.rollout.generate import _pick
+from rlhfkit.rollout.sampler import pick as _pick
 
 PAD = 0
 
@@ -280,7 +280,7 @@ def test_experience_select_and_cat():
 
 def test_pick_across_blocks_of_a_vocabulary_not_a_multiple_of_the_block():
     """The two-level sampler: tokens at block edges and in a partial last block get their mass."""
-    from rlhfkit.rollout.generate import _Sampler
+    from rlhfkit.rollout.sampler import Sampler as _Sampler
 
     V = 2 * _Sampler.BLOCK + 88
     support = [0, _Sampler.BLOCK - 1, _Sampler.BLOCK, 2 * _Sampler.BLOCK, V - 1]
@@ -294,7 +294,7 @@ def test_pick_across_blocks_of_a_vocabulary_not_a_multiple_of_the_block():
 
 
 def test_sampler_logprobs_are_the_log_softmax():
-    from rlhfkit.rollout.generate import _Sampler
+    from rlhfkit.rollout.sampler import Sampler as _Sampler
 
     logits = torch.randn(6, 700, dtype=torch.float64) * 3
     for kw in [dict(temperature=1.0, top_p=1.0, top_k=0), dict(temperature=0.6, top_p=0.9, top_k=50),
@@ -307,7 +307,7 @@ def test_sampler_logprobs_are_the_log_softmax():
 
 
 def test_preallocated_cache_layer_grows_and_selects_rows():
-    from rlhfkit.rollout.generate import _preallocated_layer_class
+    from rlhfkit.rollout.kv_cache import _preallocated_layer_class
 
     k, v = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
     layer = _preallocated_layer_class()(k, v, 2, torch.tensor([0, 0, 2, 1]))  # room for 2 more
@@ -325,7 +325,7 @@ def test_preallocated_cache_layer_grows_and_selects_rows():
 def test_packed_linears_match_default_kernels_and_are_removed(model, prompts, monkeypatch):
     import importlib
 
-    gen_module = importlib.import_module("rlhfkit.rollout.generate")
+    gen_module = importlib.import_module("rlhfkit.rollout.cpu_linears")
     packed = _gen(model, prompts, n=2, temperature=0, max_new_tokens=10)
     assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
     monkeypatch.setattr(gen_module, "PACK_CPU_LINEARS", False)

@@ -2,62 +2,56 @@
 
     rlhfkit sft --config configs/sft.yaml optim.lr=1e-5 train.output_dir=runs/sft
     rlhfkit rm  --config configs/rm.yaml model.name=runs/sft/model
+    rlhfkit sft --help                                      # every config key with type, default, meaning
     rlhfkit make-data --task sentiment --out data/sentiment
     rlhfkit merge runs/sft/model --out runs/sft/merged     # LoRA adapter -> full model
 
 Trailing ``key.path=value`` arguments override the YAML config; the merged config is validated
-(unknown keys, types, impossible combinations) before any model loads.
+(unknown keys, types, impossible combinations) before any model loads. The parallel layout (one
+process, DDP, FSDP2, ZeRO) is chosen here, once per run, and passed to the trainer.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 
-# name -> (config class path, train function path, help)
-TRAINERS: dict[str, tuple[str, str, str]] = {
-    "sft": ("rlhfkit.config:SFTConfig", "rlhfkit.trainers.sft:train_sft", "supervised fine-tuning on responses"),
-    "rm": ("rlhfkit.config:RewardConfig", "rlhfkit.trainers.reward:train_reward_model",
-           "Bradley-Terry reward model"),
-    "ppo": ("rlhfkit.trainers.ppo:PPOConfig", "rlhfkit.trainers.ppo:train_ppo",
-            "PPO with actor, critic, reward and reference models"),
-    "grpo": ("rlhfkit.trainers.grpo:GRPOConfig", "rlhfkit.trainers.grpo:train_grpo",
-             "GRPO: group-normalised advantages, no critic"),
-    "rloo": ("rlhfkit.trainers.grpo:RLOOConfig", "rlhfkit.trainers.grpo:train_grpo",
-             "RLOO: leave-one-out baseline, no critic"),
-    "dpo": ("rlhfkit.trainers.dpo:DPOConfig", "rlhfkit.trainers.dpo:train_dpo",
-            "DPO / IPO / conservative DPO on preference pairs (optionally SFT on the chosen first)"),
-    "online-dpo": ("rlhfkit.trainers.online_dpo:OnlineDPOConfig", "rlhfkit.trainers.online_dpo:train_online_dpo",
-                   "online iterative DPO, or rejection-sampling fine-tuning (mode: rsft)"),
-    "pm": ("rlhfkit.trainers.pm:PMConfig", "rlhfkit.trainers.pm:train_pm",
-           "pairwise preference model (A/B next token), with LLM-as-judge baseline"),
-    "eval": ("rlhfkit.eval.policy_compare:EvalConfig", "rlhfkit.eval.policy_compare:run_eval",
-             "policies vs a baseline: win rate with CI, gold/proxy reward, KL, length bias, RM accuracy"),
-}
+from rlhfkit.config import ConfigError, load_config
+from rlhfkit.config.reference import explained_yaml, help_text
+from rlhfkit.registry import COMMANDS, Command
 
 
-def _resolve(path: str):
-    mod, name = path.split(":")
-    return getattr(importlib.import_module(mod), name)
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser whose --help ends with its config keys (computed only when shown:
+    listing them imports the trainer's module)."""
+
+    command: Command | None = None
+
+    def format_help(self) -> str:
+        if self.command is not None and self.epilog is None:
+            self.epilog = help_text(self.command.config_class())
+        return super().format_help()
 
 
-def _add_trainer(sub, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=f"{help_text}. Trailing key.path=value pairs override the config.")
+def _add_trainer(sub, name: str, command: Command) -> None:
+    p = sub.add_parser(name, help=command.help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=f"{command.help}. Trailing key.path=value pairs override the config.")
+    p.command = command
     p.add_argument("--config", "-c", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--explain", action="store_true", help="with --print-config: each key's meaning as a comment")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfkit", description="Correct, visible and fast RLHF.")
     parser.add_argument("--log-level", default=os.environ.get("RLHFKIT_LOG", "WARNING"))
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, _, help_text) in TRAINERS.items():
-        _add_trainer(sub, name, help_text)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+    for name, command in COMMANDS.items():
+        _add_trainer(sub, name, command)
     pl = sub.add_parser("pipeline", help="run the stages of a workflow in order (sft, rm, ppo/dpo/..., eval)")
     pl.add_argument("--config", "-c", required=True, help="pipeline YAML (see configs/demo.yaml)")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=runs/x stages.0.config.optim.lr=1e-5")
@@ -78,19 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_trainer(name: str, config: str | None, overrides: list[str], resume: bool = False, print_only: bool = False):
-    from rlhfkit.config import ConfigError, dump_config, load_config
+def run_trainer(name: str, config: str | None, overrides: list[str], resume: bool = False, print_only: bool = False,
+                explain: bool = False):
+    """Load and validate ``name``'s config, then run it on the strategy its train section asks for."""
+    from rlhfkit.parallel import make_strategy
 
-    cfg_cls = _resolve(TRAINERS[name][0])
+    command = COMMANDS[name]
     if resume:
         overrides = [*overrides, "train.resume=true"]
-    cfg = load_config(cfg_cls, config, overrides)
+    cfg = load_config(command.config_class(), config, overrides)
     if print_only:
-        import yaml, dataclasses
+        import dataclasses
 
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        import yaml
+
+        print(explained_yaml(cfg) if explain else yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
         return None
-    return _resolve(TRAINERS[name][1])(cfg)
+    strategy = make_strategy(cfg.train, getattr(cfg, "model", None))
+    return command.runner()(cfg, strategy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,14 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "make-data":
-        from rlhfkit.tasks.build import main as build_main
-
-        return build_main(args.args) or 0
-    from rlhfkit.config import ConfigError
     from rlhfkit.data import DataError
     from rlhfkit.judges.rewards import RewardFunctionError
-    from rlhfkit.trainers.common import TrainingDiverged
+    from rlhfkit.training import TrainingDiverged
 
     # Errors in what the user gave us (config, data, a reward function) and a run stopped for
     # non-finite updates end with one clear line, not a traceback from inside the trainer.
@@ -131,20 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlhfkit merge: error: {e}", file=sys.stderr)
             return 2
         return 0
-    if args.command == "pipeline":
-        from rlhfkit.pipeline import run_pipeline
-
-        try:
-            run_pipeline(args.config, args.overrides)
-        except user_errors as e:
-            print(f"rlhfkit pipeline: error: {e}", file=sys.stderr)
-            return 2
-        except TrainingDiverged as e:
-            print(f"rlhfkit pipeline: stopped: {e}", file=sys.stderr)
-            return 3
-        return 0
     try:
-        run_trainer(args.command, args.config, args.overrides, args.resume, args.print_config)
+        if args.command == "pipeline":
+            from rlhfkit.pipeline import run_pipeline
+
+            run_pipeline(args.config, args.overrides)
+        else:
+            run_trainer(args.command, args.config, args.overrides, args.resume, args.print_config, args.explain)
     except user_errors as e:
         print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -22,13 +22,15 @@ from typing import Any
 
 import yaml
 
-from rlhfkit.config import ConfigError, _build, load_config, parse_overrides, _merge
+from rlhfkit.config import ConfigError, build, load_config, merge, parse_overrides
+from rlhfkit.parallel import make_strategy
+from rlhfkit.registry import COMMANDS
 
 
 @dataclass
 class StageSpec:
     name: str = ""
-    kind: str = ""  # a sub-command registered in rlhfkit.cli.TRAINERS
+    kind: str = ""  # a sub-command of rlhfkit.registry.COMMANDS
     config: dict = field(default_factory=dict)  # that command's config, with ${...} placeholders
 
 
@@ -61,31 +63,29 @@ def _substitute(obj: Any, values: dict[str, str], where: str) -> Any:
 
 def plan(path: str | None, overrides: list[str] | None = None) -> tuple[PipelineConfig, list[tuple[StageSpec, Any]]]:
     """Load the pipeline and build + validate every stage's typed config (no model is loaded)."""
-    from rlhfkit.cli import TRAINERS, _resolve
-
     source = str(path) if path else "pipeline"
     raw = yaml.safe_load(Path(path).read_text()) if path else {}
     if overrides:
         over = parse_overrides(overrides)
         stages_over = over.pop("stages", None)
-        raw = _merge(raw or {}, over)
+        raw = merge(raw or {}, over)
         if stages_over:  # stages.<i>.config.key=value
             for i, v in stages_over.items():
-                raw["stages"][int(i)] = _merge(raw["stages"][int(i)], v)
-    cfg = _build(PipelineConfig, raw or {}, "", source)
+                raw["stages"][int(i)] = merge(raw["stages"][int(i)], v)
+    cfg = build(PipelineConfig, raw or {}, "", source)
     out = Path(cfg.output_dir)
     values = {"base": cfg.base_model, "output_dir": str(out)}
     stages = []
     for i, s in enumerate(cfg.stages):
-        spec = _build(StageSpec, s, f"stages[{i}]", source)
-        if spec.kind not in TRAINERS:
-            raise ConfigError(f"{source}: stages[{i}].kind: unknown stage kind {spec.kind!r}; known: {sorted(TRAINERS)}")
+        spec = build(StageSpec, s, f"stages[{i}]", source)
+        if spec.kind not in COMMANDS:
+            raise ConfigError(f"{source}: stages[{i}].kind: unknown stage kind {spec.kind!r}; known: {sorted(COMMANDS)}")
         if not spec.name:
             spec.name = spec.kind
         data = _substitute(spec.config, values, f"{source}: stages[{i}].config")
-        data = _merge({"train": {"output_dir": str(out / spec.name), "seed": cfg.seed}}, data)
+        data = merge({"train": {"output_dir": str(out / spec.name), "seed": cfg.seed}}, data)
         try:
-            stage_cfg = load_config(_resolve(TRAINERS[spec.kind][0]), data=data)
+            stage_cfg = load_config(COMMANDS[spec.kind].config_class(), data=data)
         except ConfigError as e:
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
         stages.append((spec, stage_cfg))
@@ -94,9 +94,17 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
 
 
 def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
-    from rlhfkit.cli import TRAINERS, _resolve
-
     cfg, stages = plan(path, overrides)
+    strategies: dict = {}
+
+    def strategy_for(stage_cfg):
+        # one strategy per layout for the whole pipeline (stages normally share one)
+        train, model = stage_cfg.train, getattr(stage_cfg, "model", None)
+        key = (getattr(train, "fsdp", False), getattr(train, "zero_stage", 0), getattr(model, "dtype", "auto"))
+        if key not in strategies:
+            strategies[key] = make_strategy(train, model)
+        return strategies[key]
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -111,7 +119,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
             stage_cfg.train.resume = True  # continue an interrupted stage from its latest checkpoint
             stage_cfg.train.progress = cfg.progress
         t = time.time()
-        result = _resolve(TRAINERS[spec.kind][1])(stage_cfg)
+        COMMANDS[spec.kind].runner()(stage_cfg, strategy_for(stage_cfg))
         timings[spec.name] = time.time() - t
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"seconds": timings[spec.name]}))

@@ -49,7 +49,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduc
     """Variance of `x` over all valid entries (a scalar).
 
     unbiased=True divides by n - 1 (Bessel). With fewer than two valid entries the denominator is
-    clamped to 1, which gives variance 0 instead of inf/nan. ``reduce`` (e.g. `Runtime.sum`) sums
+    clamped to 1, which gives variance 0 instead of inf/nan. ``reduce`` (e.g. `Strategy.sum`) sums
     a tensor over data-parallel ranks: the variance is then that of every rank's valid entries.
     """
     return _mean_var(x, mask, unbiased, reduce)[1]

@@ -14,6 +14,7 @@ from rlhfkit.data.collate import (
     block_causal_mask,
     pack_sft,
     pad_sequences,
+    batch_to_device,
 )
 from rlhfkit.data.errors import DataError, Origin
 from rlhfkit.data.formats import (
@@ -49,5 +50,5 @@ __all__ = [
     "IGNORE_INDEX", "TruncationStats", "render_ids", "render_prompt_ids", "end_of_turn_ids",
     "tokenize_sft", "tokenize_preference", "tokenize_prompt", "tokenize_dataset",
     "pad_sequences", "SFTCollator", "PreferenceCollator", "PromptCollator",
-    "pack_sft", "block_causal_mask", "PackedSFTCollator",
+    "pack_sft", "block_causal_mask", "PackedSFTCollator", "batch_to_device",
 ]

@@ -203,3 +203,8 @@ class PackedSFTCollator:
         position_ids, segment_ids = torch.tensor(pos, dtype=torch.long), torch.tensor(seg, dtype=torch.long)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids,
                 "attention_mask": block_causal_mask(segment_ids, self.mask_dtype)}
+
+
+def batch_to_device(batch: dict, device) -> dict:
+    """A collated batch's tensors on ``device`` (its non-tensor fields, e.g. categories, left out)."""
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -123,3 +123,11 @@ def first_difference(a: list[dict], b: list[dict]) -> int:
         if x != y:
             return i
     return min(len(a), len(b))
+
+
+def last_user_text(messages: list[dict] | str) -> str:
+    """The plain user text of a prompt: the last user message (or the string itself)."""
+    if isinstance(messages, str):
+        return messages
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else (messages[-1]["content"] if messages else "")

@@ -26,33 +26,59 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import ConfigError, dump_config
+from rlhfkit.config import ConfigError, PromptsSection, RolloutSection, dump_config
+from rlhfkit.data import load_preference
+from rlhfkit.data.sources import resolve_source
+from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
 from rlhfkit.eval.stats import mean_ci, pearson, prob_indicators, win_indicators, win_rate, within_group_pearson
-from rlhfkit.trainers.policy_gradient import PromptsSection, RolloutSection
+from rlhfkit.io import write_json_atomic
+from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
+from rlhfkit.judges.rewards import build_reward_fn
+from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.rng import set_seed
+from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
 
 
 @dataclass
 class EvalRunSection:
-    """Named ``train`` like every stage's run section, so the pipeline can set output_dir and seed."""
+    """Where the evaluation writes, and its sampling seed (named ``train`` like every stage's run
+    section, so the pipeline can set output_dir and seed)."""
 
     output_dir: str = "runs/eval"
-    seed: int = 0  # sampling seed, the same for every model
-    resume: bool = False  # accepted for the pipeline; an evaluation is always recomputed
+    """Directory of eval_results.json and the samples."""
+    seed: int = 0
+    """Sampling seed, the same for every model (common random numbers)."""
+    resume: bool = False
+    """Accepted for the pipeline; an evaluation is always recomputed."""
     progress: bool = True
+    """Show progress."""
 
 
 @dataclass
 class EvalConfig:
-    policies: list = field(default_factory=list)  # model dirs or names; "label=path" names a row
-    baseline: str = "smollm2-135m-instruct"  # usually the starting policy (SFT model)
+    """`rlhfkit eval`: policies against a baseline on held-out prompts."""
+
+    policies: list = field(default_factory=list)
+    """Policies to evaluate: model directories or names; "label=path" names a row."""
+    baseline: str = "smollm2-135m-instruct"
+    """The policy every other is compared with (usually the starting policy, the SFT model)."""
     prompts: PromptsSection = field(default_factory=lambda: PromptsSection(train="task:sentiment/prompts_eval.jsonl"))
+    """Held-out prompts (prompts.train; task:NAME means the task's prompts_eval.jsonl)."""
     rollout: RolloutSection = field(default_factory=lambda: RolloutSection(n=2, temperature=1.0, micro_batch_size=64))
-    gold: str = "task:sentiment"  # pointwise gold judge (task:NAME or module:function); "" = none
-    proxy: str = ""  # pointwise proxy reward, e.g. rm:DIR; "" = none
-    judges: list = field(default_factory=list)  # more win-rate judges: rm:, task:, module:fn, pm:, judge:, annotator:
-    preference_set: str = ""  # preference pairs for proxy/judge accuracy by category; "" = skip
-    batch_size: int = 16  # rows per scoring forward (RM, judge, KL)
+    """Sampling: rollout.n responses per prompt and model."""
+    gold: str = "task:sentiment"
+    """Pointwise gold judge (task:NAME or module:function); empty = none."""
+    proxy: str = ""
+    """Pointwise proxy reward, e.g. rm:DIR; empty = none."""
+    judges: list = field(default_factory=list)
+    """More win-rate judges: rm:, task:, module:fn, pm:, judge:, annotator:."""
+    preference_set: str = ""
+    """Preference pairs on which to report the proxy's and the judges' accuracy by category; empty = skip."""
+    batch_size: int = 16
+    """Rows per scoring forward (reward model, judge, KL)."""
     train: EvalRunSection = field(default_factory=EvalRunSection)
+    """Output directory and seed."""
 
     def validate(self, where: str) -> None:
         if not self.policies:
@@ -74,9 +100,6 @@ def policy_label(spec: str) -> tuple[str, str]:
 
 def build_judges(cfg: EvalConfig, tokenizer, device) -> dict:
     """name -> ("point", RewardFn) or ("pair", judge); gold and proxy first."""
-    from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
-    from rlhfkit.judges.rewards import build_reward_fn
-
     out = {}
     for name, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *((j, j) for j in cfg.judges)]:
         if not spec:
@@ -92,8 +115,6 @@ def build_judges(cfg: EvalConfig, tokenizer, device) -> dict:
 @torch.no_grad()
 def kl_to_baseline(baseline, exp, batch_size: int) -> list[float]:
     """Per-sample k1 KL estimate sum_t log pi(a_t) - log base(a_t) on the policy's own samples."""
-    from rlhfkit.models.forward import causal_logprobs
-
     R = exp.response_ids.shape[1]
     ids, mask = exp.input_ids(), exp.attention_mask()
     out = []
@@ -106,9 +127,6 @@ def kl_to_baseline(baseline, exp, batch_size: int) -> list[float]:
 
 def sample_and_score(model, items, cfg: EvalConfig, tokenizer, judges: dict) -> dict:
     """n responses per prompt from ``model`` and their pointwise scores."""
-    from rlhfkit.trainers.common import set_seed
-    from rlhfkit.trainers.policy_gradient import decode_responses, rollout
-
     set_seed(cfg.train.seed)  # common random numbers across models
     exp = rollout(model, items, cfg.rollout, tokenizer)
     responses = decode_responses(exp, tokenizer)
@@ -151,10 +169,6 @@ def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
 
 def preference_set_accuracy(cfg: EvalConfig, judges: dict) -> dict:
     """Accuracy of the proxy and every judge (not the gold one) on the labelled preference set."""
-    from rlhfkit.data import load_preference
-    from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
-    from rlhfkit.trainers.sources import resolve_source
-
     examples = load_preference(resolve_source(cfg.preference_set, "preference"))
     out = {}
     for name, (kind, judge) in judges.items():
@@ -164,21 +178,20 @@ def preference_set_accuracy(cfg: EvalConfig, judges: dict) -> dict:
 
 # --------------------------------------------------------------------------- the command
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Evaluate every policy against the baseline; returns what ``eval_results.json`` holds."""
-    from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.trainers.common import write_json_atomic
-    from rlhfkit.trainers.policy_gradient import load_prompt_items
-
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "eval_config.yaml")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def run_eval(cfg: EvalConfig, strategy=None) -> dict:
+    """Evaluate every policy against the baseline (on one process); returns what
+    ``eval_results.json`` holds."""
+    device = strategy.device if strategy is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     n = cfg.rollout.n
 
     # 1. Prompts, judges and the baseline's samples.
     tokenizer = load_tokenizer(cfg.baseline)
-    items, dropped = load_prompt_items(cfg.prompts, tokenizer)
+    p = cfg.prompts
+    items, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit,
+                                       kind="prompts_eval")
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "eval_config.yaml")
     judges = build_judges(cfg, tokenizer, device)
     baseline = load_causal_lm(cfg.baseline).to(device).eval()
     base = sample_and_score(baseline, items, cfg, tokenizer, judges)

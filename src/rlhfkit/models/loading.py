@@ -158,8 +158,8 @@ _META_LOADS = 0  # > 0 inside `structure_only`
 def structure_only(enabled: bool = True):
     """Inside the block `load_causal_lm` / `load_scalar_model` build the model from its config on
     the meta device: the right modules, names and shapes, no weights read and no memory used.
-    FSDP ranks other than 0 load this way; `trainers.fsdp.shard_model` then fills their shards
-    from rank 0's weights (``Runtime.loading_shards``)."""
+    FSDP ranks other than 0 load this way; `parallel.fsdp.shard_model` then fills their shards
+    from rank 0's weights (``FullySharded.loading``)."""
     global _META_LOADS
     if not enabled:
         yield

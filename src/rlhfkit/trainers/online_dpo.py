@@ -40,31 +40,60 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection, TrainSection
-from rlhfkit.trainers.common import RunLogger, Runtime, prepare_run_dir, set_seed, write_json_atomic
-from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
-from rlhfkit.trainers.policy_gradient import (
-    PromptsSection, RolloutSection, decode_responses, load_prompt_items, rank_stream_seed, response_metrics, rollout,
+from rlhfkit.config import (
+    ConfigError, DataSection, ModelSection, OptimSection, PromptsSection, RolloutSection, SFTConfig, TrainSection,
 )
+from rlhfkit.io import write_json_atomic, write_jsonl_atomic
+from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
+from rlhfkit.judges.rewards import build_reward_fn
+from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.parallel import Strategy, make_strategy
+from rlhfkit.rng import set_seed
+from rlhfkit.rollout import decode_responses, load_prompt_items, rank_stream_seed, response_metrics, rollout
+from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
+from rlhfkit.trainers.pg_eval import heldout_metrics
+from rlhfkit.trainers.sft import train_sft
+from rlhfkit.training import fit, open_run
 
 
 @dataclass
 class OnlineDPOConfig:
-    model: ModelSection = field(default_factory=ModelSection)  # pi_0: starting policy and reference
+    """`rlhfkit online-dpo`: T iterations of sample -> score -> best/worst pairs -> DPO (or RSFT)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    """pi_0: the starting policy and the reference."""
     prompts: PromptsSection = field(default_factory=PromptsSection)
+    """Prompts: each iteration takes a fresh slice; prompts.eval are held-out prompts for evaluation."""
     rollout: RolloutSection = field(default_factory=lambda: RolloutSection(n=4, temperature=1.0, micro_batch_size=64))
+    """Sampling: rollout.n responses per prompt are ranked."""
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, warmup_ratio=0.1))
-    train: TrainSection = field(default_factory=lambda: TrainSection(epochs=2.0))  # each iteration's update
-    dpo: DPOSection = field(default_factory=DPOSection)  # dpo.reference is set by `reference` below
-    reference: Literal["initial", "previous"] = "initial"  # DPO anchor of iteration k: pi_0 or pi_{k-1}
-    mode: Literal["dpo", "rsft"] = "dpo"  # rsft = SFT on best-of-n (set optim.lr ~1e-5 for it)
-    iterations: int = 3  # T
-    prompts_per_iteration: int = 64  # size of each fresh prompt slice
-    scorer: str = "task:sentiment"  # rm:DIR | task:NAME | module:function | pm:DIR | judge:MODEL | annotator:TASK
-    scorer_batch_size: int = 16  # rows per reward-model / judge forward
-    length_penalty: float = 0.0  # lambda: rank by score - lambda * len(response in characters)
-    tie_tolerance: float = 0.0  # best - worst <= this counts as a tie (pair dropped)
-    max_length: int = 512  # tokens of prompt + response in the iteration's training data
+    """Each iteration's optimizer and schedule."""
+    train: TrainSection = field(default_factory=lambda: TrainSection(epochs=2.0))
+    """Each iteration's DPO run (epochs, batch sizes, checkpoints). eval_every, select_best and
+    early_stopping_patience count iterations and apply to the held-out evaluation on prompts.eval."""
+    dpo: DPOSection = field(default_factory=DPOSection)
+    """The DPO objective (dpo.reference is set by `reference`)."""
+    reference: Literal["initial", "previous"] = "initial"
+    """DPO anchor of iteration k: pi_0 (initial) or pi_(k-1) (previous)."""
+    mode: Literal["dpo", "rsft"] = "dpo"
+    """dpo, or rsft: SFT on the selected best responses (rejection-sampling fine-tuning; lr ~1e-5)."""
+    iterations: int = 3
+    """T: the number of iterations."""
+    prompts_per_iteration: int = 64
+    """Size of each iteration's fresh prompt slice."""
+    scorer: str = "task:sentiment"
+    """Who ranks the samples: rm:DIR, task:NAME, module:function (pointwise) or pm:DIR, judge:MODEL,
+    annotator:TASK (pairwise, compared round-robin)."""
+    scorer_batch_size: int = 16
+    """Rows per reward-model / judge forward."""
+    gold: str = ""
+    """A gold judge for the held-out evaluations (task:NAME or module:function): eval/gold_mean."""
+    length_penalty: float = 0.0
+    """lambda: rank by score - lambda * len(response in characters)."""
+    tie_tolerance: float = 0.0
+    """best - worst <= this counts as a tie (the pair is dropped)."""
+    max_length: int = 512
+    """Tokens of prompt + response in each iteration's training data."""
 
     def validate(self, where: str) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
@@ -141,16 +170,12 @@ class Scorer:
     """One interface over pointwise rewards and pairwise judges: ``score(items, responses, n)``."""
 
     def __init__(self, spec: str, tokenizer, device, batch_size: int, seed: int = 0):
-        from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
-
         self.spec = spec
         self.pairwise = is_pairwise_spec(spec)
         if self.pairwise:
             self.judge = build_pairwise_judge(spec, tokenizer=tokenizer, device=device, batch_size=batch_size,
                                               seed=seed)
         else:
-            from rlhfkit.judges.rewards import build_reward_fn
-
             self.reward_fn = build_reward_fn(spec, tokenizer=tokenizer, device=device, batch_size=batch_size)
 
     def score(self, rows: list, responses: list[str], n: int) -> tuple[list[float], dict]:
@@ -166,74 +191,115 @@ class Scorer:
 
 # --------------------------------------------------------------------------- the loop
 
-def train_online_dpo(cfg: OnlineDPOConfig) -> dict:
-    """Run T iterations; returns the summary written to ``online_dpo_results.json``."""
-    from rlhfkit.models import load_tokenizer
+def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> dict:
+    """Run T iterations; returns the summary written to ``online_dpo_results.json``.
 
-    rt = Runtime(cfg.train.seed)  # the ranks share out sampling; each iteration's DPO makes its own (train.fsdp)
-    rt.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
-    out = prepare_run_dir(cfg, "online_dpo", rt.is_main)
+    The iterations are the steps of `training.fit`: a checkpoint after each (the current model and
+    the label count; the models themselves live in ``iter-K/model``), held-out evaluations every
+    ``train.eval_every`` iterations, and with ``train.select_best`` the best iteration's model is the
+    final one (``output_dir/model``)."""
+    strategy = strategy or make_strategy(cfg.train, cfg.model)
+    strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
     tokenizer = load_tokenizer(cfg.model.name)
-    items, dropped = load_prompt_items(cfg.prompts, tokenizer)
-    random.Random(cfg.train.seed).shuffle(items)  # each slice a random sample (files are often sorted)
-    need = cfg.iterations * cfg.prompts_per_iteration
-    if len(items) < need:
-        raise ValueError(f"{cfg.prompts.train}: {len(items)} prompts, but {cfg.iterations} iterations x "
-                         f"{cfg.prompts_per_iteration} fresh prompts need {need}")
-    scorer = Scorer(cfg.scorer, tokenizer, rt.device, cfg.scorer_batch_size, cfg.train.seed) if rt.is_main else None
-    if rt.is_main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # rebuilt from the iterations' summaries on resume
-    logger = RunLogger(out, cfg.iterations, enabled=rt.is_main, progress=False, desc="online-dpo")
+    items, dropped, eval_items = _prompts(cfg, tokenizer)
+    run = open_run(cfg, "online_dpo", strategy)
+    # the outer loop: one step per iteration, a checkpoint after each
+    run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,
+                                    log_every=1, progress=False)
+    scorer = Scorer(cfg.scorer, tokenizer, strategy.device, cfg.scorer_batch_size, cfg.train.seed) \
+        if strategy.is_main else None
+    state = {"current": cfg.model.name, "labels": 0, "history": []}
 
-    current, history, labels = cfg.model.name, [], 0
-    for k in range(1, cfg.iterations + 1):
-        it_dir = out / f"iter-{k}"
+    def iteration(step: int) -> dict:
+        k = step + 1
+        it_dir = run.out / f"iter-{k}"
         done = it_dir / "iteration.json"
         if done.is_file():  # finished before a restart
             summary = json.loads(done.read_text())
         else:
             chunk = items[(k - 1) * cfg.prompts_per_iteration:k * cfg.prompts_per_iteration]
-            summary = run_iteration(cfg, k, current, chunk, scorer, tokenizer, it_dir, rt)
-            if rt.is_main:
+            summary = run_iteration(cfg, k, state["current"], chunk, scorer, tokenizer, it_dir, strategy)
+            if strategy.is_main:
                 write_json_atomic(done, summary)
-            rt.wait()
-        labels += summary["labels"]
-        summary["labels_cumulative"] = labels
-        history.append(summary)
-        logger.log(k, {key: v for key, v in summary.items() if isinstance(v, (int, float))})
-        logger.write(f"[online-{cfg.mode}] iteration {k}/{cfg.iterations}: {summary['pairs']} pairs "
-                     f"({summary['dropped_ties']} ties, {summary['dropped_identical']} identical dropped), "
-                     f"score {summary['score_mean']:.3f}, length {summary['length_chars_mean']:.0f} chars, "
-                     f"labels {labels}")
-        current = str(it_dir / "model")
-    logger.close()
-    results = {"mode": cfg.mode, "scorer": cfg.scorer, "labels_used": labels, "prompts_dropped_too_long": dropped,
-               "final_model": current, "iterations": history, "world_size": rt.world_size}
-    if rt.is_main:
-        _link_final(out, Path(current))
-        write_json_atomic(out / "online_dpo_results.json", results)
-    rt.wait()
+            strategy.wait()
+        state["labels"] += summary["labels"]
+        summary["labels_cumulative"] = state["labels"]
+        state["history"].append(summary)
+        state["current"] = str(it_dir / "model")
+        run.logger.write(f"[online-{cfg.mode}] iteration {k}/{cfg.iterations}: {summary['pairs']} pairs "
+                         f"({summary['dropped_ties']} ties, {summary['dropped_identical']} identical dropped), "
+                         f"score {summary['score_mean']:.3f}, length {summary['length_chars_mean']:.0f} chars, "
+                         f"labels {state['labels']}")
+        return {key: v for key, v in summary.items() if isinstance(v, (int, float))}
+
+    def evaluate() -> dict:
+        return evaluate_iteration(cfg, state["current"], eval_items, scorer, tokenizer, strategy)
+
+    result = fit(run, iteration, cfg.iterations, models={}, optimizers={},
+                 evaluate=evaluate if eval_items else None,
+                 state_fn=lambda: {"online": dict(state)}, load_state=lambda st: state.update(st["online"]))
+    final = state["current"]
+    if result.best and result.best["step"] != result.steps:
+        best = result.best["step"]
+        final = cfg.model.name if best == 0 else str(run.out / f"iter-{best}" / "model")
+    results = {"mode": cfg.mode, "scorer": cfg.scorer, "labels_used": state["labels"],
+               "prompts_dropped_too_long": dropped, "final_model": final, "iterations": state["history"],
+               "world_size": strategy.world_size, "best": result.best}
+    if strategy.is_main:
+        if final != cfg.model.name:
+            _link_final(run.out, Path(final))
+        write_json_atomic(run.out / "online_dpo_results.json", results)
+    strategy.wait()
     return results
 
 
+def _prompts(cfg: OnlineDPOConfig, tokenizer) -> tuple[list, int, list]:
+    """(training prompts in a seeded random order, number dropped for length, held-out prompts)."""
+    p = cfg.prompts
+    items, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit)
+    random.Random(cfg.train.seed).shuffle(items)  # each slice a random sample (files are often sorted)
+    need = cfg.iterations * cfg.prompts_per_iteration
+    if len(items) < need:
+        raise ValueError(f"{p.train}: {len(items)} prompts, but {cfg.iterations} iterations x "
+                         f"{cfg.prompts_per_iteration} fresh prompts need {need}")
+    eval_items = load_prompt_items(p.eval, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.eval_limit,
+                                   kind="prompts_eval")[0] if p.eval else []
+    return items, dropped, eval_items
+
+
+@torch.no_grad()
+def evaluate_iteration(cfg: OnlineDPOConfig, current: str, eval_items: list, scorer, tokenizer,
+                       strategy: Strategy) -> dict:
+    """Held-out metrics of the current policy (`trainers.pg_eval.heldout_metrics`): the scorer's mean
+    score when it is pointwise (eval/proxy_mean), the gold judge's (eval/gold_mean), the KL to pi_0."""
+    policy = load_causal_lm(current, cfg.model.dtype).to(strategy.device)
+    ref = load_causal_lm(cfg.model.name, cfg.model.dtype).to(strategy.device)
+    proxy = scorer.reward_fn if scorer is not None and not scorer.pairwise else None
+    if strategy.world_size > 1:
+        proxy = None  # the scorer lives on rank 0 only
+    gold = build_reward_fn(cfg.gold) if cfg.gold else None
+    return heldout_metrics(policy, ref, eval_items, cfg.rollout, tokenizer, strategy, proxy=proxy, gold=gold,
+                           seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size)
+
+
 def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, scorer: Scorer | None, tokenizer,
-                  it_dir: Path, rt: Runtime) -> dict:
+                  it_dir: Path, strategy: Strategy) -> dict:
     """Steps 1-4 of one iteration; returns its summary. On N processes every rank samples its
     share, rank 0 (the only one with a ``scorer``) scores and writes, all ranks train."""
     pairs_path = it_dir / ("pairs.jsonl" if cfg.mode == "dpo" else "best.jsonl")
     # Decided before anyone writes (rank 0 writes only after the collective gather in `sample`).
     if not pairs_path.is_file():  # not yet sampled (else: resume the training of step 4)
         # 1. Rollout from the current policy.
-        responses, stats = sample(cfg, k, current, items, tokenizer, rt)
-        if rt.is_main:
+        responses, stats = sample(cfg, k, current, items, tokenizer, strategy)
+        if strategy.is_main:
             _score_and_write(cfg, items, responses, stats, scorer, it_dir, pairs_path)
-        rt.wait()
+        strategy.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
         raise ValueError(f"iteration {k}: every pair was dropped (ties/identical); raise rollout.temperature or n")
 
     # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
-    result = train_step(cfg, current, pairs_path, it_dir)
+    result = train_step(cfg, current, pairs_path, it_dir, strategy)
     return {"iteration": k, **stats, **{f"train/{key}": v for key, v in result.items() if isinstance(v, (int, float))}}
 
 
@@ -246,7 +312,7 @@ def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], st
     # 2. Score. 3. Rank.
     scores, labels = scorer.score(rows, responses, n)
     ranked = length_penalised(scores, responses, cfg.length_penalty)
-    _write_jsonl(it_dir / "samples.jsonl", [
+    write_jsonl_atomic(it_dir / "samples.jsonl", [
         {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "group": i // n}
         for i, (r, a, s, rs) in enumerate(zip(rows, responses, scores, ranked))])
     pairs, counts = build_pairs(ranked, responses, n, cfg.tie_tolerance)
@@ -260,55 +326,45 @@ def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], st
                  dropped_identical=counts["identical"], dropped_empty=counts["empty"],
                  score_mean=sum(scores) / len(scores))
     write_json_atomic(it_dir / "sampling.json", stats)
-    _write_jsonl(pairs_path, records)
+    write_jsonl_atomic(pairs_path, records)
 
 
 def sample(cfg: OnlineDPOConfig, k: int, current: str, items: list, tokenizer,
-           rt: Runtime) -> tuple[list[str], dict]:
+           strategy: Strategy) -> tuple[list[str], dict]:
     """n responses per prompt from ``current``, every rank sampling its share of ``items`` from its
     own stream; returns (all decoded responses in the order of ``items``, response statistics)."""
-    from rlhfkit.models import load_causal_lm
-
     set_seed(cfg.train.seed * 1000 + k)  # a different, reproducible sample stream per iteration
-    policy = load_causal_lm(current, cfg.model.dtype).to(rt.device)
-    mine = rt.shard(items)
-    seed = None if rt.world_size == 1 else rank_stream_seed(cfg.train.seed, k, rt.rank)
+    policy = load_causal_lm(current, cfg.model.dtype).to(strategy.device)
+    mine = strategy.shard(items)
+    seed = None if strategy.world_size == 1 else rank_stream_seed(cfg.train.seed, k, strategy.rank)
     exp = rollout(policy, mine, cfg.rollout, tokenizer, seed=seed)
     del policy
     n = cfg.rollout.n
     local = decode_responses(exp, tokenizer)
-    groups = rt.unshard([local[i * n:(i + 1) * n] for i in range(len(mine))])  # back in the order of items
+    groups = strategy.unshard([local[i * n:(i + 1) * n] for i in range(len(mine))])  # back in the order of items
     responses = [r for g in groups for r in g]
-    stats = {k_: float(v) for k_, v in response_metrics(exp, local, rt).items()}
+    stats = {k_: float(v) for k_, v in response_metrics(exp, local, strategy).items()}
     stats["length_chars_mean"] = sum(len(r) for r in responses) / len(responses)
     return responses, stats
 
 
-def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path) -> dict:
+def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path, strategy: Strategy) -> dict:
     """DPO (or SFT for rsft) on one iteration's data, in ``it_dir``; resumes its own checkpoints."""
     data = DataSection(train=str(data_path), eval_fraction=0.0, max_length=cfg.max_length, truncation="right")
     model = dataclasses.replace(cfg.model, name=current)
-    train = dataclasses.replace(cfg.train, output_dir=str(it_dir), resume=True)
+    train = dataclasses.replace(cfg.train, output_dir=str(it_dir), resume=True, eval_every=0, select_best="",
+                                early_stopping_patience=0)
     if cfg.mode == "dpo":
         anchor = cfg.model.name if cfg.reference == "initial" else current  # pi_0 or pi_{k-1}
         dpo = dataclasses.replace(cfg.dpo, reference=anchor)
-        metrics = train_dpo(DPOConfig(model=model, data=data, optim=cfg.optim, train=train, dpo=dpo))
+        metrics = train_dpo(DPOConfig(model=model, data=data, optim=cfg.optim, train=train, dpo=dpo), strategy)
     else:
-        from rlhfkit.config import SFTConfig
-        from rlhfkit.trainers.sft import train_sft
-
-        metrics = train_sft(SFTConfig(model=model, data=data, optim=cfg.optim, train=train))
+        metrics = train_sft(SFTConfig(model=model, data=data, optim=cfg.optim, train=train), strategy)
     return {k.removeprefix("train/"): float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
 def _link_final(out: Path, model_dir: Path) -> None:
-    """``out/model`` -> the last iteration's model (a relative symlink: the run dir stays movable)."""
+    """``out/model`` -> the final iteration's model (a relative symlink: the run dir stays movable)."""
     link = out / "model"
     if link.is_symlink() or link.is_file():
         link.unlink()

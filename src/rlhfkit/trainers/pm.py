@@ -17,84 +17,80 @@ On N processes step 2 is distributed like any `rlhfkit sft` run (DDP, or FSDP2 w
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rlhfkit.config import DataSection, ModelSection, OptimSection, SFTConfig, TrainSection
-from rlhfkit.trainers.common import Runtime, prepare_run_dir, write_json_atomic
-from rlhfkit.trainers.sources import resolve_source, split_eval
+from rlhfkit.data import load_preference
+from rlhfkit.data.sources import resolve_source, split_eval
+from rlhfkit.eval.preference_sets import judge_accuracy
+from rlhfkit.io import write_json_atomic, write_jsonl_atomic
+from rlhfkit.judges.preference import build_pairwise_judge, pm_training_records
+from rlhfkit.models import load_tokenizer
+from rlhfkit.parallel import Strategy, make_strategy
+from rlhfkit.trainers.sft import train_sft
+from rlhfkit.training import open_run
 
 
 @dataclass
 class PMConfig:
+    """`rlhfkit pm`: a pairwise preference model (the LM answers "A" or "B")."""
+
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)  # preference pairs, as for `rlhfkit rm`
+    """The model to fine-tune as the judge (usually the SFT model)."""
+    data: DataSection = field(default_factory=DataSection)
+    """Preference pairs, as for `rlhfkit rm`."""
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
+    """Optimizer and schedule."""
     train: TrainSection = field(default_factory=TrainSection)
-    eval_batch_size: int = 8  # judge prompts per forward at evaluation
-    eval_untrained: bool = True  # also report the untrained model as LLM-as-judge on the same pairs
+    """Run length, batch sizes, evaluation, checkpoints of the SFT on the A/B conversations."""
+    eval_batch_size: int = 8
+    """Judge prompts per forward at evaluation."""
+    eval_untrained: bool = True
+    """Also report the untrained model as LLM-as-judge on the same held-out pairs."""
 
 
-def _pm_data(cfg: PMConfig, out: Path, write: bool = True) -> tuple[Path, Path, list]:
-    """Write (when ``write``) the A/B conversations for train and eval; returns (train path, eval
-    path, eval pairs)."""
-    from rlhfkit.data import load_preference
-    from rlhfkit.judges.preference import pm_training_records
-
+def _pm_pairs(cfg: PMConfig) -> tuple[list, list]:
+    """The training and held-out preference pairs (validated)."""
     train = load_preference(resolve_source(cfg.data.train, "preference"))
     if cfg.data.limit:
         train = train[:cfg.data.limit]
     if cfg.data.eval:
-        evals = load_preference(resolve_source(cfg.data.eval, "preference"))
-    else:
-        train, evals = split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
-    paths = []
-    for name, exs, seed in (("train", train, cfg.train.seed), ("eval", evals, cfg.train.seed + 1)):
-        p = out / "pm_data" / f"{name}.jsonl"
-        if write:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text("".join(json.dumps(r) + "\n" for r in pm_training_records(exs, seed)))
-        paths.append(p)
-    return paths[0], paths[1], evals
+        return train, load_preference(resolve_source(cfg.data.eval, "preference"))
+    return split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
 
 
-def train_pm(cfg: PMConfig) -> dict:
+def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     """Train the preference model; returns the held-out results (also in ``pm_results.json``)."""
-    from rlhfkit.trainers.sft import train_sft
-
-    rt = Runtime(cfg.train.seed)
-    out = prepare_run_dir(cfg, "pm", rt.is_main)
+    strategy = strategy or make_strategy(cfg.train, cfg.model)
+    train_pairs, eval_pairs = _pm_pairs(cfg)
+    out = open_run(cfg, "pm", strategy).out
     # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).
-    train_path, eval_path, eval_pairs = _pm_data(cfg, out, write=rt.is_main)
-    rt.wait()
-    data = dataclasses.replace(cfg.data, train=str(train_path), eval=str(eval_path) if eval_pairs else "",
+    paths = {name: out / "pm_data" / f"{name}.jsonl" for name in ("train", "eval")}
+    if strategy.is_main:
+        write_jsonl_atomic(paths["train"], pm_training_records(train_pairs, cfg.train.seed))
+        write_jsonl_atomic(paths["eval"], pm_training_records(eval_pairs, cfg.train.seed + 1))
+    strategy.wait()
+    data = dataclasses.replace(cfg.data, train=str(paths["train"]), eval=str(paths["eval"]) if eval_pairs else "",
                                limit=0)
     # 2. Next-token training on the answer letter: plain SFT.
-    train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train))
+    train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train), strategy)
     results = {"pairs": {"eval": len(eval_pairs)}}
-    if not rt.is_main:
-        rt.wait()
-        return results
-    # 3. Held-out accuracy, both orders.
-    if eval_pairs:
-        results["pm"] = _judge_eval(f"pm:{out}", eval_pairs, cfg)
-        if cfg.eval_untrained:
-            results["llm_judge"] = _judge_eval(f"judge:{cfg.model.name}", eval_pairs, cfg)
-    write_json_atomic(out / "pm_results.json", results)
-    for name in ("pm", "llm_judge"):
-        if name in results:
-            r = results[name]
-            print(f"[pm] {name}: held-out accuracy {r['accuracy']:.3f} (both orders), "
-                  f"{r['accuracy_single_order']:.3f} (one order), position bias {r['position_bias']:+.3f}")
-    rt.wait()
+    if strategy.is_main:
+        # 3. Held-out accuracy, both orders.
+        if eval_pairs:
+            results["pm"] = _judge_eval(f"pm:{out}", eval_pairs, cfg)
+            if cfg.eval_untrained:
+                results["llm_judge"] = _judge_eval(f"judge:{cfg.model.name}", eval_pairs, cfg)
+        write_json_atomic(out / "pm_results.json", results)
+        for name in ("pm", "llm_judge"):
+            if name in results:
+                r = results[name]
+                print(f"[pm] {name}: held-out accuracy {r['accuracy']:.3f} (both orders), "
+                      f"{r['accuracy_single_order']:.3f} (one order), position bias {r['position_bias']:+.3f}")
+    strategy.wait()
     return results
 
 
 def _judge_eval(spec: str, pairs: list, cfg: PMConfig) -> dict:
-    from rlhfkit.eval.preference_sets import judge_accuracy
-    from rlhfkit.judges.preference import build_pairwise_judge
-    from rlhfkit.models import load_tokenizer
-
     judge = build_pairwise_judge(spec, tokenizer=load_tokenizer(cfg.model.name), batch_size=cfg.eval_batch_size)
     return judge_accuracy(judge, pairs)

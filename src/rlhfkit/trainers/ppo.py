@@ -1,9 +1,11 @@
-"""PPO with four models: actor, reference, reward and critic (SPEC section 4).
+"""PPO with four models: actor, reference, reward and critic (docs/concepts.md, "PPO").
 
     rlhfkit ppo --config configs/ppo.yaml reward.spec=rm:runs/demo/rm/model
 
-One iteration = 1 rollout, 2 score, 3 per-token rewards, 4 GAE advantages, 5 PPO update;
-the pieces shared with GRPO/RLOO live in `trainers.policy_gradient`.
+One iteration = 1 rollout, 2 score, 3 per-token rewards, 4 GAE advantages, 5 PPO update. Two rules
+keep the first PPO ratio exactly 1: logp_old is recomputed after the rollout with the same forward
+the update uses (`trainers.pg_score`), and the experience keeps one padded width (P prompt + R
+response columns) from scoring to update, so every row is computed on identical inputs both times.
 """
 
 from __future__ import annotations
@@ -17,24 +19,29 @@ from rlhfkit.algos import (
     AdaptiveKLController, FixedKLController, explained_variance, gae_advantages, kl_penalized_rewards,
     masked_sum, masked_whiten,
 )
-from rlhfkit.config import ConfigError, ModelSection, OptimSection
+from rlhfkit.config import ConfigError, OptimSection
+from rlhfkit.judges.rewards import find_rm_dir
 from rlhfkit.models import load_scalar_model
-from rlhfkit.models.loading import to_device
 from rlhfkit.models.heads import backbone_and_head
+from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, share_frozen_base
-from rlhfkit.trainers.common import RunLogger, StepGuard
-from rlhfkit.trainers.pg_update import (
-    FirstForward, build_opt, fusable, load_ptx, policy_logprobs, policy_update, response_values,
+from rlhfkit.parallel import Strategy, make_strategy
+from rlhfkit.rollout import rank_stream_seed, rollout
+from rlhfkit.trainers.pg_eval import evaluate_policy
+from rlhfkit.trainers.pg_score import (
+    log_samples, policy_logprobs, response_values, score_experience, score_values, sequence_kl,
 )
-from rlhfkit.trainers.policy_gradient import (
-    PolicyTrainSection, PromptsSection, PTXSection, RewardSection, RolloutSection, log_samples,
-    optimizer_steps_per_iteration, prompt_batch, rollout, sampling_seed, save_final, score_experience,
-    score_values, sequence_kl, setup_run, shard_trained, Stopwatch, train_loop,
+from rlhfkit.trainers.pg_setup import (
+    PolicyGradientConfig, PolicyRun, Stopwatch, Trained, load_ptx, prepare_trained, prompt_batch, setup_run,
 )
+from rlhfkit.trainers.pg_update import FirstForward, fusable, policy_update
+from rlhfkit.training import finish, fit
 
 
 @dataclass
 class KLSection:
+    """The KL penalty in the per-token reward (step 3)."""
+
     coef: float = 0.05
     """beta: the fixed KL coefficient, or the adaptive controller's starting value."""
     kind: Literal["k1", "k2", "k3", "abs"] = "k1"
@@ -50,40 +57,22 @@ class KLSection:
 
 
 @dataclass
-class PPOConfig:
-    """PPO hyperparameters. A "step" is one iteration: train.batch_size prompts x rollout.n samples are
+class PPOConfig(PolicyGradientConfig):
+    """`rlhfkit ppo`. A step is one iteration: train.batch_size prompts x rollout.n samples are
     generated, scored, and learned from for ppo_epochs passes of mini_batch_size-row minibatches
     (train.micro_batch_size rows per forward/backward)."""
 
-    model: ModelSection = field(default_factory=ModelSection)
-    """The policy: initialises the actor and the frozen reference (with LoRA: base = reference)."""
-    prompts: PromptsSection = field(default_factory=PromptsSection)
-    """Where rollout prompts come from."""
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    """Sampling settings of step 1."""
-    reward: RewardSection = field(default_factory=RewardSection)
-    """The sequence score of step 2 (usually rm:DIR), clipping and the missing-EOS score."""
     kl: KLSection = field(default_factory=KLSection)
     """KL penalty in the per-token reward (step 3)."""
-    ptx: PTXSection = field(default_factory=PTXSection)
-    """Optional PTX loss on SFT data (the alignment-tax guard)."""
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, schedule="constant", warmup_ratio=0.0))
-    """The actor's optimizer (AdamW) and gradient clipping."""
     critic_optim: OptimSection = field(
         default_factory=lambda: OptimSection(lr=1e-5, schedule="constant", warmup_ratio=0.0))
     """The critic's own optimizer: critics usually want a larger learning rate than the actor."""
-    train: PolicyTrainSection = field(default_factory=PolicyTrainSection)
-    """Run length (max_steps iterations, or epochs over the prompts), batch sizes, checkpoints."""
     critic_init: Literal["reward", "policy"] = "reward"
     """Initialise the critic from the reward model (needs reward.spec=rm:DIR) or from the policy backbone."""
     critic_model: str = ""
     """Explicit critic initialisation (a model dir); overrides critic_init when set."""
     ppo_epochs: int = 4
     """Passes over each batch of experience."""
-    mini_batch_size: int = 16
-    """Rows (responses) per optimizer step of the update."""
-    clip_eps: float = 0.2
-    """PPO ratio clip epsilon."""
     vf_coef: float = 0.1
     """Weight c_v of the value loss in the total loss."""
     value_clip_eps: Optional[float] = 0.2
@@ -93,9 +82,7 @@ class PPOConfig:
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Whiten advantages over the batch's valid tokens (SPEC 4.4)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
-    """How token losses reduce to a scalar (agg_loss)."""
+    """Whiten advantages over the batch's valid tokens (every rank's)."""
     fuse_scoring: bool = True
     """When a rank's whole batch is one minibatch and one micro-batch (mini_batch_size and
     train.micro_batch_size >= its rows: TRL's defaults), the first update step's actor and critic
@@ -104,14 +91,7 @@ class PPOConfig:
     reference and reward model score. Models with active dropout are never fused."""
 
     def validate(self, where: str) -> None:
-        if self.rollout.temperature <= 0:
-            raise ConfigError(f"{where}.rollout.temperature: training samples need temperature > 0")
-        if self.ppo_epochs < 1 or self.mini_batch_size < 1:
-            raise ConfigError(f"{where}: ppo_epochs and mini_batch_size must be >= 1")
-        rows = self.train.batch_size * self.rollout.n
-        if rows % self.mini_batch_size:
-            raise ConfigError(f"{where}.mini_batch_size: {self.mini_batch_size} must divide train.batch_size x "
-                              f"rollout.n = {rows} rows")
+        super().validate(where)
         if self.critic_init == "reward" and not self.critic_model and not self.reward.spec.startswith("rm:"):
             raise ConfigError(f"{where}.critic_init: 'reward' needs reward.spec=rm:DIR (or set critic_model, "
                               "or critic_init: policy)")
@@ -124,8 +104,6 @@ def load_critic(cfg: PPOConfig, tokenizer, device, actor=None):
     With LoRA and a critic started from the policy, the critic's frozen backbone *is* the LoRA
     actor's frozen base (the same tensors, `share_frozen_base`): actor, reference and critic then
     hold one copy of the base weights, and the critic owns only its adapters and head."""
-    from rlhfkit.judges.rewards import find_rm_dir
-
     if cfg.critic_model:
         src = cfg.critic_model
     elif cfg.critic_init == "reward":
@@ -156,13 +134,14 @@ def kl_controller(kl: KLSection):
     return FixedKLController(kl.coef)
 
 
-def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, ptx, logger: RunLogger) -> dict:
-    cfg, micro = run.cfg, run.cfg.train.micro_batch_size
-    items = prompt_batch(run, step)
+def ppo_iteration(pr: PolicyRun, step: int, actor: Trained, critic: Trained, kl_ctl, ptx) -> dict:
+    cfg, strategy, micro = pr.cfg, pr.strategy, pr.cfg.train.micro_batch_size
+    items = prompt_batch(pr, step)
     clock = Stopwatch()
 
     # 1. Rollout: n samples per prompt from the current policy (left-padded prompts, stop at EOS).
-    exp = rollout(run.actor, items, cfg.rollout, run.tokenizer, seed=sampling_seed(run, step))
+    seed = None if strategy.world_size == 1 else rank_stream_seed(cfg.train.seed, step, strategy.rank)
+    exp = rollout(actor.model, items, cfg.rollout, pr.tokenizer, seed=seed, strategy=strategy)
     clock.lap("rollout")
 
     # 2. Score: logp_old (actor, eval mode), logp_ref, V_old, sequence scores, without gradients.
@@ -170,14 +149,18 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
     #    first update step's actor and critic forwards run now, with their graphs, and give
     #    logp_old and V_old; the first minibatch then runs only its backward.
     first = policy = None
-    if cfg.fuse_scoring and fusable(len(exp), run.settings, run.actor, critic):
-        logp, ent = policy_logprobs(run.actor, exp, False, with_entropy=True)
-        values = response_values(critic, exp.input_ids(), exp.attention_mask(), exp.response_ids.shape[1])
+    if cfg.fuse_scoring and fusable(len(exp), pr.local_mini_batch(), micro, actor.model, critic.model):
+        with strategy.autocast():
+            logp, ent = policy_logprobs(actor.model, exp, cfg.share_prompt, with_entropy=True)
+            values = response_values(critic.model, exp.input_ids(), exp.attention_mask(), exp.response_ids.shape[1])
         first = FirstForward(logp, values)
         policy = {"logp": logp.detach(), "entropy": ent.detach()}
-    exp, metrics, responses = score_experience(exp, items, run.reward_fn, cfg.reward, run.actor, run.ref,
-                                               run.tokenizer, micro, run.rt, policy=policy)
-    exp.values = first.values.detach() if first is not None else score_values(critic, exp, micro)
+    exp, metrics, responses = score_experience(pr, exp, items, actor.model, policy=policy)
+    if first is not None:
+        exp.values = first.values.detach()
+    else:
+        with strategy.autocast():
+            exp.values = score_values(critic.model, exp, micro)
     metrics["score/fused"] = float(first is not None)
     mask = exp.response_mask
     clock.lap("score")
@@ -187,61 +170,61 @@ def ppo_iteration(run, step: int, critic, opts: dict, kl_ctl, guard: StepGuard, 
                                            kl_ctl.value, cfg.kl.kind)
     seq_kl = sequence_kl(exp, "k1")
 
-    # 4. Advantages by GAE, whitened over the batch's valid tokens (every rank's: reduce=rt.sum);
+    # 4. Advantages by GAE, whitened over the batch's valid tokens (every rank's: reduce=strategy.sum);
     #    returns are the value targets.
     adv, exp.returns = gae_advantages(exp.rewards, exp.values, mask, cfg.gamma, cfg.lam)
-    exp.advantages = masked_whiten(adv, mask, reduce=run.rt.sum) if cfg.whiten_advantages else adv
+    exp.advantages = masked_whiten(adv, mask, reduce=strategy.sum) if cfg.whiten_advantages else adv
 
     # 5. Update: ppo_epochs x minibatches, clipped policy + value losses (+ PTX), two optimizers.
-    upd = policy_update(exp, run.actor, opts["actor"], run.settings, run.rt, guard, critic=critic,
-                        critic_opt=opts["critic"], ptx=ptx, opt_step=step * optimizer_steps_per_iteration(run),
-                        first=first)
+    metrics.update(policy_update(cfg, strategy, pr.run.guard, exp, actor, critic, ptx=ptx,
+                                 opt_step=step * pr.optimizer_steps_per_iteration(), first=first))
     clock.lap("update")
-    metrics.update(upd)
+    metrics.update(kl_and_value_metrics(exp, seq_kl, kl, kl_ctl, strategy))
+    kl_ctl.update(float(metrics["objective/kl_penalty"]), n_steps=cfg.train.batch_size * cfg.rollout.n)  # same beta everywhere
+    if strategy.is_main:
+        log_samples(pr, step + 1, exp, items, responses)
+    clock.lap("other")
     metrics.update(clock.times)
-    metrics["time/gen_tokens_per_s"] = float(run.rt.sum(mask.sum().float())) / max(clock.times["time/rollout"], 1e-9)
-    per_row = run.rt.gather(torch.stack([seq_kl, kl.sum(-1)], dim=1))  # (N, 2) over every rank's rows
-    values = run.rt.sum(torch.stack([masked_sum(exp.values, mask), mask.sum().float()]))
-    metrics.update({
-        "objective/kl": per_row[:, 0].mean(), "objective/kl_penalty": per_row[:, 1].mean(),
-        "objective/kl_coef": kl_ctl.value,
-        "objective/non_score_reward": -kl_ctl.value * per_row[:, 1].mean(),
-        "value/explained_variance": explained_variance(exp.values, exp.returns, mask, reduce=run.rt.sum),
-        "value/mean": values[0] / values[1].clamp(min=1),
-    })
-    kl_ctl.update(float(per_row[:, 1].mean()), n_steps=run.rows_per_step)  # the same beta on every rank
-    log_samples(run, logger, step + 1, exp, items, responses)
+    metrics["time/gen_tokens_per_s"] = float(strategy.sum(mask.sum().float())) / max(clock.times["time/rollout"], 1e-9)
     return metrics
+
+
+def kl_and_value_metrics(exp, seq_kl, kl, kl_ctl, strategy) -> dict:
+    """The KL (k1 summed per response), the penalty actually applied, and the critic's fit, over
+    every rank's rows."""
+    mask = exp.response_mask
+    per_row = strategy.gather(torch.stack([seq_kl, kl.sum(-1)], dim=1))  # (N, 2)
+    values = strategy.sum(torch.stack([masked_sum(exp.values, mask), mask.sum().float()]))
+    penalty = per_row[:, 1].mean()
+    return {"objective/kl": per_row[:, 0].mean(), "objective/kl_penalty": penalty,
+            "objective/kl_coef": kl_ctl.value, "objective/non_score_reward": -kl_ctl.value * penalty,
+            "value/explained_variance": explained_variance(exp.values, exp.returns, mask, reduce=strategy.sum),
+            "value/mean": values[0] / values[1].clamp(min=1)}
 
 
 SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_mean", "policy/ratio_first")
 
 
-def train_ppo(cfg: PPOConfig) -> dict:
+def train_ppo(cfg: PPOConfig, strategy: Strategy | None = None) -> dict:
     """Run PPO; the actor lands in output_dir/model, the critic in output_dir/critic."""
-    run = setup_run(cfg, "ppo", epochs=cfg.ppo_epochs, mini_batch_size=cfg.mini_batch_size,
-                    clip_eps=cfg.clip_eps, agg=cfg.loss_agg, vf_coef=cfg.vf_coef, value_clip_eps=cfg.value_clip_eps,
-                    critic_max_grad_norm=cfg.critic_optim.max_grad_norm)
-    with run.rt.loading_shards():  # FSDP: rank 0 reads the weights, the others get their shards from it
-        critic = load_critic(cfg, run.tokenizer, run.rt.device, actor=run.actor)
-    run.rt.broadcast_params(critic)
-    n_opt = run.total_steps * optimizer_steps_per_iteration(run)
-    opts = {"actor": build_opt(run.actor, cfg.optim, n_opt), "critic": build_opt(critic, cfg.critic_optim, n_opt)}
-    # train.fsdp: both trained models sharded (the results' layout describes the actor, sharded last)
-    critic = shard_trained(run, critic, opts["critic"])
-    run.actor = shard_trained(run, run.actor, opts["actor"])
-    ptx = load_ptx(cfg.ptx, run.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
+    strategy = strategy or make_strategy(cfg.train, cfg.model)
+    pr = setup_run(cfg, "ppo", strategy)
+    with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
+        critic_model = load_critic(cfg, pr.tokenizer, strategy.device, actor=pr.actor)
+    # both trained models prepared (sharded, engines); the layout describes the actor, prepared last
+    critic = prepare_trained(pr, critic_model, cfg.critic_optim)
+    actor = prepare_trained(pr, pr.actor, cfg.optim)
+    pr.actor = actor.model
+    ptx = load_ptx(cfg.ptx, pr.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
     kl_ctl = kl_controller(cfg.kl)
 
-    optimizers = {"actor": opts["actor"]["optimizer"], "actor_scheduler": opts["actor"]["scheduler"],
-                  "critic": opts["critic"]["optimizer"], "critic_scheduler": opts["critic"]["scheduler"]}
-
-    def iterate(step, guard, logger):
-        return ppo_iteration(run, step, critic, opts, kl_ctl, guard, ptx, logger)
-
-    metrics = train_loop(run, iterate, {"actor": run.actor, "critic": critic}, optimizers,
-                         state_fn=lambda: {"kl_controller": kl_ctl.state_dict()},
-                         load_state=lambda st: kl_ctl.load_state_dict(st["kl_controller"]), show=SHOW)
-    save_final(run, {"model": run.actor, "critic": critic},
-               {**metrics, "steps": run.total_steps, "kl_coef_final": kl_ctl.value})
-    return metrics
+    result = fit(pr.run, lambda step: ppo_iteration(pr, step, actor, critic, kl_ctl, ptx), pr.total,
+                 models={"actor": actor.model, "critic": critic.model},
+                 optimizers={"actor": actor.optimizer, "actor_scheduler": actor.scheduler,
+                             "critic": critic.optimizer, "critic_scheduler": critic.scheduler},
+                 evaluate=(lambda: evaluate_policy(pr, actor.model)) if pr.eval_prompts else None,
+                 state_fn=lambda: {"kl_controller": kl_ctl.state_dict()},
+                 load_state=lambda st: kl_ctl.load_state_dict(st["kl_controller"]), show=SHOW)
+    finish(pr.run, {"model": actor.model, "critic": critic.model}, pr.tokenizer,
+           {**result.metrics, "steps": result.steps, "kl_coef_final": kl_ctl.value}, best=result.best)
+    return result.metrics

@@ -1,5 +1,4 @@
-"""DeepSpeed ZeRO stages 1 and 2 for the trainers that go through `Runtime.prepare` (SFT, RM,
-DPO, and so pm and online DPO's iterations): ``train.zero_stage: 1|2`` on N processes.
+"""DeepSpeed ZeRO stages 1 and 2 for every trainer: ``train.zero_stage: 1|2`` on N processes.
 
 Stage 1 partitions the AdamW state over the ranks, stage 2 also the gradients; the weights stay
 whole on every rank, so forwards, evaluation and the final save are unchanged. rlhfkit calls
@@ -8,8 +7,7 @@ on GPU-like devices (docs/distributed.md), and the direct call is the same on gl
 
 How the trainers' loop maps onto the engine:
 - the micro-batch losses are already divided by the global count, so ``engine.backward(loss,
-  scale_wrt_gas=False)``; the accumulation boundary is the last micro-batch, which the trainers
-  already mark with `Runtime.no_sync` (as accelerate's DeepSpeed wrapper does);
+  scale_wrt_gas=False)``; the accumulation boundary is the backward the trainers mark ``sync``;
 - ``engine.step()`` clips to ``optim.max_grad_norm`` (DeepSpeed's ``gradient_clipping``) and steps
   the trainers' own AdamW on the flat partitions; a step whose gradient norm is not finite is
   skipped by DeepSpeed, and `StepGuard` counts it;
@@ -27,6 +25,10 @@ import sys
 from typing import Any
 
 import torch
+
+from rlhfkit.config import ConfigError
+from rlhfkit.parallel.ddp import DataParallel
+from rlhfkit.parallel.optim_state import by_name, index_keyed
 
 
 def is_engine(model) -> bool:
@@ -47,8 +49,6 @@ def require_deepspeed() -> None:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        from rlhfkit.config import ConfigError
-
         raise ConfigError("train.zero_stage: DeepSpeed is not installed (pip install 'rlhfkit[deepspeed]')") from None
 
 
@@ -64,7 +64,7 @@ def initialize(model, optimizer, stage: int, micro_batch_size: int, world_size: 
     params = {n: p for n, p in model.named_parameters()}
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,  # the boundary is set per micro-batch (Runtime.no_sync)
+        "gradient_accumulation_steps": 1,  # the boundary is the backward marked sync (Zero.backward)
         "train_batch_size": micro_batch_size * world_size,
         "gradient_clipping": float(max_grad_norm or 0.0),
         # buckets of 5e7 elements (200 MB in fp32) instead of DeepSpeed's 5e8 (2 GB), which on a
@@ -135,8 +135,6 @@ def load_optimizer_state(zopt, saved: dict[str, Any]) -> None:
     the ZeRO partitions; hyperparameters of the groups too."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    from rlhfkit.trainers.fsdp import by_name, index_keyed
-
     names = [n for group in zopt.rlhfkit_names for n in group]
     if index_keyed(saved):
         saved = by_name(saved, names)
@@ -176,12 +174,62 @@ def weights_changed(params) -> None:
         from_ds(p, p.detach().float())
 
 
-@contextlib.contextmanager
-def boundary(rt, sync: bool):
-    """`Runtime.no_sync` under ZeRO: the backward inside reduces gradients only when ``sync``."""
-    before = rt._zero_boundary
-    rt._zero_boundary = sync
-    try:
+class Zero(DataParallel):
+    """``train.zero_stage: 1|2`` on N processes: each trained model becomes a DeepSpeed engine.
+
+    The weights stay whole on every rank (forwards, generation and saving use them as they are);
+    the engine partitions the optimizer state (stage 1) and the gradients (stage 2), reduces the
+    gradients at the backward marked ``sync``, clips and steps. A trainer with several trained
+    models (PPO's actor and critic) gets one engine each; their losses are backpropagated
+    separately (`training.accumulate`), since two engines cannot share one backward.
+    """
+
+    def __init__(self, stage: int, precision: str = "fp32"):
+        require_deepspeed()
+        self.stage = stage
+        self.name = f"zero{stage}"
+        super().__init__(precision)
+
+    def prepare(self, model, optimizer, *, micro_batch_size: int = 1, max_grad_norm: float = 0.0):
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        engine, zopt = initialize(model, optimizer, self.stage, micro_batch_size, self.world_size, max_grad_norm)
+        self.layout.update({"param_elements": total, "param_elements_on_rank": total,
+                            "optimizer_elements_on_rank": sum(p.numel() for g in zopt.optimizer.param_groups
+                                                              for p in g["params"]),
+                            "optimizer_elements": trainable})
+        return engine, zopt
+
+    def backward(self, loss, model, sync: bool = True) -> None:
+        if is_engine(model):
+            backward(model, loss, sync)
+        else:
+            super().backward(loss, model, sync)
+
+    def step(self, model, optimizer, scheduler, max_grad_norm, loss_value, guard):
+        if is_engine(model):  # DeepSpeed clips and steps (and skips a non-finite step itself)
+            return step(model, scheduler, loss_value, guard)
+        return super().step(model, optimizer, scheduler, max_grad_norm, loss_value, guard)
+
+    def unwrap(self, model):
+        return model.module if is_engine(model) else model
+
+    def optimizer_state(self, model, optimizer) -> dict:
+        if is_zero_optimizer(optimizer):
+            return full_optimizer_state(optimizer)
+        return super().optimizer_state(model, optimizer)
+
+    def load_optimizer_state(self, model, optimizer, saved: dict) -> None:
+        if is_zero_optimizer(optimizer):
+            load_optimizer_state(optimizer, saved)
+        else:
+            super().load_optimizer_state(model, optimizer, saved)
+
+    def load_weights(self, model, directory) -> None:
+        super().load_weights(model, directory)
+        weights_changed(self.unwrap(model).parameters())  # into ZeRO's fp32 master copy too
+
+    @contextlib.contextmanager
+    def writing_weights(self, model):
         yield
-    finally:
-        rt._zero_boundary = before
+        weights_changed(self.unwrap(model).parameters())  # into ZeRO's fp32 master copy too

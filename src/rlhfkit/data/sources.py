@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 TASK_FILES = {"sft": "sft.jsonl", "preference": "preference.jsonl", "prompts": "prompts_train.jsonl",
@@ -33,8 +34,6 @@ def resolve_source(spec: str, kind: str) -> str:
 
 def split_eval(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     """Deterministically hold out ``eval_fraction`` of ``examples`` (at least one when > 0)."""
-    import random
-
     if eval_fraction <= 0 or len(examples) < 2:
         return examples, []
     idx = list(range(len(examples)))

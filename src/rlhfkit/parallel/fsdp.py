@@ -29,11 +29,21 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from peft import get_peft_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from rlhfkit.models.loading import is_structure_only, structure_only
+from rlhfkit.models.lora import is_peft
+from rlhfkit.models.weights import saved_weights
+from rlhfkit.parallel.base import Strategy
 
 
 def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -57,14 +67,8 @@ def shard_model(model, optimizer, device: torch.device):
     (`models.loading.structure_only`), which then gets its shards allocated (``to_empty``) and
     filled by a broadcast from rank 0 (``set_model_state_dict(..., broadcast_from_rank0=True)``),
     buffers too. Rank 0 holds its full weights until then; the others never do."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from rlhfkit.models.loading import is_structure_only
-
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    rank0 = torch.distributed.get_rank() == 0
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    rank0 = dist.get_rank() == 0
     empty = is_structure_only(model)
     if empty and rank0:
         raise RuntimeError("rank 0 must hold the weights that the other ranks' shards are filled from")
@@ -78,7 +82,7 @@ def shard_model(model, optimizer, device: torch.device):
     set_model_state_dict(model, full, options=_full_options(broadcast_from_rank0=True))
     del full
     for buf in model.buffers():  # constants outside the state dict too (rotary tables): rank 0's
-        torch.distributed.broadcast(buf.data, src=0)
+        dist.broadcast(buf.data, src=0)
     sharded = dict(model.named_parameters())
     if optimizer is not None:
         if optimizer.state:
@@ -100,8 +104,6 @@ def full_weights(model):
     stops at EOS). On exit the units are resharded and reshard after forward again. The
     root keeps FSDP's own choice (it does not reshard after forward). A no-op for unsharded models.
     Memory: one full copy of the weights for the duration of the block."""
-    from torch.distributed.fsdp import FSDPModule
-
     if not is_sharded(model):
         yield
         return
@@ -138,8 +140,6 @@ def gradient_sync(model, sync: bool):
 
 
 def _full_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, **kw)
 
 
@@ -147,8 +147,6 @@ def full_model_state(model, trainable_only: bool = False) -> dict[str, torch.Ten
     """The unsharded weights on rank 0's CPU (other ranks get an empty dict), keyed as in the
     unsharded model; ``trainable_only`` leaves the frozen ones out, ungathered (a collective:
     call it on every rank)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     return get_model_state_dict(model, options=_full_options(cpu_offload=True, ignore_frozen_params=trainable_only))
 
 
@@ -157,8 +155,6 @@ def unsharded_copy(model, state: dict[str, torch.Tensor]):
     for ``save_pretrained``: the saved directory is exactly what an unsharded run writes (class
     name in config.json, tied weights once). Built on the meta device, so no weights are
     initialised or copied twice."""
-    from torch.distributed.fsdp import FSDPModule
-
     cls = next(b for b in type(model).__bases__ if b is not FSDPModule)
     with torch.device("meta"):
         plain = cls(model.config)
@@ -178,8 +174,6 @@ def gathered_copy(model, keep: bool):
     copy (`unsharded_copy`) on the ranks that ``keep`` it, else None. A LoRA (peft) model gives
     its adapter instead (`AdapterWeights`): only the trainable tensors are gathered, never the
     frozen base."""
-    from rlhfkit.models.lora import is_peft
-
     if is_peft(model):
         state = full_model_state(model, trainable_only=True)
         return AdapterWeights(model, state) if keep else None
@@ -202,8 +196,6 @@ class AdapterWeights:
 def load_adapter_state(model, saved: dict[str, torch.Tensor]) -> None:
     """An adapter file's tensors (peft's saved names) into a sharded peft model, each rank keeping
     its shard. The names are mapped by peft's own saving rule, applied to the trainable names."""
-    from peft import get_peft_model_state_dict
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     saved_name = get_peft_model_state_dict(model, state_dict={n: torch.tensor(i) for i, n in enumerate(trainable)})
@@ -216,15 +208,12 @@ def load_adapter_state(model, saved: dict[str, torch.Tensor]) -> None:
 
 def full_optimizer_state(model, optimizer) -> dict[str, Any]:
     """The optimizer state with every tensor unsharded, keyed by parameter name (a collective)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
 
 
 def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
     """Full weights (e.g. a checkpoint's safetensors) into a sharded model: each rank keeps its shard.
     Tied weights saved once (lm_head = embed_tokens) are filled in from their twin."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     wanted = set(model.state_dict().keys())
     state = dict(state)
@@ -239,34 +228,79 @@ def load_model_state(model, state: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(model, state, options=_full_options())
 
 
-def load_optimizer_state(model, optimizer, saved: dict[str, Any]) -> None:
-    """A saved optimizer state into ``optimizer``: name-keyed (written by a sharded run) or, from
-    an unsharded run, ``optimizer.state_dict()``'s index-keyed form, into a sharded or plain model."""
-    if index_keyed(saved):
+class FullySharded(Strategy):
+    """``train.fsdp: true`` on N processes: trained and frozen models sharded with FSDP2.
+
+    Loading: inside `loading`, ranks other than 0 build every model on the meta device and receive
+    their shards from rank 0 in `prepare` / `prepare_frozen`, so only rank 0 ever holds a whole copy.
+    Every model loaded there must be prepared (or frozen-prepared) before its first forward.
+    Forwards of a sharded model are collectives: every rank must run as many (`lockstep_forwards`).
+    """
+
+    name = "fsdp"
+
+    def __init__(self, precision: str = "fp32"):
+        super().__init__(precision)
+        self._frozen: list[str] = []
+
+    def start(self, seed: int) -> None:
+        super().start(seed)
+        self._frozen = []
+
+    @property
+    def lockstep_forwards(self) -> bool:
+        return True
+
+    def loading(self):
+        return structure_only(self.rank != 0)
+
+    def prepare(self, model, optimizer, *, micro_batch_size: int = 1, max_grad_norm: float = 0.0):
+        total = sum(p.numel() for p in model.parameters())
+        read = self.gather_objects([not is_structure_only(model)])  # which ranks read the weights
+        model, optimizer = shard_model(model, optimizer, self.device)
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+        self.layout.update({"param_elements": total, "param_elements_on_rank": local,
+                            "weights_read_by_ranks": [r for r, x in enumerate(read) if x]})
+        return model, optimizer
+
+    def prepare_frozen(self, model, name: str):
+        """Shard a frozen model (a reference, a reward model) like the trained ones instead of keeping a
+        whole copy on every rank; recorded in the layout under ``sharded_frozen``."""
+        if model is None:
+            return model
         if not is_sharded(model):
-            optimizer.load_state_dict(saved)
-            return
-        # index i is the i-th parameter over the groups in order, which `shard_model` keeps
-        # (it rebinds each group's list in place)
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        saved = by_name(saved, [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]])
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+            shard_model(model, None, self.device)
+        self._frozen.append(name)
+        self.layout["sharded_frozen"] = sorted(self._frozen)
+        return model
 
-    set_optimizer_state_dict(model, optimizer, saved, options=_full_options())
+    def backward(self, loss, model, sync: bool = True) -> None:
+        with gradient_sync(model, sync):  # reduce-scatter only on the last backward before the step
+            super().backward(loss, model, sync)
 
+    def full_weights(self, model):
+        return full_weights(model)
 
-def index_keyed(saved: dict) -> bool:
-    """Whether a saved optimizer state is ``optimizer.state_dict()``'s (parameters by index)."""
-    groups = saved.get("param_groups", [])
-    return bool(groups) and all(isinstance(i, int) for g in groups for i in g["params"])
+    def saveable(self, model, *, keep: bool):
+        if is_sharded(model):
+            return gathered_copy(model, keep=keep)
+        return super().saveable(model, keep=keep)
 
+    def optimizer_state(self, model, optimizer) -> dict:
+        if model is not None and is_sharded(model):
+            return full_optimizer_state(model, optimizer)
+        return super().optimizer_state(model, optimizer)
 
-def by_name(saved: dict, names: list[str]) -> dict:
-    """Index-keyed optimizer state -> keyed by parameter name; ``names``: the parameters' names
-    in the optimizer's order (over its groups)."""
-    ids = [i for g in saved["param_groups"] for i in g["params"]]
-    if len(ids) != len(names):
-        raise RuntimeError(f"checkpoint optimizer has {len(ids)} parameters, the model {len(names)}")
-    to_name = dict(zip(ids, names))
-    return {"state": {to_name[i]: s for i, s in saved["state"].items()},
-            "param_groups": [{**g, "params": [to_name[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    def load_weights(self, model, directory) -> None:
+        if not is_sharded(model):
+            return super().load_weights(model, directory)
+        state, is_adapter = saved_weights(directory)  # full tensors: each rank keeps its shard
+        (load_adapter_state if is_adapter else load_model_state)(model, state)
+
+    @contextlib.contextmanager
+    def writing_weights(self, model):
+        if is_sharded(model):
+            # after a forward the root's weights may still be gathered (the module then holds plain
+            # copies that FSDP discards); reshard so that writes land in the shards
+            model.reshard()
+        yield

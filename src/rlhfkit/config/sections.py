@@ -1,0 +1,329 @@
+"""The config sections every trainer shares (model, optimizer, run, data) and the policy-gradient ones
+(prompts, rollout, reward, PTX), and the SFT and reward-model configs.
+
+Every field is declared once, with its type, default and an attribute docstring (the string right
+below it): `rlhfkit CMD --help`, `--print-config --explain` and docs/configuration.md are generated
+from them (`config.reference`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from rlhfkit.config.errors import ConfigError
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters (peft's LoRA) instead of training every weight."""
+
+    enabled: bool = False
+    """Train LoRA adapters; the frozen base then also serves as the reference (adapters off)."""
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: int = 32
+    """Scaling numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: Union[str, list] = "all-linear"
+    """Layers that get adapters: peft's "all-linear" (every linear layer but the head) or a list of names."""
+
+
+@dataclass
+class ModelSection:
+    """The model to train (and, where the method needs one, the reference it starts from)."""
+
+    name: str = "smollm2-135m-instruct"
+    """The built-in default, a local transformers directory, a LoRA adapter directory, a .gguf file or a hub id."""
+    dtype: str = "auto"
+    """Compute precision: auto (bf16 on GPUs that support it, fp32 on CPU), float32, bfloat16 or float16.
+    Trained weights stay fp32 (master weights); forwards run under autocast in this dtype."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (less memory, more compute)."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA adapters."""
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ConfigError(f"{where}.dtype: unknown dtype {self.dtype!r}")
+
+
+@dataclass
+class OptimSection:
+    """AdamW, its learning-rate schedule and gradient clipping."""
+
+    lr: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after the warm-up."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming up linearly."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    head_lr: float = 0.0
+    """Learning rate of a scalar head (reward model, critic); 0 = the same as lr."""
+
+    def validate(self, where: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.head_lr < 0:
+            raise ConfigError(f"{where}.head_lr: must be >= 0 (0 = same as lr), got {self.head_lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainSection:
+    """Run length, batch sizes, evaluation, checkpoints and the parallel layout."""
+
+    output_dir: str = "runs/default"
+    """Directory of the run: model, checkpoints, metrics.jsonl, results."""
+    seed: int = 0
+    """Seed of every random generator (the same on every rank)."""
+    epochs: float = 1.0
+    """Passes over the training data; may be fractional. max_steps > 0 wins."""
+    max_steps: int = 0
+    """Optimizer steps (iterations for PPO/GRPO/RLOO); 0 = from epochs."""
+    batch_size: int = 8
+    """Global batch: examples per optimizer step, over all ranks and micro-batches."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward on one rank; accumulation = batch_size / (micro_batch_size x ranks)."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (also at step 0 and at the end); 0 = at step 0 and the end only."""
+    select_best: str = ""
+    """A held-out metric (e.g. eval/loss, eval/accuracy, eval/gold_mean): keep the model of the best
+    evaluation as the final model (step 0, the starting point, included); empty = the last model."""
+    select_best_mode: Literal["auto", "max", "min"] = "auto"
+    """Whether select_best is maximised or minimised; auto = minimise losses, perplexities and KLs."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without an improvement of select_best; 0 = never."""
+    save_every: int = 0
+    """Steps between resumable checkpoints; 0 = only the final model."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest)."""
+    log_every: int = 1
+    """Steps between metric records."""
+    max_bad_steps: int = 3
+    """Consecutive non-finite losses or gradients tolerated (those steps are skipped) before stopping."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in output_dir."""
+    progress: bool = True
+    """Show a progress bar."""
+    fsdp: bool = False
+    """On N processes: shard the trained and frozen models with torch FSDP2 instead of replicating them."""
+    zero_stage: int = 0
+    """On N processes: DeepSpeed ZeRO stage 1 (optimizer state) or 2 (and gradients) partitioned; 0 = off."""
+
+    def validate(self, where: str) -> None:
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError(f"{where}.batch_size/micro_batch_size: must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"{where}.batch_size: {self.batch_size} is not divisible by micro_batch_size {self.micro_batch_size}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{where}.epochs: set epochs > 0 or max_steps > 0")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"{where}.zero_stage: 0 (off), 1 or 2, got {self.zero_stage} (stage 3 is not supported: "
+                              "use train.fsdp=true to shard the weights)")
+        if self.zero_stage and self.fsdp:
+            raise ConfigError(f"{where}: choose one of fsdp and zero_stage")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"{where}.early_stopping_patience: must be >= 0")
+        if self.early_stopping_patience and not self.select_best:
+            raise ConfigError(f"{where}.early_stopping_patience: needs select_best (the metric to watch)")
+        if self.select_best and not self.select_best.startswith("eval/"):
+            raise ConfigError(f"{where}.select_best: a held-out metric (eval/...), got {self.select_best!r}")
+
+
+@dataclass
+class DataSection:
+    """Training and held-out data."""
+
+    train: str = ""
+    """A file (.jsonl/.json/.parquet/.csv), hf:org/name[:split], or task:NAME for a built-in task's data."""
+    eval: str = ""
+    """Held-out set (same forms); empty = split eval_fraction off the training data."""
+    eval_fraction: float = 0.05
+    """Share of the training data held out when eval is empty."""
+    max_length: int = 512
+    """Tokens of prompt + response."""
+    truncation: Literal["error", "left", "right"] = "error"
+    """Longer examples: error (stop with file, line and field), or cut the prompt from the left or the
+    response from the right (counted and reported)."""
+    limit: int = 0
+    """Use only the first N training examples; 0 = all."""
+
+    def validate(self, where: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{where}.train: a training data source is required")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"{where}.eval_fraction: must be in [0, 1)")
+        if self.max_length < 8:
+            raise ConfigError(f"{where}.max_length: must be >= 8")
+
+
+# --------------------------------------------------------------------------- policy-gradient sections
+
+@dataclass
+class PromptsSection:
+    """Where rollout prompts come from (records {"prompt"} or {"messages"}, optional "reference")."""
+
+    train: str = "task:sentiment"
+    """Prompt source: a .jsonl/.json/.parquet/.csv file, hf:org/name[:split], or task:NAME (its prompts_train.jsonl)."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens (after the chat template) are dropped and counted."""
+    limit: int = 0
+    """Use only the first N prompts; 0 = all."""
+    eval: str = ""
+    """Held-out prompts for the evaluations during training (train.eval_every): one sample each, scored
+    by the training reward (eval/proxy_mean), the gold judge reward.gold (eval/gold_mean) and the KL to
+    the reference (eval/kl); empty = no held-out evaluation."""
+    eval_limit: int = 64
+    """Use only the first N held-out prompts; 0 = all."""
+
+    def validate(self, where: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{where}.train: a prompt source is required")
+        if self.max_prompt_length < 1:
+            raise ConfigError(f"{where}.max_prompt_length: must be >= 1")
+        if self.eval_limit < 0:
+            raise ConfigError(f"{where}.eval_limit: must be >= 0")
+
+
+@dataclass
+class PolicyTrainSection(TrainSection):
+    """TrainSection with the policy-gradient meaning of the batch sizes: batch_size is the number of
+    *prompts* per iteration (each sampled rollout.n times), micro_batch_size the number of *rows*
+    (responses) per forward/backward, so the two need not divide each other."""
+
+    batch_size: int = 16
+    """Prompts per iteration (each sampled rollout.n times)."""
+    micro_batch_size: int = 8
+    """Responses per forward/backward on one rank."""
+    max_steps: int = 20
+    """Iterations (rollout + update); 0 = from epochs over the prompts."""
+
+    def validate(self, where: str) -> None:
+        batch, micro = self.batch_size, self.micro_batch_size
+        try:
+            self.micro_batch_size = 1  # prompts and rows need not divide each other here
+            super().validate(where)
+        finally:
+            self.micro_batch_size = micro
+        if micro < 1 or batch < 1:
+            raise ConfigError(f"{where}.batch_size/micro_batch_size: must be >= 1")
+
+
+@dataclass
+class RolloutSection:
+    """How responses are sampled."""
+
+    n: int = 1
+    """Responses sampled per prompt (GRPO/RLOO's group size G)."""
+    max_new_tokens: int = 48
+    """Response budget in tokens; responses that reach it without EOS count as truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy (evaluation only). Log-probs for the ratio and the KL always
+    use the untempered model."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1 = off."""
+    top_k: int = 0
+    """Top-k filter; 0 = off."""
+    micro_batch_size: int = 0
+    """Rows per generation forward; 0 = all rows of a step at once."""
+
+    def validate(self, where: str) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"{where}: n and max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where}: need temperature >= 0 (0 = greedy) and 0 < top_p <= 1")
+
+
+@dataclass
+class RewardSection:
+    """The sequence score of each sampled response."""
+
+    spec: str = ""
+    """Reward source: rm:DIR (trained reward model), task:NAME (gold judge), module:function or file.py:function."""
+    clip: float = 0.0
+    """Clip the sequence score to [-clip, clip]; 0 = no clipping."""
+    missing_eos_score: Optional[float] = None
+    """Score given *instead of* the reward to responses that never emitted EOS; null = off."""
+    batch_size: int = 16
+    """Reward-model scoring micro-batch (rows per forward)."""
+    gold: str = ""
+    """A gold judge for the held-out evaluations (task:NAME or module:function), reported as
+    eval/gold_mean next to the training reward: the gap between the two shows over-optimisation."""
+
+    def validate(self, where: str) -> None:
+        if not self.spec:
+            raise ConfigError(f"{where}.spec: a reward source is required (rm:DIR, task:NAME, module:function)")
+        if self.clip < 0:
+            raise ConfigError(f"{where}.clip: must be >= 0")
+
+
+@dataclass
+class PTXSection:
+    """The PTX term: the actor's language-modelling loss on SFT or pretraining data (the alignment-tax guard)."""
+
+    data: str = ""
+    """SFT/pretraining data for the PTX loss (same formats as `rlhfkit sft`); empty = no PTX term."""
+    coef: float = 0.0
+    """gamma_ptx: weight of the actor's token NLL on that data in the total loss."""
+    batch_size: int = 8
+    """SFT examples per optimizer step."""
+    max_length: int = 512
+    """Tokens per SFT example (longer ones are an error, as in `rlhfkit sft`)."""
+
+    def validate(self, where: str) -> None:
+        if self.coef < 0 or (self.coef > 0 and not self.data):
+            raise ConfigError(f"{where}: coef must be >= 0 and needs ptx.data when > 0")
+
+
+# --------------------------------------------------------------------------- trainer configs
+
+@dataclass
+class SFTConfig:
+    """`rlhfkit sft`: supervised fine-tuning, the loss on the assistant tokens only."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    """The model to fine-tune."""
+    data: DataSection = field(default_factory=DataSection)
+    """Conversations {"messages"} or {"prompt", "response"} records."""
+    optim: OptimSection = field(default_factory=OptimSection)
+    """Optimizer and schedule."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """Run length, batch sizes, evaluation, checkpoints."""
+    packing: bool = False
+    """Pack several short examples per row, attention restricted to each (fewer padding tokens)."""
+
+
+@dataclass
+class RewardConfig:
+    """`rlhfkit rm`: a Bradley-Terry reward model, a scalar head read at the last token."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    """Backbone (usually the SFT model); a causal LM gets a fresh scalar head."""
+    data: DataSection = field(default_factory=DataSection)
+    """Preference pairs {prompt, chosen, rejected} (optional category, margin)."""
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
+    """Optimizer and schedule (head_lr gives the head its own rate)."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """Run length, batch sizes, evaluation, checkpoints."""
+    use_margin: bool = False
+    """Subtract each pair's "margin" field inside the Bradley-Terry sigmoid."""
+    center_rewards_coef: float = 0.0
+    """Weight of a penalty (r_chosen + r_rejected)^2 that keeps scores near zero."""
+    head_init: Literal["random", "probe"] = "random"
+    """probe: before fine-tuning, fit the head alone as a linear Bradley-Terry model on the frozen
+    backbone's features of the training pairs (L2 by cross-validation), then fine-tune everything
+    from there (linear probing, then fine-tuning). random: the usual fresh head."""

@@ -1,0 +1,38 @@
+"""Rollout prompts: records loaded, validated and rendered with the chat template, ready to sample from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhfkit.data import load_prompts, render_prompt_ids
+from rlhfkit.data.messages import last_user_text
+from rlhfkit.data.sources import resolve_source
+
+
+@dataclass
+class PromptItem:
+    ids: list[int]  # chat-templated prompt tokens, ending with the assistant header
+    messages: list[dict]
+    text: str  # plain user text, what reward functions receive
+    reference: str | None = None
+    fields: dict = field(default_factory=dict)  # the record's other fields (reward functions get them)
+
+
+def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: int = 0,
+                      kind: str = "prompts") -> tuple[list[PromptItem], int]:
+    """Load and render the prompts of ``source`` (a file, hf:..., or task:NAME); returns (items,
+    number dropped for being longer than ``max_prompt_length`` tokens)."""
+    examples = load_prompts(resolve_source(source, kind))
+    if limit:
+        examples = examples[:limit]
+    items, dropped = [], 0
+    for ex in examples:
+        ids = render_prompt_ids(tokenizer, ex.prompt)
+        if len(ids) > max_prompt_length:
+            dropped += 1
+            continue
+        items.append(PromptItem(ids, ex.prompt, last_user_text(ex.prompt), ex.reference,
+                                dict(getattr(ex, "fields", None) or {})))
+    if not items:
+        raise ValueError(f"{source}: no prompts left (dropped {dropped} longer than {max_prompt_length} tokens)")
+    return items, dropped

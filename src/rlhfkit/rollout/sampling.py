@@ -1,0 +1,65 @@
+"""Sampling a batch of prompts with a policy (step 1 of every online method): responses, their
+decoded text, per-rank random streams, and what the responses look like (length, EOS, degeneration)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+
+from rlhfkit.rollout.engine import generate
+from rlhfkit.rollout.experience import Experience
+from rlhfkit.rollout.prompts import PromptItem
+
+
+def rollout(model, items: list[PromptItem], settings, tokenizer, seed: int | None = None,
+            strategy=None) -> Experience:
+    """Sample ``settings.n`` responses per prompt (rows i*n..i*n+n-1 belong to items[i]).
+
+    settings: a `config.RolloutSection`. ``seed`` gives the sampling its own generator (see
+    `rank_stream_seed`); None = torch's global RNG. With a ``strategy`` the model's weights are whole
+    for the duration (FSDP gathers them once, so each rank decodes on its own and stops at its own
+    EOS) and a wrapped model is unwrapped.
+    """
+    whole = strategy.full_weights(model) if strategy is not None else contextlib.nullcontext()
+    plain = strategy.unwrap(model) if strategy is not None else model
+    with whole:
+        return generate(plain, [it.ids for it in items], max_new_tokens=settings.max_new_tokens,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, n=settings.n,
+                        micro_batch_size=settings.micro_batch_size or None, seed=seed)
+
+
+def rank_stream_seed(seed: int, step: int, rank: int) -> int:
+    """A rank's own sampling seed for iteration ``step``: a function of (seed, step, rank) only.
+
+    Ranks must not share a stream: with the training seed on every rank (which identical model
+    initialisation needs), rank 1 would draw the very same uniforms as rank 0 for its different
+    prompts, and the samples of the shards would be correlated. Needing no RNG state in a
+    checkpoint, a run resumed on the same number of processes draws what the uninterrupted one drew.
+    """
+    digest = hashlib.sha256(f"rollout:{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative int64
+
+
+def decode_responses(exp: Experience, tokenizer) -> list[str]:
+    lengths = exp.response_lengths().tolist()
+    return [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            for row, n in zip(exp.response_ids.tolist(), lengths)]
+
+
+def response_metrics(exp: Experience, responses: list[str], strategy=None) -> dict:
+    """Length, EOS rate and two degeneration alarms: empty answers and repeated bigrams
+    (means over every rank's responses when ``strategy`` is given)."""
+    distinct = []
+    for row, n in zip(exp.response_ids.tolist(), exp.response_lengths().tolist()):
+        bigrams = list(zip(row[:n - 1], row[1:n]))
+        distinct.append(len(set(bigrams)) / len(bigrams) if bigrams else 1.0)
+    per_row = torch.stack([exp.response_lengths().float().cpu(), exp.eos.float().cpu(),
+                           torch.tensor([float(not r) for r in responses]), torch.tensor(distinct)], dim=1)  # (B, 4)
+    if strategy is not None:
+        per_row = strategy.gather(per_row)
+    means = per_row.mean(0) if len(per_row) else per_row.new_zeros(4)
+    return {"response/length_mean": means[0], "response/eos_frac": means[1],
+            "response/empty_frac": float(means[2]), "response/distinct2": float(means[3])}

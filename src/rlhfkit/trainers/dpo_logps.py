@@ -1,0 +1,100 @@
+"""Sequence log-probs of preference pairs under the policy and the reference (for DPO's loss).
+
+A batch is `data.PreferenceCollator`'s: the B chosen rows first, then the B rejected ones. Sequence
+log-probs sum the response tokens' log-probs (or average them: IPO as TRL computes it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.algos import sequence_logps
+from rlhfkit.models.forward import causal_logprobs, pack_groups, packed_logprobs
+from rlhfkit.data import batch_to_device
+from rlhfkit.models.lora import adapters_disabled
+from rlhfkit.training import eval_chunks
+
+REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed values stored on each example
+
+
+def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of the chosen and rejected responses: (B,), (B,).
+
+    batch: input_ids (2B, T), loss_mask (2B, T) 1 on response tokens. Logits are only computed from
+    the earliest response token of the batch on (`keep_last`): the LM head over prompt positions
+    would be wasted. When the batch carries "prompt_lengths" (``PreferenceCollator(share_prompt=True)``)
+    each pair is one packed sequence, prompt + chosen + rejected, each response seeing the prompt
+    and itself.
+    """
+    if "prompt_lengths" in batch:
+        logp, lmask = _shared_pair_token_logps(model, batch)
+        seq = sequence_logps(logp, lmask, average=average)
+        n = seq.shape[0] // 2
+        return seq[:n], seq[n:]
+    ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    T = ids.shape[1]
+    has_resp = lmask.bool().any(0).nonzero()
+    first = int(has_resp[0]) if len(has_resp) else T - 1
+    k = min(T - first, T - 1)
+    logp = causal_logprobs(model, ids, attn, keep_last=k)  # (2B, k): tokens T-k .. T-1
+    seq = sequence_logps(logp, lmask[:, T - k:], average=average)  # (2B,)
+    n = seq.shape[0] // 2
+    return seq[:n], seq[n:]
+
+
+def _shared_pair_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, R) response-token log-probs and mask, each pair one packed sequence (prompt once)."""
+    ids, plens = batch["input_ids"], batch["prompt_lengths"].tolist()
+    n = len(plens)
+    rlens = batch["loss_mask"].sum(-1).tolist()
+    groups = [(ids[i, :p], [(b, ids[b, p:p + int(rlens[b])]) for b in (i, n + i)]) for i, p in enumerate(plens)]
+    R = max(1, *map(int, rlens))
+    logp = packed_logprobs(model, pack_groups(groups, (2 * n, R), pad_token_id=0))
+    mask = (torch.arange(R, device=ids.device)[None] < torch.tensor(rlens, device=ids.device)[:, None]).long()
+    return logp, mask
+
+
+class Reference:
+    """pi_ref's sequence log-probs: a frozen model, or the policy's base with adapters disabled."""
+
+    def __init__(self, model, adapters_off: bool = False):
+        self.model = model
+        self.adapters_off = adapters_off
+
+    @torch.no_grad()
+    def logps(self, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the reference
+        try:
+            if self.adapters_off:
+                with adapters_disabled(self.model):
+                    return pair_logps(self.model, batch, average)
+            return pair_logps(self.model, batch, average)
+        finally:
+            self.model.train(was_training)
+
+
+def reference_logps(chunk: list[dict], batch: dict, reference: Reference | None, average: bool):
+    """The chunk's reference log-probs: precomputed ones when the examples carry them."""
+    if REF_KEYS[0] in chunk[0]:
+        device = batch["input_ids"].device
+        return tuple(torch.tensor([ex[k] for ex in chunk], dtype=torch.float32, device=device) for k in REF_KEYS)
+    if reference is None:
+        raise RuntimeError("no reference model and no precomputed reference log-probs")
+    return reference.logps(batch, average)
+
+
+@torch.no_grad()
+def precompute_reference(examples: list[dict], reference: Reference, collator, micro_batch_size: int,
+                         strategy, average: bool = False) -> None:
+    """Store pi_ref's log-probs on each example (keys REF_KEYS), in place. Each rank scores its shard
+    and the numbers are exchanged: every rank ends with all of them."""
+    found = []  # (example index, chosen logp, rejected logp)
+    # under FSDP padded with stand-ins so that every rank runs the same number of (collective) forwards
+    for idx, real in eval_chunks(list(range(len(examples))), micro_batch_size, strategy):
+        with strategy.autocast():
+            rc, rr = reference.logps(batch_to_device(collator([examples[i] for i in idx]), strategy.device), average)
+        if real:
+            found += zip(idx, rc.tolist(), rr.tolist())
+    for i, c, r in strategy.gather_objects(found):
+        examples[i][REF_KEYS[0]], examples[i][REF_KEYS[1]] = c, r

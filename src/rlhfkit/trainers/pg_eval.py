@@ -1,0 +1,63 @@
+"""Held-out evaluation during policy-gradient training (``prompts.eval`` and ``train.eval_every``).
+
+One response per held-out prompt from the current policy, sampled from a random stream of its own
+(the same at every evaluation, so successive evaluations differ by the policy, not by the dice,
+and the training stream is left untouched), then:
+- eval/proxy_mean: the training reward (the reward model for PPO), unclipped;
+- eval/gold_mean: the gold judge ``reward.gold``, when set: proxy rising while gold falls is
+  over-optimisation;
+- eval/kl: KL(pi || pi_ref) per response, the k1 estimate summed over its tokens;
+- eval/length_mean, eval/eos_frac.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rlhfkit.rollout import decode_responses, rank_stream_seed, rollout
+from rlhfkit.trainers.pg_score import score_logprobs
+
+EVAL_STREAM = -1  # the "step" of the evaluation's sampling stream (training uses steps >= 0)
+
+
+def evaluate_policy(pr, actor) -> dict:
+    """The held-out metrics of the module docstring for a policy-gradient run's actor."""
+    cfg = pr.cfg
+    return heldout_metrics(actor, pr.ref, pr.eval_prompts, cfg.rollout, pr.tokenizer, pr.strategy,
+                           proxy=pr.reward_fn, gold=pr.gold_fn, seed=cfg.train.seed,
+                           micro_batch_size=cfg.train.micro_batch_size)
+
+
+@torch.no_grad()
+def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy, *, proxy=None, gold=None,
+                    seed: int = 0, micro_batch_size: int = 8) -> dict:
+    """One sample per prompt of ``prompts`` from ``policy``, scored as the module docstring says, over
+    every rank's share. ``ref``: the reference model, or None for ``policy`` with its LoRA adapters
+    off. ``proxy`` / ``gold``: pointwise reward functions (either may be None)."""
+    usable = len(prompts) - len(prompts) % strategy.world_size  # equal shares (lockstep forwards)
+    items = strategy.shard(prompts[:usable])
+    if not items:
+        return {}
+    settings = dataclasses.replace(rollout_settings, n=1)
+    exp = rollout(policy, items, settings, tokenizer, strategy=strategy,
+                  seed=rank_stream_seed(seed, EVAL_STREAM, strategy.rank))
+    with strategy.autocast():  # the rollout's own (untempered) log-probs; only the reference runs
+        lp = score_logprobs(policy, ref, exp, micro_batch_size, share_prompt=False,
+                            policy={"logp": exp.logprobs, "entropy": None})
+    mask = exp.response_mask.bool()
+    kl = torch.where(mask, lp["logp"] - lp["ref_logp"], 0.0).sum(-1)  # (B,) k1 per response
+    responses = decode_responses(exp, tokenizer)
+    texts, messages = [it.text for it in items], [it.messages for it in items]
+    columns = {"kl": kl.cpu(), "length": exp.response_lengths().float().cpu(), "eos": exp.eos.float().cpu()}
+    for name, fn in (("proxy", proxy), ("gold", gold)):
+        if fn is not None:
+            columns[name] = torch.tensor(fn(texts, responses, messages=messages))
+    table = strategy.gather(torch.stack([c.float() for c in columns.values()], dim=1))  # (N, C)
+    means = table.mean(0).tolist()
+    out = {f"eval/{name}_mean" if name in ("proxy", "gold", "length") else f"eval/{name}": m
+           for name, m in zip(columns, means)}
+    out["eval/eos_frac"] = out.pop("eval/eos")
+    out["eval/prompts"] = len(table)
+    return out

@@ -1,0 +1,219 @@
+"""What PPO, GRPO and RLOO share before their first iteration: the config fields of the clipped
+update, prompts, the reward function, the actor and its reference, and the PTX data.
+
+An iteration is 1 rollout (`rollout.sampling`), 2 score (`trainers.pg_score`), 3 rewards and
+4 advantages (in each trainer: GAE with a critic, or group baselines), 5 update (`trainers.pg_update`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from rlhfkit.config import (
+    ConfigError, DataSection, ModelSection, OptimSection, PolicyTrainSection, PromptsSection, PTXSection,
+    RewardSection, RolloutSection, SFTConfig, TrainSection,
+)
+from rlhfkit.data import SFTCollator
+from rlhfkit.judges.rewards import RewardFn, build_reward_fn
+from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import to_device
+from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
+from rlhfkit.rollout import PromptItem, load_prompt_items
+from rlhfkit.trainers.sft import prepare_sft_data
+from rlhfkit.training import Run, batch_indices, build_optimizer, build_scheduler, open_run, total_steps
+
+log = logging.getLogger("rlhfkit")
+
+LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+
+
+@dataclass
+class PolicyGradientConfig:
+    """The fields every policy-gradient trainer has. A step (iteration): train.batch_size prompts x
+    rollout.n samples are generated, scored, and learned from for ppo_epochs passes of
+    mini_batch_size-row minibatches (train.micro_batch_size rows per forward/backward)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    """The policy: initialises the actor and the frozen reference (with LoRA: base = reference)."""
+    prompts: PromptsSection = field(default_factory=PromptsSection)
+    """Where rollout prompts (and held-out evaluation prompts) come from."""
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    """Sampling settings of step 1."""
+    reward: RewardSection = field(default_factory=RewardSection)
+    """The sequence score of step 2, clipping, the missing-EOS score, the gold judge for evaluation."""
+    ptx: PTXSection = field(default_factory=PTXSection)
+    """Optional PTX loss on SFT data (the alignment-tax guard)."""
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, schedule="constant", warmup_ratio=0.0))
+    """The actor's optimizer (AdamW) and gradient clipping."""
+    train: PolicyTrainSection = field(default_factory=PolicyTrainSection)
+    """Run length (max_steps iterations, or epochs over the prompts), batch sizes, checkpoints."""
+    ppo_epochs: int = 1
+    """Passes over each batch of experience."""
+    mini_batch_size: int = 16
+    """Rows (responses) per optimizer step of the update, over all ranks."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon (the lower side; also the upper side unless clip_eps_high is set)."""
+    clip_eps_high: Optional[float] = None
+    """Upper clip epsilon (DAPO's clip-higher, e.g. 0.28); null = symmetric."""
+    loss_agg: LossAgg = "token-mean"
+    """How token losses reduce to a scalar (`algos.agg_loss`)."""
+    share_prompt: bool = False
+    """Score and train each prompt's responses as one packed sequence (the prompt once)."""
+
+    def kl_loss(self) -> tuple[float, str]:
+        """(coefficient, estimator) of a KL-to-reference term in the loss; PPO puts the KL in the reward."""
+        return 0.0, "k3"
+
+    def validate(self, where: str) -> None:
+        if self.rollout.temperature <= 0:
+            raise ConfigError(f"{where}.rollout.temperature: training samples need temperature > 0")
+        if self.ppo_epochs < 1 or self.mini_batch_size < 1:
+            raise ConfigError(f"{where}: ppo_epochs and mini_batch_size must be >= 1")
+        rows = self.train.batch_size * self.rollout.n
+        if rows % self.mini_batch_size:
+            raise ConfigError(f"{where}.mini_batch_size: {self.mini_batch_size} must divide train.batch_size x "
+                              f"rollout.n = {rows} rows")
+
+
+@dataclass
+class PolicyRun:
+    """Everything a policy-gradient loop holds besides its algorithm-specific models."""
+
+    cfg: Any
+    run: Run
+    tokenizer: Any
+    prompts: list[PromptItem]
+    eval_prompts: list[PromptItem]
+    reward_fn: RewardFn
+    gold_fn: RewardFn | None
+    actor: Any
+    ref: Any
+    total: int
+
+    @property
+    def strategy(self):
+        return self.run.strategy
+
+    def local_mini_batch(self) -> int:
+        """Rows per optimizer step on this rank."""
+        return self.cfg.mini_batch_size // self.strategy.world_size
+
+    def optimizer_steps_per_iteration(self) -> int:
+        local_rows = self.cfg.train.batch_size * self.cfg.rollout.n // self.strategy.world_size
+        return self.cfg.ppo_epochs * -(-local_rows // self.local_mini_batch())
+
+
+
+def prompt_batch(pr: PolicyRun, step: int) -> list[PromptItem]:
+    """This rank's prompts for iteration `step` (deterministic in (seed, step): resumable)."""
+    train = pr.cfg.train
+    idx = batch_indices(len(pr.prompts), train.batch_size, step, train.seed)
+    return pr.strategy.shard([pr.prompts[i] for i in idx])
+
+
+def load_actor(model_cfg, device):
+    """(actor, reference). With LoRA the reference is None: scoring then runs the actor with its
+    adapters disabled, so the base weights exist once in memory. The reference is the starting
+    policy, so a LoRA adapter as model.name (a LoRA SFT run) is merged into its base first and fresh
+    adapters go on top; `rlhfkit merge` follows that chain back."""
+    actor = load_causal_lm(model_cfg.name, model_cfg.dtype)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(actor)
+    actor = to_device(apply_lora(actor, model_cfg.lora, "CAUSAL_LM"), device)
+    ref = None
+    if not model_cfg.lora.enabled:
+        ref = to_device(load_causal_lm(model_cfg.name, model_cfg.dtype), device)
+        ref.eval().requires_grad_(False)
+    actor.train()
+    return actor, ref
+
+
+def setup_run(cfg, kind: str, strategy) -> PolicyRun:
+    """Data, reward function, actor + reference. Validates the batch arithmetic against the ranks."""
+    # Each rank takes whole prompts (a group never straddles ranks) and an equal share of every
+    # minibatch, so all ranks make the same number of optimizer steps (each one a collective).
+    strategy.check_divisible(cfg.train.batch_size, "train.batch_size (prompts per step)")
+    strategy.check_divisible(cfg.mini_batch_size, "mini_batch_size")
+    if strategy.lockstep_forwards and cfg.ptx.coef > 0:
+        strategy.check_divisible(cfg.ptx.batch_size, "ptx.batch_size")  # sharded forwards run in lockstep
+    tokenizer = load_tokenizer(cfg.model.name)
+    p = cfg.prompts
+    prompts, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit)
+    if dropped:
+        log.warning("[%s] dropped %d prompts longer than %d tokens", kind, dropped, p.max_prompt_length)
+    eval_prompts = []
+    if p.eval:
+        eval_prompts, _ = load_prompt_items(p.eval, tokenizer, max_prompt_length=p.max_prompt_length,
+                                            limit=p.eval_limit, kind="prompts_eval")
+    run = open_run(cfg, kind, strategy)
+    with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
+        reward_fn = build_reward_fn(cfg.reward.spec, tokenizer=tokenizer, device=strategy.device,
+                                    batch_size=cfg.reward.batch_size)
+        actor, ref = load_actor(cfg.model, strategy.device)
+    gold_fn = build_reward_fn(cfg.reward.gold) if cfg.reward.gold else None
+    # frozen models sharded like the actor under FSDP: their scoring forwards gather block by block,
+    # the same number on every rank (equal rows per rank; the RM's micro-batches of reward.batch_size)
+    strategy.prepare_frozen(ref, "reference")
+    strategy.prepare_frozen(getattr(reward_fn, "model", None), "reward_model")
+    return PolicyRun(cfg, run, tokenizer, prompts, eval_prompts, reward_fn, gold_fn, actor, ref,
+                     total_steps(len(prompts), cfg.train))
+
+
+@dataclass
+class Trained:
+    """A trained model (as its strategy prepared it) with its optimizer, schedule and clipping threshold."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    max_grad_norm: float
+
+
+def prepare_trained(pr: PolicyRun, model, optim: OptimSection) -> Trained:
+    """AdamW and its schedule over every optimizer step of the run, then the strategy's preparation
+    of ``model`` (sharded, a ZeRO engine, or as it is)."""
+    n_opt = pr.total * pr.optimizer_steps_per_iteration()
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim, n_opt)
+    model, optimizer = pr.strategy.prepare(model, optimizer, micro_batch_size=pr.cfg.train.micro_batch_size,
+                                           max_grad_norm=optim.max_grad_norm)
+    return Trained(model, optimizer, scheduler, optim.max_grad_norm)
+
+
+# --------------------------------------------------------------------------- PTX data
+
+@dataclass
+class PTXData:
+    examples: list
+    collator: Any
+    coef: float
+    batch_size: int
+    micro_batch_size: int
+    seed: int
+
+
+def load_ptx(section: PTXSection, tokenizer, micro_batch_size: int, seed: int) -> PTXData | None:
+    """Tokenised SFT examples for the PTX term, prepared exactly as `rlhfkit sft` prepares them."""
+    if not section.data or section.coef <= 0:
+        return None
+    sft_cfg = SFTConfig(data=DataSection(train=section.data, eval_fraction=0.0, max_length=section.max_length),
+                        train=TrainSection(seed=seed))
+    train, _, _ = prepare_sft_data(sft_cfg, tokenizer)
+    return PTXData(train, SFTCollator(tokenizer.pad_token_id), section.coef, section.batch_size,
+                   micro_batch_size, seed)
+
+
+class Stopwatch:
+    """Wall time of consecutive phases of an iteration, as time/<phase> metrics."""
+
+    def __init__(self):
+        self.start = self.t = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[f"time/{phase}"] = now - self.t
+        self.t = now

@@ -1,0 +1,55 @@
+"""Which examples each optimizer step sees: deterministic epochs, micro-batches, evaluation shards.
+
+Everything is a function of (seed, step), so a resumed run needs no data-loader state: step s of a
+run reads exactly the examples step s of the uninterrupted run read, at any world size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def micro_batches(items: list, micro_batch_size: int) -> list[list]:
+    return [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic shuffle of range(n) for an epoch: resuming only needs (seed, epoch, position)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step`` when walking shuffled epochs back to back (an
+    epoch is n // batch_size steps; the remainder of each shuffle is left out)."""
+    steps_per_epoch = max(n // batch_size, 1)
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = epoch_order(n, seed, epoch)
+    return order[pos * batch_size:(pos + 1) * batch_size]
+
+
+def total_steps(n: int, train) -> int:
+    """Optimizer steps (iterations, for the policy-gradient trainers) of a run over ``n`` examples
+    (prompts): ``train.max_steps`` when set, else ``train.epochs`` passes of n // batch_size steps."""
+    if train.max_steps > 0:
+        return train.max_steps
+    return max(1, int(math.floor(train.epochs * max(n // train.batch_size, 1))))
+
+
+def eval_chunks(examples: list, micro_batch_size: int, strategy=None):
+    """Yield ``(chunk, real)`` over an evaluation set: all of it on one process; this rank's shard
+    on N. When forwards are collectives (FSDP), every rank must run as many as the busiest one: the
+    short ones add stand-in chunks (``real=False``) whose results the caller discards. Callers sum
+    over real chunks and reduce the sums with ``strategy.sum``."""
+    if strategy is None or strategy.world_size == 1:
+        yield from ((chunk, True) for chunk in micro_batches(examples, micro_batch_size))
+        return
+    mine = micro_batches(strategy.shard(examples), micro_batch_size)
+    most = int(strategy.max(torch.tensor(len(mine))))
+    for chunk in mine:
+        yield chunk, True
+    if strategy.lockstep_forwards:
+        for _ in range(most - len(mine)):
+            yield examples[:1], False

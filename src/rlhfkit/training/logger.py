@@ -1,0 +1,108 @@
+"""What a run writes while it trains: metrics.jsonl, TensorBoard, and a tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.io import to_builtin
+
+log = logging.getLogger("rlhfkit")
+
+
+class RunLogger:
+    """metrics.jsonl + TensorBoard + a tqdm progress bar, written by the main process only."""
+
+    def __init__(self, out_dir: str | Path, total_steps: int, enabled: bool = True, progress: bool = True,
+                 desc: str = "train", initial_step: int = 0):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.samples_path = self.out_dir / "samples.jsonl"
+        self.initial_step = initial_step
+        self._samples_started = False  # samples.jsonl is truncated on the first `samples` call (a
+        # trainer that logs none leaves a samples.jsonl of someone else's, e.g. online DPO's, alone)
+        _truncate_after(self.metrics_path, initial_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard drops the earlier events at or past it, as _truncate_after does
+            # for the jsonl: a run resumed at step s logs from s+1 on; one restarted at step 0
+            # (step 0's evaluation included) replaces the old curves entirely
+            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tb"),
+                                    purge_step=initial_step + 1 if initial_step > 0 else 0)
+        except Exception as e:  # tensorboard missing: jsonl is still written
+            log.warning("TensorBoard logging disabled: %s", e)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any], show: tuple[str, ...] = ()) -> None:
+        if not self.enabled:
+            return
+        clean = {k: to_builtin(v) for k, v in metrics.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None and show:
+            self.bar.set_postfix({k.split("/")[-1]: f"{clean[k]:.4g}" for k in show if k in clean}, refresh=False)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """A few {prompt, response, score, ...} records of this step to samples.jsonl and TensorBoard."""
+        if not self.enabled or not rows:
+            return
+        if not self._samples_started:
+            _truncate_after(self.samples_path, self.initial_step)
+            self._samples_started = True
+        with open(self.samples_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+        self.text(step, "samples", "\n\n".join(
+            f"**prompt:** {r['prompt']}\n\n**response:** {r['response']}\n\n**score:** {r['score']:.3f}" for r in rows))
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop the records a file got after the checkpoint the run resumed from. A run
+    starting at step 0 (killed before its first checkpoint, or rerun in place) drops them all: it
+    logs every step, step 0's evaluation included, again."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and step > 0 and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(k + "\n" for k in keep))

@@ -1,0 +1,162 @@
+"""The one training loop every trainer runs: resume, step, evaluate, keep the best, log, checkpoint.
+
+    result = fit(run, step_fn, total, models={"model": model}, optimizers={...}, evaluate=evaluate)
+
+``step_fn(step) -> metrics`` is the method: one optimizer step of SFT, the reward model or DPO
+(`accumulate.supervised_step`), one PPO/GRPO iteration, one online-DPO iteration. Everything around
+it is the same for all of them and lives here:
+- resume from the newest complete checkpoint (weights, optimizer and scheduler states, RNG, the
+  step guard, the best-so-far record and the trainer's own state);
+- a held-out evaluation at step 0 and every ``train.eval_every`` steps and at the end;
+- ``train.select_best: METRIC``: after each evaluation the models are kept (``output_dir/best``) when
+  METRIC improved; at the end the best ones become the final model, so no run silently ends worse
+  than its best evaluation (the starting point, step 0, included);
+- ``train.early_stopping_patience``: stop after that many evaluations without improvement;
+- metrics every ``train.log_every`` steps, a checkpoint every ``train.save_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+from rlhfkit.training.logger import RunLogger
+
+LOWER_IS_BETTER = ("loss", "ppl", "kl", "perplexity", "nll")
+
+
+def greater_is_better(metric: str, mode: str = "auto") -> bool:
+    """Direction of ``metric``: explicit ``mode`` "max"/"min", or inferred from its name (losses,
+    perplexities and KLs are minimised, anything else maximised)."""
+    if mode != "auto":
+        return mode == "max"
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return not any(word in leaf for word in LOWER_IS_BETTER)
+
+
+@dataclass
+class Best:
+    """The best evaluation so far of ``metric`` (for ``select_best`` and early stopping)."""
+
+    metric: str
+    higher: bool
+    step: int | None = None
+    value: float | None = None
+    stale: int = 0  # evaluations since the last improvement
+
+    def update(self, step: int, metrics: dict) -> bool:
+        """Record an evaluation; returns whether it is the new best."""
+        if self.metric not in metrics:
+            raise KeyError(f"train.select_best: {self.metric!r} is not among the evaluation metrics "
+                           f"{sorted(k for k in metrics if k.startswith('eval/'))}")
+        v = float(metrics[self.metric])
+        better = math.isfinite(v) and (self.value is None or (v > self.value if self.higher else v < self.value))
+        if better:
+            self.step, self.value, self.stale = step, v, 0
+        else:
+            self.stale += 1
+        return better
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "value": self.value, "stale": self.stale}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        state = state or {}
+        self.step, self.value, self.stale = state.get("step"), state.get("value"), int(state.get("stale", 0))
+
+
+@dataclass
+class FitResult:
+    metrics: dict  # the last step's metrics (with the last evaluation's)
+    steps: int  # steps done (fewer than planned after early stopping)
+    best: dict = field(default_factory=dict)  # {"metric", "step", "value"} with select_best
+
+
+def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimizers: dict,
+        evaluate: Callable[[], dict] | None = None, state_fn: Callable[[], dict] = dict,
+        load_state: Callable[[dict], None] | None = None, on_start: Callable[[int], None] | None = None,
+        show: tuple[str, ...] = ()) -> FitResult:
+    """Run ``step_fn`` for steps [start, total) with everything a run needs around it (module doc).
+
+    models / optimizers: what a checkpoint holds (with the RNG state); ``state_fn()`` adds the
+    trainer's own state (e.g. the KL controller), which ``load_state(state)`` restores on resume.
+    ``on_start(start)`` runs once the logger exists and before step 0's evaluation (the RM's probe).
+    """
+    strategy, train = run.strategy, run.train
+    ckpt = Checkpointer(run.out, train.keep_checkpoints, enabled=run.is_main)
+    best = _best_tracker(train)
+    start = _resume(run, ckpt, models, optimizers, best, load_state) if train.resume else 0
+    run.logger = RunLogger(run.out, total, enabled=run.is_main, progress=train.progress, desc=run.kind,
+                           initial_step=start)
+    if on_start is not None:
+        on_start(start)
+    if start == 0 and evaluate is not None:
+        first = evaluate()
+        run.logger.log(0, first)
+        _consider(run, best, 0, first, models)
+    metrics: dict = {}
+    done = start
+    for step in range(start, total):
+        metrics = step_fn(step)
+        metrics["train/skipped_steps"] = run.guard.skipped_total
+        stop = False
+        if evaluate is not None and ((train.eval_every and (step + 1) % train.eval_every == 0) or step + 1 == total):
+            metrics.update(evaluate())
+            _consider(run, best, step + 1, metrics, models)
+            stop = best is not None and 0 < train.early_stopping_patience <= best.stale
+        if (step + 1) % train.log_every == 0 or step + 1 == total or stop:
+            run.logger.log(step + 1, metrics, show=show)
+        run.logger.advance()
+        if train.save_every and (step + 1) % train.save_every == 0 and step + 1 < total:
+            state = {"kind": run.kind, "guard": run.guard.state_dict(), **state_fn()}
+            if best is not None:
+                state["best"] = best.state_dict()
+            save_checkpoint(ckpt, strategy, step + 1, models, optimizers, state)
+        strategy.wait()
+        done = step + 1
+        if stop:
+            run.logger.write(f"[{run.kind}] early stopping at step {done}: {best.metric} has not improved "
+                             f"for {best.stale} evaluations (best {best.value:.4g} at step {best.step})")
+            break
+    result = FitResult(metrics, done)
+    if best is not None and best.step is not None:
+        result.best = {"metric": best.metric, "step": best.step, "value": best.value}
+        if best.step != done:  # the final model is the best one
+            for name, model in models.items():
+                strategy.load_weights(model, run.out / "best" / name)
+            run.logger.write(f"[{run.kind}] final model: step {best.step}, the best {best.metric} ({best.value:.4g})")
+    run.logger.close()
+    return result
+
+
+def _best_tracker(train) -> Best | None:
+    metric = getattr(train, "select_best", "")
+    if not metric:
+        return None
+    return Best(metric, greater_is_better(metric, getattr(train, "select_best_mode", "auto")))
+
+
+def _consider(run, best: Best | None, step: int, metrics: dict, models: dict) -> None:
+    """Keep the models under ``output_dir/best`` when this evaluation is the best so far."""
+    if best is None or not best.update(step, metrics):
+        return
+    for name, model in models.items():
+        run.strategy.save_model(model, None, run.out / "best" / name)
+
+
+def _resume(run, ckpt: Checkpointer, models: dict, optimizers: dict, best: Best | None,
+            load_state: Callable[[dict], None] | None) -> int:
+    """Load the newest complete checkpoint into the models and optimizers; returns its step (0: none)."""
+    last = ckpt.latest()
+    if last is None:
+        return 0
+    state: dict[str, Any] = load_checkpoint(last, run.strategy, models, optimizers)
+    run.guard.load_state_dict(state.get("guard"))
+    if best is not None:
+        best.load_state_dict(state.get("best"))
+    if load_state is not None:
+        load_state(state)
+    return int(state["step"])

@@ -1,0 +1,64 @@
+"""One trainer's run: its directory, strategy and step guard; the final save and the results file.
+
+    run = open_run(cfg, "sft", strategy)       # after the config and data were validated
+    ...                                          # models, then `training.fit(run, step, ...)`
+    finish(run, {"model": model}, tokenizer, metrics, truncation=...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.config import dump_config
+from rlhfkit.io import write_json_atomic
+from rlhfkit.training.logger import RunLogger
+from rlhfkit.training.optim import StepGuard
+
+
+@dataclass
+class Run:
+    """What a trainer's loop needs besides its models: ``kind`` names the files (``{kind}_results.json``,
+    ``{kind}_config.yaml``) and the progress bar; ``train`` is the config's train section."""
+
+    kind: str
+    out: Path
+    strategy: Any
+    train: Any
+    guard: StepGuard
+    logger: RunLogger | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.strategy.is_main
+
+
+def open_run(cfg, kind: str, strategy) -> Run:
+    """Start a trainer's run: seed every generator with ``train.seed`` (`Strategy.start`) and create
+    the output directory with the resolved config (main process). Call it after validation."""
+    strategy.start(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    if strategy.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / f"{kind}_config.yaml")
+    return Run(kind, out, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps))
+
+
+def finish(run: Run, models: dict[str, Any], tokenizer, metrics: dict, **results: Any) -> None:
+    """The trained models as plain transformers/peft directories (``output_dir/<name>``) and
+    ``{kind}_results.json`` with the final metrics, the layout and ``results``. Call it on every rank:
+    sharded models are gathered (a collective), rank 0 writes."""
+    for name, model in models.items():
+        run.strategy.check_replicas(model, name)
+    for name, model in models.items():
+        run.strategy.save_model(model, tokenizer, run.out / name)
+    if run.is_main:
+        final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        final["distributed"] = run.strategy.layout
+        final.update(results)
+        write_json_atomic(run.out / f"{run.kind}_results.json", final)
+    run.strategy.wait()

@@ -1,0 +1,90 @@
+"""The package's shape: layers import only downwards, and no module imports itself back.
+
+Layers, bottom to top (docs/architecture.md): algos; config, io, rng; data, models; judges, tasks,
+parallel, rollout; training; eval; trainers; registry, pipeline, report, cli. A module may import
+from its own layer or below. Module-level imports only: an import inside a function (optional,
+heavy dependencies) is not part of the shape.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import rlhfkit
+
+ROOT = Path(rlhfkit.__file__).parent
+
+LAYER = {
+    "algos": 0, "config": 1, "io": 1, "rng": 1, "data": 2, "models": 2, "judges": 3, "tasks": 3,
+    "parallel": 3, "rollout": 3, "training": 4, "eval": 5, "trainers": 6, "registry": 7, "pipeline": 7,
+    "report": 7, "runinfo": 7, "cli": 8, "rundir": 4,
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """rlhfkit module -> the rlhfkit modules it imports at module level."""
+    graph: dict[str, set[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        name = _module_name(path)
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rlhfkit"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("rlhfkit")}
+        graph[name] = deps
+    return graph
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_every_package_has_a_layer():
+    missing = {_top(m) for m in _imports()} - set(LAYER) - {"rlhfkit", "__main__"}
+    assert not missing, f"give these a layer in LAYER: {sorted(missing)}"
+
+
+def test_imports_only_go_down():
+    wrong = [(m, d) for m, deps in _imports().items() for d in deps
+             if _top(m) in LAYER and _top(d) in LAYER and LAYER[_top(d)] > LAYER[_top(m)]]
+    assert not wrong, f"imports that go up a layer: {wrong}"
+
+
+def test_no_import_cycles():
+    graph = _imports()
+
+    def owner(dep: str) -> str:  # "from rlhfkit.x import y" where y is a module counts as rlhfkit.x
+        return dep if dep in graph else dep.rsplit(".", 1)[0]
+
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(m: str, stack: list[str]) -> bool:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            d = owner(d)
+            if d == m or d not in graph:
+                continue
+            if state.get(d) == 1:
+                cycle.extend(stack[stack.index(d):] + [d] if d in stack else [m, d])
+                return True
+            if state.get(d) is None and visit(d, stack + [d]):
+                return True
+        state[m] = 2
+        return False
+
+    for m in sorted(graph):
+        if state.get(m) is None and visit(m, [m]):
+            break
+    assert not cycle, f"import cycle: {' -> '.join(cycle)}"

@@ -1,0 +1,128 @@
+"""The one training loop (`training.fit`): held-out evaluations, keeping the best model, early
+stopping; and the configuration reference generated from the config classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.config import TrainSection
+from rlhfkit.models import tiny_causal_lm
+from rlhfkit.parallel import SingleProcess
+from rlhfkit.training import StepGuard, fit
+from rlhfkit.training.loop import greater_is_better
+from rlhfkit.training.run import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, **train) -> Run:
+    train = TrainSection(output_dir=str(tmp_path), progress=False, max_steps=6, **train)
+    return Run("test", tmp_path, SingleProcess(), train, StepGuard())
+
+
+def _scripted(model, scores: list[float], metric: str = "eval/score"):
+    """A step that moves one weight to the step's number, and evaluations that return ``scores`` in turn."""
+    evals = iter(scores)
+    weight = model.model.norm.weight
+
+    def step(i):
+        with torch.no_grad():
+            weight.fill_(float(i + 1))
+        return {"train/loss": 1.0}
+
+    return step, (lambda: {metric: next(evals)})
+
+
+def test_select_best_makes_the_best_evaluation_the_final_model(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1, 0.5, 0.9, 0.3])  # evaluations at steps 0, 2, 4 and 6
+    result = fit(_run(tmp_path, eval_every=2, select_best="eval/score"), step, 6, models={"model": model},
+                 optimizers={}, evaluate=evaluate)
+    assert result.best == {"metric": "eval/score", "step": 4, "value": 0.9}
+    assert torch.all(model.model.norm.weight == 4.0)  # the weights of step 4, not of the last step (6)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/score" in r] == [0, 2, 4, 6]
+
+
+def test_without_select_best_the_last_model_stays(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1, 0.9, 0.3, 0.2])
+    result = fit(_run(tmp_path, eval_every=2), step, 6, models={"model": model}, optimizers={}, evaluate=evaluate)
+    assert result.best == {} and torch.all(model.model.norm.weight == 6.0)
+    assert not (tmp_path / "best").exists()
+
+
+def test_the_start_can_be_the_best(tmp_path, tokenizer):
+    """A run whose every evaluation is worse than step 0's ends with the starting weights."""
+    model = tiny_causal_lm(tokenizer)
+    start = model.model.norm.weight.detach().clone()
+    step, evaluate = _scripted(model, [1.0, 2.0, 3.0, 4.0], metric="eval/loss")  # a loss: lower is better
+    result = fit(_run(tmp_path, eval_every=2, select_best="eval/loss"), step, 6, models={"model": model},
+                 optimizers={}, evaluate=evaluate)
+    assert result.best["step"] == 0 and torch.equal(model.model.norm.weight, start)
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.5, 0.6, 0.55, 0.58, 0.9, 0.9, 0.9])
+    result = fit(_run(tmp_path, eval_every=1, select_best="eval/score", early_stopping_patience=2), step, 6,
+                 models={"model": model}, optimizers={}, evaluate=evaluate)
+    assert result.steps == 3 and result.best["step"] == 1  # evaluations at 1 (best), 2 and 3 (worse): stop
+    assert torch.all(model.model.norm.weight == 1.0)
+
+
+def test_metric_direction():
+    assert not greater_is_better("eval/loss") and not greater_is_better("eval/kl") and not greater_is_better("eval/ppl")
+    assert greater_is_better("eval/accuracy") and greater_is_better("eval/gold_mean")
+    assert greater_is_better("eval/loss", "max") and not greater_is_better("eval/accuracy", "min")
+
+
+def test_unknown_select_best_metric_is_named(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1] * 4)
+    with pytest.raises(KeyError, match="eval/acuracy.*eval/score"):
+        fit(_run(tmp_path, eval_every=2, select_best="eval/acuracy"), step, 6, models={"model": model},
+            optimizers={}, evaluate=evaluate)
+
+
+# --------------------------------------------------------------------------- configuration reference
+
+def test_help_lists_every_key_with_type_default_and_meaning(capsys):
+    from rlhfkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["dpo", "--help"])
+    out = capsys.readouterr().out
+    assert "dpo.beta (number, default 0.1)" in out and "KL anchor" in out
+    assert "optim.lr (number, default 1e-06)" in out  # DPO's own default for the shared section
+    assert "train.select_best (string, default \"\")" in out
+
+
+def test_print_config_explain_comments_each_key(capsys):
+    import yaml
+
+    from rlhfkit.cli import main
+
+    assert main(["sft", "data.train=x.jsonl", "--print-config", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "# Peak learning rate." in out and yaml.safe_load(out)["optim"]["lr"] == 2e-5
+
+
+def test_every_config_field_is_documented():
+    from rlhfkit.config.reference import keys
+    from rlhfkit.registry import config_classes
+
+    missing = [f"{name}: {k.path}" for name, (cls, _) in config_classes().items() for k in keys(cls) if not k.doc]
+    assert not missing, missing
+
+
+def test_configuration_reference_is_in_sync():
+    """docs/configuration.md is generated: `python -m rlhfkit.config.reference > docs/configuration.md`."""
+    from rlhfkit.config.reference import markdown
+    from rlhfkit.registry import config_classes
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == markdown(config_classes())
