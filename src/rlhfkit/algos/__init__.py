@@ -4,10 +4,13 @@ No models, no configs, no I/O. Shapes: B batch rows, T (response) tokens, V voca
 """
 
 from rlhfkit.algos.advantages import (
+    RunningMeanBaseline,
+    batch_mean_advantages,
     expand_to_tokens,
     gae_advantages,
     group_advantages,
     kl_penalized_rewards,
+    kl_penalized_scores,
     reinforce_baseline_advantages,
     rloo_advantages,
 )
@@ -39,7 +42,9 @@ from rlhfkit.algos.stats import (
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "RunningMeanBaseline",
     "agg_loss",
+    "batch_mean_advantages",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",
@@ -51,6 +56,7 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
+    "kl_penalized_scores",
     "masked_mean",
     "masked_sum",
     "masked_var",
