@@ -15,7 +15,7 @@ from rlhfkit.algos.advantages import (
     rloo_advantages,
 )
 from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt
-from rlhfkit.algos.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhfkit.algos.kl import AdaptiveKLController, FixedKLController, bias_corrected_kl, kl_estimate
 from rlhfkit.algos.logprobs import (
     entropy_from_logits,
     sequence_logps,
@@ -45,6 +45,7 @@ __all__ = [
     "RunningMeanBaseline",
     "agg_loss",
     "batch_mean_advantages",
+    "bias_corrected_kl",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",
