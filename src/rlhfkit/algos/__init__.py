@@ -23,13 +23,13 @@ from rlhfkit.algos.logprobs import (
     token_logprobs,
 )
 from rlhfkit.algos.losses import (
-    bradley_terry_loss,
-    dpo_loss,
     nll_loss,
     ppo_policy_loss,
+    sequence_policy_loss,
     sft_loss,
     value_loss,
 )
+from rlhfkit.algos.preference import bradley_terry_loss, dpo_loss, pairwise_accuracy
 from rlhfkit.algos.stats import (
     agg_loss,
     explained_variance,
@@ -63,10 +63,12 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "nll_loss",
+    "pairwise_accuracy",
     "ppo_policy_loss",
     "reinforce_baseline_advantages",
     "rloo_advantages",
     "sequence_logps",
+    "sequence_policy_loss",
     "sft_loss",
     "shift_for_causal",
     "token_logprobs",
