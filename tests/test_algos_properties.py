@@ -44,7 +44,8 @@ def _dirty(x, mask, garbage):
 
 def _pad(x, mask, k, garbage):
     B = x.shape[0]
-    return torch.cat([x, torch.full((B, k), garbage, dtype=x.dtype)], 1), torch.cat([mask, torch.zeros(B, k, dtype=torch.bool)], 1)
+    padded = torch.cat([x, torch.full((B, k), garbage, dtype=x.dtype)], 1)
+    return padded, torch.cat([mask, torch.zeros(B, k, dtype=torch.bool)], 1)
 
 
 def _loss_and_grad(fn, logp, *args, **kw):

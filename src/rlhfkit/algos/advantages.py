@@ -192,8 +192,10 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _global_mean(scores: torch.Tensor, reduce) -> torch.Tensor:
-    total = torch.stack([scores.to(torch.float64).sum(), torch.tensor(float(scores.numel()), dtype=torch.float64)])
-    total = total if reduce is None else reduce(total.to(scores.device))
+    """Mean of (N,) scores over every rank's rows (float64 sum and count, summed by ``reduce``)."""
+    x = scores.to(torch.float64)
+    total = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    total = total if reduce is None else reduce(total)
     return total[0] / total[1].clamp(min=1)
 
 
@@ -209,9 +211,9 @@ def reinforce_baseline_advantages(
 @torch.no_grad()
 def batch_mean_advantages(scores: torch.Tensor, reduce=None) -> torch.Tensor:
     """REINFORCE with the global batch mean as baseline: A_i = R_i - mean_j R_j over all N samples
-    of all ranks (``reduce`` sums over ranks). The mean includes R_i itself, so the gradient
-    estimate is scaled by (N - 1) / N on average, a negligible bias for large batches; it needs
-    no groups, so it works with one sample per prompt. scores (N,) -> (N,)."""
+    of all ranks (``reduce`` sums over ranks). The mean includes R_i itself: A_i = (N - 1) / N *
+    (R_i - mean of the others), an unbiased estimate scaled by (N - 1) / N, negligible for large
+    batches. It needs no groups, so it works with one sample per prompt. scores (N,) -> (N,)."""
     return scores - _global_mean(scores, reduce).to(scores.dtype)
 
 
@@ -246,6 +248,7 @@ class RunningMeanBaseline:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = None if state["value"] is None else float(state["value"])
+
 
 def expand_to_tokens(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Give every valid token of a response its sequence-level advantage.
