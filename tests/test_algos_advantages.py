@@ -4,11 +4,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from fake_reduce import run_ranks
 from rlhfkit.algos import (
+    RunningMeanBaseline,
+    batch_mean_advantages,
     expand_to_tokens,
     gae_advantages,
     group_advantages,
     kl_penalized_rewards,
+    kl_penalized_scores,
     reinforce_baseline_advantages,
     rloo_advantages,
 )
@@ -141,7 +145,7 @@ def test_group_and_rloo_match_loops():
         mean = sum(grp) / G
         std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
         for j, x in enumerate(grp):
-            grpo[p * G + j] = (x - mean) / (std + 1e-6)
+            grpo[p * G + j] = (x - mean) / (std + 1e-4)
             rloo[p * G + j] = x - (sum(grp) - x) / (G - 1)
     assert_close(group_advantages(s, G), grpo)
     assert_close(rloo_advantages(s, G), rloo)
@@ -188,3 +192,93 @@ def test_kl_penalized_rewards_ignore_masked_positions():
         # total reward = score - kl_coef * sum(kl) per row
         rewards, kl = out
         assert_close(rewards.sum(1), torch.nan_to_num(score) * m.any(1) - 0.05 * kl.sum(1))
+
+
+# --- 4. KL folded into the sequence reward (RLOO), REINFORCE baselines ---------------------------
+
+def test_kl_penalized_scores_by_hand():
+    score = torch.tensor([2.0, 5.0, 7.0], dtype=D)
+    logp = torch.tensor([[-1.0, -2.0, -3.0, NAN], [-1.0, NAN, NAN, NAN], [NAN] * 4], dtype=D)
+    ref = torch.tensor([[-1.5, -2.0, -2.0, 0.0], [-0.5, 0.0, 0.0, 0.0], [0.0] * 4], dtype=D)
+    m = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    rewards, kl = kl_penalized_scores(score, logp, ref, m, beta=0.1)
+    # k1 sums: 0.5 + 0 - 1 = -0.5; -0.5; empty row 0
+    assert_close(kl, torch.tensor([-0.5, -0.5, 0.0], dtype=D))
+    assert_close(rewards, torch.tensor([2.05, 5.05, 7.0], dtype=D))
+    r3, kl3 = kl_penalized_scores(score, logp, ref, m, beta=0.1, kl_kind="k3")
+    k3 = lambda x: math.exp(-x) - 1 + x  # noqa: E731
+    assert_close(kl3, torch.tensor([k3(0.5) + k3(-1.0), k3(-0.5), 0.0], dtype=D))
+
+
+def test_rloo_with_kl_in_reward_matches_loop():
+    # The paper's RLOO (and TRL 1.16's): R_i = score_i - beta * sum_t (logp_old - logp_ref), then
+    # A_i = R_i - mean of the other rewards of the group.
+    g = torch.Generator().manual_seed(8)
+    G, P, T, beta = 4, 3, 5, 0.05
+    score = torch.randn(G * P, generator=g, dtype=D)
+    logp, ref = torch.randn(G * P, T, generator=g, dtype=D), torch.randn(G * P, T, generator=g, dtype=D)
+    m = torch.rand(G * P, T, generator=g) > 0.3
+    rewards, _ = kl_penalized_scores(score, logp, ref, m, beta)
+    adv = rloo_advantages(rewards, G)
+    for i in range(G * P):
+        r = lambda j: score[j].item() - beta * sum(  # noqa: E731
+            logp[j, t].item() - ref[j, t].item() for t in range(T) if m[j, t])
+        p = i // G
+        others = [r(j) for j in range(p * G, p * G + G) if j != i]
+        assert adv[i].item() == pytest.approx(r(i) - sum(others) / (G - 1), abs=1e-12)
+
+
+def test_batch_mean_baseline_by_hand_and_over_fake_ranks():
+    s = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=D)
+    assert_close(batch_mean_advantages(s), s - 3.0)
+    parts = run_ranks(lambda x, reduce: batch_mean_advantages(x, reduce=reduce), [s[:1], s[1:]])
+    assert_close(torch.cat(parts), s - 3.0)
+
+
+def test_running_mean_baseline_by_hand():
+    b = RunningMeanBaseline(decay=0.5)
+    assert b.value is None
+    a1 = b.advantages(torch.tensor([1.0, 3.0]))  # first batch: its own mean 2
+    assert_close(a1, torch.tensor([-1.0, 1.0]))
+    assert b.value == 2.0
+    a2 = b.advantages(torch.tensor([6.0, 8.0]))  # baseline 2 from the past only; then 0.5*2 + 0.5*7
+    assert_close(a2, torch.tensor([4.0, 6.0]))
+    assert b.value == 4.5
+    c = RunningMeanBaseline(decay=0.5)
+    c.load_state_dict(b.state_dict())
+    assert_close(c.advantages(torch.tensor([4.5])), torch.tensor([0.0]))
+    assert_close(reinforce_baseline_advantages(torch.tensor([4.5]), 4.5), torch.tensor([0.0]))
+    empty = RunningMeanBaseline()
+    empty.load_state_dict(RunningMeanBaseline().state_dict())
+    assert empty.value is None
+    with pytest.raises(ValueError):
+        RunningMeanBaseline(decay=1.0)
+
+
+def test_running_mean_baseline_is_global_over_fake_ranks():
+    batches = [torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0.0, 4.0, 4.0, 8.0])]
+    single = RunningMeanBaseline(0.9)
+    expected = [single.advantages(x) for x in batches]
+
+    def rank(shard_batches, reduce):
+        b = RunningMeanBaseline(0.9)
+        return [b.advantages(x, reduce=reduce) for x in shard_batches], b.value
+
+    results = run_ranks(rank, [[x[:3] for x in batches], [x[3:] for x in batches]])
+    for k in range(2):
+        assert_close(torch.cat([results[0][0][k], results[1][0][k]]), expected[k])
+    assert results[0][1] == results[1][1] == pytest.approx(single.value)
+
+
+def test_reinforce_baseline_is_unbiased_by_enumeration():
+    # Exact expectation over a 3-armed bandit: E[A * grad log pi] with A = R - b and b independent
+    # of the sample equals the true policy gradient grad E[R] for any b.
+    theta = torch.tensor([0.2, -0.4, 0.9], dtype=D, requires_grad=True)
+    R = torch.tensor([1.0, 3.0, -2.0], dtype=D)
+    pi = torch.softmax(theta, 0)
+    (true_grad,) = torch.autograd.grad((pi * R).sum(), theta)
+    for b in (0.0, 1.7, -5.0):
+        adv = reinforce_baseline_advantages(R, b)
+        est = sum(pi[a].detach() * adv[a] * torch.autograd.grad(torch.log_softmax(theta, 0)[a], theta)[0]
+                  for a in range(3))
+        assert_close(est, true_grad)

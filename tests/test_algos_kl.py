@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhfkit.algos import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhfkit.algos import AdaptiveKLController, FixedKLController, bias_corrected_kl, kl_estimate
 
 D = torch.float64
 
@@ -72,3 +72,79 @@ def test_controller_state_roundtrip():
     assert f.update(100.0, 10) == 0.05 and f.value == 0.05
     f.load_state_dict({"value": 0.3})
     assert f.value == 0.3
+
+
+# --- value and gradient of each estimator, by exact enumeration ---------------------------------
+# A 5-way categorical pi = softmax(theta) and a fixed reference. "Expected estimator" means
+# sum_a pi_old(a) * f(a): the exact expectation over samples a ~ pi_old, held fixed while
+# differentiating (as a loss does). The claims are those of the table in algos/kl.py.
+
+THETA = [0.3, -1.2, 0.8, 0.0, -0.4]
+REF = [0.1, 0.3, 0.2, 0.25, 0.15]
+
+
+def _setup(theta_old=None):
+    theta = torch.tensor(THETA, dtype=D, requires_grad=True)
+    logp = torch.log_softmax(theta, 0)
+    logp_old = logp.detach() if theta_old is None else torch.log_softmax(torch.tensor(theta_old, dtype=D), 0)
+    logq = torch.tensor(REF, dtype=D).log()
+    return theta, logp, logp_old, logq
+
+
+def _expected(values, logp_old):
+    return (logp_old.exp() * values).sum()  # E_{a ~ pi_old}[values(a)]
+
+
+def _kl(logp_a, logp_b):  # KL(a || b) for full distributions
+    return (logp_a.exp() * (logp_a - logp_b)).sum()
+
+
+def _grad(x, theta):
+    return torch.autograd.grad(x, theta, retain_graph=True)[0]
+
+
+def test_value_of_each_estimator_on_policy():
+    _, logp, logp_old, logq = _setup()
+    reverse = _kl(logp, logq)
+    for kind in ("k1", "k3"):
+        assert_close(_expected(kl_estimate(logp, logq, kind), logp_old), reverse)
+    assert_close(_expected(bias_corrected_kl(logp, logq, logp_old), logp_old), reverse)
+    k2 = _expected(kl_estimate(logp, logq, "k2"), logp_old)
+    assert abs(k2 - reverse) > 1e-3  # k2's value is biased
+
+
+def test_gradient_of_each_estimator_on_policy():
+    theta, logp, logp_old, logq = _setup()
+    g_reverse = _grad(_kl(logp, logq), theta)  # grad KL(pi || ref)
+    g_forward = _grad(_kl(logq, logp), theta)  # grad KL(ref || pi)
+    g = {kind: _grad(_expected(kl_estimate(logp, logq, kind), logp_old), theta) for kind in ("k1", "k2", "k3")}
+    g["bc"] = _grad(_expected(bias_corrected_kl(logp, logq, logp_old), logp_old), theta)
+    assert_close(g["k1"], torch.zeros_like(theta), atol=1e-12, rtol=0)  # k1 as a loss: no signal
+    assert_close(g["k2"], g_reverse, atol=1e-6, rtol=0)
+    assert_close(g["k3"], g_forward, atol=1e-6, rtol=0)  # k3: the forward KL's gradient ...
+    assert (g["k3"] - g_reverse).abs().max() > 1e-2  # ... which is not the reverse KL's here
+    assert_close(g["bc"], g_reverse, atol=1e-6, rtol=0)
+
+
+def test_bias_corrected_kl_off_policy():
+    # Samples from a stale pi_old != pi: the ratio makes value and gradient those of KL(pi || ref);
+    # plain k3 is then biased in value too.
+    theta, logp, logp_old, logq = _setup(theta_old=[0.0, 0.5, -0.5, 1.0, 0.2])
+    est = _expected(bias_corrected_kl(logp, logq, logp_old), logp_old)
+    assert_close(est, _kl(logp, logq))
+    assert_close(_grad(est, theta), _grad(_kl(logp, logq), theta), atol=1e-6, rtol=0)
+    assert abs(_expected(kl_estimate(logp, logq, "k3"), logp_old) - _kl(logp, logq)) > 1e-2
+
+
+def test_bias_corrected_kl_value_is_k3_on_policy_and_detaches_old():
+    g = torch.Generator().manual_seed(1)
+    logp = torch.randn(3, 4, generator=g, dtype=D, requires_grad=True)
+    ref = torch.randn(3, 4, generator=g, dtype=D)
+    # logp_old given *with* grad (the same tensor): it must still be treated as a constant
+    bc = bias_corrected_kl(logp, ref, logp)
+    assert_close(bc, kl_estimate(logp, ref, "k3"))
+    (grad,) = torch.autograd.grad(bc.sum(), logp)
+    # d/dx [exp(x - c) * k3(x)] at x = c is k3 + k3' with k3' = 1 - exp(-(x - ref))
+    x = (logp - ref).detach()
+    assert_close(grad, (torch.expm1(-x) + x) + (1 - torch.exp(-x)))
+    assert torch.isfinite(bias_corrected_kl(logp, ref, logp.detach() - 1e4)).all()  # clamped

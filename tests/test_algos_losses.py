@@ -6,10 +6,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from rlhfkit.algos import (
-    bradley_terry_loss,
-    dpo_loss,
     nll_loss,
     ppo_policy_loss,
+    sequence_policy_loss,
     sft_loss,
     value_loss,
 )
@@ -43,6 +42,9 @@ def test_ppo_policy_loss_by_hand():
     # approx_kl = mean((r - 1) - log r) = 2 * (0.5 - ln 1.5) + 2 * (-0.5 - ln 0.5), over 4
     k3 = (2 * (0.5 - math.log(1.5)) + 2 * (-0.5 + LN2)) / 4
     assert_close(metrics["approx_kl"], torch.tensor(k3, dtype=D))
+    # TRL's approxkl: 0.5 * (ln^2 1.5 + 2 ln^2 2 + ln^2 1.5) over all 5 positions (padding included)
+    k2_trl = 0.5 * (2 * math.log(1.5) ** 2 + 2 * LN2**2) / 5
+    assert_close(metrics["approx_kl_trl"], torch.tensor(k2_trl, dtype=D))
 
 
 def test_ppo_clip_higher():
@@ -137,6 +139,76 @@ def test_ppo_micro_batches_with_global_normalizer_equal_full_batch():
     assert_close(grad, full_grad)
 
 
+# --- sequence-level surrogate (RLOO as TRL 1.16, GSPO) -------------------------------------------
+
+def test_sequence_policy_loss_by_hand():
+    # row 0: token log-ratios ln 1.5 and 0 -> rho = 1.5, A = +1: clipped at 1.2, loss -1.2
+    # row 1: log-ratios ln 0.5 (one token; the padded one holds nan) -> rho = 0.5, A = -1:
+    #        min(-0.5, -0.8) = -0.8 -> loss 0.8, clipped
+    # row 2: rho = 0.9 * 1 = 0.9, A = 2: min(1.8, 1.8) -> loss -1.8, not clipped
+    logp_old = torch.zeros(3, 2, dtype=D)
+    logp = torch.tensor([[math.log(1.5), 0.0], [math.log(0.5), NAN], [math.log(0.9), 0.0]], dtype=D)
+    m = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    adv = _t(1.0, -1.0, 2.0)
+    loss, met = sequence_policy_loss(logp, logp_old, adv, m, clip_eps=0.2)
+    assert_close(loss, torch.tensor((-1.2 + 0.8 - 1.8) / 3, dtype=D))
+    assert met["clipfrac"].item() == pytest.approx(2 / 3)
+    assert_close(met["ratio_max"], torch.tensor(1.5, dtype=D))
+    # "mean" (GSPO): row 0 rho = exp(ln(1.5) / 2) = 1.2247 -> clipped at 1.2 as well;
+    # row 2: rho = sqrt(0.9) = 0.94868 -> loss -1.89737
+    loss, _ = sequence_policy_loss(logp, logp_old, adv, m, clip_eps=0.2, log_ratio="mean")
+    assert_close(loss, torch.tensor((-1.2 + 0.8 - 2 * math.sqrt(0.9)) / 3, dtype=D))
+    with pytest.raises(ValueError):
+        sequence_policy_loss(logp, logp_old, adv, m, log_ratio="max")
+
+
+def test_sequence_policy_loss_matches_loop_and_gradient_at_ratio_one():
+    g = torch.Generator().manual_seed(5)
+    B, T, eps, eps_hi = 6, 5, 0.2, 0.28
+    logp = (torch.randn(B, T, generator=g, dtype=D) * 0.2).requires_grad_()
+    logp_old = torch.randn(B, T, generator=g, dtype=D) * 0.2
+    adv = torch.randn(B, generator=g, dtype=D)
+    m = torch.rand(B, T, generator=g) > 0.3
+    for kind in ("sum", "mean"):
+        total = 0.0
+        for b in range(B):
+            lr = [logp[b, t].item() - logp_old[b, t].item() for t in range(T) if m[b, t]]
+            x = sum(lr) if kind == "sum" else (sum(lr) / len(lr) if lr else 0.0)
+            rho = math.exp(x)
+            total += -min(rho * adv[b].item(), min(max(rho, 1 - eps), 1 + eps_hi) * adv[b].item())
+        loss, _ = sequence_policy_loss(logp, logp_old, adv, m, eps, eps_hi, log_ratio=kind)
+        assert loss.item() == pytest.approx(total / B, abs=1e-12)
+    # at ratio 1 ("sum"): the REINFORCE gradient -A_i / B on every valid token of row i
+    loss, met = sequence_policy_loss(logp, logp.detach(), adv, m)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert_close(grad, torch.where(m, -adv[:, None] / B, 0.0))
+    assert met["clipfrac"].item() == 0.0 and met["approx_kl"].item() == 0.0
+
+
+def test_sequence_policy_loss_garbage_and_micro_batches():
+    g = torch.Generator().manual_seed(6)
+    B, T = 8, 6
+    logp = (torch.randn(B, T, generator=g, dtype=D) * 0.1).requires_grad_()
+    logp_old = (logp + 0.1 * torch.randn(B, T, generator=g, dtype=D)).detach()
+    adv = torch.randn(B, generator=g, dtype=D)
+    m = torch.arange(T)[None] < torch.randint(0, T + 1, (B, 1), generator=g)
+    full, met = sequence_policy_loss(logp, logp_old, adv, m)
+    (full_grad,) = torch.autograd.grad(full, logp)
+    dirty, met_d = sequence_policy_loss(torch.where(m, logp, 1e4), torch.where(m, logp_old, NAN), adv, m)
+    assert_close(dirty, full)
+    assert_close(torch.autograd.grad(dirty, logp)[0], full_grad)
+    for k in met:
+        assert_close(met_d[k], met[k])
+    total, grad = 0.0, torch.zeros_like(logp)
+    for i in range(0, B, 3):  # uneven micro-batches 3 + 3 + 2, normalised by the global row count
+        s = slice(i, i + 3)
+        part, _ = sequence_policy_loss(logp[s], logp_old[s], adv[s], m[s], normalizer=B)
+        total = total + part
+        grad += torch.autograd.grad(part, logp)[0]
+    assert_close(total, full)
+    assert_close(grad, full_grad)
+
+
 # --- value loss ---------------------------------------------------------------------------------
 
 def test_value_loss_by_hand():
@@ -185,89 +257,3 @@ def test_nll_loss_by_hand_and_vs_cross_entropy():
     ref = F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), ignore_index=-100)
     assert_close(loss, ref)
     assert_close(met["nll"], ref)
-
-
-# --- Bradley-Terry ------------------------------------------------------------------------------
-
-def test_bradley_terry_by_hand():
-    loss, met = bradley_terry_loss(chosen_rewards=_t(1.0), rejected_rewards=_t(0.0))
-    assert_close(loss, torch.tensor(math.log(1 + math.exp(-1)), dtype=D))  # 0.313262
-    loss, _ = bradley_terry_loss(chosen_rewards=_t(1.0), rejected_rewards=_t(0.0), margin=1.0)
-    assert_close(loss, torch.tensor(LN2, dtype=D))
-    loss, met = bradley_terry_loss(chosen_rewards=_t(2.0, 0.0, 1.0), rejected_rewards=_t(1.0, 3.0, 1.0))
-    assert met["accuracy"].item() == pytest.approx(1 / 3)  # ties count as wrong
-    assert_close(met["margin"], torch.tensor(-2 / 3, dtype=D))
-    assert_close(met["chosen_mean"], torch.tensor(1.0, dtype=D))
-    per, _ = bradley_terry_loss(chosen_rewards=_t(2.0, 0.0, 1.0), rejected_rewards=_t(1.0, 3.0, 1.0),
-                                reduction="none")
-    assert_close(per, -F.logsigmoid(_t(1.0, -3.0, 0.0)))
-    big, _ = bradley_terry_loss(chosen_rewards=_t(-1e4), rejected_rewards=_t(1e4))
-    assert torch.isfinite(big) and abs(big.item() - 2e4) < 1e-6
-
-
-# --- DPO and relatives --------------------------------------------------------------------------
-
-def _dpo(pc, pr, rc, rr, **kw):
-    return dpo_loss(policy_chosen_logp=_t(*pc), policy_rejected_logp=_t(*pr),
-                    ref_chosen_logp=_t(*rc), ref_rejected_logp=_t(*rr), **kw)
-
-
-def test_dpo_at_reference_is_ln2():
-    for lt in ("sigmoid", "cdpo"):
-        loss, met = _dpo([-5.0, -9.0], [-7.0, -2.0], [-5.0, -9.0], [-7.0, -2.0], beta=0.1, loss_type=lt,
-                         label_smoothing=0.1 if lt == "cdpo" else 0.0)
-        assert_close(loss, torch.tensor(LN2, dtype=D))
-    assert met["rewards/accuracy"].item() == 0.0 and met["rewards/margin"].item() == 0.0
-    loss, _ = _dpo([-5.0], [-7.0], [-5.0], [-7.0], beta=0.1, loss_type="ipo")
-    assert_close(loss, torch.tensor(25.0, dtype=D))  # (0 - 1/(2*0.1))^2
-    loss, _ = _dpo([-5.0], [-7.0], [-5.0], [-7.0], beta=0.1, loss_type="hinge")
-    assert_close(loss, torch.tensor(1.0, dtype=D))
-
-
-def test_dpo_by_hand():
-    # chosen log-ratio 2, rejected log-ratio 0, beta 0.5: beta*h = 1
-    kw = dict(pc=[-3.0], pr=[-4.0], rc=[-5.0], rr=[-4.0], beta=0.5)
-    loss, met = _dpo(**kw)
-    assert_close(loss, torch.tensor(math.log(1 + math.exp(-1)), dtype=D))  # 0.313262
-    assert_close(met["rewards/chosen"], torch.tensor(1.0, dtype=D))
-    assert_close(met["rewards/rejected"], torch.tensor(0.0, dtype=D))
-    assert met["rewards/accuracy"].item() == 1.0 and met["rewards/margin"].item() == 1.0
-    # cDPO eps=0.1: 0.9 * 0.313262 + 0.1 * ln(1 + e) = 0.413262
-    loss, _ = _dpo(**kw, label_smoothing=0.1)
-    assert_close(loss, torch.tensor(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.e), dtype=D))
-    loss, _ = _dpo(**kw, loss_type="ipo")  # (2 - 1)^2
-    assert_close(loss, torch.tensor(1.0, dtype=D))
-
-
-def test_dpo_is_bradley_terry_on_implicit_rewards():
-    g = torch.Generator().manual_seed(6)
-    pc, pr, rc, rr = (torch.randn(16, generator=g, dtype=D) * 5 for _ in range(4))
-    beta = 0.3
-    dpo, _ = dpo_loss(policy_chosen_logp=pc, policy_rejected_logp=pr, ref_chosen_logp=rc,
-                      ref_rejected_logp=rr, beta=beta, reduction="none")
-    bt, _ = bradley_terry_loss(chosen_rewards=beta * (pc - rc), rejected_rewards=beta * (pr - rr),
-                               reduction="none")
-    assert_close(dpo, bt)
-    total, _ = dpo_loss(policy_chosen_logp=pc, policy_rejected_logp=pr, ref_chosen_logp=rc,
-                        ref_rejected_logp=rr, beta=beta, reduction="sum")
-    assert_close(total, dpo.sum())
-
-
-def test_dpo_gradient_pushes_chosen_up_and_rejected_down():
-    pc = torch.tensor([-3.0], dtype=D, requires_grad=True)
-    pr = torch.tensor([-3.0], dtype=D, requires_grad=True)
-    loss, _ = dpo_loss(policy_chosen_logp=pc, policy_rejected_logp=pr, ref_chosen_logp=_t(-3.0),
-                       ref_rejected_logp=_t(-3.0), beta=0.1)
-    loss.backward()
-    # d/dh of -log s(beta h) at h=0 is -beta/2
-    assert_close(pc.grad, _t(-0.05))
-    assert_close(pr.grad, _t(0.05))
-
-
-def test_dpo_bad_arguments():
-    with pytest.raises(ValueError):
-        _dpo([0.0], [0.0], [0.0], [0.0], beta=0.1, loss_type="kto")
-    with pytest.raises(ValueError):
-        _dpo([0.0], [0.0], [0.0], [0.0], beta=0.1, loss_type="ipo", label_smoothing=0.1)
-    with pytest.raises(ValueError):
-        _dpo([0.0], [0.0], [0.0], [0.0], beta=0.1, reduction="max")

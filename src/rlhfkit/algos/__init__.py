@@ -4,15 +4,18 @@ No models, no configs, no I/O. Shapes: B batch rows, T (response) tokens, V voca
 """
 
 from rlhfkit.algos.advantages import (
+    RunningMeanBaseline,
+    batch_mean_advantages,
     expand_to_tokens,
     gae_advantages,
     group_advantages,
     kl_penalized_rewards,
+    kl_penalized_scores,
     reinforce_baseline_advantages,
     rloo_advantages,
 )
 from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt
-from rlhfkit.algos.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhfkit.algos.kl import AdaptiveKLController, FixedKLController, bias_corrected_kl, kl_estimate
 from rlhfkit.algos.logprobs import (
     entropy_from_logits,
     sequence_logps,
@@ -20,13 +23,13 @@ from rlhfkit.algos.logprobs import (
     token_logprobs,
 )
 from rlhfkit.algos.losses import (
-    bradley_terry_loss,
-    dpo_loss,
     nll_loss,
     ppo_policy_loss,
+    sequence_policy_loss,
     sft_loss,
     value_loss,
 )
+from rlhfkit.algos.preference import bradley_terry_loss, dpo_loss, pairwise_accuracy
 from rlhfkit.algos.stats import (
     agg_loss,
     explained_variance,
@@ -39,7 +42,10 @@ from rlhfkit.algos.stats import (
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "RunningMeanBaseline",
     "agg_loss",
+    "batch_mean_advantages",
+    "bias_corrected_kl",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",
@@ -51,15 +57,18 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
+    "kl_penalized_scores",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "nll_loss",
+    "pairwise_accuracy",
     "ppo_policy_loss",
     "reinforce_baseline_advantages",
     "rloo_advantages",
     "sequence_logps",
+    "sequence_policy_loss",
     "sft_loss",
     "shift_for_causal",
     "token_logprobs",

@@ -1,5 +1,5 @@
-"""Losses: PPO clipped policy loss, clipped value loss, token NLL (SFT / PTX), Bradley-Terry
-reward-model loss, DPO and relatives.
+"""Token losses: PPO clipped policy loss (token and sequence level), clipped value loss, token NLL
+(SFT / PTX). Pairwise preference losses (Bradley-Terry, DPO) are in `preference`.
 
 Every function returns (loss, metrics). metrics maps standard names to detached 0-dim tensors
 (call .item() when logging; keeping tensors avoids a device sync per metric). Metrics are
@@ -13,23 +13,30 @@ neither the loss nor the gradient: a nan there would otherwise flow back as 0 * 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from rlhfkit.algos.kl import LOG_RATIO_CLAMP
 from rlhfkit.algos.logprobs import token_logprobs
-from rlhfkit.algos.stats import _select, agg_loss, masked_mean
-
-DPO_LOSS_TYPES = ("sigmoid", "cdpo", "ipo", "hinge")
+from rlhfkit.algos.stats import _count, _select, agg_loss, masked_mean, masked_sum
 
 
-def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":  # the trainer divides by the global number of pairs
-        return losses.sum()
-    if reduction == "none":
-        return losses
-    raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
+def _clipped_surrogate(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Elementwise PPO loss max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) and the ratio r.
+    Returns (loss, ratio, clipped) where `clipped` marks entries whose active branch is the clipped
+    one, i.e. that get no gradient. The log-ratio is clamped before exp so a wildly stale sample
+    gives a huge finite ratio, not inf (inf * 0 = nan)."""
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    # Pessimistic bound: max of the two losses = min of the two objectives.
+    return torch.maximum(loss_unclipped, loss_clipped), ratio, loss_clipped > loss_unclipped
+
+
+def _token_k3(log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tokens of (r - 1) - log r, r = exp(log_ratio) (log-ratio clamped as above)."""
+    x = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return masked_mean(torch.expm1(x) - x, valid)
 
 
 def ppo_policy_loss(
@@ -56,8 +63,13 @@ def ppo_policy_loss(
                  token gets no gradient: ratio > 1 + eps_high with A > 0, or ratio < 1 - eps with
                  A < 0. (cleanrl counts |ratio - 1| > eps whatever the sign of A; that also counts
                  tokens that the clip does not affect.)
-      approx_kl  k3 estimate of KL(pi_old || pi_theta) over valid tokens: mean((r - 1) - log r),
-                 unbiased and >= 0 since tokens were sampled from pi_old (cleanrl's approx_kl).
+      approx_kl  k3 estimate of KL(pi_old || pi_theta), averaged over valid tokens:
+                 mean((r - 1) - log r). Unbiased and >= 0 since tokens were sampled from pi_old
+                 (cleanrl's approx_kl). 0 on the first minibatch of an on-policy update.
+      approx_kl_trl  TRL PPOTrainer's `policy/approxkl_avg`: 0.5 * (logp - logp_old)^2 summed over
+                 valid tokens and divided by *all* B * T positions (TRL fills padding with equal
+                 log-probs, so padding adds 0 to the sum but counts in the mean). A k2 estimate
+                 diluted by the padding fraction: it depends on how wide the batch is padded.
       ratio_mean, ratio_max over valid tokens.
     """
     eps_low = clip_eps
@@ -66,22 +78,70 @@ def ppo_policy_loss(
     logp_old = _select(logp_old, mask)
     advantages = _select(advantages, mask)
 
-    # Clamp before exp so a wildly stale token gives a huge finite ratio, not inf (inf * 0 = nan).
-    log_ratio = (logp - logp_old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    # Pessimistic bound: max of the two losses = min of the two objectives.
-    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    log_ratio = logp - logp_old
+    loss_mat, ratio, clipped = _clipped_surrogate(log_ratio, advantages, eps_low, eps_high)
     loss = agg_loss(loss_mat, mask, mode=agg, normalizer=normalizer)
 
     with torch.no_grad():
         valid = mask.bool()
         metrics = {
-            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), valid),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, valid),
+            "clipfrac": masked_mean(clipped.float(), valid),
+            "approx_kl": _token_k3(log_ratio, valid),
+            "approx_kl_trl": masked_sum(0.5 * log_ratio.square(), valid) / max(log_ratio.numel(), 1),
             "ratio_mean": masked_mean(ratio, valid),
             "ratio_max": torch.where(valid, ratio, float("-inf")).max(),
+        }
+    return loss, metrics
+
+
+SEQUENCE_LOG_RATIOS = ("sum", "mean")
+
+
+def sequence_policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    log_ratio: str = "sum",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """PPO clipped surrogate with one importance ratio per *sequence*, to be minimised:
+        rho_i = exp(sum_t (logp_it - logp_old_it))            log_ratio="sum"
+        rho_i = exp(mean_t (logp_it - logp_old_it))           log_ratio="mean"
+        L = sum_i -min(rho_i A_i, clip(rho_i, 1 - clip_eps, 1 + clip_eps_high) A_i) / normalizer
+
+    "sum" is the likelihood ratio of the whole response, the ratio of TRL 1.16's RLOOTrainer
+    (RLOO as REINFORCE on whole responses, Ahmadian et al. 2024): one clip decision per response,
+    so a response is either fully in the trust region or gets no gradient at all. "mean" is the
+    length-normalised ratio of GSPO (Zheng et al. 2025; TRL GRPO importance_sampling_level=
+    "sequence"). The token-level form is `ppo_policy_loss` with `expand_to_tokens(A, mask)`.
+
+    logp: (B, T) current policy log-probs (with grad); logp_old: (B, T) the rollout policy's;
+    advantages: (B,) one per sequence; mask: (B, T). normalizer: the number of sequences in the
+    global batch, for exact gradient accumulation (default: B, the mean over this batch, as TRL).
+    A row with no valid token has ratio 1 and still counts in the mean (its loss gets no gradient).
+
+    Metrics: clipfrac (share of sequences whose clipped branch is active), approx_kl (the token
+    k3 of `ppo_policy_loss`, comparable across levels), ratio_mean, ratio_max (sequence ratios).
+    """
+    if log_ratio not in SEQUENCE_LOG_RATIOS:
+        raise ValueError(f"unknown log_ratio {log_ratio!r}; expected one of {SEQUENCE_LOG_RATIOS}")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    token_lr = _select(logp, mask) - _select(logp_old, mask)  # (B, T), 0 at masked positions
+    seq_lr = token_lr.sum(-1)  # (B,)
+    if log_ratio == "mean":
+        seq_lr = seq_lr / _count(token_lr, mask, -1).clamp(min=1)
+    losses, ratio, clipped = _clipped_surrogate(seq_lr, advantages, clip_eps, eps_high)  # (B,)
+    loss = losses.sum() / (losses.numel() if normalizer is None else normalizer)
+
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": clipped.float().mean(),
+            "approx_kl": _token_k3(token_lr, mask.bool()),
+            "ratio_mean": ratio.mean(),
+            "ratio_max": ratio.max(),
         }
     return loss, metrics
 
@@ -95,7 +155,7 @@ def value_loss(
     agg: str = "token-mean",
     normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss (SPEC 4.5; the PPO2 baselines form):
+    """Clipped value loss (the PPO2 baselines form):
         L = agg(0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2))
 
     values: (B, T) critic outputs now (with grad); values_old: (B, T) from the rollout;
@@ -132,7 +192,7 @@ def nll_loss(
     agg: str = "token-mean",
     normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Token cross-entropy -log p(y_t) over valid tokens (SFT, SPEC 1; PTX term, SPEC 4.5).
+    """Token cross-entropy -log p(y_t) over valid tokens (SFT; the PTX term of Ouyang et al. 2022).
 
     logp: (B, T) log-probs of the target tokens (`token_logprobs`); mask: (B, T), 1 on the tokens
     to learn (response / assistant tokens). Metrics: nll (this batch's token-mean NLL, whatever
@@ -155,92 +215,3 @@ def sft_loss(
     """`nll_loss` from logits. logits (B, T, V) and labels, mask (B, T) must already be aligned
     (logits[:, t] predicts labels[:, t]; see `logprobs.shift_for_causal`)."""
     return nll_loss(token_logprobs(logits, labels), mask, agg=agg, normalizer=normalizer)
-
-
-def bradley_terry_loss(
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    margin: float | torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> tuple[torch.Tensor, dict]:
-    """Reward-model loss under the Bradley-Terry model (SPEC 2; Ouyang et al. 2022):
-        L = -log sigmoid(r_chosen - r_rejected - margin)
-
-    chosen_rewards, rejected_rewards: (B,) scalar rewards of each pair. margin: optional scalar or
-    (B,) required gap (Llama 2 uses a margin from the annotators' preference strength).
-    reduction: "mean" | "sum" | "none" ("sum" then divide by the global number of pairs for exact
-    gradient accumulation; "none" returns the (B,) per-pair losses).
-    Metrics: accuracy (fraction with r_chosen > r_rejected; ties count as wrong), margin
-    (mean r_chosen - r_rejected), chosen_mean, rejected_mean.
-    """
-    diff = chosen_rewards - rejected_rewards
-    logits = diff if margin is None else diff - margin
-    losses = -F.logsigmoid(logits)  # = softplus(-logits), stable for large |logits|
-    with torch.no_grad():
-        metrics = {
-            "accuracy": (diff > 0).float().mean(),
-            "margin": diff.mean(),
-            "chosen_mean": chosen_rewards.mean(),
-            "rejected_mean": rejected_rewards.mean(),
-        }
-    return _reduce(losses, reduction), metrics
-
-
-def dpo_loss(
-    policy_chosen_logp: torch.Tensor,
-    policy_rejected_logp: torch.Tensor,
-    ref_chosen_logp: torch.Tensor,
-    ref_rejected_logp: torch.Tensor,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-) -> tuple[torch.Tensor, dict]:
-    """Direct Preference Optimisation (Rafailov et al. 2023) and relatives (SPEC 6).
-
-    Inputs: (B,) sequence log-probs (`sequence_logps`) of chosen / rejected responses under the
-    policy and the frozen reference. With the log-ratio difference
-        h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)]
-    loss_type:
-      "sigmoid" DPO: -log s(beta*h). With label_smoothing = e > 0 this becomes conservative DPO
-                (cDPO, Mitchell 2023), which assumes labels are flipped with probability e:
-                -(1 - e) log s(beta*h) - e log s(-beta*h).
-      "cdpo"    the same formula (an alias that makes the intent explicit).
-      "ipo"     IPO (Azar et al. 2023): (h - 1/(2*beta))^2, a squared loss that stops pushing once
-                the log-ratio gap reaches 1/(2 beta), so it cannot drive h to infinity. The paper
-                and TRL use per-token *averaged* log-probs for IPO; we use whatever the caller
-                passes (sum by default: call `sequence_logps(..., average=True)` for TRL's).
-      "hinge"   SLiC-style hinge (Zhao et al. 2023): relu(1 - beta*h).
-    reduction: "mean" | "sum" | "none" as in `bradley_terry_loss`.
-    Metrics (implicit rewards beta * log(pi/ref), Z(x) cancels): rewards/chosen,
-    rewards/rejected, rewards/accuracy (chosen > rejected), rewards/margin, logps/chosen,
-    logps/rejected (policy sequence log-probs).
-    """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-    if label_smoothing and loss_type not in ("sigmoid", "cdpo"):
-        raise ValueError("label_smoothing is only defined for the sigmoid (cDPO) loss")
-    chosen_logratio = policy_chosen_logp - ref_chosen_logp
-    rejected_logratio = policy_rejected_logp - ref_rejected_logp
-    h = chosen_logratio - rejected_logratio  # (B,)
-
-    if loss_type in ("sigmoid", "cdpo"):
-        e = label_smoothing
-        losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)).square()
-    else:  # hinge
-        losses = torch.relu(1 - beta * h)
-
-    with torch.no_grad():
-        chosen_rewards = beta * chosen_logratio
-        rejected_rewards = beta * rejected_logratio
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy_chosen_logp.mean(),
-            "logps/rejected": policy_rejected_logp.mean(),
-        }
-    return _reduce(losses, reduction), metrics

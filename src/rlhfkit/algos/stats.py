@@ -60,7 +60,7 @@ def masked_whiten(
 ) -> torch.Tensor:
     """Normalise `x` to mean 0 / variance 1 over its valid entries; masked entries become 0.
 
-    Used on PPO advantages over all valid tokens of the batch (SPEC 4.4). With shift_mean=False
+    Used on PPO advantages over all valid tokens of the batch. With shift_mean=False
     the mean is added back after scaling, i.e. (x - mean) / std + mean (same as OpenAI's
     lm-human-preferences and TRL): the spread is normalised but the sign balance is kept.
     The variance is the unbiased one. With ``reduce`` (sums a tensor over data-parallel ranks)
