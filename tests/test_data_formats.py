@@ -83,8 +83,53 @@ def test_prompts_from_strings_and_messages(tmp_path):
     rows = [{"prompt": "2+2?", "answer": 4, "id": "a"},
             {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}], "reference": "x"}]
     got = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
-    assert got[0] == PromptExample([{"role": "user", "content": "2+2?"}], reference="4", meta={"id": "a"})
+    assert got[0] == PromptExample([{"role": "user", "content": "2+2?"}], reference="4", meta={"answer": 4, "id": "a"})
     assert got[1].prompt[0]["role"] == "system" and got[1].reference == "x"
+    # what a reward function receives: every field but the prompt; `reference` as a string
+    assert got[0].reward_fields() == {"answer": 4, "id": "a", "reference": "4"}
+    assert got[1].reward_fields() == {"reference": "x"}
+
+
+def test_prompt_records_keep_every_extra_field(tmp_path):
+    """Extra columns of any JSON type reach reward functions unchanged, from every format."""
+    rows = [{"prompt": "Sort 3 1 2", "reference": 123, "tests": ["assert f() == 1", "assert g()"],
+             "info": {"level": 2, "tags": ["sort"], "strict": True}, "weight": 0.5, "note": None},
+            {"prompt": "Hi", "tests": [], "info": {"level": 1, "tags": [], "strict": False}, "weight": 1.0,
+             "note": "x"}]
+    sources = write_all_formats(tmp_path, rows, csv_ok=False)
+    for name, src in sources.items():
+        got = load_prompts(src)
+        assert got[0].reference == "123", name
+        assert got[0].reward_fields() == {**{k: v for k, v in rows[0].items() if k != "prompt"},
+                                          "reference": "123"}, name
+        # a column absent from a record (Parquet / datasets fill it with null) is None or absent
+        assert got[1].reward_fields().get("reference") is None and got[1].meta["tests"] == [], name
+
+
+@pytest.mark.parametrize("extra, field, fragment", [
+    ({"when": __import__("datetime").date(2024, 1, 1)}, "when", "expected a JSON value"),
+    ({"info": {"ids": [1, {1, 2}]}}, "info.ids[1]", "got set"),
+    ({"info": {1: "a"}}, "info", "object keys must be strings"),
+    ({"responses": "r"}, "responses", "reserved name"),
+    ({"prompts": ["p"]}, "prompts", "reserved name"),
+])
+def test_prompt_fields_errors_name_the_field(extra, field, fragment):
+    with pytest.raises(DataError) as info:
+        load_prompts([{"prompt": "ok"}, {"prompt": "Hi", **extra}])
+    assert (info.value.source, info.value.line, info.value.field) == ("<memory>", 2, field)
+    assert str(info.value).startswith(f"<memory>:record 2: field '{field}': ") and fragment in str(info.value)
+
+
+def test_prompt_fields_from_parquet_must_be_json_values(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Hi", "at": datetime.datetime(2024, 1, 1)}]), path)
+    with pytest.raises(DataError, match=r"p\.parquet:record 1: field 'at': expected a JSON value .* got datetime"):
+        load_prompts(path)
 
 
 def test_limit_and_splits(tmp_path):

@@ -1,4 +1,5 @@
-"""Reward sources (rm:, task:, module:function, file.py:function) and the validator's errors."""
+"""Reward sources (rm:, task:, module:function, file.py:function, callables), prompt-record fields
+passed by signature, the validator's errors, and several rewards with weights (RewardSet)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from rlhfkit.judges import RewardFn, RewardFunctionError, build_reward_fn
+from rlhfkit.judges import (
+    RewardFn, RewardFunctionError, RewardSet, RewardSpecError, build_reward_fn, build_reward_set,
+)
 
 
 @pytest.fixture()
@@ -40,6 +43,13 @@ def reward_module(tmp_path, monkeypatch):
             return 1.0
         def nothing(prompts, responses):
             pass
+        def flags(prompts, responses):
+            return [len(r) > 1 for r in responses]
+        def bool_tensor(prompts, responses):
+            import torch
+            return torch.tensor([True] * len(responses))
+        def some_none(prompts, responses):
+            return [None, 1.0][:len(responses)]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -62,12 +72,15 @@ def test_file_function(reward_module):
     ("too_few", "returned 1 scores for 2 responses"),
     ("too_many", "returned 3 scores for 2 responses"),
     ("boom", "raised KeyError: 'missing label'"),
-    ("has_nan", "returned nan at index 0 (must be finite)"),
-    ("has_inf", "returned inf at index 1 (must be finite)"),
-    ("minus_inf", "returned -inf at index 0 (must be finite)"),
+    ("has_nan", "returned nan at index 0 (must be finite; return None for a response it cannot score)"),
+    ("has_inf", "returned inf at index 1 (must be finite;"),
+    ("minus_inf", "returned -inf at index 0 (must be finite;"),
     ("strings", "returned a non-number at index 0: str 'good'"),
     ("scalar", "must return a list of 2 numbers, got float"),
     ("nothing", "must return a list of 2 numbers, got NoneType"),
+    ("flags", "returned a bool at index 0 (False): return a number"),
+    ("bool_tensor", "returned a bool at index 0 (True)"),
+    ("some_none", "returned None (cannot score) for response 0 (1 of 2)"),
 ])
 def test_validator_names_the_function(reward_module, name, message):
     fn = build_reward_fn(f"my_rewards:{name}")
@@ -149,8 +162,8 @@ def test_reward_errors_in_training_name_the_function(tokenizer, tmp_path):
     cfg = load_config(PPOConfig, data=base_config(
         tmp_path, tokenizer, reward={"spec": spec}, critic_init="policy", rollout={"n": 2, "max_new_tokens": 4},
         train={"max_steps": 2, "save_every": 1}, ppo_epochs=1))
-    with pytest.raises(RewardFunctionError, match=r"reward function .*bad_reward\.py:score returned 15 scores for 16 "
-                                                  r"responses"):
+    with pytest.raises(RewardFunctionError, match=r"reward function score \(.*bad_reward\.py:score\) returned 15 "
+                                                  r"scores for 16 responses"):
         train_ppo(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "model").exists()
 
@@ -190,3 +203,272 @@ def test_bad_reward_specs_fail_before_any_model_loads(tmp_path, monkeypatch, tok
                                ("no_such_module_xyz:score", ValueError, r"cannot import module 'no_such_module_xyz'")]:
         with pytest.raises(error, match=match):
             train_ppo(load_config(PPOConfig, data={**cfg, "reward": {"spec": spec}}))
+
+
+# --------------------------------------------------------------------------- fields by signature
+
+PROMPTS, RESPONSES = ["p1", "p2"], ["4", "five"]
+ROWS = [{"reference": "4", "id": 1}, {"reference": "5", "level": "hard"}]  # `level` only in the second record
+
+
+def test_fields_reach_the_parameters_that_name_them():
+    seen = {}
+
+    def two(prompts, responses):
+        return [0.0] * len(responses)
+
+    def named(prompts, responses, reference):
+        seen["named"] = reference
+        return [float(r == ref) for r, ref in zip(responses, reference)]
+
+    def optional(prompts, responses, level=None, missing="default"):
+        seen["optional"] = (level, missing)
+        return [0.0] * len(responses)
+
+    def everything(prompts, responses, **fields):
+        seen["everything"] = fields
+        return [0.0] * len(responses)
+
+    def conversations(prompts, responses, messages, reference):
+        seen["conversations"] = messages
+        return [0.0] * len(responses)
+
+    assert build_reward_fn(two)(PROMPTS, RESPONSES, fields=ROWS) == [0.0, 0.0]
+    assert build_reward_fn(named)(PROMPTS, RESPONSES, fields=ROWS) == [1.0, 0.0]
+    assert seen["named"] == ["4", "5"]
+    build_reward_fn(optional)(PROMPTS, RESPONSES, fields=ROWS)
+    assert seen["optional"] == ([None, "hard"], "default")  # aligned with the responses, None where absent
+    build_reward_fn(everything)(PROMPTS, RESPONSES, fields=ROWS)
+    assert seen["everything"] == {"reference": ["4", "5"], "id": [1, None], "level": [None, "hard"]}
+    # columns work as well as rows
+    build_reward_fn(everything)(PROMPTS, RESPONSES, fields={"reference": ("4", "5")})
+    assert seen["everything"] == {"reference": ["4", "5"]}
+    msgs = [[{"role": "system", "content": "S"}, {"role": "user", "content": p}] for p in PROMPTS]
+    build_reward_fn(conversations)(PROMPTS, RESPONSES, messages=msgs, fields=ROWS)
+    assert seen["conversations"] == msgs
+    build_reward_fn(conversations)(PROMPTS, RESPONSES, fields=ROWS)  # default: the prompt as one user turn
+    assert seen["conversations"] == [[{"role": "user", "content": "p1"}], [{"role": "user", "content": "p2"}]]
+
+
+def test_fields_errors():
+    def named(prompts, responses, reference):
+        return [0.0] * len(responses)
+
+    with pytest.raises(RewardFunctionError, match=r"reward function named .*needs the field 'reference', which the "
+                                                  r"prompt records do not have \(their fields: id\)"):
+        build_reward_fn(named)(PROMPTS, RESPONSES, fields=[{"id": 1}, {"id": 2}])
+    with pytest.raises(RewardFunctionError, match=r"their fields: none"):
+        build_reward_fn(named)(PROMPTS, RESPONSES)
+    with pytest.raises(ValueError, match="3 rows for 2 responses"):
+        build_reward_fn(named)(PROMPTS, RESPONSES, fields=ROWS + ROWS[:1])
+    with pytest.raises(ValueError, match="field 'reference': expected a list of 2 values"):
+        build_reward_fn(named)(PROMPTS, RESPONSES, fields={"reference": "4"})
+    with pytest.raises(ValueError, match="field 'responses' is reserved"):
+        build_reward_fn(named)(PROMPTS, RESPONSES, fields={"reference": ["4", "5"], "responses": [1, 2]})
+    with pytest.raises(RewardSpecError, match=r"reward function one \(.*<lambda>\) must take \(prompts, "
+                                              r"responses, ...\); its signature is \(responses\)"):
+        build_reward_fn(lambda responses: [], name="one")
+
+
+def test_callables_and_their_names():
+    import functools
+
+    def brevity(prompts, responses, scale=1.0):
+        return [-scale * len(r) for r in responses]
+
+    fn = build_reward_fn(brevity)
+    assert fn.name == "brevity" and fn(["p"], ["abc"]) == [-3.0]
+    half = build_reward_fn(functools.partial(brevity, scale=0.5))
+    assert half.name == "brevity" and half(["p"], ["abcd"]) == [-2.0]
+
+    class Scorer:
+        def __call__(self, prompts, responses, reference):
+            return [float(r == x) for r, x in zip(responses, reference)]
+
+    obj = build_reward_fn(Scorer(), name="exact")
+    assert obj.name == "exact" and obj(["p"], ["4"], fields=[{"reference": "4"}]) == [1.0]
+    with pytest.raises(RewardSpecError, match="a model object is not a reward function"):
+        build_reward_fn(torch.nn.Linear(2, 1))
+
+
+def test_score_keeps_none_and_call_refuses_it(reward_module):
+    fn = build_reward_fn("my_rewards:some_none")
+    assert fn.score(["p", "q"], ["a", "b"]) == [None, 1.0]
+    with pytest.raises(RewardFunctionError, match=r"some_none \(my_rewards:some_none\) returned None"):
+        fn(["p", "q"], ["a", "b"])
+
+
+# --------------------------------------------------------------------------- spec errors
+
+@pytest.mark.parametrize("source, match", [
+    ("def score(prompts, responses)\n    return []\n",
+     r"syntax error in .*broken_\w+\.py:1: (expected ':'|invalid syntax)"),
+    ("import no_such_dependency_xyz\n", r"cannot import module 'broken_\w+': No module named 'no_such_dependency_xyz'"),
+    ("X = 1 / 0\n", r"importing 'broken_\w+' raised ZeroDivisionError: division by zero"),
+])
+def test_module_that_fails_to_import_is_one_clear_error(tmp_path, monkeypatch, source, match):
+    name = f"broken_{abs(hash(source)) % 10**6}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in (f"{name}:score", f"{tmp_path / name}.py:score"):
+        with pytest.raises(RewardSpecError) as e:
+            build_reward_fn(spec)
+        assert spec in str(e.value) and "\n" not in str(e.value)
+        assert isinstance(e.value, ValueError) and isinstance(e.value, RewardFunctionError)
+    with pytest.raises(RewardSpecError, match=match):
+        build_reward_fn(f"{name}:score")
+    sys.modules.pop(name, None)
+
+
+def test_rm_spec_checks_the_directory_before_loading(tokenizer, tmp_path, tiny_model):
+    """rm: on something that is not a reward model: one line naming the path and what is there."""
+    import json
+
+    from rlhfkit.models import save_pretrained_atomic
+
+    save_pretrained_atomic(tiny_model, tokenizer, tmp_path / "policy" / "model")  # a policy run directory
+    with pytest.raises(RewardSpecError, match=r"rm:.*policy: .*policy/model is not a reward model: its config\.json "
+                                              r"says LlamaForCausalLM \(a causal language model, e\.g\. a policy\)"):
+        build_reward_fn(f"rm:{tmp_path / 'policy'}")
+    cls = tmp_path / "classifier"
+    cls.mkdir()
+    (cls / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"],
+                                                 "id2label": {"0": "neg", "1": "pos"}}))
+    with pytest.raises(RewardSpecError, match="is a classifier with 2 labels, not a reward model"):
+        build_reward_fn(f"rm:{cls}")
+    (cls / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(RewardSpecError, match=r"has a config\.json but no weights"):
+        build_reward_fn(f"rm:{cls}")
+    (cls / "config.json").write_text("{not json")
+    with pytest.raises(RewardSpecError, match=r"config\.json is not valid JSON"):
+        build_reward_fn(f"rm:{cls}")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_reward_fn(f"rm:{tmp_path / 'nowhere'}")
+
+
+@pytest.mark.parametrize("what", ["policy", "syntax"])
+def test_cli_reports_a_bad_reward_spec_in_one_line(tokenizer, tmp_path, capsys, what):
+    """`rlhfkit ppo` with rm: pointing at a policy, or a reward file with a syntax error: exit 2,
+    one line naming the spec, no traceback, nothing trained."""
+    import yaml
+    from pg_utils import base_config
+    from rlhfkit.cli import main
+
+    (tmp_path / "bad.py").write_text("def score(prompts, responses)\n    return []\n")
+    cfg = base_config(tmp_path, tokenizer, critic_init="policy", rollout={"n": 2, "max_new_tokens": 4},
+                      train={"max_steps": 1}, ppo_epochs=1)
+    cfg["reward"] = {"spec": f"rm:{tmp_path / 'policy'}" if what == "policy" else f"{tmp_path / 'bad.py'}:score"}
+    (tmp_path / "ppo.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()  # writing the tiny policy printed a progress bar
+    assert main(["ppo", "--config", str(tmp_path / "ppo.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("rlhfkit ppo: error: ") and cfg["reward"]["spec"] in err
+    assert ("is not a reward model" in err) if what == "policy" else ("syntax error in" in err)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+# --------------------------------------------------------------------------- RewardSet
+
+def _exact(prompts, responses, reference):
+    return [None if ref is None else float(r == ref) for r, ref in zip(responses, reference)]
+
+
+def _length(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+def test_reward_set_weighted_sum_by_hand():
+    rs = build_reward_set([_exact, {"spec": _length, "weight": -0.5, "name": "len"}])
+    rows = [{"reference": "4"}, {"reference": "5"}, {}]
+    out = rs.score(["p"] * 3, ["4", "five", "xy"], fields=rows)
+    assert out.names == ["_exact", "len"]
+    assert out.per_function[:, 1].tolist() == [1.0, 4.0, 2.0]
+    assert out.per_function[:2, 0].tolist() == [1.0, 0.0] and math.isnan(out.per_function[2, 0])
+    # 1*1 - 0.5*1 ; 1*0 - 0.5*4 ; (exact unscored) - 0.5*2
+    assert out.combined.tolist() == [0.5, -2.0, -1.0]
+    assert rs(["p"] * 3, ["4", "five", "xy"], fields=rows) == [0.5, -2.0, -1.0]
+    m = out.metrics()
+    assert m["reward/_exact/mean"] == 0.5 and m["reward/_exact/scored_frac"] == pytest.approx(2 / 3)
+    # lengths 1, 4, 2: mean 7/3, squared deviations (16 + 25 + 1) / 9 over n - 1 = 2 -> variance 7/3
+    assert m["reward/len/mean"] == pytest.approx(7 / 3) and m["reward/len/std"] == pytest.approx(math.sqrt(7 / 3))
+
+
+def test_reward_set_matches_a_single_function_exactly(reward_module):
+    """One spec with weight 1 gives what the RewardFn gives: existing single-reward configs are unchanged."""
+    rs = build_reward_set("my_rewards:length")
+    fn = build_reward_fn("my_rewards:length")
+    responses = ["abc", "", "a" * 17]
+    assert rs(["p"] * 3, responses) == fn(["p"] * 3, responses) == [3.0, 0.0, 17.0]
+
+
+def test_reward_set_unscorable_rows():
+    def never(prompts, responses):
+        return [None] * len(responses)
+
+    rows = [{"reference": "4"}, {}]
+    with pytest.raises(RewardFunctionError, match=r"no reward function could score response 1 \(1 of 2\): _exact, "
+                                                  r"never all returned None for it \(response: 'x'\)"):
+        build_reward_set([_exact, never])(["p", "q"], ["4", "x"], fields=rows)
+    out = build_reward_set([_exact, never], unscorable=-1.0).score(["p", "q"], ["4", "x"], fields=rows)
+    assert out.combined.tolist() == [1.0, -1.0] and out.unscorable.tolist() == [False, True]
+    out = build_reward_set([_exact, never], unscorable="nan").score(["p", "q"], ["4", "x"], fields=rows)
+    assert out.combined[0] == 1.0 and math.isnan(out.combined[1])
+    assert math.isnan(out.metrics()["reward/never/mean"]) and out.metrics()["reward/never/scored_frac"] == 0.0
+
+
+def test_reward_set_normalize_then_sum_per_group():
+    """Each function is standardised within each prompt's group before the weighted sum."""
+    rs = build_reward_set([_length, {"spec": lambda p, r: [float(x.count("a")) for x in r], "name": "a"}],
+                          combine="normalize_then_sum")
+    responses = ["a", "aaa", "bbbbbbbbbb", "bb"]  # two groups of two
+    out = rs.score(["p"] * 4, responses, group_size=2)
+    # group 1: length (1, 3) -> z = (-1, 1)/sqrt(2); a-count (1, 3) -> same; group 2: length (10, 2), a (0, 0)
+    z = 1 / math.sqrt(2)
+    want = [-2 * z, 2 * z, z, -z]
+    assert out.combined.tolist() == pytest.approx(want, abs=1e-3)  # eps = 1e-4 in the std
+
+
+def test_reward_set_construction_errors(reward_module):
+    with pytest.raises(RewardSpecError, match="no reward function given"):
+        build_reward_set([])
+    with pytest.raises(RewardSpecError, match="2 reward weights for 1 reward functions"):
+        build_reward_set(_length, weights=[1.0, 2.0])
+    with pytest.raises(RewardSpecError, match="weights given twice"):
+        build_reward_set([{"spec": _length, "weight": 2.0}], weights=[1.0])
+    for bad in (True, math.inf, "1"):
+        with pytest.raises(RewardSpecError, match="reward weight .*: expected a finite number"):
+            build_reward_set(_length, weights=[bad])
+    with pytest.raises(RewardSpecError, match="two reward functions are named '_length'"):
+        build_reward_set([_length, _length])
+    assert build_reward_set([_length, {"spec": _length, "name": "len2"}]).names == ["_length", "len2"]
+    with pytest.raises(RewardSpecError, match="unknown key 'weights'"):
+        build_reward_set([{"spec": _length, "weights": 1}])
+    with pytest.raises(RewardSpecError, match="'spec' is missing"):
+        build_reward_set([{"weight": 1}])
+    with pytest.raises(RewardSpecError, match="combine 'mean'"):
+        build_reward_set(_length, combine="mean")
+    with pytest.raises(RewardSpecError, match="unscorable 'skip'"):
+        build_reward_set(_length, unscorable="skip")
+    with pytest.raises(RewardSpecError, match="without '/'"):
+        build_reward_set({"spec": _length, "name": "a/b"})
+    # strings, callables, mappings and RewardFns mix; default names are short
+    rs = build_reward_set(["my_rewards:length", "task:sentiment", build_reward_fn(_exact, name="ex")],
+                          weights=[1, 2, 3])
+    assert rs.names == ["length", "task:sentiment", "ex"] and rs.weights.tolist() == [1.0, 2.0, 3.0]
+    assert isinstance(rs, RewardSet) and rs.model is None and rs.models == []
+
+
+def test_reward_set_exposes_its_reward_model(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhfkit.models import save_pretrained_atomic
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    save_pretrained_atomic(LlamaForSequenceClassification(config), tokenizer, tmp_path / "rmrun" / "model")
+    rs = build_reward_set([f"rm:{tmp_path / 'rmrun'}", {"spec": _length, "weight": 0.1}])
+    assert rs.names == ["rm:rmrun", "_length"] and rs.model is rs.fns[0].model and rs.models == [rs.model]
+    rm_alone = rs.fns[0](["Hi"], ["Hello"])
+    assert rs(["Hi"], ["Hello"]) == pytest.approx([rm_alone[0] + 0.5])

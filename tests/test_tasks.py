@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from rlhfkit.tasks import SimulatedAnnotator, get_task, list_tasks
 from rlhfkit.tasks.annotator import agreement
-from rlhfkit.tasks.arithmetic import answer_from_prompt, check_answer, evaluate, last_number
+from rlhfkit.tasks.arithmetic import check_answer, last_number
 
 
 def test_registry():
@@ -71,15 +72,61 @@ def test_arithmetic_checker(response, score):
     assert check_answer(response, "47") == score
 
 
+def _sum_in(prompt: str) -> int:
+    """a + b of an arithmetic prompt, read independently of the library."""
+    m = re.fullmatch(r"What is (\d+) \+ (\d+)\? Answer with just the number\.", prompt)
+    assert m, prompt
+    return int(m.group(1)) + int(m.group(2))
+
+
 def test_arithmetic_prompts_carry_their_answer():
     task = get_task("arithmetic")
-    for r in task.train_prompts(n=200, seed=1):
-        assert answer_from_prompt(r["prompt"]) == int(r["reference"])
-    assert evaluate("3 + 4 * 5 - 2") == 21 and evaluate("2 x 3 × 4") == 24
-    prompts = [r["prompt"] for r in task.eval_prompts(n=3)]
-    refs = [r["reference"] for r in task.eval_prompts(n=3)]
-    assert task.gold_scores(prompts, [f"= {x}" for x in refs]) == [1.0, 1.0, 1.0]
-    assert task.gold_scores(prompts, [f"{int(x) + 1}" for x in refs]) == [0.0, 0.0, 0.0]
+    for r in task.train_prompts(n=200, seed=1) + task.eval_prompts(n=50):
+        assert _sum_in(r["prompt"]) == int(r["reference"])
+
+
+@pytest.mark.parametrize("name", ["prompts_train.jsonl", "prompts_eval.jsonl"])
+def test_shipped_arithmetic_prompts_carry_their_reference(name):
+    """The shipped files give every record its exact answer, which reaches reward functions."""
+    from rlhfkit.data import load_prompts
+    from rlhfkit.tasks import data_dir
+
+    examples = load_prompts(str(data_dir("arithmetic") / name))
+    assert len(examples) > 1000
+    for ex in examples:
+        assert ex.reference == str(_sum_in(ex.prompt[-1]["content"]))
+        assert ex.reward_fields() == {"reference": ex.reference, "category": ex.meta["category"]}
+
+
+def test_arithmetic_judge_reads_the_reference_not_the_prompt():
+    task = get_task("arithmetic")
+    prompts = ["What is 2 + 2? Answer with just the number."] * 4
+    # the reference decides, whatever the prompt says (any prompts with references can be judged)
+    assert task.gold_scores(prompts, ["5", "4", "= 5.0", "x"], reference=["5", "5", 5, "5"]) == [1.0, 0.0, 1.0, 0.0]
+    # a record without a reference is not scored (None), not guessed from the prompt text
+    assert task.gold_scores(prompts[:2], ["4", "4"], reference=[None, "4"]) == [None, 1.0]
+    with pytest.raises(ValueError, match="needs the prompt records' 'reference' field"):
+        task.gold_scores(prompts, ["4"] * 4)
+    with pytest.raises(ValueError, match="reference 'four' is not a number"):
+        task.gold_scores(prompts[:1], ["4"], reference=["four"])
+    # as a reward source, the field arrives from the prompt records
+    from rlhfkit.judges import build_reward_fn
+
+    fn = build_reward_fn("task:arithmetic")
+    rows = [{"reference": "4", "category": "no-carry"}, {"reference": "7"}]
+    assert fn(prompts[:2], ["4", "4"], fields=rows) == [1.0, 0.0]
+
+
+def test_arithmetic_labels_use_each_records_reference():
+    """make-data's annotator judges a pair against its own record's reference."""
+    from rlhfkit.tasks.build import _label_pairs, _Sample
+
+    records = [{"prompt": "What is 1 + 1? Answer with just the number.", "reference": "2", "category": "no-carry"},
+               {"prompt": "What is 9 + 9? Answer with just the number.", "reference": "18", "category": "carry"}]
+    samples = [[_Sample("3", 0.0, True), _Sample("2", 1.0, True)], [_Sample("18", 1.0, True), _Sample("17", 0.0, True)]]
+    rows = _label_pairs(records, samples, get_task("arithmetic"), beta=1e6, flip_prob=0.0, seed=0)
+    assert [(r["chosen"], r["rejected"], r["gold_chosen"], r["gold_rejected"]) for r in rows] == [
+        ("2", "3", 1.0, 0.0), ("18", "17", 1.0, 0.0)]
 
 
 def _toy_gold(prompts, responses):
@@ -164,6 +211,20 @@ def test_build_task_data_with_tiny_model(tmp_path):
     build_task_data("sentiment", "tiny", tmp_path / "b", **kw)
     for f in ["sft.jsonl", "preference.jsonl", "prompts_train.jsonl"]:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_build_arithmetic_data_scores_with_references(tmp_path):
+    """The best-of-n sampler and the annotator of make-data give the gold judge each record's
+    reference (the arithmetic judge refuses to run without it)."""
+    from rlhfkit.models import load_tokenizer, tiny_causal_lm
+    from rlhfkit.tasks.build import build_task_data
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    meta = build_task_data("arithmetic", "tiny", tmp_path, seed=0, n_sft_prompts=2, n_pref_prompts=2,
+                           samples_per_prompt=2, max_new_tokens=4, model=tiny_causal_lm(tok, seed=0), tokenizer=tok,
+                           progress=False)
+    assert meta["counts"]["samples"] == 2 * 2 + 2 * 2
+    assert set(meta["gold"]["all_samples"]["quartiles"]) <= {0.0, 1.0}
 
 
 def test_make_data_cli_parses_its_own_options(tmp_path, capsys):

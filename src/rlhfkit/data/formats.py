@@ -2,7 +2,8 @@
 
 - `SFTExample`: a conversation ending with an assistant turn (every assistant turn is trained).
 - `PreferenceExample`: a prompt (messages) with a chosen and a rejected response (strings).
-- `PromptExample`: a prompt for rollouts, with an optional reference answer.
+- `PromptExample`: a prompt for rollouts, with an optional reference answer and any other fields
+  of its record (for reward functions).
 
 Accepted record shapes are listed on each `parse_*` function. Validation fails on the first bad
 record with a `DataError` naming file, line and field; nothing is silently skipped.
@@ -46,8 +47,13 @@ class PreferenceExample:
 class PromptExample:
     prompt: list[dict]  # messages, ending with a user turn
     reference: str | None = None  # reference answer for verifiable rewards, if any
-    meta: dict[str, Any] = field(default_factory=dict)  # every other field of the record
+    meta: dict[str, Any] = field(default_factory=dict)  # every other field of the record, as JSON values
     origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
+
+    def reward_fields(self) -> dict[str, Any]:
+        """What a reward function receives for this prompt (`judges.rewards`): every field of the
+        record but the prompt, with ``reference`` as a string (from ``reference`` or ``answer``)."""
+        return {**self.meta, "reference": self.reference} if self.reference is not None else dict(self.meta)
 
 
 # ----------------------------------------------------------------------------------------- SFT
@@ -214,7 +220,9 @@ def _margin(d: dict, o) -> float | None:
 
 # -------------------------------------------------------------------------------------- prompts
 
-_PROMPT_KEYS = ("prompt", "messages", "reference", "answer")
+_PROMPT_KEYS = ("prompt", "messages", "reference")
+# Reward functions receive the prompts and responses under these names (judges.rewards).
+_RESERVED_KEYS = ("prompts", "responses")
 
 
 def parse_prompts(records: Iterable[Record]) -> list[PromptExample]:
@@ -222,7 +230,9 @@ def parse_prompts(records: Iterable[Record]) -> list[PromptExample]:
 
     Accepted: ``{"prompt": str | messages}`` or ``{"messages": [...]}`` ending with a user turn;
     optional ``reference`` (or ``answer``): a string or a number (kept as its string).
-    Every other field goes to ``meta`` (e.g. a task id for a reward function).
+    Every other field goes to ``meta`` unchanged (``answer`` included), for reward functions,
+    which receive them by name: any JSON value (string, number, boolean, null, list, object).
+    ``prompts`` and ``responses`` are reserved (reward functions take those names).
     """
     return [_parse_prompt_one(rec) for rec in records]
 
@@ -241,8 +251,28 @@ def _parse_prompt_one(rec: Record) -> PromptExample:
         if isinstance(ref, bool) or not isinstance(ref, (str, int, float)):
             raise DataError.at(o, ref_key, f"expected a string or a number, got {type_name(ref)}")
         ref = check_text(str(ref), o, ref_key)
-    meta = {k: v for k, v in d.items() if k not in _PROMPT_KEYS}
+    meta = {k: _json_value(v, o, k) for k, v in d.items() if k not in _PROMPT_KEYS}
+    reserved = [k for k in meta if k in _RESERVED_KEYS]
+    if reserved:
+        raise DataError.at(o, reserved[0], "reserved name: reward functions receive the prompts and responses "
+                                           "under it; rename this field")
     return PromptExample(prompt, reference=ref, meta=meta, origin=o)
+
+
+def _json_value(value, o, key: str):
+    """`value` if it is made of JSON values only (so that it can be logged, saved and sent
+    between processes like the rest of the record), else a DataError naming the field path."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, o, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                raise DataError.at(o, key, f"object keys must be strings, got {type_name(k)} {k!r}")
+        return {k: _json_value(v, o, f"{key}.{k}") for k, v in value.items()}
+    raise DataError.at(o, key, f"expected a JSON value (string, number, boolean, null, list or object), "
+                               f"got {type_name(value)}")
 
 
 # ---------------------------------------------------------------------------------- convenience

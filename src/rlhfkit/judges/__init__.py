@@ -1,14 +1,18 @@
 """Judges: gold oracles, reward functions, reward-model scoring."""
 
+from rlhfkit.judges.reward_set import RewardScores, RewardSet, build_reward_set, reward_metrics
 from rlhfkit.judges.rewards import (
     RewardFn,
     RewardFunctionError,
+    RewardSpecError,
     build_reward_fn,
+    field_columns,
     prompt_text,
     python_reward_fn,
     reward_model_fn,
     task_reward_fn,
 )
 
-__all__ = ["RewardFn", "RewardFunctionError", "build_reward_fn", "prompt_text", "python_reward_fn",
+__all__ = ["RewardFn", "RewardFunctionError", "RewardScores", "RewardSet", "RewardSpecError", "build_reward_fn",
+           "build_reward_set", "field_columns", "prompt_text", "python_reward_fn", "reward_metrics",
            "reward_model_fn", "task_reward_fn"]

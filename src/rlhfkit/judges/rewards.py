@@ -1,38 +1,56 @@
-"""Reward functions for policy-gradient training, built from one string in the config.
+"""Reward functions for policy-gradient training, from a config string or a Python callable.
 
     build_reward_fn("rm:runs/demo/rm/model")        # a trained reward model directory
-    build_reward_fn("task:sentiment")                # a built-in task's gold judge
+    build_reward_fn("task:arithmetic")               # a built-in task's gold judge
     build_reward_fn("my_rewards:length_bonus")       # a plain Python function in an importable module
     build_reward_fn("rewards.py:reward")             # ... or in a file
+    build_reward_fn(length_bonus)                    # ... or the function itself
 
-Every source becomes a `RewardFn`: called as ``fn(prompts, responses)`` with the prompts as plain
-user text, returning one float per response. A plain function never has to be an ``nn.Module``.
-A reward model must see exactly the text it was trained on, the chat-template rendering of the
-prompt messages plus the assistant response, so RewardFn also accepts ``messages=`` (the prompt
-conversations) and passes them to scorers that want them; plain functions never see them.
+Every source becomes a `RewardFn`, called as ``fn(prompts, responses, messages=None, fields=None)``
+with the prompts as plain user text. The wrapped function gets ``(prompts, responses)`` and, as
+keyword arguments, the fields of the prompt records that its signature asks for: a parameter
+named like a field gets that field, ``**kwargs`` gets every field, a parameter named ``messages``
+gets the prompt conversations (reward models need them: they score the chat rendering). Each
+field is a list aligned with the responses (None where a record lacks it). So all of these work:
 
-Every call goes through a validator: a wrong number of scores, a non-number, a nan/inf, or an
-exception raised inside becomes a `RewardFunctionError` that names the function. Clipping and the
-fixed score for responses without EOS are the trainer's business (they need the EOS flags).
+    def length(prompts, responses): ...
+    def exact(prompts, responses, reference): ...            # the records' `reference` field
+    def anything(prompts, responses, **fields): ...          # every field, TRL style
+
+A function returns one number per response, or None for a response it cannot score. The
+validator turns anything else (a wrong count, a string, a bool, nan, inf, an exception inside)
+into a `RewardFunctionError` naming the function. Several functions with weights: `RewardSet`
+(`judges.reward_set`). Clipping and the fixed score for responses without EOS are the trainer's
+business (they need the EOS flags).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 Messages = list[dict]
+SPEC_FORMS = "rm:DIR, task:NAME, module:function or file.py:function"
+# Reward functions receive the prompts and responses under these names: no field may take them.
+RESERVED_FIELDS = ("prompts", "responses", "messages")
 
 
 class RewardFunctionError(RuntimeError):
-    """A reward function failed or returned something that is not one finite number per response."""
+    """A reward function failed or returned something that is not one number (or None) per response."""
+
+
+class RewardSpecError(RewardFunctionError, ValueError):
+    """A reward spec that cannot be turned into a reward function (bad form, import failure, not a
+    reward model). A ValueError too, so callers that validate configs can catch it as one."""
 
 
 def prompt_text(messages: Messages | str) -> str:
@@ -43,64 +61,6 @@ def prompt_text(messages: Messages | str) -> str:
     return users[-1] if users else (messages[-1]["content"] if messages else "")
 
 
-class RewardFn:
-    """A validated reward source: ``fn(prompts, responses, messages=None) -> list[float]``.
-
-    name: shown in every error. wants_messages: the wrapped callable takes the prompt conversations
-    as a third argument (reward models); otherwise it gets ``(prompts, responses)`` only.
-    """
-
-    def __init__(self, fn: Callable, name: str, wants_messages: bool = False):
-        self.fn = fn
-        self.name = name
-        self.wants_messages = wants_messages
-
-    def __repr__(self) -> str:
-        return f"RewardFn({self.name})"
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
-                 messages: Sequence[Messages] | None = None) -> list[float]:
-        prompts, responses = list(prompts), list(responses)
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        try:
-            if self.wants_messages:
-                msgs = list(messages) if messages is not None else [[{"role": "user", "content": p}] for p in prompts]
-                out = self.fn(prompts, responses, msgs)
-            else:
-                out = self.fn(prompts, responses)
-        except RewardFunctionError:
-            raise
-        except Exception as e:
-            raise RewardFunctionError(
-                f"reward function {self.name} raised {type(e).__name__}: {e}") from e
-        return _validate(out, len(responses), self.name)
-
-
-def _validate(out, n: int, name: str) -> list[float]:
-    """One finite float per response, or a RewardFunctionError naming the function."""
-    if isinstance(out, torch.Tensor):
-        out = out.detach().flatten().tolist()
-    elif hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy arrays
-        out = out.tolist()
-    if isinstance(out, (str, bytes, dict)) or not isinstance(out, Sequence):
-        raise RewardFunctionError(
-            f"reward function {name} must return a list of {n} numbers, got {type(out).__name__}")
-    if len(out) != n:
-        raise RewardFunctionError(
-            f"reward function {name} returned {len(out)} scores for {n} responses")
-    scores = []
-    for i, v in enumerate(out):
-        if not isinstance(v, numbers.Real):
-            raise RewardFunctionError(
-                f"reward function {name} returned a non-number at index {i}: {type(v).__name__} {v!r}")
-        f = float(v)
-        if not math.isfinite(f):
-            raise RewardFunctionError(f"reward function {name} returned {f} at index {i} (must be finite)")
-        scores.append(f)
-    return scores
-
-
 def chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a conversation rendered with the chat template (`data.render_ids`)."""
     from rlhfkit.data import render_ids
@@ -108,140 +68,283 @@ def chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False)
     return render_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
 
+# --------------------------------------------------------------------------- fields
+
+def field_columns(fields, n: int) -> dict[str, list]:
+    """Prompt-record fields for n responses as columns ``{name: [value per response]}``.
+
+    fields: None; columns (a mapping of name -> sequence of n values); or rows (a sequence of n
+    mappings, e.g. ``[ex.reward_fields() for ex in examples]``); a field missing from a row is None.
+    """
+    if fields is None:
+        return {}
+    if isinstance(fields, Mapping):
+        cols = {}
+        for k, v in fields.items():
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != n:
+                raise ValueError(f"field {k!r}: expected a list of {n} values (one per response)")
+            cols[k] = list(v)
+    elif isinstance(fields, Sequence) and not isinstance(fields, (str, bytes)):
+        if len(fields) != n:
+            raise ValueError(f"fields: {len(fields)} rows for {n} responses")
+        names = list(dict.fromkeys(k for row in fields if row for k in row))
+        cols = {k: [row.get(k) if row else None for row in fields] for k in names}
+    else:
+        raise ValueError(f"fields: expected a mapping of columns or a list of rows, got {type(fields).__name__}")
+    clash = [k for k in cols if k in RESERVED_FIELDS]
+    if clash:
+        raise ValueError(f"field {clash[0]!r} is reserved (reward functions receive {', '.join(RESERVED_FIELDS)})")
+    return cols
+
+
+class _Signature:
+    """Which fields a reward function takes, from its signature: ``(prompts, responses, ...)``."""
+
+    def __init__(self, fn: Callable, label: str):
+        self.takes_all, self.named, self.required = False, (), ()
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # some C callables have none: assume (prompts, responses)
+            return
+        P = inspect.Parameter
+        params = list(sig.parameters.values())
+        positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < 2 and not any(p.kind == P.VAR_POSITIONAL for p in params):
+            raise RewardSpecError(f"reward function {label} must take (prompts, responses, ...); its signature "
+                                  f"is {sig}")
+        rest = positional[2:] + [p for p in params if p.kind == P.KEYWORD_ONLY]
+        stuck = [p.name for p in rest if p.kind == P.POSITIONAL_ONLY and p.default is P.empty]
+        if stuck:
+            raise RewardSpecError(f"reward function {label}: parameter {stuck[0]!r} is positional-only; fields "
+                                  "are passed by name")
+        self.takes_all = any(p.kind == P.VAR_KEYWORD for p in params)
+        self.named = tuple(p.name for p in rest if p.kind != P.POSITIONAL_ONLY)
+        self.required = tuple(p.name for p in rest if p.kind != P.POSITIONAL_ONLY and p.default is P.empty)
+
+    def kwargs(self, label: str, prompts: list[str], messages, cols: dict[str, list]) -> dict:
+        out = {}
+        for k in self.named:
+            if k == "messages":
+                out[k] = list(messages) if messages is not None else [[{"role": "user", "content": p}]
+                                                                      for p in prompts]
+            elif k in cols:
+                out[k] = cols[k]
+            elif k in self.required:
+                have = ", ".join(sorted(cols)) or "none"
+                raise RewardFunctionError(f"reward function {label} needs the field {k!r}, which the prompt "
+                                          f"records do not have (their fields: {have})")
+        if self.takes_all:
+            out.update({k: v for k, v in cols.items() if k not in out})
+        return out
+
+
+# --------------------------------------------------------------------------- RewardFn
+
+class RewardFn:
+    """A validated reward source: ``fn(prompts, responses, messages=None, fields=None)``.
+
+    name: short label (metric names, errors). spec: where it came from (a config string, a
+    function's qualified name), shown in errors next to the name when they differ.
+    ``score`` returns one float or None per response; calling the RewardFn returns floats and
+    treats None as an error (alone, a function must score every response; in a `RewardSet`
+    another function may score it).
+    """
+
+    def __init__(self, fn: Callable, name: str, spec: str | None = None):
+        self.fn = fn
+        self.name = name
+        self.spec = spec or name
+        self.signature = _Signature(fn, self.label)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.spec == self.name else f"{self.name} ({self.spec})"
+
+    def __repr__(self) -> str:
+        return f"RewardFn({self.label})"
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], messages: Sequence[Messages] | None = None,
+              fields=None) -> list[float | None]:
+        """One float or None per response; fields as in `field_columns`."""
+        prompts, responses = list(prompts), list(responses)
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if messages is not None and len(messages) != len(responses):
+            raise ValueError(f"{len(messages)} prompt conversations but {len(responses)} responses")
+        kwargs = self.signature.kwargs(self.label, prompts, messages, field_columns(fields, len(responses)))
+        try:
+            out = self.fn(prompts, responses, **kwargs)
+        except RewardFunctionError:
+            raise
+        except Exception as e:
+            raise RewardFunctionError(f"reward function {self.label} raised {type(e).__name__}: {e}") from e
+        return validate_scores(out, len(responses), self.label)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 messages: Sequence[Messages] | None = None, fields=None) -> list[float]:
+        scores = self.score(prompts, responses, messages=messages, fields=fields)
+        missing = [i for i, s in enumerate(scores) if s is None]
+        if missing:
+            raise RewardFunctionError(f"reward function {self.label} returned None (cannot score) for response "
+                                      f"{missing[0]} ({len(missing)} of {len(scores)}) and no other reward "
+                                      "function scores it")
+        return scores
+
+
+def validate_scores(out, n: int, label: str) -> list[float | None]:
+    """One finite float or None per response, or a RewardFunctionError naming the function."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().flatten().tolist()
+    elif hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy arrays
+        out = out.tolist()
+    if isinstance(out, (str, bytes, dict)) or not isinstance(out, Sequence):
+        raise RewardFunctionError(
+            f"reward function {label} must return a list of {n} numbers, got {type(out).__name__}")
+    if len(out) != n:
+        raise RewardFunctionError(f"reward function {label} returned {len(out)} scores for {n} responses")
+    scores: list[float | None] = []
+    for i, v in enumerate(out):
+        if v is None:
+            scores.append(None)
+            continue
+        if isinstance(v, bool) or type(v).__name__ == "bool_":  # True is an int to Python, not a reward
+            raise RewardFunctionError(f"reward function {label} returned a bool at index {i} ({v}): return "
+                                      "a number, e.g. float(...)")
+        if not isinstance(v, numbers.Real):
+            raise RewardFunctionError(
+                f"reward function {label} returned a non-number at index {i}: {type(v).__name__} {v!r}")
+        f = float(v)
+        if not math.isfinite(f):
+            raise RewardFunctionError(f"reward function {label} returned {f} at index {i} (must be finite; "
+                                      "return None for a response it cannot score)")
+        scores.append(f)
+    return scores
+
+
 # --------------------------------------------------------------------------- sources
 
-def build_reward_fn(spec: str, *, tokenizer=None, device: str | torch.device = "cpu",
-                    batch_size: int = 16) -> RewardFn:
-    """Turn a config string into a validated RewardFn.
+def build_reward_fn(spec: str | Callable | RewardFn, *, name: str | None = None, tokenizer=None,
+                    device: str | torch.device = "cpu", batch_size: int = 16) -> RewardFn:
+    """Turn a config string or a Python callable into a validated RewardFn.
 
     spec:
       ``rm:PATH``            a reward model trained by ``rlhfkit rm`` (its run dir or its ``model`` dir),
                              scored in micro-batches of ``batch_size`` without gradients on ``device``;
       ``task:NAME``          the gold judge of built-in task NAME;
-      ``module:function``    a function ``reward(prompts, responses) -> list[float]`` in an importable
-                             module, or ``path/to/file.py:function`` in a file.
+      ``module:function``    a function ``reward(prompts, responses, **fields)`` in an importable
+                             module, or ``path/to/file.py:function`` in a file;
+      a callable             such a function itself (a RewardFn passes through, renamed if `name`).
+    name: the label in metrics and errors (default: `default_name`).
     tokenizer: used by ``rm:`` when the RM directory has no tokenizer of its own.
     """
+    if isinstance(spec, RewardFn):
+        if name is None:
+            return spec
+        spec = copy.copy(spec)  # keeps e.g. the reward model's `.model`
+        spec.name = name
+        return spec
+    if callable(spec):
+        if isinstance(spec, torch.nn.Module):
+            raise RewardSpecError(f"reward {type(spec).__name__}: a model object is not a reward function; "
+                                  "save it and use rm:DIR, or wrap it in a function of (prompts, responses)")
+        return RewardFn(spec, name or default_name(spec), _qualname(spec))
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("reward spec is empty: use rm:DIR, task:NAME, module:function or file.py:function")
+        raise RewardSpecError(f"reward spec is empty: use {SPEC_FORMS}, or a Python function")
     spec = spec.strip()
     if spec.startswith("rm:"):
-        return reward_model_fn(spec[3:], tokenizer=tokenizer, device=device, batch_size=batch_size)
+        from rlhfkit.judges.reward_model import reward_model_fn
+
+        fn = reward_model_fn(spec[3:], tokenizer=tokenizer, device=device, batch_size=batch_size)
+    elif spec.startswith("task:"):
+        fn = task_reward_fn(spec[5:])
+    else:
+        fn = python_reward_fn(spec)
+    if name is not None:
+        fn.name = name
+    return fn
+
+
+def default_name(spec: str | Callable) -> str:
+    """Label of a reward source: the function's name (``module:length`` -> ``length``), ``task:NAME``,
+    ``rm:<run name>`` (the directory above ``model/``)."""
+    if callable(spec):
+        fn = getattr(spec, "func", spec)  # functools.partial
+        return getattr(fn, "__name__", type(fn).__name__)
+    if spec.startswith("rm:"):
+        p = Path(spec[3:].rstrip("/"))
+        return f"rm:{p.parent.name if p.name == 'model' and p.parent.name else p.name}"
     if spec.startswith("task:"):
-        return task_reward_fn(spec[5:])
-    return python_reward_fn(spec)
+        return spec
+    return spec.rpartition(":")[2] or spec
+
+
+def _qualname(fn: Callable) -> str:
+    fn = getattr(fn, "func", fn)
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{mod}.{qual}" if mod else qual
 
 
 def task_reward_fn(name: str) -> RewardFn:
-    """The gold judge of a built-in task: ``get_task(name).gold_scores(prompts, responses)``."""
+    """The gold judge of a built-in task: ``get_task(name).gold_scores(prompts, responses, **fields)``."""
     from rlhfkit.tasks import get_task
 
-    task = get_task(name)
+    try:
+        task = get_task(name)
+    except ValueError as e:
+        raise RewardSpecError(f"reward spec 'task:{name}': {e}") from None
     return RewardFn(task.gold_scores, f"task:{name}")
 
 
 def python_reward_fn(spec: str) -> RewardFn:
-    """``module:function`` or ``path/to/file.py:function`` -> RewardFn."""
+    """``module:function`` or ``path/to/file.py:function`` -> RewardFn named after the function."""
     target, sep, func_name = spec.rpartition(":")
     if not sep or not target or not func_name:
-        raise ValueError(f"reward spec {spec!r}: expected rm:DIR, task:NAME, module:function or file.py:function")
-    if target.endswith(".py") or "/" in target:
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"reward spec {spec!r}: file {path} not found")
-        mod_name = f"rlhfkit_user_reward_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ValueError(f"reward spec {spec!r}: cannot import module {target!r}: {e}") from e
+        raise RewardSpecError(f"reward spec {spec!r}: expected {SPEC_FORMS}")
+    module = _load_file(spec, target) if target.endswith(".py") or "/" in target else _import(spec, target)
     fn = getattr(module, func_name, None)
     if not callable(fn):
-        raise ValueError(f"reward spec {spec!r}: {target} has no function {func_name!r}")
-    return RewardFn(fn, spec)
+        raise RewardSpecError(f"reward spec {spec!r}: {target} has no function {func_name!r}")
+    return RewardFn(fn, func_name, spec)
 
 
-def find_rm_dir(path: str) -> Path:
-    """Accept a reward-model directory or the run directory that holds it in ``model/``; a LoRA
-    reward-model adapter (``rlhfkit rm`` with model.lora.enabled) is accepted too and is loaded
-    merged into its base (`models.load_scalar_model`)."""
-    from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
-
-    p = Path(path).expanduser()
-    if (p / "model" / "config.json").is_file() or (p / "model" / "adapter_config.json").is_file():
-        p = p / "model"
-    if adapter_config(p) is not None and not (p / "config.json").is_file():
-        if not is_seq_cls_adapter(p):
-            raise ValueError(f"rm:{path}: {p} is not a reward model (a LoRA adapter of a policy); its scalar "
-                             "head would be random. Train one with `rlhfkit rm`.")
-        return p
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"rm:{path}: no reward model found (expected a directory with config.json, "
-                                "as written by `rlhfkit rm` to OUTPUT_DIR/model)")
-    import json
-
-    archs = json.loads((p / "config.json").read_text()).get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ValueError(f"rm:{path}: {p} is not a reward model ({archs or 'no architectures'}); its scalar head "
-                         "would be random. Train one with `rlhfkit rm`.")
-    return p
+def _import(spec: str, target: str):
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise RewardSpecError(f"reward spec {spec!r}: cannot import module {target!r}: {e}") from e
+    except SyntaxError as e:
+        raise RewardSpecError(f"reward spec {spec!r}: {_syntax(e)}") from e
+    except Exception as e:  # the module's own top-level code failed
+        raise RewardSpecError(f"reward spec {spec!r}: importing {target!r} raised {type(e).__name__}: {e}") from e
 
 
-def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int = 16) -> RewardFn:
-    """A frozen Bradley-Terry reward model scoring chat renderings of (prompt messages + response)."""
-    from rlhfkit.models import load_scalar_model, load_tokenizer
+def _load_file(spec: str, target: str):
+    path = Path(target).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"reward spec {spec!r}: file {path} not found")
+    mod_name = f"rlhfkit_user_reward_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException as e:
+        sys.modules.pop(mod_name, None)
+        if isinstance(e, SyntaxError):
+            raise RewardSpecError(f"reward spec {spec!r}: {_syntax(e)}") from e
+        if isinstance(e, Exception):
+            raise RewardSpecError(f"reward spec {spec!r}: loading {path} raised {type(e).__name__}: {e}") from e
+        raise
+    return module
 
-    rm_dir = find_rm_dir(path)
-    if (rm_dir / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(rm_dir)
-    if tokenizer is None:
-        raise ValueError(f"rm:{path}: the directory has no tokenizer; pass tokenizer=")
-    from rlhfkit.models.loading import to_device
 
-    model = to_device(load_scalar_model(rm_dir, pad_token_id=tokenizer.pad_token_id), device)
-    model.eval().requires_grad_(False)
-    scorer = RewardModelScorer(model, tokenizer, batch_size)
-    fn = RewardFn(scorer, f"rm:{path}", wants_messages=True)
-    fn.model = model  # exposed so trainers can reuse its weights (e.g. to initialise the critic)
-    return fn
+def _syntax(e: SyntaxError) -> str:
+    return f"syntax error in {e.filename}:{e.lineno}: {e.msg}"
 
 
-class RewardModelScorer:
-    """Scores (messages, response) with ``models.sequence_scores``, in micro-batches, without grad."""
+# The reward-model source lives in its own module; these names stay importable from here.
+from rlhfkit.judges.reward_model import RewardModelScorer, find_rm_dir, reward_model_fn  # noqa: E402
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = max(1, batch_size)
-
-    def render(self, messages: Messages, response: str) -> list[int]:
-        """Token ids exactly as `rlhfkit rm` trained on them (data.tokenize_preference): the prompt
-        with its generation header, then the reply up to and including its end-of-turn token
-        (the template's trailing newline is not part of it: the score is read at end-of-turn)."""
-        from rlhfkit.data import end_of_turn_ids, render_ids, render_prompt_ids
-
-        prompt = render_prompt_ids(self.tokenizer, messages)
-        full = render_ids(self.tokenizer, [*messages, {"role": "assistant", "content": response}])
-        if full[:len(prompt)] != prompt:  # template not prefix-stable for this reply: score the whole rendering
-            return full
-        eot = end_of_turn_ids(self.tokenizer)
-        reply = full[len(prompt):]
-        ends = [j for j, t in enumerate(reply) if t in eot]
-        return prompt + (reply[:ends[-1] + 1] if ends else reply)
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages]) -> list[float]:
-        from rlhfkit.models import sequence_scores
-        from rlhfkit.rollout import left_pad
-
-        device = next(self.model.parameters()).device
-        rows = [self.render(m, r) for m, r in zip(messages, responses)]
-        scores: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
-            ids, mask = left_pad(rows[i:i + self.batch_size], self.tokenizer.pad_token_id, device)
-            scores += sequence_scores(self.model, ids, mask).float().tolist()
-        return scores
+__all__ = ["RESERVED_FIELDS", "RewardFn", "RewardFunctionError", "RewardModelScorer", "RewardSpecError",
+           "build_reward_fn", "chat_ids", "default_name", "field_columns", "find_rm_dir", "prompt_text",
+           "python_reward_fn", "reward_model_fn", "task_reward_fn", "validate_scores"]

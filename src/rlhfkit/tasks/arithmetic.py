@@ -5,7 +5,7 @@ problems, 20% held out by hash), in two categories: with and without a carry fro
 Harder forms start at the floor for a 135M model (a + b - c: 0/60 correct greedy; one-digit
 times two-digit: 9/60), so nothing can be learned from them by sampling; a + b starts low
 enough to leave room and high enough that GRPO groups of 8 often contain a correct answer.
-The gold judge is 1.0 if the last number in the response equals the answer, else 0.0.
+The gold judge is 1.0 if the last number in the response equals the record's `reference`, else 0.0.
 
 Measured starting accuracy of the default model (smollm2-135m-instruct with its chat template,
 greedy, max_new_tokens=48, the first 60 held-out problems): 23.3% (14/60; carry 4%, no carry
@@ -27,7 +27,6 @@ PROMPT = "What is {expr}? Answer with just the number."
 # A number: optional minus (not when glued to a word or digit, as in "3-5" or "x-1"), digits with
 # optional thousands separators, optional decimals.
 _NUMBER = re.compile(r"(?<![\w.])[-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?|\d+(?:,\d{3})*(?:\.\d+)?")
-_EXPR = re.compile(r"What is ([0-9+\-*x× ]+)\?")
 
 
 def last_number(text: str) -> float | None:
@@ -42,35 +41,14 @@ def last_number(text: str) -> float | None:
         return None
 
 
-def check_answer(response: str, reference: int | str) -> float:
-    """1.0 if the last number in the response equals the reference integer, else 0.0."""
+def check_answer(response: str, reference: int | float | str) -> float:
+    """1.0 if the last number in the response equals the reference number, else 0.0."""
+    try:
+        ref = float(str(reference).replace(",", ""))
+    except ValueError:
+        raise ValueError(f"reference {reference!r} is not a number") from None
     value = last_number(response)
-    return float(value is not None and value == float(reference))
-
-
-def evaluate(expr: str) -> int:
-    """Value of a flat expression of integers with + - * (x and × mean *), usual precedence."""
-    tokens = re.findall(r"\d+|[+\-*x×]", expr)
-    if not tokens or not tokens[0].isdigit():
-        raise ValueError(f"not an arithmetic expression: {expr!r}")
-    terms, sign, cur = [], 1, int(tokens[0])
-    for op, num in zip(tokens[1::2], tokens[2::2]):
-        n = int(num)
-        if op in "*x×":
-            cur *= n
-        else:
-            terms.append(sign * cur)
-            sign, cur = (1 if op == "+" else -1), n
-    terms.append(sign * cur)
-    return sum(terms)
-
-
-def answer_from_prompt(prompt: str) -> int:
-    """Recover the reference answer from the prompt text (the gold judge only sees prompts)."""
-    m = _EXPR.search(prompt)
-    if not m:
-        raise ValueError(f"not an arithmetic task prompt: {prompt!r}")
-    return evaluate(m.group(1))
+    return float(value is not None and value == ref)
 
 
 class ArithmeticTask(Task):
@@ -84,5 +62,11 @@ class ArithmeticTask(Task):
                         "category": "carry" if a % 10 + b % 10 >= 10 else "no-carry"})
         return out
 
-    def gold_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return [check_answer(r, answer_from_prompt(p)) for p, r in zip(prompts, responses)]
+    def gold_scores(self, prompts: Sequence[str], responses: Sequence[str],
+                    reference: Sequence[str | None] | None = None, **fields) -> list[float | None]:
+        """1.0 / 0.0 against each prompt record's `reference` (None where a record has none: that
+        response is not scored). The prompt text is not read, so any prompts with references work."""
+        if reference is None:
+            raise ValueError("the arithmetic judge needs the prompt records' 'reference' field (the exact answer); "
+                             "`rlhfkit make-data --task arithmetic` writes it")
+        return [None if ref is None else check_answer(r, ref) for r, ref in zip(responses, reference)]

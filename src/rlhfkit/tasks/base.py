@@ -22,7 +22,8 @@ class Task:
     Subclasses set `name`, `default_beta` and implement `_all_prompts` and `gold_scores`.
     A prompt record is ``{"prompt": str, "category": str}`` plus ``"reference": str`` where the
     task has an exact answer. `category` groups prompts (template family / problem type) so that
-    reward-model accuracy can be reported per category.
+    reward-model accuracy can be reported per category. The record's fields other than the prompt
+    travel with it into the prompts files and reach the gold judge as keyword arguments.
     """
 
     name: str = ""
@@ -64,12 +65,19 @@ class Task:
         return [*msgs, {"role": "user", "content": prompt}]
 
     # ---- judging -----------------------------------------------------------------------------
-    def gold_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """The gold judge r*(x, a): one float per (prompt, response); prompts are plain user text."""
+    def gold_scores(self, prompts: Sequence[str], responses: Sequence[str], **fields) -> list[float | None]:
+        """The gold judge r*(x, a): one float per (prompt, response); prompts are plain user text.
+
+        fields: the prompt records' other fields, each a list aligned with the responses (e.g.
+        ``reference=[...]``), as a reward function receives them (`judges.rewards.RewardFn`). A
+        judge names the fields it reads; None marks a response it cannot score.
+        """
         raise NotImplementedError
 
     def annotator(self, beta: float | None = None, flip_prob: float = 0.0, seed: int = 0) -> SimulatedAnnotator:
-        """A simulated human labeller on this task's gold judge (SPEC 8)."""
+        """A simulated human labeller on this task's gold judge (Bradley-Terry on r*; see
+        `tasks.annotator`). It calls ``gold_scores(prompts, responses)`` without fields: a judge
+        that reads fields (arithmetic) needs them bound, as `tasks.build` does."""
         return SimulatedAnnotator(self.gold_scores, beta=self.default_beta if beta is None else beta,
                                   flip_prob=flip_prob, seed=seed)
 

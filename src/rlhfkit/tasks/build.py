@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.judges.rewards import RewardFn
 from rlhfkit.tasks import get_task
-from rlhfkit.tasks.annotator import agreement
+from rlhfkit.tasks.annotator import SimulatedAnnotator, agreement
 from rlhfkit.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,7 @@ def build_task_data(
     # 2. Preference pairs: two samples per prompt, labelled by the simulated annotator.
     pref_prompts = train[n_sft_prompts:n_sft_prompts + n_pref_prompts]
     pref_samples = sampler(pref_prompts, 2, "preference pairs")
-    annotator = task.annotator(beta=beta, flip_prob=flip_prob, seed=seed)
-    pref_rows = _label_pairs(pref_prompts, pref_samples, annotator)
+    pref_rows = _label_pairs(pref_prompts, pref_samples, task, beta=beta, flip_prob=flip_prob, seed=seed)
     elapsed = time.perf_counter() - t0
 
     # 3. Files.
@@ -160,6 +160,7 @@ class _Sampler:
         from rlhfkit.data import end_of_turn_ids, render_prompt_ids
 
         self.model, self.tok, self.task = model, tokenizer, task
+        self.judge = gold_judge(task)
         self.render = lambda p: render_prompt_ids(tokenizer, task.messages(p))
         self.eos = sorted(end_of_turn_ids(tokenizer))
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
@@ -183,8 +184,8 @@ class _Sampler:
                 self.tokens += sum(lengths)
                 texts = [self.tok.decode(row[:k], skip_special_tokens=True).strip()
                          for row, k in zip(exp.response_ids.tolist(), lengths)]
-                prompts = [chunk[j]["prompt"] for j in exp.prompt_index.tolist()]
-                gold = self.task.gold_scores(prompts, texts)
+                rows = [chunk[j] for j in exp.prompt_index.tolist()]
+                gold = self.judge([r["prompt"] for r in rows], texts, fields=[record_fields(r) for r in rows])
                 eos = exp.eos.tolist()
                 for j in range(len(chunk)):
                     out.append([_Sample(texts[k], gold[k], eos[k]) for k in range(j * n, (j + 1) * n)])
@@ -206,13 +207,17 @@ def _best_of_n(records: list[dict], samples: list[list[_Sample]]) -> list[dict]:
     return rows
 
 
-def _label_pairs(records: list[dict], samples: list[list[_Sample]], annotator) -> list[dict]:
-    """Preference records from two samples per prompt (identical or empty pairs dropped)."""
+def _label_pairs(records: list[dict], samples: list[list[_Sample]], task: Task, *, beta: float, flip_prob: float,
+                 seed: int) -> list[dict]:
+    """Preference records from two samples per prompt (identical or empty pairs dropped), labelled
+    by the task's simulated annotator whose gold judge sees each record's fields."""
     keep = [(rec, g[0], g[1]) for rec, g in zip(records, samples)
             if g[0].text and g[1].text and g[0].text != g[1].text]
     if not keep:
         return []
     prompts = [rec["prompt"] for rec, _, _ in keep]
+    judge, fields = gold_judge(task), [record_fields(rec) for rec, _, _ in keep]
+    annotator = SimulatedAnnotator(lambda p, r: judge(p, r, fields=fields), beta=beta, flip_prob=flip_prob, seed=seed)
     labels, g1, g2 = annotator.annotate(prompts, [a.text for _, a, _ in keep], [b.text for _, _, b in keep])
     rows = []
     for (rec, a, b), y, s1, s2 in zip(keep, labels, g1, g2):
@@ -221,6 +226,16 @@ def _label_pairs(records: list[dict], samples: list[list[_Sample]], annotator) -
                      "category": rec.get("category", "default"),
                      "gold_chosen": sc, "gold_rejected": sr})
     return rows
+
+
+def record_fields(record: dict) -> dict:
+    """The fields of a task prompt record that a reward function receives: all but the prompt."""
+    return {k: v for k, v in record.items() if k != "prompt"}
+
+
+def gold_judge(task: Task) -> RewardFn:
+    """The task's gold judge as a validated reward function that takes the records' fields."""
+    return RewardFn(task.gold_scores, f"task:{task.name}")
 
 
 def _stats(xs: list[float]) -> dict:

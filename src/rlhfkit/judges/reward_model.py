@@ -1,0 +1,116 @@
+"""The ``rm:DIR`` reward source: a frozen Bradley-Terry reward model trained by ``rlhfkit rm``.
+
+`find_rm_dir` checks the directory before any weight is read, so that a wrong path (a policy,
+a classifier, a config without weights) fails with one line naming the path and what is there,
+instead of a traceback from transformers or a model with a random scalar head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhfkit.judges.rewards import Messages, RewardFn, RewardSpecError, default_name
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def find_rm_dir(path: str) -> Path:
+    """Accept a reward-model directory or the run directory that holds it in ``model/``; a LoRA
+    reward-model adapter (``rlhfkit rm`` with model.lora.enabled) is accepted too and is loaded
+    merged into its base (`models.load_scalar_model`)."""
+    from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
+
+    p = Path(path).expanduser()
+    if (p / "model" / "config.json").is_file() or (p / "model" / "adapter_config.json").is_file():
+        p = p / "model"
+    if adapter_config(p) is not None and not (p / "config.json").is_file():
+        if not is_seq_cls_adapter(p):
+            raise RewardSpecError(f"rm:{path}: {p} is not a reward model (a LoRA adapter of a policy); its scalar "
+                                  "head would be random. Train one with `rlhfkit rm`.")
+        return p
+    if not (p / "config.json").is_file():
+        what = "does not exist" if not p.exists() else "is a file" if p.is_file() else "has no config.json"
+        raise FileNotFoundError(f"rm:{path}: no reward model found: {p} {what} (expected a directory with "
+                                "config.json, as written by `rlhfkit rm` to OUTPUT_DIR/model)")
+    _check_rm_config(path, p)
+    if not any((p / w).is_file() for w in _WEIGHTS):
+        raise RewardSpecError(f"rm:{path}: {p} has a config.json but no weights ({', '.join(_WEIGHTS[::2])})")
+    return p
+
+
+def _check_rm_config(path: str, p: Path) -> None:
+    """One scalar output, saved as *ForSequenceClassification: what `rlhfkit rm` writes."""
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RewardSpecError(f"rm:{path}: {p / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise RewardSpecError(f"rm:{path}: {p / 'config.json'} is not a JSON object")
+    archs = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        kind = " (a causal language model, e.g. a policy)" if any(str(a).endswith("ForCausalLM") for a in archs) else ""
+        raise RewardSpecError(f"rm:{path}: {p} is not a reward model: its config.json says "
+                              f"{', '.join(map(str, archs)) or 'no architectures'}{kind}; its scalar head would be "
+                              "random. Train one with `rlhfkit rm`.")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels") or 1
+    if labels != 1:
+        raise RewardSpecError(f"rm:{path}: {p} is a classifier with {labels} labels, not a reward model "
+                              "(one score per sequence)")
+
+
+def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int = 16) -> RewardFn:
+    """A frozen Bradley-Terry reward model scoring chat renderings of (prompt messages + response)."""
+    from rlhfkit.models import load_scalar_model, load_tokenizer
+    from rlhfkit.models.loading import to_device
+
+    rm_dir = find_rm_dir(path)
+    if (rm_dir / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(rm_dir)
+    if tokenizer is None:
+        raise RewardSpecError(f"rm:{path}: the directory has no tokenizer; pass tokenizer=")
+    model = to_device(load_scalar_model(rm_dir, pad_token_id=tokenizer.pad_token_id), device)
+    model.eval().requires_grad_(False)
+    fn = RewardFn(RewardModelScorer(model, tokenizer, batch_size), default_name(f"rm:{path}"), f"rm:{path}")
+    fn.model = model  # exposed so trainers can reuse its weights (e.g. to initialise the critic)
+    return fn
+
+
+class RewardModelScorer:
+    """Scores (messages, response) with ``models.sequence_scores``, in micro-batches, without grad."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = max(1, batch_size)
+
+    def render(self, messages: Messages, response: str) -> list[int]:
+        """Token ids exactly as `rlhfkit rm` trained on them (data.tokenize_preference): the prompt
+        with its generation header, then the reply up to and including its end-of-turn token
+        (the template's trailing newline is not part of it: the score is read at end-of-turn)."""
+        from rlhfkit.data import end_of_turn_ids, render_ids, render_prompt_ids
+
+        prompt = render_prompt_ids(self.tokenizer, messages)
+        full = render_ids(self.tokenizer, [*messages, {"role": "assistant", "content": response}])
+        if full[:len(prompt)] != prompt:  # template not prefix-stable for this reply: score the whole rendering
+            return full
+        eot = end_of_turn_ids(self.tokenizer)
+        reply = full[len(prompt):]
+        ends = [j for j, t in enumerate(reply) if t in eot]
+        return prompt + (reply[:ends[-1] + 1] if ends else reply)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages]) -> list[float]:
+        """`messages` by name: the RewardFn passes the prompt conversations to a parameter so named."""
+        from rlhfkit.models import sequence_scores
+        from rlhfkit.rollout import left_pad
+
+        device = next(self.model.parameters()).device
+        rows = [self.render(m, r) for m, r in zip(messages, responses)]
+        scores: list[float] = []
+        for i in range(0, len(rows), self.batch_size):
+            ids, mask = left_pad(rows[i:i + self.batch_size], self.tokenizer.pad_token_id, device)
+            scores += sequence_scores(self.model, ids, mask).float().tolist()
+        return scores
