@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from rlhfkit.config import ConfigError, _build, load_config, parse_overrides, _merge
+from rlhfkit.runinfo import write_run_info
 
 
 @dataclass
@@ -117,6 +118,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
         done.write_text(json.dumps({"seconds": timings[spec.name]}))
     summary = {"output_dir": str(out), "stage_seconds": timings, "headline": headline(out, stages)}
     (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # versions, hardware, stage times
     from rlhfkit.report import build_report
 
     report = build_report([out])
