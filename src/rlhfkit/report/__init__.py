@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from rlhfkit.report import plots, sections
-from rlhfkit.report.checks import eval_warnings, stage_warnings
+from rlhfkit.report.checks import KINDS, eval_warnings, stage_warnings
 from rlhfkit.report.data import Stage, find_evals, load_stages, read_json
 
 __all__ = ["build_report", "collect"]
@@ -40,6 +40,7 @@ def collect(runs: list[Path]) -> dict:
         for st, path, ev in find_evals(stages):
             evals[f"{n}/{st.name}" if st.name != n else n] = ev
             warnings += eval_warnings(n, st, ev)
+    warnings.sort(key=lambda w: KINDS.index(w["kind"]))  # stable: stage order within a kind
     envs = {n: read_json(r / "run_info.json").get("environment") or {} for n, r in zip(names, runs)}
     return {"stages": staged, "evals": evals, "warnings": warnings, "environments": envs}
 
@@ -101,7 +102,8 @@ def _training(staged: dict[str, list[Stage]]) -> str:
 def render_page(runs: list[Path], data: dict) -> str:
     staged, evals = data["stages"], data["evals"]
     body = [f"<h1>rlhfkit report</h1><p class='sub'>{html.escape(', '.join(str(r) for r in runs))}</p>",
-            sections.warnings_block(data["warnings"], sum(len(s) for s in staged.values())), _headline(evals)]
+            sections.warnings_block(data["warnings"], sum(len(s) for s in staged.values()), len(staged) > 1),
+            _headline(evals)]
     if evals:
         body.append(_evaluation(evals))
     body.append(_training(staged))

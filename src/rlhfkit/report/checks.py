@@ -19,6 +19,7 @@ from fnmatch import fnmatch
 
 from rlhfkit.report.data import Stage, config_value, series
 
+KINDS = ("truncation", "kl_spike", "held_out_worse")  # the order warnings are listed in
 TRUNCATION_SHARE = 0.2  # a larger share of responses cut at the token cap gets a warning
 
 # Which way is better for a held-out metric (the name after "eval/"); the first matching pattern

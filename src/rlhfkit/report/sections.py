@@ -41,12 +41,18 @@ def judge_label(name: str) -> str:
     return JUDGE_LABELS.get(name, f"{name} judge")
 
 
-def warnings_block(warnings: list[dict], checked: int) -> str:
+WARNING_TITLES = {"truncation": "truncated responses", "kl_spike": "KL spike", "held_out_worse": "held-out metric worse"}
+
+
+def warnings_block(warnings: list[dict], checked: int, show_run: bool = False) -> str:
     if not warnings:
         return (f"<div class='ok' id='warnings'>No warnings: truncation, held-out metrics and KL checked in "
                 f"{checked} stage(s).</div>")
-    items = "".join(f"<li><b>{esc(w['kind'].replace('_', ' '))}</b>: {esc(w['message'])}</li>" for w in warnings)
-    return f"<div class='warn' id='warnings'><b>{len(warnings)} warning(s)</b><ul>{items}</ul></div>"
+    items = []
+    for w in warnings:
+        where = f" ({esc(w['run'])})" if show_run else ""
+        items.append(f"<li><b>{WARNING_TITLES[w['kind']]}</b>{where}: {esc(w['message'])}</li>")
+    return f"<div class='warn' id='warnings'><b>{len(warnings)} warning(s)</b><ul>{''.join(items)}</ul></div>"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -65,7 +71,7 @@ def _eval_rows(ev: dict) -> list[tuple[str, str, dict[str, str]]]:
     rows.append(("KL to baseline", "nats per response",
                  {n: with_ci(m["kl"]) for n, m in pols.items() if isinstance(m.get("kl"), dict)}))
     rows.append(("Response length", "mean over samples",
-                 {n: f"{num(m['length_tokens'])} tokens, {num(m.get('length_chars', float('nan')))} characters"
+                 {n: f"{m['length_tokens']:.1f} tokens, {m.get('length_chars', float('nan')):.0f} characters"
                   for n, m in pols.items() if isinstance(m.get("length_tokens"), (int, float))}))
     rows.append(("Cut at max_new_tokens", "responses without an EOS token",
                  {n: _trunc_cell(m) for n, m in pols.items() if isinstance(m.get("eos_frac"), (int, float))}))
