@@ -123,6 +123,8 @@ def _synthetic_run(run, healthy: bool):
     for s in (1, 6, 12):  # held-out evaluations on some iterations
         ppo[s - 1]["eval/gold_mean"] = 0.5 + sign * 0.02 * s
     _stage(run, "ppo", "ppo", ppo, {"model": {"name": "sft-model"}, "rollout": {"max_new_tokens": 48}})
+    write_jsonl(run / "ppo" / "samples.jsonl", [{"step": s, "prompt": f"Prompt {s}", "response": f"Response {s}",
+                                                 "score": 1.0, "eos": healthy} for s in (11, 12)])
     _fake_eval(run / "eval", eos_frac=0.9 if healthy else 0.3)
 
 
@@ -177,11 +179,14 @@ def test_report_warnings(tmp_path, healthy):
     _synthetic_run(run, healthy)
     page = build_report([run])
     warnings = json.loads((run / "report_warnings.json").read_text())
-    result = render(page, sections=("table.eval", "#warnings"))
+    result = render(page, sections=("table.eval", "#warnings", "#responses"))
     _check_page(result)
     alts = {i["alt"] for i in result["images"]}
     assert {"ppo Policy loss", "ppo Value loss", "ppo time split", "ppo Held-out gold_mean (higher is better)"} <= alts
     shown = result["sections"]["#warnings"]
+    samples = result["sections"]["#responses"]
+    assert "Response 12" in samples and "Response 11" not in samples  # the last logged step's samples
+    assert ("cut at the 48-token cap" in samples) is not healthy
     if healthy:
         assert warnings == [] and "No warnings" in shown
         return

@@ -107,9 +107,10 @@ def render_page(runs: list[Path], data: dict) -> str:
     if evals:
         body.append(_evaluation(evals))
     body.append(_training(staged))
-    samples = sections.samples_table(evals)
+    samples = sections.samples_table(evals) + "".join(
+        sections.training_samples_table(n if len(staged) > 1 else "", st) for n, stages in staged.items() for st in stages)
     if samples:
-        body.append(f"<section id='responses'><h2>Responses: baseline vs trained policy</h2>{samples}</section>")
+        body.append(f"<section id='responses'><h2>Responses</h2>{samples}</section>")
     info = "".join(sections.stages_table(n, st) + sections.environment_table(n, data["environments"][n])
                    for n, st in staged.items())
     body.append(f"<section id='run-info'><h2>Run information</h2>{info}</section>")

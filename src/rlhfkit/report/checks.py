@@ -34,6 +34,12 @@ DIRECTIONS: list[tuple[str, bool | None]] = [
 ]
 
 
+# A held-out metric that is a monotone function of another one says nothing new: left out when both are logged.
+REDUNDANT = {"eval/ppl": "eval/loss"}
+# What a held-out metric is averaged over, when the stage logs it: quoted with the change.
+SET_SIZES = {"eval/pairs": "pairs", "eval/prompts": "prompts", "eval/samples": "samples", "eval/tokens": "tokens"}
+
+
 def higher_is_better(metric: str) -> bool | None:
     """Direction of ``eval/<name>`` (or ``<name>``): True, False, or None when it is not a quality
     measure or unknown (then no warning is raised about it)."""
@@ -48,9 +54,10 @@ def held_out_trends(rows: list[dict]) -> list[dict]:
     examples per category make start-to-end moves mostly noise, and the total covers them.
     """
     keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    size = next(((unit, series(rows, k)[1][-1]) for k, unit in SET_SIZES.items() if series(rows, k)[1]), None)
     out = []
     for k in keys:
-        if any(k.startswith(parent + "/") for parent in keys if parent != k):
+        if any(k.startswith(parent + "/") for parent in keys if parent != k) or REDUNDANT.get(k) in keys:
             continue
         xs, ys = series(rows, k)
         if len(ys) < 2:
@@ -59,7 +66,8 @@ def held_out_trends(rows: list[dict]) -> list[dict]:
         change = ys[-1] - ys[0]
         worse = better is not None and (change < 0 if better else change > 0)
         out.append({"metric": k, "first_step": xs[0], "last_step": xs[-1], "first": ys[0], "last": ys[-1],
-                    "higher_is_better": better, "worse": worse})
+                    "higher_is_better": better, "worse": worse,
+                    "set_size": f"{size[1]:.0f} {size[0]}" if size else None})
     return out
 
 
@@ -104,10 +112,12 @@ def stage_warnings(run: str, st: Stage) -> list[dict]:
     for t in held_out_trends(st.rows):
         if t["worse"]:
             verb = "fell" if t["higher_is_better"] else "rose"
+            on = f" on {t['set_size']}" if t["set_size"] else ""
+            better = "higher" if t["higher_is_better"] else "lower"
             out.append({**base, "kind": "held_out_worse", **t,
                         "message": f"{st.name}: held-out {t['metric']} {verb} from {t['first']:.4g} (step "
-                                   f"{t['first_step']}) to {t['last']:.4g} (step {t['last_step']}); "
-                                   f"{'higher' if t['higher_is_better'] else 'lower'} is better."})
+                                   f"{t['first_step']}) to {t['last']:.4g} (step {t['last_step']}){on}; "
+                                   f"{better} is better."})
     steps, kl = series(st.rows, "objective/kl")
     spikes = kl_spikes(steps, kl)
     if spikes:

@@ -178,6 +178,15 @@ def find_evals(stages: list[Stage]) -> list[tuple[Stage, Path, dict]]:
     return found
 
 
+def training_samples(st: Stage, limit: int = 6) -> tuple[int | None, list[dict]]:
+    """The last logged step's (prompt, response, score, eos) samples of a policy-gradient stage."""
+    recs = [r for r in read_jsonl(st.path / "samples.jsonl") if isinstance(r.get("response"), str)]
+    if not recs:
+        return None, []
+    last = max(r.get("step", 0) for r in recs)
+    return last, [r for r in recs if r.get("step", 0) == last][:limit]
+
+
 def config_value(config: dict, dotted: str, default: Any = None) -> Any:
     node: Any = config
     for part in dotted.split("."):

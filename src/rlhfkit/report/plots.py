@@ -15,9 +15,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from rlhfkit.eval.stats import pearson  # noqa: E402
-from rlhfkit.report.checks import higher_is_better  # noqa: E402
+from rlhfkit.report.checks import REDUNDANT, higher_is_better  # noqa: E402
 from rlhfkit.report.data import Stage, series  # noqa: E402
 
 DPI = 150  # rendered at 1.5x the displayed size: crisp on high-density screens
@@ -80,11 +81,19 @@ def _draw(ax, xs, ys, color, label, smoothed: bool) -> None:
         ax.plot(xs, ys, color=color, lw=1.5, marker=marker, ms=3.5, label=label)
 
 
+def _step_axis(ax, steps: list) -> None:
+    """Whole-number ticks; a single step gets a unit of room on each side instead of a 0.1 range."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if steps and min(steps) == max(steps):
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+
+
 def metric_panel(title: str, ylabel: str, lines: list[tuple[str, list, list]], smoothed: bool, alt: str) -> str:
     fig, ax = plt.subplots(figsize=PANEL_SIZE)
     for i, (label, xs, ys) in enumerate(lines):
         _draw(ax, xs, ys, COLORS[i % len(COLORS)], label, smoothed)
     ax.set_title(title, fontsize=10)
+    _step_axis(ax, [x for _, xs, _ in lines for x in xs])
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
@@ -99,7 +108,7 @@ def _held_out_panels(keys: set[str]) -> list[tuple[str, list[str], str]]:
     out = []
     for k in sorted(keys - known):
         better = higher_is_better(k) if k.startswith("eval/") else None
-        if better is not None and not any(k.startswith(p + "/") for p in keys):
+        if better is not None and not any(k.startswith(p + "/") for p in keys) and REDUNDANT.get(k) not in keys:
             out.append((f"Held-out {k.removeprefix('eval/')} ({'higher' if better else 'lower'} is better)", [k], ""))
     return out
 
@@ -141,6 +150,7 @@ def time_split(run_name: str, st: Stage) -> str | None:
         bottom = [b + v for b, v in zip(bottom, vals)]
     where = f"{run_name}/{st.name}" if run_name and run_name != st.name else st.name
     ax.set_title(f"{where}: where each iteration's time went", fontsize=10)
+    _step_axis(ax, steps)
     ax.set_xlabel("iteration", fontsize=8)
     ax.set_ylabel("seconds", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -10,7 +10,7 @@ import html
 from typing import Any
 
 from rlhfkit.report.checks import TRUNCATION_SHARE, held_out_trends
-from rlhfkit.report.data import Stage, config_value
+from rlhfkit.report.data import Stage, config_value, training_samples
 
 esc = html.escape
 JUDGE_LABELS = {"gold": "gold judge", "proxy": "proxy (reward model)"}
@@ -172,9 +172,30 @@ def samples_table(evals: dict[str, dict], limit: int = 12) -> str:
                 cells.append(f"<td><pre>{esc(text)}</pre>{badge}</td>")
             rows.append(f"<tr><td><pre>{esc(str(s['prompt']))}</pre></td>{''.join(cells)}</tr>")
         shown = f"first {len(samples)} of {len(ev['samples'])} prompts"
-        parts.append(f"<h3>{esc(title)} <span class='unit'>({shown})</span></h3><table class='samples'>"
+        parts.append(f"<h3>{esc(title)}: baseline vs trained, same prompts <span class='unit'>({shown})</span></h3>"
+                     f"<table class='samples'>"
                      f"<tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>")
     return "".join(parts)
+
+
+def training_samples_table(run: str, st: Stage) -> str:
+    """A policy-gradient stage's last logged samples, responses cut at the token cap marked
+    (``run`` prefixes the title when several runs are compared, else "")."""
+    step, recs = training_samples(st)
+    if not recs:
+        return ""
+    cap = config_value(st.config, "rollout.max_new_tokens")
+    rows = []
+    for r in recs:
+        cut = r.get("eos") is False
+        badge = f"<div class='bad score'>cut at the {cap}-token cap (no EOS)</div>" if cut and cap else (
+            "<div class='bad score'>cut (no EOS)</div>" if cut else "")
+        score = f"<div class='score'>score {r['score']:.3g}</div>" if isinstance(r.get("score"), (int, float)) else ""
+        rows.append(f"<tr><td><pre>{esc(str(r.get('prompt', '')))}</pre></td>"
+                    f"<td><pre>{esc(r['response'])}</pre>{score}{badge}</td></tr>")
+    title = f"{run}/{st.name}" if run and run != st.name else st.name
+    return (f"<h3>{esc(title)}: training samples <span class='unit'>(step {step})</span></h3>"
+            f"<table class='samples'><tr><th>prompt</th><th>response</th></tr>{''.join(rows)}</table>")
 
 
 # --------------------------------------------------------------------------- run information
