@@ -40,3 +40,13 @@ def render(html_path: Path, screenshot: Path | None = None, sections: tuple[str,
             page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     return {"errors": errors, "images": images, "text": text, "sections": found}
+
+
+if __name__ == "__main__":  # python tests/browser.py runs/demo/report.html docs/demo_report.png
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tests/browser.py REPORT.html SCREENSHOT.png")
+    result = render(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(f"{sys.argv[2]}: {len(result['images'])} images, errors: {result['errors'] or 'none'}")
+    sys.exit(1 if result["errors"] else 0)

@@ -75,13 +75,30 @@ def _eval_rows(ev: dict) -> list[tuple[str, str, dict[str, str]]]:
                   for n, m in pols.items() if isinstance(m.get("length_tokens"), (int, float))}))
     rows.append(("Cut at max_new_tokens", "responses without an EOS token",
                  {n: _trunc_cell(m) for n, m in pols.items() if isinstance(m.get("eos_frac"), (int, float))}))
+    within = any(f"corr_length_{j}_within_prompt" in m for m in pols.values() for j in scored)
     for j in scored:
-        rows.append((f"Length vs {judge_label(j)} score", "Pearson r over samples (within prompt)",
+        rows.append((f"Length vs {judge_label(j)} score",
+                     "Pearson r over samples" + (" (in brackets: within prompt)" if within else ""),
                      {n: _corr_cell(m, j) for n, m in pols.items() if isinstance(m.get(f"corr_length_{j}"), (int, float))}))
     rows.append(("Samples", "prompts x samples per prompt",
                  {n: f"{m['samples']} ({m['samples'] // per} x {per})" for n, m in pols.items()
                   if isinstance(m.get("samples"), int)}))
-    return [r for r in rows if r[2]]
+    return [r for r in rows if r[2]] + _other_rows(pols, scored)
+
+
+def _other_rows(pols: dict, scored: list[str]) -> list[tuple[str, str, dict[str, str]]]:
+    """Any other number an evaluation wrote, under a readable name (nothing is silently dropped)."""
+    known = {"model", "win_rate", "kl", "length_tokens", "length_chars", "eos_frac", "samples"}
+    known |= {f"{j}{suffix}" for j in scored for suffix in ("_mean", "")}
+    known |= {f"corr_length_{j}{suffix}" for j in scored for suffix in ("", "_within_prompt")}
+    rows = []
+    for key in dict.fromkeys(k for m in pols.values() for k in m if k not in known):
+        cells = {n: with_ci(m[key]) if isinstance(m.get(key), dict) else num(m[key]) for n, m in pols.items()
+                 if isinstance(m.get(key), (int, float, dict)) and not isinstance(m.get(key), bool)}
+        cells = {n: c for n, c in cells.items() if c}
+        if cells:
+            rows.append((key.replace("_", " ").capitalize(), "", cells))
+    return rows
 
 
 def _win_cell(w: dict) -> str:
