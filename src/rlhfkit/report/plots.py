@@ -76,7 +76,7 @@ def _draw(ax, xs, ys, color, label, smoothed: bool) -> None:
     if smoothed and len(ys) >= 5:
         ax.plot(xs, ys, color=color, alpha=0.3, lw=1, marker=marker, ms=2.5)
         span = max(3, len(ys) // 8)
-        ax.plot(xs, smooth(ys, span), color=color, lw=2, label=f"{label} (smoothed, span {span})")
+        ax.plot(xs, smooth(ys, span), color=color, lw=2, label=f"{label} (faint: raw; line: EMA, span {span})")
     else:
         ax.plot(xs, ys, color=color, lw=1.5, marker=marker, ms=3.5, label=label)
 
