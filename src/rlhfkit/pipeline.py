@@ -102,6 +102,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     timings: dict[str, float] = {}
+    write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # a report of a partial run has it too
     for i, (spec, stage_cfg) in enumerate(stages):
         done = out / spec.name / "DONE"
         if done.exists():
