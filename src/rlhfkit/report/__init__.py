@@ -114,6 +114,9 @@ def render_page(runs: list[Path], data: dict) -> str:
     info = "".join(sections.stages_table(n, st) + sections.environment_table(n, data["environments"][n])
                    for n, st in staged.items())
     body.append(f"<section id='run-info'><h2>Run information</h2>{info}</section>")
+    ids = [(i, t) for i, t in (("evaluation", "Evaluation"), ("training", "Training curves"), ("responses", "Responses"),
+                               ("run-info", "Run information")) if f"id='{i}'" in "".join(body)]
+    body.insert(1, "<nav>" + " &middot; ".join(f"<a href='#{i}'>{t}</a>" for i, t in ids) + "</nav>")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit report</title>"
             f"<style>{sections.CSS}</style></head><body>{''.join(body)}</body></html>")
 
