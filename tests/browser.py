@@ -17,8 +17,9 @@ def chromium_path() -> str | None:
     return None
 
 
-def render(html_path: Path, screenshot: Path | None = None) -> dict:
-    """Open the page; return console errors, page errors and the state of every <img>."""
+def render(html_path: Path, screenshot: Path | None = None, sections: tuple[str, ...] = ()) -> dict:
+    """Open the page; return console errors, page errors, every <img>'s natural and displayed size,
+    the page's text, and the text of each CSS selector in ``sections`` (None when absent)."""
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
@@ -30,10 +31,22 @@ def render(html_path: Path, screenshot: Path | None = None) -> dict:
         page.goto(Path(html_path).resolve().as_uri())
         page.wait_for_load_state("load")
         images = page.eval_on_selector_all(
-            "img", "els => els.map(e => ({alt: e.alt, w: e.naturalWidth, h: e.naturalHeight, "
-                   "visible: e.getBoundingClientRect().width > 0}))")
+            "img", "els => els.map(e => { const r = e.getBoundingClientRect(); return {alt: e.alt, "
+                   "w: e.naturalWidth, h: e.naturalHeight, shown_w: r.width, shown_h: r.height, "
+                   "visible: r.width > 0}; })")
         text = page.inner_text("body")
+        found = {sel: (page.inner_text(sel) if page.query_selector(sel) else None) for sel in sections}
         if screenshot:
             page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
-    return {"errors": errors, "images": images, "text": text}
+    return {"errors": errors, "images": images, "text": text, "sections": found}
+
+
+if __name__ == "__main__":  # python tests/browser.py runs/demo/report.html docs/demo_report.png
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tests/browser.py REPORT.html SCREENSHOT.png")
+    result = render(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(f"{sys.argv[2]}: {len(result['images'])} images, errors: {result['errors'] or 'none'}")
+    sys.exit(1 if result["errors"] else 0)

@@ -72,20 +72,72 @@ def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutat
     assert not (tmp_path / "run" / "sft").exists()  # nothing ran
 
 
-def _fake_eval(stage_dir):
+def _fake_eval(stage_dir, eos_frac=0.9):
     """An eval stage's files in the format `rlhfkit eval` writes."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
-    ci = lambda m: {"mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05}
+    ci = lambda m: {"mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05, "n": 3}
     ev = {"prompts": 3, "samples_per_prompt": 1,
-          "baseline": {"model": "base", "gold_mean": ci(0.1), "length_tokens": 30.0},
+          "baseline": {"model": "base", "gold_mean": ci(0.1), "length_tokens": 30.0, "length_chars": 120.0,
+                       "eos_frac": 0.9, "samples": 3, "corr_length_gold": 0.2},
           "policies": {"trained": {"model": "x", "gold_mean": ci(0.4), "kl": ci(3.1), "length_tokens": 35.0,
-                                   "win_rate": {"gold": {"win_rate": 0.7, "ci_low": 0.63, "ci_high": 0.76}}}}}
+                                   "length_chars": 150.0, "eos_frac": eos_frac, "samples": 3, "corr_length_gold": 0.1,
+                                   "win_rate": {"gold": {"win_rate": 0.7, "ci_low": 0.63, "ci_high": 0.76, "n": 3,
+                                                         "wins": 2, "ties": 0, "losses": 1}}}}}
     (stage_dir / "eval_results.json").write_text(json.dumps(ev))
+    (stage_dir / "eval_config.yaml").write_text(yaml.safe_dump({"rollout": {"max_new_tokens": 48}}))
     prompts = ["Describe <b>a</b> day", "Write a note", "Review a film"]
     for name, text in (("baseline", "It was a day."), ("trained", "A lovely day!")):
         write_jsonl(stage_dir / f"samples-{name}.jsonl",
                     [{"prompt": p, "response": text + " " * rng.randint(0, 9), "gold": rng.random()} for p in prompts])
+
+
+def _stage(run, name, kind, rows, config=None):
+    d = run / name
+    d.mkdir(parents=True)
+    write_jsonl(d / "metrics.jsonl", rows)
+    (d / f"{kind}_config.yaml").write_text(yaml.safe_dump(config or {"model": {"name": "m"}}))
+
+
+def _synthetic_run(run, healthy: bool):
+    """A run directory with sft, rm, dpo, ppo and eval stages (no model needed). ``healthy=False``
+    puts in each problem the report must flag: truncation in training and in evaluation, each
+    kind of held-out metric getting worse, and one KL spike."""
+    rng = random.Random(0)
+    sign = 1 if healthy else -1
+    _stage(run, "sft", "sft", [{"step": s, "eval/loss": 3.0 - sign * 0.01 * s, "eval/tokens": 600,
+                                **({"train/loss": 3 + rng.random()} if s else {})} for s in range(0, 11, 5)])
+    # the per-category breakdown falls in both runs: only the total is judged
+    _stage(run, "rm", "rm", [{"step": s, "eval/accuracy": 0.6 + sign * 0.01 * s, "eval/pairs": 48,
+                              "eval/accuracy/news": 0.9 - 0.05 * s} for s in (0, 4)])
+    _stage(run, "dpo", "dpo", [{"step": s, "eval/rewards/accuracy": 0.6 + sign * 0.02 * s,
+                                "eval/rewards/rejected": -0.1 * s, "train/loss": 0.69 - 0.01 * s} for s in range(1, 6)])
+    kl = [0.1 * s for s in range(1, 13)]
+    if not healthy:
+        kl[8] = 3.0  # step 9: ~3x the level of the iterations before it
+    ppo = [{"step": s, "reward/score_mean": 0.1 * s + rng.gauss(0, 0.3), "objective/kl": kl[s - 1],
+            "response/eos_frac": 0.95 if healthy else 0.2, "response/length_mean": 40 + rng.random(),
+            "loss/policy": 0.01 * rng.gauss(0, 1), "loss/value": 2.0 + rng.random(),
+            "time/rollout": 6 + rng.random(), "time/score": 1.0, "time/update": 3.0, "time/other": 0.5,
+            "time/gen_tokens_per_s": 100.0} for s in range(1, 13)]
+    for s in (1, 6, 12):  # held-out evaluations on some iterations
+        ppo[s - 1]["eval/gold_mean"] = 0.5 + sign * 0.02 * s
+    _stage(run, "ppo", "ppo", ppo, {"model": {"name": "sft-model"}, "rollout": {"max_new_tokens": 48}})
+    write_jsonl(run / "ppo" / "samples.jsonl", [{"step": s, "prompt": f"Prompt {s}", "response": f"Response {s}",
+                                                 "score": 1.0, "eos": healthy} for s in (11, 12)])
+    _fake_eval(run / "eval", eos_frac=0.9 if healthy else 0.3)
+
+
+def _check_page(result):
+    """What users saw broken: every figure keeps its aspect ratio, the eval table shows no raw keys."""
+    assert result["errors"] == []
+    for img in result["images"]:
+        assert img["visible"] and img["w"] > 100 and img["h"] > 100, img["alt"]
+        assert img["shown_w"] / img["shown_h"] == pytest.approx(img["w"] / img["h"], rel=0.02), img["alt"]
+    table = result["sections"]["table.eval"]
+    for raw in ("win_rate", "ci_low", "_mean", "eos_frac", "length_tokens", "corr_length", "[0."):
+        assert raw not in table, raw
+    assert "95% CI" in table and "n = 3 prompts" in table
 
 
 def test_report_renders_in_chromium(tmp_path, tiny_model_dir):
@@ -94,19 +146,56 @@ def test_report_renders_in_chromium(tmp_path, tiny_model_dir):
     sft, pref = _data(tmp_path)
     run_pipeline(str(_pipeline(tmp_path, tiny_model_dir, sft, pref)))
     run = tmp_path / "run"
+    info = json.loads((run / "run_info.json").read_text())  # written by the pipeline
+    assert [s["name"] for s in info["stages"]] == ["sft", "rm"] and all(s["seconds"] > 0 for s in info["stages"])
     _fake_eval(run / "eval")
     from rlhfkit.report import build_report
 
     page = build_report([run])
     assert page == run / "report.html"
-    result = render(page, tmp_path / "shot.png")
-    assert result["errors"] == []
-    imgs = result["images"]
-    assert len(imgs) >= 4 and all(i["w"] > 100 and i["h"] > 100 and i["visible"] for i in imgs)
-    alts = {i["alt"] for i in imgs}
-    assert {"win rates", "length vs reward", "sft Losses", "rm Held-out"} <= alts
+    result = render(page, tmp_path / "shot.png", sections=("table.eval", "#run-info", "#warnings"))
+    _check_page(result)
+    alts = {i["alt"] for i in result["images"]}
+    assert {"win rates", "length vs reward", "sft Training loss", "rm Held-out accuracy"} <= alts
     assert "A lovely day!" in result["text"] and "<b>a</b>" in result["text"]  # escaped, shown as text
+    assert "0.700 (95% CI 0.630–0.760, n = 3 prompts)" in result["sections"]["table.eval"]
+    run_info = result["sections"]["#run-info"]
+    for expected in ("software and hardware", "transformers", info["environment"]["packages"]["torch"],
+                     "sft_config.yaml", "rm_config.yaml", "wall time"):
+        assert expected in run_info, expected
     assert (tmp_path / "shot.png").stat().st_size > 10_000
     # comparing two runs in one page
     both = build_report([run, run], tmp_path / "compare.html")
     assert render(both)["errors"] == []
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_report_warnings(tmp_path, healthy):
+    if chromium_path() is None:
+        pytest.fail("Chromium is not installed: `make test` installs Debian's chromium package")
+    from rlhfkit.report import build_report
+
+    run = tmp_path / "run"
+    _synthetic_run(run, healthy)
+    page = build_report([run])
+    warnings = json.loads((run / "report_warnings.json").read_text())
+    result = render(page, sections=("table.eval", "#warnings", "#responses"))
+    _check_page(result)
+    alts = {i["alt"] for i in result["images"]}
+    assert {"ppo Policy loss", "ppo Value loss", "ppo time split", "ppo Held-out gold_mean (higher is better)"} <= alts
+    shown = result["sections"]["#warnings"]
+    samples = result["sections"]["#responses"]
+    assert "Response 12" in samples and "Response 11" not in samples  # the last logged step's samples
+    assert ("cut at the 48-token cap" in samples) is not healthy
+    if healthy:
+        assert warnings == [] and "No warnings" in shown
+        return
+    found = {(w["kind"], w["stage"], w.get("metric") or w.get("model")) for w in warnings}
+    assert found == {("truncation", "ppo", None), ("truncation", "eval", "trained"),
+                     ("held_out_worse", "sft", "eval/loss"), ("held_out_worse", "rm", "eval/accuracy"),
+                     ("held_out_worse", "dpo", "eval/rewards/accuracy"), ("held_out_worse", "ppo", "eval/gold_mean"),
+                     ("kl_spike", "ppo", None)}
+    assert [s["step"] for w in warnings if w["kind"] == "kl_spike" for s in w["spikes"]] == [9]
+    assert f"{len(warnings)} warning(s)" in shown
+    assert "80% of responses (mean over 12 iterations, last 80%) hit the 48-token cap" in shown
+    assert all(w["message"] in shown for w in warnings)

@@ -25,6 +25,7 @@ import yaml
 from rlhfkit.config import ConfigError, build, load_config, merge, parse_overrides
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
+from rlhfkit.runinfo import write_run_info
 
 
 @dataclass
@@ -109,6 +110,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     timings: dict[str, float] = {}
+    write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # a report of a partial run has it too
     for i, (spec, stage_cfg) in enumerate(stages):
         done = out / spec.name / "DONE"
         if done.exists():
@@ -125,6 +127,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
         done.write_text(json.dumps({"seconds": timings[spec.name]}))
     summary = {"output_dir": str(out), "stage_seconds": timings, "headline": headline(out, stages)}
     (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # versions, hardware, stage times
     from rlhfkit.report import build_report
 
     report = build_report([out])

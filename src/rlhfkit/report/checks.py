@@ -1,0 +1,143 @@
+"""Warnings a report puts at its top: things in a run's numbers that a user should not miss.
+
+- truncation: a large share of sampled responses hit ``max_new_tokens`` without an EOS token, so
+  the reward model and the judges scored cut-off text (PPO/GRPO ``response/eos_frac``, and the
+  ``eos_frac`` of each model in ``eval_results.json``);
+- held-out metric worse: a stage's ``eval/<name>`` got worse from its first to its last
+  evaluation, judged by the per-metric direction table `DIRECTIONS`;
+- KL spike: ``objective/kl`` jumped well above its recent level (a robust z-score against the
+  median of the preceding iterations).
+
+Each warning is a JSON-able dict: ``kind``, ``run``, ``stage``, ``message`` and the figures the
+message quotes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from fnmatch import fnmatch
+
+from rlhfkit.report.data import Stage, config_value, series
+
+KINDS = ("truncation", "kl_spike", "held_out_worse")  # the order warnings are listed in
+TRUNCATION_SHARE = 0.2  # a larger share of responses cut at the token cap gets a warning
+
+# Which way is better for a held-out metric (the name after "eval/"); the first matching pattern
+# wins. None: not a quality measure (sizes, lengths, KL, the DPO rewards of each side alone).
+DIRECTIONS: list[tuple[str, bool | None]] = [
+    ("*tokens*", None), ("*pairs*", None), ("*samples*", None), ("*count*", None), ("*prompts*", None),
+    ("*length*", None), ("*kl*", None), ("*entropy*", None), ("*time*", None), ("*_std", None),
+    ("rewards/chosen", None), ("rewards/rejected", None),
+    ("*loss*", False), ("*ppl*", False), ("*perplexity*", False), ("*empty_frac*", False), ("*error*", False),
+    ("*accuracy*", True), ("*margin*", True), ("*win_rate*", True), ("*reward*", True), ("*score*", True),
+    ("*gold*", True), ("*eos_frac*", True), ("*distinct*", True),
+]
+
+
+# A held-out metric that is a monotone function of another one says nothing new: left out when both are logged.
+REDUNDANT = {"eval/ppl": "eval/loss"}
+# What a held-out metric is averaged over, when the stage logs it: quoted with the change.
+SET_SIZES = {"eval/pairs": "pairs", "eval/prompts": "prompts", "eval/samples": "samples", "eval/tokens": "tokens"}
+
+
+def higher_is_better(metric: str) -> bool | None:
+    """Direction of ``eval/<name>`` (or ``<name>``): True, False, or None when it is not a quality
+    measure or unknown (then no warning is raised about it)."""
+    name = metric.removeprefix("eval/")
+    return next((d for pattern, d in DIRECTIONS if fnmatch(name, pattern)), None)
+
+
+def held_out_trends(rows: list[dict]) -> list[dict]:
+    """First and last value of every ``eval/*`` series with at least two evaluations.
+
+    A breakdown (``eval/accuracy/<category>`` next to ``eval/accuracy``) is left out: its few
+    examples per category make start-to-end moves mostly noise, and the total covers them.
+    """
+    keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    size = next(((unit, series(rows, k)[1][-1]) for k, unit in SET_SIZES.items() if series(rows, k)[1]), None)
+    out = []
+    for k in keys:
+        if any(k.startswith(parent + "/") for parent in keys if parent != k) or REDUNDANT.get(k) in keys:
+            continue
+        xs, ys = series(rows, k)
+        if len(ys) < 2:
+            continue
+        better = higher_is_better(k)
+        change = ys[-1] - ys[0]
+        worse = better is not None and (change < 0 if better else change > 0)
+        out.append({"metric": k, "first_step": xs[0], "last_step": xs[-1], "first": ys[0], "last": ys[-1],
+                    "higher_is_better": better, "worse": worse,
+                    "set_size": f"{size[1]:.0f} {size[0]}" if size else None})
+    return out
+
+
+def kl_spikes(steps: list[float], kl: list[float], window: int = 5, min_history: int = 3,
+              z: float = 4.0, min_jump: float = 0.2) -> list[dict]:
+    """Iterations whose KL is well above the median of the ``window`` before it.
+
+    "Well above": the jump over that median exceeds z robust standard deviations of the window
+    (1.4826 * median absolute deviation), half the median's magnitude, and ``min_jump`` nats, so a
+    steady climb, noise around a flat level, and tiny absolute moves near zero are not spikes.
+    """
+    out = []
+    for i in range(min_history, len(kl)):
+        hist = kl[max(0, i - window):i]
+        level = statistics.median(hist)
+        spread = 1.4826 * statistics.median(abs(v - level) for v in hist)
+        jump = kl[i] - level
+        if jump > max(z * spread, 0.5 * abs(level), min_jump):
+            out.append({"step": steps[i], "kl": kl[i], "recent_median": level})
+    return out
+
+
+def _truncation(where: str, share: float, detail: str, cap) -> str:
+    cap_txt = f"the {cap}-token cap (max_new_tokens)" if cap else "max_new_tokens"
+    return (f"{where}: {share:.0%} of responses ({detail}) hit {cap_txt} without an EOS token, so "
+            f"cut-off text was scored. Raise max_new_tokens or reward finishing.")
+
+
+def stage_warnings(run: str, st: Stage) -> list[dict]:
+    """Truncation during policy-gradient training, held-out metrics that got worse, KL spikes."""
+    out = []
+    base = {"run": run, "stage": st.name}
+    _, eos = series(st.rows, "response/eos_frac")
+    if eos:
+        share = 1.0 - sum(eos) / len(eos)
+        if share >= TRUNCATION_SHARE:
+            cap = config_value(st.config, "rollout.max_new_tokens")
+            out.append({**base, "kind": "truncation", "share": share, "max_new_tokens": cap,
+                        "iterations": len(eos), "last_share": 1.0 - eos[-1],
+                        "message": _truncation(f"{st.name} training", share, f"mean over {len(eos)} "
+                                               f"iterations, last {1.0 - eos[-1]:.0%}", cap)})
+    for t in held_out_trends(st.rows):
+        if t["worse"]:
+            verb = "fell" if t["higher_is_better"] else "rose"
+            on = f" on {t['set_size']}" if t["set_size"] else ""
+            better = "higher" if t["higher_is_better"] else "lower"
+            out.append({**base, "kind": "held_out_worse", **t,
+                        "message": f"{st.name}: held-out {t['metric']} {verb} from {t['first']:.4g} (step "
+                                   f"{t['first_step']}) to {t['last']:.4g} (step {t['last_step']}){on}; "
+                                   f"{better} is better."})
+    steps, kl = series(st.rows, "objective/kl")
+    spikes = kl_spikes(steps, kl)
+    if spikes:
+        where = ", ".join(f"step {s['step']}: {s['kl']:.3g} vs recent median {s['recent_median']:.3g}"
+                          for s in spikes)
+        out.append({**base, "kind": "kl_spike", "spikes": spikes,
+                    "message": f"{st.name}: KL to the reference jumped well above its recent level ({where} nats)."})
+    return out
+
+
+def eval_warnings(run: str, st: Stage, ev: dict) -> list[dict]:
+    """Truncation among the evaluation samples of each model (baseline included)."""
+    out = []
+    cap = config_value(st.config, "rollout.max_new_tokens")
+    for name, m in ev["policies"].items():
+        eos, n = m.get("eos_frac"), m.get("samples")
+        if isinstance(eos, (int, float)) and 1.0 - eos >= TRUNCATION_SHARE:
+            share = 1.0 - eos
+            detail = f"{round(share * n)} of {n} samples" if isinstance(n, int) else "evaluation samples"
+            out.append({"run": run, "stage": st.name, "kind": "truncation", "model": name, "share": share,
+                        "samples": n, "max_new_tokens": cap,
+                        "message": _truncation(f"{st.name}, {name}", share, detail, cap)})
+    return out

@@ -1,0 +1,196 @@
+"""Reading a run directory: stage folders, metric series, evaluation results, configs, timings.
+
+Everything here tolerates partial runs (a stage still running, a line cut by a kill, a file a
+stage did not write): what is missing is simply absent from the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: skip it, the rest is fine
+    return rows
+
+
+def read_json(path: Path) -> dict:
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one metric over the rows that logged a finite number for it."""
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(r.get("step", len(xs)))
+            ys.append(float(v))
+    return xs, ys
+
+
+def metric_keys(rows: list[dict]) -> list[str]:
+    """Every numeric key of a stage's metrics, in first-logged order."""
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.setdefault(k)
+    return list(keys)
+
+
+@dataclass
+class Stage:
+    """One stage folder of a run (or a single-stage run folder itself)."""
+
+    name: str
+    kind: str
+    path: Path
+    rows: list[dict] = field(default_factory=list)  # metrics.jsonl
+    config: dict = field(default_factory=dict)  # the resolved <kind>_config.yaml
+    config_text: str = ""
+    seconds: float | None = None
+    seconds_source: str = ""  # "pipeline", "DONE file" or "log timestamps"
+
+    @property
+    def model(self) -> str:
+        """What the stage trained or evaluated, as its config names it."""
+        m = self.config.get("model")
+        if isinstance(m, dict) and m.get("name"):
+            return str(m["name"])
+        if self.config.get("policies"):
+            pols = ", ".join(str(p) for p in self.config["policies"])
+            return f"{pols} vs baseline {self.config.get('baseline', '?')}"
+        return ""
+
+
+def _pipeline_kinds(run: Path) -> dict[str, str]:
+    pipe = run / "pipeline.yaml"
+    if not pipe.is_file():
+        return {}
+    stages = (yaml.safe_load(pipe.read_text()) or {}).get("stages") or []
+    return {(s.get("name") or s.get("kind")): s.get("kind", "") for s in stages if isinstance(s, dict)}
+
+
+def _load_stage(name: str, kind: str, path: Path, recorded: dict[str, float]) -> Stage:
+    st = Stage(name=name, kind=kind, path=path, rows=read_jsonl(path / "metrics.jsonl"))
+    cfgs = sorted(path.glob("*_config.yaml"))
+    if cfgs:
+        st.config_text = cfgs[0].read_text()
+        st.config = yaml.safe_load(st.config_text) or {}
+        st.kind = st.kind or cfgs[0].name[: -len("_config.yaml")]
+    done = read_json(path / "DONE") if (path / "DONE").is_file() else {}
+    times = [r["time"] for r in st.rows if isinstance(r.get("time"), (int, float))]
+    if name in recorded:
+        st.seconds, st.seconds_source = recorded[name], "pipeline"
+    elif isinstance(done.get("seconds"), (int, float)):
+        st.seconds, st.seconds_source = float(done["seconds"]), "DONE file"
+    elif len(times) > 1:  # lower bound: model loading before the first log line is not in it
+        st.seconds, st.seconds_source = max(times) - min(times), "log timestamps"
+    return st
+
+
+def load_stages(run: Path) -> list[Stage]:
+    """Stage folders in pipeline order (then any other folder with metrics or eval results)."""
+    info = read_json(run / "run_info.json")
+    recorded = {s["name"]: s["seconds"] for s in info.get("stages") or []
+                if isinstance(s, dict) and isinstance(s.get("seconds"), (int, float))}
+    if (run / "metrics.jsonl").is_file() or list(run.glob("eval*.json")):
+        return [_load_stage(run.name, "", run, recorded)]
+    kinds = _pipeline_kinds(run)
+    dirs = [run / n for n in kinds if (run / n).is_dir()]
+    for p in sorted(run.iterdir()) if run.is_dir() else []:
+        if p.is_dir() and p not in dirs and ((p / "metrics.jsonl").is_file() or list(p.glob("eval*.json"))):
+            dirs.append(p)
+    return [_load_stage(p.name, kinds.get(p.name, ""), p, recorded) for p in dirs]
+
+
+# --------------------------------------------------------------------------- evaluation results
+
+def _judge_names(m: dict) -> list[str]:
+    return [j for j, w in (m.get("win_rate") or {}).items() if isinstance(w, dict)]
+
+
+def load_eval(path: Path) -> dict:
+    """``eval_results.json`` (+ its ``samples-*.jsonl``) -> what the report shows.
+
+    policies: name -> the model's entry as written (baseline first); judges: the pairwise judges;
+    length_reward: "name (judge)" -> [(characters, score)]; samples: side-by-side rows.
+    """
+    ev = json.loads(path.read_text())
+    policies = {"baseline": ev.get("baseline") or {}, **(ev.get("policies") or {})}
+    judges: list[str] = []
+    for m in policies.values():
+        judges += [j for j in _judge_names(m) if j not in judges]
+    samples_by = {name: read_jsonl(path.parent / f"samples-{name}.jsonl") for name in policies}
+    length_reward = {}
+    for name, recs in samples_by.items():
+        key = next((k for k in ("gold", "proxy") if recs and k in recs[0]), None)
+        if key:
+            length_reward[f"{name} ({key})"] = [(len(r["response"]), r[key]) for r in recs
+                                                if isinstance(r.get(key), (int, float))]
+    return {"policies": policies, "judges": judges, "length_reward": length_reward, "raw": ev,
+            "samples": side_by_side(samples_by, int(ev.get("samples_per_prompt") or 1))}
+
+
+def side_by_side(samples_by: dict[str, list[dict]], per_prompt: int) -> list[dict]:
+    """One row per prompt: its text and every model's first response (and score)."""
+    names = [n for n, recs in samples_by.items() if recs]
+    if len(names) < 2:
+        return []
+    rows = []
+    for i in range(0, min(len(samples_by[n]) for n in names), max(1, per_prompt)):
+        row = {"prompt": samples_by[names[0]][i].get("prompt", ""), "responses": {}}
+        for n in names:
+            rec = samples_by[n][i]
+            sc = rec.get("gold", rec.get("proxy"))
+            row["responses"][n] = (rec.get("response", ""), sc if isinstance(sc, (int, float)) else None)
+        rows.append(row)
+    return rows
+
+
+def find_evals(stages: list[Stage]) -> list[tuple[Stage, Path, dict]]:
+    found = []
+    for st in stages:
+        for p in sorted(st.path.glob("eval*.json")):
+            try:
+                found.append((st, p, load_eval(p)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                continue  # not an eval_results.json (or half written): the rest of the report stands
+    return found
+
+
+def training_samples(st: Stage, limit: int = 6) -> tuple[int | None, list[dict]]:
+    """The last logged step's (prompt, response, score, eos) samples of a policy-gradient stage."""
+    recs = [r for r in read_jsonl(st.path / "samples.jsonl") if isinstance(r.get("response"), str)]
+    if not recs:
+        return None, []
+    last = max(r.get("step", 0) for r in recs)
+    return last, [r for r in recs if r.get("step", 0) == last][:limit]
+
+
+def config_value(config: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node

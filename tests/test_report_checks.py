@@ -1,0 +1,115 @@
+"""The report's pure parts: warnings (KL spikes, held-out direction), smoothing, run information,
+and the frontier figure's label placement."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.report.checks import held_out_trends, higher_is_better, kl_spikes
+from rlhfkit.report.plots import smooth
+from rlhfkit.runinfo import environment, package_versions, write_run_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dpo_frontier import PUBLISHED, label_offsets  # noqa: E402
+
+
+def test_smooth_is_a_debiased_ema():
+    # span 3 -> w = 0.5: s1 = 1, s2 = (0.5 * 1 + 3) / (0.5 + 1), s3 = (0.25 * 1 + 0.5 * 3 + 2) / 1.75
+    assert smooth([1.0, 3.0, 2.0], 3) == pytest.approx([1.0, 3.5 / 1.5, 3.75 / 1.75])
+    assert smooth([4.0] * 6, 5) == pytest.approx([4.0] * 6)  # no start-up bias towards 0
+
+
+@pytest.mark.parametrize("name,kl", [
+    ("steady climb", [0.1 * i for i in range(20)]),
+    ("exponential climb", [0.05 * 1.3 ** i for i in range(20)]),
+    ("noise around a level", [1.0 + random.Random(0).gauss(0, 0.05) for _ in range(40)]),
+    ("tiny moves near zero", [0.0, 0.01, -0.01, 0.0, 0.02, 0.15, 0.0, 0.01]),
+])
+def test_no_kl_spike(name, kl):
+    assert kl_spikes(list(range(1, len(kl) + 1)), kl) == []
+
+
+def test_kl_spike_found_at_its_step():
+    kl = [0.1 * i for i in range(1, 13)]
+    kl[8] = 3.0  # a jump to ~4x the preceding level
+    spikes = kl_spikes(list(range(1, 13)), kl)
+    assert [s["step"] for s in spikes] == [9]
+    assert spikes[0]["recent_median"] == pytest.approx(0.6)  # median of steps 4-8
+
+
+@pytest.mark.parametrize("metric,better", [
+    ("eval/loss", False), ("eval/ppl", False), ("eval/accuracy", True), ("eval/rewards/accuracy", True),
+    ("eval/rewards/margin", True), ("eval/margin", True), ("eval/gold_mean", True), ("eval/score_mean", True),
+    ("eval/win_rate", True), ("eval/eos_frac", True), ("eval/empty_frac", False),
+    ("eval/rewards/chosen", None), ("eval/rewards/rejected", None), ("eval/pairs", None), ("eval/tokens", None),
+    ("eval/kl", None), ("eval/length_mean", None), ("eval/something_new", None),
+])
+def test_held_out_direction_table(metric, better):
+    assert higher_is_better(metric) is better
+
+
+def test_held_out_trends():
+    rows = [{"step": 0, "eval/loss": 2.0, "eval/accuracy": 0.7, "eval/accuracy/news": 0.9, "eval/once": 1.0},
+            {"step": 5, "train/loss": 1.0},
+            {"step": 10, "eval/loss": 2.5, "eval/accuracy": 0.8, "eval/accuracy/news": 0.1}]
+    trends = {t["metric"]: t for t in held_out_trends(rows)}
+    assert set(trends) == {"eval/loss", "eval/accuracy"}  # breakdown and single evaluation left out
+    assert trends["eval/loss"]["worse"] and not trends["eval/accuracy"]["worse"]
+    assert (trends["eval/loss"]["first_step"], trends["eval/loss"]["last_step"]) == (0, 10)
+
+
+def test_environment_is_cheap_and_complete():
+    # in a fresh interpreter: capturing the environment must not import torch or transformers
+    code = ("import json, sys; from rlhfkit.runinfo import environment; e = environment(); "
+            "print(json.dumps({'env': e, 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert out["heavy"] == []
+    env = out["env"]
+    assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert env["packages"]["torch"] and env["packages"]["transformers"]
+    assert env["hardware"]["cores"] >= 1 and env["hardware"]["ram_gb"] > 0.1 and env["hardware"]["cpu"]
+    assert package_versions(["rlhfkit-no-such-package"]) == {"rlhfkit-no-such-package": None}
+
+
+def test_environment_reports_cuda_from_loaded_torch():
+    import torch  # loaded by the caller: its CUDA build and thread count are recorded
+
+    env = environment()
+    assert env["torch"] == {"cuda": torch.version.cuda, "threads": torch.get_num_threads()}
+    json.dumps(env)
+
+
+def test_write_run_info(tmp_path):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "DONE").write_text(json.dumps({"seconds": 12.5}))
+    path = write_run_info(tmp_path, [("sft", "sft"), ("ppo", "ppo")])
+    info = json.loads(path.read_text())
+    assert info["stages"] == [{"name": "sft", "kind": "sft", "seconds": 12.5},
+                              {"name": "ppo", "kind": "ppo", "seconds": None}]  # not finished: no time
+    assert info["environment"]["packages"]["rlhfkit"]
+
+
+def _boxes(xy, offsets, w, h):
+    return [(x + dx, y + dy - h / 2, x + dx + w, y + dy + h / 2) for (x, y), (dx, dy) in zip(xy, offsets)]
+
+
+def test_frontier_labels_do_not_overlap():
+    # the published points in display units of a 600 x 400 px axes: four of them within 0.4 nats
+    kl_max, lo, hi = 24.0, 0.48, 0.88
+    xy = [(k / kl_max * 600, (w - lo) / (hi - lo) * 400) for _, k, w, _, _ in PUBLISHED]
+    w, h = 90.0, 11.0
+    naive = _boxes(xy, [(8.0, 0.0)] * len(xy), w, h)
+    overlaps = lambda bs: [(i, j) for i in range(len(bs)) for j in range(i + 1, len(bs))
+                           if bs[i][0] < bs[j][2] and bs[j][0] < bs[i][2] and bs[i][1] < bs[j][3] and bs[j][1] < bs[i][3]]
+    assert overlaps(naive)  # the figure's problem: labels right of their points collide
+    placed = _boxes(xy, label_offsets(xy, w, h), w, h)
+    assert overlaps(placed) == []
+    for (x, _), (x0, *_rest) in zip(xy, placed):  # every label still starts right of its point
+        assert x0 > x and math.isfinite(x0)
