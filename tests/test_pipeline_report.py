@@ -12,7 +12,7 @@ import yaml
 from browser import chromium_path, render
 from conftest import write_jsonl
 from rlhfkit.config import ConfigError
-from rlhfkit.pipeline import plan, run_pipeline
+from rlhfkit.pipeline import run_pipeline
 
 
 def _data(tmp_path):

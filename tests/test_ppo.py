@@ -76,7 +76,8 @@ def test_score_and_per_token_reward_layout(tokenizer):
     def fn(prompts, responses, messages=None):
         return [5.0, 7.0]
 
-    raw, shaped = score_sequences(exp, items, ["x", "y"], fn, RewardSection(spec="f", clip=3.0, missing_eos_score=-1.0))
+    section = RewardSection(spec="f", clip=3.0, missing_eos_score=-1.0)
+    raw, shaped, _ = score_sequences(exp, items, ["x", "y"], fn, section)
     assert raw.tolist() == [5.0, 7.0] and shaped.tolist() == [3.0, -1.0]  # clipped; no-EOS row replaced
 
     logp = torch.tensor([[-1.0, -2.0, -0.5, 9.0], [-1.0, -1.0, -1.0, -1.0]])

@@ -8,6 +8,7 @@ from them (`config.reference`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -252,8 +253,19 @@ class RolloutSection:
 class RewardSection:
     """The sequence score of each sampled response."""
 
-    spec: str = ""
-    """Reward source: rm:DIR (trained reward model), task:NAME (gold judge), module:function or file.py:function."""
+    spec: Union[str, list] = ""
+    """Reward source: rm:DIR (trained reward model), task:NAME (gold judge), module:function or
+    file.py:function; or a list of them (each a string or {spec, weight, name}) whose scores are
+    combined. In Python, a function f(prompts, responses, **fields) or a list of functions also works.
+    Each function receives the prompt record's other fields (e.g. reference) as keyword arguments."""
+    weights: list = field(default_factory=list)
+    """One weight per reward function of the list; empty = 1 each (or the entries' own weights)."""
+    combine: Literal["sum", "normalize_then_sum"] = "sum"
+    """Several rewards: their weighted sum, or normalize_then_sum (each standardised within the
+    prompt's group first; TRL's multi_objective_aggregation). A function may return None for a
+    response it cannot score: it is left out of that response's sum."""
+    unscorable: Union[str, float] = "error"
+    """A response that no function could score: error (stop and name it) or a number to use as its score."""
     clip: float = 0.0
     """Clip the sequence score to [-clip, clip]; 0 = no clipping."""
     missing_eos_score: Optional[float] = None
@@ -267,8 +279,25 @@ class RewardSection:
     def validate(self, where: str) -> None:
         if not self.spec:
             raise ConfigError(f"{where}.spec: a reward source is required (rm:DIR, task:NAME, module:function)")
+        entries = self.spec if isinstance(self.spec, list) else [self.spec]
+        for i, e in enumerate(entries):
+            ok = (isinstance(e, str) and e.strip()) or callable(e) or (
+                isinstance(e, dict) and e.get("spec") and set(e) <= {"spec", "weight", "name"})
+            if not ok:
+                raise ConfigError(f"{where}.spec[{i}]: expected a spec string or {{spec, weight, name}}, got {e!r}")
+        if self.weights and len(self.weights) != len(entries):
+            raise ConfigError(f"{where}.weights: {len(self.weights)} weights for {len(entries)} reward functions")
+        if not (self.unscorable == "error" or (isinstance(self.unscorable, float) and math.isfinite(self.unscorable))):
+            raise ConfigError(f"{where}.unscorable: 'error' or a finite number, got {self.unscorable!r}")
         if self.clip < 0:
             raise ConfigError(f"{where}.clip: must be >= 0")
+
+    def rm_dir(self) -> str | None:
+        """The reward model's path when the reward is one rm:DIR (PPO may start its critic from it)."""
+        entries = self.spec if isinstance(self.spec, list) else [self.spec]
+        specs = [e.get("spec") if isinstance(e, dict) else e for e in entries]
+        rms = [s[3:] for s in specs if isinstance(s, str) and s.startswith("rm:")]
+        return rms[0] if len(rms) == 1 else None
 
 
 @dataclass

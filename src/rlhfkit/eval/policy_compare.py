@@ -131,7 +131,8 @@ def sample_and_score(model, items, cfg: EvalConfig, tokenizer, judges: dict) -> 
     exp = rollout(model, items, cfg.rollout, tokenizer)
     responses = decode_responses(exp, tokenizer)
     rows = [items[i] for i in exp.prompt_index.tolist()]
-    scores = {name: fn([r.text for r in rows], responses, messages=[r.messages for r in rows])
+    fields = [r.fields for r in rows]
+    scores = {name: fn([r.text for r in rows], responses, messages=[r.messages for r in rows], fields=fields)
               for name, (kind, fn) in judges.items() if kind == "point"}
     return {"exp": exp, "rows": rows, "responses": responses, "scores": scores,
             "tokens": exp.response_lengths().tolist(), "chars": [len(r) for r in responses]}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.judges.rewards import Messages, RewardFn, RewardSpecError, default_name
+from rlhfkit.judges.reward_fn import Messages, RewardFn, RewardSpecError, default_name
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 

@@ -34,7 +34,7 @@ from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout.cpu_linears import packed_linears
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.kv_cache import new_cache, preallocate
-from rlhfkit.rollout.sampler import Sampler, token_logprob
+from rlhfkit.rollout.sampler import Sampler
 
 def generate(
     model,

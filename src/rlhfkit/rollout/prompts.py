@@ -15,7 +15,7 @@ class PromptItem:
     messages: list[dict]
     text: str  # plain user text, what reward functions receive
     reference: str | None = None
-    fields: dict = field(default_factory=dict)  # the record's other fields (reward functions get them)
+    fields: dict = field(default_factory=dict)  # the record's other fields: reward functions get them
 
 
 def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: int = 0,
@@ -31,8 +31,7 @@ def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: 
         if len(ids) > max_prompt_length:
             dropped += 1
             continue
-        items.append(PromptItem(ids, ex.prompt, last_user_text(ex.prompt), ex.reference,
-                                dict(getattr(ex, "fields", None) or {})))
+        items.append(PromptItem(ids, ex.prompt, last_user_text(ex.prompt), ex.reference, ex.reward_fields()))
     if not items:
         raise ValueError(f"{source}: no prompts left (dropped {dropped} longer than {max_prompt_length} tokens)")
     return items, dropped

@@ -185,7 +185,8 @@ class Scorer:
             scores = round_robin(self.judge.compare, [self.judge.context(r.messages) for r in rows], responses, n)
             labels = len(responses) // n * n * (n - 1) // 2
             return scores, {"labels": labels, "judge_calls": self.judge.calls - before}
-        scores = self.reward_fn([r.text for r in rows], responses, messages=[r.messages for r in rows])
+        scores = self.reward_fn([r.text for r in rows], responses, messages=[r.messages for r in rows],
+                                fields=[r.fields for r in rows])
         return scores, {"labels": len(responses), "judge_calls": len(responses)}
 
 

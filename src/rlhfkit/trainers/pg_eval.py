@@ -51,9 +51,10 @@ def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy,
     responses = decode_responses(exp, tokenizer)
     texts, messages = [it.text for it in items], [it.messages for it in items]
     columns = {"kl": kl.cpu(), "length": exp.response_lengths().float().cpu(), "eos": exp.eos.float().cpu()}
+    fields = [it.fields for it in items]
     for name, fn in (("proxy", proxy), ("gold", gold)):
         if fn is not None:
-            columns[name] = torch.tensor(fn(texts, responses, messages=messages))
+            columns[name] = torch.tensor(fn(texts, responses, messages=messages, fields=fields))
     table = strategy.gather(torch.stack([c.float() for c in columns.values()], dim=1))  # (N, C)
     means = table.mean(0).tolist()
     out = {f"eval/{name}_mean" if name in ("proxy", "gold", "length") else f"eval/{name}": m

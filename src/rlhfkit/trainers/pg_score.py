@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rlhfkit.algos import kl_estimate, masked_sum
+from rlhfkit.judges import reward_metrics
 from rlhfkit.models import token_values
 from rlhfkit.models.forward import causal_logprobs, shared_prompt_logprobs
 from rlhfkit.models.lora import adapters_disabled
@@ -84,17 +85,26 @@ def score_values(critic, exp: Experience, micro: int) -> torch.Tensor:
         critic.train(was_training)
 
 
-def score_sequences(exp: Experience, items, responses: list[str], reward_fn, section) -> tuple[torch.Tensor,
-                                                                                                  torch.Tensor]:
-    """(raw, shaped) sequence scores (B,): shaped = clipped to [-clip, clip], then the fixed
-    missing-EOS score for responses that never emitted EOS."""
+def score_sequences(exp: Experience, items, responses: list[str], reward_fn, section,
+                    group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(raw, shaped, per-function) sequence scores: raw (B,) the combined reward; shaped = clipped to
+    [-clip, clip], then the fixed missing-EOS score for responses that never emitted EOS; per-function
+    (B, F) (NaN where a function returned None), or None for a plain reward function. The reward
+    functions receive each prompt record's fields."""
     rows = [items[i] for i in exp.prompt_index.tolist()]
-    raw = torch.tensor(reward_fn([r.text for r in rows], responses, messages=[r.messages for r in rows]),
-                       dtype=torch.float32, device=exp.response_ids.device)
+    texts, messages = [r.text for r in rows], [r.messages for r in rows]
+    per = None
+    if hasattr(reward_fn, "score"):  # a RewardSet: several functions, with the records' fields
+        out = reward_fn.score(texts, responses, messages=messages, fields=[r.fields for r in rows],
+                              group_size=group_size)
+        raw, per = out.combined.float(), out.per_function
+    else:
+        raw = torch.tensor(reward_fn(texts, responses, messages=messages), dtype=torch.float32)
+    raw = raw.to(exp.response_ids.device)
     shaped = raw.clamp(-section.clip, section.clip) if section.clip > 0 else raw.clone()
     if section.missing_eos_score is not None:
         shaped = torch.where(exp.eos, shaped, torch.full_like(shaped, section.missing_eos_score))
-    return raw, shaped
+    return raw, shaped, per
 
 
 def score_experience(pr, exp: Experience, items, actor, policy: dict | None = None) -> tuple[Experience, dict,
@@ -109,7 +119,7 @@ def score_experience(pr, exp: Experience, items, actor, policy: dict | None = No
         lp = score_logprobs(actor, pr.ref, exp, cfg.train.micro_batch_size, cfg.share_prompt, policy=policy)
     exp.logprobs, exp.ref_logprobs = lp["logp"], lp["ref_logp"]
     responses = decode_responses(exp, pr.tokenizer)
-    raw, exp.scores = score_sequences(exp, items, responses, pr.reward_fn, cfg.reward)
+    raw, exp.scores, per_function = score_sequences(exp, items, responses, pr.reward_fn, cfg.reward, cfg.rollout.n)
     raw_all = strategy.gather(raw)
     ent = strategy.sum(torch.stack([masked_sum(lp["entropy"], mask), mask.sum().float()]))  # (sum, count)
     metrics = {
@@ -119,6 +129,8 @@ def score_experience(pr, exp: Experience, items, actor, policy: dict | None = No
         "policy/entropy": ent[0] / ent[1].clamp(min=1),
         **response_metrics(exp, responses, strategy),
     }
+    if per_function is not None and per_function.shape[1] > 1:  # each function's own scores, by name
+        metrics.update(reward_metrics(strategy.gather(per_function), pr.reward_fn.names))
     if rollout_logp is not None:  # KV-cache decoding vs the training forward: should be ~1e-5 or less
         diff = torch.where(mask, (rollout_logp - exp.logprobs).abs(), 0.0).max()
         metrics["rollout/logprob_diff_max"] = strategy.max(diff)

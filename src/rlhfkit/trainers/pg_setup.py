@@ -17,7 +17,7 @@ from rlhfkit.config import (
     RewardSection, RolloutSection, SFTConfig, TrainSection,
 )
 from rlhfkit.data import SFTCollator
-from rlhfkit.judges.rewards import RewardFn, build_reward_fn
+from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
@@ -87,7 +87,7 @@ class PolicyRun:
     tokenizer: Any
     prompts: list[PromptItem]
     eval_prompts: list[PromptItem]
-    reward_fn: RewardFn
+    reward_fn: RewardSet
     gold_fn: RewardFn | None
     actor: Any
     ref: Any
@@ -150,14 +150,16 @@ def setup_run(cfg, kind: str, strategy) -> PolicyRun:
                                             limit=p.eval_limit, kind="prompts_eval")
     run = open_run(cfg, kind, strategy)
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
-        reward_fn = build_reward_fn(cfg.reward.spec, tokenizer=tokenizer, device=strategy.device,
-                                    batch_size=cfg.reward.batch_size)
+        reward_fn = build_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None,
+                                     combine=cfg.reward.combine, unscorable=cfg.reward.unscorable,
+                                     tokenizer=tokenizer, device=strategy.device, batch_size=cfg.reward.batch_size)
         actor, ref = load_actor(cfg.model, strategy.device)
     gold_fn = build_reward_fn(cfg.reward.gold) if cfg.reward.gold else None
     # frozen models sharded like the actor under FSDP: their scoring forwards gather block by block,
     # the same number on every rank (equal rows per rank; the RM's micro-batches of reward.batch_size)
     strategy.prepare_frozen(ref, "reference")
-    strategy.prepare_frozen(getattr(reward_fn, "model", None), "reward_model")
+    for i, model in enumerate(reward_fn.models):
+        strategy.prepare_frozen(model, "reward_model" if i == 0 else f"reward_model_{i}")
     return PolicyRun(cfg, run, tokenizer, prompts, eval_prompts, reward_fn, gold_fn, actor, ref,
                      total_steps(len(prompts), cfg.train))
 

@@ -92,7 +92,7 @@ class PPOConfig(PolicyGradientConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        if self.critic_init == "reward" and not self.critic_model and not self.reward.spec.startswith("rm:"):
+        if self.critic_init == "reward" and not self.critic_model and self.reward.rm_dir() is None:
             raise ConfigError(f"{where}.critic_init: 'reward' needs reward.spec=rm:DIR (or set critic_model, "
                               "or critic_init: policy)")
 
@@ -107,7 +107,7 @@ def load_critic(cfg: PPOConfig, tokenizer, device, actor=None):
     if cfg.critic_model:
         src = cfg.critic_model
     elif cfg.critic_init == "reward":
-        src = str(find_rm_dir(cfg.reward.spec[3:]))
+        src = str(find_rm_dir(cfg.reward.rm_dir()))
     else:
         src = cfg.model.name
     critic = load_scalar_model(src, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)

@@ -18,7 +18,6 @@ it is the same for all of them and lives here:
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
