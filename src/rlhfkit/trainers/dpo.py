@@ -36,9 +36,7 @@ from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.dpo_logps import REF_KEYS, Reference, pair_logps, precompute_reference, reference_logps
 from rlhfkit.trainers.reward import prepare_preference_data
 from rlhfkit.trainers.sft import train_sft
-from rlhfkit.training import (
-    build_optimizer, build_scheduler, eval_chunks, finish, fit, open_run, supervised_step, total_steps,
-)
+from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
 
 
 @dataclass
@@ -222,10 +220,7 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     with strategy.loading():
         policy, reference = build_policy_and_reference(cfg, tokenizer)
     total = total_steps(len(train), cfg.train)
-    optimizer = build_optimizer(policy, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total)
-    policy, optimizer = strategy.prepare(policy, optimizer, micro_batch_size=cfg.train.micro_batch_size,
-                                         max_grad_norm=cfg.optim.max_grad_norm)
+    policy, optimizer, scheduler = prepare_optimization(strategy, policy, cfg.optim, cfg.train, total)
     if reference.model is not policy:  # a separate frozen reference
         strategy.prepare_frozen(reference.model, "reference")  # FSDP: forwards in lockstep with the policy's
     if cfg.dpo.precompute_ref_logps:
@@ -239,17 +234,11 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     def loss_fn(chunk, norm):
         return dpo_batch_loss(policy, reference, chunk, collator, cfg.dpo, norm, strategy.device)
 
-    def on_start(start):
-        for split, st in trunc.items():
-            if st.truncated or st.dropped:
-                run.logger.write(f"[{desc}] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
-
-    step = supervised_step(run, policy, optimizer, scheduler, train, loss_fn, cfg.optim.max_grad_norm)
-    result = fit(run, step, total, models={"model": policy},
-                 optimizers={"optimizer": optimizer, "scheduler": scheduler},
-                 evaluate=(lambda: evaluate_dpo(policy, reference, evals, collator, cfg.dpo, mbs, strategy))
-                 if evals else None,
-                 on_start=on_start, show=("train/loss", "train/rewards/accuracy", "eval/rewards/accuracy"))
+    evaluate = (lambda: evaluate_dpo(policy, reference, evals, collator, cfg.dpo, mbs, strategy)) if evals else None
+    result = fit_supervised(run, policy, optimizer, scheduler, train, loss_fn, total=total,
+                            max_grad_norm=cfg.optim.max_grad_norm, evaluate=evaluate, truncation=trunc,
+                            max_length=cfg.data.max_length,
+                            show=("train/loss", "train/rewards/accuracy", "eval/rewards/accuracy"))
 
     # 4. The trained policy: a directory transformers (or peft) loads as is.
     finish(run, {"model": policy}, tokenizer, result.metrics, best=result.best,

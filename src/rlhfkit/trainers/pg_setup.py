@@ -23,7 +23,7 @@ from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import PromptItem, load_prompt_items
 from rlhfkit.trainers.sft import prepare_sft_data
-from rlhfkit.training import Run, batch_indices, build_optimizer, build_scheduler, open_run, total_steps
+from rlhfkit.training import Run, batch_indices, open_run, prepare_optimization, total_steps
 
 log = logging.getLogger("rlhfkit")
 
@@ -178,10 +178,7 @@ def prepare_trained(pr: PolicyRun, model, optim: OptimSection) -> Trained:
     """AdamW and its schedule over every optimizer step of the run, then the strategy's preparation
     of ``model`` (sharded, a ZeRO engine, or as it is)."""
     n_opt = pr.total * pr.optimizer_steps_per_iteration()
-    optimizer = build_optimizer(model, optim)
-    scheduler = build_scheduler(optimizer, optim, n_opt)
-    model, optimizer = pr.strategy.prepare(model, optimizer, micro_batch_size=pr.cfg.train.micro_batch_size,
-                                           max_grad_norm=optim.max_grad_norm)
+    model, optimizer, scheduler = prepare_optimization(pr.strategy, model, optim, pr.cfg.train, n_opt)
     return Trained(model, optimizer, scheduler, optim.max_grad_norm)
 
 

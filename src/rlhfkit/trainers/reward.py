@@ -19,9 +19,7 @@ from rlhfkit.models import load_tokenizer, sequence_scores
 from rlhfkit.models.heads import backbone_and_head, last_token_index, token_values
 from rlhfkit.models.lora import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
-from rlhfkit.training import (
-    build_optimizer, build_scheduler, eval_chunks, finish, fit, open_run, supervised_step, total_steps,
-)
+from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
 
 
 def prepare_preference_data(cfg, tokenizer):
@@ -139,15 +137,9 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
         model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
     model.train()
     total = total_steps(len(train), cfg.train)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total)
-    model, optimizer = strategy.prepare(model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
-                                        max_grad_norm=cfg.optim.max_grad_norm)
+    model, optimizer, scheduler = prepare_optimization(strategy, model, cfg.optim, cfg.train, total)
 
     def on_start(start):
-        for split, st in trunc.items():
-            if st.truncated or st.dropped:
-                run.logger.write(f"[rm] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
         if start == 0 and cfg.head_init == "probe":
             # Linear probing first: one forward over the training pairs, a convex fit of the head.
             run.logger.write(f"[rm] fitting the head as a linear probe on {len(train)} training pairs")
@@ -168,12 +160,10 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
             loss = loss + cfg.center_rewards_coef * ((rc + rr) ** 2).sum()
         return loss / norm, {"loss": loss.detach(), "accuracy": (rc > rr).float().sum().detach()}
 
-    step = supervised_step(run, model, optimizer, scheduler, train, loss_fn, cfg.optim.max_grad_norm)
-    result = fit(run, step, total, models={"model": model},
-                 optimizers={"optimizer": optimizer, "scheduler": scheduler},
-                 evaluate=(lambda: evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, strategy))
-                 if evals else None,
-                 on_start=on_start, show=("train/loss", "eval/accuracy"))
+    evaluate = (lambda: evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, strategy)) if evals else None
+    result = fit_supervised(run, model, optimizer, scheduler, train, loss_fn, total=total,
+                            max_grad_norm=cfg.optim.max_grad_norm, evaluate=evaluate, truncation=trunc,
+                            max_length=cfg.data.max_length, show=("train/loss", "eval/accuracy"), on_start=on_start)
 
     # 4. Save: AutoModelForSequenceClassification.from_pretrained(dir) loads it as is (with LoRA a
     #    peft adapter holding the head too; `rlhfkit merge` turns it into such a directory).

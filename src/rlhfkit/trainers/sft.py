@@ -17,9 +17,7 @@ from rlhfkit.models import load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.lora import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
-from rlhfkit.training import (
-    build_optimizer, build_scheduler, eval_chunks, finish, fit, open_run, supervised_step, total_steps,
-)
+from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
 
 
 def prepare_sft_data(cfg: SFTConfig, tokenizer):
@@ -97,28 +95,19 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
         model, _ = load_for_training(cfg.model, "CAUSAL_LM")
     model.train()
     total = total_steps(len(train), cfg.train)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total)
-    model, optimizer = strategy.prepare(model, optimizer, micro_batch_size=cfg.train.micro_batch_size,
-                                        max_grad_norm=cfg.optim.max_grad_norm)
+    model, optimizer, scheduler = prepare_optimization(strategy, model, cfg.optim, cfg.train, total)
 
     # 3. Optimisation: each step is one global batch, accumulated over micro-batches.
     def loss_fn(chunk, norm):
         loss, nll_sum, _ = sft_batch_loss(model, batch_to_device(collator(chunk), strategy.device), norm)
         return loss, {"loss": nll_sum}
 
-    def on_start(start):
-        for split, st in trunc.items():
-            if st.truncated or st.dropped:
-                run.logger.write(f"[sft] {split} truncation (max_length {cfg.data.max_length}): {st.summary()}")
-
-    step = supervised_step(run, model, optimizer, scheduler, train, loss_fn, cfg.optim.max_grad_norm,
-                           count=labelled_tokens, count_name="tokens")
-    result = fit(run, step, total, models={"model": model},
-                 optimizers={"optimizer": optimizer, "scheduler": scheduler},
-                 evaluate=(lambda: evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, strategy))
-                 if evals else None,
-                 on_start=on_start, show=("train/loss", "eval/loss"))
+    evaluate = (lambda: evaluate_sft(model, evals, eval_collator, cfg.train.micro_batch_size, strategy)) \
+        if evals else None
+    result = fit_supervised(run, model, optimizer, scheduler, train, loss_fn, total=total,
+                            max_grad_norm=cfg.optim.max_grad_norm, evaluate=evaluate, truncation=trunc,
+                            max_length=cfg.data.max_length, show=("train/loss", "eval/loss"),
+                            count=labelled_tokens, count_name="tokens")
 
     # 4. The trained policy: a directory transformers (or peft) loads as is.
     finish(run, {"model": model}, tokenizer, result.metrics, best=result.best,

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import torch
 
-from rlhfkit.training.batches import batch_indices, micro_batches
 
 
 def normalizer(strategy, count: float | torch.Tensor, *, per_rank: bool = False) -> float:
@@ -48,31 +47,3 @@ def accumulate(strategy, models, chunks: list, loss_fn: Callable, *, sync: bool 
         for k, v in chunk_sums.items():
             sums[k] = sums.get(k, 0.0) + v
     return sums
-
-
-def supervised_step(run, model, optimizer, scheduler, examples: list, loss_fn: Callable, max_grad_norm: float,
-                    count: Callable[[list], int] = len, count_name: str | None = None) -> Callable[[int], dict]:
-    """The step function of the supervised trainers (SFT, reward model, DPO) for `training.fit`.
-
-    Step ``i`` takes its global batch (``train.batch_size`` examples, `batch_indices`), this rank's
-    share in micro-batches, and accumulates ``loss_fn(chunk, normalizer) -> (loss, sums)``. The
-    logged metrics are ``train/<k>`` = the global sum of ``sums[k]`` / ``count(global batch)`` (tokens
-    for SFT, pairs for RM and DPO); ``count_name`` also logs that count.
-    """
-    strategy, train = run.strategy, run.train
-
-    def step(i: int) -> dict:
-        global_batch = [examples[j] for j in batch_indices(len(examples), train.batch_size, i, train.seed)]
-        counted = count(global_batch)
-        n = max(counted, 1)
-        norm = normalizer(strategy, n)
-        chunks = micro_batches(strategy.shard(global_batch), train.micro_batch_size)
-        sums = accumulate(strategy, model, chunks, lambda chunk: loss_fn(chunk, norm))
-        metrics = {f"train/{k}": strategy.sum(v) / n for k, v in sums.items()}
-        _, gnorm = strategy.step(model, optimizer, scheduler, max_grad_norm, metrics["train/loss"], run.guard)
-        metrics.update({"train/grad_norm": gnorm, "train/lr": scheduler.get_last_lr()[0]})
-        if count_name:
-            metrics[f"train/{count_name}"] = counted
-        return metrics
-
-    return step
