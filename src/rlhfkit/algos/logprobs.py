@@ -108,7 +108,7 @@ def sequence_logps(
 
     token_logp, mask: (B, T) -> (B,). average=True divides by the number of valid tokens
     (length-normalised, as TRL does for IPO and SimPO); rows without valid tokens give 0.
-    DPO (SPEC 6) uses the plain sum.
+    DPO (docs/concepts.md: DPO) uses the plain sum.
     """
     total = masked_sum(token_logp, mask, dim=-1)
     if not average:

@@ -1,1 +1,1 @@
-"""Evaluation (SPEC 9): win rate with confidence intervals, KL, length bias, RM/judge accuracy."""
+"""Evaluation (docs/concepts.md: Evaluation): win rate with confidence intervals, KL, length bias, RM/judge accuracy."""

@@ -1,4 +1,4 @@
-"""``rlhfkit eval``: policies against a baseline policy on held-out prompts (SPEC 9).
+"""``rlhfkit eval``: policies against a baseline policy on held-out prompts (docs/concepts.md: Evaluation).
 
     rlhfkit eval policies='[runs/dpo/model, online=runs/odpo/model]' baseline=smollm2-135m-instruct \
         proxy=rm:runs/rm judges='[pm:runs/pm]' rollout.n=4

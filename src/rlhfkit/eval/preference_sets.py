@@ -1,5 +1,5 @@
 """Accuracy of reward models and pairwise judges on a labelled preference set, by category
-(SPEC 2 and 9; the categories RewardBench reports when the set has a ``category`` field)."""
+(docs/concepts.md: Reward model, Evaluation; the categories RewardBench reports when the set has a ``category`` field)."""
 
 from __future__ import annotations
 

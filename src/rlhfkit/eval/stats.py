@@ -1,4 +1,4 @@
-"""Statistics of evaluation (SPEC 9): win rate with a 95% interval, Pearson correlation.
+"""Statistics of evaluation (docs/concepts.md: Evaluation): win rate with a 95% interval, Pearson correlation.
 
 Pure functions of plain lists: no models here, so they are tested on hand-made numbers.
 """

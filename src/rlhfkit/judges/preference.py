@@ -1,4 +1,4 @@
-"""Pairwise judges: the trained preference model, the LLM-as-judge, the simulated annotator (SPEC 3, 8).
+"""Pairwise judges: the trained preference model, the LLM-as-judge, the simulated annotator (docs/concepts.md: Preference model and LLM-as-judge; Simulated human feedback).
 
 The preference model is the LM itself, fine-tuned as a next-token predictor on
 
@@ -15,7 +15,7 @@ scored in both orders and averaged, which removes the position bias that is left
 
     judge = build_pairwise_judge("pm:runs/pm", tokenizer=tok)       # trained preference model
     judge = build_pairwise_judge("judge:smollm2-135m-instruct")     # LLM-as-judge, no training
-    judge = build_pairwise_judge("annotator:sentiment")             # SPEC 8's simulated human
+    judge = build_pairwise_judge("annotator:sentiment")             # the simulated human (docs/concepts.md)
     judge.compare(contexts, a1s, a2s) -> list[float]                 # P(a1 > a2)
 """
 
@@ -41,7 +41,7 @@ def context_text(messages: list[dict] | str) -> str:
 
 
 def pm_prompt(context: str, first: str, second: str) -> str:
-    """SPEC 3's pairwise format, with the question the LLM-as-judge needs on its own line."""
+    """The pairwise format (docs/concepts.md: Preference model), with the question the LLM-as-judge needs on its own line."""
     return f"[CONTEXT] {context} [RESPONSE A] {first} [RESPONSE B] {second}\n{QUESTION}"
 
 
@@ -118,14 +118,14 @@ class PairwiseJudge:
         return torch.cat(out).cpu() if out else torch.zeros(0)
 
     def compare(self, contexts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str]) -> list[float]:
-        """P(a1 > a2), averaged over both orders (SPEC 3)."""
+        """P(a1 > a2), averaged over both orders (docs/concepts.md: Preference model)."""
         fwd = self.prob_first(contexts, a1s, a2s)
         swp = self.prob_first(contexts, a2s, a1s)
         return average_orders(fwd, swp).tolist()
 
 
 class AnnotatorJudge:
-    """SPEC 8's simulated human: one Bernoulli(s(r*(a1) - r*(a2))) label per comparison, as 1.0 / 0.0.
+    """The simulated human (docs/concepts.md: Simulated human feedback): one Bernoulli(s(r*(a1) - r*(a2))) label per comparison, as 1.0 / 0.0.
 
     Wraps a built-in task's `SimulatedAnnotator`; there is no position bias to average out.
     """

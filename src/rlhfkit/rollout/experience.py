@@ -2,7 +2,7 @@
 
 `generate` fills the first group of fields; trainers fill the optional ones (reference log-probs,
 critic values, scores, rewards, advantages, returns) as they go through the numbered steps of
-SPEC 4/5. Shapes: B rows, P prompt tokens (left-padded), R response tokens (right-padded).
+docs/concepts.md: PPO, GRPO and RLOO. Shapes: B rows, P prompt tokens (left-padded), R response tokens (right-padded).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Experience:
     # *raw* distribution (temperature 1, full vocabulary), not the tempered / top-k / top-p one we
     # actually drew from. PPO's ratio pi_theta / pi_theta' and the KL to the reference are defined on
     # the model's own distribution; the trainer recomputes pi_theta from raw logits, so storing the
-    # same quantity makes the first ratio exactly 1 (SPEC 4.5). 0 where response_mask is 0.
+    # same quantity makes the first ratio exactly 1 (docs/concepts.md: PPO). 0 where response_mask is 0.
     logprobs: torch.Tensor | None
     eos: torch.Tensor  # (B,) bool, whether the row emitted EOS within the budget
     prompt_index: torch.Tensor  # (B,) long, which input prompt the row came from (n rows per prompt)

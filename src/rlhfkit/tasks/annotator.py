@@ -1,4 +1,4 @@
-"""A simulated human annotator: Bradley-Terry labels from a known gold reward (SPEC 8).
+"""A simulated human annotator: Bradley-Terry labels from a known gold reward (docs/concepts.md: Simulated human feedback).
 
     y ~ Bernoulli(s(beta * (r*(x, a1) - r*(x, a2)))),   then flipped with probability flip_prob.
 

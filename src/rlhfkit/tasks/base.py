@@ -1,6 +1,6 @@
 """What a built-in task is: prompts (train / held-out), a gold judge, and a simulated annotator.
 
-A task gives everything needed to run RLHF without humans (SPEC 8): prompts to sample from, a
+A task gives everything needed to run RLHF without humans (docs/concepts.md: Simulated human feedback): prompts to sample from, a
 gold reward r*(x, a) that nobody trains on, and a Bradley-Terry annotator built on r* whose
 noisy labels stand in for human preferences. A run trained on the annotator's labels and
 evaluated with r* measures true alignment, and the gap between the learned reward and r*

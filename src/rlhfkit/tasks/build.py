@@ -6,7 +6,7 @@ writes to OUT:
   sft.jsonl             {"prompt", "response"}: best-of-n demonstrations by the gold judge
                         (rejection sampling), one per SFT prompt;
   preference.jsonl      {"prompt", "chosen", "rejected", "category", "gold_chosen", "gold_rejected"}:
-                        two samples per prompt labelled by the simulated annotator (SPEC 8);
+                        two samples per prompt labelled by the simulated annotator (docs/concepts.md: Simulated human feedback);
                         identical or empty pairs are dropped;
   prompts_train.jsonl   all training prompts of the task (for PPO / GRPO / online DPO);
   prompts_eval.jsonl    the held-out prompts (never used for SFT or preference data);

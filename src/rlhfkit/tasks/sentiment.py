@@ -4,7 +4,7 @@ Prompts are neutral requests (templates x topics: reviews, descriptions, letters
 posts... about films, places, products, food and ordinary events), so the default model's replies
 vary in tone and there is something to learn. The gold judge is VADER's compound score
 (Hutto & Gilbert 2014) of the response, in [-1, 1]: a lexicon-and-rules scorer that nobody in
-this project wrote or trains against, which is what a gold oracle must be (SPEC 8).
+this project wrote or trains against, which is what a gold oracle must be (docs/concepts.md: Simulated human feedback).
 
 The held-out split is 20% of the template x topic pairs, chosen by hash: no eval prompt is a
 training prompt, though each template and topic also occurs in training in other pairings.

@@ -1,4 +1,4 @@
-"""Online iterative DPO and rejection-sampling fine-tuning (SPEC section 7).
+"""Online iterative DPO and rejection-sampling fine-tuning (docs/concepts.md: Online iterative DPO).
 
     rlhfkit online-dpo --config configs/online_dpo.yaml scorer=task:sentiment iterations=3
 
@@ -111,7 +111,7 @@ class OnlineDPOConfig:
 # --------------------------------------------------------------------------- pure steps
 
 def build_pairs(scores, responses, n: int, tie_tolerance: float = 0.0) -> tuple[list[tuple[int, int, int]], dict]:
-    """Best-vs-worst pair of each group of n consecutive rows (SPEC 7).
+    """Best-vs-worst pair of each group of n consecutive rows (docs/concepts.md: Online iterative DPO).
 
     scores, responses: length G*n, rows [g*n, (g+1)*n) belong to prompt g. Returns
     ([(g, best_row, worst_row), ...], counts). A group is dropped when its best and worst
@@ -148,7 +148,7 @@ def best_of_n(scores, responses, n: int) -> list[tuple[int, int]]:
 
 
 def length_penalised(scores, responses, lam: float) -> list[float]:
-    """score - lam * |a|, |a| in characters (SPEC 7)."""
+    """score - lam * |a|, |a| in characters (docs/concepts.md: Online iterative DPO)."""
     return [s - lam * len(r) for s, r in zip(scores, responses)]
 
 

@@ -1,4 +1,4 @@
-"""Pairwise preference model (SPEC section 3): the LM learns to answer "A" or "B".
+"""Pairwise preference model (docs/concepts.md: Preference model and LLM-as-judge): the LM learns to answer "A" or "B".
 
     rlhfkit pm --config configs/pm.yaml data.train=task:sentiment
 
@@ -8,7 +8,7 @@
 2. `train_sft` trains on them unchanged (loss on the answer tokens only).
 3. Held-out accuracy of P(a1 > a2) averaged over both orders (`judges.preference`), next to the
    single-order accuracy and the position bias, and the same numbers for the untrained model
-   used as an LLM-as-judge, the baseline SPEC 3 says it should beat.
+   used as an LLM-as-judge, the baseline a trained preference model should beat.
 The model lands in ``output_dir/model``; use it as ``pm:OUTPUT_DIR`` in online DPO and eval.
 On N processes step 2 is distributed like any `rlhfkit sft` run (DDP, or FSDP2 with
 ``train.fsdp``); rank 0 writes the data of step 1 and runs the held-out evaluation of step 3.
