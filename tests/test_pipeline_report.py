@@ -199,3 +199,33 @@ def test_report_warnings(tmp_path, healthy):
     assert f"{len(warnings)} warning(s)" in shown
     assert "80% of responses (mean over 12 iterations, last 80%) hit the 48-token cap" in shown
     assert all(w["message"] in shown for w in warnings)
+
+
+def _eval_results(win: float, n: int) -> dict:
+    mean = lambda v: {"mean": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n": n}  # noqa: E731
+    return {"prompts": n, "samples_per_prompt": 1,
+            "baseline": {"gold_mean": mean(0.4), "length_tokens": 40.0},
+            "policies": {"ppo": {"gold_mean": mean(0.6), "length_tokens": 44.0, "kl": mean(2.0),
+                                 "win_rate": {"gold": {"win_rate": win, "ci_low": win - 0.05, "ci_high": win + 0.05}}}}}
+
+
+def test_summary_quotes_every_eval_stage_and_the_report_warnings(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhfkit.pipeline import format_summary, headline
+
+    for stage, win, n in (("eval", 0.71, 320), ("eval_ood", 0.66, 300)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "eval_results.json").write_text(json.dumps(_eval_results(win, n)))
+    stages = [(SimpleNamespace(name=s, kind=k), None) for s, k in (("ppo", "ppo"), ("eval", "eval"), ("eval_ood", "eval"))]
+    h = headline(tmp_path, stages)
+    assert h["eval: ppo: gold win rate vs start [95% CI]"] == "0.710 [0.660, 0.760]"
+    assert h["eval_ood: ppo: gold win rate vs start [95% CI]"] == "0.660 [0.610, 0.710]"
+    assert h["eval_ood: eval prompts"] == 300
+    text = format_summary({"output_dir": str(tmp_path), "stage_seconds": {"ppo": 60.0}, "headline": h,
+                           "warnings": ["rm: held-out eval/accuracy fell from 0.62 to 0.54"], "report": "r.html"})
+    assert "WARNING: rm: held-out eval/accuracy fell" in text
+    assert "eval_ood: ppo: gold win rate vs start [95% CI]: 0.660" in text
+    # one eval stage: no prefix, as before
+    one = headline(tmp_path, stages[:2])
+    assert one["ppo: gold win rate vs start [95% CI]"] == "0.710 [0.660, 0.760]"

@@ -126,12 +126,14 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"seconds": timings[spec.name]}))
     summary = {"output_dir": str(out), "stage_seconds": timings, "headline": headline(out, stages)}
-    (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # versions, hardware, stage times
     from rlhfkit.report import build_report
 
     report = build_report([out])
     summary["report"] = str(report)
+    warnings_file = report.with_name(f"{report.stem}_warnings.json")
+    summary["warnings"] = [w["message"] for w in json.loads(warnings_file.read_text())] if warnings_file.is_file() else []
+    (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return summary
 
@@ -141,14 +143,22 @@ def _m(v):
 
 
 def headline(out: Path, stages) -> dict:
-    """The figures a user looks at first, from the last eval stage (if any)."""
+    """The figures a user looks at first, from every eval stage (prefixed by the stage's name when
+    there are several, e.g. the shipped prompts and a differently worded set)."""
     evals = [spec.name for spec, _ in stages if spec.kind == "eval"]
-    if not evals or not (out / evals[-1] / "eval_results.json").is_file():
-        return {}
-    ev = json.loads((out / evals[-1] / "eval_results.json").read_text())
+    h: dict = {}
+    for stage in evals:
+        path = out / stage / "eval_results.json"
+        if path.is_file():
+            h.update(_eval_headline(json.loads(path.read_text()), f"{stage}: " if len(evals) > 1 else ""))
+    return h
+
+
+def _eval_headline(ev: dict, prefix: str) -> dict:
     base = ev.get("baseline", {})
-    h: dict = {"eval prompts": ev.get("prompts"), "samples per prompt": ev.get("samples_per_prompt")}
+    h: dict = {f"{prefix}eval prompts": ev.get("prompts"), f"{prefix}samples per prompt": ev.get("samples_per_prompt")}
     for name, pol in (ev.get("policies") or {}).items():
+        name = f"{prefix}{name}"
         w = (pol.get("win_rate") or {}).get("gold")
         if w:
             h[f"{name}: gold win rate vs start [95% CI]"] = (
@@ -171,6 +181,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {'all stages run':<18} {sum(summary['stage_seconds'].values()) / 60:6.1f} min")
     for k, v in (summary.get("headline") or {}).items():
         lines.append(f"  {k}: {v}")
+    for message in summary.get("warnings") or []:  # e.g. a stage whose held-out metric fell
+        lines.append(f"  WARNING: {message}")
     lines.append(f"  report: {summary.get('report')}")
     lines.append("=" * 72)
     return "\n".join(lines)
