@@ -8,7 +8,8 @@ until both have built their trainer, then lets them take optimizer steps (iterat
 GRPO) in turns, so that load from other jobs on the machine falls on both alike. A worker
 reports over its control pipe:
 
-    {"event": "ready"}                      trainer built, about to take its first step
+    {"event": "ready", "setup_s": s, ...}   trainer built (models loaded, data prepared, DPO's reference
+                                            log-probs precomputed when asked), about to take its first step
     {"event": "done", "step": k, "sec": s, "phases": {...}, "tokens": {...}, "rss_mb": m}
     {"event": "result", "curve": [...], "rss_mb": m}
 
@@ -31,8 +32,11 @@ import sys
 import time
 from pathlib import Path
 
+START = time.perf_counter()  # process start, near enough: the set-up time is measured from here
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rlhfkit.registry import COMMANDS  # noqa: E402  (names only: imports no trainer)
 
 
 def peak_rss_mb() -> float:
@@ -54,6 +58,7 @@ class Lockstep:
         self.tokens: dict[str, int] = {}
         self.metrics: dict[str, float] = {}
         self.curve: list[dict] = []
+        self.info: dict = {}  # sent with "ready" (the TRL version)
 
     def send(self, **msg) -> None:
         self.w.write(json.dumps(msg) + "\n")
@@ -70,7 +75,7 @@ class Lockstep:
         if self.started:
             return
         self.started = True
-        self.send(event="ready", rss_mb=peak_rss_mb())
+        self.send(event="ready", rss_mb=peak_rss_mb(), setup_s=time.perf_counter() - START, **self.info)
         self._go()
 
     def add_phase(self, name: str, sec: float) -> None:
@@ -101,12 +106,13 @@ CURVE_KEYS = {"sft": "train/loss", "rm": "train/loss", "dpo": "train/loss",
 def run_rlhfkit(method: str, spec: dict, sync: Lockstep) -> None:
     import torch
 
-    from rlhfkit.trainers import common
+    from rlhfkit.training import batches
+    from rlhfkit.training.logger import RunLogger
 
     # Same batches as TRL's sequential sampler: examples (prompts) in file order.
-    common.epoch_order = lambda n, seed, epoch: list(range(n))
+    batches.epoch_order = lambda n, seed, epoch: list(range(n))
 
-    orig_init, orig_log, orig_advance = common.RunLogger.__init__, common.RunLogger.log, common.RunLogger.advance
+    orig_init, orig_log, orig_advance = RunLogger.__init__, RunLogger.log, RunLogger.advance
 
     def init(self, *a, **k):
         orig_init(self, *a, **k)
@@ -141,9 +147,8 @@ def run_rlhfkit(method: str, spec: dict, sync: Lockstep) -> None:
             os._exit(0)
         return out
 
-    common.RunLogger.__init__, common.RunLogger.log, common.RunLogger.advance = init, log, advance
-
-    from rlhfkit.config import load_config
+    # the loop (training.fit) builds its RunLogger right before the first step and advances it after each
+    RunLogger.__init__, RunLogger.log, RunLogger.advance = init, log, advance
 
     if method in ("ppo", "grpo"):
         import importlib
@@ -158,23 +163,18 @@ def run_rlhfkit(method: str, spec: dict, sync: Lockstep) -> None:
 
         mod.rollout = rollout
 
-    cfg_cls, train_fn = {
-        "sft": ("rlhfkit.config:SFTConfig", "rlhfkit.trainers.sft:train_sft"),
-        "rm": ("rlhfkit.config:RewardConfig", "rlhfkit.trainers.reward:train_reward_model"),
-        "dpo": ("rlhfkit.trainers.dpo:DPOConfig", "rlhfkit.trainers.dpo:train_dpo"),
-        "ppo": ("rlhfkit.trainers.ppo:PPOConfig", "rlhfkit.trainers.ppo:train_ppo"),
-        "grpo": ("rlhfkit.trainers.grpo:GRPOConfig", "rlhfkit.trainers.grpo:train_grpo"),
-    }[method]
-    cfg = load_config(_resolve(cfg_cls), spec["config"], spec["overrides"])
-    _resolve(train_fn)(cfg)
+    from rlhfkit.parallel import make_strategy
+
+    cfg = _rlhfkit_config(method, spec)
+    COMMANDS[method].runner()(cfg, make_strategy(cfg.train, cfg.model))  # as `rlhfkit METHOD` runs it
     raise RuntimeError("rlhfkit trainer returned before the last timed step")
 
 
-def _resolve(path: str):
-    import importlib
+def _rlhfkit_config(method: str, spec: dict):
+    """The parsed rlhfkit config of the job (the TRL side derives its arguments from it too)."""
+    from rlhfkit.config import load_config
 
-    mod, name = path.split(":")
-    return getattr(importlib.import_module(mod), name)
+    return load_config(COMMANDS[method].config_class(), spec["config"], spec["overrides"])
 
 
 # ============================================================================ TRL
@@ -223,7 +223,7 @@ def _sft_dataset(cfg):
     from datasets import Dataset
 
     from rlhfkit.data import load_sft
-    from rlhfkit.trainers.sources import resolve_source
+    from rlhfkit.data.sources import resolve_source
 
     rows = []
     for ex in load_sft(resolve_source(cfg.data.train, "sft")):
@@ -236,7 +236,7 @@ def _preference_dataset(cfg):
     from datasets import Dataset
 
     from rlhfkit.data import load_preference
-    from rlhfkit.trainers.sources import resolve_source
+    from rlhfkit.data.sources import resolve_source
 
     return Dataset.from_list([
         {"prompt": ex.prompt, "chosen": [{"role": "assistant", "content": ex.chosen}],
@@ -246,8 +246,10 @@ def _preference_dataset(cfg):
 
 def run_trl(method: str, spec: dict, sync: Lockstep) -> None:
     import torch
+    import trl
 
-    from rlhfkit.config import load_config
+    sync.info["trl"] = trl.__version__
+
     from rlhfkit.models import load_tokenizer
 
     model_dir = spec["model_dir"]
@@ -259,7 +261,7 @@ def run_trl(method: str, spec: dict, sync: Lockstep) -> None:
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        cfg = load_config(_resolve("rlhfkit.config:SFTConfig"), spec["config"], spec["overrides"])
+        cfg = _rlhfkit_config("sft", spec)
         t = cfg.train
         args = SFTConfig(**_common_args(cfg, out_dir, steps), per_device_train_batch_size=t.micro_batch_size,
                          gradient_accumulation_steps=t.batch_size // t.micro_batch_size,
@@ -270,7 +272,7 @@ def run_trl(method: str, spec: dict, sync: Lockstep) -> None:
     elif method == "rm":
         from trl import RewardConfig, RewardTrainer
 
-        cfg = load_config(_resolve("rlhfkit.config:RewardConfig"), spec["config"], spec["overrides"])
+        cfg = _rlhfkit_config("rm", spec)
         t = cfg.train
         args = RewardConfig(**_common_args(cfg, out_dir, steps), per_device_train_batch_size=t.micro_batch_size,
                             gradient_accumulation_steps=t.batch_size // t.micro_batch_size,
@@ -282,7 +284,7 @@ def run_trl(method: str, spec: dict, sync: Lockstep) -> None:
     elif method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        cfg = load_config(_resolve("rlhfkit.trainers.dpo:DPOConfig"), spec["config"], spec["overrides"])
+        cfg = _rlhfkit_config("dpo", spec)
         t, d = cfg.train, cfg.dpo
         args = DPOConfig(**_common_args(cfg, out_dir, steps), per_device_train_batch_size=t.micro_batch_size,
                          gradient_accumulation_steps=t.batch_size // t.micro_batch_size,
@@ -312,12 +314,11 @@ def _trl_grpo(spec: dict, sync: Lockstep, tok, init_kwargs: dict):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhfkit.config import load_config
     from rlhfkit.data import load_prompts
     from rlhfkit.judges.rewards import build_reward_fn, prompt_text
-    from rlhfkit.trainers.sources import resolve_source
+    from rlhfkit.data.sources import resolve_source
 
-    cfg = load_config(_resolve("rlhfkit.trainers.grpo:GRPOConfig"), spec["config"], spec["overrides"])
+    cfg = _rlhfkit_config("grpo", spec)
     t, r = cfg.train, cfg.rollout
     rows = t.batch_size * r.n
     opt_steps = (rows // cfg.mini_batch_size) * cfg.ppo_epochs  # optimizer steps per iteration
@@ -390,12 +391,11 @@ def _trl_ppo(spec: dict, sync: Lockstep, tok):
     import trl.experimental.ppo.ppo_trainer as ppo_mod
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from rlhfkit.config import load_config
     from rlhfkit.data import load_prompts, render_prompt_ids
     from rlhfkit.judges.rewards import find_rm_dir
-    from rlhfkit.trainers.sources import resolve_source
+    from rlhfkit.data.sources import resolve_source
 
-    cfg = load_config(_resolve("rlhfkit.trainers.ppo:PPOConfig"), spec["config"], spec["overrides"])
+    cfg = _rlhfkit_config("ppo", spec)
     t, r = cfg.train, cfg.rollout
     if r.n != 1:
         raise ValueError("TRL's PPO samples one response per prompt (rollout.n must be 1)")
