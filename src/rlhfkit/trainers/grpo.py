@@ -24,7 +24,8 @@ from rlhfkit.rollout import rank_stream_seed, rollout
 from rlhfkit.trainers.pg_eval import evaluate_policy
 from rlhfkit.trainers.pg_score import log_samples, score_experience, sequence_kl
 from rlhfkit.trainers.pg_setup import (
-    PolicyGradientConfig, PolicyRun, Stopwatch, Trained, load_ptx, prepare_trained, prompt_batch, setup_run,
+    TIME_SPLIT, PolicyGradientConfig, PolicyRun, Stopwatch, Trained, load_ptx, prepare_trained, prompt_batch,
+    setup_run,
 )
 from rlhfkit.trainers.pg_update import policy_update
 from rlhfkit.training import finish, fit
@@ -134,7 +135,8 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
     return metrics
 
 
-SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_mean", "policy/ratio_first")
+SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_mean", "policy/ratio_first",
+        *TIME_SPLIT)
 
 
 def train_grpo(cfg: GRPOConfig, strategy: Strategy | None = None) -> dict:

@@ -205,8 +205,13 @@ def load_ptx(section: PTXSection, tokenizer, micro_batch_size: int, seed: int) -
                    micro_batch_size, seed)
 
 
+# Where an iteration's wall time goes: logged as time/<phase> seconds every iteration, shown in the
+# progress line, and drawn by the report (`report.plots`).
+TIME_SPLIT = ("time/rollout", "time/score", "time/update", "time/other")
+
+
 class Stopwatch:
-    """Wall time of consecutive phases of an iteration, as time/<phase> metrics."""
+    """Wall time of consecutive phases of an iteration, as time/<phase> metrics (`TIME_SPLIT`)."""
 
     def __init__(self):
         self.start = self.t = time.perf_counter()
