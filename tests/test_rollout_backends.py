@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from pg_utils import base_config, read_metrics, write_prompts
 from rlhfkit.config import ConfigError, RolloutSection, load_config
@@ -75,7 +76,14 @@ def test_greedy_tokens_and_logprobs_are_the_same_from_both_backends(policy_and_i
     eos = next(t for t in free.unique().tolist() if 0 < int((free == t).any(-1).sum()) < len(free))
     tok = SimpleNamespace(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     own = rollout(policy, items, dataclasses.replace(settings, backend="own"), tok, seed=3)
-    hf = rollout(policy, items, dataclasses.replace(settings, backend="hf"), tok, seed=3)
+    # a hub model's generation_config must not change what the rollout settings ask for
+    saved = policy.generation_config
+    policy.generation_config = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=8)
+    try:
+        hf = rollout(policy, items, dataclasses.replace(settings, backend="hf"), tok, seed=3)
+        assert policy.generation_config.repetition_penalty == 5.0  # restored
+    finally:
+        policy.generation_config = saved
     assert 0 < int(own.eos.sum()) < len(own)  # some rows stop at EOS, others run to the budget
     for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "eos", "prompt_index"):
         assert torch.equal(getattr(own, field), getattr(hf, field)), field

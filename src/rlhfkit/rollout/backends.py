@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
+from transformers import GenerationConfig
 
 from rlhfkit.rollout.engine import generate as engine_generate
 from rlhfkit.rollout.engine import left_pad, model_device, response_mask
@@ -65,8 +66,8 @@ class OwnEngine(_InProcess):
 
 
 class HFGenerate(_InProcess):
-    """transformers' `model.generate`. Every sampling setting is passed explicitly, so the model's
-    own generation_config (its default top_k 50, repetition penalty, ...) does not apply. Keeps
+    """transformers' `model.generate`. The model's own generation_config (a hub model's top_k 50,
+    repetition penalty, ...) is set aside for the call: only the rollout settings apply. Keeps
     each step's (rows, vocabulary) logits until the batch ends: bound memory with
     `rollout.micro_batch_size`."""
 
@@ -84,7 +85,7 @@ class HFGenerate(_InProcess):
         was_training = model.training
         model.eval()
         try:
-            with _seeded(seed, device), torch.no_grad():
+            with _seeded(seed, device), _default_generation_config(model), torch.no_grad():
                 parts = [self._chunk(model, rows[i:i + mbs], index[i:i + mbs], settings, eos, eos_ids, pad_token_id)
                          for i in range(0, len(rows), mbs)]
         finally:
@@ -97,8 +98,7 @@ class HFGenerate(_InProcess):
         sample = settings.temperature > 0
         knobs = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) if sample else {}
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
-                             min_new_tokens=0, do_sample=sample, num_beams=1, repetition_penalty=1.0,
-                             eos_token_id=eos, pad_token_id=pad_token_id,
+                             do_sample=sample, eos_token_id=eos, pad_token_id=pad_token_id,
                              return_dict_in_generate=True, output_logits=True, **knobs)
         resp = out.sequences[:, ids.shape[1]:]  # (B, R), pad after EOS
         rmask = response_mask(resp, eos_ids)
@@ -115,6 +115,19 @@ def make_backend(name: str) -> RolloutBackend:
     if name not in BACKENDS:
         raise ValueError(f"rollout.backend: unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     return BACKENDS[name]()
+
+
+@contextlib.contextmanager
+def _default_generation_config(model):
+    """transformers' defaults in place of ``model``'s generation_config (generate fills every
+    setting not passed from it) for the duration."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 @contextlib.contextmanager
