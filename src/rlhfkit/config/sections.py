@@ -241,6 +241,10 @@ class RolloutSection:
     """Top-k filter; 0 = off."""
     micro_batch_size: int = 0
     """Rows per generation forward; 0 = all rows of a step at once."""
+    backend: Literal["own", "hf"] = "own"
+    """What samples the responses (docs/rollout_backends.md): own = rlhfkit's KV-cache engine
+    (in-place cache, packed CPU matmuls, shared prompt prefixes; the fastest here); hf = plain
+    transformers model.generate (same greedy tokens; a different random stream when sampling)."""
 
     def validate(self, where: str) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
