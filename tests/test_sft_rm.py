@@ -209,7 +209,7 @@ def test_bad_reward_model_data_names_file_line_and_field(tmp_path, tiny_model_di
 def test_head_lr_gives_the_scalar_head_its_own_param_group(tiny_model_dir):
     """optim.head_lr: the reward/value head trains at its own rate; everything else at optim.lr."""
     from rlhfkit.config import ModelSection, OptimSection
-    from rlhfkit.models.lora import load_for_training
+    from rlhfkit.models.start import load_for_training
     from rlhfkit.training import build_optimizer, build_scheduler
 
     model, _ = load_for_training(ModelSection(name=str(tiny_model_dir)), "SEQ_CLS", pad_token_id=0)

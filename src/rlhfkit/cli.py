@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(build_report(args.runs, args.out))
         return 0
     if args.command == "merge":
-        from rlhfkit.models.lora import merge_adapter
+        from rlhfkit.models.start import merge_adapter
 
         try:
             print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))

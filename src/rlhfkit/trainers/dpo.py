@@ -31,7 +31,7 @@ from rlhfkit.data import PreferenceCollator, batch_to_device, load_preference, s
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model_path
-from rlhfkit.models.lora import load_for_training, merge_adapter
+from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.dpo_logps import REF_KEYS, Reference, pair_logps, precompute_reference, reference_logps
 from rlhfkit.trainers.reward import prepare_preference_data

@@ -17,7 +17,7 @@ from rlhfkit.data import PreferenceCollator, load_preference, batch_to_device, t
 from rlhfkit.data.sources import resolve_source, split_eval
 from rlhfkit.models import load_tokenizer, sequence_scores
 from rlhfkit.models.heads import backbone_and_head, last_token_index, token_values
-from rlhfkit.models.lora import load_for_training
+from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
 
