@@ -155,3 +155,26 @@ def pooled_features(features: torch.Tensor, attention_mask: torch.Tensor, poolin
     head(pooled_features(h)) == sequence_scores for a linear head (the input of a linear probe)."""
     w = pool_mask(attention_mask, response_mask, pooling).to(features.dtype)  # (B, T)
     return torch.einsum("bt,bth->bh", w, features)
+
+
+def freeze_lower_layers(model, n_trainable: int) -> list[str]:
+    """Train only the top ``n_trainable`` decoder layers of a scalar model (with the final norm
+    and the head): the embeddings and every lower layer stop requiring gradients. Backward then
+    stops at the lowest trainable layer, so a step costs one forward plus the top layers' backward.
+    Returns the names of the parameters left trainable. n_trainable <= 0 leaves the model as is.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if n_trainable <= 0:
+        return names
+    backbone, _ = backbone_and_head(model)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(backbone).__name__} has no .layers list of decoder layers to freeze")
+    if n_trainable > len(layers):
+        raise ValueError(f"cannot train the top {n_trainable} layers of a {len(layers)}-layer model")
+    frozen = {id(p) for layer in layers[:len(layers) - n_trainable] for p in layer.parameters()}
+    frozen |= {id(p) for p in backbone.get_input_embeddings().parameters()}
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
