@@ -300,7 +300,7 @@ def test_arithmetic_pairs_are_correct_versus_wrong(tmp_path, monkeypatch):
             assert n == 4 and [r["prompt"] for r in records] == [p["prompt"] for p in prompts]
             out = []
             for rec, group in zip(records, texts):
-                gold = task.gold_scores([rec["prompt"]] * n, group)
+                gold = task.gold_scores([rec["prompt"]] * n, group, reference=[rec["reference"]] * n)
                 out.append([_Sample(t, g, True) for t, g in zip(group, gold)])
             return out
 

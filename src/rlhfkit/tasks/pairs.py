@@ -87,7 +87,7 @@ def build_preference_pairs(
             if chosen is not None:
                 recs.append(rec)
                 two.append(chosen)
-    rows = _label_pairs(recs, two, task.annotator(beta=beta, flip_prob=flip_prob, seed=seed))
+    rows = _label_pairs(recs, two, task, beta=beta, flip_prob=flip_prob, seed=seed)
     elapsed = time.perf_counter() - t0
 
     out = Path(out_dir)
