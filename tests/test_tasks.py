@@ -267,6 +267,20 @@ def test_build_preference_pairs_with_tiny_model(tmp_path):
         build_preference_pairs("sentiment", "tiny", tmp_path / "x", split="train", n_prompts=len(train), skip=1, **kw)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--pairs-only", "eval", "--n-pref-prompts", "100000"], "--n-pref-prompts: 100000 prompts"),
+    (["--pairs-only", "train", "--pair-from", "1"], "--pair-from: must be >= 2"),
+    (["--pairs-only", "train", "--pairs-per-prompt", "0"], "--pairs-per-prompt: must be >= 1"),
+])
+def test_make_data_pairs_only_refuses_bad_settings_before_writing(tmp_path, capsys, flags, message):
+    from rlhfkit.tasks.build import main
+
+    assert main(["--task", "sentiment", "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_pick_two_pairs_highest_with_lowest_gold():
     from rlhfkit.tasks.build import _Sample
     from rlhfkit.tasks.pairs import _pick_two

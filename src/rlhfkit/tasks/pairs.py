@@ -55,14 +55,7 @@ def build_preference_pairs(
     """Sample ``pairs_per_prompt`` pairs for each of ``n_prompts`` prompts, label them with the
     task's simulated annotator, write OUT/preference.jsonl and OUT/meta.json; return meta."""
     task = get_task(task)
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    if pair_from < 2 or pairs_per_prompt < 1:
-        raise ValueError(f"pair_from must be >= 2 and pairs_per_prompt >= 1, got {pair_from}, {pairs_per_prompt}")
-    pool = task.train_prompts(seed=prompt_seed) if split == "train" else task.eval_prompts(seed=prompt_seed)
-    if skip + n_prompts > len(pool):
-        raise ValueError(f"{skip} skipped + {n_prompts} prompts > the {len(pool)} {split} prompts of task {task.name}")
-    prompts = pool[skip:skip + n_prompts]
+    prompts = select_prompts(task, split, n_prompts, skip, pairs_per_prompt, pair_from, prompt_seed)
     beta = task.default_beta if annotator_beta is None else annotator_beta
     settings = {"split": split, "n_prompts": n_prompts, "skip": skip, "pairs_per_prompt": pairs_per_prompt,
                 "pair_from": pair_from, "prompt_seed": prompt_seed, "max_new_tokens": max_new_tokens,
@@ -90,20 +83,40 @@ def build_preference_pairs(
     rows = _label_pairs(recs, two, task, beta=beta, flip_prob=flip_prob, seed=seed)
     elapsed = time.perf_counter() - t0
 
+    meta = {"task": task.name, "model": str(model_name), "seed": seed, "settings": settings,
+            **_summary(rows, samples, n_prompts * pairs_per_prompt, sampler.tokens),
+            "generation_seconds": round(elapsed, 1)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "preference.jsonl", rows)
-    flat = [s for g in samples for s in g]
-    meta = {"task": task.name, "model": str(model_name), "seed": seed, "settings": settings,
-            "counts": {"preference": len(rows), "preference_dropped": n_prompts * pairs_per_prompt - len(rows),
-                       "samples": len(flat), "generated_tokens": sampler.tokens},
-            "gold": {"chosen": _stats([r["gold_chosen"] for r in rows]),
-                     "rejected": _stats([r["gold_rejected"] for r in rows])},
-            "annotator_ceiling_accuracy": agreement([r["gold_chosen"] for r in rows],
-                                                    [r["gold_rejected"] for r in rows]),
-            "generation_seconds": round(elapsed, 1)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def select_prompts(task: Task, split: str, n_prompts: int, skip: int, pairs_per_prompt: int, pair_from: int,
+                   prompt_seed: int) -> list[dict]:
+    """The prompt records the pairs are sampled on; ValueError naming the make-data flag when the
+    settings cannot be met."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"--pairs-only: 'train' or 'eval', got {split!r}")
+    if pair_from < 2:
+        raise ValueError(f"--pair-from: must be >= 2, got {pair_from}")
+    if pairs_per_prompt < 1:
+        raise ValueError(f"--pairs-per-prompt: must be >= 1, got {pairs_per_prompt}")
+    pool = task.train_prompts(seed=prompt_seed) if split == "train" else task.eval_prompts(seed=prompt_seed)
+    if n_prompts < 1 or skip + n_prompts > len(pool):
+        raise ValueError(f"--n-pref-prompts: {n_prompts} prompts after {skip} skipped (--n-sft-prompts) do not fit "
+                         f"in the {len(pool)} {split} prompts of task {task.name}")
+    return pool[skip:skip + n_prompts]
+
+
+def _summary(rows: list[dict], samples: list[list], expected: int, tokens: int) -> dict:
+    """meta.json's counts, gold statistics and the annotator's ceiling accuracy on ``rows``."""
+    gc, gr = [r["gold_chosen"] for r in rows], [r["gold_rejected"] for r in rows]
+    return {"counts": {"preference": len(rows), "preference_dropped": expected - len(rows),
+                       "samples": sum(len(g) for g in samples), "generated_tokens": tokens},
+            "gold": {"chosen": _stats(gc), "rejected": _stats(gr)},
+            "annotator_ceiling_accuracy": agreement(gc, gr)}
 
 
 def _pick_two(group: list) -> list | None:
@@ -129,11 +142,21 @@ def add_arguments(ap) -> None:
 
 
 def run(args) -> int:
-    """make-data --pairs-only: build, print one summary line."""
+    """make-data --pairs-only: check the settings (one line and exit 2 when they cannot be met, before
+    anything loads or is written), build, print one summary line."""
+    import sys
+
+    skip = args.n_sft_prompts if args.pairs_only == "train" else 0
+    prompt_seed = args.seed if args.prompt_seed is None else args.prompt_seed
+    try:
+        select_prompts(get_task(args.task), args.pairs_only, args.n_pref_prompts, skip, args.pairs_per_prompt,
+                       args.pair_from, prompt_seed)
+    except ValueError as e:
+        print(f"rlhfkit make-data: error: {e}", file=sys.stderr)
+        return 2
     meta = build_preference_pairs(
         args.task, args.model, args.out, split=args.pairs_only, n_prompts=args.n_pref_prompts,
-        skip=args.n_sft_prompts if args.pairs_only == "train" else 0, pairs_per_prompt=args.pairs_per_prompt,
-        pair_from=args.pair_from, prompt_seed=args.seed if args.prompt_seed is None else args.prompt_seed,
+        skip=skip, pairs_per_prompt=args.pairs_per_prompt, pair_from=args.pair_from, prompt_seed=prompt_seed,
         seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         annotator_beta=args.annotator_beta, flip_prob=args.flip_prob, batch_size=args.batch_size,
         progress=not args.no_progress)
