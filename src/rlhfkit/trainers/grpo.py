@@ -159,8 +159,9 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
     clock.lap("update")
     groups = exp.scores.view(-1, cfg.rollout.n)
     per_row = strategy.gather(torch.stack([sequence_kl(exp, "k1"), seq_kl, seq_adv.abs()], dim=1))  # (N, 3)
-    per_group = strategy.gather(torch.stack(
-        [groups.std(dim=1) if cfg.rollout.n > 1 else groups[:, 0] * 0, (groups.max(dim=1).values == groups.min(dim=1).values).float()], dim=1))  # (G, 2)
+    spread = groups.std(dim=1) if cfg.rollout.n > 1 else torch.zeros_like(groups[:, 0])
+    flat = (groups.max(dim=1).values == groups.min(dim=1).values).float()
+    per_group = strategy.gather(torch.stack([spread, flat], dim=1))  # (G, 2)
     metrics.update({
         "objective/kl": per_row[:, 0].mean(), f"objective/kl_{cfg.kl_kind}": per_row[:, 1].mean(),
         "objective/kl_coef": cfg.kl_coef,

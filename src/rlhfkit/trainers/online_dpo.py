@@ -334,7 +334,8 @@ def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], st
                     "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
     else:
         records = [{"messages": [*items[g].messages, {"role": "assistant", "content": responses[b]}],
-                    "score": scores[b]} for g, b in best_of_n(ranked, responses, n, cfg.rsft_min_score, cfg.rsft_top_fraction)]
+                    "score": scores[b]}
+                   for g, b in best_of_n(ranked, responses, n, cfg.rsft_min_score, cfg.rsft_top_fraction)]
     stats.update(**labels, pairs=len(records), dropped_ties=counts["ties"],
                  dropped_identical=counts["identical"], dropped_empty=counts["empty"],
                  score_mean=sum(scores) / len(scores))
