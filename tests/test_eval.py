@@ -161,3 +161,8 @@ def test_eval_reports_alignment_tax(tmp_path, tokenizer):
     for d in (base, pol):
         assert 0.0 <= d["capability_exact_match"] <= 1.0
     assert "capability_exact_match_delta" in pol
+    from rlhfkit.eval.policy_compare import format_table
+
+    table = format_table(res)
+    assert f"peaked alignment tax: sft_nll {pol['sft_nll']:.3f} ({pol['sft_nll_delta']:+.3f})" in table
+    assert "baseline alignment tax: sft_nll" in table

@@ -257,6 +257,12 @@ def format_table(results: dict) -> str:
         for judge, w in r["win_rate"].items():
             if judge != "gold":
                 lines.append(f"  {name} win rate by {judge}: {ci(w)}")
+    for name, r, _ in rows:
+        tax = r.get("alignment_tax") or {}
+        parts = [f"{k} {tax[k]:.3f}" + (f" ({tax[k + '_delta']:+.3f})" if k + "_delta" in tax else "")
+                 for k in ("sft_nll", "capability_exact_match") if k in tax]
+        if parts:
+            lines.append(f"  {name} alignment tax: " + ", ".join(parts))
     for judge, acc in results.get("preference_set", {}).items():
         cats = ", ".join(f"{c} {a['accuracy']:.3f}" for c, a in acc.get("by_category", {}).items())
         lines.append(f"  accuracy of {judge} on the preference set: {acc['accuracy']:.3f}" + (f" ({cats})" if cats else ""))
