@@ -295,3 +295,18 @@ def test_rm_train_top_layers_moves_only_the_top(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="pooling"):
         load_config(RewardConfig, data={"data": {"train": "x.jsonl"}, "pooling": "mean",
                                         "model": {"lora": {"enabled": True}}})
+=======
+def test_rm_training_accuracy_counts_ties_as_half(tmp_path, tiny_model_dir, monkeypatch):
+    """Training and held-out accuracy share `algos.pairwise_accuracy`: a model that ties every
+    pair scores 0.5 in both (counting ties as wrong would log 0)."""
+    import rlhfkit.trainers.reward as reward
+
+    real = reward.pair_scores
+    monkeypatch.setattr(reward, "pair_scores", lambda m, b: tuple(0.0 * s for s in real(m, b)))
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(16, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(8, 1))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=1)
+    train_reward_model(cfg)
+    m = _metrics(tmp_path / "run")
+    assert [r["train/accuracy"] for r in m if "train/accuracy" in r] == [0.5]
+    assert all(r["eval/accuracy"] == 0.5 for r in m if "eval/accuracy" in r)

@@ -67,6 +67,10 @@ class PolicyGradientConfig:
         """(coefficient, estimator) of a KL-to-reference term in the loss; PPO puts the KL in the reward."""
         return 0.0, "k3"
 
+    def policy_ratio_level(self) -> str:
+        """Importance ratio of the surrogate: "token", or one per response ("sequence", "sequence-mean")."""
+        return "token"
+
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:
             raise ConfigError(f"{where}.rollout.temperature: training samples need temperature > 0")

@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import distribute_tensor
 
-from rlhfkit.algos import bradley_terry_loss, fit_bt_probe
+from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
 from rlhfkit.config import RewardConfig
 from rlhfkit.data import PreferenceCollator, load_preference, batch_to_device, tokenize_dataset
 from rlhfkit.data.sources import resolve_source, split_eval
@@ -62,8 +62,7 @@ def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, st
             rc, rr = pair_scores(model, batch_to_device(batch, strategy.device))
         if not real:
             continue
-        # ties count as half right, so a constant model scores 50%, not 0%
-        correct += ((rc > rr).float() + 0.5 * (rc == rr).float()).tolist()
+        correct += pairwise_accuracy(rc, rr, reduction="none").tolist()  # ties count 1/2
         margins += (rc - rr).tolist()
         cats += [c or "all" for c in batch.get("category", [None] * len(chunk))]
     model.train(was_training)
@@ -163,7 +162,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
                                      reduction="sum")
         if cfg.center_rewards_coef:
             loss = loss + cfg.center_rewards_coef * ((rc + rr) ** 2).sum()
-        return loss / norm, {"loss": loss.detach(), "accuracy": (rc > rr).float().sum().detach()}
+        return loss / norm, {"loss": loss.detach(), "accuracy": pairwise_accuracy(rc, rr, reduction="sum")}
 
     evaluate = (lambda: evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, strategy)) if evals else None
     result = fit_supervised(run, model, optimizer, scheduler, train, loss_fn, total=total,
