@@ -295,7 +295,6 @@ def test_rm_train_top_layers_moves_only_the_top(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="pooling"):
         load_config(RewardConfig, data={"data": {"train": "x.jsonl"}, "pooling": "mean",
                                         "model": {"lora": {"enabled": True}}})
-=======
 def test_rm_training_accuracy_counts_ties_as_half(tmp_path, tiny_model_dir, monkeypatch):
     """Training and held-out accuracy share `algos.pairwise_accuracy`: a model that ties every
     pair scores 0.5 in both (counting ties as wrong would log 0)."""
