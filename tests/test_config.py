@@ -107,7 +107,7 @@ def test_every_shipped_config_validates():
         kind = path.stem.replace("_", "-")
         if path.stem == "demo":
             _, stages = plan(str(path))
-            assert [s.kind for s, _ in stages] == ["sft", "rm", "ppo", "eval"]
+            assert [s.kind for s, _ in stages] == ["sft", "rm", "ppo", "eval", "eval"]
         else:
             assert kind in COMMANDS, f"{path.name}: no trainer named {kind!r}"
             load_config(COMMANDS[kind].config_class(), str(path))
