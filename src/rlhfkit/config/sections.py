@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from rlhfkit.config.errors import ConfigError
+from rlhfkit.config.extras import check_trackers
 
 
 @dataclass
@@ -119,6 +120,10 @@ class TrainSection:
     """Continue from the latest complete checkpoint in output_dir."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get the metrics besides metrics.jsonl (always written): tensorboard
+    (output_dir/tb), wandb, mlflow, or any other tracker of accelerate (trackio, comet_ml, aim, clearml,
+    dvclive, swanlab); [] = metrics.jsonl only. Each must be installed (e.g. pip install 'rlhfkit[wandb]')."""
     fsdp: bool = False
     """On N processes: shard the trained and frozen models with torch FSDP2 instead of replicating them."""
     zero_stage: int = 0
@@ -137,6 +142,7 @@ class TrainSection:
                               "use train.fsdp=true to shard the weights)")
         if self.zero_stage and self.fsdp:
             raise ConfigError(f"{where}: choose one of fsdp and zero_stage")
+        check_trackers(self.report_to, f"{where}.report_to")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"{where}.early_stopping_patience: must be >= 0")
         if self.early_stopping_patience and not self.select_best:
