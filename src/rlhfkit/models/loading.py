@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.config.extras import require
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -66,6 +68,7 @@ def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
     out = cache_root() / "models" / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    require("gguf", "default-model", f"loading the GGUF file {gguf.name}")
     log.info("dequantising %s once into %s (about 20 s)", gguf.name, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

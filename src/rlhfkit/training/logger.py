@@ -1,4 +1,5 @@
-"""What a run writes while it trains: metrics.jsonl, the experiment trackers (TensorBoard, W&B, MLflow, ...) and a tqdm progress bar."""
+"""What a run writes while it trains: metrics.jsonl, the experiment trackers (TensorBoard, W&B,
+MLflow, ...) and a tqdm progress bar."""
 
 from __future__ import annotations
 
