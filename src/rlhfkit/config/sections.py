@@ -311,13 +311,16 @@ class PTXSection:
     """The PTX term: the actor's language-modelling loss on SFT or pretraining data (the alignment-tax guard)."""
 
     data: str = ""
-    """SFT/pretraining data for the PTX loss (same formats as `rlhfkit sft`); empty = no PTX term."""
+    """Data for the PTX loss: plain text (a .txt file of documents separated by blank lines, or records
+    {"text"}; every token trained) or SFT conversations (the formats of `rlhfkit sft`; the assistant
+    tokens trained); empty = no PTX term."""
     coef: float = 0.0
     """gamma_ptx: weight of the actor's token NLL on that data in the total loss."""
     batch_size: int = 8
-    """SFT examples per optimizer step."""
+    """PTX examples per optimizer step."""
     max_length: int = 512
-    """Tokens per SFT example (longer ones are an error, as in `rlhfkit sft`)."""
+    """Tokens per example: longer plain text is split into windows of this length; a longer
+    conversation is an error, as in `rlhfkit sft`."""
 
     def validate(self, where: str) -> None:
         if self.coef < 0 or (self.coef > 0 and not self.data):
