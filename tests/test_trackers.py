@@ -18,9 +18,10 @@ RECORDED: dict[str, list] = {}
 
 
 @pytest.fixture()
-def fake_tracker():
-    """A GeneralTracker registered with accelerate as "fake_tracker", recording what it gets."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, register_tracker_class
+def fake_tracker(monkeypatch):
+    """A GeneralTracker registered with accelerate as "fake_tracker", recording what it gets
+    (registered as accelerate's register_tracker_class does, which older accelerate lacks)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
 
     class FakeTracker(GeneralTracker):
         name = "fake_tracker"
@@ -43,9 +44,8 @@ def fake_tracker():
         def finish(self):
             RECORDED["finished"].append(True)
 
-    register_tracker_class(FakeTracker)
+    monkeypatch.setitem(LOGGER_TYPE_TO_CLASS, "fake_tracker", FakeTracker)
     yield RECORDED
-    LOGGER_TYPE_TO_CLASS.pop("fake_tracker", None)
     RECORDED.clear()
 
 

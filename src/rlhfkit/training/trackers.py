@@ -48,8 +48,9 @@ def start_trackers(names, out_dir: Path, run_name: str, initial_step: int = 0, c
             tracker = cls(run_name, str(out_dir))
         else:
             tracker = cls(run_name)
-        tracker.main_process_only = False  # already on the main process: no accelerate PartialState needed
-        tracker.start()
+        tracker.main_process_only = False  # RunLogger exists on the main process only
+        if hasattr(tracker, "start"):  # accelerate >= 1.3 starts trackers lazily; older ones in __init__
+            tracker.start()
         if config and name != "tensorboard":  # TensorBoard has the config in output_dir/*_config.yaml
             tracker.store_init_configuration(flatten(config))
         trackers.append(tracker)
