@@ -78,5 +78,6 @@ def test_zero_without_deepspeed(monkeypatch):
     from rlhfkit.parallel.zero import require_deepspeed
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)
-    with pytest.raises(MissingDependency, match=r"train.zero_stage needs the package deepspeed.*'rlhfkit\[deepspeed\]'"):
+    with pytest.raises(MissingDependency,
+                       match=r"train.zero_stage needs the package deepspeed.*'rlhfkit\[deepspeed\]'"):
         require_deepspeed()
