@@ -103,3 +103,18 @@ def test_cli_exits_2_with_one_line_before_loading(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pip install 'rlhfkit[wandb]'" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_is_tensorboard_when_installed_and_nothing_otherwise(monkeypatch):
+    """The default report_to [auto]: a lean install (no tensorboard) runs with metrics.jsonl alone,
+    while a tracker named explicitly must be installed."""
+    from rlhfkit.config.extras import resolve_trackers
+
+    assert SFTConfig().train.report_to == ["auto"]
+    assert resolve_trackers(["auto"]) == ["tensorboard"]
+    assert resolve_trackers(["auto", "wandb"]) == ["tensorboard", "wandb"]
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "tensorboard" else object())
+    assert resolve_trackers(["auto"]) == []
+    load_config(SFTConfig, data={"data": {"train": "x.jsonl"}})  # default config loads without tensorboard
+    with pytest.raises(MissingDependency, match="tensorboard is not installed"):
+        load_config(SFTConfig, data={"data": {"train": "x.jsonl"}, "train": {"report_to": ["tensorboard"]}})

@@ -55,10 +55,24 @@ def installed(module: str) -> bool:
         return False
 
 
-def check_trackers(names: list, where: str) -> None:
-    """``train.report_to``: every name a known tracker (or one registered with accelerate's
-    ``register_tracker_class``) whose package is installed."""
+def resolve_trackers(names) -> list[str]:
+    """``train.report_to`` with "auto" (the default) replaced by tensorboard when it is installed
+    and by nothing otherwise: a lean install runs with metrics.jsonl alone."""
+    out = []
     for name in names:
+        if name == "auto":
+            out += ["tensorboard"] if installed(TRACKERS["tensorboard"][0]) else []
+        else:
+            out.append(name)
+    return out
+
+
+def check_trackers(names: list, where: str) -> None:
+    """``train.report_to``: every name "auto", a known tracker or one registered with accelerate's
+    ``register_tracker_class``, and installed when named explicitly."""
+    for name in names:
+        if name == "auto":
+            continue
         if not isinstance(name, str):
             raise ConfigError(f"{where}: tracker names are strings, got {name!r}")
         if name in TRACKERS:

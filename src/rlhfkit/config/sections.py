@@ -120,10 +120,11 @@ class TrainSection:
     """Continue from the latest complete checkpoint in output_dir."""
     progress: bool = True
     """Show a progress bar."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = field(default_factory=lambda: ["auto"])
     """Experiment trackers that get the metrics besides metrics.jsonl (always written): tensorboard
     (output_dir/tb), wandb, mlflow, or any other tracker of accelerate (trackio, comet_ml, aim, clearml,
-    dvclive, swanlab); [] = metrics.jsonl only. Each must be installed (e.g. pip install 'rlhfkit[wandb]')."""
+    dvclive, swanlab); auto = tensorboard when it is installed; [] = metrics.jsonl only. A tracker named
+    explicitly must be installed (e.g. pip install 'rlhfkit[wandb]')."""
     fsdp: bool = False
     """On N processes: shard the trained and frozen models with torch FSDP2 instead of replicating them."""
     zero_stage: int = 0

@@ -18,7 +18,7 @@ class RunLogger:
     that record one (W&B, MLflow)."""
 
     def __init__(self, out_dir: str | Path, total_steps: int, enabled: bool = True, progress: bool = True,
-                 desc: str = "train", initial_step: int = 0, report_to=("tensorboard",),
+                 desc: str = "train", initial_step: int = 0, report_to=("auto",),
                  config: dict | None = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)

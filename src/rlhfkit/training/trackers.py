@@ -23,11 +23,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.config.extras import resolve_trackers
+
 PROJECT = "rlhfkit"
 
 
 def start_trackers(names, out_dir: Path, run_name: str, initial_step: int = 0, config: dict | None = None) -> list:
     """Build and start one accelerate tracker per name; the config goes to those that record one."""
+    names = resolve_trackers(names)
     if not names:
         return []
     from accelerate import PartialState
