@@ -100,9 +100,8 @@ class RunLogger:
 def _truncate_after(path: Path, step: int) -> None:
     """On resume, drop the records a file got after the checkpoint the run resumed from. A run
     starting at step 0 (killed before its first checkpoint, or rerun in place) drops them all: it
-    logs every step, step 0's evaluation included, again."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and step > 0 and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(k + "\n" for k in keep))
+    logs every step, step 0's evaluation included, again. A line torn by a crash or a full disk is
+    dropped, not a JSONDecodeError (`rlhfkit.rundir.rewrite_jsonl`)."""
+    from rlhfkit.rundir import rewrite_jsonl
+
+    rewrite_jsonl(path, lambda r: step > 0 and r.get("step", 0) <= step)
