@@ -191,7 +191,7 @@ def _main(argv: list[str]) -> int:
             parser.error("comparing several runs needs --out FILE")
         missing = [r for r in args.runs if not os.path.isdir(r)]
         if missing:
-            raise FileNotFoundError(f"not a run directory: {missing[0]}")
+            raise FileNotFoundError(f"run directory not found: {missing[0]}")
         from rlhfkit.report import build_report
 
         print(build_report(args.runs, args.out))

@@ -26,7 +26,7 @@ def build_optimizer(model: torch.nn.Module, optim, extra_groups: list[dict] | No
     if getattr(optim, "head_lr", 0.0):
         try:
             head_ids = {id(p) for p in backbone_and_head(model)[1].parameters()}
-        except TypeError:  # a causal LM: no scalar head, head_lr does not apply
+        except (TypeError, AttributeError):  # a causal LM: no scalar head, head_lr does not apply
             head_ids = set()
     decay, no_decay, head = [], [], []
     for name, p in model.named_parameters():
