@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+log = logging.getLogger("rlhfkit")
 
 
 def to_builtin(v: Any) -> Any:
@@ -77,3 +80,35 @@ def as_os_error(e: Exception, path: Path) -> Exception:
             return OSError(code, os.strerror(code), str(path))
         cause = cause.__cause__ or cause.__context__
     return e
+
+
+def read_jsonl_lenient(path: Path) -> list[dict]:
+    """The JSON objects of a jsonl log, skipping lines that do not parse (a record torn by a
+    crash or a full disk), with one warning saying how many."""
+    rows, bad = [], 0
+    if not path.is_file():
+        return rows
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                bad += raw.strip() != b""
+                continue
+            if isinstance(obj, dict):
+                rows.append(obj)
+            else:
+                bad += 1
+    if bad:
+        log.warning("%s: skipped %d damaged line(s) (a record cut short by a crash or a full disk)", path, bad)
+    return rows
+
+
+def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a jsonl log with the records ``keep`` accepts, torn lines dropped (atomically)."""
+    if not path.exists():
+        return
+    rows = [r for r in read_jsonl_lenient(path) if keep(r)]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)

@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlhfkit.config import ConfigError, dump_config, to_dict
 
@@ -389,38 +389,4 @@ def _merged_record(path: Path, kind: str, record: dict) -> dict:
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- jsonl logs
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a jsonl log, skipping lines that do not parse (a record torn by a
-    crash or a full disk), with one warning saying how many."""
-    rows, bad = [], 0
-    if not path.is_file():
-        return rows
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                bad += raw.strip() != b""
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-            else:
-                bad += 1
-    if bad:
-        log.warning("%s: skipped %d damaged line(s) (a record cut short by a crash or a full disk)", path, bad)
-    return rows
-
-
-def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Rewrite a jsonl log with the records ``keep`` accepts, torn lines dropped (atomically)."""
-    if not path.exists():
-        return
-    rows = [r for r in read_jsonl(path) if keep(r)]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.io import to_builtin
+from rlhfkit.io import rewrite_jsonl, to_builtin
 
 log = logging.getLogger("rlhfkit")
 
@@ -101,7 +101,5 @@ def _truncate_after(path: Path, step: int) -> None:
     """On resume, drop the records a file got after the checkpoint the run resumed from. A run
     starting at step 0 (killed before its first checkpoint, or rerun in place) drops them all: it
     logs every step, step 0's evaluation included, again. A line torn by a crash or a full disk is
-    dropped, not a JSONDecodeError (`rlhfkit.rundir.rewrite_jsonl`)."""
-    from rlhfkit.rundir import rewrite_jsonl
-
+    dropped, not a JSONDecodeError (`rlhfkit.io.rewrite_jsonl`)."""
     rewrite_jsonl(path, lambda r: step > 0 and r.get("step", 0) <= step)
