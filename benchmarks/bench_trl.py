@@ -1,8 +1,16 @@
 """rlhfkit against TRL, step for step: SFT, RM, DPO, PPO and GRPO on the default model, fp32 on CPU.
 
-    make bench-trl                                     # builds .venv-bench (TRL lives only there)
-    .venv-bench/bin/python benchmarks/bench_trl.py [--methods sft,rm,dpo,ppo,grpo]
-        [--warmup 2] [--steps 3] [--dpo-steps 10] [--lora] [--set dpo.train.batch_size=8 ...]
+    make bench-trl          # builds .venv-bench (the current TRL) and .venv-bench-ppo (TRL 1.12, for PPO)
+    .venv-bench/bin/python benchmarks/bench_trl.py --ppo-python .venv-bench-ppo/bin/python
+        [--methods sft,rm,dpo,dpo-precomputed,ppo,grpo] [--warmup 2] [--steps 3] [--dpo-steps 10]
+        [--lora] [--set dpo.train.batch_size=8 ...] [--tiny]
+
+TRL removed PPO after 1.12, so PPO runs against TRL 1.12 (``--ppo-python``: an interpreter with
+it) and every other method against the TRL of ``--python``. ``dpo`` computes the reference
+log-probs inside each step on both sides (TRL's default); ``dpo-precomputed`` computes them once
+before training on both sides (rlhfkit ``dpo.precompute_ref_logps: true``, TRL
+``precompute_ref_log_probs=True``): that pass is then part of the set-up time, not of a step.
+``--tiny`` runs every job on a tiny random model, to check the harness end to end.
 
 For each method two worker processes (benchmarks/trl_worker.py) build the same job, one with
 rlhfkit's trainer and one with TRL's: same model directory, same data files in the same order,
@@ -14,7 +22,8 @@ turns (step k of one, step k of the other, the order flipping every step), so th
 other jobs on this shared machine falls on both alike. A "step" is one optimizer step for SFT, RM
 and DPO and one iteration (generation + scoring + all updates on that batch) for PPO and GRPO.
 
-Reported per method and framework: seconds per step (mean of the timed steps, after warm-up),
+Reported per method and framework: seconds per step (mean of the timed steps, after warm-up), the
+set-up time (process start to the first step: imports, model loading, data preparation),
 real (unpadded) tokens per second, the process's peak RSS (each worker is its own process, so
 peaks do not mix), achieved GFLOP/s of matrix products (model FLOPs: 6 x params per trained token,
 2 x params per forward-only token, plus attention; `common.train_flops_per_token`) against this
@@ -28,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -37,10 +45,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import fmt_table, matmul_peak_gflops, train_flops_per_token  # noqa: E402
+from common import matmul_peak_gflops  # noqa: E402
+from trl_report import data_tokens_per_step, job_method, report  # noqa: E402
 
-METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
+METHODS = ("sft", "rm", "dpo", "ppo", "grpo")  # trainers (trl_worker.py --method)
+JOBS = ("sft", "rm", "dpo", "dpo-precomputed", "ppo", "grpo")  # what --methods names
 CONFIGS = {m: str(ROOT / "configs" / f"{m}.yaml") for m in METHODS}
+
+
+def job_method(job: str) -> str:
+    return "dpo" if job == "dpo-precomputed" else job
 
 # Benchmark sizes: the shipped configs' settings, with batches cut so that one step of the
 # 135M model takes seconds, not minutes, on a 2-core CPU. Full fine-tuning everywhere (--lora
@@ -54,39 +68,41 @@ SIZES = {
     "rm": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4",
            "head_init=random", "optim.head_lr=0.0"],
     "dpo": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4",
-            "dpo.precompute_ref_logps=false"],
+            "data.max_length=128", "dpo.beta=0.1", "dpo.precompute_ref_logps=false"],
+    "dpo-precomputed": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4",
+                        "train.micro_batch_size=4", "data.max_length=128", "dpo.beta=0.1",
+                        "dpo.precompute_ref_logps=true"],
     "ppo": ["train.batch_size=4", "train.micro_batch_size=4", "mini_batch_size=4", "ppo_epochs=2",
             "rollout.max_new_tokens=32", "critic_optim.schedule=constant", "critic_optim.warmup_ratio=0.0"],
-    "grpo": ["train.batch_size=2", "rollout.n=8", "train.micro_batch_size=8", "mini_batch_size=8",
-             "rollout.max_new_tokens=24", "ppo_epochs=1"],
+    # 2 prompts x 4 samples of the sentiment task, 48 new tokens at temperature 1, k3 KL at 0.04
+    "grpo": ["prompts.train=task:sentiment", "reward.spec=task:sentiment", "train.batch_size=2", "rollout.n=4",
+             "train.micro_batch_size=8", "mini_batch_size=8", "rollout.max_new_tokens=48", "rollout.temperature=1.0",
+             "kl_coef=0.04", "kl_kind=k3", "ppo_epochs=1"],
 }
 FULL_FT = {"ppo": ["model.lora.enabled=false", "optim.lr=1e-6", "critic_optim.lr=1e-5"],
            "grpo": ["model.lora.enabled=false", "optim.lr=1e-6"]}
-CURVE = {"sft": ("train/loss", "loss", "loss"), "rm": ("train/loss", "loss", "loss"),
-         "dpo": ("train/loss", "loss", "loss"), "ppo": ("reward/score_mean", "objective/scores", "mean RM score"),
-         "grpo": ("reward/score_mean", "reward", "mean reward")}
 
 
 # --------------------------------------------------------------------------- workers
 
 class Worker:
-    def __init__(self, framework: str, method: str, spec: dict, out: Path, python: str):
-        self.framework, self.method = framework, method
-        spec_path = out / f"{method}_{framework}.json"
+    def __init__(self, framework: str, job: str, spec: dict, out: Path, python: str):
+        self.framework, self.method = framework, job
+        spec_path = out / f"{job}_{framework}.json"
         spec_path.write_text(json.dumps(spec))
-        self.log_path = out / f"{method}_{framework}.log"
+        self.log_path = out / f"{job}_{framework}.log"
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ, PYTHONUNBUFFERED="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
         if spec.get("threads"):
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
         if framework == "trl" and spec.get("trl_malloc"):
-            # rlhfkit's trainers keep freed memory (rlhfkit/trainers/malloc.py); give TRL's process
+            # rlhfkit's trainers keep freed memory (rlhfkit/parallel/malloc.py); give TRL's process
             # the same glibc settings through the environment, read at its start-up
             env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="2147483647")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [python, str(HERE / "trl_worker.py"), "--framework", framework, "--method", method,
+            [python, str(HERE / "trl_worker.py"), "--framework", framework, "--method", job_method(job),
              "--spec", str(spec_path), "--ctl-in", str(to_child_r), "--ctl-out", str(from_child_w)],
             pass_fds=(to_child_r, from_child_w), stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
         os.close(to_child_r)
@@ -140,7 +156,8 @@ def _tail(path: Path, n: int = 25) -> str:
 
 
 def run_method(method: str, spec: dict, out: Path, python: str, first: str) -> dict[str, Worker]:
-    """Both frameworks' workers for one method, stepped in turns (the first one flips each step)."""
+    """Both frameworks' workers for one job, stepped in turns (the first one flips each step). Both
+    run in ``python``, the interpreter with the TRL the job is compared with."""
     workers = {fw: Worker(fw, method, {**spec, "out_dir": str(out / f"{method}_{fw}"),
                                        "overrides": spec["overrides"] + [f"train.output_dir={out / f'{method}_{fw}'}"]},
                           out, python)
@@ -162,140 +179,6 @@ def run_method(method: str, spec: dict, out: Path, python: str, first: str) -> d
     return workers
 
 
-# --------------------------------------------------------------------------- data-side token counts
-
-def data_tokens_per_step(method: str, spec: dict, steps: int) -> list[dict]:
-    """Real (unpadded) tokens per optimizer step for SFT/RM/DPO, from rlhfkit's tokenisation of the
-    data in file order (both frameworks take the batches in that order)."""
-    from rlhfkit.config import RewardConfig, SFTConfig, load_config
-    from rlhfkit.models import load_tokenizer
-
-    tok = load_tokenizer(spec["model_dir"])
-    if method == "sft":
-        from rlhfkit.trainers.sft import prepare_sft_data
-
-        cfg = load_config(SFTConfig, spec["config"], spec["overrides"])
-        train, _, _ = prepare_sft_data(cfg, tok)
-        rows = [[len(ex["input_ids"])] for ex in train]
-    else:
-        from rlhfkit.trainers.dpo import DPOConfig
-        from rlhfkit.trainers.reward import prepare_preference_data
-
-        cfg = load_config(RewardConfig if method == "rm" else DPOConfig, spec["config"], spec["overrides"])
-        train, _, _ = prepare_preference_data(cfg, tok)
-        rows = [[len(ex["prompt_ids"]) + len(ex["chosen_ids"]), len(ex["prompt_ids"]) + len(ex["rejected_ids"])]
-                for ex in train]
-        prompts = [len(ex["prompt_ids"]) for ex in train]
-    b = cfg.train.batch_size
-    per_epoch = max(len(rows) // b, 1)
-    out = []
-    for k in range(steps):
-        pos = k % per_epoch
-        lens = [n for ex in rows[pos * b:(pos + 1) * b] for n in ex]
-        step = {"rows": len(lens), "tokens": sum(lens)}
-        if method == "dpo":  # a pair's prompt, once: what prompt sharing saves
-            step["prompt_once"] = sum(prompts[pos * b:(pos + 1) * b])
-        out.append(step)
-    return out
-
-
-# --------------------------------------------------------------------------- FLOPs
-
-def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict,
-               shared: int = 1) -> tuple[float, float]:
-    """(whole-step FLOPs, update-phase FLOPs) of matrix products for one step's real tokens.
-
-    ``shared`` > 1: rows come in groups of that size sharing one prompt, computed once per group
-    (rlhfkit's prompt sharing: GRPO's G samples, DPO's chosen + rejected). The FLOPs then count
-    the work actually done, so GFLOP/s stays a measure of hardware use, not of work avoided."""
-    f_lm = lambda t: train_flops_per_token(model_cfg, t, lm_head=True)  # noqa: E731 (fwd+bwd per token)
-    f_sc = lambda t: train_flops_per_token(model_cfg, t, lm_head=False)  # noqa: E731 (scalar-head models)
-    if method in ("sft", "rm", "dpo"):
-        n, rows = data["tokens"], data["rows"]
-        T = n / rows
-        if method == "sft":
-            fl = f_lm(T) * n
-        elif method == "rm":
-            fl = f_sc(T) * n
-        else:
-            live = "dpo.precompute_ref_logps=true" not in spec["overrides"]
-            if shared > 1:
-                n -= data["prompt_once"]
-            fl = f_lm(T) * n * (4 / 3 if live else 1.0)  # + a forward of the reference
-        return fl, fl
-    tk = step["tokens"]
-    n_p, n_r, rows = tk.get("prompt", 0), tk.get("response", 0), max(tk.get("rows", 1), 1)
-    n = n_p + n_r
-    T = n / rows
-    epochs = spec["epochs"]
-    gen = f_sc(T) / 3 * n_p + f_lm(T) / 3 * n_r  # prefill (no LM head), then one token per decode step
-    n = n_p / shared + n_r  # scored and trained tokens
-    # the update's tokens over all epochs: as counted by rlhfkit's update when it reports them (with
-    # prompt sharing each minibatch packs its own groups, so a prompt is computed once per packed
-    # group it has rows in, not once per step); otherwise every epoch runs the step's tokens
-    n_upd = tk.get("update", epochs * n)
-    if method == "ppo":  # actor, reference, critic, reward model forwards; actor + critic trained
-        score = 2 * f_lm(T) / 3 * n + 2 * f_sc(T) / 3 * n
-        update = (f_lm(T) + f_sc(T)) * n_upd
-        if tk.get("fused"):  # the actor and critic scoring forwards were the update's first: counted once, in score
-            update -= (f_lm(T) + f_sc(T)) / 3 * n
-    else:  # actor (logp_old) and reference forwards; actor trained
-        score = 2 * f_lm(T) / 3 * n
-        update = f_lm(T) * n_upd
-    return gen + score + update, update
-
-
-# --------------------------------------------------------------------------- report
-
-def summarise(method: str, workers: dict[str, Worker], spec: dict, warmup: int, model_cfg, data) -> list[dict]:
-    rows = []
-    for fw in ("rlhfkit", "trl"):
-        w = workers[fw]
-        timed = w.steps[warmup:]
-        secs = [s["sec"] for s in timed]
-        sec = statistics.mean(secs)
-        toks, flops, upd_flops, upd_secs, phases = 0.0, 0.0, 0.0, 0.0, {"gen": 0.0, "score": 0.0, "update": 0.0}
-        for i, s in enumerate(timed):
-            d = data[warmup + i] if data else None
-            toks += d["tokens"] if d else s["tokens"].get("prompt", 0) + s["tokens"].get("response", 0)
-            fl, ufl = step_flops(method, model_cfg, s, d, spec, spec.get("shared_group", 1) if fw == "rlhfkit" else 1)
-            flops += fl
-            upd_flops += ufl
-            if method in ("ppo", "grpo"):
-                g, sc = s["phases"].get("gen", 0.0), s["phases"].get("score", 0.0)
-                phases["gen"] += g
-                phases["score"] += sc
-                phases["update"] += s["sec"] - g - sc
-                upd_secs += s["sec"] - g - sc
-        total = sum(secs)
-        row = {"framework": fw, "s/step": sec, "sd": statistics.stdev(secs) if len(secs) > 1 else 0.0,
-               "tokens/step": toks / len(timed), "tokens/s": toks / total,
-               "peak RSS MB": max(w.result.get("rss_mb", 0.0), max(s["rss_mb"] for s in w.steps)),
-               "GFLOP/s": flops / total / 1e9, "load": statistics.mean(s["loadavg"] for s in timed),
-               "steps s": " ".join(f"{s['sec']:.1f}" for s in w.steps)}
-        if method in ("ppo", "grpo"):
-            n = len(timed)
-            row.update({"gen s": phases["gen"] / n, "score s": phases["score"] / n,
-                        "update s": phases["update"] / n, "update GFLOP/s": upd_flops / max(upd_secs, 1e-9) / 1e9,
-                        "resp tok/row": sum(s["tokens"].get("response", 0) for s in timed)
-                        / max(sum(s["tokens"].get("rows", 0) for s in timed), 1)})
-        rows.append(row)
-    trl_sec = rows[1]["s/step"]
-    for r in rows:
-        r["speed-up vs TRL"] = trl_sec / r["s/step"]
-    return rows
-
-
-def print_curve(method: str, workers: dict[str, Worker]) -> None:
-    ours, theirs, label = CURVE[method]
-    a = {c["step"]: c.get(ours) for c in workers["rlhfkit"].result.get("curve", [])}
-    b = {c["step"]: c.get(theirs) for c in workers["trl"].result.get("curve", [])}
-    steps = sorted(set(a) | set(b))
-    rows = [{"step": k, f"rlhfkit {label}": a.get(k), f"TRL {label}": b.get(k)} for k in steps]
-    print(f"learning curve per step ({label}; same data in the same order, same starting weights):")
-    print(fmt_table(rows, ["step", f"rlhfkit {label}", f"TRL {label}"]))
-
-
 def make_reward_model(out: Path, model_dir: str) -> str:
     """A Bradley-Terry-shaped reward model for PPO (both frameworks load the same directory): the
     default model with a fresh scalar head. Its scores are noise; only speed is measured with it."""
@@ -312,121 +195,136 @@ def make_reward_model(out: Path, model_dir: str) -> str:
     return str(d)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(JOBS), help=f"comma-separated, of {', '.join(JOBS)}")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, caches)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     ap.add_argument("--dpo-steps", type=int, default=0,
                     help="timed DPO steps (default --steps); more give a longer learning curve")
     ap.add_argument("--lora", action="store_true", help="PPO/GRPO with the configs' LoRA adapters (r=16, all-linear)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                    help="extra rlhfkit config override for one method, e.g. dpo.train.batch_size=8")
+                    help="extra rlhfkit config override for one job, e.g. dpo.train.batch_size=8")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch/OpenMP threads in every worker and for the peak (default: torch's, = cores); "
                          "1 is far faster than 2 when other jobs load the cores (OpenMP threads wait on each other)")
     ap.add_argument("--trl-malloc", action="store_true",
                     help="run TRL with the glibc malloc settings rlhfkit's trainers apply to themselves "
                          "(no mmap for large blocks, no trimming); default: TRL as users run it")
+    ap.add_argument("--model", default="", help="model name or directory (default: the built-in default model)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny random model (and reward model): checks the harness end to end, times mean nothing")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_trl"))
-    ap.add_argument("--python", default=sys.executable, help="interpreter with rlhfkit and trl installed")
-    args = ap.parse_args()
+    ap.add_argument("--python", default=sys.executable, help="interpreter with rlhfkit and the current TRL")
+    ap.add_argument("--ppo-python", default="", help="interpreter with rlhfkit and TRL 1.12 for PPO "
+                                                     "(default: --python; PPO needs TRL <= 1.12)")
+    return ap.parse_args()
 
+
+def trl_version(python: str) -> str:
+    """The TRL version importable by ``python``; exits with one line if there is none."""
+    r = subprocess.run([python, "-c", "import trl; print(trl.__version__)"], capture_output=True, text=True,
+                       env=dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1"))
+    if r.returncode:
+        sys.exit(f"{python}: TRL is not importable there; run `make bench-trl` (it builds .venv-bench and "
+                 ".venv-bench-ppo)")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def job_spec(job: str, args, model_dir: str, out: Path, extra: list[str]) -> dict:
+    """What both workers of a job get: the rlhfkit config file and overrides (the TRL side derives
+    its arguments from the parsed config), the model directory and the number of steps."""
+    method = job_method(job)
+    overrides = COMMON + [f"model.name={model_dir}"] + SIZES[job] + ([] if args.lora else FULL_FT.get(method, []))
+    if method == "ppo":
+        overrides += [f"reward.spec=rm:{make_reward_model(out, model_dir)}", "critic_init=reward"]
+    steps = args.dpo_steps if method == "dpo" and args.dpo_steps else args.steps
+    total = args.warmup + steps
+    overrides = overrides + [f"train.max_steps={total}"] + extra
+    spec = {"config": CONFIGS[method], "overrides": overrides, "model_dir": model_dir, "steps": total,
+            "seed": 0, "threads": args.threads, "trl_malloc": args.trl_malloc}
+    from rlhfkit.config import load_config
+    from rlhfkit.registry import COMMANDS
+
+    loaded = load_config(COMMANDS[method].config_class(), CONFIGS[method], overrides)
+    if method in ("ppo", "grpo"):
+        spec["epochs"] = loaded.ppo_epochs
+        # rlhfkit scores and trains a prompt's G responses as one packed sequence (prompt once)
+        spec["shared_group"] = loaded.rollout.n if getattr(loaded, "share_prompt", False) else 1
+    if method == "dpo":
+        spec["shared_group"] = 2 if loaded.dpo.share_prompt else 1
+    return spec
+
+
+def main() -> None:
+    args = parse_args()
     import torch
 
-    from rlhfkit.models import resolve_model_path
-
-    try:
-        import trl
-    except ImportError:
-        sys.exit("TRL is not installed in this interpreter: run `make bench-trl` (it builds .venv-bench)")
+    from rlhfkit.models import DEFAULT_MODEL, resolve_model_path
 
     out = Path(args.out)
+    if args.tiny:
+        from common import tiny_model_dir
+
+        args.model, out = tiny_model_dir(), out / "tiny"
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_path("smollm2-135m-instruct")
+    model_dir = resolve_model_path(args.model or DEFAULT_MODEL)
     from transformers import AutoConfig
 
     model_cfg = AutoConfig.from_pretrained(model_dir)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    extra: dict[str, list[str]] = {m: [] for m in METHODS}
+    unknown = [m for m in methods if m not in JOBS]
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown}; expected some of {', '.join(JOBS)}")
+    extra: dict[str, list[str]] = {m: [] for m in JOBS}
     for item in args.set:
         m, _, kv = item.partition(".")
         if m not in extra or "=" not in kv:
-            sys.exit(f"--set {item!r}: expected METHOD.key=value with METHOD in {METHODS}")
+            sys.exit(f"--set {item!r}: expected METHOD.key=value with METHOD in {JOBS}")
         extra[m].append(kv)
+    pythons = {m: (args.ppo_python or args.python) if m == "ppo" else args.python for m in methods}
+    versions = {py: trl_version(py) for py in set(pythons.values())}
 
     if args.threads:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     t_start = time.time()
-    peak0 = matmul_peak_gflops()
-    print(f"rlhfkit vs TRL {trl.__version__} | torch {torch.__version__}, {torch.get_num_threads()} threads | "
-          f"model {model_dir} (fp32) | fp32 matmul peak (2048^3, best of 10): {peak0:.1f} GFLOP/s | "
-          f"loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | TRL malloc: "
+    peak_n = 256 if args.tiny else 2048
+    peak0 = matmul_peak_gflops(peak_n)
+    print(f"rlhfkit vs TRL {', '.join(sorted(set(versions.values())))} | torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads | model {model_dir} (fp32) | fp32 matmul peak ({peak_n}^3, best of 10): "
+          f"{peak0:.1f} GFLOP/s | loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | TRL malloc: "
           f"{'rlhfkit settings' if args.trl_malloc else 'glibc default'}", flush=True)
 
     results = {}
-    for i, method in enumerate(methods):
-        overrides = COMMON + SIZES[method] + ([] if args.lora else FULL_FT.get(method, []))
-        if method == "ppo":
-            overrides.append(f"reward.spec=rm:{make_reward_model(out, model_dir)}")
-            overrides.append("critic_init=reward")
-        steps = args.steps if not (method == "dpo" and args.dpo_steps) else args.dpo_steps
-        total = args.warmup + steps
-        overrides = overrides + [f"train.max_steps={total}"] + extra[method]
-        spec = {"config": CONFIGS[method], "overrides": overrides, "model_dir": model_dir, "steps": total,
-                "seed": 0, "threads": args.threads, "trl_malloc": args.trl_malloc}
-        from rlhfkit.config import load_config
-
-        if method in ("ppo", "grpo"):
-            from rlhfkit.trainers.grpo import GRPOConfig
-            from rlhfkit.trainers.ppo import PPOConfig
-
-            loaded = load_config(PPOConfig if method == "ppo" else GRPOConfig, CONFIGS[method], overrides)
-            spec["epochs"] = loaded.ppo_epochs
-            # rlhfkit scores and trains a prompt's G responses as one packed sequence (prompt once)
-            spec["shared_group"] = loaded.rollout.n if getattr(loaded, "share_prompt", False) else 1
-        if method == "dpo":
-            from rlhfkit.trainers.dpo import DPOConfig
-
-            spec["shared_group"] = 2 if load_config(DPOConfig, CONFIGS[method], overrides).dpo.share_prompt else 1
-        print(f"\n== {method}: {args.warmup} warm-up + {steps} timed steps; rlhfkit config {CONFIGS[method]} with "
-              f"{' '.join(o for o in overrides if not o.startswith('train.output_dir'))}", flush=True)
+    for i, job in enumerate(methods):
+        spec = job_spec(job, args, model_dir, out, extra[job])
+        spec["trl_version"] = versions[pythons[job]]
+        print(f"\n== {job} against TRL {spec['trl_version']}: {args.warmup} warm-up + {spec['steps'] - args.warmup} "
+              f"timed steps; rlhfkit config {spec['config']} with "
+              f"{' '.join(o for o in spec['overrides'] if not o.startswith('train.output_dir'))}", flush=True)
         try:
-            workers = run_method(method, spec, out, args.python, first="rlhfkit" if i % 2 == 0 else "trl")
+            workers = run_method(job, spec, out, pythons[job], first="rlhfkit" if i % 2 == 0 else "trl")
         except RuntimeError as e:
             print(f"  FAILED: {e}", flush=True)
             continue
-        data = data_tokens_per_step(method, spec, total) if method in ("sft", "rm", "dpo") else None
-        results[method] = (workers, spec, data)
+        method = job_method(job)
+        data = data_tokens_per_step(job, spec, spec["steps"]) if method in ("sft", "rm", "dpo") else None
+        results[job] = (workers, spec, data)
 
-    peak1 = matmul_peak_gflops()
+    peak1 = matmul_peak_gflops(peak_n)
     peak = max(peak0, peak1)
     load1 = os.getloadavg()
     print(f"\nfp32 matmul peak: {peak0:.1f} GFLOP/s before, {peak1:.1f} after -> using {peak:.1f} | "
           f"loadavg at start {load0[0]:.2f}, at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} | "
           f"wall {time.time() - t_start:.0f} s")
-    summary = {"trl": trl.__version__, "torch": torch.__version__, "peak_gflops": peak,
+    summary = {"trl": versions, "torch": torch.__version__, "peak_gflops": peak, "model": model_dir,
                "loadavg_start": load0, "loadavg_end": load1, "methods": {}}
-    for method, (workers, spec, data) in results.items():
-        rows = summarise(method, workers, spec, args.warmup, model_cfg, data)
-        for r in rows:
-            r["% of peak"] = 100 * r["GFLOP/s"] / peak
-            if "update GFLOP/s" in r:
-                r["update % of peak"] = 100 * r["update GFLOP/s"] / peak
-        cols = ["framework", "s/step", "sd", "tokens/s", "peak RSS MB", "GFLOP/s", "% of peak", "speed-up vs TRL"]
-        if method in ("ppo", "grpo"):
-            cols += ["gen s", "score s", "update s", "update GFLOP/s", "update % of peak", "resp tok/row"]
-        unit = "iteration" if method in ("ppo", "grpo") else "optimizer step"
-        print(f"\n### {method.upper()} (step = one {unit}; {rows[0]['tokens/step']:.0f} real tokens per step for "
-              f"rlhfkit, {rows[1]['tokens/step']:.0f} for TRL; mean 1-min loadavg while timing "
-              f"{statistics.mean(r['load'] for r in rows):.2f})")
-        print(fmt_table(rows, cols))
-        print("all steps (s, warm-up first): " + " | ".join(f"{r['framework']}: {r['steps s']}" for r in rows))
-        print_curve(method, workers)
-        summary["methods"][method] = {"rows": rows, "overrides": spec["overrides"],
-                                      "curves": {fw: w.result.get("curve") for fw, w in workers.items()},
-                                      "steps": {fw: w.steps for fw, w in workers.items()}}
+    for job, (workers, spec, data) in results.items():
+        rows = report(job, workers, spec, args.warmup, model_cfg, data, peak)
+        summary["methods"][job] = {"rows": rows, "overrides": spec["overrides"], "trl": spec["trl_version"],
+                                   "curves": {fw: w.result.get("curve") for fw, w in workers.items()},
+                                   "steps": {fw: w.steps for fw, w in workers.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"\nraw numbers: {out / 'results.json'}; worker logs: {out}/<method>_<framework>.log")
 

@@ -1,10 +1,27 @@
-"""Shared benchmark helpers: this machine's fp32 matmul peak and transformer FLOP counts."""
+"""Shared benchmark helpers: this machine's fp32 matmul peak, transformer FLOP counts, and a tiny
+random model for checking that a script runs end to end (``--tiny``)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+TINY_DIR = Path(tempfile.gettempdir()) / "rlhfkit-bench-tiny-model"
+
+
+def tiny_model_dir() -> str:
+    """A tiny random Llama with the default model's tokenizer, saved once as a transformers directory:
+    every script's ``--tiny`` runs on it, to check the script end to end in seconds (its timings
+    mean nothing)."""
+    if not (TINY_DIR / "config.json").is_file():
+        from rlhfkit.models import DEFAULT_MODEL, load_tokenizer, save_pretrained_atomic, tiny_causal_lm
+
+        tok = load_tokenizer(DEFAULT_MODEL)
+        save_pretrained_atomic(tiny_causal_lm(tok, seed=0), tok, TINY_DIR)
+    return str(TINY_DIR)
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -1,14 +1,15 @@
 """Where a PPO iteration's time goes: phase times, page faults and the top operators.
 
     .venv/bin/python benchmarks/profile_ppo.py [--iterations 4] [--profile-iteration 3]
+    .venv/bin/python benchmarks/profile_ppo.py --tiny      # a tiny random model: checks the script runs
 
 Runs rlhfkit's PPO trainer unmodified with the settings of `bench_trl.py`'s PPO job (the default
 model, full fine-tuning, 4 prompts x 32 new tokens, 2 epochs of one minibatch, the benchmark's
 reward model; `make bench-trl` builds that model first). Every iteration prints its phase times
 (rollout, score, update), the minor page faults it caused and the process's RSS; one iteration
-runs under `torch.profiler` and prints the operators by self CPU time. This is the run that found
-the page faults of the tied embedding's gradient (docs/benchmarks.md, session 5): compare
-`RLHFKIT_MALLOC=default` (glibc as it comes) with the default.
+runs under `torch.profiler` and prints the operators by self CPU time. Compare
+`RLHFKIT_MALLOC=default` (glibc as it comes) with the default to see the page faults that
+`parallel.malloc.keep_freed_memory` avoids (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,23 +31,36 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30, help="operators to print")
     ap.add_argument("--reward-model", default=str(ROOT / "runs" / "bench_trl" / "ppo_reward_model"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "profile_ppo"))
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model and reward model, 2 iterations, "
+                                                        "the second profiled: checks that the script runs")
     args = ap.parse_args()
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_trl import FULL_FT, SIZES
+    from bench_trl import FULL_FT, SIZES, make_reward_model
+    from common import tiny_model_dir
     from rlhfkit.config import load_config
-    from rlhfkit.trainers import common
+    from rlhfkit.parallel import make_strategy
+    from rlhfkit.registry import COMMANDS
     from rlhfkit.trainers import ppo as ppo_mod
+    from rlhfkit.training import batches
 
+    model = []
+    if args.tiny:
+        tiny = tiny_model_dir()
+        args.out = str(Path(args.out) / "tiny")
+        args.reward_model = make_reward_model(Path(args.out), tiny)
+        args.iterations, args.profile_iteration, args.rows = 2, 2, 5
+        model = [f"model.name={tiny}"]
     if not Path(args.reward_model, "config.json").is_file():
         sys.exit(f"{args.reward_model}: no reward model; `make bench-trl ARGS=\"--methods ppo\"` writes it")
-    common.epoch_order = lambda n, seed, epoch: list(range(n))  # the benchmark's data order
+    batches.epoch_order = lambda n, seed, epoch: list(range(n))  # the benchmark's data order (prompts in file order)
     overrides = ["optim.schedule=constant", "optim.warmup_ratio=0.0", "train.save_every=0", "train.progress=false",
                  *SIZES["ppo"], *FULL_FT["ppo"], f"reward.spec=rm:{args.reward_model}", "critic_init=reward",
-                 f"train.max_steps={args.iterations}", f"train.output_dir={args.out}"]
-    cfg = load_config(ppo_mod.PPOConfig, str(ROOT / "configs" / "ppo.yaml"), overrides)
+                 f"train.max_steps={args.iterations}", f"train.output_dir={args.out}", *model]
+    command = COMMANDS["ppo"]
+    cfg = load_config(command.config_class(), str(ROOT / "configs" / "ppo.yaml"), overrides)
 
     iteration = ppo_mod.ppo_iteration
     seen = {"n": 0}
@@ -70,9 +84,9 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows), flush=True)
         return out
 
-    ppo_mod.ppo_iteration = timed
+    ppo_mod.ppo_iteration = timed  # train_ppo calls the module's ppo_iteration each step
     torch.manual_seed(0)
-    ppo_mod.train_ppo(cfg)
+    command.runner()(cfg, make_strategy(cfg.train, cfg.model))
 
 
 if __name__ == "__main__":

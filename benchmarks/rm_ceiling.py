@@ -2,7 +2,7 @@
 
     python benchmarks/rm_ceiling.py [--data task:sentiment] [--eval-fraction 0.15] [--seed 0]
 
-Uses the same deterministic split as `rlhfkit rm` (trainers.sources.split_eval) and the gold
+Uses the same deterministic split as `rlhfkit rm` (data.sources.split_eval) and the gold
 scores stored with each generated pair: the ceiling is the accuracy of the gold judge itself on
 the noisy labels (ties count half). A learned RM is compared to this number, not to 100%.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from rlhfkit.trainers.sources import resolve_source, split_eval
+from rlhfkit.data.sources import resolve_source, split_eval
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="task:sentiment")
     ap.add_argument("--eval-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 
 from rlhfkit.data import end_of_turn_ids, render_prompt_ids
+from rlhfkit.judges import task_reward_fn
 from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rlhfkit.rollout import generate
 from rlhfkit.tasks import get_task, list_tasks
@@ -49,7 +50,14 @@ def main(argv=None) -> None:
         texts += [tok.decode(r[:k], skip_special_tokens=True).strip() for r, k in zip(exp.response_ids.tolist(), lengths)]
         eos += exp.eos.tolist()
     dt = time.perf_counter() - t0
-    scores = task.gold_scores([r["prompt"] for r in records], texts)
+    # the task's gold judge as a reward function: it gets the prompt records' fields it names (the
+    # arithmetic task's exact answers); a response it cannot score (None) is left out
+    judge = task_reward_fn(args.task)
+    fields = [{k: v for k, v in r.items() if k not in ("prompt", "messages")} for r in records]
+    scored = [(r, t, s) for r, t, s in zip(records, texts, judge.score([r["prompt"] for r in records], texts,
+                                                                         fields=fields))
+              if s is not None]
+    records, texts, scores = [x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored]
     by_cat = defaultdict(list)
     for r, s in zip(records, scores):
         by_cat[r.get("category", "-")].append(s)

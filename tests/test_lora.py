@@ -20,7 +20,8 @@ from conftest import write_jsonl
 from rlhfkit.config import LoraSection, RewardConfig, SFTConfig, load_config
 from rlhfkit.models import load_causal_lm, load_scalar_model, sequence_scores
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, load_adapter_onto, load_for_training
+from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, load_adapter_onto
+from rlhfkit.models.start import load_for_training
 
 LORA = {"enabled": True, "r": 8, "alpha": 16}
 

@@ -197,7 +197,7 @@ def _main(argv: list[str]) -> int:
         print(build_report(args.runs, args.out))
         return 0
     if args.command == "merge":
-        from rlhfkit.models.lora import merge_adapter
+        from rlhfkit.models.start import merge_adapter
 
         print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))
         return 0

@@ -273,6 +273,10 @@ class RolloutSection:
     """Top-k filter; 0 = off."""
     micro_batch_size: int = 0
     """Rows per generation forward; 0 = all rows of a step at once."""
+    backend: Literal["own", "hf"] = "own"
+    """What samples the responses (docs/rollout_backends.md): own = rlhfkit's KV-cache engine
+    (in-place cache, packed CPU matmuls, shared prompt prefixes; the fastest here); hf = plain
+    transformers model.generate (same greedy tokens; a different random stream when sampling)."""
 
     def validate(self, where: str) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
@@ -370,7 +374,7 @@ class SFTConfig:
 
 @dataclass
 class RewardConfig:
-    """`rlhfkit rm`: a Bradley-Terry reward model, a scalar head read at the last token."""
+    """`rlhfkit rm`: a Bradley-Terry reward model, a scalar head read at the last token or pooled."""
 
     model: ModelSection = field(default_factory=ModelSection)
     """Backbone (usually the SFT model); a causal LM gets a fresh scalar head."""
@@ -388,3 +392,19 @@ class RewardConfig:
     """probe: before fine-tuning, fit the head alone as a linear Bradley-Terry model on the frozen
     backbone's features of the training pairs (L2 by cross-validation), then fine-tune everything
     from there (linear probing, then fine-tuning). random: the usual fresh head."""
+    pooling: Literal["last", "mean", "mean_all"] = "last"
+    """How the per-token head outputs become the reward: last (the value at the last real token),
+    mean (the mean over the response tokens) or mean_all (over all tokens). Saved in the model's
+    config.json as reward_pooling, so that rm:DIR scores the way the model was trained."""
+    train_top_layers: int = 0
+    """> 0: fine-tune only the top N decoder layers (with the final norm and the head); 0: all."""
+
+    def validate(self, where: str) -> None:
+        if self.train_top_layers < 0:
+            raise ConfigError(f"{where}.train_top_layers: must be >= 0, got {self.train_top_layers}")
+        if self.train_top_layers and self.model.lora.enabled:
+            raise ConfigError(f"{where}.train_top_layers: not with model.lora.enabled (LoRA already freezes the base)")
+        if self.pooling != "last" and self.model.lora.enabled:
+            # a LoRA run saves an adapter directory, which has no config.json to record the pooling in
+            raise ConfigError(f"{where}.pooling: {self.pooling!r} cannot be stored with a LoRA adapter; "
+                              "use pooling: last with model.lora.enabled, or train without LoRA")

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from rlhfkit.io import as_os_error, make_temp_dir
+from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -242,8 +244,6 @@ def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = No
 
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
-        from rlhfkit.models.lora import load_merged
-
         return load_merged(path, dtype=dtype, kind="causal")
     if _META_LOADS:
         return _from_config(AutoModelForCausalLM, AutoConfig.from_pretrained(path), _dtype(dtype))
@@ -263,8 +263,6 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
 
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
-        from rlhfkit.models.lora import load_merged
-
         return load_merged(path, dtype=dtype, pad_token_id=pad_token_id, kind="scalar")
     config = AutoConfig.from_pretrained(path)
     is_seqcls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
@@ -287,6 +285,29 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
             if getattr(model.score, "bias", None) is not None:
                 model.score.bias.zero_()
     return model
+
+
+def load_merged(path: str | os.PathLike, *, base: str | None = None, dtype=None, pad_token_id: int | None = None,
+                kind: str | None = None):
+    """Load an adapter directory as one plain transformers model: base + adapter, merged.
+
+    kind: "causal" or "scalar"; None = from the adapter (a reward / value model adapter, whose
+    head is in ``modules_to_save``, gives a *ForSequenceClassification model).
+    """
+    base_name = adapter_base(path, base)
+    if kind is None:
+        kind = "scalar" if is_seq_cls_adapter(path) else "causal"
+    if kind == "scalar":
+        model = load_scalar_model(base_name, dtype, pad_token_id=pad_token_id)
+    else:
+        model = load_causal_lm(base_name, dtype)
+    merged = load_adapter_onto(model, path).merge_and_unload()
+    # peft froze the base to attach the adapter; the merged model is a plain model like any
+    # from_pretrained one (trainable), so that full fine-tuning can start from an adapter directory
+    merged.requires_grad_(True)
+    # Adapters trained on top of this model record it as their base: the chain stays loadable.
+    merged.config.name_or_path = merged.name_or_path = str(path)
+    return merged
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:

@@ -6,8 +6,9 @@ frees them again: above all the dense gradient of a tied embedding (vocabulary x
 for the default model), which ``embedding_dense_backward`` creates with ``torch.zeros`` on every
 backward, and the sum that accumulates it with the LM head's gradient. Each is a fresh mapping
 whose every 4 KB page faults on first touch. Measured on the project's 2-core machine with the
-PPO benchmark's settings (docs/benchmarks.md): about 500,000 page faults (2 GB of fresh pages)
-per iteration, 160 ms to zero each embedding gradient, and an update phase of 7.7-8.6 s.
+PPO benchmark's settings (benchmarks/profile_ppo.py, 2026-11-30): about 500,000 page faults
+(2 GB of fresh pages) per iteration, 160 ms to zero each embedding gradient, and an update phase
+of 7.7-8.6 s.
 
 `keep_freed_memory` tells glibc to take large blocks from the heap as well (``M_MMAP_MAX = 0``)
 and to keep freed heap memory instead of trimming it back to the system (``M_TRIM_THRESHOLD``),

@@ -67,6 +67,10 @@ class PolicyGradientConfig:
         """(coefficient, estimator) of a KL-to-reference term in the loss; PPO puts the KL in the reward."""
         return 0.0, "k3"
 
+    def policy_ratio_level(self) -> str:
+        """Importance ratio of the surrogate: "token", or one per response ("sequence", "sequence-mean")."""
+        return "token"
+
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:
             raise ConfigError(f"{where}.rollout.temperature: training samples need temperature > 0")
@@ -205,8 +209,13 @@ def load_ptx(section: PTXSection, tokenizer, micro_batch_size: int, seed: int) -
                    micro_batch_size, seed)
 
 
+# Where an iteration's wall time goes: logged as time/<phase> seconds every iteration, shown in the
+# progress line, and drawn by the report (`report.plots`).
+TIME_SPLIT = ("time/rollout", "time/score", "time/update", "time/other")
+
+
 class Stopwatch:
-    """Wall time of consecutive phases of an iteration, as time/<phase> metrics."""
+    """Wall time of consecutive phases of an iteration, as time/<phase> metrics (`TIME_SPLIT`)."""
 
     def __init__(self):
         self.start = self.t = time.perf_counter()

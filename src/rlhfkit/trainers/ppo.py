@@ -32,7 +32,8 @@ from rlhfkit.trainers.pg_score import (
     log_samples, policy_logprobs, response_values, score_experience, score_values, sequence_kl,
 )
 from rlhfkit.trainers.pg_setup import (
-    PolicyGradientConfig, PolicyRun, Stopwatch, Trained, load_ptx, prepare_trained, prompt_batch, setup_run,
+    TIME_SPLIT, PolicyGradientConfig, PolicyRun, Stopwatch, Trained, load_ptx, prepare_trained, prompt_batch,
+    setup_run,
 )
 from rlhfkit.trainers.pg_update import FirstForward, fusable, policy_update
 from rlhfkit.training import finish, fit
@@ -202,7 +203,8 @@ def kl_and_value_metrics(exp, seq_kl, kl, kl_ctl, strategy) -> dict:
             "value/mean": values[0] / values[1].clamp(min=1)}
 
 
-SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_mean", "policy/ratio_first")
+SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_mean", "policy/ratio_first",
+        *TIME_SPLIT)
 
 
 def train_ppo(cfg: PPOConfig, strategy: Strategy | None = None) -> dict:

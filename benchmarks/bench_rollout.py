@@ -1,0 +1,206 @@
+"""Rollout throughput as training sees it, against this machine's decode roofline.
+
+    python benchmarks/bench_rollout.py [--batches 8,16] [--new-tokens 48] [--calls 4] [--threads N]
+    python benchmarks/bench_rollout.py --tiny        # a tiny random model, 2 calls: checks the script runs
+
+1. This machine, now: memory bandwidth (best of several copies of a 256 MB tensor, bytes read +
+   written) and the fp32 matrix-product peak (`common.matmul_peak_gflops`).
+2. The roofline of one decode step of b rows at context c: it reads every weight matrix once
+   (the LM head included; tied embeddings count once) and the KV cache of its rows, and computes
+   2 x (matrix parameters) x b FLOPs plus attention. Its time is the larger of bytes / bandwidth
+   and FLOPs / peak; the roofline of a call sums that over the decode steps the call actually ran
+   (rows that stopped at EOS leave the batch, so later steps are smaller).
+3. rlhfkit's rollout path (`rollout.sampling.rollout`, as PPO/GRPO call it) at each batch size:
+   sampling at temperature 1, EOS stopping on, new prompts of the sentiment task every call, and
+   the weights changed in place between calls (as an optimizer step changes them), so nothing
+   cached from the previous call's weights can be reused. The first call is a warm-up.
+
+Printed per batch size: generated tokens/s over the whole call and over decoding alone, the decode
+phase as % of its roofline, and the per-call fixed costs: weight packing for the CPU linears
+(`rollout.cpu_linears.packed_linears`), KV-cache allocation (`rollout.kv_cache.preallocate`) and
+prefill (the prompts' forward, `rollout.engine._prefill`, allocation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_table, matmul_peak_gflops, tiny_model_dir  # noqa: E402
+
+from rlhfkit.config import RolloutSection  # noqa: E402
+from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer  # noqa: E402
+from rlhfkit.rollout import engine, load_prompt_items  # noqa: E402
+from rlhfkit.rollout.sampling import rollout  # noqa: E402
+
+
+def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Best-of copy bandwidth in GB/s, counting the bytes read and the bytes written."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+class DecodeRoofline:
+    """Bytes and FLOPs of one decode step of the model (fp32), and its roofline time on this machine."""
+
+    def __init__(self, model, bandwidth_gbs: float, peak_gflops: float):
+        c = model.config
+        weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        self.matrix_params = sum(w.numel() for w in weights.values())  # the LM head included, once
+        self.bytes_per_el = 4
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim  # elements, K and V
+        self.attn_flops_per_ctx = 4 * c.num_hidden_layers * c.num_attention_heads * head_dim  # QK^T and AV
+        self.bw, self.peak = bandwidth_gbs * 1e9, peak_gflops * 1e9
+
+    def step_seconds(self, rows: int, context: int) -> float:
+        read = self.bytes_per_el * (self.matrix_params + rows * context * self.kv_per_token)
+        flops = rows * (2 * self.matrix_params + context * self.attn_flops_per_ctx)
+        return max(read / self.bw, flops / self.peak)
+
+    def bound(self, rows: int, context: int) -> str:
+        read = self.bytes_per_el * (self.matrix_params + rows * context * self.kv_per_token)
+        flops = rows * (2 * self.matrix_params + context * self.attn_flops_per_ctx)
+        return "memory" if read / self.bw >= flops / self.peak else "compute"
+
+
+class CallProbe:
+    """Times the fixed costs inside one `rollout` call and records every decode step's rows and
+    context, by wrapping the engine's packing, prefill and cache allocation, and the model's forward."""
+
+    def __init__(self, model):
+        self.model = model
+        self.reset()
+        orig_pack, orig_prefill, orig_prealloc = engine.packed_linears, engine._prefill, engine.preallocate
+        probe = self
+
+        @contextlib.contextmanager
+        def packed_linears(*a, **k):
+            t = time.perf_counter()
+            ctx = orig_pack(*a, **k)
+            ctx.__enter__()
+            probe.times["pack"] += time.perf_counter() - t
+            try:
+                yield
+            finally:
+                t = time.perf_counter()
+                ctx.__exit__(None, None, None)
+                probe.times["pack"] += time.perf_counter() - t
+
+        def prefill(*a, **k):
+            t = time.perf_counter()
+            out = orig_prefill(*a, **k)
+            probe.times["prefill"] += time.perf_counter() - t
+            probe.in_prefill = False
+            return out
+
+        def preallocate(*a, **k):
+            t = time.perf_counter()
+            out = orig_prealloc(*a, **k)
+            probe.times["cache"] += time.perf_counter() - t
+            return out
+
+        engine.packed_linears, engine._prefill, engine.preallocate = packed_linears, prefill, preallocate
+        model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+
+    def reset(self) -> None:
+        self.times = {"pack": 0.0, "prefill": 0.0, "cache": 0.0}
+        self.steps: list[tuple[int, int]] = []  # (rows, context) of each decode forward
+        self.in_prefill = True
+
+    def _on_forward(self, module, args, kwargs):
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if not self.in_prefill and ids is not None and ids.shape[1] == 1:
+            self.steps.append((ids.shape[0], mask.shape[1] if mask is not None else 0))
+
+
+def perturb_(model, scale: float = 1e-4) -> None:
+    """Change every weight in place, as an optimizer step would (new values, same tensors)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0 + scale * torch.randn_like(p))
+
+
+def measure(model, tok, prompts, probe: CallProbe, roof: DecodeRoofline, rows: int, new_tokens: int,
+            calls: int) -> dict:
+    settings = RolloutSection(n=1, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0)
+    per_call = []
+    for call in range(calls + 1):  # call 0: warm-up
+        start = (call * rows) % max(len(prompts) - rows, 1)
+        items = prompts[start:start + rows]  # new prompts every call
+        perturb_(model)
+        probe.reset()
+        probe.in_prefill = True
+        t = time.perf_counter()
+        exp = rollout(model, items, settings, tok, seed=call)
+        total = time.perf_counter() - t
+        if call == 0:
+            continue
+        fixed = probe.times["pack"] + probe.times["prefill"]
+        decode = total - fixed
+        ideal = sum(roof.step_seconds(b, ctx) for b, ctx in probe.steps)
+        per_call.append({"total": total, "decode": decode, "tokens": int(exp.response_mask.sum()),
+                         "steps": len(probe.steps), "ideal": ideal, **probe.times})
+    m = {k: statistics.mean(c[k] for c in per_call) for k in per_call[0]}
+    ctx = int(statistics.mean(c for _, c in probe.steps)) if probe.steps else 0
+    full = rows / roof.step_seconds(rows, ctx)
+    return {"batch": rows, "tokens/call": m["tokens"], "decode steps": m["steps"], "s/call": m["total"],
+            "tokens/s": m["tokens"] / m["total"], "decode tokens/s": m["tokens"] / max(m["decode"], 1e-9),
+            "% of roofline": 100 * m["ideal"] / max(m["decode"], 1e-9),
+            "roofline tok/s": full, "bound": roof.bound(rows, ctx),
+            "pack s": m["pack"], "cache s": m["cache"], "prefill s": m["prefill"] - m["cache"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--batches", default="8,16", help="rows per rollout call, comma-separated")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--calls", type=int, default=4, help="timed calls per batch size (after one warm-up call)")
+    ap.add_argument("--prompts", default="task:sentiment", help="prompt source (a task or a prompts file)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model, 1 timed call per batch: checks the script")
+    args = ap.parse_args()
+    if args.tiny:
+        args.model, args.calls = tiny_model_dir(), 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    bandwidth = memory_bandwidth_gbs(64 if args.tiny else 256)
+    peak = matmul_peak_gflops(256 if args.tiny else 2048)
+    tok = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    prompts, _ = load_prompt_items(args.prompts, tok, max_prompt_length=128)
+    roof = DecodeRoofline(model, bandwidth, peak)
+    probe = CallProbe(model)
+    print(f"model {args.model} (fp32, {roof.matrix_params / 1e6:.0f}M matrix parameters = "
+          f"{roof.matrix_params * 4 / 1e6:.0f} MB read per decode step) | {torch.get_num_threads()} threads")
+    print(f"memory bandwidth (copy, read + write): {bandwidth:.1f} GB/s | fp32 matmul peak: {peak:.1f} GFLOP/s")
+    print(f"weights alone: {roof.matrix_params * 4 / bandwidth / 1e6:.1f} ms per decode step at this bandwidth")
+    rows = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls)
+            for b in args.batches.split(",")]
+    print(f"\nrollout: {args.new_tokens} new tokens max, temperature 1, EOS stopping, new prompts and changed "
+          f"weights every call; mean of {args.calls} calls after a warm-up")
+    print(fmt_table(rows, list(rows[0])))
+    print("tokens/s: generated tokens / whole call | decode tokens/s: / the call less packing and prefill | "
+          "% of roofline: the decode steps' roofline time / their measured time | roofline tok/s: all rows "
+          "decoding at the mean context")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Every PPO, GRPO and RLOO iteration logs where its time went (time/rollout, time/score,
+time/update, time/other) and shows the split in the progress line."""
+
+from __future__ import annotations
+
+import pytest
+
+from pg_utils import base_config, read_metrics
+from rlhfkit.config import load_config
+from rlhfkit.parallel import SingleProcess
+from rlhfkit.registry import COMMANDS
+from rlhfkit.trainers.pg_setup import TIME_SPLIT
+
+OVER = {"ppo": dict(critic_init="policy", rollout={"n": 2, "max_new_tokens": 4}, mini_batch_size=16),
+        "grpo": dict(rollout={"n": 2, "max_new_tokens": 4}, mini_batch_size=16),
+        "rloo": dict(rollout={"n": 2, "max_new_tokens": 4}, mini_batch_size=16)}
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo", "rloo"])
+def test_every_iteration_logs_and_shows_its_time_split(method, tokenizer, tmp_path, capsys):
+    command = COMMANDS[method]
+    data = base_config(tmp_path, tokenizer, **OVER[method], train={"max_steps": 3, "progress": True})
+    cfg = load_config(command.config_class(), data=data)
+    command.runner()(cfg, SingleProcess())
+
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert all(r[k] >= 0 for k in TIME_SPLIT), r
+    # the phases are consecutive laps of one iteration: together they are nearly all of the wall
+    # time between two logged iterations (the rest is the loop's logging)
+    for prev, cur in zip(rows, rows[1:]):
+        between = cur["time"] - prev["time"]
+        phases = sum(cur[k] for k in TIME_SPLIT)
+        assert phases <= between + 0.01
+        assert phases >= 0.5 * between - 0.05, (phases, between)
+    bar = capsys.readouterr().err  # tqdm's progress line
+    for name in ("rollout=", "score=", "update=", "other="):
+        assert name in bar, bar[-400:]
