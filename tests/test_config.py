@@ -54,7 +54,7 @@ def test_yaml_errors_name_the_file(tmp_path):
     ("dpo", ["dpo.loss_type=foo"], r"dpo\.loss_type: must be one of \['sigmoid', 'cdpo', 'robust', 'ipo', 'hinge'\], got 'foo'"),
     ("dpo", ["train.batch_size=6", "train.micro_batch_size=4"], r"train\.batch_size: 6 is not divisible by "
                                                                 r"micro_batch_size 4"),
-    ("dpo", ["train.resume=maybe"], r"train\.resume: expected true/false, got str 'maybe'"),
+    ("dpo", ["train.resume=maybe"], r"train\.resume: expected true/false or 'auto', got str 'maybe'"),
 ])
 def test_trainer_config_errors_are_located(kind, overrides, match):
     from rlhfkit.registry import COMMANDS
@@ -128,3 +128,79 @@ def test_zero_stage_is_validated(kind, overrides, match):
     cls = COMMANDS[kind].config_class()
     with pytest.raises(ConfigError, match=match):
         load_config(cls, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------# --------------------------------------------------------------------------- numeric fields
+
+@pytest.mark.parametrize("override, match", [
+    ("train.log_every=0", r"train\.log_every: must be >= 1, got 0"),
+    ("train.save_every=-1", r"train\.save_every: must be >= 0, got -1"),
+    ("train.eval_every=-2", r"train\.eval_every: must be >= 0, got -2"),
+    ("train.keep_checkpoints=-1", r"train\.keep_checkpoints: must be >= 0"),
+    ("train.max_bad_steps=-1", r"train\.max_bad_steps: must be >= 0"),
+    ("train.max_bad_steps=0", r"train\.max_bad_steps: must be >= 1"),
+    ("data.limit=-1", r"data\.limit: must be >= 0, got -1"),
+    ("optim.lr=nan", r"optim\.lr: must be a finite number, got nan"),
+    ("optim.lr=.inf", r"optim\.lr: must be a finite number, got inf"),
+    ("optim.lr=inf", r"optim\.lr: must be a finite number, got inf"),
+    ("train.epochs=nan", r"train\.epochs: must be a finite number, got nan"),
+    ("optim.max_grad_norm=-1", r"optim\.max_grad_norm: must be >= 0"),
+    ("optim.weight_decay=-0.1", r"optim\.weight_decay: must be >= 0"),
+    ("optim.adam_beta2=1", r"optim\.adam_beta2: must be in \[0, 1\)"),
+    ("optim.adam_eps=0", r"optim\.adam_eps: must be > 0"),
+    ("model.lora.r=0", r"model\.lora\.r: must be >= 1"),
+    ("model.lora.dropout=1.5", r"model\.lora\.dropout: must be in \[0, 1\)"),
+    ("train.output_dir=", r"train\.output_dir: must name a directory"),
+    ("train.output_dir=' '", r"train\.output_dir: must name a directory"),
+    ("train.seed=-1", r"train\.seed: must be >= 0"),
+    ("train.seed=99999999999", r"train\.seed: must be < 2\*\*32"),
+    ("data.chat_template=no-such-template", r"data\.chat_template: 'no-such-template' is neither"),
+])
+def test_numeric_and_path_fields_are_checked(override, match):
+    """Each of these passed validation and then crashed after the model loaded, trained silently
+    wrong (lr=inf, limit=-1 dropping the last example) or wrote into the current directory."""
+    with pytest.raises(ConfigError, match=match):
+        load_config(SFTConfig, overrides=["data.train=x", override])
+
+
+@pytest.mark.parametrize("kind, override, match", [
+    ("ppo", "train.log_every=0", r"train\.log_every: must be >= 1"),  # PolicyTrainSection overrides validate
+    ("ppo", "train.output_dir=", r"train\.output_dir: must name a directory"),
+    ("ppo", "reward.batch_size=0", r"reward\.batch_size: must be >= 1"),
+    ("ppo", "ptx.max_length=0", r"ptx\.max_length: must be >= 1"),
+    ("ppo", "vf_coef=-1", r"vf_coef: must be >= 0"),
+    ("ppo", "clip_eps=0", r"clip_eps: must be > 0"),
+    ("ppo", "gamma=nan", r"gamma: must be a finite number"),
+    ("ppo", "reward.missing_eos_score=-1", None),  # a score: negative is fine
+    ("ppo", "rollout.micro_batch_size=0", None),  # documented: 0 = all rows at once
+    ("dpo", "sft_first.lr=0", r"sft_first\.lr: must be > 0"),
+    ("online-dpo", "scorer_batch_size=0", r"scorer_batch_size: must be >= 1"),
+    ("pm", "eval_batch_size=0", r"eval_batch_size: must be >= 1"),
+    ("eval", "batch_size=0", r"batch_size: must be >= 1"),
+])
+def test_every_config_class_gets_the_numeric_checks(kind, override, match):
+    from rlhfkit.registry import COMMANDS
+
+    base = {"ppo": ["reward.spec=task:sentiment", "critic_init=policy"], "dpo": ["data.train=x"],
+            "online-dpo": [], "pm": ["data.train=x"], "eval": ["policies=[a]"]}[kind]
+    cls = COMMANDS[kind].config_class()
+    if match is None:
+        load_config(cls, overrides=[*base, override])
+        return
+    with pytest.raises(ConfigError, match=match):
+        load_config(cls, overrides=[*base, override])
+
+
+def test_resume_is_tri_state_and_excludes_overwrite():
+    assert load_config(SFTConfig, overrides=["data.train=x", "train.resume=auto"]).train.resume == "auto"
+    assert load_config(SFTConfig, overrides=["data.train=x", "train.resume=true"]).train.resume is True
+    with pytest.raises(ConfigError, match="choose one of resume .* and overwrite"):
+        load_config(SFTConfig, overrides=["data.train=x", "train.resume=true", "train.overwrite=true"])
+
+
+def test_yaml_syntax_error_is_one_line_with_line_and_column(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  seed: [1,\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, p)
+    assert "\n" not in str(e.value) and "bad.yaml: invalid YAML at line 3, column 1" in str(e.value)

@@ -249,7 +249,7 @@ def test_checkpoints_resume_across_world_sizes(runs, tiny_model_dir):
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2")
     # 2 -> 1 process: the 2-process checkpoint at step 2, finished here
     _finish_on_one_process(runs, tiny_model_dir, "sft-2", "sft-2to1", expect="sft-2")
-    rng = torch.load(runs / "sft-2" / "checkpoints" / "step-00000002" / "rng.pt", weights_only=False)
+    rng = torch.load(runs / "sft-2" / "checkpoints" / "step-00000002" / "rng.pt", weights_only=True)
     assert rng["world_size"] == 2 and len(rng["ranks"]) == 2  # each rank's stream is kept
 
 
@@ -298,7 +298,7 @@ def test_fsdp_checkpoints_resume_across_world_sizes_and_layouts(runs, tiny_model
     _assert_same_weights(runs / "sft-1", runs / "sft-1to2-fsdp")
     # 2 processes, sharded -> 1 process, unsharded: the full, name-keyed state loads into a plain model
     saved = torch.load(runs / "sft-fsdp" / "checkpoints" / "step-00000002" / "optim.pt",
-                       weights_only=False)["optimizer"]
+                       weights_only=True)["optimizer"]
     assert all(isinstance(k, str) for k in saved["state"])  # keyed by parameter name
     _finish_on_one_process(runs, tiny_model_dir, "sft-fsdp", "sft-fsdp-to1", expect="sft-1")
 
@@ -377,7 +377,7 @@ def test_sharded_ppo_checkpoint_resumes_on_one_process(runs, monkeypatch):
     two = runs / "ppo-fsdp"
     ckpt = two / "checkpoints" / "step-00000001"
     assert {p.name for p in ckpt.iterdir()} >= {"actor", "critic", "optim.pt", "trainer_state.json"}
-    optim = torch.load(ckpt / "optim.pt", weights_only=False)
+    optim = torch.load(ckpt / "optim.pt", weights_only=True)
     assert all(isinstance(k, str) for k in optim["actor"]["state"])  # by parameter name: any world size
     resumed = runs / "ppo-fsdp-to1"
     shutil.copytree(two, resumed)
@@ -409,7 +409,7 @@ def test_fsdp_lora_dpo_equals_one_process_and_resumes_on_one(runs, tiny_model_di
     assert abs(_losses(two)[2] - _losses(two)[1]) > 1e-4  # the adapters moved between the two steps
     ckpt = two / "checkpoints" / "step-00000001"
     assert (ckpt / "model" / "adapter_config.json").is_file()
-    assert all(isinstance(k, str) for k in torch.load(ckpt / "optim.pt", weights_only=False)["optimizer"]["state"])
+    assert all(isinstance(k, str) for k in torch.load(ckpt / "optim.pt", weights_only=True)["optimizer"]["state"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     loaded = PeftModel.from_pretrained(base, two / "model")  # peft loads it as is
     live = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
@@ -534,7 +534,7 @@ def test_zero_two_processes_equal_one(runs, stage):
     _assert_same_metrics(runs / "sft-1", run, ["train/loss", "eval/loss"])
     _assert_zero_grad_norms(runs / "sft-1", run)
     _assert_same_weights(runs / "sft-1", run)
-    optim = torch.load(run / "checkpoints" / "step-00000002" / "optim.pt", weights_only=False)["optimizer"]
+    optim = torch.load(run / "checkpoints" / "step-00000002" / "optim.pt", weights_only=True)["optimizer"]
     assert all(isinstance(k, str) for k in optim["state"])  # gathered, keyed by name: any layout resumes it
 
 

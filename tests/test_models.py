@@ -27,15 +27,23 @@ def test_position_ids_and_last_index():
     assert last_token_index(mask).tolist() == [4, 2, 4]
 
 
-def test_resolve_paths(tmp_path):
+def test_resolve_paths(tmp_path, monkeypatch):
+    from rlhfkit.models import loading
+
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model_path(tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_model_path(str(tmp_path / "missing" / "dir"))
     with pytest.raises(FileNotFoundError, match="GGUF"):
         resolve_model_path(str(tmp_path / "x.gguf"))
-    # a hub id is passed through unchanged for from_pretrained to resolve
+    # a hub id not in the cache is passed through unchanged for from_pretrained to download, when
+    # the hub can be reached; without a network it is refused at once (tests/test_errors.py)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(loading, "_reachable", lambda url, timeout=3.0: True)
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setattr(loading, "_reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(FileNotFoundError, match="cannot be reached"):
+        resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_saved_policy_and_reward_model_load_with_auto_classes(tokenizer, tmp_path):

@@ -141,7 +141,7 @@ def _kill_past_checkpoint(cmd, out: Path, min_step: int) -> int:
     ckpt = Checkpointer(out)
     deadline = time.time() + 600  # a loaded machine can be very slow
     while time.time() < deadline and proc.poll() is None:
-        last = ckpt.latest()
+        last = ckpt.latest(verify=False)  # sizes only: polled every 20 ms
         step = int(last.name.split("-")[1]) if last else -1
         if step >= min_step and any(r["step"] > step for r in _metric_rows(out)):
             os.kill(proc.pid, signal.SIGKILL)
@@ -268,18 +268,27 @@ def test_pipeline_sigkill_resumes_at_the_stage_and_step_where_it_stopped(tmp_pat
 
 
 def test_resume_without_a_checkpoint_starts_over_with_one_record_per_step(tmp_path, tiny_model_dir):
-    """Killed before its first checkpoint, a --resume run starts at step 0: the records the killed
-    run wrote are dropped, not followed by a second copy of the same steps."""
+    """Killed before its first checkpoint, a run has nothing to resume: --resume says so, and
+    resume=auto (what pipelines use) starts at step 0, the records the killed run wrote dropped,
+    not followed by a second copy of the same steps."""
     from rlhfkit.config import SFTConfig, load_config
+    from rlhfkit.rundir import RunDirError
     from rlhfkit.trainers.sft import train_sft
 
     out = tmp_path / "run"
     overrides = [f"model.name={tiny_model_dir}", f"data.train={_sft_data(tmp_path)}", "data.eval_fraction=0.1",
                  "data.max_length=64", f"train.output_dir={out}", "train.batch_size=4", "train.micro_batch_size=4",
-                 "train.progress=false"]
-    train_sft(load_config(SFTConfig, overrides=[*overrides, "train.max_steps=3"]))
-    assert [r["step"] for r in _metric_rows(out)] == [0, 1, 2, 3]  # what a run killed at step 4 leaves
-    train_sft(load_config(SFTConfig, overrides=[*overrides, "train.max_steps=5", "train.resume=true"]))
+                 "train.progress=false", "train.max_steps=5"]
+    train_sft(load_config(SFTConfig, overrides=overrides))
+    rows = _metric_rows(out)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 3))
+    import shutil
+
+    shutil.rmtree(out / "model")
+    (out / "sft_results.json").unlink()  # now as a run killed at step 4, before any checkpoint, leaves it
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        train_sft(load_config(SFTConfig, overrides=[*overrides, "train.resume=true"]))
+    train_sft(load_config(SFTConfig, overrides=[*overrides, "train.resume=auto"]))
     assert [r["step"] for r in _metric_rows(out)] == [0, 1, 2, 3, 4, 5]
 
 

@@ -40,7 +40,10 @@ def _add_trainer(sub, name: str, command: Command) -> None:
                        description=f"{command.help}. Trailing key.path=value pairs override the config.")
     p.command = command
     p.add_argument("--config", "-c", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint "
+                   "(refused if there is none, or if the config or data differ: see train.resume_mismatch_ok)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
+                   "deleting its checkpoints, metrics, models and results")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--explain", action="store_true", help="with --print-config: each key's meaning as a comment")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
@@ -73,27 +76,109 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_trainer(name: str, config: str | None, overrides: list[str], resume: bool = False, print_only: bool = False,
-                explain: bool = False):
+                explain: bool = False, overwrite: bool = False):
     """Load and validate ``name``'s config, then run it on the strategy its train section asks for."""
     from rlhfkit.parallel import make_strategy
 
     command = COMMANDS[name]
     if resume:
         overrides = [*overrides, "train.resume=true"]
+    if overwrite:
+        overrides = [*overrides, "train.overwrite=true"]
     cfg = load_config(command.config_class(), config, overrides)
     if print_only:
         import dataclasses
 
         import yaml
 
-        print(explained_yaml(cfg) if explain else yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        print(explained_yaml(cfg) if explain else yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="", flush=True)
         return None
     strategy = make_strategy(cfg.train, getattr(cfg, "model", None))
     return command.runner()(cfg, strategy)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user or OS error (bad config or data, a refused run directory or
+    checkpoint, a missing file, a full or read-only disk, a reward module that does not import)
+    ends with one line on stderr and exit status 2, a run stopped by non-finite updates with 3;
+    RLHFKIT_DEBUG=1 shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    known = (*COMMANDS, "pipeline", "report", "merge", "make-data")
+    command = next((a for a in argv if a in known), "")
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `rlhfkit ... | head`: the reader has what it wanted; end quietly
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print(f"rlhfkit {command}: interrupted".rstrip(), file=sys.stderr)
+        return 130
+    except Exception as e:
+        from rlhfkit.training import TrainingDiverged
+
+        if os.environ.get("RLHFKIT_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(e, TrainingDiverged):
+            print(f"rlhfkit {command}: stopped: {_one_line(e)}", file=sys.stderr)
+            return 3
+        if not _is_user_error(e):
+            raise
+        print(f"rlhfkit {command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors caused by what the user gave or by the machine, not by a bug in rlhfkit: reported in
+    one line. SyntaxError/ImportError come from user code (a reward module) or a broken install;
+    ValueError is how configs, data, reward specs and torch's own argument checks say no."""
+    import yaml
+
+    from rlhfkit.data import DataError
+    from rlhfkit.judges.rewards import RewardFunctionError
+
+    kinds = (ConfigError, DataError, RewardFunctionError, OSError, ValueError, SyntaxError, ImportError,
+             yaml.YAMLError, MemoryError)
+    return isinstance(e, kinds) or type(e).__name__ == "OutOfMemoryError"
+
+
+def _one_line(e: BaseException) -> str:
+    """The exception as one line, with what to do for the common OS errors."""
+    import errno
+
+    import yaml
+
+    if isinstance(e, yaml.YAMLError):
+        from rlhfkit.config.loader import yaml_error_line
+
+        mark = getattr(e, "problem_mark", None)
+        name = getattr(mark, "name", "") if mark is not None else ""
+        text = f"{name}: {yaml_error_line(e)}" if name and not name.startswith("<") else yaml_error_line(e)
+    elif isinstance(e, SyntaxError) and e.filename:
+        text = f"{e.filename}:{e.lineno}: syntax error: {e.msg}"
+    elif isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        if e.errno == errno.ENOSPC:
+            text += " (free some space, then rerun with --resume: the last complete checkpoint is intact)"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            text += " (choose a writable train.output_dir)"
+    elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        text = "out of memory (lower train.micro_batch_size, or enable model.gradient_checkpointing)"
+    else:
+        text = str(e) or type(e).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["make-data"]:  # its own argparse (argparse.REMAINDER drops leading --options)
         from rlhfkit.tasks.build import main as build_main
 
@@ -101,17 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from rlhfkit.data import DataError
-    from rlhfkit.judges.rewards import RewardFunctionError
-    from rlhfkit.training import TrainingDiverged
-
-    # Errors in what the user gave us (config, data, a reward function) and a run stopped for
-    # non-finite updates end with one clear line, not a traceback from inside the trainer.
-    user_errors = (ConfigError, DataError, FileNotFoundError, RewardFunctionError)
-
     if args.command == "report":
         if len(args.runs) > 1 and not args.out:
             parser.error("comparing several runs needs --out FILE")
+        missing = [r for r in args.runs if not os.path.isdir(r)]
+        if missing:
+            raise FileNotFoundError(f"run directory not found: {missing[0]}")
         try:
             from rlhfkit.report import build_report
         except ConfigError as e:  # matplotlib missing
@@ -122,25 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "merge":
         from rlhfkit.models.start import merge_adapter
 
-        try:
-            print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))
-        except (FileNotFoundError, ValueError) as e:
-            print(f"rlhfkit merge: error: {e}", file=sys.stderr)
-            return 2
+        print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))
         return 0
-    try:
-        if args.command == "pipeline":
-            from rlhfkit.pipeline import run_pipeline
+    if args.command == "pipeline":
+        import yaml
 
+        from rlhfkit.config.loader import yaml_error_line
+        from rlhfkit.pipeline import run_pipeline
+
+        try:
             run_pipeline(args.config, args.overrides)
-        else:
-            run_trainer(args.command, args.config, args.overrides, args.resume, args.print_config, args.explain)
-    except user_errors as e:
-        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"rlhfkit {args.command}: stopped: {e}", file=sys.stderr)
-        return 3
+        except yaml.YAMLError as e:  # the pipeline file's own syntax: name the file
+            raise ConfigError(f"{args.config}: {yaml_error_line(e)}") from None
+        return 0
+    run_trainer(args.command, args.config, args.overrides, args.resume, args.print_config, args.explain,
+                args.overwrite)
     return 0
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+log = logging.getLogger("rlhfkit")
 
 
 def to_builtin(v: Any) -> Any:
@@ -39,3 +43,72 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON Lines file; blank lines are skipped."""
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (a directory's entries: a rename is durable once it is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_temp_dir(final: Path) -> Path:
+    """A new hidden sibling ``.NAME.tmp-PID-RANDOM`` of ``final`` with the normal umask permissions
+    (``tempfile.mkdtemp`` makes it 0700, and a rename into place would keep that)."""
+    import secrets
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    return tmp
+
+
+def as_os_error(e: Exception, path: Path) -> Exception:
+    """An OS error as an OSError naming ``path``: safetensors reports a full disk as
+    ``SafetensorError(... (os error 28))``, torch's writer as a RuntimeError raised while it
+    handles the OSError; an OSError without a file name gets ``path``. Anything else is
+    returned unchanged (the same object)."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return e if cause is e and e.filename else OSError(cause.errno, cause.strerror, str(path))
+        m = re.search(r"\(os error (\d+)\)", str(cause))
+        if m:
+            code = int(m.group(1))
+            return OSError(code, os.strerror(code), str(path))
+        cause = cause.__cause__ or cause.__context__
+    return e
+
+
+def read_jsonl_lenient(path: Path) -> list[dict]:
+    """The JSON objects of a jsonl log, skipping lines that do not parse (a record torn by a
+    crash or a full disk), with one warning saying how many."""
+    rows, bad = [], 0
+    if not path.is_file():
+        return rows
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                bad += raw.strip() != b""
+                continue
+            if isinstance(obj, dict):
+                rows.append(obj)
+            else:
+                bad += 1
+    if bad:
+        log.warning("%s: skipped %d damaged line(s) (a record cut short by a crash or a full disk)", path, bad)
+    return rows
+
+
+def rewrite_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a jsonl log with the records ``keep`` accepts, torn lines dropped (atomically)."""
+    if not path.exists():
+        return
+    rows = [r for r in read_jsonl_lenient(path) if keep(r)]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)

@@ -120,7 +120,9 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
             continue
         print(f"[pipeline] stage {i + 1}/{len(stages)} {spec.name} ({spec.kind})", flush=True)
         if hasattr(stage_cfg, "train"):
-            stage_cfg.train.resume = True  # continue an interrupted stage from its latest checkpoint
+            # "auto": continue an interrupted stage from its latest checkpoint, else start it
+            # (true would refuse a stage that has nothing to resume: rlhfkit.rundir)
+            stage_cfg.train.resume = "auto"
             stage_cfg.train.progress = cfg.progress
         t = time.time()
         COMMANDS[spec.kind].runner()(stage_cfg, strategy_for(stage_cfg))

@@ -9,6 +9,8 @@ them as ``file: key.path: problem`` before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import difflib
 import types
 import typing
@@ -22,6 +24,15 @@ from rlhfkit.config.errors import ConfigError
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+def _describe(tp: Any) -> str:
+    """How a type reads in an error message: true/false, 'auto', float..."""
+    if tp is bool:
+        return "true/false"
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    return _type_name(tp)
 
 
 def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
@@ -42,7 +53,7 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
                 return _coerce(value, arg, path, source)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(f"{source}: {path}: expected {' or '.join(_type_name(a) for a in get_args(tp))}, "
+        raise ConfigError(f"{source}: {path}: expected {' or '.join(_describe(a) for a in get_args(tp))}, "
                           f"got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -61,6 +72,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {path}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # nan/inf are never a meaningful setting (an lr of inf even trains)
+            raise ConfigError(f"{source}: {path}: must be a finite number, got {value}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -127,17 +140,79 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Numeric fields, checked in every config class by name (`check_numbers`), so that a trainer's
+# own section gets them without repeating them: no field may be negative but these, ...
+SIGNED_FIELDS = {"missing_eos_score"}  # a score, on the reward's scale
+# ... these counts must be >= 1 (0 would divide by zero, loop forever or train on nothing) ...
+COUNT_FIELDS = {"r", "alpha", "batch_size", "micro_batch_size", "mini_batch_size", "eval_batch_size",
+                "scorer_batch_size", "max_length", "max_prompt_length", "max_new_tokens", "n", "ppo_epochs",
+                "iterations", "prompts_per_iteration", "log_every", "max_bad_steps"}
+ZERO_MEANS_ALL = {("RolloutSection", "micro_batch_size")}  # documented: 0 = all rows at once
+# ... and these must be > 0.
+POSITIVE_FIELDS = {"lr", "adam_eps", "beta", "clip_eps", "clip_eps_high", "horizon"}
+
+
+def check_numbers(section: Any, where: str) -> None:
+    """Reject non-finite numbers anywhere, negative ones (but SIGNED_FIELDS), zero counts and
+    zero rates in one config section (not its sub-sections)."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v}")
+        if v < 0 and f.name not in SIGNED_FIELDS:
+            raise ConfigError(f"{key}: must be >= 0, got {v}")
+        if v == 0 and f.name in COUNT_FIELDS and (type(section).__name__, f.name) not in ZERO_MEANS_ALL:
+            raise ConfigError(f"{key}: must be >= 1, got {v}")
+        if v == 0 and f.name in POSITIVE_FIELDS:
+            raise ConfigError(f"{key}: must be > 0, got {v}")
+
+
 def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
-    """Run every section's ``validate`` (recursively) and the top-level one."""
+    """Run every section's ``validate`` (recursively) and the top-level one, then the generic
+    numeric checks (`check_numbers`). Any section with an ``output_dir`` must name a directory."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             validate(v, f"{prefix}.{f.name}" if prefix else f.name, source)
-    if hasattr(cfg, "validate"):
-        try:
+    try:
+        out = getattr(cfg, "output_dir", None)
+        if isinstance(out, str):
+            where = f"{prefix}.output_dir" if prefix else "output_dir"
+            if not out.strip():
+                raise ConfigError(f"{where}: must name a directory (empty would write into the current one)")
+            if Path(out).exists() and not Path(out).is_dir():
+                raise ConfigError(f"{where}: {out} exists and is not a directory")
+        if hasattr(cfg, "validate"):  # the section's own, more specific messages first
             cfg.validate(prefix or "config")
-        except ConfigError as e:
-            raise type(e)(f"{source}: {e}") from None  # keeps MissingDependency an ImportError
+        check_numbers(cfg, prefix)
+    except ConfigError as e:
+        raise type(e)(f"{source}: {e}") from None  # keeps MissingDependency an ImportError
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a syntax error is one ConfigError line with the file, line and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: {yaml_error_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+
+
+def yaml_error_line(e: Exception) -> str:
+    """PyYAML's multi-line message as one line: ``invalid YAML at line L, column C: problem``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    text = f"{context}, {problem}" if context else problem
+    return f"invalid YAML{where}: {' '.join(str(text).split())}"
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):
@@ -146,12 +221,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     raw: dict = {}
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         raw = loaded
@@ -170,4 +240,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML, whole or not at all (a temporary file renamed over ``path``)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

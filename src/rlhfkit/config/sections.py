@@ -31,6 +31,10 @@ class LoraSection:
     target_modules: Union[str, list] = "all-linear"
     """Layers that get adapters: peft's "all-linear" (every linear layer but the head) or a list of names."""
 
+    def validate(self, where: str) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class ModelSection:
@@ -81,6 +85,11 @@ class OptimSection:
             raise ConfigError(f"{where}.head_lr: must be >= 0 (0 = same as lr), got {self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{where}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"{where}.adam_eps: must be > 0, got {self.adam_eps}")
 
 
 @dataclass
@@ -116,8 +125,15 @@ class TrainSection:
     """Steps between metric records."""
     max_bad_steps: int = 3
     """Consecutive non-finite losses or gradients tolerated (those steps are skipped) before stopping."""
-    resume: bool = False
-    """Continue from the latest complete checkpoint in output_dir."""
+    resume: Union[bool, Literal["auto"]] = False
+    """false: start a new run (refused if output_dir holds one: see overwrite); true: continue the run in
+    output_dir from its latest complete checkpoint (refused if there is none, or if its config or data
+    differ); auto: continue if there is something to continue, else start."""
+    overwrite: bool = False
+    """Start over in an output_dir that holds a run, deleting that run's outputs (checkpoints, metrics,
+    models, results); other files are left alone."""
+    resume_mismatch_ok: bool = False
+    """Continue even though the config or data differ from those the run in output_dir started with."""
     progress: bool = True
     """Show a progress bar."""
     report_to: list[str] = field(default_factory=lambda: ["auto"])
@@ -138,6 +154,11 @@ class TrainSection:
                 f"{where}.batch_size: {self.batch_size} is not divisible by micro_batch_size {self.micro_batch_size}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError(f"{where}.epochs: set epochs > 0 or max_steps > 0")
+        if self.seed >= 2**32:
+            raise ConfigError(f"{where}.seed: must be < 2**32, got {self.seed}")
+        if self.overwrite and self.resume is True:
+            raise ConfigError(f"{where}: choose one of resume (continue the run in output_dir) and overwrite "
+                              "(start over, deleting it)")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{where}.zero_stage: 0 (off), 1 or 2, got {self.zero_stage} (stage 3 is not supported: "
                               "use train.fsdp=true to shard the weights)")
@@ -169,6 +190,9 @@ class DataSection:
     response from the right (counted and reported)."""
     limit: int = 0
     """Use only the first N training examples; 0 = all."""
+    chat_template: str = ""
+    """Chat template for a model whose tokenizer has none (a base model): a Jinja template file or a
+    named one ("chatml"); empty = the tokenizer's own. The trained model's tokenizer keeps it."""
 
     def validate(self, where: str) -> None:
         if not self.train:
@@ -177,6 +201,14 @@ class DataSection:
             raise ConfigError(f"{where}.eval_fraction: must be in [0, 1)")
         if self.max_length < 8:
             raise ConfigError(f"{where}.max_length: must be >= 8")
+        if self.chat_template:
+            from pathlib import Path
+
+            from rlhfkit.data.tokenize import NAMED_TEMPLATES
+
+            if self.chat_template not in NAMED_TEMPLATES and not Path(self.chat_template).is_file():
+                raise ConfigError(f"{where}.chat_template: {self.chat_template!r} is neither a template file nor "
+                                  f"a named template ({', '.join(sorted(NAMED_TEMPLATES))})")
 
 
 # --------------------------------------------------------------------------- policy-gradient sections

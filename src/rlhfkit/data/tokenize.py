@@ -12,6 +12,9 @@ Labelled tokens: the reply content and the end-of-turn token (``<|im_end|>``), s
 learns to stop. Template text *after* the end-of-turn token (ChatML's "\\n") is -100: generation
 stops at the end-of-turn token, so that newline is never sampled; it is a separator that the
 template re-inserts when the conversation continues. The assistant header is prompt (-100).
+
+A tokenizer without a chat template (a base model) gets one from ``data.chat_template``
+(`apply_chat_template`): a Jinja file or a named template (`NAMED_TEMPLATES`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from rlhfkit.data.errors import DataError
@@ -30,6 +34,46 @@ TRUNCATION_MODES = ("error", "left", "right")
 # End-of-turn tokens of common templates; the tokenizer's eos is always included.
 _EOT_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
 _eot_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+# ChatML (<|im_start|>role\n...<|im_end|>\n), the format of SmolLM2, Qwen and many others. Its header
+# ends with a newline, so a reply's first token never merges with it (prefix-stable, see above).
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+NAMED_TEMPLATES = {"chatml": CHATML}
+
+
+class MissingChatTemplate(ValueError):
+    """The tokenizer has no chat template and none was configured (``data.chat_template``)."""
+
+
+def resolve_chat_template(value: str) -> str:
+    """A named template (`NAMED_TEMPLATES`) or the text of a Jinja template file."""
+    if value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.chat_template: {value!r} is neither a template file nor a named template "
+                                f"({', '.join(sorted(NAMED_TEMPLATES))})")
+    return path.read_text()
+
+
+def apply_chat_template(tokenizer, value: str = ""):
+    """Give ``tokenizer`` the chat template ``value`` (a name or a file; "" keeps its own).
+    ``tokenizer.save_pretrained`` then writes it with the model, so later stages find it."""
+    if value:
+        tokenizer.chat_template = resolve_chat_template(value)
+    return tokenizer
+
+
+def require_chat_template(tokenizer) -> None:
+    """Raise `MissingChatTemplate`, naming the config key that fixes it, for a template-less tokenizer."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise MissingChatTemplate(f"{name} has no chat template (a base model?): set data.chat_template to a "
+                                  f"Jinja template file or to one of: {', '.join(sorted(NAMED_TEMPLATES))}")
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -95,6 +139,7 @@ class TruncationStats:
 
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of the chat-template rendering (special tokens come from the template itself)."""
+    require_chat_template(tokenizer)
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                         return_dict=False)
     if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding from older / custom tokenizers
@@ -304,6 +349,7 @@ def tokenize_dataset(tokenizer, examples: Sequence, kind: str, max_length: int, 
     _check_mode(truncation)
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    require_chat_template(tokenizer)  # once, not as a located error on the first record
     examples = list(examples)
     cls = _KINDS[kind][1]
     for i, ex in enumerate(examples):

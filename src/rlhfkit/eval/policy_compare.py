@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Union
 
 import torch
 
@@ -50,8 +51,8 @@ class EvalRunSection:
     """Directory of eval_results.json and the samples."""
     seed: int = 0
     """Sampling seed, the same for every model (common random numbers)."""
-    resume: bool = False
-    """Accepted for the pipeline; an evaluation is always recomputed."""
+    resume: Union[bool, Literal["auto"]] = False
+    """Accepted for the pipeline (true, false or auto); an evaluation is always recomputed."""
     progress: bool = True
     """Show progress."""
 

@@ -20,12 +20,12 @@ import importlib.metadata
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from rlhfkit.config.extras import require
+from rlhfkit.io import as_os_error, make_temp_dir
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,49 @@ def resolve_model_path(name: str | os.PathLike) -> str:
         return os.path.abspath(p)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
-    return s  # a hub id: transformers resolves it (needs network or a populated HF cache)
+    return _resolve_hub_id(s)
+
+
+def _resolve_hub_id(repo_id: str) -> str:
+    """A hub id's cached snapshot directory, or the id itself when the hub is reachable; a
+    FileNotFoundError (one line, what to do) when it is neither: transformers would otherwise
+    retry the network for most of a minute before failing with a long traceback."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not in the cache (or not a valid id): only the network can help
+        pass
+    hint = ("give a local model directory or .gguf file, or the built-in default 'smollm2-135m-instruct'; "
+            "or download it where there is network (huggingface-cli download) and copy the cache")
+    if _offline():
+        raise FileNotFoundError(f"model {repo_id!r}: not a local path and not in the Hugging Face cache, and "
+                                f"HF_HUB_OFFLINE is set: {hint}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if not _reachable(endpoint):
+        raise FileNotFoundError(f"model {repo_id!r}: not a local path, not in the Hugging Face cache, and "
+                                f"{endpoint} cannot be reached: {hint}")
+    return repo_id
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host (or the HTTPS proxy in use) opens within ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if proxy else url)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _is_adapter_dir(path: str) -> bool:
@@ -139,12 +181,16 @@ def _prepare_tokenizer(tok):
     return tok
 
 
-def load_tokenizer(name: str | os.PathLike):
+def load_tokenizer(name: str | os.PathLike, chat_template: str = ""):
+    """The model's tokenizer, with a pad token (`_prepare_tokenizer`) and, when ``chat_template``
+    names one (``data.chat_template``: a Jinja file or "chatml"), that chat template."""
     from transformers import AutoTokenizer
+
+    from rlhfkit.data.tokenize import apply_chat_template
 
     path = resolve_model_path(name)
     tok = AutoTokenizer.from_pretrained(path)
-    return _prepare_tokenizer(tok)
+    return apply_chat_template(_prepare_tokenizer(tok), chat_template)
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -275,14 +321,19 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, extra_f
     end; an existing ``out_dir`` is moved aside first and removed only after the rename succeeded.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)  # the umask's mode, not mkdtemp's 0700
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for fname, text in (extra_files or {}).items():
+                (tmp / fname).write_text(text)
+        except Exception as e:  # a full disk: an OSError naming the directory (safetensors says it otherwise)
+            converted = as_os_error(e, out)
+            if converted is e:
+                raise
+            raise converted from e
         _fsync_dir(tmp)
         old = None
         if out.exists():

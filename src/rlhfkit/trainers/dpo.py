@@ -189,11 +189,13 @@ def _frozen(model):
 
 
 def _precompute_or_load(cfg, out: Path, train, evals, reference, collator, strategy: Strategy) -> None:
-    """Fill REF_KEYS on every example, from ``out/ref_logps.json`` when resuming (the policy has
-    moved by then, so the reference numbers must be the ones computed before step 1)."""
+    """Fill REF_KEYS on every example, from ``out/ref_logps.json`` when it was computed from the
+    same reference, data and settings (`ref_cache_key`), else by computing them (and saving them
+    with their key). The numbers are the starting policy's: computed before any update."""
     path = out / "ref_logps.json"
-    if cfg.train.resume and path.is_file():
-        saved = json.loads(path.read_text())
+    key = ref_cache_key(cfg, train, evals)
+    saved = _read_ref_cache(path, key)
+    if saved is not None:
         for name, exs in (("train", train), ("eval", evals)):
             for ex, (c, r) in zip(exs, saved[name]):
                 ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
@@ -201,8 +203,43 @@ def _precompute_or_load(cfg, out: Path, train, evals, reference, collator, strat
     for exs in (train, evals):
         precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, strategy, cfg.dpo.average)
     if strategy.is_main:
-        write_json_atomic(path, {name: [[ex[k] for k in REF_KEYS] for ex in exs]
-                                 for name, exs in (("train", train), ("eval", evals))})
+        write_json_atomic(path, {"key": key, **{name: [[ex[k] for k in REF_KEYS] for ex in exs]
+                                                for name, exs in (("train", train), ("eval", evals))}})
+
+
+def ref_cache_key(cfg, train: list[dict], evals: list[dict]) -> dict:
+    """What precomputed reference log-probs depend on: the reference model (name and files), how
+    it is run (dtype, LoRA adapters off, summed or averaged log-probs, shared prompts) and the
+    tokenised pairs themselves (a digest of their token ids, train and eval in order)."""
+    import hashlib
+
+    from rlhfkit.rundir import identify
+
+    tokens = hashlib.sha256()
+    for exs in (train, evals):
+        for ex in exs:
+            tokens.update(json.dumps([ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
+        tokens.update(b"|")
+    ref = cfg.dpo.reference or cfg.model.name
+    return {"reference": identify(ref), "policy": identify(cfg.model.name), "dtype": cfg.model.dtype,
+            "lora": cfg.model.lora.enabled, "average_logps": cfg.dpo.average_logps,
+            "share_prompt": cfg.dpo.share_prompt, "pairs": [len(train), len(evals)], "tokens": tokens.hexdigest()}
+
+
+def _read_ref_cache(path: Path, key: dict) -> dict | None:
+    """The saved numbers if ``path`` holds them for ``key``; None (they are recomputed) otherwise."""
+    import logging
+
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)):
+        return saved
+    logging.getLogger("rlhfkit").warning("%s was computed from another reference, data or settings: recomputing", path)
+    return None
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -213,15 +250,16 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 
-    # 0. SFT-then-DPO: the SFT model becomes both the starting policy and the reference.
-    if cfg.sft_first.enabled:
-        sft_model = run_sft_first(cfg, Path(cfg.train.output_dir), strategy)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(sft_model)))
-
-    # 1. Data: validated and tokenised before anything is written or the model loads.
-    tokenizer = load_tokenizer(cfg.model.name)
+    # 1. Data: validated and tokenised before anything is written or the model loads (with the
+    #    starting model's tokenizer, which the SFT stage of sft_first saves unchanged with its model).
+    tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     run = open_run(cfg, desc, strategy)
+
+    # 0. SFT-then-DPO: the SFT model becomes both the starting policy and the reference.
+    if cfg.sft_first.enabled:
+        sft_model = run_sft_first(cfg, run.out, strategy)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(sft_model)))
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.dpo.share_prompt)
 
     # 2. Policy and reference (FSDP: rank 0 reads the weights, the others get their shards from it).

@@ -366,7 +366,7 @@ def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path
     """DPO (or SFT for rsft) on one iteration's data, in ``it_dir``; resumes its own checkpoints."""
     data = DataSection(train=str(data_path), eval_fraction=0.0, max_length=cfg.max_length, truncation="right")
     model = dataclasses.replace(cfg.model, name=current)
-    train = dataclasses.replace(cfg.train, output_dir=str(it_dir), resume=True, eval_every=0, select_best="",
+    train = dataclasses.replace(cfg.train, output_dir=str(it_dir), resume="auto", eval_every=0, select_best="",
                                 early_stopping_patience=0)
     if cfg.mode == "dpo":
         anchor = cfg.model.name if cfg.reference == "initial" else current  # pi_0 or pi_{k-1}

@@ -128,7 +128,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 
     # 1. Data, validated before anything is written or the model loads.
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     run = open_run(cfg, "rm", strategy)
     collator = PreferenceCollator(tokenizer.pad_token_id)

@@ -82,7 +82,7 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 
     # 1. Data: validated and tokenised before anything is written or the model loads.
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_sft_data(cfg, tokenizer)
     run = open_run(cfg, "sft", strategy)
     collator = eval_collator = SFTCollator(tokenizer.pad_token_id)

@@ -1,6 +1,13 @@
-"""Resumable checkpoints: ``out_dir/checkpoints/step-N``, each whole or absent (written to a temporary
-directory, then renamed), holding the trained models, optimizer and scheduler states, every rank's
-RNG state and the trainer's own state.
+"""Resumable checkpoints: ``out_dir/checkpoints/step-N``, each whole or absent, holding the trained
+models, optimizer and scheduler states, every rank's RNG state and the trainer's own state.
+
+A checkpoint is written into a temporary sibling directory, its ``manifest.json`` (every file with
+its size and SHA-256) last; the files and the directory are fsynced, the directory renamed into
+place and its parent fsynced. It counts as complete only if its manifest verifies, so a checkpoint
+cut short, truncated or edited afterwards is skipped (with a warning) in favour of the previous one.
+Nothing in a checkpoint is unpickled into code: the ``.pt`` files load with
+``torch.load(weights_only=True)`` (tensors and plain containers; RNG states are stored as tensors
+and lists, `rlhfkit.rng.plain_rng_state`), the weights are safetensors.
 
 The files have one form whatever the layout that wrote them (the strategy gathers sharded weights
 and optimizer states into full tensors before they reach `Checkpointer.save`), so a run resumes at
@@ -9,36 +16,125 @@ any world size, sharded or not.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import pickle
 import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from rlhfkit.rng import rng_state, set_rng_state, set_seed
+from rlhfkit.io import as_os_error, fsync_path, make_temp_dir
+from rlhfkit.rng import plain_rng_state, set_plain_rng_state, set_seed
+
+log = logging.getLogger("rlhfkit")
 
 CKPT_PREFIX = "step-"
+MANIFEST = "manifest.json"
+RNG_FORMAT = 2  # rng.pt holds plain tensors/lists (`rlhfkit.rng.plain_rng_state`)
+# Fault-injection hook for tests: seconds to sleep between the files of a checkpoint write, so that a
+# kill can land inside one. Unset (0) in normal use.
+_SLEEP_ENV = "RLHFKIT_TEST_CHECKPOINT_SLEEP"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: not loadable safely, or damaged."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(root: Path) -> dict:
+    """``root/manifest.json``: every file under ``root`` with its size and SHA-256."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"files": files, "created": round(time.time(), 3)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_manifest(root: Path, hashes: bool = True) -> str | None:
+    """None if ``root`` is complete (its manifest lists every file with the right size and, with
+    ``hashes``, SHA-256); else the reason it is not."""
+    try:
+        files = json.loads((root / MANIFEST).read_text())["files"]
+        items = list(files.items())
+    except FileNotFoundError:
+        return "no manifest (the write did not finish)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable manifest ({e.__class__.__name__})"
+    for rel, meta in items:
+        p = root / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {meta['size']}"
+        if hashes and sha256_file(p) != meta["sha256"]:
+            return f"{rel} does not match its SHA-256 in the manifest"
+    return None
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not the
+    RuntimeError torch's own writer raises for a short write."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    """Run ``write(tmp)``, add the manifest, fsync, then rename ``tmp`` to ``final``. A failed
+    write (a full disk...) leaves no trace and raises an OSError naming ``final``."""
+    tmp = make_temp_dir(final)
     try:
         write(tmp)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _fault_sleep()
+        write_manifest(tmp)  # last: a checkpoint without one is incomplete
+        for p in [*tmp.rglob("*"), tmp]:
+            fsync_path(p)
         if final.exists():
-            shutil.rmtree(final)
+            discard(final)
         os.replace(tmp, final)
-    except BaseException:
+        fsync_path(final.parent)  # the rename itself survives a power cut
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        converted = as_os_error(e, final) if isinstance(e, Exception) else e
+        if converted is e:
+            raise
+        raise converted from e
     return final
+
+
+def _fault_sleep() -> None:
+    delay = float(os.environ.get(_SLEEP_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def discard(path: Path) -> None:
+    """Delete a directory by renaming it to a temporary name first: a kill during the deletion
+    leaves a leftover that `remove_leftovers` clears, never a half-deleted checkpoint in place."""
+    doomed = path.with_name(f".{path.name}.tmp-del-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Delete temporary files and directories left by writes that were killed; returns their names."""
+    found = sorted(root.glob(".*.tmp-*")) if root.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return [p.name for p in found]
 
 
 class Checkpointer:
@@ -68,8 +164,11 @@ class Checkpointer:
                 model.save_pretrained(tmp / name, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
-            torch.save(optimizer_states, tmp / "optim.pt")
-            torch.save(rng, tmp / "rng.pt")
+                _fault_sleep()
+            _torch_save(optimizer_states, tmp / "optim.pt")
+            _fault_sleep()
+            _torch_save(rng, tmp / "rng.pt")
+            _fault_sleep()
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
 
         path = _atomic_dir_write(self.root / f"{CKPT_PREFIX}{step:08d}", write)
@@ -77,42 +176,70 @@ class Checkpointer:
         return path
 
     def all(self) -> list[Path]:
+        """Checkpoint directories that have a manifest, oldest first (not verified: see `latest`)."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir()
-                      if p.name.startswith(CKPT_PREFIX) and (p / "trainer_state.json").is_file())
+        return sorted(p for p in self.root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / MANIFEST).is_file())
 
-    def latest(self) -> Path | None:
-        ckpts = self.all()
-        return ckpts[-1] if ckpts else None
+    def latest(self, verify: bool = True) -> Path | None:
+        """The newest complete checkpoint: its manifest verifies (sizes and, with ``verify``,
+        SHA-256). Each newer one that does not is skipped with a warning naming what is wrong."""
+        if not self.root.is_dir():
+            return None
+        for p in sorted((p for p in self.root.iterdir() if p.name.startswith(CKPT_PREFIX)), reverse=True):
+            problem = verify_manifest(p, hashes=verify)
+            if problem is None:
+                return p
+            log.warning("skipping checkpoint %s: %s", p, problem)
+        return None
 
     def _prune(self) -> None:
         for p in self.all()[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
-        for p in self.root.glob(".*.tmp-*"):  # leftovers of a write that was killed
-            shutil.rmtree(p, ignore_errors=True)
+            discard(p)
+        remove_leftovers(self.root)
 
     @staticmethod
     def load(path: Path) -> tuple[dict[str, dict], dict, dict]:
-        """(optimizer states by name, saved RNG states, trainer_state.json) of checkpoint ``path``."""
-        opt_states = torch.load(path / "optim.pt", weights_only=False)
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        state = json.loads((path / "trainer_state.json").read_text())
+        """(optimizer states by name, saved RNG states, trainer_state.json) of checkpoint ``path``.
+        Raises `CheckpointError` for a file that is not plain tensor data (it is never executed)."""
+        opt_states = safe_load(path / "optim.pt")
+        rng = safe_load(path / "rng.pt")
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            int(state["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({e.__class__.__name__}: {e})") from None
         return opt_states, rng, state
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load`` of tensors and plain containers only: anything else (a pickled object that
+    would run code when loaded) is refused with a `CheckpointError`, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = " ".join(str(e).split())
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain data (possibly code; "
+            f"torch.load weights_only said: {reason[:160]})") from None
+    except (RuntimeError, EOFError) as e:  # a damaged file
+        raise CheckpointError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
 
 
 def gather_rng_states(strategy) -> dict:
     """Every rank's RNG state, gathered on all ranks: ``{"world_size": W, "ranks": [state_0, ...]}``."""
-    return {"world_size": strategy.world_size, "ranks": strategy.gather_objects([rng_state()])}
+    return {"format": RNG_FORMAT, "world_size": strategy.world_size,
+            "ranks": strategy.gather_objects([plain_rng_state()])}
 
 
 def restore_rng(saved: dict, step: int, rank: int) -> None:
     """This rank's saved RNG state. Resumed on more processes than were saved, a new rank gets a
     fresh stream seeded from (step, rank): the run continues, but not bit for bit."""
-    if "ranks" not in saved:  # one state for everyone
-        set_rng_state(saved)
-    elif rank < len(saved["ranks"]):
-        set_rng_state(saved["ranks"][rank])
+    if not isinstance(saved, dict) or saved.get("format") != RNG_FORMAT:
+        raise CheckpointError("rng.pt: not in this version's format (tensors and lists); the checkpoint was "
+                              "written by an older rlhfkit and cannot be resumed safely")
+    if rank < len(saved["ranks"]):
+        set_plain_rng_state(saved["ranks"][rank])
     else:
         set_seed(1_000_003 * step + rank)
 

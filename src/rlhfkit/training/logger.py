@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.io import to_builtin
+from rlhfkit.io import rewrite_jsonl, to_builtin
 from rlhfkit.training.trackers import finish_trackers, log_scalars, log_text, start_trackers
 
 
@@ -89,9 +89,6 @@ class RunLogger:
 def _truncate_after(path: Path, step: int) -> None:
     """On resume, drop the records a file got after the checkpoint the run resumed from. A run
     starting at step 0 (killed before its first checkpoint, or rerun in place) drops them all: it
-    logs every step, step 0's evaluation included, again."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and step > 0 and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(k + "\n" for k in keep))
+    logs every step, step 0's evaluation included, again. A line torn by a crash or a full disk is
+    dropped, not a JSONDecodeError (`rlhfkit.io.rewrite_jsonl`)."""
+    rewrite_jsonl(path, lambda r: step > 0 and r.get("step", 0) <= step)

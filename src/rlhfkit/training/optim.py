@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-from transformers import get_scheduler
 
 from rlhfkit.models.heads import backbone_and_head
 
@@ -26,7 +26,7 @@ def build_optimizer(model: torch.nn.Module, optim, extra_groups: list[dict] | No
     if getattr(optim, "head_lr", 0.0):
         try:
             head_ids = {id(p) for p in backbone_and_head(model)[1].parameters()}
-        except TypeError:  # a causal LM: no scalar head, head_lr does not apply
+        except (TypeError, AttributeError):  # a causal LM: no scalar head, head_lr does not apply
             head_ids = set()
     decay, no_decay, head = [], [], []
     for name, p in model.named_parameters():
@@ -50,9 +50,24 @@ def build_optimizer(model: torch.nn.Module, optim, extra_groups: list[dict] | No
 
 
 def build_scheduler(optimizer, optim, total_steps: int):
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[optim.schedule]
+    """Linear warmup over ``ceil(warmup_ratio * total_steps)`` optimizer steps, then cosine, linear or
+    constant. As transformers' schedules, but the warmup counts optimizer steps from 1: step k of W
+    runs at lr * k / W (transformers' runs step 1 at lr 0, an update that changes nothing)."""
     warmup = int(math.ceil(optim.warmup_ratio * total_steps))
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, schedule=optim.schedule, warmup=warmup, total=max(total_steps, 1)))
+
+
+def lr_factor(done: int, schedule: str, warmup: int, total: int) -> float:
+    """Multiplier of the base lr for the optimizer step that follows ``done`` completed ones."""
+    if done < warmup:
+        return (done + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (done - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 @dataclass

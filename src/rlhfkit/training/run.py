@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import dump_config, to_dict
+from rlhfkit.config import to_dict
 from rlhfkit.io import write_json_atomic
+from rlhfkit.rundir import open_run as open_rundir
 from rlhfkit.training.logger import RunLogger
 from rlhfkit.training.optim import StepGuard
 
@@ -39,14 +40,13 @@ class Run:
 
 
 def open_run(cfg, kind: str, strategy) -> Run:
-    """Start a trainer's run: seed every generator with ``train.seed`` (`Strategy.start`) and create
-    the output directory with the resolved config (main process). Call it after validation."""
+    """Start a trainer's run: decide start / continue for ``train.output_dir`` and refuse a used
+    directory, nothing to resume or a different config or data (`rlhfkit.rundir.open_run`, which
+    also writes ``{kind}_config.yaml`` and the run's fingerprint), then seed every generator with
+    ``train.seed`` (`Strategy.start`). Call it after validation: nothing is written before."""
+    rundir = open_rundir(cfg, kind, is_main=strategy.is_main)
     strategy.start(cfg.train.seed)
-    out = Path(cfg.train.output_dir)
-    if strategy.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / f"{kind}_config.yaml")
-    return Run(kind, out, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps), config=to_dict(cfg))
+    return Run(kind, rundir.path, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps), config=to_dict(cfg))
 
 
 def finish(run: Run, models: dict[str, Any], tokenizer, metrics: dict, **results: Any) -> None:

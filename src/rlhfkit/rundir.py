@@ -1,0 +1,392 @@
+"""Run directories: one run per directory, continued only by the same run.
+
+A run of kind K (sft, rm, dpo, ...) in ``train.output_dir`` leaves ``K_config.yaml`` (the config
+it ran with), ``K_run.json`` (its fingerprint), checkpoints, metrics, results and models.
+The fingerprint is the resolved config minus `RESUMABLE_KEYS` (settings that may change between
+a run and its continuation) and the identity of its inputs (`identify`: data files by size and
+SHA-256, model directories file by file).
+
+`open_run` takes the decisions before a trainer writes anything, and refuses with one line
+(`RunDirError`, exit status 2 from the CLI):
+
+    train.resume  false  start; refused if the directory holds a run (a checkpoint, a model,
+                         results) unless train.overwrite, which first deletes its outputs
+                  true   continue from the latest complete checkpoint; refused if there is none,
+                         or if the config or data differ (unless train.resume_mismatch_ok)
+                  auto   continue if there is something to continue, else start (pipelines)
+
+    run = open_run(cfg, "sft", is_main=strategy.is_main)   # after the config and data are validated
+    run.path, run.resuming, run.checkpoint
+
+`rlhfkit.training.open_run` calls it for every trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.config import ConfigError, dump_config, to_dict
+
+log = logging.getLogger("rlhfkit")
+
+RECORD_VERSION = 1
+# Config keys left out of the fingerprint: how the run is driven, logged, checkpointed and laid
+# out over processes, none of which changes the numbers it computes (micro_batch_size only
+# splits the same global batch; a checkpoint resumes on any FSDP / ZeRO / DDP layout).
+RESUMABLE_KEYS = {
+    "train.resume", "train.overwrite", "train.resume_mismatch_ok", "train.progress", "train.output_dir",
+    "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.fsdp",
+    "train.zero_stage", "train.micro_batch_size", "model.gradient_checkpointing", "train.select_best_mode",
+}
+# The run's length may change on resume (to continue a finished run for longer, or end it sooner):
+# said in a warning, not refused; the learning-rate schedule then follows the new length.
+LENGTH_KEYS = {"train.max_steps", "train.epochs"}
+# Inputs compared by content rather than by the string in the config (a moved file is the same data).
+DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "ptx.data")
+# Models identified by their files as well as by name (a directory retrained in place is another model).
+MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec")
+# What `train.overwrite` deletes: every output a trainer writes into its run directory, nothing else.
+RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "metrics.jsonl", "samples.jsonl", "samples-*.jsonl",
+               "ref_logps.json", "best", "*_results.json", "*_config.yaml", "*_run.json", "sft", "iter-*", "pm_data",
+               "DONE", "report.html", ".*.tmp-*", ".*.old-*")
+# Stages that a run of this kind nests in sub-directories (progress to continue, like a checkpoint).
+NESTED = {"dpo": ("sft",), "online_dpo": ("iter-*",)}
+_FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones are sampled
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used as asked (one line, naming the directory and the way out)."""
+
+
+@dataclass
+class RunDir:
+    path: Path
+    kind: str
+    resuming: bool  # continuing the run found in `path` (from `checkpoint`, or its nested stages)
+    checkpoint: Path | None = None  # the latest complete checkpoint, when there is one to continue from
+    record: dict = field(default_factory=dict)  # the fingerprint (what K_run.json holds)
+    removed: list[str] = field(default_factory=list)  # what train.overwrite deleted
+
+
+# --------------------------------------------------------------------------- the decision
+
+def open_run(cfg: Any, kind: str, *, is_main: bool = True, sources: dict[str, str] | None = None) -> RunDir:
+    """Decide start / continue for ``cfg.train.output_dir`` (refusing as the module docstring
+    says), then on the main process delete an overwritten run's outputs and temporary leftovers,
+    and write ``K_config.yaml`` and ``K_run.json``. Call it once the config and data are
+    validated and before anything else is written. Every rank takes the same decision.
+
+    ``sources``: name -> data/model spec whose identity is fingerprinted (default:
+    `default_sources(cfg)`). The decision is written back into ``cfg.train`` (resume: False
+    when starting, "auto" when continuing; overwrite: False), so that stages nested in this run
+    (DPO's sft_first, pm's SFT, online DPO's iterations) continue or start as their own
+    directories say and never delete what this run has written.
+    """
+    run = plan_run(cfg, kind, sources=sources)
+    if is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if cfg.train.overwrite:
+            run.removed = clear_run(run.path)
+            if run.removed:
+                log.warning("train.overwrite: deleted %s from %s", ", ".join(run.removed), run.path)
+        for name in remove_leftovers(run.path):
+            log.info("removed %s, left by an interrupted write", name)
+        dump_config(cfg, run.path / f"{kind}_config.yaml")
+        _write_json(run.path / f"{kind}_run.json", run.record)
+    cfg.train.resume = "auto" if run.resuming else False
+    cfg.train.overwrite = False
+    return run
+
+
+def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> RunDir:
+    """`open_run`'s decision alone: no file is written. Raises `RunDirError`."""
+    train = cfg.train
+    path = Path(train.output_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"train.output_dir: {path} exists and is not a directory")
+    _check_writable(path)
+    record = fingerprint(cfg, kind, sources if sources is not None else default_sources(cfg))
+    if train.overwrite:
+        if train.resume is True:
+            raise RunDirError("train.resume and train.overwrite: choose one (continue the run, or delete it)")
+        return RunDir(path, kind, resuming=False, record=record)
+    from rlhfkit.training.checkpoint import Checkpointer
+
+    checkpoint = Checkpointer(path).latest() if path.is_dir() else None
+    nested = _nested_progress(path, kind)
+    used = _outputs(path)
+    if train.resume is False:
+        if used or checkpoint is not None:
+            raise RunDirError(f"{path} holds a previous run ({', '.join(used)}): continue it with --resume "
+                              "(train.resume=true) or replace it with --overwrite (train.overwrite=true)")
+        return RunDir(path, kind, resuming=False, record=record)
+    if checkpoint is None and not nested:
+        if train.resume is True:
+            what = "complete checkpoint" if (path / "checkpoints").is_dir() else "checkpoint"
+            raise RunDirError(f"nothing to resume in {path}: no {what} there (start without --resume, or set "
+                              "train.resume=auto to continue only when there is something to continue)")
+        if not used:
+            return RunDir(path, kind, resuming=False, record=record)
+    _check_same_run(path, kind, record, train.resume_mismatch_ok)
+    return RunDir(path, kind, resuming=True, checkpoint=checkpoint, record=_merged_record(path, kind, record))
+
+
+def _check_writable(path: Path) -> None:
+    """Fail early, naming the key, when the run directory cannot be created or written."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RunDirError(f"train.output_dir: {path}: {probe} is a file, not a directory")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(f"train.output_dir: {path}: {probe} is not writable (permission denied or read-only)")
+
+
+def _outputs(path: Path) -> list[str]:
+    """What in ``path`` shows that a run was there: checkpoints, models, results, nested stages."""
+    if not path.is_dir():
+        return []
+    found = []
+    ck = path / "checkpoints"
+    if ck.is_dir() and any(p.name.startswith("step-") for p in ck.iterdir()):
+        found.append("checkpoints/")
+    for name in ("model", "critic", "best"):
+        if (path / name).exists() or (path / name).is_symlink():
+            found.append(f"{name}/")
+    found += sorted(p.name for p in path.glob("*_results.json"))
+    found += sorted(f"{p.name}/" for pattern in {"sft", "iter-*"} for p in path.glob(pattern) if p.is_dir())
+    return found
+
+
+def _nested_progress(path: Path, kind: str) -> list[str]:
+    return sorted(p.name for pattern in NESTED.get(kind, ()) for p in path.glob(pattern)
+                  if p.is_dir() and any(p.iterdir()))
+
+
+def clear_run(path: Path) -> list[str]:
+    """Delete a run's outputs (`RUN_OUTPUTS`) from ``path``; returns what was deleted."""
+    removed = []
+    for pattern in RUN_OUTPUTS:
+        for p in sorted(path.glob(pattern)):
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+            else:
+                continue
+            removed.append(p.name)
+    return removed
+
+
+def remove_leftovers(path: Path) -> list[str]:
+    """Temporary files and directories of writes that were killed (checkpoints, models, json)."""
+    from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
+
+    found = []
+    for root in (path, path / "checkpoints"):
+        found += remove_tmp(root)
+    for p in sorted(path.glob(".*.old-*")) if path.is_dir() else []:  # a model moved aside, replaced
+        shutil.rmtree(p, ignore_errors=True)
+        found.append(p.name)
+    return found
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """The config as ``{"section.key": value}``, without `RESUMABLE_KEYS` and `DATA_KEYS`."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                walk(v, f"{key}.")
+            elif key not in RESUMABLE_KEYS and key not in DATA_KEYS:
+                out[key] = v
+
+    walk(to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg), "")
+    return out
+
+
+def default_sources(cfg: Any) -> dict[str, str]:
+    """The data and model specs of ``cfg`` whose identity is fingerprinted (`DATA_KEYS`, `MODEL_KEYS`)."""
+    flat = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return {k: flat[k] for k in (*DATA_KEYS, *MODEL_KEYS) if isinstance(flat.get(k), str) and flat[k]}
+
+
+def fingerprint(cfg: Any, kind: str, sources: dict[str, str]) -> dict:
+    config = flat_config(cfg)
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return {"version": RECORD_VERSION, "kind": kind, "created": round(time.time(), 3),
+            "config_sha256": hashlib.sha256(blob).hexdigest(), "config": config,
+            "sources": {name: identify(spec) for name, spec in sorted(sources.items())}}
+
+
+def identify(spec: str) -> dict:
+    """The identity of a data or model spec: files by size and digest, directories file by file
+    (a run directory by its ``model/``), ``task:NAME`` by its shipped data, anything else
+    (a hub id, ``hf:`` data, a named template, a Python reward) by its name."""
+    path = _local_path(spec)
+    if path is None:
+        return {"spec": spec}
+    if path.is_file():
+        return {"spec": spec, "path": str(path.resolve()), "size": path.stat().st_size, "digest": file_digest(path)}
+    files = {rel: {"size": p.stat().st_size, "digest": file_digest(p)} for rel, p in _files(path, depth=2)}
+    return {"spec": spec, "path": str(path.resolve()), "files": files}
+
+
+def _files(root: Path, depth: int) -> list[tuple[str, Path]]:
+    """(relative name, path) of the files in ``root`` and its sub-directories down to ``depth``
+    levels, hidden ones (temporary writes) left out."""
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            out.append((p.name, p))
+        elif p.is_dir() and depth > 1:
+            out += [(f"{p.name}/{rel}", q) for rel, q in _files(p, depth - 1)]
+    return out
+
+
+def _local_path(spec: str) -> Path | None:
+    if spec.startswith("task:"):
+        from rlhfkit.data.sources import task_data_dir
+
+        name, _, fname = spec[len("task:"):].partition("/")
+        p = task_data_dir(name) / fname if fname else task_data_dir(name)
+        return p if p.exists() else None
+    if spec.startswith("rm:"):
+        spec = spec[3:]
+    elif spec.count(":") == 1 and spec.split(":")[0].endswith(".py"):  # file.py:function
+        spec = spec.split(":")[0]
+    p = Path(spec).expanduser()
+    if not p.exists():
+        return None
+    if p.is_dir() and (p / "model").is_dir() and not (p / "config.json").is_file():
+        p = p / "model"  # a run directory named for its model (rm:RUN_DIR)
+    return p
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:HEX`` of the whole file up to 64 MiB; above that ``sampled-sha256:HEX`` of its size,
+    first and last 4 MiB and 32 blocks of 256 KiB spread evenly between (model weights: a retrained
+    model differs almost everywhere, and reading 12 MiB of a 500 MiB file is cheap)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_BYTES:
+            while block := f.read(1 << 20):
+                h.update(block)
+            return f"sha256:{h.hexdigest()}"
+        h.update(str(size).encode())
+        edge, block = 4 << 20, 256 << 10
+        offsets = [0, *(edge + i * (size - 2 * edge - block) // 31 for i in range(32)), size - edge]
+        for off in offsets:
+            f.seek(off)
+            h.update(f.read(edge if off in (0, size - edge) else block))
+    return f"sampled-sha256:{h.hexdigest()}"
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, one short phrase each."""
+    diffs = []
+    oc, nc = old.get("config", {}), new.get("config", {})
+    for key in sorted(set(oc) | set(nc)):
+        if oc.get(key, "<unset>") != nc.get(key, "<unset>"):
+            diffs.append(f"{key} {_short(oc.get(key, '<unset>'))} -> {_short(nc.get(key, '<unset>'))}")
+    os_, ns = old.get("sources", {}), new.get("sources", {})
+    for key in sorted(set(os_) | set(ns)):
+        a, b = os_.get(key), ns.get(key)
+        if a is None or b is None:
+            diffs.append(f"{key} {'added' if a is None else 'removed'}")
+        elif _content(a) != _content(b):
+            sizes = f" (size {a['size']} -> {b['size']})" if "size" in a and "size" in b and a["size"] != b["size"] else ""
+            diffs.append(f"{key} content differs{sizes}" if "path" in a and "path" in b else
+                         f"{key} {_short(a['spec'])} -> {_short(b['spec'])}")
+    return diffs
+
+
+def _content(ident: dict) -> Any:
+    if "digest" in ident:
+        return ident["digest"]
+    if "files" in ident:
+        return ident["files"]
+    return ident["spec"]
+
+
+def _short(v: Any, n: int = 40) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, str) else v
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool) -> None:
+    saved_path = path / f"{kind}_run.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except FileNotFoundError:
+        saved = None
+    except (OSError, ValueError):
+        saved = {}
+    if saved is None or not isinstance(saved, dict) or "config" not in saved:
+        if mismatch_ok:
+            return
+        why = "no" if saved is None else "an unreadable"
+        raise RunDirError(f"{path} has {why} record of a {kind} run ({saved_path.name}): it was not started by "
+                          f"`rlhfkit {kind.replace('_', '-')}`, or by an older version; set "
+                          "train.resume_mismatch_ok=true to continue it anyway, or train.overwrite=true to start over")
+    diffs = differences(saved, record)
+    length = [d for d in diffs if d.split(" ", 1)[0] in LENGTH_KEYS]
+    diffs = [d for d in diffs if d not in length]
+    if diffs and not mismatch_ok:
+        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise RunDirError(f"cannot resume {path}: this run differs from the one there: {'; '.join(diffs[:3])}{more}; "
+                          "set train.resume_mismatch_ok=true to continue anyway, or train.overwrite=true to start over")
+    if length:
+        log.warning("continuing %s with another length (%s): the learning-rate schedule follows the new length",
+                    path, "; ".join(length))
+    if diffs:
+        log.warning("continuing %s although the run differs (train.resume_mismatch_ok): %s", path, "; ".join(diffs))
+
+
+def _merged_record(path: Path, kind: str, record: dict) -> dict:
+    """The record to keep when continuing: the new fingerprint, with the history of continuations
+    that were allowed to differ (train.resume_mismatch_ok)."""
+    try:
+        saved = json.loads((path / f"{kind}_run.json").read_text())
+    except (OSError, ValueError):
+        return record
+    if not isinstance(saved, dict):
+        return record
+    history = list(saved.get("history", []))
+    diffs = differences(saved, record) if "config" in saved else ["no earlier record"]
+    if diffs:
+        history.append({"time": record["created"], "differences": diffs})
+    return {**record, "created": saved.get("created", record["created"]), "history": history}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,168 @@
+"""User errors end in one line on stderr and exit status 2, with no traceback (RLHFKIT_DEBUG=1
+shows it): broken YAML, a missing run, an unreachable model, a model without a chat template, a
+reward module that does not import, a closed pipe. And the fixes that go with them: a chat
+template from the config, DPO's reference cache keyed by what it was computed from, DPO's
+truncation summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from test_reliability import _cli, _sft_args, _sft_data
+
+RLHFKIT = [sys.executable, "-m", "rlhfkit.cli"]
+
+
+def _run(argv, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*RLHFKIT, *argv], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def _one_error_line(err: str, command: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "real_accelerator.py" not in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"rlhfkit {command}: error: "), err
+    return lines[0]
+
+
+def test_broken_pipeline_yaml_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("output_dir: runs/x\nstages:\n  - name: sft\n    kind: [sft\n")
+    code, line = _cli(capsys, ["pipeline", "-c", str(bad)])
+    assert code == 2 and line == (f"rlhfkit pipeline: error: {bad}: invalid YAML at line 5, column 1: while parsing "
+                                  "a flow sequence, expected ',' or ']', but got '<stream end>'"), line
+
+
+def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
+    code, line = _cli(capsys, ["report", str(tmp_path / "nonexistent")])
+    assert code == 2 and line == f"rlhfkit report: error: run directory not found: {tmp_path / 'nonexistent'}"
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, line = _cli(capsys, _sft_args(tiny_model_dir, _sft_data(tmp_path / "d.jsonl"), tmp_path / "afile"))
+    assert code == 2 and "train.output_dir: " in line and "is not a directory" in line, line
+    code, line = _cli(capsys, _sft_args(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "afile" / "run"))
+    assert code == 2 and "is a file, not a directory" in line, line
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_unreachable_model_fails_fast_in_one_line(tmp_path, offline):
+    """Neither a local path nor in the Hugging Face cache, with no network: said at once, not
+    after a minute of retries and a long traceback."""
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1" if offline else "0", "HF_ENDPOINT": "https://127.0.0.1:9"}  # nothing listens
+    data = _sft_data(tmp_path / "d.jsonl")
+    t0 = time.time()
+    res = _run(_sft_args("someorg/some-model", data, tmp_path / "run"), env=env)
+    line = _one_error_line(res.stderr, "sft")
+    assert res.returncode == 2 and time.time() - t0 < 60
+    assert "model 'someorg/some-model': not a local path" in line and "smollm2-135m-instruct" in line
+    assert ("HF_HUB_OFFLINE is set" if offline else "https://127.0.0.1:9 cannot be reached") in line
+    assert not (tmp_path / "run").exists()
+
+
+def _templateless_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "chat_template.jinja").unlink()
+    return dst
+
+
+def test_a_model_without_chat_template_names_the_key_and_the_key_fixes_it(tmp_path, tiny_model_dir, capsys):
+    model = _templateless_model(tiny_model_dir, tmp_path / "base")
+    data = _sft_data(tmp_path / "d.jsonl")
+    code, line = _cli(capsys, _sft_args(model, data, tmp_path / "run"))
+    assert code == 2 and "has no chat template" in line and "set data.chat_template" in line, line
+    assert not (tmp_path / "run").exists()
+    code, _ = _cli(capsys, _sft_args(model, data, tmp_path / "run", "data.chat_template=chatml"))
+    assert code == 0
+    from rlhfkit.data.tokenize import CHATML
+    from rlhfkit.models import load_tokenizer
+
+    assert load_tokenizer(tmp_path / "run" / "model").chat_template == CHATML  # later stages find it
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text(CHATML.replace("<|im_start|>assistant", "<|im_start|>assistant"))
+    assert _cli(capsys, _sft_args(model, data, tmp_path / "run2", f"data.chat_template={jinja}"))[0] == 0
+
+
+def test_a_reward_module_with_a_syntax_error_is_one_line(tmp_path, tokenizer, capsys):
+    from pg_utils import tiny_policy_dir, write_prompts
+
+    bad = tmp_path / "reward.py"
+    bad.write_text("def score(prompts, responses):\n    return [1.0 for r in responses\n")
+    code, line = _cli(capsys, ["grpo", f"model.name={tiny_policy_dir(tokenizer, tmp_path / 'policy')}",
+                               f"prompts.train={write_prompts(tmp_path / 'p.jsonl')}", f"reward.spec={bad}:score",
+                               f"train.output_dir={tmp_path / 'run'}", "rollout.n=2", "train.batch_size=2",
+                               "mini_batch_size=4", "train.max_steps=1", "train.progress=false"])
+    assert code == 2 and line.startswith("rlhfkit grpo: error: ") and f"syntax error in {bad}:2" in line, line
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from rlhfkit.cli import main
+
+    monkeypatch.setenv("RLHFKIT_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["report", str(tmp_path / "nonexistent")])
+
+
+def test_print_config_into_a_closed_pipe_is_quiet(tmp_path):
+    cmd = [*RLHFKIT, "dpo", "--print-config", "data.train=x.jsonl"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` exiting before reading
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# --------------------------------------------------------------------------- DPO
+
+def _pairs(path: Path, n: int, word: str) -> Path:
+    rows = [{"prompt": f"Do you like {word} number {i}?", "chosen": " ".join(["yes"] * (1 + i % 3)),
+             "rejected": " ".join(["no"] * (1 + i % 2))} for i in range(n)]
+    return write_jsonl(path, rows)
+
+
+def _dpo_args(model_dir, data, out, *extra):
+    return ["dpo", f"model.name={model_dir}", f"data.train={data}", "data.eval_fraction=0", "data.max_length=64",
+            f"train.output_dir={out}", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2",
+            "train.save_every=1", "train.progress=false", "dpo.precompute_ref_logps=true", *extra]
+
+
+def test_dpo_reference_cache_is_keyed_by_what_it_was_computed_from(tmp_path, tiny_model_dir, capsys):
+    """Continued on other pairs (allowed explicitly), the precomputed reference log-probs are
+    recomputed for them instead of silently reusing the old pairs' numbers (same count) or
+    failing (another count)."""
+    a, b, c = _pairs(tmp_path / "a.jsonl", 8, "apples"), _pairs(tmp_path / "b.jsonl", 8, "rivers"), \
+        _pairs(tmp_path / "c.jsonl", 12, "stones")
+    assert _cli(capsys, _dpo_args(tiny_model_dir, b, tmp_path / "b"))[0] == 0  # the right numbers for b
+    expect = json.loads((tmp_path / "b" / "ref_logps.json").read_text())["train"]
+    out = tmp_path / "run"
+    assert _cli(capsys, _dpo_args(tiny_model_dir, a, out))[0] == 0
+    first = json.loads((out / "ref_logps.json").read_text())["train"]
+    assert first != expect
+    for data, steps in ((b, 3), (c, 4)):
+        code, line = _cli(capsys, ["dpo", "--resume", *_dpo_args(tiny_model_dir, data, out)[1:],
+                                   f"train.max_steps={steps}", "train.resume_mismatch_ok=true"])
+        assert code == 0, line
+        if data is b:
+            assert json.loads((out / "ref_logps.json").read_text())["train"] == expect
+        else:
+            assert len(json.loads((out / "ref_logps.json").read_text())["train"]) == 12
+
+
+def test_dpo_prints_its_truncation_summary(tmp_path, tiny_model_dir, capsys):
+    long = write_jsonl(tmp_path / "long.jsonl", [
+        {"prompt": "word " * 40 + str(i), "chosen": "yes " * 30, "rejected": "no"} for i in range(8)])
+    from rlhfkit.cli import main
+
+    assert main(_dpo_args(tiny_model_dir, long, tmp_path / "run", "data.truncation=right", "data.max_length=32")) == 0
+    assert "[dpo] train truncation (max_length 32): " in capsys.readouterr().out

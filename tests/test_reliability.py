@@ -1,0 +1,318 @@
+"""Trustworthy runs: no code runs from a checkpoint, a checkpoint counts only when its manifest
+verifies, a run directory is continued only by the same run, caches are keyed by what they were
+computed from, and every user error is one line with exit status 2 before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_jsonl
+
+
+def _sft_data(path: Path, n: int = 16, shift: int = 0) -> Path:
+    rows = [{"prompt": f"Count to {i + shift}", "response": " ".join(str(j) for j in range(1, i % 5 + 2))}
+            for i in range(n)]
+    return write_jsonl(path, rows)
+
+
+def _sft_args(model_dir, data, out, *extra):
+    return ["sft", f"model.name={model_dir}", f"data.train={data}", "data.eval_fraction=0", "data.max_length=64",
+            f"train.output_dir={out}", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=4",
+            "train.save_every=2", "train.progress=false", "optim.lr=1e-3", *extra]
+
+
+def _cli(capsys, argv) -> tuple[int, str]:
+    """Run the CLI in-process; returns (exit status, the line it printed as an error)."""
+    from rlhfkit.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("rlhfkit ")]
+    assert len(lines) <= 1, err
+    return code, lines[0] if lines else ""
+
+
+# --------------------------------------------------------------------------- checkpoints: no code, manifests
+
+class _Exploit:
+    """A pickle that creates a file when it is loaded (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(ckpt: Path, marker: Path, fix_manifest: bool) -> None:
+    import hashlib
+
+    torch.save({"optimizer": _Exploit(marker)}, ckpt / "optim.pt")  # a real torch file, with a payload
+    assert not marker.exists()
+    manifest = ckpt / "manifest.json"
+    if fix_manifest and manifest.is_file():  # an attacker who also rewrites the manifest: the load must refuse
+        m = json.loads(manifest.read_text())
+        data = (ckpt / "optim.pt").read_bytes()
+        m["files"]["optim.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("fix_manifest", [True, False])
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, tiny_model_dir, capsys, fix_manifest):
+    data, out, marker = _sft_data(tmp_path / "d.jsonl"), tmp_path / "run", tmp_path / "pwned"
+    assert _cli(capsys, _sft_args(tiny_model_dir, data, out, "train.max_steps=3"))[0] == 0
+    ckpt = out / "checkpoints" / "step-00000002"
+    _plant(ckpt, marker, fix_manifest)
+    code, line = _cli(capsys, ["sft", "--resume", *_sft_args(tiny_model_dir, data, out, "train.max_steps=3")[1:]])
+    assert code == 2 and not marker.exists()
+    if fix_manifest:
+        assert "optim.pt: refused to load: it holds more than tensors" in line, line
+    else:  # the manifest no longer verifies: the checkpoint is skipped, and it was the only one
+        assert "nothing to resume" in line and "no complete checkpoint" in line, line
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    root = Path(__file__).resolve().parents[1] / "src"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "weights_only=False" not in text, path
+        assert "pickle.load" not in text and "yaml.load(" not in text and "yaml.unsafe_load" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, (path, line)
+
+
+def test_rng_states_round_trip_through_weights_only_files(tmp_path):
+    from rlhfkit.parallel import SingleProcess
+    from rlhfkit.training.checkpoint import gather_rng_states, restore_rng, safe_load
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    random.random(), np.random.normal(), torch.rand(3)  # mid-stream, with numpy's cached gaussian
+    torch.save(gather_rng_states(SingleProcess()), tmp_path / "rng.pt")
+    expect = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    restore_rng(safe_load(tmp_path / "rng.pt"), step=1, rank=0)
+    got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == expect[:3] and torch.equal(got[3], expect[3])
+
+
+def _two_checkpoints(tmp_path, tiny_model_dir) -> "Checkpointer":  # noqa: F821
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.parallel import SingleProcess
+    from rlhfkit.training.checkpoint import Checkpointer, save_checkpoint
+
+    model = load_causal_lm(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ck = Checkpointer(tmp_path, keep=3)
+    for step in (2, 4):
+        save_checkpoint(ck, SingleProcess(), step, {"model": model}, {"optimizer": opt}, {"kind": "sft"})
+    return ck
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda c: os.truncate(c / "optim.pt", 100), "optim.pt has 100 bytes"),
+    (lambda c: os.truncate(c / "model" / "model.safetensors", 1000), "model/model.safetensors has 1000 bytes"),
+    (lambda c: (c / "trainer_state.json").write_text(""), "trainer_state.json has 0 bytes"),
+    (lambda c: (c / "manifest.json").unlink(), "no manifest"),
+    (lambda c: (c / "rng.pt").write_bytes(b"x" * (c / "rng.pt").stat().st_size), "rng.pt does not match its SHA-256"),
+])
+def test_latest_skips_a_damaged_checkpoint_with_a_warning(tmp_path, tiny_model_dir, caplog, damage, reason):
+    ck = _two_checkpoints(tmp_path, tiny_model_dir)
+    assert ck.latest().name == "step-00000004"
+    damage(ck.root / "step-00000004")
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        assert ck.latest().name == "step-00000002"
+    assert f"skipping checkpoint {ck.root / 'step-00000004'}: {reason}" in caplog.text
+
+
+def test_checkpoint_files_and_dirs_are_not_private_and_the_rename_is_synced(tmp_path, tiny_model_dir, monkeypatch):
+    from rlhfkit.training import checkpoint
+
+    synced = []
+    real = checkpoint.fsync_path
+    monkeypatch.setattr(checkpoint, "fsync_path", lambda p: (synced.append(Path(p)), real(p)))
+    old = os.umask(0o022)
+    try:
+        ck = _two_checkpoints(tmp_path, tiny_model_dir)
+    finally:
+        os.umask(old)
+    final = ck.root / "step-00000004"
+    assert final.stat().st_mode & 0o777 == 0o755 and (final / "model").stat().st_mode & 0o777 == 0o755
+    assert synced[-1] == ck.root  # the parent, after the rename
+    manifest = json.loads((final / "manifest.json").read_text())["files"]
+    assert {"optim.pt", "rng.pt", "trainer_state.json", "model/model.safetensors"} <= set(manifest)
+
+
+def test_saved_models_are_not_private(tmp_path, tiny_model):
+    from rlhfkit.models import save_pretrained_atomic
+
+    old = os.umask(0o022)
+    try:
+        out = save_pretrained_atomic(tiny_model, None, tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+# --------------------------------------------------------------------------- run directories
+
+def _cfg(tmp_path, data, *extra):
+    from rlhfkit.config import SFTConfig, load_config
+
+    return load_config(SFTConfig, overrides=[f"data.train={data}", f"train.output_dir={tmp_path / 'run'}",
+                                             "model.name=some/model", *extra])
+
+
+def _used_run(tmp_path, data):
+    """A run directory as a finished run leaves it (record, config, a checkpoint, a model)."""
+    from rlhfkit.rundir import open_run
+    from rlhfkit.training.checkpoint import write_manifest
+
+    run = open_run(_cfg(tmp_path, data), "sft")
+    ck = run.path / "checkpoints" / "step-00000002"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text('{"step": 2}')
+    write_manifest(ck)
+    (run.path / "model").mkdir()
+    (run.path / "sft_results.json").write_text("{}")
+    (run.path / "metrics.jsonl").write_text('{"step": 1}\n')
+    return run.path
+
+
+def test_a_fresh_run_refuses_a_used_directory_unless_told_to_overwrite(tmp_path):
+    from rlhfkit.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    with pytest.raises(RunDirError, match=r"holds a previous run \(checkpoints/, model/, sft_results.json\): "
+                                          r"continue it with --resume .* or replace it with --overwrite"):
+        open_run(_cfg(tmp_path, data), "sft")
+    (out / "notes.txt").write_text("mine")
+    cfg = _cfg(tmp_path, data, "train.overwrite=true")
+    run = open_run(cfg, "sft")
+    assert not run.resuming and cfg.train.overwrite is False and cfg.train.resume is False
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sft_config.yaml", "sft_run.json"]
+
+
+def test_resume_needs_something_to_resume(tmp_path):
+    from rlhfkit.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    with pytest.raises(RunDirError, match=r"nothing to resume in .*run: no checkpoint there"):
+        open_run(_cfg(tmp_path, data, "train.resume=true"), "sft")
+    assert not (tmp_path / "run").exists()
+    cfg = _cfg(tmp_path, data, "train.resume=auto")  # auto: nothing there, so start
+    assert not open_run(cfg, "sft").resuming and cfg.train.resume is False
+
+
+@pytest.mark.parametrize("change, named", [
+    (["optim.lr=1e-3"], "optim.lr 2e-05 -> 0.001"),
+    (["train.seed=9"], "train.seed 0 -> 9"),
+    (["data.max_length=256"], "data.max_length 512 -> 256"),
+    ("data", "data.train content differs (size"),
+])
+def test_resume_refuses_another_config_or_data_naming_what_differs(tmp_path, change, named):
+    from rlhfkit.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    if change == "data":
+        _sft_data(data, n=17)
+        change = []
+    with pytest.raises(RunDirError, match="cannot resume") as e:
+        open_run(_cfg(tmp_path, data, "train.resume=true", *change), "sft")
+    assert named in str(e.value) and "train.resume_mismatch_ok=true" in str(e.value)
+    run = open_run(_cfg(tmp_path, data, "train.resume=true", "train.resume_mismatch_ok=true", *change), "sft")
+    assert run.resuming and run.checkpoint == out / "checkpoints" / "step-00000002"
+    assert named in json.loads((out / "sft_run.json").read_text())["history"][-1]["differences"][0]
+
+
+def test_resume_allows_what_does_not_change_the_numbers(tmp_path, caplog):
+    from rlhfkit.rundir import open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    _used_run(tmp_path, data)
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_bytes(data.read_bytes())  # the same data under another name
+    cfg = _cfg(tmp_path, moved, "train.resume=true", "train.save_every=7", "train.log_every=3",
+               "train.micro_batch_size=2", "train.fsdp=true", "train.keep_checkpoints=5", "train.eval_every=3",
+               "train.max_steps=50")  # a longer run: said, not refused
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        run = open_run(cfg, "sft")
+    assert run.resuming and cfg.train.resume == "auto"  # nested stages continue or start on their own
+    assert "with another length (train.max_steps 0 -> 50)" in caplog.text
+
+
+def test_a_leftover_temporary_directory_is_removed_when_a_run_starts(tmp_path):
+    from rlhfkit.rundir import open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    for p in (tmp_path / "run" / "checkpoints" / ".step-00000004.tmp-1-ab", tmp_path / "run" / ".model.tmp-9-cd"):
+        p.mkdir(parents=True)
+        (p / "optim.pt").write_bytes(b"partial")
+    open_run(_cfg(tmp_path, data, "train.resume=auto"), "sft")
+    assert not list((tmp_path / "run").rglob("*.tmp-*"))
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    from rlhfkit.training.logger import RunLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    logger = RunLogger(tmp_path, 6, progress=False, initial_step=2)
+    logger.log(3, {"loss": 0.25})
+    logger.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- nothing written before validation
+
+def test_a_run_that_fails_validation_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert _cli(capsys, _sft_args(tiny_model_dir, data, out))[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "response": "ok"}, {"prompt": "no response"}])
+    for argv in (_sft_args(tiny_model_dir, data, out, "train.log_every=0"),      # config
+                 _sft_args(tiny_model_dir, bad, out, "train.resume=auto"),       # data
+                 _sft_args(tiny_model_dir, bad, tmp_path / "fresh")):
+        code, line = _cli(capsys, argv)
+        assert code == 2 and line.startswith("rlhfkit sft: error: "), line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "fresh").exists()
+
+
+# --------------------------------------------------------------------------- the schedule
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_warmup_starts_above_zero_and_then_follows_transformers(schedule):
+    from types import SimpleNamespace
+
+    from transformers import get_scheduler
+
+    from rlhfkit.training.optim import build_scheduler
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make(opt)
+        out = []
+        for _ in range(20):
+            out.append(opt.param_groups[0]["lr"])  # the lr the next optimizer step uses
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: build_scheduler(o, SimpleNamespace(schedule=schedule, warmup_ratio=0.2), 20))
+    hf_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule]
+    theirs = lrs(lambda o: get_scheduler(hf_name, o, num_warmup_steps=4, num_training_steps=20))
+    assert theirs[0] == 0.0  # transformers' first update runs at lr 0
+    assert ours[:4] == [0.25, 0.5, 0.75, 1.0]  # step k of 4 warmup steps: k/4
+    assert ours[4:] == pytest.approx(theirs[4:], abs=1e-12)
