@@ -233,12 +233,14 @@ def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int
     model first (e.g. a reward model started from a LoRA SFT policy).
     Returns (model, base model name if an adapter was continued else None).
     """
-    from rlhfkit.models.loading import load_causal_lm, load_scalar_model
+    from rlhfkit.models.loading import load_causal_lm, load_scalar_model, trained_dtype
+
+    dtype = trained_dtype(model_cfg.dtype, model_cfg.lora.enabled)
 
     def load(name):
         if task_type == "SEQ_CLS":
-            return load_scalar_model(name, model_cfg.dtype, pad_token_id=pad_token_id)
-        return load_causal_lm(name, model_cfg.dtype)
+            return load_scalar_model(name, dtype, pad_token_id=pad_token_id)
+        return load_causal_lm(name, dtype)
 
     cont = adapter_config(model_cfg.name)
     continued = model_cfg.lora.enabled and cont is not None and cont.get("task_type") == task_type

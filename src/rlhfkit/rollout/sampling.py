@@ -20,11 +20,12 @@ def rollout(model, items: list[PromptItem], settings, tokenizer, seed: int | Non
     settings: a `config.RolloutSection`. ``seed`` gives the sampling its own generator (see
     `rank_stream_seed`); None = torch's global RNG. With a ``strategy`` the model's weights are whole
     for the duration (FSDP gathers them once, so each rank decodes on its own and stops at its own
-    EOS) and a wrapped model is unwrapped.
+    EOS) and a wrapped model is unwrapped, and the forwards run in its compute precision (autocast).
     """
     whole = strategy.full_weights(model) if strategy is not None else contextlib.nullcontext()
     plain = strategy.unwrap(model) if strategy is not None else model
-    with whole:
+    autocast = strategy.autocast() if strategy is not None else contextlib.nullcontext()
+    with whole, autocast:
         return generate(plain, [it.ids for it in items], max_new_tokens=settings.max_new_tokens,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, n=settings.n,

@@ -157,7 +157,8 @@ def minibatch_backward(cfg, strategy, actor, critic, mb: Experience, token_means
                        first: FirstForward | None = None, ptx_follows: bool = False) -> dict:
     """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms.
     ``ptx_follows``: the PTX backward comes next, so the actor's last backward is that one."""
-    count = mb.response_mask.sum() if cfg.loss_agg == "token-mean" else torch.tensor(float(len(mb)))
+    count = (mb.response_mask.sum() if cfg.loss_agg == "token-mean"
+             else torch.tensor(float(len(mb)), device=mb.response_mask.device))
     norm = normalizer(strategy, count, per_rank=True)
     models = {"actor": actor, "critic": critic}
     losses: dict[str, float] = {"update/tokens": 0.0}
