@@ -239,3 +239,16 @@ def test_rollout_generates_under_the_strategys_autocast(tiny_model, tokenizer):
     hook.remove()
     assert seen and all(seen)
     assert exp.response_ids.shape == (1, 3)
+
+
+def test_checkpoint_stores_and_restores_the_loss_scale(tiny_model, tmp_path):
+    from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+
+    strategy = SingleProcess("fp16")
+    strategy.precision.backward(torch.ones(1, requires_grad=True).sum())
+    strategy.precision.scaler.update(512.0)
+    ckpt = Checkpointer(tmp_path)
+    save_checkpoint(ckpt, strategy, 3, {"model": tiny_model}, {}, {"kind": "sft"})
+    resumed = SingleProcess("fp16")
+    state = load_checkpoint(ckpt.latest(), resumed, {"model": tiny_model}, {})
+    assert state["grad_scaler"]["scale"] == 512.0 and resumed.precision.scale == 512.0
