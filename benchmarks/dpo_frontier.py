@@ -9,7 +9,8 @@ each) and plots each policy at (KL to the baseline, gold win rate) with the win 
 interval, offline runs in one colour and online runs in another (by the policy's name). A method
 that is better at the same label budget sits above and to the left: more win rate per nat of KL.
 ``--published`` redraws the figure from the numbers docs/results_dpo.md reports for those runs
-(sections 6 and 7), when their evaluation files are not at hand.
+(its section "Offline vs online DPO at 272 annotator labels"), when their evaluation files are not
+at hand.
 """
 
 from __future__ import annotations

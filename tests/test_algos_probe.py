@@ -74,3 +74,32 @@ def test_fit_bt_probe_prefers_the_strongest_l2_within_one_standard_error():
     assert info["cv_accuracy"] >= info["cv_best_accuracy"] - (0.25 / 120) ** 0.5 - 1e-12
     assert info["train_accuracy"] < 1.0
     assert info["l2"] >= 1.0
+
+
+def test_label_smoothing_by_hand():
+    """With eps the stationary point of the 1-D case solves 3 s(w) = 2 - eps (two pairs for, one
+    against): w = logit((2 - eps) / 3); separable data keeps a finite w = logit(1 - eps)."""
+    ds = torch.tensor([1.0, 1.0, -1.0])[:, None]
+    for eps in (0.0, 0.1, 0.3):
+        p = (2 - eps) / 3
+        assert fit_linear_bt(ds, 0.0, label_smoothing=eps).item() == pytest.approx(math.log(p / (1 - p)), abs=1e-5)
+    assert fit_linear_bt(torch.ones(2, 1), 0.0, label_smoothing=0.1).item() == pytest.approx(math.log(9), abs=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fit_linear_bt(ds, 0.0, label_smoothing=0.5)
+
+
+def test_fit_bt_probe_rules():
+    """rule="best" takes the grid value with the highest CV accuracy; "one_se" the strongest L2
+    within one standard error of it; both report the CV accuracy of what they chose."""
+    g = torch.Generator().manual_seed(2)  # 10 dims of real signal, 200 noisy BT labels
+    w = torch.randn(10, generator=g)
+    h = torch.randn(200, 10, generator=g)
+    d = torch.where(torch.bernoulli(torch.sigmoid(2 * h @ w / w.norm()), generator=g)[:, None] > 0, h, -h)
+    grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    _, best = fit_bt_probe(d, l2_grid=grid, seed=0, rule="best")
+    _, one_se = fit_bt_probe(d, l2_grid=grid, seed=0, rule="one_se")
+    assert best["cv_accuracy"] == best["cv_best_accuracy"] == one_se["cv_best_accuracy"]
+    assert one_se["l2"] > best["l2"]  # here the CV maximum sits at a weak L2
+    assert one_se["cv_accuracy"] >= best["cv_accuracy"] - (0.25 / 200) ** 0.5
+    with pytest.raises(ValueError, match="rule"):
+        fit_bt_probe(d, rule="median")

@@ -1,5 +1,7 @@
 """Config loading: YAML + dotted overrides, validated with located messages."""
 
+from pathlib import Path
+
 import pytest
 
 from rlhfkit.config import ConfigError, RewardConfig, SFTConfig, load_config
@@ -49,7 +51,7 @@ def test_yaml_errors_name_the_file(tmp_path):
     ("ppo", ["mini_batch_size=5"], r"mini_batch_size: 5 must divide train\.batch_size x rollout\.n = 16 rows"),
     ("ppo", ["critic_init=reward"], r"critic_init: 'reward' needs reward\.spec=rm:DIR"),
     ("dpo", ["dpo.bta=0.1"], r"dpo\.bta: unknown key \(did you mean dpo\.beta\?\)"),
-    ("dpo", ["dpo.loss_type=foo"], r"dpo\.loss_type: must be one of \['sigmoid', 'cdpo', 'ipo', 'hinge'\], got 'foo'"),
+    ("dpo", ["dpo.loss_type=foo"], r"dpo\.loss_type: must be one of \['sigmoid', 'cdpo', 'robust', 'ipo', 'hinge'\], got 'foo'"),
     ("dpo", ["train.batch_size=6", "train.micro_batch_size=4"], r"train\.batch_size: 6 is not divisible by "
                                                                 r"micro_batch_size 4"),
     ("dpo", ["train.resume=maybe"], r"train\.resume: expected true/false, got str 'maybe'"),
@@ -75,6 +77,9 @@ def test_yaml_unknown_key_suggests_the_known_one(tmp_path):
     (["sft", "data.train=x.jsonl", "optim.lrr=1e-5"], "optim.lrr: unknown key (did you mean optim.lr?)"),
     (["ppo", "reward.spec=m:f", "critic_init=policy", "mini_batch_size=5"],
      "mini_batch_size: 5 must divide train.batch_size x rollout.n = 16 rows"),
+    # the sub-command is not silently overridden by the YAML's estimator
+    (["rloo", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml")],
+     "advantage: 'grpo' under `rlhfkit rloo`, which always uses rloo"),
 ])
 def test_cli_reports_config_errors_before_any_model_loads(tmp_path, capsys, argv, match):
     """Exit status 2 and one located line on stderr; the model named does not exist, so reaching
@@ -102,7 +107,7 @@ def test_every_shipped_config_validates():
         kind = path.stem.replace("_", "-")
         if path.stem == "demo":
             _, stages = plan(str(path))
-            assert [s.kind for s, _ in stages] == ["sft", "rm", "ppo", "eval"]
+            assert [s.kind for s, _ in stages] == ["sft", "rm", "ppo", "eval", "eval"]
         else:
             assert kind in COMMANDS, f"{path.name}: no trainer named {kind!r}"
             load_config(COMMANDS[kind].config_class(), str(path))

@@ -213,13 +213,14 @@ def _assert_resumed(source: Path, resumed: Path, step: int) -> None:
     assert later and all(after[k]["time"] != before.get(k, {}).get("time") for k in later)
 
 
-def _assert_same_metrics(a: Path, b: Path, keys: list[str]) -> None:
+def _assert_same_metrics(a: Path, b: Path, keys: list[str], **tol) -> None:
+    tol = tol or LOSS_TOL
     for key in keys:
         la, lb = _losses(a, key), _losses(b, key)
         assert la and la.keys() == lb.keys(), (key, la, lb)
         torch.testing.assert_close(torch.tensor(list(la.values()), dtype=torch.float64),
                                    torch.tensor(list(lb.values()), dtype=torch.float64),
-                                   **LOSS_TOL, msg=lambda m, key=key: f"{key}: {m}")
+                                   **tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_sft_two_processes_equal_one(runs):
@@ -454,12 +455,17 @@ def test_fsdp_lora_ppo_equals_one_process_on_the_same_experience(runs, monkeypat
 
 def _assert_same_pg_run(kind: str, one: Path, two: Path) -> None:
     keys = ["reward/score_mean", "reward/score_std", "policy/entropy", "response/length_mean", "objective/kl",
-            "loss/policy", "policy/clipfrac", "policy/approx_kl", "policy/ratio_first", "policy/grad_norm"]
+            "loss/policy", "policy/clipfrac", "policy/approx_kl", "policy/ratio_first"]
+    norms = ["policy/grad_norm"]
     if kind == "grpo":
         keys += ["loss/kl", "advantage/abs_mean", "reward/group_std_mean"]
     else:
-        keys += ["loss/value", "value/explained_variance", "value/mean", "objective/kl_coef", "value/grad_norm"]
+        keys += ["loss/value", "value/explained_variance", "value/mean", "objective/kl_coef"]
+        norms += ["value/grad_norm"]
     _assert_same_metrics(one, two, keys)
+    # DeepSpeed sums the partitions' squared gradient norms in its own order: rounding of ~3e-5
+    # relative on a norm, while the updates themselves (compared below) agree to WEIGHT_TOL
+    _assert_same_metrics(one, two, norms, rtol=1e-4, atol=1e-6)
     _assert_same_weights(one, two)
     if kind == "ppo":
         _assert_same_weights(one, two, model="critic")

@@ -223,3 +223,50 @@ def test_shared_prompt_pairs_match_separate_rows(setup, tokenizer):
         torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)
     # the trainer's collator packs by default
     assert cfg.dpo.share_prompt
+
+
+def _moved_policy_losses(setup, tokenizer, *overrides):
+    """(trainer loss, hand-computed inputs) on a policy moved away from its reference."""
+    tmp_path, model_dir = setup
+    cfg = _cfg(tmp_path, model_dir, *overrides)
+    train, _, _ = prepare_preference_data(cfg, tokenizer)
+    policy, ref = build_policy_and_reference(cfg, tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    chunk = train[:6]
+    loss, _ = dpo_batch_loss(policy, ref, chunk, PreferenceCollator(tokenizer.pad_token_id), cfg.dpo,
+                             normalizer=len(chunk), device="cpu")
+    rows = PreferenceCollator(tokenizer.pad_token_id)(chunk)
+    with torch.no_grad():
+        pc, pr = pair_logps(policy, rows)
+        rc, rr = pair_logps(ref.model, rows)
+    n = rows["loss_mask"].sum(-1).float()
+    nc, nr = n[:len(chunk)], n[len(chunk):]
+    return cfg, float(loss.detach()), (pc, pr, rc, rr, nc, nr)
+
+
+def test_ipo_defaults_to_length_averaged_logps_like_trl(setup, tokenizer):
+    cfg, loss, (pc, pr, rc, rr, nc, nr) = _moved_policy_losses(setup, tokenizer, "dpo.loss_type=ipo", "dpo.beta=0.5")
+    assert cfg.dpo.average_logps == "auto" and cfg.dpo.average
+    h_avg = (pc - rc) / nc - (pr - rr) / nr  # TRL: each response's log-ratio over its own token count
+    h_sum = (pc - rc) - (pr - rr)
+    assert loss == pytest.approx(float(((h_avg - 1.0) ** 2).mean()), abs=1e-5)
+    assert abs(loss - float(((h_sum - 1.0) ** 2).mean())) > 1e-3  # the summed form is another number
+    cfg, loss_sum, _ = _moved_policy_losses(setup, tokenizer, "dpo.loss_type=ipo", "dpo.beta=0.5",
+                                            "dpo.average_logps=false")
+    assert loss_sum == pytest.approx(float(((h_sum - 1.0) ** 2).mean()), abs=1e-4)
+
+
+def test_robust_dpo_loss_type_is_wired(setup, tokenizer):
+    e, beta = 0.2, 0.1
+    cfg, loss, (pc, pr, rc, rr, _, _) = _moved_policy_losses(
+        setup, tokenizer, "dpo.loss_type=robust", f"dpo.label_smoothing={e}")
+    assert not cfg.dpo.average  # auto: sums for every loss but IPO
+    z = beta * ((pc - rc) - (pr - rr))
+    ls = torch.nn.functional.logsigmoid
+    want = ((-(1 - e) * ls(z) + e * ls(-z)) / (1 - 2 * e)).mean()
+    assert loss == pytest.approx(float(want), abs=1e-5)
+    cdpo = (-(1 - e) * ls(z) - e * ls(-z)).mean()  # conservative DPO is a different number
+    assert abs(loss - float(cdpo)) > 1e-4

@@ -108,3 +108,61 @@ def test_eval_of_a_policy_against_itself(tmp_path, tokenizer):
     assert acc["gold"]["accuracy"] == 1.0 and set(acc["gold"]["by_category"]) == {"a", "b"}
     assert "position_bias" in acc[f"judge:{model_dir}"]
     assert (tmp_path / "eval" / "eval_results.json").is_file() and (tmp_path / "eval" / "samples-same.jsonl").is_file()
+
+
+def test_heldout_nll_is_the_token_mean_nll_of_the_responses(tmp_path, tokenizer):
+    import json
+
+    import torch
+
+    from rlhfkit.data import load_sft, tokenize_dataset
+    from rlhfkit.eval.alignment_tax import heldout_nll
+    from rlhfkit.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, seed=2).eval()
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Count to {i}", "response": "one two " * (i + 1)})
+                                                + "\n" for i in range(5)))
+    rows = load_sft(str(tmp_path / "sft.jsonl"))
+    exs, _ = tokenize_dataset(tokenizer, rows, "sft", 128)
+    total, count = 0.0, 0
+    for ex in exs:  # one unpadded row at a time, plain cross-entropy
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        logits = model(input_ids=ids).logits[0, :-1].detach()
+        keep = labels[0, 1:] != -100
+        total += float(torch.nn.functional.cross_entropy(logits[keep], labels[0, 1:][keep], reduction="sum"))
+        count += int(keep.sum())
+    assert heldout_nll(model, exs, tokenizer.pad_token_id, 2, "cpu") == pytest.approx(total / count, rel=1e-4)
+
+
+def test_eval_reports_alignment_tax(tmp_path, tokenizer):
+    """A policy whose next-token distribution is made over-confident models the SFT data worse:
+    its held-out NLL rises, and the delta is policy - baseline. The arithmetic probe runs for both."""
+    import json
+
+    from pg_utils import tiny_policy_dir
+    from rlhfkit.config import load_config
+    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+
+    base_dir = tiny_policy_dir(tokenizer, tmp_path / "base", seed=5, scale=1.0)
+    peaked = tiny_policy_dir(tokenizer, tmp_path / "peaked", seed=5, scale=30.0)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say a word {i}"}) + "\n" for i in range(2)))
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Name colour {i}", "response": "red and blue"})
+                                                + "\n" for i in range(6)))
+    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    cfg = load_config(EvalConfig, overrides=[
+        f"policies=[peaked={peaked}]", f"baseline={base_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}",
+        "rollout.n=1", "rollout.max_new_tokens=3", f"gold={tmp_path / 'rew.py'}:reward",
+        f"alignment_tax.sft_data={tmp_path / 'sft.jsonl'}", "alignment_tax.capability=task:arithmetic",
+        "alignment_tax.limit=4", "alignment_tax.max_new_tokens=4", f"train.output_dir={tmp_path / 'eval'}"])
+    res = run_eval(cfg)
+    base, pol = res["baseline"]["alignment_tax"], res["policies"]["peaked"]["alignment_tax"]
+    assert pol["sft_nll"] > base["sft_nll"] + 1.0
+    assert pol["sft_nll_delta"] == pytest.approx(pol["sft_nll"] - base["sft_nll"])
+    for d in (base, pol):
+        assert 0.0 <= d["capability_exact_match"] <= 1.0
+    assert "capability_exact_match_delta" in pol
+    from rlhfkit.eval.policy_compare import format_table
+
+    table = format_table(res)
+    assert f"peaked alignment tax: sft_nll {pol['sft_nll']:.3f} ({pol['sft_nll_delta']:+.3f})" in table
+    assert "baseline alignment tax: sft_nll" in table

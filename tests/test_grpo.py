@@ -13,11 +13,12 @@ from rlhfkit.trainers.grpo import GRPOConfig, RLOOConfig, train_grpo
 GRPO_OVER = dict(rollout={"n": 4, "max_new_tokens": 6}, mini_batch_size=16, kl_coef=0.0)
 
 
-@pytest.mark.parametrize("cls, advantage", [(GRPOConfig, "grpo"), (RLOOConfig, "rloo")])
+@pytest.mark.parametrize("cls, advantage", [(GRPOConfig, "grpo"), (RLOOConfig, "rloo"), (GRPOConfig, "reinforce")])
 def test_group_methods_raise_a_learnable_reward(tokenizer, tmp_path, cls, advantage):
     # 14 steps: at 8 the rise (about +0.1) sat at the threshold and a change of random stream
     # (a new sampler) was enough to fail it
-    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **GRPO_OVER, train={"max_steps": 14}))
+    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **GRPO_OVER, advantage=advantage,
+                                            train={"max_steps": 14}))
     assert cfg.advantage == advantage
     train_grpo(cfg)
     rows = read_metrics(tmp_path / "run")
@@ -117,3 +118,94 @@ def test_forward_tokens_counts_each_packed_prompt_once():
     assert forward_tokens(exp, share_prompt=False) == (3 + 3 + 2 + 3) + 8
     assert forward_tokens(exp, share_prompt=True) == (3 + 2) + 8
     assert forward_tokens(exp.select([2, 3]), share_prompt=True) == (2 + 3) + 3
+
+
+def _spy_run(tokenizer, tmp_path, monkeypatch, cls, steps=1, **over):
+    """Train ``steps`` iterations; returns (cfg, the Experience of each iteration, calls of the
+    surrogate and KL functions the update used)."""
+    import rlhfkit.trainers.pg_update as upd
+
+    seen, calls = [], []
+    real_update = grpo_mod.policy_update
+
+    def spy(cfg, strategy, guard, exp, *args, **kw):
+        seen.append(exp)
+        return real_update(cfg, strategy, guard, exp, *args, **kw)
+
+    def record(name, fn):
+        def wrapped(*a, **kw):
+            calls.append((name, kw.get("log_ratio")))
+            return fn(*a, **kw)
+        monkeypatch.setattr(upd, name, wrapped)
+
+    for name in ("ppo_policy_loss", "sequence_policy_loss", "bias_corrected_kl", "kl_estimate"):
+        record(name, getattr(upd, name))
+    monkeypatch.setattr(grpo_mod, "policy_update", spy)
+    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **{**GRPO_OVER, **over}, train={"max_steps": steps}))
+    train_grpo(cfg)
+    return cfg, seen, calls
+
+
+def _seq(exp, x):
+    return torch.stack([x[r][exp.response_mask[r].bool()].sum() for r in range(len(exp))])
+
+
+def test_rloo_default_is_the_paper_form(tokenizer, tmp_path, monkeypatch):
+    """`rlhfkit rloo`: k1 KL summed into the reward before the leave-one-out baseline, and one
+    importance ratio per response (summed log-ratio); no KL loss term."""
+    cfg, seen, calls = _spy_run(tokenizer, tmp_path, monkeypatch, RLOOConfig, steps=2, kl_coef=0.5)
+    assert (cfg.ratio_level, cfg.kl_kind, cfg.kl_in_reward) == ("sequence", "k1", True)
+    exp = seen[1]  # the second iteration: the policy has moved away from the reference
+    k1 = _seq(exp, exp.logprobs - exp.ref_logprobs)
+    assert k1.abs().max() > 1e-3
+    R = (exp.scores.double() - 0.5 * k1.double()).view(-1, cfg.rollout.n)
+    G = cfg.rollout.n
+    want = (R - (R.sum(1, keepdim=True) - R) / (G - 1)).reshape(-1)
+    n_tok = exp.response_mask.sum(-1)
+    torch.testing.assert_close(_seq(exp, exp.advantages).double() / n_tok, want, atol=1e-5, rtol=1e-5)
+    assert ("sequence_policy_loss", "sum") in calls and not any(c[0] == "ppo_policy_loss" for c in calls)
+    assert not any(c[0] in ("kl_estimate", "bias_corrected_kl") for c in calls)
+
+
+def test_rloo_token_form_is_an_option(tokenizer, tmp_path, monkeypatch):
+    _, _, calls = _spy_run(tokenizer, tmp_path, monkeypatch, RLOOConfig, ratio_level="token",
+                           kl_in_reward=False, kl_kind="k3", kl_coef=0.04)
+    names = {c[0] for c in calls}
+    assert {"ppo_policy_loss", "kl_estimate"} <= names and "sequence_policy_loss" not in names
+
+
+def test_grpo_batch_scale_divides_by_the_batch_std(tokenizer, tmp_path, monkeypatch):
+    cfg, seen, _ = _spy_run(tokenizer, tmp_path, monkeypatch, GRPOConfig, scale="batch")
+    exp = seen[0]
+    R = exp.scores.double().view(-1, cfg.rollout.n)
+    want = ((R - R.mean(1, keepdim=True)) / (R.std() + 1e-4)).reshape(-1)
+    got = _seq(exp, exp.advantages).double() / exp.response_mask.sum(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    group_scaled = ((R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    assert (got - group_scaled).abs().max() > 1e-3  # a different number from the default
+
+
+def test_grpo_kl_bias_correction_uses_the_weighted_k3(tokenizer, tmp_path, monkeypatch):
+    _, _, calls = _spy_run(tokenizer, tmp_path, monkeypatch, GRPOConfig, kl_coef=0.04, kl_bias_correction=True)
+    assert any(c[0] == "bias_corrected_kl" for c in calls)
+    _, _, calls = _spy_run(tokenizer, tmp_path / "plain", monkeypatch, GRPOConfig, kl_coef=0.04)
+    assert not any(c[0] == "bias_corrected_kl" for c in calls) and any(c[0] == "kl_estimate" for c in calls)
+
+
+def test_reinforce_baseline_is_the_batch_mean_and_needs_no_groups(tokenizer, tmp_path, monkeypatch):
+    cfg, seen, _ = _spy_run(tokenizer, tmp_path, monkeypatch, GRPOConfig, advantage="reinforce",
+                            rollout={"n": 1, "max_new_tokens": 6}, mini_batch_size=8)
+    exp = seen[0]
+    want = exp.scores.double() - exp.scores.double().mean()
+    torch.testing.assert_close(_seq(exp, exp.advantages).double() / exp.response_mask.sum(-1), want,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"advantage": "grpo"}, "advantage: 'grpo' under `rlhfkit rloo`"),
+    ({"ratio_level": "sequence", "kl_in_reward": False}, "ratio_level: sequence puts no KL term in the loss"),
+    ({"kl_bias_correction": True}, "kl_bias_correction: needs kl_kind k3 and kl_in_reward false"),
+])
+def test_rloo_config_errors(over, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(RLOOConfig, data={"mini_batch_size": 8, **over})

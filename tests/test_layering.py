@@ -88,3 +88,39 @@ def test_no_import_cycles():
         if state.get(m) is None and visit(m, [m]):
             break
     assert not cycle, f"import cycle: {' -> '.join(cycle)}"
+
+
+# transformers' public names rlhfkit may use anywhere: the top-level package's classes and functions
+# (except its caches), `transformers.logging` and the version string.
+PUBLIC_TRANSFORMERS_ATTRS = {"__version__", "logging"}
+PRIVATE_INTERNALS_MODULE = "rlhfkit.rollout.kv_cache"
+
+
+def _transformers_uses(tree: ast.AST) -> list[str]:
+    """Every use of transformers beyond its public top level, anywhere in a module (function-level too)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "transformers":
+            if node.module != "transformers":
+                found.append(f"from {node.module} import ...")
+            found += [f"from transformers import {a.name}" for a in node.names if a.name.endswith(("Cache", "Layer"))]
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.startswith("transformers.")]
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "transformers"
+              and node.attr not in PUBLIC_TRANSFORMERS_ATTRS):
+            found.append(f"transformers.{node.attr}")
+    return found
+
+
+def test_transformers_internals_are_used_in_one_guarded_module():
+    """Only rollout/kv_cache.py reaches into transformers' internals (its cache classes and
+    submodules), and it checks the installed version before relying on them."""
+    uses = {}
+    for path in ROOT.rglob("*.py"):
+        found = _transformers_uses(ast.parse(path.read_text()))
+        if found:
+            uses[_module_name(path)] = found
+    assert set(uses) == {PRIVATE_INTERNALS_MODULE}, uses
+    assert "from transformers.cache_utils import ..." in uses[PRIVATE_INTERNALS_MODULE]
+    source = (ROOT / "rollout" / "kv_cache.py").read_text()
+    assert "def check_transformers" in source and "TESTED" in source

@@ -20,7 +20,8 @@ from conftest import write_jsonl
 from rlhfkit.config import LoraSection, RewardConfig, SFTConfig, load_config
 from rlhfkit.models import load_causal_lm, load_scalar_model, sequence_scores
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, load_adapter_onto, load_for_training
+from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, load_adapter_onto
+from rlhfkit.models.start import load_for_training
 
 LORA = {"enabled": True, "r": 8, "alpha": 16}
 
@@ -347,3 +348,28 @@ def test_gradient_checkpointing_flag_reaches_every_trainer(tmp_path, tokenizer, 
                                                         mini_batch_size=8))
         actor, _ = load_actor(cfg.model, "cpu")
         assert _gc_on(actor) and _gc_on(load_critic(cfg, tokenizer, "cpu", actor=actor))
+
+
+def test_adapter_records_an_absolute_base_and_loads_from_any_directory(tmp_path, tiny_model_dir, monkeypatch):
+    """model.name given relative to the working directory: the saved adapter names its base by an
+    absolute path, so peft loads it (base included) from anywhere."""
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+
+    from rlhfkit.models.lora import adapter_config
+    from rlhfkit.trainers.sft import train_sft
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "base")
+    write_jsonl(work / "train.jsonl", _sft_rows(8, 0))
+    monkeypatch.chdir(work)
+    train_sft(load_config(SFTConfig, data={
+        "model": {"name": "base", "lora": LORA}, "data": {"train": "train.jsonl", "eval": "train.jsonl"},
+        "train": {"output_dir": "run", "batch_size": 4, "micro_batch_size": 4, "max_steps": 1, "progress": False}}))
+    assert adapter_config(work / "run" / "model")["base_model_name_or_path"] == str(work / "base")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = AutoPeftModelForCausalLM.from_pretrained(str(work / "run" / "model"))
+    assert model.peft_config["default"].base_model_name_or_path == str(work / "base")

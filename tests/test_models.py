@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from rlhfkit.models import (
-    last_token_index, load_causal_lm, load_scalar_model, position_ids_from_mask, resolve_model_path,
-    save_pretrained_atomic, sequence_scores, tiny_causal_lm, token_values,
+    last_token_index, load_causal_lm, load_scalar_model, pooled_features, position_ids_from_mask,
+    resolve_model_path, reward_pooling, save_pretrained_atomic, sequence_scores, set_reward_pooling,
+    tiny_causal_lm, token_values,
 )
+from rlhfkit.models.heads import pool_mask
 
 
 def test_default_tokenizer_has_distinct_pad(tokenizer):
@@ -79,6 +81,102 @@ def test_sequence_score_ignores_padding_side(tokenizer):
     torch.testing.assert_close(sequence_scores(rm, right, rmask), sequence_scores(rm, left, lmask), atol=1e-5, rtol=1e-5)
     v = token_values(rm, right, rmask)
     assert v.shape == (2, 5)
+
+
+def _tiny_rm(tokenizer, seed=0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    rm = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        rm.score.weight.normal_()  # HF's init is tiny; a visible head makes the poolings differ clearly
+    return rm
+
+
+def test_pool_mask_by_hand():
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])  # left- and right-padded rows
+    resp = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])  # the last padding position is not real: ignored
+    assert pool_mask(mask, None, "last").tolist() == [[0, 0, 0, 1], [0, 0, 1, 0]]
+    assert pool_mask(mask, resp, "mean").tolist() == [[0, 0, 0.5, 0.5], [0, 0.5, 0.5, 0]]
+    third = 1 / 3
+    torch.testing.assert_close(pool_mask(mask, None, "mean_all"),
+                               torch.tensor([[0, third, third, third], [third, third, third, 0]]))
+    with pytest.raises(ValueError, match="response_mask"):
+        pool_mask(mask, None, "mean")
+    with pytest.raises(ValueError, match="no token"):
+        pool_mask(mask, torch.zeros_like(mask), "mean")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_mask(mask, resp, "max")
+
+
+def test_sequence_scores_poolings_against_a_naive_loop(tokenizer):
+    """Each pooling equals averaging token_values over its positions one row at a time, is the
+    same for left and right padding, and commutes with the linear head (pooled_features)."""
+    rm = _tiny_rm(tokenizer)
+    pad = tokenizer.pad_token_id
+    rows = [([5, 6, 7], [8, 9, 2]), ([11, 12], [13, 2]), ([3, 4, 5, 6], [7, 8, 9, 10, 2])]  # (prompt, reply)
+    T = max(len(p) + len(r) for p, r in rows)
+    batches = {}
+    for side in ("right", "left"):
+        ids, mask, resp = [], [], []
+        for p, r in rows:
+            n = T - len(p) - len(r)
+            row, m, rm_ = p + r, [1] * (len(p) + len(r)), [0] * len(p) + [1] * len(r)
+            ids.append(row + [pad] * n if side == "right" else [pad] * n + row)
+            mask.append(m + [0] * n if side == "right" else [0] * n + m)
+            resp.append(rm_ + [0] * n if side == "right" else [0] * n + rm_)
+        batches[side] = tuple(torch.tensor(x) for x in (ids, mask, resp))
+    for pooling in ("last", "mean", "mean_all"):
+        ids, mask, resp = batches["right"]
+        got = sequence_scores(rm, ids, mask, pooling, resp)
+        want = []
+        for p, r in rows:  # naive: one unpadded row at a time
+            one = torch.tensor([p + r])
+            v = token_values(rm, one, torch.ones_like(one))[0]
+            want.append({"last": v[-1], "mean": v[len(p):].mean(), "mean_all": v.mean()}[pooling])
+        torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sequence_scores(rm, *batches["left"][:2], pooling, batches["left"][2]), got,
+                                   atol=1e-5, rtol=1e-5)
+        _, h = token_values(rm, ids, mask, with_features=True)  # (B, T, H)
+        via_features = rm.score(pooled_features(h, mask, pooling, resp)).squeeze(-1)
+        torch.testing.assert_close(via_features, got, atol=1e-5, rtol=1e-5)
+    ids, mask, resp = batches["right"]
+    assert not torch.allclose(sequence_scores(rm, ids, mask, "mean", resp), sequence_scores(rm, ids, mask, "last"))
+
+
+def test_pooling_is_stored_in_config_json_and_used_by_rm_scoring(tokenizer, tmp_path):
+    """set_reward_pooling writes config.json's reward_pooling; a reloaded model and an rm:DIR
+    scorer pool that way without being told; models without the key pool at the last token."""
+    from rlhfkit.data import PreferenceExample, tokenize_preference
+    from rlhfkit.judges.rewards import build_reward_fn
+
+    rm = _tiny_rm(tokenizer)
+    assert reward_pooling(rm) == "last"
+    set_reward_pooling(rm, "mean")
+    save_pretrained_atomic(rm, tokenizer, tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["reward_pooling"] == "mean"
+    assert reward_pooling(load_scalar_model(tmp_path / "rm")) == "mean"
+
+    msgs = [[{"role": "user", "content": "Say something nice."}], [{"role": "user", "content": "Hi"}]]
+    replies = ["You are great!", "Hello there, friend. How are you?"]
+    got = build_reward_fn(f"rm:{tmp_path / 'rm'}", batch_size=2)(["a", "b"], replies, messages=msgs)
+    for m, reply, score in zip(msgs, replies, got):
+        f = tokenize_preference(tokenizer, PreferenceExample(m, reply, "x"), 512)
+        ids = torch.tensor([f["prompt_ids"] + f["chosen_ids"]])
+        resp = torch.tensor([[0] * len(f["prompt_ids"]) + [1] * len(f["chosen_ids"])])
+        with torch.no_grad():
+            mean = sequence_scores(rm, ids, torch.ones_like(ids), "mean", resp).item()
+            last = sequence_scores(rm, ids, torch.ones_like(ids), "last").item()
+        assert score == pytest.approx(mean, abs=1e-5) and abs(mean - last) > 1e-3
+
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        set_reward_pooling(rm, "max")
+    rm.config.reward_pooling = "max"
+    with pytest.raises(ValueError, match="reward_pooling='max'"):
+        reward_pooling(rm)
 
 
 def test_atomic_save_keeps_previous_on_failure(tokenizer, tmp_path):

@@ -44,6 +44,40 @@ def test_best_of_n_skips_empty_best():
     assert best_of_n([0.1, 0.9, 0.5, 0.2], ["a", "", "b", "c"], 2) == [(1, 2)]
 
 
+def test_best_of_n_threshold_and_top_fraction():
+    scores = [0.1, 0.2, 0.9, 0.3, 0.5, 0.4, -1.0, -2.0]  # group bests: 0.2 (row 1), 0.9 (2), 0.5 (4), -1.0 (6)
+    resp = ["x"] * 8
+    assert best_of_n(scores, resp, 2) == [(0, 1), (1, 2), (2, 4), (3, 6)]
+    assert best_of_n(scores, resp, 2, min_score=0.3) == [(1, 2), (2, 4)]  # every bad group is dropped
+    assert best_of_n(scores, resp, 2, top_fraction=0.5) == [(1, 2), (2, 4)]
+    assert best_of_n(scores, resp, 2, top_fraction=0.25) == [(1, 2)]
+    assert best_of_n(scores, resp, 2, min_score=0.6, top_fraction=0.5) == [(1, 2)]
+    assert best_of_n(scores, resp, 2, min_score=5.0) == []
+
+
+def test_rsft_iteration_keeps_only_responses_above_the_threshold(tmp_path, tokenizer):
+    """End to end: the best responses RSFT trains on all reach rsft_min_score (50 characters here),
+    and prompts whose best response falls short are not in the data."""
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        *_tiny_setup(tmp_path, tokenizer, 8), "mode=rsft", "rsft_min_score=50",
+        "iterations=1", "prompts_per_iteration=8", "rollout.n=3", "rollout.max_new_tokens=6",
+        "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1", "train.progress=false",
+        f"train.output_dir={tmp_path / 'run'}"])
+    try:
+        train_online_dpo(cfg)
+    except ValueError as e:  # every group below the threshold: a clear error, nothing trained
+        assert "rsft_min_score" in str(e)
+    it = tmp_path / "run" / "iter-1"
+    samples = [json.loads(l) for l in (it / "samples.jsonl").read_text().splitlines()]
+    kept = [json.loads(l) for l in (it / "best.jsonl").read_text().splitlines()]
+    group_best = {}
+    for s in samples:
+        group_best[s["group"]] = max(group_best.get(s["group"], -1.0), s["score"])
+    assert len(kept) == sum(b >= 50 for b in group_best.values())
+    assert all(r["score"] >= 50 for r in kept)
+    assert 0 < len(kept) < len(group_best)  # the threshold dropped some prompts, kept others
+
+
 def test_round_robin_scores():
     # A judge that prefers the longer response with probability 1.
     compare = lambda ctx, a, b: [1.0 if len(x) > len(y) else 0.0 for x, y in zip(a, b)]

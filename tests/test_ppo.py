@@ -109,7 +109,7 @@ def test_ppo_raises_a_learnable_reward(tokenizer, tmp_path):
     last = sum(r["reward/score_mean"] for r in rows[-2:]) / 2
     assert last > first + 0.1, (first, last)
     for key in ("objective/kl", "objective/kl_coef", "policy/entropy", "loss/policy", "loss/value",
-                "policy/clipfrac", "policy/approx_kl", "value/explained_variance", "value/clipfrac",
+                "policy/clipfrac", "policy/approx_kl", "policy/approx_kl_trl", "value/explained_variance", "value/clipfrac",
                 "response/length_mean", "response/eos_frac", "reward/score_std"):
         assert key in rows[-1], key
     out = tmp_path / "run"
@@ -238,7 +238,8 @@ def test_ppo_update_batch8_equals_batch1_times_accumulation8(agg):
         actor, critic = copy.deepcopy(actor0), copy.deepcopy(critic0)
         cfg = SimpleNamespace(ppo_epochs=1, mini_batch_size=8, train=SimpleNamespace(micro_batch_size=micro),
                               clip_eps=0.2, clip_eps_high=None, loss_agg=agg, share_prompt=False, vf_coef=0.5,
-                              value_clip_eps=0.2, kl_loss=lambda: (0.1, "k3"))
+                              value_clip_eps=0.2, kl_loss=lambda: (0.1, "k3"),
+                              policy_ratio_level=lambda: "token")
         torch.manual_seed(1)
         out = policy_update(cfg, strategy, StepGuard(), exp, _trained(actor, optim), critic=_trained(critic, optim))
         results[micro] = (out, dict(actor.named_parameters()), dict(critic.named_parameters()))
@@ -375,4 +376,14 @@ def test_ppo_with_ptx_learns_its_data_alongside_the_reward(tokenizer, tmp_path):
     train_ppo(cfg)
     rows = read_metrics(tmp_path / "run")
     ptx = [r["loss/ptx"] for r in rows]
+    assert len(ptx) == 8 and sum(ptx[-2:]) / 2 < 0.8 * sum(ptx[:2]) / 2, ptx
+
+
+def test_ppo_with_plain_text_ptx_learns_the_text(tokenizer, tmp_path):
+    """Plain pretraining text as PTX data (a .txt file): loss/ptx, the NLL of all its tokens, falls."""
+    txt = tmp_path / "ptx.txt"
+    txt.write_text("\n\n".join(" ".join([w] * 6) + " again" for w in ["blue", "green", "sea", "sky", "story", "red"]))
+    cfg = _cfg(tmp_path, tokenizer, ptx={"data": str(txt), "coef": 1.0, "batch_size": 6, "max_length": 64})
+    train_ppo(cfg)
+    ptx = [r["loss/ptx"] for r in read_metrics(tmp_path / "run")]
     assert len(ptx) == 8 and sum(ptx[-2:]) / 2 < 0.8 * sum(ptx[:2]) / 2, ptx

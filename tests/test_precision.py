@@ -11,7 +11,7 @@ import torch
 import rlhfkit.algos as A
 from rlhfkit.config.sections import ModelSection, OptimSection, TrainSection
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import load_for_training
+from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import SingleProcess
 from rlhfkit.parallel.fsdp import mixed_precision_policy
 from rlhfkit.parallel.precision import Precision, keep_master_fp32
@@ -233,7 +233,8 @@ def test_rollout_generates_under_the_strategys_autocast(tiny_model, tokenizer):
 
     seen = []
     hook = tiny_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
-    settings = types.SimpleNamespace(max_new_tokens=3, temperature=1.0, top_p=1.0, top_k=0, n=1, micro_batch_size=0)
+    settings = types.SimpleNamespace(max_new_tokens=3, temperature=1.0, top_p=1.0, top_k=0, n=1, micro_batch_size=0,
+                                     backend="own")
     items = [types.SimpleNamespace(ids=tokenizer("hello there")["input_ids"])]
     exp = rollout(tiny_model, items, settings, tokenizer, seed=0, strategy=SingleProcess("bf16"))
     hook.remove()

@@ -209,7 +209,7 @@ def test_bad_reward_model_data_names_file_line_and_field(tmp_path, tiny_model_di
 def test_head_lr_gives_the_scalar_head_its_own_param_group(tiny_model_dir):
     """optim.head_lr: the reward/value head trains at its own rate; everything else at optim.lr."""
     from rlhfkit.config import ModelSection, OptimSection
-    from rlhfkit.models.lora import load_for_training
+    from rlhfkit.models.start import load_for_training
     from rlhfkit.training import build_optimizer, build_scheduler
 
     model, _ = load_for_training(ModelSection(name=str(tiny_model_dir)), "SEQ_CLS", pad_token_id=0)
@@ -247,3 +247,65 @@ def test_rm_head_init_probe_ranks_before_any_gradient_step(tmp_path, tiny_model_
 
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
     assert rm.score.weight.abs().sum().item() > 0
+
+
+def test_rm_mean_pooling_is_trained_saved_and_scored_the_same_way(tmp_path, tiny_model_dir):
+    """pooling=mean: the probe, the training loss and the evaluation pool over response tokens,
+    the saved config.json records it, and rm:DIR scores the held-out pairs exactly as the
+    trainer's last evaluation did (same accuracy and mean margin)."""
+    from rlhfkit.data import load_preference
+    from rlhfkit.eval.preference_sets import reward_accuracy
+    from rlhfkit.judges.rewards import build_reward_fn
+
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=2)
+    cfg.head_init, cfg.pooling, cfg.optim.lr = "probe", "mean", 1e-3
+    final = train_reward_model(cfg)
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["reward_pooling"] == "mean"
+    m = _metrics(tmp_path / "run")
+    assert next(r for r in m if r["step"] == 0 and "eval/accuracy" in r)["eval/accuracy"] >= 0.95
+    got = reward_accuracy(build_reward_fn(f"rm:{tmp_path / 'run'}"), load_preference(str(held)))
+    assert got["accuracy"] == pytest.approx(final["eval/accuracy"])
+    assert got["margin"] == pytest.approx(final["eval/margin"], rel=1e-4, abs=1e-5)
+
+
+def test_rm_train_top_layers_moves_only_the_top(tmp_path, tiny_model_dir):
+    """train_top_layers=1 on a 2-layer model: after a step the embeddings and layer 0 are the
+    starting weights exactly; layer 1, the final norm's neighbours and the head moved."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.config import ConfigError
+
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(16, 0))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, train, train__max_steps=1)
+    cfg.train_top_layers, cfg.optim.lr = 1, 1e-2
+    train_reward_model(cfg)
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    lower = [k for k in after if "embed_tokens" in k or ".layers.0." in k]
+    upper = [k for k in after if ".layers.1." in k and k.endswith("proj.weight")]
+    assert lower and upper
+    for k in lower:
+        torch.testing.assert_close(after[k], init[k], atol=0, rtol=0)
+    assert all((after[k] - init[k]).abs().max() > 1e-4 for k in upper)
+    with pytest.raises(ConfigError, match="train_top_layers"):
+        load_config(RewardConfig, data={"data": {"train": "x.jsonl"}, "train_top_layers": -1})
+    with pytest.raises(ConfigError, match="pooling"):
+        load_config(RewardConfig, data={"data": {"train": "x.jsonl"}, "pooling": "mean",
+                                        "model": {"lora": {"enabled": True}}})
+def test_rm_training_accuracy_counts_ties_as_half(tmp_path, tiny_model_dir, monkeypatch):
+    """Training and held-out accuracy share `algos.pairwise_accuracy`: a model that ties every
+    pair scores 0.5 in both (counting ties as wrong would log 0)."""
+    import rlhfkit.trainers.reward as reward
+
+    real = reward.pair_scores
+    monkeypatch.setattr(reward, "pair_scores", lambda m, b: tuple(0.0 * s for s in real(m, b)))
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(16, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(8, 1))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=1)
+    train_reward_model(cfg)
+    m = _metrics(tmp_path / "run")
+    assert [r["train/accuracy"] for r in m if "train/accuracy" in r] == [0.5]
+    assert all(r["eval/accuracy"] == 0.5 for r in m if "eval/accuracy" in r)

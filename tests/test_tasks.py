@@ -236,3 +236,94 @@ def test_make_data_cli_parses_its_own_options(tmp_path, capsys):
     train = (tmp_path / "prompts_train.jsonl").read_text().splitlines()
     evals = (tmp_path / "prompts_eval.jsonl").read_text().splitlines()
     assert train and evals and not set(train) & set(evals)
+
+
+def test_build_preference_pairs_with_tiny_model(tmp_path):
+    """--pairs-only: pairs on the preference slice of the training prompts (never the SFT
+    prompts) or on held-out prompts; a new seed on the same prompts gives new samples."""
+    from rlhfkit.data import load_preference
+    from rlhfkit.models import load_tokenizer, tiny_causal_lm
+    from rlhfkit.tasks.pairs import build_preference_pairs
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = tiny_causal_lm(tok, seed=0)
+    kw = dict(max_new_tokens=6, model=model, tokenizer=tok, progress=False)
+    task = get_task("sentiment")
+    meta = build_preference_pairs("sentiment", "tiny", tmp_path / "ev", split="eval", n_prompts=3,
+                                  pairs_per_prompt=2, seed=1, **kw)
+    ev = [json.loads(x) for x in (tmp_path / "ev" / "preference.jsonl").read_text().splitlines()]
+    assert len(ev) == meta["counts"]["preference"] == 6 - meta["counts"]["preference_dropped"]
+    assert [r["prompt"] for r in ev][::2] == [r["prompt"] for r in task.eval_prompts(seed=0)[:3]][:len(ev) // 2]
+    assert len(load_preference(str(tmp_path / "ev" / "preference.jsonl"))) == len(ev)
+    assert meta["settings"]["split"] == "eval" and meta["seed"] == 1
+
+    build_preference_pairs("sentiment", "tiny", tmp_path / "tr", split="train", n_prompts=4, skip=3, seed=2, **kw)
+    tr = [json.loads(x) for x in (tmp_path / "tr" / "preference.jsonl").read_text().splitlines()]
+    train = task.train_prompts(seed=0)
+    assert {r["prompt"] for r in tr} <= {r["prompt"] for r in train[3:7]}
+    build_preference_pairs("sentiment", "tiny", tmp_path / "tr3", split="train", n_prompts=4, skip=3, seed=3, **kw)
+    assert (tmp_path / "tr" / "preference.jsonl").read_text() != (tmp_path / "tr3" / "preference.jsonl").read_text()
+    with pytest.raises(ValueError, match="train prompts"):
+        build_preference_pairs("sentiment", "tiny", tmp_path / "x", split="train", n_prompts=len(train), skip=1, **kw)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pairs-only", "eval", "--n-pref-prompts", "100000"], "--n-pref-prompts: 100000 prompts"),
+    (["--pairs-only", "train", "--pair-from", "1"], "--pair-from: must be >= 2"),
+    (["--pairs-only", "train", "--pairs-per-prompt", "0"], "--pairs-per-prompt: must be >= 1"),
+])
+def test_make_data_pairs_only_refuses_bad_settings_before_writing(tmp_path, capsys, flags, message):
+    from rlhfkit.tasks.build import main
+
+    assert main(["--task", "sentiment", "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pick_two_pairs_highest_with_lowest_gold():
+    from rlhfkit.tasks.build import _Sample
+    from rlhfkit.tasks.pairs import _pick_two
+
+    s = [_Sample(t, g, True) for t, g in [("a", 0.0), ("b", 1.0), ("c", 0.0), ("d", 1.0)]]
+    assert [x.text for x in _pick_two(s)] == ["b", "a"]  # the first of the best, the first of the worst
+    assert _pick_two([s[0], s[2], _Sample("e", 0.0, False)]) is None  # all equal: no informative pair
+    assert [x.text for x in _pick_two(s[:2])] == ["a", "b"]  # two samples: both, in order
+
+
+def test_arithmetic_pairs_are_correct_versus_wrong(tmp_path, monkeypatch):
+    """pair_from > 2 on a 0/1 task pairs a correct with a wrong sample and drops prompts whose
+    samples are all right or all wrong (the sampler is replaced by fixed answers)."""
+    from rlhfkit.models import load_tokenizer, tiny_causal_lm
+    from rlhfkit.tasks import pairs
+    from rlhfkit.tasks.build import _Sample
+
+    task = get_task("arithmetic")
+    prompts = task.eval_prompts(seed=0)[:4]
+    answers = [int(p["reference"]) for p in prompts]
+    a0, a1, a2, a3 = answers
+    texts = [[f"{a0 + 1}", f"It is {a0}.", f"{a0 - 10}", f"{a0}"],  # first correct vs first wrong
+             [f"{a1 + 1}"] * 4, [f"{a2}"] * 4,  # all wrong, all right: dropped
+             [f"{a3}", f"{a3}", f"{a3 + 2}", f"{a3}"]]
+
+    class FixedSampler:
+        def __init__(self, *a, **k):
+            self.tokens = 0
+
+        def __call__(self, records, n, desc):
+            assert n == 4 and [r["prompt"] for r in records] == [p["prompt"] for p in prompts]
+            out = []
+            for rec, group in zip(records, texts):
+                gold = task.gold_scores([rec["prompt"]] * n, group, reference=[rec["reference"]] * n)
+                out.append([_Sample(t, g, True) for t, g in zip(group, gold)])
+            return out
+
+    monkeypatch.setattr(pairs, "_Sampler", FixedSampler)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    meta = pairs.build_preference_pairs("arithmetic", "tiny", tmp_path, split="eval", n_prompts=4, pair_from=4,
+                                        model=tiny_causal_lm(tok), tokenizer=tok, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "preference.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["gold_chosen"], r["gold_rejected"]) for r in rows] == [
+        (prompts[0]["prompt"], 1.0, 0.0), (prompts[3]["prompt"], 1.0, 0.0)]
+    assert rows[0]["chosen"] == f"It is {answers[0]}." and rows[0]["rejected"] == f"{answers[0] + 1}"
+    assert meta["counts"]["preference_dropped"] == 2 and meta["annotator_ceiling_accuracy"] == 1.0

@@ -112,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         if len(args.runs) > 1 and not args.out:
             parser.error("comparing several runs needs --out FILE")
-        from rlhfkit.report import build_report
-
+        try:
+            from rlhfkit.report import build_report
+        except ConfigError as e:  # matplotlib missing
+            print(f"rlhfkit report: error: {e}", file=sys.stderr)
+            return 2
         print(build_report(args.runs, args.out))
         return 0
     if args.command == "merge":
-        from rlhfkit.models.lora import merge_adapter
+        from rlhfkit.models.start import merge_adapter
 
         try:
             print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))

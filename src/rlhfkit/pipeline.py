@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from rlhfkit.config import ConfigError, build, load_config, merge, parse_overrides
+from rlhfkit.config.extras import require
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
 from rlhfkit.runinfo import write_run_info
@@ -96,6 +97,7 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
 
 def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     cfg, stages = plan(path, overrides)
+    require("matplotlib", "report", "the pipeline's report.html")  # checked before any stage runs
     strategies: dict = {}
 
     def strategy_for(stage_cfg):

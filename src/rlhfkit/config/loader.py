@@ -137,7 +137,7 @@ def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
         try:
             cfg.validate(prefix or "config")
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise type(e)(f"{source}: {e}") from None  # keeps MissingDependency an ImportError
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):

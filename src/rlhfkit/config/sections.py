@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from rlhfkit.config.errors import ConfigError
+from rlhfkit.config.extras import check_trackers
 
 
 @dataclass
@@ -120,6 +121,10 @@ class TrainSection:
     """Continue from the latest complete checkpoint in output_dir."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get the metrics besides metrics.jsonl (always written): tensorboard
+    (output_dir/tb), wandb, mlflow, or any other tracker of accelerate (trackio, comet_ml, aim, clearml,
+    dvclive, swanlab); [] = metrics.jsonl only. Each must be installed (e.g. pip install 'rlhfkit[wandb]')."""
     fsdp: bool = False
     """On N processes: shard the trained and frozen models with torch FSDP2 instead of replicating them."""
     zero_stage: int = 0
@@ -138,6 +143,7 @@ class TrainSection:
                               "use train.fsdp=true to shard the weights)")
         if self.zero_stage and self.fsdp:
             raise ConfigError(f"{where}: choose one of fsdp and zero_stage")
+        check_trackers(self.report_to, f"{where}.report_to")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"{where}.early_stopping_patience: must be >= 0")
         if self.early_stopping_patience and not self.select_best:
@@ -242,6 +248,10 @@ class RolloutSection:
     """Top-k filter; 0 = off."""
     micro_batch_size: int = 0
     """Rows per generation forward; 0 = all rows of a step at once."""
+    backend: Literal["own", "hf"] = "own"
+    """What samples the responses (docs/rollout_backends.md): own = rlhfkit's KV-cache engine
+    (in-place cache, packed CPU matmuls, shared prompt prefixes; the fastest here); hf = plain
+    transformers model.generate (same greedy tokens; a different random stream when sampling)."""
 
     def validate(self, where: str) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
@@ -306,13 +316,16 @@ class PTXSection:
     """The PTX term: the actor's language-modelling loss on SFT or pretraining data (the alignment-tax guard)."""
 
     data: str = ""
-    """SFT/pretraining data for the PTX loss (same formats as `rlhfkit sft`); empty = no PTX term."""
+    """Data for the PTX loss: plain text (a .txt file of documents separated by blank lines, or records
+    {"text"}; every token trained) or SFT conversations (the formats of `rlhfkit sft`; the assistant
+    tokens trained); empty = no PTX term."""
     coef: float = 0.0
     """gamma_ptx: weight of the actor's token NLL on that data in the total loss."""
     batch_size: int = 8
-    """SFT examples per optimizer step."""
+    """PTX examples per optimizer step."""
     max_length: int = 512
-    """Tokens per SFT example (longer ones are an error, as in `rlhfkit sft`)."""
+    """Tokens per example: longer plain text is split into windows of this length; a longer
+    conversation is an error, as in `rlhfkit sft`."""
 
     def validate(self, where: str) -> None:
         if self.coef < 0 or (self.coef > 0 and not self.data):
@@ -339,7 +352,7 @@ class SFTConfig:
 
 @dataclass
 class RewardConfig:
-    """`rlhfkit rm`: a Bradley-Terry reward model, a scalar head read at the last token."""
+    """`rlhfkit rm`: a Bradley-Terry reward model, a scalar head read at the last token or pooled."""
 
     model: ModelSection = field(default_factory=ModelSection)
     """Backbone (usually the SFT model); a causal LM gets a fresh scalar head."""
@@ -357,3 +370,19 @@ class RewardConfig:
     """probe: before fine-tuning, fit the head alone as a linear Bradley-Terry model on the frozen
     backbone's features of the training pairs (L2 by cross-validation), then fine-tune everything
     from there (linear probing, then fine-tuning). random: the usual fresh head."""
+    pooling: Literal["last", "mean", "mean_all"] = "last"
+    """How the per-token head outputs become the reward: last (the value at the last real token),
+    mean (the mean over the response tokens) or mean_all (over all tokens). Saved in the model's
+    config.json as reward_pooling, so that rm:DIR scores the way the model was trained."""
+    train_top_layers: int = 0
+    """> 0: fine-tune only the top N decoder layers (with the final norm and the head); 0: all."""
+
+    def validate(self, where: str) -> None:
+        if self.train_top_layers < 0:
+            raise ConfigError(f"{where}.train_top_layers: must be >= 0, got {self.train_top_layers}")
+        if self.train_top_layers and self.model.lora.enabled:
+            raise ConfigError(f"{where}.train_top_layers: not with model.lora.enabled (LoRA already freezes the base)")
+        if self.pooling != "last" and self.model.lora.enabled:
+            # a LoRA run saves an adapter directory, which has no config.json to record the pooling in
+            raise ConfigError(f"{where}.pooling: {self.pooling!r} cannot be stored with a LoRA adapter; "
+                              "use pooling: last with model.lora.enabled, or train without LoRA")

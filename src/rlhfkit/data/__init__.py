@@ -29,6 +29,7 @@ from rlhfkit.data.formats import (
     parse_sft,
     sft_from_preference,
 )
+from rlhfkit.data.plain_text import load_plain_text, tokenize_plain_text
 from rlhfkit.data.records import Record, load_records
 from rlhfkit.data.tokenize import (
     IGNORE_INDEX,
@@ -46,7 +47,7 @@ __all__ = [
     "DataError", "Origin", "Record", "load_records",
     "SFTExample", "PreferenceExample", "PromptExample",
     "parse_sft", "parse_preference", "parse_prompts", "load_sft", "load_preference", "load_prompts",
-    "sft_from_preference",
+    "sft_from_preference", "load_plain_text", "tokenize_plain_text",
     "IGNORE_INDEX", "TruncationStats", "render_ids", "render_prompt_ids", "end_of_turn_ids",
     "tokenize_sft", "tokenize_preference", "tokenize_prompt", "tokenize_dataset",
     "pad_sequences", "SFTCollator", "PreferenceCollator", "PromptCollator",

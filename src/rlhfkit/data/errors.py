@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 # Formats whose records are lines of text: their positions are reported as line numbers.
-_LINE_BASED_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")
+_LINE_BASED_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv", ".txt")
 
 
 class Origin(NamedTuple):

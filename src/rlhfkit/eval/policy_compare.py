@@ -29,6 +29,7 @@ import torch
 from rlhfkit.config import ConfigError, PromptsSection, RolloutSection, dump_config
 from rlhfkit.data import load_preference
 from rlhfkit.data.sources import resolve_source
+from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection, tax_deltas
 from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
 from rlhfkit.eval.stats import mean_ci, pearson, prob_indicators, win_indicators, win_rate, within_group_pearson
 from rlhfkit.io import write_json_atomic
@@ -77,6 +78,8 @@ class EvalConfig:
     """Preference pairs on which to report the proxy's and the judges' accuracy by category; empty = skip."""
     batch_size: int = 16
     """Rows per scoring forward (reward model, judge, KL)."""
+    alignment_tax: AlignmentTaxSection = field(default_factory=AlignmentTaxSection)
+    """Held-out SFT-data NLL and a capability probe (greedy exact match), baseline vs each policy."""
     train: EvalRunSection = field(default_factory=EvalRunSection)
     """Output directory and seed."""
 
@@ -199,17 +202,23 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     _write_samples(out / "samples-baseline.jsonl", base)
     results = {"baseline": {"model": cfg.baseline, **summarize(base, n)}, "prompts": len(items),
                "prompts_dropped_too_long": dropped, "samples_per_prompt": n, "policies": {}}
+    tax = AlignmentTax(cfg.alignment_tax, tokenizer, cfg.batch_size, device)
+    if tax.enabled:
+        results["baseline"]["alignment_tax"] = tax.measure(baseline)
 
     # 2. Each policy: samples, scores, KL to the baseline, win rates.
     for spec in cfg.policies:
         label, path = policy_label(spec)
         model = load_causal_lm(path).to(device).eval()
         pol = sample_and_score(model, items, cfg, tokenizer, judges)
+        taxed = tax_deltas(tax.measure(model), results["baseline"].get("alignment_tax", {}))
         del model
         kl = kl_to_baseline(baseline, pol["exp"], cfg.batch_size)
         _write_samples(out / f"samples-{label}.jsonl", pol)
         results["policies"][label] = {"model": path, **summarize(pol, n), "kl": mean_ci(per_prompt(kl, n)),
                                       "win_rate": win_rates(pol, base, judges, n)}
+        if taxed:
+            results["policies"][label]["alignment_tax"] = taxed
 
     # 3. Reward-model / judge accuracy on a labelled set.
     if cfg.preference_set:
@@ -248,6 +257,12 @@ def format_table(results: dict) -> str:
         for judge, w in r["win_rate"].items():
             if judge != "gold":
                 lines.append(f"  {name} win rate by {judge}: {ci(w)}")
+    for name, r, _ in rows:
+        tax = r.get("alignment_tax") or {}
+        parts = [f"{k} {tax[k]:.3f}" + (f" ({tax[k + '_delta']:+.3f})" if k + "_delta" in tax else "")
+                 for k in ("sft_nll", "capability_exact_match") if k in tax]
+        if parts:
+            lines.append(f"  {name} alignment tax: " + ", ".join(parts))
     for judge, acc in results.get("preference_set", {}).items():
         cats = ", ".join(f"{c} {a['accuracy']:.3f}" for c, a in acc.get("by_category", {}).items())
         lines.append(f"  accuracy of {judge} on the preference set: {acc['accuracy']:.3f}" + (f" ({cats})" if cats else ""))

@@ -90,27 +90,40 @@ class RewardModelScorer:
         """Token ids exactly as `rlhfkit rm` trained on them (data.tokenize_preference): the prompt
         with its generation header, then the reply up to and including its end-of-turn token
         (the template's trailing newline is not part of it: the score is read at end-of-turn)."""
+        prompt, reply = self.render_parts(messages, response)
+        return prompt + reply
+
+    def render_parts(self, messages: Messages, response: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, reply ids) of `render`. A template that is not prefix-stable for this reply
+        gives ([], whole rendering): then a "mean"-pooled RM averages over every token."""
         from rlhfkit.data import end_of_turn_ids, render_ids, render_prompt_ids
 
         prompt = render_prompt_ids(self.tokenizer, messages)
         full = render_ids(self.tokenizer, [*messages, {"role": "assistant", "content": response}])
-        if full[:len(prompt)] != prompt:  # template not prefix-stable for this reply: score the whole rendering
-            return full
+        if full[:len(prompt)] != prompt:
+            return [], full
         eot = end_of_turn_ids(self.tokenizer)
         reply = full[len(prompt):]
         ends = [j for j, t in enumerate(reply) if t in eot]
-        return prompt + (reply[:ends[-1] + 1] if ends else reply)
+        return prompt, (reply[:ends[-1] + 1] if ends else reply)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages]) -> list[float]:
-        """`messages` by name: the RewardFn passes the prompt conversations to a parameter so named."""
-        from rlhfkit.models import sequence_scores
+        """`messages` by name: the RewardFn passes the prompt conversations to a parameter so named.
+        The scores are pooled as stored in the RM's config.json (`models.reward_pooling`)."""
+        from rlhfkit.models import reward_pooling, sequence_scores
         from rlhfkit.rollout import left_pad
 
         device = next(self.model.parameters()).device
-        rows = [self.render(m, r) for m, r in zip(messages, responses)]
+        pooling = reward_pooling(self.model)
+        parts = [self.render_parts(m, r) for m, r in zip(messages, responses)]
         scores: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
-            ids, mask = left_pad(rows[i:i + self.batch_size], self.tokenizer.pad_token_id, device)
-            scores += sequence_scores(self.model, ids, mask).float().tolist()
+        for i in range(0, len(parts), self.batch_size):
+            chunk = parts[i:i + self.batch_size]
+            ids, mask = left_pad([p + r for p, r in chunk], self.tokenizer.pad_token_id, device)
+            # left-padded: each row's reply is its last len(reply) positions
+            n_reply = torch.tensor([len(r) for _, r in chunk], device=device)[:, None]  # (B, 1)
+            cols = torch.arange(ids.shape[1], device=device)[None]  # (1, T)
+            response_mask = (cols >= ids.shape[1] - n_reply).long()  # (B, T)
+            scores += sequence_scores(self.model, ids, mask, pooling, response_mask).float().tolist()
         return scores

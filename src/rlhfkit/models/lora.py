@@ -6,9 +6,9 @@
   copy of the weights in memory.
 - `share_frozen_base`: a second model (PPO's critic started from the policy) made to use the
   very same frozen base tensors as the first; only its adapters and head are its own.
-- `load_for_training`: start from a plain model, or continue training a saved adapter.
-- `load_merged` / `merge_adapter`: an adapter directory (peft format, as the trainers save it)
-  folded into its base, the full model that ``rlhfkit merge`` writes.
+- adapter directories: `adapter_config`, `adapter_base`, `load_adapter_onto`. Loading an adapter
+  directory merged into its base is `models.loading.load_merged`; `models.start` has
+  `load_for_training` and `merge_adapter` (``rlhfkit merge``).
 - `enable_gradient_checkpointing`: the one switch all trainers use (it must keep working when
   every base weight is frozen, as under LoRA).
 """
@@ -107,9 +107,7 @@ def share_frozen_base(model, source) -> int:
     """
     import torch
 
-    from rlhfkit.models.loading import is_structure_only
-
-    if is_structure_only(model) or is_structure_only(source):  # FSDP ranks > 0: nothing loaded to share
+    if any(p.is_meta for p in (*model.parameters(), *source.parameters())):  # FSDP ranks > 0: nothing loaded
         return 0
     source_prefix = source.get_base_model().base_model_prefix + "."
     model_prefix = model.base_model_prefix + "."
@@ -177,76 +175,3 @@ def load_adapter_onto(model, path: str | os.PathLike, trainable: bool = False):
 def is_seq_cls_adapter(path: str | os.PathLike) -> bool:
     cfg = adapter_config(path) or {}
     return cfg.get("task_type") == "SEQ_CLS" or "score" in (cfg.get("modules_to_save") or [])
-
-
-def load_merged(path: str | os.PathLike, *, base: str | None = None, dtype=None, pad_token_id: int | None = None,
-                kind: str | None = None):
-    """Load an adapter directory as one plain transformers model: base + adapter, merged.
-
-    kind: "causal" or "scalar"; None = from the adapter (a reward / value model adapter, whose
-    head is in ``modules_to_save``, gives a *ForSequenceClassification model).
-    """
-    from rlhfkit.models.loading import load_causal_lm, load_scalar_model
-
-    base_name = adapter_base(path, base)
-    if kind is None:
-        kind = "scalar" if is_seq_cls_adapter(path) else "causal"
-    if kind == "scalar":
-        model = load_scalar_model(base_name, dtype, pad_token_id=pad_token_id)
-    else:
-        model = load_causal_lm(base_name, dtype)
-    merged = load_adapter_onto(model, path).merge_and_unload()
-    # peft froze the base to attach the adapter; the merged model is a plain model like any
-    # from_pretrained one (trainable), so that full fine-tuning can start from an adapter directory
-    merged.requires_grad_(True)
-    # Adapters trained on top of this model record it as their base: the chain stays loadable.
-    merged.config.name_or_path = merged.name_or_path = str(path)
-    return merged
-
-
-def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | None = None,
-                  dtype=None) -> Path:
-    """``rlhfkit merge``: write adapter + base as a full model directory (with the tokenizer).
-
-    The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``, or with
-    ``AutoModelForSequenceClassification`` for a reward / value model adapter. Written atomically.
-    """
-    from rlhfkit.models.loading import load_tokenizer, save_pretrained_atomic
-
-    path = Path(path)
-    if adapter_config(path) is None:
-        raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
-    tok_src = path if (path / "tokenizer_config.json").is_file() else adapter_base(path, base)
-    tokenizer = load_tokenizer(tok_src)
-    merged = load_merged(path, base=base, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
-    if merged.config.pad_token_id is None:
-        merged.config.pad_token_id = tokenizer.pad_token_id
-    return save_pretrained_atomic(merged, tokenizer, out_dir)
-
-
-def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int | None = None):
-    """The model a trainer starts from, LoRA-wrapped when ``model_cfg.lora.enabled``.
-
-    With LoRA, an adapter directory of the same task as ``model_cfg.name`` *continues* that
-    adapter on its base (the base stays frozen and is what `adapters_disabled` gives back);
-    otherwise fresh adapters go on the named model, an adapter directory being merged into a full
-    model first (e.g. a reward model started from a LoRA SFT policy).
-    Returns (model, base model name if an adapter was continued else None).
-    """
-    from rlhfkit.models.loading import load_causal_lm, load_scalar_model, trained_dtype
-
-    dtype = trained_dtype(model_cfg.dtype, model_cfg.lora.enabled)
-
-    def load(name):
-        if task_type == "SEQ_CLS":
-            return load_scalar_model(name, dtype, pad_token_id=pad_token_id)
-        return load_causal_lm(name, dtype)
-
-    cont = adapter_config(model_cfg.name)
-    continued = model_cfg.lora.enabled and cont is not None and cont.get("task_type") == task_type
-    model = load(adapter_base(model_cfg.name) if continued else model_cfg.name)
-    if model_cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if continued:
-        return load_adapter_onto(model, model_cfg.name, trainable=True), adapter_base(model_cfg.name)
-    return apply_lora(model, model_cfg.lora, task_type), None

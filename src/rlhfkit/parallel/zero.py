@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import ConfigError
+from rlhfkit.config.extras import require
 from rlhfkit.parallel.ddp import DataParallel
 from rlhfkit.parallel.optim_state import by_name, index_keyed
 
@@ -46,10 +46,7 @@ def is_zero_optimizer(optimizer) -> bool:
 
 
 def require_deepspeed() -> None:
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise ConfigError("train.zero_stage: DeepSpeed is not installed (pip install 'rlhfkit[deepspeed]')") from None
+    require("deepspeed", "deepspeed", "train.zero_stage")
 
 
 def initialize(model, optimizer, stage: int, micro_batch_size: int, world_size: int, max_grad_norm: float):

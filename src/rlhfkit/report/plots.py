@@ -11,8 +11,9 @@ import html
 import io
 import struct
 
-import matplotlib
+from rlhfkit.config.extras import require
 
+matplotlib = require("matplotlib", "report", "the report (rlhfkit report, the pipeline's report.html)")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402

@@ -67,7 +67,7 @@ def generate(
     Returns an Experience on the model's device with B = len(prompt_ids) * n rows.
     """
     _check(prompt_ids, eos_token_id, temperature, top_p, top_k, n)
-    device = _model_device(model)
+    device = model_device(model)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     eos_ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
@@ -92,7 +92,7 @@ def generate(
                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
                     return_logprobs=return_logprobs,
                 )
-                resp_mask = _response_mask(resp, eos_ids)
+                resp_mask = response_mask(resp, eos_ids)
                 ids, mask = left_pad(chunk, pad_token_id, device)
                 parts.append(Experience(
                     prompt_ids=ids, prompt_mask=mask, response_ids=resp, response_mask=resp_mask,
@@ -235,14 +235,14 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _response_mask(resp: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+def response_mask(resp: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
     """(B, R) 1 up to and including the first EOS, 0 after."""
     is_eos = torch.isin(resp, eos_ids).long()
     before = is_eos.cumsum(-1) - is_eos  # number of EOS strictly before each position
     return (before == 0).long()
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:

@@ -8,28 +8,30 @@ import hashlib
 
 import torch
 
-from rlhfkit.rollout.engine import generate
+from rlhfkit.rollout.backends import RolloutBackend, make_backend
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.prompts import PromptItem
 
 
 def rollout(model, items: list[PromptItem], settings, tokenizer, seed: int | None = None,
-            strategy=None) -> Experience:
+            strategy=None, backend: RolloutBackend | None = None) -> Experience:
     """Sample ``settings.n`` responses per prompt (rows i*n..i*n+n-1 belong to items[i]).
 
-    settings: a `config.RolloutSection`. ``seed`` gives the sampling its own generator (see
+    settings: a `config.RolloutSection`; its ``backend`` names what samples (`backends.BACKENDS`)
+    unless a ``backend`` object is given. ``seed`` gives the sampling its own generator (see
     `rank_stream_seed`); None = torch's global RNG. With a ``strategy`` the model's weights are whole
     for the duration (FSDP gathers them once, so each rank decodes on its own and stops at its own
-    EOS) and a wrapped model is unwrapped, and the forwards run in its compute precision (autocast).
+    EOS) and a wrapped model is unwrapped; the backend's weights are synced from them, and the
+    forwards run in the strategy's compute precision (autocast).
     """
+    backend = backend if backend is not None else make_backend(settings.backend)
     whole = strategy.full_weights(model) if strategy is not None else contextlib.nullcontext()
     plain = strategy.unwrap(model) if strategy is not None else model
     autocast = strategy.autocast() if strategy is not None else contextlib.nullcontext()
     with whole, autocast:
-        return generate(plain, [it.ids for it in items], max_new_tokens=settings.max_new_tokens,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, n=settings.n,
-                        micro_batch_size=settings.micro_batch_size or None, seed=seed)
+        backend.sync_weights(plain)
+        return backend.generate([it.ids for it in items], settings, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, seed=seed)
 
 
 def rank_stream_seed(seed: int, step: int, rank: int) -> int:

@@ -13,7 +13,8 @@ writes to OUT:
   meta.json             settings, seed, counts, gold-score statistics and the annotator's
                         ceiling accuracy on the preference pairs.
 
-With --prompts-only, only the two prompt files (and meta.json) are written.
+With --prompts-only, only the two prompt files (and meta.json) are written. With --pairs-only
+train|eval, only preference pairs (more of them, or a held-out set): see `rlhfkit.tasks.pairs`.
 
 SFT and preference prompts are disjoint slices of the training prompts, so the reward model is
 not fitted on the prompts whose demonstrations the SFT model memorised.
@@ -280,9 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--prompts-only", action="store_true",
                     help="write only prompts_train.jsonl / prompts_eval.jsonl (no model, no sampling)")
+    from rlhfkit.tasks import pairs
+
+    pairs.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pairs_only:
+        return pairs.run(args)
     if args.prompts_only:
         counts = write_prompt_files(args.task, args.out, seed=args.seed)
         meta = {"task": args.task, "prompts_only": True, "seed": args.seed, "counts": counts,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+from rlhfkit.config.extras import require
 from rlhfkit.tasks.base import Task
 
 # (family, template). The family is the preference data's `category`.
@@ -98,7 +99,6 @@ class SentimentTask(Task):
     def gold_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """VADER compound score of each response in [-1, 1] (the prompt is not looked at)."""
         if self._vader is None:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-            self._vader = SentimentIntensityAnalyzer()
+            vader = require("vaderSentiment.vaderSentiment", "tasks", "the sentiment task's gold judge (VADER)")
+            self._vader = vader.SentimentIntensityAnalyzer()
         return [float(self._vader.polarity_scores(r)["compound"]) for r in responses]

@@ -1,4 +1,4 @@
-"""Direct preference optimisation and relatives: DPO, IPO, conservative DPO (docs/concepts.md, "DPO").
+"""Direct preference optimisation and relatives: DPO, IPO, conservative and robust DPO (docs/concepts.md, "DPO").
 
     rlhfkit dpo --config configs/dpo.yaml data.train=prefs.jsonl dpo.beta=0.1
 
@@ -21,7 +21,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 
@@ -31,7 +31,7 @@ from rlhfkit.data import PreferenceCollator, batch_to_device, load_preference, s
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model_path
-from rlhfkit.models.lora import load_for_training, merge_adapter
+from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.dpo_logps import REF_KEYS, Reference, pair_logps, precompute_reference, reference_logps
 from rlhfkit.trainers.reward import prepare_preference_data
@@ -45,12 +45,15 @@ class DPOSection:
 
     beta: float = 0.1
     """KL anchor: implicit reward = beta * log(pi/pi_ref); smaller lets the policy move further."""
-    loss_type: Literal["sigmoid", "cdpo", "ipo", "hinge"] = "sigmoid"
-    """sigmoid = DPO, cdpo = conservative DPO (with label_smoothing), ipo = IPO, hinge = SLiC."""
+    loss_type: Literal["sigmoid", "cdpo", "robust", "ipo", "hinge"] = "sigmoid"
+    """sigmoid = DPO, cdpo = conservative DPO (Mitchell 2023; with label_smoothing), robust = robust DPO
+    (rDPO, Chowdhury et al. 2024; TRL's "robust"; with label_smoothing), ipo = IPO, hinge = SLiC."""
     label_smoothing: float = 0.0
-    """Conservative DPO: the assumed probability that a label is flipped (sigmoid/cdpo only)."""
-    average_logps: bool = False
-    """Length-normalised (mean) sequence log-probs instead of sums (what TRL uses for IPO)."""
+    """The assumed probability that a label is flipped, in [0, 0.5): conservative DPO for sigmoid/cdpo
+    (smoothed cross-entropy), robust DPO's unbiased correction for robust. Other losses: must be 0."""
+    average_logps: Union[bool, Literal["auto"]] = "auto"
+    """Length-normalised (mean over response tokens) sequence log-probs instead of sums. auto = true for
+    ipo (as TRL, so IPO's target 1/(2 beta) is per token), false otherwise."""
     precompute_ref_logps: bool = False
     """Compute the reference log-probs once before training and keep no reference model."""
     reference: str = ""
@@ -64,8 +67,13 @@ class DPOSection:
             raise ConfigError(f"{where}.beta: must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"{where}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "cdpo"):
-            raise ConfigError(f"{where}.label_smoothing: only defined for loss_type sigmoid/cdpo")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "cdpo", "robust"):
+            raise ConfigError(f"{where}.label_smoothing: only defined for loss_type sigmoid/cdpo/robust")
+
+    @property
+    def average(self) -> bool:
+        """Whether sequence log-probs are token means (average_logps, with auto resolved)."""
+        return self.loss_type == "ipo" if self.average_logps == "auto" else bool(self.average_logps)
 
 
 @dataclass
@@ -108,8 +116,8 @@ def dpo_batch_loss(policy, reference, chunk: list[dict], collator, dcfg: DPOSect
     """DPO loss of one micro-batch, summed over its pairs and divided by ``normalizer`` (the
     global number of pairs). Returns (loss to backpropagate, metric sums over the chunk's pairs)."""
     batch = batch_to_device(collator(chunk), device)
-    pc, pr = pair_logps(policy, batch, dcfg.average_logps)
-    rc, rr = reference_logps(chunk, batch, reference, dcfg.average_logps)
+    pc, pr = pair_logps(policy, batch, dcfg.average)
+    rc, rr = reference_logps(chunk, batch, reference, dcfg.average)
     loss, m = dpo_loss(pc, pr, rc, rr, beta=dcfg.beta, loss_type=dcfg.loss_type,
                        label_smoothing=dcfg.label_smoothing, reduction="sum")
     sums = {k: v * len(chunk) for k, v in m.items()}  # metrics are chunk means
@@ -191,7 +199,7 @@ def _precompute_or_load(cfg, out: Path, train, evals, reference, collator, strat
                 ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
         return
     for exs in (train, evals):
-        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, strategy, cfg.dpo.average_logps)
+        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, strategy, cfg.dpo.average)
     if strategy.is_main:
         write_json_atomic(path, {name: [[ex[k] for k in REF_KEYS] for ex in exs]
                                  for name, exs in (("train", train), ("eval", evals))})

@@ -2,11 +2,13 @@
 (docs/concepts.md, "GRPO and RLOO").
 
     rlhfkit grpo --config configs/grpo.yaml
-    rlhfkit rloo --config configs/grpo.yaml      # the same trainer with advantage=rloo
+    rlhfkit rloo --config configs/rloo.yaml      # the same trainer, RLOO's defaults
 
-G = rollout.n responses per prompt. GRPO: A_i = (R_i - mean_group) / (std_group + eps) (or no
-scaling, Dr. GRPO); RLOO: A_i = R_i - mean of the other G-1. Every token of response i gets A_i.
-The KL to the reference is a loss term (k3, kl_coef) by default, or a penalty in the reward.
+G = rollout.n responses per prompt. GRPO: A_i = (R_i - mean_group) / (std_group + eps) (or the batch
+std, or no scaling, Dr. GRPO); RLOO: A_i = R_i - mean of the other G-1; REINFORCE: A_i = R_i - the
+global batch mean. Every token of response i gets A_i. GRPO's KL to the reference is a loss term (k3,
+kl_coef) by default; `rlhfkit rloo` follows the RLOO paper (k1 summed into the reward, one importance
+ratio per response, `ratio_level`).
 Rollout, scoring and the update are the same functions PPO uses.
 """
 
@@ -17,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.algos import expand_to_tokens, group_advantages, rloo_advantages
+from rlhfkit.algos import batch_mean_advantages, expand_to_tokens, group_advantages, rloo_advantages
 from rlhfkit.config import ConfigError, PolicyTrainSection, PromptsSection, RewardSection, RolloutSection
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
@@ -52,41 +54,82 @@ class GRPOConfig(PolicyGradientConfig):
     to float rounding, and G*(P+R) tokens per group become P + the responses' real lengths. Minibatches
     are the same shuffled rows either way; within one, the rows of a prompt are packed together.
     false: one padded [prompt; response] row per sample."""
-    advantage: Literal["grpo", "rloo"] = "grpo"
-    """Baseline: group mean (and std) for GRPO, leave-one-out mean for RLOO."""
-    scale: Literal["std", "none"] = "std"
-    """GRPO only: divide by the group's std ("std") or only centre ("none", Dr. GRPO)."""
+    advantage: Literal["grpo", "rloo", "reinforce"] = "grpo"
+    """Baseline: grpo = group mean (and std, see scale); rloo = leave-one-out mean of the other G-1;
+    reinforce = REINFORCE with the global batch mean as baseline (`algos.batch_mean_advantages`; needs
+    no groups, so rollout.n may be 1). `rlhfkit rloo` fixes this to rloo."""
+    scale: Literal["std", "group", "batch", "none"] = "std"
+    """GRPO only: divide the group-centred reward by the group's std ("std" = "group", TRL's default),
+    by the std of the whole global batch ("batch", TRL scale_rewards="batch"), or not at all ("none",
+    Dr. GRPO)."""
+    ratio_level: Literal["token", "sequence", "sequence-mean"] = "token"
+    """Importance ratio of the clipped surrogate: per token (PPO/GRPO); one per response from the summed
+    log-ratio ("sequence": the RLOO paper and TRL's RLOOTrainer); one per response from the mean
+    log-ratio ("sequence-mean": GSPO, TRL GRPO importance_sampling_level="sequence"). The sequence
+    levels average over responses and need the KL in the reward (kl_in_reward) or kl_coef 0."""
     kl_coef: float = 0.04
     """Weight of the KL-to-reference term (0 = none)."""
     kl_kind: Literal["k1", "k2", "k3", "abs"] = "k3"
-    """KL estimator (`algos.kl`); k3 is GRPO's."""
+    """KL estimator (`algos.kl`); k3 is GRPO's. As a loss term, k3's value estimates KL(pi||ref) but its
+    gradient is that of KL(ref||pi); see kl_bias_correction."""
+    kl_bias_correction: bool = False
+    """k3 loss term weighted by pi/pi_old (`algos.bias_corrected_kl`, TRL GRPO use_bias_correction_kl):
+    the same value on-policy, and the gradient of KL(pi||ref). Needs kl_kind k3 and the KL in the loss."""
     kl_in_reward: bool = False
-    """Put the KL in the reward (R_i - kl_coef * sum_t kl_t, before the group baseline) instead of the loss."""
+    """Put the KL in the reward (R_i - kl_coef * sum_t kl_t, before the baseline) instead of the loss."""
 
     def kl_loss(self) -> tuple[float, str]:
-        return (0.0 if self.kl_in_reward else self.kl_coef), self.kl_kind
+        kind = "k3-bias-corrected" if self.kl_bias_correction else self.kl_kind
+        return (0.0 if self.kl_in_reward else self.kl_coef), kind
+
+    def policy_ratio_level(self) -> str:
+        return self.ratio_level
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        if self.rollout.n < 2:
+        if self.rollout.n < 2 and self.advantage != "reinforce":
             raise ConfigError(f"{where}.rollout.n: group baselines need at least 2 samples per prompt")
         if self.kl_coef < 0:
             raise ConfigError(f"{where}.kl_coef: must be >= 0")
+        if self.kl_bias_correction and (self.kl_kind != "k3" or self.kl_in_reward):
+            raise ConfigError(f"{where}.kl_bias_correction: needs kl_kind k3 and kl_in_reward false")
+        if self.ratio_level != "token" and self.kl_coef > 0 and not self.kl_in_reward:
+            raise ConfigError(f"{where}.ratio_level: {self.ratio_level} puts no KL term in the loss; "
+                              "set kl_in_reward: true (or kl_coef: 0)")
 
 
 @dataclass
 class RLOOConfig(GRPOConfig):
-    """`rlhfkit rloo`: GRPOConfig with the leave-one-out baseline (Ahmadian et al. 2024)."""
+    """`rlhfkit rloo`: REINFORCE leave-one-out as in the paper (Ahmadian et al. 2024) and TRL's
+    RLOOTrainer: one importance ratio per response and the k1 KL summed into the reward. The per-token
+    form (GRPO's update with the RLOO baseline): ratio_level=token kl_in_reward=false kl_kind=k3."""
 
-    advantage: Literal["grpo", "rloo"] = "rloo"
-    """Baseline: leave-one-out mean (RLOO) by default here."""
+    advantage: Literal["grpo", "rloo", "reinforce"] = "rloo"
+    """Fixed to rloo by the sub-command (any other value is an error; use `rlhfkit grpo` for those)."""
+    ratio_level: Literal["token", "sequence", "sequence-mean"] = "sequence"
+    """Importance ratio: one per response from the summed log-ratio (the paper's); token = per token."""
+    kl_coef: float = 0.05
+    """Weight of the KL penalty (TRL RLOO's beta)."""
+    kl_kind: Literal["k1", "k2", "k3", "abs"] = "k1"
+    """KL estimator; k1 = log pi - log ref, summed over the response, the paper's."""
+    kl_in_reward: bool = True
+    """The KL is a penalty in the reward, before the leave-one-out baseline (false: a loss term)."""
+
+    def validate(self, where: str) -> None:
+        if self.advantage != "rloo":
+            raise ConfigError(f"{where}.advantage: {self.advantage!r} under `rlhfkit rloo`, which always uses "
+                              f"rloo; remove the key or run `rlhfkit grpo`")
+        super().validate(where)
 
 
-def sequence_advantages(rewards, group_size: int, advantage: str, scale: str):
-    """(N,) sequence rewards -> (N,) advantages, groups of `group_size` contiguous rows."""
+def sequence_advantages(rewards, group_size: int, advantage: str, scale: str, reduce=None):
+    """(N,) sequence rewards -> (N,) advantages, groups of `group_size` contiguous rows. ``reduce`` sums
+    over ranks (scale "batch" and the REINFORCE batch mean are over the global batch)."""
     if advantage == "rloo":
         return rloo_advantages(rewards, group_size)
-    return group_advantages(rewards, group_size, scale=scale)
+    if advantage == "reinforce":
+        return batch_mean_advantages(rewards, reduce)
+    return group_advantages(rewards, group_size, scale=scale, reduce=reduce)
 
 
 def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
@@ -108,7 +151,7 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
     rewards = exp.scores - cfg.kl_coef * seq_kl if cfg.kl_in_reward else exp.scores
 
     # 4. Advantages: group baseline, the same value for every token of a response.
-    seq_adv = sequence_advantages(rewards, cfg.rollout.n, cfg.advantage, cfg.scale)
+    seq_adv = sequence_advantages(rewards, cfg.rollout.n, cfg.advantage, cfg.scale, reduce=strategy.sum)
     exp.advantages = expand_to_tokens(seq_adv, exp.response_mask)
 
     # 5. Update: clipped surrogate (+ KL loss to the reference, + PTX), no critic.
@@ -117,8 +160,9 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
     clock.lap("update")
     groups = exp.scores.view(-1, cfg.rollout.n)
     per_row = strategy.gather(torch.stack([sequence_kl(exp, "k1"), seq_kl, seq_adv.abs()], dim=1))  # (N, 3)
-    per_group = strategy.gather(torch.stack(
-        [groups.std(dim=1), (groups.max(dim=1).values == groups.min(dim=1).values).float()], dim=1))  # (G, 2)
+    spread = groups.std(dim=1) if cfg.rollout.n > 1 else torch.zeros_like(groups[:, 0])
+    flat = (groups.max(dim=1).values == groups.min(dim=1).values).float()
+    per_group = strategy.gather(torch.stack([spread, flat], dim=1))  # (G, 2)
     metrics.update({
         "objective/kl": per_row[:, 0].mean(), f"objective/kl_{cfg.kl_kind}": per_row[:, 1].mean(),
         "objective/kl_coef": cfg.kl_coef,
@@ -142,7 +186,7 @@ SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_
 def train_grpo(cfg: GRPOConfig, strategy: Strategy | None = None) -> dict:
     """Run GRPO (or RLOO); the trained policy lands in output_dir/model."""
     strategy = strategy or make_strategy(cfg.train, cfg.model)
-    pr = setup_run(cfg, "rloo" if cfg.advantage == "rloo" else "grpo", strategy)
+    pr = setup_run(cfg, cfg.advantage, strategy)
     actor = prepare_trained(pr, pr.actor, cfg.optim)
     pr.actor = actor.model
     ptx = load_ptx(cfg.ptx, pr.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -77,6 +78,10 @@ class OnlineDPOConfig:
     """DPO anchor of iteration k: pi_0 (initial) or pi_(k-1) (previous)."""
     mode: Literal["dpo", "rsft"] = "dpo"
     """dpo, or rsft: SFT on the selected best responses (rejection-sampling fine-tuning; lr ~1e-5)."""
+    rsft_min_score: Optional[float] = None
+    """rsft: keep a prompt's best response only if its (length-penalised) score is >= this; null = any."""
+    rsft_top_fraction: float = 1.0
+    """rsft: keep only this fraction of the prompts, those whose best responses score highest."""
     iterations: int = 3
     """T: the number of iterations."""
     prompts_per_iteration: int = 64
@@ -104,6 +109,8 @@ class OnlineDPOConfig:
             raise ConfigError(f"{where}.reference: 'initial' (pi_0) or 'previous' (pi_(k-1)), got {self.reference!r}")
         if self.dpo.reference:
             raise ConfigError(f"{where}.dpo.reference: set by the loop; choose `reference: initial|previous` instead")
+        if not 0 < self.rsft_top_fraction <= 1:
+            raise ConfigError(f"{where}.rsft_top_fraction: must be in (0, 1], got {self.rsft_top_fraction}")
         if self.length_penalty < 0 or self.tie_tolerance < 0:
             raise ConfigError(f"{where}: length_penalty and tie_tolerance must be >= 0")
 
@@ -137,14 +144,18 @@ def build_pairs(scores, responses, n: int, tie_tolerance: float = 0.0) -> tuple[
     return pairs, counts
 
 
-def best_of_n(scores, responses, n: int) -> list[tuple[int, int]]:
-    """(g, best_row) for every group whose best response is not empty (RSFT's data)."""
-    out = []
+def best_of_n(scores, responses, n: int, min_score: float | None = None,
+              top_fraction: float = 1.0) -> list[tuple[int, int]]:
+    """(g, best_row) of RSFT's data: each group's best response, kept when it is not empty, its score
+    is >= ``min_score`` (None: no threshold), and it is among the ``top_fraction`` best of the groups'
+    best responses (ceil(fraction x groups), ties broken by group order). Sorted by group."""
+    best = []
     for g in range(len(scores) // n):
-        best = max(range(g * n, (g + 1) * n), key=lambda i: scores[i])
-        if responses[best].strip():
-            out.append((g, best))
-    return out
+        b = max(range(g * n, (g + 1) * n), key=lambda i: scores[i])
+        if responses[b].strip() and (min_score is None or scores[b] >= min_score):
+            best.append((g, b))
+    keep = math.ceil(top_fraction * (len(scores) // n))
+    return sorted(sorted(best, key=lambda gb: -scores[gb[1]])[:keep])
 
 
 def length_penalised(scores, responses, lam: float) -> list[float]:
@@ -297,7 +308,8 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
         strategy.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
-        raise ValueError(f"iteration {k}: every pair was dropped (ties/identical); raise rollout.temperature or n")
+        raise ValueError(f"iteration {k}: every pair was dropped (ties/identical, or below rsft_min_score); "
+                         "raise rollout.temperature or n")
 
     # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
     result = train_step(cfg, current, pairs_path, it_dir, strategy)
@@ -322,7 +334,8 @@ def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], st
                     "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
     else:
         records = [{"messages": [*items[g].messages, {"role": "assistant", "content": responses[b]}],
-                    "score": scores[b]} for g, b in best_of_n(ranked, responses, n)]
+                    "score": scores[b]}
+                   for g, b in best_of_n(ranked, responses, n, cfg.rsft_min_score, cfg.rsft_top_fraction)]
     stats.update(**labels, pairs=len(records), dropped_ties=counts["ties"],
                  dropped_identical=counts["identical"], dropped_empty=counts["empty"],
                  score_mean=sum(scores) / len(scores))

@@ -16,7 +16,8 @@ from rlhfkit.config import (
     ConfigError, DataSection, ModelSection, OptimSection, PolicyTrainSection, PromptsSection, PTXSection,
     RewardSection, RolloutSection, SFTConfig, TrainSection,
 )
-from rlhfkit.data import SFTCollator
+from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
+from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import to_device, trained_dtype
@@ -45,7 +46,7 @@ class PolicyGradientConfig:
     reward: RewardSection = field(default_factory=RewardSection)
     """The sequence score of step 2, clipping, the missing-EOS score, the gold judge for evaluation."""
     ptx: PTXSection = field(default_factory=PTXSection)
-    """Optional PTX loss on SFT data (the alignment-tax guard)."""
+    """Optional PTX loss on plain text or SFT data (the alignment-tax guard)."""
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, schedule="constant", warmup_ratio=0.0))
     """The actor's optimizer (AdamW) and gradient clipping."""
     train: PolicyTrainSection = field(default_factory=PolicyTrainSection)
@@ -66,6 +67,10 @@ class PolicyGradientConfig:
     def kl_loss(self) -> tuple[float, str]:
         """(coefficient, estimator) of a KL-to-reference term in the loss; PPO puts the KL in the reward."""
         return 0.0, "k3"
+
+    def policy_ratio_level(self) -> str:
+        """Importance ratio of the surrogate: "token", or one per response ("sequence", "sequence-mean")."""
+        return "token"
 
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:
@@ -195,12 +200,17 @@ class PTXData:
 
 
 def load_ptx(section: PTXSection, tokenizer, micro_batch_size: int, seed: int) -> PTXData | None:
-    """Tokenised SFT examples for the PTX term, prepared exactly as `rlhfkit sft` prepares them."""
+    """The PTX term's examples: plain text (`data.plain_text`, every token trained) or SFT
+    conversations, prepared exactly as `rlhfkit sft` prepares them (the assistant tokens trained)."""
     if not section.data or section.coef <= 0:
         return None
-    sft_cfg = SFTConfig(data=DataSection(train=section.data, eval_fraction=0.0, max_length=section.max_length),
-                        train=TrainSection(seed=seed))
-    train, _, _ = prepare_sft_data(sft_cfg, tokenizer)
+    docs = load_plain_text(resolve_source(section.data, "sft"))
+    if docs is not None:
+        train = tokenize_plain_text(tokenizer, docs, section.max_length)
+    else:
+        sft_cfg = SFTConfig(data=DataSection(train=section.data, eval_fraction=0.0, max_length=section.max_length),
+                            train=TrainSection(seed=seed))
+        train, _, _ = prepare_sft_data(sft_cfg, tokenizer)
     return PTXData(train, SFTCollator(tokenizer.pad_token_id), section.coef, section.batch_size,
                    micro_batch_size, seed)
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.algos import agg_loss, kl_estimate, ppo_policy_loss, value_loss
+from rlhfkit.algos import (
+    agg_loss, bias_corrected_kl, kl_estimate, masked_sum, ppo_policy_loss, sequence_policy_loss, value_loss,
+)
 from rlhfkit.rollout import Experience
 from rlhfkit.trainers.pg_score import policy_logprobs, response_values
 from rlhfkit.trainers.pg_setup import PTXData, Trained
@@ -77,19 +79,41 @@ def forward_tokens(mb: Experience, share_prompt: bool) -> int:
     return int(prompt_lens.sum()) + int(mb.response_mask.sum())
 
 
+def surrogate_loss(cfg, logp, mb: Experience, norm: float):
+    """The clipped surrogate at the configured ratio level: per token (advantages (b, R)) or one ratio per
+    response (`algos.sequence_policy_loss`, the response's advantage; ``norm`` then counts rows)."""
+    rmask = mb.response_mask
+    level = cfg.policy_ratio_level()
+    if level == "token":
+        return ppo_policy_loss(logp, mb.logprobs, mb.advantages, rmask, clip_eps=cfg.clip_eps,
+                               clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, normalizer=norm)
+    seq_adv = masked_sum(mb.advantages, rmask, dim=-1) / rmask.sum(-1).clamp(min=1)  # constant per row
+    return sequence_policy_loss(logp, mb.logprobs, seq_adv, rmask, clip_eps=cfg.clip_eps,
+                                clip_eps_high=cfg.clip_eps_high, log_ratio="sum" if level == "sequence" else "mean",
+                                normalizer=norm)
+
+
+def kl_loss_term(kind: str, logp, mb: Experience) -> torch.Tensor:
+    """(b, R) per-token KL-to-reference loss: `kl_estimate` of ``kind``, or the bias-corrected k3."""
+    if kind == "k3-bias-corrected":
+        return bias_corrected_kl(logp, mb.ref_logprobs, mb.logprobs)
+    return kl_estimate(logp, mb.ref_logprobs, kind)
+
+
 def micro_loss(cfg, actor, critic, mb: Experience, norm: float, first: FirstForward | None = None):
     """Losses of one micro-batch (already divided by the minibatch's global normaliser), by model
     ({"actor": ..., "critic": ...}), and its metrics. ``first``: its forwards, already run."""
     rmask = mb.response_mask
     logp = first.logp if first is not None else policy_logprobs(actor, mb, cfg.share_prompt)  # (b, R) with grad
-    loss, pm = ppo_policy_loss(logp, mb.logprobs, mb.advantages, rmask, clip_eps=cfg.clip_eps,
-                               clip_eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, normalizer=norm)
+    loss, pm = surrogate_loss(cfg, logp, mb, norm)
     metrics = {"loss/policy": loss.detach(), "policy/clipfrac": pm["clipfrac"],
                "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"]}
+    if "approx_kl_trl" in pm:
+        metrics["policy/approx_kl_trl"] = pm["approx_kl_trl"]
     losses = {"actor": loss}
     kl_coef, kl_kind = cfg.kl_loss()
     if kl_coef > 0:
-        kl = agg_loss(kl_estimate(logp, mb.ref_logprobs, kl_kind), rmask, mode=cfg.loss_agg, normalizer=norm)
+        kl = agg_loss(kl_loss_term(kl_kind, logp, mb), rmask, mode=cfg.loss_agg, normalizer=norm)
         losses["actor"] = loss + kl_coef * kl
         metrics["loss/kl"] = kl.detach()
     if critic is not None and cfg.vf_coef > 0:
@@ -157,8 +181,8 @@ def minibatch_backward(cfg, strategy, actor, critic, mb: Experience, token_means
                        first: FirstForward | None = None, ptx_follows: bool = False) -> dict:
     """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms.
     ``ptx_follows``: the PTX backward comes next, so the actor's last backward is that one."""
-    count = (mb.response_mask.sum() if cfg.loss_agg == "token-mean"
-             else torch.tensor(float(len(mb)), device=mb.response_mask.device))
+    per_token = cfg.loss_agg == "token-mean" and cfg.policy_ratio_level() == "token"
+    count = mb.response_mask.sum() if per_token else torch.tensor(float(len(mb)), device=mb.response_mask.device)
     norm = normalizer(strategy, count, per_rank=True)
     models = {"actor": actor, "critic": critic}
     losses: dict[str, float] = {"update/tokens": 0.0}

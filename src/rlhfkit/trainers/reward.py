@@ -1,5 +1,5 @@
-"""Bradley-Terry reward model: backbone + scalar head read at the last real token
-(docs/concepts.md, "Reward model").
+"""Bradley-Terry reward model: backbone + scalar head read at the last real token, or averaged
+over the response tokens (`pooling`; docs/concepts.md, "Reward model").
 
     rlhfkit rm --config rm.yaml data.train=prefs.jsonl
 """
@@ -11,13 +11,13 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import distribute_tensor
 
-from rlhfkit.algos import bradley_terry_loss, fit_bt_probe
+from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
 from rlhfkit.config import RewardConfig
 from rlhfkit.data import PreferenceCollator, load_preference, batch_to_device, tokenize_dataset
 from rlhfkit.data.sources import resolve_source, split_eval
-from rlhfkit.models import load_tokenizer, sequence_scores
-from rlhfkit.models.heads import backbone_and_head, last_token_index, token_values
-from rlhfkit.models.lora import load_for_training
+from rlhfkit.models import freeze_lower_layers, load_tokenizer, pooled_features, sequence_scores, set_reward_pooling
+from rlhfkit.models.heads import backbone_and_head, reward_pooling, token_values
+from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
 
@@ -39,8 +39,10 @@ def prepare_preference_data(cfg, tokenizer):
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of chosen (first half of the rows) and rejected (second half): (B,), (B,)."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+    """Scores of chosen (first half of the rows) and rejected (second half): (B,), (B,), pooled
+    as the model's config says (`models.reward_pooling`; loss_mask marks the response tokens)."""
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"],
+                             response_mask=batch.get("loss_mask"))  # (2B,)
     n = scores.shape[0] // 2
     return scores[:n], scores[n:]
 
@@ -60,8 +62,7 @@ def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, st
             rc, rr = pair_scores(model, batch_to_device(batch, strategy.device))
         if not real:
             continue
-        # ties count as half right, so a constant model scores 50%, not 0%
-        correct += ((rc > rr).float() + 0.5 * (rc == rr).float()).tolist()
+        correct += pairwise_accuracy(rc, rr, reduction="none").tolist()  # ties count 1/2
         margins += (rc - rr).tolist()
         cats += [c or "all" for c in batch.get("category", [None] * len(chunk))]
     model.train(was_training)
@@ -80,8 +81,8 @@ def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, st
 @torch.no_grad()
 def pair_feature_differences(model, examples: list[dict], collator, micro_batch_size: int,
                              strategy: Strategy) -> torch.Tensor:
-    """(N, H) last-token features of chosen minus rejected: the input of the scalar head at the
-    position the reward is read, for every pair, in data order (all ranks' shards gathered)."""
+    """(N, H) pooled features of chosen minus rejected: what the scalar head reads, pooled the way
+    the reward is (`models.reward_pooling`), for every pair, in data order (all ranks' shards gathered)."""
     was_training = model.training
     model.eval()
     diffs = []
@@ -89,9 +90,10 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
         for chunk, real in eval_chunks(examples, micro_batch_size, strategy):
             batch = collator(chunk)
             ids, mask = batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device)
+            response = batch["loss_mask"].to(strategy.device)
             with strategy.autocast():
                 _, h = token_values(model, ids, mask, with_features=True)  # (2B, T, H)
-            f = h[torch.arange(h.shape[0], device=h.device), last_token_index(mask)].float().cpu()
+            f = pooled_features(h.float(), mask, reward_pooling(model), response).cpu()
             if real:
                 n = f.shape[0] // 2
                 diffs.extend(f[:n] - f[n:])
@@ -135,6 +137,8 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     #    trained in full next to the adapters and saved with them.
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
         model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
+    set_reward_pooling(model, cfg.pooling)  # saved in config.json: rm:DIR scorers pool the same way
+    freeze_lower_layers(model, cfg.train_top_layers)  # before the optimizer: it takes trainable params only
     model.train()
     total = total_steps(len(train), cfg.train)
     model, optimizer, scheduler = prepare_optimization(strategy, model, cfg.optim, cfg.train, total)
@@ -158,7 +162,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
                                      reduction="sum")
         if cfg.center_rewards_coef:
             loss = loss + cfg.center_rewards_coef * ((rc + rr) ** 2).sum()
-        return loss / norm, {"loss": loss.detach(), "accuracy": (rc > rr).float().sum().detach()}
+        return loss / norm, {"loss": loss.detach(), "accuracy": pairwise_accuracy(rc, rr, reduction="sum")}
 
     evaluate = (lambda: evaluate_rm(model, evals, collator, cfg.train.micro_batch_size, strategy)) if evals else None
     result = fit_supervised(run, model, optimizer, scheduler, train, loss_fn, total=total,

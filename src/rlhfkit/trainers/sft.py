@@ -15,7 +15,7 @@ from rlhfkit.data import PackedSFTCollator, SFTCollator, load_sft, pack_sft, bat
 from rlhfkit.data.sources import resolve_source, split_eval
 from rlhfkit.models import load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import load_for_training
+from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
 

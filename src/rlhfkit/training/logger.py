@@ -1,27 +1,28 @@
-"""What a run writes while it trains: metrics.jsonl, TensorBoard, and a tqdm progress bar."""
+"""What a run writes while it trains: metrics.jsonl, the experiment trackers (TensorBoard, W&B,
+MLflow, ...) and a tqdm progress bar."""
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from rlhfkit.io import to_builtin
-
-log = logging.getLogger("rlhfkit")
+from rlhfkit.training.trackers import finish_trackers, log_scalars, log_text, start_trackers
 
 
 class RunLogger:
-    """metrics.jsonl + TensorBoard + a tqdm progress bar, written by the main process only."""
+    """metrics.jsonl + the trackers of ``report_to`` (`training.trackers`) + a tqdm progress bar,
+    written by the main process only. ``config`` (the resolved config as a dict) goes to the trackers
+    that record one (W&B, MLflow)."""
 
     def __init__(self, out_dir: str | Path, total_steps: int, enabled: bool = True, progress: bool = True,
-                 desc: str = "train", initial_step: int = 0):
+                 desc: str = "train", initial_step: int = 0, report_to=("tensorboard",),
+                 config: dict | None = None):
         self.enabled = enabled
         self.out_dir = Path(out_dir)
-        self.tb = None
+        self.trackers: list = []
         self.bar = None
         if not enabled:
             return
@@ -32,16 +33,8 @@ class RunLogger:
         self._samples_started = False  # samples.jsonl is truncated on the first `samples` call (a
         # trainer that logs none leaves a samples.jsonl of someone else's, e.g. online DPO's, alone)
         _truncate_after(self.metrics_path, initial_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: TensorBoard drops the earlier events at or past it, as _truncate_after does
-            # for the jsonl: a run resumed at step s logs from s+1 on; one restarted at step 0
-            # (step 0's evaluation included) replaces the old curves entirely
-            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tb"),
-                                    purge_step=initial_step + 1 if initial_step > 0 else 0)
-        except Exception as e:  # tensorboard missing: jsonl is still written
-            log.warning("TensorBoard logging disabled: %s", e)
+        run_name = f"{self.out_dir.resolve().parent.name}/{desc}"
+        self.trackers = start_trackers(report_to, self.out_dir, run_name, initial_step, config)
         if progress:
             from tqdm.auto import tqdm
 
@@ -53,16 +46,13 @@ class RunLogger:
         clean = {k: to_builtin(v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
-        if self.tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+        log_scalars(self.trackers, clean, step)
         if self.bar is not None and show:
             self.bar.set_postfix({k.split("/")[-1]: f"{clean[k]:.4g}" for k in show if k in clean}, refresh=False)
 
     def text(self, step: int, tag: str, text: str) -> None:
-        if self.enabled and self.tb is not None:
-            self.tb.add_text(tag, text, step)
+        if self.enabled:
+            log_text(self.trackers, tag, text, step)
 
     def samples(self, step: int, rows: list[dict]) -> None:
         """A few {prompt, response, score, ...} records of this step to samples.jsonl and TensorBoard."""
@@ -92,9 +82,8 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+        finish_trackers(self.trackers)
+        self.trackers = []
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -89,7 +89,8 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
     best = _best_tracker(train)
     start = _resume(run, ckpt, models, optimizers, best, load_state) if train.resume else 0
     run.logger = RunLogger(run.out, total, enabled=run.is_main, progress=train.progress, desc=run.kind,
-                           initial_step=start)
+                           initial_step=start, report_to=getattr(train, "report_to", ("tensorboard",)),
+                           config=run.config)
     if on_start is not None:
         on_start(start)
     if start == 0 and evaluate is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import dump_config
+from rlhfkit.config import dump_config, to_dict
 from rlhfkit.io import write_json_atomic
 from rlhfkit.training.logger import RunLogger
 from rlhfkit.training.optim import StepGuard
@@ -31,6 +31,7 @@ class Run:
     guard: StepGuard
     logger: RunLogger | None = None
     extra: dict = field(default_factory=dict)
+    config: dict | None = None  # the resolved config, for the experiment trackers
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +46,7 @@ def open_run(cfg, kind: str, strategy) -> Run:
     if strategy.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / f"{kind}_config.yaml")
-    return Run(kind, out, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps))
+    return Run(kind, out, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps), config=to_dict(cfg))
 
 
 def finish(run: Run, models: dict[str, Any], tokenizer, metrics: dict, **results: Any) -> None:

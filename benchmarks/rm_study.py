@@ -1,0 +1,308 @@
+"""Reward-model levers, measured on a fixed held-out preference set (docs/results_rm.md).
+
+    python benchmarks/rm_study.py features --model runs/sft/model --data FILE --out runs/rmstudy/NAME.pt
+    python benchmarks/rm_study.py probes --train runs/rmstudy/train.pt --eval runs/rmstudy/eval.pt
+    python benchmarks/rm_study.py score --rm runs/rm/model --data FILE
+
+`features` runs the frozen backbone once over every pair and caches chosen-minus-rejected
+features for several layers and poolings (last token, mean over the response, mean over all
+tokens), so that every probe variant after it costs seconds. `probes` prints the probe table.
+`score` scores a trained reward model through `rm:DIR`, the path PPO and eval use, so the pooling
+stored in its config.json is the one measured. Every accuracy comes with a 95% interval from a
+bootstrap over prompts (pairs of one prompt are resampled together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt, pairwise_accuracy
+from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
+from rlhfkit.models import (
+    POOLINGS, backbone_and_head, load_scalar_model, load_tokenizer, pooled_features, position_ids_from_mask,
+)
+
+LAYERS = (8, 16, 24)  # intermediate layers cached next to the final (normed) one
+
+
+# --------------------------------------------------------------------------- data and metrics
+
+def read_rows(path: str, limit: int = 0) -> list[dict]:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def pair_metrics(margins: torch.Tensor, gold_c: torch.Tensor, gold_r: torch.Tensor, prompts: list[str],
+                 n_boot: int = 2000, seed: int = 0) -> dict:
+    """Accuracy on the annotator's labels (chosen first; ties half) and agreement with the gold
+    ordering (pairs whose gold scores tie are left out), each with a 95% prompt-bootstrap interval.
+
+    margins: (N,) r(chosen) - r(rejected); gold_c, gold_r: (N,) gold scores.
+    """
+    label_hit = (margins > 0).double() + 0.5 * (margins == 0).double()  # (N,)
+    gdiff = gold_c.double() - gold_r.double()
+    untied = gdiff != 0
+    gold_hit = ((margins.double() * gdiff) > 0).double() + 0.5 * (margins == 0).double()
+    # prompt clusters for the bootstrap
+    ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    cluster = torch.tensor([ids[p] for p in prompts])
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(ids), (n_boot, len(ids)), generator=g)  # (n_boot, C) cluster draws
+    weight = torch.zeros(n_boot, len(ids), dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(n_boot, len(ids), dtype=torch.float64))[:, cluster]  # (n_boot, N)
+
+    def ci(hit, keep):
+        w = weight * keep.double()
+        boot = (w * hit).sum(1) / w.sum(1).clamp_min(1)
+        lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return float(hit[keep].mean()), lo, hi
+
+    acc, lo, hi = ci(label_hit, torch.ones_like(untied))
+    gacc, glo, ghi = ci(gold_hit, untied)
+    return {"acc": acc, "acc_ci": [lo, hi], "gold_acc": gacc, "gold_ci": [glo, ghi], "pairs": len(prompts),
+            "gold_pairs": int(untied.sum())}
+
+
+def gold_ceiling(rows: list[dict]) -> float:
+    """The gold judge's own accuracy on the annotator's labels (ties half): the noise ceiling."""
+    return sum(1.0 if r["gold_chosen"] > r["gold_rejected"] else 0.5 if r["gold_chosen"] == r["gold_rejected"]
+               else 0.0 for r in rows) / len(rows)
+
+
+def fmt(m: dict) -> str:
+    return (f"{m['acc']:.3f} [{m['acc_ci'][0]:.3f}, {m['acc_ci'][1]:.3f}] | "
+            f"{m['gold_acc']:.3f} [{m['gold_ci'][0]:.3f}, {m['gold_ci'][1]:.3f}]")
+
+
+# --------------------------------------------------------------------------- cached features
+
+@torch.no_grad()
+def extract_features(model_dir: str, data: str, out: str, limit: int = 0, micro_batch: int = 8,
+                     max_length: int = 160) -> dict:
+    """Pooled features of every pair's chosen and rejected rows: {"LAYER/POOLING": (N, 2, H)} for
+    the final layer (normed: what the head reads) and LAYERS, plus response lengths (N, 2), gold
+    scores and prompts."""
+    tok = load_tokenizer(model_dir)
+    rows = read_rows(data, limit)
+    examples = load_preference(data)[:len(rows)]
+    feats, _ = tokenize_dataset(tok, examples, "preference", max_length, "error")
+    model = load_scalar_model(model_dir, pad_token_id=tok.pad_token_id).eval()
+    backbone, _ = backbone_and_head(model)
+    collate = PreferenceCollator(tok.pad_token_id)
+    # longest first, in micro-batches of similar length (less padding); results go back in data order
+    order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["prompt_ids"]) - max(
+        len(feats[i]["chosen_ids"]), len(feats[i]["rejected_ids"])))
+    keys = [f"{layer}/{p}" for layer in ("final", *LAYERS) for p in POOLINGS]
+    H = backbone.config.hidden_size
+    out_feats = {k: torch.zeros(len(feats), 2, H) for k in keys}
+    lengths = torch.tensor([[len(f["chosen_ids"]), len(f["rejected_ids"])] for f in feats])  # (N, 2)
+    t0 = time.perf_counter()
+    for s in range(0, len(order), micro_batch):
+        idx = order[s:s + micro_batch]
+        batch = collate([feats[i] for i in idx])
+        ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        o = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                     output_hidden_states=True, use_cache=False)
+        for layer in ("final", *LAYERS):
+            # an intermediate layer through the final norm: what a head on the first `layer` layers reads
+            h = o.last_hidden_state if layer == "final" else backbone.norm(o.hidden_states[layer])  # (2B, T, H)
+            for p in POOLINGS:
+                f = pooled_features(h.float(), mask, p, resp)  # (2B, H): chosen rows, then rejected
+                out_feats[f"{layer}/{p}"][idx] = torch.stack([f[:len(idx)], f[len(idx):]], 1)
+        if (s // micro_batch) % 20 == 0:
+            print(f"  {s + len(idx)}/{len(order)} pairs, {time.perf_counter() - t0:.0f} s", flush=True)
+    result = {"feats": out_feats, "lengths": lengths, "gold_c": torch.tensor([r["gold_chosen"] for r in rows]),
+              "gold_r": torch.tensor([r["gold_rejected"] for r in rows]), "prompts": [r["prompt"] for r in rows],
+              "category": [r.get("category") for r in rows], "model": model_dir, "data": data,
+              "seconds": time.perf_counter() - t0}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result, out)
+    return result
+
+
+def load_feats(paths: list[str]) -> dict:
+    """Concatenate cached feature files (in order) and add derived keys: "LAYER/sum" (the response
+    mean times its length) and "LAYER/sqrt" (times the square root of its length). Features are
+    chosen-minus-rejected differences, (N, H)."""
+    parts = [torch.load(p) for p in paths]
+    seq = {k: torch.cat([p["feats"][k] for p in parts]) for k in parts[0]["feats"]}  # (N, 2, H)
+    lengths = torch.cat([p["lengths"] for p in parts]).float()[..., None]  # (N, 2, 1)
+    for layer in {k.split("/")[0] for k in seq}:
+        seq[f"{layer}/sum"] = seq[f"{layer}/mean"] * lengths
+        seq[f"{layer}/sqrt"] = seq[f"{layer}/mean"] * lengths.sqrt()
+    return {"feats": {k: v[:, 0] - v[:, 1] for k, v in seq.items()}, "lengths": lengths[..., 0],
+            "gold_c": torch.cat([p["gold_c"] for p in parts]), "gold_r": torch.cat([p["gold_r"] for p in parts]),
+            "prompts": [x for p in parts for x in p["prompts"]]}
+
+
+# --------------------------------------------------------------------------- probes
+
+def probe_margins(train: dict, evals: dict, key: str, n: int = 0, l2: float | None = None,
+                  rule: str = "one_se", label_smoothing: float = 0.0, standardize: bool = False,
+                  bags: int = 0, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Fit a linear BT probe on the first n training pairs' features `key`; (N_eval,) margins.
+
+    l2 None: chosen by 4-fold CV (`rule` "one_se": strongest within one SE of the best, "best").
+    standardize: divide each feature by its training std first. bags > 0: average that many probes
+    fitted on bootstrap resamples of the training pairs (an ensemble of heads).
+    """
+    d = train["feats"][key][:n] if n else train["feats"][key]
+    e = evals["feats"][key]
+    if standardize:
+        # pairs are antisymmetric (swapping chosen and rejected negates d), so the std is about 0
+        sd = d.double().pow(2).mean(0).sqrt().clamp_min(1e-8)
+        d, e = d / sd, e / sd
+    info = {}
+    if l2 is None:
+        grid = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+        w, info = fit_bt_probe(d, l2_grid=grid, seed=seed, label_smoothing=label_smoothing, rule=rule)
+        l2 = info["l2"]
+    else:
+        scale = d.double().pow(2).mean().sqrt()
+        w = fit_linear_bt(d / scale, l2, label_smoothing=label_smoothing) / scale
+        info = {"l2": l2, "train_accuracy": pairwise_accuracy(d, w)}
+    if bags:
+        scale = d.double().pow(2).mean().sqrt()
+        g = torch.Generator().manual_seed(seed)
+        ws = [fit_linear_bt(d[torch.randint(len(d), (len(d),), generator=g)] / scale, l2,
+                            label_smoothing=label_smoothing) / scale for _ in range(bags)]
+        w = torch.stack(ws).mean(0)
+    return e.double() @ w, info
+
+
+def probe_table(train: dict, evals: dict, rows: list[tuple[str, dict]]) -> list[dict]:
+    """One line per probe variant: name, its settings, eval metrics, CV info and fit seconds."""
+    out = []
+    for name, kw in rows:
+        t0 = time.perf_counter()
+        margins, info = probe_margins(train, evals, **kw)
+        m = pair_metrics(margins, evals["gold_c"], evals["gold_r"], evals["prompts"])
+        m.update(name=name, settings=kw, l2=info.get("l2"), cv=info.get("cv_accuracy"),
+                 train_acc=info.get("train_accuracy"), seconds=time.perf_counter() - t0)
+        print(f"| {name} | {fmt(m)} | l2 {m['l2']} cv {m['cv'] if m['cv'] is None else round(m['cv'], 3)} "
+              f"train {m['train_acc']:.3f} |", flush=True)
+        out.append(m)
+    return out
+
+
+# --------------------------------------------------------------------------- trained reward models
+
+def score_rm(rm: str, data: str, limit: int = 0, batch_size: int = 16) -> dict:
+    """Score held-out pairs with a trained RM through `rm:DIR` (its stored pooling), metrics."""
+    from rlhfkit.judges import build_reward_fn, prompt_text
+
+    rows = read_rows(data, limit)
+    examples = load_preference(data)[:len(rows)]
+    fn = build_reward_fn(f"rm:{rm}", batch_size=batch_size)
+    msgs = [ex.prompt for ex in examples]
+    texts = [prompt_text(m) for m in msgs]
+    rc = torch.tensor(fn(texts, [ex.chosen for ex in examples], messages=msgs))
+    rr = torch.tensor(fn(texts, [ex.rejected for ex in examples], messages=msgs))
+    gc = torch.tensor([r["gold_chosen"] for r in rows])
+    gr = torch.tensor([r["gold_rejected"] for r in rows])
+    return pair_metrics(rc - rr, gc, gr, [r["prompt"] for r in rows])
+
+
+def finetune(name: str, config: str, overrides: list[str], eval_data: str, out_root: str = "runs/rmstudy/ft") -> dict:
+    """`rlhfkit rm --config CONFIG OVERRIDES` into OUT_ROOT/NAME, then `score_rm` on eval_data;
+    writes and returns {name, command, seconds (training), metrics, trainer's probe and eval lines}."""
+    import subprocess
+    import sys
+
+    out = Path(out_root) / name
+    cmd = [str(Path(sys.executable).parent / "rlhfkit"), "rm", "--config", config, *overrides,
+           f"train.output_dir={out}", "train.progress=false"]
+    t0 = time.perf_counter()
+    if not (out / "model" / "config.json").is_file():
+        subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - t0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    res = {"name": name, "command": " ".join(["rlhfkit", *cmd[1:]]), "train_seconds": round(seconds),
+           "probe": next((x for x in lines if "probe/cv_accuracy" in x), None),
+           "evals": [{k: v for k, v in x.items() if k in ("step", "eval/accuracy", "eval/margin")}
+                     for x in lines if "eval/accuracy" in x],
+           "last_train_loss": [x["train/loss"] for x in lines if "train/loss" in x][-1:],
+           "metrics": score_rm(str(out / "model"), eval_data)}
+    (out / "study.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(f"| {name} | {fmt(res['metrics'])} | {res['train_seconds']} s |", flush=True)
+    return res
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("features")
+    f.add_argument("--model", required=True)
+    f.add_argument("--data", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--limit", type=int, default=0)
+    f.add_argument("--threads", type=int, default=0, help="torch threads (1 is faster on a busy machine)")
+    p = sub.add_parser("probes")
+    p.add_argument("--train", nargs="+", required=True, help="cached feature files, concatenated in order")
+    p.add_argument("--eval", required=True)
+    p.add_argument("--set", default="pooling", choices=sorted(PROBE_SETS), help="which table of probe variants")
+    p.add_argument("--key", default="final/mean", help="LAYER/POOLING for the regularisation and size sets")
+    p.add_argument("--json", default="", help="also write the rows here")
+    t = sub.add_parser("finetune", help="rlhfkit rm with overrides, then score the saved RM")
+    t.add_argument("--name", required=True)
+    t.add_argument("--config", default="configs/rm.yaml")
+    t.add_argument("--eval", required=True, help="held-out preference file scored after training")
+    t.add_argument("overrides", nargs="*")
+    s = sub.add_parser("score")
+    s.add_argument("--rm", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--limit", type=int, default=0)
+    args = ap.parse_args()
+    if args.cmd == "features":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        r = extract_features(args.model, args.data, args.out, args.limit)
+        print(f"{len(r['prompts'])} pairs in {r['seconds']:.0f} s -> {args.out}")
+    elif args.cmd == "probes":
+        train, evals = load_feats(args.train), load_feats([args.eval])
+        res = probe_table(train, evals, PROBE_SETS[args.set](len(train["prompts"]), args.key))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    elif args.cmd == "finetune":
+        finetune(args.name, args.config, args.overrides, args.eval)
+    else:
+        m = score_rm(args.rm, args.data, args.limit)
+        print(json.dumps(m))
+
+
+def _pooling_set(n_train: int, key: str) -> list[tuple[str, dict]]:
+    """Every cached layer x pooling, L2 by the one-SE rule (the shipped probe)."""
+    return [(f"{layer}/{pool}", {"key": f"{layer}/{pool}"})
+            for layer in ("final", *LAYERS) for pool in (*POOLINGS, "sum")]
+
+
+def _regularisation_set(n_train: int, key: str) -> list[tuple[str, dict]]:
+    """The L2 rule, fixed L2 values, per-feature scaling, label smoothing and bagging on one key."""
+    rows = [(f"{key} one-SE", {"key": key}), (f"{key} best CV", {"key": key, "rule": "best"})]
+    rows += [(f"{key} l2={l2:g}", {"key": key, "l2": l2}) for l2 in (1e-3, 1e-2, 1e-1, 1.0, 10.0)]
+    rows += [(f"{key} standardised, one-SE", {"key": key, "standardize": True}),
+             (f"{key} standardised, best CV", {"key": key, "standardize": True, "rule": "best"})]
+    rows += [(f"{key} label smoothing {e:g}, best CV", {"key": key, "rule": "best", "label_smoothing": e})
+             for e in (0.05, 0.1, 0.2)]
+    rows += [(f"{key} 10 bagged probes, best CV", {"key": key, "rule": "best", "bags": 10})]
+    return rows
+
+
+def _size_set(n_train: int, key: str) -> list[tuple[str, dict]]:
+    """Training pairs: the first n of the (concatenated) training files."""
+    sizes = [n for n in (160, 320, 480, 640, 1152, 2304, 3456, 4608) if n < n_train] + [n_train]
+    return [(f"{key} n={n}, {rule}", {"key": key, "n": n, "rule": rule}) for n in sizes for rule in ("one_se", "best")]
+
+
+PROBE_SETS = {"pooling": _pooling_set, "regularisation": _regularisation_set, "size": _size_set}
+
+
+if __name__ == "__main__":
+    main()

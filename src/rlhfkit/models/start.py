@@ -1,0 +1,62 @@
+"""The model a run starts from, and adapter directories made whole.
+
+- `load_for_training`: start from a plain model, or continue training a saved LoRA adapter.
+- `merge_adapter`: ``rlhfkit merge``: an adapter directory (peft format, as the trainers save it)
+  folded into its base and written as a full model directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rlhfkit.models.loading import (
+    load_causal_lm, load_merged, load_scalar_model, load_tokenizer, save_pretrained_atomic, trained_dtype,
+)
+from rlhfkit.models.lora import (
+    ADAPTER_CONFIG, adapter_base, adapter_config, apply_lora, enable_gradient_checkpointing, load_adapter_onto,
+)
+
+
+def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int | None = None):
+    """The model a trainer starts from, LoRA-wrapped when ``model_cfg.lora.enabled``.
+
+    With LoRA, an adapter directory of the same task as ``model_cfg.name`` *continues* that
+    adapter on its base (the base stays frozen and is what `adapters_disabled` gives back);
+    otherwise fresh adapters go on the named model, an adapter directory being merged into a full
+    model first (e.g. a reward model started from a LoRA SFT policy).
+    Returns (model, base model name if an adapter was continued else None).
+    """
+    dtype = trained_dtype(model_cfg.dtype, model_cfg.lora.enabled)  # fp32 master weights
+
+    def load(name):
+        if task_type == "SEQ_CLS":
+            return load_scalar_model(name, dtype, pad_token_id=pad_token_id)
+        return load_causal_lm(name, dtype)
+
+    cont = adapter_config(model_cfg.name)
+    continued = model_cfg.lora.enabled and cont is not None and cont.get("task_type") == task_type
+    model = load(adapter_base(model_cfg.name) if continued else model_cfg.name)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if continued:
+        return load_adapter_onto(model, model_cfg.name, trainable=True), adapter_base(model_cfg.name)
+    return apply_lora(model, model_cfg.lora, task_type), None
+
+
+def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | None = None,
+                  dtype=None) -> Path:
+    """``rlhfkit merge``: write adapter + base as a full model directory (with the tokenizer).
+
+    The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``, or with
+    ``AutoModelForSequenceClassification`` for a reward / value model adapter. Written atomically.
+    """
+    path = Path(path)
+    if adapter_config(path) is None:
+        raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    tok_src = path if (path / "tokenizer_config.json").is_file() else adapter_base(path, base)
+    tokenizer = load_tokenizer(tok_src)
+    merged = load_merged(path, base=base, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
+    if merged.config.pad_token_id is None:
+        merged.config.pad_token_id = tokenizer.pad_token_id
+    return save_pretrained_atomic(merged, tokenizer, out_dir)

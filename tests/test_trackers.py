@@ -1,0 +1,105 @@
+"""train.report_to: metrics reach accelerate trackers (a registered fake one here, no network);
+a tracker that is not installed is one config error line before anything loads."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import write_jsonl
+from rlhfkit import cli
+from rlhfkit.config import ConfigError, SFTConfig, load_config
+from rlhfkit.config.extras import MissingDependency
+from rlhfkit.training.logger import RunLogger
+
+RECORDED: dict[str, list] = {}
+
+
+@pytest.fixture()
+def fake_tracker(monkeypatch):
+    """A GeneralTracker registered with accelerate as "fake_tracker", recording what it gets
+    (registered as accelerate's register_tracker_class does, which older accelerate lacks)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
+
+    class FakeTracker(GeneralTracker):
+        name = "fake_tracker"
+        requires_logging_directory = False
+
+        def __init__(self, run_name):
+            super().__init__()
+            RECORDED.update(run_name=[run_name], config=[], log=[], finished=[])
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            RECORDED["config"].append(values)
+
+        def log(self, values, step=None, **kwargs):
+            RECORDED["log"].append((step, values))
+
+        def finish(self):
+            RECORDED["finished"].append(True)
+
+    monkeypatch.setitem(LOGGER_TYPE_TO_CLASS, "fake_tracker", FakeTracker)
+    yield RECORDED
+    RECORDED.clear()
+
+
+def test_run_logger_sends_finite_scalars_config_and_finish(tmp_path, fake_tracker):
+    logger = RunLogger(tmp_path / "demo" / "sft", 3, progress=False, desc="sft", report_to=["fake_tracker"],
+                       config={"train": {"seed": 0, "report_to": ["fake_tracker"]}, "optim": {"lr": 1e-5}})
+    logger.log(1, {"train/loss": 0.5, "train/nan": float("nan"), "note": "text"})
+    logger.close()
+    assert fake_tracker["run_name"] == ["demo/sft"]
+    assert fake_tracker["config"] == [{"train.seed": 0, "train.report_to": "['fake_tracker']", "optim.lr": 1e-5}]
+    assert fake_tracker["log"] == [(1, {"train/loss": 0.5})]
+    assert fake_tracker["finished"] == [True]
+    rows = [json.loads(line) for line in (tmp_path / "demo" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train/loss"] == 0.5 and rows[0]["note"] == "text"  # the jsonl keeps everything
+    assert not (tmp_path / "demo" / "sft" / "tb").exists()  # TensorBoard only when asked for
+
+
+def test_sft_metrics_reach_the_tracker(tmp_path, tiny_model_dir, fake_tracker):
+    from rlhfkit.trainers.sft import train_sft
+
+    rows = [{"prompt": f"Say {w}", "response": f"{w}."} for w in ["red", "blue", "green", "pink"] * 4]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = load_config(SFTConfig, data={
+        "model": {"name": str(tiny_model_dir)}, "data": {"train": str(data), "eval": str(data), "max_length": 64},
+        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "micro_batch_size": 4, "max_steps": 3,
+                  "progress": False, "report_to": ["fake_tracker", "tensorboard"]}})
+    train_sft(cfg)
+    steps = [step for step, values in fake_tracker["log"] if "train/loss" in values]
+    assert steps == [1, 2, 3]
+    assert any("eval/loss" in values for _, values in fake_tracker["log"])
+    assert fake_tracker["config"][0]["data.max_length"] == 64
+    jsonl = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in jsonl if "train/loss" in r] == steps
+    assert (tmp_path / "run" / "tb").is_dir()
+
+
+@pytest.mark.parametrize("name,extra", [("wandb", "wandb"), ("mlflow", "mlflow"), ("tensorboard", "tensorboard")])
+def test_a_missing_tracker_is_one_config_error(monkeypatch, name, extra):
+    monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    with pytest.raises(MissingDependency, match=rf"train.report_to: {name} is not installed: "
+                                                rf"pip install 'rlhfkit\[{extra}\]'"):
+        load_config(SFTConfig, data={"data": {"train": "x.jsonl"}, "train": {"report_to": [name]}})
+
+
+def test_unknown_tracker_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.report_to: unknown tracker 'tensorbaord'"):
+        load_config(SFTConfig, data={"data": {"train": "x.jsonl"}, "train": {"report_to": ["tensorbaord"]}})
+
+
+def test_cli_exits_2_with_one_line_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["sft", "data.train=missing.jsonl", "model.name=no/such/model",
+                   "train.output_dir=out", "train.report_to=[wandb]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pip install 'rlhfkit[wandb]'" in err[0], err
+    assert not (tmp_path / "out").exists()
