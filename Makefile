@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-min setup bench bench-trl clean browser
+.PHONY: demo test test-min setup bench bench-trl gpu-check clean browser
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ test-min: $(MIN_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
+
+# Short bf16 SFT/RM/DPO/PPO/GRPO runs on a CUDA GPU: losses, step time, peak memory (needs a CUDA torch).
+# Arguments pass through: make gpu-check ARGS="--steps 16 --dtype float16"
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 # rlhfkit against TRL (docs/benchmarks.md). TRL goes only into its own venvs, never into .venv:
 # .venv-bench holds the current TRL (SFT, RM, DPO, GRPO); .venv-bench-ppo holds trl 1.12.0, the last

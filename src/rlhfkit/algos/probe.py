@@ -29,7 +29,7 @@ def fit_linear_bt(d: torch.Tensor, l2: float, max_iter: int = 200, label_smoothi
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     d = d.double()
     eps = label_smoothing
-    w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(d.shape[1], dtype=torch.float64, device=d.device, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 

@@ -44,7 +44,8 @@ class ModelSection:
     """The built-in default, a local transformers directory, a LoRA adapter directory, a .gguf file or a hub id."""
     dtype: str = "auto"
     """Compute precision: auto (bf16 on GPUs that support it, fp32 on CPU), float32, bfloat16 or float16.
-    Trained weights stay fp32 (master weights); forwards run under autocast in this dtype."""
+    Trained weights and optimizer state stay fp32 (master weights); forwards run under autocast in this
+    dtype; frozen references and reward models load in it; float16 adds loss scaling (docs/distributed.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (less memory, more compute)."""
     lora: LoraSection = field(default_factory=LoraSection)

@@ -203,6 +203,14 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
             "float16": torch.float16, "fp16": torch.float16}[dtype]
 
 
+def trained_dtype(model_dtype: str | None, lora: bool) -> str:
+    """The dtype a *trained* model is loaded in: float32, whatever ``model.dtype`` says (the master
+    weights; ``model.dtype`` is the compute precision of the forwards, `parallel.precision`). With LoRA
+    the frozen base may stay in ``model.dtype``; its trained adapters are fp32 all the same
+    (`parallel.precision.keep_master_fp32`)."""
+    return (model_dtype or "auto") if lora else "float32"
+
+
 _META_LOADS = 0  # > 0 inside `structure_only`
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rlhfkit.models.loading import load_causal_lm, load_merged, load_scalar_model, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models.loading import (
+    load_causal_lm, load_merged, load_scalar_model, load_tokenizer, save_pretrained_atomic, trained_dtype,
+)
 from rlhfkit.models.lora import (
     ADAPTER_CONFIG, adapter_base, adapter_config, apply_lora, enable_gradient_checkpointing, load_adapter_onto,
 )
@@ -25,10 +27,12 @@ def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int
     model first (e.g. a reward model started from a LoRA SFT policy).
     Returns (model, base model name if an adapter was continued else None).
     """
+    dtype = trained_dtype(model_cfg.dtype, model_cfg.lora.enabled)  # fp32 master weights
+
     def load(name):
         if task_type == "SEQ_CLS":
-            return load_scalar_model(name, model_cfg.dtype, pad_token_id=pad_token_id)
-        return load_causal_lm(name, model_cfg.dtype)
+            return load_scalar_model(name, dtype, pad_token_id=pad_token_id)
+        return load_causal_lm(name, dtype)
 
     cont = adapter_config(model_cfg.name)
     continued = model_cfg.lora.enabled and cont is not None and cont.get("task_type") == task_type

@@ -238,7 +238,9 @@ SingleProcess = Strategy
 def clip_and_step(model, optimizer, scheduler, max_grad_norm: float, loss_value: torch.Tensor, guard,
                   precision: Precision | None = None) -> tuple[bool, float]:
     """Clip, let ``guard`` (`training.optim.StepGuard`) check for non-finite values, then step (or skip);
-    zero the gradients. Returns (stepped, grad_norm). fp16 gradients are unscaled first."""
+    zero the gradients. Returns (stepped, grad_norm). fp16 gradients are unscaled first, and a step
+    whose gradients overflowed at the current loss scale is skipped by the scaler (which lowers the
+    scale) without counting against the guard."""
     params = [p for p in model.parameters() if p.requires_grad]
     if precision is not None:
         precision.unscale(optimizer)
@@ -249,15 +251,19 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm: float, loss_value:
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
-    stepped = guard.check(loss_value, grad_norm)
-    if stepped:
-        if precision is not None:
-            precision.apply(optimizer)
-        else:
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    elif precision is not None:
-        precision.skipped(optimizer)
+    if precision is not None and precision.overflowed(loss_value, grad_norm):
+        precision.apply(optimizer)  # fp16 overflow: the scaler skips the step and lowers its scale
+        stepped = False
+    else:
+        stepped = guard.check(loss_value, grad_norm)
+        if stepped:
+            if precision is not None:
+                precision.apply(optimizer)
+            else:
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        elif precision is not None:
+            precision.skipped(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return stepped, float(grad_norm)

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rlhfkit.models.loading import is_structure_only, structure_only
 from rlhfkit.models.lora import is_peft
@@ -58,7 +58,17 @@ def _blocks(model) -> list[torch.nn.Module]:
     return best
 
 
-def shard_model(model, optimizer, device: torch.device):
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy | None:
+    """FSDP2's casting for a run's compute precision: under bf16 (fp16) the gathered parameters are
+    bf16 (fp16), halving the all-gather, while gradients are reduce-scattered in fp32 and the shards
+    (the master weights the optimizer updates) stay fp32. None under fp32 (no casting)."""
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if low is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+
+
+def shard_model(model, optimizer, device: torch.device, mp_policy: MixedPrecisionPolicy | None = None):
     """fully_shard each block, then the root, and fill every rank's shards from rank 0's weights;
     rebind ``optimizer`` (not stepped yet) to the sharded parameters. Returns (model, optimizer):
     the same objects, now sharded.
@@ -74,9 +84,10 @@ def shard_model(model, optimizer, device: torch.device):
         raise RuntimeError("rank 0 must hold the weights that the other ranks' shards are filled from")
     full = model.state_dict() if rank0 else {}  # plain tensors, alive until broadcast
     name_of = {id(p): n for n, p in model.named_parameters()}
+    extra = {"mp_policy": mp_policy} if mp_policy is not None else {}
     for block in _blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **extra)
+    fully_shard(model, mesh=mesh, **extra)
     if empty:
         model.to_empty(device=device)
     set_model_state_dict(model, full, options=_full_options(broadcast_from_rank0=True))
@@ -235,6 +246,8 @@ class FullySharded(Strategy):
     their shards from rank 0 in `prepare` / `prepare_frozen`, so only rank 0 ever holds a whole copy.
     Every model loaded there must be prepared (or frozen-prepared) before its first forward.
     Forwards of a sharded model are collectives: every rank must run as many (`lockstep_forwards`).
+    Under bf16/fp16 the shards gather in that dtype and gradients reduce in fp32
+    (`mixed_precision_policy`).
     """
 
     name = "fsdp"
@@ -257,7 +270,7 @@ class FullySharded(Strategy):
     def prepare(self, model, optimizer, *, micro_batch_size: int = 1, max_grad_norm: float = 0.0):
         total = sum(p.numel() for p in model.parameters())
         read = self.gather_objects([not is_structure_only(model)])  # which ranks read the weights
-        model, optimizer = shard_model(model, optimizer, self.device)
+        model, optimizer = shard_model(model, optimizer, self.device, mixed_precision_policy(self.precision.name))
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
         self.layout.update({"param_elements": total, "param_elements_on_rank": local,
                             "weights_read_by_ranks": [r for r, x in enumerate(read) if x]})
@@ -269,7 +282,7 @@ class FullySharded(Strategy):
         if model is None:
             return model
         if not is_sharded(model):
-            shard_model(model, None, self.device)
+            shard_model(model, None, self.device, mixed_precision_policy(self.precision.name))
         self._frozen.append(name)
         self.layout["sharded_frozen"] = sorted(self._frozen)
         return model

@@ -42,6 +42,7 @@ class Precision:
         self.device = torch.device(device)
         self.dtype = NAMES[name]
         self.scaler = torch.amp.GradScaler(self.device.type) if name == "fp16" else None
+        self._pending = False  # a scaler step awaiting its update
 
     @property
     def mixed(self) -> bool:
@@ -53,29 +54,72 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is None:
+            loss.backward()
+            return
+        self._update()
+        self.scaler.scale(loss).backward()
 
     def unscale(self, optimizer) -> None:
         """Bring gradients back to their true scale before clipping (fp16 only)."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
+    def overflowed(self, loss_value: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """fp16: the gradients overflowed at the current scale (finite loss, non-finite gradient norm).
+        Such a step is the scaler's to skip; it is not a sign of divergence."""
+        return (self.scaler is not None and bool(torch.isfinite(loss_value).all())
+                and not bool(torch.isfinite(grad_norm).all()))
+
     def apply(self, optimizer) -> None:
         """Step the optimizer (the scaler skips a step whose gradients overflowed)."""
         if self.scaler is not None:
             self.scaler.step(optimizer)
-            self.scaler.update()
+            self._pending = True
         else:
             optimizer.step()
 
     def skipped(self, optimizer) -> None:
         """A step the trainer skipped: the scaler still lowers its scale after an overflow."""
         if self.scaler is not None:
+            self._pending = True
+
+    def _update(self) -> None:
+        """The scale's update, once every optimizer of the step has been stepped (PPO steps two with
+        one scale): deferred to the next backward, so each optimizer is unscaled by the scale its
+        gradients were multiplied with."""
+        if self._pending:
             self.scaler.update()
+            self._pending = False
+
+    @property
+    def scale(self) -> float:
+        """The current loss scale (1.0 without a scaler)."""
+        if self.scaler is None:
+            return 1.0
+        self._update()
+        return float(self.scaler.get_scale())
 
     def state_dict(self) -> dict:
-        return self.scaler.state_dict() if self.scaler is not None else {}
+        """The loss scaler's state (fp16; plain numbers, stored in a checkpoint's trainer state)."""
+        if self.scaler is None:
+            return {}
+        self._update()
+        return self.scaler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def keep_master_fp32(model) -> int:
+    """Cast every trained (``requires_grad``) floating-point parameter of ``model`` to fp32, in place;
+    frozen ones keep their dtype (a bf16 reference or LoRA base is fine). Returns how many tensors
+    were cast. The optimizer must be built after this (its state then is fp32 too)."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+

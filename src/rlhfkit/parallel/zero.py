@@ -182,6 +182,9 @@ class Zero(DataParallel):
     """
 
     def __init__(self, stage: int, precision: str = "fp32"):
+        if precision == "fp16":  # the engine's backward and step bypass the loss scaler
+            raise ConfigError("model.dtype: float16 is not supported with train.zero_stage (no loss scaling "
+                              "through the DeepSpeed engine); use bfloat16")
         require_deepspeed()
         self.stage = stage
         self.name = f"zero{stage}"

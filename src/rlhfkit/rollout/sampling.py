@@ -21,12 +21,14 @@ def rollout(model, items: list[PromptItem], settings, tokenizer, seed: int | Non
     unless a ``backend`` object is given. ``seed`` gives the sampling its own generator (see
     `rank_stream_seed`); None = torch's global RNG. With a ``strategy`` the model's weights are whole
     for the duration (FSDP gathers them once, so each rank decodes on its own and stops at its own
-    EOS) and a wrapped model is unwrapped; the backend's weights are synced from them.
+    EOS) and a wrapped model is unwrapped; the backend's weights are synced from them, and the
+    forwards run in the strategy's compute precision (autocast).
     """
     backend = backend if backend is not None else make_backend(settings.backend)
     whole = strategy.full_weights(model) if strategy is not None else contextlib.nullcontext()
     plain = strategy.unwrap(model) if strategy is not None else model
-    with whole:
+    autocast = strategy.autocast() if strategy is not None else contextlib.nullcontext()
+    with whole, autocast:
         backend.sync_weights(plain)
         return backend.generate([it.ids for it in items], settings, eos_token_id=tokenizer.eos_token_id,
                                 pad_token_id=tokenizer.pad_token_id, seed=seed)

@@ -99,7 +99,8 @@ def score_sequences(exp: Experience, items, responses: list[str], reward_fn, sec
                               group_size=group_size)
         raw, per = out.combined.float(), out.per_function
     else:
-        raw = torch.tensor(reward_fn(texts, responses, messages=messages), dtype=torch.float32)
+        scores = reward_fn(texts, responses, messages=messages)
+        raw = torch.tensor(scores, dtype=torch.float32, device=exp.response_ids.device)
     raw = raw.to(exp.response_ids.device)
     shaped = raw.clamp(-section.clip, section.clip) if section.clip > 0 else raw.clone()
     if section.missing_eos_score is not None:

@@ -20,7 +20,7 @@ from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set
 from rlhfkit.models import load_causal_lm, load_tokenizer
-from rlhfkit.models.loading import to_device
+from rlhfkit.models.loading import to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import PromptItem, load_prompt_items
 from rlhfkit.trainers.sft import prepare_sft_data
@@ -124,7 +124,7 @@ def load_actor(model_cfg, device):
     adapters disabled, so the base weights exist once in memory. The reference is the starting
     policy, so a LoRA adapter as model.name (a LoRA SFT run) is merged into its base first and fresh
     adapters go on top; `rlhfkit merge` follows that chain back."""
-    actor = load_causal_lm(model_cfg.name, model_cfg.dtype)
+    actor = load_causal_lm(model_cfg.name, trained_dtype(model_cfg.dtype, model_cfg.lora.enabled))
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor)
     actor = to_device(apply_lora(actor, model_cfg.lora, "CAUSAL_LM"), device)

@@ -182,7 +182,7 @@ def minibatch_backward(cfg, strategy, actor, critic, mb: Experience, token_means
     """Forward/backward of one minibatch in micro-batches; returns its (detached) loss terms.
     ``ptx_follows``: the PTX backward comes next, so the actor's last backward is that one."""
     per_token = cfg.loss_agg == "token-mean" and cfg.policy_ratio_level() == "token"
-    count = mb.response_mask.sum() if per_token else torch.tensor(float(len(mb)))
+    count = mb.response_mask.sum() if per_token else torch.tensor(float(len(mb)), device=mb.response_mask.device)
     norm = normalizer(strategy, count, per_rank=True)
     models = {"actor": actor, "critic": critic}
     losses: dict[str, float] = {"update/tokens": 0.0}

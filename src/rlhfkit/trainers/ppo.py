@@ -23,7 +23,7 @@ from rlhfkit.config import ConfigError, OptimSection
 from rlhfkit.judges.rewards import find_rm_dir
 from rlhfkit.models import load_scalar_model
 from rlhfkit.models.heads import backbone_and_head
-from rlhfkit.models.loading import to_device
+from rlhfkit.models.loading import to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, share_frozen_base
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
@@ -111,7 +111,8 @@ def load_critic(cfg: PPOConfig, tokenizer, device, actor=None):
         src = str(find_rm_dir(cfg.reward.rm_dir()))
     else:
         src = cfg.model.name
-    critic = load_scalar_model(src, cfg.model.dtype, pad_token_id=tokenizer.pad_token_id)
+    dtype = trained_dtype(cfg.model.dtype, cfg.model.lora.enabled)
+    critic = load_scalar_model(src, dtype, pad_token_id=tokenizer.pad_token_id)
     if src == cfg.model.name:
         # A fresh head starts at V = 0 instead of load_scalar_model's small random head: random
         # values add noise of the head's output scale to every advantage (often larger than the

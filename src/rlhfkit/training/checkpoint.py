@@ -262,7 +262,8 @@ def save_checkpoint(ckpt: Checkpointer, strategy, step: int, models: dict, optim
     opt_states = {name: strategy.optimizer_state(_owner(opt, models), opt)
                   for name, opt in optimizers.items() if opt is not None}
     saveable = {name: strategy.saveable(model, keep=strategy.is_main) for name, model in models.items()}
-    ckpt.save(step, saveable, opt_states, rng, state)
+    scaler = strategy.precision.state_dict()  # fp16's loss scale; {} otherwise
+    ckpt.save(step, saveable, opt_states, rng, {**state, "grad_scaler": scaler} if scaler else state)
 
 
 def load_checkpoint(path: Path, strategy, models: dict, optimizers: dict) -> dict:
@@ -275,4 +276,5 @@ def load_checkpoint(path: Path, strategy, models: dict, optimizers: dict) -> dic
         if opt is not None and name in opt_states:
             strategy.load_optimizer_state(_owner(opt, models), opt, opt_states[name])
     restore_rng(rng, state["step"], strategy.rank)
+    strategy.precision.load_state_dict(state.get("grad_scaler", {}))
     return state

@@ -12,12 +12,15 @@ from typing import Callable
 from rlhfkit.training.accumulate import accumulate, normalizer
 from rlhfkit.training.batches import batch_indices, micro_batches
 from rlhfkit.training.loop import FitResult, fit
+from rlhfkit.parallel.precision import keep_master_fp32
 from rlhfkit.training.optim import build_optimizer, build_scheduler
 
 
 def prepare_optimization(strategy, model, optim, train, total: int):
     """AdamW and its schedule over ``total`` steps, then the strategy's preparation of ``model`` (sharded,
-    a ZeRO engine, or as it is). Returns (model, optimizer, scheduler)."""
+    a ZeRO engine, or as it is). Returns (model, optimizer, scheduler). Trained parameters are made
+    fp32 first (master weights, whatever the model was loaded in), so the optimizer state is fp32."""
+    keep_master_fp32(model)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, total)
     model, optimizer = strategy.prepare(model, optimizer, micro_batch_size=train.micro_batch_size,
