@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rlhfkit.config import ConfigError
 from rlhfkit.config.extras import require
 from rlhfkit.parallel.ddp import DataParallel
 from rlhfkit.parallel.optim_state import by_name, index_keyed
