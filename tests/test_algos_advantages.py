@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from fake_reduce import run_ranks
 from torch.testing import assert_close
 
-from fake_reduce import run_ranks
 from rlhfkit.algos import (
     RunningMeanBaseline,
     batch_mean_advantages,

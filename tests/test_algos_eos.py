@@ -20,7 +20,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhfkit.algos import gae_advantages, kl_penalized_rewards, masked_whiten, ppo_policy_loss
+from rlhfkit.algos import (
+    gae_advantages,
+    kl_penalized_rewards,
+    masked_whiten,
+    ppo_policy_loss,
+)
 
 D = torch.float64
 NAN = float("nan")

@@ -4,7 +4,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhfkit.algos import AdaptiveKLController, FixedKLController, bias_corrected_kl, kl_estimate
+from rlhfkit.algos import (
+    AdaptiveKLController,
+    FixedKLController,
+    bias_corrected_kl,
+    kl_estimate,
+)
 
 D = torch.float64
 

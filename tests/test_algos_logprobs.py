@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rlhfkit.algos import entropy_from_logits, sequence_logps, shift_for_causal, token_logprobs
+from rlhfkit.algos import (
+    entropy_from_logits,
+    sequence_logps,
+    shift_for_causal,
+    token_logprobs,
+)
 
 D = torch.float64
 

@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rlhfkit.algos import bradley_terry_loss, dpo_loss, pairwise_accuracy, sequence_logps
+from rlhfkit.algos import (
+    bradley_terry_loss,
+    dpo_loss,
+    pairwise_accuracy,
+    sequence_logps,
+)
 
 D = torch.float64
 LN2 = math.log(2)

@@ -10,7 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhfkit.algos.rewards import combine_rewards, nan_std, normalize_per_group, reward_stats
+from rlhfkit.algos.rewards import (
+    combine_rewards,
+    nan_std,
+    normalize_per_group,
+    reward_stats,
+)
 
 NAN = math.nan
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhfkit.algos import agg_loss, explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
+from rlhfkit.algos import (
+    agg_loss,
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
 
 D = torch.float64
 

@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from rlhfkit.data import (
-    IGNORE_INDEX, PackedSFTCollator, PreferenceCollator, PreferenceExample, PromptCollator, PromptExample,
-    SFTCollator, SFTExample, block_causal_mask, pack_sft, pad_sequences, tokenize_dataset,
+    IGNORE_INDEX,
+    PackedSFTCollator,
+    PreferenceCollator,
+    PreferenceExample,
+    PromptCollator,
+    PromptExample,
+    SFTCollator,
+    SFTExample,
+    block_causal_mask,
+    pack_sft,
+    pad_sequences,
+    tokenize_dataset,
 )
 from rlhfkit.models import tiny_causal_lm
 

@@ -9,8 +9,15 @@ import pickle
 import pytest
 
 from rlhfkit.data import (
-    DataError, PreferenceExample, PromptExample, SFTExample, load_preference, load_prompts, load_records,
-    load_sft, sft_from_preference,
+    DataError,
+    PreferenceExample,
+    PromptExample,
+    SFTExample,
+    load_preference,
+    load_prompts,
+    load_records,
+    load_sft,
+    sft_from_preference,
 )
 
 PAIRS = [

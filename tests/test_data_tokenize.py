@@ -7,8 +7,20 @@ import json
 import pytest
 
 from rlhfkit.data import (
-    IGNORE_INDEX, DataError, PreferenceExample, PromptExample, SFTExample, TruncationStats, load_preference,
-    load_sft, render_ids, render_prompt_ids, tokenize_dataset, tokenize_preference, tokenize_prompt, tokenize_sft,
+    IGNORE_INDEX,
+    DataError,
+    PreferenceExample,
+    PromptExample,
+    SFTExample,
+    TruncationStats,
+    load_preference,
+    load_sft,
+    render_ids,
+    render_prompt_ids,
+    tokenize_dataset,
+    tokenize_preference,
+    tokenize_prompt,
+    tokenize_sft,
 )
 
 EOT = "<|im_end|>"

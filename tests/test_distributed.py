@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from rlhfkit.cli import main as cli
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -479,7 +479,12 @@ def test_online_dpo_on_two_processes(runs, tokenizer):
     from rlhfkit.config import load_config
     from rlhfkit.models import load_causal_lm
     from rlhfkit.rng import set_seed
-    from rlhfkit.rollout import decode_responses, load_prompt_items, rank_stream_seed, rollout
+    from rlhfkit.rollout import (
+        decode_responses,
+        load_prompt_items,
+        rank_stream_seed,
+        rollout,
+    )
     from rlhfkit.trainers.online_dpo import OnlineDPOConfig
 
     run = runs / "online-2"

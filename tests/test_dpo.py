@@ -14,8 +14,14 @@ from rlhfkit.data import PreferenceCollator
 from rlhfkit.models import tiny_causal_lm
 from rlhfkit.parallel import SingleProcess
 from rlhfkit.trainers.dpo import (
-    DPOConfig, Reference, build_policy_and_reference, dpo_batch_loss, pair_logps, precompute_reference,
-    reference_logps, train_dpo,
+    DPOConfig,
+    Reference,
+    build_policy_and_reference,
+    dpo_batch_loss,
+    pair_logps,
+    precompute_reference,
+    reference_logps,
+    train_dpo,
 )
 from rlhfkit.trainers.reward import prepare_preference_data
 

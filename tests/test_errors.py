@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
 from test_reliability import _cli, _sft_args, _sft_data
 

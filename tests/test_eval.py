@@ -8,7 +8,12 @@ import pytest
 
 from rlhfkit.eval.policy_compare import format_table, policy_label
 from rlhfkit.eval.stats import (
-    mean_ci, pearson, prob_indicators, win_indicators, win_rate, within_group_pearson,
+    mean_ci,
+    pearson,
+    prob_indicators,
+    win_indicators,
+    win_rate,
+    within_group_pearson,
 )
 
 
@@ -140,6 +145,7 @@ def test_eval_reports_alignment_tax(tmp_path, tokenizer):
     import json
 
     from pg_utils import tiny_policy_dir
+
     from rlhfkit.config import load_config
     from rlhfkit.eval.policy_compare import EvalConfig, run_eval
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_jsonl
 
 HERE = Path(__file__).resolve().parent

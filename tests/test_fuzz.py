@@ -18,7 +18,8 @@ import math
 import os
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 JUNK = st.sampled_from(["", "abc", "-", "[1, 2]", "{a: 1}", "[unclosed", "null", "true", "1e999", "-.inf", ".nan"])
 COUNT = st.sampled_from([-1, 0, 1, 2, 3, 4, 8]) | JUNK

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pg_utils import base_config, read_metrics
+
 from rlhfkit.config import ConfigError, load_config
 from rlhfkit.trainers import grpo as grpo_mod
 from rlhfkit.trainers.grpo import GRPOConfig, RLOOConfig, train_grpo

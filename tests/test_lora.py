@@ -15,12 +15,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from rlhfkit.config import LoraSection, RewardConfig, SFTConfig, load_config
 from rlhfkit.models import load_causal_lm, load_scalar_model, sequence_scores
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, load_adapter_onto
+from rlhfkit.models.lora import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    load_adapter_onto,
+)
 from rlhfkit.models.start import load_for_training
 
 LORA = {"enabled": True, "r": 8, "alpha": 16}
@@ -73,9 +77,9 @@ def _trainer_cfg(cls, tmp_path, model_dir, train_path, eval_path, **sections):
 
 
 def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, tokenizer):
+    from pg_utils import tiny_policy_dir
     from transformers import AutoModelForCausalLM
 
-    from pg_utils import tiny_policy_dir
     from rlhfkit.cli import main
     from rlhfkit.trainers.sft import train_sft
 
@@ -174,6 +178,7 @@ def test_rm_lora_trains_the_head_and_merges_into_a_sequence_classifier(tmp_path,
 
 def test_lora_ppo_learns_with_one_copy_of_the_base_weights(tokenizer, tmp_path, monkeypatch):
     from pg_utils import base_config, read_metrics
+
     from rlhfkit.trainers import ppo
 
     seen = {}
@@ -255,8 +260,8 @@ def test_lora_dpo_learns_with_one_copy_of_the_base_weights(tmp_path, tokenizer, 
 
 
 def test_online_dpo_with_lora_continues_one_adapter_on_pi0(tmp_path, tokenizer):
-    from rlhfkit.models.lora import adapter_config
     from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.models.lora import adapter_config
     from rlhfkit.trainers.online_dpo import OnlineDPOConfig, train_online_dpo
 
     model_dir = tmp_path / "tiny"
@@ -288,7 +293,11 @@ def _gc_on(model) -> bool:
 @pytest.mark.parametrize("kind", ["causal", "scalar"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(kind, lora):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     from rlhfkit.trainers.pg_score import response_values
 
@@ -332,6 +341,7 @@ def test_gradient_checkpointing_flag_reaches_every_trainer(tmp_path, tokenizer, 
     """model.gradient_checkpointing turns it on for SFT, RM, DPO (and online DPO, which runs DPO/SFT),
     PPO's actor and critic, and GRPO/RLOO (the same actor loader), with or without LoRA."""
     from pg_utils import base_config
+
     from rlhfkit.trainers.dpo import DPOConfig, build_policy_and_reference
     from rlhfkit.trainers.pg_setup import load_actor
     from rlhfkit.trainers.ppo import PPOConfig, load_critic

@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from rlhfkit.models import (
-    last_token_index, load_causal_lm, load_scalar_model, pooled_features, position_ids_from_mask,
-    resolve_model_path, reward_pooling, save_pretrained_atomic, sequence_scores, set_reward_pooling,
-    tiny_causal_lm, token_values,
+    last_token_index,
+    load_causal_lm,
+    load_scalar_model,
+    pooled_features,
+    position_ids_from_mask,
+    resolve_model_path,
+    reward_pooling,
+    save_pretrained_atomic,
+    sequence_scores,
+    set_reward_pooling,
+    tiny_causal_lm,
+    token_values,
 )
 from rlhfkit.models.heads import pool_mask
 

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_jsonl
-from rlhfkit.cli import main as cli
 from test_distributed import (
     _assert_same_metrics,
     _assert_same_pg_run,
@@ -33,6 +31,8 @@ from test_distributed import (
     one_thread,  # noqa: F401  (autouse: the 1-process runs use one thread, like each node's process)
     pytestmark,  # noqa: F401  (needs gloo)
 )
+
+from rlhfkit.cli import main as cli
 
 HERE = Path(__file__).resolve().parent
 

@@ -8,7 +8,12 @@ import pytest
 
 from rlhfkit.config import load_config
 from rlhfkit.trainers.online_dpo import (
-    OnlineDPOConfig, best_of_n, build_pairs, length_penalised, round_robin, train_online_dpo,
+    OnlineDPOConfig,
+    best_of_n,
+    build_pairs,
+    length_penalised,
+    round_robin,
+    train_online_dpo,
 )
 
 

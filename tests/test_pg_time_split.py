@@ -4,8 +4,8 @@ time/update, time/other) and shows the split in the progress line."""
 from __future__ import annotations
 
 import pytest
-
 from pg_utils import base_config, read_metrics
+
 from rlhfkit.config import load_config
 from rlhfkit.parallel import SingleProcess
 from rlhfkit.registry import COMMANDS

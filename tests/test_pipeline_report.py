@@ -8,9 +8,9 @@ import random
 
 import pytest
 import yaml
-
 from browser import chromium_path, render
 from conftest import write_jsonl
+
 from rlhfkit.config import ConfigError
 from rlhfkit.pipeline import run_pipeline
 

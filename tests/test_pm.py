@@ -9,7 +9,13 @@ import torch
 
 from rlhfkit.data import PreferenceExample
 from rlhfkit.judges.preference import (
-    QUESTION, PairwiseJudge, average_orders, context_text, label_token_ids, pm_prompt, pm_training_records,
+    QUESTION,
+    PairwiseJudge,
+    average_orders,
+    context_text,
+    label_token_ids,
+    pm_prompt,
+    pm_training_records,
 )
 
 

@@ -6,16 +6,14 @@ import json
 
 import pytest
 import torch
-
 from pg_utils import base_config, read_metrics
+
 from rlhfkit.algos import kl_penalized_rewards
-from rlhfkit.config import load_config
+from rlhfkit.config import RewardSection, load_config
 from rlhfkit.models import token_values
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.rollout import Experience
-from rlhfkit.config import RewardSection
 from rlhfkit.parallel import SingleProcess
-from rlhfkit.rollout import rollout
+from rlhfkit.rollout import Experience, rollout
 from rlhfkit.trainers.pg_score import response_values, score_experience, score_sequences
 from rlhfkit.trainers.pg_setup import Trained, prepare_trained, prompt_batch, setup_run
 from rlhfkit.trainers.pg_update import policy_update
@@ -216,10 +214,13 @@ def test_ppo_update_batch8_equals_batch1_times_accumulation8(agg):
     same actor and critic parameters, because every micro-batch divides by the minibatch's global
     normaliser (its token count for token-mean, its row count for the seq-mean modes)."""
     import copy
-
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
     from types import SimpleNamespace
+
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     from rlhfkit.config import OptimSection
 

@@ -243,7 +243,11 @@ def test_rollout_generates_under_the_strategys_autocast(tiny_model, tokenizer):
 
 
 def test_checkpoint_stores_and_restores_the_loss_scale(tiny_model, tmp_path):
-    from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+    from rlhfkit.training.checkpoint import (
+        Checkpointer,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     strategy = SingleProcess("fp16")
     strategy.precision.backward(torch.ones(1, requires_grad=True).sum())

@@ -4,8 +4,8 @@ split into windows that predict each token exactly once."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import write_jsonl
+
 from rlhfkit.config import PTXSection
 from rlhfkit.data import DataError, load_plain_text, tokenize_plain_text
 from rlhfkit.trainers.pg_setup import load_ptx

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_jsonl
 
 
@@ -173,8 +172,8 @@ def _cfg(tmp_path, data, *extra):
 
 def _used_run(tmp_path, data):
     """A run directory as a finished run leaves it (record, config, a checkpoint, a model)."""
-    from rlhfkit.rundir import open_run
     from rlhfkit.training.checkpoint import write_manifest
+    from rlhfkit.training.rundir import open_run
 
     run = open_run(_cfg(tmp_path, data), "sft")
     ck = run.path / "checkpoints" / "step-00000002"
@@ -188,7 +187,7 @@ def _used_run(tmp_path, data):
 
 
 def test_a_fresh_run_refuses_a_used_directory_unless_told_to_overwrite(tmp_path):
-    from rlhfkit.rundir import RunDirError, open_run
+    from rlhfkit.training.rundir import RunDirError, open_run
 
     data = _sft_data(tmp_path / "d.jsonl")
     out = _used_run(tmp_path, data)
@@ -203,7 +202,7 @@ def test_a_fresh_run_refuses_a_used_directory_unless_told_to_overwrite(tmp_path)
 
 
 def test_resume_needs_something_to_resume(tmp_path):
-    from rlhfkit.rundir import RunDirError, open_run
+    from rlhfkit.training.rundir import RunDirError, open_run
 
     data = _sft_data(tmp_path / "d.jsonl")
     with pytest.raises(RunDirError, match=r"nothing to resume in .*run: no checkpoint there"):
@@ -220,7 +219,7 @@ def test_resume_needs_something_to_resume(tmp_path):
     ("data", "data.train content differs (size"),
 ])
 def test_resume_refuses_another_config_or_data_naming_what_differs(tmp_path, change, named):
-    from rlhfkit.rundir import RunDirError, open_run
+    from rlhfkit.training.rundir import RunDirError, open_run
 
     data = _sft_data(tmp_path / "d.jsonl")
     out = _used_run(tmp_path, data)
@@ -236,7 +235,7 @@ def test_resume_refuses_another_config_or_data_naming_what_differs(tmp_path, cha
 
 
 def test_resume_allows_what_does_not_change_the_numbers(tmp_path, caplog):
-    from rlhfkit.rundir import open_run
+    from rlhfkit.training.rundir import open_run
 
     data = _sft_data(tmp_path / "d.jsonl")
     _used_run(tmp_path, data)
@@ -252,7 +251,7 @@ def test_resume_allows_what_does_not_change_the_numbers(tmp_path, caplog):
 
 
 def test_a_leftover_temporary_directory_is_removed_when_a_run_starts(tmp_path):
-    from rlhfkit.rundir import open_run
+    from rlhfkit.training.rundir import open_run
 
     data = _sft_data(tmp_path / "d.jsonl")
     for p in (tmp_path / "run" / "checkpoints" / ".step-00000004.tmp-1-ab", tmp_path / "run" / ".model.tmp-9-cd"):

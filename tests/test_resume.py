@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_jsonl
 
 
@@ -82,7 +81,11 @@ def test_sft_sigkill_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
     from rlhfkit.models import load_causal_lm
     from rlhfkit.parallel import SingleProcess
-    from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+    from rlhfkit.training.checkpoint import (
+        Checkpointer,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     strategy = SingleProcess()
     model = load_causal_lm(tiny_model_dir)
@@ -272,8 +275,8 @@ def test_resume_without_a_checkpoint_starts_over_with_one_record_per_step(tmp_pa
     resume=auto (what pipelines use) starts at step 0, the records the killed run wrote dropped,
     not followed by a second copy of the same steps."""
     from rlhfkit.config import SFTConfig, load_config
-    from rlhfkit.rundir import RunDirError
     from rlhfkit.trainers.sft import train_sft
+    from rlhfkit.training.rundir import RunDirError
 
     out = tmp_path / "run"
     overrides = [f"model.name={tiny_model_dir}", f"data.train={_sft_data(tmp_path)}", "data.eval_fraction=0.1",
@@ -297,8 +300,8 @@ def test_resume_without_a_checkpoint_starts_over_with_one_record_per_step(tmp_pa
 def test_non_finite_updates_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from rlhfkit.config import SFTConfig, load_config
     from rlhfkit.trainers import sft
-    from rlhfkit.training.checkpoint import Checkpointer
     from rlhfkit.training import TrainingDiverged
+    from rlhfkit.training.checkpoint import Checkpointer
 
     real, calls = sft.sft_batch_loss, []
     bad = {2, 6, 7, 8}  # 0-based steps with a NaN loss: one alone (skipped), then three in a row

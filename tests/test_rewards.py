@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from rlhfkit.judges import (
-    RewardFn, RewardFunctionError, RewardSet, RewardSpecError, build_reward_fn, build_reward_set,
+    RewardFn,
+    RewardFunctionError,
+    RewardSet,
+    RewardSpecError,
+    build_reward_fn,
+    build_reward_set,
 )
 
 
@@ -154,6 +159,7 @@ def test_reward_errors_in_training_name_the_function(tokenizer, tmp_path):
     """A reward function that fails mid-run stops PPO at its first call, before any update,
     with the function's spec in the message (not a bare traceback from inside the trainer)."""
     from pg_utils import base_config
+
     from rlhfkit.config import load_config
     from rlhfkit.trainers.ppo import PPOConfig, train_ppo
 
@@ -172,6 +178,7 @@ def test_cli_reports_a_failing_reward_function_in_one_line(tokenizer, tmp_path, 
     """From the command line the same error is one message naming the function, exit code 2."""
     import yaml
     from pg_utils import base_config
+
     from rlhfkit.cli import main
 
     (tmp_path / "bad_reward.py").write_text("def score(prompts, responses):\n    raise KeyError('label')\n")
@@ -186,11 +193,11 @@ def test_cli_reports_a_failing_reward_function_in_one_line(tokenizer, tmp_path, 
 
 
 def test_bad_reward_specs_fail_before_any_model_loads(tmp_path, monkeypatch, tokenizer):
+    import transformers
     from pg_utils import base_config
+
     from rlhfkit.config import load_config
     from rlhfkit.trainers.ppo import PPOConfig, train_ppo
-
-    import transformers
 
     def loaded(*a, **k):
         raise AssertionError("a model was loaded before the reward spec was checked")
@@ -352,6 +359,7 @@ def test_cli_reports_a_bad_reward_spec_in_one_line(tokenizer, tmp_path, capsys, 
     one line naming the spec, no traceback, nothing trained."""
     import yaml
     from pg_utils import base_config
+
     from rlhfkit.cli import main
 
     (tmp_path / "bad.py").write_text("def score(prompts, responses)\n    return []\n")

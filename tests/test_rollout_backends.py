@@ -8,12 +8,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pg_utils import base_config, read_metrics, write_prompts
 from transformers import GenerationConfig
 
-from pg_utils import base_config, read_metrics, write_prompts
 from rlhfkit.config import ConfigError, RolloutSection, load_config
 from rlhfkit.models import position_ids_from_mask, tiny_causal_lm
-from rlhfkit.rollout import BACKENDS, HFGenerate, OwnEngine, RolloutBackend, load_prompt_items, make_backend, rollout
+from rlhfkit.rollout import (
+    BACKENDS,
+    HFGenerate,
+    OwnEngine,
+    RolloutBackend,
+    load_prompt_items,
+    make_backend,
+    rollout,
+)
 from rlhfkit.trainers.grpo import GRPOConfig, train_grpo
 from rlhfkit.trainers.ppo import PPOConfig, train_ppo
 

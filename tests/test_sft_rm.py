@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from rlhfkit.config import RewardConfig, SFTConfig, load_config
 from rlhfkit.trainers.reward import train_reward_model
 from rlhfkit.trainers.sft import train_sft

@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.models.forward import causal_logprobs, pack_shared_prompts, shared_prompt_logprobs
+from rlhfkit.models.forward import (
+    causal_logprobs,
+    pack_shared_prompts,
+    shared_prompt_logprobs,
+)
 
 
 def _batch(tokenizer, seed=0, groups=3, G=4, R=7):
@@ -113,7 +117,11 @@ def test_packed_logprobs_through_lora_and_with_adapters_disabled(tokenizer, chec
     and the policy (adapters on) both match their unpacked rows, with and without checkpointing."""
     from rlhfkit.config import LoraSection
     from rlhfkit.models import tiny_causal_lm
-    from rlhfkit.models.lora import adapters_disabled, apply_lora, enable_gradient_checkpointing
+    from rlhfkit.models.lora import (
+        adapters_disabled,
+        apply_lora,
+        enable_gradient_checkpointing,
+    )
 
     model = tiny_causal_lm(tokenizer, seed=0)
     if checkpointing:

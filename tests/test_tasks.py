@@ -273,7 +273,7 @@ def test_build_preference_pairs_with_tiny_model(tmp_path):
     (["--pairs-only", "train", "--pairs-per-prompt", "0"], "--pairs-per-prompt: must be >= 1"),
 ])
 def test_make_data_pairs_only_refuses_bad_settings_before_writing(tmp_path, capsys, flags, message):
-    from rlhfkit.tasks.build import main
+    from rlhfkit.tasks.make_data import main
 
     assert main(["--task", "sentiment", "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err.strip()

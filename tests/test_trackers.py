@@ -7,8 +7,8 @@ import json
 import sys
 
 import pytest
-
 from conftest import write_jsonl
+
 from rlhfkit import cli
 from rlhfkit.config import ConfigError, SFTConfig, load_config
 from rlhfkit.config.extras import MissingDependency

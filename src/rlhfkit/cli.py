@@ -180,7 +180,7 @@ def _silence_stdout() -> None:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["make-data"]:  # its own argparse (argparse.REMAINDER drops leading --options)
-        from rlhfkit.tasks.build import main as build_main
+        from rlhfkit.tasks.make_data import main as build_main
 
         return build_main(argv[1:]) or 0
     parser = build_parser()

@@ -121,7 +121,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
         print(f"[pipeline] stage {i + 1}/{len(stages)} {spec.name} ({spec.kind})", flush=True)
         if hasattr(stage_cfg, "train"):
             # "auto": continue an interrupted stage from its latest checkpoint, else start it
-            # (true would refuse a stage that has nothing to resume: rlhfkit.rundir)
+            # (true would refuse a stage that has nothing to resume: rlhfkit.training.rundir)
             stage_cfg.train.resume = "auto"
             stage_cfg.train.progress = cfg.progress
         t = time.time()

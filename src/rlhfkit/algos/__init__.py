@@ -14,8 +14,12 @@ from rlhfkit.algos.advantages import (
     reinforce_baseline_advantages,
     rloo_advantages,
 )
-from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt
-from rlhfkit.algos.kl import AdaptiveKLController, FixedKLController, bias_corrected_kl, kl_estimate
+from rlhfkit.algos.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    bias_corrected_kl,
+    kl_estimate,
+)
 from rlhfkit.algos.logprobs import (
     entropy_from_logits,
     sequence_logps,
@@ -30,6 +34,7 @@ from rlhfkit.algos.losses import (
     value_loss,
 )
 from rlhfkit.algos.preference import bradley_terry_loss, dpo_loss, pairwise_accuracy
+from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt
 from rlhfkit.algos.stats import (
     agg_loss,
     explained_variance,

@@ -4,10 +4,28 @@
 """
 
 from rlhfkit.config.errors import ConfigError
-from rlhfkit.config.loader import build, dump_config, load_config, merge, parse_overrides, to_dict, validate
+from rlhfkit.config.loader import (
+    build,
+    dump_config,
+    load_config,
+    merge,
+    parse_overrides,
+    to_dict,
+    validate,
+)
 from rlhfkit.config.sections import (
-    DataSection, LoraSection, ModelSection, OptimSection, PolicyTrainSection, PromptsSection, PTXSection,
-    RewardConfig, RewardSection, RolloutSection, SFTConfig, TrainSection,
+    DataSection,
+    LoraSection,
+    ModelSection,
+    OptimSection,
+    PolicyTrainSection,
+    PromptsSection,
+    PTXSection,
+    RewardConfig,
+    RewardSection,
+    RolloutSection,
+    SFTConfig,
+    TrainSection,
 )
 
 __all__ = [

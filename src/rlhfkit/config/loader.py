@@ -9,9 +9,9 @@ them as ``file: key.path: problem`` before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
-import difflib
 import types
 import typing
 from pathlib import Path

@@ -11,10 +11,10 @@ from rlhfkit.data.collate import (
     PreferenceCollator,
     PromptCollator,
     SFTCollator,
+    batch_to_device,
     block_causal_mask,
     pack_sft,
     pad_sequences,
-    batch_to_device,
 )
 from rlhfkit.data.errors import DataError, Origin
 from rlhfkit.data.formats import (

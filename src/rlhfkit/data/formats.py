@@ -18,8 +18,13 @@ from typing import Any, Iterable
 
 from rlhfkit.data.errors import DataError, Origin, type_name
 from rlhfkit.data.messages import (
-    check_messages, check_starts_with_user, check_text, first_difference, is_transcript_string,
-    parse_transcript_string, prompt_messages,
+    check_messages,
+    check_starts_with_user,
+    check_text,
+    first_difference,
+    is_transcript_string,
+    parse_transcript_string,
+    prompt_messages,
 )
 from rlhfkit.data.records import Record, load_records
 

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.config import ConfigError, RolloutSection
-from rlhfkit.data import IGNORE_INDEX, SFTCollator, batch_to_device, load_sft, tokenize_dataset
+from rlhfkit.data import (
+    IGNORE_INDEX,
+    SFTCollator,
+    batch_to_device,
+    load_sft,
+    tokenize_dataset,
+)
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges.rewards import build_reward_fn
 from rlhfkit.models.forward import causal_logprobs

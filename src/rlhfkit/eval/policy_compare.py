@@ -32,7 +32,14 @@ from rlhfkit.data import load_preference
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection, tax_deltas
 from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
-from rlhfkit.eval.stats import mean_ci, pearson, prob_indicators, win_indicators, win_rate, within_group_pearson
+from rlhfkit.eval.stats import (
+    mean_ci,
+    pearson,
+    prob_indicators,
+    win_indicators,
+    win_rate,
+    within_group_pearson,
+)
 from rlhfkit.io import write_json_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
 from rlhfkit.judges.rewards import build_reward_fn

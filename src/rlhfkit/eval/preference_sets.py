@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from rlhfkit.judges.preference import average_orders
+from rlhfkit.judges.rewards import prompt_text
+
 
 def _by_category(examples, correct: list[float]) -> dict:
     groups = defaultdict(list)
@@ -19,7 +22,6 @@ def _by_category(examples, correct: list[float]) -> dict:
 def reward_accuracy(reward_fn, examples) -> dict:
     """Pointwise scorer (`judges.rewards.RewardFn`: rm:DIR, task:NAME, ...) on PreferenceExamples:
     share of pairs where r(chosen) > r(rejected); ties count half."""
-    from rlhfkit.judges.rewards import prompt_text
 
     texts = [prompt_text(ex.prompt) for ex in examples]
     msgs = [ex.prompt for ex in examples]
@@ -35,7 +37,6 @@ def judge_accuracy(judge, examples) -> dict:
     """Pairwise judge on PreferenceExamples: accuracy of P(chosen > rejected) averaged over both
     orders; for model judges also the single-order accuracy and the position bias
     (mean P("A") over both orders minus 0.5; > 0 means the judge favours the first response)."""
-    from rlhfkit.judges.preference import average_orders
 
     ctx = [judge.context(ex.prompt) for ex in examples]
     ch, rj = [ex.chosen for ex in examples], [ex.rejected for ex in examples]

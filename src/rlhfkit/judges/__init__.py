@@ -1,6 +1,11 @@
 """Judges: gold oracles, reward functions, reward-model scoring."""
 
-from rlhfkit.judges.reward_set import RewardScores, RewardSet, build_reward_set, reward_metrics
+from rlhfkit.judges.reward_set import (
+    RewardScores,
+    RewardSet,
+    build_reward_set,
+    reward_metrics,
+)
 from rlhfkit.judges.rewards import (
     RewardFn,
     RewardFunctionError,

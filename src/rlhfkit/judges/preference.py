@@ -27,6 +27,12 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.judges.rewards import chat_ids, prompt_text
+from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models.heads import position_ids_from_mask
+from rlhfkit.rollout import left_pad
+from rlhfkit.tasks import get_task
+
 QUESTION = "Which response is better? Answer A or B."
 LABELS = ("A", "B")
 
@@ -67,7 +73,6 @@ def average_orders(p_a_forward: torch.Tensor, p_a_swapped: torch.Tensor) -> torc
 def label_token_ids(tokenizer) -> tuple[int, int]:
     """Token ids of "A" and "B" *as they appear as the first assistant token* in a rendered chat
     (found by rendering, not by encoding the bare letter: a BPE may merge it with what precedes)."""
-    from rlhfkit.judges.rewards import chat_ids
 
     user = [{"role": "user", "content": "?"}]
     prefix = chat_ids(tokenizer, user, add_generation_prompt=True)
@@ -99,9 +104,6 @@ class PairwiseJudge:
     @torch.no_grad()
     def prob_first(self, contexts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> torch.Tensor:
         """P("A") normalised over {A, B}, in the given order only: (N,)."""
-        from rlhfkit.judges.rewards import chat_ids
-        from rlhfkit.models.heads import position_ids_from_mask
-        from rlhfkit.rollout import left_pad
 
         device = next(self.model.parameters()).device
         rows = [chat_ids(self.tokenizer, [{"role": "user", "content": pm_prompt(c, a, b)}], add_generation_prompt=True)
@@ -138,7 +140,6 @@ class AnnotatorJudge:
     @staticmethod
     def context(messages) -> str:
         """The gold judge reads the plain user text, as every reward function does."""
-        from rlhfkit.judges.rewards import prompt_text
 
         return prompt_text(messages)
 
@@ -152,12 +153,10 @@ def build_pairwise_judge(spec: str, *, tokenizer=None, device="cpu", batch_size:
     LM used untrained) or ``annotator:TASK`` (the task's simulated annotator)."""
     kind, _, target = spec.partition(":")
     if kind == "annotator":
-        from rlhfkit.tasks import get_task
 
         return AnnotatorJudge(get_task(target).annotator(seed=seed), spec)
     if kind not in ("pm", "judge") or not target:
         raise ValueError(f"pairwise judge {spec!r}: expected pm:DIR, judge:MODEL or annotator:TASK")
-    from rlhfkit.models import load_causal_lm, load_tokenizer
 
     path = Path(target).expanduser()
     if kind == "pm" and any((path / "model" / f).is_file() for f in ("config.json", "adapter_config.json")):

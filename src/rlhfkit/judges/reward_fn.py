@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.data import render_ids
+
 Messages = list[dict]
 SPEC_FORMS = "rm:DIR, task:NAME, module:function or file.py:function"
 # Reward functions receive the prompts and responses under these names: no field may take them.
@@ -37,7 +39,6 @@ def prompt_text(messages: Messages | str) -> str:
 
 def chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a conversation rendered with the chat template (`data.render_ids`)."""
-    from rlhfkit.data import render_ids
 
     return render_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 

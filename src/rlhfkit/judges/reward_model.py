@@ -12,7 +12,17 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.data import end_of_turn_ids, render_ids, render_prompt_ids
 from rlhfkit.judges.reward_fn import Messages, RewardFn, RewardSpecError, default_name
+from rlhfkit.models import (
+    load_scalar_model,
+    load_tokenizer,
+    reward_pooling,
+    sequence_scores,
+)
+from rlhfkit.models.loading import to_device
+from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
+from rlhfkit.rollout import left_pad
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -21,7 +31,6 @@ def find_rm_dir(path: str) -> Path:
     """Accept a reward-model directory or the run directory that holds it in ``model/``; a LoRA
     reward-model adapter (``rlhfkit rm`` with model.lora.enabled) is accepted too and is loaded
     merged into its base (`models.load_scalar_model`)."""
-    from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
 
     p = Path(path).expanduser()
     if (p / "model" / "config.json").is_file() or (p / "model" / "adapter_config.json").is_file():
@@ -63,8 +72,6 @@ def _check_rm_config(path: str, p: Path) -> None:
 
 def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int = 16) -> RewardFn:
     """A frozen Bradley-Terry reward model scoring chat renderings of (prompt messages + response)."""
-    from rlhfkit.models import load_scalar_model, load_tokenizer
-    from rlhfkit.models.loading import to_device
 
     rm_dir = find_rm_dir(path)
     if (rm_dir / "tokenizer_config.json").is_file():
@@ -96,7 +103,6 @@ class RewardModelScorer:
     def render_parts(self, messages: Messages, response: str) -> tuple[list[int], list[int]]:
         """(prompt ids, reply ids) of `render`. A template that is not prefix-stable for this reply
         gives ([], whole rendering): then a "mean"-pooled RM averages over every token."""
-        from rlhfkit.data import end_of_turn_ids, render_ids, render_prompt_ids
 
         prompt = render_prompt_ids(self.tokenizer, messages)
         full = render_ids(self.tokenizer, [*messages, {"role": "assistant", "content": response}])
@@ -111,8 +117,6 @@ class RewardModelScorer:
     def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages]) -> list[float]:
         """`messages` by name: the RewardFn passes the prompt conversations to a parameter so named.
         The scores are pooled as stored in the RM's config.json (`models.reward_pooling`)."""
-        from rlhfkit.models import reward_pooling, sequence_scores
-        from rlhfkit.rollout import left_pad
 
         device = next(self.model.parameters()).device
         pooling = reward_pooling(self.model)

@@ -28,7 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.algos.rewards import COMBINE_MODES, combine_rewards, reward_stats
-from rlhfkit.judges.reward_fn import Messages, RewardFn, RewardFunctionError, RewardSpecError
+from rlhfkit.judges.reward_fn import (
+    Messages,
+    RewardFn,
+    RewardFunctionError,
+    RewardSpecError,
+)
 from rlhfkit.judges.rewards import build_reward_fn
 
 _ENTRY_KEYS = ("spec", "weight", "name")

@@ -36,12 +36,20 @@ from pathlib import Path
 import torch
 
 from rlhfkit.judges.reward_fn import (
-    RESERVED_FIELDS, SPEC_FORMS, RewardFn, RewardFunctionError, RewardSpecError, _qualname, chat_ids,
-    default_name, field_columns, prompt_text, validate_scores,
+    RESERVED_FIELDS,
+    SPEC_FORMS,
+    RewardFn,
+    RewardFunctionError,
+    RewardSpecError,
+    _qualname,
+    chat_ids,
+    default_name,
+    field_columns,
+    prompt_text,
+    validate_scores,
 )
 from rlhfkit.judges.reward_model import RewardModelScorer, find_rm_dir, reward_model_fn
 from rlhfkit.tasks import get_task
-
 
 # --------------------------------------------------------------------------- sources
 

@@ -1,5 +1,18 @@
 """Model loading (local dir, hub id, GGUF, the built-in default), scalar heads and saving."""
 
+from rlhfkit.models.heads import (
+    POOLINGS,
+    backbone_and_head,
+    freeze_lower_layers,
+    last_token_index,
+    pooled_features,
+    position_ids_from_mask,
+    reward_pooling,
+    sequence_scores,
+    set_reward_pooling,
+    token_values,
+    unwrap_model,
+)
 from rlhfkit.models.loading import (
     DEFAULT_MODEL,
     cache_root,
@@ -10,10 +23,6 @@ from rlhfkit.models.loading import (
     resolve_model_path,
     save_pretrained_atomic,
     tiny_causal_lm,
-)
-from rlhfkit.models.heads import (
-    POOLINGS, backbone_and_head, freeze_lower_layers, last_token_index, pooled_features, position_ids_from_mask, reward_pooling,
-    sequence_scores, set_reward_pooling, token_values, unwrap_model,
 )
 
 __all__ = [

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config.extras import require
+from rlhfkit.data.tokenize import apply_chat_template
 from rlhfkit.io import as_os_error, make_temp_dir
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
 
@@ -186,7 +187,6 @@ def load_tokenizer(name: str | os.PathLike, chat_template: str = ""):
     names one (``data.chat_template``: a Jinja file or "chatml"), that chat template."""
     from transformers import AutoTokenizer
 
-    from rlhfkit.data.tokenize import apply_chat_template
 
     path = resolve_model_path(name)
     tok = AutoTokenizer.from_pretrained(path)

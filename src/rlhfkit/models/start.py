@@ -11,10 +11,20 @@ import os
 from pathlib import Path
 
 from rlhfkit.models.loading import (
-    load_causal_lm, load_merged, load_scalar_model, load_tokenizer, save_pretrained_atomic, trained_dtype,
+    load_causal_lm,
+    load_merged,
+    load_scalar_model,
+    load_tokenizer,
+    save_pretrained_atomic,
+    trained_dtype,
 )
 from rlhfkit.models.lora import (
-    ADAPTER_CONFIG, adapter_base, adapter_config, apply_lora, enable_gradient_checkpointing, load_adapter_onto,
+    ADAPTER_CONFIG,
+    adapter_base,
+    adapter_config,
+    apply_lora,
+    enable_gradient_checkpointing,
+    load_adapter_onto,
 )
 
 

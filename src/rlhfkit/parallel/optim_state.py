@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 
 

@@ -36,6 +36,7 @@ from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.kv_cache import new_cache, preallocate
 from rlhfkit.rollout.sampler import Sampler
 
+
 def generate(
     model,
     prompt_ids: Sequence[Sequence[int]],

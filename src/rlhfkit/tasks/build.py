@@ -22,7 +22,6 @@ not fitted on the prompts whose demonstrations the SFT model memorised.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -32,7 +31,10 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.data import end_of_turn_ids, render_prompt_ids
 from rlhfkit.judges.rewards import RewardFn
+from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.rollout import generate
 from rlhfkit.tasks import get_task
 from rlhfkit.tasks.annotator import SimulatedAnnotator, agreement
 from rlhfkit.tasks.base import Task
@@ -74,7 +76,6 @@ def build_task_data(
                 "batch_size": batch_size,
                 "torch_threads": torch.get_num_threads()}  # float sums, hence samples, depend on it
     if model is None or tokenizer is None:
-        from rlhfkit.models import load_causal_lm, load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(model_name)
         model = model or load_causal_lm(model_name)
@@ -158,7 +159,6 @@ class _Sampler:
 
     def __init__(self, model, tokenizer, task: Task, *, generator, max_new_tokens, temperature, top_p,
                  batch_size, progress):
-        from rlhfkit.data import end_of_turn_ids, render_prompt_ids
 
         self.model, self.tok, self.task = model, tokenizer, task
         self.judge = gold_judge(task)
@@ -171,7 +171,6 @@ class _Sampler:
     def __call__(self, records: list[dict], n: int, desc: str) -> list[list[_Sample]]:
         from tqdm.auto import tqdm
 
-        from rlhfkit.rollout import generate
 
         per_call = max(1, self.batch_size // n)  # prompts per generate call
         out: list[list[_Sample]] = []
@@ -254,61 +253,3 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: ``rlhfkit make-data --task NAME --out DIR [--seed ...]`` (see --help)."""
-    from rlhfkit.models import DEFAULT_MODEL
-    from rlhfkit.tasks import list_tasks
-
-    ap = argparse.ArgumentParser(prog="rlhfkit make-data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", required=True, choices=list_tasks())
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="policy that writes the samples (default: %(default)s)")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-sft-prompts", type=int, default=256)
-    ap.add_argument("--n-pref-prompts", type=int, default=512)
-    ap.add_argument("--samples-per-prompt", type=int, default=4, help="n of best-of-n for SFT demonstrations")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--annotator-beta", type=float, default=None, help="default: the task's own")
-    ap.add_argument("--flip-prob", type=float, default=0.0)
-    ap.add_argument("--batch-size", type=int, default=64, help="rows per generation call")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: torch's default). When other jobs share the CPU, 1 thread "
-                         "avoids OpenMP threads spinning on each other (measured 7x faster here)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--prompts-only", action="store_true",
-                    help="write only prompts_train.jsonl / prompts_eval.jsonl (no model, no sampling)")
-    from rlhfkit.tasks import pairs
-
-    pairs.add_arguments(ap)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.pairs_only:
-        return pairs.run(args)
-    if args.prompts_only:
-        counts = write_prompt_files(args.task, args.out, seed=args.seed)
-        meta = {"task": args.task, "prompts_only": True, "seed": args.seed, "counts": counts,
-                "split": "fixed by a hash of the prompt text; --seed only sets the row order"}
-        Path(args.out, "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        print(f"wrote {args.out}: {counts['prompts_train']} train / {counts['prompts_eval']} eval prompts")
-        return 0
-    meta = build_task_data(
-        args.task, args.model, args.out, seed=args.seed, n_sft_prompts=args.n_sft_prompts,
-        n_pref_prompts=args.n_pref_prompts, samples_per_prompt=args.samples_per_prompt,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        annotator_beta=args.annotator_beta, flip_prob=args.flip_prob, batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    c = meta["counts"]
-    print(f"wrote {args.out}: {c['sft']} SFT demonstrations, {c['preference']} preference pairs, "
-          f"{c['prompts_train']} train / {c['prompts_eval']} eval prompts; annotator ceiling accuracy "
-          f"{meta['annotator_ceiling_accuracy']:.3f}; {meta['generation_tokens_per_s']:.0f} tokens/s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.tasks import get_task
 from rlhfkit.tasks.annotator import agreement
 from rlhfkit.tasks.base import Task
@@ -62,7 +63,6 @@ def build_preference_pairs(
                 "temperature": temperature, "top_p": top_p, "annotator_beta": beta, "flip_prob": flip_prob,
                 "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
     if model is None or tokenizer is None:
-        from rlhfkit.models import load_causal_lm, load_tokenizer
 
         tokenizer = tokenizer or load_tokenizer(model_name)
         model = model or load_causal_lm(model_name)

@@ -26,17 +26,43 @@ from typing import Literal, Union
 import torch
 
 from rlhfkit.algos import dpo_loss
-from rlhfkit.config import ConfigError, DataSection, ModelSection, OptimSection, SFTConfig, TrainSection
-from rlhfkit.data import PreferenceCollator, batch_to_device, load_preference, sft_from_preference
+from rlhfkit.config import (
+    ConfigError,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    SFTConfig,
+    TrainSection,
+)
+from rlhfkit.data import (
+    PreferenceCollator,
+    batch_to_device,
+    load_preference,
+    sft_from_preference,
+)
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
-from rlhfkit.trainers.dpo_logps import REF_KEYS, Reference, pair_logps, precompute_reference, reference_logps
+from rlhfkit.trainers.dpo_logps import (
+    REF_KEYS,
+    Reference,
+    pair_logps,
+    precompute_reference,
+    reference_logps,
+)
 from rlhfkit.trainers.reward import prepare_preference_data
 from rlhfkit.trainers.sft import train_sft
-from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
+from rlhfkit.training import (
+    eval_chunks,
+    finish,
+    fit_supervised,
+    open_run,
+    prepare_optimization,
+    total_steps,
+)
+from rlhfkit.training.rundir import identify
 
 
 @dataclass
@@ -213,7 +239,6 @@ def ref_cache_key(cfg, train: list[dict], evals: list[dict]) -> dict:
     tokenised pairs themselves (a digest of their token ids, train and eval in order)."""
     import hashlib
 
-    from rlhfkit.rundir import identify
 
     tokens = hashlib.sha256()
     for exs in (train, evals):

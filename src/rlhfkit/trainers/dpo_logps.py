@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.algos import sequence_logps
-from rlhfkit.models.forward import causal_logprobs, pack_groups, packed_logprobs
 from rlhfkit.data import batch_to_device
+from rlhfkit.models.forward import causal_logprobs, pack_groups, packed_logprobs
 from rlhfkit.models.lora import adapters_disabled
 from rlhfkit.training import eval_chunks
 

@@ -19,14 +19,32 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.algos import batch_mean_advantages, expand_to_tokens, group_advantages, rloo_advantages
-from rlhfkit.config import ConfigError, PolicyTrainSection, PromptsSection, RewardSection, RolloutSection
+from rlhfkit.algos import (
+    batch_mean_advantages,
+    expand_to_tokens,
+    group_advantages,
+    rloo_advantages,
+)
+from rlhfkit.config import (
+    ConfigError,
+    PolicyTrainSection,
+    PromptsSection,
+    RewardSection,
+    RolloutSection,
+)
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
 from rlhfkit.trainers.pg_eval import evaluate_policy
 from rlhfkit.trainers.pg_score import log_samples, score_experience, sequence_kl
 from rlhfkit.trainers.pg_setup import (
-    TIME_SPLIT, PolicyGradientConfig, PolicyRun, Stopwatch, Trained, load_ptx, prepare_trained, prompt_batch,
+    TIME_SPLIT,
+    PolicyGradientConfig,
+    PolicyRun,
+    Stopwatch,
+    Trained,
+    load_ptx,
+    prepare_trained,
+    prompt_batch,
     setup_run,
 )
 from rlhfkit.trainers.pg_update import policy_update

@@ -42,7 +42,14 @@ from typing import Literal, Optional
 import torch
 
 from rlhfkit.config import (
-    ConfigError, DataSection, ModelSection, OptimSection, PromptsSection, RolloutSection, SFTConfig, TrainSection,
+    ConfigError,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    PromptsSection,
+    RolloutSection,
+    SFTConfig,
+    TrainSection,
 )
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
@@ -50,7 +57,13 @@ from rlhfkit.judges.rewards import build_reward_fn
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rng import set_seed
-from rlhfkit.rollout import decode_responses, load_prompt_items, rank_stream_seed, response_metrics, rollout
+from rlhfkit.rollout import (
+    decode_responses,
+    load_prompt_items,
+    rank_stream_seed,
+    response_metrics,
+    rollout,
+)
 from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
 from rlhfkit.trainers.pg_eval import heldout_metrics
 from rlhfkit.trainers.sft import train_sft

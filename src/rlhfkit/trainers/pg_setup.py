@@ -13,8 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from rlhfkit.config import (
-    ConfigError, DataSection, ModelSection, OptimSection, PolicyTrainSection, PromptsSection, PTXSection,
-    RewardSection, RolloutSection, SFTConfig, TrainSection,
+    ConfigError,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    PolicyTrainSection,
+    PromptsSection,
+    PTXSection,
+    RewardSection,
+    RolloutSection,
+    SFTConfig,
+    TrainSection,
 )
 from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
 from rlhfkit.data.sources import resolve_source
@@ -24,7 +33,13 @@ from rlhfkit.models.loading import to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import PromptItem, load_prompt_items
 from rlhfkit.trainers.sft import prepare_sft_data
-from rlhfkit.training import Run, batch_indices, open_run, prepare_optimization, total_steps
+from rlhfkit.training import (
+    Run,
+    batch_indices,
+    open_run,
+    prepare_optimization,
+    total_steps,
+)
 
 log = logging.getLogger("rlhfkit")
 

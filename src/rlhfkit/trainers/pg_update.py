@@ -15,14 +15,20 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.algos import (
-    agg_loss, bias_corrected_kl, kl_estimate, masked_sum, ppo_policy_loss, sequence_policy_loss, value_loss,
+    agg_loss,
+    bias_corrected_kl,
+    kl_estimate,
+    masked_sum,
+    ppo_policy_loss,
+    sequence_policy_loss,
+    value_loss,
 )
+from rlhfkit.data import batch_to_device
 from rlhfkit.rollout import Experience
 from rlhfkit.trainers.pg_score import policy_logprobs, response_values
 from rlhfkit.trainers.pg_setup import PTXData, Trained
 from rlhfkit.trainers.sft import labelled_tokens, sft_batch_loss
 from rlhfkit.training import accumulate, batch_indices, micro_batches, normalizer
-from rlhfkit.data import batch_to_device
 
 
 @dataclass

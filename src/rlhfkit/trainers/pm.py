@@ -19,7 +19,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from rlhfkit.config import DataSection, ModelSection, OptimSection, SFTConfig, TrainSection
+from rlhfkit.config import (
+    DataSection,
+    ModelSection,
+    OptimSection,
+    SFTConfig,
+    TrainSection,
+)
 from rlhfkit.data import load_preference
 from rlhfkit.data.sources import resolve_source, split_eval
 from rlhfkit.eval.preference_sets import judge_accuracy

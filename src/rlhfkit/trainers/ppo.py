@@ -16,23 +16,44 @@ from typing import Literal, Optional
 import torch
 
 from rlhfkit.algos import (
-    AdaptiveKLController, FixedKLController, explained_variance, gae_advantages, kl_penalized_rewards,
-    masked_sum, masked_whiten,
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae_advantages,
+    kl_penalized_rewards,
+    masked_sum,
+    masked_whiten,
 )
 from rlhfkit.config import ConfigError, OptimSection
 from rlhfkit.judges.rewards import find_rm_dir
 from rlhfkit.models import load_scalar_model
 from rlhfkit.models.heads import backbone_and_head
 from rlhfkit.models.loading import to_device, trained_dtype
-from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing, share_frozen_base
+from rlhfkit.models.lora import (
+    apply_lora,
+    enable_gradient_checkpointing,
+    share_frozen_base,
+)
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
 from rlhfkit.trainers.pg_eval import evaluate_policy
 from rlhfkit.trainers.pg_score import (
-    log_samples, policy_logprobs, response_values, score_experience, score_values, sequence_kl,
+    log_samples,
+    policy_logprobs,
+    response_values,
+    score_experience,
+    score_values,
+    sequence_kl,
 )
 from rlhfkit.trainers.pg_setup import (
-    TIME_SPLIT, PolicyGradientConfig, PolicyRun, Stopwatch, Trained, load_ptx, prepare_trained, prompt_batch,
+    TIME_SPLIT,
+    PolicyGradientConfig,
+    PolicyRun,
+    Stopwatch,
+    Trained,
+    load_ptx,
+    prepare_trained,
+    prompt_batch,
     setup_run,
 )
 from rlhfkit.trainers.pg_update import FirstForward, fusable, policy_update

@@ -13,13 +13,31 @@ from torch.distributed.tensor import distribute_tensor
 
 from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
 from rlhfkit.config import RewardConfig
-from rlhfkit.data import PreferenceCollator, load_preference, batch_to_device, tokenize_dataset
+from rlhfkit.data import (
+    PreferenceCollator,
+    batch_to_device,
+    load_preference,
+    tokenize_dataset,
+)
 from rlhfkit.data.sources import resolve_source, split_eval
-from rlhfkit.models import freeze_lower_layers, load_tokenizer, pooled_features, sequence_scores, set_reward_pooling
+from rlhfkit.models import (
+    freeze_lower_layers,
+    load_tokenizer,
+    pooled_features,
+    sequence_scores,
+    set_reward_pooling,
+)
 from rlhfkit.models.heads import backbone_and_head, reward_pooling, token_values
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
-from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
+from rlhfkit.training import (
+    eval_chunks,
+    finish,
+    fit_supervised,
+    open_run,
+    prepare_optimization,
+    total_steps,
+)
 
 
 def prepare_preference_data(cfg, tokenizer):

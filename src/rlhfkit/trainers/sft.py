@@ -11,13 +11,27 @@ import torch
 
 from rlhfkit.algos import masked_sum
 from rlhfkit.config import SFTConfig
-from rlhfkit.data import PackedSFTCollator, SFTCollator, load_sft, pack_sft, batch_to_device, tokenize_dataset
+from rlhfkit.data import (
+    PackedSFTCollator,
+    SFTCollator,
+    batch_to_device,
+    load_sft,
+    pack_sft,
+    tokenize_dataset,
+)
 from rlhfkit.data.sources import resolve_source, split_eval
 from rlhfkit.models import load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
-from rlhfkit.training import eval_chunks, finish, fit_supervised, open_run, prepare_optimization, total_steps
+from rlhfkit.training import (
+    eval_chunks,
+    finish,
+    fit_supervised,
+    open_run,
+    prepare_optimization,
+    total_steps,
+)
 
 
 def prepare_sft_data(cfg: SFTConfig, tokenizer):

@@ -2,11 +2,26 @@
 logging, checkpoints and the run directory. Trainers supply a step function and models."""
 
 from rlhfkit.training.accumulate import accumulate, normalizer
-from rlhfkit.training.batches import batch_indices, epoch_order, eval_chunks, micro_batches, total_steps
+from rlhfkit.training.batches import (
+           batch_indices,
+           epoch_order,
+           eval_chunks,
+           micro_batches,
+           total_steps,
+)
 from rlhfkit.training.loop import FitResult, fit
-from rlhfkit.training.optim import StepGuard, TrainingDiverged, build_optimizer, build_scheduler
+from rlhfkit.training.optim import (
+           StepGuard,
+           TrainingDiverged,
+           build_optimizer,
+           build_scheduler,
+)
 from rlhfkit.training.run import Run, finish, open_run
-from rlhfkit.training.supervised import fit_supervised, prepare_optimization, supervised_step
+from rlhfkit.training.supervised import (
+           fit_supervised,
+           prepare_optimization,
+           supervised_step,
+)
 
 __all__ = ["FitResult", "Run", "StepGuard", "TrainingDiverged", "accumulate", "batch_indices", "build_optimizer",
            "build_scheduler", "epoch_order", "eval_chunks", "finish", "fit", "fit_supervised", "micro_batches",

@@ -13,7 +13,6 @@ from typing import Any, Callable
 import torch
 
 
-
 def normalizer(strategy, count: float | torch.Tensor, *, per_rank: bool = False) -> float:
     """The divisor of one rank's summed micro-batch losses: the global count / world size, since the
     gradients are then averaged over ranks. ``count``: the global count, or with ``per_rank`` this

@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.io import rewrite_jsonl, to_builtin
-from rlhfkit.training.trackers import finish_trackers, log_scalars, log_text, start_trackers
+from rlhfkit.training.trackers import (
+    finish_trackers,
+    log_scalars,
+    log_text,
+    start_trackers,
+)
 
 
 class RunLogger:

@@ -15,9 +15,9 @@ import torch
 
 from rlhfkit.config import to_dict
 from rlhfkit.io import write_json_atomic
-from rlhfkit.rundir import open_run as open_rundir
 from rlhfkit.training.logger import RunLogger
 from rlhfkit.training.optim import StepGuard
+from rlhfkit.training.rundir import open_run as open_rundir
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Run:
 
 def open_run(cfg, kind: str, strategy) -> Run:
     """Start a trainer's run: decide start / continue for ``train.output_dir`` and refuse a used
-    directory, nothing to resume or a different config or data (`rlhfkit.rundir.open_run`, which
+    directory, nothing to resume or a different config or data (`rlhfkit.training.rundir.open_run`, which
     also writes ``{kind}_config.yaml`` and the run's fingerprint), then seed every generator with
     ``train.seed`` (`Strategy.start`). Call it after validation: nothing is written before."""
     rundir = open_rundir(cfg, kind, is_main=strategy.is_main)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from rlhfkit.parallel.precision import keep_master_fp32
 from rlhfkit.training.accumulate import accumulate, normalizer
 from rlhfkit.training.batches import batch_indices, micro_batches
 from rlhfkit.training.loop import FitResult, fit
-from rlhfkit.parallel.precision import keep_master_fp32
 from rlhfkit.training.optim import build_optimizer, build_scheduler
 
 

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import ConfigError, dump_config, to_dict
+from rlhfkit.data.sources import task_data_dir
+from rlhfkit.training.checkpoint import Checkpointer
+from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
 
 log = logging.getLogger("rlhfkit")
 
@@ -119,7 +122,6 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
         if train.resume is True:
             raise RunDirError("train.resume and train.overwrite: choose one (continue the run, or delete it)")
         return RunDir(path, kind, resuming=False, record=record)
-    from rlhfkit.training.checkpoint import Checkpointer
 
     checkpoint = Checkpointer(path).latest() if path.is_dir() else None
     nested = _nested_progress(path, kind)
@@ -191,7 +193,6 @@ def clear_run(path: Path) -> list[str]:
 
 def remove_leftovers(path: Path) -> list[str]:
     """Temporary files and directories of writes that were killed (checkpoints, models, json)."""
-    from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
 
     found = []
     for root in (path, path / "checkpoints"):
@@ -272,7 +273,6 @@ def _files(root: Path, depth: int) -> list[tuple[str, Path]]:
 
 def _local_path(spec: str) -> Path | None:
     if spec.startswith("task:"):
-        from rlhfkit.data.sources import task_data_dir
 
         name, _, fname = spec[len("task:"):].partition("/")
         p = task_data_dir(name) / fname if fname else task_data_dir(name)
