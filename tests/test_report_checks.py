@@ -113,3 +113,21 @@ def test_frontier_labels_do_not_overlap():
     assert overlaps(placed) == []
     for (x, _), (x0, *_rest) in zip(xy, placed):  # every label still starts right of its point
         assert x0 > x and math.isfinite(x0)
+
+
+def test_a_held_out_drop_says_which_model_select_best_kept(tmp_path):
+    """A stage whose held-out metric fell but whose final model is the best checkpoint
+    (train.select_best) says so in the warning; without a `best` record the warning is plain."""
+    import json
+
+    from rlhfkit.report.checks import stage_warnings
+    from rlhfkit.report.data import Stage
+
+    rows = [{"step": 0, "eval/accuracy": 0.6, "eval/pairs": 48}, {"step": 4, "eval/accuracy": 0.5, "eval/pairs": 48}]
+    st = Stage(name="rm", kind="rm", path=tmp_path, rows=rows)
+    (plain,) = [w for w in stage_warnings("demo", st) if w["kind"] == "held_out_worse"]
+    assert plain["kept_step"] is None and "select_best" not in plain["message"]
+    (tmp_path / "rm_results.json").write_text(json.dumps({"best": {"metric": "eval/accuracy", "step": 0, "value": 0.6}}))
+    (kept,) = [w for w in stage_warnings("demo", st) if w["kind"] == "held_out_worse"]
+    assert kept["kept_step"] == 0
+    assert kept["message"].endswith("The final model is step 0's, the best eval/accuracy (0.6; train.select_best).")

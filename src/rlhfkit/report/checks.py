@@ -14,6 +14,7 @@ message quotes.
 
 from __future__ import annotations
 
+import json
 import statistics
 from fnmatch import fnmatch
 
@@ -96,6 +97,16 @@ def _truncation(where: str, share: float, detail: str, cap) -> str:
             f"cut-off text was scored. Raise max_new_tokens or reward finishing.")
 
 
+def _selected_best(st: Stage) -> dict | None:
+    """The checkpoint ``train.select_best`` kept as the stage's final model (from its results file)."""
+    path = st.path / f"{st.kind}_results.json"
+    try:
+        best = json.loads(path.read_text()).get("best") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return best if isinstance(best, dict) and {"step", "metric", "value"} <= best.keys() else None
+
+
 def stage_warnings(run: str, st: Stage) -> list[dict]:
     """Truncation during policy-gradient training, held-out metrics that got worse, KL spikes."""
     out = []
@@ -109,15 +120,18 @@ def stage_warnings(run: str, st: Stage) -> list[dict]:
                         "iterations": len(eos), "last_share": 1.0 - eos[-1],
                         "message": _truncation(f"{st.name} training", share, f"mean over {len(eos)} "
                                                f"iterations, last {1.0 - eos[-1]:.0%}", cap)})
+    best = _selected_best(st)
     for t in held_out_trends(st.rows):
         if t["worse"]:
             verb = "fell" if t["higher_is_better"] else "rose"
             on = f" on {t['set_size']}" if t["set_size"] else ""
             better = "higher" if t["higher_is_better"] else "lower"
-            out.append({**base, "kind": "held_out_worse", **t,
+            kept = (f" The final model is step {best['step']}'s, the best {best['metric']} ({best['value']:.4g}; "
+                    f"train.select_best)." if best else "")
+            out.append({**base, "kind": "held_out_worse", **t, "kept_step": best.get("step") if best else None,
                         "message": f"{st.name}: held-out {t['metric']} {verb} from {t['first']:.4g} (step "
                                    f"{t['first_step']}) to {t['last']:.4g} (step {t['last_step']}){on}; "
-                                   f"{better} is better."})
+                                   f"{better} is better.{kept}"})
     steps, kl = series(st.rows, "objective/kl")
     spikes = kl_spikes(steps, kl)
     if spikes:
