@@ -13,17 +13,19 @@ from rlhfkit.config.loader import (
     to_dict,
     validate,
 )
+from rlhfkit.config.policy import (
+    PolicyTrainSection,
+    PromptsSection,
+    PTXSection,
+    RewardSection,
+    RolloutSection,
+)
 from rlhfkit.config.sections import (
     DataSection,
     LoraSection,
     ModelSection,
     OptimSection,
-    PolicyTrainSection,
-    PromptsSection,
-    PTXSection,
     RewardConfig,
-    RewardSection,
-    RolloutSection,
     SFTConfig,
     TrainSection,
 )
