@@ -95,12 +95,8 @@ def _ptx(work: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(one_torch_thread):
     """The 1-process runs here use one thread, like each of the two processes (and a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

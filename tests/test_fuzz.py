@@ -153,14 +153,8 @@ FUZZ = settings(max_examples=EXAMPLES or 45, deadline=None, derandomize=not os.e
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(one_torch_thread):
     """Tiny runs, one after another: a second thread only adds contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
