@@ -106,6 +106,49 @@ def test_shared_prompt_packing_gives_the_same_update(tokenizer, tmp_path, monkey
         torch.testing.assert_close(weights[True][k], weights[False][k], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_fused_scoring_skips_the_actor_scoring_forward_and_lands_in_the_same_place(tokenizer, tmp_path, monkeypatch,
+                                                                                  share):
+    """When the batch is one minibatch in one micro-batch, the first update forward also gives
+    logp_old: one actor forward fewer, and the same metrics and weights after two epochs (one
+    iteration: in a second, float rounding can flip a sampled token)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.trainers import pg_score
+
+    name = "shared_prompt_logprobs" if share else "causal_logprobs"
+    calls = []
+    real = getattr(pg_score, name)
+    monkeypatch.setattr(pg_score, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    metrics, weights, n_calls = {}, {}, {}
+    for fuse in (False, True):
+        calls.clear()
+        out = tmp_path / f"run-{fuse}"
+        cfg = load_config(GRPOConfig, data=base_config(
+            tmp_path, tokenizer, **{**GRPO_OVER, "kl_coef": 0.04, "mini_batch_size": 16, "share_prompt": share,
+                                    "fuse_scoring": fuse, "ppo_epochs": 2,
+                                    "optim": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0}},
+            train={"batch_size": 4, "max_steps": 1, "micro_batch_size": 16, "output_dir": str(out)}))
+        train_grpo(cfg)
+        metrics[fuse], n_calls[fuse] = read_metrics(out), len(calls)
+        weights[fuse] = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    # actor scoring + reference + 2 epochs -> the reference + 2 epochs
+    assert n_calls == {False: 4, True: 3}
+    for a, b in zip(metrics[False], metrics[True], strict=True):
+        assert (a["score/fused"], b["score/fused"]) == (0.0, 1.0)
+        for key in ("reward/score_mean", "loss/policy", "loss/kl", "policy/entropy", "objective/kl",
+                    "policy/grad_norm", "policy/clipfrac"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+        assert abs(b["policy/ratio_first"] - 1.0) < 1e-6
+        assert b["policy/clipfrac"] > 0  # the second epoch is off logp_old: the test has teeth
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    assert max((weights[True][k] - base[k]).abs().max().item() for k in base) > 1e-3
+    # Adam's steps are about lr * sign(g): an entry whose gradient is ~0 can move differently by
+    # rounding, so a few entries (not more than 0.1%) may differ by more than 1% of lr
+    off = sum(int(((weights[True][k] - weights[False][k]).abs() > 1e-4).sum()) for k in base)
+    assert off <= 1e-3 * sum(base[k].numel() for k in base), off
+
+
 def test_forward_tokens_counts_each_packed_prompt_once():
     from rlhfkit.rollout import Experience
     from rlhfkit.trainers.pg_update import forward_tokens

@@ -35,7 +35,7 @@ from rlhfkit.config import (
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
 from rlhfkit.trainers.pg_eval import evaluate_policy
-from rlhfkit.trainers.pg_score import log_samples, score_experience, sequence_kl
+from rlhfkit.trainers.pg_score import log_samples, policy_logprobs, score_experience, sequence_kl
 from rlhfkit.trainers.pg_setup import (
     TIME_SPLIT,
     PolicyGradientConfig,
@@ -47,7 +47,7 @@ from rlhfkit.trainers.pg_setup import (
     prompt_batch,
     setup_run,
 )
-from rlhfkit.trainers.pg_update import policy_update
+from rlhfkit.trainers.pg_update import FirstForward, fusable, policy_update
 from rlhfkit.training import finish, fit
 
 
@@ -160,8 +160,17 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
     exp = rollout(actor.model, items, cfg.rollout, pr.tokenizer, seed=seed, strategy=strategy)
     clock.lap("rollout")
 
-    # 2. Score, no gradients: logp_old (actor, eval mode), logp_ref, sequence scores.
-    exp, metrics, responses = score_experience(pr, exp, items, actor.model)
+    # 2. Score, no gradients: logp_old (actor, eval mode), logp_ref, sequence scores. Fused
+    #    (cfg.fuse_scoring, when the rank's batch is one minibatch and one micro-batch): the first
+    #    update step's actor forward runs now, with its graph, and gives logp_old.
+    first = policy = None
+    if cfg.fuse_scoring and fusable(len(exp), pr.local_mini_batch(), cfg.train.micro_batch_size, actor.model):
+        with strategy.autocast():
+            logp, ent = policy_logprobs(actor.model, exp, cfg.share_prompt, with_entropy=True)
+        first = FirstForward(logp, None)
+        policy = {"logp": logp.detach(), "entropy": ent.detach()}
+    exp, metrics, responses = score_experience(pr, exp, items, actor.model, policy=policy)
+    metrics["score/fused"] = float(first is not None)
     seq_kl = sequence_kl(exp, cfg.kl_kind)
     clock.lap("score")
 
@@ -174,7 +183,7 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
 
     # 5. Update: clipped surrogate (+ KL loss to the reference, + PTX), no critic.
     metrics.update(policy_update(cfg, strategy, pr.run.guard, exp, actor, ptx=ptx,
-                                 opt_step=step * pr.optimizer_steps_per_iteration()))
+                                 opt_step=step * pr.optimizer_steps_per_iteration(), first=first))
     clock.lap("update")
     groups = exp.scores.view(-1, cfg.rollout.n)
     per_row = strategy.gather(torch.stack([sequence_kl(exp, "k1"), seq_kl, seq_adv.abs()], dim=1))  # (N, 3)

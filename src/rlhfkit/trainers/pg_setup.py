@@ -78,6 +78,12 @@ class PolicyGradientConfig:
     """How token losses reduce to a scalar (`algos.agg_loss`)."""
     share_prompt: bool = False
     """Score and train each prompt's responses as one packed sequence (the prompt once)."""
+    fuse_scoring: bool = True
+    """When a rank's whole batch is one minibatch and one micro-batch (mini_batch_size and
+    train.micro_batch_size >= its rows: TRL's defaults), the first update step's forwards (the actor's,
+    and PPO's critic's) also give logp_old (and V_old), and those scoring forwards are skipped. Exact:
+    the weights have not moved since the rollout. Costs keeping that forward's graph while the
+    reference and reward model score. Models with active dropout are never fused."""
 
     def kl_loss(self) -> tuple[float, str]:
         """(coefficient, estimator) of a KL-to-reference term in the loss; PPO puts the KL in the reward."""

@@ -105,13 +105,6 @@ class PPOConfig(PolicyGradientConfig):
     """GAE lambda."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch's valid tokens (every rank's)."""
-    fuse_scoring: bool = True
-    """When a rank's whole batch is one minibatch and one micro-batch (mini_batch_size and
-    train.micro_batch_size >= its rows: TRL's defaults), the first update step's actor and critic
-    forwards also give logp_old and V_old, and the two scoring forwards are skipped. Exact: the
-    weights have not moved since the rollout. Costs keeping that forward's graph while the
-    reference and reward model score. Models with active dropout are never fused."""
-
     def validate(self, where: str) -> None:
         super().validate(where)
         if self.critic_init == "reward" and not self.critic_model and self.reward.rm_dir() is None:
