@@ -14,8 +14,10 @@ import ast
 import contextlib
 import importlib
 import io
+import json
 import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,3 +121,47 @@ def test_help_exits_zero(script, bench_path, monkeypatch):
         os.environ.update(env)
     assert exc.value.code in (0, None), out.getvalue()
     assert "usage:" in out.getvalue()
+
+
+def test_bench_scaling_tiny(tmp_path):
+    """``bench_scaling.py --tiny`` end to end: SFT, DPO and GRPO at two lengths, each point in its own
+    process, then the tables, the JSON and the plot (its timings mean nothing)."""
+    cmd = [sys.executable, str(BENCH / "bench_scaling.py"), "--tiny", "--threads", "1", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    points = json.loads((tmp_path / "scaling.json").read_text())["points"]
+    assert [(p["method"], p["length"]) for p in points] == [(m, n) for m in ("sft", "dpo", "grpo") for n in (16, 32)]
+    assert all("error" not in p for p in points), points
+    assert all(p["peak GB"] > 0.1 and p["s/step"] > 0 and p["GFLOP/s"] > 0 for p in points)
+    assert all(p["rel"] == 1.0 for p in points if p["length"] == 16)
+    grpo = [p for p in points if p["method"] == "grpo"]
+    assert all(p["gen s"] > 0 and p["score s"] > 0 and p["update s"] > 0 for p in grpo)
+    text = (tmp_path / "scaling.md").read_text()
+    assert all(f"### {m}" in text for m in ("SFT", "DPO", "GRPO")) and "generation / scoring / update" in text
+    assert (tmp_path / "scaling.png").stat().st_size > 1000
+
+
+def test_bench_scaling_tables(bench_path):
+    """The table cells: a skipped point says "not run", a failed one its error, a cost per token
+    above 1.30 of the shortest length's is bold."""
+    import argparse
+
+    import bench_scaling
+
+    def point(length, ms):
+        return {"method": "sft", "length": length, "batch": 4, "tokens": 4 * length, "s/step": ms * length * 4e-3,
+                "ms/token": ms, "peak GB": 1.0}
+
+    results = [point(128, 2.0), point(256, 2.2), point(512, 2.8), {"method": "sft", "length": 128, "batch": 8,
+                                                                   "error": "ValueError: boom"}]
+    bench_scaling.relative_costs(results)
+    args = argparse.Namespace(model="m", steps=1, methods=["sft"], lengths=[128, 256, 512, 1024], batches=[4, 8],
+                              max_batch_tokens=2048)
+    text = bench_scaling.markdown(results, args, peak=100.0)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ") and "length" not in line}
+    assert "x1.00" in rows["128"] and "failed: ValueError: boom" in rows["128"]
+    assert "x1.10" in rows["256"] and "**" not in rows["256"]
+    assert "**x1.40**" in rows["512"]
+    assert rows["1024"].count("not run (b x L > 2048)") == 2
+    assert rows["256"].endswith("| not run |")  # within the limit, but not measured
