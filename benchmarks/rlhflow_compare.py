@@ -160,6 +160,11 @@ def run_pipeline(cfg: dict, out: Path, threads: int) -> None:
     import yaml
 
     path = out / "rlhflow_pipeline.yaml"
+    if path.is_file():  # a finished stage is skipped whatever its config: refuse to mix settings
+        before = {st["name"]: st["config"] for st in yaml.safe_load(path.read_text())["stages"]}
+        changed = [st["name"] for st in cfg["stages"] if before.get(st["name"], st["config"]) != st["config"]]
+        if changed:
+            sys.exit(f"{out} holds stages {', '.join(changed)} run with other settings: choose another --out")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     exe = shutil.which("rlhfkit", path=str(Path(sys.executable).parent)) or shutil.which("rlhfkit")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
