@@ -103,33 +103,44 @@ def label_offsets(xy: list[tuple[float, float]], label_w: float, label_h: float,
     return out
 
 
-def plot(points: list[dict], out: Path) -> None:
+# (name prefix, colour, legend label): a point takes the first group its name starts with.
+GROUPS = [("offline", "tab:blue", "offline DPO"), ("", "tab:orange", "online iterative DPO")]
+
+
+def plot(points: list[dict], out: Path, title: str | None = None, groups: list | None = None) -> None:
+    """Gold win rate against KL with 95% intervals and non-overlapping labels. A point with
+    ``minor: True`` (e.g. one seed of a method whose mean is also plotted) is drawn small and
+    faint, without interval or label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    groups = groups or GROUPS
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colour = lambda p: "tab:blue" if p["name"].startswith("offline") else "tab:orange"
+    colour = lambda p: next(c for prefix, c, _ in groups if p["name"].startswith(prefix))
     for p in points:
+        if p.get("minor"):
+            ax.plot(p["kl"], p["win"], "o", color=colour(p), alpha=0.35, markersize=4)
+            continue
         ax.errorbar(p["kl"], p["win"], yerr=[[p["win"] - p["lo"]], [p["hi"] - p["win"]]], fmt="o", color=colour(p),
                     capsize=3, alpha=0.85)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    xmax = max(p["kl"] for p in points)
-    ax.set_xlim(0, xmax * 1.25)  # room on the right for the labels of the last points
-    ax.set_ylim(0.48, max(p["hi"] for p in points) + 0.03)
+    xmin, xmax = min(0.0, *(p["kl"] for p in points)), max(p["kl"] for p in points)
+    ax.set_xlim(xmin * 1.25, xmin + (xmax - xmin) * 1.25)  # room on the right for the labels of the last points
+    ax.set_ylim(min(0.48, min(p["lo"] for p in points) - 0.02), max(p["hi"] for p in points) + 0.03)
     ax.set_xlabel("KL to the SFT start (nats per response)")
     ax.set_ylabel("gold win rate vs the SFT start (95% CI)")
-    ax.set_title(f"DPO at 272 annotator labels, {points[0]['prompts']} held-out prompts", fontsize=11)
-    ax.legend(handles=[Line2D([], [], color=c, marker="o", ls="", label=lab) for c, lab in
-                       (("tab:blue", "offline DPO"), ("tab:orange", "online iterative DPO"))],
+    ax.set_title(title or f"DPO at 272 annotator labels, {points[0]['prompts']} held-out prompts", fontsize=11)
+    ax.legend(handles=[Line2D([], [], color=c, marker="o", ls="", label=lab) for _, c, lab in groups],
               loc="upper left", fontsize=8)
     ax.grid(alpha=0.25)
     fig.tight_layout()
     # place the labels once the axes' limits and size are final: offsets are in display units
     fontsize = 8
     scale = fig.dpi / 72.0  # points -> pixels
+    points = [p for p in points if not p.get("minor")]
     longest = max(len(p["name"]) for p in points)
     xy = [tuple(ax.transData.transform((p["kl"], p["win"]))) for p in points]
     offsets = label_offsets(xy, label_w=0.62 * fontsize * longest * scale, label_h=fontsize * scale)

@@ -165,3 +165,36 @@ def test_bench_scaling_tables(bench_path):
     assert "**x1.40**" in rows["512"]
     assert rows["1024"].count("not run (b x L > 2048)") == 2
     assert rows["256"].endswith("| not run |")  # within the limit, but not measured
+
+
+def test_rlhflow_compare_tiny_runs_every_arm(tmp_path):
+    """``benchmarks/rlhflow_compare.py --tiny``: the whole comparison (SFT, RM, PM, offline DPO,
+    online DPO ranked by the RM and by the PM, PPO, one evaluation) as one pipeline on a tiny
+    random model, then the tables and the plot, with every number finite."""
+    import json
+    import math
+    import subprocess
+
+    out = tmp_path / "rlhflow"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(BENCH / "rlhflow_compare.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "rlhflow_results.json").read_text())
+    finite = lambda *xs: all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+    arms = {r["arm"]: r for r in res["arms"]}
+    assert set(arms) == {"SFT (start)", "offline", "online-rm", "online-pm", "ppo"}
+    for name in ("offline", "online-rm", "online-pm", "ppo"):
+        r = arms[name]
+        assert finite(r["win"], r["lo"], r["hi"], r["kl"], r["gold"], r["proxy"], r["length"], *r["per_seed"]), r
+        assert r["lo"] <= r["win"] <= r["hi"]
+    online = [r for r in res["mechanism"] if r["arm"] in ("online-rm", "online-pm")]
+    expected = [(arm, k) for arm in ("online-rm", "online-pm") for k in (1, 2, 3)]
+    assert [(r["arm"], r["iteration"]) for r in online] == expected
+    for r in online:
+        assert finite(r["gold_pair_accuracy"], r["gold_pair_margin"], r["pairs"], r["dropped_ties"], r["eval/kl"]), r
+    assert {r["a"] for r in res["head_to_head"]} == {"online-rm", "online-pm", "ppo"}
+    assert finite(res["judges"]["rm"], res["judges"]["pm"])
+    table = (out / "rlhflow_table.md").read_text()
+    assert all(f"| {a} |" in table for a in ("offline", "online-rm", "online-pm", "ppo"))
+    assert (out / "rlhflow_frontier.png").stat().st_size > 0

@@ -8,11 +8,13 @@ import pytest
 
 from rlhfkit.eval.policy_compare import format_table, policy_label
 from rlhfkit.eval.stats import (
+    gold_agreement,
     mean_ci,
     pearson,
     prob_indicators,
     win_indicators,
     win_rate,
+    within_group_agreement,
     within_group_pearson,
 )
 
@@ -64,6 +66,27 @@ def test_within_prompt_pearson_removes_prompt_effects():
     rewards = [1.0, 0.0, 11.0, 10.0]
     assert pearson(lengths, rewards) > 0.9
     assert within_group_pearson(lengths, rewards, n=2) == pytest.approx(-1.0)
+
+
+def test_within_prompt_agreement_counts_the_pairs_the_judge_separates():
+    # prompt 1: judge order 0 > 1 > 2, gold agrees on (0,1), (0,2), disagrees on (1,2) -> 2/3;
+    # prompt 2: the judge ties (3,4) (not counted), gold ties (3,5) (one half), agrees on (4,5).
+    judge = [3.0, 2.0, 1.0,   1.0, 1.0, 0.0]
+    gold = [0.9, 0.1, 0.5,    0.2, 0.7, 0.2]
+    assert within_group_agreement(judge, gold, n=3) == pytest.approx((1 + 1 + 0 + 0.5 + 1) / 5)
+    assert within_group_agreement(judge, judge, n=3) == 1.0
+    assert math.isnan(within_group_agreement([1.0, 1.0], [0.0, 1.0], n=2))
+
+
+def test_gold_agreement_of_best_vs_worst_pairs():
+    ranked = [0.9, 0.1, 0.5,   0.3, 0.8, 0.0]  # groups of 3: best/worst rows (0, 1) and (4, 5)
+    gold = [0.2, 0.6, 0.4,     0.5, 0.9, 0.1]
+    out = gold_agreement(ranked, gold, [(0, 0, 1), (1, 4, 5)], n=3)
+    assert out["gold_pair_accuracy"] == 0.5  # gold disagrees on the first pair, agrees on the second
+    assert out["gold_pair_margin"] == pytest.approx(((0.2 - 0.6) + (0.9 - 0.1)) / 2)
+    assert out["gold_ranking_accuracy"] == pytest.approx(within_group_agreement(ranked, gold, 3))
+    assert out["gold_mean"] == pytest.approx(sum(gold) / 6)
+    assert math.isnan(gold_agreement(ranked, gold, [], n=3)["gold_pair_accuracy"])
 
 
 def test_policy_labels():

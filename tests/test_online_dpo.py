@@ -33,6 +33,13 @@ def test_pairs_drop_ties_identicals_and_empties():
     assert counts == {"identical": 1, "ties": 2, "empty": 1}  # "s" vs " s " is identical once stripped
 
 
+def test_exact_ties_are_dropped_at_the_default_tolerance():
+    """tie_tolerance 0 (the default): best == worst is a tie, any positive gap is a pair."""
+    pairs, counts = build_pairs([0.4, 0.4, 0.4, 0.4,   0.4, 0.4, 0.41, 0.4], list("abcdefgh"), n=4)
+    assert pairs == [(1, 6, 4)]
+    assert counts == {"identical": 0, "ties": 1, "empty": 0}
+
+
 def test_pairs_reject_ragged_groups():
     with pytest.raises(ValueError, match="groups of 3"):
         build_pairs([1.0, 2.0], ["a", "b"], n=3)
@@ -99,7 +106,8 @@ def _tiny_setup(tmp_path, tokenizer, n_prompts: int) -> list[str]:
     tokenizer.save_pretrained(model_dir)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say something {i}"}) + "\n"
                                                     for i in range(n_prompts)))
-    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
+                                     "def shorter(prompts, responses):\n    return [-float(len(r)) for r in responses]\n")
     return [f"model.name={model_dir}", f"prompts.train={tmp_path / 'prompts.jsonl'}",
             f"scorer={tmp_path / 'rew.py'}:reward"]
 
@@ -109,7 +117,7 @@ def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
         *_tiny_setup(tmp_path, tokenizer, 6),
         "iterations=1", "prompts_per_iteration=6", "rollout.n=3", "rollout.max_new_tokens=6",
         "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1", "train.progress=false",
-        f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true"])
+        f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true", f"gold={tmp_path / 'rew.py'}:shorter"])
     results = train_online_dpo(cfg)
     it = tmp_path / "run" / "iter-1"
     for f in ("samples.jsonl", "pairs.jsonl", "sampling.json", "iteration.json", "metrics.jsonl",
@@ -123,6 +131,11 @@ def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
     assert summary["pairs"] + summary["dropped_ties"] + summary["dropped_identical"] + summary["dropped_empty"] == 6
     for p in pairs:  # chosen is the longest of its group, rejected the shortest
         assert p["score_chosen"] > p["score_rejected"]
+    # the gold judge prefers shorter responses: it disagrees with every pair and every ranked pair
+    assert summary["gold_pair_accuracy"] == 0.0 and summary["gold_ranking_accuracy"] == 0.0
+    assert summary["gold_pair_margin"] < 0
+    assert summary["gold_mean"] == pytest.approx(-sum(len(s["response"]) for s in samples) / 18)
+    assert all(s["gold"] == -len(s["response"]) for s in samples)
     assert (tmp_path / "run" / "model" / "config.json").is_file()  # link to the last iteration's model
 
 

@@ -1,4 +1,5 @@
-"""Statistics of evaluation (docs/concepts.md: Evaluation): win rate with a 95% interval, Pearson correlation.
+"""Statistics of evaluation (docs/concepts.md: Evaluation): win rate with a 95% interval, Pearson
+correlation, a judge's agreement with gold on within-prompt pairs.
 
 Pure functions of plain lists: no models here, so they are tested on hand-made numbers.
 """
@@ -80,3 +81,31 @@ def within_group_pearson(x: Sequence[float], y: Sequence[float], n: int) -> floa
         cx += [v - mx for v in gx]
         cy += [v - my for v in gy]
     return pearson(cx, cy)
+
+
+def within_group_agreement(judge: Sequence[float], gold: Sequence[float], n: int) -> float:
+    """Accuracy of ``judge`` against ``gold`` on every two items of a group (groups of n consecutive
+    items = samples of one prompt): over the pairs the judge separates, the share it orders as gold
+    does (a gold tie counts one half); nan when the judge separates no pair."""
+    votes = []
+    for g in range(0, len(judge), n):
+        for i in range(g, min(g + n, len(judge))):
+            for j in range(i + 1, min(g + n, len(judge))):
+                if judge[i] != judge[j]:
+                    hi, lo = (i, j) if judge[i] > judge[j] else (j, i)
+                    votes.append(1.0 if gold[hi] > gold[lo] else 0.5 if gold[hi] == gold[lo] else 0.0)
+    return sum(votes) / len(votes) if votes else float("nan")
+
+
+def gold_agreement(ranked, gold, pairs: Sequence[tuple[int, int, int]], n: int) -> dict:
+    """How well a ranking of groups of n responses (samples of one prompt), and the (group, best, worst)
+    pairs built from it (online DPO's), agree with a gold judge's scores of the same responses:
+    gold_pair_accuracy (share of the kept (g, best, worst) pairs whose chosen response gold scores
+    higher, a tie one half), gold_pair_margin (mean gold(chosen) - gold(rejected) over them),
+    gold_ranking_accuracy (the ranking's accuracy on every two responses of a prompt,
+    `within_group_agreement`) and gold_mean (over all responses)."""
+    votes = win_indicators([gold[b] for _, b, _ in pairs], [gold[w] for _, _, w in pairs])
+    nan = float("nan")
+    return {"gold_pair_accuracy": sum(votes) / len(votes) if votes else nan,
+            "gold_pair_margin": sum(gold[b] - gold[w] for _, b, w in pairs) / len(pairs) if pairs else nan,
+            "gold_ranking_accuracy": within_group_agreement(ranked, gold, n), "gold_mean": sum(gold) / len(gold)}

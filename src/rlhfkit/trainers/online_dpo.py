@@ -51,6 +51,7 @@ from rlhfkit.config import (
     SFTConfig,
     TrainSection,
 )
+from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
 from rlhfkit.judges.rewards import build_reward_fn
@@ -105,7 +106,9 @@ class OnlineDPOConfig:
     scorer_batch_size: int = 16
     """Rows per reward-model / judge forward."""
     gold: str = ""
-    """A gold judge for the held-out evaluations (task:NAME or module:function): eval/gold_mean."""
+    """A gold judge (task:NAME or module:function): scores every iteration's samples, to measure how
+    well the scorer's ranking and pairs agree with it (gold_pair_accuracy, gold_pair_margin,
+    gold_ranking_accuracy, gold_mean), and the held-out evaluations (eval/gold_mean)."""
     length_penalty: float = 0.0
     """lambda: rank by score - lambda * len(response in characters)."""
     tie_tolerance: float = 0.0
@@ -193,8 +196,9 @@ def round_robin(compare, contexts: list[str], responses: list[str], n: int) -> l
 class Scorer:
     """One interface over pointwise rewards and pairwise judges: ``score(items, responses, n)``."""
 
-    def __init__(self, spec: str, tokenizer, device, batch_size: int, seed: int = 0):
+    def __init__(self, spec: str, tokenizer, device, batch_size: int, seed: int = 0, gold: str = ""):
         self.spec = spec
+        self.gold = build_reward_fn(gold) if gold else None  # optional: the gold judge's scores too
         self.pairwise = is_pairwise_spec(spec)
         if self.pairwise:
             self.judge = build_pairwise_judge(spec, tokenizer=tokenizer, device=device, batch_size=batch_size,
@@ -209,9 +213,15 @@ class Scorer:
             scores = round_robin(self.judge.compare, [self.judge.context(r.messages) for r in rows], responses, n)
             labels = len(responses) // n * n * (n - 1) // 2
             return scores, {"labels": labels, "judge_calls": self.judge.calls - before}
-        scores = self.reward_fn([r.text for r in rows], responses, messages=[r.messages for r in rows],
-                                fields=[r.fields for r in rows])
-        return scores, {"labels": len(responses), "judge_calls": len(responses)}
+        return _pointwise(self.reward_fn, rows, responses), {"labels": len(responses), "judge_calls": len(responses)}
+
+    def gold_scores(self, rows: list, responses: list[str]) -> list[float] | None:
+        """The gold judge's score of each response, or None without one."""
+        return None if self.gold is None else _pointwise(self.gold, rows, responses)
+
+
+def _pointwise(fn, rows: list, responses: list[str]) -> list[float]:
+    return fn([r.text for r in rows], responses, messages=[r.messages for r in rows], fields=[r.fields for r in rows])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -231,7 +241,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     # the outer loop: one step per iteration, a checkpoint after each
     run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,
                                     log_every=1, progress=False)
-    scorer = Scorer(cfg.scorer, tokenizer, strategy.device, cfg.scorer_batch_size, cfg.train.seed) \
+    scorer = Scorer(cfg.scorer, tokenizer, strategy.device, cfg.scorer_batch_size, cfg.train.seed, cfg.gold) \
         if strategy.is_main else None
     state = {"current": cfg.model.name, "labels": 0, "history": []}
 
@@ -338,10 +348,14 @@ def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], st
     # 2. Score. 3. Rank.
     scores, labels = scorer.score(rows, responses, n)
     ranked = length_penalised(scores, responses, cfg.length_penalty)
+    gold = scorer.gold_scores(rows, responses)
     write_jsonl_atomic(it_dir / "samples.jsonl", [
-        {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "group": i // n}
+        {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "group": i // n,
+         **({"gold": gold[i]} if gold is not None else {})}
         for i, (r, a, s, rs) in enumerate(zip(rows, responses, scores, ranked))])
     pairs, counts = build_pairs(ranked, responses, n, cfg.tie_tolerance)
+    if gold is not None:
+        stats.update(gold_agreement(ranked, gold, pairs, n))
     if cfg.mode == "dpo":
         records = [{"prompt": items[g].messages, "chosen": responses[b], "rejected": responses[w],
                     "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
