@@ -160,3 +160,31 @@ def test_dpo_reference_is_owned_by_the_loop(tmp_path):
         load_config(OnlineDPOConfig, overrides=["dpo.reference=somewhere"])
     with pytest.raises(ConfigError, match="reference"):
         load_config(OnlineDPOConfig, overrides=["reference=latest"])
+
+
+def test_skipped_inner_steps_are_counted_across_iterations(tmp_path, tokenizer, monkeypatch):
+    """The outer train/skipped_steps counts the rounds' DPO steps skipped for a non-finite loss, summed
+    over the iterations so far; each round's summary keeps its own count."""
+    from rlhfkit.trainers import dpo
+
+    real, calls = dpo.dpo_batch_loss, []
+    bad = {1, 4, 5}  # one call per DPO step (batch = micro-batch, no eval set): round 1 step 2, round 2 steps 2-3
+
+    def poisoned(*args, **kwargs):
+        calls.append(len(calls))
+        loss, sums = real(*args, **kwargs)
+        if calls[-1] in bad:
+            loss, sums = loss * float("nan"), {**sums, "loss": sums["loss"] * float("nan")}
+        return loss, sums
+
+    monkeypatch.setattr(dpo, "dpo_batch_loss", poisoned)
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        *_tiny_setup(tmp_path, tokenizer, 8),
+        "iterations=2", "prompts_per_iteration=4", "rollout.n=3", "rollout.max_new_tokens=6", "optim.lr=1e-3",
+        "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=3", "train.progress=false",
+        f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true"])
+    results = train_online_dpo(cfg)
+    assert len(calls) == 6
+    assert [it["train/skipped_steps"] for it in results["iterations"]] == [1, 2]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in rows] == [1, 3]
