@@ -231,3 +231,16 @@ def test_rsft_raises_a_learnable_reward_on_held_out_prompts(rsft_run):
     assert all(r["score"] >= 0.05 for r in kept)
     assert results["iterations"][-1]["score_mean"] > results["iterations"][0]["score_mean"]
 
+
+def test_report_plots_the_iterations_scores(rsft_run):
+    """The report's reward panel reads the per-iteration key the trainer writes (score_mean)."""
+    from rlhfkit.report.data import load_stages, series
+    from rlhfkit.report.plots import PANELS, stage_panels
+
+    run, results, rows = rsft_run
+    (stage,) = load_stages(run)
+    title, keys, _ = PANELS[0]
+    assert series(stage.rows, "score_mean")[0] == [1, 2, 3]
+    assert any(series(stage.rows, k)[1] for k in keys)
+    alts = [p.split('alt="')[1].split('"')[0] for p in stage_panels(stage.name, {"run": stage})]
+    assert f"{stage.name} {title}" in alts
