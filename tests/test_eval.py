@@ -195,3 +195,15 @@ def test_eval_reports_alignment_tax(tmp_path, tokenizer):
     table = format_table(res)
     assert f"peaked alignment tax: sft_nll {pol['sft_nll']:.3f} ({pol['sft_nll_delta']:+.3f})" in table
     assert "baseline alignment tax: sft_nll" in table
+    assert res["alignment_tax"] == {"sft_data": str(tmp_path / "sft.jsonl"), "sft_examples": 4,
+                                    "capability": "task:arithmetic", "capability_prompts": 4}
+    # the HTML report of this evaluation shows the same numbers, before and after
+    from rlhfkit.report import build_report
+    from rlhfkit.report.sections import num
+
+    page = build_report([tmp_path / "eval"]).read_text()
+    tax = page[page.index("<h4>Alignment tax"):]
+    tax = tax[:tax.index("</table>")]
+    assert "baseline (before)" in tax and "peaked (after)" in tax and "n = 4 examples" in tax
+    assert f"<b>{num(base['sft_nll'])}</b>" in tax and f"<b>{num(pol['sft_nll'])}</b>" in tax
+    assert f"{pol['sft_nll_delta']:+.3f} vs baseline (worse)" in tax

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 
 import pytest
 import yaml
@@ -229,3 +230,43 @@ def test_summary_quotes_every_eval_stage_and_the_report_warnings(tmp_path):
     # one eval stage: no prefix, as before
     one = headline(tmp_path, stages[:2])
     assert one["ppo: gold win rate vs start [95% CI]"] == "0.710 [0.660, 0.760]"
+
+
+def _tax_table_text(page) -> str | None:
+    """The text of the report's alignment-tax table (None when the page has none)."""
+    import html as html_mod
+
+    found = re.search(r"<h4>Alignment tax.*?</table>", page.read_text(), flags=re.S)
+    if not found:
+        return None
+    return html_mod.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", found.group(0))))
+
+
+def test_report_shows_the_alignment_tax_only_when_measured(tmp_path):
+    from rlhfkit.report import build_report
+
+    run = tmp_path / "run"
+    _fake_eval(run / "eval")
+    page = build_report([run])
+    assert _tax_table_text(page) is None and "lignment tax" not in page.read_text()
+
+    path = run / "eval" / "eval_results.json"
+    ev = json.loads(path.read_text())  # as `rlhfkit eval` writes it with alignment_tax.* set
+    ev["alignment_tax"] = {"sft_data": "heldout_sft.jsonl", "sft_examples": 64, "capability": "task:arithmetic",
+                           "capability_prompts": 48}
+    ev["baseline"]["alignment_tax"] = {"sft_nll": 2.31, "capability_exact_match": 0.25}
+    ev["policies"]["trained"]["alignment_tax"] = {"sft_nll": 2.46, "capability_exact_match": 0.3125,
+                                                  "sft_nll_delta": 0.15, "capability_exact_match_delta": 0.0625}
+    path.write_text(json.dumps(ev))
+    text = _tax_table_text(build_report([run]))
+    assert text is not None
+    assert "measure baseline (before) trained (after)" in text
+    assert ("Held-out SFT-data NLL nats per response token of SFT examples no policy was trained on; lower = the "
+            "model still writes that data's responses (heldout_sft.jsonl, n = 64 examples); a rise from the "
+            "baseline is the tax 2.310 2.460 +0.150 vs baseline (worse)") in text
+    assert ("Capability probe, exact match share of the probe task's held-out prompts answered exactly (greedy "
+            "decoding) (task:arithmetic, n = 48 prompts); a fall from the baseline is the tax 0.250 0.312 "
+            "+0.062 vs baseline (better)") in text
+    # nothing of it leaks into the main table as raw keys
+    main = re.search(r"<table class='eval'>.*?</table>", page.read_text(), flags=re.S).group(0)
+    assert "alignment" not in main.lower() and "sft_nll" not in main

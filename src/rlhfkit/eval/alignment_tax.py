@@ -70,6 +70,16 @@ class AlignmentTax:
     def enabled(self) -> bool:
         return bool(self.sft or self.items)
 
+    def described(self) -> dict:
+        """What is measured: the SFT data and its number of examples, the probe's task and its number
+        of prompts (eval_results.json's top-level ``alignment_tax``)."""
+        out = {}
+        if self.sft:
+            out.update(sft_data=self.cfg.sft_data, sft_examples=len(self.sft))
+        if self.items:
+            out.update(capability=self.cfg.capability, capability_prompts=len(self.items))
+        return out
+
     @torch.no_grad()
     def measure(self, model) -> dict:
         out = {}

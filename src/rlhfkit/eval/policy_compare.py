@@ -212,6 +212,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
                "prompts_dropped_too_long": dropped, "samples_per_prompt": n, "policies": {}}
     tax = AlignmentTax(cfg.alignment_tax, tokenizer, cfg.batch_size, device)
     if tax.enabled:
+        results["alignment_tax"] = tax.described()
         results["baseline"]["alignment_tax"] = tax.measure(baseline)
 
     # 2. Each policy: samples, scores, KL to the baseline, win rates.

@@ -5,9 +5,10 @@
 Reads what the stages wrote (``*/metrics.jsonl``, ``*_config.yaml``, ``eval*.json``,
 ``samples-*.jsonl``, ``run_info.json``) and shows, top to bottom: warnings (truncated responses,
 held-out metrics that got worse, KL spikes), the evaluation table with 95% intervals and sample
-sizes, win rates and length against score, the training curves (one metric per panel, raw and
-smoothed) with the split of each policy-gradient iteration's time, responses side by side, and the
-run information (resolved configs, models, library versions, hardware, time per stage).
+sizes, the alignment tax (the baseline before, each policy after), win rates and length against
+score, the training curves (one metric per panel, raw and smoothed) with the split of each
+policy-gradient iteration's time, responses side by side, and the run information (resolved
+configs, models, library versions, hardware, time per stage).
 Figures are inline PNGs: no network, no scripts, the file opens anywhere.
 
 The warnings are also written as a JSON list next to the page (``report_warnings.json`` for

@@ -29,7 +29,7 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 # One panel per entry: (title, metric keys drawn together on one scale, y-axis label).
 PANELS: list[tuple[str, list[str], str]] = [
-    ("Reward (reward model)", ["reward/score_mean", "objective/scores", "reward/mean", "iter/score_mean"], "reward"),
+    ("Reward (reward model)", ["reward/score_mean", "objective/scores", "reward/mean", "score_mean"], "reward"),
     ("Gold score", ["reward/gold_mean", "gold/mean"], "gold score"),
     ("KL to reference", ["objective/kl"], "nats per response"),
     ("Response length", ["response/length_mean", "length/mean"], "tokens"),

@@ -88,7 +88,7 @@ def _eval_rows(ev: dict) -> list[tuple[str, str, dict[str, str]]]:
 
 def _other_rows(pols: dict, scored: list[str]) -> list[tuple[str, str, dict[str, str]]]:
     """Any other number an evaluation wrote, under a readable name (nothing is silently dropped)."""
-    known = {"model", "win_rate", "kl", "length_tokens", "length_chars", "eos_frac", "samples"}
+    known = {"model", "win_rate", "kl", "length_tokens", "length_chars", "eos_frac", "samples", "alignment_tax"}
     known |= {f"{j}{suffix}" for j in scored for suffix in ("_mean", "")}
     known |= {f"corr_length_{j}{suffix}" for j in scored for suffix in ("", "_within_prompt")}
     rows = []
@@ -132,8 +132,56 @@ def eval_table(evals: dict[str, dict]) -> str:
                        + "".join(f"<td>{cells.get(n, '&mdash;')}</td>" for n in names) + "</tr>"
                        for label, unit, cells in rows)
         parts.append(f"<h3>{esc(title)}</h3><table class='eval'><tr><th>measure</th>{head}</tr>{body}</table>"
-                     + _model_list(ev) + _preference_set(ev["raw"].get("preference_set")))
+                     + alignment_tax_table(ev) + _model_list(ev) + _preference_set(ev["raw"].get("preference_set")))
     return "".join(parts)
+
+
+# measure -> (row label, what it is, whether higher is better)
+TAX_MEASURES = {
+    "sft_nll": ("Held-out SFT-data NLL", "nats per response token of SFT examples no policy was trained on; "
+                "lower = the model still writes that data's responses", False),
+    "capability_exact_match": ("Capability probe, exact match", "share of the probe task's held-out prompts "
+                               "answered exactly (greedy decoding)", True),
+}
+
+
+def alignment_tax_table(ev: dict) -> str:
+    """The alignment tax of `rlhfkit eval` (``alignment_tax`` in eval_results.json): each measure for the
+    baseline (before) and each policy (after, with its change from the baseline); "" when not measured."""
+    taxes = {n: m["alignment_tax"] for n, m in ev["policies"].items() if isinstance(m.get("alignment_tax"), dict)}
+    measures = list(dict.fromkeys(k for t in taxes.values() for k, v in t.items()
+                                  if not k.endswith("_delta") and isinstance(v, (int, float))))
+    if not measures:
+        return ""
+    what = ev["raw"].get("alignment_tax") if isinstance(ev["raw"].get("alignment_tax"), dict) else {}
+    sizes = {"sft_nll": (what.get("sft_data"), what.get("sft_examples"), "examples"),
+             "capability_exact_match": (what.get("capability"), what.get("capability_prompts"), "prompts")}
+    names = list(ev["policies"])
+    head = "".join(f"<th>{esc(n)}{' (before)' if i == 0 else ' (after)'}</th>" for i, n in enumerate(names))
+    rows = []
+    for key in measures:
+        label, unit, higher = TAX_MEASURES.get(key, (key.replace("_", " ").capitalize(), "", None))
+        source, n, things = sizes.get(key, (None, None, ""))
+        details = ([esc(str(source))] if source else []) + ([f"n = {n} {things}"] if isinstance(n, int) else [])
+        if details:
+            unit += f" ({', '.join(details)})"
+        if higher is not None:
+            unit += f"; a {'fall' if higher else 'rise'} from the baseline is the tax"
+        cells = []
+        for name in names:
+            t = taxes.get(name, {})
+            if not isinstance(t.get(key), (int, float)):
+                cells.append("<td>&mdash;</td>")
+                continue
+            delta = t.get(f"{key}_delta")
+            change = ""
+            if isinstance(delta, (int, float)):
+                verdict = "" if higher is None or delta == 0 else " (worse)" if (delta > 0) != higher else " (better)"
+                change = f"<div class='ci'>{delta:+.3f} vs baseline{verdict}</div>"
+            cells.append(f"<td><b>{num(t[key])}</b>{change}</td>")
+        rows.append(f"<tr><th class='rowh'>{esc(label)}<div class='unit'>{unit}</div></th>{''.join(cells)}</tr>")
+    return ("<h4>Alignment tax: what training cost outside its objective</h4>"
+            f"<table class='eval tax'><tr><th>measure</th>{head}</tr>{''.join(rows)}</table>")
 
 
 def _model_list(ev: dict) -> str:
@@ -268,4 +316,5 @@ pre{white-space:pre-wrap;margin:0;font-family:inherit;max-width:420px}pre.cfg{fo
 .warn{background:#fff4e5;border:1px solid #e0a040;padding:8px 12px;border-radius:4px;margin:12px 0}
 .warn ul{margin:6px 0 0 0;padding-left:20px}.warn li{margin:3px 0}
 .ok{background:#eef7ee;border:1px solid #9c9;padding:6px 12px;border-radius:4px;margin:12px 0}
+table.tax th.rowh{max-width:440px}
 .headline{font-size:15px;margin:8px 0}details summary{cursor:pointer;color:#245}"""

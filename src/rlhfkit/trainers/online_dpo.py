@@ -258,6 +258,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
                 write_json_atomic(done, summary)
             strategy.wait()
         state["labels"] += summary["labels"]
+        run.guard.add_skipped(summary.get("train/skipped_steps", 0))  # the outer train/skipped_steps
         summary["labels_cumulative"] = state["labels"]
         state["history"].append(summary)
         state["current"] = str(it_dir / "model")

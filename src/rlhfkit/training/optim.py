@@ -88,6 +88,10 @@ class StepGuard:
         self.skipped_total = int(state.get("skipped_total", 0))
         return self
 
+    def add_skipped(self, n: int) -> None:
+        """Count ``n`` steps that a nested run skipped (online DPO's rounds) as this run's."""
+        self.skipped_total += int(n)
+
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         ok = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad_norm).all())
         if ok:
