@@ -89,8 +89,9 @@ def write_inputs(out: Path, pairs: int, seeds: list[int], prompts: int) -> dict:
 
 # --------------------------------------------------------------------------- the pipeline
 
-def shared_stages(sft: str | None, d: dict) -> list[dict]:
-    """SFT (unless given), the RM and the PM on D: configs/demo.yaml's sft and rm, configs/pm.yaml."""
+def shared_stages(sft: str | None, d: dict, arms) -> list[dict]:
+    """SFT (unless given), the RM and (for online-pm) the PM on D: configs/demo.yaml's sft and rm,
+    configs/pm.yaml."""
     stages = [] if sft else [{"name": "sft", "kind": "sft", "config": {
         "model": {"name": "${base}"}, "data": {"train": "task:sentiment", "eval_fraction": 0.1, "max_length": 160},
         "optim": {"lr": 2.0e-5, "schedule": "cosine", "warmup_ratio": 0.03},
@@ -101,6 +102,8 @@ def shared_stages(sft: str | None, d: dict) -> list[dict]:
         "optim": {"lr": 1.0e-5, "head_lr": 1.0e-4, "schedule": "cosine", "warmup_ratio": 0.0},
         "train": {"max_steps": 4, "batch_size": 16, "micro_batch_size": 8, "eval_every": 2,
                   "select_best": "eval/accuracy"}}})
+    if "online-pm" not in arms:
+        return stages
     stages.append({"name": "pm", "kind": "pm", "config": {
         "model": {"name": "${sft}"}, "data": {**data, "max_length": 384},
         "optim": {"lr": 1.0e-5, "schedule": "cosine", "warmup_ratio": 0.03},
@@ -109,7 +112,7 @@ def shared_stages(sft: str | None, d: dict) -> list[dict]:
 
 
 def seed_stages(s: int, d: dict, prompts: str, args) -> list[dict]:
-    """The four arms of seed ``s`` and their evaluation."""
+    """The arms of seed ``s`` (``args.arms``) and their evaluation."""
     P, rollout = args.prompts_per_iteration, {"max_new_tokens": 48, "temperature": 1.0}
     stages = [{"name": f"offline-s{s}", "kind": "dpo", "config": {
         "model": {"name": "${sft}"}, "data": {"train": d["train"], "eval": d["heldout"], "max_length": 256},
@@ -117,6 +120,8 @@ def seed_stages(s: int, d: dict, prompts: str, args) -> list[dict]:
         "train": {"epochs": 1, "batch_size": 8, "micro_batch_size": 4, "save_every": 0, "seed": s},
         "dpo": {"beta": 0.1, "loss_type": "sigmoid", "precompute_ref_logps": True, "share_prompt": True}}}]
     for arm, scorer in (("online-rm", "rm:${rm}"), ("online-pm", "pm:${pm}")):
+        if arm not in args.arms:
+            continue
         stages.append({"name": f"{arm}-s{s}", "kind": "online-dpo", "config": {
             "model": {"name": "${sft}"}, "scorer": scorer, "gold": "task:sentiment",
             "prompts": {"train": prompts, "max_prompt_length": 128, "eval": "task:sentiment",
@@ -131,11 +136,12 @@ def seed_stages(s: int, d: dict, prompts: str, args) -> list[dict]:
         "kl": {"coef": 0.05, "kind": "k1"}, "optim": {"lr": 2.0e-4, "schedule": "constant", "warmup_ratio": 0.0},
         "critic_optim": {"lr": 1.0e-4, "schedule": "constant", "warmup_ratio": 0.0},
         "train": {"max_steps": 3 * P // args.ppo_batch, "batch_size": args.ppo_batch,
-                  "micro_batch_size": min(8, args.ppo_batch),
+                  "micro_batch_size": args.ppo_batch,  # one micro-batch: PPO's fused scoring
                   "save_every": 5, "seed": s},
         "critic_init": "reward", "ppo_epochs": 2, "mini_batch_size": args.ppo_batch}})
+    stages = [st for st in stages if st["name"].rsplit("-s", 1)[0] in args.arms]
     stages.append({"name": f"eval-s{s}", "kind": "eval", "config": {
-        "policies": [f"{arm}=${{{arm}-s{s}}}" for arm in ARMS], "baseline": "${sft}",
+        "policies": [f"{arm}=${{{arm}-s{s}}}" for arm in args.arms], "baseline": "${sft}",
         "prompts": {"train": "task:sentiment/prompts_eval.jsonl", "limit": args.eval_prompts},
         "rollout": {"n": 1, **rollout}, "gold": "task:sentiment", "proxy": "rm:${rm}", "train": {"seed": s}}})
     return stages
@@ -144,7 +150,7 @@ def seed_stages(s: int, d: dict, prompts: str, args) -> list[dict]:
 def pipeline(args, out: Path) -> dict:
     d = write_inputs(out, args.pairs, args.seeds, 3 * args.prompts_per_iteration)
     sft = str(Path(args.sft).resolve()) if args.sft else None
-    stages = shared_stages(sft, d)
+    stages = shared_stages(sft, d, args.arms)
     for s in args.seeds:
         stages += seed_stages(s, d, d[s], args)
     for st in stages:
@@ -162,7 +168,8 @@ def run_pipeline(cfg: dict, out: Path, threads: int) -> None:
     path = out / "rlhflow_pipeline.yaml"
     if path.is_file():  # a finished stage is skipped whatever its config: refuse to mix settings
         before = {st["name"]: st["config"] for st in yaml.safe_load(path.read_text())["stages"]}
-        changed = [st["name"] for st in cfg["stages"] if before.get(st["name"], st["config"]) != st["config"]]
+        changed = [st["name"] for st in cfg["stages"]  # a stage not started yet may change
+                   if (out / st["name"]).exists() and before.get(st["name"], st["config"]) != st["config"]]
         if changed:
             sys.exit(f"{out} holds stages {', '.join(changed)} run with other settings: choose another --out")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -193,7 +200,7 @@ def pooled_votes(out: Path, seeds: list[int], a: str, b: str) -> dict:
             "per_seed": [sum(v) / len(v) for v in per_seed]}
 
 
-def arm_rows(out: Path, seeds: list[int]) -> list[dict]:
+def arm_rows(out: Path, seeds: list[int], arms) -> list[dict]:
     """One row per arm: pooled gold win rate over SFT, and the seeds' mean gold, KL, length, proxy."""
     evs = [json.loads((out / f"eval-s{s}" / "eval_results.json").read_text()) for s in seeds]
     mean = lambda xs: sum(xs) / len(xs)
@@ -201,7 +208,7 @@ def arm_rows(out: Path, seeds: list[int]) -> list[dict]:
     rows = [{"arm": "SFT (start)", "gold": mean([m(e["baseline"]["gold_mean"]) for e in evs]),
              "proxy": mean([m(e["baseline"]["proxy_mean"]) for e in evs]),
              "length": mean([e["baseline"]["length_tokens"] for e in evs])}]
-    for arm in ARMS:
+    for arm in arms:
         pol = [e["policies"][arm] for e in evs]
         rows.append({"arm": arm, **pooled_votes(out, seeds, arm, "baseline"),
                      "gold": mean([m(p["gold_mean"]) for p in pol]), "proxy": mean([m(p["proxy_mean"]) for p in pol]),
@@ -210,7 +217,7 @@ def arm_rows(out: Path, seeds: list[int]) -> list[dict]:
     return rows
 
 
-def mechanism_rows(out: Path, seeds: list[int]) -> list[dict]:
+def mechanism_rows(out: Path, seeds: list[int], arms) -> list[dict]:
     """Per online arm and iteration, means over seeds: the scorer's agreement with gold on the
     iteration's on-policy pairs, their gold margin, pairs kept and dropped, the DPO loss, and the
     held-out KL to SFT and gold after the iteration. First row: D's own labels, for comparison."""
@@ -221,7 +228,7 @@ def mechanism_rows(out: Path, seeds: list[int]) -> list[dict]:
              "gold_pair_margin": sum(r["gold_chosen"] - r["gold_rejected"] for r in d) / len(d)}]
     keys = ("gold_pair_accuracy", "gold_ranking_accuracy", "gold_pair_margin", "pairs", "dropped_ties",
             "dropped_identical", "train/loss", "eval/kl", "eval/gold_mean")
-    for arm in ONLINE:
+    for arm in [a for a in ONLINE if a in arms]:
         runs = [out / f"{arm}-s{s}" for s in seeds]
         its = [json.loads((r / "online_dpo_results.json").read_text())["iterations"] for r in runs]
         evals = [{rec["step"]: rec for rec in _jsonl(r / "metrics.jsonl") if "eval/kl" in rec} for r in runs]
@@ -234,22 +241,25 @@ def mechanism_rows(out: Path, seeds: list[int]) -> list[dict]:
 
 def judge_accuracy(out: Path) -> dict:
     rm = json.loads((out / "rm" / "rm_results.json").read_text())
-    pm = json.loads((out / "pm" / "pm_results.json").read_text())
     # the RM kept is the best of its evaluations on these held-out pairs (select_best): its value there
     best = rm.get("best") or {}
     acc = {"rm": best["value"] if best.get("metric") == "eval/accuracy" else rm.get("eval/accuracy"),
-           "pm": pm["pm"]["accuracy"], "heldout_pairs": pm["pm"]["pairs"]}
+           "pm": float("nan"), "heldout_pairs": rm.get("eval/pairs")}
+    if not (out / "pm" / "pm_results.json").is_file():  # no online-pm arm
+        return acc
+    pm = json.loads((out / "pm" / "pm_results.json").read_text())
+    acc.update(pm=pm["pm"]["accuracy"], heldout_pairs=pm["pm"]["pairs"])
     if "llm_judge" in pm:
         acc["untrained_judge"] = pm["llm_judge"]["accuracy"]
     return acc
 
 
-def stage_minutes(out: Path, seeds: list[int]) -> dict:
+def stage_minutes(out: Path, seeds: list[int], arms) -> dict:
     """Wall minutes per arm summed over seeds (from the pipeline's DONE files), and the shared stages."""
     def minutes(name):
         done = out / name / "DONE"
         return json.loads(done.read_text())["seconds"] / 60 if done.is_file() else float("nan")
-    t = {arm: sum(minutes(f"{arm}-s{s}") for s in seeds) for arm in (*ARMS, "eval")}
+    t = {arm: sum(minutes(f"{arm}-s{s}") for s in seeds) for arm in (*arms, "eval")}
     t.update({name: minutes(name) for name in ("sft", "rm", "pm")})
     return t
 
@@ -307,11 +317,14 @@ def frontier(res: dict, seeds: list[int], path: Path) -> None:
 
 def report(out: Path, args) -> dict:
     seeds = args.seeds
-    res = {"args": {"seeds": seeds, "prompts_per_iteration": args.prompts_per_iteration,
+    arms = args.arms
+    res = {"args": {"seeds": seeds, "arms": list(arms), "prompts_per_iteration": args.prompts_per_iteration,
                     "eval_prompts": args.eval_prompts, "tiny": args.tiny},
            "d_pairs": len(_jsonl(out / "data" / "d_train.jsonl")), "judges": judge_accuracy(out),
-           "arms": arm_rows(out, seeds), "mechanism": mechanism_rows(out, seeds), "minutes": stage_minutes(out, seeds),
-           "head_to_head": [{"a": a, "b": "offline", **pooled_votes(out, seeds, a, "offline")} for a in ARMS[1:]]}
+           "arms": arm_rows(out, seeds, arms), "mechanism": mechanism_rows(out, seeds, arms),
+           "minutes": stage_minutes(out, seeds, arms),
+           "head_to_head": [{"a": a, "b": "offline", **pooled_votes(out, seeds, a, "offline")}
+                            for a in arms if a != "offline" and "offline" in arms]}
     table = markdown(res)
     (out / "rlhflow_table.md").write_text(table + "\n")
     (out / "rlhflow_results.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -331,6 +344,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts per evaluation (default 320)")
     ap.add_argument("--iter-eval-prompts", type=int, default=0,
                     help="held-out prompts for the KL and gold after each online iteration (default 64)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the run, unless set")
     ap.add_argument("--tables-only", action="store_true", help="do not run: tables and plot from OUT")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model, 1-2 steps per stage: checks the script")
@@ -341,6 +355,10 @@ def main(argv=None) -> None:
     args.eval_prompts = args.eval_prompts or defaults[1]
     args.iter_eval_prompts = args.iter_eval_prompts or defaults[2]
     args.ppo_batch, args.pairs = defaults[3], defaults[4]
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown or not args.arms:
+        ap.error(f"--arms: {', '.join(sorted(unknown)) or 'empty'}; choose from {', '.join(ARMS)}")
+    args.arms = [a for a in ARMS if a in args.arms.split(",")]  # in the table's order
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.tiny else "0,1,2")).split(",")]
     if (3 * args.prompts_per_iteration) % args.ppo_batch:
         ap.error(f"3 x --prompts-per-iteration must be a multiple of PPO's batch of {args.ppo_batch} prompts")
