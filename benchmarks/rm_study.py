@@ -211,9 +211,9 @@ def recipe_table(train: dict, evals: dict, poolings: tuple[str, ...] = ("last", 
                 continue
             margins, info = fits[layer]
             m = pair_metrics(margins, evals["gold_c"], evals["gold_r"], evals["prompts"])
+            cv_by_layer = {str(k): round(fits[k][1]["cv_accuracy"], 4) for k in layers}
             m.update(name=name, pooling=pool, layer=layer, l2=info["l2"], cv=info["cv_accuracy"],
-                     train_acc=info["train_accuracy"],
-                     chosen_from={str(k): round(fits[k][1]["cv_accuracy"], 4) for k in layers} if layer != "final" else None)
+                     train_acc=info["train_accuracy"], chosen_from=None if layer == "final" else cv_by_layer)
             print(f"| {name} | {fmt(m)} | l2 {m['l2']} cv {m['cv']:.3f} train {m['train_acc']:.3f} |"
                   + (f" CV by layer {m['chosen_from']}" if m["chosen_from"] else ""), flush=True)
             out.append(m)
