@@ -197,7 +197,8 @@ def recipe_table(train: dict, evals: dict, poolings: tuple[str, ...] = ("last", 
     """The recipe against the plain head, with no look at the held-out pairs when choosing: for
     each pooling, the final layer's probe and the probe on the intermediate layer whose
     cross-validated accuracy on the training pairs is highest (L2 by the one-SE rule throughout).
-    Rows: name, pooling, layer, chosen_from ({layer: CV accuracy}), metrics, l2, cv, train_acc."""
+    Rows: name, pooling, layer, chosen_from ({layer: CV accuracy}), metrics, l2, cv, train_acc; a
+    last row scores the shorter response (in tokens) as better, the length shortcut's accuracy."""
     layers = sorted({int(k.split("/")[0]) for k in train["feats"] if k.split("/")[0] != "final"})
     out = []
     for pool in poolings:
@@ -217,6 +218,13 @@ def recipe_table(train: dict, evals: dict, poolings: tuple[str, ...] = ("last", 
             print(f"| {name} | {fmt(m)} | l2 {m['l2']} cv {m['cv']:.3f} train {m['train_acc']:.3f} |"
                   + (f" CV by layer {m['chosen_from']}" if m["chosen_from"] else ""), flush=True)
             out.append(m)
+    # a reference with no model: prefer the shorter response (ties half)
+    lengths = evals["lengths"]
+    m = pair_metrics(lengths[:, 1] - lengths[:, 0], evals["gold_c"], evals["gold_r"], evals["prompts"])
+    m.update(name="shorter response (no model)", pooling=None, layer=None, l2=None, cv=None, train_acc=None,
+             chosen_from=None)
+    print(f"| {m['name']} | {fmt(m)} |", flush=True)
+    out.append(m)
     return out
 
 

@@ -194,6 +194,7 @@ def test_rm_study_recipe_tiny(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     rows = {r["name"]: r for r in json.loads((tmp_path / "recipe.json").read_text())}
+    assert 0.0 <= rows.pop("shorter response (no model)")["acc"] <= 1.0
     assert len(rows) == 6 and {"final/last", "final/mean", "final/sum", "16/mean (layer by CV)"} <= set(rows)
     assert sorted(r["pooling"] for r in rows.values()) == ["last", "last", "mean", "mean", "sum", "sum"]
     assert all(r["layer"] in (8, 16) for r in rows.values() if r["name"].endswith("(layer by CV)"))
