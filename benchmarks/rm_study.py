@@ -1,12 +1,15 @@
 """Reward-model levers, measured on a fixed held-out preference set (docs/results_rm.md).
 
     python benchmarks/rm_study.py features --model runs/sft/model --data FILE --out runs/rmstudy/NAME.pt
-    python benchmarks/rm_study.py probes --train runs/rmstudy/train.pt --eval runs/rmstudy/eval.pt
+    python benchmarks/rm_study.py probes --train runs/rmstudy/train.pt --eval runs/rmstudy/eval.pt [--set recipe]
     python benchmarks/rm_study.py score --rm runs/rm/model --data FILE
 
 `features` runs the frozen backbone once over every pair and caches chosen-minus-rejected
 features for several layers and poolings (last token, mean over the response, mean over all
-tokens), so that every probe variant after it costs seconds. `probes` prints the probe table.
+tokens), so that every probe variant after it costs seconds. `probes` prints the probe table;
+`--set recipe` picks each pooling's intermediate layer by cross-validation on the training pairs.
+Any preference file with `gold_chosen` / `gold_rejected` works (sentiment, arithmetic pairs from
+`rlhfkit make-data --task arithmetic --pairs-only ... --pair-from 4`).
 `score` scores a trained reward model through `rm:DIR`, the path PPO and eval use, so the pooling
 stored in its config.json is the one measured. Every accuracy comes with a 95% interval from a
 bootstrap over prompts (pairs of one prompt are resampled together).
@@ -190,6 +193,41 @@ def probe_table(train: dict, evals: dict, rows: list[tuple[str, dict]]) -> list[
     return out
 
 
+def recipe_table(train: dict, evals: dict, poolings: tuple[str, ...] = ("last", "mean", "sum")) -> list[dict]:
+    """The recipe against the plain head, with no look at the held-out pairs when choosing: for
+    each pooling, the final layer's probe and the probe on the intermediate layer whose
+    cross-validated accuracy on the training pairs is highest (L2 by the one-SE rule throughout).
+    Rows: name, pooling, layer, chosen_from ({layer: CV accuracy}), metrics, l2, cv, train_acc; a
+    last row scores the shorter response (in tokens) as better, the length shortcut's accuracy."""
+    layers = sorted({int(k.split("/")[0]) for k in train["feats"] if k.split("/")[0] != "final"})
+    out = []
+    for pool in poolings:
+        fits = {}
+        for layer in ("final", *layers):
+            margins, info = probe_margins(train, evals, key=f"{layer}/{pool}")
+            fits[layer] = (margins, info)
+        pick = max(layers, key=lambda layer: fits[layer][1]["cv_accuracy"]) if layers else None
+        for layer, name in (("final", f"final/{pool}"), (pick, f"{pick}/{pool} (layer by CV)")):
+            if layer is None:
+                continue
+            margins, info = fits[layer]
+            m = pair_metrics(margins, evals["gold_c"], evals["gold_r"], evals["prompts"])
+            cv_by_layer = {str(k): round(fits[k][1]["cv_accuracy"], 4) for k in layers}
+            m.update(name=name, pooling=pool, layer=layer, l2=info["l2"], cv=info["cv_accuracy"],
+                     train_acc=info["train_accuracy"], chosen_from=None if layer == "final" else cv_by_layer)
+            print(f"| {name} | {fmt(m)} | l2 {m['l2']} cv {m['cv']:.3f} train {m['train_acc']:.3f} |"
+                  + (f" CV by layer {m['chosen_from']}" if m["chosen_from"] else ""), flush=True)
+            out.append(m)
+    # a reference with no model: prefer the shorter response (ties half)
+    lengths = evals["lengths"]
+    m = pair_metrics(lengths[:, 1] - lengths[:, 0], evals["gold_c"], evals["gold_r"], evals["prompts"])
+    m.update(name="shorter response (no model)", pooling=None, layer=None, l2=None, cv=None, train_acc=None,
+             chosen_from=None)
+    print(f"| {m['name']} | {fmt(m)} |", flush=True)
+    out.append(m)
+    return out
+
+
 # --------------------------------------------------------------------------- trained reward models
 
 def score_rm(rm: str, data: str, limit: int = 0, batch_size: int = 16) -> dict:
@@ -247,7 +285,9 @@ def main() -> None:
     p = sub.add_parser("probes")
     p.add_argument("--train", nargs="+", required=True, help="cached feature files, concatenated in order")
     p.add_argument("--eval", required=True)
-    p.add_argument("--set", default="pooling", choices=sorted(PROBE_SETS), help="which table of probe variants")
+    p.add_argument("--set", default="pooling", choices=sorted([*PROBE_SETS, "recipe"]),
+                   help="which table of probe variants; recipe: per pooling (last, mean, sum) the final layer "
+                        "and the intermediate layer with the best CV accuracy on the training pairs")
     p.add_argument("--key", default="final/mean", help="LAYER/POOLING for the regularisation and size sets")
     p.add_argument("--json", default="", help="also write the rows here")
     t = sub.add_parser("finetune", help="rlhfkit rm with overrides, then score the saved RM")
@@ -267,7 +307,10 @@ def main() -> None:
         print(f"{len(r['prompts'])} pairs in {r['seconds']:.0f} s -> {args.out}")
     elif args.cmd == "probes":
         train, evals = load_feats(args.train), load_feats([args.eval])
-        res = probe_table(train, evals, PROBE_SETS[args.set](len(train["prompts"]), args.key))
+        if args.set == "recipe":
+            res = recipe_table(train, evals)
+        else:
+            res = probe_table(train, evals, PROBE_SETS[args.set](len(train["prompts"]), args.key))
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     elif args.cmd == "finetune":

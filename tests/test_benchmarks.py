@@ -198,3 +198,40 @@ def test_rlhflow_compare_tiny_runs_every_arm(tmp_path):
     table = (out / "rlhflow_table.md").read_text()
     assert all(f"| {a} |" in table for a in ("offline", "online-rm", "online-pm", "ppo"))
     assert (out / "rlhflow_frontier.png").stat().st_size > 0
+
+
+def _feature_file(path, n, seed, signal_key, hidden=8):
+    """A cached-features file as ``rm_study.py features`` writes it, with pure noise except in
+    ``signal_key``, where chosen minus rejected points along the first axis."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    feats = {}
+    for layer in ("final", "8", "16"):
+        for pool in ("last", "mean", "mean_all"):
+            x = torch.randn(n, 2, hidden, generator=g)
+            if f"{layer}/{pool}" == signal_key:
+                x[:, 0, 0] += 1.5
+            feats[f"{layer}/{pool}"] = x
+    torch.save({"feats": feats, "lengths": torch.randint(3, 9, (n, 2), generator=g), "gold_c": torch.ones(n),
+                "gold_r": torch.zeros(n), "prompts": [f"p{i}" for i in range(n)]}, path)
+
+
+def test_rm_study_recipe_tiny(tmp_path):
+    """``rm_study.py probes --set recipe`` on synthetic cached features: per pooling the final layer
+    and the intermediate layer chosen by CV on the training pairs (here layer 16, where the signal is)."""
+    _feature_file(tmp_path / "train.pt", 96, 0, "16/mean")
+    _feature_file(tmp_path / "eval.pt", 64, 1, "16/mean")
+    cmd = [sys.executable, str(BENCH / "rm_study.py"), "probes", "--train", str(tmp_path / "train.pt"),
+           "--eval", str(tmp_path / "eval.pt"), "--set", "recipe", "--json", str(tmp_path / "recipe.json")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "recipe.json").read_text())}
+    assert 0.0 <= rows.pop("shorter response (no model)")["acc"] <= 1.0
+    assert len(rows) == 6 and {"final/last", "final/mean", "final/sum", "16/mean (layer by CV)"} <= set(rows)
+    assert sorted(r["pooling"] for r in rows.values()) == ["last", "last", "mean", "mean", "sum", "sum"]
+    assert all(r["layer"] in (8, 16) for r in rows.values() if r["name"].endswith("(layer by CV)"))
+    chosen = rows["16/mean (layer by CV)"]
+    assert chosen["chosen_from"]["16"] > chosen["chosen_from"]["8"] and chosen["acc"] > 0.75
+    assert 0.3 < rows["final/mean"]["acc"] < 0.7 and rows["final/mean"]["chosen_from"] is None
+    assert all(0.0 <= r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1] <= 1.0 for r in rows.values())
