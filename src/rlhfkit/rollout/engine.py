@@ -24,6 +24,7 @@ passes over the logits, without (B, V) allocations (`sampler.Sampler`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import replace
@@ -34,6 +35,7 @@ from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout.cpu_linears import packed_linears
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.kv_cache import new_cache, preallocate
+from rlhfkit.rollout.llama_decode import LlamaDecoder
 from rlhfkit.rollout.sampler import Sampler
 
 
@@ -84,14 +86,14 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), packed_linears(model, min(mbs, len(rows)), n_forwards):
+        with torch.inference_mode(), decode_weights(model, min(mbs, len(rows)), n_forwards) as decoder:
             parts = []
             for start in range(0, len(rows), mbs):
                 chunk = rows[start:start + mbs]
                 resp, logp, eos = _sample(
                     model, chunk, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                    return_logprobs=return_logprobs,
+                    return_logprobs=return_logprobs, decoder=decoder,
                 )
                 resp_mask = response_mask(resp, eos_ids)
                 ids, mask = left_pad(chunk, pad_token_id, device)
@@ -130,8 +132,21 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device=None) -> t
     return ids.to(device), mask.to(device)
 
 
+@contextlib.contextmanager
+def decode_weights(model, rows: int, steps: int):
+    """Prepare the weights once for a call of `steps` decode forwards of up to `rows` rows: a
+    `LlamaDecoder` (fused, packed, LoRA merged) when the model is one it runs, yielded; otherwise
+    the model's own linear layers packed for the call (`packed_linears`), and None yielded."""
+    decoder = LlamaDecoder.build(model, rows) if steps >= 8 else None
+    if decoder is not None:
+        yield decoder
+    else:
+        with packed_linears(model, rows, steps):
+            yield None
+
+
 def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, top_p, top_k,
-            generator, return_logprobs):
+            generator, return_logprobs, decoder=None):
     """The decode loop for one micro-batch: B prompts -> (B, R) tokens, (B, R) logprobs, (B,) eos."""
     B, device = len(rows), eos_ids.device
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -152,6 +167,7 @@ def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, 
     alive = torch.arange(B, device=device)  # (b,) original row of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) emitted EOS, not yet dropped
     can_drop = hasattr(cache, "batch_select_indices")
+    decoder = decoder if decoder is not None and decoder.accepts(cache) else None
     sampler = Sampler(temperature, top_p, top_k, generator)
     steps = 0
     for t in range(max_new_tokens):
@@ -172,13 +188,19 @@ def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, 
             cache.batch_select_indices(keep_rows)
             alive, attn, next_pos, tok = alive[keep_rows], attn[keep_rows], next_pos[keep_rows], tok[keep_rows]
             finished = finished[keep_rows]
-        out = model(input_ids=tok[:, None], attention_mask=attn[:, :K + t + 1], position_ids=next_pos + t,
-                    past_key_values=cache, use_cache=True, **keep)
-        logits = _upcast(out.logits[:, -1])  # (b, V)
-        del out
+        logits = decode_step(model, decoder, tok, attn[:, :K + t + 1], next_pos + t, cache, keep)  # (b, V)
     tokens = tokens[:, :steps]
     done = torch.isin(tokens, eos_ids).any(-1)
     return tokens, (logps[:, :steps] if logps is not None else None), done
+
+
+def decode_step(model, decoder, tok, mask, position, cache, keep) -> torch.Tensor:
+    """One decode forward: (b,) tokens, (b, ctx) mask, (b, 1) positions -> next-token logits (b, V)."""
+    if decoder is not None:
+        return decoder.step(tok, position, mask, cache)
+    out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position,
+                past_key_values=cache, use_cache=True, **keep)
+    return _upcast(out.logits[:, -1])
 
 
 def _prefill(model, rows, pad_token_id, device, keep, extra=0):
