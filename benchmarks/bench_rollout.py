@@ -1,7 +1,7 @@
 """Rollout throughput as training sees it, against this machine's decode roofline.
 
     python benchmarks/bench_rollout.py [--batches 8,16] [--new-tokens 48] [--calls 4] [--threads N]
-    python benchmarks/bench_rollout.py --decode forward   # every decode step through the model's forward
+    python benchmarks/bench_rollout.py --decode both   # + every decode step through the model's forward, paired
     python benchmarks/bench_rollout.py --tiny        # a tiny random model, 2 calls: checks the script runs
 
 1. This machine, now: memory bandwidth (best of several copies of a 256 MB tensor, bytes read +
@@ -136,34 +136,55 @@ def perturb_(model, scale: float = 1e-4) -> None:
             p.mul_(1.0 + scale * torch.randn_like(p))
 
 
+def one_call(model, tok, items, settings, probe: CallProbe, roof: DecodeRoofline, seed: int, lean: bool) -> dict:
+    llama_decode.LEAN_DECODE = lean
+    probe.reset()
+    t = time.perf_counter()
+    exp = rollout(model, items, settings, tok, seed=seed)
+    total = time.perf_counter() - t
+    return {"total": total, "decode": total - probe.times["pack"] - probe.times["prefill"],
+            "tokens": int(exp.response_mask.sum()), "steps": len(probe.steps),
+            "ideal": sum(roof.step_seconds(b, ctx) for b, ctx in probe.steps), "lean": probe.lean,
+            "ctx": statistics.mean(c for _, c in probe.steps) if probe.steps else 0, **probe.times}
+
+
 def measure(model, tok, prompts, probe: CallProbe, roof: DecodeRoofline, rows: int, new_tokens: int,
-            calls: int) -> dict:
+            calls: int, modes: list[bool]) -> tuple[list[dict], list[dict]]:
+    """Rows of the table (one per mode) and each call's figures per mode. With two modes, each
+    call runs both on the same prompts and weights, in alternating order."""
     settings = RolloutSection(n=1, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0)
-    per_call = []
+    per_call: list[dict] = []
     for call in range(calls + 1):  # call 0: warm-up
         start = (call * rows) % max(len(prompts) - rows, 1)
         items = prompts[start:start + rows]  # new prompts every call
         perturb_(model)
-        probe.reset()
-        t = time.perf_counter()
-        exp = rollout(model, items, settings, tok, seed=call)
-        total = time.perf_counter() - t
-        if call == 0:
-            continue
-        fixed = probe.times["pack"] + probe.times["prefill"]
-        decode = total - fixed
-        ideal = sum(roof.step_seconds(b, ctx) for b, ctx in probe.steps)
-        per_call.append({"total": total, "decode": decode, "tokens": int(exp.response_mask.sum()),
-                         "steps": len(probe.steps), "ideal": ideal, **probe.times})
-    m = {k: statistics.mean(c[k] for c in per_call) for k in per_call[0]}
-    ctx = int(statistics.mean(c for _, c in probe.steps)) if probe.steps else 0
-    full = rows / roof.step_seconds(rows, ctx)
-    return {"batch": rows, "decode": "lean" if probe.lean else "forward", "tokens/call": m["tokens"],
-            "decode steps": m["steps"], "s/call": m["total"],
-            "tokens/s": m["tokens"] / m["total"], "decode tokens/s": m["tokens"] / max(m["decode"], 1e-9),
-            "% of roofline": 100 * m["ideal"] / max(m["decode"], 1e-9),
-            "roofline tok/s": full, "bound": roof.bound(rows, ctx),
-            "pack s": m["pack"], "cache s": m["cache"], "prefill s": m["prefill"] - m["cache"]}
+        order = modes if call % 2 == 0 else modes[::-1]
+        got = {lean: one_call(model, tok, items, settings, probe, roof, call, lean) for lean in order}
+        if call > 0:
+            per_call.append(got)
+    table = []
+    for lean in modes:
+        cs = [c[lean] for c in per_call]
+        m = {k: statistics.mean(c[k] for c in cs) for k in ("total", "decode", "tokens", "steps", "ideal", "ctx",
+                                                            "pack", "cache", "prefill")}
+        table.append({"batch": rows, "decode": "lean" if cs[-1]["lean"] else "forward", "tokens/call": m["tokens"],
+                      "decode steps": m["steps"], "s/call": m["total"], "tokens/s": m["tokens"] / m["total"],
+                      "decode tokens/s": m["tokens"] / max(m["decode"], 1e-9),
+                      "% of roofline": 100 * m["ideal"] / max(m["decode"], 1e-9),
+                      "roofline tok/s": rows / roof.step_seconds(rows, int(m["ctx"])),
+                      "bound": roof.bound(rows, int(m["ctx"])),
+                      "pack s": m["pack"], "cache s": m["cache"], "prefill s": m["prefill"] - m["cache"]})
+    return table, per_call
+
+
+def ratios(rows: int, per_call: list[dict]) -> dict:
+    """forward / lean per call, the median over calls (pairs run back to back)."""
+    def med(key, per_token=False):
+        return statistics.median((c[False][key] / c[False]["steps"]) / (c[True][key] / c[True]["steps"])
+                                 if per_token else c[False][key] / c[True][key] for c in per_call)
+    return {"batch": rows, "decode time per step, forward / lean": med("decode", True),
+            "call time, forward / lean": med("total"), "pack, forward / lean": med("pack"),
+            "prefill, forward / lean": med("prefill")}
 
 
 def main() -> None:
@@ -173,9 +194,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--calls", type=int, default=4, help="timed calls per batch size (after one warm-up call)")
     ap.add_argument("--prompts", default="task:sentiment", help="prompt source (a task or a prompts file)")
-    ap.add_argument("--decode", choices=["lean", "forward"], default="lean",
+    ap.add_argument("--decode", choices=["lean", "forward", "both"], default="lean",
                     help="lean: the engine's default (`rollout.llama_decode` for Llama models); "
-                         "forward: every step through the model's own forward")
+                         "forward: every step through the model's own forward; both: the two, call by call")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model, 1 timed call per batch: checks the script")
     args = ap.parse_args()
@@ -191,20 +212,25 @@ def main() -> None:
     model = load_causal_lm(args.model)
     prompts, _ = load_prompt_items(args.prompts, tok, max_prompt_length=128)
     roof = DecodeRoofline(model, bandwidth, peak)
-    llama_decode.LEAN_DECODE = args.decode == "lean"
+    modes = {"lean": [True], "forward": [False], "both": [True, False]}[args.decode]
     probe = CallProbe()
     print(f"model {args.model} (fp32, {roof.matrix_params / 1e6:.0f}M matrix parameters = "
           f"{roof.matrix_params * 4 / 1e6:.0f} MB read per decode step) | {torch.get_num_threads()} threads")
     print(f"memory bandwidth (copy, read + write): {bandwidth:.1f} GB/s | fp32 matmul peak: {peak:.1f} GFLOP/s")
     print(f"weights alone: {roof.matrix_params * 4 / bandwidth / 1e6:.1f} ms per decode step at this bandwidth")
-    rows = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls)
-            for b in args.batches.split(",")]
+    results = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls, modes)
+               for b in args.batches.split(",")]
+    rows = [r for table, _ in results for r in table]
     print(f"\nrollout: {args.new_tokens} new tokens max, temperature 1, EOS stopping, new prompts and changed "
           f"weights every call; mean of {args.calls} calls after a warm-up")
     print(fmt_table(rows, list(rows[0])))
     print("tokens/s: generated tokens / whole call | decode tokens/s: / the call less packing and prefill | "
           "% of roofline: the decode steps' roofline time / their measured time | roofline tok/s: all rows "
           "decoding at the mean context")
+    if len(modes) == 2:
+        pairs = [ratios(int(b), per_call) for b, (_, per_call) in zip(args.batches.split(","), results)]
+        print("\nthe two paths call by call (same prompts and weights, back to back), median over calls:")
+        print(fmt_table(pairs, list(pairs[0])))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ class Decoder:
 
 
 LEAN_MERGED = {"linear q_proj": "linear qkv", "linear k_proj": "linear qkv", "linear v_proj": "linear qkv",
-               "linear gate_proj": "linear gate+up", "linear up_proj": "linear gate+up"}
+               "linear gate_proj": "linear gate, up", "linear up_proj": "linear gate, up"}
 
 
 def rooflines(model, b: int, ctx: int, bw: float, peak: float, lean: bool) -> dict[str, float]:
@@ -176,7 +176,7 @@ def _lean_shapes(model) -> dict[tuple, str]:
     c = model.config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     H, nh, nkv, inter = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size
-    return {((nh + 2 * nkv) * hd, H): "linear qkv", (H, nh * hd): "linear o_proj", (2 * inter, H): "linear gate+up",
+    return {((nh + 2 * nkv) * hd, H): "linear qkv", (H, nh * hd): "linear o_proj", (inter, H): "linear gate, up",
             (H, inter): "linear down_proj", (c.vocab_size, H): "linear lm_head"}
 
 
