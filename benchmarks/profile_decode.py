@@ -135,7 +135,7 @@ class Decoder:
     def __init__(self, model, rows, pad_token_id, room: int, decoder=None, seed: int = 0):
         self.model, self.keep, self.decoder = model, {"logits_to_keep": 1}, decoder
         self.logits, self.cache, mask = engine._prefill(model, rows, pad_token_id, torch.device("cpu"),
-                                                        self.keep, extra=room)
+                                                        self.keep, extra=room, decoder=decoder)
         self.K = mask.shape[1]
         self.attn = torch.cat([mask, mask.new_ones(len(rows), room)], dim=1)
         self.pos = mask.sum(-1, keepdim=True)

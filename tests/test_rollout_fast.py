@@ -137,3 +137,14 @@ def test_short_calls_and_fallback_keep_the_model_forward(model, prompts, monkeyp
     monkeypatch.setattr(llama_decode, "LEAN_DECODE", False)
     with torch.inference_mode(), engine.decode_weights(model, 4, 40) as decoder:
         assert decoder is None
+
+
+@pytest.mark.parametrize("which", ["plain", "lora"])
+def test_prefill_of_a_shared_prefix_equals_the_model_forward(which, model, lora_model, tokenizer, monkeypatch):
+    """A prefix common to every prompt is prefilled once, then the left-padded suffixes after it."""
+    m = model if which == "plain" else lora_model
+    prefix = tokenizer.encode("You are a helpful assistant. Answer briefly.")
+    prompts = [prefix + tokenizer.encode(t) for t in ["Hi", "What is the capital of France", "Tell me a story"]]
+    lean, ref = _both(monkeypatch, m, prompts, n=2)
+    _assert_same(lean, ref)
+    torch.testing.assert_close(lean.logprobs, _fresh_logprobs(m, lean), atol=1e-4, rtol=0)

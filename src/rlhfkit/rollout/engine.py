@@ -156,7 +156,7 @@ def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, 
 
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     # (B, V) logits, a cache with room for every response token, (B, K) mask
-    logits, cache, mask = _prefill(model, rows, pad_token_id, device, keep, extra=max_new_tokens)
+    logits, cache, mask = _prefill(model, rows, pad_token_id, device, keep, extra=max_new_tokens, decoder=decoder)
     logps = torch.zeros((B, max_new_tokens), dtype=logits.dtype, device=device) if return_logprobs else None
     K = mask.shape[1]
     # Allocated once; step t attends to attn[:, :K+t+1]. Finished rows keep feeding pad tokens with
@@ -203,7 +203,7 @@ def decode_step(model, decoder, tok, mask, position, cache, keep) -> torch.Tenso
     return _upcast(out.logits[:, -1])
 
 
-def _prefill(model, rows, pad_token_id, device, keep, extra=0):
+def _prefill(model, rows, pad_token_id, device, keep, extra=0, decoder=None):
     """Run the prompts through the model once, sharing work between rows.
 
     Two savings, both exact up to float rounding (attention sees the same keys at the same
@@ -225,22 +225,28 @@ def _prefill(model, rows, pad_token_id, device, keep, extra=0):
     L = _common_prefix_len(prompts) if U > 1 and can_copy else 0
     L = min(L, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 suffix token for its logits
     if L > 0:
-        model(input_ids=torch.tensor([prompts[0][:L]], device=device), position_ids=torch.arange(L, device=device)[None],
-              past_key_values=cache, use_cache=True, **keep)
+        _prefill_forward(model, decoder, torch.tensor([prompts[0][:L]], device=device), None,
+                         torch.arange(L, device=device)[None], cache, keep)
         cache.batch_select_indices(torch.zeros(U, dtype=torch.long, device=device))
     if not can_copy:  # caches without row selection: no deduplication either
         prompts, row_to_u, U = [list(r) for r in rows], torch.arange(len(rows), device=device), len(rows)
     ids, smask = left_pad([p[L:] for p in prompts], pad_token_id, device)  # (U, S)
     mask = torch.cat([smask.new_ones(U, L), smask], dim=1)  # (U, L+S)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, L:],
-                past_key_values=cache, use_cache=True, **keep)
-    logits = _upcast(out.logits[:, -1])  # (U, V)
+    logits = _prefill_forward(model, decoder, ids, mask, position_ids_from_mask(mask)[:, L:], cache, keep)  # (U, V)
     select = None
     if U != len(rows):
         select = row_to_u
         logits, mask = logits[row_to_u], mask[row_to_u]
     preallocate(cache, select, extra)
     return logits, cache, mask
+
+
+def _prefill_forward(model, decoder, ids, mask, position, cache, keep) -> torch.Tensor:
+    """(b, S) prompt tokens after what `cache` holds -> next-token logits (b, V) of the last one."""
+    if decoder is not None:
+        return decoder.prefill(ids, position, mask, cache)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True, **keep)
+    return _upcast(out.logits[:, -1])
 
 
 def _common_prefix_len(seqs) -> int:

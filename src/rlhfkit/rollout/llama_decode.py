@@ -165,3 +165,29 @@ class LlamaDecoder:
             h = F.rms_norm(x, (H,), ln2, self.eps)
             x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
         return self.head(F.rms_norm(x, (H,), self.final_norm, self.eps))
+
+    def prefill(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """(b, S) tokens at positions (b, S) after what `cache` holds, attention mask (b, ctx) over
+        the cache plus them (None: all 1) -> next-token logits (b, V) of the last position. Causal
+        within the S tokens; appends their keys and values to `cache` (any transformers Cache)."""
+        (b, S), H, hd, nh, nkv = ids.shape, self.H, self.hd, self.nh, self.nkv
+        g, ctx = nh // nkv, cache.get_seq_length() + S
+        x = F.embedding(ids, self.embed).view(b * S, H)
+        cos, sin = self.rotary(x.view(b, S, H), position)  # (b, S, hd) each
+        cos, sin = cos[:, :, None], (sin * self.sign)[:, :, None]
+        allowed = torch.arange(ctx) <= torch.arange(ctx - S, ctx)[:, None]  # (S, ctx) causal
+        allowed = allowed & (mask[:, None, :] != 0) if mask is not None else allowed.expand(b, S, ctx)
+        bias = torch.zeros((b, S, ctx), dtype=x.dtype).masked_fill_(~allowed, torch.finfo(x.dtype).min)
+        bias = bias[:, None, None].expand(b, 1, g, S, ctx).reshape(b, 1, g * S, ctx)
+        for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
+            qkv = qkv_proj(F.rms_norm(x, (H,), ln1, self.eps)).view(b, S, nh + 2 * nkv, hd)
+            qk = qkv[:, :, :nh + nkv]
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin  # (b, S, nh + nkv, hd)
+            q = qk[:, :, :nh].reshape(b, S, nkv, g, hd).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * S, hd)
+            keys, values = cache.update(qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2), i)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias)  # (b, nkv, g S, ctx)
+            attn = torch.matmul(scores.softmax(-1), values).view(b, nkv, g, S, hd).permute(0, 3, 1, 2, 4)
+            x = x + o_proj(attn.reshape(b * S, nh * hd))
+            h = F.rms_norm(x, (H,), ln2, self.eps)
+            x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
+        return self.head(F.rms_norm(x.view(b, S, H)[:, -1], (H,), self.final_norm, self.eps))
