@@ -148,3 +148,13 @@ def test_prefill_of_a_shared_prefix_equals_the_model_forward(which, model, lora_
     lean, ref = _both(monkeypatch, m, prompts, n=2)
     _assert_same(lean, ref)
     torch.testing.assert_close(lean.logprobs, _fresh_logprobs(m, lean), atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_input_hook_does_not_turn_the_lean_path_off(tokenizer):
+    from rlhfkit.models.lora import enable_gradient_checkpointing
+
+    m = tiny_causal_lm(tokenizer, seed=2)
+    enable_gradient_checkpointing(m)
+    m.eval()
+    with torch.inference_mode():
+        assert llama_decode.LlamaDecoder.build(m, 4) is not None

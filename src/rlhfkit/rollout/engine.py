@@ -13,13 +13,16 @@ Speed on CPU: the prompt is prefilled in one pass with logits for the last posit
 (`logits_to_keep=1`: the LM head over every prompt position is wasted work); each decode step is
 one forward of a (B, 1) batch; all per-step bookkeeping is vectorised over rows; the attention
 mask is allocated once and sliced; identical prompts and the prefix common to all prompts are
-prefilled once (`_prefill`); rows that finished are dropped from the batch. Measured at batch 16
-on the default model (benchmarks/bench_generate.py), almost all of a decode step is the model's
-matrix multiplies, so three things matter: the float32 linear layers run with weights packed once
-per call (`cpu_linears.packed_linears`, ~1.7x faster than torch's default kernel at a few rows);
-the KV cache is written in place into buffers sized for the whole response (`kv_cache`) instead of
-being re-concatenated per layer per token; and sampling plus the token's log-prob take a few
-passes over the logits, without (B, V) allocations (`sampler.Sampler`).
+prefilled once (`_prefill`); rows that finished are dropped from the batch. The weights are
+prepared once per call (`decode_weights`): for a plain or peft-LoRA Llama in float32,
+`llama_decode.LlamaDecoder` runs the prefill and every decode step itself, with q/k/v fused, all
+matrices packed for oneDNN and LoRA merged in, and no per-step transformers machinery (1.1-1.3x
+faster per decode step than the model's forward, docs/benchmarks.md); any other model runs its
+own forward with its float32 linear layers packed for the call (`cpu_linears.packed_linears`,
+~1.7x faster than torch's default kernel at a few rows). The KV cache is written in place into
+buffers sized for the whole response (`kv_cache`) instead of being re-concatenated per layer per
+token; and sampling plus the token's log-prob take a few passes over the logits, without (B, V)
+allocations (`sampler.Sampler`).
 """
 
 from __future__ import annotations

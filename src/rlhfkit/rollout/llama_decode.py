@@ -58,7 +58,7 @@ class _Linear:
 def effective_weight(m: nn.Module) -> torch.Tensor | None:
     """The (out, in) matrix a bias-free linear module applies: an nn.Linear's weight, or a peft LoRA
     Linear's base weight plus its active adapters' deltas. None for anything else."""
-    if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
+    if "forward" in m.__dict__ or _hooked(m):
         return None
     if type(m) is nn.Linear:
         return m.weight.detach() if m.bias is None else None
@@ -89,8 +89,19 @@ def _plain_llama(model) -> LlamaForCausalLM | None:
     p = base.lm_head.weight
     if not ok or p.dtype != torch.float32 or p.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return None
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    hooked = any(_hooked(m) for m in model.modules())
     return None if hooked or nn.modules.module._global_forward_hooks else base
+
+
+# transformers' enable_input_require_grads hook (gradient checkpointing) only marks the embedding
+# output as requiring grad: no effect on values, none under inference mode
+GRAD_ONLY_HOOKS = ("make_inputs_require_grads",)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether `m` has forward hooks that could change values (the lean step would skip them)."""
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    return any(getattr(h, "__name__", "") not in GRAD_ONLY_HOOKS for h in hooks)
 
 
 class LlamaDecoder:
