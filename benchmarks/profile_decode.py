@@ -167,7 +167,8 @@ def rooflines(model, b: int, ctx: int, bw: float, peak: float, lean: bool) -> di
     c = model.config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_bytes = 4 * b * ctx * 2 * c.num_hidden_layers * c.num_key_value_heads * hd
-    out["attention sdpa"] = 1e3 * max(kv_bytes / bw, b * ctx * 4 * c.num_hidden_layers * c.num_attention_heads * hd / peak)
+    attn_flops = b * ctx * 4 * c.num_hidden_layers * c.num_attention_heads * hd
+    out["attention sdpa"] = 1e3 * max(kv_bytes / bw, attn_flops / peak)
     return out
 
 

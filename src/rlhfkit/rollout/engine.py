@@ -248,7 +248,8 @@ def _prefill_forward(model, decoder, ids, mask, position, cache, keep) -> torch.
     """(b, S) prompt tokens after what `cache` holds -> next-token logits (b, V) of the last one."""
     if decoder is not None:
         return decoder.prefill(ids, position, mask, cache)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True, **keep)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+                **keep)
     return _upcast(out.logits[:, -1])
 
 

@@ -1,4 +1,4 @@
-"""A lean decode step for Llama models on CPU: fused, pre-packed weights and no per-step HF machinery.
+"""A lean prefill and decode step for Llama models on CPU: fused, pre-packed weights, no HF machinery.
 
 A decode step of a small model at 8-16 rows is many small operations: per layer three projections
 for q, k and v, two for the MLP's gate and up, the norms, rotary embedding, the cache update and
@@ -13,12 +13,15 @@ branches). `LlamaDecoder` runs the same arithmetic with fewer, larger kernels:
 - per step, the rotary cos/sin (the model's own rotary module) and the additive attention mask
   are computed once for all layers; q and k are rotated together; attention over the
   preallocated KV cache (`kv_cache`) is two batched products per layer with the query heads of a
-  KV head grouped (no repeated keys); norms are one kernel each.
+  KV head grouped (no repeated keys); norms are one kernel each;
+- the prefill (`prefill`: several tokens per row, causal and padding mask) runs on the same packed
+  weights, so a call packs once (the model's forward would run its unpacked weights, or pack them
+  a second time).
 
 Outputs equal the transformers forward up to float32 rounding (tests/test_rollout_fast.py). Only
-plain or peft-LoRA-wrapped `LlamaForCausalLM` in float32 on CPU, with default RoPE scaling
-handled by the model's rotary module, no biases, SiLU MLP, and no forward hooks (their effect
-would be skipped) take this path; `LlamaDecoder.build` returns None for anything else and the
+plain or peft-LoRA-wrapped `LlamaForCausalLM` in float32 on CPU, with default RoPE, no biases,
+SiLU MLP, sdpa or eager attention and no forward hooks (their effect would be skipped; the
+gradient-only hook of gradient checkpointing excepted) take this path; `LlamaDecoder.build` returns None for anything else and the
 engine uses the model's forward.
 """
 
@@ -163,7 +166,8 @@ class LlamaDecoder:
         cos, sin = self.rotary(x, position)  # (b, 1, hd) each
         sin = sin * self.sign  # rotate_half(x) * sin == roll(x, hd/2) * (sign * sin)
         # the most negative finite value, as transformers uses: exp() of it is 0 next to any real score
-        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]
+        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(mask == 0, torch.finfo(x.dtype).min)
+        bias = bias[:, None, None, :]
         for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
             qkv = qkv_proj(F.rms_norm(x, (H,), ln1, self.eps))  # (b, (nh + 2 nkv) hd)
             qk = qkv[:, :(nh + nkv) * hd].view(b, nh + nkv, hd)
