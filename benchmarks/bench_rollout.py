@@ -1,6 +1,7 @@
 """Rollout throughput as training sees it, against this machine's decode roofline.
 
     python benchmarks/bench_rollout.py [--batches 8,16] [--new-tokens 48] [--calls 4] [--threads N]
+    python benchmarks/bench_rollout.py --decode both   # + every decode step through the model's forward, paired
     python benchmarks/bench_rollout.py --tiny        # a tiny random model, 2 calls: checks the script runs
 
 1. This machine, now: memory bandwidth (best of several copies of a 256 MB tensor, bytes read +
@@ -16,9 +17,10 @@
    cached from the previous call's weights can be reused. The first call is a warm-up.
 
 Printed per batch size: generated tokens/s over the whole call and over decoding alone, the decode
-phase as % of its roofline, and the per-call fixed costs: weight packing for the CPU linears
-(`rollout.cpu_linears.packed_linears`), KV-cache allocation (`rollout.kv_cache.preallocate`) and
-prefill (the prompts' forward, `rollout.engine._prefill`, allocation excluded).
+phase as % of its roofline, and the per-call fixed costs: weight packing
+(`rollout.engine.decode_weights`: the lean Llama decoder's fused weights, `rollout.llama_decode`,
+or else the model's own linears, `rollout.cpu_linears`), KV-cache allocation
+(`rollout.kv_cache.preallocate`) and prefill (the prompts' forward, `rollout.engine._prefill`, allocation excluded).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from common import fmt_table, matmul_peak_gflops, tiny_model_dir  # noqa: E402
 
 from rlhfkit.config import RolloutSection  # noqa: E402
 from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer  # noqa: E402
-from rlhfkit.rollout import engine, load_prompt_items  # noqa: E402
+from rlhfkit.rollout import engine, llama_decode, load_prompt_items  # noqa: E402
 from rlhfkit.rollout.sampling import rollout  # noqa: E402
 
 
@@ -80,22 +82,23 @@ class DecodeRoofline:
 
 class CallProbe:
     """Times the fixed costs inside one `rollout` call and records every decode step's rows and
-    context, by wrapping the engine's packing, prefill and cache allocation, and the model's forward."""
+    context, by wrapping the engine's weight preparation, prefill, cache allocation and decode step."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self):
         self.reset()
-        orig_pack, orig_prefill, orig_prealloc = engine.packed_linears, engine._prefill, engine.preallocate
+        orig_prep, orig_prefill, orig_prealloc, orig_step = (engine.decode_weights, engine._prefill,
+                                                             engine.preallocate, engine.decode_step)
         probe = self
 
         @contextlib.contextmanager
-        def packed_linears(*a, **k):
+        def decode_weights(*a, **k):
             t = time.perf_counter()
-            ctx = orig_pack(*a, **k)
-            ctx.__enter__()
+            ctx = orig_prep(*a, **k)
+            decoder = ctx.__enter__()
             probe.times["pack"] += time.perf_counter() - t
+            probe.lean = decoder is not None
             try:
-                yield
+                yield decoder
             finally:
                 t = time.perf_counter()
                 ctx.__exit__(None, None, None)
@@ -105,7 +108,6 @@ class CallProbe:
             t = time.perf_counter()
             out = orig_prefill(*a, **k)
             probe.times["prefill"] += time.perf_counter() - t
-            probe.in_prefill = False
             return out
 
         def preallocate(*a, **k):
@@ -114,18 +116,17 @@ class CallProbe:
             probe.times["cache"] += time.perf_counter() - t
             return out
 
-        engine.packed_linears, engine._prefill, engine.preallocate = packed_linears, prefill, preallocate
-        model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        def decode_step(model, decoder, tok, mask, *a, **k):
+            probe.steps.append((tok.shape[0], mask.shape[1]))
+            return orig_step(model, decoder, tok, mask, *a, **k)
+
+        engine.decode_weights, engine._prefill, engine.preallocate = decode_weights, prefill, preallocate
+        engine.decode_step = decode_step
 
     def reset(self) -> None:
         self.times = {"pack": 0.0, "prefill": 0.0, "cache": 0.0}
         self.steps: list[tuple[int, int]] = []  # (rows, context) of each decode forward
-        self.in_prefill = True
-
-    def _on_forward(self, module, args, kwargs):
-        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        if not self.in_prefill and ids is not None and ids.shape[1] == 1:
-            self.steps.append((ids.shape[0], mask.shape[1] if mask is not None else 0))
+        self.lean = False
 
 
 def perturb_(model, scale: float = 1e-4) -> None:
@@ -135,34 +136,55 @@ def perturb_(model, scale: float = 1e-4) -> None:
             p.mul_(1.0 + scale * torch.randn_like(p))
 
 
+def one_call(model, tok, items, settings, probe: CallProbe, roof: DecodeRoofline, seed: int, lean: bool) -> dict:
+    llama_decode.LEAN_DECODE = lean
+    probe.reset()
+    t = time.perf_counter()
+    exp = rollout(model, items, settings, tok, seed=seed)
+    total = time.perf_counter() - t
+    return {"total": total, "decode": total - probe.times["pack"] - probe.times["prefill"],
+            "tokens": int(exp.response_mask.sum()), "steps": len(probe.steps),
+            "ideal": sum(roof.step_seconds(b, ctx) for b, ctx in probe.steps), "lean": probe.lean,
+            "ctx": statistics.mean(c for _, c in probe.steps) if probe.steps else 0, **probe.times}
+
+
 def measure(model, tok, prompts, probe: CallProbe, roof: DecodeRoofline, rows: int, new_tokens: int,
-            calls: int) -> dict:
+            calls: int, modes: list[bool]) -> tuple[list[dict], list[dict]]:
+    """Rows of the table (one per mode) and each call's figures per mode. With two modes, each
+    call runs both on the same prompts and weights, in alternating order."""
     settings = RolloutSection(n=1, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0)
-    per_call = []
+    per_call: list[dict] = []
     for call in range(calls + 1):  # call 0: warm-up
         start = (call * rows) % max(len(prompts) - rows, 1)
         items = prompts[start:start + rows]  # new prompts every call
         perturb_(model)
-        probe.reset()
-        probe.in_prefill = True
-        t = time.perf_counter()
-        exp = rollout(model, items, settings, tok, seed=call)
-        total = time.perf_counter() - t
-        if call == 0:
-            continue
-        fixed = probe.times["pack"] + probe.times["prefill"]
-        decode = total - fixed
-        ideal = sum(roof.step_seconds(b, ctx) for b, ctx in probe.steps)
-        per_call.append({"total": total, "decode": decode, "tokens": int(exp.response_mask.sum()),
-                         "steps": len(probe.steps), "ideal": ideal, **probe.times})
-    m = {k: statistics.mean(c[k] for c in per_call) for k in per_call[0]}
-    ctx = int(statistics.mean(c for _, c in probe.steps)) if probe.steps else 0
-    full = rows / roof.step_seconds(rows, ctx)
-    return {"batch": rows, "tokens/call": m["tokens"], "decode steps": m["steps"], "s/call": m["total"],
-            "tokens/s": m["tokens"] / m["total"], "decode tokens/s": m["tokens"] / max(m["decode"], 1e-9),
-            "% of roofline": 100 * m["ideal"] / max(m["decode"], 1e-9),
-            "roofline tok/s": full, "bound": roof.bound(rows, ctx),
-            "pack s": m["pack"], "cache s": m["cache"], "prefill s": m["prefill"] - m["cache"]}
+        order = modes if call % 2 == 0 else modes[::-1]
+        got = {lean: one_call(model, tok, items, settings, probe, roof, call, lean) for lean in order}
+        if call > 0:
+            per_call.append(got)
+    table = []
+    for lean in modes:
+        cs = [c[lean] for c in per_call]
+        m = {k: statistics.mean(c[k] for c in cs) for k in ("total", "decode", "tokens", "steps", "ideal", "ctx",
+                                                            "pack", "cache", "prefill")}
+        table.append({"batch": rows, "decode": "lean" if cs[-1]["lean"] else "forward", "tokens/call": m["tokens"],
+                      "decode steps": m["steps"], "s/call": m["total"], "tokens/s": m["tokens"] / m["total"],
+                      "decode tokens/s": m["tokens"] / max(m["decode"], 1e-9),
+                      "% of roofline": 100 * m["ideal"] / max(m["decode"], 1e-9),
+                      "roofline tok/s": rows / roof.step_seconds(rows, int(m["ctx"])),
+                      "bound": roof.bound(rows, int(m["ctx"])),
+                      "pack s": m["pack"], "cache s": m["cache"], "prefill s": m["prefill"] - m["cache"]})
+    return table, per_call
+
+
+def ratios(rows: int, per_call: list[dict]) -> dict:
+    """forward / lean per call, the median over calls (pairs run back to back)."""
+    def med(key, per_token=False):
+        return statistics.median((c[False][key] / c[False]["steps"]) / (c[True][key] / c[True]["steps"])
+                                 if per_token else c[False][key] / c[True][key] for c in per_call)
+    return {"batch": rows, "decode time per step, forward / lean": med("decode", True),
+            "call time, forward / lean": med("total"), "pack, forward / lean": med("pack"),
+            "prefill, forward / lean": med("prefill")}
 
 
 def main() -> None:
@@ -172,6 +194,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--calls", type=int, default=4, help="timed calls per batch size (after one warm-up call)")
     ap.add_argument("--prompts", default="task:sentiment", help="prompt source (a task or a prompts file)")
+    ap.add_argument("--decode", choices=["lean", "forward", "both"], default="lean",
+                    help="lean: the engine's default (`rollout.llama_decode` for Llama models); "
+                         "forward: every step through the model's own forward; both: the two, call by call")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model, 1 timed call per batch: checks the script")
     args = ap.parse_args()
@@ -187,19 +212,25 @@ def main() -> None:
     model = load_causal_lm(args.model)
     prompts, _ = load_prompt_items(args.prompts, tok, max_prompt_length=128)
     roof = DecodeRoofline(model, bandwidth, peak)
-    probe = CallProbe(model)
+    modes = {"lean": [True], "forward": [False], "both": [True, False]}[args.decode]
+    probe = CallProbe()
     print(f"model {args.model} (fp32, {roof.matrix_params / 1e6:.0f}M matrix parameters = "
           f"{roof.matrix_params * 4 / 1e6:.0f} MB read per decode step) | {torch.get_num_threads()} threads")
     print(f"memory bandwidth (copy, read + write): {bandwidth:.1f} GB/s | fp32 matmul peak: {peak:.1f} GFLOP/s")
     print(f"weights alone: {roof.matrix_params * 4 / bandwidth / 1e6:.1f} ms per decode step at this bandwidth")
-    rows = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls)
-            for b in args.batches.split(",")]
+    results = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls, modes)
+               for b in args.batches.split(",")]
+    rows = [r for table, _ in results for r in table]
     print(f"\nrollout: {args.new_tokens} new tokens max, temperature 1, EOS stopping, new prompts and changed "
           f"weights every call; mean of {args.calls} calls after a warm-up")
     print(fmt_table(rows, list(rows[0])))
     print("tokens/s: generated tokens / whole call | decode tokens/s: / the call less packing and prefill | "
           "% of roofline: the decode steps' roofline time / their measured time | roofline tok/s: all rows "
           "decoding at the mean context")
+    if len(modes) == 2:
+        pairs = [ratios(int(b), per_call) for b, (_, per_call) in zip(args.batches.split(","), results)]
+        print("\nthe two paths call by call (same prompts and weights, back to back), median over calls:")
+        print(fmt_table(pairs, list(pairs[0])))
 
 
 if __name__ == "__main__":

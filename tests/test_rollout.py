@@ -326,6 +326,8 @@ def test_packed_linears_match_default_kernels_and_are_removed(model, prompts, mo
     import importlib
 
     gen_module = importlib.import_module("rlhfkit.rollout.cpu_linears")
+    # the fallback of models the lean Llama decoder does not run (tests/test_rollout_fast.py)
+    monkeypatch.setattr(importlib.import_module("rlhfkit.rollout.llama_decode"), "LEAN_DECODE", False)
     packed = _gen(model, prompts, n=2, temperature=0, max_new_tokens=10)
     assert not any("forward" in m.__dict__ for m in model.modules())  # the model is left as it was
     monkeypatch.setattr(gen_module, "PACK_CPU_LINEARS", False)

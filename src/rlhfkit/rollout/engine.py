@@ -13,17 +13,21 @@ Speed on CPU: the prompt is prefilled in one pass with logits for the last posit
 (`logits_to_keep=1`: the LM head over every prompt position is wasted work); each decode step is
 one forward of a (B, 1) batch; all per-step bookkeeping is vectorised over rows; the attention
 mask is allocated once and sliced; identical prompts and the prefix common to all prompts are
-prefilled once (`_prefill`); rows that finished are dropped from the batch. Measured at batch 16
-on the default model (benchmarks/bench_generate.py), almost all of a decode step is the model's
-matrix multiplies, so three things matter: the float32 linear layers run with weights packed once
-per call (`cpu_linears.packed_linears`, ~1.7x faster than torch's default kernel at a few rows);
-the KV cache is written in place into buffers sized for the whole response (`kv_cache`) instead of
-being re-concatenated per layer per token; and sampling plus the token's log-prob take a few
-passes over the logits, without (B, V) allocations (`sampler.Sampler`).
+prefilled once (`_prefill`); rows that finished are dropped from the batch. The weights are
+prepared once per call (`decode_weights`): for a plain or peft-LoRA Llama in float32,
+`llama_decode.LlamaDecoder` runs the prefill and every decode step itself, with q/k/v fused, all
+matrices packed for oneDNN and LoRA merged in, and no per-step transformers machinery (1.1-1.3x
+faster per decode step than the model's forward, docs/benchmarks.md); any other model runs its
+own forward with its float32 linear layers packed for the call (`cpu_linears.packed_linears`,
+~1.7x faster than torch's default kernel at a few rows). The KV cache is written in place into
+buffers sized for the whole response (`kv_cache`) instead of being re-concatenated per layer per
+token; and sampling plus the token's log-prob take a few passes over the logits, without (B, V)
+allocations (`sampler.Sampler`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import replace
@@ -34,6 +38,7 @@ from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout.cpu_linears import packed_linears
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.kv_cache import new_cache, preallocate
+from rlhfkit.rollout.llama_decode import LlamaDecoder
 from rlhfkit.rollout.sampler import Sampler
 
 
@@ -84,14 +89,14 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), packed_linears(model, min(mbs, len(rows)), n_forwards):
+        with torch.inference_mode(), decode_weights(model, min(mbs, len(rows)), n_forwards) as decoder:
             parts = []
             for start in range(0, len(rows), mbs):
                 chunk = rows[start:start + mbs]
                 resp, logp, eos = _sample(
                     model, chunk, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
                     temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                    return_logprobs=return_logprobs,
+                    return_logprobs=return_logprobs, decoder=decoder,
                 )
                 resp_mask = response_mask(resp, eos_ids)
                 ids, mask = left_pad(chunk, pad_token_id, device)
@@ -130,8 +135,21 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device=None) -> t
     return ids.to(device), mask.to(device)
 
 
+@contextlib.contextmanager
+def decode_weights(model, rows: int, steps: int):
+    """Prepare the weights once for a call of `steps` decode forwards of up to `rows` rows: a
+    `LlamaDecoder` (fused, packed, LoRA merged) when the model is one it runs, yielded; otherwise
+    the model's own linear layers packed for the call (`packed_linears`), and None yielded."""
+    decoder = LlamaDecoder.build(model, rows) if steps >= 8 else None
+    if decoder is not None:
+        yield decoder
+    else:
+        with packed_linears(model, rows, steps):
+            yield None
+
+
 def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, top_p, top_k,
-            generator, return_logprobs):
+            generator, return_logprobs, decoder=None):
     """The decode loop for one micro-batch: B prompts -> (B, R) tokens, (B, R) logprobs, (B,) eos."""
     B, device = len(rows), eos_ids.device
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -141,7 +159,7 @@ def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, 
 
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     # (B, V) logits, a cache with room for every response token, (B, K) mask
-    logits, cache, mask = _prefill(model, rows, pad_token_id, device, keep, extra=max_new_tokens)
+    logits, cache, mask = _prefill(model, rows, pad_token_id, device, keep, extra=max_new_tokens, decoder=decoder)
     logps = torch.zeros((B, max_new_tokens), dtype=logits.dtype, device=device) if return_logprobs else None
     K = mask.shape[1]
     # Allocated once; step t attends to attn[:, :K+t+1]. Finished rows keep feeding pad tokens with
@@ -152,6 +170,7 @@ def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, 
     alive = torch.arange(B, device=device)  # (b,) original row of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) emitted EOS, not yet dropped
     can_drop = hasattr(cache, "batch_select_indices")
+    decoder = decoder if decoder is not None and decoder.accepts(cache) else None
     sampler = Sampler(temperature, top_p, top_k, generator)
     steps = 0
     for t in range(max_new_tokens):
@@ -172,16 +191,22 @@ def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, 
             cache.batch_select_indices(keep_rows)
             alive, attn, next_pos, tok = alive[keep_rows], attn[keep_rows], next_pos[keep_rows], tok[keep_rows]
             finished = finished[keep_rows]
-        out = model(input_ids=tok[:, None], attention_mask=attn[:, :K + t + 1], position_ids=next_pos + t,
-                    past_key_values=cache, use_cache=True, **keep)
-        logits = _upcast(out.logits[:, -1])  # (b, V)
-        del out
+        logits = decode_step(model, decoder, tok, attn[:, :K + t + 1], next_pos + t, cache, keep)  # (b, V)
     tokens = tokens[:, :steps]
     done = torch.isin(tokens, eos_ids).any(-1)
     return tokens, (logps[:, :steps] if logps is not None else None), done
 
 
-def _prefill(model, rows, pad_token_id, device, keep, extra=0):
+def decode_step(model, decoder, tok, mask, position, cache, keep) -> torch.Tensor:
+    """One decode forward: (b,) tokens, (b, ctx) mask, (b, 1) positions -> next-token logits (b, V)."""
+    if decoder is not None:
+        return decoder.step(tok, position, mask, cache)
+    out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position,
+                past_key_values=cache, use_cache=True, **keep)
+    return _upcast(out.logits[:, -1])
+
+
+def _prefill(model, rows, pad_token_id, device, keep, extra=0, decoder=None):
     """Run the prompts through the model once, sharing work between rows.
 
     Two savings, both exact up to float rounding (attention sees the same keys at the same
@@ -203,22 +228,29 @@ def _prefill(model, rows, pad_token_id, device, keep, extra=0):
     L = _common_prefix_len(prompts) if U > 1 and can_copy else 0
     L = min(L, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 suffix token for its logits
     if L > 0:
-        model(input_ids=torch.tensor([prompts[0][:L]], device=device), position_ids=torch.arange(L, device=device)[None],
-              past_key_values=cache, use_cache=True, **keep)
+        _prefill_forward(model, decoder, torch.tensor([prompts[0][:L]], device=device), None,
+                         torch.arange(L, device=device)[None], cache, keep)
         cache.batch_select_indices(torch.zeros(U, dtype=torch.long, device=device))
     if not can_copy:  # caches without row selection: no deduplication either
         prompts, row_to_u, U = [list(r) for r in rows], torch.arange(len(rows), device=device), len(rows)
     ids, smask = left_pad([p[L:] for p in prompts], pad_token_id, device)  # (U, S)
     mask = torch.cat([smask.new_ones(U, L), smask], dim=1)  # (U, L+S)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, L:],
-                past_key_values=cache, use_cache=True, **keep)
-    logits = _upcast(out.logits[:, -1])  # (U, V)
+    logits = _prefill_forward(model, decoder, ids, mask, position_ids_from_mask(mask)[:, L:], cache, keep)  # (U, V)
     select = None
     if U != len(rows):
         select = row_to_u
         logits, mask = logits[row_to_u], mask[row_to_u]
     preallocate(cache, select, extra)
     return logits, cache, mask
+
+
+def _prefill_forward(model, decoder, ids, mask, position, cache, keep) -> torch.Tensor:
+    """(b, S) prompt tokens after what `cache` holds -> next-token logits (b, V) of the last one."""
+    if decoder is not None:
+        return decoder.prefill(ids, position, mask, cache)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
+                **keep)
+    return _upcast(out.logits[:, -1])
 
 
 def _common_prefix_len(seqs) -> int:

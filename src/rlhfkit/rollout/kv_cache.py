@@ -53,6 +53,11 @@ def preallocate(cache, select: torch.Tensor | None, extra: int) -> None:
             layer.batch_select_indices(select)
 
 
+def is_preallocated(layer) -> bool:
+    """Whether a cache layer is one `preallocate` made (its `update` writes in place)."""
+    return check_transformers() and type(layer) is _preallocated_layer_class()
+
+
 @functools.cache
 def _preallocated_layer_class():
     class _PreallocatedLayer(DynamicLayer):

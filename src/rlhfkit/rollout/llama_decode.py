@@ -1,0 +1,208 @@
+"""A lean prefill and decode step for Llama models on CPU: fused, pre-packed weights, no HF machinery.
+
+A decode step of a small model at 8-16 rows is many small operations: per layer three projections
+for q, k and v, two for the MLP's gate and up, the norms, rotary embedding, the cache update and
+attention, each through transformers' modules (mask building, per-layer dispatch, peft's LoRA
+branches). `LlamaDecoder` runs the same arithmetic with fewer, larger kernels:
+
+- per call, the weights are read once into oneDNN's packed layout (as `cpu_linears.packed_linears`
+  does), with q/k/v concatenated into one matrix (one product instead of three small ones), and
+  any active peft LoRA adapter merged in (W + scale * B @ A): the adapters cost nothing during
+  decoding. Gate and up stay two matrices: fused, they were no faster per step and the
+  concatenation (212 MB for the default model) added to every call's packing;
+- per step, the rotary cos/sin (the model's own rotary module) and the additive attention mask
+  are computed once for all layers; q and k are rotated together; attention over the
+  preallocated KV cache (`kv_cache`) is two batched products per layer with the query heads of a
+  KV head grouped (no repeated keys); norms are one kernel each;
+- the prefill (`prefill`: several tokens per row, causal and padding mask) runs on the same packed
+  weights, so a call packs once (the model's forward would run its unpacked weights, or pack them
+  a second time).
+
+Outputs equal the transformers forward up to float32 rounding (tests/test_rollout_fast.py). Only
+plain or peft-LoRA-wrapped `LlamaForCausalLM` in float32 on CPU, with default RoPE, no biases,
+SiLU MLP, sdpa or eager attention and no forward hooks (their effect would be skipped; the
+gradient-only hook of gradient checkpointing excepted) take this path; `LlamaDecoder.build` returns None for anything else and the
+engine uses the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from rlhfkit.rollout.cpu_linears import PACK_CPU_LINEARS, _available_memory
+from rlhfkit.rollout.kv_cache import check_transformers, is_preallocated
+
+# Set to False to decode every model through its own forward (benchmarks compare the two).
+LEAN_DECODE = True
+
+
+def _mkldnn_ok() -> bool:
+    ops = getattr(torch.ops, "mkldnn", None)
+    return (PACK_CPU_LINEARS and torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+class _Linear:
+    """y = x @ W^T for one (fused) weight, packed for oneDNN when available."""
+
+    def __init__(self, weight: torch.Tensor, rows: int, pack: bool):
+        self.packed = pack
+        self.w = torch.ops.mkldnn._reorder_linear_weight(weight, max(rows, 1)) if pack else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
+        return F.linear(x, self.w)
+
+
+def effective_weight(m: nn.Module) -> torch.Tensor | None:
+    """The (out, in) matrix a bias-free linear module applies: an nn.Linear's weight, or a peft LoRA
+    Linear's base weight plus its active adapters' deltas. None for anything else."""
+    if "forward" in m.__dict__ or _hooked(m):
+        return None
+    if type(m) is nn.Linear:
+        return m.weight.detach() if m.bias is None else None
+    base = getattr(m, "base_layer", None)
+    if type(base) is not nn.Linear or base.bias is not None or not hasattr(m, "get_delta_weight"):
+        return None
+    w = base.weight.detach()
+    if m.disable_adapters or m.merged:  # peft runs the base layer alone (merged: deltas already in it)
+        return None if m.disable_adapters and m.merged else w
+    for name in m.active_adapters:
+        if name not in m.lora_A:
+            continue
+        if name in getattr(m, "lora_variant", {}) or m.lora_B[name].bias is not None:
+            return None  # DoRA and other variants, LoRA biases: not a plain delta
+        w = w + m.get_delta_weight(name).detach()
+    return w
+
+
+def _plain_llama(model) -> LlamaForCausalLM | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, LlamaForCausalLM) or base.training:
+        return None
+    c = base.config
+    rope = getattr(c, "rope_parameters", None) or {}
+    ok = (c.hidden_act == "silu" and not c.attention_bias and not getattr(c, "mlp_bias", False)
+          and getattr(c, "pretraining_tp", 1) == 1 and rope.get("rope_type", "default") == "default"
+          and c._attn_implementation in ("sdpa", "eager"))
+    p = base.lm_head.weight
+    if not ok or p.dtype != torch.float32 or p.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return None
+    hooked = any(_hooked(m) for m in model.modules())
+    return None if hooked or nn.modules.module._global_forward_hooks else base
+
+
+# transformers' enable_input_require_grads hook (gradient checkpointing) only marks the embedding
+# output as requiring grad: no effect on values, none under inference mode
+GRAD_ONLY_HOOKS = ("make_inputs_require_grads",)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether `m` has forward hooks that could change values (the lean step would skip them)."""
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    return any(getattr(h, "__name__", "") not in GRAD_ONLY_HOOKS for h in hooks)
+
+
+class LlamaDecoder:
+    """The weights of one `generate` call, fused and packed, and the decode step that uses them."""
+
+    def __init__(self, base: LlamaForCausalLM, layers: list[tuple], head: torch.Tensor, rows: int, pack: bool):
+        c = base.config
+        self.H, self.hd = c.hidden_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.nh, self.nkv = c.num_attention_heads, c.num_key_value_heads
+        self.eps = c.rms_norm_eps
+        self.embed = base.model.embed_tokens.weight.detach()
+        self.final_norm = base.model.norm.weight.detach()
+        self.rotary = base.model.rotary_emb
+        self.layers = [(ln1, _Linear(qkv, rows, pack), _Linear(o, rows, pack), ln2, _Linear(g, rows, pack),
+                        _Linear(u, rows, pack), _Linear(down, rows, pack), scale)
+                       for ln1, qkv, o, ln2, g, u, down, scale in layers]
+        self.head = _Linear(head, rows, pack)
+        half = self.hd // 2
+        self.sign = torch.cat([-torch.ones(half), torch.ones(self.hd - half)]).to(self.embed)
+
+    @classmethod
+    def build(cls, model, rows: int) -> LlamaDecoder | None:
+        """The decoder for `model`, or None when the model is not one it runs exactly (module docstring)."""
+        base = _plain_llama(model) if LEAN_DECODE else None
+        if base is None or not check_transformers():
+            return None
+        pack = _mkldnn_ok() and sum(p.numel() * 4 for p in base.parameters()) < _available_memory() // 2
+        norms = [m for layer in base.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if type(base.model.embed_tokens) is not nn.Embedding or any(
+                not type(n).__name__.endswith("RMSNorm") for n in [*norms, base.model.norm]):
+            return None
+        layers = []
+        for layer in base.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            ws = [effective_weight(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
+                                               m.down_proj)]
+            if any(w is None for w in ws):
+                return None
+            q, k, v, o, g, u, d = ws
+            layers.append((layer.input_layernorm.weight.detach(), torch.cat([q, k, v]), o,
+                           layer.post_attention_layernorm.weight.detach(), g, u, d, a.scaling))
+        head = effective_weight(base.lm_head)
+        if head is None:
+            return None
+        try:
+            return cls(base, layers, head, rows, pack)
+        except (RuntimeError, NotImplementedError):  # a build without the oneDNN kernels
+            return cls(base, layers, head, rows, False) if pack else None
+
+    def accepts(self, cache) -> bool:
+        """Whether `cache` is one whose layers this step can update (the engine's preallocated layers)."""
+        return len(cache.layers) == len(self.layers) and all(is_preallocated(layer) for layer in cache.layers)
+
+    def step(self, tok: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """(b,) tokens at positions (b, 1), attention mask (b, ctx) over the cache plus this token
+        -> next-token logits (b, V); appends the tokens' keys and values to `cache`."""
+        b, H, hd, nh, nkv = tok.shape[0], self.H, self.hd, self.nh, self.nkv
+        x = F.embedding(tok, self.embed)  # (b, H)
+        cos, sin = self.rotary(x, position)  # (b, 1, hd) each
+        sin = sin * self.sign  # rotate_half(x) * sin == roll(x, hd/2) * (sign * sin)
+        # the most negative finite value, as transformers uses: exp() of it is 0 next to any real score
+        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(mask == 0, torch.finfo(x.dtype).min)
+        bias = bias[:, None, None, :]
+        for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
+            qkv = qkv_proj(F.rms_norm(x, (H,), ln1, self.eps))  # (b, (nh + 2 nkv) hd)
+            qk = qkv[:, :(nh + nkv) * hd].view(b, nh + nkv, hd)
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin
+            q = qk[:, :nh].view(b, nkv, nh // nkv, hd)  # query heads grouped by their KV head
+            keys, values = cache.layers[i].update(qk[:, nh:, None], qkv[:, (nh + nkv) * hd:].view(b, nkv, 1, hd))
+            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias)  # (b, nkv, g, ctx)
+            attn = torch.matmul(scores.softmax(-1), values).view(b, nh * hd)
+            x = x + o_proj(attn)
+            h = F.rms_norm(x, (H,), ln2, self.eps)
+            x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
+        return self.head(F.rms_norm(x, (H,), self.final_norm, self.eps))
+
+    def prefill(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """(b, S) tokens at positions (b, S) after what `cache` holds, attention mask (b, ctx) over
+        the cache plus them (None: all 1) -> next-token logits (b, V) of the last position. Causal
+        within the S tokens; appends their keys and values to `cache` (any transformers Cache)."""
+        (b, S), H, hd, nh, nkv = ids.shape, self.H, self.hd, self.nh, self.nkv
+        g, ctx = nh // nkv, cache.get_seq_length() + S
+        x = F.embedding(ids, self.embed).view(b * S, H)
+        cos, sin = self.rotary(x.view(b, S, H), position)  # (b, S, hd) each
+        cos, sin = cos[:, :, None], (sin * self.sign)[:, :, None]
+        allowed = torch.arange(ctx) <= torch.arange(ctx - S, ctx)[:, None]  # (S, ctx) causal
+        allowed = allowed & (mask[:, None, :] != 0) if mask is not None else allowed.expand(b, S, ctx)
+        bias = torch.zeros((b, S, ctx), dtype=x.dtype).masked_fill_(~allowed, torch.finfo(x.dtype).min)
+        bias = bias[:, None, None].expand(b, 1, g, S, ctx).reshape(b, 1, g * S, ctx)
+        for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
+            qkv = qkv_proj(F.rms_norm(x, (H,), ln1, self.eps)).view(b, S, nh + 2 * nkv, hd)
+            qk = qkv[:, :, :nh + nkv]
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin  # (b, S, nh + nkv, hd)
+            q = qk[:, :, :nh].reshape(b, S, nkv, g, hd).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * S, hd)
+            keys, values = cache.update(qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2), i)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias)  # (b, nkv, g S, ctx)
+            attn = torch.matmul(scores.softmax(-1), values).view(b, nkv, g, S, hd).permute(0, 3, 1, 2, 4)
+            x = x + o_proj(attn.reshape(b * S, nh * hd))
+            h = F.rms_norm(x, (H,), ln2, self.eps)
+            x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
+        return self.head(F.rms_norm(x.view(b, S, H)[:, -1], (H,), self.final_norm, self.eps))
