@@ -311,7 +311,8 @@ def frontier(res: dict, seeds: list[int], path: Path) -> None:
         points += [{"name": r["arm"], "kl": kl, "win": w, "lo": w, "hi": w, "minor": True}
                    for kl, w in zip(r["kl_per_seed"], r["per_seed"])]
         points.append({"name": r["arm"], "kl": r["kl"], "win": r["win"], "lo": r["lo"], "hi": r["hi"]})
-    plot(points, path, groups=GROUPS, title=f"One preference set D, {len(seeds)} seeds "
+    drawn = {p["name"] for p in points}
+    plot(points, path, groups=[g for g in GROUPS if g[0] in drawn], title=f"One preference set D, {len(seeds)} seeds "
                                             f"(small: each seed; large: pooled, 95% CI)")
 
 

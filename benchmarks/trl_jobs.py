@@ -83,10 +83,12 @@ def _preference_dataset(cfg):
     from rlhfkit.data import load_preference
     from rlhfkit.data.sources import resolve_source
 
+    pairs = load_preference(resolve_source(cfg.data.train, "preference"))
+    if cfg.data.limit:  # the first n pairs, as rlhfkit's trainers take them (the jobs hold none out)
+        pairs = pairs[:cfg.data.limit]
     return Dataset.from_list([
         {"prompt": ex.prompt, "chosen": [{"role": "assistant", "content": ex.chosen}],
-         "rejected": [{"role": "assistant", "content": ex.rejected}]}
-        for ex in load_preference(resolve_source(cfg.data.train, "preference"))])
+         "rejected": [{"role": "assistant", "content": ex.rejected}]} for ex in pairs])
 
 
 def run_trl(method: str, spec: dict, sync) -> None:

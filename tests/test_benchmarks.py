@@ -235,3 +235,23 @@ def test_rm_study_recipe_tiny(tmp_path):
     assert chosen["chosen_from"]["16"] > chosen["chosen_from"]["8"] and chosen["acc"] > 0.75
     assert 0.3 < rows["final/mean"]["acc"] < 0.7 and rows["final/mean"]["chosen_from"] is None
     assert all(0.0 <= r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1] <= 1.0 for r in rows.values())
+
+
+def test_bench_trl_precomputed_dpo_reads_only_the_pairs_its_steps_use(bench_path, tmp_path):
+    """``dpo-precomputed``: both sides compute reference log-probs once over their training set
+    before the first step, so the job limits that set to the pairs its steps use (the whole
+    shipped set would take TRL half an hour), on the rlhfkit side and on TRL's alike."""
+    import argparse
+
+    import bench_trl
+    import trl_jobs
+
+    from rlhfkit.config import load_config
+    from rlhfkit.registry import COMMANDS
+
+    args = argparse.Namespace(lora=False, dpo_steps=0, steps=3, warmup=2, threads=1, trl_malloc=False)
+    spec = bench_trl.job_spec("dpo-precomputed", args, "some/model", tmp_path, [])
+    assert "data.limit=20" in spec["overrides"] and spec["steps"] == 5
+    assert not any(o.startswith("data.limit") for o in bench_trl.job_spec("dpo", args, "m", tmp_path, [])["overrides"])
+    cfg = load_config(COMMANDS["dpo"].config_class(), spec["config"], spec["overrides"])
+    assert len(trl_jobs._preference_dataset(cfg)) == 20
