@@ -99,6 +99,8 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
     else:  # actor (logp_old) and reference forwards; actor trained
         score = 2 * f_lm(T) / 3 * n
         update = f_lm(T) * n_upd
+        if tk.get("fused"):  # the actor's scoring forward was the update's first: counted once, in score
+            update -= f_lm(T) / 3 * n
     return gen + score + update, update
 
 

@@ -132,7 +132,7 @@ def run_rlhfkit(method: str, spec: dict, sync: Lockstep) -> None:
                 sync.add_phase("gen" if name == "rollout" else name, m[f"time/{name}"])
         if "update/tokens" in m:  # what the update's forwards ran (prompt sharing: a prompt per packed group)
             sync.add_tokens(update=int(m["update/tokens"]))
-        if m.get("score/fused"):  # PPO's first update forwards ran in the score phase (fuse_scoring)
+        if m.get("score/fused"):  # PPO's / GRPO's first update forwards ran in the score phase (fuse_scoring)
             sync.add_tokens(fused=1)
         sync.curve.append({"step": sync.done + 1, **{k2: m[k2] for k2 in (CURVE_KEYS[method], "objective/kl")
                                                        if k2 in m}})

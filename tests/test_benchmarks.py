@@ -255,3 +255,23 @@ def test_bench_trl_precomputed_dpo_reads_only_the_pairs_its_steps_use(bench_path
     assert not any(o.startswith("data.limit") for o in bench_trl.job_spec("dpo", args, "m", tmp_path, [])["overrides"])
     cfg = load_config(COMMANDS["dpo"].config_class(), spec["config"], spec["overrides"])
     assert len(trl_jobs._preference_dataset(cfg)) == 20
+
+
+def test_bench_trl_fused_scoring_moves_the_first_forward_out_of_the_update(bench_path):
+    """With fused scoring the first update forward runs in the score phase: the update phase's
+    FLOPs lose one forward (a third of forward + backward) for PPO and GRPO alike, and the step's
+    total is the same either way."""
+    from types import SimpleNamespace
+
+    import trl_report
+
+    cfg = SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1000, head_dim=16)
+    spec = {"epochs": 1, "overrides": []}
+    step = {"tokens": {"prompt": 64, "response": 192, "rows": 8, "update": 256}}
+    fused = {"tokens": {**step["tokens"], "fused": 1}}
+    for method in ("grpo", "ppo"):
+        total, update = trl_report.step_flops(method, cfg, step, None, spec)
+        total_f, update_f = trl_report.step_flops(method, cfg, fused, None, spec)
+        assert update_f < update and abs((update - update_f) / update - 1 / 3) < 1e-9
+        assert total_f < total  # the fused forward is counted once (in score), not twice
