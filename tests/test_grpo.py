@@ -65,28 +65,41 @@ def test_group_size_must_be_at_least_two(tmp_path):
         load_config(GRPOConfig, data={"rollout": {"n": 1}, "mini_batch_size": 8})
 
 
+def _state_dict(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def _paired_runs(tokenizer, tmp_path, monkeypatch, spied: str, toggle: str, over: dict, train: dict):
+    """Two GRPO runs, ``toggle`` False then True (k=0.04 KL, lr 1e-2 constant), counting the calls of
+    ``pg_score.<spied>``: per toggle value, the logged metrics, the final weights and the call count."""
+    from rlhfkit.trainers import pg_score
+
+    calls = []
+    real = getattr(pg_score, spied)
+    monkeypatch.setattr(pg_score, spied, lambda *a, **k: calls.append(1) or real(*a, **k))
+    metrics, weights, n_calls = {}, {}, {}
+    for on in (False, True):
+        calls.clear()
+        out = tmp_path / f"run-{on}"
+        cfg = load_config(GRPOConfig, data=base_config(
+            tmp_path, tokenizer, **{**GRPO_OVER, "kl_coef": 0.04, **over, toggle: on,
+                                    "optim": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0}},
+            train={**train, "output_dir": str(out)}))
+        train_grpo(cfg)
+        metrics[on], n_calls[on] = read_metrics(out), len(calls)
+        weights[on] = _state_dict(out / "model")
+    return metrics, weights, n_calls
+
+
 def test_shared_prompt_packing_gives_the_same_update(tokenizer, tmp_path, monkeypatch):
     """Two iterations of two minibatches each, micro-batches of 6 rows that cut groups of 4: packed
     and unpacked scoring and training take the same minibatches (the same shuffle) and land on the
     same weights, with the same samples in the second iteration."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhfkit.trainers import pg_score
-
-    packed_calls = []
-    real = pg_score.shared_prompt_logprobs
-    monkeypatch.setattr(pg_score, "shared_prompt_logprobs", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
-    metrics, weights, calls = {}, {}, {}
-    for share in (False, True):
-        packed_calls.clear()
-        out = tmp_path / f"run-{share}"
-        cfg = load_config(GRPOConfig, data=base_config(
-            tmp_path, tokenizer, **{**GRPO_OVER, "kl_coef": 0.04, "mini_batch_size": 16, "share_prompt": share,
-                                    "optim": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0}},
-            train={"max_steps": 2, "micro_batch_size": 6, "output_dir": str(out)}))
-        train_grpo(cfg)
-        metrics[share], calls[share] = read_metrics(out), len(packed_calls)
-        weights[share] = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    metrics, weights, calls = _paired_runs(
+        tokenizer, tmp_path, monkeypatch, "shared_prompt_logprobs", "share_prompt",
+        over={"mini_batch_size": 16}, train={"max_steps": 2, "micro_batch_size": 6})
     # per iteration, 32 rows in micro-batches of 6: 6 packed forwards for logp_old, 6 for logp_ref,
     # and 2 minibatches of 16 rows = 3 + 3 in the update
     assert calls == {False: 0, True: 2 * 18}
@@ -98,7 +111,7 @@ def test_shared_prompt_packing_gives_the_same_update(tokenizer, tmp_path, monkey
     assert metrics[True][1]["loss/kl"] > 0  # the second iteration is off the reference: the test has teeth
     for a, b in zip(metrics[False], metrics[True]):  # packing computes each micro-batch's prompts once
         assert 0 < b["update/tokens"] < a["update/tokens"]
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    base = _state_dict(tmp_path / "policy")
     moved = max((weights[False][k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-3  # the step did something ...
     for k in base:  # ... and the same thing both ways (Adam's first step is about lr * sign(g), so
@@ -112,26 +125,10 @@ def test_fused_scoring_skips_the_actor_scoring_forward_and_lands_in_the_same_pla
     """When the batch is one minibatch in one micro-batch, the first update forward also gives
     logp_old: one actor forward fewer, and the same metrics and weights after two epochs (one
     iteration: in a second, float rounding can flip a sampled token)."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhfkit.trainers import pg_score
-
-    name = "shared_prompt_logprobs" if share else "causal_logprobs"
-    calls = []
-    real = getattr(pg_score, name)
-    monkeypatch.setattr(pg_score, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-    metrics, weights, n_calls = {}, {}, {}
-    for fuse in (False, True):
-        calls.clear()
-        out = tmp_path / f"run-{fuse}"
-        cfg = load_config(GRPOConfig, data=base_config(
-            tmp_path, tokenizer, **{**GRPO_OVER, "kl_coef": 0.04, "mini_batch_size": 16, "share_prompt": share,
-                                    "fuse_scoring": fuse, "ppo_epochs": 2,
-                                    "optim": {"lr": 1e-2, "schedule": "constant", "warmup_ratio": 0.0}},
-            train={"batch_size": 4, "max_steps": 1, "micro_batch_size": 16, "output_dir": str(out)}))
-        train_grpo(cfg)
-        metrics[fuse], n_calls[fuse] = read_metrics(out), len(calls)
-        weights[fuse] = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    metrics, weights, n_calls = _paired_runs(
+        tokenizer, tmp_path, monkeypatch, "shared_prompt_logprobs" if share else "causal_logprobs", "fuse_scoring",
+        over={"mini_batch_size": 16, "share_prompt": share, "ppo_epochs": 2},
+        train={"batch_size": 4, "max_steps": 1, "micro_batch_size": 16})
     # actor scoring + reference + 2 epochs -> the reference + 2 epochs
     assert n_calls == {False: 4, True: 3}
     for a, b in zip(metrics[False], metrics[True], strict=True):
@@ -141,7 +138,7 @@ def test_fused_scoring_skips_the_actor_scoring_forward_and_lands_in_the_same_pla
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
         assert abs(b["policy/ratio_first"] - 1.0) < 1e-6
         assert b["policy/clipfrac"] > 0  # the second epoch is off logp_old: the test has teeth
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    base = _state_dict(tmp_path / "policy")
     assert max((weights[True][k] - base[k]).abs().max().item() for k in base) > 1e-3
     # Adam's steps are about lr * sign(g): an entry whose gradient is ~0 can move differently by
     # rounding, so a few entries (not more than 0.1%) may differ by more than 1% of lr
