@@ -7,12 +7,12 @@ import json
 import pytest
 
 from rlhfkit.config import load_config
+from rlhfkit.judges.sample_scorer import round_robin
 from rlhfkit.trainers.online_dpo import (
     OnlineDPOConfig,
     best_of_n,
     build_pairs,
     length_penalised,
-    round_robin,
     train_online_dpo,
 )
 

@@ -53,8 +53,8 @@ from rlhfkit.config import (
 )
 from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
-from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
 from rlhfkit.judges.rewards import build_reward_fn
+from rlhfkit.judges.sample_scorer import Scorer
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rng import set_seed
@@ -177,51 +177,6 @@ def best_of_n(scores, responses, n: int, min_score: float | None = None,
 def length_penalised(scores, responses, lam: float) -> list[float]:
     """score - lam * |a|, |a| in characters (docs/concepts.md: Online iterative DPO)."""
     return [s - lam * len(r) for s, r in zip(scores, responses)]
-
-
-def round_robin(compare, contexts: list[str], responses: list[str], n: int) -> list[float]:
-    """Pairwise judge -> per-response score: mean over the other n-1 responses of its prompt of
-    P(this > other). Makes n(n-1)/2 comparisons per prompt in one batched call."""
-    idx = [(g * n + i, g * n + j) for g in range(len(responses) // n) for i in range(n) for j in range(i + 1, n)]
-    probs = compare([contexts[i] for i, _ in idx], [responses[i] for i, _ in idx], [responses[j] for _, j in idx])
-    wins = [0.0] * len(responses)
-    for (i, j), p in zip(idx, probs):
-        wins[i] += p
-        wins[j] += 1.0 - p
-    return [w / (n - 1) for w in wins]
-
-
-# --------------------------------------------------------------------------- scoring
-
-class Scorer:
-    """One interface over pointwise rewards and pairwise judges: ``score(items, responses, n)``."""
-
-    def __init__(self, spec: str, tokenizer, device, batch_size: int, seed: int = 0, gold: str = ""):
-        self.spec = spec
-        self.gold = build_reward_fn(gold) if gold else None  # optional: the gold judge's scores too
-        self.pairwise = is_pairwise_spec(spec)
-        if self.pairwise:
-            self.judge = build_pairwise_judge(spec, tokenizer=tokenizer, device=device, batch_size=batch_size,
-                                              seed=seed)
-        else:
-            self.reward_fn = build_reward_fn(spec, tokenizer=tokenizer, device=device, batch_size=batch_size)
-
-    def score(self, rows: list, responses: list[str], n: int) -> tuple[list[float], dict]:
-        """rows: the PromptItem of each response. Returns (scores, {"labels", "judge_calls"})."""
-        if self.pairwise:
-            before = self.judge.calls
-            scores = round_robin(self.judge.compare, [self.judge.context(r.messages) for r in rows], responses, n)
-            labels = len(responses) // n * n * (n - 1) // 2
-            return scores, {"labels": labels, "judge_calls": self.judge.calls - before}
-        return _pointwise(self.reward_fn, rows, responses), {"labels": len(responses), "judge_calls": len(responses)}
-
-    def gold_scores(self, rows: list, responses: list[str]) -> list[float] | None:
-        """The gold judge's score of each response, or None without one."""
-        return None if self.gold is None else _pointwise(self.gold, rows, responses)
-
-
-def _pointwise(fn, rows: list, responses: list[str]) -> list[float]:
-    return fn([r.text for r in rows], responses, messages=[r.messages for r in rows], fields=[r.fields for r in rows])
 
 
 # --------------------------------------------------------------------------- the loop
