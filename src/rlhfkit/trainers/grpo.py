@@ -35,7 +35,7 @@ from rlhfkit.config import (
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
 from rlhfkit.trainers.pg_eval import evaluate_policy
-from rlhfkit.trainers.pg_score import log_samples, policy_logprobs, score_experience, sequence_kl
+from rlhfkit.trainers.pg_score import log_samples, score_experience, sequence_kl
 from rlhfkit.trainers.pg_setup import (
     TIME_SPLIT,
     PolicyGradientConfig,
@@ -47,7 +47,7 @@ from rlhfkit.trainers.pg_setup import (
     prompt_batch,
     setup_run,
 )
-from rlhfkit.trainers.pg_update import FirstForward, fusable, policy_update
+from rlhfkit.trainers.pg_update import first_forward, policy_update
 from rlhfkit.training import finish, fit
 
 
@@ -163,12 +163,7 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
     # 2. Score, no gradients: logp_old (actor, eval mode), logp_ref, sequence scores. Fused
     #    (cfg.fuse_scoring, when the rank's batch is one minibatch and one micro-batch): the first
     #    update step's actor forward runs now, with its graph, and gives logp_old.
-    first = policy = None
-    if cfg.fuse_scoring and fusable(len(exp), pr.local_mini_batch(), cfg.train.micro_batch_size, actor.model):
-        with strategy.autocast():
-            logp, ent = policy_logprobs(actor.model, exp, cfg.share_prompt, with_entropy=True)
-        first = FirstForward(logp, None)
-        policy = {"logp": logp.detach(), "entropy": ent.detach()}
+    first, policy = first_forward(cfg, strategy, exp, pr.local_mini_batch(), actor.model)
     exp, metrics, responses = score_experience(pr, exp, items, actor.model, policy=policy)
     metrics["score/fused"] = float(first is not None)
     seq_kl = sequence_kl(exp, cfg.kl_kind)

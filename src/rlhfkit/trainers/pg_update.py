@@ -33,7 +33,7 @@ from rlhfkit.training import accumulate, batch_indices, micro_batches, normalize
 
 @dataclass
 class FirstForward:
-    """The update's first forwards, run before the advantages existed (PPO's fused scoring): the
+    """The update's first forwards, run before the advantages existed (fused scoring): the
     actor's log-probs and the critic's values of every row, with their graphs. They serve as the
     first minibatch's forwards when that minibatch is the whole batch in one micro-batch: the
     weights have not moved since the rollout, so logp_old and V_old are these values, detached,
@@ -45,6 +45,21 @@ class FirstForward:
     def select(self, rows: list[int]) -> FirstForward:
         idx = torch.as_tensor(rows, device=self.logp.device)
         return FirstForward(self.logp[idx], None if self.values is None else self.values[idx])
+
+
+def first_forward(cfg, strategy, exp: Experience, mini_batch_size: int, actor, critic=None
+                  ) -> tuple[FirstForward | None, dict | None]:
+    """Fused scoring (``cfg.fuse_scoring``, when `fusable`): run the update's first forwards now,
+    with their graphs (the actor's log-probs and entropy; the critic's values when there is one).
+    Returns the `FirstForward` and the detached {"logp", "entropy"} that scoring takes as logp_old,
+    or (None, None) when the batch cannot be fused."""
+    if not (cfg.fuse_scoring and fusable(len(exp), mini_batch_size, cfg.train.micro_batch_size, actor, critic)):
+        return None, None
+    with strategy.autocast():
+        logp, ent = policy_logprobs(actor, exp, cfg.share_prompt, with_entropy=True)
+        values = None if critic is None else response_values(critic, exp.input_ids(), exp.attention_mask(),
+                                                             exp.response_ids.shape[1])
+    return FirstForward(logp, values), {"logp": logp.detach(), "entropy": ent.detach()}
 
 
 def fusable(n_rows: int, mini_batch_size: int, micro_batch_size: int, *models) -> bool:

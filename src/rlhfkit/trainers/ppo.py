@@ -39,8 +39,6 @@ from rlhfkit.rollout import rank_stream_seed, rollout
 from rlhfkit.trainers.pg_eval import evaluate_policy
 from rlhfkit.trainers.pg_score import (
     log_samples,
-    policy_logprobs,
-    response_values,
     score_experience,
     score_values,
     sequence_kl,
@@ -56,7 +54,7 @@ from rlhfkit.trainers.pg_setup import (
     prompt_batch,
     setup_run,
 )
-from rlhfkit.trainers.pg_update import FirstForward, fusable, policy_update
+from rlhfkit.trainers.pg_update import first_forward, policy_update
 from rlhfkit.training import finish, fit
 
 
@@ -164,13 +162,7 @@ def ppo_iteration(pr: PolicyRun, step: int, actor: Trained, critic: Trained, kl_
     #    Fused (cfg.fuse_scoring, when the rank's batch is one minibatch and one micro-batch): the
     #    first update step's actor and critic forwards run now, with their graphs, and give
     #    logp_old and V_old; the first minibatch then runs only its backward.
-    first = policy = None
-    if cfg.fuse_scoring and fusable(len(exp), pr.local_mini_batch(), micro, actor.model, critic.model):
-        with strategy.autocast():
-            logp, ent = policy_logprobs(actor.model, exp, cfg.share_prompt, with_entropy=True)
-            values = response_values(critic.model, exp.input_ids(), exp.attention_mask(), exp.response_ids.shape[1])
-        first = FirstForward(logp, values)
-        policy = {"logp": logp.detach(), "entropy": ent.detach()}
+    first, policy = first_forward(cfg, strategy, exp, pr.local_mini_batch(), actor.model, critic.model)
     exp, metrics, responses = score_experience(pr, exp, items, actor.model, policy=policy)
     if first is not None:
         exp.values = first.values.detach()
