@@ -26,7 +26,6 @@ mechanism, head to head) and OUT/rlhflow_frontier.png, OUT/rlhflow_results.json;
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -38,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dpo_frontier import plot  # noqa: E402
 
+from rlhfkit.config.loader import merge  # noqa: E402
 from rlhfkit.data.sources import resolve_source, split_eval  # noqa: E402
 from rlhfkit.eval.stats import mean_ci, win_indicators  # noqa: E402
 
@@ -54,13 +54,6 @@ TINY = {"sft": {"train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4
                                                                    "micro_batch_size": 4}},
         "ppo": {"rollout": {"max_new_tokens": 8}, "mini_batch_size": 4},
         "eval": {"rollout": {"max_new_tokens": 8}}}
-
-
-def merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # --------------------------------------------------------------------------- inputs
