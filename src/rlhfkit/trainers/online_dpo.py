@@ -268,7 +268,8 @@ def evaluate_iteration(cfg: OnlineDPOConfig, current: str, eval_items: list, sco
     proxy = scorer.reward_fn if scorer is not None and not scorer.pairwise else None
     if strategy.world_size > 1:
         proxy = None  # the scorer lives on rank 0 only
-    gold = build_reward_fn(cfg.gold) if cfg.gold else None
+    # the scorer's gold judge where the scorer lives (rank 0), else one of this rank's own
+    gold = scorer.gold if scorer is not None else build_reward_fn(cfg.gold) if cfg.gold else None
     return heldout_metrics(policy, ref, eval_items, cfg.rollout, tokenizer, strategy, proxy=proxy, gold=gold,
                            seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size)
 
