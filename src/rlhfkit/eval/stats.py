@@ -87,13 +87,15 @@ def within_group_agreement(judge: Sequence[float], gold: Sequence[float], n: int
     """Accuracy of ``judge`` against ``gold`` on every two items of a group (groups of n consecutive
     items = samples of one prompt): over the pairs the judge separates, the share it orders as gold
     does (a gold tie counts one half); nan when the judge separates no pair."""
-    votes = []
+    hi, lo = [], []  # the judge's higher and lower item of every pair it separates
     for g in range(0, len(judge), n):
         for i in range(g, min(g + n, len(judge))):
             for j in range(i + 1, min(g + n, len(judge))):
                 if judge[i] != judge[j]:
-                    hi, lo = (i, j) if judge[i] > judge[j] else (j, i)
-                    votes.append(1.0 if gold[hi] > gold[lo] else 0.5 if gold[hi] == gold[lo] else 0.0)
+                    a, b = (i, j) if judge[i] > judge[j] else (j, i)
+                    hi.append(gold[a])
+                    lo.append(gold[b])
+    votes = win_indicators(hi, lo)
     return sum(votes) / len(votes) if votes else float("nan")
 
 
