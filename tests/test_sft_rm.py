@@ -31,9 +31,12 @@ def _cfg(cls, tmp_path, model_dir, train, eval_, **over):
             "train": {"output_dir": str(tmp_path / "run"), "batch_size": 8, "micro_batch_size": 8,
                       "progress": False, "seed": 0},
             "optim": {"lr": 3e-3, "warmup_ratio": 0.0, "schedule": "constant"}}
-    for k, v in over.items():
-        sec, key = k.split("__")
-        data.setdefault(sec, {})[key] = v
+    for k, v in over.items():  # section__key=value, or a top-level key=value
+        sec, _, key = k.partition("__")
+        if key:
+            data.setdefault(sec, {})[key] = v
+        else:
+            data[sec] = v
     return load_config(cls, data=data)
 
 
@@ -247,6 +250,41 @@ def test_rm_head_init_probe_ranks_before_any_gradient_step(tmp_path, tiny_model_
 
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
     assert rm.score.weight.abs().sum().item() > 0
+
+
+def test_rm_epochs_0_with_probe_saves_the_probe_alone(tmp_path, tiny_model_dir):
+    """train.epochs=0 with head_init=probe: no optimizer step; the saved model is the backbone
+    unchanged with the probe as its head, it scores held-out pairs as the step-0 evaluation did,
+    and the run's final metrics are that evaluation. Without head_init=probe, epochs 0 is refused."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.data import load_preference
+    from rlhfkit.eval.preference_sets import reward_accuracy
+    from rlhfkit.judges.rewards import build_reward_fn
+
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__epochs=0.0, train__max_steps=0,
+               head_init="probe", pooling="mean")
+    final = train_reward_model(cfg)
+    m = _metrics(tmp_path / "run")
+    assert max(r["step"] for r in m) == 0 and not any("train/loss" in r for r in m)
+    assert final["eval/accuracy"] >= 0.95
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    backbone = [k for k in after if k.replace("model.", "", 1) in {x.replace("model.", "", 1) for x in init}
+                and "score" not in k]
+    assert backbone
+    for k in backbone:
+        src = init.get(k, init.get(k.replace("model.", "", 1)))
+        torch.testing.assert_close(after[k], src, atol=0, rtol=0)
+    got = reward_accuracy(build_reward_fn(f"rm:{tmp_path / 'run'}"), load_preference(str(held)))
+    assert got["accuracy"] == pytest.approx(final["eval/accuracy"])
+    with pytest.raises(ConfigError, match=r"train\.epochs: 0 \(no fine-tuning\) needs head_init: probe"):
+        load_config(RewardConfig, data={"data": {"train": "x.jsonl"}, "train": {"epochs": 0}})
+    with pytest.raises(ConfigError, match=r"train\.epochs: set epochs > 0"):
+        load_config(SFTConfig, data={"data": {"train": "x.jsonl"}, "train": {"epochs": 0}})
 
 
 def test_rm_mean_pooling_is_trained_saved_and_scored_the_same_way(tmp_path, tiny_model_dir):

@@ -152,8 +152,7 @@ class TrainSection:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"{where}.batch_size: {self.batch_size} is not divisible by micro_batch_size {self.micro_batch_size}")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise ConfigError(f"{where}.epochs: set epochs > 0 or max_steps > 0")
+        self.check_length(where)
         if self.seed >= 2**32:
             raise ConfigError(f"{where}.seed: must be < 2**32, got {self.seed}")
         if self.overwrite and self.resume is True:
@@ -171,6 +170,20 @@ class TrainSection:
             raise ConfigError(f"{where}.early_stopping_patience: needs select_best (the metric to watch)")
         if self.select_best and not self.select_best.startswith("eval/"):
             raise ConfigError(f"{where}.select_best: a held-out metric (eval/...), got {self.select_best!r}")
+
+    def check_length(self, where: str) -> None:
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{where}.epochs: set epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class RewardTrainSection(TrainSection):
+    """TrainSection of `rlhfkit rm`, where epochs 0 (with max_steps 0) is a run: no fine-tuning, the
+    model is the backbone with the head fitted as a linear probe (head_init: probe)."""
+
+    def check_length(self, where: str) -> None:
+        if not (self.epochs == 0 and self.max_steps == 0):
+            super().check_length(where)
 
 
 @dataclass
@@ -239,8 +252,9 @@ class RewardConfig:
     """Preference pairs {prompt, chosen, rejected} (optional category, margin)."""
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5))
     """Optimizer and schedule (head_lr gives the head its own rate)."""
-    train: TrainSection = field(default_factory=TrainSection)
-    """Run length, batch sizes, evaluation, checkpoints."""
+    train: RewardTrainSection = field(default_factory=RewardTrainSection)
+    """Run length, batch sizes, evaluation, checkpoints. epochs 0 with head_init probe: the probe
+    alone, no fine-tuning (one forward pass over the pairs)."""
     use_margin: bool = False
     """Subtract each pair's "margin" field inside the Bradley-Terry sigmoid."""
     center_rewards_coef: float = 0.0
@@ -248,7 +262,8 @@ class RewardConfig:
     head_init: Literal["random", "probe"] = "random"
     """probe: before fine-tuning, fit the head alone as a linear Bradley-Terry model on the frozen
     backbone's features of the training pairs (L2 by cross-validation), then fine-tune everything
-    from there (linear probing, then fine-tuning). random: the usual fresh head."""
+    from there (linear probing, then fine-tuning; train.epochs 0: the probe alone). random: the
+    usual fresh head."""
     pooling: Literal["last", "mean", "mean_all"] = "last"
     """How the per-token head outputs become the reward: last (the value at the last real token),
     mean (the mean over the response tokens) or mean_all (over all tokens). Saved in the model's
@@ -257,6 +272,9 @@ class RewardConfig:
     """> 0: fine-tune only the top N decoder layers (with the final norm and the head); 0: all."""
 
     def validate(self, where: str) -> None:
+        if self.train.epochs == 0 and self.train.max_steps == 0 and self.head_init != "probe":
+            raise ConfigError(f"{where}.train.epochs: 0 (no fine-tuning) needs head_init: probe; "
+                              "with a random head the model would score at chance")
         if self.train_top_layers < 0:
             raise ConfigError(f"{where}.train_top_layers: must be >= 0, got {self.train_top_layers}")
         if self.train_top_layers and self.model.lora.enabled:

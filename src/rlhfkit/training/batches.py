@@ -32,9 +32,12 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 def total_steps(n: int, train) -> int:
     """Optimizer steps (iterations, for the policy-gradient trainers) of a run over ``n`` examples
-    (prompts): ``train.max_steps`` when set, else ``train.epochs`` passes of n // batch_size steps."""
+    (prompts): ``train.max_steps`` when set, else ``train.epochs`` passes of n // batch_size steps
+    (at least one; 0 only for epochs 0, which only `rlhfkit rm` accepts: the probe alone)."""
     if train.max_steps > 0:
         return train.max_steps
+    if train.epochs == 0:
+        return 0
     return max(1, int(math.floor(train.epochs * max(n // train.batch_size, 1))))
 
 

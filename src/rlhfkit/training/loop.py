@@ -93,11 +93,12 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
                            config=run.config)
     if on_start is not None:
         on_start(start)
+    metrics: dict = {}
     if start == 0 and evaluate is not None:
         first = evaluate()
         run.logger.log(0, first)
         _consider(run, best, 0, first, models)
-    metrics: dict = {}
+        metrics = dict(first)  # the final metrics of a run of 0 steps (an RM that is its probe alone)
     done = start
     for step in range(start, total):
         metrics = step_fn(step)
