@@ -242,3 +242,27 @@ def test_default_model_rollout_logprobs_match_training_forward(tokenizer):
     m = exp.response_mask.bool()
     ratio = torch.exp(logp[m] - exp.logprobs[m])
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-4)
+
+
+def test_labelled_logprobs_equal_the_full_forward_at_the_labelled_tokens(tokenizer):
+    """The LM head on the labelled positions only gives causal_logprobs' values there, in row-major
+    order, with the same gradient; a batch with no labelled token gives an empty tensor."""
+    from rlhfkit.models.forward import causal_logprobs, labelled_logprobs
+
+    model = tiny_causal_lm(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[2, 6:] = 0  # right padding
+    labelled = torch.zeros(3, 8, dtype=torch.bool)
+    labelled[0, 4:] = True
+    labelled[1, 2:7] = True
+    labelled[2, 1:5] = True
+    full = causal_logprobs(model, ids, mask)
+    got = labelled_logprobs(model, ids, mask, labelled)
+    torch.testing.assert_close(got, full[labelled], atol=1e-6, rtol=1e-6)
+    (ga,) = torch.autograd.grad(got.sum(), model.lm_head.weight)
+    (gb,) = torch.autograd.grad(causal_logprobs(model, ids, mask)[labelled].sum(), model.lm_head.weight)
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)
+    assert labelled_logprobs(model, ids, mask, torch.zeros_like(labelled)).shape == (0,)

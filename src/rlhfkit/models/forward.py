@@ -42,6 +42,26 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return logp
 
 
+def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labelled: torch.Tensor, *,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) log p(x_{t+1} | x_<=t) of the N tokens where ``labelled`` (B, T-1) is true (row-major
+    order), as ``causal_logprobs(...)[labelled]`` gives. The LM head runs on those N positions
+    only, so neither the head's product nor the (B, T, V) logits and their gradient are made for
+    prompt and padding tokens (a third of a typical SFT batch). Masks and positions as
+    `causal_logprobs`."""
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    B, T = input_ids.shape
+    rows, cols = labelled.nonzero(as_tuple=True)
+    flat = rows * T + cols  # the hidden state at t predicts token t+1
+    with _head_on_positions(model, flat) as gathered:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False)
+    logits = out.logits.float()
+    logits = logits if gathered else logits.flatten(0, 1).index_select(0, flat)  # (N, V)
+    return token_logprobs(logits[None], input_ids[rows, cols + 1][None])[0]
+
+
 # --------------------------------------------------------------------------- prompt sharing
 
 def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,

@@ -9,7 +9,6 @@ import math
 
 import torch
 
-from rlhfkit.algos import masked_sum
 from rlhfkit.config import SFTConfig
 from rlhfkit.data import (
     PackedSFTCollator,
@@ -21,7 +20,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.data.sources import resolve_source, split_eval
 from rlhfkit.models import load_tokenizer
-from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.forward import labelled_logprobs
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
@@ -56,11 +55,10 @@ def sft_batch_loss(model, batch: dict, normalizer: float) -> tuple[torch.Tensor,
     Dividing by the global count, not the micro-batch's, makes batch 8 x accumulation 1 equal
     batch 1 x accumulation 8 exactly. Returns (loss, summed nll, token count).
     """
-    logp = causal_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                           position_ids=batch.get("position_ids"))  # (B, T-1)
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    nll_sum = -masked_sum(logp, mask)
+    mask = batch["labels"][:, 1:] != -100
+    logp = labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
+                             position_ids=batch.get("position_ids"))  # (N,): the head runs on these only
+    nll_sum = -logp.sum()
     return nll_sum / normalizer, nll_sum.detach(), mask.sum()
 
 
