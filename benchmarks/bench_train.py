@@ -55,8 +55,10 @@ def bench_sft(model_name: str, batch: int, seq: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     sec = _timed_steps(step, steps)
-    tokens = batch * seq
-    flops = train_flops_per_token(model.config, seq, lm_head=True) * tokens
+    tokens, labelled = batch * seq, int((labels[:, 1:] != -100).sum())
+    # the LM head runs on the labelled tokens only (`models.forward.labelled_logprobs`)
+    head = train_flops_per_token(model.config, seq, lm_head=True) - train_flops_per_token(model.config, seq, lm_head=False)
+    flops = train_flops_per_token(model.config, seq, lm_head=False) * tokens + head * labelled
     return {"phase": "sft step", "batch x seq": f"{batch}x{seq}", "s/step": sec, "tokens/s": tokens / sec,
             "GFLOP/s": flops / sec / 1e9}
 

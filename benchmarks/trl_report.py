@@ -32,8 +32,11 @@ def data_tokens_per_step(method: str, spec: dict, steps: int) -> list[dict]:
         from rlhfkit.trainers.sft import prepare_sft_data
 
         cfg = load_config(SFTConfig, spec["config"], spec["overrides"])
+        from rlhfkit.trainers.sft import labelled_tokens
+
         train, _, _ = prepare_sft_data(cfg, tok)
         rows = [[len(ex["input_ids"])] for ex in train]
+        labelled = [labelled_tokens([ex]) for ex in train]
     else:
         from rlhfkit.trainers.dpo import DPOConfig
         from rlhfkit.trainers.reward import prepare_preference_data
@@ -52,6 +55,8 @@ def data_tokens_per_step(method: str, spec: dict, steps: int) -> list[dict]:
         step = {"rows": len(lens), "tokens": sum(lens)}
         if method == "dpo":  # a pair's prompt, once: what prompt sharing saves
             step["prompt_once"] = sum(prompts[pos * b:(pos + 1) * b])
+        if method == "sft":  # the tokens with a loss: rlhfkit runs the LM head on these only
+            step["labelled"] = sum(labelled[pos * b:(pos + 1) * b])
         out.append(step)
     return out
 
@@ -59,19 +64,21 @@ def data_tokens_per_step(method: str, spec: dict, steps: int) -> list[dict]:
 # --------------------------------------------------------------------------- FLOPs
 
 def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict,
-               shared: int = 1) -> tuple[float, float]:
+               shared: int = 1, head_on_labelled: bool = False) -> tuple[float, float]:
     """(whole-step FLOPs, update-phase FLOPs) of matrix products for one step's real tokens.
 
     ``shared`` > 1: rows come in groups of that size sharing one prompt, computed once per group
-    (rlhfkit's prompt sharing: GRPO's G samples, DPO's chosen + rejected). The FLOPs then count
-    the work actually done, so GFLOP/s stays a measure of hardware use, not of work avoided."""
+    (rlhfkit's prompt sharing: GRPO's G samples, DPO's chosen + rejected). ``head_on_labelled``:
+    SFT's LM head runs on the labelled tokens only (rlhfkit's `labelled_logprobs`). The FLOPs then
+    count the work actually done, so GFLOP/s stays a measure of hardware use, not of work avoided."""
     f_lm = lambda t: train_flops_per_token(model_cfg, t, lm_head=True)  # noqa: E731 (fwd+bwd per token)
     f_sc = lambda t: train_flops_per_token(model_cfg, t, lm_head=False)  # noqa: E731 (scalar-head models)
     if method in ("sft", "rm", "dpo"):
         n, rows = data["tokens"], data["rows"]
         T = n / rows
         if method == "sft":
-            fl = f_lm(T) * n
+            head = data["labelled"] if head_on_labelled and "labelled" in data else n
+            fl = f_sc(T) * n + (f_lm(T) - f_sc(T)) * head
         elif method == "rm":
             fl = f_sc(T) * n
         else:
@@ -118,7 +125,7 @@ def summarise(method: str, workers: dict, spec: dict, warmup: int, model_cfg, da
             d = data[warmup + i] if data else None
             toks += d["tokens"] if d else s["tokens"].get("prompt", 0) + s["tokens"].get("response", 0)
             fl, ufl = step_flops(job_method(method), model_cfg, s, d, spec,
-                                 spec.get("shared_group", 1) if fw == "rlhfkit" else 1)
+                                 spec.get("shared_group", 1) if fw == "rlhfkit" else 1, head_on_labelled=fw == "rlhfkit")
             flops += fl
             upd_flops += ufl
             if method in ("ppo", "grpo"):

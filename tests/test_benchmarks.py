@@ -275,3 +275,21 @@ def test_bench_trl_fused_scoring_moves_the_first_forward_out_of_the_update(bench
         total_f, update_f = trl_report.step_flops(method, cfg, fused, None, spec)
         assert update_f < update and abs((update - update_f) / update - 1 / 3) < 1e-9
         assert total_f < total  # the fused forward is counted once (in score), not twice
+
+
+def test_bench_trl_sft_flops_count_the_head_where_it_runs(bench_path):
+    """rlhfkit's SFT runs the LM head on the labelled tokens only: its FLOPs count the head there,
+    TRL's on every token; the rest of the model counts on every token for both."""
+    from types import SimpleNamespace
+
+    import trl_report
+    from common import train_flops_per_token
+
+    cfg = SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1000, head_dim=16)
+    data = {"rows": 4, "tokens": 400, "labelled": 250}
+    trl, _ = trl_report.step_flops("sft", cfg, {}, data, {})
+    ours, _ = trl_report.step_flops("sft", cfg, {}, data, {}, head_on_labelled=True)
+    per_head = train_flops_per_token(cfg, 100, lm_head=True) - train_flops_per_token(cfg, 100, lm_head=False)
+    assert trl == train_flops_per_token(cfg, 100, lm_head=True) * 400
+    assert abs((trl - ours) - per_head * 150) < 1e-6 * trl
