@@ -254,6 +254,9 @@ def plot(results: list[dict], path: Path) -> None:
     ax1.set(xlabel="sequence length (tokens)", ylabel="cost per token / at the shortest length",
             title="cost per token")
     ax2.set(xscale="log", xlabel="tokens per step", ylabel="peak RSS (GB)", title="peak memory")
+    tokens = sorted({r["tokens"] for r in ok})
+    ax2.set_xticks(tokens, [str(n) for n in tokens])
+    ax2.xaxis.set_minor_formatter(plt.NullFormatter())
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -276,6 +279,8 @@ def parse_args():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(HERE.parent.parent / "runs" / "bench_scaling"))
     ap.add_argument("--tiny", action="store_true", help="a tiny random model, lengths 16,32, batch 2, group 2")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the other methods' points from OUT/scaling.json (re-measure only --methods)")
     args = ap.parse_args()
     if bad := set(args.methods) - set(METHODS):
         ap.error(f"--methods: unknown {sorted(bad)}; choose from {','.join(METHODS)}")
@@ -306,17 +311,20 @@ def main() -> None:
                       f"{r['s/step']:.3g} s/step, {r['peak GB']:.2f} GB, {r['GFLOP/s']:.3g} GFLOP/s") +
                       f" ({r['wall s']:.0f} s)", flush=True)
     peak = max(peak, matmul_peak_gflops(peak_n))
-    relative_costs(results)
     for r in results:
         if "GFLOP/s" in r:
             r["% of peak"] = 100 * r["GFLOP/s"] / peak
+    out = Path(args.out)
+    if args.keep and (out / "scaling.json").is_file():  # kept points keep their own run's % of peak
+        kept = json.loads((out / "scaling.json").read_text())["points"]
+        results = [r for r in kept if r["method"] not in args.methods] + results
+    relative_costs(results)
     cols = ["method", "length", "batch", "tokens", "s/step", "ms/token", "rel", "peak GB", "GFLOP/s", "% of peak",
             "gen s", "score s", "update s", "update GFLOP/s", "wall s"]
     print(f"\nfp32 matmul peak (better of before and after): {peak:.1f} GFLOP/s")
     print(fmt_table([r for r in results if "error" not in r] or [{}], cols))
     text = markdown(results, args, peak)
     print("\n" + text)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.md").write_text(text + "\n")
     (out / "scaling.json").write_text(json.dumps({"matmul_peak_gflops": peak, "args": vars(args), "points": results},
