@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_table, matmul_peak_gflops, tiny_model_dir, train_flops_per_token  # noqa: E402
+from common import (  # noqa: E402
+    fmt_table,
+    matmul_peak_gflops,
+    sft_step_flops,
+    tiny_model_dir,
+    train_flops_per_token,
+)
 
 from rlhfkit.algos import bradley_terry_loss  # noqa: E402
 from rlhfkit.config import OptimSection  # noqa: E402
@@ -55,10 +61,8 @@ def bench_sft(model_name: str, batch: int, seq: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     sec = _timed_steps(step, steps)
-    tokens, labelled = batch * seq, int((labels[:, 1:] != -100).sum())
-    # the LM head runs on the labelled tokens only (`models.forward.labelled_logprobs`)
-    head = train_flops_per_token(model.config, seq, lm_head=True) - train_flops_per_token(model.config, seq, lm_head=False)
-    flops = train_flops_per_token(model.config, seq, lm_head=False) * tokens + head * labelled
+    tokens = batch * seq
+    flops = sft_step_flops(model.config, seq, tokens, int((labels[:, 1:] != -100).sum()))
     return {"phase": "sft step", "batch x seq": f"{batch}x{seq}", "s/step": sec, "tokens/s": tokens / sec,
             "GFLOP/s": flops / sec / 1e9}
 

@@ -50,6 +50,13 @@ def train_flops_per_token(config, seq_len: int, lm_head: bool = True) -> float:
     return 6 * params + 12 * L * seq_len * d
 
 
+def sft_step_flops(config, seq_len: float, tokens: float, labelled: float) -> float:
+    """`train_flops_per_token` over an SFT step's tokens, the LM head counted on ``labelled`` of them
+    (rlhfkit runs it on the labelled tokens only; pass ``labelled=tokens`` for a head on every token)."""
+    body = train_flops_per_token(config, seq_len, lm_head=False)
+    return body * tokens + (train_flops_per_token(config, seq_len, lm_head=True) - body) * labelled
+
+
 def fmt_table(rows: list[dict], cols: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     line = "  ".join(c.ljust(widths[c]) for c in cols)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from common import fmt_table, train_flops_per_token
+from common import fmt_table, sft_step_flops, train_flops_per_token
 
 # per job: (rlhfkit metric, TRL log key, label) of the learning curve printed next to each other
 CURVE = {"sft": ("train/loss", "loss", "loss"), "rm": ("train/loss", "loss", "loss"),
@@ -77,8 +77,7 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
         n, rows = data["tokens"], data["rows"]
         T = n / rows
         if method == "sft":
-            head = data["labelled"] if head_on_labelled and "labelled" in data else n
-            fl = f_sc(T) * n + (f_lm(T) - f_sc(T)) * head
+            fl = sft_step_flops(model_cfg, T, n, data["labelled"] if head_on_labelled else n)
         elif method == "rm":
             fl = f_sc(T) * n
         else:

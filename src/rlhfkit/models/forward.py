@@ -54,11 +54,7 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     B, T = input_ids.shape
     rows, cols = labelled.nonzero(as_tuple=True)
     flat = rows * T + cols  # the hidden state at t predicts token t+1
-    with _head_on_positions(model, flat) as gathered:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False)
-    logits = out.logits.float()
-    logits = logits if gathered else logits.flatten(0, 1).index_select(0, flat)  # (N, V)
+    logits = _logits_at(model, flat, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return token_logprobs(logits[None], input_ids[rows, cols + 1][None])[0]
 
 
@@ -158,11 +154,8 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
 def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
     """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch; 0 elsewhere."""
-    with _head_on_positions(model, packed["pred"]) as gathered:
-        out = model(input_ids=packed["input_ids"], attention_mask=additive_mask(packed["allowed"], _mask_dtype(model)),
-                    position_ids=packed["position_ids"], use_cache=False)
-    logits = out.logits.float()
-    logits = logits[None] if gathered else logits.flatten(0, 1).index_select(0, packed["pred"])[None]  # (1, N, V)
+    logits = _logits_at(model, packed["pred"], input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                        attention_mask=additive_mask(packed["allowed"], _mask_dtype(model)))[None]  # (1, N, V)
     B, R = packed["shape"]
 
     def place(v: torch.Tensor) -> torch.Tensor:
@@ -173,6 +166,15 @@ def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
     if with_entropy:
         return logp, place(entropy_from_logits(logits))
     return logp
+
+
+def _logits_at(model, flat_positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """(N, V) float32 logits at ``flat_positions`` of the flattened (B*T) batch: the model's forward
+    on ``inputs`` with the LM head run on those positions only (`_head_on_positions`)."""
+    with _head_on_positions(model, flat_positions) as gathered:
+        out = model(**inputs, use_cache=False)
+    logits = out.logits.float()
+    return logits if gathered else logits.flatten(0, 1).index_select(0, flat_positions)
 
 
 @contextmanager
