@@ -63,6 +63,14 @@ def test_run_logger_sends_finite_scalars_config_and_finish(tmp_path, fake_tracke
     assert not (tmp_path / "demo" / "sft" / "tb").exists()  # TensorBoard only when asked for
 
 
+def test_a_run_with_no_steps_shows_no_progress_bar(tmp_path, capsys):
+    assert RunLogger(tmp_path / "rm", 0, progress=True, desc="rm", report_to=[]).bar is None
+    with_steps = RunLogger(tmp_path / "sft", 2, progress=True, desc="sft", report_to=[])
+    assert with_steps.bar is not None
+    with_steps.bar.close()
+    assert "0it" not in capsys.readouterr().err
+
+
 def test_sft_metrics_reach_the_tracker(tmp_path, tiny_model_dir, fake_tracker):
     from rlhfkit.trainers.sft import train_sft
 

@@ -40,7 +40,7 @@ class RunLogger:
         _truncate_after(self.metrics_path, initial_step)
         run_name = f"{self.out_dir.resolve().parent.name}/{desc}"
         self.trackers = start_trackers(report_to, self.out_dir, run_name, initial_step, config)
-        if progress:
+        if progress and total_steps > 0:  # no bar for a run with no steps (an RM that is its probe alone)
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
