@@ -3,10 +3,12 @@
     python benchmarks/rlhflow_compare.py                       # the full comparison (hours on 2 CPU cores)
     python benchmarks/rlhflow_compare.py --sft runs/results/sft/model --seeds 0,1,2
     python benchmarks/rlhflow_compare.py --tables-only         # the tables and the plot from finished runs
+    python benchmarks/rlhflow_compare.py --arms ... --re-eval  # an arm added: train it, evaluate all again
     python benchmarks/rlhflow_compare.py --tiny --out /tmp/rf  # a tiny random model: checks the script
 
 D is the first 320 shipped sentiment pairs with 15% held out (272 training pairs, the split of the
-"272 annotator labels" result). A Bradley-Terry RM (configs/demo.yaml's rm recipe) and a pairwise
+"272 annotator labels" result). A Bradley-Terry RM (a mean-pooled probe, then 4 fine-tuning steps,
+the best on the held-out pairs kept) and a pairwise
 preference model (configs/pm.yaml's recipe) are trained on D once, from the SFT model. Then, per
 seed, four arms start from the SFT model (also the reference and the evaluation baseline):
   offline    DPO on D, 1 epoch (configs/dpo.yaml);
@@ -32,6 +34,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,8 +86,8 @@ def write_inputs(out: Path, pairs: int, seeds: list[int], prompts: int) -> dict:
 # --------------------------------------------------------------------------- the pipeline
 
 def shared_stages(sft: str | None, d: dict, arms) -> list[dict]:
-    """SFT (unless given), the RM and (for online-pm) the PM on D: configs/demo.yaml's sft and rm,
-    configs/pm.yaml."""
+    """SFT (unless given; configs/demo.yaml's), the RM (the probe, then 4 steps, the best kept) and
+    (for online-pm) the PM on D (configs/pm.yaml's)."""
     stages = [] if sft else [{"name": "sft", "kind": "sft", "config": {
         "model": {"name": "${base}"}, "data": {"train": "task:sentiment", "eval_fraction": 0.1, "max_length": 160},
         "optim": {"lr": 2.0e-5, "schedule": "cosine", "warmup_ratio": 0.03},
@@ -155,6 +158,19 @@ def pipeline(args, out: Path) -> dict:
             "stages": stages}
 
 
+def set_evals_aside(out: Path, seeds: list[int]) -> list[Path]:
+    """``--re-eval``: rename each finished or started ``eval-sN`` to ``eval-sN.before-<UTC time>`` so
+    the pipeline evaluates again (e.g. with an arm added) and reuses every trained arm; nothing is deleted."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved = []
+    for s in seeds:
+        ev = out / f"eval-s{s}"
+        if ev.exists():
+            moved.append(ev.rename(ev.with_name(f"{ev.name}.before-{stamp}")))
+            print(f"[rlhflow] {ev} set aside as {moved[-1].name}", flush=True)
+    return moved
+
+
 def run_pipeline(cfg: dict, out: Path, threads: int) -> None:
     import yaml
 
@@ -164,7 +180,8 @@ def run_pipeline(cfg: dict, out: Path, threads: int) -> None:
         changed = [st["name"] for st in cfg["stages"]  # a stage not started yet may change
                    if (out / st["name"]).exists() and before.get(st["name"], st["config"]) != st["config"]]
         if changed:
-            sys.exit(f"{out} holds stages {', '.join(changed)} run with other settings: choose another --out")
+            hint = " (--re-eval runs the evaluations again)" if all(c.startswith("eval-") for c in changed) else ""
+            sys.exit(f"{out} holds stages {', '.join(changed)} run with other settings: choose another --out{hint}")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     exe = shutil.which("rlhfkit", path=str(Path(sys.executable).parent)) or shutil.which("rlhfkit")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
@@ -340,6 +357,8 @@ def main(argv=None) -> None:
                     help="held-out prompts for the KL and gold after each online iteration (default 64)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the run, unless set")
+    ap.add_argument("--re-eval", action="store_true",
+                    help="evaluate again: set the eval-sN directories aside (renamed, not deleted), reuse the trained arms")
     ap.add_argument("--tables-only", action="store_true", help="do not run: tables and plot from OUT")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model, 1-2 steps per stage: checks the script")
     args = ap.parse_args(argv)
@@ -361,6 +380,10 @@ def main(argv=None) -> None:
 
         args.base = tiny_model_dir()
     out = Path(args.out)
+    if args.re_eval and args.tables_only:
+        ap.error("--re-eval runs the evaluations; --tables-only runs nothing")
+    if args.re_eval:
+        set_evals_aside(out, args.seeds)
     if not args.tables_only:
         run_pipeline(pipeline(args, out), out, args.threads)
     report(out, args)

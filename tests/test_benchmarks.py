@@ -199,6 +199,20 @@ def test_rlhflow_compare_tiny_runs_every_arm(tmp_path):
     assert all(f"| {a} |" in table for a in ("offline", "online-rm", "online-pm", "ppo"))
     assert (out / "rlhflow_frontier.png").stat().st_size > 0
 
+    # fewer arms: the finished evaluation has other settings, so the run is refused until --re-eval,
+    # which sets it aside and evaluates again with the trained arms reused
+    again = [sys.executable, str(BENCH / "rlhflow_compare.py"), "--tiny", "--out", str(out), "--arms", "offline,ppo"]
+    proc = subprocess.run(again, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "eval-s0" in proc.stderr and "--re-eval" in proc.stderr, proc.stderr[-2000:]
+    trained = (out / "ppo-s0" / "DONE").stat().st_mtime
+    proc = subprocess.run([*again, "--re-eval"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "ppo-s0" / "DONE").stat().st_mtime == trained
+    aside = list(out.glob("eval-s0.before-*"))
+    assert len(aside) == 1 and (aside[0] / "eval_results.json").is_file()
+    res = json.loads((out / "rlhflow_results.json").read_text())
+    assert {r["arm"] for r in res["arms"]} == {"SFT (start)", "offline", "ppo"}
+
 
 def _feature_file(path, n, seed, signal_key, hidden=8):
     """A cached-features file as ``rm_study.py features`` writes it, with pure noise except in
