@@ -388,3 +388,31 @@ def test_ppo_with_plain_text_ptx_learns_the_text(tokenizer, tmp_path):
     train_ppo(cfg)
     ptx = [r["loss/ptx"] for r in read_metrics(tmp_path / "run")]
     assert len(ptx) == 8 and sum(ptx[-2:]) / 2 < 0.8 * sum(ptx[:2]) / 2, ptx
+
+
+def test_ppo_takes_a_cut_reward_model_as_reward_and_critic(tokenizer, tmp_path):
+    """A reward model cut to 1 of the policy's 2 layers (rm backbone_layers) scores PPO's samples
+    through rm:DIR and initialises the critic (critic_init: reward), which stays 1 layer deep."""
+    import json as _json
+    import math
+
+    from rlhfkit.config import RewardConfig
+    from rlhfkit.trainers.reward import train_reward_model
+
+    policy = _cfg(tmp_path, tokenizer).model.name  # writes the tiny policy
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(_json.dumps({"prompt": f"Say {w}", "chosen": f"{w} is lovely.", "rejected": f"{w}."})
+                             + "\n" for w in ("red", "blue", "green", "pink") * 4))
+    rm = load_config(RewardConfig, data={
+        "model": {"name": policy}, "data": {"train": str(pairs), "max_length": 48}, "head_init": "probe",
+        "pooling": "mean", "backbone_layers": 1,
+        "train": {"output_dir": str(tmp_path / "rm"), "epochs": 0, "batch_size": 8, "micro_batch_size": 8,
+                  "progress": False}})
+    train_reward_model(rm)
+    cfg = _cfg(tmp_path, tokenizer, critic_init="reward", reward={"spec": f"rm:{tmp_path / 'rm'}"},
+               train={"max_steps": 2})
+    train_ppo(cfg)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/value"]) for r in rows)
+    critic = _json.loads((tmp_path / "run" / "critic" / "config.json").read_text())
+    assert critic["num_hidden_layers"] == 1

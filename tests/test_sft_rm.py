@@ -292,6 +292,54 @@ def test_rm_epochs_0_with_probe_saves_the_probe_alone(tmp_path, tiny_model_dir):
         load_config(SFTConfig, data={"data": {"train": "x.jsonl"}, "train": {"epochs": 0}})
 
 
+def test_rm_backbone_layers_saves_a_shallower_model_whose_head_reads_that_layer(tmp_path, tiny_model_dir):
+    """backbone_layers=1 on the 2-layer model: the saved RM is an ordinary 1-layer model
+    (config, weights, from_pretrained with nothing missing or left over); with the probe alone its
+    token scores are the start model's layer-1 hidden state through the final norm and the head;
+    rm:DIR scores as the trainer evaluated; a fine-tuning step runs on the cut model. A cut deeper
+    than the model, a negative one and one with LoRA are refused before anything is written."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.data import load_preference
+    from rlhfkit.eval.preference_sets import reward_accuracy
+    from rlhfkit.judges.rewards import build_reward_fn
+
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1))
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__epochs=0.0, train__max_steps=0,
+               head_init="probe", pooling="mean", backbone_layers=1)
+    final = train_reward_model(cfg)
+    out = tmp_path / "run" / "model"
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["num_hidden_layers"] == 1 and len(conf.get("layer_types") or [None]) == 1
+    assert not any(".layers.1." in k for k in load_file(str(out / "model.safetensors")))
+    cut, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert len(cut.model.layers) == 1 and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
+    full = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    ids = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        h1 = full.model(ids, output_hidden_states=True).hidden_states[1]  # after decoder layer 0
+        want = cut.score(cut.model.norm(h1))
+        torch.testing.assert_close(cut(ids).logits, want[:, -1], rtol=1e-5, atol=1e-6)
+    got = reward_accuracy(build_reward_fn(f"rm:{tmp_path / 'run'}"), load_preference(str(held)))
+    assert got["accuracy"] == pytest.approx(final["eval/accuracy"])
+
+    step = _cfg(RewardConfig, tmp_path / "step", tiny_model_dir, train, held, train__max_steps=1, backbone_layers=1)
+    train_reward_model(step)
+    assert json.loads((tmp_path / "step" / "run" / "model" / "config.json").read_text())["num_hidden_layers"] == 1
+    deep = _cfg(RewardConfig, tmp_path / "deep", tiny_model_dir, train, held, backbone_layers=3)
+    with pytest.raises(ConfigError, match="backbone_layers: 3, but .* has 2 decoder layers"):
+        train_reward_model(deep)
+    assert not (tmp_path / "deep" / "run").exists()
+    with pytest.raises(ConfigError, match="backbone_layers"):
+        load_config(RewardConfig, data={"data": {"train": "x.jsonl"}, "backbone_layers": -1})
+    with pytest.raises(ConfigError, match="backbone_layers"):
+        load_config(RewardConfig, data={"data": {"train": "x.jsonl"}, "backbone_layers": 1,
+                                        "model": {"lora": {"enabled": True}}})
+
+
 def test_rm_mean_pooling_is_trained_saved_and_scored_the_same_way(tmp_path, tiny_model_dir):
     """pooling=mean: the probe, the training loss and the evaluation pool over response tokens,
     the saved config.json records it, and rm:DIR scores the held-out pairs exactly as the

@@ -270,6 +270,9 @@ class RewardConfig:
     config.json as reward_pooling, so that rm:DIR scores the way the model was trained."""
     train_top_layers: int = 0
     """> 0: fine-tune only the top N decoder layers (with the final norm and the head); 0: all."""
+    backbone_layers: int = 0
+    """> 0: keep only the backbone's first N decoder layers; the final norm and the head read layer
+    N. The saved RM is an ordinary N-layer model, cheaper to train and to score. 0: all layers."""
 
     def validate(self, where: str) -> None:
         if self.train.epochs == 0 and self.train.max_steps == 0 and self.head_init != "probe":
@@ -277,6 +280,15 @@ class RewardConfig:
                               "with a random head the model would score at chance")
         if self.train_top_layers < 0:
             raise ConfigError(f"{where}.train_top_layers: must be >= 0, got {self.train_top_layers}")
+        if self.backbone_layers < 0:
+            raise ConfigError(f"{where}.backbone_layers: must be >= 0, got {self.backbone_layers}")
+        if self.backbone_layers and self.model.lora.enabled:
+            # an adapter directory is loaded onto the full base model: the cut would be lost
+            raise ConfigError(f"{where}.backbone_layers: not with model.lora.enabled (an adapter is loaded "
+                              "onto the whole base model)")
+        if self.train_top_layers and self.backbone_layers and self.train_top_layers > self.backbone_layers:
+            raise ConfigError(f"{where}.train_top_layers: {self.train_top_layers} is more than "
+                              f"backbone_layers: {self.backbone_layers}")
         if self.train_top_layers and self.model.lora.enabled:
             raise ConfigError(f"{where}.train_top_layers: not with model.lora.enabled (LoRA already freezes the base)")
         if self.pooling != "last" and self.model.lora.enabled:

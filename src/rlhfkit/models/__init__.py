@@ -4,6 +4,7 @@ from rlhfkit.models.heads import (
     POOLINGS,
     backbone_and_head,
     freeze_lower_layers,
+    keep_lower_layers,
     last_token_index,
     pooled_features,
     position_ids_from_mask,
@@ -29,5 +30,5 @@ __all__ = [
     "DEFAULT_MODEL", "cache_root", "ensure_default_model", "load_causal_lm", "load_scalar_model",
     "load_tokenizer", "resolve_model_path", "save_pretrained_atomic", "tiny_causal_lm",
     "last_token_index", "position_ids_from_mask", "token_values", "sequence_scores", "backbone_and_head",
-    "unwrap_model", "POOLINGS", "freeze_lower_layers", "pooled_features", "reward_pooling", "set_reward_pooling",
+    "unwrap_model", "POOLINGS", "freeze_lower_layers", "keep_lower_layers", "pooled_features", "reward_pooling", "set_reward_pooling",
 ]

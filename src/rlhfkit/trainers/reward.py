@@ -12,7 +12,7 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
-from rlhfkit.config import RewardConfig
+from rlhfkit.config import ConfigError, RewardConfig
 from rlhfkit.data import (
     PreferenceCollator,
     batch_to_device,
@@ -22,8 +22,10 @@ from rlhfkit.data import (
 from rlhfkit.data.sources import resolve_source, split_eval
 from rlhfkit.models import (
     freeze_lower_layers,
+    keep_lower_layers,
     load_tokenizer,
     pooled_features,
+    resolve_model_path,
     sequence_scores,
     set_reward_pooling,
 )
@@ -140,6 +142,17 @@ def install_probe_head(model, w: torch.Tensor, strategy: Strategy) -> None:
                 lin.bias.zero_()
 
 
+def _check_backbone_layers(cfg: RewardConfig) -> None:
+    """backbone_layers deeper than the model: one line before anything is written or the model loads."""
+    if cfg.backbone_layers:
+        from transformers import AutoConfig
+
+        depth = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name)).num_hidden_layers
+        if cfg.backbone_layers > depth:
+            raise ConfigError(f"backbone_layers: {cfg.backbone_layers}, but {cfg.model.name} has {depth} "
+                              "decoder layers")
+
+
 def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
     strategy = strategy or make_strategy(cfg.train, cfg.model)
@@ -148,6 +161,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     # 1. Data, validated before anything is written or the model loads.
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
+    _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy)
     collator = PreferenceCollator(tokenizer.pad_token_id)
 
@@ -155,6 +169,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     #    trained in full next to the adapters and saved with them.
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
         model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
+    depth = keep_lower_layers(model, cfg.backbone_layers)  # before the optimizer and the probe
     set_reward_pooling(model, cfg.pooling)  # saved in config.json: rm:DIR scorers pool the same way
     freeze_lower_layers(model, cfg.train_top_layers)  # before the optimizer: it takes trainable params only
     model.train()
@@ -162,6 +177,8 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     model, optimizer, scheduler = prepare_optimization(strategy, model, cfg.optim, cfg.train, total)
 
     def on_start(start):
+        if cfg.backbone_layers:
+            run.logger.write(f"[rm] backbone cut to its first {cfg.backbone_layers} of {depth} decoder layers")
         if start == 0 and cfg.head_init == "probe":
             # Linear probing first: one forward over the training pairs, a convex fit of the head.
             run.logger.write(f"[rm] fitting the head as a linear probe on {len(train)} training pairs")
