@@ -340,6 +340,19 @@ def test_rm_backbone_layers_saves_a_shallower_model_whose_head_reads_that_layer(
                                         "model": {"lora": {"enabled": True}}})
 
 
+def test_keep_lower_layers_leaves_any_architecture_alone_at_0():
+    """backbone_layers 0 (the default) never inspects the model: a GPT-2 scalar model, whose
+    blocks are not a `.layers` list, is left as is; cutting it is a clear TypeError."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from rlhfkit.models import keep_lower_layers
+
+    m = GPT2ForSequenceClassification(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, num_labels=1))
+    assert keep_lower_layers(m, 0) is None and len(m.transformer.h) == 2
+    with pytest.raises(TypeError, match="no .layers list"):
+        keep_lower_layers(m, 1)
+
+
 def test_rm_mean_pooling_is_trained_saved_and_scored_the_same_way(tmp_path, tiny_model_dir):
     """pooling=mean: the probe, the training loss and the evaluation pool over response tokens,
     the saved config.json records it, and rm:DIR scores the held-out pairs exactly as the

@@ -180,18 +180,18 @@ def freeze_lower_layers(model, n_trainable: int) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def keep_lower_layers(model, n_layers: int) -> int:
+def keep_lower_layers(model, n_layers: int) -> int | None:
     """Cut a scalar model's backbone to its first ``n_layers`` decoder layers: the final norm and
     the head then read layer ``n_layers``'s hidden state, and the config records the new depth, so
     ``save_pretrained`` writes an ordinary ``n_layers``-layer model. Returns the depth before.
-    n_layers <= 0 leaves the model as is."""
+    n_layers <= 0 leaves the model as is (any architecture) and returns None."""
+    if n_layers <= 0:
+        return None
     backbone, _ = backbone_and_head(model)
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise TypeError(f"{type(backbone).__name__} has no .layers list of decoder layers to cut")
     depth = len(layers)
-    if n_layers <= 0:
-        return depth
     if n_layers > depth:
         raise ValueError(f"backbone_layers: {n_layers}, but the model has {depth} decoder layers")
     backbone.layers = torch.nn.ModuleList(list(layers)[:n_layers])
