@@ -68,10 +68,10 @@ def _sft_dataset(cfg):
     from datasets import Dataset
 
     from rlhfkit.data import load_sft
-    from rlhfkit.data.sources import resolve_source
+    from rlhfkit.data.sources import load_sources
 
     rows = []
-    for ex in load_sft(resolve_source(cfg.data.train, "sft")):
+    for ex in load_sources(cfg.data.train, "sft", load_sft):
         m = ex.messages
         rows.append({"prompt": m[:-1], "completion": m[-1:]})
     return Dataset.from_list(rows)
@@ -81,9 +81,9 @@ def _preference_dataset(cfg):
     from datasets import Dataset
 
     from rlhfkit.data import load_preference
-    from rlhfkit.data.sources import resolve_source
+    from rlhfkit.data.sources import load_sources
 
-    pairs = load_preference(resolve_source(cfg.data.train, "preference"))
+    pairs = load_sources(cfg.data.train, "preference", load_preference)
     if cfg.data.limit:  # the first n pairs, as rlhfkit's trainers take them (the jobs hold none out)
         pairs = pairs[:cfg.data.limit]
     return Dataset.from_list([

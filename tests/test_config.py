@@ -14,6 +14,8 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.optim.lr == 1e-4 and cfg.train.batch_size == 16 and cfg.train.epochs == 2.0
     assert isinstance(cfg.optim.lr, float)
     assert load_config(RewardConfig, overrides=["data.train=x"]).optim.lr == 1e-5
+    listed = load_config(RewardConfig, overrides=["data.train=[a.jsonl, task:sentiment]"])
+    assert listed.data.train == ["a.jsonl", "task:sentiment"]  # several sources, read in order as one set
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -25,6 +27,9 @@ def test_yaml_and_overrides(tmp_path):
     (["data.train=x", "optim.lr=-1"], r"optim\.lr: must be > 0"),
     (["data.train=x", "model=3"], r"model: expected a mapping"),
     (["nokey"], r"expected key\.path=value"),
+    (["data.train=[a.jsonl, 3]"], r"data\.train\[1\]: expected a string, got int 3"),
+    (["data.train=[a.jsonl, '']"], r"data\.train: an empty source in the list \['a\.jsonl', ''\]"),
+    (["data.train=x", "data.eval={a: 1}"], r"data\.eval: expected string or list, got dict"),
 ])
 def test_errors_are_located(overrides, match):
     with pytest.raises(ConfigError, match=match):

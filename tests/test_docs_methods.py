@@ -52,8 +52,8 @@ def _same(doc: str, value) -> bool:
         return value in ("", [], None)
     text = {None: "null", True: "true", False: "false", "": '""'}.get(value, value) \
         if not isinstance(value, (list, float, int)) or isinstance(value, bool) else value
-    if isinstance(value, list):
-        text = "[]" if not value else str(value)
+    if isinstance(value, list):  # as YAML's flow style writes it: [a, b]
+        text = f"[{', '.join(map(str, value))}]"
     if str(text) == doc:
         return True
     try:

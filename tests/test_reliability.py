@@ -234,6 +234,21 @@ def test_resume_refuses_another_config_or_data_naming_what_differs(tmp_path, cha
     assert named in json.loads((out / "sft_run.json").read_text())["history"][-1]["differences"][0]
 
 
+def test_resume_identifies_each_of_a_list_of_training_sources(tmp_path):
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    a, b = _sft_data(tmp_path / "a.jsonl"), _sft_data(tmp_path / "b.jsonl", shift=100)
+    out = _used_run(tmp_path, f"[{a}, {b}]")
+    record = json.loads((out / "sft_run.json").read_text())
+    assert {"data.train[0]", "data.train[1]"} <= set(record["sources"])
+    assert open_run(_cfg(tmp_path, f"[{a}, {b}]", "train.resume=true"), "sft").resuming
+    _sft_data(b, n=17, shift=100)  # the second file changed
+    with pytest.raises(RunDirError, match=r"cannot resume.*data\.train\[1\] content differs \(size"):
+        open_run(_cfg(tmp_path, f"[{a}, {b}]", "train.resume=true"), "sft")
+    with pytest.raises(RunDirError, match=r"data\.train\[1\] content differs.*data\.train\[2\] added"):
+        open_run(_cfg(tmp_path, f"[{a}, {b}, {a}]", "train.resume=true"), "sft")
+
+
 def test_resume_allows_what_does_not_change_the_numbers(tmp_path, caplog):
     from rlhfkit.training.rundir import open_run
 

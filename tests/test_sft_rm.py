@@ -214,6 +214,29 @@ def test_bad_reward_model_data_names_file_line_and_field(tmp_path, tiny_model_di
     assert msg.startswith(f"{bad}:2: field '{field}': ") and fragment in msg, msg
 
 
+def test_a_list_of_training_sources_is_read_in_order_and_a_bad_line_names_its_own_file(tmp_path, tiny_model_dir,
+                                                                                          tokenizer, monkeypatch):
+    from rlhfkit.data import DataError
+    from rlhfkit.trainers.reward import prepare_preference_data
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "yes", "rejected": "no"} for i in range(3)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "chosen": "good", "rejected": "bad"} for i in range(2)])
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, "", "", data__train=[str(a), str(b)], data__eval=[str(b)])
+    train, evals, _ = prepare_preference_data(cfg, tokenizer)
+    assert len(train) == 5 and len(evals) == 2
+    prompts = [tokenizer.decode(ex["prompt_ids"]) for ex in train]
+    assert [p for p in prompts if "a0" in p or "a2" in p or "b1" in p] == [prompts[0], prompts[2], prompts[4]]
+    assert train[3:] == evals  # a's pairs, then b's
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "a"}])
+    _forbid_model_loading(monkeypatch)
+    cfg = _cfg(RewardConfig, tmp_path, tiny_model_dir, "", "", data__train=[str(a), str(bad)], train__max_steps=1)
+    with pytest.raises(DataError) as info:
+        train_reward_model(cfg)
+    assert str(info.value).startswith(f"{bad}:1: field 'rejected': "), info.value
+    assert not (tmp_path / "run").exists()
+
+
 def test_head_lr_gives_the_scalar_head_its_own_param_group(tiny_model_dir):
     """optim.head_lr: the reward/value head trains at its own rate; everything else at optim.lr."""
     from rlhfkit.config import ModelSection, OptimSection

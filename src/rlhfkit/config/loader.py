@@ -30,6 +30,8 @@ def _describe(tp: Any) -> str:
     """How a type reads in an error message: true/false, 'auto', float..."""
     if tp is bool:
         return "true/false"
+    if tp in (str, int, float):
+        return {str: "string", int: "integer", float: "number"}[tp]
     if get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in get_args(tp))
     return _type_name(tp)
@@ -43,16 +45,17 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
             raise ConfigError(f"{source}: {path}: must be one of {list(get_args(tp))}, got {value!r}")
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:
                     return None
                 continue
+            if get_origin(arg) in (list, dict) and isinstance(value, get_origin(arg)):
+                return _coerce(value, arg, path, source)  # the container fits: its element's error is the one
             try:
                 return _coerce(value, arg, path, source)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{source}: {path}: expected {' or '.join(_describe(a) for a in get_args(tp))}, "
                           f"got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
@@ -63,6 +66,8 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
         want = origin or tp
         if not isinstance(value, want):
             raise ConfigError(f"{source}: {path}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+        if origin is list and get_args(tp):
+            return [_coerce(v, get_args(tp)[0], f"{path}[{i}]", source) for i, v in enumerate(value)]
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string

@@ -190,9 +190,10 @@ class RewardTrainSection(TrainSection):
 class DataSection:
     """Training and held-out data."""
 
-    train: str = ""
-    """A file (.jsonl/.json/.parquet/.csv), hf:org/name[:split], or task:NAME for a built-in task's data."""
-    eval: str = ""
+    train: str | list[str] = ""
+    """A file (.jsonl/.json/.parquet/.csv), hf:org/name[:split], or task:NAME for a built-in task's data;
+    or a list of them, read in order as one set."""
+    eval: str | list[str] = ""
     """Held-out set (same forms); empty = split eval_fraction off the training data."""
     eval_fraction: float = 0.05
     """Share of the training data held out when eval is empty."""
@@ -210,6 +211,10 @@ class DataSection:
     def validate(self, where: str) -> None:
         if not self.train:
             raise ConfigError(f"{where}.train: a training data source is required")
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if isinstance(value, list) and not all(value):
+                raise ConfigError(f"{where}.{key}: an empty source in the list {value!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"{where}.eval_fraction: must be in [0, 1)")
         if self.max_length < 8:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Callable
 
 TASK_FILES = {"sft": "sft.jsonl", "preference": "preference.jsonl", "prompts": "prompts_train.jsonl",
               "prompts_eval": "prompts_eval.jsonl"}
@@ -30,6 +31,28 @@ def resolve_source(spec: str, kind: str) -> str:
         raise FileNotFoundError(f"{spec}: built-in task data {path} not found "
                                 f"(generate it with `rlhfkit make-data --task {name}`)")
     return str(path)
+
+
+def source_list(spec: str | list[str]) -> list[str]:
+    """The sources of a data key: one spec, or a list of specs read in order."""
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def load_sources(spec: str | list[str], kind: str, load: Callable[[str], list]) -> list:
+    """The examples of every source in ``spec`` (`source_list`, each through `resolve_source`),
+    concatenated in order; ``load`` validates each file (errors name that file and line)."""
+    return [ex for one in source_list(spec) for ex in load(resolve_source(one, kind))]
+
+
+def train_and_eval(data, kind: str, load: Callable[[str], list], seed: int) -> tuple[list, list]:
+    """A data section's training examples (the first ``data.limit`` when set) and held-out ones:
+    ``data.eval``'s, or ``data.eval_fraction`` of the training examples split off by ``seed``."""
+    train = load_sources(data.train, kind, load)
+    if data.limit:
+        train = train[:data.limit]
+    if data.eval:
+        return train, load_sources(data.eval, kind, load)
+    return split_eval(train, data.eval_fraction, seed)
 
 
 def split_eval(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:

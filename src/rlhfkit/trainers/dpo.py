@@ -40,7 +40,7 @@ from rlhfkit.data import (
     load_preference,
     sft_from_preference,
 )
-from rlhfkit.data.sources import resolve_source
+from rlhfkit.data.sources import load_sources
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhfkit.models.start import load_for_training, merge_adapter
@@ -351,8 +351,8 @@ def run_sft_first(cfg: DPOConfig, out: Path, strategy: Strategy) -> Path:
     return model_dir
 
 
-def _chosen_as_sft(source: str, dest: Path) -> Path:
-    """Write the chosen side of a preference source as SFT conversations (``data.sft_from_preference``)."""
-    examples = sft_from_preference(load_preference(resolve_source(source, "preference")))
+def _chosen_as_sft(source: str | list[str], dest: Path) -> Path:
+    """Write the chosen side of preference sources as SFT conversations (``data.sft_from_preference``)."""
+    examples = sft_from_preference(load_sources(source, "preference", load_preference))
     write_jsonl_atomic(dest, [{"messages": ex.messages} for ex in examples])
     return dest

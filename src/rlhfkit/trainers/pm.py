@@ -27,7 +27,7 @@ from rlhfkit.config import (
     TrainSection,
 )
 from rlhfkit.data import load_preference
-from rlhfkit.data.sources import resolve_source, split_eval
+from rlhfkit.data.sources import train_and_eval
 from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, pm_training_records
@@ -57,12 +57,7 @@ class PMConfig:
 
 def _pm_pairs(cfg: PMConfig) -> tuple[list, list]:
     """The training and held-out preference pairs (validated)."""
-    train = load_preference(resolve_source(cfg.data.train, "preference"))
-    if cfg.data.limit:
-        train = train[:cfg.data.limit]
-    if cfg.data.eval:
-        return train, load_preference(resolve_source(cfg.data.eval, "preference"))
-    return split_eval(train, cfg.data.eval_fraction, cfg.train.seed)
+    return train_and_eval(cfg.data, "preference", load_preference, cfg.train.seed)
 
 
 def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:

@@ -19,7 +19,7 @@ from rlhfkit.data import (
     load_preference,
     tokenize_dataset,
 )
-from rlhfkit.data.sources import resolve_source, split_eval
+from rlhfkit.data.sources import source_list, train_and_eval
 from rlhfkit.models import (
     freeze_lower_layers,
     keep_lower_layers,
@@ -44,17 +44,11 @@ from rlhfkit.training import (
 
 def prepare_preference_data(cfg, tokenizer):
     """Load, validate and tokenise preference pairs (train, eval) before any model loads."""
-    train_ex = load_preference(resolve_source(cfg.data.train, "preference"))
-    if cfg.data.limit:
-        train_ex = train_ex[:cfg.data.limit]
-    if cfg.data.eval:
-        eval_ex = load_preference(resolve_source(cfg.data.eval, "preference"))
-    else:
-        train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_fraction, cfg.train.seed)
+    train_ex, eval_ex = train_and_eval(cfg.data, "preference", load_preference, cfg.train.seed)
     train, tstats = tokenize_dataset(tokenizer, train_ex, "preference", cfg.data.max_length, cfg.data.truncation)
     evals, estats = tokenize_dataset(tokenizer, eval_ex, "preference", cfg.data.max_length, cfg.data.truncation)
     if not train:
-        raise ValueError(f"{cfg.data.train}: no training pairs")
+        raise ValueError(f"{', '.join(source_list(cfg.data.train))}: no training pairs")
     return train, evals, {"train": tstats, "eval": estats}
 
 

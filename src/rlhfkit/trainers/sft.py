@@ -18,7 +18,7 @@ from rlhfkit.data import (
     pack_sft,
     tokenize_dataset,
 )
-from rlhfkit.data.sources import resolve_source, split_eval
+from rlhfkit.data.sources import source_list, train_and_eval
 from rlhfkit.models import load_tokenizer
 from rlhfkit.models.forward import labelled_logprobs
 from rlhfkit.models.start import load_for_training
@@ -35,17 +35,11 @@ from rlhfkit.training import (
 
 def prepare_sft_data(cfg: SFTConfig, tokenizer):
     """Load, validate and tokenise train/eval sets; every data error surfaces here, before training."""
-    train_ex = load_sft(resolve_source(cfg.data.train, "sft"))
-    if cfg.data.limit:
-        train_ex = train_ex[:cfg.data.limit]
-    if cfg.data.eval:
-        eval_ex = load_sft(resolve_source(cfg.data.eval, "sft"))
-    else:
-        train_ex, eval_ex = split_eval(train_ex, cfg.data.eval_fraction, cfg.train.seed)
+    train_ex, eval_ex = train_and_eval(cfg.data, "sft", load_sft, cfg.train.seed)
     train, tstats = tokenize_dataset(tokenizer, train_ex, "sft", cfg.data.max_length, cfg.data.truncation)
     evals, estats = tokenize_dataset(tokenizer, eval_ex, "sft", cfg.data.max_length, cfg.data.truncation)
     if not train:
-        raise ValueError(f"{cfg.data.train}: no training examples")
+        raise ValueError(f"{', '.join(source_list(cfg.data.train))}: no training examples")
     return train, evals, {"train": tstats, "eval": estats}
 
 

@@ -233,7 +233,14 @@ def default_sources(cfg: Any) -> dict[str, str]:
                 flat[f"{prefix}{k}"] = v
 
     walk(to_dict(cfg), "")
-    return {k: flat[k] for k in (*DATA_KEYS, *MODEL_KEYS) if isinstance(flat.get(k), str) and flat[k]}
+    out = {}
+    for key in (*DATA_KEYS, *MODEL_KEYS):
+        value = flat.get(key)
+        if isinstance(value, str) and value:
+            out[key] = value
+        elif isinstance(value, list):  # data.train as a list of sources: each one identified
+            out.update({f"{key}[{i}]": spec for i, spec in enumerate(value)})
+    return out
 
 
 def fingerprint(cfg: Any, kind: str, sources: dict[str, str]) -> dict:
