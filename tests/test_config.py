@@ -59,12 +59,13 @@ def test_yaml_errors_name_the_file(tmp_path):
     ("dpo", ["dpo.loss_type=foo"], r"dpo\.loss_type: must be one of \['sigmoid', 'cdpo', 'robust', 'ipo', 'hinge'\], got 'foo'"),
     ("dpo", ["train.batch_size=6", "train.micro_batch_size=4"], r"train\.batch_size: 6 is not divisible by "
                                                                 r"micro_batch_size 4"),
+    ("rm", ["label_smoothing=0.5"], r"label_smoothing: must be in \[0, 0\.5\), got 0\.5"),
     ("dpo", ["train.resume=maybe"], r"train\.resume: expected true/false or 'auto', got str 'maybe'"),
 ])
 def test_trainer_config_errors_are_located(kind, overrides, match):
     from rlhfkit.registry import COMMANDS
 
-    base = {"ppo": ["reward.spec=m:f", "critic_init=policy"], "dpo": ["data.train=x"]}[kind]
+    base = {"ppo": ["reward.spec=m:f", "critic_init=policy"], "dpo": ["data.train=x"], "rm": ["data.train=x"]}[kind]
     with pytest.raises(ConfigError, match=match):
         load_config(COMMANDS[kind].config_class(), overrides=[*base, *overrides])
 

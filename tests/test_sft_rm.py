@@ -129,6 +129,25 @@ def _rm_params_after_one_step(tmp_path, tiny_model_dir, name, micro):
     return metrics, load_file(str(tmp_path / name / "run" / "model" / "model.safetensors"))
 
 
+def test_rm_label_smoothing_is_the_loss_it_trains_on(tmp_path, tiny_model_dir):
+    """One pair, one step, the same start: the plain loss L0 = softplus(-d) gives d, and the
+    smoothed loss must be -(1-e) log s(d) - e log s(-d) = L0 + e d of that same d."""
+    import math
+
+    row = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Say something kind.", "chosen": "You are lovely.",
+                                               "rejected": "Go away."}])
+
+    def first_loss(name, e):
+        cfg = _cfg(RewardConfig, tmp_path / name, tiny_model_dir, row, row, train__max_steps=1,
+                   train__batch_size=1, train__micro_batch_size=1, label_smoothing=e)
+        cfg.data.eval, cfg.data.eval_fraction = "", 0.0
+        return float(train_reward_model(cfg)["train/loss"])
+
+    plain, smoothed = first_loss("plain", 0.0), first_loss("smoothed", 0.3)
+    d = -math.log(math.expm1(plain))
+    assert smoothed == pytest.approx(plain + 0.3 * d, abs=1e-5) and abs(d) > 1e-3
+
+
 def test_rm_batch8_accum1_equals_batch1_accum8(tmp_path, tiny_model_dir):
     (m8, a), (m1, b) = (_rm_params_after_one_step(tmp_path, tiny_model_dir, n, micro=m)
                         for n, m in (("a", 8), ("b", 1)))

@@ -264,6 +264,9 @@ class RewardConfig:
     """Subtract each pair's "margin" field inside the Bradley-Terry sigmoid."""
     center_rewards_coef: float = 0.0
     """Weight of a penalty (r_chosen + r_rejected)^2 that keeps scores near zero."""
+    label_smoothing: float = 0.0
+    """Share e of labels assumed flipped (noisy raters): the loss is -(1-e) log s(d) - e log s(-d),
+    in the probe's fit and in fine-tuning; 0 = the plain Bradley-Terry loss."""
     head_init: Literal["random", "probe"] = "random"
     """probe: before fine-tuning, fit the head alone as a linear Bradley-Terry model on the frozen
     backbone's features of the training pairs (L2 by cross-validation), then fine-tune everything
@@ -283,6 +286,8 @@ class RewardConfig:
         if self.train.epochs == 0 and self.train.max_steps == 0 and self.head_init != "probe":
             raise ConfigError(f"{where}.train.epochs: 0 (no fine-tuning) needs head_init: probe; "
                               "with a random head the model would score at chance")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{where}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.train_top_layers < 0:
             raise ConfigError(f"{where}.train_top_layers: must be >= 0, got {self.train_top_layers}")
         if self.backbone_layers < 0:

@@ -177,7 +177,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
             # Linear probing first: one forward over the training pairs, a convex fit of the head.
             run.logger.write(f"[rm] fitting the head as a linear probe on {len(train)} training pairs")
             d = pair_feature_differences(model, train, collator, cfg.train.micro_batch_size, strategy)
-            w, probe = fit_bt_probe(d, seed=cfg.train.seed)
+            w, probe = fit_bt_probe(d, seed=cfg.train.seed, label_smoothing=cfg.label_smoothing)
             install_probe_head(model, w, strategy)
             run.logger.write(f"[rm] probe: l2 {probe['l2']:g}, cross-validated accuracy {probe['cv_accuracy']:.3f}, "
                              f"train accuracy {probe['train_accuracy']:.3f}")
@@ -188,7 +188,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
         batch = batch_to_device(collator(chunk), strategy.device)
         rc, rr = pair_scores(model, batch)
         loss, _ = bradley_terry_loss(rc, rr, margin=batch.get("margin") if cfg.use_margin else None,
-                                     reduction="sum")
+                                     label_smoothing=cfg.label_smoothing, reduction="sum")
         if cfg.center_rewards_coef:
             loss = loss + cfg.center_rewards_coef * ((rc + rr) ** 2).sum()
         return loss / norm, {"loss": loss.detach(), "accuracy": pairwise_accuracy(rc, rr, reduction="sum")}
