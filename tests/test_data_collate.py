@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rlhfkit.data import (
     IGNORE_INDEX,
@@ -193,3 +195,14 @@ def test_position_ids_alone_pack_only_without_cache(packing):
         cached = hidden(model, packed, position_ids=packed["position_ids"], use_cache=True)
     assert max_err(no_cache, ref, packing) <= 1e-5
     assert max_err(cached, ref, packing) > 1e-3
+
+
+@given(st.lists(st.integers(0, 50), max_size=40), st.integers(1, 9))
+def test_length_batches_cover_every_index_once_in_length_order(lengths, size):
+    from rlhfkit.data import length_batches
+
+    batches = length_batches(lengths, size)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= size for b in batches) and all(len(b) == size for b in batches[:-1])
+    assert [lengths[i] for i in flat] == sorted(lengths)

@@ -207,3 +207,41 @@ def test_eval_reports_alignment_tax(tmp_path, tokenizer):
     assert "baseline (before)" in tax and "peaked (after)" in tax and "n = 4 examples" in tax
     assert f"<b>{num(base['sft_nll'])}</b>" in tax and f"<b>{num(pol['sft_nll'])}</b>" in tax
     assert f"{pol['sft_nll_delta']:+.3f} vs baseline (worse)" in tax
+
+
+def test_kl_to_baseline_equals_each_row_computed_alone(tokenizer):
+    """Rows batched by length and cut to the columns they use give, per row, the KL of that row
+    computed alone without padding: sum_t log pi(a_t) - log base(a_t) over its response."""
+    import torch
+
+    from rlhfkit.eval.policy_compare import kl_to_baseline
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.models.forward import causal_logprobs
+    from rlhfkit.rollout import Experience
+
+    base = tiny_causal_lm(tokenizer, seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    plen, rlen = [3, 7, 5, 2, 6, 4, 7], [4, 1, 6, 0, 2, 5, 3]  # a row with an empty response
+    P, R, pad = max(plen), max(rlen), tokenizer.pad_token_id
+    B = len(plen)
+    prompt_ids, prompt_mask = torch.full((B, P), pad), torch.zeros(B, P, dtype=torch.long)
+    resp_ids, resp_mask = torch.full((B, R), pad), torch.zeros(B, R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(plen, rlen)):
+        prompt_ids[i, P - p:] = torch.randint(10, 1000, (p,), generator=g)
+        prompt_mask[i, P - p:] = 1
+        resp_ids[i, :r] = torch.randint(10, 1000, (r,), generator=g)
+        resp_mask[i, :r] = 1
+    logprobs = torch.where(resp_mask.bool(), -torch.rand(B, R, generator=g) * 5, 0.0)
+    exp = Experience(prompt_ids, prompt_mask, resp_ids, resp_mask, logprobs, resp_mask.any(-1),
+                     torch.arange(B), pad_token_id=pad)
+    want = []
+    for i, (p, r) in enumerate(zip(plen, rlen)):
+        if r == 0:
+            want.append(0.0)
+            continue
+        ids = torch.cat([prompt_ids[i, P - p:], resp_ids[i, :r]])[None]
+        with torch.no_grad():
+            lp = causal_logprobs(base, ids, torch.ones_like(ids), keep_last=r)[0]
+        want.append(float((logprobs[i, :r] - lp).sum()))
+    for bs in (1, 3, 16):
+        assert kl_to_baseline(base, exp, bs) == pytest.approx(want, abs=1e-4), bs

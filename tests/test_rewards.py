@@ -138,6 +138,28 @@ def test_rm_source_scores_chat_rendering(tokenizer, tmp_path):
     assert fn(["Say something nice.", "Hi"], responses) == pytest.approx(got, abs=1e-5)
 
 
+def test_rm_scores_come_back_in_input_order_whatever_the_batching(tokenizer, tmp_path):
+    """Rows are batched by length: each score still lands on its own row, and equals the row
+    scored alone (batch of one, no padding)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhfkit.models import save_pretrained_atomic
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    save_pretrained_atomic(LlamaForSequenceClassification(config).eval(), tokenizer, tmp_path / "run" / "model")
+    prompts = ["Hi", "Tell me a long story about a dragon and a knight.", "Why?", "Name a colour.", "Go"]
+    responses = ["A" * 60, "ok", "Because the sky is blue and the sea is wide.", "red", "Fine, " * 12]
+    alone = build_reward_fn(f"rm:{tmp_path / 'run'}", batch_size=1)
+    want = [alone([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert len(set(want)) == len(want)  # distinct scores, so a misplaced one shows
+    for bs in (2, 3, 16):
+        got = build_reward_fn(f"rm:{tmp_path / 'run'}", batch_size=bs)(prompts, responses)
+        assert got == pytest.approx(want, abs=1e-5), bs
+
+
 def test_rm_rejects_a_causal_lm(tokenizer, tmp_path, tiny_model):
     from rlhfkit.models import save_pretrained_atomic
 

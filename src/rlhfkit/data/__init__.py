@@ -13,6 +13,7 @@ from rlhfkit.data.collate import (
     SFTCollator,
     batch_to_device,
     block_causal_mask,
+    length_batches,
     pack_sft,
     pad_sequences,
 )
@@ -51,5 +52,5 @@ __all__ = [
     "IGNORE_INDEX", "TruncationStats", "render_ids", "render_prompt_ids", "end_of_turn_ids",
     "tokenize_sft", "tokenize_preference", "tokenize_prompt", "tokenize_dataset",
     "pad_sequences", "SFTCollator", "PreferenceCollator", "PromptCollator",
-    "pack_sft", "block_causal_mask", "PackedSFTCollator", "batch_to_device",
+    "pack_sft", "block_causal_mask", "length_batches", "PackedSFTCollator", "batch_to_device",
 ]

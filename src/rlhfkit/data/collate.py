@@ -47,6 +47,15 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "ri
     return out, mask
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of up to ``batch_size`` rows of similar length (sorted by
+    length, ties in input order), so that padding each batch to its longest row wastes little
+    compute. Every index appears exactly once; callers put results back by index."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    size = max(1, batch_size)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 @dataclass
 class SFTCollator:
     """features {"input_ids", "labels"} -> input_ids, attention_mask, labels (B, T), right-padded;

@@ -28,7 +28,7 @@ from typing import Literal, Union
 import torch
 
 from rlhfkit.config import ConfigError, PromptsSection, RolloutSection, dump_config
-from rlhfkit.data import load_preference
+from rlhfkit.data import length_batches, load_preference
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection, tax_deltas
 from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
@@ -125,14 +125,24 @@ def build_judges(cfg: EvalConfig, tokenizer, device) -> dict:
 
 @torch.no_grad()
 def kl_to_baseline(baseline, exp, batch_size: int) -> list[float]:
-    """Per-sample k1 KL estimate sum_t log pi(a_t) - log base(a_t) on the policy's own samples."""
-    R = exp.response_ids.shape[1]
+    """Per-sample k1 KL estimate sum_t log pi(a_t) - log base(a_t) on the policy's own samples.
+    Rows of similar length are batched together and each batch is cut to the columns its rows
+    use (positions come from the mask, so dropping all-padding columns changes nothing)."""
+    P = exp.prompt_ids.shape[1]
     ids, mask = exp.input_ids(), exp.attention_mask()
-    out = []
-    for i in range(0, len(exp), batch_size):
-        base = causal_logprobs(baseline, ids[i:i + batch_size], mask[i:i + batch_size], keep_last=R)
-        diff = torch.where(exp.response_mask[i:i + batch_size].bool(), exp.logprobs[i:i + batch_size] - base, 0.0)
-        out += diff.sum(-1).tolist()
+    out = [0.0] * len(exp)
+    for rows in length_batches(mask.sum(-1).tolist(), batch_size):
+        idx = torch.tensor(rows, device=ids.device)
+        m = mask[idx]
+        used = m.any(0).nonzero().squeeze(1)
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        r = max(hi - P, 0)  # response columns any row of the batch uses
+        if r == 0:
+            continue
+        base = causal_logprobs(baseline, ids[idx, lo:hi], m[:, lo:hi], keep_last=r)
+        diff = torch.where(exp.response_mask[idx, :r].bool(), exp.logprobs[idx, :r] - base, 0.0)
+        for i, v in zip(rows, diff.sum(-1).tolist()):
+            out[i] = v
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.data import end_of_turn_ids, render_ids, render_prompt_ids
+from rlhfkit.data import end_of_turn_ids, length_batches, render_ids, render_prompt_ids
 from rlhfkit.judges.reward_fn import Messages, RewardFn, RewardSpecError, default_name
 from rlhfkit.models import (
     load_scalar_model,
@@ -121,13 +121,15 @@ class RewardModelScorer:
         device = next(self.model.parameters()).device
         pooling = reward_pooling(self.model)
         parts = [self.render_parts(m, r) for m, r in zip(messages, responses)]
-        scores: list[float] = []
-        for i in range(0, len(parts), self.batch_size):
-            chunk = parts[i:i + self.batch_size]
+        scores = [0.0] * len(parts)
+        # rows of similar length batched together: little compute spent on padding
+        for rows in length_batches([len(p) + len(r) for p, r in parts], self.batch_size):
+            chunk = [parts[i] for i in rows]
             ids, mask = left_pad([p + r for p, r in chunk], self.tokenizer.pad_token_id, device)
             # left-padded: each row's reply is its last len(reply) positions
             n_reply = torch.tensor([len(r) for _, r in chunk], device=device)[:, None]  # (B, 1)
             cols = torch.arange(ids.shape[1], device=device)[None]  # (1, T)
             response_mask = (cols >= ids.shape[1] - n_reply).long()  # (B, T)
-            scores += sequence_scores(self.model, ids, mask, pooling, response_mask).float().tolist()
+            for i, v in zip(rows, sequence_scores(self.model, ids, mask, pooling, response_mask).float().tolist()):
+                scores[i] = v
         return scores
