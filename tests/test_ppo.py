@@ -11,7 +11,7 @@ from pg_utils import base_config, read_metrics
 from rlhfkit.algos import kl_penalized_rewards
 from rlhfkit.config import RewardSection, load_config
 from rlhfkit.models import token_values
-from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.forward import MIN_SHARED_PREFIX, causal_logprobs
 from rlhfkit.parallel import SingleProcess
 from rlhfkit.rollout import Experience, rollout
 from rlhfkit.trainers.pg_score import response_values, score_experience, score_sequences
@@ -45,8 +45,10 @@ def test_first_ratio_is_exactly_one_with_left_padding(tokenizer, tmp_path):
     # Training-time forward: train mode, shuffled rows, another micro-batch size -> the same numbers.
     run.actor.train()
     mb = exp.select(torch.randperm(len(exp))[:5])
+    assert mb.shared_prefix >= MIN_SHARED_PREFIX  # the system turn is computed once, in both passes
     with torch.no_grad():
-        logp = causal_logprobs(run.actor, mb.input_ids(), mb.attention_mask(), keep_last=mb.response_ids.shape[1])
+        logp = causal_logprobs(run.actor, mb.input_ids(), mb.attention_mask(), keep_last=mb.response_ids.shape[1],
+                               shared_prefix=mb.shared_prefix)
     m = mb.response_mask.bool()
     torch.testing.assert_close(logp[m], mb.logprobs[m], atol=1e-6, rtol=0)
 

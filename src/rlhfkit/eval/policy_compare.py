@@ -139,7 +139,7 @@ def kl_to_baseline(baseline, exp, batch_size: int) -> list[float]:
         r = max(hi - P, 0)  # response columns any row of the batch uses
         if r == 0:
             continue
-        base = causal_logprobs(baseline, ids[idx, lo:hi], m[:, lo:hi], keep_last=r)
+        base = causal_logprobs(baseline, ids[idx, lo:hi], m[:, lo:hi], keep_last=r, shared_prefix=exp.shared_prefix)
         diff = torch.where(exp.response_mask[idx, :r].bool(), exp.logprobs[idx, :r] - base, 0.0)
         for i, v in zip(rows, diff.sum(-1).tolist()):
             out[i] = v

@@ -17,7 +17,7 @@ from rlhfkit.models.heads import position_ids_from_mask, unwrap_model
 
 def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                     keep_last: int | None = None, with_entropy: bool = False,
-                    position_ids: torch.Tensor | None = None):
+                    position_ids: torch.Tensor | None = None, shared_prefix: int = 0):
     """Log-probs of each token given the ones before it.
 
     input_ids, attention_mask: (B, T). Returns logp (B, T-1) where ``logp[:, t-1] = log p(x_t | x_<t)``,
@@ -26,20 +26,89 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     the prompt). With ``with_entropy`` also returns the policy entropy at the same positions.
     Packed batches pass their own ``position_ids`` (restarting per example) and a 4D
     block-diagonal ``attention_mask`` (see ``rlhfkit.data.PackedSFTCollator``).
+    ``shared_prefix=L``: every row's first L real tokens are the same (the chat template's system
+    turn, `common_prefix_len`); where `can_share_prefix` allows, they are computed once
+    (`prefix_shared_forward`), the same values up to float rounding.
     """
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
     T = input_ids.shape[1]
     k = T - 1 if keep_last is None else keep_last
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=False,
-                logits_to_keep=k + 1)
+    if (position_ids is None and shared_prefix >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask)
+            and int(attention_mask.long().argmax(-1).max()) + shared_prefix + k < T):  # the kept logits after it
+        out = prefix_shared_forward(model, input_ids, attention_mask, shared_prefix, logits_to_keep=k + 1)
+    else:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False,
+                    logits_to_keep=k + 1)
     logits = out.logits[:, :-1].float()  # (B, k, V): position t predicts token t+1
     targets = input_ids[:, T - k:]  # (B, k)
     logp = token_logprobs(logits, targets)
     if with_entropy:
         return logp, entropy_from_logits(logits)
     return logp
+
+
+# --------------------------------------------------------------------------- a prefix every row shares
+
+# Set to False to run every row's prefix itself (benchmarks compare the two).
+SHARE_PREFIX = True
+# Below this many shared tokens the second forward call costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def common_prefix_len(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """How many leading real tokens all rows of left-padded (B, P) prompts share, leaving every
+    row at least one prompt token of its own (the one that predicts the first response token)."""
+    lengths = prompt_mask.sum(-1)
+    if prompt_ids.shape[0] < 2 or int(lengths.min()) < 2:
+        return 0
+    cap = int(lengths.min()) - 1
+    start = prompt_ids.shape[1] - lengths  # (B,) first real column of each row
+    cols = start[:, None] + torch.arange(cap, device=prompt_ids.device)[None]
+    window = prompt_ids.gather(1, cols)  # (B, cap)
+    same = (window == window[:1]).all(0).long()
+    return int(same.cumprod(0).sum())
+
+
+def can_share_prefix(model, attention_mask: torch.Tensor) -> bool:
+    """Whether `prefix_shared_forward` may run for ``model``: a plain 2-D mask, a model that is
+    neither wrapped (DDP, DeepSpeed), sharded across processes nor gradient-checkpointed (each
+    of those expects one forward call per backward). The answer depends on the run, not on the
+    batch, so scoring and update always take the same path (the first PPO ratio stays exactly 1)."""
+    if not SHARE_PREFIX or attention_mask.dim() != 2 or unwrap_model(model) is not model:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return False
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return not getattr(model, flag, False)
+
+
+def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int, **kwargs):
+    """The model's forward over (B, T) left-padded rows whose first L real tokens are the same,
+    with those L tokens computed once: one forward of the prefix (1 row), its key/value cache
+    repeated for the B rows, then the rest of each row (left-padded to T - L) attending to it.
+    Positions come from the mask, so every token sees what it sees in the plain forward; the
+    outputs at the last T - L columns equal the plain forward's there, up to float rounding.
+    Gradients flow through the repeated cache to the one prefix computation. Returns the model
+    output of the second call (its columns are the input's last T - L)."""
+    B, T = input_ids.shape
+    dev = input_ids.device
+    start = attention_mask.long().argmax(-1)  # (B,) first real column
+    span = start[:, None] + torch.arange(L, device=dev)[None]
+    prefix = input_ids.gather(1, span)
+    if not (bool((prefix == prefix[:1]).all()) and bool(attention_mask.gather(1, span).bool().all())):
+        raise ValueError(f"shared_prefix={L}: the rows' first {L} real tokens differ")
+    cols = torch.arange(T - L, device=dev)[None]
+    src = cols + L * (cols >= start[:, None]).long()  # each row without its prefix, left padding kept
+    rest_ids, rest_mask = input_ids.gather(1, src), attention_mask.gather(1, src)
+    full_mask = torch.cat([rest_mask.new_ones(B, L), rest_mask], dim=1)
+    pre = model(input_ids=prefix[:1], position_ids=torch.arange(L, device=dev)[None], use_cache=True,
+                logits_to_keep=1)
+    cache = pre.past_key_values
+    cache.batch_select_indices(torch.zeros(B, dtype=torch.long, device=dev))
+    return model(input_ids=rest_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)[:, L:],
+                 past_key_values=cache, use_cache=True, **kwargs)
 
 
 def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labelled: torch.Tensor, *,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from rlhfkit.models.forward import common_prefix_len
+
 # Fields padded on the left when records of different widths are concatenated.
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
 
@@ -30,6 +32,9 @@ class Experience:
     eos: torch.Tensor  # (B,) bool, whether the row emitted EOS within the budget
     prompt_index: torch.Tensor  # (B,) long, which input prompt the row came from (n rows per prompt)
     pad_token_id: int = 0  # used to pad ids when concatenating records of different widths
+    # leading prompt tokens every row shares (the chat template's system turn): the log-prob
+    # forwards compute them once (`models.forward.prefix_shared_forward`); 0 = none
+    shared_prefix: int = 0
 
     # Filled later by trainers.
     ref_logprobs: torch.Tensor | None = None  # (B, R) log pi_ref(a_t | ...)
@@ -89,6 +94,9 @@ class Experience:
         for f in fields(Experience):
             vals = [getattr(e, f.name) for e in items]
             if not isinstance(vals[0], torch.Tensor):
+                if f.name == "shared_prefix":  # what the rows of all records share
+                    out[f.name] = 0
+                    continue
                 if f.name != "pad_token_id" and any(v is not None for v in vals):
                     raise ValueError(f"cannot concatenate field {f.name}: set in some records only")
                 out[f.name] = vals[0]
@@ -101,6 +109,8 @@ class Experience:
                 width = P if left else R
                 vals = [_pad_to(v, width, fill, left) for v in vals]
             out[f.name] = torch.cat(vals, dim=0)
+        if all(e.shared_prefix for e in items):
+            out["shared_prefix"] = common_prefix_len(out["prompt_ids"], out["prompt_mask"])
         return Experience(**out)
 
 

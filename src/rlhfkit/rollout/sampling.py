@@ -8,6 +8,8 @@ import hashlib
 
 import torch
 
+from rlhfkit.models.forward import common_prefix_len
+
 from rlhfkit.rollout.backends import RolloutBackend, make_backend
 from rlhfkit.rollout.experience import Experience
 from rlhfkit.rollout.prompts import PromptItem
@@ -30,8 +32,10 @@ def rollout(model, items: list[PromptItem], settings, tokenizer, seed: int | Non
     autocast = strategy.autocast() if strategy is not None else contextlib.nullcontext()
     with whole, autocast:
         backend.sync_weights(plain)
-        return backend.generate([it.ids for it in items], settings, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id, seed=seed)
+        exp = backend.generate([it.ids for it in items], settings, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, seed=seed)
+    exp.shared_prefix = common_prefix_len(exp.prompt_ids, exp.prompt_mask)
+    return exp
 
 
 def rank_stream_seed(seed: int, step: int, rank: int) -> int:

@@ -31,7 +31,7 @@ def policy_logprobs(model, mb: Experience, share_prompt: bool, with_entropy: boo
         return shared_prompt_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
                                       mb.prompt_index, mb.pad_token_id, with_entropy=with_entropy)
     return causal_logprobs(model, mb.input_ids(), mb.attention_mask(), keep_last=mb.response_ids.shape[1],
-                           with_entropy=with_entropy)
+                           with_entropy=with_entropy, shared_prefix=mb.shared_prefix)
 
 
 def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:

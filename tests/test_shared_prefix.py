@@ -1,0 +1,147 @@
+"""A prefix every row shares (the chat template's system turn) computed once: the log-probs,
+entropies and gradients must equal the plain forward's, whatever the padding, and the path must
+be the same in scoring and update (the first PPO ratio stays exactly 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.models import forward
+from rlhfkit.models.forward import causal_logprobs, common_prefix_len
+
+
+def _rows(tokenizer, seed: int, L: int = 10, B: int = 5, R: int = 6):
+    """B left-padded prompts that start with the same L tokens (then each its own), right-padded
+    responses of random lengths (one may be empty); pads carry random ids (they must not matter)."""
+    g = torch.Generator().manual_seed(seed)
+    plen = [L + 1 + int(torch.randint(0, 9, (1,), generator=g)) for _ in range(B)]
+    rlen = [int(torch.randint(0, R + 1, (1,), generator=g)) for _ in range(B)]
+    P = max(plen)
+    ids = torch.randint(10, 5000, (B, P + R), generator=g)  # padding positions hold junk ids
+    mask = torch.zeros(B, P + R, dtype=torch.long)
+    prefix = torch.randint(10, 5000, (L,), generator=g)
+    for i, (p, r) in enumerate(zip(plen, rlen)):
+        ids[i, P - p:P - p + L] = prefix
+        ids[i, P - p + L] = 5000 + i  # the rows differ right after the prefix
+        mask[i, P - p:P + r] = 1
+    return ids, mask, P, R, L
+
+
+def test_common_prefix_len_by_hand():
+    pad = 0
+    ids = torch.tensor([[pad, 7, 8, 9, 4], [7, 8, 9, 5, 6], [pad, pad, 7, 8, 3]])
+    mask = (ids != pad).long()
+    assert common_prefix_len(ids, mask) == 2  # "7 8"; row 2 has 3 tokens, so at most 2 are shared
+    assert common_prefix_len(ids[:2], mask[:2]) == 3  # "7 8 9", each row keeps a token of its own
+    assert common_prefix_len(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    other = torch.tensor([[1, 2, 3], [2, 2, 3]])
+    assert common_prefix_len(other, torch.ones_like(other)) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_prefix_logprobs_entropy_and_gradients_equal_the_plain_forward(tokenizer, seed):
+    from rlhfkit.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, seed=seed)
+    ids, mask, P, R, L = _rows(tokenizer, seed)
+    assert common_prefix_len(ids[:, :P] * mask[:, :P], mask[:, :P]) >= L
+    m = mask[:, P:].bool()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(shared):
+        logp, ent = causal_logprobs(model, ids, mask, keep_last=R, with_entropy=True, shared_prefix=shared)
+        grads = torch.autograd.grad((logp * m).sum() + (ent * m).sum(), params)
+        return logp.detach(), ent.detach(), grads
+
+    calls = []
+    real = forward.prefix_shared_forward
+    try:
+        forward.prefix_shared_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+        a_lp, a_ent, a_g = run(0)
+        assert not calls
+        b_lp, b_ent, b_g = run(L)
+        assert calls, "the shared-prefix path did not run"
+    finally:
+        forward.prefix_shared_forward = real
+    torch.testing.assert_close(b_lp[m], a_lp[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b_ent[m], a_ent[m], atol=1e-5, rtol=0)
+    for ga, gb in zip(a_g, b_g):
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_through_lora_and_with_adapters_disabled(tokenizer):
+    from rlhfkit.config import LoraSection
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.models.lora import adapters_disabled, apply_lora
+
+    model = apply_lora(tiny_causal_lm(tokenizer, seed=2), LoraSection(enabled=True, r=4, alpha=8), "CAUSAL_LM")
+    with torch.no_grad():  # non-zero adapters, so "disabled" is a different function
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids, mask, P, R, L = _rows(tokenizer, 7)
+    m = mask[:, P:].bool()
+    shared = {}
+    with torch.no_grad():
+        for name, ctx in (("on", torch.enable_grad), ("off", lambda: adapters_disabled(model))):
+            with ctx():
+                a = causal_logprobs(model, ids, mask, keep_last=R)
+                shared[name] = causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=L)
+            torch.testing.assert_close(shared[name][m], a[m], atol=1e-5, rtol=0)
+    assert (shared["off"][m] - shared["on"][m]).abs().max() > 1e-3  # the adapters were really off
+
+
+def test_rows_without_the_prefix_are_refused(tokenizer):
+    from rlhfkit.models import tiny_causal_lm
+
+    ids, mask, P, R, L = _rows(tokenizer, 1)
+    ids[2, mask[2].argmax() + 3] += 1  # row 2's prefix differs at its 4th token
+    with pytest.raises(ValueError, match="first 10 real tokens differ"):
+        causal_logprobs(tiny_causal_lm(tokenizer), ids, mask, keep_last=R, shared_prefix=L)
+
+
+def test_checkpointed_wrapped_or_short_prefixes_take_the_plain_path(tokenizer, monkeypatch):
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.models.lora import enable_gradient_checkpointing
+
+    def boom(*a, **k):
+        raise AssertionError("prefix_shared_forward ran")
+
+    monkeypatch.setattr(forward, "prefix_shared_forward", boom)
+    ids, mask, P, R, L = _rows(tokenizer, 3)
+    model = tiny_causal_lm(tokenizer)
+    causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=forward.MIN_SHARED_PREFIX - 1)
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # how DDP and DeepSpeed hold the model
+    assert not forward.can_share_prefix(wrapped, mask)
+    enable_gradient_checkpointing(model)
+    model.train()
+    causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=L)
+
+
+def test_rollout_records_the_shared_system_turn_and_cat_recomputes_it(tokenizer):
+    from rlhfkit.config import RolloutSection
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.rollout import Experience, rollout
+    from rlhfkit.rollout.prompts import PromptItem, render_prompt_ids
+
+    def item(text):
+        msgs = [{"role": "user", "content": text}]
+        return PromptItem(render_prompt_ids(tokenizer, msgs), msgs, text)
+
+    items = [item("Hi"), item("Write a poem about the sea."), item("Why?")]
+    system = common_prefix_len(*_left_pad([it.ids for it in items], tokenizer.pad_token_id))
+    assert system >= forward.MIN_SHARED_PREFIX  # the template's system turn and the user header
+    exp = rollout(tiny_causal_lm(tokenizer), items, RolloutSection(n=2, max_new_tokens=3), tokenizer)
+    assert exp.shared_prefix == system
+    assert exp.select([4, 0]).shared_prefix == system  # minibatches keep the batch's value
+    other = Experience(**{**exp.__dict__, "prompt_ids": exp.prompt_ids.roll(1, 1), "shared_prefix": 5})
+    assert Experience.cat([exp, exp]).shared_prefix == system
+    assert Experience.cat([exp, other]).shared_prefix < system
+
+
+def _left_pad(rows, pad):
+    P = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (P - len(r)) + list(r) for r in rows])
+    return ids, torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
