@@ -9,7 +9,8 @@ reward model; `make bench-trl` builds that model first). Every iteration prints 
 (rollout, score, update), the minor page faults it caused and the process's RSS; one iteration
 runs under `torch.profiler` and prints the operators by self CPU time. Compare
 `RLHFKIT_MALLOC=default` (glibc as it comes) with the default to see the page faults that
-`parallel.malloc.keep_freed_memory` avoids (docs/benchmarks.md).
+`parallel.malloc.keep_freed_memory` avoids (docs/benchmarks.md), and `--no-shared-prefix` with the
+default to see what computing the prompts' shared prefix once saves.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30, help="operators to print")
     ap.add_argument("--reward-model", default=str(ROOT / "runs" / "bench_trl" / "ppo_reward_model"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "profile_ppo"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override after the benchmark's own, e.g. model.lora.enabled=true")
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="every row runs the prefix all rows share itself (models.forward.SHARE_PREFIX off)")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model and reward model, 2 iterations, "
                                                         "the second profiled: checks that the script runs")
     args = ap.parse_args()
@@ -41,11 +46,13 @@ def main() -> None:
     from bench_trl import FULL_FT, SIZES, make_reward_model
     from common import tiny_model_dir
     from rlhfkit.config import load_config
+    from rlhfkit.models import forward
     from rlhfkit.parallel import make_strategy
     from rlhfkit.registry import COMMANDS
     from rlhfkit.trainers import ppo as ppo_mod
     from rlhfkit.training import batches
 
+    forward.SHARE_PREFIX = not args.no_shared_prefix
     model = []
     if args.tiny:
         tiny = tiny_model_dir()
@@ -58,7 +65,8 @@ def main() -> None:
     batches.epoch_order = lambda n, seed, epoch: list(range(n))  # the benchmark's data order (prompts in file order)
     overrides = ["optim.schedule=constant", "optim.warmup_ratio=0.0", "train.save_every=0", "train.progress=false",
                  *SIZES["ppo"], *FULL_FT["ppo"], f"reward.spec=rm:{args.reward_model}", "critic_init=reward",
-                 f"train.max_steps={args.iterations}", f"train.output_dir={args.out}", *model]
+                 f"train.max_steps={args.iterations}", f"train.output_dir={args.out}", "train.overwrite=true",
+                 *model, *args.set]
     command = COMMANDS["ppo"]
     cfg = load_config(command.config_class(), str(ROOT / "configs" / "ppo.yaml"), overrides)
 

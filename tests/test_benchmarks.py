@@ -307,3 +307,13 @@ def test_bench_trl_sft_flops_count_the_head_where_it_runs(bench_path):
     per_head = train_flops_per_token(cfg, 100, lm_head=True) - train_flops_per_token(cfg, 100, lm_head=False)
     assert trl == train_flops_per_token(cfg, 100, lm_head=True) * 400
     assert abs((trl - ours) - per_head * 150) < 1e-6 * trl
+
+
+def test_bench_prefix_tiny_times_both_modes():
+    """``bench_prefix.py --tiny``: one A/B pair per mode on a tiny model; the table has both rows."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_prefix.py"), "--tiny", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shared prefix 2" in proc.stdout  # the template's system turn: 24-25 tokens
+    for mode in ("forward, no grad", "forward + backward"):
+        assert f"| {mode} |" in proc.stdout

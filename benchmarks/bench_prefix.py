@@ -1,0 +1,98 @@
+"""The policy-gradient log-prob forwards with and without the shared prefix computed once.
+
+    .venv/bin/python benchmarks/bench_prefix.py [--rows 16] [--response 48] [--pairs 5] [--lora]
+    .venv/bin/python benchmarks/bench_prefix.py --tiny      # a tiny random model: checks the script runs
+
+Rows are the built-in sentiment task's training prompts, chat-rendered (the template's system turn
+and user header are the prefix every row shares), each followed by a response of random length up
+to --response tokens: the layout PPO, GRPO without prompt sharing and RLOO score and train on.
+Each pair times `models.forward.causal_logprobs` once with ``shared_prefix=0`` (every row runs its
+own prefix) and once with the batch's shared prefix, in alternating order; three modes: no grad
+(the reference's and logp_old's forward), forward + backward (the update), and the same through a
+LoRA adapter with --lora. Prints the median time of each and the ratio, with this machine's fp32
+matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--response", type=int, default=48)
+    ap.add_argument("--pairs", type=int, default=5, help="timed A/B pairs per mode (after one warm-up pair)")
+    ap.add_argument("--lora", action="store_true", help="the model wrapped with a LoRA adapter (r=16, all-linear)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from common import matmul_peak_gflops, tiny_model_dir
+    from rlhfkit.config import LoraSection
+    from rlhfkit.models import load_causal_lm, load_tokenizer
+    from rlhfkit.models.forward import causal_logprobs, common_prefix_len
+    from rlhfkit.models.lora import apply_lora
+    from rlhfkit.rollout.prompts import load_prompt_items
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        args.model, args.pairs, args.rows = tiny_model_dir(), 1, 4
+    torch.manual_seed(0)
+    tok = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    if args.lora:
+        model = apply_lora(model, LoraSection(enabled=True, r=16, alpha=32), "CAUSAL_LM")
+    items, _ = load_prompt_items("task:sentiment", tok, max_prompt_length=256)
+    prompts = [items[i].ids for i in range(args.rows)]
+    P, R, B = max(map(len, prompts)), args.response, args.rows
+    ids = torch.full((B, P + R), tok.pad_token_id)
+    mask = torch.zeros(B, P + R, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        n = int(torch.randint(R // 2, R + 1, (1,)))
+        ids[i, P - len(p):P] = torch.tensor(p)
+        ids[i, P:P + n] = torch.randint(10, len(tok) - 1, (n,))
+        mask[i, P - len(p):P + n] = 1
+    L = common_prefix_len(ids[:, :P], mask[:, :P])
+    real = int(mask.sum())
+    print(f"model {args.model}{' + LoRA' if args.lora else ''}, {B} rows, prompts {min(map(len, prompts))}-{P} "
+          f"tokens, responses up to {R}; {real} real tokens, shared prefix {L} tokens ({(B - 1) * L} "
+          f"tokens not recomputed, {(B - 1) * L / real:.0%}); threads {torch.get_num_threads()}; "
+          f"fp32 matmul peak {matmul_peak_gflops():.0f} GFLOP/s")
+
+    def once(shared: int, grad: bool) -> float:
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            logp = causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=shared)
+            if grad:
+                logp.sum().backward()
+        return time.perf_counter() - t0
+
+    model.train()
+    print("| mode | every row its own prefix (s) | shared prefix once (s) | speed-up |\n|---|---|---|---|")
+    for grad in (False, True):
+        plain, shared = [], []
+        for k in range(args.pairs + 1):
+            order = [(0, plain), (L, shared)] if k % 2 else [(L, shared), (0, plain)]
+            for sp, out in order:
+                t = once(sp, grad)
+                if k:  # the first pair warms up
+                    out.append(t)
+        a, b = statistics.median(plain), statistics.median(shared)
+        print(f"| {'forward + backward' if grad else 'forward, no grad'} | {a:.3f} | {b:.3f} | {a / b:.2f}x |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
