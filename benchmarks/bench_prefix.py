@@ -40,8 +40,9 @@ def main() -> None:
     from common import matmul_peak_gflops, tiny_model_dir
     from rlhfkit.config import LoraSection
     from rlhfkit.models import load_causal_lm, load_tokenizer
-    from rlhfkit.models.forward import causal_logprobs, common_prefix_len
+    from rlhfkit.models.forward import causal_logprobs
     from rlhfkit.models.lora import apply_lora
+    from rlhfkit.rollout.experience import common_prefix_len
     from rlhfkit.rollout.prompts import load_prompt_items
 
     if args.threads:
@@ -63,7 +64,7 @@ def main() -> None:
         ids[i, P - len(p):P] = torch.tensor(p)
         ids[i, P:P + n] = torch.randint(10, len(tok) - 1, (n,))
         mask[i, P - len(p):P + n] = 1
-    L = common_prefix_len(ids[:, :P], mask[:, :P])
+    L = common_prefix_len(prompts)
     real = int(mask.sum())
     print(f"model {args.model}{' + LoRA' if args.lora else ''}, {B} rows, prompts {min(map(len, prompts))}-{P} "
           f"tokens, responses up to {R}; {real} real tokens, shared prefix {L} tokens ({(B - 1) * L} "

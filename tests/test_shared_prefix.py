@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rlhfkit.models import forward
-from rlhfkit.models.forward import causal_logprobs, common_prefix_len
+from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.rollout.experience import common_prefix_len
 
 
 def _rows(tokenizer, seed: int, L: int = 10, B: int = 5, R: int = 6):
@@ -29,14 +30,11 @@ def _rows(tokenizer, seed: int, L: int = 10, B: int = 5, R: int = 6):
 
 
 def test_common_prefix_len_by_hand():
-    pad = 0
-    ids = torch.tensor([[pad, 7, 8, 9, 4], [7, 8, 9, 5, 6], [pad, pad, 7, 8, 3]])
-    mask = (ids != pad).long()
-    assert common_prefix_len(ids, mask) == 2  # "7 8"; row 2 has 3 tokens, so at most 2 are shared
-    assert common_prefix_len(ids[:2], mask[:2]) == 3  # "7 8 9", each row keeps a token of its own
-    assert common_prefix_len(ids[:1], mask[:1]) == 0  # one row: nothing to share
-    other = torch.tensor([[1, 2, 3], [2, 2, 3]])
-    assert common_prefix_len(other, torch.ones_like(other)) == 0
+    rows = [[7, 8, 9, 4], [7, 8, 9, 5, 6], [7, 8, 3]]
+    assert common_prefix_len(rows) == 2  # "7 8"; row 2 has 3 tokens, so at most 2 are shared
+    assert common_prefix_len(rows[:2]) == 3  # "7 8 9", each row keeps a token of its own
+    assert common_prefix_len(rows[:1]) == 0  # one row: nothing to share
+    assert common_prefix_len([[1, 2, 3], [2, 2, 3]]) == 0
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -45,7 +43,7 @@ def test_shared_prefix_logprobs_entropy_and_gradients_equal_the_plain_forward(to
 
     model = tiny_causal_lm(tokenizer, seed=seed)
     ids, mask, P, R, L = _rows(tokenizer, seed)
-    assert common_prefix_len(ids[:, :P] * mask[:, :P], mask[:, :P]) >= L
+    assert common_prefix_len([row[m.bool()].tolist() for row, m in zip(ids[:, :P], mask[:, :P])]) >= L
     m = mask[:, P:].bool()
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -131,7 +129,7 @@ def test_rollout_records_the_shared_system_turn_and_cat_recomputes_it(tokenizer)
         return PromptItem(render_prompt_ids(tokenizer, msgs), msgs, text)
 
     items = [item("Hi"), item("Write a poem about the sea."), item("Why?")]
-    system = common_prefix_len(*_left_pad([it.ids for it in items], tokenizer.pad_token_id))
+    system = common_prefix_len([it.ids for it in items])
     assert system >= forward.MIN_SHARED_PREFIX  # the template's system turn and the user header
     exp = rollout(tiny_causal_lm(tokenizer), items, RolloutSection(n=2, max_new_tokens=3), tokenizer)
     assert exp.shared_prefix == system
@@ -140,8 +138,3 @@ def test_rollout_records_the_shared_system_turn_and_cat_recomputes_it(tokenizer)
     assert Experience.cat([exp, exp]).shared_prefix == system
     assert Experience.cat([exp, other]).shared_prefix < system
 
-
-def _left_pad(rows, pad):
-    P = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (P - len(r)) + list(r) for r in rows])
-    return ids, torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])

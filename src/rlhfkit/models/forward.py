@@ -27,7 +27,7 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Packed batches pass their own ``position_ids`` (restarting per example) and a 4D
     block-diagonal ``attention_mask`` (see ``rlhfkit.data.PackedSFTCollator``).
     ``shared_prefix=L``: every row's first L real tokens are the same (the chat template's system
-    turn, `common_prefix_len`); where `can_share_prefix` allows, they are computed once
+    turn, `rollout.experience.common_prefix_len`); where `can_share_prefix` allows, they are computed once
     (`prefix_shared_forward`), the same values up to float rounding.
     """
     T = input_ids.shape[1]
@@ -55,20 +55,6 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 SHARE_PREFIX = True
 # Below this many shared tokens the second forward call costs more than it saves.
 MIN_SHARED_PREFIX = 8
-
-
-def common_prefix_len(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
-    """How many leading real tokens all rows of left-padded (B, P) prompts share, leaving every
-    row at least one prompt token of its own (the one that predicts the first response token)."""
-    lengths = prompt_mask.sum(-1)
-    if prompt_ids.shape[0] < 2 or int(lengths.min()) < 2:
-        return 0
-    cap = int(lengths.min()) - 1
-    start = prompt_ids.shape[1] - lengths  # (B,) first real column of each row
-    cols = start[:, None] + torch.arange(cap, device=prompt_ids.device)[None]
-    window = prompt_ids.gather(1, cols)  # (B, cap)
-    same = (window == window[:1]).all(0).long()
-    return int(same.cumprod(0).sum())
 
 
 def can_share_prefix(model, attention_mask: torch.Tensor) -> bool:

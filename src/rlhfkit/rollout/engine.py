@@ -36,7 +36,7 @@ import torch
 
 from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout.cpu_linears import packed_linears
-from rlhfkit.rollout.experience import Experience
+from rlhfkit.rollout.experience import Experience, common_prefix_len
 from rlhfkit.rollout.kv_cache import new_cache, preallocate
 from rlhfkit.rollout.llama_decode import LlamaDecoder
 from rlhfkit.rollout.sampler import Sampler
@@ -225,8 +225,7 @@ def _prefill(model, rows, pad_token_id, device, keep, extra=0, decoder=None):
     U = len(prompts)
     cache = new_cache(model.config)
     can_copy = hasattr(cache, "batch_select_indices")
-    L = _common_prefix_len(prompts) if U > 1 and can_copy else 0
-    L = min(L, min(len(p) for p in prompts) - 1)  # every row keeps >= 1 suffix token for its logits
+    L = common_prefix_len(prompts) if can_copy else 0  # every row keeps >= 1 suffix token for its logits
     if L > 0:
         _prefill_forward(model, decoder, torch.tensor([prompts[0][:L]], device=device), None,
                          torch.arange(L, device=device)[None], cache, keep)
@@ -251,16 +250,6 @@ def _prefill_forward(model, decoder, ids, mask, position, cache, keep) -> torch.
     out = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True,
                 **keep)
     return _upcast(out.logits[:, -1])
-
-
-def _common_prefix_len(seqs) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        tok = first[i]
-        if any(s[i] != tok for s in seqs):
-            return i
-    return n
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,8 @@ import hashlib
 
 import torch
 
-from rlhfkit.models.forward import common_prefix_len
-
 from rlhfkit.rollout.backends import RolloutBackend, make_backend
-from rlhfkit.rollout.experience import Experience
+from rlhfkit.rollout.experience import Experience, common_prefix_len
 from rlhfkit.rollout.prompts import PromptItem
 
 
@@ -34,7 +32,7 @@ def rollout(model, items: list[PromptItem], settings, tokenizer, seed: int | Non
         backend.sync_weights(plain)
         exp = backend.generate([it.ids for it in items], settings, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id, seed=seed)
-    exp.shared_prefix = common_prefix_len(exp.prompt_ids, exp.prompt_mask)
+    exp.shared_prefix = common_prefix_len([items[i].ids for i in exp.prompt_index.tolist()])
     return exp
 
 
