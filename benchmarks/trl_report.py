@@ -53,7 +53,7 @@ def data_tokens_per_step(method: str, spec: dict, steps: int) -> list[dict]:
         pos = k % per_epoch
         lens = [n for ex in rows[pos * b:(pos + 1) * b] for n in ex]
         step = {"rows": len(lens), "tokens": sum(lens)}
-        if method == "dpo":  # a pair's prompt, once: what prompt sharing saves
+        if method in ("dpo", "rm"):  # a pair's prompt, once: what prompt sharing saves
             step["prompt_once"] = sum(prompts[pos * b:(pos + 1) * b])
         if method == "sft":  # the tokens with a loss: rlhfkit runs the LM head on these only
             step["labelled"] = sum(labelled[pos * b:(pos + 1) * b])
@@ -68,7 +68,7 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
     """(whole-step FLOPs, update-phase FLOPs) of matrix products for one step's real tokens.
 
     ``shared`` > 1: rows come in groups of that size sharing one prompt, computed once per group
-    (rlhfkit's prompt sharing: GRPO's G samples, DPO's chosen + rejected). ``head_on_labelled``:
+    (rlhfkit's prompt sharing: GRPO's G samples, DPO's and the RM's chosen + rejected). ``head_on_labelled``:
     SFT's LM head runs on the labelled tokens only (rlhfkit's `labelled_logprobs`). The FLOPs then
     count the work actually done, so GFLOP/s stays a measure of hardware use, not of work avoided."""
     f_lm = lambda t: train_flops_per_token(model_cfg, t, lm_head=True)  # noqa: E731 (fwd+bwd per token)
@@ -79,7 +79,7 @@ def step_flops(method: str, model_cfg, step: dict, data: dict | None, spec: dict
         if method == "sft":
             fl = sft_step_flops(model_cfg, T, n, data["labelled"] if head_on_labelled else n)
         elif method == "rm":
-            fl = f_sc(T) * n
+            fl = f_sc(T) * (n - data["prompt_once"] if shared > 1 else n)
         else:
             live = "dpo.precompute_ref_logps=true" not in spec["overrides"]
             if shared > 1:

@@ -276,6 +276,10 @@ class RewardConfig:
     """How the per-token head outputs become the reward: last (the value at the last real token),
     mean (the mean over the response tokens) or mean_all (over all tokens). Saved in the model's
     config.json as reward_pooling, so that rm:DIR scores the way the model was trained."""
+    share_prompt: bool = True
+    """Score each pair as one packed sequence: the prompt once, then the chosen and the rejected
+    response, each seeing the prompt and itself (the same scores up to float rounding, fewer
+    tokens). pooling mean_all reads the prompt too and always scores the two rows apart."""
     train_top_layers: int = 0
     """> 0: fine-tune only the top N decoder layers (with the final norm and the head); 0: all."""
     backbone_layers: int = 0

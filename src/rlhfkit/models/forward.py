@@ -12,7 +12,7 @@ import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
 from rlhfkit.data.collate import additive_mask
-from rlhfkit.models.heads import position_ids_from_mask, unwrap_model
+from rlhfkit.models.heads import position_ids_from_mask, token_values, unwrap_model
 
 
 def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -145,8 +145,9 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
     the rows' log-probs go into. Returns the model inputs for K = len(groups) sequences of length
     L: ``input_ids``/``position_ids`` (K, L) and ``allowed`` (K, 1, L, L) bool (query may attend
     key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat index into the
-    K*L positions of the one predicting each response token, ``target`` (N,) those tokens, and
-    ``row``/``col`` (N,) where they go in the (B, R) output.
+    K*L positions of the one predicting each response token, ``own`` (N,) that of the token
+    itself (where a scalar head reads it), ``target`` (N,) those tokens, and ``row``/``col`` (N,)
+    where they go in the (B, R) output.
 
     Position ids restart the responses at the prompt length, so every response sees exactly the
     positions and context it has in its own unpacked row: the log-probs agree with
@@ -154,7 +155,7 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
     P + the responses' real lengths.
     """
     seqs, segs, poss = [], [], []
-    pred, target, row, col = [], [], [], []
+    pred, own, target, row, col = [], [], [], [], []
     for k, (prompt, responses) in enumerate(groups):
         p = prompt.shape[0]
         if p == 0:
@@ -169,6 +170,7 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
             # token t of the response is predicted at the position before it: the last prompt
             # token for t = 0, else the response's own token t-1
             pred += [(k, p - 1)] + [(k, start + t - 1) for t in range(1, n)]
+            own += [(k, start + t) for t in range(n)]
             target += resp.tolist()
             row += [b] * n
             col += range(n)
@@ -191,6 +193,7 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
     dev = seqs[0].device
     return {"input_ids": input_ids.to(dev), "position_ids": position_ids.to(dev), "allowed": allowed[:, None].to(dev),
             "pred": torch.tensor([k * L + t for k, t in pred], dtype=torch.long, device=dev),
+            "own": torch.tensor([k * L + t for k, t in own], dtype=torch.long, device=dev),
             "target": torch.tensor(target, dtype=torch.long, device=dev),
             "row": torch.tensor(row, dtype=torch.long, device=dev),
             "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape)}
@@ -205,6 +208,35 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
     With ``with_entropy`` also the (B, R) entropies (0 where masked)."""
     packed = pack_shared_prompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, pad_token_id)
     return packed_logprobs(model, packed, with_entropy=with_entropy)
+
+
+def pack_pairs(batch: dict) -> dict:
+    """A `data.PreferenceCollator` batch (B chosen rows, then the B rejected ones, right-padded,
+    with "prompt_lengths") -> `pack_groups` inputs: each pair one sequence, the prompt once, then
+    the chosen and the rejected response, each seeing the prompt and itself. The output rows are
+    the batch's rows (chosen 0..B-1, rejected B..2B-1); R is the longest response."""
+    ids, plens = batch["input_ids"], batch["prompt_lengths"].tolist()
+    n = len(plens)
+    rlens = [int(r) for r in batch["loss_mask"].sum(-1).tolist()]
+    groups = [(ids[i, :p], [(b, ids[b, p:p + rlens[b]]) for b in (i, n + i)]) for i, p in enumerate(plens)]
+    return pack_groups(groups, (2 * n, max(1, *rlens)), pad_token_id=0)
+
+
+def packed_token_values(model, packed: dict, *, with_features: bool = False):
+    """A scalar-head model (RM, critic) on a `pack_groups` batch: its (B, R) per-token values at
+    the response tokens (0 elsewhere) and their (B, R) 0/1 mask; with ``with_features`` also the
+    (B, R, H) features the head reads. Equal, up to float rounding, to `models.token_values` on
+    each row unpacked (the positions and context of every response token are its own row's)."""
+    out = token_values(model, packed["input_ids"], additive_mask(packed["allowed"], _mask_dtype(model)),
+                       with_features=with_features, position_ids=packed["position_ids"])
+    values, features = out if with_features else (out, None)
+    (B, R), where, own = packed["shape"], (packed["row"], packed["col"]), packed["own"]
+    placed = values.new_zeros((B, R)).index_put(where, values.reshape(-1)[own])
+    mask = torch.zeros((B, R), dtype=torch.long, device=own.device).index_put(where, torch.ones_like(own))
+    if not with_features:
+        return placed, mask
+    flat = features.reshape(-1, features.shape[-1])[own]
+    return placed, mask, features.new_zeros((B, R, flat.shape[-1])).index_put(where, flat)
 
 
 def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):

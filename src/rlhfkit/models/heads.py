@@ -49,9 +49,12 @@ def unwrap_model(model):
     return model
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False,
+                 position_ids: torch.Tensor | None = None):
     """(B, T) scalar head output at every position (the critic's V(t); an RM pools them, `sequence_scores`).
     With ``with_features`` also the head's input, (B, T, H): the features a linear head reads.
+    position_ids: None to count the real tokens of the (B, T) 0/1 attention_mask; given, the mask
+    may be a packed batch's (B, 1, T, T) additive one (`models.forward.packed_token_values`).
 
     The model's own forward runs, and a hook on the head keeps its per-position output (the
     *ForSequenceClassification forward applies the head to every position, then pools one).
@@ -64,12 +67,12 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
     if getattr(config.get_text_config(), "pad_token_id", None) is None:
         # The pooling inside forward refuses batches without a pad id; we ignore its pooling
         # anyway, so the (unwrapped) backbone and head are called directly.
-        return _token_values_direct(model, input_ids, attention_mask, with_features)
+        return _token_values_direct(model, input_ids, attention_mask, with_features, position_ids)
+    position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = head.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         handle.remove()
     features, out = seen[-1]
@@ -77,10 +80,12 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
     return (values, features) if with_features else values
 
 
-def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False):
+def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False,
+                         position_ids: torch.Tensor | None = None):
     backbone, head = backbone_and_head(model)
-    features = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
+    features = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False).last_hidden_state
     values = head(features).squeeze(-1).float()  # (B, T)
     return (values, features) if with_features else values
 
@@ -143,7 +148,12 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     response tokens and is needed by "mean" only.
     """
     pooling = pooling or reward_pooling(model)
-    values = token_values(model, input_ids, attention_mask)  # (B, T)
+    return pool_values(token_values(model, input_ids, attention_mask), attention_mask, pooling, response_mask)
+
+
+def pool_values(values: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) per-token head values -> (B,) scores, pooled as `sequence_scores` says."""
     if pooling == "last":  # a gather, not a weighted sum: exactly the value at that position
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
     return (values * pool_mask(attention_mask, response_mask, pooling)).sum(-1)

@@ -10,7 +10,7 @@ import torch
 
 from rlhfkit.algos import sequence_logps
 from rlhfkit.data import batch_to_device
-from rlhfkit.models.forward import causal_logprobs, pack_groups, packed_logprobs
+from rlhfkit.models.forward import causal_logprobs, pack_pairs, packed_logprobs
 from rlhfkit.models.lora import adapters_disabled
 from rlhfkit.training import eval_chunks
 
@@ -44,14 +44,10 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor,
 
 def _shared_pair_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B, R) response-token log-probs and mask, each pair one packed sequence (prompt once)."""
-    ids, plens = batch["input_ids"], batch["prompt_lengths"].tolist()
-    n = len(plens)
-    rlens = batch["loss_mask"].sum(-1).tolist()
-    groups = [(ids[i, :p], [(b, ids[b, p:p + int(rlens[b])]) for b in (i, n + i)]) for i, p in enumerate(plens)]
-    R = max(1, *map(int, rlens))
-    logp = packed_logprobs(model, pack_groups(groups, (2 * n, R), pad_token_id=0))
-    mask = (torch.arange(R, device=ids.device)[None] < torch.tensor(rlens, device=ids.device)[:, None]).long()
-    return logp, mask
+    rlens = batch["loss_mask"].sum(-1)
+    packed = pack_pairs(batch)
+    R = packed["shape"][1]
+    return packed_logprobs(model, packed), (torch.arange(R, device=rlens.device)[None] < rlens[:, None]).long()
 
 
 class Reference:

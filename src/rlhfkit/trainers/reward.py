@@ -29,7 +29,8 @@ from rlhfkit.models import (
     sequence_scores,
     set_reward_pooling,
 )
-from rlhfkit.models.heads import backbone_and_head, reward_pooling, token_values
+from rlhfkit.models.forward import pack_pairs, packed_token_values
+from rlhfkit.models.heads import backbone_and_head, pool_values, reward_pooling, token_values
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
@@ -52,11 +53,23 @@ def prepare_preference_data(cfg, tokenizer):
     return train, evals, {"train": tstats, "eval": estats}
 
 
+# Poolings that read the response tokens only, so that a pair can be scored as one packed
+# sequence (the prompt once); "mean_all" also averages the prompt and takes the unpacked rows.
+PACKABLE_POOLINGS = ("last", "mean")
+
+
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of chosen (first half of the rows) and rejected (second half): (B,), (B,), pooled
-    as the model's config says (`models.reward_pooling`; loss_mask marks the response tokens)."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"],
-                             response_mask=batch.get("loss_mask"))  # (2B,)
+    as the model's config says (`models.reward_pooling`; loss_mask marks the response tokens).
+    When the batch carries "prompt_lengths" (``PreferenceCollator(share_prompt=True)``) each pair
+    is one packed sequence, prompt + chosen + rejected, each response seeing the prompt and itself."""
+    pooling = reward_pooling(model)
+    if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS:
+        values, mask = packed_token_values(model, pack_pairs(batch))  # (2B, R)
+        scores = pool_values(values, mask, pooling, mask)
+    else:
+        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"], pooling=pooling,
+                                 response_mask=batch.get("loss_mask"))  # (2B,)
     n = scores.shape[0] // 2
     return scores[:n], scores[n:]
 
@@ -103,11 +116,7 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
     try:
         for chunk, real in eval_chunks(examples, micro_batch_size, strategy):
             batch = collator(chunk)
-            ids, mask = batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device)
-            response = batch["loss_mask"].to(strategy.device)
-            with strategy.autocast():
-                _, h = token_values(model, ids, mask, with_features=True)  # (2B, T, H)
-            f = pooled_features(h.float(), mask, reward_pooling(model), response).cpu()
+            f = _pooled_pair_features(model, batch_to_device(batch, strategy.device), strategy).cpu()
             if real:
                 n = f.shape[0] // 2
                 diffs.extend(f[:n] - f[n:])
@@ -115,6 +124,17 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
         model.train(was_training)
     # in data order, so that the probe's cross-validation folds are one process's
     return torch.stack(strategy.unshard(diffs))
+
+
+def _pooled_pair_features(model, batch: dict, strategy: Strategy) -> torch.Tensor:
+    """(2B, H) features of a preference batch, pooled as the reward is (packed as in `pair_scores`)."""
+    pooling = reward_pooling(model)
+    with strategy.autocast():
+        if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS:
+            _, mask, h = packed_token_values(model, pack_pairs(batch), with_features=True)  # (2B, R, H)
+            return pooled_features(h.float(), mask, pooling, mask)
+        _, h = token_values(model, batch["input_ids"], batch["attention_mask"], with_features=True)  # (2B, T, H)
+    return pooled_features(h.float(), batch["attention_mask"], pooling, batch["loss_mask"])
 
 
 @torch.no_grad()
@@ -157,7 +177,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy)
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.share_prompt)
 
     # 2. Backbone + fresh scalar head (or a trained RM to continue from). With LoRA the head is
     #    trained in full next to the adapters and saved with them.

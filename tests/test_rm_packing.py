@@ -1,0 +1,116 @@
+"""A reward model scores each preference pair as one packed sequence (the prompt once): the scores,
+pooled features and gradients equal the two rows scored apart, and the trainer packs by default."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from rlhfkit.config import RewardConfig, load_config
+from rlhfkit.data import PreferenceCollator, load_preference, tokenize_dataset
+from rlhfkit.models import set_reward_pooling
+from rlhfkit.parallel import SingleProcess
+from rlhfkit.trainers.reward import _pooled_pair_features, pair_scores, train_reward_model
+
+WORDS = "good bad lovely awful bright dull calm noisy warm cold kind rude".split()
+
+
+def _pairs(n, seed):
+    """Pairs whose prompts and responses differ in length, so the padded rows differ in padding."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = "Describe " + " ".join(rng.choices(WORDS, k=rng.randint(1, 9))) + "."
+        rows.append({"prompt": prompt, "chosen": " ".join(rng.choices(WORDS, k=rng.randint(1, 12))),
+                     "rejected": " ".join(rng.choices(WORDS, k=rng.randint(1, 12)))})
+    return rows
+
+
+@pytest.fixture()
+def rm(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1,
+                                                               pad_token_id=tokenizer.pad_token_id)
+    return model.float()
+
+
+def _batches(tmp_path, tokenizer, seed, n=6):
+    examples = load_preference(str(write_jsonl(tmp_path / "p.jsonl", _pairs(n, seed))))
+    features, _ = tokenize_dataset(tokenizer, examples, "preference", 96)
+    rows = PreferenceCollator(tokenizer.pad_token_id)(features)
+    packed = PreferenceCollator(tokenizer.pad_token_id, share_prompt=True)(features)
+    assert "prompt_lengths" in packed and "prompt_lengths" not in rows
+    return rows, packed
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_pair_scores_and_gradients_equal_the_rows_apart(rm, tokenizer, tmp_path, monkeypatch, pooling, seed):
+    import rlhfkit.trainers.reward as reward
+
+    calls = []
+    packed_values = reward.packed_token_values
+    monkeypatch.setattr(reward, "packed_token_values", lambda *a, **k: calls.append(1) or packed_values(*a, **k))
+    set_reward_pooling(rm, pooling)
+    rows, packed = _batches(tmp_path, tokenizer, seed)
+    out = []
+    for batch in (rows, packed):
+        rm.zero_grad()
+        c, r = pair_scores(rm, batch)
+        (c.sum() - 2 * r.sum() + (c * r).sum()).backward()
+        out.append((torch.cat([c, r]).detach(), [p.grad.clone() for p in rm.parameters()]))
+    (a, ga), (b, gb) = out
+    assert calls == [1]  # the packed batch took the packed forward, the rows the plain one
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_all"])
+def test_packed_probe_features_equal_the_rows_apart(rm, tokenizer, tmp_path, pooling):
+    set_reward_pooling(rm, pooling)
+    rows, packed = _batches(tmp_path, tokenizer, 3)
+    strategy = SingleProcess()
+    with torch.no_grad():
+        a = _pooled_pair_features(rm, rows, strategy)
+        b = _pooled_pair_features(rm, packed, strategy)
+    assert a.shape == b.shape == (12, rm.config.hidden_size)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_all_reads_the_prompt_so_it_scores_the_rows_apart(rm, tokenizer, tmp_path, monkeypatch):
+    set_reward_pooling(rm, "mean_all")
+    _, packed = _batches(tmp_path, tokenizer, 4)
+    import rlhfkit.trainers.reward as reward
+
+    monkeypatch.setattr(reward, "packed_token_values", lambda *a, **k: pytest.fail("mean_all was packed"))
+    c, r = pair_scores(rm, packed)
+    assert c.shape == r.shape == (6,)
+
+
+def test_trainer_packs_by_default_and_trains_the_same(tmp_path, tiny_model_dir):
+    """One step of `rlhfkit rm` with and without share_prompt: the same metrics and weights."""
+    train = write_jsonl(tmp_path / "train.jsonl", _pairs(8, 5))
+
+    def one_step(name, share):
+        data = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(train), "max_length": 96},
+                "train": {"output_dir": str(tmp_path / name), "batch_size": 8, "micro_batch_size": 8,
+                          "max_steps": 1, "progress": False, "seed": 0},
+                "optim": {"lr": 0.05, "adam_eps": 1.0, "warmup_ratio": 0.0, "schedule": "constant"},
+                "pooling": "mean", "share_prompt": share}
+        cfg = load_config(RewardConfig, data=data)
+        metrics = train_reward_model(cfg)
+        from safetensors.torch import load_file
+
+        return metrics, load_file(str(tmp_path / name / "model" / "model.safetensors"))
+
+    assert RewardConfig().share_prompt
+    (m_rows, w_rows), (m_packed, w_packed) = one_step("rows", False), one_step("packed", True)
+    assert float(m_rows["train/loss"]) == pytest.approx(float(m_packed["train/loss"]), abs=1e-5)
+    for k in w_rows:
+        torch.testing.assert_close(w_packed[k], w_rows[k], atol=1e-5, rtol=1e-4)
