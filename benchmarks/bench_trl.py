@@ -63,10 +63,11 @@ COMMON = ["optim.schedule=constant", "optim.warmup_ratio=0.0", "train.save_every
           "train.seed=0", "train.log_every=1"]
 SIZES = {
     "sft": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=8", "train.micro_batch_size=8"],
-    # TRL's reward trainer starts from a random head at one learning rate: so does rlhfkit here
-    # (configs/rm.yaml's probe initialisation would also add a pass over all pairs to step 1)
+    # TRL's reward trainer starts from a random head at one learning rate, on every layer, and
+    # reads the last token: so does rlhfkit here (configs/rm.yaml's probe initialisation would add
+    # a pass over all pairs to step 1, and its 8-layer cut would time a quarter of the model)
     "rm": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4",
-           "head_init=random", "optim.head_lr=0.0"],
+           "head_init=random", "optim.head_lr=0.0", "backbone_layers=0", "pooling=last"],
     "dpo": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4", "train.micro_batch_size=4",
             "data.max_length=128", "dpo.beta=0.1", "dpo.precompute_ref_logps=false"],
     "dpo-precomputed": ["data.eval_fraction=0.0", "train.eval_every=0", "train.batch_size=4",
