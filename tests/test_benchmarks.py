@@ -317,3 +317,20 @@ def test_bench_prefix_tiny_times_both_modes():
     assert "shared prefix 2" in proc.stdout  # the template's system turn: 24-25 tokens
     for mode in ("forward, no grad", "forward + backward"):
         assert f"| {mode} |" in proc.stdout
+
+
+def test_bench_trl_rm_times_the_model_trl_trains(bench_path, tmp_path):
+    """TRL's reward trainer trains every layer with a last-token head: the rlhfkit side of the RM job
+    must too, whatever configs/rm.yaml ships (its 8-layer cut would time a quarter of the model)."""
+    import argparse
+
+    import bench_trl
+
+    from rlhfkit.config import load_config
+    from rlhfkit.registry import COMMANDS
+
+    args = argparse.Namespace(lora=False, dpo_steps=0, steps=3, warmup=2, threads=1, trl_malloc=False)
+    spec = bench_trl.job_spec("rm", args, "some/model", tmp_path, [])
+    cfg = load_config(COMMANDS["rm"].config_class(), spec["config"], spec["overrides"])
+    assert (cfg.backbone_layers, cfg.pooling, cfg.head_init) == (0, "last", "random")
+    assert spec["shared_group"] == 2  # the FLOP count knows each pair's prompt is computed once
