@@ -26,7 +26,6 @@ from rlhfkit.models import (
     load_tokenizer,
     pooled_features,
     resolve_model_path,
-    sequence_scores,
     set_reward_pooling,
 )
 from rlhfkit.models.forward import pack_pairs, packed_token_values
@@ -64,14 +63,23 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     When the batch carries "prompt_lengths" (``PreferenceCollator(share_prompt=True)``) each pair
     is one packed sequence, prompt + chosen + rejected, each response seeing the prompt and itself."""
     pooling = reward_pooling(model)
-    if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS:
-        values, mask = packed_token_values(model, pack_pairs(batch))  # (2B, R)
-        scores = pool_values(values, mask, pooling, mask)
-    else:
-        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"], pooling=pooling,
-                                 response_mask=batch.get("loss_mask"))  # (2B,)
+    values, mask, response = _pair_token_values(model, batch, pooling)
+    scores = pool_values(values, mask, pooling, response)  # (2B,)
     n = scores.shape[0] // 2
     return scores[:n], scores[n:]
+
+
+def _pair_token_values(model, batch: dict, pooling: str, with_features: bool = False):
+    """The per-token head values of a preference batch's 2B rows, (2B, T), with the attention and
+    response masks to pool them by (and with ``with_features`` the (2B, T, H) features): packed
+    (T = the longest response, both masks its real tokens) when the batch and the pooling allow it,
+    else the padded rows themselves."""
+    if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS:
+        out = packed_token_values(model, pack_pairs(batch), with_features=with_features)
+        return (out[0], out[1], out[1], *out[2:])
+    out = token_values(model, batch["input_ids"], batch["attention_mask"], with_features=with_features)
+    values, rest = (out[0], out[1:]) if with_features else (out, ())
+    return (values, batch["attention_mask"], batch.get("loss_mask"), *rest)
 
 
 @torch.no_grad()
@@ -130,11 +138,8 @@ def _pooled_pair_features(model, batch: dict, strategy: Strategy) -> torch.Tenso
     """(2B, H) features of a preference batch, pooled as the reward is (packed as in `pair_scores`)."""
     pooling = reward_pooling(model)
     with strategy.autocast():
-        if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS:
-            _, mask, h = packed_token_values(model, pack_pairs(batch), with_features=True)  # (2B, R, H)
-            return pooled_features(h.float(), mask, pooling, mask)
-        _, h = token_values(model, batch["input_ids"], batch["attention_mask"], with_features=True)  # (2B, T, H)
-    return pooled_features(h.float(), batch["attention_mask"], pooling, batch["loss_mask"])
+        _, mask, response, h = _pair_token_values(model, batch, pooling, with_features=True)
+    return pooled_features(h.float(), mask, pooling, response)
 
 
 @torch.no_grad()
