@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -52,3 +54,44 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def reward_module(tmp_path, monkeypatch):
+    """An importable module `my_rewards` with good and bad reward functions."""
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        import math
+        def length(prompts, responses):
+            return [float(len(r)) for r in responses]
+        def too_few(prompts, responses):
+            return [1.0] * (len(responses) - 1)
+        def boom(prompts, responses):
+            raise KeyError("missing label")
+        def has_nan(prompts, responses):
+            return [math.nan for _ in responses]
+        def strings(prompts, responses):
+            return ["good" for _ in responses]
+        def as_tensor(prompts, responses):
+            import torch
+            return torch.ones(len(responses))
+        def too_many(prompts, responses):
+            return [1.0] * (len(responses) + 1)
+        def has_inf(prompts, responses):
+            return [1.0, math.inf][:len(responses)]
+        def minus_inf(prompts, responses):
+            return [-math.inf for _ in responses]
+        def scalar(prompts, responses):
+            return 1.0
+        def nothing(prompts, responses):
+            pass
+        def flags(prompts, responses):
+            return [len(r) > 1 for r in responses]
+        def bool_tensor(prompts, responses):
+            import torch
+            return torch.tensor([True] * len(responses))
+        def some_none(prompts, responses):
+            return [None, 1.0][:len(responses)]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("my_rewards", None)
