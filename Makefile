@@ -39,7 +39,8 @@ test: $(STAMP) browser
 MIN_VENV  := .venv-min
 MIN_STAMP := $(MIN_VENV)/.installed
 MIN_TESTS := tests/test_config.py tests/test_data_formats.py tests/test_data_tokenize.py tests/test_trackers.py \
-             tests/test_extras.py tests/test_ptx.py tests/test_sft_rm.py tests/test_lora.py tests/test_algos_losses.py
+             tests/test_extras.py tests/test_ptx.py tests/test_sft_rm.py tests/test_rm_recipe.py tests/test_lora.py \
+             tests/test_algos_losses.py
 
 $(MIN_STAMP): pyproject.toml constraints-min.txt
 	$(PYTHON) -m venv $(MIN_VENV)
