@@ -230,20 +230,44 @@ def recipe_table(train: dict, evals: dict, poolings: tuple[str, ...] = ("last", 
 
 # --------------------------------------------------------------------------- trained reward models
 
-def score_rm(rm: str, data: str, limit: int = 0, batch_size: int = 16) -> dict:
-    """Score held-out pairs with a trained RM through `rm:DIR` (its stored pooling), metrics."""
+def rm_scores(rm: str, data: str, limit: int = 0, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores of each pair of `data` from a trained RM through `rm:DIR` (its
+    stored pooling), the path PPO and `rlhfkit eval` use."""
     from rlhfkit.judges import build_reward_fn, prompt_text
 
-    rows = read_rows(data, limit)
-    examples = load_preference(data)[:len(rows)]
+    examples = load_preference(data)[:len(read_rows(data, limit))]
     fn = build_reward_fn(f"rm:{rm}", batch_size=batch_size)
     msgs = [ex.prompt for ex in examples]
     texts = [prompt_text(m) for m in msgs]
-    rc = torch.tensor(fn(texts, [ex.chosen for ex in examples], messages=msgs))
-    rr = torch.tensor(fn(texts, [ex.rejected for ex in examples], messages=msgs))
+    return (torch.tensor(fn(texts, [ex.chosen for ex in examples], messages=msgs)),
+            torch.tensor(fn(texts, [ex.rejected for ex in examples], messages=msgs)))
+
+
+def gold_metrics(margins: torch.Tensor, data: str, limit: int = 0) -> dict:
+    rows = read_rows(data, limit)
     gc = torch.tensor([r["gold_chosen"] for r in rows])
     gr = torch.tensor([r["gold_rejected"] for r in rows])
-    return pair_metrics(rc - rr, gc, gr, [r["prompt"] for r in rows])
+    return pair_metrics(margins, gc, gr, [r["prompt"] for r in rows])
+
+
+def score_rm(rm: str, data: str, limit: int = 0, batch_size: int = 16) -> dict:
+    """Score held-out pairs with a trained RM through `rm:DIR`, metrics."""
+    rc, rr = rm_scores(rm, data, limit, batch_size)
+    return gold_metrics(rc - rr, data, limit)
+
+
+def score_ensemble(rms: list[str], data: str, limit: int = 0) -> dict:
+    """Each RM alone, and their ensemble: the mean of their standardised scores. Each RM's scores
+    are divided by their standard deviation over all scored responses (chosen and rejected; the
+    labels are not used), so an RM with a wider scale does not outvote the others."""
+    out, total = {}, 0.0
+    for rm in rms:
+        rc, rr = rm_scores(rm, data, limit)
+        scale = torch.cat([rc, rr]).double().std().clamp_min(1e-12)
+        out[rm] = gold_metrics(rc - rr, data, limit)
+        total = total + (rc - rr).double() / scale / len(rms)
+    out["ensemble"] = gold_metrics(total, data, limit)
+    return out
 
 
 def finetune(name: str, config: str, overrides: list[str], eval_data: str, out_root: str = "runs/rmstudy/ft") -> dict:
@@ -296,7 +320,7 @@ def main() -> None:
     t.add_argument("--eval", required=True, help="held-out preference file scored after training")
     t.add_argument("overrides", nargs="*")
     s = sub.add_parser("score")
-    s.add_argument("--rm", required=True)
+    s.add_argument("--rm", required=True, nargs="+", help="one RM, or several: each alone and their ensemble")
     s.add_argument("--data", required=True)
     s.add_argument("--limit", type=int, default=0)
     args = ap.parse_args()
@@ -316,7 +340,8 @@ def main() -> None:
     elif args.cmd == "finetune":
         finetune(args.name, args.config, args.overrides, args.eval)
     else:
-        m = score_rm(args.rm, args.data, args.limit)
+        m = score_rm(args.rm[0], args.data, args.limit) if len(args.rm) == 1 else \
+            score_ensemble(args.rm, args.data, args.limit)
         print(json.dumps(m))
 
 

@@ -334,3 +334,27 @@ def test_bench_trl_rm_times_the_model_trl_trains(bench_path, tmp_path):
     cfg = load_config(COMMANDS["rm"].config_class(), spec["config"], spec["overrides"])
     assert (cfg.backbone_layers, cfg.pooling, cfg.head_init) == (0, "last", "random")
     assert spec["shared_group"] == 2  # the FLOP count knows each pair's prompt is computed once
+
+
+def test_rm_study_ensemble_weighs_each_rm_by_its_own_scale(bench_path, tmp_path, monkeypatch):
+    """``rm_study.py score --rm A B``: the ensemble margin is the mean of each RM's margin over the
+    standard deviation of its scores, so an RM on a 1e6 times wider scale does not outvote the other.
+    Here A ranks pairs 1-2 right and 3-4 wrong, B the reverse with a larger relative margin: alone each
+    is at 0.5, raw sums would follow A (0.5), standardised the ensemble ranks all four right."""
+    import torch
+
+    import rm_study
+
+    rows = [{"prompt": f"p{i}", "gold_chosen": 1.0, "gold_rejected": 0.0} for i in range(4)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = {"a": (torch.tensor([2.0, 2, 0, 0]) * 1e3, torch.tensor([0.0, 0, 1, 1]) * 1e3),
+              "b": (torch.tensor([0.0, 0, 3, 3]) * 1e-3, torch.tensor([1.0, 1, 0, 0]) * 1e-3)}
+    monkeypatch.setattr(rm_study, "rm_scores", lambda rm, d, limit=0, batch_size=16: scores[rm])
+    out = rm_study.score_ensemble(["a", "b"], str(data))
+    assert out["a"]["acc"] == 0.5 and out["b"]["acc"] == 0.5 and out["ensemble"]["acc"] == 1.0
+    scores["a"] = tuple(7.0 * s for s in scores["a"])  # rescaling one RM changes nothing
+    assert rm_study.score_ensemble(["a", "b"], str(data))["ensemble"]["acc"] == 1.0
+    scores["a"] = (scores["a"][0] * 0 + 1, scores["a"][1] * 0)  # A's margin now +1 everywhere
+    tied = rm_study.score_ensemble(["a", "b"], str(data))
+    assert tied["a"]["acc"] == 1.0 and tied["ensemble"]["acc"] == 1.0
