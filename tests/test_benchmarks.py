@@ -358,3 +358,30 @@ def test_rm_study_ensemble_weighs_each_rm_by_its_own_scale(bench_path, tmp_path,
     scores["a"] = (scores["a"][0] * 0 + 1, scores["a"][1] * 0)  # A's margin now +1 everywhere
     tied = rm_study.score_ensemble(["a", "b"], str(data))
     assert tied["a"]["acc"] == 1.0 and tied["ensemble"]["acc"] == 1.0
+
+
+def test_bench_linear_fit_recovers_stream_and_arithmetic_rates(bench_path):
+    """``bench_linear.py``'s fit: times made as bytes / 20 GB/s + FLOPs / 150 GFLOP/s give back those two
+    rates with no misfit; times made as max() of the two (overlapped) do not fit a line exactly."""
+    import bench_linear
+
+    n, k, batches = 1536, 576, [1, 2, 4, 8, 16, 32]
+    bytes_, flops_row = n * k * 4, 2 * n * k
+    secs = [bytes_ / 20e9 + flops_row * b / 150e9 for b in batches]
+    fit = bench_linear.fit_stream_then_compute(bytes_, flops_row, batches, secs)
+    assert fit["stream GB/s"] == pytest.approx(20.0) and fit["arith GFLOP/s"] == pytest.approx(150.0)
+    assert fit["misfit"] < 1e-9
+    overlapped = [max(bytes_ / 20e9, flops_row * b / 150e9) for b in batches]
+    assert bench_linear.fit_stream_then_compute(bytes_, flops_row, batches, overlapped)["misfit"] > 0.05
+    shapes = bench_linear.decode_shapes(type("C", (), {"hidden_size": 576, "intermediate_size": 1536,
+                                                        "vocab_size": 49152, "num_key_value_heads": 3,
+                                                        "num_attention_heads": 9})())
+    assert shapes == {"qkv": (960, 576), "o": (576, 576), "gate / up": (1536, 576), "down": (576, 1536),
+                      "lm head": (49152, 576)}
+
+
+def test_bench_linear_tiny_runs(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH / "bench_linear.py"), "--tiny", "--batches", "1,4", "--repeats", "1",
+                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "% roofline" in run.stdout and "stream GB/s" in run.stdout and run.stdout.count("lm head") == 3  # two batches and the fit
