@@ -11,6 +11,13 @@ own prefix) and once with the batch's shared prefix, in alternating order; three
 (the reference's and logp_old's forward), forward + backward (the update), and the same through a
 LoRA adapter with --lora. Prints the median time of each and the ratio, with this machine's fp32
 matmul peak.
+
+    .venv/bin/python benchmarks/bench_prefix.py --scorer RM_DIR [--rows 8] [--group 4] [--response 48]
+
+With --scorer, the reward model's side instead: `rm:RM_DIR` (as GRPO, RLOO and online DPO call it)
+scores --group replies to each of --rows prompts, with the replies to one prompt packed into one
+sequence (the prompt once; the scorer's default for last- and mean-pooled RMs) against every row
+scored on its own, alternating; replies are --response/2 to --response words drawn at random.
 """
 
 from __future__ import annotations
@@ -33,7 +40,11 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="the model wrapped with a LoRA adapter (r=16, all-linear)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--scorer", default="", help="a reward model directory: time its scoring of groups instead")
+    ap.add_argument("--group", type=int, default=4, help="with --scorer: replies per prompt")
     args = ap.parse_args()
+    if args.scorer:
+        return time_scorer(args)
 
     import torch
 
@@ -93,6 +104,51 @@ def main() -> None:
         a, b = statistics.median(plain), statistics.median(shared)
         print(f"| {'forward + backward' if grad else 'forward, no grad'} | {a:.3f} | {b:.3f} | {a / b:.2f}x |",
               flush=True)
+
+
+def time_scorer(args) -> None:
+    """`rm:DIR` on --rows prompts x --group replies: groups packed against every row on its own."""
+    import random
+
+    import torch
+
+    import rlhfkit.judges.reward_model as reward_model
+    from common import matmul_peak_gflops
+    from rlhfkit.judges import build_reward_fn
+    from rlhfkit.rollout.prompts import load_prompt_items
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scorer = build_reward_fn(f"rm:{args.scorer}", batch_size=16).fn  # the RewardModelScorer
+    items, _ = load_prompt_items("task:sentiment", scorer.tokenizer, max_prompt_length=256)
+    rng = random.Random(0)
+    words = ("the a lovely awful bright dull calm noisy warm cold kind rude day night garden city river "
+             "friend story song light rain sun quiet happy sad strange old new small big").split()
+    msgs = [items[i].messages for i in range(args.rows) for _ in range(args.group)]
+    replies = [" ".join(rng.choices(words, k=rng.randint(args.response // 2, args.response))) for _ in msgs]
+    real = reward_model.shared_prompt_groups
+    parts = [scorer.render_parts(m, r) for m, r in zip(msgs, replies)]
+    tokens = sum(len(p) + len(r) for p, r in parts)
+    packed_tokens = tokens - sum((len(g) - 1) * len(parts[g[0]][0]) for g in real(parts)[0])
+    print(f"rm:{args.scorer}, {args.rows} prompts x {args.group} replies: {tokens} tokens scored row by row, "
+          f"{packed_tokens} packed; threads {torch.get_num_threads()}; fp32 matmul peak {matmul_peak_gflops():.0f} GFLOP/s")
+
+    def once(packed: bool) -> float:
+        reward_model.shared_prompt_groups = real if packed else (lambda parts: ([], list(range(len(parts)))))
+        t0 = time.perf_counter()
+        scorer([""] * len(msgs), replies, messages=msgs)
+        return time.perf_counter() - t0
+
+    plain, packed = [], []
+    for k in range(args.pairs + 1):
+        for flag, out in ([(True, packed), (False, plain)] if k % 2 else [(False, plain), (True, packed)]):
+            t = once(flag)
+            if k:
+                out.append(t)
+    reward_model.shared_prompt_groups = real
+    a, b = statistics.median(plain), statistics.median(packed)
+    print(f"| every row on its own (s) | replies to one prompt packed (s) | speed-up |\n|---|---|---|\n"
+          f"| {a:.3f} | {b:.3f} | {a / b:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

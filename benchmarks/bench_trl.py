@@ -255,7 +255,7 @@ def job_spec(job: str, args, model_dir: str, out: Path, extra: list[str]) -> dic
     if method == "dpo":
         spec["shared_group"] = 2 if loaded.dpo.share_prompt else 1
     if method == "rm":  # each pair one packed sequence, as in DPO (with a pooling that allows it)
-        from rlhfkit.trainers.reward import PACKABLE_POOLINGS
+        from rlhfkit.models import PACKABLE_POOLINGS
 
         spec["shared_group"] = 2 if loaded.share_prompt and loaded.pooling in PACKABLE_POOLINGS else 1
     if job == "dpo-precomputed":  # both sides' reference pass covers only the pairs the steps use

@@ -16,6 +16,7 @@ import importlib
 import io
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -385,3 +386,23 @@ def test_bench_linear_tiny_runs(tmp_path):
                           "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "% roofline" in run.stdout and "stream GB/s" in run.stdout and run.stdout.count("lm head") == 3  # two batches and the fit
+
+
+def test_bench_prefix_scorer_runs_on_a_tiny_reward_model(tmp_path, tiny_model_dir, tokenizer):
+    """``bench_prefix.py --scorer DIR``: both ways of scoring groups run, and the packed one is
+    reported with fewer tokens than row by row."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models import save_pretrained_atomic, set_reward_pooling
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1,
+                                                            pad_token_id=tokenizer.pad_token_id)
+    set_reward_pooling(rm, "mean")
+    save_pretrained_atomic(rm, tokenizer, tmp_path / "rm")
+    run = subprocess.run([sys.executable, str(BENCH / "bench_prefix.py"), "--scorer", str(tmp_path / "rm"),
+                          "--rows", "2", "--group", "3", "--pairs", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    head = next(line for line in run.stdout.splitlines() if "prompts x 3 replies" in line)
+    row_by_row, packed = (int(x) for x in re.findall(r"(\d+) tokens scored row by row, (\d+) packed", head)[0])
+    assert packed < row_by_row and run.stdout.rstrip().endswith("x |")

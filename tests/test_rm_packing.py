@@ -114,3 +114,39 @@ def test_trainer_packs_by_default_and_trains_the_same(tmp_path, tiny_model_dir):
     assert float(m_rows["train/loss"]) == pytest.approx(float(m_packed["train/loss"]), abs=1e-5)
     for k in w_rows:
         torch.testing.assert_close(w_packed[k], w_rows[k], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_groups_by_hand():
+    from rlhfkit.judges.reward_model import shared_prompt_groups
+
+    parts = [([1, 2], [5]), ([3], [6]), ([1, 2], [7, 8]), ([], [9]), ([3], []), ([1, 2], [4]), ([4], [1])]
+    # rows 0, 2, 5 share a prompt; row 1's only partner (4) has an empty reply; row 3 has no prompt
+    assert shared_prompt_groups(parts) == ([[0, 2, 5]], [1, 3, 4, 6])
+    assert shared_prompt_groups([([1], [2]), ([1], [3])]) == ([[0, 1]], [])
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_all"])
+def test_scorer_packs_replies_to_one_prompt_and_scores_as_each_row_alone(rm, tokenizer, monkeypatch, pooling):
+    """`rm:DIR` scoring of GRPO-style groups (several replies per prompt, rows in any order): the
+    replies to one prompt are one packed sequence, and every score equals that row scored alone, in
+    the input order. A prompt seen once, and every row under mean_all pooling, take the plain path."""
+    import rlhfkit.judges.reward_model as reward_model
+
+    set_reward_pooling(rm, pooling)
+    packed_rows = []
+    real_pack = reward_model.pack_groups
+    monkeypatch.setattr(reward_model, "pack_groups",
+                        lambda groups, *a, **k: packed_rows.append(sum(len(g[1]) for g in groups)) or
+                        real_pack(groups, *a, **k))
+    rng = random.Random(3)
+    prompts = {k: [{"role": "user", "content": "Describe " + " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))}]
+               for k in "ABC"}
+    order = list("ABCACAAC")
+    replies = [" ".join(rng.choices(WORDS, k=rng.randint(1, 12))) for _ in order]
+    scorer = reward_model.RewardModelScorer(rm, tokenizer, batch_size=4)
+    got = scorer([""] * len(order), replies, messages=[prompts[k] for k in order])
+    packed_total = sum(packed_rows)
+    alone = [scorer([""], [r], messages=[prompts[k]])[0] for k, r in zip(order, replies)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(alone), atol=1e-5, rtol=1e-5)
+    assert packed_total == (0 if pooling == "mean_all" else 7)  # A's 4 and C's 3 replies; B alone
+    assert len(set(round(v, 4) for v in got)) > 4  # the rows really score differently

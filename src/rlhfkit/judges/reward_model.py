@@ -15,11 +15,14 @@ import torch
 from rlhfkit.data import end_of_turn_ids, length_batches, render_ids, render_prompt_ids
 from rlhfkit.judges.reward_fn import Messages, RewardFn, RewardSpecError, default_name
 from rlhfkit.models import (
+    PACKABLE_POOLINGS,
     load_scalar_model,
     load_tokenizer,
     reward_pooling,
     sequence_scores,
 )
+from rlhfkit.models.forward import pack_groups, packed_token_values
+from rlhfkit.models.heads import pool_values
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
 from rlhfkit.rollout import left_pad
@@ -116,20 +119,60 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages]) -> list[float]:
         """`messages` by name: the RewardFn passes the prompt conversations to a parameter so named.
-        The scores are pooled as stored in the RM's config.json (`models.reward_pooling`)."""
+        The scores are pooled as stored in the RM's config.json (`models.reward_pooling`). Replies
+        to the same prompt (GRPO's group, online DPO's n samples) are scored as one packed sequence,
+        the prompt once, when the pooling reads the reply alone; other rows one by one."""
 
-        device = next(self.model.parameters()).device
         pooling = reward_pooling(self.model)
         parts = [self.render_parts(m, r) for m, r in zip(messages, responses)]
         scores = [0.0] * len(parts)
-        # rows of similar length batched together: little compute spent on padding
-        for rows in length_batches([len(p) + len(r) for p, r in parts], self.batch_size):
-            chunk = [parts[i] for i in rows]
+        groups, singles = shared_prompt_groups(parts) if pooling in PACKABLE_POOLINGS else ([], range(len(parts)))
+        for i, v in self._packed(parts, groups, pooling) + self._rows(parts, list(singles), pooling):
+            scores[i] = v
+        return scores
+
+    def _rows(self, parts: list, rows: list[int], pooling: str) -> list[tuple[int, float]]:
+        """(row, score) of each listed row, scored on its own (left-padded batches of similar length)."""
+        device, out = next(self.model.parameters()).device, []
+        for batch in length_batches([len(parts[i][0]) + len(parts[i][1]) for i in rows], self.batch_size):
+            idx = [rows[j] for j in batch]
+            chunk = [parts[i] for i in idx]
             ids, mask = left_pad([p + r for p, r in chunk], self.tokenizer.pad_token_id, device)
             # left-padded: each row's reply is its last len(reply) positions
             n_reply = torch.tensor([len(r) for _, r in chunk], device=device)[:, None]  # (B, 1)
             cols = torch.arange(ids.shape[1], device=device)[None]  # (1, T)
             response_mask = (cols >= ids.shape[1] - n_reply).long()  # (B, T)
-            for i, v in zip(rows, sequence_scores(self.model, ids, mask, pooling, response_mask).float().tolist()):
-                scores[i] = v
-        return scores
+            out += zip(idx, sequence_scores(self.model, ids, mask, pooling, response_mask).float().tolist())
+        return out
+
+    def _packed(self, parts: list, groups: list[list[int]], pooling: str) -> list[tuple[int, float]]:
+        """(row, score) of the rows of each group: one packed sequence per group, up to
+        `batch_size` rows per forward."""
+        device, out = next(self.model.parameters()).device, []
+        sizes = [sum(len(parts[i][1]) for i in g) + len(parts[g[0]][0]) for g in groups]
+        for batch in length_batches(sizes, max(1, self.batch_size // max(len(g) for g in groups or [[0]]))):
+            rows = [i for j in batch for i in groups[j]]
+            local = {i: b for b, i in enumerate(rows)}
+            packed = pack_groups([(torch.tensor(parts[groups[j][0]][0], device=device),
+                                   [(local[i], torch.tensor(parts[i][1], device=device)) for i in groups[j]])
+                                  for j in batch], (len(rows), max(len(parts[i][1]) for i in rows)),
+                                 self.tokenizer.pad_token_id)
+            values, mask = packed_token_values(self.model, packed)
+            out += zip(rows, pool_values(values, mask, pooling, mask).float().tolist())
+        return out
+
+
+def shared_prompt_groups(parts: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int]]:
+    """Rows of (prompt ids, reply ids) -> (groups of >= 2 rows with the same non-empty prompt and
+    non-empty replies, in first-seen order; every other row). A prompt seen once gains nothing
+    from packing and keeps the plain path."""
+    by_prompt: dict[tuple, list[int]] = {}
+    singles = []
+    for i, (prompt, reply) in enumerate(parts):
+        if prompt and reply:
+            by_prompt.setdefault(tuple(prompt), []).append(i)
+        else:
+            singles.append(i)
+    groups = [g for g in by_prompt.values() if len(g) > 1]
+    singles += [g[0] for g in by_prompt.values() if len(g) == 1]
+    return groups, sorted(singles)

@@ -1,6 +1,7 @@
 """Model loading (local dir, hub id, GGUF, the built-in default), scalar heads and saving."""
 
 from rlhfkit.models.heads import (
+    PACKABLE_POOLINGS,
     POOLINGS,
     backbone_and_head,
     freeze_lower_layers,
@@ -30,5 +31,5 @@ __all__ = [
     "DEFAULT_MODEL", "cache_root", "ensure_default_model", "load_causal_lm", "load_scalar_model",
     "load_tokenizer", "resolve_model_path", "save_pretrained_atomic", "tiny_causal_lm",
     "last_token_index", "position_ids_from_mask", "token_values", "sequence_scores", "backbone_and_head",
-    "unwrap_model", "POOLINGS", "freeze_lower_layers", "keep_lower_layers", "pooled_features", "reward_pooling", "set_reward_pooling",
+    "unwrap_model", "POOLINGS", "PACKABLE_POOLINGS", "freeze_lower_layers", "keep_lower_layers", "pooled_features", "reward_pooling", "set_reward_pooling",
 ]

@@ -96,6 +96,9 @@ def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.T
 # mean-pooled score is the head applied to mean-pooled features: a bag-of-tokens reading of the
 # whole response instead of one position's summary of it.
 POOLINGS = ("last", "mean", "mean_all")
+# Poolings that read the response tokens only, so that responses to one prompt can be scored as one
+# packed sequence (the prompt once, `models.forward.pack_groups`); "mean_all" also averages the prompt.
+PACKABLE_POOLINGS = ("last", "mean")
 # The key in a reward model's config.json that records its pooling (absent means "last"), so
 # that every scorer of a saved RM pools the way it was trained.
 POOLING_KEY = "reward_pooling"

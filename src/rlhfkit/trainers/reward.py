@@ -29,7 +29,7 @@ from rlhfkit.models import (
     set_reward_pooling,
 )
 from rlhfkit.models.forward import pack_pairs, packed_token_values
-from rlhfkit.models.heads import backbone_and_head, pool_values, reward_pooling, token_values
+from rlhfkit.models.heads import PACKABLE_POOLINGS, backbone_and_head, pool_values, reward_pooling, token_values
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
@@ -50,11 +50,6 @@ def prepare_preference_data(cfg, tokenizer):
     if not train:
         raise ValueError(f"{', '.join(source_list(cfg.data.train))}: no training pairs")
     return train, evals, {"train": tstats, "eval": estats}
-
-
-# Poolings that read the response tokens only, so that a pair can be scored as one packed
-# sequence (the prompt once); "mean_all" also averages the prompt and takes the unpacked rows.
-PACKABLE_POOLINGS = ("last", "mean")
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
