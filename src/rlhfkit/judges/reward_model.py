@@ -150,7 +150,8 @@ class RewardModelScorer:
         `batch_size` rows per forward."""
         device, out = next(self.model.parameters()).device, []
         sizes = [sum(len(parts[i][1]) for i in g) + len(parts[g[0]][0]) for g in groups]
-        for batch in length_batches(sizes, max(1, self.batch_size // max(len(g) for g in groups or [[0]]))):
+        per_forward = max(1, self.batch_size // max(map(len, groups), default=1))  # groups per forward
+        for batch in length_batches(sizes, per_forward):
             rows = [i for j in batch for i in groups[j]]
             local = {i: b for b, i in enumerate(rows)}
             packed = pack_groups([(torch.tensor(parts[groups[j][0]][0], device=device),
