@@ -89,7 +89,9 @@ def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int 
 
 
 class RewardModelScorer:
-    """Scores (messages, response) with ``models.sequence_scores``, in micro-batches, without grad."""
+    """Scores (messages, response) without grad, in micro-batches: the replies to one prompt as one
+    packed sequence (``models.forward.pack_groups``) when the pooling allows, other rows with
+    ``models.sequence_scores``."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model = model
