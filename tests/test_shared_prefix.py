@@ -138,3 +138,132 @@ def test_rollout_records_the_shared_system_turn_and_cat_recomputes_it(tokenizer)
     assert Experience.cat([exp, exp]).shared_prefix == system
     assert Experience.cat([exp, other]).shared_prefix < system
 
+
+
+# --------------------------------------------------------------------------- scalar heads and SFT
+
+@pytest.fixture()
+def scalar_model(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1,
+                                                              pad_token_id=tokenizer.pad_token_id).float()
+
+
+def _spy(monkeypatch):
+    """Counts the calls that compute a shared prefix once."""
+    calls = []
+    real = forward.prefix_inputs
+    monkeypatch.setattr(forward, "prefix_inputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_token_values_and_gradients_equal_the_plain_forward(scalar_model, tokenizer, monkeypatch, lora):
+    """The critic's and the RM's per-token values with the system turn computed once: every real
+    position's value (the prefix's included, so any pooling can read them) and the gradients."""
+    from rlhfkit.config import LoraSection
+    from rlhfkit.models import token_values
+    from rlhfkit.models.forward import shared_token_values
+    from rlhfkit.models.lora import apply_lora
+
+    model = scalar_model
+    if lora:
+        model = apply_lora(model, LoraSection(enabled=True, r=4, alpha=8), "SEQ_CLS")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    model.train()
+    ids, mask, P, R, L = _rows(tokenizer, 5)
+    m = mask.bool()
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = _spy(monkeypatch)
+    a = token_values(model, ids, mask)
+    b = shared_token_values(model, ids, mask, L)
+    assert calls == [1]
+    torch.testing.assert_close(b[m], a[m], atol=1e-5, rtol=1e-5)
+    weights = torch.randn(a.shape, generator=torch.Generator().manual_seed(0)) * m
+    for ga, gb in zip(torch.autograd.grad((a * weights).sum(), params), torch.autograd.grad((b * weights).sum(), params)):
+        torch.testing.assert_close(gb, ga, atol=1e-4, rtol=1e-4)
+    shared_token_values(model, ids, mask, forward.MIN_SHARED_PREFIX - 1)  # too short to pay: the plain path
+    assert calls == [1]
+
+
+def test_critic_values_take_the_batch_shared_prefix(scalar_model, tokenizer, monkeypatch):
+    from rlhfkit.trainers.pg_score import response_values
+
+    ids, mask, P, R, L = _rows(tokenizer, 6)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        a = response_values(scalar_model, ids, mask, R)
+        b = response_values(scalar_model, ids, mask, R, shared_prefix=L)
+    assert calls == [1]
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "mean_all"])
+def test_rm_scorer_computes_the_system_turn_once_per_batch(scalar_model, tokenizer, monkeypatch, pooling):
+    """`rm:DIR` on replies to different prompts (PPO's batch, an evaluation's samples): each batch's
+    common start is computed once, and every score equals the row scored alone."""
+    from rlhfkit.judges.reward_model import RewardModelScorer
+    from rlhfkit.models import set_reward_pooling
+
+    set_reward_pooling(scalar_model, pooling)
+    prompts = [[{"role": "user", "content": t}] for t in ("Describe a park.", "Say hi", "Write about the sea and sky.",
+                                                           "Why?", "Tell me about rain at night.")]
+    replies = ["It is green and calm.", "Hi!", "The sea is wide, the sky is grey.", "Because.", "Rain taps softly."]
+    scorer = RewardModelScorer(scalar_model, tokenizer, batch_size=3)
+    alone = [scorer([""], [r], messages=[p])[0] for p, r in zip(prompts, replies)]
+    calls = _spy(monkeypatch)
+    got = scorer([""] * 5, replies, messages=prompts)
+    assert len(calls) == 2  # batches of 3 and 2 rows
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(alone), atol=1e-5, rtol=1e-5)
+    assert len({round(v, 4) for v in got}) == 5
+
+
+def test_common_prefix_of_rows_by_hand():
+    from rlhfkit.models.forward import common_prefix_of_rows
+
+    ids = torch.tensor([[7, 8, 9, 4, 0], [7, 8, 9, 5, 6], [0, 7, 8, 9, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])  # right- and left-padded rows
+    assert common_prefix_of_rows(ids, mask) == 3
+    labelled = torch.zeros(3, 4, dtype=torch.bool)
+    labelled[1, 2] = True  # position 2 predicts row 1's 4th token: the prefix must end before it
+    assert common_prefix_of_rows(ids, mask, labelled) == 2
+    assert common_prefix_of_rows(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    assert common_prefix_of_rows(ids[:, [1, 0, 2, 3, 4]], mask) == 0
+
+
+def test_sft_loss_and_gradients_with_the_system_turn_once(tokenizer, monkeypatch, tmp_path):
+    """SFT on chat rows: the labelled (response) tokens' loss and every gradient equal the plain
+    forward's; a labelled token inside the prefix is refused."""
+    from conftest import write_jsonl
+
+    from rlhfkit.data import SFTCollator, load_sft, tokenize_dataset
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.models.forward import labelled_logprobs
+    from rlhfkit.trainers.sft import sft_batch_loss
+
+    model = tiny_causal_lm(tokenizer, seed=1)
+    texts = [("Describe a park.", "It is green."), ("Say hi", "Hi there, friend!"), ("Why?", "Because it rains.")]
+    rows = [{"prompt": p, "response": r} for p, r in texts]
+    feats, _ = tokenize_dataset(tokenizer, load_sft(str(write_jsonl(tmp_path / "sft.jsonl", rows))), "sft", 96)
+    batch = SFTCollator(tokenizer.pad_token_id)(feats)
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = _spy(monkeypatch)
+    shared_loss, _, n = sft_batch_loss(model, batch, 1.0)
+    shared_grads = torch.autograd.grad(shared_loss, params)
+    assert calls == [1]
+    monkeypatch.setattr(forward, "SHARE_PREFIX", False)
+    plain_loss, _, _ = sft_batch_loss(model, batch, 1.0)
+    assert calls == [1] and n > 0
+    torch.testing.assert_close(shared_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    for ga, gb in zip(torch.autograd.grad(plain_loss, params), shared_grads):
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(forward, "SHARE_PREFIX", True)
+    labelled = torch.zeros_like(batch["input_ids"][:, 1:], dtype=torch.bool)
+    labelled[0, 3] = True
+    with pytest.raises(ValueError, match="inside the shared prefix"):
+        labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], labelled, shared_prefix=10)

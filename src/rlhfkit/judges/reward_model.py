@@ -19,13 +19,13 @@ from rlhfkit.models import (
     load_scalar_model,
     load_tokenizer,
     reward_pooling,
-    sequence_scores,
 )
-from rlhfkit.models.forward import pack_groups, packed_token_values
+from rlhfkit.models.forward import pack_groups, packed_token_values, shared_token_values
 from rlhfkit.models.heads import pool_values
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
 from rlhfkit.rollout import left_pad
+from rlhfkit.rollout.experience import common_prefix_len
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -134,7 +134,8 @@ class RewardModelScorer:
         return scores
 
     def _rows(self, parts: list, rows: list[int], pooling: str) -> list[tuple[int, float]]:
-        """(row, score) of each listed row, scored on its own (left-padded batches of similar length)."""
+        """(row, score) of each listed row, scored on its own (left-padded batches of similar length),
+        the prompts' common start (the chat template's system turn) computed once per batch."""
         device, out = next(self.model.parameters()).device, []
         for batch in length_batches([len(parts[i][0]) + len(parts[i][1]) for i in rows], self.batch_size):
             idx = [rows[j] for j in batch]
@@ -144,7 +145,8 @@ class RewardModelScorer:
             n_reply = torch.tensor([len(r) for _, r in chunk], device=device)[:, None]  # (B, 1)
             cols = torch.arange(ids.shape[1], device=device)[None]  # (1, T)
             response_mask = (cols >= ids.shape[1] - n_reply).long()  # (B, T)
-            out += zip(idx, sequence_scores(self.model, ids, mask, pooling, response_mask).float().tolist())
+            values = shared_token_values(self.model, ids, mask, common_prefix_len([p for p, _ in chunk]))
+            out += zip(idx, pool_values(values, mask, pooling, response_mask).float().tolist())
         return out
 
     def _packed(self, parts: list, groups: list[list[int]], pooling: str) -> list[tuple[int, float]]:

@@ -6,13 +6,20 @@ same position ids (from the attention mask, so left padding is harmless), same d
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
 from rlhfkit.data.collate import additive_mask
-from rlhfkit.models.heads import position_ids_from_mask, token_values, unwrap_model
+from rlhfkit.models.heads import (
+    backbone_and_head,
+    has_pad_token,
+    position_ids_from_mask,
+    token_values,
+    unwrap_model,
+)
 
 
 def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -72,44 +79,115 @@ def can_share_prefix(model, attention_mask: torch.Tensor) -> bool:
 
 def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int, **kwargs):
     """The model's forward over (B, T) left-padded rows whose first L real tokens are the same,
-    with those L tokens computed once: one forward of the prefix (1 row), its key/value cache
-    repeated for the B rows, then the rest of each row (left-padded to T - L) attending to it.
-    Positions come from the mask, so every token sees what it sees in the plain forward; the
-    outputs at the last T - L columns equal the plain forward's there, up to float rounding.
-    Gradients flow through the repeated cache to the one prefix computation. Returns the model
-    output of the second call (its columns are the input's last T - L)."""
-    B, T = input_ids.shape
+    with those L tokens computed once (`prefix_inputs`). The outputs at the last T - L columns
+    equal the plain forward's there, up to float rounding. Returns the model output of the second
+    call (its columns are the input's last T - L)."""
+    return model(**prefix_inputs(model, input_ids, attention_mask, L), **kwargs)
+
+
+def prefix_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int) -> dict:
+    """Run the rows' common first L real tokens once (1 row) and return the model inputs for the
+    rest of each row: its key/value cache repeated for the B rows, then each row without its prefix
+    (left padding kept, (B, T - L)) attending to it. Positions come from the mask, so every token
+    sees what it sees in the plain forward. Gradients flow through the repeated cache to the one
+    prefix computation. Works with any padding side (rows start at their first real column)."""
+    B = input_ids.shape[0]
     dev = input_ids.device
-    start = attention_mask.long().argmax(-1)  # (B,) first real column
-    span = start[:, None] + torch.arange(L, device=dev)[None]
+    span, src = prefix_columns(attention_mask, L)
     prefix = input_ids.gather(1, span)
     if not (bool((prefix == prefix[:1]).all()) and bool(attention_mask.gather(1, span).bool().all())):
         raise ValueError(f"shared_prefix={L}: the rows' first {L} real tokens differ")
-    cols = torch.arange(T - L, device=dev)[None]
-    src = cols + L * (cols >= start[:, None]).long()  # each row without its prefix, left padding kept
     rest_ids, rest_mask = input_ids.gather(1, src), attention_mask.gather(1, src)
     full_mask = torch.cat([rest_mask.new_ones(B, L), rest_mask], dim=1)
-    pre = model(input_ids=prefix[:1], position_ids=torch.arange(L, device=dev)[None], use_cache=True,
-                logits_to_keep=1)
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the prefix's logits are not used
+    pre = model(input_ids=prefix[:1], position_ids=torch.arange(L, device=dev)[None], use_cache=True, **keep)
     cache = pre.past_key_values
     cache.batch_select_indices(torch.zeros(B, dtype=torch.long, device=dev))
-    return model(input_ids=rest_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)[:, L:],
-                 past_key_values=cache, use_cache=True, **kwargs)
+    return {"input_ids": rest_ids, "attention_mask": full_mask, "position_ids": position_ids_from_mask(full_mask)[:, L:],
+            "past_key_values": cache, "use_cache": True}
+
+
+def prefix_columns(attention_mask: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(span (B, L), rest (B, T - L)): the columns of each row's first L real tokens, and the other
+    columns in order (the row without its prefix). Together they are a permutation of 0..T-1."""
+    B, T = attention_mask.shape
+    dev = attention_mask.device
+    start = attention_mask.long().argmax(-1)  # (B,) first real column
+    span = start[:, None] + torch.arange(L, device=dev)[None]
+    cols = torch.arange(T - L, device=dev)[None]
+    return span, cols + L * (cols >= start[:, None]).long()
+
+
+def common_prefix_of_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          labelled: torch.Tensor | None = None) -> int:
+    """How many first real tokens all (B, T) rows share (a batch's `shared_prefix`), capped so that
+    each row keeps a token of its own and, with ``labelled`` (B, T-1) (the positions whose next token
+    is scored), every labelled position comes after the prefix. 0 for fewer than two rows."""
+    if input_ids.shape[0] < 2:
+        return 0
+    start = attention_mask.long().argmax(-1)
+    n = int(attention_mask.long().sum(-1).min()) - 1
+    if labelled is not None and bool(labelled.any()):
+        rows, cols = labelled.nonzero(as_tuple=True)
+        n = min(n, int((cols - start[rows]).min()))  # hidden state t predicts token t + 1: t >= start + L
+    if n <= 0:
+        return 0
+    toks = input_ids.gather(1, start[:, None] + torch.arange(n, device=input_ids.device)[None])
+    return int((toks == toks[:1]).all(0).long().cumprod(0).sum())
+
+
+def shared_token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        shared_prefix: int = 0) -> torch.Tensor:
+    """`models.token_values` (B, T) of a scalar-head model (critic, RM), with the rows' first
+    ``shared_prefix`` real tokens computed once where `can_share_prefix` allows: the same values up
+    to float rounding, gradients included (the prefix's values are its one computation's)."""
+    L, (B, T) = shared_prefix, input_ids.shape
+    if not (MIN_SHARED_PREFIX <= L < T and has_pad_token(model) and can_share_prefix(model, attention_mask)):
+        return token_values(model, input_ids, attention_mask)
+    _, head = backbone_and_head(model)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _args, out: seen.append(out))
+    try:
+        prefix_shared_forward(model, input_ids, attention_mask, L)
+    finally:
+        handle.remove()
+    span, rest = prefix_columns(attention_mask, L)
+    values = torch.cat([seen[0].squeeze(-1).float().expand(B, L), seen[-1].squeeze(-1).float()], dim=1)
+    return values.new_zeros(B, T).scatter(1, torch.cat([span, rest], dim=1), values)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """True if the (possibly peft-wrapped) model's forward takes `logits_to_keep` (transformers >= 4.50;
+    causal LMs, not the *ForSequenceClassification heads)."""
+    m = unwrap_model(model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m
+    try:
+        return "logits_to_keep" in inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labelled: torch.Tensor, *,
-                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, shared_prefix: int = 0) -> torch.Tensor:
     """(N,) log p(x_{t+1} | x_<=t) of the N tokens where ``labelled`` (B, T-1) is true (row-major
     order), as ``causal_logprobs(...)[labelled]`` gives. The LM head runs on those N positions
     only, so neither the head's product nor the (B, T, V) logits and their gradient are made for
     prompt and padding tokens (a third of a typical SFT batch). Masks and positions as
-    `causal_logprobs`."""
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
+    `causal_logprobs`; ``shared_prefix=L`` (`common_prefix_of_rows` with ``labelled``): the rows'
+    first L real tokens, which every labelled position follows, computed once."""
     B, T = input_ids.shape
     rows, cols = labelled.nonzero(as_tuple=True)
-    flat = rows * T + cols  # the hidden state at t predicts token t+1
-    logits = _logits_at(model, flat, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    L = shared_prefix
+    if position_ids is None and L >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask):
+        if bool((cols < attention_mask.long().argmax(-1)[rows] + L).any()):
+            raise ValueError(f"shared_prefix={L}: a labelled position lies inside the shared prefix")
+        # the hidden state at t predicts token t+1; past the prefix, column t is column t - L of the rest
+        logits = _logits_at(model, rows * (T - L) + cols - L, **prefix_inputs(model, input_ids, attention_mask, L))
+    else:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        logits = _logits_at(model, rows * T + cols, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids)
     return token_logprobs(logits[None], input_ids[rows, cols + 1][None])[0]
 
 
@@ -259,7 +337,7 @@ def _logits_at(model, flat_positions: torch.Tensor, **inputs) -> torch.Tensor:
     """(N, V) float32 logits at ``flat_positions`` of the flattened (B*T) batch: the model's forward
     on ``inputs`` with the LM head run on those positions only (`_head_on_positions`)."""
     with _head_on_positions(model, flat_positions) as gathered:
-        out = model(**inputs, use_cache=False)
+        out = model(**{"use_cache": False, **inputs})
     logits = out.logits.float()
     return logits if gathered else logits.flatten(0, 1).index_select(0, flat_positions)
 

@@ -63,8 +63,7 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
     FSDP/ZeRO-3 gather their shards in forward hooks of the root module.
     """
     _, head = backbone_and_head(model)
-    config = unwrap_model(model).config
-    if getattr(config.get_text_config(), "pad_token_id", None) is None:
+    if not has_pad_token(model):
         # The pooling inside forward refuses batches without a pad id; we ignore its pooling
         # anyway, so the (unwrapped) backbone and head are called directly.
         return _token_values_direct(model, input_ids, attention_mask, with_features, position_ids)
@@ -78,6 +77,12 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
     features, out = seen[-1]
     values = out.squeeze(-1).float()  # (B, T)
     return (values, features) if with_features else values
+
+
+def has_pad_token(model) -> bool:
+    """Whether the model's config names a pad token (its *ForSequenceClassification forward refuses
+    batches otherwise)."""
+    return getattr(unwrap_model(model).config.get_text_config(), "pad_token_id", None) is not None
 
 
 def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False,

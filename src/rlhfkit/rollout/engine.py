@@ -28,12 +28,12 @@ allocations (`sampler.Sampler`).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
+from rlhfkit.models.forward import accepts_logits_to_keep
 from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout.cpu_linears import packed_linears
 from rlhfkit.rollout.experience import Experience, common_prefix_len
@@ -157,7 +157,7 @@ def _sample(model, rows, *, max_new_tokens, eos_ids, pad_token_id, temperature, 
         no_eos = torch.zeros(B, dtype=torch.bool, device=device)
         return tokens, (torch.zeros(B, 0, device=device) if return_logprobs else None), no_eos
 
-    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     # (B, V) logits, a cache with room for every response token, (B, K) mask
     logits, cache, mask = _prefill(model, rows, pad_token_id, device, keep, extra=max_new_tokens, decoder=decoder)
     logps = torch.zeros((B, max_new_tokens), dtype=logits.dtype, device=device) if return_logprobs else None
@@ -269,15 +269,6 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    """True if the (possibly peft-wrapped) model's forward takes `logits_to_keep` (transformers >= 4.50)."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(m.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _clone(exp: Experience) -> Experience:

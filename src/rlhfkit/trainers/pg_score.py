@@ -17,8 +17,7 @@ import torch
 
 from rlhfkit.algos import kl_estimate, masked_sum
 from rlhfkit.judges import reward_metrics
-from rlhfkit.models import token_values
-from rlhfkit.models.forward import causal_logprobs, shared_prompt_logprobs
+from rlhfkit.models.forward import causal_logprobs, shared_prompt_logprobs, shared_token_values
 from rlhfkit.models.lora import adapters_disabled
 from rlhfkit.rollout import Experience, decode_responses, response_metrics
 
@@ -34,10 +33,11 @@ def policy_logprobs(model, mb: Experience, share_prompt: bool, with_entropy: boo
                            with_entropy=with_entropy, shared_prefix=mb.shared_prefix)
 
 
-def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int) -> torch.Tensor:
+def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int, shared_prefix: int = 0) -> torch.Tensor:
     """(B, R) V(t): the critic's output at the state *before* response token t, i.e. at position
-    P-1+t of the (B, P+R) sequence (the last prompt token is the state before the first action)."""
-    v = token_values(critic, ids, mask)  # (B, P+R)
+    P-1+t of the (B, P+R) sequence (the last prompt token is the state before the first action).
+    ``shared_prefix``: the rows' common system turn (`Experience.shared_prefix`), computed once."""
+    v = shared_token_values(critic, ids, mask, shared_prefix)  # (B, P+R)
     P = ids.shape[1] - R
     return v[:, P - 1:P - 1 + R]
 
@@ -80,7 +80,8 @@ def score_values(critic, exp: Experience, micro: int) -> torch.Tensor:
     was_training = critic.training
     critic.eval()
     try:
-        return _batched(lambda mb: response_values(critic, mb.input_ids(), mb.attention_mask(), R), exp, micro)
+        return _batched(lambda mb: response_values(critic, mb.input_ids(), mb.attention_mask(), R, mb.shared_prefix),
+                        exp, micro)
     finally:
         critic.train(was_training)
 

@@ -58,7 +58,7 @@ def first_forward(cfg, strategy, exp: Experience, mini_batch_size: int, actor, c
     with strategy.autocast():
         logp, ent = policy_logprobs(actor, exp, cfg.share_prompt, with_entropy=True)
         values = None if critic is None else response_values(critic, exp.input_ids(), exp.attention_mask(),
-                                                             exp.response_ids.shape[1])
+                                                             exp.response_ids.shape[1], exp.shared_prefix)
     return FirstForward(logp, values), {"logp": logp.detach(), "entropy": ent.detach()}
 
 
@@ -139,7 +139,8 @@ def micro_loss(cfg, actor, critic, mb: Experience, norm: float, first: FirstForw
         metrics["loss/kl"] = kl.detach()
     if critic is not None and cfg.vf_coef > 0:
         R = mb.response_ids.shape[1]
-        v = first.values if first is not None else response_values(critic, mb.input_ids(), mb.attention_mask(), R)
+        v = first.values if first is not None else response_values(critic, mb.input_ids(), mb.attention_mask(), R,
+                                                                                  mb.shared_prefix)
         vl, vm = value_loss(v, mb.values, mb.returns, rmask, clip_eps=cfg.value_clip_eps, agg=cfg.loss_agg,
                             normalizer=norm)
         losses["critic"] = cfg.vf_coef * vl

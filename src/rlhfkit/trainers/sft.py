@@ -20,7 +20,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.data.sources import source_list, train_and_eval
 from rlhfkit.models import load_tokenizer
-from rlhfkit.models.forward import labelled_logprobs
+from rlhfkit.models.forward import common_prefix_of_rows, labelled_logprobs
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
@@ -50,8 +50,10 @@ def sft_batch_loss(model, batch: dict, normalizer: float) -> tuple[torch.Tensor,
     batch 1 x accumulation 8 exactly. Returns (loss, summed nll, token count).
     """
     mask = batch["labels"][:, 1:] != -100
-    logp = labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
-                             position_ids=batch.get("position_ids"))  # (N,): the head runs on these only
+    ids, attn, packed = batch["input_ids"], batch["attention_mask"], "position_ids" in batch
+    # (N,): the head runs on these only; the rows' common start (the system turn) is computed once
+    logp = labelled_logprobs(model, ids, attn, mask, position_ids=batch.get("position_ids"),
+                             shared_prefix=0 if packed else common_prefix_of_rows(ids, attn, mask))
     nll_sum = -logp.sum()
     return nll_sum / normalizer, nll_sum.detach(), mask.sum()
 
