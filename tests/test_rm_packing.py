@@ -150,3 +150,32 @@ def test_scorer_packs_replies_to_one_prompt_and_scores_as_each_row_alone(rm, tok
     torch.testing.assert_close(torch.tensor(got), torch.tensor(alone), atol=1e-5, rtol=1e-5)
     assert packed_total == (0 if pooling == "mean_all" else 7)  # A's 4 and C's 3 replies; B alone
     assert len(set(round(v, 4) for v in got)) > 4  # the rows really score differently
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_pairs_compute_the_system_turn_once(rm, tiny_model, tokenizer, tmp_path, monkeypatch, seed):
+    """Every packed pair starts with the chat template's system turn: it is computed once per batch
+    (`models.packing.packed_inputs`), and the RM's scores and gradients, and a policy's packed
+    log-probs (DPO's), equal those with every pair computing it."""
+    from rlhfkit.models import forward, packing
+
+    _, packed = _batches(tmp_path, tokenizer, seed)
+    pairs = packing.pack_pairs(packed)
+    assert pairs["shared_prefix"] >= forward.MIN_SHARED_PREFIX
+    calls = []
+    real = packing.prefix_cache
+    monkeypatch.setattr(packing, "prefix_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = []
+    for share in (True, False):
+        monkeypatch.setattr(forward, "SHARE_PREFIX", share)
+        rm.zero_grad()
+        c, r = pair_scores(rm, packed)
+        (c.sum() - 2 * r.sum() + (c * r).sum()).backward()
+        logp = packing.packed_logprobs(tiny_model, pairs)
+        out.append((torch.cat([c, r]).detach(), [p.grad.clone() for p in rm.parameters()], logp))
+    assert calls == [1, 1]  # the RM's and the policy's forward, with sharing on
+    (a, ga, la), (b, gb, lb) = out
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)

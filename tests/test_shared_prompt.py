@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.models.forward import (
-    causal_logprobs,
-    pack_shared_prompts,
-    shared_prompt_logprobs,
-)
+from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.packing import pack_shared_prompts, shared_prompt_logprobs
 
 
 def _batch(tokenizer, seed=0, groups=3, G=4, R=7):

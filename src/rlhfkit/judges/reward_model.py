@@ -20,12 +20,12 @@ from rlhfkit.models import (
     load_tokenizer,
     reward_pooling,
 )
-from rlhfkit.models.forward import pack_groups, packed_token_values, shared_token_values
+from rlhfkit.models.forward import common_prefix_len, shared_token_values
+from rlhfkit.models.packing import pack_groups, packed_token_values
 from rlhfkit.models.heads import pool_values
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
 from rlhfkit.rollout import left_pad
-from rlhfkit.rollout.experience import common_prefix_len
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -90,7 +90,7 @@ def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int 
 
 class RewardModelScorer:
     """Scores (messages, response) without grad, in micro-batches: the replies to one prompt as one
-    packed sequence (``models.forward.pack_groups``) when the pooling allows, other rows with
+    packed sequence (``models.packing.pack_groups``) when the pooling allows, other rows with
     ``models.sequence_scores``."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16):

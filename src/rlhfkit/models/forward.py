@@ -7,12 +7,12 @@ same position ids (from the attention mask, so left padding is harmless), same d
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
-from rlhfkit.data.collate import additive_mask
 from rlhfkit.models.heads import (
     backbone_and_head,
     has_pad_token,
@@ -64,12 +64,13 @@ SHARE_PREFIX = True
 MIN_SHARED_PREFIX = 8
 
 
-def can_share_prefix(model, attention_mask: torch.Tensor) -> bool:
-    """Whether `prefix_shared_forward` may run for ``model``: a plain 2-D mask, a model that is
+def can_share_prefix(model, attention_mask: torch.Tensor | None = None) -> bool:
+    """Whether `prefix_shared_forward` may run for ``model``: a plain 2-D mask (None: a packed
+    batch, `models.packing`), a model that is
     neither wrapped (DDP, DeepSpeed), sharded across processes nor gradient-checkpointed (each
     of those expects one forward call per backward). The answer depends on the run, not on the
     batch, so scoring and update always take the same path (the first PPO ratio stays exactly 1)."""
-    if not SHARE_PREFIX or attention_mask.dim() != 2 or unwrap_model(model) is not model:
+    if not SHARE_PREFIX or (attention_mask is not None and attention_mask.dim() != 2) or unwrap_model(model) is not model:
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         return False
@@ -92,19 +93,25 @@ def prefix_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     sees what it sees in the plain forward. Gradients flow through the repeated cache to the one
     prefix computation. Works with any padding side (rows start at their first real column)."""
     B = input_ids.shape[0]
-    dev = input_ids.device
     span, src = prefix_columns(attention_mask, L)
     prefix = input_ids.gather(1, span)
     if not (bool((prefix == prefix[:1]).all()) and bool(attention_mask.gather(1, span).bool().all())):
         raise ValueError(f"shared_prefix={L}: the rows' first {L} real tokens differ")
     rest_ids, rest_mask = input_ids.gather(1, src), attention_mask.gather(1, src)
     full_mask = torch.cat([rest_mask.new_ones(B, L), rest_mask], dim=1)
-    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the prefix's logits are not used
-    pre = model(input_ids=prefix[:1], position_ids=torch.arange(L, device=dev)[None], use_cache=True, **keep)
-    cache = pre.past_key_values
-    cache.batch_select_indices(torch.zeros(B, dtype=torch.long, device=dev))
     return {"input_ids": rest_ids, "attention_mask": full_mask, "position_ids": position_ids_from_mask(full_mask)[:, L:],
-            "past_key_values": cache, "use_cache": True}
+            "past_key_values": prefix_cache(model, prefix[:1], B), "use_cache": True}
+
+
+def prefix_cache(model, prefix: torch.Tensor, rows: int):
+    """The key/value cache of the (1, L) ``prefix`` at positions 0..L-1, repeated for ``rows`` rows
+    (a row selection: gradients of every row flow back to the one computation)."""
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the prefix's logits are not used
+    pre = model(input_ids=prefix, position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None],
+                use_cache=True, **keep)
+    cache = pre.past_key_values
+    cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=prefix.device))
+    return cache
 
 
 def prefix_columns(attention_mask: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +123,20 @@ def prefix_columns(attention_mask: torch.Tensor, L: int) -> tuple[torch.Tensor, 
     span = start[:, None] + torch.arange(L, device=dev)[None]
     cols = torch.arange(T - L, device=dev)[None]
     return span, cols + L * (cols >= start[:, None]).long()
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``rows`` (token lists) share, leaving every row at least one
+    token of its own (the one that predicts what follows); 0 for fewer than two rows. The
+    rollout engine prefills this prefix once; the log-prob forwards compute it once
+    (`Experience.shared_prefix`)."""
+    if len(rows) < 2:
+        return 0
+    first, cap = rows[0], min(len(r) for r in rows) - 1
+    for i in range(max(cap, 0)):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return max(cap, 0)
 
 
 def common_prefix_of_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -182,158 +203,16 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         if bool((cols < attention_mask.long().argmax(-1)[rows] + L).any()):
             raise ValueError(f"shared_prefix={L}: a labelled position lies inside the shared prefix")
         # the hidden state at t predicts token t+1; past the prefix, column t is column t - L of the rest
-        logits = _logits_at(model, rows * (T - L) + cols - L, **prefix_inputs(model, input_ids, attention_mask, L))
+        logits = logits_at(model, rows * (T - L) + cols - L, **prefix_inputs(model, input_ids, attention_mask, L))
     else:
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        logits = _logits_at(model, rows * T + cols, input_ids=input_ids, attention_mask=attention_mask,
+        logits = logits_at(model, rows * T + cols, input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids)
     return token_logprobs(logits[None], input_ids[rows, cols + 1][None])[0]
 
 
-# --------------------------------------------------------------------------- prompt sharing
-
-def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                        response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int) -> dict:
-    """Rows that share a prompt -> one packed sequence per prompt (see `pack_groups`).
-
-    Inputs as in `Experience`: (B, P) left-padded prompts, (B, R) right-padded responses, (B,)
-    prompt_index (rows with the same index must carry the same prompt tokens).
-    """
-    lengths = response_mask.sum(-1).tolist()
-    rows_of: dict[int, list[int]] = {}
-    for b, g in enumerate(prompt_index.tolist()):
-        rows_of.setdefault(g, []).append(b)
-    groups = []
-    for rows in rows_of.values():
-        prompt = prompt_ids[rows[0]][prompt_mask[rows[0]].bool()]
-        for b in rows[1:]:
-            other = prompt_ids[b][prompt_mask[b].bool()]
-            if other.shape != prompt.shape or not torch.equal(other, prompt):
-                raise ValueError(f"rows {rows[0]} and {b} share prompt_index but not their prompt tokens")
-        groups.append((prompt, [(b, response_ids[b, :int(lengths[b])]) for b in rows]))
-    return pack_groups(groups, tuple(response_ids.shape), pad_token_id)
-
-
-def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict:
-    """One packed sequence per group: the prompt once, then each response (its real tokens only),
-    each response attending to the prompt and to itself.
-
-    groups: ``[(prompt (p,), [(row, response (n,)), ...]), ...]``; ``shape`` = (B, R) of the output
-    the rows' log-probs go into. Returns the model inputs for K = len(groups) sequences of length
-    L: ``input_ids``/``position_ids`` (K, L) and ``allowed`` (K, 1, L, L) bool (query may attend
-    key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat index into the
-    K*L positions of the one predicting each response token, ``own`` (N,) that of the token
-    itself (where a scalar head reads it), ``target`` (N,) those tokens, and ``row``/``col`` (N,)
-    where they go in the (B, R) output.
-
-    Position ids restart the responses at the prompt length, so every response sees exactly the
-    positions and context it has in its own unpacked row: the log-probs agree with
-    `causal_logprobs` up to float rounding. Work per group of G rows falls from G*(P+R) tokens to
-    P + the responses' real lengths.
-    """
-    seqs, segs, poss = [], [], []
-    pred, own, target, row, col = [], [], [], [], []
-    for k, (prompt, responses) in enumerate(groups):
-        p = prompt.shape[0]
-        if p == 0:
-            raise ValueError(f"row {responses[0][0]}: empty prompt (a packed response needs a token to condition on)")
-        parts, seg, pos = [prompt], [0] * p, list(range(p))
-        start = p
-        for j, (b, resp) in enumerate(responses, start=1):
-            n = resp.shape[0]
-            parts.append(resp)
-            seg += [j] * n
-            pos += range(p, p + n)
-            # token t of the response is predicted at the position before it: the last prompt
-            # token for t = 0, else the response's own token t-1
-            pred += [(k, p - 1)] + [(k, start + t - 1) for t in range(1, n)]
-            own += [(k, start + t) for t in range(n)]
-            target += resp.tolist()
-            row += [b] * n
-            col += range(n)
-            start += n
-        seqs.append(torch.cat(parts))
-        segs.append(seg)
-        poss.append(pos)
-    K, L = len(seqs), max(s.shape[0] for s in seqs)
-    input_ids = torch.full((K, L), pad_token_id, dtype=torch.long)
-    seg_ids = torch.full((K, L), -1, dtype=torch.long)  # padding: its own segment (no all-masked row)
-    position_ids = torch.zeros((K, L), dtype=torch.long)
-    for k, (sq, sg, ps) in enumerate(zip(seqs, segs, poss)):
-        input_ids[k, :len(sq)] = sq
-        seg_ids[k, :len(sq)] = torch.tensor(sg)
-        position_ids[k, :len(sq)] = torch.tensor(ps)
-        position_ids[k, len(sq):] = torch.arange(L - len(sq))
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    q, kk = seg_ids[:, :, None], seg_ids[:, None, :]
-    allowed = causal & ((q == kk) | ((kk == 0) & (q > 0)))  # own segment, or a response seeing the prompt
-    dev = seqs[0].device
-    return {"input_ids": input_ids.to(dev), "position_ids": position_ids.to(dev), "allowed": allowed[:, None].to(dev),
-            "pred": torch.tensor([k * L + t for k, t in pred], dtype=torch.long, device=dev),
-            "own": torch.tensor([k * L + t for k, t in own], dtype=torch.long, device=dev),
-            "target": torch.tensor(target, dtype=torch.long, device=dev),
-            "row": torch.tensor(row, dtype=torch.long, device=dev),
-            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape)}
-
-
-def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                           response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int, *,
-                           with_entropy: bool = False):
-    """(B, R) log p(response token t | prompt, response tokens < t), as
-    ``causal_logprobs(model, [prompt; response], mask, keep_last=R)`` gives, but with the rows that
-    share a prompt packed into one sequence (see `pack_shared_prompts`). 0 where response_mask is 0.
-    With ``with_entropy`` also the (B, R) entropies (0 where masked)."""
-    packed = pack_shared_prompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, pad_token_id)
-    return packed_logprobs(model, packed, with_entropy=with_entropy)
-
-
-def pack_pairs(batch: dict) -> dict:
-    """A `data.PreferenceCollator` batch (B chosen rows, then the B rejected ones, right-padded,
-    with "prompt_lengths") -> `pack_groups` inputs: each pair one sequence, the prompt once, then
-    the chosen and the rejected response, each seeing the prompt and itself. The output rows are
-    the batch's rows (chosen 0..B-1, rejected B..2B-1); R is the longest response."""
-    ids, plens = batch["input_ids"], batch["prompt_lengths"].tolist()
-    n = len(plens)
-    rlens = [int(r) for r in batch["loss_mask"].sum(-1).tolist()]
-    groups = [(ids[i, :p], [(b, ids[b, p:p + rlens[b]]) for b in (i, n + i)]) for i, p in enumerate(plens)]
-    return pack_groups(groups, (2 * n, max(1, *rlens)), pad_token_id=0)
-
-
-def packed_token_values(model, packed: dict, *, with_features: bool = False):
-    """A scalar-head model (RM, critic) on a `pack_groups` batch: its (B, R) per-token values at
-    the response tokens (0 elsewhere) and their (B, R) 0/1 mask; with ``with_features`` also the
-    (B, R, H) features the head reads. Equal, up to float rounding, to `models.token_values` on
-    each row unpacked (the positions and context of every response token are its own row's)."""
-    out = token_values(model, packed["input_ids"], additive_mask(packed["allowed"], _mask_dtype(model)),
-                       with_features=with_features, position_ids=packed["position_ids"])
-    values, features = out if with_features else (out, None)
-    (B, R), where, own = packed["shape"], (packed["row"], packed["col"]), packed["own"]
-    placed = values.new_zeros((B, R)).index_put(where, values.reshape(-1)[own])
-    mask = torch.zeros((B, R), dtype=torch.long, device=own.device).index_put(where, torch.ones_like(own))
-    if not with_features:
-        return placed, mask
-    flat = features.reshape(-1, features.shape[-1])[own]
-    return placed, mask, features.new_zeros((B, R, flat.shape[-1])).index_put(where, flat)
-
-
-def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
-    """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch; 0 elsewhere."""
-    logits = _logits_at(model, packed["pred"], input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                        attention_mask=additive_mask(packed["allowed"], _mask_dtype(model)))[None]  # (1, N, V)
-    B, R = packed["shape"]
-
-    def place(v: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(B, R, dtype=v.dtype, device=v.device)
-        return full.index_put((packed["row"], packed["col"]), v[0])
-
-    logp = place(token_logprobs(logits, packed["target"][None]))
-    if with_entropy:
-        return logp, place(entropy_from_logits(logits))
-    return logp
-
-
-def _logits_at(model, flat_positions: torch.Tensor, **inputs) -> torch.Tensor:
+def logits_at(model, flat_positions: torch.Tensor, **inputs) -> torch.Tensor:
     """(N, V) float32 logits at ``flat_positions`` of the flattened (B*T) batch: the model's forward
     on ``inputs`` with the LM head run on those positions only (`_head_on_positions`)."""
     with _head_on_positions(model, flat_positions) as gathered:
@@ -367,7 +246,7 @@ def _head_on_positions(model, flat_positions: torch.Tensor):
         handle.remove()
 
 
-def _mask_dtype(model) -> torch.dtype:
+def mask_dtype(model) -> torch.dtype:
     """The additive mask in the model's compute dtype (its most negative value must not overflow)."""
     try:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())

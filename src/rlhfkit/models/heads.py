@@ -50,11 +50,13 @@ def unwrap_model(model):
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False,
-                 position_ids: torch.Tensor | None = None):
+                 position_ids: torch.Tensor | None = None, past_key_values=None):
     """(B, T) scalar head output at every position (the critic's V(t); an RM pools them, `sequence_scores`).
     With ``with_features`` also the head's input, (B, T, H): the features a linear head reads.
     position_ids: None to count the real tokens of the (B, T) 0/1 attention_mask; given, the mask
-    may be a packed batch's (B, 1, T, T) additive one (`models.forward.packed_token_values`).
+    may be a packed batch's (B, 1, T, T) additive one (`models.packing.packed_token_values`).
+    past_key_values: a cache of tokens every row continues (`models.forward.prefix_cache`); the
+    values are then those of the (B, T) tokens given.
 
     The model's own forward runs, and a hook on the head keeps its per-position output (the
     *ForSequenceClassification forward applies the head to every position, then pools one).
@@ -66,12 +68,13 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
     if not has_pad_token(model):
         # The pooling inside forward refuses batches without a pad id; we ignore its pooling
         # anyway, so the (unwrapped) backbone and head are called directly.
-        return _token_values_direct(model, input_ids, attention_mask, with_features, position_ids)
+        return _token_values_direct(model, input_ids, attention_mask, with_features, position_ids, past_key_values)
     position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = head.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+              past_key_values=past_key_values, use_cache=past_key_values is not None)
     finally:
         handle.remove()
     features, out = seen[-1]
@@ -86,11 +89,11 @@ def has_pad_token(model) -> bool:
 
 
 def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False,
-                         position_ids: torch.Tensor | None = None):
+                         position_ids: torch.Tensor | None = None, past_key_values=None):
     backbone, head = backbone_and_head(model)
     position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
     features = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False).last_hidden_state
+                        past_key_values=past_key_values, use_cache=past_key_values is not None).last_hidden_state
     values = head(features).squeeze(-1).float()  # (B, T)
     return (values, features) if with_features else values
 
@@ -102,7 +105,7 @@ def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.T
 # whole response instead of one position's summary of it.
 POOLINGS = ("last", "mean", "mean_all")
 # Poolings that read the response tokens only, so that responses to one prompt can be scored as one
-# packed sequence (the prompt once, `models.forward.pack_groups`); "mean_all" also averages the prompt.
+# packed sequence (the prompt once, `models.packing.pack_groups`); "mean_all" also averages the prompt.
 PACKABLE_POOLINGS = ("last", "mean")
 # The key in a reward model's config.json that records its pooling (absent means "last"), so
 # that every scorer of a saved RM pools the way it was trained.

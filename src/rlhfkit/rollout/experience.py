@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from collections.abc import Sequence
-
 import torch
+
+from rlhfkit.models.forward import common_prefix_len
 
 # Fields padded on the left when records of different widths are concatenated.
 _PROMPT_FIELDS = ("prompt_ids", "prompt_mask")
@@ -113,20 +113,6 @@ class Experience:
             out["shared_prefix"] = common_prefix_len(
                 [row[m.bool()].tolist() for row, m in zip(out["prompt_ids"], out["prompt_mask"])])
         return Experience(**out)
-
-
-def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all ``rows`` (token lists) share, leaving every row at least one
-    token of its own (the one that predicts what follows); 0 for fewer than two rows. The
-    rollout engine prefills this prefix once; the log-prob forwards compute it once
-    (`Experience.shared_prefix`)."""
-    if len(rows) < 2:
-        return 0
-    first, cap = rows[0], min(len(r) for r in rows) - 1
-    for i in range(max(cap, 0)):
-        if any(r[i] != first[i] for r in rows):
-            return i
-    return max(cap, 0)
 
 
 def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:

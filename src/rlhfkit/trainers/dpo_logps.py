@@ -10,7 +10,8 @@ import torch
 
 from rlhfkit.algos import sequence_logps
 from rlhfkit.data import batch_to_device
-from rlhfkit.models.forward import causal_logprobs, pack_pairs, packed_logprobs
+from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.packing import pack_pairs, packed_logprobs
 from rlhfkit.models.lora import adapters_disabled
 from rlhfkit.training import eval_chunks
 

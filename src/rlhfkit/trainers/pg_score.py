@@ -17,7 +17,8 @@ import torch
 
 from rlhfkit.algos import kl_estimate, masked_sum
 from rlhfkit.judges import reward_metrics
-from rlhfkit.models.forward import causal_logprobs, shared_prompt_logprobs, shared_token_values
+from rlhfkit.models.forward import causal_logprobs, shared_token_values
+from rlhfkit.models.packing import shared_prompt_logprobs
 from rlhfkit.models.lora import adapters_disabled
 from rlhfkit.rollout import Experience, decode_responses, response_metrics
 

@@ -28,7 +28,7 @@ from rlhfkit.models import (
     resolve_model_path,
     set_reward_pooling,
 )
-from rlhfkit.models.forward import pack_pairs, packed_token_values
+from rlhfkit.models.packing import pack_pairs, packed_token_values
 from rlhfkit.models.heads import PACKABLE_POOLINGS, backbone_and_head, pool_values, reward_pooling, token_values
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy

@@ -1,0 +1,179 @@
+"""Packed sequences: several rows that share a prompt as one sequence, the prompt computed once
+(GRPO's group, a preference pair's chosen and rejected reply, the replies an RM scores), each
+reply attending to the prompt and to itself. The log-probs and values equal the rows' own
+(`models.forward`), up to float rounding."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.algos import entropy_from_logits, token_logprobs
+from rlhfkit.data.collate import additive_mask
+from rlhfkit.models.forward import (
+    MIN_SHARED_PREFIX,
+    can_share_prefix,
+    common_prefix_len,
+    logits_at,
+    mask_dtype,
+    prefix_cache,
+)
+from rlhfkit.models.heads import token_values
+
+
+def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                        response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int) -> dict:
+    """Rows that share a prompt -> one packed sequence per prompt (see `pack_groups`).
+
+    Inputs as in `Experience`: (B, P) left-padded prompts, (B, R) right-padded responses, (B,)
+    prompt_index (rows with the same index must carry the same prompt tokens).
+    """
+    lengths = response_mask.sum(-1).tolist()
+    rows_of: dict[int, list[int]] = {}
+    for b, g in enumerate(prompt_index.tolist()):
+        rows_of.setdefault(g, []).append(b)
+    groups = []
+    for rows in rows_of.values():
+        prompt = prompt_ids[rows[0]][prompt_mask[rows[0]].bool()]
+        for b in rows[1:]:
+            other = prompt_ids[b][prompt_mask[b].bool()]
+            if other.shape != prompt.shape or not torch.equal(other, prompt):
+                raise ValueError(f"rows {rows[0]} and {b} share prompt_index but not their prompt tokens")
+        groups.append((prompt, [(b, response_ids[b, :int(lengths[b])]) for b in rows]))
+    return pack_groups(groups, tuple(response_ids.shape), pad_token_id)
+
+
+def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict:
+    """One packed sequence per group: the prompt once, then each response (its real tokens only),
+    each response attending to the prompt and to itself.
+
+    groups: ``[(prompt (p,), [(row, response (n,)), ...]), ...]``; ``shape`` = (B, R) of the output
+    the rows' log-probs go into. Returns the model inputs for K = len(groups) sequences of length
+    L: ``input_ids``/``position_ids`` (K, L) and ``allowed`` (K, 1, L, L) bool (query may attend
+    key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat index into the
+    K*L positions of the one predicting each response token, ``own`` (N,) that of the token
+    itself (where a scalar head reads it), ``target`` (N,) those tokens, and ``row``/``col`` (N,)
+    where they go in the (B, R) output.
+
+    Position ids restart the responses at the prompt length, so every response sees exactly the
+    positions and context it has in its own unpacked row: the log-probs agree with
+    `causal_logprobs` up to float rounding. Work per group of G rows falls from G*(P+R) tokens to
+    P + the responses' real lengths.
+    """
+    seqs, segs, poss = [], [], []
+    pred, own, target, row, col = [], [], [], [], []
+    for k, (prompt, responses) in enumerate(groups):
+        p = prompt.shape[0]
+        if p == 0:
+            raise ValueError(f"row {responses[0][0]}: empty prompt (a packed response needs a token to condition on)")
+        parts, seg, pos = [prompt], [0] * p, list(range(p))
+        start = p
+        for j, (b, resp) in enumerate(responses, start=1):
+            n = resp.shape[0]
+            parts.append(resp)
+            seg += [j] * n
+            pos += range(p, p + n)
+            # token t of the response is predicted at the position before it: the last prompt
+            # token for t = 0, else the response's own token t-1
+            pred += [(k, p - 1)] + [(k, start + t - 1) for t in range(1, n)]
+            own += [(k, start + t) for t in range(n)]
+            target += resp.tolist()
+            row += [b] * n
+            col += range(n)
+            start += n
+        seqs.append(torch.cat(parts))
+        segs.append(seg)
+        poss.append(pos)
+    K, L = len(seqs), max(s.shape[0] for s in seqs)
+    input_ids = torch.full((K, L), pad_token_id, dtype=torch.long)
+    seg_ids = torch.full((K, L), -1, dtype=torch.long)  # padding: its own segment (no all-masked row)
+    position_ids = torch.zeros((K, L), dtype=torch.long)
+    for k, (sq, sg, ps) in enumerate(zip(seqs, segs, poss)):
+        input_ids[k, :len(sq)] = sq
+        seg_ids[k, :len(sq)] = torch.tensor(sg)
+        position_ids[k, :len(sq)] = torch.tensor(ps)
+        position_ids[k, len(sq):] = torch.arange(L - len(sq))
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    q, kk = seg_ids[:, :, None], seg_ids[:, None, :]
+    allowed = causal & ((q == kk) | ((kk == 0) & (q > 0)))  # own segment, or a response seeing the prompt
+    dev = seqs[0].device
+    return {"input_ids": input_ids.to(dev), "position_ids": position_ids.to(dev), "allowed": allowed[:, None].to(dev),
+            "pred": torch.tensor([k * L + t for k, t in pred], dtype=torch.long, device=dev),
+            "own": torch.tensor([k * L + t for k, t in own], dtype=torch.long, device=dev),
+            "target": torch.tensor(target, dtype=torch.long, device=dev),
+            "row": torch.tensor(row, dtype=torch.long, device=dev),
+            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape),
+            "shared_prefix": common_prefix_len([prompt.tolist() for prompt, _ in groups])}
+
+
+def packed_inputs(model, packed: dict) -> tuple[dict, torch.Tensor]:
+    """The model inputs of a `pack_groups` batch, and a map of its flat (K*T) positions to the
+    flat positions of the output. Every sequence starts with its prompt, so the prompts' common
+    first L tokens (``shared_prefix``, the chat template's system turn) sit in the first L
+    columns of every sequence: where `can_share_prefix` allows, they are computed once
+    (`prefix_cache`) and the sequences start after them, attending to them."""
+    ids, pos, allowed = packed["input_ids"], packed["position_ids"], packed["allowed"]
+    (K, T), L = ids.shape, packed.get("shared_prefix", 0)
+    if L < MIN_SHARED_PREFIX or not can_share_prefix(model):
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": additive_mask(allowed, mask_dtype(model))}, \
+            lambda flat: flat
+    allowed = torch.cat([allowed.new_ones(K, 1, T - L, L), allowed[:, :, L:, L:]], dim=-1)
+    inputs = {"input_ids": ids[:, L:], "position_ids": pos[:, L:], "past_key_values": prefix_cache(model, ids[:1, :L], K),
+              "attention_mask": additive_mask(allowed, mask_dtype(model)), "use_cache": True}
+    return inputs, lambda flat: flat - L * (flat // T + 1)  # k*T + t -> k*(T-L) + t-L
+
+
+def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                           response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int, *,
+                           with_entropy: bool = False):
+    """(B, R) log p(response token t | prompt, response tokens < t), as
+    ``causal_logprobs(model, [prompt; response], mask, keep_last=R)`` gives, but with the rows that
+    share a prompt packed into one sequence (see `pack_shared_prompts`). 0 where response_mask is 0.
+    With ``with_entropy`` also the (B, R) entropies (0 where masked)."""
+    packed = pack_shared_prompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, pad_token_id)
+    return packed_logprobs(model, packed, with_entropy=with_entropy)
+
+
+def pack_pairs(batch: dict) -> dict:
+    """A `data.PreferenceCollator` batch (B chosen rows, then the B rejected ones, right-padded,
+    with "prompt_lengths") -> `pack_groups` inputs: each pair one sequence, the prompt once, then
+    the chosen and the rejected response, each seeing the prompt and itself. The output rows are
+    the batch's rows (chosen 0..B-1, rejected B..2B-1); R is the longest response."""
+    ids, plens = batch["input_ids"], batch["prompt_lengths"].tolist()
+    n = len(plens)
+    rlens = [int(r) for r in batch["loss_mask"].sum(-1).tolist()]
+    groups = [(ids[i, :p], [(b, ids[b, p:p + rlens[b]]) for b in (i, n + i)]) for i, p in enumerate(plens)]
+    return pack_groups(groups, (2 * n, max(1, *rlens)), pad_token_id=0)
+
+
+def packed_token_values(model, packed: dict, *, with_features: bool = False):
+    """A scalar-head model (RM, critic) on a `pack_groups` batch: its (B, R) per-token values at
+    the response tokens (0 elsewhere) and their (B, R) 0/1 mask; with ``with_features`` also the
+    (B, R, H) features the head reads. Equal, up to float rounding, to `models.token_values` on
+    each row unpacked (the positions and context of every response token are its own row's)."""
+    inputs, moved = packed_inputs(model, packed)
+    out = token_values(model, inputs["input_ids"], inputs["attention_mask"], with_features=with_features,
+                       position_ids=inputs["position_ids"], past_key_values=inputs.get("past_key_values"))
+    values, features = out if with_features else (out, None)
+    (B, R), where, own = packed["shape"], (packed["row"], packed["col"]), moved(packed["own"])
+    placed = values.new_zeros((B, R)).index_put(where, values.reshape(-1)[own])
+    mask = torch.zeros((B, R), dtype=torch.long, device=own.device).index_put(where, torch.ones_like(own))
+    if not with_features:
+        return placed, mask
+    flat = features.reshape(-1, features.shape[-1])[own]
+    return placed, mask, features.new_zeros((B, R, flat.shape[-1])).index_put(where, flat)
+
+
+def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
+    """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch; 0 elsewhere."""
+    inputs, moved = packed_inputs(model, packed)
+    logits = logits_at(model, moved(packed["pred"]), **inputs)[None]  # (1, N, V)
+    B, R = packed["shape"]
+
+    def place(v: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(B, R, dtype=v.dtype, device=v.device)
+        return full.index_put((packed["row"], packed["col"]), v[0])
+
+    logp = place(token_logprobs(logits, packed["target"][None]))
+    if with_entropy:
+        return logp, place(entropy_from_logits(logits))
+    return logp
