@@ -150,6 +150,23 @@ def test_prefill_of_a_shared_prefix_equals_the_model_forward(which, model, lora_
     torch.testing.assert_close(lean.logprobs, _fresh_logprobs(m, lean), atol=1e-4, rtol=0)
 
 
+def test_prefill_runs_the_products_on_real_tokens_only(model, prompts, monkeypatch):
+    """Left-padded prompts of different lengths: the prefill's products skip the padding, and the
+    tokens and log-probs equal a prefill that runs every position."""
+    seen = []
+    real = llama_decode._real_tokens
+    monkeypatch.setattr(llama_decode, "_real_tokens", lambda *a: seen.append(out := real(*a)) or out)
+    kw = {"max_new_tokens": 8, "eos_token_id": [], "pad_token_id": PAD, "temperature": 1.0, "seed": 3}
+    compact = generate(model, prompts, **kw)
+    keep = seen[-1][0]
+    assert keep is not None and 0 < len(keep) < len(prompts) * max(map(len, prompts))  # padding was skipped
+    monkeypatch.setattr(llama_decode, "_real_tokens", lambda mask, b, S: (None, torch.arange(b) * S + S - 1))
+    full = generate(model, prompts, **kw)
+    assert torch.equal(compact.response_ids, full.response_ids)
+    torch.testing.assert_close(compact.logprobs, full.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compact.logprobs, _fresh_logprobs(model, compact), atol=1e-4, rtol=0)
+
+
 def test_gradient_checkpointing_input_hook_does_not_turn_the_lean_path_off(tokenizer):
     from rlhfkit.models.lora import enable_gradient_checkpointing
 

@@ -184,7 +184,10 @@ class LlamaDecoder:
     def prefill(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
         """(b, S) tokens at positions (b, S) after what `cache` holds, attention mask (b, ctx) over
         the cache plus them (None: all 1) -> next-token logits (b, V) of the last position. Causal
-        within the S tokens; appends their keys and values to `cache` (any transformers Cache)."""
+        within the S tokens; appends their keys and values to `cache` (any transformers Cache).
+        The products run on the real tokens only (`_real_tokens`: left padding of prompts of
+        different lengths is a third of a typical batch); the padding's keys and values are 0,
+        masked like any padding."""
         (b, S), H, hd, nh, nkv = ids.shape, self.H, self.hd, self.nh, self.nkv
         g, ctx = nh // nkv, cache.get_seq_length() + S
         x = F.embedding(ids, self.embed).view(b * S, H)
@@ -194,15 +197,36 @@ class LlamaDecoder:
         allowed = allowed & (mask[:, None, :] != 0) if mask is not None else allowed.expand(b, S, ctx)
         bias = torch.zeros((b, S, ctx), dtype=x.dtype).masked_fill_(~allowed, torch.finfo(x.dtype).min)
         bias = bias[:, None, None].expand(b, 1, g, S, ctx).reshape(b, 1, g * S, ctx)
+        keep, last = _real_tokens(mask, b, S)
+        if keep is not None:
+            x = x.index_select(0, keep)  # (N, H): the residual stream of the real tokens
         for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
-            qkv = qkv_proj(F.rms_norm(x, (H,), ln1, self.eps)).view(b, S, nh + 2 * nkv, hd)
+            qkv = qkv_proj(F.rms_norm(x, (H,), ln1, self.eps))
+            if keep is not None:
+                qkv = qkv.new_zeros(b * S, qkv.shape[1]).index_copy_(0, keep, qkv)
+            qkv = qkv.view(b, S, nh + 2 * nkv, hd)
             qk = qkv[:, :, :nh + nkv]
             qk = qk * cos + qk.roll(hd // 2, -1) * sin  # (b, S, nh + nkv, hd)
             q = qk[:, :, :nh].reshape(b, S, nkv, g, hd).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * S, hd)
             keys, values = cache.update(qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2), i)
             scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias)  # (b, nkv, g S, ctx)
             attn = torch.matmul(scores.softmax(-1), values).view(b, nkv, g, S, hd).permute(0, 3, 1, 2, 4)
-            x = x + o_proj(attn.reshape(b * S, nh * hd))
+            attn = attn.reshape(b * S, nh * hd)
+            x = x + o_proj(attn if keep is None else attn.index_select(0, keep))
             h = F.rms_norm(x, (H,), ln2, self.eps)
             x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
-        return self.head(F.rms_norm(x.view(b, S, H)[:, -1], (H,), self.final_norm, self.eps))
+        return self.head(F.rms_norm(x.index_select(0, last), (H,), self.final_norm, self.eps))
+
+
+def _real_tokens(mask: torch.Tensor | None, b: int, S: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(keep, last) for a prefill of (b, S) tokens whose mask (b, ctx) ends with theirs: keep (N,)
+    the flat (b*S) indices of the real tokens (None when all are real), last (b,) where each row's
+    last token is among the rows the products run on. Each row's last token must be real (prompts
+    are left-padded); otherwise every token runs."""
+    last = torch.arange(b) * S + S - 1
+    if mask is None:
+        return None, last
+    real = (mask[:, -S:] != 0).reshape(-1)
+    if bool(real.all()) or not bool(real[last].all()):
+        return None, last
+    return real.nonzero().squeeze(1), real.long().cumsum(0)[last] - 1
