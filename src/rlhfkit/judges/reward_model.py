@@ -21,10 +21,10 @@ from rlhfkit.models import (
     reward_pooling,
 )
 from rlhfkit.models.forward import common_prefix_len, shared_token_values
-from rlhfkit.models.packing import pack_groups, packed_token_values
 from rlhfkit.models.heads import pool_values
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
+from rlhfkit.models.packing import pack_groups, packed_token_values
 from rlhfkit.rollout import left_pad
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -90,8 +90,9 @@ def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int 
 
 class RewardModelScorer:
     """Scores (messages, response) without grad, in micro-batches: the replies to one prompt as one
-    packed sequence (``models.packing.pack_groups``) when the pooling allows, other rows with
-    ``models.sequence_scores``."""
+    packed sequence (``models.packing.pack_groups``) when the pooling allows, other rows in batches
+    of similar length (``models.forward.shared_token_values``, pooled); either way the prompts'
+    common start is computed once per forward."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model = model

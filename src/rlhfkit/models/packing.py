@@ -51,8 +51,9 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
     L: ``input_ids``/``position_ids`` (K, L) and ``allowed`` (K, 1, L, L) bool (query may attend
     key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat index into the
     K*L positions of the one predicting each response token, ``own`` (N,) that of the token
-    itself (where a scalar head reads it), ``target`` (N,) those tokens, and ``row``/``col`` (N,)
-    where they go in the (B, R) output.
+    itself (where a scalar head reads it), ``target`` (N,) those tokens, ``row``/``col`` (N,)
+    where they go in the (B, R) output, and ``shared_prefix``: how many first tokens every prompt
+    shares (the chat template's system turn; `packed_inputs` computes them once).
 
     Position ids restart the responses at the prompt length, so every response sees exactly the
     positions and context it has in its own unpacked row: the log-probs agree with
