@@ -267,3 +267,21 @@ def test_sft_loss_and_gradients_with_the_system_turn_once(tokenizer, monkeypatch
     labelled[0, 3] = True
     with pytest.raises(ValueError, match="inside the shared prefix"):
         labelled_logprobs(model, batch["input_ids"], batch["attention_mask"], labelled, shared_prefix=10)
+
+
+def test_the_repeated_prefix_is_a_broadcast_so_its_gradient_is_a_plain_sum(tokenizer):
+    """The prefix's cache is repeated as a broadcast view (backward: a sum over rows), not a row
+    selection (backward: atomic adds in thread order, not bitwise reproducible on CPU): two
+    backward passes give bitwise-equal gradients."""
+    from rlhfkit.models import tiny_causal_lm
+    from rlhfkit.models.forward import prefix_cache
+
+    model = tiny_causal_lm(tokenizer, seed=4)
+    ids, mask, P, R, L = _rows(tokenizer, 2)
+    cache = prefix_cache(model, ids[:1, mask[0].argmax():mask[0].argmax() + L], 5)
+    assert all(layer.keys.shape[0] == 5 and layer.keys.stride(0) == 0 for layer in cache.layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    m = mask[:, P:].bool()
+    grads = [torch.autograd.grad((causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=L) * m).sum(), params)
+             for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -104,13 +104,18 @@ def prefix_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 def prefix_cache(model, prefix: torch.Tensor, rows: int):
-    """The key/value cache of the (1, L) ``prefix`` at positions 0..L-1, repeated for ``rows`` rows
-    (a row selection: gradients of every row flow back to the one computation)."""
+    """The key/value cache of the (1, L) ``prefix`` at positions 0..L-1, repeated for ``rows`` rows:
+    a broadcast view of the one computation, so that the gradients of every row flow back to it as
+    a plain sum. (A row selection, ``cache.batch_select_indices``, would do the same forward, but its
+    backward accumulates with atomic adds on CPU threads, in a different order every run: the
+    gradients, and every step after, would not be bitwise reproducible.)"""
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the prefix's logits are not used
     pre = model(input_ids=prefix, position_ids=torch.arange(prefix.shape[1], device=prefix.device)[None],
                 use_cache=True, **keep)
     cache = pre.past_key_values
-    cache.batch_select_indices(torch.zeros(rows, dtype=torch.long, device=prefix.device))
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(rows, *layer.values.shape[1:])
     return cache
 
 
