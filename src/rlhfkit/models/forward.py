@@ -34,7 +34,7 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Packed batches pass their own ``position_ids`` (restarting per example) and a 4D
     block-diagonal ``attention_mask`` (see ``rlhfkit.data.PackedSFTCollator``).
     ``shared_prefix=L``: every row's first L real tokens are the same (the chat template's system
-    turn, `rollout.experience.common_prefix_len`); where `can_share_prefix` allows, they are computed once
+    turn, `common_prefix_len`); where `can_share_prefix` allows, they are computed once
     (`prefix_shared_forward`), the same values up to float rounding.
     """
     T = input_ids.shape[1]
