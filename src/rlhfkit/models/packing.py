@@ -5,6 +5,8 @@ reply attending to the prompt and to itself. The log-probs and values equal the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
@@ -106,7 +108,7 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
             "shared_prefix": common_prefix_len([prompt.tolist() for prompt, _ in groups])}
 
 
-def packed_inputs(model, packed: dict) -> tuple[dict, torch.Tensor]:
+def packed_inputs(model, packed: dict) -> tuple[dict, Callable[[torch.Tensor], torch.Tensor]]:
     """The model inputs of a `pack_groups` batch, and a map of its flat (K*T) positions to the
     flat positions of the output. Every sequence starts with its prompt, so the prompts' common
     first L tokens (``shared_prefix``, the chat template's system turn) sit in the first L
