@@ -53,9 +53,6 @@ JOBS = ("sft", "rm", "dpo", "dpo-precomputed", "ppo", "grpo")  # what --methods 
 CONFIGS = {m: str(ROOT / "configs" / f"{m}.yaml") for m in METHODS}
 
 
-def job_method(job: str) -> str:
-    return "dpo" if job == "dpo-precomputed" else job
-
 # Benchmark sizes: the shipped configs' settings, with batches cut so that one step of the
 # 135M model takes seconds, not minutes, on a 2-core CPU. Full fine-tuning everywhere (--lora
 # keeps PPO/GRPO on the configs' LoRA adapters instead).
