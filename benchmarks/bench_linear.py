@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rollout import memory_bandwidth_gbs  # noqa: E402
-from common import fmt_table, matmul_peak_gflops, tiny_model_dir  # noqa: E402
+from common import fmt_table, matmul_peak_gflops, memory_bandwidth_gbs, tiny_model_dir  # noqa: E402
 
 from rlhfkit.models import DEFAULT_MODEL, resolve_model_path  # noqa: E402
 from rlhfkit.rollout.llama_decode import _Linear, _mkldnn_ok  # noqa: E402

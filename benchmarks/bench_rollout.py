@@ -35,25 +35,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_table, matmul_peak_gflops, tiny_model_dir  # noqa: E402
+from common import fmt_table, matmul_peak_gflops, memory_bandwidth_gbs, tiny_model_dir  # noqa: E402
 
 from rlhfkit.config import RolloutSection  # noqa: E402
 from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer  # noqa: E402
 from rlhfkit.rollout import engine, llama_decode, load_prompt_items  # noqa: E402
 from rlhfkit.rollout.sampling import rollout  # noqa: E402
-
-
-def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
-    """Best-of copy bandwidth in GB/s, counting the bytes read and the bytes written."""
-    src = torch.ones(mb * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch every page first
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * 4 / best / 1e9
 
 
 class DecodeRoofline:

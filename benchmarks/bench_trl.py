@@ -27,7 +27,9 @@ set-up time (process start to the first step: imports, model loading, data prepa
 real (unpadded) tokens per second, the process's peak RSS (each worker is its own process, so
 peaks do not mix), achieved GFLOP/s of matrix products (model FLOPs: 6 x params per trained token,
 2 x params per forward-only token, plus attention; `common.train_flops_per_token`) against this
-machine's fp32 matmul peak measured in the same run, and the speed-up of rlhfkit over TRL. PPO
+machine's fp32 matmul peak measured in the same run, and the speed-up of rlhfkit over TRL. The
+machine's copy bandwidth is measured before and after as well: decoding is bound by it, so the
+generation phase of PPO and GRPO (and their speed-ups) move with it from day to day. PPO
 and GRPO also get the gen / score / update split and the update phase's own GFLOP/s. The learning
 curve per step (loss, or mean reward for PPO/GRPO) of both is printed next to each other.
 """
@@ -45,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import matmul_peak_gflops  # noqa: E402
+from common import matmul_peak_gflops, memory_bandwidth_gbs  # noqa: E402
 from trl_report import data_tokens_per_step, job_method, report  # noqa: E402
 
 METHODS = ("sft", "rm", "dpo", "ppo", "grpo")  # trainers (trl_worker.py --method)
@@ -295,9 +297,10 @@ def main() -> None:
     t_start = time.time()
     peak_n = 256 if args.tiny else 2048
     peak0 = matmul_peak_gflops(peak_n)
+    bw0 = memory_bandwidth_gbs(64 if args.tiny else 256)
     print(f"rlhfkit vs TRL {', '.join(sorted(set(versions.values())))} | torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads | model {model_dir} (fp32) | fp32 matmul peak ({peak_n}^3, best of 10): "
-          f"{peak0:.1f} GFLOP/s | loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | TRL malloc: "
+          f"{peak0:.1f} GFLOP/s | memory bandwidth (copy, read + write) {bw0:.1f} GB/s | loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | TRL malloc: "
           f"{'rlhfkit settings' if args.trl_malloc else 'glibc default'}", flush=True)
 
     results = {}
@@ -318,11 +321,14 @@ def main() -> None:
 
     peak1 = matmul_peak_gflops(peak_n)
     peak = max(peak0, peak1)
+    bw1 = memory_bandwidth_gbs(64 if args.tiny else 256)
     load1 = os.getloadavg()
     print(f"\nfp32 matmul peak: {peak0:.1f} GFLOP/s before, {peak1:.1f} after -> using {peak:.1f} | "
+          f"memory bandwidth: {bw0:.1f} GB/s before, {bw1:.1f} after (the rollouts are bound by it) | "
           f"loadavg at start {load0[0]:.2f}, at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} | "
           f"wall {time.time() - t_start:.0f} s")
-    summary = {"trl": versions, "torch": torch.__version__, "peak_gflops": peak, "model": model_dir,
+    summary = {"trl": versions, "torch": torch.__version__, "peak_gflops": peak,
+               "bandwidth_gbs": [bw0, bw1], "model": model_dir,
                "loadavg_start": load0, "loadavg_end": load1, "methods": {}}
     for job, (workers, spec, data) in results.items():
         rows = report(job, workers, spec, args.warmup, model_cfg, data, peak)

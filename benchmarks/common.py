@@ -37,6 +37,19 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def memory_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Best-of copy bandwidth in GB/s, counting the bytes read and the bytes written."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
 def train_flops_per_token(config, seq_len: int, lm_head: bool = True) -> float:
     """Forward+backward FLOPs per token: 6 * (matmul params) + 12 * L * T * d for attention.
 

@@ -27,8 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rollout import memory_bandwidth_gbs  # noqa: E402
-from common import fmt_table, matmul_peak_gflops, tiny_model_dir  # noqa: E402
+from common import fmt_table, matmul_peak_gflops, memory_bandwidth_gbs, tiny_model_dir  # noqa: E402
 
 from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer  # noqa: E402
 from rlhfkit.rollout import engine, llama_decode, load_prompt_items  # noqa: E402
