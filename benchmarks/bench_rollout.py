@@ -10,7 +10,8 @@
    (the LM head included; tied embeddings count once) and the KV cache of its rows, and computes
    2 x (matrix parameters) x b FLOPs plus attention. Its time is the larger of bytes / bandwidth
    and FLOPs / peak; the roofline of a call sums that over the decode steps the call actually ran
-   (rows that stopped at EOS leave the batch, so later steps are smaller).
+   (rows that stopped at EOS leave the batch, so later steps are smaller), at the bandwidth
+   measured again right before that call (it drifts on a shared machine).
 3. rlhfkit's rollout path (`rollout.sampling.rollout`, as PPO/GRPO call it) at each batch size:
    sampling at temperature 1, EOS stopping on, new prompts of the sentiment task every call, and
    the weights changed in place between calls (as an optimizer step changes them), so nothing
@@ -56,15 +57,16 @@ class DecodeRoofline:
         self.attn_flops_per_ctx = 4 * c.num_hidden_layers * c.num_attention_heads * head_dim  # QK^T and AV
         self.bw, self.peak = bandwidth_gbs * 1e9, peak_gflops * 1e9
 
-    def step_seconds(self, rows: int, context: int) -> float:
+    def step_seconds(self, rows: int, context: int, bandwidth_gbs: float | None = None) -> float:
+        """The step's roofline time, at ``bandwidth_gbs`` if given (else the one measured at the start)."""
         read = self.bytes_per_el * (self.matrix_params + rows * context * self.kv_per_token)
         flops = rows * (2 * self.matrix_params + context * self.attn_flops_per_ctx)
-        return max(read / self.bw, flops / self.peak)
+        return max(read / (bandwidth_gbs * 1e9 if bandwidth_gbs else self.bw), flops / self.peak)
 
-    def bound(self, rows: int, context: int) -> str:
+    def bound(self, rows: int, context: int, bandwidth_gbs: float | None = None) -> str:
         read = self.bytes_per_el * (self.matrix_params + rows * context * self.kv_per_token)
         flops = rows * (2 * self.matrix_params + context * self.attn_flops_per_ctx)
-        return "memory" if read / self.bw >= flops / self.peak else "compute"
+        return "memory" if read / (bandwidth_gbs * 1e9 if bandwidth_gbs else self.bw) >= flops / self.peak else "compute"
 
 
 class CallProbe:
@@ -123,20 +125,25 @@ def perturb_(model, scale: float = 1e-4) -> None:
             p.mul_(1.0 + scale * torch.randn_like(p))
 
 
-def one_call(model, tok, items, settings, probe: CallProbe, roof: DecodeRoofline, seed: int, lean: bool) -> dict:
+def one_call(model, tok, items, settings, probe: CallProbe, roof: DecodeRoofline, seed: int, lean: bool,
+             bandwidth_mb: int = 256) -> dict:
+    """One timed rollout call. The bandwidth is measured right before it and its roofline taken at
+    that bandwidth: on a shared machine the bandwidth drifts by a third within minutes, and a
+    roofline from the start of the run would misstate later calls."""
     llama_decode.LEAN_DECODE = lean
+    bw = memory_bandwidth_gbs(bandwidth_mb)
     probe.reset()
     t = time.perf_counter()
     exp = rollout(model, items, settings, tok, seed=seed)
     total = time.perf_counter() - t
     return {"total": total, "decode": total - probe.times["pack"] - probe.times["prefill"],
             "tokens": int(exp.response_mask.sum()), "steps": len(probe.steps),
-            "ideal": sum(roof.step_seconds(b, ctx) for b, ctx in probe.steps), "lean": probe.lean,
+            "ideal": sum(roof.step_seconds(b, ctx, bw) for b, ctx in probe.steps), "lean": probe.lean, "GB/s": bw,
             "ctx": statistics.mean(c for _, c in probe.steps) if probe.steps else 0, **probe.times}
 
 
 def measure(model, tok, prompts, probe: CallProbe, roof: DecodeRoofline, rows: int, new_tokens: int,
-            calls: int, modes: list[bool]) -> tuple[list[dict], list[dict]]:
+            calls: int, modes: list[bool], bandwidth_mb: int = 256) -> tuple[list[dict], list[dict]]:
     """Rows of the table (one per mode) and each call's figures per mode. With two modes, each
     call runs both on the same prompts and weights, in alternating order."""
     settings = RolloutSection(n=1, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0)
@@ -146,20 +153,20 @@ def measure(model, tok, prompts, probe: CallProbe, roof: DecodeRoofline, rows: i
         items = prompts[start:start + rows]  # new prompts every call
         perturb_(model)
         order = modes if call % 2 == 0 else modes[::-1]
-        got = {lean: one_call(model, tok, items, settings, probe, roof, call, lean) for lean in order}
+        got = {lean: one_call(model, tok, items, settings, probe, roof, call, lean, bandwidth_mb) for lean in order}
         if call > 0:
             per_call.append(got)
     table = []
     for lean in modes:
         cs = [c[lean] for c in per_call]
         m = {k: statistics.mean(c[k] for c in cs) for k in ("total", "decode", "tokens", "steps", "ideal", "ctx",
-                                                            "pack", "cache", "prefill")}
+                                                            "pack", "cache", "prefill", "GB/s")}
         table.append({"batch": rows, "decode": "lean" if cs[-1]["lean"] else "forward", "tokens/call": m["tokens"],
                       "decode steps": m["steps"], "s/call": m["total"], "tokens/s": m["tokens"] / m["total"],
                       "decode tokens/s": m["tokens"] / max(m["decode"], 1e-9),
                       "% of roofline": 100 * m["ideal"] / max(m["decode"], 1e-9),
-                      "roofline tok/s": rows / roof.step_seconds(rows, int(m["ctx"])),
-                      "bound": roof.bound(rows, int(m["ctx"])),
+                      "GB/s": m["GB/s"], "roofline tok/s": rows / roof.step_seconds(rows, int(m["ctx"]), m["GB/s"]),
+                      "bound": roof.bound(rows, int(m["ctx"]), m["GB/s"]),
                       "pack s": m["pack"], "cache s": m["cache"], "prefill s": m["prefill"] - m["cache"]})
     return table, per_call
 
@@ -205,15 +212,16 @@ def main() -> None:
           f"{roof.matrix_params * 4 / 1e6:.0f} MB read per decode step) | {torch.get_num_threads()} threads")
     print(f"memory bandwidth (copy, read + write): {bandwidth:.1f} GB/s | fp32 matmul peak: {peak:.1f} GFLOP/s")
     print(f"weights alone: {roof.matrix_params * 4 / bandwidth / 1e6:.1f} ms per decode step at this bandwidth")
-    results = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls, modes)
+    results = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls, modes,
+                       64 if args.tiny else 256)
                for b in args.batches.split(",")]
     rows = [r for table, _ in results for r in table]
     print(f"\nrollout: {args.new_tokens} new tokens max, temperature 1, EOS stopping, new prompts and changed "
           f"weights every call; mean of {args.calls} calls after a warm-up")
     print(fmt_table(rows, list(rows[0])))
     print("tokens/s: generated tokens / whole call | decode tokens/s: / the call less packing and prefill | "
-          "% of roofline: the decode steps' roofline time / their measured time | roofline tok/s: all rows "
-          "decoding at the mean context")
+          "% of roofline: the decode steps' roofline time / their measured time, at the bandwidth measured "
+          "right before each call (GB/s, their mean) | roofline tok/s: all rows decoding at the mean context")
     if len(modes) == 2:
         pairs = [ratios(int(b), per_call) for b, (_, per_call) in zip(args.batches.split(","), results)]
         print("\nthe two paths call by call (same prompts and weights, back to back), median over calls:")
