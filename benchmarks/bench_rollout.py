@@ -57,16 +57,19 @@ class DecodeRoofline:
         self.attn_flops_per_ctx = 4 * c.num_hidden_layers * c.num_attention_heads * head_dim  # QK^T and AV
         self.bw, self.peak = bandwidth_gbs * 1e9, peak_gflops * 1e9
 
-    def step_seconds(self, rows: int, context: int, bandwidth_gbs: float | None = None) -> float:
-        """The step's roofline time, at ``bandwidth_gbs`` if given (else the one measured at the start)."""
+    def _seconds(self, rows: int, context: int, bandwidth_gbs: float | None) -> tuple[float, float]:
+        """(memory time, compute time) of one step, at ``bandwidth_gbs`` if given (else the start's)."""
         read = self.bytes_per_el * (self.matrix_params + rows * context * self.kv_per_token)
         flops = rows * (2 * self.matrix_params + context * self.attn_flops_per_ctx)
-        return max(read / (bandwidth_gbs * 1e9 if bandwidth_gbs else self.bw), flops / self.peak)
+        return read / (bandwidth_gbs * 1e9 if bandwidth_gbs else self.bw), flops / self.peak
+
+    def step_seconds(self, rows: int, context: int, bandwidth_gbs: float | None = None) -> float:
+        """The step's roofline time: the larger of its memory and compute times."""
+        return max(self._seconds(rows, context, bandwidth_gbs))
 
     def bound(self, rows: int, context: int, bandwidth_gbs: float | None = None) -> str:
-        read = self.bytes_per_el * (self.matrix_params + rows * context * self.kv_per_token)
-        flops = rows * (2 * self.matrix_params + context * self.attn_flops_per_ctx)
-        return "memory" if read / (bandwidth_gbs * 1e9 if bandwidth_gbs else self.bw) >= flops / self.peak else "compute"
+        memory, compute = self._seconds(rows, context, bandwidth_gbs)
+        return "memory" if memory >= compute else "compute"
 
 
 class CallProbe:
