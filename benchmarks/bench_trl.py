@@ -300,7 +300,8 @@ def main() -> None:
     bw0 = memory_bandwidth_gbs(64 if args.tiny else 256)
     print(f"rlhfkit vs TRL {', '.join(sorted(set(versions.values())))} | torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads | model {model_dir} (fp32) | fp32 matmul peak ({peak_n}^3, best of 10): "
-          f"{peak0:.1f} GFLOP/s | memory bandwidth (copy, read + write) {bw0:.1f} GB/s | loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | TRL malloc: "
+          f"{peak0:.1f} GFLOP/s | memory bandwidth (copy, read + write) {bw0:.1f} GB/s | "
+          f"loadavg {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} | TRL malloc: "
           f"{'rlhfkit settings' if args.trl_malloc else 'glibc default'}", flush=True)
 
     results = {}
