@@ -30,8 +30,10 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# One pytest worker per core (pytest-xdist), each test file on one worker, so a module's fixtures
+# (the torchrun job of tests/test_distributed.py) run once; each worker takes its share of the cores.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The lowest supported versions of pyproject.toml (constraints-min.txt) in their own venv, and the
 # tests of the core trainers, data, trackers, extras and LoRA against them. torch stays at the
