@@ -128,19 +128,26 @@ def extract_features(model_dir: str, data: str, out: str, limit: int = 0, micro_
     return result
 
 
-def load_feats(paths: list[str]) -> dict:
-    """Concatenate cached feature files (in order) and add derived keys: "LAYER/sum" (the response
-    mean times its length) and "LAYER/sqrt" (times the square root of its length). Features are
-    chosen-minus-rejected differences, (N, H)."""
+def load_pairs(paths: list[str]) -> dict:
+    """Cached feature files concatenated in order: per-response features {KEY: (N, 2, H)}, chosen
+    first, response lengths (N, 2), gold scores and prompts."""
     parts = [torch.load(p) for p in paths]
-    seq = {k: torch.cat([p["feats"][k] for p in parts]) for k in parts[0]["feats"]}  # (N, 2, H)
-    lengths = torch.cat([p["lengths"] for p in parts]).float()[..., None]  # (N, 2, 1)
-    for layer in {k.split("/")[0] for k in seq}:
-        seq[f"{layer}/sum"] = seq[f"{layer}/mean"] * lengths
-        seq[f"{layer}/sqrt"] = seq[f"{layer}/mean"] * lengths.sqrt()
-    return {"feats": {k: v[:, 0] - v[:, 1] for k, v in seq.items()}, "lengths": lengths[..., 0],
+    return {"feats": {k: torch.cat([p["feats"][k] for p in parts]) for k in parts[0]["feats"]},
+            "lengths": torch.cat([p["lengths"] for p in parts]).float(),
             "gold_c": torch.cat([p["gold_c"] for p in parts]), "gold_r": torch.cat([p["gold_r"] for p in parts]),
             "prompts": [x for p in parts for x in p["prompts"]]}
+
+
+def load_feats(paths: list[str]) -> dict:
+    """`load_pairs` with derived keys "LAYER/sum" (the response mean times its length) and
+    "LAYER/sqrt" (times the square root of its length); features are chosen-minus-rejected
+    differences, (N, H)."""
+    pairs = load_pairs(paths)
+    seq, lengths = pairs["feats"], pairs["lengths"][..., None]  # (N, 2, H), (N, 2, 1)
+    for layer in {k.split("/")[0] for k in list(seq)}:
+        seq[f"{layer}/sum"] = seq[f"{layer}/mean"] * lengths
+        seq[f"{layer}/sqrt"] = seq[f"{layer}/mean"] * lengths.sqrt()
+    return {**pairs, "feats": {k: v[:, 0] - v[:, 1] for k, v in seq.items()}}
 
 
 # --------------------------------------------------------------------------- probes

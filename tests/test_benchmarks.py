@@ -252,6 +252,36 @@ def test_rm_study_recipe_tiny(tmp_path):
     assert all(0.0 <= r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1] <= 1.0 for r in rows.values())
 
 
+def test_rm_heads_mlp_learns_a_preference_no_linear_probe_can(bench_path, tmp_path):
+    """``rm_heads.py``: the chosen reply's first feature is far from 0 in either direction, the
+    rejected reply's near 0. A linear head sees chosen-minus-rejected differences of random sign
+    (chance); the MLP head, picked by CV on the training pairs, learns |x| and ranks held-out pairs."""
+    import torch
+
+    import rm_heads
+
+    def pairs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        feats = {}
+        for layer in ("8", "16"):
+            x = torch.randn(n, 2, 6, generator=g)
+            sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+            x[:, 0, 0] = sign * (2.5 + 0.3 * torch.randn(n, generator=g))
+            x[:, 1, 0] = 0.3 * torch.randn(n, generator=g)
+            feats[f"{layer}/mean"] = x
+        return {"feats": feats, "gold_c": torch.ones(n), "gold_r": torch.zeros(n), "prompts": [f"p{i}" for i in range(n)]}
+
+    grid = {"hidden": (16,), "wd": (0.01, 1.0), "epochs": (60,), "dropout": (0.0,), "lr": (1e-2,)}
+    rows = {r["name"]: r for r in rm_heads.head_table(pairs(256, 0), pairs(128, 1), grid=grid, seeds=2,
+                                                      concats=(("8", "16"),))}
+    assert set(rows) == {"linear, layer 8", "linear, layer 16", "linear, layers 8 + 16", "MLP, 8/mean",
+                         "MLP, 8/mean, 2 seeds averaged"}
+    assert all(0.3 < rows[k]["acc"] < 0.7 for k in rows if k.startswith("linear"))
+    assert rows["MLP, 8/mean"]["acc"] > 0.9 and rows["MLP, 8/mean, 2 seeds averaged"]["acc"] > 0.9
+    assert rows["MLP, 8/mean"]["cv"] > 0.9 and rows["MLP, 8/mean"]["config"] in [
+        {"hidden": 16, "wd": wd, "epochs": 60, "dropout": 0.0, "lr": 1e-2} for wd in (0.01, 1.0)]
+
+
 def test_bench_trl_precomputed_dpo_reads_only_the_pairs_its_steps_use(bench_path, tmp_path):
     """``dpo-precomputed``: both sides compute reference log-probs once over their training set
     before the first step, so the job limits that set to the pairs its steps use (the whole
