@@ -39,6 +39,14 @@ def tiny_model_dir(tokenizer, tmp_path_factory):
     return path
 
 
+def uninstall(monkeypatch, package: str) -> None:
+    """Make ``package`` look not installed for the rest of a test: the package and every submodule
+    already imported (by earlier tests in this process) are set to None in sys.modules, so any
+    import of them raises ImportError."""
+    for name in [m for m in sys.modules if m.startswith(package + ".")] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def write_jsonl(path, rows):
     import json
 

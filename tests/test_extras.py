@@ -1,5 +1,5 @@
 """Optional packages (the pip extras) are imported where they are used; a missing one is one line
-naming the extra to install. Each is simulated missing with sys.modules[name] = None."""
+naming the extra to install. Each is simulated missing with `conftest.uninstall` (sys.modules[name] = None)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import uninstall
 
 import rlhfkit
 from rlhfkit import cli
@@ -41,7 +42,7 @@ def test_no_module_level_import_of_an_optional_package():
 def test_sentiment_gold_judge_without_vader(monkeypatch):
     from rlhfkit.tasks.sentiment import SentimentTask
 
-    monkeypatch.setitem(sys.modules, "vaderSentiment", None)
+    uninstall(monkeypatch, "vaderSentiment")
     with pytest.raises(MissingDependency, match=r"sentiment task.*pip install 'rlhfkit\[tasks\]'$"):
         SentimentTask().gold_scores(["p"], ["a lovely day"])
 
@@ -49,7 +50,7 @@ def test_sentiment_gold_judge_without_vader(monkeypatch):
 def test_gguf_model_without_gguf(monkeypatch, tmp_path):
     from rlhfkit.models import loading
 
-    monkeypatch.setitem(sys.modules, "gguf", None)
+    uninstall(monkeypatch, "gguf")
     monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(MissingDependency, match=r"m.gguf needs the package gguf.*'rlhfkit\[default-model\]'"):
@@ -59,7 +60,7 @@ def test_gguf_model_without_gguf(monkeypatch, tmp_path):
 def test_report_without_matplotlib(monkeypatch, tmp_path, capsys):
     for name in [m for m in sys.modules if m == "rlhfkit.report" or m.startswith("rlhfkit.report.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    uninstall(monkeypatch, "matplotlib")
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'rlhfkit[report]'" in err[0], err
@@ -68,7 +69,7 @@ def test_report_without_matplotlib(monkeypatch, tmp_path, capsys):
 def test_pipeline_without_matplotlib_stops_before_any_stage(monkeypatch, tmp_path):
     from rlhfkit import pipeline
 
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    uninstall(monkeypatch, "matplotlib")
     monkeypatch.setattr(pipeline, "plan", lambda path, overrides: (None, []))
     with pytest.raises(MissingDependency, match=r"report.html.*'rlhfkit\[report\]'"):
         pipeline.run_pipeline(None)
@@ -77,7 +78,7 @@ def test_pipeline_without_matplotlib_stops_before_any_stage(monkeypatch, tmp_pat
 def test_zero_without_deepspeed(monkeypatch):
     from rlhfkit.parallel.zero import require_deepspeed
 
-    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    uninstall(monkeypatch, "deepspeed")
     with pytest.raises(MissingDependency,
                        match=r"train.zero_stage needs the package deepspeed.*'rlhfkit\[deepspeed\]'"):
         require_deepspeed()

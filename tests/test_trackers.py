@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import write_jsonl
+from conftest import uninstall, write_jsonl
 
 from rlhfkit import cli
 from rlhfkit.config import ConfigError, SFTConfig, load_config
@@ -92,7 +92,7 @@ def test_sft_metrics_reach_the_tracker(tmp_path, tiny_model_dir, fake_tracker):
 
 @pytest.mark.parametrize("name,extra", [("wandb", "wandb"), ("mlflow", "mlflow"), ("tensorboard", "tensorboard")])
 def test_a_missing_tracker_is_one_config_error(monkeypatch, name, extra):
-    monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    uninstall(monkeypatch, name)  # as if not installed
     with pytest.raises(MissingDependency, match=rf"train.report_to: {name} is not installed: "
                                                 rf"pip install 'rlhfkit\[{extra}\]'"):
         load_config(SFTConfig, data={"data": {"train": "x.jsonl"}, "train": {"report_to": [name]}})
@@ -104,7 +104,7 @@ def test_unknown_tracker_is_a_config_error():
 
 
 def test_cli_exits_2_with_one_line_before_loading(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "wandb", None)
+    uninstall(monkeypatch, "wandb")
     monkeypatch.chdir(tmp_path)
     rc = cli.main(["sft", "data.train=missing.jsonl", "model.name=no/such/model",
                    "train.output_dir=out", "train.report_to=[wandb]"])
