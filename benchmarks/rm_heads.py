@@ -1,7 +1,7 @@
 """Reward-model heads beyond the linear probe, on features cached by ``rm_study.py features``.
 
-    python benchmarks/rm_heads.py --train runs/rmstudy/f_train1152.pt runs/rmstudy/f_train_s2.pt \
-        --eval runs/rmstudy/f_eval.pt --json runs/rmstudy/heads.json
+    python benchmarks/rm_heads.py --train runs/rmx/f_train1.pt runs/rmx/f_train2.pt \
+        --eval runs/rmx/f_eval.pt --json runs/rmx/heads.json
 
 Rows, each scored on the held-out pairs with rm_study's intervals (bootstrap over prompts):
 - the linear probe on each layer's mean-pooled response (L2 by CV, the one-SE rule), the baseline;

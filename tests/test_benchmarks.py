@@ -252,7 +252,7 @@ def test_rm_study_recipe_tiny(tmp_path):
     assert all(0.0 <= r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1] <= 1.0 for r in rows.values())
 
 
-def test_rm_heads_mlp_learns_a_preference_no_linear_probe_can(bench_path, tmp_path):
+def test_rm_heads_mlp_learns_a_preference_no_linear_probe_can(bench_path):
     """``rm_heads.py``: the chosen reply's first feature is far from 0 in either direction, the
     rejected reply's near 0. A linear head sees chosen-minus-rejected differences of random sign
     (chance); the MLP head, picked by CV on the training pairs, learns |x| and ranks held-out pairs."""
