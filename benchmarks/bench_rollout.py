@@ -203,7 +203,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    bandwidth = memory_bandwidth_gbs(64 if args.tiny else 256)
+    bw_mb = 64 if args.tiny else 256  # the copy buffer of each bandwidth measurement
+    bandwidth = memory_bandwidth_gbs(bw_mb)
     peak = matmul_peak_gflops(256 if args.tiny else 2048)
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
@@ -215,8 +216,7 @@ def main() -> None:
           f"{roof.matrix_params * 4 / 1e6:.0f} MB read per decode step) | {torch.get_num_threads()} threads")
     print(f"memory bandwidth (copy, read + write): {bandwidth:.1f} GB/s | fp32 matmul peak: {peak:.1f} GFLOP/s")
     print(f"weights alone: {roof.matrix_params * 4 / bandwidth / 1e6:.1f} ms per decode step at this bandwidth")
-    results = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls, modes,
-                       64 if args.tiny else 256)
+    results = [measure(model, tok, prompts, probe, roof, int(b), args.new_tokens, args.calls, modes, bw_mb)
                for b in args.batches.split(",")]
     rows = [r for table, _ in results for r in table]
     print(f"\nrollout: {args.new_tokens} new tokens max, temperature 1, EOS stopping, new prompts and changed "

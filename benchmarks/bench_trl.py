@@ -297,7 +297,8 @@ def main() -> None:
     t_start = time.time()
     peak_n = 256 if args.tiny else 2048
     peak0 = matmul_peak_gflops(peak_n)
-    bw0 = memory_bandwidth_gbs(64 if args.tiny else 256)
+    bw_mb = 64 if args.tiny else 256  # the copy buffer of the bandwidth measurements
+    bw0 = memory_bandwidth_gbs(bw_mb)
     print(f"rlhfkit vs TRL {', '.join(sorted(set(versions.values())))} | torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads | model {model_dir} (fp32) | fp32 matmul peak ({peak_n}^3, best of 10): "
           f"{peak0:.1f} GFLOP/s | memory bandwidth (copy, read + write) {bw0:.1f} GB/s | "
@@ -322,7 +323,7 @@ def main() -> None:
 
     peak1 = matmul_peak_gflops(peak_n)
     peak = max(peak0, peak1)
-    bw1 = memory_bandwidth_gbs(64 if args.tiny else 256)
+    bw1 = memory_bandwidth_gbs(bw_mb)
     load1 = os.getloadavg()
     print(f"\nfp32 matmul peak: {peak0:.1f} GFLOP/s before, {peak1:.1f} after -> using {peak:.1f} | "
           f"memory bandwidth: {bw0:.1f} GB/s before, {bw1:.1f} after (the rollouts are bound by it) | "

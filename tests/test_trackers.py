@@ -4,7 +4,6 @@ a tracker that is not installed is one config error line before anything loads."
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from conftest import uninstall, write_jsonl
