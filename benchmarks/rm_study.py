@@ -3,6 +3,7 @@
     python benchmarks/rm_study.py features --model runs/sft/model --data FILE --out runs/rmstudy/NAME.pt
     python benchmarks/rm_study.py probes --train runs/rmstudy/train.pt --eval runs/rmstudy/eval.pt [--set recipe]
     python benchmarks/rm_study.py score --rm runs/rm/model --data FILE
+    python benchmarks/rm_study.py gold-labels --data FILE... --out FILE
 
 `features` runs the frozen backbone once over every pair and caches chosen-minus-rejected
 features for several layers and poolings (last token, mean over the response, mean over all
@@ -11,7 +12,8 @@ tokens), so that every probe variant after it costs seconds. `probes` prints the
 Any preference file with `gold_chosen` / `gold_rejected` works (sentiment, arithmetic pairs from
 `rlhfkit make-data --task arithmetic --pairs-only ... --pair-from 4`).
 `score` scores a trained reward model through `rm:DIR`, the path PPO and eval use, so the pooling
-stored in its config.json is the one measured. Every accuracy comes with a 95% interval from a
+stored in its config.json is the one measured. `gold-labels` writes the same pairs labelled by
+the gold ordering (noise-free), to train on in place of the annotator's labels. Every accuracy comes with a 95% interval from a
 bootstrap over prompts (pairs of one prompt are resampled together).
 """
 
@@ -154,14 +156,22 @@ def load_feats(paths: list[str]) -> dict:
 
 def probe_margins(train: dict, evals: dict, key: str, n: int = 0, l2: float | None = None,
                   rule: str = "one_se", label_smoothing: float = 0.0, standardize: bool = False,
-                  bags: int = 0, seed: int = 0) -> tuple[torch.Tensor, dict]:
+                  bags: int = 0, seed: int = 0, labels: str = "annotator") -> tuple[torch.Tensor, dict]:
     """Fit a linear BT probe on the first n training pairs' features `key`; (N_eval,) margins.
 
     l2 None: chosen by 4-fold CV (`rule` "one_se": strongest within one SE of the best, "best").
     standardize: divide each feature by its training std first. bags > 0: average that many probes
     fitted on bootstrap resamples of the training pairs (an ensemble of heads).
+    labels "gold": train on the gold ordering instead of the annotator's labels (each pair turned
+    so that the higher gold score is chosen, gold ties dropped): how far noise-free labels on the
+    same pairs and features would take the probe.
     """
     d = train["feats"][key][:n] if n else train["feats"][key]
+    if labels == "gold":
+        gold = (train["gold_c"] - train["gold_r"])[:len(d)]
+        d = d[gold != 0] * gold[gold != 0].sign()[:, None].to(d.dtype)
+    elif labels != "annotator":
+        raise ValueError(f"labels must be 'annotator' or 'gold', got {labels!r}")
     e = evals["feats"][key]
     if standardize:
         # pairs are antisymmetric (swapping chosen and rejected negates d), so the std is about 0
@@ -302,6 +312,25 @@ def finetune(name: str, config: str, overrides: list[str], eval_data: str, out_r
     return res
 
 
+def write_gold_labels(paths: list[str], out: str) -> dict:
+    """The pairs of `paths` relabelled by the gold ordering (the higher gold score chosen), gold
+    ties dropped, written to `out`: a noise-free preference file to train an RM on, against the
+    annotator's labels of the same pairs. Returns {pairs, turned, ties}."""
+    rows = [r for p in paths for r in read_rows(p)]
+    kept, turned = [], 0
+    for r in rows:
+        if r["gold_chosen"] == r["gold_rejected"]:
+            continue
+        if r["gold_chosen"] < r["gold_rejected"]:
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"],
+                 "gold_chosen": r["gold_rejected"], "gold_rejected": r["gold_chosen"]}
+            turned += 1
+        kept.append(r)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return {"pairs": len(kept), "turned": turned, "ties": len(rows) - len(kept)}
+
+
 # --------------------------------------------------------------------------- CLI
 
 def main() -> None:
@@ -319,7 +348,7 @@ def main() -> None:
     p.add_argument("--set", default="pooling", choices=sorted([*PROBE_SETS, "recipe"]),
                    help="which table of probe variants; recipe: per pooling (last, mean, sum) the final layer "
                         "and the intermediate layer with the best CV accuracy on the training pairs")
-    p.add_argument("--key", default="final/mean", help="LAYER/POOLING for the regularisation and size sets")
+    p.add_argument("--key", default="final/mean", help="LAYER/POOLING for the regularisation, size and labels sets")
     p.add_argument("--json", default="", help="also write the rows here")
     t = sub.add_parser("finetune", help="rlhfkit rm with overrides, then score the saved RM")
     t.add_argument("--name", required=True)
@@ -330,8 +359,13 @@ def main() -> None:
     s.add_argument("--rm", required=True, nargs="+", help="one RM, or several: each alone and their ensemble")
     s.add_argument("--data", required=True)
     s.add_argument("--limit", type=int, default=0)
+    gl = sub.add_parser("gold-labels", help="write preference files relabelled by the gold ordering")
+    gl.add_argument("--data", required=True, nargs="+")
+    gl.add_argument("--out", required=True)
     args = ap.parse_args()
-    if args.cmd == "features":
+    if args.cmd == "gold-labels":
+        print(json.dumps(write_gold_labels(args.data, args.out)))
+    elif args.cmd == "features":
         if args.threads:
             torch.set_num_threads(args.threads)
         r = extract_features(args.model, args.data, args.out, args.limit)
@@ -376,7 +410,17 @@ def _size_set(n_train: int, key: str) -> list[tuple[str, dict]]:
     return [(f"{key} n={n}, {rule}", {"key": key, "n": n, "rule": rule}) for n in sizes for rule in ("one_se", "best")]
 
 
-PROBE_SETS = {"pooling": _pooling_set, "regularisation": _regularisation_set, "size": _size_set}
+def _labels_set(n_train: int, key: str) -> list[tuple[str, dict]]:
+    """The annotator's labels against the gold ordering on the same pairs, per layer (mean pooling)
+    and for layer 24's sum; then the gold-label probe on the first n pairs of `key`."""
+    keys = [f"{layer}/mean" for layer in ("final", *LAYERS)] + [f"{LAYERS[-1]}/sum"]
+    rows = [(f"{k}, {lab} labels", {"key": k, "labels": lab}) for k in keys for lab in ("annotator", "gold")]
+    sizes = [n for n in (320, 640, 1152) if n < n_train] + [n_train]
+    return rows + [(f"{key}, gold labels, n={n}", {"key": key, "labels": "gold", "n": n}) for n in sizes]
+
+
+PROBE_SETS = {"pooling": _pooling_set, "regularisation": _regularisation_set, "size": _size_set,
+              "labels": _labels_set}
 
 
 if __name__ == "__main__":

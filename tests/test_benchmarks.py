@@ -252,6 +252,52 @@ def test_rm_study_recipe_tiny(tmp_path):
     assert all(0.0 <= r["acc_ci"][0] <= r["acc"] <= r["acc_ci"][1] <= 1.0 for r in rows.values())
 
 
+def test_rm_study_gold_labels_fit_the_gold_ordering_of_the_same_pairs(bench_path):
+    """``probes`` with ``labels="gold"``: here the gold-better reply of each pair sits along the first
+    feature, while the annotator chose by the second, which says nothing about gold. The probe on the
+    annotator's labels ranks held-out pairs at chance by gold; on the gold ordering of the same pairs
+    (ties dropped) it ranks them almost all right."""
+    import torch
+
+    import rm_study
+
+    def pairs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        better, worse = torch.randn(n, 6, generator=g), torch.randn(n, 6, generator=g)
+        better[:, 0] += 2.0
+        first = better[:, 1] > worse[:, 1]  # whether the annotator chose the gold-better reply
+        gold_c, gold_r = first.double(), (~first).double()
+        gold_c[:8] = gold_r[:8] = 0.5  # gold ties: no gold order, dropped from a gold-label fit
+        d = torch.where(first[:, None], better - worse, worse - better)
+        return {"feats": {"8/mean": d}, "gold_c": gold_c, "gold_r": gold_r, "prompts": [f"p{i}" for i in range(n)]}
+
+    train, held = pairs(400, 0), pairs(200, 1)
+    got = {}
+    for labels in ("annotator", "gold"):
+        margins, _ = rm_study.probe_margins(train, held, "8/mean", labels=labels)
+        got[labels] = rm_study.pair_metrics(margins, held["gold_c"], held["gold_r"], held["prompts"])["gold_acc"]
+    assert 0.35 < got["annotator"] < 0.65 and got["gold"] > 0.9
+    with pytest.raises(ValueError, match="labels"):
+        rm_study.probe_margins(train, held, "8/mean", labels="golden")
+
+
+def test_rm_study_gold_labels_file_turns_pairs_to_the_gold_order(bench_path, tmp_path):
+    """``rm_study.py gold-labels``: a pair whose rejected reply has the higher gold score is turned
+    round, a gold tie is dropped, the rest is kept as it was."""
+    import rm_study
+
+    rows = [{"prompt": "a", "chosen": "x", "rejected": "y", "gold_chosen": 0.9, "gold_rejected": 0.1},
+            {"prompt": "b", "chosen": "x", "rejected": "y", "gold_chosen": 0.2, "gold_rejected": 0.7, "category": "c"},
+            {"prompt": "c", "chosen": "x", "rejected": "y", "gold_chosen": 0.5, "gold_rejected": 0.5}]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rm_study.write_gold_labels([str(src)], str(tmp_path / "gold.jsonl")) == {"pairs": 2, "turned": 1, "ties": 1}
+    out = [json.loads(x) for x in (tmp_path / "gold.jsonl").read_text().splitlines()]
+    assert out[0] == rows[0]
+    assert out[1] == {"prompt": "b", "chosen": "y", "rejected": "x", "gold_chosen": 0.7, "gold_rejected": 0.2,
+                      "category": "c"}
+
+
 def test_rm_heads_mlp_learns_a_preference_no_linear_probe_can(bench_path):
     """``rm_heads.py``: the chosen reply's first feature is far from 0 in either direction, the
     rejected reply's near 0. A linear head sees chosen-minus-rejected differences of random sign
