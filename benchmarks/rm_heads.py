@@ -21,7 +21,7 @@ import itertools
 import json
 
 import torch
-from rm_study import fmt, load_pairs, pair_metrics
+from rm_data import fmt, load_pairs, pair_metrics
 
 from rlhfkit.algos.probe import fit_bt_probe
 

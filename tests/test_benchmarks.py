@@ -259,6 +259,7 @@ def test_rm_study_gold_labels_fit_the_gold_ordering_of_the_same_pairs(bench_path
     (ties dropped) it ranks them almost all right."""
     import torch
 
+    import rm_data
     import rm_study
 
     def pairs(n, seed):
@@ -275,7 +276,7 @@ def test_rm_study_gold_labels_fit_the_gold_ordering_of_the_same_pairs(bench_path
     got = {}
     for labels in ("annotator", "gold"):
         margins, _ = rm_study.probe_margins(train, held, "8/mean", labels=labels)
-        got[labels] = rm_study.pair_metrics(margins, held["gold_c"], held["gold_r"], held["prompts"])["gold_acc"]
+        got[labels] = rm_data.pair_metrics(margins, held["gold_c"], held["gold_r"], held["prompts"])["gold_acc"]
     assert 0.35 < got["annotator"] < 0.65 and got["gold"] > 0.9
     with pytest.raises(ValueError, match="labels"):
         rm_study.probe_margins(train, held, "8/mean", labels="golden")
@@ -284,14 +285,14 @@ def test_rm_study_gold_labels_fit_the_gold_ordering_of_the_same_pairs(bench_path
 def test_rm_study_gold_labels_file_turns_pairs_to_the_gold_order(bench_path, tmp_path):
     """``rm_study.py gold-labels``: a pair whose rejected reply has the higher gold score is turned
     round, a gold tie is dropped, the rest is kept as it was."""
-    import rm_study
+    import rm_data
 
     rows = [{"prompt": "a", "chosen": "x", "rejected": "y", "gold_chosen": 0.9, "gold_rejected": 0.1},
             {"prompt": "b", "chosen": "x", "rejected": "y", "gold_chosen": 0.2, "gold_rejected": 0.7, "category": "c"},
             {"prompt": "c", "chosen": "x", "rejected": "y", "gold_chosen": 0.5, "gold_rejected": 0.5}]
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert rm_study.write_gold_labels([str(src)], str(tmp_path / "gold.jsonl")) == {"pairs": 2, "turned": 1, "ties": 1}
+    assert rm_data.write_gold_labels([str(src)], str(tmp_path / "gold.jsonl")) == {"pairs": 2, "turned": 1, "ties": 1}
     out = [json.loads(x) for x in (tmp_path / "gold.jsonl").read_text().splitlines()]
     assert out[0] == rows[0]
     assert out[1] == {"prompt": "b", "chosen": "y", "rejected": "x", "gold_chosen": 0.7, "gold_rejected": 0.2,

@@ -1,0 +1,104 @@
+"""The preference pairs and metrics the reward-model studies share (rm_study.py, rm_heads.py).
+
+`pair_metrics` gives accuracy on the annotator's labels and agreement with the gold ordering, each
+with a 95% interval from a bootstrap over prompts; `load_pairs` / `load_feats` read the feature
+caches `rm_study.py features` writes; `write_gold_labels` turns a preference file to the gold order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# --------------------------------------------------------------------------- data and metrics
+
+def read_rows(path: str, limit: int = 0) -> list[dict]:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def pair_metrics(margins: torch.Tensor, gold_c: torch.Tensor, gold_r: torch.Tensor, prompts: list[str],
+                 n_boot: int = 2000, seed: int = 0) -> dict:
+    """Accuracy on the annotator's labels (chosen first; ties half) and agreement with the gold
+    ordering (pairs whose gold scores tie are left out), each with a 95% prompt-bootstrap interval.
+
+    margins: (N,) r(chosen) - r(rejected); gold_c, gold_r: (N,) gold scores.
+    """
+    label_hit = (margins > 0).double() + 0.5 * (margins == 0).double()  # (N,)
+    gdiff = gold_c.double() - gold_r.double()
+    untied = gdiff != 0
+    gold_hit = ((margins.double() * gdiff) > 0).double() + 0.5 * (margins == 0).double()
+    # prompt clusters for the bootstrap
+    ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    cluster = torch.tensor([ids[p] for p in prompts])
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(ids), (n_boot, len(ids)), generator=g)  # (n_boot, C) cluster draws
+    weight = torch.zeros(n_boot, len(ids), dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(n_boot, len(ids), dtype=torch.float64))[:, cluster]  # (n_boot, N)
+
+    def ci(hit, keep):
+        w = weight * keep.double()
+        boot = (w * hit).sum(1) / w.sum(1).clamp_min(1)
+        lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        return float(hit[keep].mean()), lo, hi
+
+    acc, lo, hi = ci(label_hit, torch.ones_like(untied))
+    gacc, glo, ghi = ci(gold_hit, untied)
+    return {"acc": acc, "acc_ci": [lo, hi], "gold_acc": gacc, "gold_ci": [glo, ghi], "pairs": len(prompts),
+            "gold_pairs": int(untied.sum())}
+
+
+def gold_ceiling(rows: list[dict]) -> float:
+    """The gold judge's own accuracy on the annotator's labels (ties half): the noise ceiling."""
+    return sum(1.0 if r["gold_chosen"] > r["gold_rejected"] else 0.5 if r["gold_chosen"] == r["gold_rejected"]
+               else 0.0 for r in rows) / len(rows)
+
+
+def fmt(m: dict) -> str:
+    return (f"{m['acc']:.3f} [{m['acc_ci'][0]:.3f}, {m['acc_ci'][1]:.3f}] | "
+            f"{m['gold_acc']:.3f} [{m['gold_ci'][0]:.3f}, {m['gold_ci'][1]:.3f}]")
+
+
+# --------------------------------------------------------------------------- cached features and gold labels
+
+def load_pairs(paths: list[str]) -> dict:
+    """Cached feature files concatenated in order: per-response features {KEY: (N, 2, H)}, chosen
+    first, response lengths (N, 2), gold scores and prompts."""
+    parts = [torch.load(p) for p in paths]
+    return {"feats": {k: torch.cat([p["feats"][k] for p in parts]) for k in parts[0]["feats"]},
+            "lengths": torch.cat([p["lengths"] for p in parts]).float(),
+            "gold_c": torch.cat([p["gold_c"] for p in parts]), "gold_r": torch.cat([p["gold_r"] for p in parts]),
+            "prompts": [x for p in parts for x in p["prompts"]]}
+
+
+def load_feats(paths: list[str]) -> dict:
+    """`load_pairs` with derived keys "LAYER/sum" (the response mean times its length) and
+    "LAYER/sqrt" (times the square root of its length); features are chosen-minus-rejected
+    differences, (N, H)."""
+    pairs = load_pairs(paths)
+    seq, lengths = pairs["feats"], pairs["lengths"][..., None]  # (N, 2, H), (N, 2, 1)
+    for layer in {k.split("/")[0] for k in list(seq)}:
+        seq[f"{layer}/sum"] = seq[f"{layer}/mean"] * lengths
+        seq[f"{layer}/sqrt"] = seq[f"{layer}/mean"] * lengths.sqrt()
+    return {**pairs, "feats": {k: v[:, 0] - v[:, 1] for k, v in seq.items()}}
+
+
+def write_gold_labels(paths: list[str], out: str) -> dict:
+    """The pairs of `paths` relabelled by the gold ordering (the higher gold score chosen), gold
+    ties dropped, written to `out`: a noise-free preference file to train an RM on, against the
+    annotator's labels of the same pairs. Returns {pairs, turned, ties}."""
+    rows = [r for p in paths for r in read_rows(p)]
+    kept, turned = [], 0
+    for r in rows:
+        if r["gold_chosen"] == r["gold_rejected"]:
+            continue
+        if r["gold_chosen"] < r["gold_rejected"]:
+            r = {**r, "chosen": r["rejected"], "rejected": r["chosen"],
+                 "gold_chosen": r["gold_rejected"], "gold_rejected": r["gold_chosen"]}
+            turned += 1
+        kept.append(r)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return {"pairs": len(kept), "turned": turned, "ties": len(rows) - len(kept)}
