@@ -15,7 +15,9 @@ copy bandwidth and the matmul peak measured in the same run. Per shape, the time
 the batch sizes as t = bytes / B + FLOPs / F (least squares): B is the rate the kernel streams the
 weights at when it does no arithmetic, F its rate of arithmetic per extra row. When the fit holds,
 streaming and arithmetic run one after the other, not overlapped as the roofline's max() assumes,
-and the best a product of b rows can reach is bytes / B + FLOPs / F.
+and the best a product of b rows can reach is bytes / B + FLOPs / F. Then, for the batch sizes of
+at most 8, the same products through the few-row kernel the decoder uses for such calls
+(`rollout.cpu_gemv`, numba), with its time against oneDNN's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_table, matmul_peak_gflops, memory_bandwidth_gbs, tiny_model_dir  # noqa: E402
 
 from rlhfkit.models import DEFAULT_MODEL, resolve_model_path  # noqa: E402
+from rlhfkit.rollout import cpu_gemv  # noqa: E402
 from rlhfkit.rollout.llama_decode import _Linear, _mkldnn_ok  # noqa: E402
 
 
@@ -42,10 +45,11 @@ def decode_shapes(config) -> dict[str, tuple[int, int]]:
     return {"qkv": (H + 2 * kv, H), "o": (H, H), "gate / up": (inter, H), "down": (H, inter), "lm head": (V, H)}
 
 
-def time_products(n: int, k: int, b: int, mb: int, repeats: int) -> float:
-    """Seconds per (b x k) @ (k x n) product, cycling through copies of the weight totalling `mb` MB."""
+def time_products(n: int, k: int, b: int, mb: int, repeats: int, gemv: bool = False) -> float:
+    """Seconds per (b x k) @ (k x n) product, cycling through copies of the weight totalling `mb` MB:
+    oneDNN's packed kernel, or with `gemv` the few-row kernel (`rollout.cpu_gemv`, b <= 8)."""
     copies = max(2, math.ceil(mb * 2**20 / (n * k * 4)))
-    weights = [_Linear(torch.randn(n, k), b, _mkldnn_ok()) for _ in range(copies)]
+    weights = [_Linear(torch.randn(n, k), b, _mkldnn_ok(), gemv) for _ in range(copies)]
     x = torch.randn(b, k)
     for w in weights:
         w(x)
@@ -101,6 +105,20 @@ def main() -> None:
                          "GB/s": bytes_ / s / 1e9, "GFLOP/s": 2 * n * k * b / s / 1e9, "% roofline": 100 * roof / s})
         fits.append({"shape": name, "MB": bytes_ / 2**20, **fit_stream_then_compute(bytes_, 2 * n * k, batches, secs)})
     print(fmt_table(rows, ["shape", "out x in", "batch", "us", "GB/s", "GFLOP/s", "% roofline"]))
+    few = [b for b in batches if b <= cpu_gemv.ROWS]
+    if cpu_gemv.available() and few:
+        cpu_gemv.set_threads(torch.get_num_threads())
+        cmp = []
+        for name, (n, k) in decode_shapes(config).items():
+            for b in few:
+                s = time_products(n, k, b, mb, args.repeats, gemv=True)
+                onednn = next(r["us"] for r in rows if r["shape"] == name and r["batch"] == b) / 1e6
+                roof = max(n * k * 4 / (bw * 1e9), 2 * n * k * b / (peak * 1e9))
+                cmp.append({"shape": name, "batch": b, "gemv us": s * 1e6, "GB/s": n * k * 4 / s / 1e9,
+                            "% roofline": 100 * roof / s, "oneDNN / gemv": onednn / s})
+        print(f"\nthe few-row kernel the decoder uses for calls of at most {cpu_gemv.ROWS} rows "
+              "(rollout.cpu_gemv), against oneDNN's packed kernel above:")
+        print(fmt_table(cmp, ["shape", "batch", "gemv us", "GB/s", "% roofline", "oneDNN / gemv"]))
     print("\nper shape, t = bytes / B + FLOPs / F fitted over the batch sizes (misfit: largest relative error):")
     print(fmt_table(fits, ["shape", "MB", "stream GB/s", "arith GFLOP/s", "misfit"]))
 

@@ -5,10 +5,12 @@ for q, k and v, two for the MLP's gate and up, the norms, rotary embedding, the 
 attention, each through transformers' modules (mask building, per-layer dispatch, peft's LoRA
 branches). `LlamaDecoder` runs the same arithmetic with fewer, larger kernels:
 
-- per call, the weights are read once into oneDNN's packed layout (as `cpu_linears.packed_linears`
-  does), with q/k/v concatenated into one matrix (one product instead of three small ones), and
-  any active peft LoRA adapter merged in (W + scale * B @ A): the adapters cost nothing during
-  decoding. Gate and up stay two matrices: fused, they were no faster per step and the
+- per call, q/k/v are concatenated into one matrix (one product instead of three small ones) and
+  any active peft LoRA adapter is merged in (W + scale * B @ A): the adapters cost nothing during
+  decoding. A call of at most 8 rows multiplies through `cpu_gemv` (a kernel that streams the
+  weights as they are, faster than oneDNN at these row counts, and needs no packing); a call of
+  more rows reads the weights once into oneDNN's packed layout (as `cpu_linears.packed_linears`
+  does). Gate and up stay two matrices: fused, they were no faster per step and the
   concatenation (212 MB for the default model) added to every call's packing;
 - per step, the rotary cos/sin (the model's own rotary module) and the additive attention mask
   are computed once for all layers; q and k are rotated together; attention over the
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
+import rlhfkit.rollout.cpu_gemv as cpu_gemv
 from rlhfkit.rollout.cpu_linears import PACK_CPU_LINEARS, _available_memory
 from rlhfkit.rollout.kv_cache import check_transformers, is_preallocated
 
@@ -46,13 +49,18 @@ def _mkldnn_ok() -> bool:
 
 
 class _Linear:
-    """y = x @ W^T for one (fused) weight, packed for oneDNN when available."""
+    """y = x @ W^T for one (fused) weight: through `cpu_gemv` when the call decodes at most
+    `cpu_gemv.ROWS` rows (``gemv``; more rows, as in the prefill, take torch's kernel), else
+    packed for oneDNN when available (``pack``), else torch's kernel."""
 
-    def __init__(self, weight: torch.Tensor, rows: int, pack: bool):
-        self.packed = pack
-        self.w = torch.ops.mkldnn._reorder_linear_weight(weight, max(rows, 1)) if pack else weight
+    def __init__(self, weight: torch.Tensor, rows: int, pack: bool, gemv: bool = False):
+        self.packed = pack and not gemv
+        self.gemv = cpu_gemv.GemvLinear(weight) if gemv else None
+        self.w = torch.ops.mkldnn._reorder_linear_weight(weight, max(rows, 1)) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] <= cpu_gemv.ROWS:
+            return self.gemv(x)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "")
         return F.linear(x, self.w)
@@ -110,7 +118,8 @@ def _hooked(m: nn.Module) -> bool:
 class LlamaDecoder:
     """The weights of one `generate` call, fused and packed, and the decode step that uses them."""
 
-    def __init__(self, base: LlamaForCausalLM, layers: list[tuple], head: torch.Tensor, rows: int, pack: bool):
+    def __init__(self, base: LlamaForCausalLM, layers: list[tuple], head: torch.Tensor, rows: int, pack: bool,
+                 gemv: bool = False):
         c = base.config
         self.H, self.hd = c.hidden_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.nh, self.nkv = c.num_attention_heads, c.num_key_value_heads
@@ -118,10 +127,12 @@ class LlamaDecoder:
         self.embed = base.model.embed_tokens.weight.detach()
         self.final_norm = base.model.norm.weight.detach()
         self.rotary = base.model.rotary_emb
-        self.layers = [(ln1, _Linear(qkv, rows, pack), _Linear(o, rows, pack), ln2, _Linear(g, rows, pack),
-                        _Linear(u, rows, pack), _Linear(down, rows, pack), scale)
+        self.layers = [(ln1, *(_Linear(w, rows, pack, gemv) for w in (qkv, o)), ln2,
+                        *(_Linear(w, rows, pack, gemv) for w in (g, u, down)), scale)
                        for ln1, qkv, o, ln2, g, u, down, scale in layers]
-        self.head = _Linear(head, rows, pack)
+        self.head = _Linear(head, rows, pack, gemv)
+        if gemv:
+            cpu_gemv.set_threads(torch.get_num_threads())
         half = self.hd // 2
         self.sign = torch.cat([-torch.ones(half), torch.ones(self.hd - half)]).to(self.embed)
 
@@ -149,10 +160,11 @@ class LlamaDecoder:
         head = effective_weight(base.lm_head)
         if head is None:
             return None
+        gemv = rows <= cpu_gemv.ROWS and cpu_gemv.available()
         try:
-            return cls(base, layers, head, rows, pack)
+            return cls(base, layers, head, rows, pack, gemv)
         except (RuntimeError, NotImplementedError):  # a build without the oneDNN kernels
-            return cls(base, layers, head, rows, False) if pack else None
+            return cls(base, layers, head, rows, False, gemv) if pack else None
 
     def accepts(self, cache) -> bool:
         """Whether `cache` is one whose layers this step can update (the engine's preallocated layers)."""
