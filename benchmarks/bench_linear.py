@@ -62,6 +62,11 @@ def time_products(n: int, k: int, b: int, mb: int, repeats: int, gemv: bool = Fa
     return best / copies
 
 
+def roofline_seconds(n: int, k: int, b: int, bw_gbs: float, peak_gflops: float) -> float:
+    """The (b x k) @ (k x n) product's roofline: max(weight bytes / bandwidth, FLOPs / peak)."""
+    return max(n * k * 4 / (bw_gbs * 1e9), 2 * n * k * b / (peak_gflops * 1e9))
+
+
 def fit_stream_then_compute(bytes_: float, flops_per_row: float, batches: list[int], secs: list[float]) -> dict:
     """Least-squares t = a + c * b over the batch sizes: B = bytes / a (GB/s), F = FLOPs per row / c
     (GFLOP/s), and the largest relative misfit."""
@@ -100,9 +105,9 @@ def main() -> None:
         for b in batches:
             s = time_products(n, k, b, mb, args.repeats)
             secs.append(s)
-            roof = max(bytes_ / (bw * 1e9), 2 * n * k * b / (peak * 1e9))
             rows.append({"shape": name, "out x in": f"{n} x {k}", "batch": b, "us": s * 1e6,
-                         "GB/s": bytes_ / s / 1e9, "GFLOP/s": 2 * n * k * b / s / 1e9, "% roofline": 100 * roof / s})
+                         "GB/s": bytes_ / s / 1e9, "GFLOP/s": 2 * n * k * b / s / 1e9,
+                         "% roofline": 100 * roofline_seconds(n, k, b, bw, peak) / s})
         fits.append({"shape": name, "MB": bytes_ / 2**20, **fit_stream_then_compute(bytes_, 2 * n * k, batches, secs)})
     print(fmt_table(rows, ["shape", "out x in", "batch", "us", "GB/s", "GFLOP/s", "% roofline"]))
     few = [b for b in batches if b <= cpu_gemv.ROWS]
@@ -113,9 +118,8 @@ def main() -> None:
             for b in few:
                 s = time_products(n, k, b, mb, args.repeats, gemv=True)
                 onednn = next(r["us"] for r in rows if r["shape"] == name and r["batch"] == b) / 1e6
-                roof = max(n * k * 4 / (bw * 1e9), 2 * n * k * b / (peak * 1e9))
                 cmp.append({"shape": name, "batch": b, "gemv us": s * 1e6, "GB/s": n * k * 4 / s / 1e9,
-                            "% roofline": 100 * roof / s, "oneDNN / gemv": onednn / s})
+                            "% roofline": 100 * roofline_seconds(n, k, b, bw, peak) / s, "oneDNN / gemv": onednn / s})
         print(f"\nthe few-row kernel the decoder uses for calls of at most {cpu_gemv.ROWS} rows "
               "(rollout.cpu_gemv), against oneDNN's packed kernel above:")
         print(fmt_table(cmp, ["shape", "batch", "gemv us", "GB/s", "% roofline", "oneDNN / gemv"]))

@@ -50,12 +50,6 @@ def pair_metrics(margins: torch.Tensor, gold_c: torch.Tensor, gold_r: torch.Tens
             "gold_pairs": int(untied.sum())}
 
 
-def gold_ceiling(rows: list[dict]) -> float:
-    """The gold judge's own accuracy on the annotator's labels (ties half): the noise ceiling."""
-    return sum(1.0 if r["gold_chosen"] > r["gold_rejected"] else 0.5 if r["gold_chosen"] == r["gold_rejected"]
-               else 0.0 for r in rows) / len(rows)
-
-
 def fmt(m: dict) -> str:
     return (f"{m['acc']:.3f} [{m['acc_ci'][0]:.3f}, {m['acc_ci'][1]:.3f}] | "
             f"{m['gold_acc']:.3f} [{m['gold_ci'][0]:.3f}, {m['gold_ci'][1]:.3f}]")
