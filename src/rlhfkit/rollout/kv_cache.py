@@ -85,15 +85,25 @@ def _preallocated_layer_class():
             self.values = self._vbuf[..., :self._n, :]
 
         def update(self, key_states, value_states, *args, **kwargs):
-            m = self._n + key_states.shape[-2]
-            if m > self._kbuf.shape[-2]:  # more tokens than planned: grow by doubling
+            _, _, n = self.reserve(key_states.shape[-2])
+            self._kbuf[..., n:n + key_states.shape[-2], :] = key_states
+            self._vbuf[..., n:n + key_states.shape[-2], :] = value_states
+            self.advance(key_states.shape[-2])
+            return self.keys, self.values
+
+        def reserve(self, t: int):
+            """Room for `t` more tokens (grown by doubling when the plan was short) -> the key and
+            value buffers (b, heads, capacity, hd) and how many positions are filled; a writer
+            fills positions n to n + t of both, then calls `advance(t)`."""
+            m = self._n + t
+            if m > self._kbuf.shape[-2]:
                 cap = max(m, 2 * self._kbuf.shape[-2])
                 self._kbuf, self._vbuf = (_regrow(b, self._n, cap) for b in (self._kbuf, self._vbuf))
-            self._kbuf[..., self._n:m, :] = key_states
-            self._vbuf[..., self._n:m, :] = value_states
-            self._n = m
+            return self._kbuf, self._vbuf, self._n
+
+        def advance(self, t: int) -> None:
+            self._n += t
             self._views()
-            return self.keys, self.values
 
         def get_seq_length(self) -> int:
             return self._n

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import rlhfkit.rollout.cpu_gemv as cpu_gemv
+import rlhfkit.rollout.cpu_step as cpu_step
 from rlhfkit.rollout.cpu_linears import PACK_CPU_LINEARS, _available_memory
 from rlhfkit.rollout.kv_cache import check_transformers, is_preallocated
 
@@ -135,6 +136,7 @@ class LlamaDecoder:
             cpu_gemv.set_threads(torch.get_num_threads())
         half = self.hd // 2
         self.sign = torch.cat([-torch.ones(half), torch.ones(self.hd - half)]).to(self.embed)
+        self.fused = cpu_step.available() and self.hd % 2 == 0  # the step's small operations in numba kernels
 
     @classmethod
     def build(cls, model, rows: int) -> LlamaDecoder | None:
@@ -179,6 +181,8 @@ class LlamaDecoder:
         sin = sin * self.sign  # rotate_half(x) * sin == roll(x, hd/2) * (sign * sin)
         # the most negative finite value, as transformers uses: exp() of it is 0 next to any real score
         bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(mask == 0, torch.finfo(x.dtype).min)
+        if self.fused and all(is_preallocated(layer) for layer in cache.layers):
+            return self._fused_step(x, cos.reshape(b, hd), sin.reshape(b, hd), bias, cache)
         bias = bias[:, None, None, :]
         for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
             qkv = qkv_proj(F.rms_norm(x, (H,), ln1, self.eps))  # (b, (nh + 2 nkv) hd)
@@ -192,6 +196,21 @@ class LlamaDecoder:
             h = F.rms_norm(x, (H,), ln2, self.eps)
             x = x + down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
         return self.head(F.rms_norm(x, (H,), self.final_norm, self.eps))
+
+    def _fused_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                    cache) -> torch.Tensor:
+        """`step` with its norms, residual adds, rotary, cache append and attention in
+        `cpu_step`'s kernels (x (b, H) is the residual stream, updated in place), the products as
+        in `step`."""
+        heads, eps = (self.nh, self.nkv, self.hd), self.eps
+        h, mlp = cpu_step.rms_norm(x, self.layers[0][0], eps), None
+        for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
+            if mlp is not None:
+                h = cpu_step.add_rms_norm(x, mlp, ln1, eps)
+            attn = cpu_step.attend(qkv_proj(h), cos, sin, cache.layers[i], bias, scale, heads)
+            h = cpu_step.add_rms_norm(x, o_proj(attn), ln2, eps)
+            mlp = down_proj(F.silu(gate_proj(h)).mul_(up_proj(h)))
+        return self.head(cpu_step.add_rms_norm(x, mlp, self.final_norm, eps))
 
     def prefill(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
         """(b, S) tokens at positions (b, S) after what `cache` holds, attention mask (b, ctx) over
