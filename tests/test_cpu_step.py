@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rlhfkit.models import tiny_causal_lm
-from rlhfkit.rollout import cpu_step, generate, llama_decode
+from rlhfkit.rollout import cpu_gemv, cpu_step, generate, llama_decode
 from rlhfkit.rollout.kv_cache import _preallocated_layer_class
 
 pytestmark = pytest.mark.skipif(not cpu_step.available(), reason="numba is not installed")
@@ -80,6 +80,25 @@ def test_attend_equals_naive_attention_and_masked_positions_do_not_matter(b, nkv
     assert layer.get_seq_length() == n + 1
     torch.testing.assert_close(layer.keys[:, :, n], ref_keys[:, :, n], atol=1e-6, rtol=1e-6)
     assert torch.equal(layer.values[:, :, n], ref_values[:, :, n])
+
+
+def test_attend_on_numba_threads_gives_the_same_bits():
+    """On more than one thread the rows are split across numba's threads, each row computed as on one."""
+    gen = torch.Generator().manual_seed(3)
+    b, nh, nkv, hd, n = 5, 6, 2, 8, 7
+    qkv, ang = torch.randn(b, (nh + 2 * nkv) * hd, generator=gen), torch.rand(b, hd, generator=gen)
+    keys, values = torch.randn(b, nkv, n, hd, generator=gen), torch.randn(b, nkv, n, hd, generator=gen)
+    bias = torch.zeros(b, n + 1).masked_fill_(torch.rand(b, n + 1, generator=gen) > 0.7, MIN)
+    bias[:, -1] = 0
+    outs = []
+    try:
+        for threads in (1, 2):
+            cpu_gemv.set_threads(threads)
+            layer = _preallocated_layer_class()(keys.clone(), values.clone(), 2)
+            outs.append((cpu_step.attend(qkv, ang.cos(), ang.sin(), layer, bias, 0.5, (nh, nkv, hd)), layer.keys))
+    finally:
+        cpu_gemv.set_threads(1)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_attend_grows_a_full_cache():

@@ -64,8 +64,14 @@ class GemvLinear:
 _threads = 1
 
 
+def threads() -> int:
+    """The threads the numba kernels of the decode step run on (`set_threads`)."""
+    return _threads
+
+
 def set_threads(n: int) -> None:
-    """Run the kernel on `n` threads (torch's count) from numba's pool; on 1, without the pool."""
+    """Run the kernels (this one's and `rollout.cpu_step`'s) on `n` threads (torch's count) from
+    numba's pool; on 1, without the pool."""
     global _threads
     if numba is not None:
         _threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))

@@ -5,7 +5,8 @@ torch operators, not their arithmetic: a decode step of the default model ran it
 rotary, residual adds and attention as about 600 operators, 27% of the step at batch 8
 (docs/benchmarks.md, "Where a decode step goes"). Here they are three numba kernels per layer
 (`rms_norm` before the first product, `attend`, `add_rms_norm` after the attention's output
-product), compiled on first use and cached on disk like `rollout.cpu_gemv`.
+product), compiled on first use and cached on disk like `rollout.cpu_gemv`, and on more than one thread
+(`cpu_gemv.set_threads`) `attend` splits the rows across numba's threads.
 
 `attend` does, for one layer and one new token per row, what `rollout.llama_decode.LlamaDecoder`
 does with torch: rotate the queries and keys (``x * cos + roll(x, hd/2) * sin``, ``sin`` signed),
@@ -24,10 +25,9 @@ import os
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # numba is a dependency; a build without it keeps torch's operators
-    numba = None
+import rlhfkit.rollout.cpu_gemv as cpu_gemv
+
+numba = cpu_gemv.numba  # None without numba (a dependency): the decoder keeps torch's operators
 
 
 def available() -> bool:
@@ -57,7 +57,7 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer, bias:
     nh, nkv, hd = heads
     kbuf, vbuf, n = layer.reserve(1)
     out = qkv.new_empty(qkv.shape[0], nh * hd)
-    _attend(qkv.contiguous().numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), kbuf.numpy(),
+    (_attend_rows if cpu_gemv.threads() > 1 else _attend)(qkv.contiguous().numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), kbuf.numpy(),
             vbuf.numpy(), n, bias.numpy(), np.float32(scale), nh, nkv, out.numpy())
     layer.advance(1)
     return out
@@ -89,6 +89,13 @@ if numba is not None:
             r = numba.float32(1.0) / math.sqrt(ss / h + eps)
             for j in range(h):
                 out[i, j] = x[i, j] * r * w[j]
+
+    @numba.njit(parallel=True, boundscheck=False, nogil=True, cache=True)
+    def _attend_rows(qkv, cos, sin, kbuf, vbuf, n, bias, scale, nh, nkv, out):  # pragma: no cover - compiled
+        """`_attend` with the rows split across numba's threads (`cpu_gemv.set_threads`)."""
+        for i in numba.prange(qkv.shape[0]):
+            _attend(qkv[i:i + 1], cos[i:i + 1], sin[i:i + 1], kbuf[i:i + 1], vbuf[i:i + 1], n, bias[i:i + 1],
+                    scale, nh, nkv, out[i:i + 1])
 
     @_jit
     def _rotate(x, cos, sin, half, out):  # pragma: no cover - compiled

@@ -132,11 +132,11 @@ class LlamaDecoder:
                         *(_Linear(w, rows, pack, gemv) for w in (g, u, down)), scale)
                        for ln1, qkv, o, ln2, g, u, down, scale in layers]
         self.head = _Linear(head, rows, pack, gemv)
-        if gemv:
-            cpu_gemv.set_threads(torch.get_num_threads())
         half = self.hd // 2
         self.sign = torch.cat([-torch.ones(half), torch.ones(self.hd - half)]).to(self.embed)
         self.fused = cpu_step.available() and self.hd % 2 == 0  # the step's small operations in numba kernels
+        if gemv or self.fused:
+            cpu_gemv.set_threads(torch.get_num_threads())
 
     @classmethod
     def build(cls, model, rows: int) -> LlamaDecoder | None:
