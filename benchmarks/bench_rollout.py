@@ -225,6 +225,10 @@ def main() -> None:
     print("tokens/s: generated tokens / whole call | decode tokens/s: / the call less packing and prefill | "
           "% of roofline: the decode steps' roofline time / their measured time, at the bandwidth measured "
           "right before each call (GB/s, their mean) | roofline tok/s: all rows decoding at the mean context")
+    for (rows_, _, _), (gemv_s, onednn_s) in llama_decode.TRIALS.items():
+        print(f"decode products at {rows_} rows, timed once per process (llama_decode.gemv_wins): few-row kernel "
+              f"{gemv_s * 1e3:.1f} ms, oneDNN {onednn_s * 1e3:.1f} ms per step -> "
+              f"{'few-row kernel' if gemv_s < onednn_s else 'oneDNN'}")
     if len(modes) == 2:
         pairs = [ratios(int(b), per_call) for b, (_, per_call) in zip(args.batches.split(","), results)]
         print("\nthe two paths call by call (same prompts and weights, back to back), median over calls:")

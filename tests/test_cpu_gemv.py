@@ -1,6 +1,7 @@
 """The decode step's few-row product (`rollout.cpu_gemv`): equal to ``x @ w.T`` up to float32
-rounding at every row count it takes and any shape, and chosen by the lean decoder exactly when a
-call decodes at most 8 rows."""
+rounding at every row count it takes and any shape; used by the lean decoder only for calls of at
+most 8 rows, always with RLHFKIT_DECODE_GEMV=1, never with 0, and unset when a timed trial on the
+model's own matrices finds it faster than oneDNN."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def test_refuses_more_rows_than_it_holds():
 
 
 def test_decoder_uses_it_for_calls_of_at_most_8_rows(tokenizer, monkeypatch):
+    monkeypatch.setenv("RLHFKIT_DECODE_GEMV", "1")
     m = tiny_causal_lm(tokenizer, seed=0).eval()
     with torch.inference_mode():
         small, large = llama_decode.LlamaDecoder.build(m, 8), llama_decode.LlamaDecoder.build(m, 9)
@@ -68,11 +70,41 @@ def test_decoder_uses_it_for_calls_of_at_most_8_rows(tokenizer, monkeypatch):
     assert not cpu_gemv.available()
     with torch.inference_mode():
         assert llama_decode.LlamaDecoder.build(m, 8).head.gemv is None
-    monkeypatch.delenv("RLHFKIT_DECODE_GEMV")
+    monkeypatch.setenv("RLHFKIT_DECODE_GEMV", "1")
     monkeypatch.setattr(cpu_gemv, "numba", None)  # a build without numba decodes through oneDNN
     assert not cpu_gemv.available()
     with torch.inference_mode():
         assert llama_decode.LlamaDecoder.build(m, 8).head.gemv is None
+
+
+@pytest.mark.skipif(not llama_decode._mkldnn_ok(), reason="no oneDNN packing to time against")
+def test_unset_the_decoder_times_both_kernels_once_and_keeps_the_faster(tokenizer, monkeypatch):
+    """Without RLHFKIT_DECODE_GEMV the first decoder of a row count times the two kernels on its
+    own matrices (a real trial), later ones reuse the result; the 4- and 8-row variants have
+    their own trial."""
+    monkeypatch.delenv("RLHFKIT_DECODE_GEMV", raising=False)
+    monkeypatch.setattr(llama_decode, "TRIALS", {})
+    m = tiny_causal_lm(tokenizer, seed=0).eval()
+    real, timed = llama_decode._time_both, []
+    monkeypatch.setattr(llama_decode, "_time_both", lambda rows, ws: timed.append((rows, len(ws))) or real(rows, ws))
+    rng = torch.get_rng_state()
+    with torch.inference_mode():
+        first = llama_decode.LlamaDecoder.build(m, 8)
+    assert torch.equal(torch.get_rng_state(), rng)  # the trial leaves the random stream as it was
+    with torch.inference_mode():
+        llama_decode.LlamaDecoder.build(m, 6)
+        llama_decode.LlamaDecoder.build(m, 3)
+    layers = m.config.num_hidden_layers
+    assert timed == [(8, 5 * layers + 1), (4, 5 * layers + 1)]  # qkv, o, gate, up, down per layer; the head
+    (key8, (gemv_s, onednn_s)), _ = llama_decode.TRIALS.items()
+    assert key8[0] == 8 and gemv_s > 0 and onednn_s > 0
+    assert (first.head.gemv is not None) == (gemv_s < onednn_s)
+    for times, used in (((1.0, 2.0), True), ((2.0, 1.0), False)):  # the faster one is used
+        monkeypatch.setattr(llama_decode, "TRIALS", {k: times for k in llama_decode.TRIALS})
+        with torch.inference_mode():
+            dec = llama_decode.LlamaDecoder.build(m, 8)
+        assert (dec.head.gemv is not None) == used and dec.head.packed != used
+    assert len(timed) == 2
 
 
 def test_rollout_tokens_and_logprobs_match_the_onednn_path(tokenizer, monkeypatch):
@@ -87,6 +119,7 @@ def test_rollout_tokens_and_logprobs_match_the_onednn_path(tokenizer, monkeypatc
     prompts = [tokenizer.encode(t) for t in ["Hello there, how", "Hi", "Tell me a story about a cat", "Why"]]
     kw = {"n": 2, "max_new_tokens": 12, "eos_token_id": [], "pad_token_id": 0, "temperature": 0}
     calls = []
+    monkeypatch.setenv("RLHFKIT_DECODE_GEMV", "1")
     real = cpu_gemv.GemvLinear.__call__
     monkeypatch.setattr(cpu_gemv.GemvLinear, "__call__", lambda self, x: calls.append(1) or real(self, x))
     with_gemv = generate(m, prompts, **kw)

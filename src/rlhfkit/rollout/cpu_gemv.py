@@ -4,7 +4,7 @@ A decode step multiplies b rows (the batch, 8 in a GRPO group) by every weight m
 model. At b <= 8 each weight element takes part in at most 8 multiply-adds, so the product is
 bound by how fast the weights stream from memory. oneDNN's packed kernel streams them at about
 half the copy bandwidth at these row counts, its arithmetic not overlapped with the loads
-(docs/benchmarks.md, "The products alone"). This kernel reads each weight row once and keeps one
+(docs/benchmarks.md, "The products alone") on some machines. This kernel reads each weight row once and keeps one
 accumulator per input row in registers (8 vector accumulators plus the weights: within the 16
 AVX2 registers), so the loads of the next weights overlap the arithmetic on the current ones, and
 it needs no packing (docs/benchmarks.md compares the two per matrix and per rollout). With 12 or
@@ -12,8 +12,10 @@ it needs no packing (docs/benchmarks.md compares the two per matrix and per roll
 oneDNN (`rollout.llama_decode`).
 
 The kernel is compiled by numba (LLVM, from the PyPI wheel: no system compiler) on first use and
-cached on disk. Without numba, or with ``RLHFKIT_DECODE_GEMV=0`` in the environment, `available`
-is False and the decoder uses oneDNN. Results equal ``x @ w.T`` up to float32 rounding (the sum
+cached on disk. Which of the two is faster at 5-8 rows depends on the machine (docs/benchmarks.md:
+1.25x faster per rollout call on one, 15-20% slower on a Zen 4 with more bandwidth), so the
+decoder times both once per process (`setting`). Without numba, or with ``RLHFKIT_DECODE_GEMV=0``
+in the environment, `available` is False and the decoder uses oneDNN. Results equal ``x @ w.T`` up to float32 rounding (the sum
 over the inner dimension is reassociated).
 """
 
@@ -32,7 +34,14 @@ ROWS = 8  # the most rows a product takes; up to 4 run through a 4-row kernel, 5
 
 
 def available() -> bool:
-    return numba is not None and os.environ.get("RLHFKIT_DECODE_GEMV", "1") != "0"
+    return numba is not None and setting() != "0"
+
+
+def setting() -> str:
+    """``RLHFKIT_DECODE_GEMV``: "0" never uses this kernel, "1" uses it for every call of at most
+    `ROWS` rows; unset (or "auto"), the decoder times it against oneDNN once per process and row
+    count and uses the faster (`rollout.llama_decode`)."""
+    return os.environ.get("RLHFKIT_DECODE_GEMV", "auto")
 
 
 class GemvLinear:

@@ -7,15 +7,16 @@ branches). `LlamaDecoder` runs the same arithmetic with fewer, larger kernels:
 
 - per call, q/k/v are concatenated into one matrix (one product instead of three small ones) and
   any active peft LoRA adapter is merged in (W + scale * B @ A): the adapters cost nothing during
-  decoding. A call of at most 8 rows multiplies through `cpu_gemv` (a kernel that streams the
-  weights as they are, faster than oneDNN at these row counts, and needs no packing); a call of
-  more rows reads the weights once into oneDNN's packed layout (as `cpu_linears.packed_linears`
+  decoding. A call of at most 8 rows can multiply through `cpu_gemv` (a kernel that streams the
+  weights as they are and needs no packing): `gemv_wins` times it against oneDNN once per
+  process and keeps the faster. Otherwise a call reads the weights once into oneDNN's packed layout (as `cpu_linears.packed_linears`
   does). Gate and up stay two matrices: fused, they were no faster per step and the
   concatenation (212 MB for the default model) added to every call's packing;
 - per step, the rotary cos/sin (the model's own rotary module) and the additive attention mask
-  are computed once for all layers; q and k are rotated together; attention over the
-  preallocated KV cache (`kv_cache`) is two batched products per layer with the query heads of a
-  KV head grouped (no repeated keys); norms are one kernel each;
+  are computed once for all layers; with numba, the norms, residual adds, rotary, cache append
+  and attention over the preallocated KV cache (`kv_cache`) are three kernels per layer
+  (`cpu_step`); without it, q and k are rotated together, attention is two batched products per
+  layer with the query heads of a KV head grouped (no repeated keys), and norms are one kernel each;
 - the prefill (`prefill`: several tokens per row, causal and padding mask) runs on the same packed
   weights, so a call packs once (the model's forward would run its unpacked weights, or pack them
   a second time).
@@ -29,6 +30,9 @@ engine uses the model's forward.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +42,8 @@ import rlhfkit.rollout.cpu_gemv as cpu_gemv
 import rlhfkit.rollout.cpu_step as cpu_step
 from rlhfkit.rollout.cpu_linears import PACK_CPU_LINEARS, _available_memory
 from rlhfkit.rollout.kv_cache import check_transformers, is_preallocated
+
+log = logging.getLogger("rlhfkit")
 
 # Set to False to decode every model through its own forward (benchmarks compare the two).
 LEAN_DECODE = True
@@ -116,6 +122,43 @@ def _hooked(m: nn.Module) -> bool:
     return any(getattr(h, "__name__", "") not in GRAD_ONLY_HOOKS for h in hooks)
 
 
+TRIALS: dict[tuple, tuple[float, float]] = {}  # (rows, threads, shapes) -> seconds (few-row kernel, oneDNN)
+
+
+def gemv_wins(rows: int, weights: list[torch.Tensor]) -> bool:
+    """Whether the few-row kernel (`cpu_gemv`) multiplies `rows` rows by `weights` (one decode
+    step's matrices) faster than oneDNN's packed kernel on this machine: timed once per process,
+    row count (4 or 8, the kernel's variants), thread count and shapes, the two alternating, the
+    best of three passes each after a warm-up; the times are kept in `TRIALS`."""
+    rows = 4 if rows <= 4 else cpu_gemv.ROWS
+    key = (rows, torch.get_num_threads(), tuple(tuple(w.shape) for w in weights))
+    if key not in TRIALS:
+        cpu_gemv.set_threads(torch.get_num_threads())
+        try:
+            TRIALS[key] = _time_both(rows, weights)
+        except (RuntimeError, NotImplementedError):  # a build without the oneDNN kernels
+            TRIALS[key] = (0.0, float("inf"))
+        log.info("decode products at %d rows: few-row kernel %.1f ms, oneDNN %.1f ms per step",
+                 rows, *(1e3 * t for t in TRIALS[key]))
+    gemv_s, onednn_s = TRIALS[key]
+    return gemv_s < onednn_s
+
+
+def _time_both(rows: int, weights: list[torch.Tensor]) -> tuple[float, float]:
+    kernels = ([cpu_gemv.GemvLinear(w) for w in weights], [_Linear(w, rows, True) for w in weights])
+    gen = torch.Generator().manual_seed(0)  # not the global stream: a trial must not change what is sampled
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], generator=gen) for w in weights}
+    best = [float("inf"), float("inf")]
+    for rep in range(4):  # the first pass of each warms up (numba's cached code, oneDNN's primitives)
+        for side, linears in enumerate(kernels):
+            t = time.perf_counter()
+            for lin, w in zip(linears, weights):
+                lin(xs[w.shape[1]])
+            if rep:
+                best[side] = min(best[side], time.perf_counter() - t)
+    return best[0], best[1]
+
+
 class LlamaDecoder:
     """The weights of one `generate` call, fused and packed, and the decode step that uses them."""
 
@@ -162,7 +205,8 @@ class LlamaDecoder:
         head = effective_weight(base.lm_head)
         if head is None:
             return None
-        gemv = rows <= cpu_gemv.ROWS and cpu_gemv.available()
+        gemv = rows <= cpu_gemv.ROWS and cpu_gemv.available() and (
+            not pack or cpu_gemv.setting() == "1" or gemv_wins(rows, [*(w for lay in layers for w in (lay[1], lay[2], *lay[4:7])), head]))
         try:
             return cls(base, layers, head, rows, pack, gemv)
         except (RuntimeError, NotImplementedError):  # a build without the oneDNN kernels
