@@ -485,3 +485,18 @@ def test_bench_prefix_scorer_runs_on_a_tiny_reward_model(tmp_path, tiny_model_di
     head = next(line for line in run.stdout.splitlines() if "prompts x 3 replies" in line)
     row_by_row, packed = (int(x) for x in re.findall(r"(\d+) tokens scored row by row, (\d+) packed", head)[0])
     assert packed < row_by_row and run.stdout.rstrip().endswith("x |")
+
+
+def test_the_trl_benchmark_venvs_install_every_runtime_dependency():
+    """`make bench-trl` builds its venvs by hand (TRL's own pins decide transformers and peft there):
+    each of rlhfkit's runtime dependencies must be named in that recipe, or be one the recipe's
+    packages require (numpy and packaging), else the benchmark measures a different rlhfkit (without
+    numba, the decoder's kernels are off)."""
+    import tomllib
+
+    root = BENCH.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in deps}
+    recipe = re.search(r"define bench_venv\n(.*?)\nendef", (root / "Makefile").read_text(), re.S).group(1)
+    installed = set(re.findall(r"[A-Za-z][\w.-]*", recipe.lower()))
+    assert names - installed <= {"numpy", "packaging"}, names - installed
