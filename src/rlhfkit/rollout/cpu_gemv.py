@@ -2,10 +2,10 @@
 
 A decode step multiplies b rows (the batch, 8 in a GRPO group) by every weight matrix of the
 model. At b <= 8 each weight element takes part in at most 8 multiply-adds, so the product is
-bound by how fast the weights stream from memory. oneDNN's packed kernel streams them at about
-half the copy bandwidth at these row counts, its arithmetic not overlapped with the loads
-(docs/benchmarks.md, "The products alone") on some machines. This kernel reads each weight row once and keeps one
-accumulator per input row in registers (8 vector accumulators plus the weights: within the 16
+bound by how fast the weights stream from memory. On some machines oneDNN's packed kernel streams
+them at about half the copy bandwidth at these row counts, its arithmetic not overlapped with the
+loads (docs/benchmarks.md, "The products alone"). This kernel reads each weight row once and keeps
+one accumulator per input row in registers (8 vector accumulators plus the weights: within the 16
 AVX2 registers), so the loads of the next weights overlap the arithmetic on the current ones, and
 it needs no packing (docs/benchmarks.md compares the two per matrix and per rollout). With 12 or
 16 accumulators the registers spill and it is no faster than oneDNN, so calls of more rows go to
@@ -13,10 +13,10 @@ oneDNN (`rollout.llama_decode`).
 
 The kernel is compiled by numba (LLVM, from the PyPI wheel: no system compiler) on first use and
 cached on disk. Which of the two is faster at 5-8 rows depends on the machine (docs/benchmarks.md:
-1.25x faster per rollout call on one, 15-20% slower on a Zen 4 with more bandwidth), so the
+a batch-8 rollout call 1.25x faster on one, 15-20% slower on a Zen 4 with more bandwidth), so the
 decoder times both once per process (`setting`). Without numba, or with ``RLHFKIT_DECODE_GEMV=0``
-in the environment, `available` is False and the decoder uses oneDNN. Results equal ``x @ w.T`` up to float32 rounding (the sum
-over the inner dimension is reassociated).
+in the environment, `available` is False and the decoder uses oneDNN. Results equal ``x @ w.T``
+up to float32 rounding (the sum over the inner dimension is reassociated).
 """
 
 from __future__ import annotations

@@ -5,16 +5,16 @@ torch operators, not their arithmetic: a decode step of the default model ran it
 rotary, residual adds and attention as about 600 operators, 27% of the step at batch 8
 (docs/benchmarks.md, "Where a decode step goes"). Here they are three numba kernels per layer
 (`rms_norm` before the first product, `attend`, `add_rms_norm` after the attention's output
-product), compiled on first use and cached on disk like `rollout.cpu_gemv`, and on more than one thread
-(`cpu_gemv.set_threads`) `attend` splits the rows across numba's threads.
+product), compiled on first use and cached on disk like `rollout.cpu_gemv`; on more than one
+thread (`cpu_gemv.set_threads`) `attend` splits the rows across numba's threads.
 
 `attend` does, for one layer and one new token per row, what `rollout.llama_decode.LlamaDecoder`
 does with torch: rotate the queries and keys (``x * cos + roll(x, hd/2) * sin``, ``sin`` signed),
 append the keys and values to the preallocated cache, and attend with an additive bias over the
 cache (the bias holds the padding mask). The softmax subtracts the row's maximum, as torch does.
-Results equal the torch path's up to float32 rounding (sums are reassociated). Without numba, or with
-``RLHFKIT_DECODE_FUSED=0`` in the environment, `available` is False and the decoder keeps torch's
-operators.
+Results equal the torch path's up to float32 rounding (sums are reassociated). Without numba, or
+with ``RLHFKIT_DECODE_FUSED=0`` in the environment, `available` is False and the decoder keeps
+torch's operators.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer, bias:
     nh, nkv, hd = heads
     kbuf, vbuf, n = layer.reserve(1)
     out = qkv.new_empty(qkv.shape[0], nh * hd)
-    (_attend_rows if cpu_gemv.threads() > 1 else _attend)(qkv.contiguous().numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), kbuf.numpy(),
-            vbuf.numpy(), n, bias.numpy(), np.float32(scale), nh, nkv, out.numpy())
+    kernel = _attend_rows if cpu_gemv.threads() > 1 else _attend
+    kernel(qkv.contiguous().numpy(), cos.contiguous().numpy(), sin.contiguous().numpy(), kbuf.numpy(), vbuf.numpy(),
+           n, bias.numpy(), np.float32(scale), nh, nkv, out.numpy())
     layer.advance(1)
     return out
 

@@ -9,9 +9,10 @@ branches). `LlamaDecoder` runs the same arithmetic with fewer, larger kernels:
   any active peft LoRA adapter is merged in (W + scale * B @ A): the adapters cost nothing during
   decoding. A call of at most 8 rows can multiply through `cpu_gemv` (a kernel that streams the
   weights as they are and needs no packing): `gemv_wins` times it against oneDNN once per
-  process and keeps the faster. Otherwise a call reads the weights once into oneDNN's packed layout (as `cpu_linears.packed_linears`
-  does). Gate and up stay two matrices: fused, they were no faster per step and the
-  concatenation (212 MB for the default model) added to every call's packing;
+  process and keeps the faster. Otherwise a call reads the weights once into oneDNN's packed
+  layout (as `cpu_linears.packed_linears` does). Gate and up stay two matrices: fused, they were
+  no faster per step and the concatenation (212 MB for the default model) added to every call's
+  packing;
 - per step, the rotary cos/sin (the model's own rotary module) and the additive attention mask
   are computed once for all layers; with numba, the norms, residual adds, rotary, cache append
   and attention over the preallocated KV cache (`kv_cache`) are three kernels per layer
@@ -129,7 +130,8 @@ def gemv_wins(rows: int, weights: list[torch.Tensor]) -> bool:
     """Whether the few-row kernel (`cpu_gemv`) multiplies `rows` rows by `weights` (one decode
     step's matrices) faster than oneDNN's packed kernel on this machine: timed once per process,
     row count (4 or 8, the kernel's variants), thread count and shapes, the two alternating, the
-    best of three passes each after a warm-up; the times are kept in `TRIALS`."""
+    best of three passes each after a warm-up (the trial holds a packed copy of the matrices until
+    it ends); the times are kept in `TRIALS`."""
     rows = 4 if rows <= 4 else cpu_gemv.ROWS
     key = (rows, torch.get_num_threads(), tuple(tuple(w.shape) for w in weights))
     if key not in TRIALS:
@@ -205,8 +207,9 @@ class LlamaDecoder:
         head = effective_weight(base.lm_head)
         if head is None:
             return None
+        matrices = [*(w for lay in layers for w in (lay[1], lay[2], *lay[4:7])), head]  # qkv, o, g, u, down
         gemv = rows <= cpu_gemv.ROWS and cpu_gemv.available() and (
-            not pack or cpu_gemv.setting() == "1" or gemv_wins(rows, [*(w for lay in layers for w in (lay[1], lay[2], *lay[4:7])), head]))
+            not pack or cpu_gemv.setting() == "1" or gemv_wins(rows, matrices))
         try:
             return cls(base, layers, head, rows, pack, gemv)
         except (RuntimeError, NotImplementedError):  # a build without the oneDNN kernels
