@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from decode_utils import context_dependent
 
 from rlhfkit.models import tiny_causal_lm
 from rlhfkit.rollout import cpu_gemv, cpu_step, generate, llama_decode
@@ -116,20 +117,11 @@ def test_attend_grows_a_full_cache():
     assert torch.equal(layer.keys[:, :, :3], keys) and torch.equal(layer.values[:, :, :3], values)
 
 
-def _large_weights(m):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.2))
-    return m.eval()
-
-
 def test_the_lean_decoder_fuses_its_step_and_matches_the_unfused_one(tokenizer, monkeypatch):
     """Sampled rollouts (left padding, rows of different lengths) with the fused step and with
     ``RLHFKIT_DECODE_FUSED=0``: the fused step runs only in the first, and the tokens and
     log-probs agree."""
-    model = _large_weights(tiny_causal_lm(tokenizer, seed=0))
+    model = context_dependent(tiny_causal_lm(tokenizer, seed=0))
     prompts = [tokenizer.encode(t) for t in ["Hello there, how", "Hi", "Tell me a very long story about a cat"]]
     runs, used = {}, []
     real = llama_decode.LlamaDecoder._fused_step

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from decode_utils import context_dependent
 
 from rlhfkit.models import load_tokenizer, position_ids_from_mask, tiny_causal_lm
 from rlhfkit.rollout import Experience, generate, left_pad
@@ -21,15 +22,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    m = tiny_causal_lm(tok, seed=0)
-    # Default init (std 0.02) gives near-uniform logits and outputs that ignore the context, so a
-    # padding or cache bug would go unnoticed. Larger weights make every token depend on the past.
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.2))
-    return m.eval()
+    return context_dependent(tiny_causal_lm(tok, seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from decode_utils import context_dependent
 
 from rlhfkit.models import position_ids_from_mask, tiny_causal_lm
 from rlhfkit.rollout import engine, generate, llama_decode
@@ -14,26 +15,16 @@ PAD = 0
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _large_weights(m):
-    """Every token depends on the context (see tests/test_rollout.py)."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.2))
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return _large_weights(tiny_causal_lm(tokenizer, seed=0))
+    return context_dependent(tiny_causal_lm(tokenizer, seed=0))
 
 
 @pytest.fixture(scope="module")
 def lora_model(tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    base = _large_weights(tiny_causal_lm(tokenizer, seed=1))
+    base = context_dependent(tiny_causal_lm(tokenizer, seed=1))
     # random B (not peft's zeros) so the adapter changes the outputs
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False, lora_dropout=0.1)
     return get_peft_model(base, cfg).eval()
