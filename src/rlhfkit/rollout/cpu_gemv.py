@@ -44,6 +44,12 @@ def setting() -> str:
     return os.environ.get("RLHFKIT_DECODE_GEMV", "auto")
 
 
+def variant(rows: int) -> int:
+    """The kernel a product of `rows` rows (at most `ROWS`) runs through: 4 up to 4 rows, else 8
+    (fewer rows are zero-padded to it)."""
+    return 4 if rows <= 4 else ROWS
+
+
 class GemvLinear:
     """y = x @ W^T for x of at most `ROWS` rows, W (out, in) float32 on CPU, used as it is (no copy
     when it is contiguous)."""
@@ -56,7 +62,7 @@ class GemvLinear:
         b, k = x.shape
         if b > ROWS:
             raise ValueError(f"GemvLinear takes at most {ROWS} rows, got {b}")
-        rows = 4 if b <= 4 else ROWS
+        rows = variant(b)
         if b == rows:
             xp = x.contiguous()
         else:

@@ -16,9 +16,10 @@ mask is allocated once and sliced; identical prompts and the prefix common to al
 prefilled once (`_prefill`); rows that finished are dropped from the batch. The weights are
 prepared once per call (`decode_weights`): for a plain or peft-LoRA Llama in float32,
 `llama_decode.LlamaDecoder` runs the prefill and every decode step itself, with q/k/v fused, LoRA
-merged in, and the products of calls of at most 8 rows through `cpu_gemv` (more rows: all
-matrices packed for oneDNN), and no per-step transformers machinery (1.1-1.3x
-faster per decode step than the model's forward, docs/benchmarks.md); any other model runs its
+merged in, the products packed for oneDNN (or, at most 8 rows, through `cpu_gemv` where a timed
+trial finds it faster), the small operations in numba kernels (`cpu_step`), and no per-step
+transformers machinery (1.36-1.41x faster per decode step than the model's forward at batch 8
+and 16, docs/benchmarks.md); any other model runs its
 own forward with its float32 linear layers packed for the call (`cpu_linears.packed_linears`,
 ~1.7x faster than torch's default kernel at a few rows). The KV cache is written in place into
 buffers sized for the whole response (`kv_cache`) instead of being re-concatenated per layer per

@@ -132,7 +132,7 @@ def gemv_wins(rows: int, weights: list[torch.Tensor]) -> bool:
     row count (4 or 8, the kernel's variants), thread count and shapes, the two alternating, the
     best of three passes each after a warm-up (the trial holds a packed copy of the matrices until
     it ends); the times are kept in `TRIALS`."""
-    rows = 4 if rows <= 4 else cpu_gemv.ROWS
+    rows = cpu_gemv.variant(rows)
     key = (rows, torch.get_num_threads(), tuple(tuple(w.shape) for w in weights))
     if key not in TRIALS:
         cpu_gemv.set_threads(torch.get_num_threads())
@@ -221,14 +221,15 @@ class LlamaDecoder:
 
     def step(self, tok: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """(b,) tokens at positions (b, 1), attention mask (b, ctx) over the cache plus this token
-        -> next-token logits (b, V); appends the tokens' keys and values to `cache`."""
+        -> next-token logits (b, V); appends the tokens' keys and values to `cache`, a cache that
+        `accepts` took (the engine checks once per call)."""
         b, H, hd, nh, nkv = tok.shape[0], self.H, self.hd, self.nh, self.nkv
         x = F.embedding(tok, self.embed)  # (b, H)
         cos, sin = self.rotary(x, position)  # (b, 1, hd) each
         sin = sin * self.sign  # rotate_half(x) * sin == roll(x, hd/2) * (sign * sin)
         # the most negative finite value, as transformers uses: exp() of it is 0 next to any real score
         bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(mask == 0, torch.finfo(x.dtype).min)
-        if self.fused and all(is_preallocated(layer) for layer in cache.layers):
+        if self.fused:
             return self._fused_step(x, cos.reshape(b, hd), sin.reshape(b, hd), bias, cache)
         bias = bias[:, None, None, :]
         for i, (ln1, qkv_proj, o_proj, ln2, gate_proj, up_proj, down_proj, scale) in enumerate(self.layers):
