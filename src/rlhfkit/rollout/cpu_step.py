@@ -6,7 +6,10 @@ rotary, residual adds and attention as about 600 operators, 27% of the step at b
 (docs/benchmarks.md, "Where a decode step goes"). Here they are three numba kernels per layer
 (`rms_norm` before the first product, `attend`, `add_rms_norm` after the attention's output
 product), compiled on first use and cached on disk like `rollout.cpu_gemv`; on more than one
-thread (`cpu_gemv.set_threads`) `attend` splits the rows across numba's threads.
+thread (`cpu_gemv.set_threads`) `attend` splits the rows across numba's threads. That parallel
+kernel is compiled anew in every process (about 2 s), not cached: loaded from numba's disk cache it
+rounded differently from the same kernel compiled in the process (by 1e-7), so the first run in a
+new clone and later runs sampled different responses from one seed.
 
 `attend` does, for one layer and one new token per row, what `rollout.llama_decode.LlamaDecoder`
 does with torch: rotate the queries and keys (``x * cos + roll(x, hd/2) * sin``, ``sin`` signed),
@@ -91,7 +94,7 @@ if numba is not None:
             for j in range(h):
                 out[i, j] = x[i, j] * r * w[j]
 
-    @numba.njit(parallel=True, boundscheck=False, nogil=True, cache=True)
+    @numba.njit(parallel=True, boundscheck=False, nogil=True)  # not cached: see the module docstring
     def _attend_rows(qkv, cos, sin, kbuf, vbuf, n, bias, scale, nh, nkv, out):  # pragma: no cover - compiled
         """`_attend` with the rows split across numba's threads (`cpu_gemv.set_threads`)."""
         for i in numba.prange(qkv.shape[0]):
