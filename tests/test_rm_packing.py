@@ -154,11 +154,13 @@ def test_scorer_packs_replies_to_one_prompt_and_scores_as_each_row_alone(rm, tok
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_packed_pairs_compute_the_system_turn_once(rm, tiny_model, tokenizer, tmp_path, monkeypatch, seed):
-    """Every packed pair starts with the chat template's system turn: it is computed once per batch
-    (`models.packing.packed_inputs`), and the RM's scores and gradients, and a policy's packed
-    log-probs (DPO's), equal those with every pair computing it."""
-    from rlhfkit.models import forward, packing
+    """Every packed pair starts with the chat template's system turn: as K rows it is computed once
+    per batch (`models.packing.packed_inputs`), and the RM's scores and gradients, and a policy's
+    packed log-probs (DPO's), equal those with every pair computing it. (The one-row layout of
+    `models.segments`, which has no separate pass: tests/test_segments.py.)"""
+    from rlhfkit.models import forward, packing, segments
 
+    monkeypatch.setattr(segments, "SEGMENT_ATTENTION", False)
     _, packed = _batches(tmp_path, tokenizer, seed)
     pairs = packing.pack_pairs(packed)
     assert pairs["shared_prefix"] >= forward.MIN_SHARED_PREFIX

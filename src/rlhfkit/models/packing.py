@@ -5,12 +5,14 @@ reply attending to the prompt and to itself. The log-probs and values equal the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
 from rlhfkit.data.collate import additive_mask
+from rlhfkit.models import segments
 from rlhfkit.models.forward import (
     MIN_SHARED_PREFIX,
     can_share_prefix,
@@ -54,15 +56,16 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
     key; see `additive_mask`); plus where the log-probs live: ``pred`` (N,) flat index into the
     K*L positions of the one predicting each response token, ``own`` (N,) that of the token
     itself (where a scalar head reads it), ``target`` (N,) those tokens, ``row``/``col`` (N,)
-    where they go in the (B, R) output, and ``shared_prefix``: how many first tokens every prompt
-    shares (the chat template's system turn; `packed_inputs` computes them once).
+    where they go in the (B, R) output, ``lengths`` ``[(prompt length, [response lengths]), ...]``
+    per group, and ``shared_prefix``: how many first tokens every prompt shares (the chat
+    template's system turn; `packed_forward` computes them once).
 
     Position ids restart the responses at the prompt length, so every response sees exactly the
     positions and context it has in its own unpacked row: the log-probs agree with
     `causal_logprobs` up to float rounding. Work per group of G rows falls from G*(P+R) tokens to
     P + the responses' real lengths.
     """
-    seqs, segs, poss = [], [], []
+    seqs, segs, poss, lengths = [], [], [], []
     pred, own, target, row, col = [], [], [], [], []
     for k, (prompt, responses) in enumerate(groups):
         p = prompt.shape[0]
@@ -84,6 +87,7 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
             col += range(n)
             start += n
         seqs.append(torch.cat(parts))
+        lengths.append((p, [resp.shape[0] for _, resp in responses]))
         segs.append(seg)
         poss.append(pos)
     K, L = len(seqs), max(s.shape[0] for s in seqs)
@@ -104,8 +108,21 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
             "own": torch.tensor([k * L + t for k, t in own], dtype=torch.long, device=dev),
             "target": torch.tensor(target, dtype=torch.long, device=dev),
             "row": torch.tensor(row, dtype=torch.long, device=dev),
-            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape),
+            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape), "lengths": lengths,
             "shared_prefix": common_prefix_len([prompt.tolist() for prompt, _ in groups])}
+
+
+@contextlib.contextmanager
+def packed_forward(model, packed: dict):
+    """The model inputs of a `pack_groups` batch and the map of its flat (K*T) positions to the
+    output's, for a forward run inside the block: on CPU as one row with per-segment attention
+    (`models.segments`), else as K rows (`packed_inputs`)."""
+    if segments.usable(model, packed["input_ids"].device):
+        inputs, where, plan = segments.one_row(packed)
+        with segments.attending(model, plan):
+            yield inputs, lambda flat: where[flat]
+    else:
+        yield packed_inputs(model, packed)
 
 
 def packed_inputs(model, packed: dict) -> tuple[dict, Callable[[torch.Tensor], torch.Tensor]]:
@@ -153,9 +170,9 @@ def packed_token_values(model, packed: dict, *, with_features: bool = False):
     the response tokens (0 elsewhere) and their (B, R) 0/1 mask; with ``with_features`` also the
     (B, R, H) features the head reads. Equal, up to float rounding, to `models.token_values` on
     each row unpacked (the positions and context of every response token are its own row's)."""
-    inputs, moved = packed_inputs(model, packed)
-    out = token_values(model, inputs["input_ids"], inputs["attention_mask"], with_features=with_features,
-                       position_ids=inputs["position_ids"], past_key_values=inputs.get("past_key_values"))
+    with packed_forward(model, packed) as (inputs, moved):
+        out = token_values(model, inputs["input_ids"], inputs["attention_mask"], with_features=with_features,
+                           position_ids=inputs["position_ids"], past_key_values=inputs.get("past_key_values"))
     values, features = out if with_features else (out, None)
     (B, R), where, own = packed["shape"], (packed["row"], packed["col"]), moved(packed["own"])
     placed = values.new_zeros((B, R)).index_put(where, values.reshape(-1)[own])
@@ -168,8 +185,8 @@ def packed_token_values(model, packed: dict, *, with_features: bool = False):
 
 def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
     """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch; 0 elsewhere."""
-    inputs, moved = packed_inputs(model, packed)
-    logits = logits_at(model, moved(packed["pred"]), **inputs)[None]  # (1, N, V)
+    with packed_forward(model, packed) as (inputs, moved):
+        logits = logits_at(model, moved(packed["pred"]), **inputs)[None]  # (1, N, V)
     B, R = packed["shape"]
 
     def place(v: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""A packed batch as one row with per-segment attention (CPU).
+
+`models.packing.pack_groups` lays K groups out as K rows: the prompt, then each response, each
+response attending to the prompt and to itself. Run as a (K, T) batch, that costs a separate
+forward for the prompts' common first tokens (the chat template's system turn, `prefix_cache`),
+whose products have only a few rows and run far below the matmul peak, plus the padding of the
+shorter rows; and every layer's attention computes all T x T scores of each row, masked.
+
+Here the same tokens run as one row, ``[common prefix | group 1 after it | group 2 after it | ...]``:
+every product runs once over all real tokens (no padding, no second forward), and attention runs
+segment by segment (`attention`): a group's prompt attends causally to the prefix and itself, a
+response to the prefix, its prompt and itself, causally. Each token sees exactly the keys, at
+exactly the positions, it sees in its own unpacked row, so log-probs, values and gradients equal
+the row-by-row forward up to float rounding (tests/test_segments.py).
+
+The layout is used where the model is a plain (or peft-wrapped) single-process CPU model whose
+attention is transformers' sdpa or eager (`usable`); the attention implementation is switched for
+the forward call only (`attending`). docs/benchmarks.md ("Packed sequences as one row") has the
+measured speed-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from rlhfkit.models.forward import can_share_prefix
+
+# Set to False to run packed batches as K rows (benchmarks compare the two).
+SEGMENT_ATTENTION = True
+NAME = "rlhfkit_segments"
+_PLAN: contextvars.ContextVar = contextvars.ContextVar("rlhfkit_segment_plan", default=None)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Queries [q0, q1) of the row attend to the keys of ``ctx`` (ranges, in order): causally
+    (``mask`` None: the keys are the queries themselves, a square causal block) or by ``mask``
+    (q1 - q0, keys) bool, True = may attend."""
+    q0: int
+    q1: int
+    ctx: tuple[tuple[int, int], ...]
+    mask: torch.Tensor | None
+
+
+def usable(model, device: torch.device) -> bool:
+    """Whether `model`'s packed forwards may run as one row (module docstring)."""
+    if not (SEGMENT_ATTENTION and device.type == "cpu" and can_share_prefix(model)):
+        return False
+    configs = _attention_configs(model)
+    return bool(configs) and all(
+        getattr(c, "_attn_implementation", None) in ("sdpa", "eager")
+        and not getattr(c, "sliding_window", None) and not getattr(c, "attn_logit_softcapping", None)
+        for c in configs)
+
+
+def one_row(packed: dict) -> tuple[dict, torch.Tensor, list[Segment]]:
+    """A `pack_groups` batch as one row: (model inputs, (K*T,) map of the batch's flat positions to
+    the row's, the row's segments). The prompts' shared first L tokens (``shared_prefix``) come
+    once, at positions 0..L-1; then each group without them, its positions as in its own row."""
+    ids, pos = packed["input_ids"], packed["position_ids"]
+    (K, T), L, dev = ids.shape, packed["shared_prefix"], ids.device
+    parts, positions, segments, offsets = [ids[0, :L]], [pos[0, :L]], [], []
+    start = L
+    for k, (p, lengths) in enumerate(packed["lengths"]):
+        n = p + sum(lengths)
+        parts.append(ids[k, L:n])
+        positions.append(pos[k, L:n])
+        offsets.append(start - L)  # row index = flat column + offset
+        prompt = (start, start + p - L)
+        segments.append(_segment(prompt, ((0, L), prompt), dev))
+        r = prompt[1]
+        for m in lengths:
+            if m:
+                segments.append(_segment((r, r + m), ((0, L), prompt, (r, r + m)), dev))
+            r += m
+        start = r
+    if L:
+        segments.insert(0, _segment((0, L), ((0, L),), dev))
+    inputs = {"input_ids": torch.cat(parts)[None], "position_ids": torch.cat(positions)[None],
+              # not read: `attention` masks by the segments (transformers passes a 4-D mask through)
+              "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)}
+    where = torch.arange(K * T, device=dev)
+    moved = where % T + torch.tensor(offsets, dtype=torch.long, device=dev)[where // T]
+    return inputs, moved, _merge_square(segments)
+
+
+def _segment(q: tuple[int, int], ctx: tuple[tuple[int, int], ...], device) -> Segment:
+    """Queries q attend to ctx, the last range of which is q itself (causal within it)."""
+    merged: list[list[int]] = []
+    for a, b in ctx:
+        if b <= a:
+            continue
+        if merged and merged[-1][1] == a:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    keys = sum(b - a for a, b in merged)
+    nq = q[1] - q[0]
+    square = len(merged) == 1 and tuple(merged[0]) == q
+    mask = None if square else torch.ones(nq, keys, dtype=torch.bool, device=device).tril(keys - nq)
+    return Segment(q[0], q[1], tuple(tuple(r) for r in merged), mask)
+
+
+def _merge_square(segments: list[Segment]) -> list[Segment]:
+    """The prefix and the first group's prompt are one causal block from 0: one segment."""
+    if len(segments) > 1 and segments[0].mask is None and segments[1].ctx == ((0, segments[1].q1),):
+        return [Segment(0, segments[1].q1, ((0, segments[1].q1),), None), *segments[2:]]
+    return segments
+
+
+@contextlib.contextmanager
+def attending(model, segments: list[Segment]):
+    """Run `model`'s attention by `segments` inside the block (the forward; backward needs nothing)."""
+    configs = _attention_configs(model)
+    before = [c._attn_implementation for c in configs]
+    token = _PLAN.set(segments)
+    try:
+        for c in configs:
+            c._attn_implementation = NAME
+        yield
+    finally:
+        for c, b in zip(configs, before):
+            c._attn_implementation = b
+        _PLAN.reset(token)
+
+
+def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+              dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function interface: query (1, heads, N, d), key/value (1, kv heads,
+    N, d) -> (1, N, heads, d), segment by segment (`one_row`)."""
+    segments = _PLAN.get()
+    if segments is None or query.shape[0] != 1:
+        raise RuntimeError(f"{NAME} attention runs only inside segments.attending, on one row")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise RuntimeError(f"{NAME} attention: sliding windows and soft-capping are not supported")
+    g = query.shape[1] // key.shape[1]
+    if g > 1:  # grouped-query attention: each KV head serves g query heads in turn
+        key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    out = []
+    for s in segments:
+        k, v = (key[:, :, s.ctx[0][0]:s.ctx[0][1]], value[:, :, s.ctx[0][0]:s.ctx[0][1]]) if len(s.ctx) == 1 else (
+            torch.cat([key[:, :, a:b] for a, b in s.ctx], 2), torch.cat([value[:, :, a:b] for a, b in s.ctx], 2))
+        out.append(F.scaled_dot_product_attention(query[:, :, s.q0:s.q1], k, v, attn_mask=s.mask, dropout_p=dropout,
+                                                  is_causal=s.mask is None, scale=scaling))
+    return torch.cat(out, 2).transpose(1, 2).contiguous(), None
+
+
+def _attention_configs(model) -> list:
+    """The distinct config objects the model's modules read their attention implementation from."""
+    seen: dict[int, object] = {}
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation"):
+            seen.setdefault(id(c), c)
+    return list(seen.values())
+
+
+AttentionInterface.register(NAME, attention)
