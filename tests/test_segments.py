@@ -60,10 +60,13 @@ def test_one_row_layout_by_hand():
             ((7, 8), ((0, 5), (7, 8)), torch.ones(1, 6, dtype=torch.bool)),
             ((8, 9), ((0, 3), (8, 9)), torch.ones(1, 4, dtype=torch.bool)),
             ((9, 12), ((0, 3), (8, 12)), lower_right(3, 7))]
-    assert len(plan) == len(want)
-    for s, (q, ctx, mask) in zip(plan, want):
+    assert len(plan.segments) == len(want)
+    for s, (q, ctx, mask) in zip(plan.segments, want):
         assert ((s.q0, s.q1), s.ctx) == (q, ctx)
         assert (s.mask is None) if mask is None else torch.equal(s.mask, mask)
+    # key blocks cut at every boundary: [0,3) [3,5) [5,7) [7,8) [8,9) [9,12)
+    assert plan.sizes == [3, 2, 2, 1, 1, 3]
+    assert plan.uses == [(0, 1), (0, 1, 2), (0, 1, 3), (0, 4), (0, 4, 5)]
     # every response token and the token before it land where their values are in the row
     row = inputs["input_ids"][0]
     assert row[where[packed["own"]]].tolist() == packed["target"].tolist() == [10, 11, 12, 13, 14, 15]

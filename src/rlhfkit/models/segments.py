@@ -48,6 +48,25 @@ class Segment:
     mask: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The segments of one row, and the row cut into key blocks at every boundary a segment's
+    ranges have: ``sizes`` the blocks' lengths in order, ``uses[i]`` the blocks segment i attends
+    to. `attention` splits queries, keys and values once per layer (one copy in the backward)
+    and concatenates blocks, rather than slicing each segment's ranges (a full-size gradient per
+    slice)."""
+    segments: list[Segment]
+    sizes: list[int]
+    uses: list[tuple[int, ...]]
+
+    @classmethod
+    def of(cls, segments: list[Segment]) -> Plan:
+        end = segments[-1].q1
+        cuts = sorted({0, end} | {x for s in segments for r in s.ctx for x in r})
+        uses = [tuple(i for a, b in s.ctx for i in range(cuts.index(a), cuts.index(b))) for s in segments]
+        return cls(segments, [b - a for a, b in zip(cuts, cuts[1:])], uses)
+
+
 def usable(model, device: torch.device) -> bool:
     """Whether `model`'s packed forwards may run as one row (module docstring)."""
     if not (SEGMENT_ATTENTION and device.type == "cpu" and can_share_prefix(model)):
@@ -59,7 +78,7 @@ def usable(model, device: torch.device) -> bool:
         for c in configs)
 
 
-def one_row(packed: dict) -> tuple[dict, torch.Tensor, list[Segment]]:
+def one_row(packed: dict) -> tuple[dict, torch.Tensor, Plan]:
     """A `pack_groups` batch as one row: (model inputs, (K*T,) map of the batch's flat positions to
     the row's, the row's segments). The prompts' shared first L tokens (``shared_prefix``) come
     once, at positions 0..L-1; then each group without them, its positions as in its own row."""
@@ -87,7 +106,7 @@ def one_row(packed: dict) -> tuple[dict, torch.Tensor, list[Segment]]:
               "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)}
     where = torch.arange(K * T, device=dev)
     moved = where % T + torch.tensor(offsets, dtype=torch.long, device=dev)[where // T]
-    return inputs, moved, _merge_square(segments)
+    return inputs, moved, Plan.of(_merge_square(segments))
 
 
 def _segment(q: tuple[int, int], ctx: tuple[tuple[int, int], ...], device) -> Segment:
@@ -115,11 +134,11 @@ def _merge_square(segments: list[Segment]) -> list[Segment]:
 
 
 @contextlib.contextmanager
-def attending(model, segments: list[Segment]):
-    """Run `model`'s attention by `segments` inside the block (the forward; backward needs nothing)."""
+def attending(model, plan: Plan):
+    """Run `model`'s attention by `plan` inside the block (the forward; backward needs nothing)."""
     configs = _attention_configs(model)
     before = [c._attn_implementation for c in configs]
-    token = _PLAN.set(segments)
+    token = _PLAN.set(plan)
     try:
         for c in configs:
             c._attn_implementation = NAME
@@ -134,19 +153,21 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: query (1, heads, N, d), key/value (1, kv heads,
     N, d) -> (1, N, heads, d), segment by segment (`one_row`)."""
-    segments = _PLAN.get()
-    if segments is None or query.shape[0] != 1:
+    plan = _PLAN.get()
+    if plan is None or query.shape[0] != 1:
         raise RuntimeError(f"{NAME} attention runs only inside segments.attending, on one row")
     if kwargs.get("sliding_window") or kwargs.get("softcap"):
         raise RuntimeError(f"{NAME} attention: sliding windows and soft-capping are not supported")
     g = query.shape[1] // key.shape[1]
     if g > 1:  # grouped-query attention: each KV head serves g query heads in turn
         key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    queries = query.split([s.q1 - s.q0 for s in plan.segments], 2)
+    keys, values = key.split(plan.sizes, 2), value.split(plan.sizes, 2)
     out = []
-    for s in segments:
-        k, v = (key[:, :, s.ctx[0][0]:s.ctx[0][1]], value[:, :, s.ctx[0][0]:s.ctx[0][1]]) if len(s.ctx) == 1 else (
-            torch.cat([key[:, :, a:b] for a, b in s.ctx], 2), torch.cat([value[:, :, a:b] for a, b in s.ctx], 2))
-        out.append(F.scaled_dot_product_attention(query[:, :, s.q0:s.q1], k, v, attn_mask=s.mask, dropout_p=dropout,
+    for s, q, use in zip(plan.segments, queries, plan.uses):
+        k, v = (keys[use[0]], values[use[0]]) if len(use) == 1 else (
+            torch.cat([keys[i] for i in use], 2), torch.cat([values[i] for i in use], 2))
+        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask, dropout_p=dropout,
                                                   is_causal=s.mask is None, scale=scaling))
     return torch.cat(out, 2).transpose(1, 2).contiguous(), None
 
