@@ -397,6 +397,20 @@ def test_bench_prefix_tiny_times_both_modes():
         assert f"| {mode} |" in proc.stdout
 
 
+def test_bench_packing_tiny_times_both_layouts_and_they_agree():
+    """``bench_packing.py --tiny``: every batch and mode runs as K rows and as one row; the outputs
+    of the two layouts agree to float rounding."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_packing.py"), "--tiny", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| rm") or line.startswith("| dpo")
+            or line.startswith("| grpo")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("rm", "forward + backward"), ("dpo", "forward + backward"), ("dpo", "forward, no grad"),
+        ("grpo", "forward + backward"), ("grpo", "forward, no grad")]
+    assert all(float(r[6]) < 1e-4 for r in rows)
+
+
 def test_bench_trl_rm_times_the_model_trl_trains(bench_path, tmp_path):
     """TRL's reward trainer trains every layer with a last-token head: the rlhfkit side of the RM job
     must too, whatever configs/rm.yaml ships (its 8-layer cut would time a quarter of the model)."""
