@@ -147,3 +147,6 @@ def test_the_attention_implementation_is_restored_even_when_the_forward_fails(ti
     q = torch.zeros(1, 4, 3, 16)
     with pytest.raises(RuntimeError, match="inside segments.attending"):
         segments.attention(None, q, q[:, :2], q[:, :2], None)
+    _, _, plan = segments.one_row(packed)
+    with segments.attending(tiny_model, plan), pytest.raises(RuntimeError, match="sliding windows"):
+        segments.attention(None, q, q[:, :2], q[:, :2], None, sliding_window=2)

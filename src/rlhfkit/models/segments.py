@@ -156,8 +156,9 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     plan = _PLAN.get()
     if plan is None or query.shape[0] != 1:
         raise RuntimeError(f"{NAME} attention runs only inside segments.attending, on one row")
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise RuntimeError(f"{NAME} attention: sliding windows and soft-capping are not supported")
+    if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias")):
+        raise RuntimeError(f"{NAME} attention: sliding windows, soft-capping, attention sinks and position "
+                           "biases are not supported")
     g = query.shape[1] // key.shape[1]
     if g > 1:  # grouped-query attention: each KV head serves g query heads in turn
         key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
