@@ -127,7 +127,9 @@ def _segment(q: tuple[int, int], ctx: tuple[tuple[int, int], ...], device) -> Se
 
 
 def _merge_square(segments: list[Segment]) -> list[Segment]:
-    """The prefix and the first group's prompt are one causal block from 0: one segment."""
+    """A causal block from 0 followed by a segment that attends to everything from 0 through itself
+    are one causal block: the prefix and the first group's prompt, or, with no prefix, the first
+    prompt and its first response."""
     if len(segments) > 1 and segments[0].mask is None and segments[1].ctx == ((0, segments[1].q1),):
         return [Segment(0, segments[1].q1, ((0, segments[1].q1),), None), *segments[2:]]
     return segments
