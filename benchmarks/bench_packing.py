@@ -101,11 +101,11 @@ def _tokens(packed: dict) -> int:
 
 
 def _rm_scores(model, packed):
+    from rlhfkit.models.heads import pool_values
     from rlhfkit.models.packing import packed_token_values
 
     values, mask = packed_token_values(model, packed)
-    last = mask.sum(-1) - 1
-    return values.gather(1, last[:, None])[:, 0]
+    return pool_values(values, mask, "last", mask)  # as `trainers.reward.pair_scores` pools a packed batch
 
 
 def _logprobs(model, packed):
