@@ -103,6 +103,32 @@ def test_one_row_equals_k_rows_and_rows_alone(tiny_model, monkeypatch, seed, pre
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_one_row_equals_k_rows_in_bfloat16(tiny_model):
+    """The additive masks are made in the model's dtype: a bf16 model gives the K-row log-probs
+    to bf16 rounding (a mask made in fp32, or a -inf in the wrong place, would not)."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    groups, rows = _groups(4, prefix=9)
+    packed = _packed(groups, rows)
+    out = {}
+    with torch.no_grad():
+        for on in (True, False):
+            segments.SEGMENT_ATTENTION = on
+            try:
+                out[on] = packed_logprobs(model, packed).float()
+            finally:
+                segments.SEGMENT_ATTENTION = True
+    torch.testing.assert_close(out[True], out[False], atol=0.1, rtol=0.02)
+    inputs, _, plan = segments.one_row(packed)
+    masks = plan.additive(torch.bfloat16)
+    assert masks is plan.additive(torch.bfloat16)  # made once per forward, not per layer
+    for s, m in zip(plan.segments, masks):
+        assert (m is None) == (s.mask is None)
+        if m is not None:
+            assert m.dtype == torch.bfloat16 and torch.equal(m == 0, s.mask) and bool(torch.isinf(m[~s.mask]).all())
+
+
 def test_no_token_sees_another_segment(tiny_model):
     """New tokens in one response change its own later log-probs and nothing else: not its group's
     other responses, not another group (a leak through the segment masks would)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ class Plan:
     segments: list[Segment]
     sizes: list[int]
     uses: list[tuple[int, ...]]
+    _additive: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, segments: list[Segment]) -> Plan:
@@ -65,6 +66,15 @@ class Plan:
         cuts = sorted({0, end} | {x for s in segments for r in s.ctx for x in r})
         uses = [tuple(i for a, b in s.ctx for i in range(cuts.index(a), cuts.index(b))) for s in segments]
         return cls(segments, [b - a for a, b in zip(cuts, cuts[1:])], uses)
+
+    def additive(self, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Each segment's mask as SDPA's additive float mask (0 where it may attend, -inf where
+        not), made once per forward rather than converted by SDPA in every layer."""
+        if dtype not in self._additive:
+            self._additive[dtype] = [None if s.mask is None else
+                                     torch.zeros(s.mask.shape, dtype=dtype, device=s.mask.device)
+                                     .masked_fill_(~s.mask, float("-inf")) for s in self.segments]
+        return self._additive[dtype]
 
 
 def usable(model, device: torch.device) -> bool:
@@ -161,17 +171,15 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias")):
         raise RuntimeError(f"{NAME} attention: sliding windows, soft-capping, attention sinks and position "
                            "biases are not supported")
-    g = query.shape[1] // key.shape[1]
-    if g > 1:  # grouped-query attention: each KV head serves g query heads in turn
-        key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: SDPA maps query heads to KV heads
     queries = query.split([s.q1 - s.q0 for s in plan.segments], 2)
     keys, values = key.split(plan.sizes, 2), value.split(plan.sizes, 2)
     out = []
-    for s, q, use in zip(plan.segments, queries, plan.uses):
+    for q, use, mask in zip(queries, plan.uses, plan.additive(query.dtype)):
         k, v = (keys[use[0]], values[use[0]]) if len(use) == 1 else (
             torch.cat([keys[i] for i in use], 2), torch.cat([values[i] for i in use], 2))
-        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask, dropout_p=dropout,
-                                                  is_causal=s.mask is None, scale=scaling))
+        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                                  scale=scaling, enable_gqa=gqa))
     return torch.cat(out, 2).transpose(1, 2).contiguous(), None
 
 
