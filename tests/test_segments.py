@@ -83,7 +83,7 @@ def test_one_row_equals_k_rows_and_rows_alone(tiny_model, monkeypatch, seed, pre
     assert packed["shared_prefix"] == (prefix if prefix else 0)
     calls = []
     real = segments.one_row
-    monkeypatch.setattr(segments, "one_row", lambda p: calls.append(1) or real(p))
+    monkeypatch.setattr(segments, "one_row", lambda *a: calls.append(1) or real(*a))
     w = torch.randn(packed["shape"], generator=torch.Generator().manual_seed(seed))
     out = {}
     for on in (True, False):

@@ -1,6 +1,7 @@
-"""A prefix every row shares (the chat template's system turn) computed once: the log-probs,
-entropies and gradients must equal the plain forward's, whatever the padding, and the path must
-be the same in scoring and update (the first PPO ratio stays exactly 1)."""
+"""A prefix every row shares (the chat template's system turn) computed once, as a separate
+forward whose key/value cache the rows continue (the K-row layout): the log-probs, entropies and
+gradients must equal the plain forward's, whatever the padding, and the path must be the same in
+scoring and update (the first PPO ratio stays exactly 1)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import torch
 from rlhfkit.models import forward
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.rollout.experience import common_prefix_len
+
+
+@pytest.fixture(autouse=True)
+def _rows_as_rows(monkeypatch):
+    """These tests are of the K-row path (a separate forward for the prefix, as on GPU and under
+    data parallelism); on CPU rows run as one row by default (tests/test_rows_one_row.py)."""
+    from rlhfkit.models import segments
+
+    monkeypatch.setattr(segments, "SEGMENT_ATTENTION", False)
 
 
 def _rows(tokenizer, seed: int, L: int = 10, B: int = 5, R: int = 6):

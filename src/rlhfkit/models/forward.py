@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
+from rlhfkit.models import segments
 from rlhfkit.models.heads import (
     backbone_and_head,
     has_pad_token,
@@ -35,10 +36,21 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     block-diagonal ``attention_mask`` (see ``rlhfkit.data.PackedSFTCollator``).
     ``shared_prefix=L``: every row's first L real tokens are the same (the chat template's system
     turn, `common_prefix_len`); where `can_share_prefix` allows, they are computed once
-    (`prefix_shared_forward`), the same values up to float rounding.
+    (`prefix_shared_forward`), the same values up to float rounding. On CPU the rows run as one
+    row (`rows_as_one_row`); log-probs (and entropies) are then 0 where the token or the one before
+    it is padding.
     """
     T = input_ids.shape[1]
     k = T - 1 if keep_last is None else keep_last
+    if position_ids is None and (row := rows_as_one_row(model, input_ids, attention_mask, shared_prefix)):
+        inputs, where, plan = row
+        pred = where[:, T - k - 1:T - 1]  # (B, k) the row positions of the tokens that predict
+        keep = (pred >= 0) & attention_mask[:, T - k:].bool()
+        with segments.attending(model, plan):
+            logits = logits_at(model, pred[keep], **inputs)[None]  # (1, N, V)
+        placed = lambda v: v.new_zeros(keep.shape).index_put((keep,), v[0])  # noqa: E731
+        logp = placed(token_logprobs(logits, input_ids[:, T - k:][keep][None]))
+        return (logp, placed(entropy_from_logits(logits))) if with_entropy else logp
     if (position_ids is None and shared_prefix >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask)
             and int(attention_mask.long().argmax(-1).max()) + shared_prefix + k < T):  # the kept logits after it
         out = prefix_shared_forward(model, input_ids, attention_mask, shared_prefix, logits_to_keep=k + 1)
@@ -66,16 +78,19 @@ MIN_SHARED_PREFIX = 8
 
 def can_share_prefix(model, attention_mask: torch.Tensor | None = None) -> bool:
     """Whether `prefix_shared_forward` may run for ``model``: a plain 2-D mask (None: a packed
-    batch, `models.packing`), a model that is
-    neither wrapped (DDP, DeepSpeed), sharded across processes nor gradient-checkpointed (each
-    of those expects one forward call per backward). The answer depends on the run, not on the
-    batch, so scoring and update always take the same path (the first PPO ratio stays exactly 1)."""
-    if not SHARE_PREFIX or (attention_mask is not None and attention_mask.dim() != 2) or unwrap_model(model) is not model:
+    batch, `models.packing`) and a model whose forward may be split (`segments.splittable`)."""
+    if not SHARE_PREFIX or (attention_mask is not None and attention_mask.dim() != 2):
         return False
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        return False
-    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return not getattr(model, flag, False)
+    return segments.splittable(model)
+
+
+def rows_as_one_row(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int):
+    """`segments.rows_one_row` of the (B, T) rows, with their first ``shared_prefix`` real tokens
+    once (``SHARE_PREFIX`` on), where the model may run them so (`segments.usable`, a 2-D mask);
+    None otherwise."""
+    if attention_mask.dim() != 2 or not segments.usable(model, input_ids.device):
+        return None
+    return segments.rows_one_row(input_ids, attention_mask, shared_prefix if SHARE_PREFIX else 0)
 
 
 def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int, **kwargs):
@@ -166,8 +181,16 @@ def shared_token_values(model, input_ids: torch.Tensor, attention_mask: torch.Te
                         shared_prefix: int = 0) -> torch.Tensor:
     """`models.token_values` (B, T) of a scalar-head model (critic, RM), with the rows' first
     ``shared_prefix`` real tokens computed once where `can_share_prefix` allows: the same values up
-    to float rounding, gradients included (the prefix's values are its one computation's)."""
+    to float rounding, gradients included (the prefix's values are its one computation's). As one
+    row (`rows_as_one_row`), the values are 0 at padding."""
     L, (B, T) = shared_prefix, input_ids.shape
+    if row := rows_as_one_row(model, input_ids, attention_mask, L):
+        inputs, where, plan = row
+        with segments.attending(model, plan):
+            values = token_values(model, inputs["input_ids"], inputs["attention_mask"],
+                                  position_ids=inputs["position_ids"])[0]
+        real = where >= 0
+        return values.new_zeros(B, T).index_put((real,), values[where[real]])
     if not (MIN_SHARED_PREFIX <= L < T and has_pad_token(model) and can_share_prefix(model, attention_mask)):
         return token_values(model, input_ids, attention_mask)
     _, head = backbone_and_head(model)
@@ -204,7 +227,15 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     B, T = input_ids.shape
     rows, cols = labelled.nonzero(as_tuple=True)
     L = shared_prefix
-    if position_ids is None and L >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask):
+    if position_ids is None and (row := rows_as_one_row(model, input_ids, attention_mask, L)):
+        inputs, where, plan = row
+        pred = where[rows, cols]
+        keep = (pred >= 0) & attention_mask[rows, cols + 1].bool()  # 0 where either token is padding
+        with segments.attending(model, plan):
+            logits = logits_at(model, pred[keep], **inputs)
+        logp = token_logprobs(logits[None], input_ids[rows, cols + 1][keep][None])[0]
+        return logp.new_zeros(rows.shape).index_put((keep,), logp)
+    elif position_ids is None and L >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask):
         if bool((cols < attention_mask.long().argmax(-1)[rows] + L).any()):
             raise ValueError(f"shared_prefix={L}: a labelled position lies inside the shared prefix")
         # the hidden state at t predicts token t+1; past the prefix, column t is column t - L of the rest

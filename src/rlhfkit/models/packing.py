@@ -12,7 +12,7 @@ import torch
 
 from rlhfkit.algos import entropy_from_logits, token_logprobs
 from rlhfkit.data.collate import additive_mask
-from rlhfkit.models import segments
+from rlhfkit.models import forward, segments
 from rlhfkit.models.forward import (
     MIN_SHARED_PREFIX,
     can_share_prefix,
@@ -118,7 +118,7 @@ def packed_forward(model, packed: dict):
     output's, for a forward run inside the block: on CPU as one row with per-segment attention
     (`models.segments`), else as K rows (`packed_inputs`)."""
     if segments.usable(model, packed["input_ids"].device):
-        inputs, where, plan = segments.one_row(packed)
+        inputs, where, plan = segments.one_row(packed, forward.SHARE_PREFIX)
         with segments.attending(model, plan):
             yield inputs, lambda flat: where[flat]
     else:

@@ -1,4 +1,4 @@
-"""A packed batch as one row with per-segment attention (CPU).
+"""A packed batch, or a batch of padded rows, as one row with per-segment attention (CPU).
 
 `models.packing.pack_groups` lays K groups out as K rows: the prompt, then each response, each
 response attending to the prompt and to itself. Run as a (K, T) batch, that costs a separate
@@ -12,6 +12,11 @@ segment by segment (`attention`): a group's prompt attends causally to the prefi
 response to the prefix, its prompt and itself, causally. Each token sees exactly the keys, at
 exactly the positions, it sees in its own unpacked row, so log-probs, values and gradients equal
 the row-by-row forward up to float rounding (tests/test_segments.py).
+
+A batch of (B, T) rows with padding (PPO's actor, critic and reference forwards, SFT's loss, the
+log-probs of evaluation) is laid out the same way by `rows_one_row`: the rows' common first L real
+tokens once, then each row's other real tokens, each row attending to the prefix and to itself.
+The padding is not computed at all, and the prefix has no separate forward.
 
 The layout is used where the model is a plain (or peft-wrapped) single-process CPU model whose
 attention is transformers' sdpa or eager (`usable`); the attention implementation is switched for
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from rlhfkit.models.forward import can_share_prefix
+from rlhfkit.models.heads import unwrap_model
 
 # Set to False to run packed batches as K rows (benchmarks compare the two).
 SEGMENT_ATTENTION = True
@@ -77,9 +82,23 @@ class Plan:
         return self._additive[dtype]
 
 
+def splittable(model) -> bool:
+    """Whether ``model``'s forward may be split into calls or laid out anew (a shared prefix computed
+    once, a batch as one row): a model that is neither wrapped (DDP, DeepSpeed), sharded across
+    processes nor gradient-checkpointed, each of which expects one forward call per backward, in
+    the batch's own shape. The answer depends on the run, not on the batch, so PPO's scoring and
+    update always take the same path (the first ratio stays exactly 1)."""
+    if unwrap_model(model) is not model:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return False
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return not getattr(model, flag, False)
+
+
 def usable(model, device: torch.device) -> bool:
-    """Whether `model`'s packed forwards may run as one row (module docstring)."""
-    if not (SEGMENT_ATTENTION and device.type == "cpu" and can_share_prefix(model)):
+    """Whether `model`'s forwards may run as one row (module docstring)."""
+    if not (SEGMENT_ATTENTION and device.type == "cpu" and splittable(model)):
         return False
     configs = _attention_configs(model)
     return bool(configs) and all(
@@ -88,12 +107,13 @@ def usable(model, device: torch.device) -> bool:
         for c in configs)
 
 
-def one_row(packed: dict) -> tuple[dict, torch.Tensor, Plan]:
+def one_row(packed: dict, share_prefix: bool = True) -> tuple[dict, torch.Tensor, Plan]:
     """A `pack_groups` batch as one row: (model inputs, (K*T,) map of the batch's flat positions to
-    the row's, the row's segments). The prompts' shared first L tokens (``shared_prefix``) come
-    once, at positions 0..L-1; then each group without them, its positions as in its own row."""
+    the row's, the row's segments). The prompts' shared first L tokens (``shared_prefix``; none
+    without ``share_prefix``) come once, at positions 0..L-1; then each group without them, its
+    positions as in its own row."""
     ids, pos = packed["input_ids"], packed["position_ids"]
-    (K, T), L, dev = ids.shape, packed["shared_prefix"], ids.device
+    (K, T), L, dev = ids.shape, packed["shared_prefix"] if share_prefix else 0, ids.device
     parts, positions, segments, offsets = [ids[0, :L]], [pos[0, :L]], [], []
     start = L
     for k, (p, lengths) in enumerate(packed["lengths"]):
@@ -117,6 +137,36 @@ def one_row(packed: dict) -> tuple[dict, torch.Tensor, Plan]:
     where = torch.arange(K * T, device=dev)
     moved = where % T + torch.tensor(offsets, dtype=torch.long, device=dev)[where // T]
     return inputs, moved, Plan.of(_merge_square(segments))
+
+
+def rows_one_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int) -> tuple[dict, torch.Tensor, Plan]:
+    """(B, T) rows with a 0/1 ``attention_mask`` (padding on either side, or both) as one row: (model
+    inputs, (B, T) position in the row of every real token (-1 at padding), the row's segments).
+    The rows' first L real tokens, which must be the same in every row, come once, at positions
+    0..L-1 (each row's map points its prefix tokens there); then each row's other real tokens,
+    attending to the prefix and causally to themselves, at the positions they have in their own
+    row (the count of real tokens before them)."""
+    real = attention_mask.bool()
+    B, dev = input_ids.shape[0], input_ids.device
+    n = real.sum(1)
+    rank = real.long().cumsum(1) - 1  # each real token's position in its row
+    if L:
+        prefix = input_ids[real & (rank < L)].view(B, L)
+        if int(n.min()) <= L or not bool((prefix == prefix[:1]).all()):
+            raise ValueError(f"shared_prefix={L}: the rows' first {L} real tokens differ, or a row has no other")
+    own = (n - L).tolist()
+    starts = [L + sum(own[:b]) for b in range(B)]
+    start = torch.tensor(starts, dtype=torch.long, device=dev)[:, None]
+    where = torch.where(rank < L, rank, start + rank - L).masked_fill(~real, -1)
+    N = L + sum(own)
+    row_ids = input_ids.new_zeros(N).index_put_((where[real],), input_ids[real])
+    positions = rank.new_zeros(N).index_put_((where[real],), rank[real])
+    segments = [_segment((s, s + m), ((0, L), (s, s + m)), dev) for s, m in zip(starts, own) if m]
+    if L:
+        segments.insert(0, _segment((0, L), ((0, L),), dev))
+    inputs = {"input_ids": row_ids[None], "position_ids": positions[None],
+              "attention_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev)}  # not read: `attention`
+    return inputs, where, Plan.of(_merge_square(segments))
 
 
 def _segment(q: tuple[int, int], ctx: tuple[tuple[int, int], ...], device) -> Segment:
