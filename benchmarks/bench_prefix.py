@@ -1,4 +1,4 @@
-"""The policy-gradient log-prob forwards with and without the shared prefix computed once.
+"""The policy-gradient log-prob forwards of padded rows in three layouts.
 
     .venv/bin/python benchmarks/bench_prefix.py [--rows 16] [--response 48] [--pairs 5] [--lora]
     .venv/bin/python benchmarks/bench_prefix.py --tiny      # a tiny random model: checks the script runs
@@ -6,11 +6,18 @@
 Rows are the built-in sentiment task's training prompts, chat-rendered (the template's system turn
 and user header are the prefix every row shares), each followed by a response of random length up
 to --response tokens: the layout PPO, GRPO without prompt sharing and RLOO score and train on.
-Each pair times `models.forward.causal_logprobs` once with ``shared_prefix=0`` (every row runs its
-own prefix) and once with the batch's shared prefix, in alternating order; three modes: no grad
-(the reference's and logp_old's forward), forward + backward (the update), and the same through a
-LoRA adapter with --lora. Prints the median time of each and the ratio, with this machine's fp32
-matmul peak.
+Each round times `models.forward.causal_logprobs` in three layouts, in rotating order:
+
+- **rows**: the (B, T) padded batch, every row running its own prefix (``shared_prefix=0``, the
+  one-row layout off: what GPU and data-parallel runs do without a shared prefix);
+- **prefix once**: the padded batch after one forward of the shared prefix, whose key/value cache
+  every row continues (`models.forward.prefix_inputs`; ``segments.SEGMENT_ATTENTION`` off);
+- **one row**: the CPU default, the prefix once and then every row's real tokens in one row with
+  per-segment attention (`models.segments.rows_one_row`).
+
+Two modes: no grad (the reference's and logp_old's forward) and forward + backward (the update);
+--lora runs them through a LoRA adapter. Prints the median time of each layout and the ratios,
+with this machine's fp32 matmul peak.
 
     .venv/bin/python benchmarks/bench_prefix.py --scorer RM_DIR [--rows 8] [--group 4] [--response 48]
 
@@ -82,28 +89,35 @@ def main() -> None:
           f"tokens not recomputed, {(B - 1) * L / real:.0%}); threads {torch.get_num_threads()}; "
           f"fp32 matmul peak {matmul_peak_gflops():.0f} GFLOP/s")
 
-    def once(shared: int, grad: bool) -> float:
+    from rlhfkit.models import segments
+
+    def once(layout: str, grad: bool) -> float:
+        segments.SEGMENT_ATTENTION = layout == "one row"
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         with torch.set_grad_enabled(grad):
-            logp = causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=shared)
+            logp = causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=0 if layout == "rows" else L)
             if grad:
                 logp.sum().backward()
         return time.perf_counter() - t0
 
     model.train()
-    print("| mode | every row its own prefix (s) | shared prefix once (s) | speed-up |\n|---|---|---|---|")
-    for grad in (False, True):
-        plain, shared = [], []
-        for k in range(args.pairs + 1):
-            order = [(0, plain), (L, shared)] if k % 2 else [(L, shared), (0, plain)]
-            for sp, out in order:
-                t = once(sp, grad)
-                if k:  # the first pair warms up
-                    out.append(t)
-        a, b = statistics.median(plain), statistics.median(shared)
-        print(f"| {'forward + backward' if grad else 'forward, no grad'} | {a:.3f} | {b:.3f} | {a / b:.2f}x |",
-              flush=True)
+    layouts = ("rows", "prefix once", "one row")
+    print("| mode | rows (s) | prefix once (s) | one row (s) | prefix once / rows | one row / rows | "
+          "one row / prefix once |\n|---|---|---|---|---|---|---|")
+    try:
+        for grad in (False, True):
+            times: dict[str, list[float]] = {k: [] for k in layouts}
+            for k in range(args.pairs + 1):
+                for layout in layouts[k % 3:] + layouts[:k % 3]:
+                    t = once(layout, grad)
+                    if k:  # the first round warms up
+                        times[layout].append(t)
+            a, b, c = (statistics.median(times[k]) for k in layouts)
+            print(f"| {'forward + backward' if grad else 'forward, no grad'} | {a:.3f} | {b:.3f} | {c:.3f} | "
+                  f"{a / b:.2f}x | {a / c:.2f}x | {b / c:.2f}x |", flush=True)
+    finally:
+        segments.SEGMENT_ATTENTION = True
 
 
 def time_scorer(args) -> None:

@@ -387,14 +387,17 @@ def test_bench_trl_sft_flops_count_the_head_where_it_runs(bench_path):
     assert abs((trl - ours) - per_head * 150) < 1e-6 * trl
 
 
-def test_bench_prefix_tiny_times_both_modes():
-    """``bench_prefix.py --tiny``: one A/B pair per mode on a tiny model; the table has both rows."""
+def test_bench_prefix_tiny_times_every_layout_and_mode():
+    """``bench_prefix.py --tiny``: one round of the three layouts per mode on a tiny model; each
+    table row has the three times and three ratios."""
     proc = subprocess.run([sys.executable, str(BENCH / "bench_prefix.py"), "--tiny", "--threads", "1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "shared prefix 2" in proc.stdout  # the template's system turn: 24-25 tokens
     for mode in ("forward, no grad", "forward + backward"):
-        assert f"| {mode} |" in proc.stdout
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| {mode} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert len(cells) == 6 and all(float(c) > 0 for c in cells[:3]) and all(c.endswith("x") for c in cells[3:])
 
 
 def test_bench_packing_tiny_times_both_layouts_and_they_agree():
