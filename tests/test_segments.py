@@ -99,6 +99,7 @@ def test_one_row_equals_k_rows_and_rows_alone(tiny_model, monkeypatch, seed, pre
     torch.testing.assert_close(lp1, lp_alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent1, ent_alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent1, ent2, atol=1e-5, rtol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 

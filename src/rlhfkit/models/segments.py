@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ from transformers import AttentionInterface
 
 from rlhfkit.models.heads import unwrap_model
 
-# Set to False to run packed batches as K rows (benchmarks compare the two).
+# Set to False to run packed batches as K rows and padded rows as they come (benchmarks compare).
 SEGMENT_ATTENTION = True
 NAME = "rlhfkit_segments"
 _PLAN: contextvars.ContextVar = contextvars.ContextVar("rlhfkit_segment_plan", default=None)
@@ -155,7 +156,7 @@ def rows_one_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int) 
         if int(n.min()) <= L or not bool((prefix == prefix[:1]).all()):
             raise ValueError(f"shared_prefix={L}: the rows' first {L} real tokens differ, or a row has no other")
     own = (n - L).tolist()
-    starts = [L + sum(own[:b]) for b in range(B)]
+    starts = list(itertools.accumulate(own[:-1], initial=L))  # where each row's own tokens begin
     start = torch.tensor(starts, dtype=torch.long, device=dev)[:, None]
     where = torch.where(rank < L, rank, start + rank - L).masked_fill(~real, -1)
     N = L + sum(own)
