@@ -104,6 +104,25 @@ def test_one_row_equals_k_rows_and_rows_alone(tiny_model, monkeypatch, seed, pre
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("one_row", [True, False])
+def test_an_empty_response_in_a_group_gives_zeros_and_moves_nothing(tiny_model, monkeypatch, one_row):
+    """A response of no tokens has no log-prob to predict: its row is 0 and every other response's
+    log-probs are those of the rows alone, in both layouts (a stray prediction for it would shift
+    every later response's targets)."""
+    monkeypatch.setattr(segments, "SEGMENT_ATTENTION", one_row)
+    groups, rows = _groups(5, prefix=9)
+    prompt, responses = groups[0]
+    groups[0] = (prompt, [(rows, torch.zeros(0, dtype=torch.long)), *responses])  # an empty row first
+    packed = _packed(groups, rows + 1)
+    assert len(packed["pred"]) == len(packed["target"])
+    with torch.no_grad():
+        lp = packed_logprobs(tiny_model, packed)
+        want, _ = _alone(tiny_model, [(p, [(b, r) for b, r in rs if r.numel()]) for p, rs in groups], rows + 1,
+                         packed["shape"][1])
+    assert not lp[rows].any()
+    torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
+
+
 def test_one_row_equals_k_rows_in_bfloat16(tiny_model):
     """The additive masks are made in the model's dtype: a bf16 model gives the K-row log-probs
     to bf16 rounding (a mask made in fp32, or a -inf in the wrong place, would not)."""
