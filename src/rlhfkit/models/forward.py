@@ -235,7 +235,7 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             logits = logits_at(model, pred[keep], **inputs)
         logp = token_logprobs(logits[None], input_ids[rows, cols + 1][keep][None])[0]
         return logp.new_zeros(rows.shape).index_put((keep,), logp)
-    elif position_ids is None and L >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask):
+    if position_ids is None and L >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask):
         if bool((cols < attention_mask.long().argmax(-1)[rows] + L).any()):
             raise ValueError(f"shared_prefix={L}: a labelled position lies inside the shared prefix")
         # the hidden state at t predicts token t+1; past the prefix, column t is column t - L of the rest

@@ -79,8 +79,8 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
             seg += [j] * n
             pos += range(p, p + n)
             # token t of the response is predicted at the position before it: the last prompt
-            # token for t = 0, else the response's own token t-1 (an empty response: none)
-            pred += [(k, p - 1)][:n] + [(k, start + t - 1) for t in range(1, n)]
+            # token for t = 0, else the response's own token t-1
+            pred += [(k, start + t - 1 if t else p - 1) for t in range(n)]
             own += [(k, start + t) for t in range(n)]
             target += resp.tolist()
             row += [b] * n

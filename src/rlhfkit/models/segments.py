@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from rlhfkit.models.heads import unwrap_model
+from rlhfkit.models.heads import position_ids_from_mask, unwrap_model
 
 # Set to False to run packed batches as K rows and padded rows as they come (benchmarks compare).
 SEGMENT_ATTENTION = True
@@ -150,7 +150,7 @@ def rows_one_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int) 
     real = attention_mask.bool()
     B, dev = input_ids.shape[0], input_ids.device
     n = real.sum(1)
-    rank = real.long().cumsum(1) - 1  # each real token's position in its row
+    rank = position_ids_from_mask(attention_mask)  # each real token's position in its row
     if L:
         prefix = input_ids[real & (rank < L)].view(B, L)
         if int(n.min()) <= L or not bool((prefix == prefix[:1]).all()):
