@@ -22,7 +22,7 @@ import torch
 
 from rlhfkit.algos.probe import fit_bt_probe
 from rlhfkit.data import render_ids
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import load_causal_lm, load_tokenizer, position_ids_from_mask
 from rlhfkit.rollout import left_pad
 
 from rm_data import fmt, pair_metrics, read_rows
@@ -57,7 +57,7 @@ def extract(model_dir: str, paths: list[str], out: str, batch: int = 16) -> dict
     t0 = time.perf_counter()
     for s in range(0, len(replies), batch):
         ids, mask = left_pad([turn_ids(tok, r) for r in replies[s:s + batch]], tok.pad_token_id, "cpu")
-        o = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+        o = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                   output_hidden_states=True, use_cache=False, logits_to_keep=1)
         per_reply["zero_shot/last"].append((o.logits[:, -1, pos] - o.logits[:, -1, neg])[:, None].float())
         m = mask[..., None].float()
