@@ -43,11 +43,9 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     T = input_ids.shape[1]
     k = T - 1 if keep_last is None else keep_last
     if position_ids is None and (row := rows_as_one_row(model, input_ids, attention_mask, shared_prefix)):
-        inputs, where, plan = row
-        pred = where[:, T - k - 1:T - 1]  # (B, k) the row positions of the tokens that predict
-        keep = (pred >= 0) & attention_mask[:, T - k:].bool()
-        with segments.attending(model, plan):
-            logits = logits_at(model, pred[keep], **inputs)[None]  # (1, N, V)
+        # the row positions of the tokens that predict the last k: (B, k)
+        logits, keep = one_row_logits(model, row, row[1][:, T - k - 1:T - 1], attention_mask[:, T - k:])
+        logits = logits[None]  # (1, N, V)
         placed = lambda v: v.new_zeros(keep.shape).index_put((keep,), v[0])  # noqa: E731
         logp = placed(token_logprobs(logits, input_ids[:, T - k:][keep][None]))
         return (logp, placed(entropy_from_logits(logits))) if with_entropy else logp
@@ -91,6 +89,16 @@ def rows_as_one_row(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if attention_mask.dim() != 2 or not segments.usable(model, input_ids.device):
         return None
     return segments.rows_one_row(input_ids, attention_mask, shared_prefix if SHARE_PREFIX else 0)
+
+
+def one_row_logits(model, row: tuple, pred: torch.Tensor, next_real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (N, V) of the one-row forward (`rows_as_one_row`'s ``row``) at the row positions
+    ``pred`` of the predicting tokens, where both the token and the one it predicts are real
+    (``next_real``, the mask at the predicted tokens, same shape), and that selection ``keep``."""
+    inputs, _, plan = row
+    keep = (pred >= 0) & next_real.bool()
+    with segments.attending(model, plan):
+        return logits_at(model, pred[keep], **inputs), keep
 
 
 def prefix_shared_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, L: int, **kwargs):
@@ -228,11 +236,7 @@ def labelled_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     rows, cols = labelled.nonzero(as_tuple=True)
     L = shared_prefix
     if position_ids is None and (row := rows_as_one_row(model, input_ids, attention_mask, L)):
-        inputs, where, plan = row
-        pred = where[rows, cols]
-        keep = (pred >= 0) & attention_mask[rows, cols + 1].bool()  # 0 where either token is padding
-        with segments.attending(model, plan):
-            logits = logits_at(model, pred[keep], **inputs)
+        logits, keep = one_row_logits(model, row, row[1][rows, cols], attention_mask[rows, cols + 1])
         logp = token_logprobs(logits[None], input_ids[rows, cols + 1][keep][None])[0]
         return logp.new_zeros(rows.shape).index_put((keep,), logp)
     if position_ids is None and L >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask):
