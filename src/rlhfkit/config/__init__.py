@@ -3,7 +3,7 @@
     cfg = load_config(SFTConfig, "configs/sft.yaml", ["optim.lr=1e-5", "train.batch_size=16"])
 """
 
-from rlhfkit.config.errors import ConfigError
+from rlhfkit.config.errors import ConfigError, under_key
 from rlhfkit.config.loader import (
     build,
     dump_config,

@@ -27,7 +27,7 @@ from typing import Literal, Union
 
 import torch
 
-from rlhfkit.config import ConfigError, PromptsSection, RolloutSection, dump_config
+from rlhfkit.config import ConfigError, PromptsSection, RolloutSection, dump_config, under_key
 from rlhfkit.data import length_batches, load_preference
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection, tax_deltas
@@ -43,7 +43,8 @@ from rlhfkit.eval.stats import (
 from rlhfkit.io import write_json_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
 from rlhfkit.judges.rewards import build_reward_fn
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.judges.sample_scorer import check_scorer_spec
+from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
@@ -189,9 +190,8 @@ def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
     return out
 
 
-def preference_set_accuracy(cfg: EvalConfig, judges: dict) -> dict:
+def preference_set_accuracy(examples: list, judges: dict) -> dict:
     """Accuracy of the proxy and every judge (not the gold one) on the labelled preference set."""
-    examples = load_preference(resolve_source(cfg.preference_set, "preference"))
     out = {}
     for name, (kind, judge) in judges.items():
         out[name] = reward_accuracy(judge, examples) if kind == "point" else judge_accuracy(judge, examples)
@@ -206,11 +206,22 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     device = strategy.device if strategy is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     n = cfg.rollout.n
 
-    # 1. Prompts, judges and the baseline's samples.
+    # 1. Every input read or checked before anything is written or a model loads.
     tokenizer = load_tokenizer(cfg.baseline)
     p = cfg.prompts
     items, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit,
                                        kind="prompts_eval")
+    pairs = load_preference(resolve_source(cfg.preference_set, "preference")) if cfg.preference_set else []
+    tax = AlignmentTax(cfg.alignment_tax, tokenizer, cfg.batch_size, device)
+    for key, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *(("judges", j) for j in cfg.judges)]:
+        with under_key(key):
+            if spec:
+                check_scorer_spec(spec)
+    for spec in cfg.policies:
+        with under_key("policies"):
+            check_model_path(policy_label(spec)[1])
+
+    # 2. Judges and the baseline's samples.
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "eval_config.yaml")
@@ -220,12 +231,11 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     _write_samples(out / "samples-baseline.jsonl", base)
     results = {"baseline": {"model": cfg.baseline, **summarize(base, n)}, "prompts": len(items),
                "prompts_dropped_too_long": dropped, "samples_per_prompt": n, "policies": {}}
-    tax = AlignmentTax(cfg.alignment_tax, tokenizer, cfg.batch_size, device)
     if tax.enabled:
         results["alignment_tax"] = tax.described()
         results["baseline"]["alignment_tax"] = tax.measure(baseline)
 
-    # 2. Each policy: samples, scores, KL to the baseline, win rates.
+    # 3. Each policy: samples, scores, KL to the baseline, win rates.
     for spec in cfg.policies:
         label, path = policy_label(spec)
         model = load_causal_lm(path).to(device).eval()
@@ -239,9 +249,9 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
         if taxed:
             results["policies"][label]["alignment_tax"] = taxed
 
-    # 3. Reward-model / judge accuracy on a labelled set.
-    if cfg.preference_set:
-        results["preference_set"] = preference_set_accuracy(cfg, judges)
+    # 4. Reward-model / judge accuracy on a labelled set.
+    if pairs:
+        results["preference_set"] = preference_set_accuracy(pairs, judges)
     write_json_atomic(out / "eval_results.json", results)
     print(format_table(results))
     return results

@@ -4,6 +4,7 @@ from rlhfkit.judges.reward_set import (
     RewardScores,
     RewardSet,
     build_reward_set,
+    check_reward_set,
     reward_metrics,
 )
 from rlhfkit.judges.rewards import (
@@ -11,6 +12,7 @@ from rlhfkit.judges.rewards import (
     RewardFunctionError,
     RewardSpecError,
     build_reward_fn,
+    check_reward_spec,
     field_columns,
     prompt_text,
     python_reward_fn,
@@ -19,5 +21,5 @@ from rlhfkit.judges.rewards import (
 )
 
 __all__ = ["RewardFn", "RewardFunctionError", "RewardScores", "RewardSet", "RewardSpecError", "build_reward_fn",
-           "build_reward_set", "field_columns", "prompt_text", "python_reward_fn", "reward_metrics",
+           "build_reward_set", "check_reward_set", "check_reward_spec", "field_columns", "prompt_text", "python_reward_fn", "reward_metrics",
            "reward_model_fn", "task_reward_fn"]

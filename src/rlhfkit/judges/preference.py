@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.config import under_key
 from rlhfkit.judges.rewards import chat_ids, prompt_text
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
@@ -151,19 +152,30 @@ class AnnotatorJudge:
 def build_pairwise_judge(spec: str, *, tokenizer=None, device="cpu", batch_size: int = 8, seed: int = 0):
     """``pm:DIR`` (trained by ``rlhfkit pm``; a run dir or its model dir), ``judge:MODEL`` (any causal
     LM used untrained) or ``annotator:TASK`` (the task's simulated annotator)."""
-    kind, _, target = spec.partition(":")
+    kind, target = check_pairwise_spec(spec)
     if kind == "annotator":
-
         return AnnotatorJudge(get_task(target).annotator(seed=seed), spec)
-    if kind not in ("pm", "judge") or not target:
-        raise ValueError(f"pairwise judge {spec!r}: expected pm:DIR, judge:MODEL or annotator:TASK")
-
-    path = Path(target).expanduser()
-    if kind == "pm" and any((path / "model" / f).is_file() for f in ("config.json", "adapter_config.json")):
-        target = str(path / "model")
     tok = load_tokenizer(target) if kind == "pm" or tokenizer is None else tokenizer
     model = load_causal_lm(target).to(device).eval().requires_grad_(False)
     return PairwiseJudge(model, tok, batch_size=batch_size, name=spec)
+
+
+def check_pairwise_spec(spec: str) -> tuple[str, str]:
+    """(kind, target) of a pairwise judge spec, the target of ``pm:RUN_DIR`` being its model
+    directory; refuses, without loading anything, a malformed spec, an unknown task and a model
+    path that holds no model."""
+    kind, _, target = spec.partition(":")
+    if kind not in ("pm", "judge", "annotator") or not target:
+        raise ValueError(f"pairwise judge {spec!r}: expected pm:DIR, judge:MODEL or annotator:TASK")
+    with under_key(f"pairwise judge {spec!r}"):
+        if kind == "annotator":
+            get_task(target)
+            return kind, target
+        path = Path(target).expanduser()
+        if kind == "pm" and any((path / "model" / f).is_file() for f in ("config.json", "adapter_config.json")):
+            target = str(path / "model")
+        check_model_path(target)
+    return kind, target
 
 
 def is_pairwise_spec(spec: str) -> bool:

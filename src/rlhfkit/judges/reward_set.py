@@ -34,7 +34,7 @@ from rlhfkit.judges.reward_fn import (
     RewardFunctionError,
     RewardSpecError,
 )
-from rlhfkit.judges.rewards import build_reward_fn
+from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 
 _ENTRY_KEYS = ("spec", "weight", "name")
 
@@ -145,12 +145,8 @@ def build_reward_set(spec_or_list, *, weights: Sequence[float] | None = None, co
     a mapping ``{"spec": <one of those>, "weight": 1.0, "name": ...}``. weights: one per source
     (then no mapping may carry its own). The other arguments: `RewardSet` and `build_reward_fn`.
     """
-    entries = list(spec_or_list) if isinstance(spec_or_list, (list, tuple)) else [spec_or_list]
-    if not entries:
-        raise RewardSpecError("no reward function given (an empty list)")
     fns, own = [], []
-    for i, entry in enumerate(entries):
-        source, weight, name = _entry(entry, i)
+    for source, weight, name in _entries(spec_or_list):
         fns.append(build_reward_fn(source, name=name, tokenizer=tokenizer, device=device, batch_size=batch_size))
         own.append(weight)
     if weights is not None and any(w is not None for w in own):
@@ -158,6 +154,21 @@ def build_reward_set(spec_or_list, *, weights: Sequence[float] | None = None, co
     if weights is None:
         weights = [1.0 if w is None else w for w in own]
     return RewardSet(fns, weights, combine=combine, unscorable=unscorable)
+
+
+def check_reward_set(spec_or_list) -> None:
+    """Every source of a `build_reward_set` argument through `check_reward_spec` (and the list's
+    own form), without loading a model or running user code."""
+    for source, _, _ in _entries(spec_or_list):
+        check_reward_spec(source)
+
+
+def _entries(spec_or_list) -> list[tuple[str | Callable | RewardFn, float | None, str | None]]:
+    """(source, weight or None, name or None) of each source: one, or a non-empty list."""
+    entries = list(spec_or_list) if isinstance(spec_or_list, (list, tuple)) else [spec_or_list]
+    if not entries:
+        raise RewardSpecError("no reward function given (an empty list)")
+    return [_entry(entry, i) for i, entry in enumerate(entries)]
 
 
 def _entry(entry, i: int) -> tuple[str | Callable | RewardFn, float | None, str | None]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,9 +79,7 @@ def build_reward_fn(spec: str | Callable | RewardFn, *, name: str | None = None,
             raise RewardSpecError(f"reward {type(spec).__name__}: a model object is not a reward function; "
                                   "save it and use rm:DIR, or wrap it in a function of (prompts, responses)")
         return RewardFn(spec, name or default_name(spec), _qualname(spec))
-    if not isinstance(spec, str) or not spec.strip():
-        raise RewardSpecError(f"reward spec is empty: use {SPEC_FORMS}, or a Python function")
-    spec = spec.strip()
+    spec = _nonempty(spec)
     if spec.startswith("rm:"):
         fn = reward_model_fn(spec[3:], tokenizer=tokenizer, device=device, batch_size=batch_size)
     elif spec.startswith("task:"):
@@ -92,17 +91,44 @@ def build_reward_fn(spec: str | Callable | RewardFn, *, name: str | None = None,
     return fn
 
 
-def task_reward_fn(name: str) -> RewardFn:
-    """The gold judge of a built-in task: ``get_task(name).gold_scores(prompts, responses, **fields)``."""
+def check_reward_spec(spec: str | Callable | RewardFn) -> None:
+    """Refuse, as `build_reward_fn` would, a bad spec without loading a model: an ``rm:`` path
+    that holds no reward model, an unknown ``task:``, a malformed string, and a Python function
+    that does not import or does not take (prompts, responses) (its module is imported here, once:
+    building it later reuses the module). Commands call it before they write anything or load a
+    model."""
+    if isinstance(spec, RewardFn) or callable(spec):
+        return
+    spec = _nonempty(spec)
+    if spec.startswith("rm:"):
+        find_rm_dir(spec[3:])
+    elif spec.startswith("task:"):
+        _task(spec[5:])
+    else:
+        python_reward_fn(spec)
+
+
+def _nonempty(spec) -> str:
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardSpecError(f"reward spec is empty: use {SPEC_FORMS}, or a Python function")
+    return spec.strip()
+
+
+def _task(name: str):
     try:
-        task = get_task(name)
+        return get_task(name)
     except ValueError as e:
         raise RewardSpecError(f"reward spec 'task:{name}': {e}") from None
-    return RewardFn(task.gold_scores, f"task:{name}")
+
+
+def task_reward_fn(name: str) -> RewardFn:
+    """The gold judge of a built-in task: ``get_task(name).gold_scores(prompts, responses, **fields)``."""
+    return RewardFn(_task(name).gold_scores, f"task:{name}")
 
 
 def python_reward_fn(spec: str) -> RewardFn:
-    """``module:function`` or ``path/to/file.py:function`` -> RewardFn named after the function."""
+    """``module:function`` or ``path/to/file.py:function`` -> RewardFn named after the function. A
+    module is looked for on the Python path, then in the working directory."""
     target, sep, func_name = spec.rpartition(":")
     if not sep or not target or not func_name:
         raise RewardSpecError(f"reward spec {spec!r}: expected {SPEC_FORMS}")
@@ -113,7 +139,17 @@ def python_reward_fn(spec: str) -> RewardFn:
     return RewardFn(fn, func_name, spec)
 
 
+def _on_path() -> None:
+    """Put the working directory last on the Python path: `rlhfkit` started as a console script
+    does not have it (``python -c`` does), and a reward module usually sits there. Last, so that a
+    file there never shadows an installed package."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def _import(spec: str, target: str):
+    _on_path()
     try:
         return importlib.import_module(target)
     except ImportError as e:
@@ -125,10 +161,15 @@ def _import(spec: str, target: str):
 
 
 def _load_file(spec: str, target: str):
+    """The module of a reward file, executed once per version of the file (path, modification time
+    and size) in this process."""
     path = Path(target).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"reward spec {spec!r}: file {path} not found")
-    mod_name = f"rlhfkit_user_reward_{abs(hash(str(path.resolve())))}"
+    stat = path.stat()
+    mod_name = f"rlhfkit_user_reward_{abs(hash((str(path.resolve()), stat.st_mtime_ns, stat.st_size)))}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[mod_name] = module
@@ -149,5 +190,5 @@ def _syntax(e: SyntaxError) -> str:
 
 
 __all__ = ["RESERVED_FIELDS", "RewardFn", "RewardFunctionError", "RewardModelScorer", "RewardSpecError",
-           "build_reward_fn", "chat_ids", "default_name", "field_columns", "find_rm_dir", "prompt_text",
-           "python_reward_fn", "reward_model_fn", "task_reward_fn", "validate_scores"]
+           "build_reward_fn", "chat_ids", "check_reward_spec", "default_name", "field_columns", "find_rm_dir",
+           "prompt_text", "python_reward_fn", "reward_model_fn", "task_reward_fn", "validate_scores"]

@@ -4,8 +4,17 @@ become per-response scores by a round robin within each prompt's group of n samp
 
 from __future__ import annotations
 
-from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
-from rlhfkit.judges.rewards import build_reward_fn
+from rlhfkit.judges.preference import build_pairwise_judge, check_pairwise_spec, is_pairwise_spec
+from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
+
+
+def check_scorer_spec(spec: str) -> None:
+    """A pointwise spec (`check_reward_spec`) or a pairwise one (`check_pairwise_spec`) checked
+    without loading anything: what `Scorer` and `rlhfkit eval`'s judges accept."""
+    if is_pairwise_spec(spec):
+        check_pairwise_spec(spec)
+    else:
+        check_reward_spec(spec)
 
 
 def round_robin(compare, contexts: list[str], responses: list[str], n: int) -> list[float]:

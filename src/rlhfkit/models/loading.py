@@ -98,22 +98,36 @@ def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
 def resolve_model_path(name: str | os.PathLike) -> str:
     """Map a model name to something ``from_pretrained`` accepts (a directory or a hub id)."""
     s = str(name)
+    check_model_path(s)
     if s in _DEFAULT_ALIASES:
         return str(ensure_default_model())
     if s.endswith(".gguf"):
-        p = Path(s)
-        if not p.is_file():
+        return str(_convert_gguf_cached(Path(s)))
+    p = Path(s).expanduser()
+    if p.exists():
+        # absolute: a LoRA adapter records it as its base_model_name_or_path, loadable from any directory
+        return os.path.abspath(p)
+    return _resolve_hub_id(s)
+
+
+def check_model_path(name: str | os.PathLike) -> None:
+    """What `resolve_model_path` can refuse without converting, downloading or loading anything: a
+    missing .gguf file, a local directory without a model in it, a path that does not exist (a hub
+    id is checked only when it is resolved). Commands call it on every model a run will load later,
+    before they write anything."""
+    s = str(name)
+    if s in _DEFAULT_ALIASES:
+        return
+    if s.endswith(".gguf"):
+        if not Path(s).is_file():
             raise FileNotFoundError(f"GGUF file not found: {s}")
-        return str(_convert_gguf_cached(p))
+        return
     p = Path(s).expanduser()
     if p.exists():
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
-        # absolute: a LoRA adapter records it as its base_model_name_or_path, loadable from any directory
-        return os.path.abspath(p)
-    if s.startswith((".", "/", "~")) or s.count("/") > 1:
+    elif s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
-    return _resolve_hub_id(s)
 
 
 def _resolve_hub_id(repo_id: str) -> str:

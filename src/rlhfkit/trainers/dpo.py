@@ -33,6 +33,7 @@ from rlhfkit.config import (
     OptimSection,
     SFTConfig,
     TrainSection,
+    under_key,
 )
 from rlhfkit.data import (
     PreferenceCollator,
@@ -42,7 +43,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.data.sources import load_sources
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
-from rlhfkit.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.dpo_logps import (
@@ -279,6 +280,9 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     #    starting model's tokenizer, which the SFT stage of sft_first saves unchanged with its model).
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
+    with under_key("dpo.reference"):
+        if cfg.dpo.reference:
+            check_model_path(cfg.dpo.reference)
     run = open_run(cfg, desc, strategy)
 
     # 0. SFT-then-DPO: the SFT model becomes both the starting policy and the reference.

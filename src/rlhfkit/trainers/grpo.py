@@ -42,7 +42,6 @@ from rlhfkit.trainers.pg_setup import (
     PolicyRun,
     Stopwatch,
     Trained,
-    load_ptx,
     prepare_trained,
     prompt_batch,
     setup_run,
@@ -211,8 +210,7 @@ def train_grpo(cfg: GRPOConfig, strategy: Strategy | None = None) -> dict:
     pr = setup_run(cfg, cfg.advantage, strategy)
     actor = prepare_trained(pr, pr.actor, cfg.optim)
     pr.actor = actor.model
-    ptx = load_ptx(cfg.ptx, pr.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
-    result = fit(pr.run, lambda step: grpo_iteration(pr, step, actor, ptx), pr.total,
+    result = fit(pr.run, lambda step: grpo_iteration(pr, step, actor, pr.ptx), pr.total,
                  models={"actor": actor.model},
                  optimizers={"actor": actor.optimizer, "actor_scheduler": actor.scheduler},
                  evaluate=(lambda: evaluate_policy(pr, actor.model)) if pr.eval_prompts else None, show=SHOW)

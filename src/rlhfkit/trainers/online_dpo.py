@@ -50,11 +50,12 @@ from rlhfkit.config import (
     RolloutSection,
     SFTConfig,
     TrainSection,
+    under_key,
 )
 from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
-from rlhfkit.judges.rewards import build_reward_fn
-from rlhfkit.judges.sample_scorer import Scorer
+from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
+from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rng import set_seed
@@ -192,6 +193,11 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
     tokenizer = load_tokenizer(cfg.model.name)
     items, dropped, eval_items = _prompts(cfg, tokenizer)
+    with under_key("scorer"):
+        check_scorer_spec(cfg.scorer)
+    with under_key("gold"):
+        if cfg.gold:
+            check_reward_spec(cfg.gold)
     run = open_run(cfg, "online_dpo", strategy)
     # the outer loop: one step per iteration, a checkpoint after each
     run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,

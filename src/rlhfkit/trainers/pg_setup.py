@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -24,11 +25,12 @@ from rlhfkit.config import (
     RolloutSection,
     SFTConfig,
     TrainSection,
+    under_key,
 )
 from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
 from rlhfkit.data.sources import resolve_source
-from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
+from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import PromptItem, load_prompt_items
@@ -118,6 +120,7 @@ class PolicyRun:
     actor: Any
     ref: Any
     total: int
+    ptx: PTXData | None = None
 
     @property
     def strategy(self):
@@ -157,8 +160,10 @@ def load_actor(model_cfg, device):
     return actor, ref
 
 
-def setup_run(cfg, kind: str, strategy) -> PolicyRun:
-    """Data, reward function, actor + reference. Validates the batch arithmetic against the ranks."""
+def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None) -> PolicyRun:
+    """Data, reward function, actor + reference. Validates the batch arithmetic against the ranks,
+    and reads or checks every input (prompts, PTX data, the reward and gold specs, the other
+    ``models`` the run loads later, by config key) before the run directory is written or a model loads."""
     # Each rank takes whole prompts (a group never straddles ranks) and an equal share of every
     # minibatch, so all ranks make the same number of optimizer steps (each one a collective).
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size (prompts per step)")
@@ -174,6 +179,15 @@ def setup_run(cfg, kind: str, strategy) -> PolicyRun:
     if p.eval:
         eval_prompts, _ = load_prompt_items(p.eval, tokenizer, max_prompt_length=p.max_prompt_length,
                                             limit=p.eval_limit, kind="prompts_eval")
+    ptx = load_ptx(cfg.ptx, tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
+    with under_key("reward.spec"):
+        check_reward_set(cfg.reward.spec)
+    with under_key("reward.gold"):
+        if cfg.reward.gold:
+            check_reward_spec(cfg.reward.gold)
+    for key, name in (models or {}).items():
+        with under_key(key):
+            check_model_path(name)
     run = open_run(cfg, kind, strategy)
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
         reward_fn = build_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None,
@@ -187,7 +201,7 @@ def setup_run(cfg, kind: str, strategy) -> PolicyRun:
     for i, model in enumerate(reward_fn.models):
         strategy.prepare_frozen(model, "reward_model" if i == 0 else f"reward_model_{i}")
     return PolicyRun(cfg, run, tokenizer, prompts, eval_prompts, reward_fn, gold_fn, actor, ref,
-                     total_steps(len(prompts), cfg.train))
+                     total_steps(len(prompts), cfg.train), ptx)
 
 
 @dataclass

@@ -49,7 +49,6 @@ from rlhfkit.trainers.pg_setup import (
     PolicyRun,
     Stopwatch,
     Trained,
-    load_ptx,
     prepare_trained,
     prompt_batch,
     setup_run,
@@ -217,17 +216,16 @@ SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_
 def train_ppo(cfg: PPOConfig, strategy: Strategy | None = None) -> dict:
     """Run PPO; the actor lands in output_dir/model, the critic in output_dir/critic."""
     strategy = strategy or make_strategy(cfg.train, cfg.model)
-    pr = setup_run(cfg, "ppo", strategy)
+    pr = setup_run(cfg, "ppo", strategy, models={"critic_model": cfg.critic_model} if cfg.critic_model else None)
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
         critic_model = load_critic(cfg, pr.tokenizer, strategy.device, actor=pr.actor)
     # both trained models prepared (sharded, engines); the layout describes the actor, prepared last
     critic = prepare_trained(pr, critic_model, cfg.critic_optim)
     actor = prepare_trained(pr, pr.actor, cfg.optim)
     pr.actor = actor.model
-    ptx = load_ptx(cfg.ptx, pr.tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
     kl_ctl = kl_controller(cfg.kl)
 
-    result = fit(pr.run, lambda step: ppo_iteration(pr, step, actor, critic, kl_ctl, ptx), pr.total,
+    result = fit(pr.run, lambda step: ppo_iteration(pr, step, actor, critic, kl_ctl, pr.ptx), pr.total,
                  models={"actor": actor.model, "critic": critic.model},
                  optimizers={"actor": actor.optimizer, "actor_scheduler": actor.scheduler,
                              "critic": critic.optimizer, "critic_scheduler": critic.scheduler},

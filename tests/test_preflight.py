@@ -1,0 +1,100 @@
+"""Every input a command reads later (reward, gold, scorer and judge specs, the other models it
+loads, PTX data, an eval's preference set and alignment-tax data) is checked before the run
+writes anything or loads a model: a bad one is one line naming its key, exit status 2, and no
+output directory."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MISSING = "/nonexistent/rlhfkit-preflight"
+
+
+def _cases(model: str, reward_file: str):
+    ppo = ["ppo", "-c", str(CONFIGS / "ppo.yaml"), f"model.name={model}", "critic_init=policy",
+           "reward.spec=task:sentiment"]
+    online = ["online-dpo", "-c", str(CONFIGS / "online_dpo.yaml"), f"model.name={model}"]
+    ev = ["eval", f"policies=[{model}]", f"baseline={model}", "gold=task:sentiment"]
+    return [
+        ([*ppo, f"reward.spec=rm:{MISSING}"], "reward.spec: rm:"),
+        (["grpo", "-c", str(CONFIGS / "grpo.yaml"), f"model.name={model}", "reward.spec=task:nosuch"],
+         "reward.spec: reward spec 'task:nosuch': unknown task"),
+        (["rloo", "-c", str(CONFIGS / "rloo.yaml"), f"model.name={model}", "reward.spec=task:sentiment",
+          "reward.gold=task:nosuch"], "reward.gold: reward spec 'task:nosuch'"),
+        ([*ppo, f"reward.spec=[task:sentiment, rm:{model}]"], "reward.spec: rm:"),
+        ([*ppo, f"reward.spec={reward_file}:nofunction"], "has no function 'nofunction'"),
+        ([*ppo, f"critic_model={MISSING}"], f"critic_model: model directory not found: {MISSING}"),
+        ([*ppo, "ptx.coef=0.1", f"ptx.data={MISSING}.jsonl"], f"data file not found: {MISSING}.jsonl"),
+        ([*online, f"scorer=pm:{MISSING}"], f"scorer: pairwise judge 'pm:{MISSING}': model directory not found"),
+        ([*online, "scorer=annotator:nosuch"], "scorer: pairwise judge 'annotator:nosuch': unknown task"),
+        ([*online, "gold=task:nosuch"], "gold: reward spec 'task:nosuch'"),
+        (["dpo", "-c", str(CONFIGS / "dpo.yaml"), f"model.name={model}", f"dpo.reference={MISSING}"],
+         f"dpo.reference: model directory not found: {MISSING}"),
+        (["eval", f"policies=[{MISSING}]", f"baseline={model}", "gold=task:sentiment"],
+         f"policies: model directory not found: {MISSING}"),
+        ([*ev, f"judges=[judge:{MISSING}]"], f"judges: pairwise judge 'judge:{MISSING}'"),
+        ([*ev, f"proxy=rm:{model}"], "proxy: rm:"),
+        ([*ev, f"preference_set={MISSING}.jsonl"], "data file not found"),
+        ([*ev, f"alignment_tax.sft_data={MISSING}.jsonl"], "data file not found"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, tiny_model_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    import transformers
+
+    from rlhfkit.cli import main
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def score(prompts, responses):\n    return [0.0 for _ in responses]\n")
+    argv, fragment = _cases(str(tiny_model_dir), str(reward))[case]
+
+    def loaded(*a, **k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_pretrained", loaded)
+    out = tmp_path / "run"
+    assert main([*argv, f"train.output_dir={out}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rlhfkit {argv[0]}: error: ") and fragment in lines[0], lines
+    assert not out.exists()
+
+
+def test_a_reward_module_in_the_working_directory_imports_without_shadowing_packages(tmp_path, monkeypatch):
+    """A console script has neither '' nor the working directory on sys.path: a reward module
+    there is found anyway, after the installed packages (a colorsys.py there does not replace the
+    standard library's)."""
+    from rlhfkit.judges import build_reward_fn, check_reward_spec
+
+    (tmp_path / "preflight_cwd_reward.py").write_text("def score(prompts, responses):\n    return [1.0] * len(responses)\n")
+    (tmp_path / "colorsys.py").write_text("raise RuntimeError('the working directory shadowed colorsys')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    check_reward_spec("preflight_cwd_reward:score")
+    assert build_reward_fn("preflight_cwd_reward:score")(["p"], ["r"]) == [1.0]
+    assert sys.path[-1] == str(tmp_path)
+    assert Path(build_reward_fn("colorsys:rgb_to_yiq").fn.__code__.co_filename).parent != tmp_path
+    monkeypatch.delitem(sys.modules, "preflight_cwd_reward")
+
+
+def test_a_reward_file_runs_once_for_its_check_and_its_build_and_again_when_it_changes(tmp_path):
+    from rlhfkit.judges import build_reward_fn, check_reward_spec
+
+    log = tmp_path / "imported.txt"
+    path = tmp_path / "counted.py"
+    body = ("open({log!r}, 'a').write('x')\n"
+            "def score(prompts, responses):\n    return [{v}] * len(responses)\n")
+    path.write_text(body.format(log=str(log), v=1.0))
+    check_reward_spec(f"{path}:score")
+    assert build_reward_fn(f"{path}:score")(["p"], ["r"]) == [1.0]
+    assert log.read_text() == "x"
+    path.write_text(body.format(log=str(log), v=22.0))
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
+    assert build_reward_fn(f"{path}:score")(["p"], ["r"]) == [22.0]
+    assert log.read_text() == "xx"
