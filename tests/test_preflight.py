@@ -26,6 +26,10 @@ def _cases(model: str, reward_file: str):
           "reward.gold=task:nosuch"], "reward.gold: reward spec 'task:nosuch'"),
         ([*ppo, f"reward.spec=[task:sentiment, rm:{model}]"], "reward.spec: rm:"),
         ([*ppo, f"reward.spec={reward_file}:nofunction"], "has no function 'nofunction'"),
+        ([*ppo, "reward.spec=[{spec: task:sentiment, name: a}, {spec: task:arithmetic, name: a}]"],
+         "reward.spec: two reward functions are named 'a'"),
+        ([*ppo, "reward.spec=[{spec: task:sentiment, weight: 1.0}]", "reward.weights=[2.0]"],
+         "reward.spec: reward weights given twice"),
         ([*ppo, f"critic_model={MISSING}"], f"critic_model: model directory not found: {MISSING}"),
         ([*ppo, "ptx.coef=0.1", f"ptx.data={MISSING}.jsonl"], f"data file not found: {MISSING}.jsonl"),
         ([*online, f"scorer=pm:{MISSING}"], f"scorer: pairwise judge 'pm:{MISSING}': model directory not found"),
@@ -42,7 +46,7 @@ def _cases(model: str, reward_file: str):
     ]
 
 
-@pytest.mark.parametrize("case", range(16))
+@pytest.mark.parametrize("case", range(18))
 def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, tiny_model_dir, tmp_path, capsys,
                                                                            monkeypatch):
     import transformers

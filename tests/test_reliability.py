@@ -249,6 +249,33 @@ def test_resume_identifies_each_of_a_list_of_training_sources(tmp_path):
         open_run(_cfg(tmp_path, f"[{a}, {b}, {a}]", "train.resume=true"), "sft")
 
 
+def test_a_reward_list_of_entries_and_the_online_dpo_scorer_are_identified_by_their_files(tmp_path):
+    """reward.spec as {spec, weight, name} entries fingerprints each entry's spec (it once crashed
+    the run's start); online DPO's scorer (rm:, pm:) is identified by its files, so a scorer
+    retrained in place cannot label the rest of a resumed run."""
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.grpo import GRPOConfig
+    from rlhfkit.trainers.online_dpo import OnlineDPOConfig
+    from rlhfkit.training.rundir import default_sources, differences, fingerprint
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text("{}")
+    (rm / "model.safetensors").write_bytes(b"weights")
+    cfg = load_config(GRPOConfig, data={"reward": {"spec": [{"spec": f"rm:{rm}", "weight": 2.0, "name": "rm"},
+                                                             "task:sentiment"]}})
+    sources = default_sources(cfg)
+    assert sources["reward.spec[0]"] == f"rm:{rm}" and sources["reward.spec[1]"] == "task:sentiment"
+    assert set(fingerprint(cfg, "grpo", sources)["sources"]["reward.spec[0]"]["files"]) == {
+        "config.json", "model.safetensors"}
+    for spec in (f"rm:{rm}", f"pm:{rm}"):
+        online = load_config(OnlineDPOConfig, data={"scorer": spec})
+        before = fingerprint(online, "online_dpo", default_sources(online))
+        (rm / "model.safetensors").write_bytes(b"retrained " + spec.encode())
+        after = fingerprint(online, "online_dpo", default_sources(online))
+        assert differences(before, after) == ["scorer content differs"]
+
+
 def test_resume_allows_what_does_not_change_the_numbers(tmp_path, caplog):
     from rlhfkit.training.rundir import open_run
 

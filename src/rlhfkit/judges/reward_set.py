@@ -33,6 +33,7 @@ from rlhfkit.judges.reward_fn import (
     RewardFn,
     RewardFunctionError,
     RewardSpecError,
+    default_name,
 )
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 
@@ -70,20 +71,7 @@ class RewardSet:
     def __init__(self, fns: Sequence[RewardFn], weights: Sequence[float] | None = None, *,
                  combine: str = "sum", unscorable: str | float = "error"):
         self.fns = list(fns)
-        if not self.fns:
-            raise RewardSpecError("no reward function given")
-        self.weights = _weights(weights, len(self.fns))
-        names = [f.name for f in self.fns]
-        for n in names:
-            if not isinstance(n, str) or not n or "/" in n:
-                raise RewardSpecError(f"reward name {n!r}: must be a non-empty string without '/' (it names metrics)")
-            if names.count(n) > 1:
-                raise RewardSpecError(f"two reward functions are named {n!r}: give one a name "
-                                      "({'spec': ..., 'name': ...})")
-        if combine not in COMBINE_MODES:
-            raise RewardSpecError(f"reward combine {combine!r}: expected one of {', '.join(COMBINE_MODES)}")
-        if not (unscorable in ("error", "nan") or _is_number(unscorable) and math.isfinite(unscorable)):
-            raise RewardSpecError(f"reward unscorable {unscorable!r}: expected 'error', 'nan' or a finite number")
+        self.weights = _check_set([f.name for f in self.fns], weights, combine, unscorable)
         self.combine, self.unscorable = combine, unscorable
 
     names = property(lambda self: [f.name for f in self.fns])
@@ -119,6 +107,23 @@ class RewardSet:
         return self.score(prompts, responses, messages=messages, fields=fields).combined.tolist()
 
 
+def _check_set(names: list, weights, combine: str, unscorable) -> torch.Tensor:
+    """Refuse a set with no function, a bad or repeated name, bad weights or modes; its weights."""
+    if not names:
+        raise RewardSpecError("no reward function given")
+    for n in names:
+        if not isinstance(n, str) or not n or "/" in n:
+            raise RewardSpecError(f"reward name {n!r}: must be a non-empty string without '/' (it names metrics)")
+        if names.count(n) > 1:
+            raise RewardSpecError(f"two reward functions are named {n!r}: give one a name "
+                                  "({'spec': ..., 'name': ...})")
+    if combine not in COMBINE_MODES:
+        raise RewardSpecError(f"reward combine {combine!r}: expected one of {', '.join(COMBINE_MODES)}")
+    if not (unscorable in ("error", "nan") or _is_number(unscorable) and math.isfinite(unscorable)):
+        raise RewardSpecError(f"reward unscorable {unscorable!r}: expected 'error', 'nan' or a finite number")
+    return _weights(weights, len(names))
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -145,22 +150,31 @@ def build_reward_set(spec_or_list, *, weights: Sequence[float] | None = None, co
     a mapping ``{"spec": <one of those>, "weight": 1.0, "name": ...}``. weights: one per source
     (then no mapping may carry its own). The other arguments: `RewardSet` and `build_reward_fn`.
     """
-    fns, own = [], []
-    for source, weight, name in _entries(spec_or_list):
-        fns.append(build_reward_fn(source, name=name, tokenizer=tokenizer, device=device, batch_size=batch_size))
-        own.append(weight)
-    if weights is not None and any(w is not None for w in own):
-        raise RewardSpecError("reward weights given twice: in weights= and in a {'spec', 'weight'} entry")
-    if weights is None:
-        weights = [1.0 if w is None else w for w in own]
+    entries = _entries(spec_or_list)
+    weights = _entry_weights(weights, [w for _, w, _ in entries])
+    fns = [build_reward_fn(source, name=name, tokenizer=tokenizer, device=device, batch_size=batch_size)
+           for source, _, name in entries]
     return RewardSet(fns, weights, combine=combine, unscorable=unscorable)
 
 
-def check_reward_set(spec_or_list) -> None:
-    """Every source of a `build_reward_set` argument through `check_reward_spec` (and the list's
-    own form), without loading a model or running user code."""
-    for source, _, _ in _entries(spec_or_list):
+def check_reward_set(spec_or_list, *, weights: Sequence[float] | None = None, combine: str = "sum",
+                     unscorable: str | float = "error") -> None:
+    """Refuse what `build_reward_set` would refuse, without loading a model: each source through
+    `check_reward_spec`, then the set's names (as the built functions would be named), weights and
+    modes."""
+    entries = _entries(spec_or_list)
+    for source, _, _ in entries:
         check_reward_spec(source)
+    names = [name if name is not None else source.name if isinstance(source, RewardFn) else default_name(source)
+             for source, _, name in entries]
+    _check_set(names, _entry_weights(weights, [w for _, w, _ in entries]), combine, unscorable)
+
+
+def _entry_weights(weights: Sequence[float] | None, own: list) -> Sequence[float]:
+    """``weights`` if given (then no entry may carry its own), else each entry's (1.0 if none)."""
+    if weights is not None and any(w is not None for w in own):
+        raise RewardSpecError("reward weights given twice: in weights= and in a {'spec', 'weight'} entry")
+    return weights if weights is not None else [1.0 if w is None else w for w in own]
 
 
 def _entries(spec_or_list) -> list[tuple[str | Callable | RewardFn, float | None, str | None]]:

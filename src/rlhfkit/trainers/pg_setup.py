@@ -181,7 +181,8 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
                                             limit=p.eval_limit, kind="prompts_eval")
     ptx = load_ptx(cfg.ptx, tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
     with under_key("reward.spec"):
-        check_reward_set(cfg.reward.spec)
+        check_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None, combine=cfg.reward.combine,
+                         unscorable=cfg.reward.unscorable)
     with under_key("reward.gold"):
         if cfg.reward.gold:
             check_reward_spec(cfg.reward.gold)

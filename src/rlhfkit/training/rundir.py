@@ -56,7 +56,7 @@ LENGTH_KEYS = {"train.max_steps", "train.epochs"}
 # Inputs compared by content rather than by the string in the config (a moved file is the same data).
 DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "ptx.data")
 # Models identified by their files as well as by name (a directory retrained in place is another model).
-MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec")
+MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec", "scorer")
 # What `train.overwrite` deletes: every output a trainer writes into its run directory, nothing else.
 RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "metrics.jsonl", "samples.jsonl", "samples-*.jsonl",
                "ref_logps.json", "best", "*_results.json", "*_config.yaml", "*_run.json", "sft", "iter-*", "pm_data",
@@ -238,8 +238,11 @@ def default_sources(cfg: Any) -> dict[str, str]:
         value = flat.get(key)
         if isinstance(value, str) and value:
             out[key] = value
-        elif isinstance(value, list):  # data.train as a list of sources: each one identified
-            out.update({f"{key}[{i}]": spec for i, spec in enumerate(value)})
+        elif isinstance(value, list):  # data.train or reward.spec as a list of sources: each one identified
+            for i, spec in enumerate(value):
+                spec = spec.get("spec") if isinstance(spec, dict) else spec  # a {spec, weight, name} entry
+                if isinstance(spec, str) and spec:
+                    out[f"{key}[{i}]"] = spec
     return out
 
 
@@ -284,8 +287,8 @@ def _local_path(spec: str) -> Path | None:
         name, _, fname = spec[len("task:"):].partition("/")
         p = task_data_dir(name) / fname if fname else task_data_dir(name)
         return p if p.exists() else None
-    if spec.startswith("rm:"):
-        spec = spec[3:]
+    if spec.startswith(("rm:", "pm:", "judge:")):
+        spec = spec.partition(":")[2]
     elif spec.count(":") == 1 and spec.split(":")[0].endswith(".py"):  # file.py:function
         spec = spec.split(":")[0]
     p = Path(spec).expanduser()
