@@ -103,6 +103,11 @@ def test_table_shows_win_rate_with_ci():
                                 "corr_length_gold": 0.2, "win_rate": {"gold": w, "pm:x": w}}}}
     table = format_table(res)
     assert "0.600 [0.550, 0.650]" in table and "win rate by pm:x" in table
+    res["policies"]["a-policy-with-a-long-run-name"] = res["policies"]["dpo"]
+    lines = format_table(res).splitlines()
+    col = lines[1].index("win (gold)")  # each row's win-rate cell starts under the header's
+    assert [(line[:col].rstrip(), line[col - 1], line[col] != " ") for line in lines[3:6]] == [
+        ("baseline", " ", True), ("dpo", " ", True), ("a-policy-with-a-long-run-name", " ", True)], lines
 
 
 def test_eval_of_a_policy_against_itself(tmp_path, tokenizer):

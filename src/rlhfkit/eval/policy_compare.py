@@ -275,12 +275,13 @@ def format_table(results: dict) -> str:
         v = v["mean"] if isinstance(v, dict) else v
         return "-" if v is None else format(v, fmt)
 
-    head = f"{'model':<16} {'win (gold) [95% CI]':<26} {'gold':>7} {'proxy':>7} {'KL':>7} {'len':>6} {'r(len,gold)':>11}"
-    lines = [f"{results['prompts']} prompts x {results['samples_per_prompt']} samples", head, "-" * len(head)]
     rows = [("baseline", results["baseline"], None), *((k, v, v["win_rate"]) for k, v in results["policies"].items())]
+    width = max(16, *(len(name) for name, _, _ in rows))  # the model column fits the longest label
+    head = f"{'model':<{width}} {'win (gold) [95% CI]':<26} {'gold':>7} {'proxy':>7} {'KL':>7} {'len':>6} {'r(len,gold)':>11}"
+    lines = [f"{results['prompts']} prompts x {results['samples_per_prompt']} samples", head, "-" * len(head)]
     for name, r, w in rows:
         win = ci(w["gold"]) if w and "gold" in w else "-"
-        lines.append(f"{name:<16} {win:<26} {num(r, 'gold_mean'):>7} {num(r, 'proxy_mean'):>7} {num(r, 'kl'):>7} "
+        lines.append(f"{name:<{width}} {win:<26} {num(r, 'gold_mean'):>7} {num(r, 'proxy_mean'):>7} {num(r, 'kl'):>7} "
                      f"{num(r, 'length_tokens', '.1f'):>6} {num(r, 'corr_length_gold'):>11}")
     for name, r in results["policies"].items():
         for judge, w in r["win_rate"].items():
