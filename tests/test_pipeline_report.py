@@ -165,8 +165,8 @@ def test_report_renders_in_chromium(tmp_path, tiny_model_dir):
                      "sft_config.yaml", "rm_config.yaml", "wall time"):
         assert expected in run_info, expected
     assert (tmp_path / "shot.png").stat().st_size > 10_000
-    # comparing two runs in one page
-    both = build_report([run, run], tmp_path / "compare.html")
+    # comparing two runs in one page, written into a directory that did not exist
+    both = build_report([run, run], tmp_path / "reports" / "new" / "compare.html")
     assert render(both)["errors"] == []
 
 

@@ -137,6 +137,7 @@ def build_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
             raise FileNotFoundError(f"run directory not found: {r}")
     data = collect(runs)
     target = Path(out) if out else runs[0] / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
     _write(target, render_page(runs, data))
     _write(target.with_name(f"{target.stem}_warnings.json"), json.dumps(data["warnings"], indent=2) + "\n")
     return target
