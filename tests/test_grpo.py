@@ -60,6 +60,30 @@ def test_one_advantage_per_response_centred_in_its_group(tokenizer, tmp_path, mo
         assert torch.all(a[order].diff() >= -1e-6)
 
 
+def _shorter(prompts, responses):
+    return [-float(len(r)) for r in responses]
+
+
+def test_a_reward_function_set_in_python_is_written_by_name_and_resumes(tokenizer, tmp_path):
+    """reward.spec may hold Python callables (the Python API): the run writes its config with the
+    function as module:qualname (no object YAML cannot hold) and fingerprints it the same way in
+    every process, so the run resumes."""
+    import json
+
+    import yaml
+
+    data = base_config(tmp_path, tokenizer, **GRPO_OVER, train={"max_steps": 2, "save_every": 1},
+                       reward={"spec": ["task:sentiment", {"spec": _shorter, "weight": 0.5}]})
+    train_grpo(load_config(GRPOConfig, data=data))
+    written = yaml.safe_load((tmp_path / "run" / "grpo_config.yaml").read_text())
+    assert written["reward"]["spec"] == ["task:sentiment", {"spec": f"{__name__}:_shorter", "weight": 0.5}]
+    data["train"] = {**data["train"], "max_steps": 3, "resume": True}
+    train_grpo(load_config(GRPOConfig, data=data))
+    history = json.loads((tmp_path / "run" / "grpo_run.json").read_text())["history"]
+    assert history[-1]["differences"] == ["train.max_steps 2 -> 3"]
+    assert len(read_metrics(tmp_path / "run")) == 3
+
+
 def test_group_size_must_be_at_least_two(tmp_path):
     with pytest.raises(ConfigError, match="at least 2"):
         load_config(GRPOConfig, data={"rollout": {"n": 1}, "mini_batch_size": 8})

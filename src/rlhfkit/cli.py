@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from rlhfkit.config import ConfigError, load_config
+from rlhfkit.config import ConfigError, load_config, to_dict
 from rlhfkit.config.reference import explained_yaml, help_text
 from rlhfkit.registry import COMMANDS, Command
 
@@ -87,11 +87,9 @@ def run_trainer(name: str, config: str | None, overrides: list[str], resume: boo
         overrides = [*overrides, "train.overwrite=true"]
     cfg = load_config(command.config_class(), config, overrides)
     if print_only:
-        import dataclasses
-
         import yaml
 
-        print(explained_yaml(cfg) if explain else yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="", flush=True)
+        print(explained_yaml(cfg) if explain else yaml.safe_dump(to_dict(cfg), sort_keys=False), end="", flush=True)
         return None
     strategy = make_strategy(cfg.train, getattr(cfg, "model", None))
     return command.runner()(cfg, strategy)

@@ -12,7 +12,6 @@ stage resumes from its latest complete checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from rlhfkit.config import ConfigError, build, load_config, merge, parse_overrides
+from rlhfkit.config import ConfigError, build, dump_config, load_config, merge, parse_overrides
 from rlhfkit.config.extras import require
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
@@ -110,7 +109,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    dump_config(cfg, out / "pipeline.yaml")
     timings: dict[str, float] = {}
     write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # a report of a partial run has it too
     for i, (spec, stage_cfg) in enumerate(stages):

@@ -241,7 +241,20 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data: what is written (``*_config.yaml``), fingerprinted and sent to
+    trackers. A Python callable set in Python (a reward function) appears as ``module:qualname``."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if callable(value):
+        fn = getattr(value, "func", value)  # functools.partial
+        return f"{getattr(fn, '__module__', None) or '?'}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+    return value
 
 
 def dump_config(cfg: Any, path: str | Path) -> None:
