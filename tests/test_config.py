@@ -210,3 +210,18 @@ def test_yaml_syntax_error_is_one_line_with_line_and_column(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(SFTConfig, p)
     assert "\n" not in str(e.value) and "bad.yaml: invalid YAML at line 3, column 1" in str(e.value)
+
+
+def test_a_datasets_object_as_a_data_source_says_how_to_give_it(tmp_path):
+    """TRL takes a datasets.Dataset; a config holds files: the error says how to make one, and the
+    file it names trains."""
+    datasets = pytest.importorskip("datasets")
+    from rlhfkit.data import load_sft
+
+    ds = datasets.Dataset.from_list([{"prompt": f"say {i}", "response": f"{i}"} for i in range(3)])
+    with pytest.raises(ConfigError, match=r"(?s)data\.train: expected string or list, got Dataset .*"
+                                          r"save the dataset with \.to_json\('data\.jsonl'\) and give that path"):
+        load_config(SFTConfig, data={"data": {"train": ds}})
+    ds.to_json(tmp_path / "data.jsonl")
+    cfg = load_config(SFTConfig, data={"data": {"train": str(tmp_path / "data.jsonl")}})
+    assert [ex.messages[-1]["content"] for ex in load_sft(cfg.data.train)] == ["0", "1", "2"]

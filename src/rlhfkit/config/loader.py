@@ -37,6 +37,13 @@ def _describe(tp: Any) -> str:
     return _type_name(tp)
 
 
+def _hint(value: Any) -> str:
+    """What to give instead of an object a config cannot hold, where there is a usual answer."""
+    if type(value).__module__.split(".")[0] == "datasets" and hasattr(value, "to_json"):
+        return " (a data source is a file: save the dataset with .to_json('data.jsonl') and give that path)"
+    return ""
+
+
 def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert ints to floats where a float is wanted."""
     origin = get_origin(tp)
@@ -57,7 +64,7 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{source}: {path}: expected {' or '.join(_describe(a) for a in get_args(tp))}, "
-                          f"got {type(value).__name__} {value!r}")
+                          f"got {type(value).__name__} {value!r}{_hint(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {path}: expected a mapping, got {type(value).__name__}")
