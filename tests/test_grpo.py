@@ -67,14 +67,15 @@ def _shorter(prompts, responses):
 def test_a_reward_function_set_in_python_is_written_by_name_and_resumes(tokenizer, tmp_path):
     """reward.spec may hold Python callables (the Python API): the run writes its config with the
     function as module:qualname (no object YAML cannot hold) and fingerprints it the same way in
-    every process, so the run resumes."""
+    every process, so the run resumes; the trainer returns its metrics as Python numbers."""
     import json
 
     import yaml
 
     data = base_config(tmp_path, tokenizer, **GRPO_OVER, train={"max_steps": 2, "save_every": 1},
                        reward={"spec": ["task:sentiment", {"spec": _shorter, "weight": 0.5}]})
-    train_grpo(load_config(GRPOConfig, data=data))
+    metrics = train_grpo(load_config(GRPOConfig, data=data))
+    assert all(type(v) in (int, float) for v in metrics.values()), metrics  # numbers, as the results file
     written = yaml.safe_load((tmp_path / "run" / "grpo_config.yaml").read_text())
     assert written["reward"]["spec"] == ["task:sentiment", {"spec": f"{__name__}:_shorter", "weight": 0.5}]
     data["train"] = {**data["train"], "max_steps": 3, "resume": True}

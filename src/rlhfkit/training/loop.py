@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from rlhfkit.io import to_builtin
 from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 from rlhfkit.training.logger import RunLogger
 
@@ -69,7 +70,7 @@ class Best:
 
 @dataclass
 class FitResult:
-    metrics: dict  # the last step's metrics (with the last evaluation's)
+    metrics: dict  # the last step's metrics (with the last evaluation's), as Python numbers
     steps: int  # steps done (fewer than planned after early stopping)
     best: dict = field(default_factory=dict)  # {"metric", "step", "value"} with select_best
 
@@ -122,7 +123,7 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
             run.logger.write(f"[{run.kind}] early stopping at step {done}: {best.metric} has not improved "
                              f"for {best.stale} evaluations (best {best.value:.4g} at step {best.step})")
             break
-    result = FitResult(metrics, done)
+    result = FitResult({k: to_builtin(v) for k, v in metrics.items()}, done)  # numbers, not tensors
     if best is not None and best.step is not None:
         result.best = {"metric": best.metric, "step": best.step, "value": best.value}
         if best.step != done:  # the final model is the best one
