@@ -198,7 +198,7 @@ def test_a_fresh_run_refuses_a_used_directory_unless_told_to_overwrite(tmp_path)
     cfg = _cfg(tmp_path, data, "train.overwrite=true")
     run = open_run(cfg, "sft")
     assert not run.resuming and cfg.train.overwrite is False and cfg.train.resume is False
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sft_config.yaml", "sft_run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt", "sft_config.yaml", "sft_run.json"]
 
 
 def test_resume_needs_something_to_resume(tmp_path):
@@ -357,3 +357,50 @@ def test_warmup_starts_above_zero_and_then_follows_transformers(schedule):
     assert theirs[0] == 0.0  # transformers' first update runs at lr 0
     assert ours[:4] == [0.25, 0.5, 0.75, 1.0]  # step k of 4 warmup steps: k/4
     assert ours[4:] == pytest.approx(theirs[4:], abs=1e-12)
+
+
+def test_a_second_process_cannot_open_a_run_directory_in_use(tmp_path):
+    """Two processes in one run directory would mix their checkpoints: while one holds it, another
+    is refused naming the holder's pid; the same process may open it again; once the holder is
+    killed (no clean-up), the directory opens."""
+    import signal
+    import subprocess
+    import sys
+
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom rlhfkit.config import SFTConfig, load_config\n"
+         "from rlhfkit.training.rundir import open_run\n"
+         f"open_run(load_config(SFTConfig, overrides=['data.train={data}', 'train.output_dir={out}', "
+         "'model.name=some/model']), 'sft')\nprint('held', flush=True)\ntime.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=rf"train\.output_dir: {out} is in use by another rlhfkit process "
+                                              rf"\(pid {holder.pid}\)"):
+            open_run(_cfg(tmp_path, data, "train.resume=auto"), "sft")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not open_run(_cfg(tmp_path, data, "train.resume=auto"), "sft").resuming
+    assert not open_run(_cfg(tmp_path, data, "train.resume=auto"), "sft").resuming  # this process holds it
+
+
+def test_a_finished_run_lets_another_process_continue_it(tmp_path, tiny_model_dir, capsys):
+    """`finish` releases the directory: a later process (or a second `main` in this one) resumes it."""
+    import subprocess
+    import sys
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    from rlhfkit.cli import main
+
+    assert main(_sft_args(tiny_model_dir, data, out)) == 0
+    done = subprocess.run([sys.executable, "-m", "rlhfkit.cli", *_sft_args(tiny_model_dir, data, out, "train.max_steps=6",
+                                                                           "--resume")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "sft_run.json").read_text())["history"][-1]["differences"] == ["train.max_steps 4 -> 6"]

@@ -70,6 +70,7 @@ from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
 from rlhfkit.trainers.pg_eval import heldout_metrics
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import fit, open_run
+from rlhfkit.training.runlock import release
 
 
 @dataclass
@@ -246,6 +247,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
         if final != cfg.model.name:
             _link_final(run.out, Path(final))
         write_json_atomic(run.out / "online_dpo_results.json", results)
+        release(run.out)
     strategy.wait()
     return results
 

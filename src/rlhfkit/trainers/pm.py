@@ -35,6 +35,7 @@ from rlhfkit.models import load_tokenizer
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import open_run
+from rlhfkit.training.runlock import release
 
 
 @dataclass
@@ -83,6 +84,7 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
             if cfg.eval_untrained:
                 results["llm_judge"] = _judge_eval(f"judge:{cfg.model.name}", eval_pairs, cfg)
         write_json_atomic(out / "pm_results.json", results)
+        release(out)
         for name in ("pm", "llm_judge"):
             if name in results:
                 r = results[name]

@@ -18,6 +18,7 @@ from rlhfkit.io import write_json_atomic
 from rlhfkit.training.logger import RunLogger
 from rlhfkit.training.optim import StepGuard
 from rlhfkit.training.rundir import open_run as open_rundir
+from rlhfkit.training.runlock import release
 
 
 @dataclass
@@ -62,4 +63,5 @@ def finish(run: Run, models: dict[str, Any], tokenizer, metrics: dict, **results
         final["distributed"] = run.strategy.layout
         final.update(results)
         write_json_atomic(run.out / f"{run.kind}_results.json", final)
+        release(run.out)  # the run is complete: another process may continue or replace it
     run.strategy.wait()

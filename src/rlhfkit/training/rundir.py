@@ -18,7 +18,8 @@ SHA-256, model directories file by file).
     run = open_run(cfg, "sft", is_main=strategy.is_main)   # after the config and data are validated
     run.path, run.resuming, run.checkpoint
 
-`rlhfkit.training.open_run` calls it for every trainer.
+`rlhfkit.training.open_run` calls it for every trainer. The main process then holds the directory
+until it exits: another process that opens it is refused (`training.runlock`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from rlhfkit.config import ConfigError, dump_config, to_dict
 from rlhfkit.data.sources import task_data_dir
 from rlhfkit.training.checkpoint import Checkpointer
 from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
+from rlhfkit.training.runlock import hold
 
 log = logging.getLogger("rlhfkit")
 
@@ -97,6 +99,7 @@ def open_run(cfg: Any, kind: str, *, is_main: bool = True, sources: dict[str, st
     run = plan_run(cfg, kind, sources=sources)
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
+        hold(run.path, RunDirError)  # one process per run directory (`training.runlock`)
         if cfg.train.overwrite:
             run.removed = clear_run(run.path)
             if run.removed:
