@@ -250,3 +250,19 @@ def test_kl_to_baseline_equals_each_row_computed_alone(tokenizer):
         want.append(float((logprobs[i, :r] - lp).sum()))
     for bs in (1, 3, 16):
         assert kl_to_baseline(base, exp, bs) == pytest.approx(want, abs=1e-4), bs
+
+
+@pytest.mark.parametrize("policies, match", [
+    (["x/ppo/model", "y/ppo/model"], r"y/ppo/model and x/ppo/model are both labelled 'ppo': name them"),
+    (["baseline=x/ppo/model"], r"x/ppo/model and base/model are both labelled 'baseline'"),
+])
+def test_two_policies_with_one_label_are_refused(policies, match):
+    """A label names a table row and a samples file: a second policy of the same label would
+    silently replace the first. Named, they both count."""
+    from rlhfkit.config import ConfigError, load_config
+    from rlhfkit.eval.policy_compare import EvalConfig
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(EvalConfig, data={"policies": policies, "baseline": "base/model"})
+    cfg = load_config(EvalConfig, data={"policies": ["a=x/ppo/model", "b=y/ppo/model"], "baseline": "base/model"})
+    assert [policy_label(p)[0] for p in cfg.policies] == ["a", "b"]

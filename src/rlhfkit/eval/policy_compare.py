@@ -97,6 +97,13 @@ class EvalConfig:
             raise ConfigError(f"{where}.policies: name at least one policy to evaluate")
         if not all(isinstance(p, str) and p for p in self.policies + self.judges):
             raise ConfigError(f"{where}: policies and judges must be non-empty strings")
+        seen: dict[str, str] = {"baseline": self.baseline}
+        for spec in self.policies:  # each label names a row and a samples file: two would overwrite one
+            label, path = policy_label(spec)
+            if label in seen:
+                raise ConfigError(f"{where}.policies: {path} and {seen[label]} are both labelled {label!r}: "
+                                  f"name them, e.g. 'NAME={path}'")
+            seen[label] = path
 
 
 # --------------------------------------------------------------------------- pieces
