@@ -53,6 +53,14 @@ def test_pipeline_runs_stages_in_order_and_skips_done(tmp_path, tiny_model_dir, 
     run_pipeline(str(path))
     assert "already done" in capsys.readouterr().out
     assert (run / "rm" / "model" / "model.safetensors").stat().st_mtime == mtime
+    # a finished stage whose config or data changed is not skipped as if it had run with them
+    with pytest.raises(ConfigError, match=r"stage 'rm' finished with another config or inputs \(optim\.lr 0\.001 -> "
+                                          r"0\.002\): to redo it, delete .*rm and the directories of the stages after"):
+        run_pipeline(str(path), ["stages.1.config.optim.lr=0.002"])
+    write_jsonl(sft, [{"prompt": "Name red", "response": "Red."}] * 40)
+    with pytest.raises(ConfigError, match=r"stage 'sft' finished with another config or inputs \(data\.train content"):
+        run_pipeline(str(path))
+    assert (run / "rm" / "model" / "model.safetensors").stat().st_mtime == mtime
 
 
 @pytest.mark.parametrize("mutate,match", [

@@ -6,8 +6,9 @@ A pipeline config names an output directory, a base model and a list of stages. 
 one sub-command (sft, rm, ppo, grpo, dpo, online-dpo, eval, ...) with that command's own config
 as a mapping; ``${base}`` stands for the base model and ``${NAME}`` for the model a stage called
 NAME produced (``<output_dir>/<NAME>/model``). Every stage config is validated before the first
-stage starts, a stage that already finished (``<stage>/DONE``) is not redone, and an interrupted
-stage resumes from its latest complete checkpoint.
+stage starts, a stage that already finished (``<stage>/DONE``) is not redone (and refused if its
+config or inputs changed since), and an interrupted stage resumes from its latest complete
+checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any
 
 import yaml
 
-from rlhfkit.config import ConfigError, build, dump_config, load_config, merge, parse_overrides
+from rlhfkit.config import ConfigError, build, dump_config, load_config, merge, parse_overrides, to_dict
 from rlhfkit.config.extras import require
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
 from rlhfkit.runinfo import write_run_info
+from rlhfkit.training.rundir import RESUMABLE_KEYS, default_sources, differences, fingerprint
 
 
 @dataclass
@@ -94,9 +96,43 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
     return cfg, stages
 
 
+def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:
+    """Refuse to skip a finished stage whose config or inputs have changed since it ran: its outputs
+    (and what later stages made from them) would be reported under a config they did not run
+    with. A training stage is compared by its fingerprint (``*_run.json``: config and inputs'
+    content), an evaluation by the config it wrote."""
+    runs = sorted(stage_dir.glob("*_run.json"))
+    if runs:
+        saved = json.loads(runs[0].read_text())
+        diffs = differences(saved, fingerprint(stage_cfg, saved.get("kind", ""), default_sources(stage_cfg)))
+    else:
+        configs = sorted(stage_dir.glob("*_config.yaml"))
+        saved = yaml.safe_load(configs[0].read_text()) if configs else None
+        diffs = differences({"config": _flat(saved)}, {"config": _flat(to_dict(stage_cfg))}) if saved else []
+    if diffs:
+        raise ConfigError(f"stage {name!r} finished with another config or inputs ({'; '.join(diffs)}): to redo it, "
+                          f"delete {stage_dir} and the directories of the stages after it, or choose another "
+                          "output_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"section.key": value}`` without the settings that do not change results (`RESUMABLE_KEYS`)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif f"{prefix}{k}" not in RESUMABLE_KEYS:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     cfg, stages = plan(path, overrides)
     require("matplotlib", "report", "the pipeline's report.html")  # checked before any stage runs
+    out = Path(cfg.output_dir)
+    for spec, stage_cfg in stages:
+        if (out / spec.name / "DONE").exists():
+            _check_unchanged(spec.name, out / spec.name, stage_cfg)
     strategies: dict = {}
 
     def strategy_for(stage_cfg):
@@ -107,7 +143,6 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
             strategies[key] = make_strategy(train, model)
         return strategies[key]
 
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "pipeline.yaml")
     timings: dict[str, float] = {}
