@@ -109,7 +109,7 @@ def shared_stages(sft: str | None, d: dict, arms) -> list[dict]:
 
 def seed_stages(s: int, d: dict, prompts: str, args) -> list[dict]:
     """The arms of seed ``s`` (``args.arms``) and their evaluation."""
-    P, rollout = args.prompts_per_iteration, {"max_new_tokens": 48, "temperature": 1.0}
+    P, rollout = args.prompts_per_iteration, {"max_new_tokens": 48, "temperature": 1.0, "micro_batch_size": 0}
     stages = [{"name": f"offline-s{s}", "kind": "dpo", "config": {
         "model": {"name": "${sft}"}, "data": {"train": d["train"], "eval": d["heldout"], "max_length": 256},
         "optim": {"lr": 2.0e-5, "schedule": "cosine", "warmup_ratio": 0.1},

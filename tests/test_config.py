@@ -225,3 +225,45 @@ def test_a_datasets_object_as_a_data_source_says_how_to_give_it(tmp_path):
     ds.to_json(tmp_path / "data.jsonl")
     cfg = load_config(SFTConfig, data={"data": {"train": str(tmp_path / "data.jsonl")}})
     assert [ex.messages[-1]["content"] for ex in load_sft(cfg.data.train)] == ["0", "1", "2"]
+
+
+def _sections():
+    """(command, section) for every section whose command gives it defaults of its own."""
+    import dataclasses
+    import typing
+
+    from rlhfkit.registry import COMMANDS
+
+    out = []
+    for name, command in COMMANDS.items():
+        cls = command.config_class()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[f.name]):
+                out.append((name, f.name))
+    return out
+
+
+@pytest.mark.parametrize("command, section", _sections())
+def test_setting_one_key_of_a_section_keeps_the_commands_defaults_for_the_others(command, section):
+    """`rlhfkit grpo optim.lr=1e-3` once reset GRPO's constant schedule to the optim class's
+    cosine one, and `rlhfkit eval rollout.max_new_tokens=64` eval's rollout.n from 2 to 1: a
+    section given in part takes the rest from its command's defaults, on the command line, in
+    YAML and from Python."""
+    import dataclasses
+
+    from rlhfkit.registry import COMMANDS
+
+    from rlhfkit.config.loader import merge
+
+    cls = COMMANDS[command].config_class()
+    required = {"eval": {"policies": ["some/model"]},
+                "ppo": {"reward": {"spec": "task:sentiment"}, "critic_init": "policy"}}.get(
+        command, {"data": {"train": "pairs.jsonl"}} if command in ("sft", "rm", "dpo", "pm") else {})
+    default = dataclasses.asdict(load_config(cls, data=required))
+    key, value = next((k, v) for k, v in default[section].items() if not isinstance(v, (dict, list)))
+    touched = load_config(cls, data=merge(required, {section: {key: value}}))
+    assert dataclasses.asdict(touched) == default
+    if (command, section) == ("grpo", "optim"):
+        cfg = load_config(cls, overrides=["optim.lr=0.001"])
+        assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (0.001, "constant", 0.0)

@@ -134,7 +134,8 @@ def markdown(commands: dict[str, tuple[type, str]]) -> str:
     """docs/configuration.md: one table per sub-command. ``commands``: name -> (config class, help)."""
     out = ["# Configuration reference", "",
            "Every key of every sub-command, its type, default and meaning. Set keys in a YAML file",
-           "(`rlhfkit CMD -c FILE`) or on the command line (`key.path=value`, after the file);",
+           "(`rlhfkit CMD -c FILE`) or on the command line (`key.path=value`, after the file); a key",
+           "left unset keeps the default of its command shown here, also in a section set in part.",
            "`rlhfkit CMD --help` prints the same list and `rlhfkit CMD -c FILE --print-config --explain`",
            "the resolved values with these descriptions. This page is generated from the config classes",
            "(`python -m rlhfkit.config.reference > docs/configuration.md`).", ""]
