@@ -267,3 +267,21 @@ def test_setting_one_key_of_a_section_keeps_the_commands_defaults_for_the_others
     if (command, section) == ("grpo", "optim"):
         cfg = load_config(cls, overrides=["optim.lr=0.001"])
         assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (0.001, "constant", 0.0)
+
+
+@pytest.mark.parametrize("command, over, match", [
+    ("sft", {"data": {"train": "x.jsonl", "eval_fraction": 0.0}}, r"needs held-out data: set data\.eval"),
+    ("dpo", {"data": {"train": "x.jsonl", "eval_fraction": 0.0}}, "needs held-out data"),
+    ("grpo", {}, r"needs held-out prompts: set prompts\.eval"),
+    ("online-dpo", {}, "needs held-out prompts"),
+])
+def test_select_best_without_a_held_out_evaluation_is_refused(command, over, match):
+    """It used to be ignored without a word: the last model was kept, not the best."""
+    from rlhfkit.config.loader import merge
+    from rlhfkit.registry import COMMANDS
+
+    cls = COMMANDS[command].config_class()
+    with pytest.raises(ConfigError, match=r"train\.select_best: eval/loss " + match):
+        load_config(cls, data=merge(over, {"train": {"select_best": "eval/loss"}}))
+    held_out = {"data": {"eval": "y.jsonl"}} if "data" in over else {"prompts": {"eval": "task:sentiment"}}
+    assert load_config(cls, data=merge(merge(over, held_out), {"train": {"select_best": "eval/loss"}}))

@@ -84,7 +84,9 @@ def test_metric_direction():
 def test_unknown_select_best_metric_is_named(tmp_path, tokenizer):
     model = tiny_causal_lm(tokenizer)
     step, evaluate = _scripted(model, [0.1] * 4)
-    with pytest.raises(KeyError, match="eval/acuracy.*eval/score"):
+    from rlhfkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval/acuracy.*eval/score"):  # one line from the CLI, exit status 2
         fit(_run(tmp_path, eval_every=2, select_best="eval/acuracy"), step, 6, models={"model": model},
             optimizers={}, evaluate=evaluate)
 

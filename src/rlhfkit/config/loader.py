@@ -204,9 +204,26 @@ def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
                 raise ConfigError(f"{where}: {out} exists and is not a directory")
         if hasattr(cfg, "validate"):  # the section's own, more specific messages first
             cfg.validate(prefix or "config")
+        if not prefix:
+            _check_held_out(cfg)
         check_numbers(cfg, prefix)
     except ConfigError as e:
         raise type(e)(f"{source}: {e}") from None  # keeps MissingDependency an ImportError
+
+
+def _check_held_out(cfg: Any) -> None:
+    """``train.select_best`` reads a held-out evaluation: refuse it where there is none to read
+    (it would be ignored, and the last model kept)."""
+    metric = getattr(getattr(cfg, "train", None), "select_best", "")
+    data, prompts = getattr(cfg, "data", None), getattr(cfg, "prompts", None)
+    if not metric:
+        return
+    if hasattr(data, "eval_fraction"):
+        if not data.eval and data.eval_fraction <= 0:
+            raise ConfigError(f"train.select_best: {metric} needs held-out data: set data.eval, or data.eval_fraction "
+                              "above 0")
+    elif hasattr(prompts, "eval") and not prompts.eval:
+        raise ConfigError(f"train.select_best: {metric} needs held-out prompts: set prompts.eval")
 
 
 def read_yaml(path: str | Path) -> Any:

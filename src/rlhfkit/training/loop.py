@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from rlhfkit.config import ConfigError
 from rlhfkit.io import to_builtin
 from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 from rlhfkit.training.logger import RunLogger
@@ -50,8 +51,8 @@ class Best:
     def update(self, step: int, metrics: dict) -> bool:
         """Record an evaluation; returns whether it is the new best."""
         if self.metric not in metrics:
-            raise KeyError(f"train.select_best: {self.metric!r} is not among the evaluation metrics "
-                           f"{sorted(k for k in metrics if k.startswith('eval/'))}")
+            raise ConfigError(f"train.select_best: {self.metric!r} is not among the evaluation metrics "
+                              f"{sorted(k for k in metrics if k.startswith('eval/'))}")
         v = float(metrics[self.metric])
         better = math.isfinite(v) and (self.value is None or (v > self.value if self.higher else v < self.value))
         if better:
