@@ -275,12 +275,16 @@ def test_setting_one_key_of_a_section_keeps_the_commands_defaults_for_the_others
     ("grpo", {}, r"needs held-out prompts: set prompts\.eval"),
     ("online-dpo", {}, "needs held-out prompts"),
 ])
-def test_select_best_without_a_held_out_evaluation_is_refused(command, over, match):
-    """It used to be ignored without a word: the last model was kept, not the best."""
+def test_select_best_or_eval_every_without_a_held_out_evaluation_is_refused(command, over, match):
+    """They used to be ignored without a word: no evaluation, and the last model kept, not the best."""
     from rlhfkit.config.loader import merge
     from rlhfkit.registry import COMMANDS
 
     cls = COMMANDS[command].config_class()
+    with pytest.raises(ConfigError, match=r"train\.select_best: eval/loss " + match):
+        load_config(cls, data=merge(over, {"train": {"select_best": "eval/loss", "eval_every": 2}}))
+    with pytest.raises(ConfigError, match=r"train\.eval_every: 2 " + match):
+        load_config(cls, data=merge(over, {"train": {"eval_every": 2}}))
     with pytest.raises(ConfigError, match=r"train\.select_best: eval/loss " + match):
         load_config(cls, data=merge(over, {"train": {"select_best": "eval/loss"}}))
     held_out = {"data": {"eval": "y.jsonl"}} if "data" in over else {"prompts": {"eval": "task:sentiment"}}

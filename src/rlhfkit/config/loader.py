@@ -212,18 +212,19 @@ def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
 
 
 def _check_held_out(cfg: Any) -> None:
-    """``train.select_best`` reads a held-out evaluation: refuse it where there is none to read
-    (it would be ignored, and the last model kept)."""
-    metric = getattr(getattr(cfg, "train", None), "select_best", "")
+    """``train.select_best`` and ``train.eval_every`` read a held-out evaluation: refuse them where
+    there is none to read (they would be ignored: no evaluation, the last model kept)."""
+    train = getattr(cfg, "train", None)
+    asked = [f"train.{k}: {v}" for k, v in (("select_best", getattr(train, "select_best", "")),
+                                             ("eval_every", getattr(train, "eval_every", 0))) if v]
     data, prompts = getattr(cfg, "data", None), getattr(cfg, "prompts", None)
-    if not metric:
+    if not asked:
         return
     if hasattr(data, "eval_fraction"):
         if not data.eval and data.eval_fraction <= 0:
-            raise ConfigError(f"train.select_best: {metric} needs held-out data: set data.eval, or data.eval_fraction "
-                              "above 0")
+            raise ConfigError(f"{asked[0]} needs held-out data: set data.eval, or data.eval_fraction above 0")
     elif hasattr(prompts, "eval") and not prompts.eval:
-        raise ConfigError(f"train.select_best: {metric} needs held-out prompts: set prompts.eval")
+        raise ConfigError(f"{asked[0]} needs held-out prompts: set prompts.eval")
 
 
 def read_yaml(path: str | Path) -> Any:
