@@ -112,7 +112,8 @@ def build(cls, data: dict, prefix: str, source: str):
         extra = f" (did you mean {where}{hint[0]}?)" if hint else ""
         raise ConfigError(f"{source}: {where}{unknown[0]}: unknown key{extra}; known keys: {sorted(names)}")
     kwargs = {}
-    factories = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                 if f.default_factory is not dataclasses.MISSING}
     for k, v in data.items():
         if isinstance(v, dict) and k in factories and dataclasses.is_dataclass(hints[k]):
             # a section given in part keeps this config's own defaults for the rest (GRPO's optim

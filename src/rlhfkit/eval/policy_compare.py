@@ -284,7 +284,8 @@ def format_table(results: dict) -> str:
 
     rows = [("baseline", results["baseline"], None), *((k, v, v["win_rate"]) for k, v in results["policies"].items())]
     width = max(16, *(len(name) for name, _, _ in rows))  # the model column fits the longest label
-    head = f"{'model':<{width}} {'win (gold) [95% CI]':<26} {'gold':>7} {'proxy':>7} {'KL':>7} {'len':>6} {'r(len,gold)':>11}"
+    head = (f"{'model':<{width}} {'win (gold) [95% CI]':<26} {'gold':>7} {'proxy':>7} {'KL':>7} {'len':>6} "
+            f"{'r(len,gold)':>11}")
     lines = [f"{results['prompts']} prompts x {results['samples_per_prompt']} samples", head, "-" * len(head)]
     for name, r, w in rows:
         win = ci(w["gold"]) if w and "gold" in w else "-"

@@ -21,5 +21,5 @@ from rlhfkit.judges.rewards import (
 )
 
 __all__ = ["RewardFn", "RewardFunctionError", "RewardScores", "RewardSet", "RewardSpecError", "build_reward_fn",
-           "build_reward_set", "check_reward_set", "check_reward_spec", "field_columns", "prompt_text", "python_reward_fn", "reward_metrics",
-           "reward_model_fn", "task_reward_fn"]
+           "build_reward_set", "check_reward_set", "check_reward_spec", "field_columns", "prompt_text",
+           "python_reward_fn", "reward_metrics", "reward_model_fn", "task_reward_fn"]
