@@ -165,3 +165,26 @@ def test_dpo_prints_its_truncation_summary(tmp_path, tiny_model_dir, capsys):
 
     assert main(_dpo_args(tiny_model_dir, long, tmp_path / "run", "data.truncation=right", "data.max_length=32")) == 0
     assert "[dpo] train truncation (max_length 32): " in capsys.readouterr().out
+
+
+def test_deepspeeds_cpu_fallback_note_is_dropped_and_nothing_else():
+    """transformers' save imports DeepSpeed when it is installed, which then warns on every CPU run
+    that it falls back to the CPU; rlhfkit drops that one line, no other DeepSpeed message."""
+    import logging
+
+    import rlhfkit  # noqa: F401  (installs the filter)
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    ds, handler = logging.getLogger("DeepSpeed"), Keep()
+    ds.addHandler(handler)
+    try:
+        ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        ds.warning("ZeRO stage 2: something else")
+    finally:
+        ds.removeHandler(handler)
+    assert seen == ["ZeRO stage 2: something else"]
