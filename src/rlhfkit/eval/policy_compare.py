@@ -48,6 +48,7 @@ from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
+from rlhfkit.training.runlock import hold, release
 
 
 @dataclass
@@ -231,6 +232,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     # 2. Judges and the baseline's samples.
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    hold(out, ConfigError)  # one process per output directory (`training.runlock`)
     dump_config(cfg, out / "eval_config.yaml")
     judges = build_judges(cfg, tokenizer, device)
     baseline = load_causal_lm(cfg.baseline).to(device).eval()
@@ -260,6 +262,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     if pairs:
         results["preference_set"] = preference_set_accuracy(pairs, judges)
     write_json_atomic(out / "eval_results.json", results)
+    release(out)
     print(format_table(results))
     return results
 
