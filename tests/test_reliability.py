@@ -256,7 +256,7 @@ def test_a_reward_list_of_entries_and_the_online_dpo_scorer_are_identified_by_th
     from rlhfkit.config import load_config
     from rlhfkit.trainers.grpo import GRPOConfig
     from rlhfkit.trainers.online_dpo import OnlineDPOConfig
-    from rlhfkit.training.rundir import default_sources, differences, fingerprint
+    from rlhfkit.training.fingerprint import default_sources, differences, fingerprint
 
     rm = tmp_path / "rm"
     rm.mkdir()

@@ -27,7 +27,7 @@ from rlhfkit.config.extras import require
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
 from rlhfkit.runinfo import write_run_info
-from rlhfkit.training.rundir import RESUMABLE_KEYS, default_sources, differences, fingerprint
+from rlhfkit.training.fingerprint import RESUMABLE_KEYS, default_sources, differences, fingerprint, flatten
 
 
 @dataclass
@@ -108,22 +108,17 @@ def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:
     else:
         configs = sorted(stage_dir.glob("*_config.yaml"))
         saved = yaml.safe_load(configs[0].read_text()) if configs else None
-        diffs = differences({"config": _flat(saved)}, {"config": _flat(to_dict(stage_cfg))}) if saved else []
+        now = {"config": _results_config(to_dict(stage_cfg))}
+        diffs = differences({"config": _results_config(saved)}, now) if saved else []
     if diffs:
         raise ConfigError(f"stage {name!r} finished with another config or inputs ({'; '.join(diffs)}): to redo it, "
                           f"delete {stage_dir} and the directories of the stages after it, or choose another "
                           "output_dir")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """``{"section.key": value}`` without the settings that do not change results (`RESUMABLE_KEYS`)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif f"{prefix}{k}" not in RESUMABLE_KEYS:
-            out[f"{prefix}{k}"] = v
-    return out
+def _results_config(d: dict) -> dict:
+    """A config mapping, flat, without the settings that do not change results (`RESUMABLE_KEYS`)."""
+    return {k: v for k, v in flatten(d).items() if k not in RESUMABLE_KEYS}
 
 
 def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:

@@ -63,7 +63,7 @@ from rlhfkit.training import (
     prepare_optimization,
     total_steps,
 )
-from rlhfkit.training.rundir import identify
+from rlhfkit.training.fingerprint import identify
 
 
 @dataclass

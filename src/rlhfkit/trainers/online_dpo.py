@@ -194,11 +194,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
     tokenizer = load_tokenizer(cfg.model.name)
     items, dropped, eval_items = _prompts(cfg, tokenizer)
-    with under_key("scorer"):
-        check_scorer_spec(cfg.scorer)
-    with under_key("gold"):
-        if cfg.gold:
-            check_reward_spec(cfg.gold)
+    _check_judges(cfg)
     run = open_run(cfg, "online_dpo", strategy)
     # the outer loop: one step per iteration, a checkpoint after each
     run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,
@@ -250,6 +246,15 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
         release(run.out)
     strategy.wait()
     return results
+
+
+def _check_judges(cfg: OnlineDPOConfig) -> None:
+    """The scorer and gold specs, checked before the run writes anything or loads a model."""
+    with under_key("scorer"):
+        check_scorer_spec(cfg.scorer)
+    with under_key("gold"):
+        if cfg.gold:
+            check_reward_spec(cfg.gold)
 
 
 def _prompts(cfg: OnlineDPOConfig, tokenizer) -> tuple[list, int, list]:

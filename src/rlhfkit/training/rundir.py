@@ -2,8 +2,8 @@
 
 A run of kind K (sft, rm, dpo, ...) in ``train.output_dir`` leaves ``K_config.yaml`` (the config
 it ran with), ``K_run.json`` (its fingerprint), checkpoints, metrics, results and models.
-The fingerprint is the resolved config minus `RESUMABLE_KEYS` (settings that may change between
-a run and its continuation) and the identity of its inputs (`identify`: data files by size and
+The fingerprint (`training.fingerprint`) is the resolved config minus the settings that may change
+between a run and its continuation, and the identity of its inputs (data files by size and
 SHA-256, model directories file by file).
 
 `open_run` takes the decisions before a trainer writes anything, and refuses with one line
@@ -19,53 +19,33 @@ SHA-256, model directories file by file).
     run.path, run.resuming, run.checkpoint
 
 `rlhfkit.training.open_run` calls it for every trainer. The main process then holds the directory
-until it exits: another process that opens it is refused (`training.runlock`).
+until the run's results are written: another process that opens it is refused (`training.runlock`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.config import ConfigError, dump_config, to_dict
-from rlhfkit.data.sources import task_data_dir
+from rlhfkit.config import ConfigError, dump_config
 from rlhfkit.training.checkpoint import Checkpointer
 from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
+from rlhfkit.training.fingerprint import LENGTH_KEYS, default_sources, differences, fingerprint
 from rlhfkit.training.runlock import hold
 
 log = logging.getLogger("rlhfkit")
 
-RECORD_VERSION = 1
-# Config keys left out of the fingerprint: how the run is driven, logged, checkpointed and laid
-# out over processes, none of which changes the numbers it computes (micro_batch_size only
-# splits the same global batch; a checkpoint resumes on any FSDP / ZeRO / DDP layout).
-RESUMABLE_KEYS = {
-    "train.resume", "train.overwrite", "train.resume_mismatch_ok", "train.progress", "train.output_dir",
-    "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.fsdp",
-    "train.zero_stage", "train.micro_batch_size", "model.gradient_checkpointing", "train.select_best_mode",
-}
-# The run's length may change on resume (to continue a finished run for longer, or end it sooner):
-# said in a warning, not refused; the learning-rate schedule then follows the new length.
-LENGTH_KEYS = {"train.max_steps", "train.epochs"}
-# Inputs compared by content rather than by the string in the config (a moved file is the same data).
-DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "ptx.data")
-# Models identified by their files as well as by name (a directory retrained in place is another model).
-MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec", "scorer")
 # What `train.overwrite` deletes: every output a trainer writes into its run directory, nothing else.
 RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "metrics.jsonl", "samples.jsonl", "samples-*.jsonl",
                "ref_logps.json", "best", "*_results.json", "*_config.yaml", "*_run.json", "sft", "iter-*", "pm_data",
                "DONE", "report.html", ".*.tmp-*", ".*.old-*")
 # Stages that a run of this kind nests in sub-directories (progress to continue, like a checkpoint).
 NESTED = {"dpo": ("sft",), "online_dpo": ("iter-*",)}
-_FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones are sampled
 
 
 class RunDirError(ConfigError):
@@ -204,154 +184,6 @@ def remove_leftovers(path: Path) -> list[str]:
         shutil.rmtree(p, ignore_errors=True)
         found.append(p.name)
     return found
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-def flat_config(cfg: Any) -> dict[str, Any]:
-    """The config as ``{"section.key": value}``, without `RESUMABLE_KEYS` and `DATA_KEYS`."""
-    out: dict[str, Any] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                walk(v, f"{key}.")
-            elif key not in RESUMABLE_KEYS and key not in DATA_KEYS:
-                out[key] = v
-
-    walk(to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg), "")
-    return out
-
-
-def default_sources(cfg: Any) -> dict[str, str]:
-    """The data and model specs of ``cfg`` whose identity is fingerprinted (`DATA_KEYS`, `MODEL_KEYS`)."""
-    flat = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(to_dict(cfg), "")
-    out = {}
-    for key in (*DATA_KEYS, *MODEL_KEYS):
-        value = flat.get(key)
-        if isinstance(value, str) and value:
-            out[key] = value
-        elif isinstance(value, list):  # data.train or reward.spec as a list of sources: each one identified
-            for i, spec in enumerate(value):
-                spec = spec.get("spec") if isinstance(spec, dict) else spec  # a {spec, weight, name} entry
-                if isinstance(spec, str) and spec:
-                    out[f"{key}[{i}]"] = spec
-    return out
-
-
-def fingerprint(cfg: Any, kind: str, sources: dict[str, str]) -> dict:
-    config = flat_config(cfg)
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return {"version": RECORD_VERSION, "kind": kind, "created": round(time.time(), 3),
-            "config_sha256": hashlib.sha256(blob).hexdigest(), "config": config,
-            "sources": {name: identify(spec) for name, spec in sorted(sources.items())}}
-
-
-def identify(spec: str) -> dict:
-    """The identity of a data or model spec: files by size and digest, directories file by file
-    (a run directory by its ``model/``), ``task:NAME`` by its shipped data, anything else
-    (a hub id, ``hf:`` data, a named template, a Python reward) by its name."""
-    path = _local_path(spec)
-    if path is None:
-        return {"spec": spec}
-    if path.is_file():
-        return {"spec": spec, "path": str(path.resolve()), "size": path.stat().st_size, "digest": file_digest(path)}
-    files = {rel: {"size": p.stat().st_size, "digest": file_digest(p)} for rel, p in _files(path, depth=2)}
-    return {"spec": spec, "path": str(path.resolve()), "files": files}
-
-
-def _files(root: Path, depth: int) -> list[tuple[str, Path]]:
-    """(relative name, path) of the files in ``root`` and its sub-directories down to ``depth``
-    levels, hidden ones (temporary writes) left out."""
-    out = []
-    for p in sorted(root.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if p.is_file():
-            out.append((p.name, p))
-        elif p.is_dir() and depth > 1:
-            out += [(f"{p.name}/{rel}", q) for rel, q in _files(p, depth - 1)]
-    return out
-
-
-def _local_path(spec: str) -> Path | None:
-    if spec.startswith("task:"):
-
-        name, _, fname = spec[len("task:"):].partition("/")
-        p = task_data_dir(name) / fname if fname else task_data_dir(name)
-        return p if p.exists() else None
-    if spec.startswith(("rm:", "pm:", "judge:")):
-        spec = spec.partition(":")[2]
-    elif spec.count(":") == 1 and spec.split(":")[0].endswith(".py"):  # file.py:function
-        spec = spec.split(":")[0]
-    p = Path(spec).expanduser()
-    if not p.exists():
-        return None
-    if p.is_dir() and (p / "model").is_dir() and not (p / "config.json").is_file():
-        p = p / "model"  # a run directory named for its model (rm:RUN_DIR)
-    return p
-
-
-def file_digest(path: Path) -> str:
-    """``sha256:HEX`` of the whole file up to 64 MiB; above that ``sampled-sha256:HEX`` of its size,
-    first and last 4 MiB and 32 blocks of 256 KiB spread evenly between (model weights: a retrained
-    model differs almost everywhere, and reading 12 MiB of a 500 MiB file is cheap)."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= _FULL_HASH_BYTES:
-            while block := f.read(1 << 20):
-                h.update(block)
-            return f"sha256:{h.hexdigest()}"
-        h.update(str(size).encode())
-        edge, block = 4 << 20, 256 << 10
-        offsets = [0, *(edge + i * (size - 2 * edge - block) // 31 for i in range(32)), size - edge]
-        for off in offsets:
-            f.seek(off)
-            h.update(f.read(edge if off in (0, size - edge) else block))
-    return f"sampled-sha256:{h.hexdigest()}"
-
-
-def differences(old: dict, new: dict) -> list[str]:
-    """What differs between two fingerprints, one short phrase each."""
-    diffs = []
-    oc, nc = old.get("config", {}), new.get("config", {})
-    for key in sorted(set(oc) | set(nc)):
-        if oc.get(key, "<unset>") != nc.get(key, "<unset>"):
-            diffs.append(f"{key} {_short(oc.get(key, '<unset>'))} -> {_short(nc.get(key, '<unset>'))}")
-    os_, ns = old.get("sources", {}), new.get("sources", {})
-    for key in sorted(set(os_) | set(ns)):
-        a, b = os_.get(key), ns.get(key)
-        if a is None or b is None:
-            diffs.append(f"{key} {'added' if a is None else 'removed'}")
-        elif _content(a) != _content(b):
-            sizes = f" (size {a['size']} -> {b['size']})" if "size" in a and "size" in b and a["size"] != b["size"] else ""
-            diffs.append(f"{key} content differs{sizes}" if "path" in a and "path" in b else
-                         f"{key} {_short(a['spec'])} -> {_short(b['spec'])}")
-    return diffs
-
-
-def _content(ident: dict) -> Any:
-    if "digest" in ident:
-        return ident["digest"]
-    if "files" in ident:
-        return ident["files"]
-    return ident["spec"]
-
-
-def _short(v: Any, n: int = 40) -> str:
-    s = json.dumps(v, default=str) if not isinstance(v, str) else v
-    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool) -> None:
