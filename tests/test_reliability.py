@@ -201,6 +201,19 @@ def test_a_fresh_run_refuses_a_used_directory_unless_told_to_overwrite(tmp_path)
     assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt", "sft_config.yaml", "sft_run.json"]
 
 
+def test_overwrite_deletes_nothing_that_no_run_recorded(tmp_path):
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)  # a user's own model where the run is pointed, no run record
+    (out / "model" / "config.json").write_text("{}")
+    (out / "tb").mkdir()
+    with pytest.raises(RunDirError, match=r"train.overwrite: .*run holds model/, tb/ but no rlhfkit run record"):
+        open_run(_cfg(tmp_path, data, "train.overwrite=true"), "sft")
+    assert sorted(p.name for p in out.iterdir()) == ["model", "tb"] and (out / "model" / "config.json").is_file()
+
+
 def test_resume_needs_something_to_resume(tmp_path):
     from rlhfkit.training.rundir import RunDirError, open_run
 

@@ -104,6 +104,7 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
     if train.overwrite:
         if train.resume is True:
             raise RunDirError("train.resume and train.overwrite: choose one (continue the run, or delete it)")
+        _check_ours(path)
         return RunDir(path, kind, resuming=False, record=record)
 
     checkpoint = Checkpointer(path).latest() if path.is_dir() else None
@@ -152,6 +153,18 @@ def _outputs(path: Path) -> list[str]:
     found += sorted(p.name for p in path.glob("*_results.json"))
     found += sorted(f"{p.name}/" for pattern in {"sft", "iter-*"} for p in path.glob(pattern) if p.is_dir())
     return found
+
+
+def _check_ours(path: Path) -> None:
+    """`train.overwrite` deletes only what a run wrote: a directory whose outputs no rlhfkit run
+    recorded (no ``*_run.json``: e.g. a user's own ``model/`` in the working directory) is refused."""
+    if not path.is_dir() or any(path.glob("*_run.json")):
+        return
+    found = sorted({p.name + ("/" if p.is_dir() else "") for pattern in RUN_OUTPUTS for p in path.glob(pattern)
+                    if not p.name.startswith(".")})
+    if found:
+        raise RunDirError(f"train.overwrite: {path} holds {', '.join(found)} but no rlhfkit run record (*_run.json): "
+                          "not deleting what another program wrote; choose another train.output_dir")
 
 
 def _nested_progress(path: Path, kind: str) -> list[str]:
