@@ -296,3 +296,21 @@ def test_an_eval_directory_in_use_by_another_process_is_refused(tmp_path, tiny_m
     finally:
         holder.communicate("\n")
     assert run_eval(cfg)["policies"]["a"] and str(out.resolve()) not in _HELD
+
+
+def test_a_second_eval_in_one_directory_replaces_the_first(tmp_path, tiny_model_dir):
+    """Evaluating again into a directory replaces the earlier evaluation's results and samples:
+    a policy it had that this one has not leaves no samples file for the report to pick up."""
+    from rlhfkit.config import load_config
+    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+
+    out = tmp_path / "eval"
+    common = [f"baseline={tiny_model_dir}", "prompts.limit=2", "rollout.n=1", "rollout.max_new_tokens=2",
+              f"train.output_dir={out}"]
+    run_eval(load_config(EvalConfig, overrides=[f"policies=[a={tiny_model_dir},b={tiny_model_dir}]", *common]))
+    assert (out / "samples-b.jsonl").is_file()
+    (out / "notes.txt").write_text("mine")
+    results = run_eval(load_config(EvalConfig, overrides=[f"policies=[a={tiny_model_dir}]", *common]))
+    assert list(results["policies"]) == ["a"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "eval_config.yaml", "eval_results.json", "notes.txt", "samples-a.jsonl", "samples-baseline.jsonl"]

@@ -21,6 +21,7 @@ Writes ``eval_results.json`` and one ``samples-NAME.jsonl`` per model; prints a 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
@@ -50,6 +51,7 @@ from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
 from rlhfkit.training.runlock import hold, release
 
+log = logging.getLogger("rlhfkit")
 
 @dataclass
 class EvalRunSection:
@@ -233,6 +235,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     hold(out, ConfigError)  # one process per output directory (`training.runlock`)
+    _clear_previous(out)
     dump_config(cfg, out / "eval_config.yaml")
     judges = build_judges(cfg, tokenizer, device)
     baseline = load_causal_lm(cfg.baseline).to(device).eval()
@@ -265,6 +268,18 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     release(out)
     print(format_table(results))
     return results
+
+
+def _clear_previous(out: Path) -> None:
+    """An earlier evaluation's results and samples in ``out`` are replaced, not mixed with this
+    one's: a policy it had and this one has not would otherwise leave its samples behind."""
+    if not (out / "eval_config.yaml").is_file():
+        return  # no evaluation wrote here: nothing of ours to delete
+    old = sorted(out.glob("samples-*.jsonl")) + [p for p in [out / "eval_results.json"] if p.is_file()]
+    for p in old:
+        p.unlink()
+    if old:
+        log.info("deleted the previous evaluation's %s from %s", ", ".join(p.name for p in old), out)
 
 
 def _write_samples(path: Path, s: dict) -> None:
