@@ -176,6 +176,34 @@ def test_hh_message_transcripts_and_other_common_shapes():
     assert got[3] == PreferenceExample(HH_PROMPT[-1:], "6.", "7, I think.")
 
 
+def test_a_prompt_with_full_hh_transcripts_trains_on_the_replies_alone():
+    """HH-RLHF as many copies ship it: a prompt column and chosen / rejected that repeat it in full."""
+    want = PreferenceExample(HH_PROMPT, "6.", "7, I think.")
+    hh_prompt = HH_CHOSEN.rsplit(" 6.", 1)[0]
+    got = load_preference([{"prompt": hh_prompt, "chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                           {"prompt": "And 3+3?", "chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    assert got[0] == want and got[1] == want
+    with pytest.raises(DataError, match=r"'chosen'.*does not match 'prompt'"):
+        load_preference([{"prompt": "What is 5+5?", "chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+
+
+def test_csv_cells_holding_message_lists_are_read_as_lists(tmp_path):
+    """pandas' to_csv writes a column of message lists as their Python repr: read back as the lists,
+    never as reply text; a cell that is neither JSON nor a literal is refused, naming line and field."""
+    import pandas as pd
+
+    rows = [{"prompt": [HH_PROMPT[-1]], "chosen": [HH_PROMPT[-1], {"role": "assistant", "content": "6."}],
+             "rejected": json.dumps([HH_PROMPT[-1], {"role": "assistant", "content": "7, I think."}])},
+            {"prompt": "Name a bracket", "chosen": "[", "rejected": "[{ is two"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "uf.csv", index=False)
+    got = load_preference(tmp_path / "uf.csv")
+    assert got[0] == PreferenceExample(HH_PROMPT[-1:], "6.", "7, I think.")
+    assert (got[1].chosen, got[1].rejected) == ("[", "[{ is two")
+    (tmp_path / "np.csv").write_text('prompt,chosen,rejected\np,"[{\'role\': \'user\', \'content\': \'a\'}\n '
+                                     '{\'role\': \'assistant\', \'content\': \'b\'}]",c\n')
+    raises_at(load_preference, tmp_path / "np.csv", 2, "chosen", "neither JSON nor a Python literal")
+
+
 def test_sft_from_preference_trains_on_chosen():
     ex = load_preference(PAIRS[:1])[0]
     assert sft_from_preference([ex])[0] == SFTExample([*ex.prompt, {"role": "assistant", "content": "4"}])

@@ -111,8 +111,8 @@ def parse_preference(records: Iterable[Record]) -> list[PreferenceExample]:
 
     Accepted:
     - ``{"prompt", "chosen", "rejected"}``: prompt a string or messages; chosen / rejected strings,
-      a single assistant message, or full transcripts (messages whose last turn is the reply and
-      whose earlier turns repeat the prompt);
+      a single assistant message, or full transcripts (messages, or "\n\nHuman: ..." strings,
+      whose last turn is the reply and whose earlier turns repeat the prompt);
     - ``{"chosen", "rejected"}`` without a prompt (Anthropic HH style): two full conversations,
       as message lists or "\\n\\nHuman: ...\\n\\nAssistant: ..." strings, split at the last
       assistant turn; the turns before it must be identical in both.
@@ -140,6 +140,8 @@ def _pair_with_prompt(d: dict, o) -> tuple[list[dict], str, str]:
     replies, prefixes = {}, {}
     for key in ("chosen", "rejected"):
         value = d[key]
+        if isinstance(value, str) and is_transcript_string(value):  # "\n\nHuman: ...\n\nAssistant: ..." in full
+            value = parse_transcript_string(check_text(value, o, key), o, key)
         if isinstance(value, list) and len(value) > 1:
             prefixes[key], replies[key] = _split_transcript(value, o, key)
         else:

@@ -4,7 +4,8 @@ Supported sources (`load_records`):
 - ``*.jsonl`` / ``*.ndjson``: one JSON object per line (blank lines skipped, numbering kept);
 - ``*.json``: a list of objects, or ``{"data": [...]}``;
 - ``*.parquet``: one record per row (nested message lists come back as lists of dicts);
-- ``*.csv`` / ``*.tsv``: one record per row, header = field names; an empty cell means "absent";
+- ``*.csv`` / ``*.tsv``: one record per row, header = field names; an empty cell means "absent"; a
+  cell holding a list of messages as JSON or as Python's repr (pandas' ``to_csv``) is read as that list;
 - a ``datasets.Dataset`` or ``datasets.DatasetDict`` object;
 - ``"hf:org/name[@config][:split]"``: ``datasets.load_dataset`` (needs the hub or a local cache);
 - a list of dicts (in-memory, e.g. pairs built by online DPO).
@@ -12,8 +13,10 @@ Supported sources (`load_records`):
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +184,30 @@ def _read_csv(path: Path, name: str) -> Iterator[Record]:
                 raise DataError(f"expected {len(header)} columns (as in the header), got {len(row)}",
                                 source=name, line=start)
             # CSV has no null: an empty cell means the field is absent.
-            yield Record({k: (v if v != "" else None) for k, v in zip(header, row)}, name, start)
+            yield Record({k: _cell(v, name, start, k) for k, v in zip(header, row)}, name, start)
+
+
+_MESSAGES_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
+
+
+def _cell(text: str, name: str, line: int, key: str):
+    """A CSV cell: text, None when empty, or a list of messages when the cell holds one written out
+    as JSON or as Python's repr (what pandas' ``to_csv`` writes for a column of message lists).
+    Read as data (``json``, ``ast.literal_eval``), never run."""
+    if text == "":
+        return None
+    if not _MESSAGES_TEXT.match(text):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise DataError("the cell looks like a list of messages but is neither JSON nor a Python literal (numpy "
+                        "arrays print without commas); save the data as JSONL or parquet",
+                        source=name, line=line, field=key) from None
 
 
 def _is_hf_dataset(obj) -> bool:
