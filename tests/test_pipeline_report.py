@@ -101,17 +101,20 @@ def _fake_eval(stage_dir, eos_frac=0.9):
                     [{"prompt": p, "response": text + " " * rng.randint(0, 9), "gold": rng.random()} for p in prompts])
 
 
-def _stage(run, name, kind, rows, config=None):
+def _stage(run, name, kind, rows, config=None, finished=True):
     d = run / name
     d.mkdir(parents=True)
     write_jsonl(d / "metrics.jsonl", rows)
     (d / f"{kind}_config.yaml").write_text(yaml.safe_dump(config or {"model": {"name": "m"}}))
+    if finished:
+        (d / f"{kind}_results.json").write_text("{}")
 
 
 def _synthetic_run(run, healthy: bool):
     """A run directory with sft, rm, dpo, ppo and eval stages (no model needed). ``healthy=False``
     puts in each problem the report must flag: truncation in training and in evaluation, each
-    kind of held-out metric getting worse, and one KL spike."""
+    kind of held-out metric getting worse, one KL spike, and a DPO stage that stopped (no results
+    file) after skipping updates."""
     rng = random.Random(0)
     sign = 1 if healthy else -1
     _stage(run, "sft", "sft", [{"step": s, "eval/loss": 3.0 - sign * 0.01 * s, "eval/tokens": 600,
@@ -120,7 +123,9 @@ def _synthetic_run(run, healthy: bool):
     _stage(run, "rm", "rm", [{"step": s, "eval/accuracy": 0.6 + sign * 0.01 * s, "eval/pairs": 48,
                               "eval/accuracy/news": 0.9 - 0.05 * s} for s in (0, 4)])
     _stage(run, "dpo", "dpo", [{"step": s, "eval/rewards/accuracy": 0.6 + sign * 0.02 * s,
-                                "eval/rewards/rejected": -0.1 * s, "train/loss": 0.69 - 0.01 * s} for s in range(1, 6)])
+                                "eval/rewards/rejected": -0.1 * s, "train/loss": 0.69 - 0.01 * s,
+                                "train/skipped_steps": 0 if healthy else s // 3} for s in range(1, 6)],
+           finished=healthy)
     kl = [0.1 * s for s in range(1, 13)]
     if not healthy:
         kl[8] = 3.0  # step 9: ~3x the level of the iterations before it
@@ -162,6 +167,8 @@ def test_report_renders_in_chromium(tmp_path, tiny_model_dir):
 
     page = build_report([run])
     assert page == run / "report.html"
+    assert not [w for w in json.loads((run / "report_warnings.json").read_text())  # finished stages: no false alarm
+                if w["kind"] in ("unfinished", "skipped_steps")]
     result = render(page, tmp_path / "shot.png", sections=("table.eval", "#run-info", "#warnings"))
     _check_page(result)
     alts = {i["alt"] for i in result["images"]}
@@ -200,7 +207,8 @@ def test_report_warnings(tmp_path, healthy):
         assert warnings == [] and "No warnings" in shown
         return
     found = {(w["kind"], w["stage"], w.get("metric") or w.get("model")) for w in warnings}
-    assert found == {("truncation", "ppo", None), ("truncation", "eval", "trained"),
+    assert found == {("unfinished", "dpo", None), ("skipped_steps", "dpo", None),
+                     ("truncation", "ppo", None), ("truncation", "eval", "trained"),
                      ("held_out_worse", "sft", "eval/loss"), ("held_out_worse", "rm", "eval/accuracy"),
                      ("held_out_worse", "dpo", "eval/rewards/accuracy"), ("held_out_worse", "ppo", "eval/gold_mean"),
                      ("kl_spike", "ppo", None)}

@@ -317,12 +317,22 @@ def test_non_finite_updates_stop_the_run_and_keep_the_last_good_checkpoint(tmp_p
                  "data.max_length=64", f"train.output_dir={out}", "train.batch_size=4", "train.micro_batch_size=4",
                  "train.max_steps=12", "train.save_every=2", "train.progress=false", "optim.lr=1e-3"]
     with pytest.raises(TrainingDiverged, match=r"3 consecutive updates had a non-finite loss or gradient .*"
-                                               r"stopping\. The last good checkpoint is intact"):
+                                               r"stopping without applying them\. Checkpoints saved before them"):
         sft.train_sft(load_config(SFTConfig, overrides=overrides))
     assert len(calls) == 9 and not (out / "model").exists()
     rows = {r["step"]: r for r in _metric_rows(out)}
     assert sorted(rows) == list(range(1, 9))  # stopped at the third bad step in a row
     assert [rows[s]["train/skipped_steps"] for s in (2, 3, 6, 7, 8)] == [0, 1, 1, 2, 3]
+    for line in (out / "metrics.jsonl").read_text().splitlines():  # strict JSON: a NaN loss is written as null
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))
+    assert rows[3]["train/loss"] is None and rows[2]["train/loss"] > 0
+
+    # The report says the stage stopped and skipped updates (it would otherwise show no warning).
+    from rlhfkit.report import build_report
+
+    build_report([out])
+    kinds = {w["kind"]: w for w in json.loads((out / "report_warnings.json").read_text())}
+    assert kinds["unfinished"]["last_step"] == 8 and kinds["skipped_steps"]["skipped"] == 3
 
     # Checkpoint 8 (after two skipped updates) holds the weights of the last good update, step 6's.
     ckpt = Checkpointer(out)

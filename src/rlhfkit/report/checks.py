@@ -6,7 +6,10 @@
 - held-out metric worse: a stage's ``eval/<name>`` got worse from its first to its last
   evaluation, judged by the per-metric direction table `DIRECTIONS`;
 - KL spike: ``objective/kl`` jumped well above its recent level (a robust z-score against the
-  median of the preceding iterations).
+  median of the preceding iterations);
+- unfinished: a stage with metrics but no results file (``<kind>_results.json``): it stopped (a
+  crash, a kill, too many non-finite updates) or is still running, so it has no final model;
+- skipped updates: updates dropped for a non-finite loss or gradient (``train/skipped_steps``).
 
 Each warning is a JSON-able dict: ``kind``, ``run``, ``stage``, ``message`` and the figures the
 message quotes.
@@ -20,7 +23,7 @@ from fnmatch import fnmatch
 
 from rlhfkit.report.data import Stage, config_value, series
 
-KINDS = ("truncation", "kl_spike", "held_out_worse")  # the order warnings are listed in
+KINDS = ("unfinished", "skipped_steps", "truncation", "kl_spike", "held_out_worse")  # the order warnings are listed in
 TRUNCATION_SHARE = 0.2  # a larger share of responses cut at the token cap gets a warning
 
 # Which way is better for a held-out metric (the name after "eval/"); the first matching pattern
@@ -107,10 +110,27 @@ def _selected_best(st: Stage) -> dict | None:
     return best if isinstance(best, dict) and {"step", "metric", "value"} <= best.keys() else None
 
 
-def stage_warnings(run: str, st: Stage) -> list[dict]:
-    """Truncation during policy-gradient training, held-out metrics that got worse, KL spikes."""
+def _ending(st: Stage, base: dict) -> list[dict]:
+    """A stage that has no results file, and updates skipped for non-finite values."""
     out = []
+    if st.rows and st.kind and not (st.path / f"{st.kind}_results.json").is_file():
+        last = max((r.get("step", 0) for r in st.rows if isinstance(r.get("step"), int)), default=0)
+        out.append({**base, "kind": "unfinished", "last_step": last,
+                    "message": f"{st.name}: no {st.kind}_results.json, so the stage did not finish: it stopped "
+                               f"after step {last} (see its log) or is still running, and has no final model."})
+    _, skipped = series(st.rows, "train/skipped_steps")
+    if skipped and skipped[-1] > 0:
+        out.append({**base, "kind": "skipped_steps", "skipped": int(skipped[-1]),
+                    "message": f"{st.name}: {int(skipped[-1])} update(s) skipped for a non-finite loss or "
+                               "gradient (train/skipped_steps); lower the learning rate or check the data."})
+    return out
+
+
+def stage_warnings(run: str, st: Stage) -> list[dict]:
+    """A stage that did not finish or skipped updates, truncation during policy-gradient training,
+    held-out metrics that got worse, KL spikes."""
     base = {"run": run, "stage": st.name}
+    out = _ending(st, base)
     _, eos = series(st.rows, "response/eos_frac")
     if eos:
         share = 1.0 - sum(eos) / len(eos)

@@ -41,12 +41,14 @@ def judge_label(name: str) -> str:
     return JUDGE_LABELS.get(name, f"{name} judge")
 
 
-WARNING_TITLES = {"truncation": "truncated responses", "kl_spike": "KL spike", "held_out_worse": "held-out metric worse"}
+WARNING_TITLES = {"unfinished": "stage did not finish", "skipped_steps": "skipped updates",
+                  "truncation": "truncated responses", "kl_spike": "KL spike", "held_out_worse": "held-out metric worse"}
 
 
 def warnings_block(warnings: list[dict], checked: int, show_run: bool = False) -> str:
     if not warnings:
-        return (f"<div class='ok' id='warnings'>No warnings: truncation, held-out metrics and KL checked in "
+        return (f"<div class='ok' id='warnings'>No warnings: completion, skipped updates, truncation, held-out "
+                f"metrics and KL checked in "
                 f"{checked} stage(s).</div>")
     items = []
     for w in warnings:

@@ -102,6 +102,7 @@ class StepGuard:
         if self.consecutive >= self.max_bad_steps:
             raise TrainingDiverged(
                 f"{self.consecutive} consecutive updates had a non-finite loss or gradient "
-                f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}); stopping. "
-                "The last good checkpoint is intact; lower the learning rate or check the data.")
+                f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}); stopping without applying them. "
+                "Checkpoints saved before them, if any (train.save_every), are intact; lower the learning rate "
+                "or check the data.")
         return False
