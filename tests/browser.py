@@ -19,7 +19,8 @@ def chromium_path() -> str | None:
 
 def render(html_path: Path, screenshot: Path | None = None, sections: tuple[str, ...] = ()) -> dict:
     """Open the page; return console errors, page errors, every <img>'s natural and displayed size,
-    the page's text, and the text of each CSS selector in ``sections`` (None when absent)."""
+    the page's text, the text of each CSS selector in ``sections`` (None when absent), and how
+    many pixels the page is wider than the window (0: no horizontal scrolling)."""
     from playwright.sync_api import sync_playwright
 
     errors: list[str] = []
@@ -35,11 +36,12 @@ def render(html_path: Path, screenshot: Path | None = None, sections: tuple[str,
                    "w: e.naturalWidth, h: e.naturalHeight, shown_w: r.width, shown_h: r.height, "
                    "visible: r.width > 0}; })")
         text = page.inner_text("body")
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
         found = {sel: (page.inner_text(sel) if page.query_selector(sel) else None) for sel in sections}
         if screenshot:
             page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
-    return {"errors": errors, "images": images, "text": text, "sections": found}
+    return {"errors": errors, "images": images, "text": text, "sections": found, "h_overflow_px": overflow}
 
 
 if __name__ == "__main__":  # python tests/browser.py runs/demo/report.html docs/demo_report.png

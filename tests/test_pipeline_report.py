@@ -286,3 +286,29 @@ def test_report_shows_the_alignment_tax_only_when_measured(tmp_path):
     # nothing of it leaks into the main table as raw keys
     main = re.search(r"<table class='eval'>.*?</table>", page.read_text(), flags=re.S).group(0)
     assert "alignment" not in main.lower() and "sft_nll" not in main
+
+
+def test_report_names_scorers_by_kind_and_wraps_long_text(tmp_path):
+    """A reward given as a Python function is not called a reward model; win counts say what they
+    count; a prompt of one 600-character word (a URL, base64) wraps instead of widening the page."""
+    if chromium_path() is None:
+        pytest.fail("Chromium is not installed: `make test` installs Debian's chromium package")
+    from rlhfkit.report import build_report
+
+    run = tmp_path / "run"
+    rows = [{"step": s, "reward/score_mean": 0.1 * s, "objective/kl": 0.1 * s} for s in (1, 2)]
+    _stage(run, "grpo", "grpo", rows, {"model": {"name": "m"}, "reward": {"spec": "rew.py:score"}})
+    write_jsonl(run / "grpo" / "samples.jsonl", [{"step": 2, "prompt": "x" * 600, "response": "y" * 600, "score": 1}])
+    _fake_eval(run / "eval")
+    (run / "eval" / "eval_config.yaml").write_text(yaml.safe_dump({"proxy": "rm:runs/rm", "gold": "task:sentiment"}))
+    result = render(build_report([run]), sections=("table.eval",))
+    assert result["errors"] == [] and result["h_overflow_px"] <= 0
+    assert "grpo Reward (reward function)" in {i["alt"] for i in result["images"]}
+    table = result["sections"]["table.eval"]
+    assert "share of sample pairs won" in table and "sample pairs: 2 won, 0 tied, 1 lost" in table
+    from rlhfkit.report.data import scorer_kind
+
+    assert [scorer_kind(s) for s in ("rm:d", "pm:d", "judge:d", "annotator:x", "task:t", "f.py:g", "m:g", "",
+                                     [{"spec": "rm:d"}], ["rm:d", "f.py:g"])] == [
+        "reward model", "preference model", "LLM judge", "simulated annotator", "task reward", "reward function",
+        "reward function", None, "reward model", "weighted rewards"]

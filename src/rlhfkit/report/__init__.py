@@ -61,7 +61,7 @@ def _headline(evals: dict[str, dict]) -> str:
                             f"{sections.num(m[f'{j}_mean']['mean'])}")
                 kl = f"; KL {sections.num(m['kl']['mean'])} nats" if isinstance(m.get("kl"), dict) else ""
                 lines.append(f"<div class='headline'><b>{html.escape(title)}: {html.escape(name)}</b> "
-                             f"{html.escape(sections.judge_label(j))} win rate vs baseline "
+                             f"{html.escape(sections.judge_label(j, ev))} win rate vs baseline "
                              f"{sections.with_ci(w)}{gain}{kl}</div>")
     return "".join(lines)
 
@@ -75,7 +75,7 @@ def _evaluation(evals: dict[str, dict]) -> str:
                 w = (m.get("win_rate") or {}).get(j)
                 if isinstance(w, dict) and None not in (w.get("win_rate"), w.get("ci_low"), w.get("ci_high")):
                     label = f"{title}: {name}" if many else name
-                    bars.append((f"{label}\n({sections.judge_label(j)})", w["win_rate"], w["ci_low"], w["ci_high"]))
+                    bars.append((f"{label}\n({sections.judge_label(j, ev)})", w["win_rate"], w["ci_low"], w["ci_high"]))
         scatter += [(f"{title}: {k}" if many else k, pts) for k, pts in ev["length_reward"].items() if pts]
     figs = [f for f in (plots.winrate_plot(bars), plots.scatter_plot(scatter)) if f]
     return ("<section id='evaluation'><h2>Evaluation</h2>" + sections.eval_table(evals)

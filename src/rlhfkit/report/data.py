@@ -147,8 +147,25 @@ def load_eval(path: Path) -> dict:
         if key:
             length_reward[f"{name} ({key})"] = [(len(r["response"]), r[key]) for r in recs
                                                 if isinstance(r.get(key), (int, float))]
-    return {"policies": policies, "judges": judges, "length_reward": length_reward, "raw": ev,
+    cfg_path = path.parent / "eval_config.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    kinds = {j: scorer_kind(cfg.get(j)) for j in ("gold", "proxy") if isinstance(cfg, dict)}
+    return {"policies": policies, "judges": judges, "length_reward": length_reward, "raw": ev, "kinds": kinds,
             "samples": side_by_side(samples_by, int(ev.get("samples_per_prompt") or 1))}
+
+
+def scorer_kind(spec: Any) -> str | None:
+    """What a reward / judge spec is, in words: ``rm:DIR`` a reward model, ``file.py:fn`` a reward
+    function, ... (None when there is no spec)."""
+    if isinstance(spec, dict):
+        spec = spec.get("spec")
+    if isinstance(spec, list):
+        return "weighted rewards" if len(spec) > 1 else scorer_kind(spec[0]) if spec else None
+    if not isinstance(spec, str) or not spec:
+        return None
+    prefix = spec.split(":", 1)[0]
+    return {"rm": "reward model", "pm": "preference model", "judge": "LLM judge",
+            "annotator": "simulated annotator", "task": "task reward"}.get(prefix, "reward function")
 
 
 def side_by_side(samples_by: dict[str, list[dict]], per_prompt: int) -> list[dict]:

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from rlhfkit.eval.stats import pearson  # noqa: E402
 from rlhfkit.report.checks import REDUNDANT, higher_is_better  # noqa: E402
-from rlhfkit.report.data import Stage, series  # noqa: E402
+from rlhfkit.report.data import Stage, config_value, scorer_kind, series  # noqa: E402
 
 DPI = 150  # rendered at 1.5x the displayed size: crisp on high-density screens
 DISPLAY_DPI = 100
@@ -29,7 +29,7 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 # One panel per entry: (title, metric keys drawn together on one scale, y-axis label).
 PANELS: list[tuple[str, list[str], str]] = [
-    ("Reward (reward model)", ["reward/score_mean", "objective/scores", "reward/mean", "score_mean"], "reward"),
+    ("Reward", ["reward/score_mean", "objective/scores", "reward/mean", "score_mean"], "reward"),
     ("Gold score", ["reward/gold_mean", "gold/mean"], "gold score"),
     ("KL to reference", ["objective/kl"], "nats per response"),
     ("Response length", ["response/length_mean", "length/mean"], "tokens"),
@@ -126,6 +126,10 @@ def stage_panels(stage: str, runs: dict[str, Stage]) -> list[str]:
                 if ys:
                     lines.append((k if len(runs) == 1 else f"{run_name}: {k}", xs, ys))
         if lines:
+            if title == "Reward":  # named by what scored it: a reward model, a reward function, ...
+                kinds = {scorer_kind(config_value(st.config, "reward.spec") or config_value(st.config, "scorer"))
+                         for st in runs.values()}
+                title += f" ({kinds.pop()})" if len(kinds) == 1 and None not in kinds else ""
             held_out = all(k.startswith("eval/") for k in metric_keys)
             out.append(metric_panel(f"{stage}: {title}", ylabel, lines, not held_out, f"{stage} {title}"))
     return out

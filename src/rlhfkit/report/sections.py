@@ -13,7 +13,7 @@ from rlhfkit.report.checks import TRUNCATION_SHARE, held_out_trends
 from rlhfkit.report.data import Stage, config_value, training_samples
 
 esc = html.escape
-JUDGE_LABELS = {"gold": "gold judge", "proxy": "proxy (reward model)"}
+JUDGE_LABELS = {"gold": "gold judge"}
 PACKAGE_ORDER = ["python", "rlhfkit", "torch", "transformers", "peft", "accelerate", "datasets", "deepspeed"]
 
 
@@ -37,7 +37,11 @@ def with_ci(d: dict, unit: str = "prompts") -> str:
     return f"<b>{num(m)}</b>" + (f" <span class='ci'>({', '.join(parts)})</span>" if parts else "")
 
 
-def judge_label(name: str) -> str:
+def judge_label(name: str, ev: dict | None = None) -> str:
+    """How the report names a judge; the proxy by what its spec is (`data.scorer_kind`)."""
+    if name == "proxy":
+        kind = (ev or {}).get("kinds", {}).get(name)
+        return f"proxy ({kind})" if kind else "proxy"
     return JUDGE_LABELS.get(name, f"{name} judge")
 
 
@@ -64,11 +68,12 @@ def _eval_rows(ev: dict) -> list[tuple[str, str, dict[str, str]]]:
     pols, per = ev["policies"], int(ev["raw"].get("samples_per_prompt") or 1)
     rows = []
     for j in ev["judges"]:
-        rows.append((f"Win rate vs baseline, {judge_label(j)}", "share of prompts won (ties count half)",
+        rows.append((f"Win rate vs baseline, {judge_label(j, ev)}",
+                     "share of sample pairs won (ties count half; interval over prompts)",
                      {n: _win_cell(m["win_rate"][j]) for n, m in pols.items() if isinstance((m.get("win_rate") or {}).get(j), dict)}))
     scored = [k[:-5] for k in dict.fromkeys(k for m in pols.values() for k in m) if k.endswith("_mean")]
     for j in scored:
-        rows.append((f"Mean score, {judge_label(j)}", "per response, averaged per prompt",
+        rows.append((f"Mean score, {judge_label(j, ev)}", "per response, averaged per prompt",
                      {n: with_ci(m[f"{j}_mean"]) for n, m in pols.items() if isinstance(m.get(f"{j}_mean"), dict)}))
     rows.append(("KL to baseline", "nats per response",
                  {n: with_ci(m["kl"]) for n, m in pols.items() if isinstance(m.get("kl"), dict)}))
@@ -79,7 +84,7 @@ def _eval_rows(ev: dict) -> list[tuple[str, str, dict[str, str]]]:
                  {n: _trunc_cell(m) for n, m in pols.items() if isinstance(m.get("eos_frac"), (int, float))}))
     within = any(f"corr_length_{j}_within_prompt" in m for m in pols.values() for j in scored)
     for j in scored:
-        rows.append((f"Length vs {judge_label(j)} score",
+        rows.append((f"Length vs {judge_label(j, ev)} score",
                      "Pearson r over samples" + (" (in brackets: within prompt)" if within else ""),
                      {n: _corr_cell(m, j) for n, m in pols.items() if isinstance(m.get(f"corr_length_{j}"), (int, float))}))
     rows.append(("Samples", "prompts x samples per prompt",
@@ -106,7 +111,7 @@ def _other_rows(pols: dict, scored: list[str]) -> list[tuple[str, str, dict[str,
 def _win_cell(w: dict) -> str:
     wtl = ""
     if all(isinstance(w.get(k), int) for k in ("wins", "ties", "losses")):
-        wtl = f"<div class='ci'>{w['wins']} won, {w['ties']} tied, {w['losses']} lost</div>"
+        wtl = f"<div class='ci'>sample pairs: {w['wins']} won, {w['ties']} tied, {w['losses']} lost</div>"
     return with_ci(w) + wtl
 
 
@@ -134,7 +139,7 @@ def eval_table(evals: dict[str, dict]) -> str:
                        + "".join(f"<td>{cells.get(n, '&mdash;')}</td>" for n in names) + "</tr>"
                        for label, unit, cells in rows)
         parts.append(f"<h3>{esc(title)}</h3><table class='eval'><tr><th>measure</th>{head}</tr>{body}</table>"
-                     + alignment_tax_table(ev) + _model_list(ev) + _preference_set(ev["raw"].get("preference_set")))
+                     + alignment_tax_table(ev) + _model_list(ev) + _preference_set(ev))
     return "".join(parts)
 
 
@@ -194,10 +199,11 @@ def _model_list(ev: dict) -> str:
     return f"<p class='unit'>{raw.get('prompts', '?')} held-out prompts{note}. Models:</p><ul class='unit'>{items}</ul>"
 
 
-def _preference_set(ps: Any) -> str:
+def _preference_set(ev: dict) -> str:
+    ps = ev["raw"].get("preference_set")
     if not isinstance(ps, dict) or not ps:
         return ""
-    rows = "".join(f"<tr><td>{esc(judge_label(j))}</td><td>{num(r.get('accuracy'))} (n = {r.get('pairs', '?')} pairs)</td></tr>"
+    rows = "".join(f"<tr><td>{esc(judge_label(j, ev))}</td><td>{num(r.get('accuracy'))} (n = {r.get('pairs', '?')} pairs)</td></tr>"
                    for j, r in ps.items() if isinstance(r, dict))
     return f"<table><tr><th>judge</th><th>accuracy on the labelled preference set</th></tr>{rows}</table>"
 
@@ -311,9 +317,9 @@ CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:
 h1{margin-bottom:4px}.sub{color:#666;margin-top:0}
 .grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 img.plot{border:1px solid #ddd;border-radius:4px;background:#fff;max-width:100%;height:auto}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left;overflow-wrap:anywhere}
 th{background:#f3f3f3}th.rowh{font-weight:600;background:#fafafa}.unit,.ci{color:#666;font-size:11px;font-weight:normal}
-pre{white-space:pre-wrap;margin:0;font-family:inherit;max-width:420px}pre.cfg{font-family:monospace;font-size:11px;max-width:none}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;font-family:inherit;max-width:420px}pre.cfg{font-family:monospace;font-size:11px;max-width:none}
 .score{color:#666;font-size:11px;margin-top:4px}.bad{color:#a00;font-weight:600}tr.bad td{background:#fff3f3}
 .warn{background:#fff4e5;border:1px solid #e0a040;padding:8px 12px;border-radius:4px;margin:12px 0}
 .warn ul{margin:6px 0 0 0;padding-left:20px}.warn li{margin:3px 0}
