@@ -125,3 +125,41 @@ def test_auto_is_tensorboard_when_installed_and_nothing_otherwise(monkeypatch):
     load_config(SFTConfig, data={"data": {"train": "x.jsonl"}})  # default config loads without tensorboard
     with pytest.raises(MissingDependency, match="tensorboard is not installed"):
         load_config(SFTConfig, data={"data": {"train": "x.jsonl"}, "train": {"report_to": ["tensorboard"]}})
+
+
+def test_wandb_continues_its_run_on_resume_and_starts_anew_at_step_0(tmp_path, monkeypatch):
+    """One W&B run per rlhfkit run: a resumed run passes the recorded id (resume='allow'); a start
+    at step 0 gets a new id; local files go to $WANDB_DIR when set; --overwrite deletes them."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
+
+    from rlhfkit.training import trackers
+    from rlhfkit.training.rundir import clear_run
+
+    inits = []
+
+    class FakeWandB(GeneralTracker):
+        name = "wandb"
+        requires_logging_directory = False
+
+        def __init__(self, project, **kwargs):
+            super().__init__()
+            inits.append(kwargs)
+
+        tracker = property(lambda self: self)
+        store_init_configuration = log = finish = lambda self, *a, **k: None
+
+    monkeypatch.setitem(LOGGER_TYPE_TO_CLASS, "wandb", FakeWandB)
+    monkeypatch.setattr(trackers, "resolve_trackers", lambda names: list(names))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    out = tmp_path / "run"
+    for step in (0, 4, 8):
+        trackers.start_trackers(["wandb"], out, "demo/sft", initial_step=step)
+    trackers.start_trackers(["wandb"], out, "demo/sft", initial_step=0)  # started over
+    ids = [k["id"] for k in inits]
+    assert ids[0] == ids[1] == ids[2] != ids[3] and all(k["resume"] == "allow" for k in inits)
+    assert inits[0]["dir"] == str(out)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    trackers.start_trackers(["wandb"], out, "demo/sft", initial_step=8)
+    assert "dir" not in inits[-1] and inits[-1]["id"] == ids[3]
+    (out / "wandb").mkdir()
+    assert sorted(clear_run(out)) == ["wandb", "wandb_run_id"]

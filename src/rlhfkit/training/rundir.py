@@ -41,7 +41,7 @@ from rlhfkit.training.runlock import hold
 log = logging.getLogger("rlhfkit")
 
 # What `train.overwrite` deletes: every output a trainer writes into its run directory, nothing else.
-RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "metrics.jsonl", "samples.jsonl", "samples-*.jsonl",
+RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "wandb", "wandb_run_id", "metrics.jsonl", "samples.jsonl", "samples-*.jsonl",
                "ref_logps.json", "best", "*_results.json", "*_config.yaml", "*_run.json", "sft", "iter-*", "pm_data",
                "DONE", "report.html", ".*.tmp-*", ".*.old-*")
 # Stages that a run of this kind nests in sub-directories (progress to continue, like a checkpoint).

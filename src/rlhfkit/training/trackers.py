@@ -11,7 +11,9 @@ caller, `RunLogger`, exists there only).
 
 - tensorboard writes ``output_dir/tb``; a run resumed at step s purges the events past s.
 - wandb: project ``$WANDB_PROJECT`` (default "rlhfkit"), run name "<pipeline dir>/<stage>", local files
-  in output_dir; the resolved config is the run's config.
+  in ``$WANDB_DIR`` if set, else output_dir; the resolved config is the run's config. The W&B run id
+  is kept in ``output_dir/wandb_run_id``: a resumed run continues its W&B run, a run started at step
+  0 starts a new one (`train.overwrite` deletes the old one's local files with the rest).
 - mlflow: experiment ``$MLFLOW_EXPERIMENT_NAME`` (default "rlhfkit") at ``$MLFLOW_TRACKING_URI``; the
   resolved config as parameters.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ def start_trackers(names, out_dir: Path, run_name: str, initial_step: int = 0, c
             # purge_step: a run resumed at step s logs from s+1 on; one restarted at step 0 replaces the curves
             tracker = cls("tb", str(out_dir), purge_step=initial_step + 1 if initial_step > 0 else 0)
         elif name == "wandb":
-            tracker = cls(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, dir=str(out_dir))
+            tracker = cls(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, **_wandb_run(out_dir, initial_step))
         elif name == "mlflow":
             tracker = cls(PROJECT, run_name=run_name)
         elif getattr(cls, "requires_logging_directory", False):
@@ -58,6 +61,18 @@ def start_trackers(names, out_dir: Path, run_name: str, initial_step: int = 0, c
             tracker.store_init_configuration(flatten(config))
         trackers.append(tracker)
     return trackers
+
+
+def _wandb_run(out_dir: Path, initial_step: int) -> dict:
+    """wandb.init's id / resume / dir: one W&B run per rlhfkit run, continued when the run resumes."""
+    path = Path(out_dir) / "wandb_run_id"
+    run_id = path.read_text().strip() if initial_step > 0 and path.is_file() else ""
+    if not run_id:
+        run_id = uuid.uuid4().hex[:12]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    kw = {"id": run_id, "resume": "allow"}
+    return kw if os.environ.get("WANDB_DIR") else {**kw, "dir": str(out_dir)}
 
 
 def log_scalars(trackers: list, metrics: dict[str, Any], step: int) -> None:
