@@ -70,6 +70,23 @@ def test_a_run_with_no_steps_shows_no_progress_bar(tmp_path, capsys):
     assert "0it" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_progress_false_silences_every_bar(tmp_path, tiny_model_dir, capsys, progress):
+    """train.progress=false: no bar at all, transformers' loading and saving bars included (which
+    are restored after the run); true: they show."""
+    from transformers.utils import logging as hf_logging
+
+    from rlhfkit.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Say {w}", "response": f"{w}."} for w in "abcd"])
+    assert main(["sft", f"model.name={tiny_model_dir}", f"data.train={data}", "data.eval_fraction=0",
+                 "train.max_steps=1", "train.batch_size=2", "train.micro_batch_size=2", "train.report_to=[]",
+                 f"train.output_dir={tmp_path / 'run'}", f"train.progress={str(progress).lower()}"]) == 0
+    err = capsys.readouterr().err
+    assert ("Loading weights" in err and "\r" in err) is progress, err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_sft_metrics_reach_the_tracker(tmp_path, tiny_model_dir, fake_tracker):
     from rlhfkit.trainers.sft import train_sft
 

@@ -135,7 +135,7 @@ class TrainSection:
     resume_mismatch_ok: bool = False
     """Continue even though the config or data differ from those the run in output_dir started with."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar (false: no bar at all, transformers' loading and saving bars included)."""
     report_to: list[str] = field(default_factory=lambda: ["auto"])
     """Experiment trackers that get the metrics besides metrics.jsonl (always written): tensorboard
     (output_dir/tb), wandb, mlflow, or any other tracker of accelerate (trackio, comet_ml, aim, clearml,
