@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlhfkit.config import TrainSection
 from rlhfkit.models import tiny_causal_lm
@@ -128,3 +130,32 @@ def test_configuration_reference_is_in_sync():
     from rlhfkit.registry import config_classes
 
     assert (ROOT / "docs" / "configuration.md").read_text() == markdown(config_classes())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), batch_size=st.integers(1, 24), seed=st.integers(0, 3), epochs=st.integers(1, 3),
+       drop_last=st.booleans())
+def test_batches_walk_shuffled_epochs(n, batch_size, seed, epochs, drop_last):
+    """Every batch has batch_size examples (at most n with drop_last). drop_last=false: the shuffled
+    epochs laid end to end, and total_steps batches cover every example of each pass; true: each
+    epoch's first n // batch_size batches of its own shuffle, the rest (left_out) not taken."""
+    from types import SimpleNamespace
+
+    from rlhfkit.training.batches import batch_indices, epoch_order, left_out, total_steps
+
+    train = SimpleNamespace(max_steps=0, epochs=epochs, batch_size=batch_size, drop_last=drop_last)
+    steps = total_steps(n, train)
+    batches = [batch_indices(n, batch_size, s, seed, drop_last) for s in range(steps)]
+    if drop_last:
+        per = max(n // batch_size, 1)
+        assert steps == epochs * per and left_out(n, train) == (n % batch_size if n > batch_size else 0)
+        for e in range(epochs):
+            taken = [i for b in batches[e * per:(e + 1) * per] for i in b]
+            assert taken == epoch_order(n, seed, e)[:len(taken)] and len(taken) == n - left_out(n, train)
+        return
+    assert steps == -(-epochs * n // batch_size) and left_out(n, train) == 0
+    seen = [i for b in batches for i in b]
+    assert all(len(b) == batch_size for b in batches)
+    stream = [i for e in range(epochs + batch_size // n + 2) for i in epoch_order(n, seed, e)]
+    assert seen == stream[:len(seen)]
+    assert all(seen.count(i) >= epochs for i in range(n))

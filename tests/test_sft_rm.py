@@ -133,6 +133,20 @@ def test_sft_packing_learns(tmp_path, tiny_model_dir):
     assert evals[-1]["eval/loss"] < 0.7 * evals[0]["eval/loss"]
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_an_epoch_leaves_out_its_remainder_only_when_told_and_says_so(tmp_path, tiny_model_dir, capsys, drop_last):
+    """18 examples in batches of 4: drop_last takes 4 batches and says 2 examples are left out of the
+    epoch; drop_last=false takes 5 (the last completed from the next shuffle) and says nothing."""
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows(18, 0))
+    cfg = trainer_cfg(SFTConfig, tmp_path, tiny_model_dir, train, train, train__batch_size=4,
+                      train__micro_batch_size=4, train__drop_last=drop_last)
+    train_sft(cfg)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    out = capsys.readouterr().out
+    assert steps == list(range(1, 5 if drop_last else 6))
+    assert ("[sft] batches of 4 leave 2 of the 18 training examples out of each epoch" in out) is drop_last, out
+
+
 def test_bad_data_fails_before_training(tmp_path, tiny_model_dir):
     from rlhfkit.data import DataError
 

@@ -105,9 +105,11 @@ class TrainSection:
     max_steps: int = 0
     """Optimizer steps (iterations for PPO/GRPO/RLOO); 0 = from epochs."""
     batch_size: int = 8
-    """Global batch: examples per optimizer step, over all ranks and micro-batches."""
+    """Global batch: examples (SFT with packing: packed rows) per optimizer step, over all ranks and micro-batches."""
     micro_batch_size: int = 8
     """Examples per forward/backward on one rank; accumulation = batch_size / (micro_batch_size x ranks)."""
+    drop_last: bool = True
+    """true: an epoch is n // batch_size batches, the rest of its shuffle left out (a different rest each epoch; the run says how many); false: nothing is left out, a batch that reaches an epoch's end is completed from the next epoch's shuffle (epochs x n / batch_size steps, rounded up)."""
     eval_every: int = 0
     """Steps between held-out evaluations (also at step 0 and at the end); 0 = at step 0 and the end only."""
     select_best: str = ""
@@ -244,7 +246,7 @@ class SFTConfig:
     train: TrainSection = field(default_factory=TrainSection)
     """Run length, batch sizes, evaluation, checkpoints."""
     packing: bool = False
-    """Pack several short examples per row, attention restricted to each (fewer padding tokens)."""
+    """Pack several short examples per row, attention restricted to each (fewer padding tokens); train.batch_size and micro_batch_size then count packed rows."""
 
 
 @dataclass

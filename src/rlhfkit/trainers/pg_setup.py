@@ -139,7 +139,7 @@ class PolicyRun:
 def prompt_batch(pr: PolicyRun, step: int) -> list[PromptItem]:
     """This rank's prompts for iteration `step` (deterministic in (seed, step): resumable)."""
     train = pr.cfg.train
-    idx = batch_indices(len(pr.prompts), train.batch_size, step, train.seed)
+    idx = batch_indices(len(pr.prompts), train.batch_size, step, train.seed, train.drop_last)
     return pr.strategy.shard([pr.prompts[i] for i in idx])
 
 

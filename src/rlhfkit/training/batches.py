@@ -21,24 +21,40 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Example indices of optimizer step ``step`` when walking shuffled epochs back to back (an
-    epoch is n // batch_size steps; the remainder of each shuffle is left out)."""
-    steps_per_epoch = max(n // batch_size, 1)
-    epoch, pos = divmod(step, steps_per_epoch)
-    order = epoch_order(n, seed, epoch)
-    return order[pos * batch_size:(pos + 1) * batch_size]
+def batch_indices(n: int, batch_size: int, step: int, seed: int, drop_last: bool = True) -> list[int]:
+    """Example indices of optimizer step ``step``, walking shuffled epochs back to back.
+
+    drop_last: an epoch is n // batch_size batches and the rest of its shuffle is left out (a
+    different rest each epoch); otherwise the epochs are laid end to end and a batch that reaches
+    an epoch's end is completed from the next epoch's shuffle. Every batch has batch_size examples."""
+    if drop_last:
+        epoch, pos = divmod(step, max(n // batch_size, 1))
+        return epoch_order(n, seed, epoch)[pos * batch_size:(pos + 1) * batch_size]
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, pos = divmod(start + len(out), n)
+        out += epoch_order(n, seed, epoch)[pos:pos + batch_size - len(out)]
+    return out
+
+
+def left_out(n: int, train) -> int:
+    """Examples of each epoch that no batch takes (`batch_indices` with ``train.drop_last``)."""
+    return n % train.batch_size if train.drop_last and n > train.batch_size else 0
 
 
 def total_steps(n: int, train) -> int:
     """Optimizer steps (iterations, for the policy-gradient trainers) of a run over ``n`` examples
-    (prompts): ``train.max_steps`` when set, else ``train.epochs`` passes of n // batch_size steps
-    (at least one; 0 only for epochs 0, which only `rlhfkit rm` accepts: the probe alone)."""
+    (prompts): ``train.max_steps`` when set, else ``train.epochs`` passes: of n // batch_size
+    steps each with ``train.drop_last``, else ceil(epochs x n / batch_size) steps in all (at least
+    one; 0 only for epochs 0, which only `rlhfkit rm` accepts: the probe alone)."""
     if train.max_steps > 0:
         return train.max_steps
     if train.epochs == 0:
         return 0
-    return max(1, int(math.floor(train.epochs * max(n // train.batch_size, 1))))
+    if train.drop_last:
+        return max(1, int(math.floor(train.epochs * max(n // train.batch_size, 1))))
+    return max(1, math.ceil(train.epochs * n / train.batch_size - 1e-9))
 
 
 def eval_chunks(examples: list, micro_batch_size: int, strategy=None):

@@ -11,7 +11,7 @@ from typing import Callable
 
 from rlhfkit.parallel.precision import keep_master_fp32
 from rlhfkit.training.accumulate import accumulate, normalizer
-from rlhfkit.training.batches import batch_indices, micro_batches
+from rlhfkit.training.batches import batch_indices, left_out, micro_batches
 from rlhfkit.training.loop import FitResult, fit
 from rlhfkit.training.optim import build_optimizer, build_scheduler
 
@@ -40,7 +40,8 @@ def supervised_step(run, model, optimizer, scheduler, examples: list, loss_fn: C
     strategy, train = run.strategy, run.train
 
     def step(i: int) -> dict:
-        global_batch = [examples[j] for j in batch_indices(len(examples), train.batch_size, i, train.seed)]
+        global_batch = [examples[j] for j in batch_indices(len(examples), train.batch_size, i, train.seed,
+                                                           train.drop_last)]
         counted = count(global_batch)
         n = max(counted, 1)
         norm = normalizer(strategy, n)
@@ -63,6 +64,11 @@ def fit_supervised(run, model, optimizer, scheduler, examples: list, loss_fn: Ca
     """`fit` with `supervised_step`: checkpoints hold the model, optimizer and scheduler; the data's
     truncation summary (`data.TruncationStats` by split) is written when the run starts."""
     def start(step: int) -> None:
+        rest = left_out(len(examples), run.train)
+        if rest and total >= len(examples) // run.train.batch_size:  # the run reaches an epoch's end
+            run.logger.write(f"[{run.kind}] batches of {run.train.batch_size} leave {rest} of the {len(examples)} "
+                             "training examples out of each epoch (a different few each epoch); "
+                             "train.drop_last=false keeps them")
         for split, st in truncation.items():
             if st.truncated or st.dropped:
                 run.logger.write(f"[{run.kind}] {split} truncation (max_length {max_length}): {st.summary()}")
