@@ -116,6 +116,15 @@ def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, 
                            model={"lora": {"enabled": False}}))
     assert (tmp_path / "full" / "run" / "model" / "config.json").is_file()
     assert main(["merge", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2  # not an adapter
+    # an --out that holds something is not replaced unasked, and never the adapter's own directory
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for out in (tmp_path / "mine", tmp_path / "run", adapter, merged):
+        assert main(["merge", str(adapter), "--out", str(out)]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (adapter / "adapter_config.json").is_file()
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "run"), "--overwrite"]) == 2  # holds the adapter
+    assert main(["merge", str(adapter), "--out", str(merged), "--overwrite"]) == 0
+    assert (merged / "config.json").is_file()
 
 
 def _pref_rows(n, seed):

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "into its base model and write a plain transformers directory with the tokenizer. "
                                     "A reward/value model adapter gives a *ForSequenceClassification model.")
     mg.add_argument("adapter", help="adapter directory (holds adapter_config.json)")
-    mg.add_argument("--out", required=True, help="output directory (written atomically)")
+    mg.add_argument("--out", required=True, help="output directory (written atomically; refused if it exists "
+                                                  "and is not empty, unless --overwrite)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing --out directory whole")
     mg.add_argument("--base", help="base model to merge into (default: the one named in adapter_config.json)")
     mg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="dtype of the merged weights (auto: as the trainers load, fp32 on CPU)")
@@ -200,7 +202,7 @@ def _main(argv: list[str]) -> int:
     if args.command == "merge":
         from rlhfkit.models.start import merge_adapter
 
-        print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype))
+        print(merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype, overwrite=args.overwrite))
         return 0
     if args.command == "pipeline":
         import yaml

@@ -55,15 +55,23 @@ def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int
 
 
 def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | None = None,
-                  dtype=None) -> Path:
+                  dtype=None, overwrite: bool = False) -> Path:
     """``rlhfkit merge``: write adapter + base as a full model directory (with the tokenizer).
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``, or with
     ``AutoModelForSequenceClassification`` for a reward / value model adapter. Written atomically.
+    An ``out_dir`` that exists and is not empty is refused unless ``overwrite`` (it is replaced
+    whole); one that holds the adapter itself is always refused.
     """
     path = Path(path)
     if adapter_config(path) is None:
         raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    out = Path(out_dir)
+    if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
+        raise ValueError(f"--out {out}: it holds the adapter being merged ({path}); choose another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out}: exists and is not empty; choose a new directory, or add --overwrite to "
+                         "replace it whole")
     tok_src = path if (path / "tokenizer_config.json").is_file() else adapter_base(path, base)
     tokenizer = load_tokenizer(tok_src)
     merged = load_merged(path, base=base, dtype=dtype, pad_token_id=tokenizer.pad_token_id)
