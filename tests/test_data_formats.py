@@ -94,7 +94,7 @@ def test_prompts_from_strings_and_messages(tmp_path):
     assert got[1].prompt[0]["role"] == "system" and got[1].reference == "x"
     # what a reward function receives: every field but the prompt; `reference` as a string
     assert got[0].reward_fields() == {"answer": 4, "id": "a", "reference": "4"}
-    assert got[1].reward_fields() == {"reference": "x"}
+    assert got[1].reward_fields() == {"answer": None, "id": None, "reference": "x"}  # the set's fields, None here
 
 
 def test_prompt_records_keep_every_extra_field(tmp_path):

@@ -235,6 +235,33 @@ def test_fields_reach_the_parameters_that_name_them():
     assert seen["conversations"] == [[{"role": "user", "content": "p1"}], [{"role": "user", "content": "p2"}]]
 
 
+def test_a_field_of_the_prompt_set_reaches_every_batch(tmp_path):
+    """docs/rewards.md's brevity(prompts, responses, max_words=None) zips over max_words: a batch
+    in which no record has the field must still pass it, as a list of None (not the default)."""
+    from rlhfkit.data import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "17 + 25?", "reference": "42"}\n{"prompt": "1 + 1?", "reference": "2"}\n'
+                    '{"prompt": "A haiku about rain.", "max_words": 17}\n')
+    examples = load_prompts(str(path))
+    seen = []
+
+    def brevity(prompts, responses, max_words=None):
+        seen.append(max_words)
+        return [None if m is None else -max(0, len(r.split()) - m) / m for r, m in zip(responses, max_words)]
+
+    def exact(prompts, responses, reference):
+        return [None if ref is None else float(r.strip() == ref) for r, ref in zip(responses, reference)]
+
+    from rlhfkit.judges import build_reward_set
+
+    rewards = build_reward_set([exact, {"spec": brevity, "weight": 0.1}])
+    first_two = [ex.reward_fields() for ex in examples[:2]]
+    assert rewards(["a", "b"], ["42", "3"], fields=first_two) == [1.0, 0.0]
+    assert seen[-1] == [None, None]
+    assert examples[2].reward_fields() == {"reference": None, "max_words": 17}
+
+
 def test_fields_errors():
     def named(prompts, responses, reference):
         return [0.0] * len(responses)

@@ -54,11 +54,18 @@ class PromptExample:
     reference: str | None = None  # reference answer for verifiable rewards, if any
     meta: dict[str, Any] = field(default_factory=dict)  # every other field of the record, as JSON values
     origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
+    set_fields: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the fields of its whole set
 
     def reward_fields(self) -> dict[str, Any]:
         """What a reward function receives for this prompt (`judges.rewards`): every field of the
-        record but the prompt, with ``reference`` as a string (from ``reference`` or ``answer``)."""
-        return {**self.meta, "reference": self.reference} if self.reference is not None else dict(self.meta)
+        record but the prompt, with ``reference`` as a string (from ``reference`` or ``answer``),
+        and None for a field that other records of its set have and this one lacks (so a batch in
+        which no record has it still passes the field, as a list of None)."""
+        out = dict.fromkeys(self.set_fields)
+        out.update(self.meta)
+        if self.reference is not None:
+            out["reference"] = self.reference
+        return out
 
 
 # ----------------------------------------------------------------------------------------- SFT
@@ -241,7 +248,11 @@ def parse_prompts(records: Iterable[Record]) -> list[PromptExample]:
     which receive them by name: any JSON value (string, number, boolean, null, list, object).
     ``prompts`` and ``responses`` are reserved (reward functions take those names).
     """
-    return [_parse_prompt_one(rec) for rec in records]
+    examples = [_parse_prompt_one(rec) for rec in records]
+    names = tuple(dict.fromkeys(k for ex in examples for k in ex.reward_fields()))
+    for ex in examples:
+        ex.set_fields = names
+    return examples
 
 
 def _parse_prompt_one(rec: Record) -> PromptExample:
