@@ -68,13 +68,13 @@ def _plant(ckpt: Path, marker: Path, fix_manifest: bool) -> None:
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, tiny_model_dir, capsys, fix_manifest):
     data, out, marker = _sft_data(tmp_path / "d.jsonl"), tmp_path / "run", tmp_path / "pwned"
     assert _cli(capsys, _sft_args(tiny_model_dir, data, out, "train.max_steps=3"))[0] == 0
-    ckpt = out / "checkpoints" / "step-00000002"
-    _plant(ckpt, marker, fix_manifest)
+    for ckpt in sorted((out / "checkpoints").iterdir()):  # steps 2 and 3 (the end)
+        _plant(ckpt, marker, fix_manifest)
     code, line = _cli(capsys, ["sft", "--resume", *_sft_args(tiny_model_dir, data, out, "train.max_steps=3")[1:]])
     assert code == 2 and not marker.exists()
     if fix_manifest:
         assert "optim.pt: refused to load: it holds more than tensors" in line, line
-    else:  # the manifest no longer verifies: the checkpoint is skipped, and it was the only one
+    else:  # the manifests no longer verify: the checkpoints are skipped, and there is no other
         assert "nothing to resume" in line and "no complete checkpoint" in line, line
 
 
@@ -303,6 +303,27 @@ def test_resume_allows_what_does_not_change_the_numbers(tmp_path, caplog):
         run = open_run(cfg, "sft")
     assert run.resuming and cfg.train.resume == "auto"  # nested stages continue or start on their own
     assert "with another length (train.max_steps 0 -> 50)" in caplog.text
+
+
+def test_a_finished_run_continues_for_longer_from_its_final_checkpoint(tmp_path, tiny_model_dir, capsys):
+    """save_every 4, max_steps 2: the run still ends with a checkpoint (step 2), so --resume with
+    max_steps 3 runs one more step; a run that saved none (save_every 0) is refused by both
+    commands with the same way out (--overwrite), not sent from one to the other."""
+    data, out = _sft_data(tmp_path / "d.jsonl"), tmp_path / "run"
+    args = [a for a in _sft_args(tiny_model_dir, data, out) if not a.startswith(("train.max_steps", "train.save_every"))]
+    assert _cli(capsys, [*args, "train.max_steps=2", "train.save_every=4"])[0] == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert _cli(capsys, [*args, "train.max_steps=3", "train.save_every=4", "--resume"])[0] == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+
+    none = tmp_path / "none"
+    args = [a if not a.startswith("train.output_dir") else f"train.output_dir={none}" for a in args]
+    assert _cli(capsys, [*args, "train.max_steps=2", "train.save_every=0"])[0] == 0
+    for extra in ([], ["--resume"]):
+        code, line = _cli(capsys, [*args, "train.max_steps=3", *extra])
+        assert code == 2 and "saved no checkpoint" in line and "--overwrite" in line, line
+        assert "continue it with --resume" not in line and "start without --resume" not in line, line
 
 
 def test_a_leftover_temporary_directory_is_removed_when_a_run_starts(tmp_path):

@@ -120,7 +120,7 @@ class TrainSection:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without an improvement of select_best; 0 = never."""
     save_every: int = 0
-    """Steps between resumable checkpoints; 0 = only the final model."""
+    """Steps between resumable checkpoints (and one at the last step, so the run can be continued for longer); 0 = only the final model, not resumable."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest)."""
     log_every: int = 1

@@ -12,7 +12,8 @@ it is the same for all of them and lives here:
   METRIC improved; at the end the best ones become the final model, so no run silently ends worse
   than its best evaluation (the starting point, step 0, included);
 - ``train.early_stopping_patience``: stop after that many evaluations without improvement;
-- metrics every ``train.log_every`` steps, a checkpoint every ``train.save_every`` steps.
+- metrics every ``train.log_every`` steps, a checkpoint every ``train.save_every`` steps and at the
+  last one (0: none).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
         if (step + 1) % train.log_every == 0 or step + 1 == total or stop:
             run.logger.log(step + 1, metrics, show=show)
         run.logger.advance()
-        if train.save_every and (step + 1) % train.save_every == 0 and step + 1 < total:
+        # every save_every steps, and at the end (so that a finished run can be continued for longer)
+        if train.save_every and ((step + 1) % train.save_every == 0 or step + 1 == total or stop):
             state = {"kind": run.kind, "guard": run.guard.state_dict(), **state_fn()}
             if best is not None:
                 state["best"] = best.state_dict()

@@ -111,14 +111,25 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
     nested = _nested_progress(path, kind)
     used = _outputs(path)
     if train.resume is False:
-        if used or checkpoint is not None:
+        if checkpoint is not None or nested:
             raise RunDirError(f"{path} holds a previous run ({', '.join(used)}): continue it with --resume "
                               "(train.resume=true) or replace it with --overwrite (train.overwrite=true)")
+        if used:
+            raise RunDirError(f"{path} holds a previous run ({', '.join(used)}) that saved no checkpoint to continue "
+                              "from (train.save_every): replace it with --overwrite (train.overwrite=true), or "
+                              "choose another train.output_dir")
         return RunDir(path, kind, resuming=False, record=record)
     if checkpoint is None and not nested:
         if train.resume is True:
-            what = "complete checkpoint" if (path / "checkpoints").is_dir() else "checkpoint"
-            raise RunDirError(f"nothing to resume in {path}: no {what} there (start without --resume, or set "
+            if (path / "checkpoints").is_dir():
+                raise RunDirError(f"nothing to resume in {path}: no complete checkpoint there (start without "
+                                  "--resume, or set train.resume=auto to continue only when there is something to "
+                                  "continue)")
+            if used:
+                raise RunDirError(f"nothing to resume in {path}: the run there ({', '.join(used)}) saved no "
+                                  "checkpoint (train.save_every), so it cannot be continued; replace it with "
+                                  "--overwrite (train.overwrite=true), or choose another train.output_dir")
+            raise RunDirError(f"nothing to resume in {path}: no checkpoint there (start without --resume, or set "
                               "train.resume=auto to continue only when there is something to continue)")
         if not used:
             return RunDir(path, kind, resuming=False, record=record)
