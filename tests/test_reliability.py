@@ -326,6 +326,22 @@ def test_a_finished_run_continues_for_longer_from_its_final_checkpoint(tmp_path,
         assert "continue it with --resume" not in line and "start without --resume" not in line, line
 
 
+def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_keeps_its_default(tmp_path):
+    """A key added to rlhfkit after a run started (here train.drop_last, as if the record predates
+    it) is no mismatch at its default, the behaviour the run had; set otherwise, it is one."""
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    record = json.loads((out / "sft_run.json").read_text())
+    del record["config"]["train.drop_last"]
+    (out / "sft_run.json").write_text(json.dumps(record))
+    assert open_run(_cfg(tmp_path, data, "train.resume=true"), "sft").resuming
+    (out / "sft_run.json").write_text(json.dumps(record))
+    with pytest.raises(RunDirError, match=r"train.drop_last <unset> -> false"):
+        open_run(_cfg(tmp_path, data, "train.resume=true", "train.drop_last=false"), "sft")
+
+
 def test_a_leftover_temporary_directory_is_removed_when_a_run_starts(tmp_path):
     from rlhfkit.training.rundir import open_run
 

@@ -27,7 +27,14 @@ from rlhfkit.config.extras import require
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
 from rlhfkit.runinfo import write_run_info
-from rlhfkit.training.fingerprint import RESUMABLE_KEYS, default_sources, differences, fingerprint, flatten
+from rlhfkit.training.fingerprint import (
+    RESUMABLE_KEYS,
+    default_sources,
+    differences,
+    fingerprint,
+    flat_config,
+    flatten,
+)
 
 
 @dataclass
@@ -104,12 +111,14 @@ def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:
     runs = sorted(stage_dir.glob("*_run.json"))
     if runs:
         saved = json.loads(runs[0].read_text())
-        diffs = differences(saved, fingerprint(stage_cfg, saved.get("kind", ""), default_sources(stage_cfg)))
+        diffs = differences(saved, fingerprint(stage_cfg, saved.get("kind", ""), default_sources(stage_cfg)),
+                            flat_config(type(stage_cfg)()))
     else:
         configs = sorted(stage_dir.glob("*_config.yaml"))
         saved = yaml.safe_load(configs[0].read_text()) if configs else None
         now = {"config": _results_config(to_dict(stage_cfg))}
-        diffs = differences({"config": _results_config(saved)}, now) if saved else []
+        diffs = differences({"config": _results_config(saved)}, now,
+                            _results_config(to_dict(type(stage_cfg)()))) if saved else []
     if diffs:
         raise ConfigError(f"stage {name!r} finished with another config or inputs ({'; '.join(diffs)}): to redo it, "
                           f"delete {stage_dir} and the directories of the stages after it, or choose another "

@@ -137,11 +137,15 @@ def file_digest(path: Path) -> str:
     return f"sampled-sha256:{h.hexdigest()}"
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """What differs between two fingerprints, one short phrase each."""
+def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """What differs between two fingerprints, one short phrase each. ``defaults`` (`flat_config` of
+    the command's default config): a key the old record lacks (a run started before rlhfkit had
+    the key) is no difference when the new value is its default, the behaviour the old run had."""
     diffs = []
-    oc, nc = old.get("config", {}), new.get("config", {})
+    oc, nc, defaults = old.get("config", {}), new.get("config", {}), defaults or {}
     for key in sorted(set(oc) | set(nc)):
+        if key not in oc and key in defaults and nc.get(key) == defaults[key]:
+            continue
         if oc.get(key, "<unset>") != nc.get(key, "<unset>"):
             diffs.append(f"{key} {_short(oc.get(key, '<unset>'))} -> {_short(nc.get(key, '<unset>'))}")
     os_, ns = old.get("sources", {}), new.get("sources", {})

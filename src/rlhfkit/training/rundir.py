@@ -35,7 +35,7 @@ from typing import Any
 from rlhfkit.config import ConfigError, dump_config
 from rlhfkit.training.checkpoint import Checkpointer
 from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
-from rlhfkit.training.fingerprint import LENGTH_KEYS, default_sources, differences, fingerprint
+from rlhfkit.training.fingerprint import LENGTH_KEYS, default_sources, differences, fingerprint, flat_config
 from rlhfkit.training.runlock import hold
 
 log = logging.getLogger("rlhfkit")
@@ -133,8 +133,9 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
                               "train.resume=auto to continue only when there is something to continue)")
         if not used:
             return RunDir(path, kind, resuming=False, record=record)
-    _check_same_run(path, kind, record, train.resume_mismatch_ok)
-    return RunDir(path, kind, resuming=True, checkpoint=checkpoint, record=_merged_record(path, kind, record))
+    defaults = flat_config(type(cfg)())  # a key added to rlhfkit since the run started, left at its default: no change
+    _check_same_run(path, kind, record, train.resume_mismatch_ok, defaults)
+    return RunDir(path, kind, resuming=True, checkpoint=checkpoint, record=_merged_record(path, kind, record, defaults))
 
 
 def _check_writable(path: Path) -> None:
@@ -210,7 +211,7 @@ def remove_leftovers(path: Path) -> list[str]:
     return found
 
 
-def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool) -> None:
+def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defaults: dict) -> None:
     saved_path = path / f"{kind}_run.json"
     try:
         saved = json.loads(saved_path.read_text())
@@ -225,7 +226,7 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool) -> N
         raise RunDirError(f"{path} has {why} record of a {kind} run ({saved_path.name}): it was not started by "
                           f"`rlhfkit {kind.replace('_', '-')}`, or by an older version; set "
                           "train.resume_mismatch_ok=true to continue it anyway, or train.overwrite=true to start over")
-    diffs = differences(saved, record)
+    diffs = differences(saved, record, defaults)
     length = [d for d in diffs if d.split(" ", 1)[0] in LENGTH_KEYS]
     diffs = [d for d in diffs if d not in length]
     if diffs and not mismatch_ok:
@@ -239,7 +240,7 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool) -> N
         log.warning("continuing %s although the run differs (train.resume_mismatch_ok): %s", path, "; ".join(diffs))
 
 
-def _merged_record(path: Path, kind: str, record: dict) -> dict:
+def _merged_record(path: Path, kind: str, record: dict, defaults: dict) -> dict:
     """The record to keep when continuing: the new fingerprint, with the history of continuations
     that were allowed to differ (train.resume_mismatch_ok)."""
     try:
@@ -249,7 +250,7 @@ def _merged_record(path: Path, kind: str, record: dict) -> dict:
     if not isinstance(saved, dict):
         return record
     history = list(saved.get("history", []))
-    diffs = differences(saved, record) if "config" in saved else ["no earlier record"]
+    diffs = differences(saved, record, defaults) if "config" in saved else ["no earlier record"]
     if diffs:
         history.append({"time": record["created"], "differences": diffs})
     return {**record, "created": saved.get("created", record["created"]), "history": history}
