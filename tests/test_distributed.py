@@ -117,13 +117,10 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
     # A 1-process SFT run whose step-2 checkpoint the 2-process job resumes.
     assert cli(_sft_args(tiny_model_dir, sft, work / "sft-1")) == 0
     for name in ("sft-1to2", "sft-1to2-fsdp", "sft-1to2-zero2"):
-        shutil.copytree(work / "sft-1", work / name)
-        shutil.rmtree(work / name / "model")
+        _interrupted_copy(work / "sft-1", work / name, 2)
     # A 1-process LoRA DPO run, the reference of the LoRA runs; ZeRO 2 resumes its step-1 checkpoint.
     assert cli(_pref_args("dpo", tiny_model_dir, pref, work / "dpo-lora-1") + [*LORA, "train.save_every=1"]) == 0
-    shutil.copytree(work / "dpo-lora-1", work / "dpo-lora-1to2-zero2")
-    shutil.rmtree(work / "dpo-lora-1to2-zero2" / "model")
-    shutil.rmtree(work / "dpo-lora-1to2-zero2" / "checkpoints" / "step-00000002", ignore_errors=True)
+    _interrupted_copy(work / "dpo-lora-1", work / "dpo-lora-1to2-zero2", 1)
 
     jobs = [
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-2")},
@@ -197,6 +194,18 @@ def _assert_same_weights(a: Path, b: Path, atol: float = PARAM_ATOL, model: str 
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def _interrupted_copy(source: Path, dest: Path, step: int) -> Path:
+    """``dest``: run ``source`` as if stopped right after its step-``step`` checkpoint (no final
+    models, no later checkpoints), for a --resume to continue from that step."""
+    shutil.copytree(source, dest)
+    for name in ("model", "critic"):
+        shutil.rmtree(dest / name, ignore_errors=True)
+    for ckpt in (dest / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    return dest
+
+
 def _assert_resumed(source: Path, resumed: Path, step: int) -> None:
     """``resumed`` continued ``source``'s checkpoint at ``step`` rather than starting over: the
     records up to that step are the source's own (wall-clock times included), later ones new."""
@@ -223,15 +232,14 @@ def test_sft_two_processes_equal_one(runs):
     _assert_same_metrics(runs / "sft-1", runs / "sft-2", ["train/loss", "train/grad_norm", "eval/loss"])
     assert _losses(runs / "sft-2", "train/tokens") == _losses(runs / "sft-1", "train/tokens")  # global counts
     _assert_same_weights(runs / "sft-1", runs / "sft-2")
-    # written once, by rank 0: one checkpoint (step 2; step 4 is the final model)
-    assert sorted(p.name for p in (runs / "sft-2" / "checkpoints").iterdir()) == ["step-00000002"]
+    # written once, by rank 0: step 2 and the last step (4), which an evaluation just preceded
+    assert sorted(p.name for p in (runs / "sft-2" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
 
 
 def _finish_on_one_process(runs: Path, tiny_model_dir, two: str, resumed: str, expect: str) -> None:
     """Copy 2-process SFT run ``two`` without its final model, resume it here from its step-2
     checkpoint, and compare the losses and weights with run ``expect``."""
-    shutil.copytree(runs / two, runs / resumed)
-    shutil.rmtree(runs / resumed / "model")
+    _interrupted_copy(runs / two, runs / resumed, 2)
     assert cli(_sft_args(tiny_model_dir, runs / "sft.jsonl", runs / resumed, "--resume")) == 0
     _assert_resumed(runs / two, runs / resumed, 2)
     _assert_same_metrics(runs / expect, runs / resumed, ["train/loss"])
@@ -275,7 +283,7 @@ def test_fsdp_two_processes_equal_one(runs):
     _assert_same_metrics(runs / "sft-1", runs / "sft-fsdp", ["train/loss", "train/grad_norm", "eval/loss"])
     _assert_same_weights(runs / "sft-1", runs / "sft-fsdp")
     ckpt = runs / "sft-fsdp" / "checkpoints" / "step-00000002"
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-00000002"]
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step-00000002", "step-00000004"]
     plain = _weights(runs / "sft-1")
     saved = _weights(ckpt)  # the step-2 weights, whole
     assert saved.keys() == plain.keys() and all(saved[k].shape == plain[k].shape for k in plain)
@@ -376,9 +384,7 @@ def test_sharded_ppo_checkpoint_resumes_on_one_process(runs, monkeypatch):
     optim = torch.load(ckpt / "optim.pt", weights_only=True)
     assert all(isinstance(k, str) for k in optim["actor"]["state"])  # by parameter name: any world size
     resumed = runs / "ppo-fsdp-to1"
-    shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / "model")
-    shutil.rmtree(resumed / "critic")
+    _interrupted_copy(two, resumed, 1)
     _replay(monkeypatch, ppo, runs / "ppo-fsdp-rollouts")
     assert cli(_pg_args("ppo", runs, resumed) + ["--resume"]) == 0
     _assert_resumed(two, resumed, 1)
@@ -412,9 +418,7 @@ def test_fsdp_lora_dpo_equals_one_process_and_resumes_on_one(runs, tiny_model_di
     assert len(live) == len(adapter)
 
     resumed = runs / "dpo-lora-fsdp-to1"
-    shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / "model")
-    shutil.rmtree(resumed / "checkpoints" / "step-00000002", ignore_errors=True)
+    _interrupted_copy(two, resumed, 1)
     assert cli(_pref_args("dpo", tiny_model_dir, runs / "pref.jsonl", resumed) + LORA + ["--resume"]) == 0
     _assert_resumed(two, resumed, 1)
     _assert_same_metrics(two, resumed, keys)
@@ -440,9 +444,7 @@ def test_fsdp_lora_ppo_equals_one_process_on_the_same_experience(runs, monkeypat
     assert max(float(v.abs().max()) for k, v in _weights(two).items() if "lora_B" in k) > 1e-5  # B starts at 0
 
     resumed = runs / "ppo-lora-fsdp-to1"
-    shutil.copytree(two, resumed)
-    for name in ("model", "critic"):
-        shutil.rmtree(resumed / name)
+    _interrupted_copy(two, resumed, 1)
     assert cli(_pg_args("ppo", runs, resumed) + LORA + _ptx(runs) + ["--resume"]) == 0
     _assert_resumed(two, resumed, 1)
     assert sorted(_losses(resumed, "loss/policy")) == [1, 2]

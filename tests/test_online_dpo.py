@@ -259,4 +259,4 @@ def test_report_plots_the_iterations_scores(rsft_run):
     assert series(stage.rows, "score_mean")[0] == [1, 2, 3]
     assert any(series(stage.rows, k)[1] for k in keys)
     alts = [p.split('alt="')[1].split('"')[0] for p in stage_panels(stage.name, {"run": stage})]
-    assert f"{stage.name} {title}" in alts
+    assert f"{stage.name} {title} (reward function)" in alts  # the scorer is a Python function

@@ -304,6 +304,9 @@ class FullySharded(Strategy):
 
     def optimizer_state(self, model, optimizer) -> dict:
         if model is not None and is_sharded(model):
+            # after a forward (an evaluation) the root may hold gathered copies, which the optimizer
+            # does not know: reshard so that its parameters are the sharded ones it steps
+            model.reshard()
             return full_optimizer_state(model, optimizer)
         return super().optimizer_state(model, optimizer)
 
