@@ -139,6 +139,30 @@ def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
     assert (tmp_path / "run" / "model" / "config.json").is_file()  # link to the last iteration's model
 
 
+def test_a_start_that_no_iteration_beats_is_written_as_the_final_model(tmp_path, tokenizer, monkeypatch):
+    """select_best keeps step 0 (the start): output_dir/model must still be the final model, a
+    full model that loads, as with every other trainer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.trainers import online_dpo
+
+    golds = iter([1.0, 0.5, 0.2])  # step 0, then each iteration worse
+    monkeypatch.setattr(online_dpo, "evaluate_iteration", lambda *a, **k: {"eval/gold_mean": next(golds)})
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        *_tiny_setup(tmp_path, tokenizer, 6), f"prompts.eval={tmp_path / 'prompts.jsonl'}",
+        "iterations=2", "prompts_per_iteration=3", "rollout.n=2", "rollout.max_new_tokens=4",
+        "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1", "train.progress=false",
+        "train.eval_every=1", "train.select_best=eval/gold_mean", f"train.output_dir={tmp_path / 'run'}"])
+    results = train_online_dpo(cfg)
+    final = tmp_path / "run" / "model"
+    assert results["best"]["step"] == 0 and results["final_model"] == str(final)
+    assert not final.is_symlink() and (final / "config.json").is_file()
+    start, got = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"), AutoModelForCausalLM.from_pretrained(final)
+    for (k, a), b in zip(start.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("anchor", ["initial", "previous"])
 def test_reference_anchor_of_later_iterations(tmp_path, tokenizer, anchor):
     """reference: previous anchors iteration k to pi_(k-1), so its first DPO loss is exactly ln 2

@@ -312,3 +312,17 @@ def test_report_names_scorers_by_kind_and_wraps_long_text(tmp_path):
                                      [{"spec": "rm:d"}], ["rm:d", "f.py:g"])] == [
         "reward model", "preference model", "LLM judge", "simulated annotator", "task reward", "reward function",
         "reward function", None, "reward model", "weighted rewards"]
+
+
+def test_a_pipeline_stage_of_kind_online_dpo_is_finished_by_its_results_file(tmp_path):
+    """A pipeline names the kind "online-dpo"; the stage writes online_dpo_results.json."""
+    from rlhfkit.report.checks import stage_warnings
+    from rlhfkit.report.data import load_stages
+
+    run = tmp_path / "run"
+    _stage(run, "odpo", "online_dpo", [{"step": 1, "score_mean": 0.5}])
+    (run / "pipeline.yaml").write_text(yaml.safe_dump({"stages": [{"name": "odpo", "kind": "online-dpo"}]}))
+    (stage,) = load_stages(run)
+    assert stage.kind == "online-dpo" and stage_warnings("run", stage) == []
+    (run / "odpo" / "online_dpo_results.json").unlink()
+    assert [w["kind"] for w in stage_warnings("run", stage)] == ["unfinished"]

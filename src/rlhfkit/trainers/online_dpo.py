@@ -56,7 +56,7 @@ from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
-from rlhfkit.models import load_causal_lm, load_tokenizer
+from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import (
@@ -242,6 +242,9 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     if strategy.is_main:
         if final != cfg.model.name:
             _link_final(run.out, Path(final))
+        else:  # no iteration beat the start (select_best): the final model is the starting policy itself
+            _save_start(cfg, tokenizer, run.out / "model")
+            results["final_model"] = str(run.out / "model")
         write_json_atomic(run.out / "online_dpo_results.json", results)
         release(run.out)
     strategy.wait()
@@ -372,6 +375,14 @@ def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path
     else:
         metrics = train_sft(SFTConfig(model=model, data=data, optim=cfg.optim, train=train), strategy)
     return {k.removeprefix("train/"): float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+
+
+def _save_start(cfg: OnlineDPOConfig, tokenizer, out: Path) -> None:
+    """The starting policy, written as ``out`` (a full model, an adapter start merged in)."""
+    link = out
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    save_pretrained_atomic(load_causal_lm(cfg.model.name, cfg.model.dtype), tokenizer, out)
 
 
 def _link_final(out: Path, model_dir: Path) -> None:
