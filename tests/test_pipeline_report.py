@@ -68,6 +68,13 @@ def test_pipeline_runs_stages_in_order_and_skips_done(tmp_path, tiny_model_dir, 
     (lambda c: c["stages"][1]["config"]["optim"].update(lrr=1), r"stages\[1\] \(rm\).*optim\.lrr: unknown key"),
     (lambda c: c["stages"][1]["config"]["model"].update(name="${nostage}"), r"unknown placeholder \$\{nostage\}"),
     (lambda c: c["stages"][0]["config"]["train"].update(batch_size=6), r"stages\[0\] \(sft\).*not divisible"),
+    (lambda c: c["stages"][1].update(name="sft"), r"stages\[1\]\.name: 'sft' is an earlier stage's name"),
+    (lambda c: [s.pop("name") for s in c["stages"]] and c["stages"][1].update(kind="sft"),
+     r"stages\[1\]\.name: 'sft' is an earlier stage's name \(a stage of the same kind is named after its kind"),
+    (lambda c: c["stages"][1].update(name="../escaped"), r"stages\[1\]\.name: '\.\./escaped': use letters"),
+    (lambda c: c["stages"][1].update(name="base"), r"'base' is a placeholder's name"),
+    (lambda c: c["stages"][0]["config"]["train"].update(output_dir="elsewhere"),
+     r"stages\[0\]\.config\.train\.output_dir: set by the pipeline"),
 ])
 def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutate, match):
     sft, pref = _data(tmp_path)
@@ -79,6 +86,23 @@ def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutat
     with pytest.raises(ConfigError, match=match):
         run_pipeline(str(path))
     assert not (tmp_path / "run" / "sft").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("override,match", [
+    ("stages.7.config.optim.lr=1e-5", r"stages\.7: no such stage; the pipeline has 2 \(0-1: sft, rm\)"),
+    ("stages.odpo.config.optim.lr=1e-5", r"stages\.odpo: no such stage"),
+])
+def test_pipeline_overrides_name_an_existing_stage(tmp_path, tiny_model_dir, capsys, override, match):
+    from rlhfkit.cli import main
+    from rlhfkit.pipeline import plan
+
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    with pytest.raises(ConfigError, match=match):
+        plan(str(path), [override])
+    assert main(["pipeline", "-c", str(path), override]) == 2 and "Traceback" not in capsys.readouterr().err
+    _, stages = plan(str(path), ["stages.rm.config.optim.lr=0.005"])  # by name as well as by index
+    assert stages[1][1].optim.lr == 0.005
 
 
 def _fake_eval(stage_dir, eos_frac=0.9):
@@ -326,3 +350,17 @@ def test_a_pipeline_stage_of_kind_online_dpo_is_finished_by_its_results_file(tmp
     assert stage.kind == "online-dpo" and stage_warnings("run", stage) == []
     (run / "odpo" / "online_dpo_results.json").unlink()
     assert [w["kind"] for w in stage_warnings("run", stage)] == ["unfinished"]
+
+
+def test_the_quickstart_pipeline_example_plans_as_it_says(tmp_path):
+    from pathlib import Path
+
+    from rlhfkit.pipeline import plan
+
+    text = (Path(__file__).parents[1] / "docs" / "quickstart.md").read_text()
+    example = text.split("## A whole workflow as one pipeline")[1].split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "p.yaml").write_text(example)
+    cfg, stages = plan(str(tmp_path / "p.yaml"), ["stages.rm.config.optim.lr=1e-5"])
+    assert [(s.name, c.model.name, c.train.output_dir) for s, c in stages] == [
+        ("sft", "smollm2-135m-instruct", "runs/mine/sft"), ("rm", "runs/mine/sft/model", "runs/mine/rm")]
+    assert stages[1][1].optim.lr == 1e-5 and stages[0][1].train.seed == 0

@@ -454,3 +454,17 @@ def test_a_finished_run_lets_another_process_continue_it(tmp_path, tiny_model_di
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "sft_run.json").read_text())["history"][-1]["differences"] == ["train.max_steps 4 -> 6"]
+
+
+def test_a_source_that_is_gone_is_named_as_gone(tmp_path):
+    from rlhfkit.training.fingerprint import differences, identify
+
+    model = tmp_path / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    before = {"sources": {"model.name": identify(str(model))}}
+    (model / "config.json").unlink()
+    model.rmdir()
+    after = {"sources": {"model.name": identify(str(model))}}
+    assert differences(before, after) == [f"model.name {str(model)[:37]}...: not found any more"
+                                          if len(str(model)) > 40 else f"model.name {model}: not found any more"]

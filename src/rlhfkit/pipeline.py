@@ -80,8 +80,7 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
         stages_over = over.pop("stages", None)
         raw = merge(raw or {}, over)
         if stages_over:  # stages.<i>.config.key=value
-            for i, v in stages_over.items():
-                raw["stages"][int(i)] = merge(raw["stages"][int(i)], v)
+            raw["stages"] = _override_stages(list((raw or {}).get("stages") or []), stages_over)
     cfg = build(PipelineConfig, raw or {}, "", source)
     out = Path(cfg.output_dir)
     values = {"base": cfg.base_model, "output_dir": str(out)}
@@ -92,6 +91,7 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
             raise ConfigError(f"{source}: stages[{i}].kind: unknown stage kind {spec.kind!r}; known: {sorted(COMMANDS)}")
         if not spec.name:
             spec.name = spec.kind
+        _check_stage(spec, i, source, values)
         data = _substitute(spec.config, values, f"{source}: stages[{i}].config")
         data = merge({"train": {"output_dir": str(out / spec.name), "seed": cfg.seed}}, data)
         try:
@@ -101,6 +101,33 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
         stages.append((spec, stage_cfg))
         values[spec.name] = str(out / spec.name / "model")
     return cfg, stages
+
+
+def _override_stages(stages: list, over: dict) -> list:
+    """``stages.<i>.key=value`` (or ``stages.<name>.key=value``) merged into the stage it names."""
+    for key, v in over.items():
+        names = [str(s.get("name") or s.get("kind")) if isinstance(s, dict) else "" for s in stages]
+        i = int(key) if str(key).lstrip("-").isdigit() else names.index(str(key)) if str(key) in names else None
+        if i is None or not 0 <= i < len(stages):
+            raise ConfigError(f"stages.{key}: no such stage; the pipeline has {len(stages)} (0-{len(stages) - 1}: "
+                              f"{', '.join(names)})")
+        stages[i] = merge(stages[i], v)
+    return stages
+
+
+def _check_stage(spec: StageSpec, i: int, source: str, values: dict) -> None:
+    """A stage name is a directory name and a placeholder: unique, plain; its output_dir is the pipeline's."""
+    where = f"{source}: stages[{i}]"
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", spec.name):
+        raise ConfigError(f"{where}.name: {spec.name!r}: use letters, digits, '_' and '-' (it names the stage's "
+                          "directory and its ${...} placeholder)")
+    if spec.name in values:
+        taken = "a placeholder's name" if spec.name in ("base", "output_dir") else "an earlier stage's name"
+        raise ConfigError(f"{where}.name: {spec.name!r} is {taken} (a stage of the same kind is named after its "
+                          "kind unless named); give each stage its own name")
+    if isinstance(spec.config.get("train"), dict) and "output_dir" in spec.config["train"]:
+        raise ConfigError(f"{where}.config.train.output_dir: set by the pipeline (<output_dir>/{spec.name}, which "
+                          "${" + spec.name + "} names); leave it out")
 
 
 def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:

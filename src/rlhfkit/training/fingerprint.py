@@ -153,6 +153,8 @@ def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]
         a, b = os_.get(key), ns.get(key)
         if a is None or b is None:
             diffs.append(f"{key} {'added' if a is None else 'removed'}")
+        elif "path" in a and "path" not in b and a["spec"] == b["spec"]:
+            diffs.append(f"{key} {_short(b['spec'])}: not found any more")
         elif _content(a) != _content(b):
             sizes = f" (size {a['size']} -> {b['size']})" if "size" in a and "size" in b and a["size"] != b["size"] else ""
             diffs.append(f"{key} content differs{sizes}" if "path" in a and "path" in b else
