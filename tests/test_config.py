@@ -178,6 +178,8 @@ def test_numeric_and_path_fields_are_checked(override, match):
     ("ppo", "clip_eps=0", r"clip_eps: must be > 0"),
     ("ppo", "gamma=nan", r"gamma: must be a finite number"),
     ("ppo", "reward.missing_eos_score=-1", None),  # a score: negative is fine
+    ("ppo", "reward.unscorable=-1", None),  # a score too
+    ("online-dpo", "rsft_min_score=-0.2", None),  # a threshold on scores (VADER, reward models go negative)
     ("ppo", "rollout.micro_batch_size=0", None),  # documented: 0 = all rows at once
     ("dpo", "sft_first.lr=0", r"sft_first\.lr: must be > 0"),
     ("online-dpo", "scorer_batch_size=0", r"scorer_batch_size: must be >= 1"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -314,3 +315,16 @@ def test_a_second_eval_in_one_directory_replaces_the_first(tmp_path, tiny_model_
     assert list(results["policies"]) == ["a"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "eval_config.yaml", "eval_results.json", "notes.txt", "samples-a.jsonl", "samples-baseline.jsonl"]
+
+
+def test_results_files_are_strict_json(tmp_path):
+    """eval_results.json's correlations are NaN when a side is constant: written as null, which
+    jq and JSON.parse read (bare NaN is not JSON)."""
+    import torch
+
+    from rlhfkit.io import write_json_atomic
+
+    write_json_atomic(tmp_path / "r.json", {"corr_length_gold": float("nan"), "x": [1.5, float("inf")],
+                                            "t": torch.tensor(float("nan")), "n": 3})
+    got = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"holds {c}"))
+    assert got == {"corr_length_gold": None, "x": [1.5, None], "t": None, "n": 3}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -24,11 +25,24 @@ def to_builtin(v: Any) -> Any:
     return v
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None: JSON has no NaN or Infinity (jq, JSON.parse)."""
+    obj = to_builtin(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """``obj`` as strict JSON (`strict_json`), written whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=to_builtin))
+    tmp.write_text(json.dumps(strict_json(obj), indent=2, default=to_builtin, allow_nan=False))
     os.replace(tmp, path)
 
 

@@ -160,7 +160,7 @@ def merge(base: dict, over: dict) -> dict:
 
 # Numeric fields, checked in every config class by name (`check_numbers`), so that a trainer's
 # own section gets them without repeating them: no field may be negative but these, ...
-SIGNED_FIELDS = {"missing_eos_score"}  # a score, on the reward's scale
+SIGNED_FIELDS = {"missing_eos_score", "unscorable", "rsft_min_score"}  # scores, on the reward's scale
 # ... these counts must be >= 1 (0 would divide by zero, loop forever or train on nothing) ...
 COUNT_FIELDS = {"r", "alpha", "batch_size", "micro_batch_size", "mini_batch_size", "eval_batch_size",
                 "scorer_batch_size", "max_length", "max_prompt_length", "max_new_tokens", "n", "ppo_epochs",

@@ -4,12 +4,11 @@ MLflow, ...) and a tqdm progress bar."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.io import rewrite_jsonl, to_builtin
+from rlhfkit.io import rewrite_jsonl, strict_json, to_builtin
 from rlhfkit.training.trackers import (
     finish_trackers,
     log_scalars,
@@ -52,8 +51,7 @@ class RunLogger:
         clean = {k: to_builtin(v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
             # strict JSON (jq, JSON.parse): a non-finite value is written as null; trackers get it as is
-            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **{k: _finite_or_none(v) for k, v
-                                                                             in clean.items()}}) + "\n")
+            f.write(json.dumps(strict_json({"step": step, "time": round(time.time(), 3), **clean})) + "\n")
         log_scalars(self.trackers, clean, step)
         if self.bar is not None and show:
             self.bar.set_postfix({k.split("/")[-1]: f"{clean[k]:.4g}" for k in show if k in clean}, refresh=False)
@@ -92,10 +90,6 @@ class RunLogger:
             self.bar.close()
         finish_trackers(self.trackers)
         self.trackers = []
-
-
-def _finite_or_none(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _truncate_after(path: Path, step: int) -> None:
