@@ -188,3 +188,14 @@ def test_deepspeeds_cpu_fallback_note_is_dropped_and_nothing_else():
     finally:
         ds.removeHandler(handler)
     assert seen == ["ZeRO stage 2: something else"]
+
+
+@pytest.mark.parametrize("argv", [["eval", "policies=[a]"], ["pipeline", "-c", "configs/demo.yaml"]])
+def test_eval_and_pipeline_under_torchrun_are_refused_in_one_line(monkeypatch, capsys, argv):
+    """Single-process orchestration: under torchrun each rank would run it into one directory."""
+    from rlhfkit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs on one process" in err[0] and "without torchrun" in err[0], err

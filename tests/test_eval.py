@@ -256,6 +256,8 @@ def test_kl_to_baseline_equals_each_row_computed_alone(tokenizer):
 @pytest.mark.parametrize("policies, match", [
     (["x/ppo/model", "y/ppo/model"], r"y/ppo/model and x/ppo/model are both labelled 'ppo': name them"),
     (["baseline=x/ppo/model"], r"x/ppo/model and base/model are both labelled 'baseline'"),
+    (["a/b=x/ppo/model"], r"label 'a/b' of x/ppo/model: it names the samples file"),  # found before any sampling
+    (["..=x/ppo/model"], r"label '\.\.' of x/ppo/model"),
 ])
 def test_two_policies_with_one_label_are_refused(policies, match):
     """A label names a table row and a samples file: a second policy of the same label would

@@ -77,12 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_process(command: str) -> None:
+    """eval and pipeline are single-process orchestration (docs/distributed.md): refused, in one
+    line, under torchrun rather than run once per process into the same directory."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise ConfigError(f"{command} runs on one process (it orchestrates; the trainers are the distributed part): "
+                          f"launch it without torchrun (WORLD_SIZE={world})")
+
+
 def run_trainer(name: str, config: str | None, overrides: list[str], resume: bool = False, print_only: bool = False,
                 explain: bool = False, overwrite: bool = False):
     """Load and validate ``name``'s config, then run it on the strategy its train section asks for."""
     from rlhfkit.parallel import make_strategy
 
     command = COMMANDS[name]
+    if name == "eval":
+        _one_process("eval")
     if resume:
         overrides = [*overrides, "train.resume=true"]
     if overwrite:
@@ -209,6 +220,8 @@ def _main(argv: list[str]) -> int:
 
         from rlhfkit.config.loader import yaml_error_line
         from rlhfkit.pipeline import run_pipeline
+
+        _one_process("pipeline")
 
         try:
             run_pipeline(args.config, args.overrides)

@@ -103,6 +103,9 @@ class EvalConfig:
         seen: dict[str, str] = {"baseline": self.baseline}
         for spec in self.policies:  # each label names a row and a samples file: two would overwrite one
             label, path = policy_label(spec)
+            if not label or "/" in label or "\\" in label or label.startswith("."):
+                raise ConfigError(f"{where}.policies: label {label!r} of {path}: it names the samples file "
+                                  f"(samples-LABEL.jsonl), so no '/', '\\' or leading '.'")
             if label in seen:
                 raise ConfigError(f"{where}.policies: {path} and {seen[label]} are both labelled {label!r}: "
                                   f"name them, e.g. 'NAME={path}'")
