@@ -199,3 +199,19 @@ def test_eval_and_pipeline_under_torchrun_are_refused_in_one_line(monkeypatch, c
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "runs on one process" in err[0] and "without torchrun" in err[0], err
+
+
+def test_eval_help_describes_eval(capsys):
+    """eval has no checkpoints, optimizer or in-training evaluation: its help offers none of them,
+    and says task:NAME means the task's held-out prompts."""
+    from rlhfkit.cli import main
+    from rlhfkit.config import ConfigError, load_config
+    from rlhfkit.eval.policy_compare import EvalConfig
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "--resume" not in out and "--overwrite" not in out and "optim.lr" not in out
+    assert "task:NAME (its\n        prompts_eval.jsonl)" in out and "prompts.eval_limit" not in out
+    with pytest.raises(ConfigError, match=r"prompts\.eval: unknown key"):
+        load_config(EvalConfig, overrides=["policies=[a]", "prompts.eval=x.jsonl"])

@@ -40,13 +40,16 @@ def _add_trainer(sub, name: str, command: Command) -> None:
                        description=f"{command.help}. Trailing key.path=value pairs override the config.")
     p.command = command
     p.add_argument("--config", "-c", help="YAML config file")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint "
-                   "(refused if there is none, or if the config or data differ: see train.resume_mismatch_ok)")
-    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
-                   "deleting its checkpoints, metrics, models and results")
+    trains = name != "eval"  # eval has no checkpoints to continue and no optimizer
+    if trains:
+        p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint "
+                       "(refused if there is none, or if the config or data differ: see train.resume_mismatch_ok)")
+        p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
+                       "deleting its checkpoints, metrics, models and results")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--explain", action="store_true", help="with --print-config: each key's meaning as a comment")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. "
+                   + ("optim.lr=1e-5" if trains else "rollout.max_new_tokens=64 prompts.limit=100"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,8 +231,8 @@ def _main(argv: list[str]) -> int:
         except yaml.YAMLError as e:  # the pipeline file's own syntax: name the file
             raise ConfigError(f"{args.config}: {yaml_error_line(e)}") from None
         return 0
-    run_trainer(args.command, args.config, args.overrides, args.resume, args.print_config, args.explain,
-                args.overwrite)
+    run_trainer(args.command, args.config, args.overrides, getattr(args, "resume", False), args.print_config,
+                args.explain, getattr(args, "overwrite", False))
     return 0
 
 

@@ -27,8 +27,8 @@ class PromptsSection:
     """Use only the first N prompts; 0 = all."""
     eval: str = ""
     """Held-out prompts for the evaluations during training (train.eval_every): one sample each, scored
-    by the training reward (eval/proxy_mean), the gold judge reward.gold (eval/gold_mean) and the KL to
-    the reference (eval/kl); empty = no held-out evaluation."""
+    by the training reward (eval/proxy_mean), the gold judge (reward.gold; online DPO: gold) as
+    eval/gold_mean, and by the KL to the reference (eval/kl); empty = no held-out evaluation."""
     eval_limit: int = 64
     """Use only the first N held-out prompts; 0 = all."""
 
@@ -70,7 +70,7 @@ class RolloutSection:
     """How responses are sampled."""
 
     n: int = 1
-    """Responses sampled per prompt (GRPO/RLOO's group size G)."""
+    """Responses sampled per prompt (GRPO/RLOO's group size G; eval: per prompt and model)."""
     max_new_tokens: int = 48
     """Response budget in tokens; responses that reach it without EOS count as truncated."""
     temperature: float = 1.0

@@ -28,7 +28,7 @@ from typing import Literal, Union
 
 import torch
 
-from rlhfkit.config import ConfigError, PromptsSection, RolloutSection, dump_config, under_key
+from rlhfkit.config import ConfigError, RolloutSection, dump_config, under_key
 from rlhfkit.data import length_batches, load_preference
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection, tax_deltas
@@ -54,6 +54,22 @@ from rlhfkit.training.runlock import hold, release
 log = logging.getLogger("rlhfkit")
 
 @dataclass
+class EvalPromptsSection:
+    """The held-out prompts every model answers (records {"prompt"} or {"messages"})."""
+
+    train: str = "task:sentiment/prompts_eval.jsonl"
+    """Prompt source: a .jsonl/.json/.parquet/.csv file, hf:org/name[:split], or task:NAME (its prompts_eval.jsonl)."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens (after the chat template) are dropped and counted."""
+    limit: int = 0
+    """Use only the first N prompts; 0 = all."""
+
+    def validate(self, where: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{where}.train: a prompt source is required")
+
+
+@dataclass
 class EvalRunSection:
     """Where the evaluation writes, and its sampling seed (named ``train`` like every stage's run
     section, so the pipeline can set output_dir and seed)."""
@@ -76,7 +92,7 @@ class EvalConfig:
     """Policies to evaluate: model directories or names; "label=path" names a row."""
     baseline: str = "smollm2-135m-instruct"
     """The policy every other is compared with (usually the starting policy, the SFT model)."""
-    prompts: PromptsSection = field(default_factory=lambda: PromptsSection(train="task:sentiment/prompts_eval.jsonl"))
+    prompts: EvalPromptsSection = field(default_factory=EvalPromptsSection)
     """Held-out prompts (prompts.train; task:NAME means the task's prompts_eval.jsonl)."""
     rollout: RolloutSection = field(default_factory=lambda: RolloutSection(n=2, temperature=1.0, micro_batch_size=64))
     """Sampling: rollout.n responses per prompt and model."""
