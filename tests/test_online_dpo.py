@@ -6,15 +6,10 @@ import json
 
 import pytest
 
+from rlhfkit.algos.selection import best_of_n, build_pairs, length_penalised, rsft_dropped
 from rlhfkit.config import load_config
 from rlhfkit.judges.sample_scorer import round_robin
-from rlhfkit.trainers.online_dpo import (
-    OnlineDPOConfig,
-    best_of_n,
-    build_pairs,
-    length_penalised,
-    train_online_dpo,
-)
+from rlhfkit.trainers.online_dpo import OnlineDPOConfig, train_online_dpo
 
 
 def test_pairs_pick_true_best_and_worst():
@@ -65,6 +60,10 @@ def test_best_of_n_threshold_and_top_fraction():
     assert best_of_n(scores, resp, 2, top_fraction=0.25) == [(1, 2)]
     assert best_of_n(scores, resp, 2, min_score=0.6, top_fraction=0.5) == [(1, 2)]
     assert best_of_n(scores, resp, 2, min_score=5.0) == []
+    # every prompt is kept or counted under one reason
+    kept = best_of_n(scores, resp, 2, min_score=0.3, top_fraction=0.25)  # 0.9 and 0.5 pass, one is kept
+    assert kept == [(1, 2)] and rsft_dropped(scores, resp, 2, 0.3, len(kept)) == {
+        "dropped_empty": 0, "dropped_below_min_score": 2, "dropped_top_fraction": 1}
 
 
 def test_rsft_iteration_keeps_only_responses_above_the_threshold(tmp_path, tokenizer):
@@ -88,6 +87,9 @@ def test_rsft_iteration_keeps_only_responses_above_the_threshold(tmp_path, token
     assert len(kept) == sum(b >= 50 for b in group_best.values())
     assert all(r["score"] >= 50 for r in kept)
     assert 0 < len(kept) < len(group_best)  # the threshold dropped some prompts, kept others
+    stats = json.loads((it / "sampling.json").read_text())
+    assert stats["pairs"] == len(kept) and "dropped_ties" not in stats
+    assert stats["dropped_below_min_score"] + stats["dropped_empty"] + stats["dropped_top_fraction"] == 8 - len(kept)
 
 
 def test_round_robin_scores():

@@ -1,4 +1,4 @@
-"""Pure tensor math of rlhfkit: log-probs, masked statistics, KL, advantages, losses.
+"""Pure math of rlhfkit: log-probs, masked statistics, KL, advantages, losses, sample selection.
 
 No models, no configs, no I/O. Shapes: B batch rows, T (response) tokens, V vocabulary.
 """
@@ -35,6 +35,7 @@ from rlhfkit.algos.losses import (
 )
 from rlhfkit.algos.preference import bradley_terry_loss, dpo_loss, pairwise_accuracy
 from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt
+from rlhfkit.algos.selection import best_of_n, build_pairs, length_penalised, rsft_dropped
 from rlhfkit.algos.stats import (
     agg_loss,
     explained_variance,
@@ -50,8 +51,10 @@ __all__ = [
     "RunningMeanBaseline",
     "agg_loss",
     "batch_mean_advantages",
+    "best_of_n",
     "bias_corrected_kl",
     "bradley_terry_loss",
+    "build_pairs",
     "dpo_loss",
     "entropy_from_logits",
     "expand_to_tokens",
@@ -63,6 +66,7 @@ __all__ = [
     "kl_estimate",
     "kl_penalized_rewards",
     "kl_penalized_scores",
+    "length_penalised",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -72,6 +76,7 @@ __all__ = [
     "ppo_policy_loss",
     "reinforce_baseline_advantages",
     "rloo_advantages",
+    "rsft_dropped",
     "sequence_logps",
     "sequence_policy_loss",
     "sft_loss",

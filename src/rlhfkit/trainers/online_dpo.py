@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Literal, Optional
 
 import torch
 
+from rlhfkit.algos.selection import best_of_n, build_pairs, length_penalised, rsft_dropped
 from rlhfkit.config import (
     ConfigError,
     DataSection,
@@ -133,55 +133,16 @@ class OnlineDPOConfig:
             raise ConfigError(f"{where}: length_penalty and tie_tolerance must be >= 0")
 
 
-# --------------------------------------------------------------------------- pure steps
-
-def build_pairs(scores, responses, n: int, tie_tolerance: float = 0.0) -> tuple[list[tuple[int, int, int]], dict]:
-    """Best-vs-worst pair of each group of n consecutive rows (docs/concepts.md: Online iterative DPO).
-
-    scores, responses: length G*n, rows [g*n, (g+1)*n) belong to prompt g. Returns
-    ([(g, best_row, worst_row), ...], counts). A group is dropped when its best and worst
-    responses are the same text (``identical``), when best - worst <= tie_tolerance (``ties``),
-    or when either is empty (``empty``: nothing to learn from, and not a valid preference record).
-    """
-    if len(scores) != len(responses) or len(scores) % n:
-        raise ValueError(f"{len(scores)} scores / {len(responses)} responses do not form groups of {n}")
-    pairs, counts = [], {"identical": 0, "ties": 0, "empty": 0}
-    for g in range(len(scores) // n):
-        rows = range(g * n, (g + 1) * n)
-        best = max(rows, key=lambda i: scores[i])  # first of equals: deterministic
-        worst = min((i for i in rows if i != best), key=lambda i: scores[i])  # never the same row
-        a, b = responses[best].strip(), responses[worst].strip()
-        if a == b:
-            counts["identical"] += 1
-        elif scores[best] - scores[worst] <= tie_tolerance:
-            counts["ties"] += 1
-        elif not a or not b:
-            counts["empty"] += 1
-        else:
-            pairs.append((g, best, worst))
-    return pairs, counts
-
-
-def best_of_n(scores, responses, n: int, min_score: float | None = None,
-              top_fraction: float = 1.0) -> list[tuple[int, int]]:
-    """(g, best_row) of RSFT's data: each group's best response, kept when it is not empty, its score
-    is >= ``min_score`` (None: no threshold), and it is among the ``top_fraction`` best of the groups'
-    best responses (ceil(fraction x groups), ties broken by group order). Sorted by group."""
-    best = []
-    for g in range(len(scores) // n):
-        b = max(range(g * n, (g + 1) * n), key=lambda i: scores[i])
-        if responses[b].strip() and (min_score is None or scores[b] >= min_score):
-            best.append((g, b))
-    keep = math.ceil(top_fraction * (len(scores) // n))
-    return sorted(sorted(best, key=lambda gb: -scores[gb[1]])[:keep])
-
-
-def length_penalised(scores, responses, lam: float) -> list[float]:
-    """score - lam * |a|, |a| in characters (docs/concepts.md: Online iterative DPO)."""
-    return [s - lam * len(r) for s, r in zip(scores, responses)]
-
-
 # --------------------------------------------------------------------------- the loop
+
+def _kept(summary: dict) -> str:
+    """An iteration's training examples and what was dropped, for its log line."""
+    if "dropped_ties" in summary:
+        return (f"{summary['pairs']} pairs ({summary['dropped_ties']} ties, {summary['dropped_identical']} "
+                f"identical dropped)")
+    return (f"{summary['pairs']} best responses ({summary['dropped_below_min_score']} below rsft_min_score, "
+            f"{summary['dropped_top_fraction']} outside rsft_top_fraction, {summary['dropped_empty']} empty dropped)")
+
 
 def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> dict:
     """Run T iterations; returns the summary written to ``online_dpo_results.json``.
@@ -220,8 +181,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
         summary["labels_cumulative"] = state["labels"]
         state["history"].append(summary)
         state["current"] = str(it_dir / "model")
-        run.logger.write(f"[online-{cfg.mode}] iteration {k}/{cfg.iterations}: {summary['pairs']} pairs "
-                         f"({summary['dropped_ties']} ties, {summary['dropped_identical']} identical dropped), "
+        run.logger.write(f"[online-{cfg.mode}] iteration {k}/{cfg.iterations}: {_kept(summary)}, "
                          f"score {summary['score_mean']:.3f}, length {summary['length_chars_mean']:.0f} chars, "
                          f"labels {state['labels']}")
         return {key: v for key, v in summary.items() if isinstance(v, (int, float))}
@@ -332,13 +292,13 @@ def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], st
     if cfg.mode == "dpo":
         records = [{"prompt": items[g].messages, "chosen": responses[b], "rejected": responses[w],
                     "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
+        stats.update(dropped_ties=counts["ties"], dropped_identical=counts["identical"], dropped_empty=counts["empty"])
     else:
+        best = best_of_n(ranked, responses, n, cfg.rsft_min_score, cfg.rsft_top_fraction)
         records = [{"messages": [*items[g].messages, {"role": "assistant", "content": responses[b]}],
-                    "score": scores[b]}
-                   for g, b in best_of_n(ranked, responses, n, cfg.rsft_min_score, cfg.rsft_top_fraction)]
-    stats.update(**labels, pairs=len(records), dropped_ties=counts["ties"],
-                 dropped_identical=counts["identical"], dropped_empty=counts["empty"],
-                 score_mean=sum(scores) / len(scores))
+                    "score": scores[b]} for g, b in best]
+        stats.update(rsft_dropped(ranked, responses, n, cfg.rsft_min_score, len(best)))
+    stats.update(**labels, pairs=len(records), score_mean=sum(scores) / len(scores))
     write_json_atomic(it_dir / "sampling.json", stats)
     write_jsonl_atomic(pairs_path, records)
 
