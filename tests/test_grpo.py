@@ -270,6 +270,8 @@ def test_reinforce_baseline_is_the_batch_mean_and_needs_no_groups(tokenizer, tmp
     want = exp.scores.double() - exp.scores.double().mean()
     torch.testing.assert_close(_seq(exp, exp.advantages).double() / exp.response_mask.sum(-1), want,
                                atol=1e-5, rtol=1e-5)
+    logged = {k for r in read_metrics(cfg.train.output_dir) for k in r}  # groups of one are "flat", yet their advantages are not 0
+    assert "advantage/abs_mean" in logged and "reward/flat_group_frac" not in logged
 
 
 @pytest.mark.parametrize("over, match", [

@@ -186,11 +186,11 @@ def grpo_iteration(pr: PolicyRun, step: int, actor: Trained, ptx) -> dict:
     per_group = strategy.gather(torch.stack([spread, flat], dim=1))  # (G, 2)
     metrics.update({
         "objective/kl": per_row[:, 0].mean(), f"objective/kl_{cfg.kl_kind}": per_row[:, 1].mean(),
-        "objective/kl_coef": cfg.kl_coef,
+        "objective/kl_coef": cfg.kl_coef, "advantage/abs_mean": per_row[:, 2].mean(),
         "reward/group_std_mean": per_group[:, 0].mean(),
-        "reward/flat_group_frac": per_group[:, 1].mean(),
-        "advantage/abs_mean": per_row[:, 2].mean(),
     })
+    if cfg.advantage != "reinforce":  # a flat group has zero advantages only under a group baseline
+        metrics["reward/flat_group_frac"] = per_group[:, 1].mean()
     if strategy.is_main:
         log_samples(pr, step + 1, exp, items, responses)
     clock.lap("other")
