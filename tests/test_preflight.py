@@ -102,3 +102,23 @@ def test_a_reward_file_runs_once_for_its_check_and_its_build_and_again_when_it_c
     os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
     assert build_reward_fn(f"{path}:score")(["p"], ["r"]) == [22.0]
     assert log.read_text() == "xx"
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: setattr(c.train, "batch_size", 3), r"train\.batch_size: 3 is not divisible"),
+    (lambda c: setattr(c.optim, "lr", -5.0), r"optim\.lr: must be > 0"),
+])
+def test_a_config_changed_in_python_is_checked_before_anything_is_written(tmp_path, change, match):
+    """Notebook use: load_config, change a field, train_*: the change is checked as the CLI checks
+    it, with the key named, before the run writes its directory."""
+    from rlhfkit.config import ConfigError, SFTConfig, load_config
+    from rlhfkit.trainers.sft import train_sft
+
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "response": "b"}\n' * 4)
+    cfg = load_config(SFTConfig, overrides=[f"data.train={tmp_path / 'd.jsonl'}", "model.name=some/model",
+                                            f"train.output_dir={tmp_path / 'run'}", "train.micro_batch_size=2",
+                                            "train.batch_size=2"])
+    change(cfg)
+    with pytest.raises(ConfigError, match=match):
+        train_sft(cfg)
+    assert not (tmp_path / "run").exists()

@@ -28,7 +28,7 @@ from typing import Literal, Union
 
 import torch
 
-from rlhfkit.config import ConfigError, RolloutSection, dump_config, under_key
+from rlhfkit.config import ConfigError, RolloutSection, dump_config, under_key, validate
 from rlhfkit.data import length_batches, load_preference
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection, tax_deltas
@@ -232,6 +232,7 @@ def preference_set_accuracy(examples: list, judges: dict) -> dict:
 def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     """Evaluate every policy against the baseline (on one process); returns what
     ``eval_results.json`` holds."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     device = strategy.device if strategy is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     n = cfg.rollout.n
 

@@ -34,6 +34,7 @@ from rlhfkit.config import (
     SFTConfig,
     TrainSection,
     under_key,
+    validate,
 )
 from rlhfkit.data import (
     PreferenceCollator,
@@ -273,6 +274,7 @@ def _read_ref_cache(path: Path, key: dict) -> dict | None:
 def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo") -> dict:
     """Run DPO (after SFT on the chosen responses when ``sft_first.enabled``); returns the final
     metrics. The trained policy lands in ``output_dir/model``."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 

@@ -31,6 +31,7 @@ from rlhfkit.config import (
     PromptsSection,
     RewardSection,
     RolloutSection,
+    validate,
 )
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
@@ -206,6 +207,7 @@ SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_
 
 def train_grpo(cfg: GRPOConfig, strategy: Strategy | None = None) -> dict:
     """Run GRPO (or RLOO); the trained policy lands in output_dir/model."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     pr = setup_run(cfg, cfg.advantage, strategy)
     actor = prepare_trained(pr, pr.actor, cfg.optim)

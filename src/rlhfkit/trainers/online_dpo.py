@@ -51,6 +51,7 @@ from rlhfkit.config import (
     SFTConfig,
     TrainSection,
     under_key,
+    validate,
 )
 from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
@@ -151,6 +152,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     the label count; the models themselves live in ``iter-K/model``), held-out evaluations every
     ``train.eval_every`` iterations, and with ``train.select_best`` the best iteration's model is the
     final one (``output_dir/model``)."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
     tokenizer = load_tokenizer(cfg.model.name)

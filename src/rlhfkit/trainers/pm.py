@@ -25,6 +25,7 @@ from rlhfkit.config import (
     OptimSection,
     SFTConfig,
     TrainSection,
+    validate,
 )
 from rlhfkit.data import load_preference
 from rlhfkit.data.sources import train_and_eval
@@ -63,6 +64,7 @@ def _pm_pairs(cfg: PMConfig) -> tuple[list, list]:
 
 def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     """Train the preference model; returns the held-out results (also in ``pm_results.json``)."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     train_pairs, eval_pairs = _pm_pairs(cfg)
     out = open_run(cfg, "pm", strategy).out

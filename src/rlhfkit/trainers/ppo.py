@@ -24,7 +24,7 @@ from rlhfkit.algos import (
     masked_sum,
     masked_whiten,
 )
-from rlhfkit.config import ConfigError, OptimSection
+from rlhfkit.config import ConfigError, OptimSection, validate
 from rlhfkit.judges.rewards import find_rm_dir
 from rlhfkit.models import load_scalar_model
 from rlhfkit.models.heads import backbone_and_head
@@ -215,6 +215,7 @@ SHOW = ("reward/score_mean", "objective/kl", "policy/entropy", "response/length_
 
 def train_ppo(cfg: PPOConfig, strategy: Strategy | None = None) -> dict:
     """Run PPO; the actor lands in output_dir/model, the critic in output_dir/critic."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     pr = setup_run(cfg, "ppo", strategy, models={"critic_model": cfg.critic_model} if cfg.critic_model else None)
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it

@@ -12,7 +12,7 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
-from rlhfkit.config import ConfigError, RewardConfig
+from rlhfkit.config import ConfigError, RewardConfig, validate
 from rlhfkit.data import (
     PreferenceCollator,
     batch_to_device,
@@ -169,6 +169,7 @@ def _check_backbone_layers(cfg: RewardConfig) -> None:
 
 def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 

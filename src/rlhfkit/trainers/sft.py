@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from rlhfkit.config import SFTConfig
+from rlhfkit.config import SFTConfig, validate
 from rlhfkit.data import (
     PackedSFTCollator,
     SFTCollator,
@@ -86,6 +86,7 @@ def evaluate_sft(model, examples: list[dict], collator, micro_batch_size: int, s
 
 def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
     """Run SFT; returns the final metrics. The trained policy lands in ``output_dir/model``."""
+    validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 
