@@ -215,3 +215,34 @@ def test_eval_help_describes_eval(capsys):
     assert "task:NAME (its\n        prompts_eval.jsonl)" in out and "prompts.eval_limit" not in out
     with pytest.raises(ConfigError, match=r"prompts\.eval: unknown key"):
         load_config(EvalConfig, overrides=["policies=[a]", "prompts.eval=x.jsonl"])
+
+
+def test_config_ergonomics_that_lost_settings_or_trained_by_mistake(tmp_path, capsys):
+    """A key given twice in a YAML mapping, a list override missing its bracket, -c given twice:
+    each is one line naming the problem (each silently dropped a setting before); --explain alone
+    prints the config and trains nothing; --version answers."""
+    from rlhfkit.cli import main
+    from rlhfkit.config import ConfigError, SFTConfig, load_config
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("optim: {lr: 0.1}\noptim: {schedule: linear}\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: invalid YAML at line 2, column 1: key 'optim' given twice"):
+        load_config(SFTConfig, dup)
+    anchors = tmp_path / "anchors.yaml"  # a merge key may be overridden: not a duplicate
+    anchors.write_text("data: {train: x.jsonl}\nbase: &b {lr: 0.5, schedule: linear}\noptim:\n  <<: *b\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"base: unknown key"):
+        load_config(SFTConfig, anchors)
+    with pytest.raises(ConfigError, match=r"override data\.train: invalid YAML list .*: \[a\.jsonl,b\.jsonl$"):
+        load_config(SFTConfig, overrides=["data.train=[a.jsonl,b.jsonl"])
+    with pytest.raises(ConfigError, match=r"expected a list of key\.path=value strings"):
+        load_config(SFTConfig, overrides="optim.lr=1e-4")
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("data: {train: x.jsonl}\n")
+    with pytest.raises(SystemExit):
+        main(["sft", "-c", str(cfg), "-c", str(dup), "--print-config"])
+    assert "-c given twice" in capsys.readouterr().err
+    assert main(["sft", "-c", str(cfg), "--explain", f"train.output_dir={tmp_path / 'run'}"]) == 0
+    assert "# The model to fine-tune." in capsys.readouterr().out and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("rlhfkit ")

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from rlhfkit import __version__
 from rlhfkit.config import ConfigError, load_config, to_dict
 from rlhfkit.config.reference import explained_yaml, help_text
 from rlhfkit.registry import COMMANDS, Command
@@ -35,11 +36,20 @@ class _CommandParser(argparse.ArgumentParser):
         return super().format_help()
 
 
+class _Once(argparse.Action):
+    """An option that may be given once (a second -c would silently replace the first file)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice: name one config file (and override keys after it)")
+        setattr(namespace, self.dest, values)
+
+
 def _add_trainer(sub, name: str, command: Command) -> None:
     p = sub.add_parser(name, help=command.help, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=f"{command.help}. Trailing key.path=value pairs override the config.")
     p.command = command
-    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("--config", "-c", action=_Once, help="YAML config file (once)")
     trains = name != "eval"  # eval has no checkpoints to continue and no optimizer
     if trains:
         p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint "
@@ -47,13 +57,15 @@ def _add_trainer(sub, name: str, command: Command) -> None:
         p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
                        "deleting its checkpoints, metrics, models and results")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--explain", action="store_true", help="with --print-config: each key's meaning as a comment")
+    p.add_argument("--explain", action="store_true",
+                   help="print the resolved config with each key's meaning as a comment, and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. "
                    + ("optim.lr=1e-5" if trains else "rollout.max_new_tokens=64 prompts.limit=100"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfkit", description="Correct, visible and fast RLHF.")
+    parser.add_argument("--version", "-V", action="version", version=f"rlhfkit {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("RLHFKIT_LOG", "WARNING"))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, command in COMMANDS.items():
@@ -231,8 +243,8 @@ def _main(argv: list[str]) -> int:
         except yaml.YAMLError as e:  # the pipeline file's own syntax: name the file
             raise ConfigError(f"{args.config}: {yaml_error_line(e)}") from None
         return 0
-    run_trainer(args.command, args.config, args.overrides, getattr(args, "resume", False), args.print_config,
-                args.explain, getattr(args, "overwrite", False))
+    run_trainer(args.command, args.config, args.overrides, getattr(args, "resume", False),
+                args.print_config or args.explain, args.explain, getattr(args, "overwrite", False))
     return 0
 
 

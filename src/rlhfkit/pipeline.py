@@ -24,6 +24,7 @@ import yaml
 
 from rlhfkit.config import ConfigError, build, dump_config, load_config, merge, parse_overrides, to_dict
 from rlhfkit.config.extras import require
+from rlhfkit.config.loader import read_yaml
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
 from rlhfkit.runinfo import write_run_info
@@ -74,7 +75,7 @@ def _substitute(obj: Any, values: dict[str, str], where: str) -> Any:
 def plan(path: str | None, overrides: list[str] | None = None) -> tuple[PipelineConfig, list[tuple[StageSpec, Any]]]:
     """Load the pipeline and build + validate every stage's typed config (no model is loaded)."""
     source = str(path) if path else "pipeline"
-    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    raw = read_yaml(path) if path else {}
     if overrides:
         over = parse_overrides(overrides)
         stages_over = over.pop("stages", None)

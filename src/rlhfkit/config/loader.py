@@ -135,6 +135,10 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", ...]`` -> nested dict; each value read as YAML (a string when it is not YAML,
+    except that a value opening a list or a mapping must be one)."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides: expected a list of key.path=value strings, got the string {overrides!r}")
     out: dict = {}
     for item in overrides or []:
         if "=" not in item:
@@ -142,7 +146,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if raw.lstrip().startswith(("[", "{")):
+                kind = "list" if raw.lstrip()[0] == "[" else "mapping"
+                raise ConfigError(f"override {key.strip()}: invalid YAML {kind} ({yaml_error_line(e)}): "
+                                  f"{raw}") from None
             value = raw
         _set_dotted(out, key.strip(), value)
     return out
@@ -228,13 +236,30 @@ def _check_held_out(cfg: Any) -> None:
         raise ConfigError(f"{asked[0]} needs held-out prompts: set prompts.eval")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # the mapping's own keys (a "<<" merge may be overridden)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping (the first would be ignored)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; a syntax error is one ConfigError line with the file, line and column."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: {yaml_error_line(e)}") from None
     except UnicodeDecodeError as e:
