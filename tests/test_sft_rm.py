@@ -108,6 +108,29 @@ def test_rm_label_smoothing_is_the_loss_it_trains_on(tmp_path, tiny_model_dir):
     assert smoothed == pytest.approx(plain + 0.3 * d, abs=1e-5) and abs(d) > 1e-3
 
 
+def test_use_margin_without_any_margin_in_the_data_is_refused(tmp_path, tiny_model_dir):
+    """use_margin with no 'margin' field (or a misnamed one) would train exactly as without it."""
+    from rlhfkit.config import ConfigError
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{**r, "margins": 1.0} for r in pref_rows(16, 0)])
+    cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, train, use_margin=True)
+    with pytest.raises(ConfigError, match=r"use_margin: no training pair in .*train\.jsonl has a 'margin' field"):
+        train_reward_model(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_single_lora_target_module_name_is_a_list_of_one():
+    """peft reads a string as a full-name regex: "q_proj" alone matched nothing; a regex stays one."""
+    from rlhfkit.config import load_config
+
+    def targets(value):
+        cfg = load_config(SFTConfig, overrides=["data.train=x", f"model.lora.target_modules={value}"])
+        return cfg.model.lora.target_modules
+
+    assert targets("q_proj") == ["q_proj"] and targets("all-linear") == "all-linear"
+    assert targets(".*q_proj") == ".*q_proj" and targets("[q_proj,v_proj]") == ["q_proj", "v_proj"]
+
+
 def test_rm_batch8_accum1_equals_batch1_accum8(tmp_path, tiny_model_dir):
     (m8, a), (m1, b) = (_rm_params_after_one_step(tmp_path, tiny_model_dir, n, micro=m)
                         for n, m in (("a", 8), ("b", 1)))

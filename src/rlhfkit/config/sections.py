@@ -28,11 +28,15 @@ class LoraSection:
     dropout: float = 0.0
     """Dropout on the adapters' input."""
     target_modules: Union[str, list] = "all-linear"
-    """Layers that get adapters: peft's "all-linear" (every linear layer but the head) or a list of names."""
+    """Layers that get adapters: peft's "all-linear" (every linear layer but the head), a list of names, one name (q_proj, as [q_proj]), or a regex over full module names."""
 
     def validate(self, where: str) -> None:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules.isidentifier() and \
+                self.target_modules != "all-linear":
+            # peft reads a string as a regex over full module names: a bare name would match nothing
+            self.target_modules = [self.target_modules]
 
 
 @dataclass

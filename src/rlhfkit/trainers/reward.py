@@ -176,6 +176,9 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     # 1. Data, validated before anything is written or the model loads.
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
+    if cfg.use_margin and not any(f.get("margin") is not None for f in train):
+        raise ConfigError(f"use_margin: no training pair in {', '.join(source_list(cfg.data.train))} has a 'margin' "
+                          "field, so the margin term would be 0 for every pair")
     _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy)
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.share_prompt)
