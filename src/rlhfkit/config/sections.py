@@ -206,8 +206,7 @@ class DataSection:
     max_length: int = 512
     """Tokens of prompt + response."""
     truncation: Literal["error", "left", "right"] = "error"
-    """Longer examples: error (stop with file, line and field), or cut the prompt from the left or the
-    response from the right (counted and reported)."""
+    """Longer examples: error (stop with file, line and field), or cut them (counted and reported): SFT's left drops tokens from the start, right from the end; for pairs (rm, dpo, pm) both keep the end of the prompt (cut from the left, to no less than max_length // 2), then cut the responses from the right."""
     limit: int = 0
     """Use only the first N training examples; 0 = all."""
     chat_template: str = ""
