@@ -246,3 +246,22 @@ def test_config_ergonomics_that_lost_settings_or_trained_by_mistake(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("rlhfkit ")
+
+
+def test_the_interrupted_line_is_the_last_line(monkeypatch, capsys):
+    """Ctrl-C during a run: its progress bar is closed before the one line, not redrawn after it."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from rlhfkit import cli
+
+    def interrupted(*a, **k):
+        bar = tqdm(total=10, desc="sft", file=sys.stderr)
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_trainer", interrupted)
+    assert cli.main(["sft", "data.train=x"]) == 130
+    err = capsys.readouterr().err
+    assert err.rstrip("\n").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1] == "rlhfkit sft: interrupted", repr(err[-200:])

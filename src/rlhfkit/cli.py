@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 0
     except KeyboardInterrupt:
+        _close_bars()
         print(f"rlhfkit {command}: interrupted".rstrip(), file=sys.stderr)
         return 130
     except Exception as e:
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("RLHFKIT_DEBUG", "") not in ("", "0"):
             raise
+        _close_bars()
         if isinstance(e, TrainingDiverged):
             print(f"rlhfkit {command}: stopped: {_one_line(e)}", file=sys.stderr)
             return 3
@@ -151,6 +153,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rlhfkit {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _close_bars() -> None:
+    """Close the progress bars a stopped run left open, so that the error line is the last line
+    (an open bar redraws itself after it)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _is_user_error(e: BaseException) -> bool:
