@@ -291,3 +291,14 @@ def test_select_best_or_eval_every_without_a_held_out_evaluation_is_refused(comm
         load_config(cls, data=merge(over, {"train": {"select_best": "eval/loss"}}))
     held_out = {"data": {"eval": "y.jsonl"}} if "data" in over else {"prompts": {"eval": "task:sentiment"}}
     assert load_config(cls, data=merge(merge(over, held_out), {"train": {"select_best": "eval/loss"}}))
+
+
+def test_string_keys_take_paths_and_say_how_to_quote_numbers(tmp_path):
+    from pathlib import Path
+
+    cfg = load_config(SFTConfig, data={"data": {"train": Path("x.jsonl")}, "train": {"output_dir": tmp_path / "r"}})
+    assert cfg.data.train == "x.jsonl" and cfg.train.output_dir == str(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"train\.output_dir: expected a string, got int 2024 \(YAML reads it so: "
+                                          r"write it quoted, e\.g\. train\.output_dir='\"2024\"'\)"):
+        load_config(SFTConfig, overrides=["data.train=x", "train.output_dir=2024"])
+    assert load_config(SFTConfig, overrides=["data.train=x", 'train.output_dir="2024"']).train.output_dir == "2024"

@@ -96,8 +96,12 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
             raise ConfigError(f"{source}: {path}: expected true/false, got {type(value).__name__} {value!r}")
         return value
     if tp is str:
+        if isinstance(value, os.PathLike):  # a pathlib.Path from Python
+            return os.fspath(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {path}: expected a string, got {type(value).__name__} {value!r}")
+            quote = (f" (YAML reads it so: write it quoted, e.g. {path}='\"{value}\"')"
+                     if isinstance(value, (bool, int, float)) else "")
+            raise ConfigError(f"{source}: {path}: expected a string, got {type(value).__name__} {value!r}{quote}")
         return value
     return value
 
