@@ -394,3 +394,25 @@ def test_adapter_records_an_absolute_base_and_loads_from_any_directory(tmp_path,
     monkeypatch.chdir(elsewhere)
     model = AutoPeftModelForCausalLM.from_pretrained(str(work / "run" / "model"))
     assert model.peft_config["default"].base_model_name_or_path == str(work / "base")
+
+
+def test_continuing_an_adapter_says_which_lora_settings_it_does_not_apply(tmp_path, tiny_model_dir, caplog):
+    """A continued adapter keeps its own rank, alpha and targets; model.lora values that differ are
+    named in a warning (they were silently unused), and matching ones give none."""
+    from rlhfkit.config import ModelSection
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.models.lora import apply_lora
+    from rlhfkit.models.start import load_for_training
+
+    first = ModelSection(name=str(tiny_model_dir))
+    first.lora.enabled, first.lora.r, first.lora.alpha, first.lora.target_modules = True, 4, 8, ["q_proj", "v_proj"]
+    apply_lora(load_causal_lm(str(tiny_model_dir)), first.lora, "CAUSAL_LM").save_pretrained(tmp_path / "adapter")
+    again = ModelSection(name=str(tmp_path / "adapter"))
+    again.lora.enabled, again.lora.r, again.lora.alpha, again.lora.target_modules = True, 4, 8, ["v_proj", "q_proj"]
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        load_for_training(again)
+    assert "not applied" not in caplog.text
+    again.lora.r, again.lora.dropout = 8, 0.3
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        load_for_training(again)
+    assert "model.lora r 8 (the adapter's: 4); dropout 0.3 (the adapter's: 0.0) not applied" in caplog.text

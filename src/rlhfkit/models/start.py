@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from rlhfkit.models.lora import (
     enable_gradient_checkpointing,
     load_adapter_onto,
 )
+
+log = logging.getLogger("rlhfkit")
 
 
 def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int | None = None):
@@ -50,8 +53,25 @@ def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if continued:
+        _warn_unused_lora_settings(model_cfg, cont)
         return load_adapter_onto(model, model_cfg.name, trainable=True), adapter_base(model_cfg.name)
     return apply_lora(model, model_cfg.lora, task_type), None
+
+
+def _warn_unused_lora_settings(model_cfg, saved: dict) -> None:
+    """A continued adapter keeps its own rank, alpha, dropout and target modules: say which of the
+    config's model.lora settings that leaves unused."""
+    lora = model_cfg.lora
+    pairs = [("r", lora.r, saved.get("r")), ("alpha", lora.alpha, saved.get("lora_alpha")),
+             ("dropout", lora.dropout, saved.get("lora_dropout")),
+             # "all-linear" is saved expanded into the names it found: not comparable as written
+             ("target_modules", lora.target_modules, None if lora.target_modules == "all-linear"
+              else saved.get("target_modules"))]
+    differ = [f"{k} {mine} (the adapter's: {theirs})" for k, mine, theirs in pairs if theirs is not None and
+              (sorted(mine) != sorted(theirs) if isinstance(mine, list) and isinstance(theirs, list) else mine != theirs)]
+    if differ:
+        log.warning("continuing the LoRA adapter %s with its own settings; model.lora %s not applied",
+                    model_cfg.name, "; ".join(differ))
 
 
 def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: str | None = None,
