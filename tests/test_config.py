@@ -302,3 +302,10 @@ def test_string_keys_take_paths_and_say_how_to_quote_numbers(tmp_path):
                                           r"write it quoted, e\.g\. train\.output_dir='\"2024\"'\)"):
         load_config(SFTConfig, overrides=["data.train=x", "train.output_dir=2024"])
     assert load_config(SFTConfig, overrides=["data.train=x", 'train.output_dir="2024"']).train.output_dir == "2024"
+
+
+def test_a_top_level_check_names_its_key_without_a_config_prefix():
+    from rlhfkit.config import RewardConfig
+
+    with pytest.raises(ConfigError, match=r"overrides: train\.epochs: 0 \(no fine-tuning\) needs head_init: probe"):
+        load_config(RewardConfig, overrides=["data.train=x", "train.epochs=0"])

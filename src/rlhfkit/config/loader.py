@@ -221,7 +221,10 @@ def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
             _check_held_out(cfg)
         check_numbers(cfg, prefix)
     except ConfigError as e:
-        raise type(e)(f"{source}: {e}") from None  # keeps MissingDependency an ImportError
+        text = str(e)
+        if not prefix and text.startswith("config."):  # a top-level check names keys from the top: no "config."
+            text = text[len("config."):]
+        raise type(e)(f"{source}: {text}") from None  # keeps MissingDependency an ImportError
 
 
 def _check_held_out(cfg: Any) -> None:
