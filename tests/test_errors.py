@@ -265,3 +265,15 @@ def test_the_interrupted_line_is_the_last_line(monkeypatch, capsys):
     assert cli.main(["sft", "data.train=x"]) == 130
     err = capsys.readouterr().err
     assert err.rstrip("\n").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1] == "rlhfkit sft: interrupted", repr(err[-200:])
+
+
+def test_log_level_is_accepted_after_the_command_and_checked(capsys):
+    from rlhfkit.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sft", "--log-level", "info"]).log_level == "INFO"
+    assert parser.parse_args(["--log-level", "debug", "sft"]).log_level == "DEBUG"
+    assert parser.parse_args(["sft"]).log_level in ("DEBUG", "INFO", "WARNING", "ERROR")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--log-level", "bogus", "sft"])
+    assert "invalid choice: 'BOGUS'" in capsys.readouterr().err

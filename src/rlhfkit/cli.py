@@ -36,6 +36,9 @@ class _CommandParser(argparse.ArgumentParser):
         return super().format_help()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 class _Once(argparse.Action):
     """An option that may be given once (a second -c would silently replace the first file)."""
 
@@ -57,6 +60,8 @@ def _add_trainer(sub, name: str, command: Command) -> None:
         p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
                        "deleting its checkpoints, metrics, models and results")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                   help="as rlhfkit --log-level")
     p.add_argument("--explain", action="store_true",
                    help="print the resolved config with each key's meaning as a comment, and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. "
@@ -66,7 +71,9 @@ def _add_trainer(sub, name: str, command: Command) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhfkit", description="Correct, visible and fast RLHF.")
     parser.add_argument("--version", "-V", action="version", version=f"rlhfkit {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("RLHFKIT_LOG", "WARNING"))
+    parser.add_argument("--log-level", default=os.environ.get("RLHFKIT_LOG", "WARNING"), type=str.upper,
+                        choices=LOG_LEVELS, help="what rlhfkit logs besides its progress and results "
+                        "(default: $RLHFKIT_LOG, else WARNING); also accepted after the command")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, command in COMMANDS.items():
         _add_trainer(sub, name, command)
@@ -222,7 +229,7 @@ def _main(argv: list[str]) -> int:
         return build_main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "report":
         if len(args.runs) > 1 and not args.out:
             parser.error("comparing several runs needs --out FILE")
