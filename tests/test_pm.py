@@ -81,3 +81,20 @@ def test_bad_judge_spec(spec):
 
     with pytest.raises(ValueError, match="expected pm:DIR"):
         build_pairwise_judge(spec)
+
+
+def test_a_pair_too_long_for_pm_names_its_own_file_before_anything_is_written(tmp_path, tiny_model_dir):
+    import json
+
+    from rlhfkit.config import load_config
+    from rlhfkit.data import DataError
+    from rlhfkit.trainers.pm import PMConfig, train_pm
+
+    rows = [{"prompt": f"Say something {i}", "chosen": "Short.", "rejected": "No."} for i in range(7)]
+    rows.insert(4, {"prompt": "Say something", "chosen": "word " * 60, "rejected": "No."})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(PMConfig, overrides=[f"model.name={tiny_model_dir}", f"data.train={tmp_path / 'pairs.jsonl'}",
+                                           "data.max_length=90", f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError, match=r"pairs\.jsonl:5: field 'chosen': the conversation is \d+ tokens, longer than"):
+        train_pm(cfg)
+    assert not (tmp_path / "run").exists()

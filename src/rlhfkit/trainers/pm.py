@@ -27,7 +27,7 @@ from rlhfkit.config import (
     TrainSection,
     validate,
 )
-from rlhfkit.data import load_preference
+from rlhfkit.data import SFTExample, load_preference, tokenize_sft
 from rlhfkit.data.sources import train_and_eval
 from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
@@ -62,11 +62,22 @@ def _pm_pairs(cfg: PMConfig) -> tuple[list, list]:
     return train_and_eval(cfg.data, "preference", load_preference, cfg.train.seed)
 
 
+def _check_lengths(cfg: PMConfig, pairs: list) -> None:
+    """Each pair as the A/B question the model trains on, against data.max_length, before anything
+    is written: an error names the pair's own file and line (not the generated pm_data file)."""
+    if cfg.data.truncation != "error":
+        return  # cut and counted by the SFT stage
+    tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
+    for ex, rec in zip(pairs, pm_training_records(pairs)):
+        tokenize_sft(tokenizer, SFTExample(rec["messages"], origin=ex.origin, field="chosen"), cfg.data.max_length)
+
+
 def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     """Train the preference model; returns the held-out results (also in ``pm_results.json``)."""
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     train_pairs, eval_pairs = _pm_pairs(cfg)
+    _check_lengths(cfg, train_pairs + eval_pairs)
     out = open_run(cfg, "pm", strategy).out
     # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).
     paths = {name: out / "pm_data" / f"{name}.jsonl" for name in ("train", "eval")}
