@@ -266,7 +266,11 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        return yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+        loader = _UniqueKeyLoader(p.read_text())  # a SafeLoader: no tag runs code
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: {yaml_error_line(e)}") from None
     except UnicodeDecodeError as e:
