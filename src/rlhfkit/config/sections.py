@@ -28,7 +28,8 @@ class LoraSection:
     dropout: float = 0.0
     """Dropout on the adapters' input."""
     target_modules: Union[str, list] = "all-linear"
-    """Layers that get adapters: peft's "all-linear" (every linear layer but the head), a list of names, one name (q_proj, as [q_proj]), or a regex over full module names."""
+    """Layers that get adapters: peft's "all-linear" (every linear layer but the head), a list of names, one name
+    (q_proj, as [q_proj]), or a regex over full module names."""
 
     def validate(self, where: str) -> None:
         if not 0 <= self.dropout < 1:
@@ -113,7 +114,9 @@ class TrainSection:
     micro_batch_size: int = 8
     """Examples per forward/backward on one rank; accumulation = batch_size / (micro_batch_size x ranks)."""
     drop_last: bool = True
-    """true: an epoch is n // batch_size batches, the rest of its shuffle left out (a different rest each epoch; the run says how many); false: nothing is left out, a batch that reaches an epoch's end is completed from the next epoch's shuffle (epochs x n / batch_size steps, rounded up)."""
+    """true: an epoch is n // batch_size batches, the rest of its shuffle left out (a different rest each epoch; the
+    run says how many); false: nothing is left out, a batch that reaches an epoch's end is completed from the next
+    epoch's shuffle (epochs x n / batch_size steps, rounded up)."""
     eval_every: int = 0
     """Steps between held-out evaluations (also at step 0 and at the end); 0 = at step 0 and the end only."""
     select_best: str = ""
@@ -124,7 +127,8 @@ class TrainSection:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without an improvement of select_best; 0 = never."""
     save_every: int = 0
-    """Steps between resumable checkpoints (and one at the last step, so the run can be continued for longer); 0 = only the final model, not resumable."""
+    """Steps between resumable checkpoints (and one at the last step, so the run can be continued for longer); 0 = only
+    the final model, not resumable."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk (the newest)."""
     log_every: int = 1
@@ -206,7 +210,9 @@ class DataSection:
     max_length: int = 512
     """Tokens of prompt + response."""
     truncation: Literal["error", "left", "right"] = "error"
-    """Longer examples: error (stop with file, line and field), or cut them (counted and reported): SFT's left drops tokens from the start, right from the end; for pairs (rm, dpo, pm) both keep the end of the prompt (cut from the left, to no less than max_length // 2), then cut the responses from the right."""
+    """Longer examples: error (stop with file, line and field), or cut them (counted and reported): SFT's left drops
+    tokens from the start, right from the end; for pairs (rm, dpo, pm) both keep the end of the prompt (cut from the
+    left, to no less than max_length // 2), then cut the responses from the right."""
     limit: int = 0
     """Use only the first N training examples; 0 = all."""
     chat_template: str = ""
@@ -249,7 +255,8 @@ class SFTConfig:
     train: TrainSection = field(default_factory=TrainSection)
     """Run length, batch sizes, evaluation, checkpoints."""
     packing: bool = False
-    """Pack several short examples per row, attention restricted to each (fewer padding tokens); train.batch_size and micro_batch_size then count packed rows."""
+    """Pack several short examples per row, attention restricted to each (fewer padding tokens); train.batch_size and
+    micro_batch_size then count packed rows."""
 
 
 @dataclass

@@ -67,8 +67,11 @@ def _warn_unused_lora_settings(model_cfg, saved: dict) -> None:
              # "all-linear" is saved expanded into the names it found: not comparable as written
              ("target_modules", lora.target_modules, None if lora.target_modules == "all-linear"
               else saved.get("target_modules"))]
-    differ = [f"{k} {mine} (the adapter's: {theirs})" for k, mine, theirs in pairs if theirs is not None and
-              (sorted(mine) != sorted(theirs) if isinstance(mine, list) and isinstance(theirs, list) else mine != theirs)]
+    def same(mine, theirs) -> bool:
+        return sorted(mine) == sorted(theirs) if isinstance(mine, list) and isinstance(theirs, list) else mine == theirs
+
+    differ = [f"{k} {mine} (the adapter's: {theirs})" for k, mine, theirs in pairs
+              if theirs is not None and not same(mine, theirs)]
     if differ:
         log.warning("continuing the LoRA adapter %s with its own settings; model.lora %s not applied",
                     model_cfg.name, "; ".join(differ))

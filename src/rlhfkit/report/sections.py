@@ -46,7 +46,8 @@ def judge_label(name: str, ev: dict | None = None) -> str:
 
 
 WARNING_TITLES = {"unfinished": "stage did not finish", "skipped_steps": "skipped updates",
-                  "truncation": "truncated responses", "kl_spike": "KL spike", "held_out_worse": "held-out metric worse"}
+                  "truncation": "truncated responses", "kl_spike": "KL spike",
+                  "held_out_worse": "held-out metric worse"}
 
 
 def warnings_block(warnings: list[dict], checked: int, show_run: bool = False) -> str:
@@ -203,8 +204,8 @@ def _preference_set(ev: dict) -> str:
     ps = ev["raw"].get("preference_set")
     if not isinstance(ps, dict) or not ps:
         return ""
-    rows = "".join(f"<tr><td>{esc(judge_label(j, ev))}</td><td>{num(r.get('accuracy'))} (n = {r.get('pairs', '?')} pairs)</td></tr>"
-                   for j, r in ps.items() if isinstance(r, dict))
+    rows = "".join(f"<tr><td>{esc(judge_label(j, ev))}</td><td>{num(r.get('accuracy'))} "
+                   f"(n = {r.get('pairs', '?')} pairs)</td></tr>" for j, r in ps.items() if isinstance(r, dict))
     return f"<table><tr><th>judge</th><th>accuracy on the labelled preference set</th></tr>{rows}</table>"
 
 
@@ -317,9 +318,11 @@ CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:
 h1{margin-bottom:4px}.sub{color:#666;margin-top:0}
 .grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 img.plot{border:1px solid #ddd;border-radius:4px;background:#fff;max-width:100%;height:auto}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left;overflow-wrap:anywhere}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}
+td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left;overflow-wrap:anywhere}
 th{background:#f3f3f3}th.rowh{font-weight:600;background:#fafafa}.unit,.ci{color:#666;font-size:11px;font-weight:normal}
-pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;font-family:inherit;max-width:420px}pre.cfg{font-family:monospace;font-size:11px;max-width:none}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;font-family:inherit;max-width:420px}
+pre.cfg{font-family:monospace;font-size:11px;max-width:none}
 .score{color:#666;font-size:11px;margin-top:4px}.bad{color:#a00;font-weight:600}tr.bad td{background:#fff3f3}
 .warn{background:#fff4e5;border:1px solid #e0a040;padding:8px 12px;border-radius:4px;margin:12px 0}
 .warn ul{margin:6px 0 0 0;padding-left:20px}.warn li{margin:3px 0}
