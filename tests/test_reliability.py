@@ -76,6 +76,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, tiny_model_di
         assert "optim.pt: refused to load: it holds more than tensors" in line, line
     else:  # the manifests no longer verify: the checkpoints are skipped, and there is no other
         assert "nothing to resume" in line and "no complete checkpoint" in line, line
+        assert "replace the run with --overwrite" in line and "start without --resume" not in line, line
 
 
 def test_every_torch_load_in_the_package_is_weights_only():

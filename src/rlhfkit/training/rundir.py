@@ -41,8 +41,8 @@ from rlhfkit.training.runlock import hold
 log = logging.getLogger("rlhfkit")
 
 # What `train.overwrite` deletes: every output a trainer writes into its run directory, nothing else.
-RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "wandb", "wandb_run_id", "metrics.jsonl", "samples.jsonl", "samples-*.jsonl",
-               "ref_logps.json", "best", "*_results.json", "*_config.yaml", "*_run.json", "sft", "iter-*", "pm_data",
+RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "wandb", "wandb_run_id", "metrics.jsonl", "samples.jsonl",
+               "samples-*.jsonl", "ref_logps.json", "best", "*_results.json", "*_config.yaml", "*_run.json", "sft", "iter-*", "pm_data",
                "DONE", "report.html", ".*.tmp-*", ".*.old-*")
 # Stages that a run of this kind nests in sub-directories (progress to continue, like a checkpoint).
 NESTED = {"dpo": ("sft",), "online_dpo": ("iter-*",)}
@@ -122,9 +122,9 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
     if checkpoint is None and not nested:
         if train.resume is True:
             if (path / "checkpoints").is_dir():
-                raise RunDirError(f"nothing to resume in {path}: no complete checkpoint there (start without "
-                                  "--resume, or set train.resume=auto to continue only when there is something to "
-                                  "continue)")
+                way_out = ("replace the run with --overwrite (train.overwrite=true)" if used else "start without "
+                           "--resume, or set train.resume=auto to continue only when there is something to continue")
+                raise RunDirError(f"nothing to resume in {path}: no complete checkpoint there ({way_out})")
             if used:
                 raise RunDirError(f"nothing to resume in {path}: the run there ({', '.join(used)}) saved no "
                                   "checkpoint (train.save_every), so it cannot be continued; replace it with "
