@@ -113,11 +113,11 @@ def _selected_best(st: Stage) -> dict | None:
 def _ending(st: Stage, base: dict) -> list[dict]:
     """A stage that has no results file, and updates skipped for non-finite values."""
     out = []
-    results = f"{st.kind.replace('-', '_')}_results.json"  # a pipeline names online DPO's kind "online-dpo"
-    if st.rows and st.kind and not (st.path / results).is_file():
+    # the results file a trainer writes last, whatever its kind is called (online-dpo -> online_dpo_results.json)
+    if st.rows and st.kind and not any(st.path.glob("*_results.json")):
         last = max((r.get("step", 0) for r in st.rows if isinstance(r.get("step"), int)), default=0)
         out.append({**base, "kind": "unfinished", "last_step": last,
-                    "message": f"{st.name}: no {results}, so the stage did not finish: it stopped "
+                    "message": f"{st.name}: no results file (*_results.json), so the stage did not finish: it stopped "
                                f"after step {last} (see its log) or is still running, and has no final model."})
     _, skipped = series(st.rows, "train/skipped_steps")
     if skipped and skipped[-1] > 0:
