@@ -21,7 +21,7 @@ from rlhfkit.models import (
     reward_pooling,
 )
 from rlhfkit.models.forward import common_prefix_len, shared_token_values
-from rlhfkit.models.heads import pool_values
+from rlhfkit.models.heads import pool_mask, pool_values
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
 from rlhfkit.models.packing import pack_groups, packed_token_values
@@ -146,7 +146,8 @@ class RewardModelScorer:
             n_reply = torch.tensor([len(r) for _, r in chunk], device=device)[:, None]  # (B, 1)
             cols = torch.arange(ids.shape[1], device=device)[None]  # (1, T)
             response_mask = (cols >= ids.shape[1] - n_reply).long()  # (B, T)
-            values = shared_token_values(self.model, ids, mask, common_prefix_len([p for p, _ in chunk]))
+            read = pool_mask(mask, response_mask, pooling) > 0  # the positions the pooling reads
+            values = shared_token_values(self.model, ids, mask, common_prefix_len([p for p, _ in chunk]), read=read)
             out += zip(idx, pool_values(values, mask, pooling, response_mask).float().tolist())
         return out
 
@@ -163,7 +164,7 @@ class RewardModelScorer:
                                    [(local[i], torch.tensor(parts[i][1], device=device)) for i in groups[j]])
                                   for j in batch], (len(rows), max(len(parts[i][1]) for i in rows)),
                                  self.tokenizer.pad_token_id)
-            values, mask = packed_token_values(self.model, packed)
+            values, mask = packed_token_values(self.model, packed, last_only=pooling == "last")
             out += zip(rows, pool_values(values, mask, pooling, mask).float().tolist())
         return out
 

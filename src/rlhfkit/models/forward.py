@@ -97,7 +97,7 @@ def one_row_logits(model, row: tuple, pred: torch.Tensor, next_real: torch.Tenso
     (``next_real``, the mask at the predicted tokens, same shape), and that selection ``keep``."""
     inputs, _, plan = row
     keep = (pred >= 0) & next_real.bool()
-    with segments.attending(model, plan):
+    with segments.attending(model, plan, pred[keep]):
         return logits_at(model, pred[keep], **inputs), keep
 
 
@@ -186,18 +186,22 @@ def common_prefix_of_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def shared_token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        shared_prefix: int = 0) -> torch.Tensor:
+                        shared_prefix: int = 0, read: torch.Tensor | None = None) -> torch.Tensor:
     """`models.token_values` (B, T) of a scalar-head model (critic, RM), with the rows' first
     ``shared_prefix`` real tokens computed once where `can_share_prefix` allows: the same values up
     to float rounding, gradients included (the prefix's values are its one computation's). As one
-    row (`rows_as_one_row`), the values are 0 at padding."""
+    row (`rows_as_one_row`), the values are 0 at padding, and with ``read`` ((B, T) bool, the
+    positions the caller reads) 0 at every other position too: the last decoder layer then
+    computes only those (`models.final_layer`)."""
     L, (B, T) = shared_prefix, input_ids.shape
     if row := rows_as_one_row(model, input_ids, attention_mask, L):
         inputs, where, plan = row
-        with segments.attending(model, plan):
+        real = where >= 0
+        if read is not None:
+            real = real & read.bool()
+        with segments.attending(model, plan, None if read is None else where[real]):
             values = token_values(model, inputs["input_ids"], inputs["attention_mask"],
                                   position_ids=inputs["position_ids"])[0]
-        real = where >= 0
         return values.new_zeros(B, T).index_put((real,), values[where[real]])
     if not (MIN_SHARED_PREFIX <= L < T and has_pad_token(model) and can_share_prefix(model, attention_mask)):
         return token_values(model, input_ids, attention_mask)

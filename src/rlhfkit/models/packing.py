@@ -113,13 +113,15 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
 
 
 @contextlib.contextmanager
-def packed_forward(model, packed: dict):
+def packed_forward(model, packed: dict, read: torch.Tensor | None = None):
     """The model inputs of a `pack_groups` batch and the map of its flat (K*T) positions to the
     output's, for a forward run inside the block: on CPU as one row with per-segment attention
-    (`models.segments`), else as K rows (`packed_inputs`)."""
+    (`models.segments`), else as K rows (`packed_inputs`). ``read``: the flat positions whose
+    outputs the caller reads; as one row, the last decoder layer computes only those
+    (`models.final_layer`), so no other position may be read."""
     if segments.usable(model, packed["input_ids"].device):
         inputs, where, plan = segments.one_row(packed, forward.SHARE_PREFIX)
-        with segments.attending(model, plan):
+        with segments.attending(model, plan, None if read is None else where[read]):
             yield inputs, lambda flat: where[flat]
     else:
         yield packed_inputs(model, packed)
@@ -165,17 +167,25 @@ def pack_pairs(batch: dict) -> dict:
     return pack_groups(groups, (2 * n, max(1, *rlens)), pad_token_id=0)
 
 
-def packed_token_values(model, packed: dict, *, with_features: bool = False):
+def packed_token_values(model, packed: dict, *, with_features: bool = False, last_only: bool = False):
     """A scalar-head model (RM, critic) on a `pack_groups` batch: its (B, R) per-token values at
     the response tokens (0 elsewhere) and their (B, R) 0/1 mask; with ``with_features`` also the
     (B, R, H) features the head reads. Equal, up to float rounding, to `models.token_values` on
-    each row unpacked (the positions and context of every response token are its own row's)."""
-    with packed_forward(model, packed) as (inputs, moved):
+    each row unpacked (the positions and context of every response token are its own row's).
+    ``last_only``: the values at each response's last token only (0 at its others; all a reward
+    read at the last token needs), which lets the last decoder layer skip the rest."""
+    (B, R), where = packed["shape"], (packed["row"], packed["col"])
+    keep = _last_of_rows(packed["row"], packed["col"]) if last_only and not with_features else None
+    read = packed["own"] if keep is None else packed["own"][keep]
+    with packed_forward(model, packed, read) as (inputs, moved):
         out = token_values(model, inputs["input_ids"], inputs["attention_mask"], with_features=with_features,
                            position_ids=inputs["position_ids"], past_key_values=inputs.get("past_key_values"))
     values, features = out if with_features else (out, None)
-    (B, R), where, own = packed["shape"], (packed["row"], packed["col"]), moved(packed["own"])
-    placed = values.new_zeros((B, R)).index_put(where, values.reshape(-1)[own])
+    own = moved(packed["own"])
+    picked = values.reshape(-1)[own]
+    if keep is not None:
+        picked = picked.where(keep, 0.0)
+    placed = values.new_zeros((B, R)).index_put(where, picked)
     mask = torch.zeros((B, R), dtype=torch.long, device=own.device).index_put(where, torch.ones_like(own))
     if not with_features:
         return placed, mask
@@ -183,9 +193,16 @@ def packed_token_values(model, packed: dict, *, with_features: bool = False):
     return placed, mask, features.new_zeros((B, R, flat.shape[-1])).index_put(where, flat)
 
 
+def _last_of_rows(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: which of the N (row, col) entries is the last (largest col) of its row."""
+    last = torch.full((int(row.max()) + 1,), -1, dtype=col.dtype, device=col.device).scatter_reduce(
+        0, row, col, reduce="amax")
+    return col == last[row]
+
+
 def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
     """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch; 0 elsewhere."""
-    with packed_forward(model, packed) as (inputs, moved):
+    with packed_forward(model, packed, packed["pred"]) as (inputs, moved):
         logits = logits_at(model, moved(packed["pred"]), **inputs)[None]  # (1, N, V)
     B, R = packed["shape"]
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from rlhfkit.models import final_layer
 from rlhfkit.models.heads import position_ids_from_mask, unwrap_model
 
 # Set to False to run packed batches as K rows and padded rows as they come (benchmarks compare).
@@ -81,6 +82,23 @@ class Plan:
                                      torch.zeros(s.mask.shape, dtype=dtype, device=s.mask.device)
                                      .masked_fill_(~s.mask, float("-inf")) for s in self.segments]
         return self._additive[dtype]
+
+    def key_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """(N, T) bool: the keys of the row each query at ``positions`` (N,) may attend to."""
+        T, dev = self.segments[-1].q1, positions.device
+        rows = torch.zeros(positions.numel(), T, dtype=torch.bool, device=dev)
+        cols = torch.arange(T, device=dev)
+        for s in self.segments:
+            i = ((positions >= s.q0) & (positions < s.q1)).nonzero(as_tuple=True)[0]
+            if not i.numel():
+                continue
+            p = positions[i]
+            if s.mask is None:  # a square causal block: keys q0 .. p
+                rows[i] = (cols >= s.q0) & (cols[None] <= p[:, None])
+                continue
+            keys = torch.cat([torch.arange(a, b, device=dev) for a, b in s.ctx])
+            rows[i[:, None], keys[None]] = s.mask[p - s.q0]
+        return rows
 
 
 def splittable(model) -> bool:
@@ -197,15 +215,18 @@ def _merge_square(segments: list[Segment]) -> list[Segment]:
 
 
 @contextlib.contextmanager
-def attending(model, plan: Plan):
-    """Run `model`'s attention by `plan` inside the block (the forward; backward needs nothing)."""
+def attending(model, plan: Plan, read: torch.Tensor | None = None):
+    """Run `model`'s attention by `plan` inside the block (the forward; backward needs nothing).
+    ``read``: the row positions whose outputs are read, the only ones the last decoder layer then
+    computes (`models.final_layer`; every other position of the output must be ignored)."""
     configs = _attention_configs(model)
     before = [c._attn_implementation for c in configs]
     token = _PLAN.set(plan)
     try:
         for c in configs:
             c._attn_implementation = NAME
-        yield
+        with final_layer.final_layer_on(model, read, None if read is None else plan.key_rows(read)):
+            yield
     finally:
         for c, b in zip(configs, before):
             c._attn_implementation = b

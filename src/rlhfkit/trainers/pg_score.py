@@ -38,8 +38,10 @@ def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int, share
     """(B, R) V(t): the critic's output at the state *before* response token t, i.e. at position
     P-1+t of the (B, P+R) sequence (the last prompt token is the state before the first action).
     ``shared_prefix``: the rows' common system turn (`Experience.shared_prefix`), computed once."""
-    v = shared_token_values(critic, ids, mask, shared_prefix)  # (B, P+R)
     P = ids.shape[1] - R
+    read = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    read[:, P - 1:P - 1 + R] = True
+    v = shared_token_values(critic, ids, mask, shared_prefix, read=read)  # (B, P+R)
     return v[:, P - 1:P - 1 + R]
 
 

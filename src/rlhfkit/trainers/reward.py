@@ -70,7 +70,7 @@ def _pair_token_values(model, batch: dict, pooling: str, with_features: bool = F
     (T = the longest response, both masks its real tokens) when the batch and the pooling allow it,
     else the padded rows themselves."""
     if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS:
-        out = packed_token_values(model, pack_pairs(batch), with_features=with_features)
+        out = packed_token_values(model, pack_pairs(batch), with_features=with_features, last_only=pooling == "last")
         return (out[0], out[1], out[1], *out[2:])
     out = token_values(model, batch["input_ids"], batch["attention_mask"], with_features=with_features)
     values, rest = (out[0], out[1:]) if with_features else (out, ())
