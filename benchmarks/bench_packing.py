@@ -1,20 +1,24 @@
 """Packed batches as one row with per-segment attention, against the same batches as K rows.
 
     .venv/bin/python benchmarks/bench_packing.py [--pairs 4] [--prompts 2] [--group 4] [--repeats 7] [--threads N]
+        [--compare layout|final-layer]
     .venv/bin/python benchmarks/bench_packing.py --tiny      # a tiny random model: checks the script runs
 
-Three batches of the shapes `bench_trl.py` times, each run both ways (`models.segments`:
-``SEGMENT_ATTENTION`` on, the default on CPU, and off), the two alternating:
+Three batches of the shapes `bench_trl.py` times, each run both ways, the two alternating. With
+``--compare layout`` (the default) the two are the K padded rows and one row (`models.segments`:
+``SEGMENT_ATTENTION`` off, and on, the default on CPU); with ``--compare final-layer`` both run as
+one row, the last decoder layer once in full and once on the positions read only
+(`models.final_layer`: ``ENABLED`` off, and on, the default).
 
 - **rm**: --pairs preference pairs of the sentiment task (the shipped file, chat-rendered), the
-  reward model's `pair_scores` (last-token pooling) and a backward, as one training step runs them;
+  reward model's scores (last-token pooling) and a backward, as `pair_scores` runs them in a step;
 - **dpo**: the same pairs through a policy's `packed_logprobs`, with a backward (the policy) and
   without gradients (the reference);
 - **grpo**: --prompts sentiment prompts x --group replies of 24-48 random tokens, `packed_logprobs`
   with a backward and without gradients.
 
-Prints, per batch and mode, the median seconds of each layout over --repeats timed pairs (after one
-warm-up pair), their ratio, and the largest difference between the two layouts' outputs.
+Prints, per batch and mode, the median seconds of each side over --repeats timed pairs (after one
+warm-up pair), their ratio, and the largest difference between the two sides' outputs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=7, help="timed A/B pairs per mode (after one warm-up pair)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--compare", choices=sorted(SIDES), default="layout")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
 
@@ -56,13 +61,14 @@ def main() -> None:
     print(f"model {args.model} | threads {torch.get_num_threads()} | fp32 matmul peak {matmul_peak_gflops():.0f} "
           f"GFLOP/s | rm/dpo: {args.pairs} pairs, {_tokens(pairs)} tokens as K rows (the prompt once per pair); "
           f"grpo: {args.prompts} prompts x {args.group} replies, {_tokens(groups)} tokens", flush=True)
-    print("\n| batch | mode | K rows (s) | one row (s) | speed-up | max difference |\n|---|---|---|---|---|---|")
+    before, after = SIDES[args.compare][1:]
+    print(f"\n| batch | mode | {before} (s) | {after} (s) | speed-up | max difference |\n|---|---|---|---|---|---|")
     for name, model, fn, packed in [("rm", rm, _rm_scores, pairs), ("dpo", policy, _logprobs, pairs),
                                     ("grpo", policy, _logprobs, groups)]:
         for grad in ((True,) if name == "rm" else (True, False)):
-            k_rows, one, diff = _ab(model, fn, packed, grad, args.repeats)
-            print(f"| {name} | {'forward + backward' if grad else 'forward, no grad'} | {k_rows:.3f} | {one:.3f} | "
-                  f"{k_rows / one:.2f}x | {diff:.1e} |", flush=True)
+            off, on, diff = _ab(model, fn, packed, grad, args.repeats, SIDES[args.compare][0])
+            print(f"| {name} | {'forward + backward' if grad else 'forward, no grad'} | {off:.3f} | {on:.3f} | "
+                  f"{off / on:.2f}x | {diff:.1e} |", flush=True)
 
 
 def _pairs(tok, n: int) -> dict:
@@ -104,7 +110,7 @@ def _rm_scores(model, packed):
     from rlhfkit.models.heads import pool_values
     from rlhfkit.models.packing import packed_token_values
 
-    values, mask = packed_token_values(model, packed)
+    values, mask = packed_token_values(model, packed, last_only=True)
     return pool_values(values, mask, "last", mask)  # as `trainers.reward.pair_scores` pools a packed batch
 
 
@@ -114,14 +120,29 @@ def _logprobs(model, packed):
     return packed_logprobs(model, packed)
 
 
-def _ab(model, fn, packed, grad: bool, repeats: int) -> tuple[float, float, float]:
-    """Median seconds as K rows and as one row, alternating, and the largest output difference."""
-    import torch
-
+def _set_layout(one_row: bool) -> None:
     from rlhfkit.models import segments
 
-    def once(one_row: bool):
-        segments.SEGMENT_ATTENTION = one_row
+    segments.SEGMENT_ATTENTION = one_row
+
+
+def _set_final_layer(on: bool) -> None:
+    from rlhfkit.models import final_layer
+
+    final_layer.ENABLED = on
+
+
+# what --compare toggles: (set(flag), the column of flag False, the column of flag True)
+SIDES = {"layout": (_set_layout, "K rows", "one row"),
+         "final-layer": (_set_final_layer, "last layer in full", "last layer where read")}
+
+
+def _ab(model, fn, packed, grad: bool, repeats: int, toggle) -> tuple[float, float, float]:
+    """Median seconds with the flag off and on, alternating, and the largest output difference."""
+    import torch
+
+    def once(flag: bool):
+        toggle(flag)
         t = time.perf_counter()
         with torch.set_grad_enabled(grad):
             out = fn(model, packed)
@@ -140,7 +161,7 @@ def _ab(model, fn, packed, grad: bool, repeats: int) -> tuple[float, float, floa
                 if k:  # the first pair warms up
                     times[flag].append(dt)
     finally:
-        segments.SEGMENT_ATTENTION = True
+        toggle(True)
     diff = float((outs[True] - outs[False]).abs().max())
     return statistics.median(times[False]), statistics.median(times[True]), diff
 

@@ -400,12 +400,15 @@ def test_bench_prefix_tiny_times_every_layout_and_mode():
         assert len(cells) == 6 and all(float(c) > 0 for c in cells[:3]) and all(c.endswith("x") for c in cells[3:])
 
 
-def test_bench_packing_tiny_times_both_layouts_and_they_agree():
-    """``bench_packing.py --tiny``: every batch and mode runs as K rows and as one row; the outputs
-    of the two layouts agree to float rounding."""
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_packing.py"), "--tiny", "--threads", "1"],
-                          capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("compare, columns", [("layout", "K rows (s) | one row (s)"),
+                                              ("final-layer", "last layer in full (s) | last layer where read (s)")])
+def test_bench_packing_tiny_times_both_sides_and_they_agree(compare, columns):
+    """``bench_packing.py --tiny``: every batch and mode runs both ways (K rows and one row; the
+    last layer in full and where read); the outputs of the two agree to float rounding."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_packing.py"), "--tiny", "--threads", "1",
+                           "--compare", compare], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"| batch | mode | {columns} | speed-up |" in proc.stdout
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| rm") or line.startswith("| dpo")
             or line.startswith("| grpo")]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [

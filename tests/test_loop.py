@@ -116,6 +116,24 @@ def test_print_config_explain_comments_each_key(capsys):
     assert "# Peak learning rate." in out and yaml.safe_load(out)["optim"]["lr"] == 2e-5
 
 
+def test_explain_without_required_keys_prints_the_config_then_says_what_is_missing(capsys):
+    """`rlhfkit sft --explain` with no config is how a user first sees the keys: it prints them,
+    then names the missing key in one line with exit status 2 (a pipe learns the config is
+    incomplete). Bad key names are still refused before anything is printed."""
+    import yaml
+
+    from rlhfkit.cli import main
+
+    assert main(["sft", "--explain"]) == 2
+    captured = capsys.readouterr()
+    assert "# Peak learning rate." in captured.out and yaml.safe_load(captured.out)["optim"]["lr"] == 2e-5
+    assert captured.err.strip().splitlines() == [
+        "rlhfkit sft: error: config (printed above): data.train: a training data source is required"]
+    assert main(["sft", "--print-config", "optim.lrr=1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "optim.lrr" in captured.err
+
+
 def test_every_config_field_is_documented():
     from rlhfkit.config.reference import keys
     from rlhfkit.registry import config_classes

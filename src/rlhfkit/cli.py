@@ -20,6 +20,7 @@ import sys
 
 from rlhfkit import __version__
 from rlhfkit.config import ConfigError, load_config, to_dict
+from rlhfkit.config.loader import validate
 from rlhfkit.config.reference import explained_yaml, help_text
 from rlhfkit.registry import COMMANDS, Command
 
@@ -120,11 +121,13 @@ def run_trainer(name: str, config: str | None, overrides: list[str], resume: boo
         overrides = [*overrides, "train.resume=true"]
     if overwrite:
         overrides = [*overrides, "train.overwrite=true"]
-    cfg = load_config(command.config_class(), config, overrides)
+    # printed first, checked after: `rlhfkit sft --explain` shows the keys before data.train is set
+    cfg = load_config(command.config_class(), config, overrides, check=not print_only)
     if print_only:
         import yaml
 
         print(explained_yaml(cfg) if explain else yaml.safe_dump(to_dict(cfg), sort_keys=False), end="", flush=True)
+        validate(cfg, "", "config (printed above)")
         return None
     strategy = make_strategy(cfg.train, getattr(cfg, "model", None))
     return command.runner()(cfg, strategy)
