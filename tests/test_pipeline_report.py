@@ -105,6 +105,27 @@ def test_pipeline_overrides_name_an_existing_stage(tmp_path, tiny_model_dir, cap
     assert stages[1][1].optim.lr == 0.005
 
 
+def test_pipeline_print_config_prints_each_stage_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    """`rlhfkit pipeline -c P --print-config [overrides]`: one YAML document per stage, its
+    resolved config with the pipeline's substitutions and overrides applied, as the stage's own
+    `--print-config` prints it; nothing is written; a bad override is still one line."""
+    from rlhfkit.cli import main
+
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    assert main(["pipeline", "-c", str(path), "--print-config", "stages.rm.config.optim.lr=0.005"]) == 0
+    out = capsys.readouterr().out
+    docs = list(yaml.safe_load_all(out))
+    assert re.findall(r"^# stage (\d): (\w+) \(rlhfkit (\w+)\)", out, flags=re.M) == [
+        ("0", "sft", "sft"), ("1", "rm", "rm")]
+    assert [d["train"]["output_dir"] for d in docs] == [str(tmp_path / "run" / "sft"), str(tmp_path / "run" / "rm")]
+    assert docs[1]["model"]["name"] == str(tmp_path / "run" / "sft" / "model")  # ${sft}
+    assert docs[0]["optim"]["lr"] == 1e-3 and docs[1]["optim"]["lr"] == 0.005
+    assert not (tmp_path / "run").exists()
+    assert main(["pipeline", "-c", str(path), "--print-config", "stages.9.config.optim.lr=1"]) == 2
+    assert "no such stage" in capsys.readouterr().err
+
+
 def _fake_eval(stage_dir, eos_frac=0.9):
     """An eval stage's files in the format `rlhfkit eval` writes."""
     stage_dir.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_trainer(sub, name, command)
     pl = sub.add_parser("pipeline", help="run the stages of a workflow in order (sft, rm, ppo/dpo/..., eval)")
     pl.add_argument("--config", "-c", required=True, help="pipeline YAML (see configs/demo.yaml)")
+    pl.add_argument("--print-config", action="store_true",
+                    help="print each stage's resolved config (as `rlhfkit KIND --print-config` would) and exit")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=runs/x stages.0.config.optim.lr=1e-5")
     rp = sub.add_parser("report", help="(re)build report.html for one run directory, or compare several")
     rp.add_argument("runs", nargs="+", help="run directories")
@@ -131,6 +133,19 @@ def run_trainer(name: str, config: str | None, overrides: list[str], resume: boo
         return None
     strategy = make_strategy(cfg.train, getattr(cfg, "model", None))
     return command.runner()(cfg, strategy)
+
+
+def _print_stages(path: str, overrides: list[str]) -> None:
+    """Every stage's resolved config, one YAML document each, headed by its name, kind and
+    directory (the pipeline's checks run first; nothing is written)."""
+    import yaml
+
+    from rlhfkit.pipeline import plan
+
+    _, stages = plan(path, overrides)
+    docs = [f"# stage {i}: {spec.name} (rlhfkit {spec.kind}) -> {cfg.train.output_dir}\n"
+            + yaml.safe_dump(to_dict(cfg), sort_keys=False) for i, (spec, cfg) in enumerate(stages)]
+    print("---\n".join(docs), end="", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,9 +272,11 @@ def _main(argv: list[str]) -> int:
         from rlhfkit.config.loader import yaml_error_line
         from rlhfkit.pipeline import run_pipeline
 
-        _one_process("pipeline")
-
         try:
+            if args.print_config:
+                _print_stages(args.config, args.overrides)
+                return 0
+            _one_process("pipeline")
             run_pipeline(args.config, args.overrides)
         except yaml.YAMLError as e:  # the pipeline file's own syntax: name the file
             raise ConfigError(f"{args.config}: {yaml_error_line(e)}") from None
