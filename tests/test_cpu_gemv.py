@@ -99,6 +99,9 @@ def test_unset_the_decoder_times_both_kernels_once_and_keeps_the_faster(tokenize
     (key8, (gemv_s, onednn_s)), _ = llama_decode.TRIALS.items()
     assert key8[0] == 8 and gemv_s > 0 and onednn_s > 0
     assert (first.head.gemv is not None) == (gemv_s < onednn_s)
+    choices = llama_decode.decode_choices()  # what the trainers' results record
+    assert choices["RLHFKIT_DECODE_GEMV"] == "auto"
+    assert choices[f"rows 8, threads {key8[1]}"]["kernel"] == ("few-row kernel" if gemv_s < onednn_s else "oneDNN")
     for times, used in (((1.0, 2.0), True), ((2.0, 1.0), False)):  # the faster one is used
         monkeypatch.setattr(llama_decode, "TRIALS", {k: times for k in llama_decode.TRIALS})
         with torch.inference_mode():

@@ -115,7 +115,8 @@ def test_ppo_raises_a_learnable_reward(tokenizer, tmp_path):
     out = tmp_path / "run"
     assert (out / "model" / "config.json").is_file() and (out / "critic" / "config.json").is_file()
     assert (out / "samples.jsonl").read_text().count("\n") >= 8
-    assert (out / "ppo_results.json").is_file()
+    results = json.loads((out / "ppo_results.json").read_text())
+    assert "RLHFKIT_DECODE_GEMV" in results["decode_products"]  # the rollout kernels this run chose
 
 
 def test_resume_keeps_step_and_kl_controller(tokenizer, tmp_path):

@@ -146,6 +146,20 @@ def gemv_wins(rows: int, weights: list[torch.Tensor]) -> bool:
     return gemv_s < onednn_s
 
 
+def decode_choices() -> dict:
+    """The decode products this process chose, per row count: ``{"rows 8": {"kernel": "oneDNN",
+    "few_row_ms": .., "onednn_ms": ..}}`` from the timed trials, or the pinned setting. Recorded in
+    the policy-gradient trainers' results: the two kernels round differently, so two runs sample
+    the same tokens only when they made the same choice (``RLHFKIT_DECODE_GEMV=0`` or ``1`` pins it)."""
+    pinned = cpu_gemv.setting()
+    out: dict = {"RLHFKIT_DECODE_GEMV": pinned}
+    for (rows, threads, _), (gemv_s, onednn_s) in sorted(TRIALS.items()):
+        out[f"rows {rows}, threads {threads}"] = {
+            "kernel": "few-row kernel" if gemv_s < onednn_s else "oneDNN",
+            "few_row_ms": round(1e3 * gemv_s, 2), "onednn_ms": round(1e3 * onednn_s, 2)}
+    return out
+
+
 def _time_both(rows: int, weights: list[torch.Tensor]) -> tuple[float, float]:
     kernels = ([cpu_gemv.GemvLinear(w) for w in weights], [_Linear(w, rows, True) for w in weights])
     gen = torch.Generator().manual_seed(0)  # not the global stream: a trial must not change what is sampled

@@ -35,6 +35,7 @@ from rlhfkit.config import (
 )
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
+from rlhfkit.rollout.llama_decode import decode_choices
 from rlhfkit.trainers.pg_eval import evaluate_policy
 from rlhfkit.trainers.pg_score import log_samples, score_experience, sequence_kl
 from rlhfkit.trainers.pg_setup import (
@@ -216,5 +217,6 @@ def train_grpo(cfg: GRPOConfig, strategy: Strategy | None = None) -> dict:
                  models={"actor": actor.model},
                  optimizers={"actor": actor.optimizer, "actor_scheduler": actor.scheduler},
                  evaluate=(lambda: evaluate_policy(pr, actor.model)) if pr.eval_prompts else None, show=SHOW)
-    finish(pr.run, {"model": actor.model}, pr.tokenizer, {**result.metrics, "steps": result.steps}, best=result.best)
+    finish(pr.run, {"model": actor.model}, pr.tokenizer, {**result.metrics, "steps": result.steps}, best=result.best,
+           decode_products=decode_choices())
     return result.metrics

@@ -36,6 +36,7 @@ from rlhfkit.models.lora import (
 )
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import rank_stream_seed, rollout
+from rlhfkit.rollout.llama_decode import decode_choices
 from rlhfkit.trainers.pg_eval import evaluate_policy
 from rlhfkit.trainers.pg_score import (
     log_samples,
@@ -234,5 +235,6 @@ def train_ppo(cfg: PPOConfig, strategy: Strategy | None = None) -> dict:
                  state_fn=lambda: {"kl_controller": kl_ctl.state_dict()},
                  load_state=lambda st: kl_ctl.load_state_dict(st["kl_controller"]), show=SHOW)
     finish(pr.run, {"model": actor.model, "critic": critic.model}, pr.tokenizer,
-           {**result.metrics, "steps": result.steps, "kl_coef_final": kl_ctl.value}, best=result.best)
+           {**result.metrics, "steps": result.steps, "kl_coef_final": kl_ctl.value}, best=result.best,
+           decode_products=decode_choices())
     return result.metrics
