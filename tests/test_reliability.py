@@ -226,6 +226,25 @@ def test_resume_needs_something_to_resume(tmp_path):
     assert not open_run(cfg, "sft").resuming and cfg.train.resume is False
 
 
+def test_auto_refuses_a_finished_run_that_saved_no_checkpoint(tmp_path):
+    """train.resume=auto on a run that finished without checkpoints (save_every: 0): nothing to
+    continue, and starting would replace the run, so it is refused as a fresh start is; the
+    directory is left as it was (it used to be retrained from step 1 as if continued)."""
+    import shutil
+
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    shutil.rmtree(out / "checkpoints")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(RunDirError, match=r"holds a previous run \(model/, sft_results.json\) that saved no checkpoint "
+                                          r"to continue from .*train.resume=auto has nothing to continue; replace it "
+                                          r"with --overwrite"):
+        open_run(_cfg(tmp_path, data, "train.resume=auto"), "sft")
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 @pytest.mark.parametrize("change, named", [
     (["optim.lr=1e-3"], "optim.lr 2e-05 -> 0.001"),
     (["train.seed=9"], "train.seed 0 -> 9"),

@@ -138,7 +138,8 @@ class TrainSection:
     resume: Union[bool, Literal["auto"]] = False
     """false: start a new run (refused if output_dir holds one: see overwrite); true: continue the run in
     output_dir from its latest complete checkpoint (refused if there is none, or if its config or data
-    differ); auto: continue if there is something to continue, else start."""
+    differ); auto: continue if there is something to continue, else start (a run there that saved no
+    checkpoint is refused)."""
     overwrite: bool = False
     """Start over in an output_dir that holds a run, deleting that run's outputs (checkpoints, metrics,
     models, results); other files are left alone."""

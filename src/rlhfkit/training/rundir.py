@@ -13,7 +13,8 @@ SHA-256, model directories file by file).
                          results) unless train.overwrite, which first deletes its outputs
                   true   continue from the latest complete checkpoint; refused if there is none,
                          or if the config or data differ (unless train.resume_mismatch_ok)
-                  auto   continue if there is something to continue, else start (pipelines)
+                  auto   continue if there is something to continue, else start (pipelines); a run
+                         that saved no checkpoint is refused, as by false
 
     run = open_run(cfg, "sft", is_main=strategy.is_main)   # after the config and data are validated
     run.path, run.resuming, run.checkpoint
@@ -131,8 +132,11 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
                                   "--overwrite (train.overwrite=true), or choose another train.output_dir")
             raise RunDirError(f"nothing to resume in {path}: no checkpoint there (start without --resume, or set "
                               "train.resume=auto to continue only when there is something to continue)")
-        if not used:
-            return RunDir(path, kind, resuming=False, record=record)
+        if used:  # auto: nothing to continue, and starting would replace a run
+            raise RunDirError(f"{path} holds a previous run ({', '.join(used)}) that saved no checkpoint to continue "
+                              "from (train.save_every), so train.resume=auto has nothing to continue; replace it "
+                              "with --overwrite (train.overwrite=true), or choose another train.output_dir")
+        return RunDir(path, kind, resuming=False, record=record)
     defaults = flat_config(type(cfg)())  # a key added to rlhfkit since the run started, left at its default: no change
     _check_same_run(path, kind, record, train.resume_mismatch_ok, defaults)
     return RunDir(path, kind, resuming=True, checkpoint=checkpoint, record=_merged_record(path, kind, record, defaults))
