@@ -77,6 +77,27 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
     assert torch.all(model.model.norm.weight == 1.0)
 
 
+def test_resuming_a_run_that_stopped_early_takes_no_more_steps(tmp_path, tokenizer, capsys):
+    """A run that stopped early is finished: --resume of it (same config) takes no step, ends with
+    the best model as the run did, and keeps the stop's metrics as its final ones (resuming went
+    on training, past the patience)."""
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.5, 0.6, 0.55, 0.58])
+    opts = dict(eval_every=1, select_best="eval/score", early_stopping_patience=2, save_every=1)
+    first = fit(_run(tmp_path, **opts), step, 6, models={"model": model}, optimizers={}, evaluate=evaluate)
+    assert first.steps == 3
+    again = tiny_causal_lm(tokenizer)
+    calls = []
+    result = fit(_run(tmp_path, resume=True, **opts), lambda i: calls.append(i) or {}, 6, models={"model": again},
+                 optimizers={}, evaluate=lambda: calls.append("eval") or {"eval/score": 0.0})
+    assert calls == [] and result.steps == 3 and result.best == first.best
+    assert torch.all(again.model.norm.weight == 1.0)  # the best model (step 1), as the first run ended
+    assert result.metrics == first.metrics
+    assert "the run stopped early at step 3" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+
+
 def test_metric_direction():
     assert not greater_is_better("eval/loss") and not greater_is_better("eval/kl") and not greater_is_better("eval/ppl")
     assert greater_is_better("eval/accuracy") and greater_is_better("eval/gold_mean")

@@ -18,8 +18,10 @@ it is the same for all of them and lives here:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from rlhfkit.config import ConfigError
@@ -96,7 +98,13 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
                            config=run.config)
     if on_start is not None:
         on_start(start)
-    metrics: dict = {}
+    # a run that stopped early is finished: resuming it takes no more steps
+    if start and best is not None and 0 < train.early_stopping_patience <= best.stale:
+        run.logger.write(f"[{run.kind}] the run stopped early at step {start} ({best.metric} had not improved for "
+                         f"{best.stale} evaluations): nothing to continue")
+        total = start
+    # a run resumed with nothing left to do keeps its last logged metrics as its final ones
+    metrics: dict = last_logged(run.out, start) if start >= total and run.is_main else {}
     if start == 0 and evaluate is not None:
         first = evaluate()
         run.logger.log(0, first)
@@ -135,6 +143,25 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
             run.logger.write(f"[{run.kind}] final model: step {best.step}, the best {best.metric} ({best.value:.4g})")
     run.logger.close()
     return result
+
+
+def last_logged(out, step: int) -> dict:
+    """The metrics logged at ``step`` in ``out/metrics.jsonl`` (the last such line), without the
+    step and time; {} if there is none."""
+    path = Path(out) / "metrics.jsonl"
+    found: dict = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step:
+            found = {k: v for k, v in row.items() if k not in ("step", "time")}
+    return found
 
 
 def _best_tracker(train) -> Best | None:
