@@ -277,3 +277,32 @@ def test_log_level_is_accepted_after_the_command_and_checked(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--log-level", "bogus", "sft"])
     assert "invalid choice: 'BOGUS'" in capsys.readouterr().err
+
+
+def test_a_reward_model_given_as_the_policy_is_refused_before_anything_is_written(tmp_path, tiny_model_dir,
+                                                                                tokenizer, capsys):
+    """A reward model's or critic's directory (*ForSequenceClassification) where a policy is wanted
+    (model.name of a training command, an eval policy or baseline) is refused in one line naming
+    the key, before anything is written: loaded as a causal LM it would train or sample with a
+    random LM head. load_causal_lm refuses it too."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models import load_causal_lm, save_pretrained_atomic
+
+    rm_dir = tmp_path / "rm" / "model"
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1,
+                                                            pad_token_id=tokenizer.pad_token_id)
+    save_pretrained_atomic(rm, tokenizer, rm_dir)
+    data = _sft_data(tmp_path / "d.jsonl")
+    code, line = _cli(capsys, _sft_args(rm_dir, data, tmp_path / "sft"))
+    assert code == 2 and line.startswith(f"rlhfkit sft: error: model.name: {rm_dir} is not a policy: its config.json "
+                                         "says LlamaForSequenceClassification (a reward model or critic)"), line
+    assert not (tmp_path / "sft").exists()
+    code, line = _cli(capsys, ["eval", f"baseline={tiny_model_dir}", f"policies=[{rm_dir}]", "prompts.train=task:sentiment",
+                               f"train.output_dir={tmp_path / 'ev'}"])
+    assert code == 2 and line.startswith(f"rlhfkit eval: error: policies: {rm_dir} is not a policy"), line
+    assert not (tmp_path / "ev").exists()
+    with pytest.raises(ValueError, match="is not a policy"):
+        load_causal_lm(rm_dir, torch.float32)
+    load_causal_lm(tiny_model_dir, torch.float32)  # a policy still loads

@@ -45,7 +45,7 @@ from rlhfkit.io import write_json_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
 from rlhfkit.judges.rewards import build_reward_fn
 from rlhfkit.judges.sample_scorer import check_scorer_spec
-from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
+from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
@@ -237,6 +237,8 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     n = cfg.rollout.n
 
     # 1. Every input read or checked before anything is written or a model loads.
+    with under_key("baseline"):
+        check_policy_path(cfg.baseline)
     tokenizer = load_tokenizer(cfg.baseline)
     p = cfg.prompts
     items, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit,
@@ -249,7 +251,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
                 check_scorer_spec(spec)
     for spec in cfg.policies:
         with under_key("policies"):
-            check_model_path(policy_label(spec)[1])
+            check_policy_path(policy_label(spec)[1])
 
     # 2. Judges and the baseline's samples.
     out = Path(cfg.train.output_dir)

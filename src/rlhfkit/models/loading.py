@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -128,6 +129,33 @@ def check_model_path(name: str | os.PathLike) -> None:
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
     elif s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
+
+
+def check_policy_path(name: str | os.PathLike) -> None:
+    """`check_model_path`, and refuse a local directory that holds a reward model or critic (saved
+    as ``*ForSequenceClassification``, or a peft adapter of one) where a policy is wanted: loaded
+    as a causal LM it would have a random LM head (or, tied, the embedding's) and train or sample
+    without an error."""
+    check_model_path(name)
+    p = Path(str(name)).expanduser()
+    if not p.is_dir():
+        return
+    if is_seq_cls_adapter(p):
+        raise ValueError(f"{p} is not a policy: it is the LoRA adapter of a reward model or critic (task_type "
+                         "SEQ_CLS); give a policy's directory (e.g. the model/ of an sft, dpo or ppo run)")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    archs = [str(a) for a in (config.get("architectures") or [])] if isinstance(config, dict) else []
+    if archs and all(a.endswith(SCALAR_HEADS) for a in archs):
+        raise ValueError(f"{p} is not a policy: its config.json says {', '.join(archs)} (a reward model or critic), "
+                         "so as a causal LM its LM head would be random; give a policy's directory (e.g. the "
+                         "model/ of an sft, dpo or ppo run)")
+
+
+# Heads that make a directory a scorer, not a policy (`check_policy_path`).
+SCALAR_HEADS = ("ForSequenceClassification", "ForTokenClassification")
 
 
 def _resolve_hub_id(repo_id: str) -> str:
@@ -268,6 +296,7 @@ def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = No
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_policy_path(name)
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
         return load_merged(path, dtype=dtype, kind="causal")

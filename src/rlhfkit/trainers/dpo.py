@@ -44,7 +44,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.data.sources import load_sources
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
-from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer, resolve_model_path
 from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.dpo_logps import (
@@ -280,6 +280,8 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
 
     # 1. Data: validated and tokenised before anything is written or the model loads (with the
     #    starting model's tokenizer, which the SFT stage of sft_first saves unchanged with its model).
+    with under_key("model.name"):
+        check_policy_path(cfg.model.name)  # not a reward model or critic
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     with under_key("dpo.reference"):

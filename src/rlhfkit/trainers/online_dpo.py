@@ -57,7 +57,7 @@ from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
-from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import (
@@ -155,6 +155,8 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
+    with under_key("model.name"):
+        check_policy_path(cfg.model.name)  # not a reward model or critic
     tokenizer = load_tokenizer(cfg.model.name)
     items, dropped, eval_items = _prompts(cfg, tokenizer)
     _check_judges(cfg)

@@ -30,7 +30,7 @@ from rlhfkit.config import (
 from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
-from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
+from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
 from rlhfkit.rollout import PromptItem, load_prompt_items
@@ -170,6 +170,8 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
     strategy.check_divisible(cfg.mini_batch_size, "mini_batch_size")
     if strategy.lockstep_forwards and cfg.ptx.coef > 0:
         strategy.check_divisible(cfg.ptx.batch_size, "ptx.batch_size")  # sharded forwards run in lockstep
+    with under_key("model.name"):
+        check_policy_path(cfg.model.name)  # not a reward model or critic
     tokenizer = load_tokenizer(cfg.model.name)
     p = cfg.prompts
     prompts, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit)
