@@ -177,6 +177,17 @@ def test_numeric_and_path_fields_are_checked(override, match):
     ("ppo", "vf_coef=-1", r"vf_coef: must be >= 0"),
     ("ppo", "clip_eps=0", r"clip_eps: must be > 0"),
     ("ppo", "gamma=nan", r"gamma: must be a finite number"),
+    ("ppo", "gamma=1.5", r"gamma: must be between 0 and 1, got 1.5"),
+    ("ppo", "lam=1.01", r"lam: must be between 0 and 1"),
+    ("ppo", "gamma=1", None),
+    ("ppo", "clip_eps_high=0.1", r"clip_eps_high: 0.1 is below clip_eps 0.2; it is the wider upper side"),
+    ("ppo", "clip_eps_high=0.28", None),
+    ("grpo", "advantage=rloo scale=batch", r"scale: 'batch' applies to advantage grpo only; rloo does not scale"),
+    ("grpo", "advantage=reinforce scale=none", r"scale: 'none' applies to advantage grpo only"),
+    ("grpo", "advantage=grpo scale=batch", None),
+    ("grpo", "advantage=reinforce rollout.n=1 train.batch_size=1 mini_batch_size=1",
+     r"train\.batch_size: reinforce's baseline is the mean reward of the global batch"),
+    ("grpo", "advantage=reinforce rollout.n=1 train.batch_size=2 mini_batch_size=2", None),
     ("ppo", "reward.missing_eos_score=-1", None),  # a score: negative is fine
     ("ppo", "reward.unscorable=-1", None),  # a score too
     ("online-dpo", "rsft_min_score=-0.2", None),  # a threshold on scores (VADER, reward models go negative)
@@ -190,13 +201,13 @@ def test_every_config_class_gets_the_numeric_checks(kind, override, match):
     from rlhfkit.registry import COMMANDS
 
     base = {"ppo": ["reward.spec=task:sentiment", "critic_init=policy"], "dpo": ["data.train=x"],
-            "online-dpo": [], "pm": ["data.train=x"], "eval": ["policies=[a]"]}[kind]
+            "online-dpo": [], "pm": ["data.train=x"], "eval": ["policies=[a]"], "grpo": []}[kind]
     cls = COMMANDS[kind].config_class()
     if match is None:
-        load_config(cls, overrides=[*base, override])
+        load_config(cls, overrides=[*base, *override.split()])
         return
     with pytest.raises(ConfigError, match=match):
-        load_config(cls, overrides=[*base, override])
+        load_config(cls, overrides=[*base, *override.split()])
 
 
 def test_resume_is_tri_state_and_excludes_overwrite():

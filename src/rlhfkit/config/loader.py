@@ -178,8 +178,10 @@ COUNT_FIELDS = {"r", "alpha", "batch_size", "micro_batch_size", "mini_batch_size
                 "scorer_batch_size", "max_length", "max_prompt_length", "max_new_tokens", "n", "ppo_epochs",
                 "iterations", "prompts_per_iteration", "log_every", "max_bad_steps"}
 ZERO_MEANS_ALL = {("RolloutSection", "micro_batch_size")}  # documented: 0 = all rows at once
-# ... and these must be > 0.
+# ... these must be > 0 ...
 POSITIVE_FIELDS = {"lr", "adam_eps", "beta", "clip_eps", "clip_eps_high", "horizon"}
+# ... and these are fractions in [0, 1] (the discount and GAE's lambda).
+UNIT_FIELDS = {"gamma", "lam"}
 
 
 def check_numbers(section: Any, where: str) -> None:
@@ -198,6 +200,8 @@ def check_numbers(section: Any, where: str) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {v}")
         if v == 0 and f.name in POSITIVE_FIELDS:
             raise ConfigError(f"{key}: must be > 0, got {v}")
+        if v > 1 and f.name in UNIT_FIELDS:
+            raise ConfigError(f"{key}: must be between 0 and 1, got {v}")
 
 
 def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:

@@ -78,7 +78,8 @@ class GRPOConfig(PolicyGradientConfig):
     reinforce = REINFORCE with the global batch mean as baseline (`algos.batch_mean_advantages`; needs
     no groups, so rollout.n may be 1). `rlhfkit rloo` fixes this to rloo."""
     scale: Literal["std", "group", "batch", "none"] = "std"
-    """GRPO only: divide the group-centred reward by the group's std ("std" = "group", TRL's default),
+    """advantage grpo only (batch or none with rloo or reinforce is an error): divide the group-centred
+    reward by the group's std ("std" = "group", TRL's default),
     by the std of the whole global batch ("batch", TRL scale_rewards="batch"), or not at all ("none",
     Dr. GRPO)."""
     ratio_level: Literal["token", "sequence", "sequence-mean"] = "token"
@@ -108,6 +109,13 @@ class GRPOConfig(PolicyGradientConfig):
         super().validate(where)
         if self.rollout.n < 2 and self.advantage != "reinforce":
             raise ConfigError(f"{where}.rollout.n: group baselines need at least 2 samples per prompt")
+        if self.advantage == "reinforce" and self.train.batch_size * self.rollout.n < 2:
+            raise ConfigError(f"{where}.train.batch_size: reinforce's baseline is the mean reward of the global "
+                              "batch, so a batch of one response (train.batch_size x rollout.n = 1) has advantage 0 "
+                              "and learns nothing; use at least 2")
+        if self.advantage != "grpo" and self.scale not in ("std", "group"):
+            raise ConfigError(f"{where}.scale: {self.scale!r} applies to advantage grpo only; {self.advantage} "
+                              "does not scale its advantages (remove the key)")
         if self.kl_coef < 0:
             raise ConfigError(f"{where}.kl_coef: must be >= 0")
         if self.kl_bias_correction and (self.kl_kind != "k3" or self.kl_in_reward):

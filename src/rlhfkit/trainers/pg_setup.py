@@ -100,6 +100,9 @@ class PolicyGradientConfig:
             raise ConfigError(f"{where}.rollout.temperature: training samples need temperature > 0")
         if self.ppo_epochs < 1 or self.mini_batch_size < 1:
             raise ConfigError(f"{where}: ppo_epochs and mini_batch_size must be >= 1")
+        if self.clip_eps_high is not None and self.clip_eps_high < self.clip_eps:
+            raise ConfigError(f"{where}.clip_eps_high: {self.clip_eps_high} is below clip_eps {self.clip_eps}; it is "
+                              "the wider upper side (DAPO's clip-higher), null for symmetric")
         rows = self.train.batch_size * self.rollout.n
         if rows % self.mini_batch_size:
             raise ConfigError(f"{where}.mini_batch_size: {self.mini_batch_size} must divide train.batch_size x "
