@@ -306,3 +306,29 @@ def test_a_reward_model_given_as_the_policy_is_refused_before_anything_is_writte
     with pytest.raises(ValueError, match="is not a policy"):
         load_causal_lm(rm_dir, torch.float32)
     load_causal_lm(tiny_model_dir, torch.float32)  # a policy still loads
+
+
+def test_overrides_may_follow_the_flags(tmp_path, capsys):
+    """`rlhfkit sft -c X --resume optim.lr=1e-3` (docs/reliability.md's example): overrides after a
+    flag are overrides, in the order given, as before it; an unknown flag is still argparse's error."""
+    import yaml
+
+    from rlhfkit.cli import main
+
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("data: {train: x.jsonl}\n")
+    assert main(["sft", "-c", str(cfg), "optim.lr=2", "--print-config", "optim.lr=1e-3", "train.seed=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 1e-3 and printed["train"]["seed"] == 3
+    with pytest.raises(SystemExit):
+        main(["sft", "-c", str(cfg), "--print-config", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    args = ["sft", f"data.train={data}", f"train.output_dir={out}", "model.name=some/model"]
+    (out).mkdir()
+    (out / "sft_run.json").write_text("{}")
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    code = main([*args, "--resume", "optim.lr=1e-3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unrecognized arguments" not in err and err.startswith("rlhfkit sft: error: ")

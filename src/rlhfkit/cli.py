@@ -246,7 +246,13 @@ def _main(argv: list[str]) -> int:
 
         return build_main(argv[1:]) or 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides may also follow the flags (`rlhfkit sft -c x.yaml --resume optim.lr=1e-3`): argparse
+    # takes one run of positionals, so the key=value words after a flag come back as extras
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        args = parser.parse_args(argv)  # argparse's own error for what it does not know
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "report":
         if len(args.runs) > 1 and not args.out:
