@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,6 +261,25 @@ def test_a_field_of_the_prompt_set_reaches_every_batch(tmp_path):
     assert rewards(["a", "b"], ["42", "3"], fields=first_two) == [1.0, 0.0]
     assert seen[-1] == [None, None]
     assert examples[2].reward_fields() == {"reference": None, "max_words": 17}
+
+
+def test_the_docs_reward_functions_run_on_a_prompt_set_without_their_fields():
+    """docs/rewards.md's my_rewards.py, as written there, next to a task whose prompt records have
+    no max_words (the doc's own "Several rewards" example combines it with task:arithmetic): the
+    field is not passed, and brevity judges none of the responses instead of raising."""
+    import re
+
+    from rlhfkit.judges import build_reward_set
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "rewards.md").read_text()
+    code = re.search(r"```python\n# my_rewards\.py\n(.*?)```", doc, re.S).group(1)
+    module: dict = {}
+    exec(compile(code, "my_rewards.py", "exec"), module)
+    rows = [{"reference": "42"}, {"reference": "2"}]  # an arithmetic prompt set: no max_words anywhere
+    out = build_reward_set([module["exact"], {"spec": module["brevity"], "weight": 0.1}]).score(
+        ["17 + 25?", "1 + 1?"], ["42", "3"], fields=rows)
+    assert out.combined.tolist() == [1.0, 0.0]
+    assert torch.isnan(out.per_function[:, 1]).all()  # brevity judged none of them
 
 
 def test_fields_errors():
