@@ -119,6 +119,20 @@ def test_use_margin_without_any_margin_in_the_data_is_refused(tmp_path, tiny_mod
     assert not (tmp_path / "run").exists()
 
 
+def test_a_probe_on_too_few_pairs_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    """head_init probe cross-validates over 4 folds: fewer than 8 training pairs are refused with the
+    data file named, before the run directory is written or the model loads."""
+    from rlhfkit.config import ConfigError
+
+    train = write_jsonl(tmp_path / "six.jsonl", pref_rows(6, 0))
+    cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, train, head_init="probe")
+    cfg.data.eval, cfg.data.eval_fraction = "", 0.0
+    with pytest.raises(ConfigError, match=r"head_init: probe fits the head by 4-fold cross-validation, which needs at "
+                                          r"least 8 training pairs; .*six\.jsonl has 6 \(head_init: random"):
+        train_reward_model(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_single_lora_target_module_name_is_a_list_of_one():
     """peft reads a string as a full-name regex: "q_proj" alone matched nothing; a regex stays one."""
     from rlhfkit.config import load_config

@@ -50,7 +50,10 @@ def pairwise_accuracy(d: torch.Tensor, w: torch.Tensor) -> float:
     return float(((s > 0).double() + 0.5 * (s == 0).double()).mean())
 
 
-def fit_bt_probe(d: torch.Tensor, l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0), folds: int = 4,
+PROBE_FOLDS = 4  # cross-validation folds of `fit_bt_probe`: it needs at least 2 pairs per fold
+
+
+def fit_bt_probe(d: torch.Tensor, l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0), folds: int = PROBE_FOLDS,
                  seed: int = 0, label_smoothing: float = 0.0, rule: str = "one_se") -> tuple[torch.Tensor, dict]:
     """Fit a linear BT head on feature differences, L2 chosen by ``folds``-fold cross-validation.
 

@@ -12,6 +12,7 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
+from rlhfkit.algos.probe import PROBE_FOLDS
 from rlhfkit.config import ConfigError, RewardConfig, validate
 from rlhfkit.data import (
     PreferenceCollator,
@@ -179,6 +180,10 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     if cfg.use_margin and not any(f.get("margin") is not None for f in train):
         raise ConfigError(f"use_margin: no training pair in {', '.join(source_list(cfg.data.train))} has a 'margin' "
                           "field, so the margin term would be 0 for every pair")
+    if cfg.head_init == "probe" and len(train) < 2 * PROBE_FOLDS:
+        raise ConfigError(f"head_init: probe fits the head by {PROBE_FOLDS}-fold cross-validation, which needs at "
+                          f"least {2 * PROBE_FOLDS} training pairs; {', '.join(source_list(cfg.data.train))} has "
+                          f"{len(train)} (head_init: random trains the head from scratch)")
     _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy)
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.share_prompt)
