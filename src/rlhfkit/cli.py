@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from rlhfkit import __version__
+from rlhfkit import __version__, envvars
 from rlhfkit.config import ConfigError, load_config, to_dict
 from rlhfkit.config.loader import validate
 from rlhfkit.config.reference import explained_yaml, help_text
@@ -241,6 +241,7 @@ def _silence_stdout() -> None:
 
 
 def _main(argv: list[str]) -> int:
+    envvars.check()  # an RLHFKIT_* switch with a value it does not take: one line, before anything runs
     if argv[:1] == ["make-data"]:  # its own argparse (argparse.REMAINDER drops leading --options)
         from rlhfkit.tasks.make_data import main as build_main
 

@@ -17,19 +17,19 @@ query/key norms), checked by `supported`; any other layer runs in full.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from rlhfkit import envvars
 from rlhfkit.models.heads import unwrap_model
 
 # Decoder layers whose forward is Llama's: residual + attention(input_layernorm(x)), then
 # residual + mlp(post_attention_layernorm(x)), rotary embeddings on queries and keys.
 LAYOUTS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 # False (or RLHFKIT_FINAL_LAYER=0 in the environment) runs the last layer in full: benchmarks compare.
-ENABLED = os.environ.get("RLHFKIT_FINAL_LAYER", "1") != "0"
+ENABLED = envvars.setting("RLHFKIT_FINAL_LAYER") == "1"
 
 
 def last_layer(model):

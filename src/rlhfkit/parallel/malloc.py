@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import platform
+
+from rlhfkit import envvars
 
 log = logging.getLogger("rlhfkit")
 
@@ -43,7 +44,7 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("RLHFKIT_MALLOC", "").lower() == "default":
+    if envvars.setting("RLHFKIT_MALLOC") == "default":
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

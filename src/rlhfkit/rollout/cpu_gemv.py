@@ -21,9 +21,10 @@ up to float32 rounding (the sum over the inner dimension is reassociated).
 
 from __future__ import annotations
 
-import os
 
 import torch
+
+from rlhfkit import envvars
 
 try:
     import numba
@@ -41,7 +42,7 @@ def setting() -> str:
     """``RLHFKIT_DECODE_GEMV``: "0" never uses this kernel, "1" uses it for every call of at most
     `ROWS` rows; unset (or "auto"), the decoder times it against oneDNN once per process and row
     count and uses the faster (`rollout.llama_decode`)."""
-    return os.environ.get("RLHFKIT_DECODE_GEMV", "auto")
+    return envvars.setting("RLHFKIT_DECODE_GEMV")
 
 
 def variant(rows: int) -> int:

@@ -23,18 +23,18 @@ torch's operators.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 
+from rlhfkit import envvars
 import rlhfkit.rollout.cpu_gemv as cpu_gemv
 
 numba = cpu_gemv.numba  # None without numba (a dependency): the decoder keeps torch's operators
 
 
 def available() -> bool:
-    return numba is not None and os.environ.get("RLHFKIT_DECODE_FUSED", "1") != "0"
+    return numba is not None and envvars.setting("RLHFKIT_DECODE_FUSED") == "1"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
