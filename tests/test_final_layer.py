@@ -50,8 +50,30 @@ def _grads(model):
     return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
 
 
-def _close_grads(a, b):
-    for x, y in zip(a, b):
+def _on_and_off(model, monkeypatch, forward, loss) -> dict:
+    """``forward(on)`` with the last layer where read (on) and in full (off), each followed by the
+    backward of ``loss(outputs)``: per flag, (the outputs detached, the gradients, the rows the last
+    layer's query projection saw per forward)."""
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(final_layer, "ENABLED", on)
+        model.zero_grad()
+        seen, handle = _q_rows(model)
+        try:
+            outputs = forward(on)
+        finally:
+            handle.remove()
+        loss(outputs).backward()
+        out[on] = ([o.detach() for o in outputs], _grads(model), seen)
+    return out
+
+
+def _same(got: dict, where=None) -> None:
+    """The outputs (at ``where``, if given) and the gradients of the two runs agree."""
+    for a, b in zip(got[True][0], got[False][0]):
+        torch.testing.assert_close(a if where is None else a[where], b if where is None else b[where],
+                                   atol=1e-5, rtol=1e-5)
+    for x, y in zip(got[True][1], got[False][1]):
         if x is None or y is None:
             assert x is None and y is None
         else:
@@ -64,23 +86,12 @@ def test_packed_logprobs_and_gradients_equal_the_full_last_layer(tiny_model, mon
     groups, rows = _groups(0, prefix=9)
     packed = _packed(groups, rows)
     w = torch.randn(packed["shape"], generator=torch.Generator().manual_seed(0))
-    out, seen = {}, {}
-    for on in (True, False):
-        monkeypatch.setattr(final_layer, "ENABLED", on)
-        tiny_model.zero_grad()
-        seen[on], handle = _q_rows(tiny_model)
-        try:
-            lp, ent = packed_logprobs(tiny_model, packed, with_entropy=True)
-        finally:
-            handle.remove()
-        ((lp * w).sum() + ent.sum()).backward()
-        out[on] = (lp.detach(), ent.detach(), _grads(tiny_model))
-    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
-    _close_grads(out[True][2], out[False][2])
+    got = _on_and_off(tiny_model, monkeypatch, lambda on: packed_logprobs(tiny_model, packed, with_entropy=True),
+                      lambda out: (out[0] * w).sum() + out[1].sum())
+    _same(got)
     n_row = segments.one_row(packed)[2].segments[-1].q1
-    assert seen[False] == [n_row]
-    assert seen[True] == [len(set(packed["pred"].tolist()))] and seen[True][0] < n_row
+    assert got[False][2] == [n_row]
+    assert got[True][2] == [len(set(packed["pred"].tolist()))] and got[True][2][0] < n_row
 
 
 def test_labelled_logprobs_of_padded_rows_equal_the_full_last_layer(tiny_model, monkeypatch):
@@ -92,20 +103,10 @@ def test_labelled_logprobs_of_padded_rows_equal_the_full_last_layer(tiny_model, 
     labelled = torch.zeros(3, 11, dtype=torch.bool)
     labelled[:, 6:] = True
     labelled &= mask[:, 1:].bool() & mask[:, :-1].bool()
-    out, seen = {}, {}
-    for on in (True, False):
-        monkeypatch.setattr(final_layer, "ENABLED", on)
-        tiny_model.zero_grad()
-        seen[on], handle = _q_rows(tiny_model)
-        try:
-            lp = labelled_logprobs(tiny_model, ids, mask, labelled)
-        finally:
-            handle.remove()
-        (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
-        out[on] = (lp.detach(), _grads(tiny_model))
-    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
-    _close_grads(out[True][1], out[False][1])
-    assert seen[True] == [int(labelled.sum())] and seen[False] == [int(mask.sum())]
+    got = _on_and_off(tiny_model, monkeypatch, lambda on: (labelled_logprobs(tiny_model, ids, mask, labelled),),
+                      lambda out: (out[0] * torch.linspace(-1, 1, out[0].numel())).sum())
+    _same(got)
+    assert got[True][2] == [int(labelled.sum())] and got[False][2] == [int(mask.sum())]
 
 
 def test_reward_read_at_the_last_token_runs_the_last_layer_on_those_tokens_only(rm, tokenizer, tmp_path,  # noqa: F811
@@ -117,21 +118,9 @@ def test_reward_read_at_the_last_token_runs_the_last_layer_on_those_tokens_only(
     n_resp = int(packed["loss_mask"].sum())
     for pooling, rows_read in (("last", n_seq), ("mean", n_resp)):
         set_reward_pooling(rm, pooling)
-        out, seen = {}, {}
-        for on in (True, False):
-            monkeypatch.setattr(final_layer, "ENABLED", on)
-            rm.zero_grad()
-            seen[on], handle = _q_rows(rm)
-            try:
-                rc, rr = pair_scores(rm, packed)
-            finally:
-                handle.remove()
-            (rc - 2 * rr).sum().backward()
-            out[on] = (rc.detach(), rr.detach(), _grads(rm))
-        torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
-        _close_grads(out[True][2], out[False][2])
-        assert seen[True] == [rows_read] and seen[True][0] < seen[False][0], pooling
+        got = _on_and_off(rm, monkeypatch, lambda on: pair_scores(rm, packed), lambda out: (out[0] - 2 * out[1]).sum())
+        _same(got)
+        assert got[True][2] == [rows_read] and got[True][2][0] < got[False][2][0], pooling
 
 
 def test_a_layer_of_another_layout_runs_in_full(tiny_model, monkeypatch):
@@ -163,21 +152,12 @@ def test_critic_values_read_at_the_response_states_only(rm, monkeypatch):  # noq
     read = torch.zeros_like(mask, dtype=torch.bool)
     read[:, 10:] = True
     read &= mask.bool()
-    out, seen = {}, {}
-    for on in (True, False):
-        monkeypatch.setattr(final_layer, "ENABLED", on)
-        rm.zero_grad()
-        seen[on], handle = _q_rows(rm)
-        try:
-            v = shared_token_values(rm, ids, mask, shared_prefix=9, read=read if on else None)
-        finally:
-            handle.remove()
-        (v * read * torch.linspace(-1, 1, v.numel()).view(v.shape)).sum().backward()
-        out[on] = (v.detach(), _grads(rm))
-    torch.testing.assert_close(out[True][0][read], out[False][0][read], atol=1e-5, rtol=1e-5)
-    assert not out[True][0][~read].any()
-    _close_grads(out[True][1], out[False][1])
-    assert seen[True] == [int(read.sum())] and seen[False] == [9 + int((mask[:, 9:]).sum())]
+    got = _on_and_off(rm, monkeypatch, lambda on: (shared_token_values(rm, ids, mask, shared_prefix=9,
+                                                                         read=read if on else None),),
+                      lambda out: (out[0] * read * torch.linspace(-1, 1, out[0].numel()).view(out[0].shape)).sum())
+    _same(got, where=read)
+    assert not got[True][0][0][~read].any()
+    assert got[True][2] == [int(read.sum())] and got[False][2] == [9 + int((mask[:, 9:]).sum())]
 
 
 def test_reward_model_scorer_scores_equal_the_full_last_layer(rm, tokenizer, monkeypatch):  # noqa: F811
