@@ -16,10 +16,7 @@ from rlhfkit.models.heads import (
     unwrap_model,
 )
 from rlhfkit.models.loading import (
-    DEFAULT_MODEL,
     cache_root,
-    check_model_path,
-    check_policy_path,
     ensure_default_model,
     load_causal_lm,
     load_scalar_model,
@@ -28,6 +25,7 @@ from rlhfkit.models.loading import (
     save_pretrained_atomic,
     tiny_causal_lm,
 )
+from rlhfkit.models.names import DEFAULT_MODEL, check_model_path, check_policy_path
 
 __all__ = [
     "DEFAULT_MODEL", "cache_root", "check_model_path", "check_policy_path", "ensure_default_model", "load_causal_lm",

