@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,10 @@ def supported(layer) -> bool:
 
 
 @contextlib.contextmanager
-def final_layer_on(model, read: torch.Tensor | None, key_mask: torch.Tensor | None):
+def final_layer_on(model, read: torch.Tensor | None, key_rows: Callable[[torch.Tensor], torch.Tensor]):
     """Inside the block, the model's last decoder layer computes its output only at the (N,)
-    positions ``read`` of a one-row forward, each query seeing the keys ``key_mask`` (N, T) bool
-    allows. No-op where ``read`` is None, the feature is off or the layer is not `supported`."""
+    positions ``read`` of a one-row forward, each query seeing the keys ``key_rows(read)`` ((N, T)
+    bool) allows. No-op where ``read`` is None, the feature is off or the layer is not `supported`."""
     layer = last_layer(model) if ENABLED and read is not None else None
     if layer is None or not supported(layer):
         yield
@@ -65,8 +66,8 @@ def final_layer_on(model, read: torch.Tensor | None, key_mask: torch.Tensor | No
     rotate = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
     # each position once (several responses' first tokens are predicted from one prompt token):
     # a position copied twice into the output would have its gradient counted twice
-    read, first = unique_first(read)
-    key_mask = key_mask[first]
+    read = torch.unique(read, sorted=True)
+    key_mask = key_rows(read)
 
     def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -77,13 +78,6 @@ def final_layer_on(model, read: torch.Tensor | None, key_mask: torch.Tensor | No
         yield
     finally:
         del layer.forward
-
-
-def unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sorted distinct values of the 1-D ``x`` and the index of one occurrence of each."""
-    values, inverse = torch.unique(x, sorted=True, return_inverse=True)
-    first = torch.empty_like(values).scatter_(0, inverse, torch.arange(x.numel(), device=x.device))
-    return values, first
 
 
 def restricted_layer(layer, rotate, hidden: torch.Tensor, position_embeddings, read: torch.Tensor,

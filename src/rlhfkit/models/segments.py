@@ -225,7 +225,7 @@ def attending(model, plan: Plan, read: torch.Tensor | None = None):
     try:
         for c in configs:
             c._attn_implementation = NAME
-        with final_layer.final_layer_on(model, read, None if read is None else plan.key_rows(read)):
+        with final_layer.final_layer_on(model, read, plan.key_rows):
             yield
     finally:
         for c, b in zip(configs, before):
