@@ -32,7 +32,7 @@ def _cases(model: str, reward_file: str):
          "reward.spec: reward weights given twice"),
         ([*ppo, f"critic_model={MISSING}"], f"critic_model: model directory not found: {MISSING}"),
         ([*ppo, "ptx.coef=0.1", f"ptx.data={MISSING}.jsonl"], f"data file not found: {MISSING}.jsonl"),
-        ([*online, f"scorer=pm:{MISSING}"], f"scorer: pairwise judge 'pm:{MISSING}': model directory not found"),
+        ([*online, f"scorer=pm:{MISSING}"], f"scorer: pairwise judge 'pm:{MISSING}': {MISSING} does not exist"),
         ([*online, "scorer=annotator:nosuch"], "scorer: pairwise judge 'annotator:nosuch': unknown task"),
         ([*online, "gold=task:nosuch"], "gold: reward spec 'task:nosuch'"),
         (["dpo", "-c", str(CONFIGS / "dpo.yaml"), f"model.name={model}", f"dpo.reference={MISSING}"],

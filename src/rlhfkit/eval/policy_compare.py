@@ -97,7 +97,8 @@ class EvalConfig:
     rollout: RolloutSection = field(default_factory=lambda: RolloutSection(n=2, temperature=1.0, micro_batch_size=64))
     """Sampling: rollout.n responses per prompt and model."""
     gold: str = "task:sentiment"
-    """Pointwise gold judge (task:NAME or module:function); empty = none."""
+    """The gold judge: pointwise (task:NAME, module:function, rm:DIR: win rate, mean score and its
+    correlation with length) or pairwise (annotator:TASK, pm:DIR, judge:MODEL: win rate only); empty = none."""
     proxy: str = ""
     """Pointwise proxy reward, e.g. rm:DIR; empty = none."""
     judges: list = field(default_factory=list)
@@ -146,8 +147,8 @@ def build_judges(cfg: EvalConfig, tokenizer, device) -> dict:
         if not spec:
             continue
         if is_pairwise_spec(spec):
-            out[name] = ("pair", build_pairwise_judge(spec, tokenizer=tokenizer, device=device,
-                                                      batch_size=cfg.batch_size, seed=cfg.train.seed))
+            out[name] = ("pair", build_pairwise_judge(spec, device=device, batch_size=cfg.batch_size,
+                                                      seed=cfg.train.seed))
         else:
             out[name] = ("point", build_reward_fn(spec, tokenizer=tokenizer, device=device, batch_size=cfg.batch_size))
     return out
@@ -220,7 +221,7 @@ def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
 
 
 def preference_set_accuracy(examples: list, judges: dict) -> dict:
-    """Accuracy of the proxy and every judge (not the gold one) on the labelled preference set."""
+    """Accuracy of every judge (gold, proxy and the others) on the labelled preference set."""
     out = {}
     for name, (kind, judge) in judges.items():
         out[name] = reward_accuracy(judge, examples) if kind == "point" else judge_accuracy(judge, examples)

@@ -13,7 +13,7 @@ scored in both orders and averaged, which removes the position bias that is left
 
     P = 0.5 * (P_A(x, a1, a2) + 1 - P_A(x, a2, a1)).
 
-    judge = build_pairwise_judge("pm:runs/pm", tokenizer=tok)       # trained preference model
+    judge = build_pairwise_judge("pm:runs/pm")                      # trained preference model
     judge = build_pairwise_judge("judge:smollm2-135m-instruct")     # LLM-as-judge, no training
     judge = build_pairwise_judge("annotator:sentiment")             # the simulated human (docs/concepts.md)
     judge.compare(contexts, a1s, a2s) -> list[float]                 # P(a1 > a2)
@@ -29,7 +29,9 @@ import torch
 
 from rlhfkit.config import under_key
 from rlhfkit.judges.rewards import chat_ids, prompt_text
-from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
+from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
+from rlhfkit.models.lora import adapter_base, adapter_config
+from rlhfkit.models.names import DEFAULT_ALIASES, resolve_hub_id
 from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
@@ -149,21 +151,24 @@ class AnnotatorJudge:
         return [float(y) for y in self.annotator.prefers_first(list(contexts), list(a1s), list(a2s))]
 
 
-def build_pairwise_judge(spec: str, *, tokenizer=None, device="cpu", batch_size: int = 8, seed: int = 0):
+def build_pairwise_judge(spec: str, *, chat_template: str = "", device="cpu", batch_size: int = 8, seed: int = 0):
     """``pm:DIR`` (trained by ``rlhfkit pm``; a run dir or its model dir), ``judge:MODEL`` (any causal
-    LM used untrained) or ``annotator:TASK`` (the task's simulated annotator)."""
+    LM used untrained) or ``annotator:TASK`` (the task's simulated annotator). A model judge reads
+    the text with its own tokenizer; ``chat_template`` (``data.chat_template``) is used only when
+    that tokenizer has none (a base model)."""
     kind, target = check_pairwise_spec(spec)
     if kind == "annotator":
         return AnnotatorJudge(get_task(target).annotator(seed=seed), spec)
-    tok = load_tokenizer(target) if kind == "pm" or tokenizer is None else tokenizer
+    tok = judge_tokenizer(spec, target, chat_template)
     model = load_causal_lm(target).to(device).eval().requires_grad_(False)
     return PairwiseJudge(model, tok, batch_size=batch_size, name=spec)
 
 
 def check_pairwise_spec(spec: str) -> tuple[str, str]:
     """(kind, target) of a pairwise judge spec, the target of ``pm:RUN_DIR`` being its model
-    directory; refuses, without loading anything, a malformed spec, an unknown task and a model
-    path that holds no model."""
+    directory; refuses, without loading anything, a malformed spec, an unknown task, a ``pm:`` path
+    that does not exist, a hub id that is neither cached nor reachable, and a local directory that
+    is not a judge: a reward model or critic, or a directory without weights or a tokenizer."""
     kind, _, target = spec.partition(":")
     if kind not in ("pm", "judge", "annotator") or not target:
         raise ValueError(f"pairwise judge {spec!r}: expected pm:DIR, judge:MODEL or annotator:TASK")
@@ -173,9 +178,49 @@ def check_pairwise_spec(spec: str) -> tuple[str, str]:
             return kind, target
         path = Path(target).expanduser()
         if kind == "pm" and any((path / "model" / f).is_file() for f in ("config.json", "adapter_config.json")):
-            target = str(path / "model")
-        check_model_path(target)
+            path = path / "model"
+            target = str(path)
+        if kind == "pm" and not path.exists():
+            raise FileNotFoundError(f"{target} does not exist (expected the run directory of `rlhfkit pm`, "
+                                    "or its model/)")
+        check_policy_path(target)
+        if path.is_dir():
+            _check_judge_dir(path)
+        elif target not in DEFAULT_ALIASES and not target.endswith(".gguf"):
+            resolve_hub_id(target)
     return kind, target
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _check_judge_dir(path: Path) -> None:
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise FileNotFoundError(f"{path} has no weights ({', '.join(_WEIGHT_FILES[::2])})")
+    if adapter_config(path) is None and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): a judge reads the "
+                                "text with its own")
+
+
+def judge_tokenizer(spec: str, target: str, chat_template: str = ""):
+    """The tokenizer a model judge reads with: its own (a LoRA adapter saved without one: its
+    base's), with ``chat_template`` only when it has none; refuses, in one line naming the spec, a
+    chat template that cannot show where the answer letter goes. Loads no model."""
+    path = Path(target).expanduser()
+    source = target
+    if adapter_config(path) is not None and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        source = adapter_base(path)
+    with under_key(f"pairwise judge {spec!r}"):
+        tok = load_tokenizer(source)
+        if not tok.chat_template and chat_template:
+            tok = load_tokenizer(source, chat_template=chat_template)
+        if not tok.chat_template:
+            raise ValueError(f"{source} has no chat template (a base model?): the judge asks its question as a chat "
+                             "turn; give an instruct model, or set data.chat_template")
+        label_token_ids(tok)
+    return tok
 
 
 def is_pairwise_spec(spec: str) -> bool:

@@ -109,9 +109,14 @@ def check_reward_spec(spec: str | Callable | RewardFn) -> None:
 
 
 def _nonempty(spec) -> str:
+    """The spec stripped; refuses an empty one and a pairwise judge (it scores no single response)."""
     if not isinstance(spec, str) or not spec.strip():
         raise RewardSpecError(f"reward spec is empty: use {SPEC_FORMS}, or a Python function")
-    return spec.strip()
+    spec = spec.strip()
+    if spec.split(":", 1)[0] in ("pm", "judge", "annotator"):
+        raise RewardSpecError(f"reward spec {spec!r}: a pairwise judge compares two responses and gives no score "
+                              f"to one; a pointwise reward is wanted here ({SPEC_FORMS})")
+    return spec
 
 
 def _task(name: str):

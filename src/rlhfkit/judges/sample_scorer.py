@@ -4,15 +4,18 @@ become per-response scores by a round robin within each prompt's group of n samp
 
 from __future__ import annotations
 
-from rlhfkit.judges.preference import build_pairwise_judge, check_pairwise_spec, is_pairwise_spec
+from rlhfkit.judges.preference import build_pairwise_judge, check_pairwise_spec, is_pairwise_spec, judge_tokenizer
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 
 
 def check_scorer_spec(spec: str) -> None:
     """A pointwise spec (`check_reward_spec`) or a pairwise one (`check_pairwise_spec`) checked
-    without loading anything: what `Scorer` and `rlhfkit eval`'s judges accept."""
+    without loading a model (a model judge's tokenizer is loaded, to check it can ask the A/B
+    question): what `Scorer` and `rlhfkit eval`'s judges accept."""
     if is_pairwise_spec(spec):
-        check_pairwise_spec(spec)
+        kind, target = check_pairwise_spec(spec)
+        if kind != "annotator":
+            judge_tokenizer(spec, target)
     else:
         check_reward_spec(spec)
 
@@ -37,8 +40,7 @@ class Scorer:
         self.gold = build_reward_fn(gold) if gold else None  # optional: the gold judge's scores too
         self.pairwise = is_pairwise_spec(spec)
         if self.pairwise:
-            self.judge = build_pairwise_judge(spec, tokenizer=tokenizer, device=device, batch_size=batch_size,
-                                              seed=seed)
+            self.judge = build_pairwise_judge(spec, device=device, batch_size=batch_size, seed=seed)
         else:
             self.reward_fn = build_reward_fn(spec, tokenizer=tokenizer, device=device, batch_size=batch_size)
 

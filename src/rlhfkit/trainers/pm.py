@@ -108,5 +108,5 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
 
 
 def _judge_eval(spec: str, pairs: list, cfg: PMConfig) -> dict:
-    judge = build_pairwise_judge(spec, tokenizer=load_tokenizer(cfg.model.name), batch_size=cfg.eval_batch_size)
+    judge = build_pairwise_judge(spec, chat_template=cfg.data.chat_template, batch_size=cfg.eval_batch_size)
     return judge_accuracy(judge, pairs)
