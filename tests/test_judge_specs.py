@@ -139,3 +139,51 @@ def test_pm_of_a_base_model_with_a_configured_chat_template_evaluates_the_untrai
                                            "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}"])
     results = train_pm(cfg)
     assert results["llm_judge"]["pairs"] == 4 and results["pm"]["pairs"] == 4
+
+
+@pytest.mark.parametrize("mode", ["left", "right"])
+def test_pm_truncation_cuts_the_responses_and_keeps_the_question_and_answer(tmp_path, tiny_model_dir, tokenizer, mode):
+    """data.truncation for A/B questions (docs/configuration.md): the context keeps its end, the
+    responses lose their ends, the question and the answer letter stay; every question fits."""
+    from rlhfkit.config import load_config
+    from rlhfkit.data.tokenize import render_ids
+    from rlhfkit.judges.preference import QUESTION
+    from rlhfkit.trainers.pm import PMConfig, train_pm
+
+    rows = [{"prompt": f"context start {i} " + "filler " * 30 + "context end",
+             "chosen": "good " * (60 + 10 * i) + "goodend", "rejected": "bad " * 30 + "badend"} for i in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(PMConfig, overrides=[f"model.name={tiny_model_dir}", f"data.train={tmp_path / 'pairs.jsonl'}",
+                                           "data.eval_fraction=0.34", "data.max_length=160", f"data.truncation={mode}",
+                                           "train.max_steps=1", "train.report_to=[]", "eval_untrained=false",
+                                           f"train.output_dir={tmp_path / 'run'}"])
+    results = train_pm(cfg)
+    assert results["truncation"]["truncated"] == 6 and results["truncation"]["dropped"] == 0
+    records = [json.loads(line) for split in ("train", "eval")
+               for line in (tmp_path / "run" / "pm_data" / f"{split}.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for rec in records:
+        user, answer = rec["messages"][0]["content"], rec["messages"][1]["content"]
+        assert len(render_ids(tokenizer, rec["messages"])) <= 160
+        assert answer in ("A", "B") and user.endswith(QUESTION)
+        context, rest = user.split(" [RESPONSE A] ")
+        first, second = rest[:-len(QUESTION) - 1].split(" [RESPONSE B] ")
+        assert context.endswith("context end")
+        chosen, rejected = (first, second) if answer == "A" else (second, first)
+        assert chosen.startswith("good") and "bad" not in chosen and "good" not in rejected
+        assert "goodend" not in chosen  # the longer response lost its end
+
+
+def test_pm_truncation_that_leaves_no_pair_stops_before_anything_is_written(tmp_path, tiny_model_dir):
+    from rlhfkit.config import load_config
+    from rlhfkit.data import DataError
+    from rlhfkit.trainers.pm import PMConfig, train_pm
+
+    rows = [{"prompt": f"Say something {i}", "chosen": "Short.", "rejected": "No."} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(PMConfig, overrides=[f"model.name={tiny_model_dir}", f"data.train={tmp_path / 'pairs.jsonl'}",
+                                           "data.max_length=16", "data.truncation=right",
+                                           f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError, match=r"pairs\.jsonl: all \d+ training pairs were dropped"):
+        train_pm(cfg)
+    assert not (tmp_path / "run").exists()

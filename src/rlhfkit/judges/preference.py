@@ -54,18 +54,28 @@ def pm_prompt(context: str, first: str, second: str) -> str:
     return f"[CONTEXT] {context} [RESPONSE A] {first} [RESPONSE B] {second}\n{QUESTION}"
 
 
-def pm_training_records(examples, seed: int = 0) -> list[dict]:
+def pm_training_records(examples, seed: int = 0, fit=None) -> list[dict]:
     """Preference pairs -> SFT conversations whose answer is "A" or "B", order randomised per pair
-    (so the model cannot learn "the chosen one comes first"). examples: `PreferenceExample`s."""
+    (so the model cannot learn "the chosen one comes first"). examples: `PreferenceExample`s.
+    ``fit(context, first, second, label)``, when given, returns the three texts cut to a length
+    budget, or None to drop the pair."""
     rng = random.Random(seed)
     out = []
     for ex in examples:
         chosen_first = rng.random() < 0.5
         first, second = (ex.chosen, ex.rejected) if chosen_first else (ex.rejected, ex.chosen)
         label = "A" if chosen_first else "B"
-        out.append({"messages": [{"role": "user", "content": pm_prompt(context_text(ex.prompt), first, second)},
-                                 {"role": "assistant", "content": label}]})
+        texts = (context_text(ex.prompt), first, second)
+        if fit is not None and (texts := fit(*texts, label)) is None:
+            continue
+        out.append(pm_record(*texts, label))
     return out
+
+
+def pm_record(context: str, first: str, second: str, label: str) -> dict:
+    """One A/B question and its answer, as an SFT conversation."""
+    return {"messages": [{"role": "user", "content": pm_prompt(context, first, second)},
+                         {"role": "assistant", "content": label}]}
 
 
 def average_orders(p_a_forward: torch.Tensor, p_a_swapped: torch.Tensor) -> torch.Tensor:

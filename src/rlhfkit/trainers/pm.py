@@ -27,11 +27,12 @@ from rlhfkit.config import (
     TrainSection,
     validate,
 )
-from rlhfkit.data import SFTExample, load_preference, tokenize_sft
+from rlhfkit.data import DataError, SFTExample, load_preference, tokenize_sft
+from rlhfkit.data.tokenize import render_ids
 from rlhfkit.data.sources import train_and_eval
 from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
-from rlhfkit.judges.preference import build_pairwise_judge, pm_training_records
+from rlhfkit.judges.preference import build_pairwise_judge, pm_record, pm_training_records
 from rlhfkit.models import load_tokenizer
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.sft import train_sft
@@ -66,10 +67,68 @@ def _check_lengths(cfg: PMConfig, pairs: list) -> None:
     """Each pair as the A/B question the model trains on, against data.max_length, before anything
     is written: an error names the pair's own file and line (not the generated pm_data file)."""
     if cfg.data.truncation != "error":
-        return  # cut and counted by the SFT stage
+        return  # cut by `PairFitter`
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     for ex, rec in zip(pairs, pm_training_records(pairs)):
         tokenize_sft(tokenizer, SFTExample(rec["messages"], origin=ex.origin, field="chosen"), cfg.data.max_length)
+
+
+class PairFitter:
+    """``data.truncation`` left or right for A/B questions, as for the pairs of rm and dpo: the
+    context keeps its end (cut from the left, to no less than max_length // 2 tokens), then the
+    longer response loses its last token until the whole question fits; the answer letter and the
+    question are never cut. A pair that cannot fit is dropped. Counts what it cut."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.examples = self.truncated = self.dropped = self.tokens_removed = 0
+
+    def _length(self, texts: tuple, label: str) -> int:
+        return len(render_ids(self.tokenizer, pm_record(*texts, label)["messages"]))
+
+    def __call__(self, context: str, first: str, second: str, label: str):
+        self.examples += 1
+        length = self._length((context, first, second), label)
+        over = length - self.max_length
+        if over <= 0:
+            return context, first, second
+        tc, ta, tb = (self.tokenizer.encode(t, add_special_tokens=False) for t in (context, first, second))
+        for _ in range(8):  # a cut text re-tokenises to within a token or two of its cut
+            cut = min(over, max(0, len(tc) - self.max_length // 2))
+            tc, over = tc[cut:], over - cut
+            while over > 0 and (ta or tb):
+                ta, tb = (ta[:-1], tb) if len(ta) >= len(tb) else (ta, tb[:-1])
+                over -= 1
+            tc = tc[over:] if over > 0 else tc  # the responses are gone: the context goes below max_length // 2
+            texts = tuple(self.tokenizer.decode(t) for t in (tc, ta, tb))
+            fitted = self._length(texts, label)
+            if fitted <= self.max_length:
+                self.truncated += 1
+                self.tokens_removed += length - fitted
+                return texts
+            if not (tc or ta or tb):
+                break
+            over = fitted - self.max_length
+        self.dropped += 1
+        return None
+
+    def summary(self) -> dict:
+        return {"examples": self.examples, "truncated": self.truncated, "dropped": self.dropped,
+                "tokens_removed": self.tokens_removed}
+
+
+def _records(cfg: PMConfig, train_pairs: list, eval_pairs: list) -> tuple[dict, dict]:
+    """The A/B conversations of both splits ({"train", "eval"}), cut to data.max_length when
+    data.truncation allows, and what the cut removed ({} with truncation "error")."""
+    fitter = None
+    if cfg.data.truncation != "error":
+        fitter = PairFitter(load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template), cfg.data.max_length)
+    records = {"train": pm_training_records(train_pairs, cfg.train.seed, fit=fitter),
+               "eval": pm_training_records(eval_pairs, cfg.train.seed + 1, fit=fitter)}
+    if train_pairs and not records["train"]:
+        raise DataError(f"{cfg.data.train}: all {len(train_pairs)} training pairs were dropped by truncation to "
+                        f"max_length={cfg.data.max_length}: the A/B question alone does not fit; raise data.max_length")
+    return records, fitter.summary() if fitter else {}
 
 
 def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
@@ -78,18 +137,22 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     train_pairs, eval_pairs = _pm_pairs(cfg)
     _check_lengths(cfg, train_pairs + eval_pairs)
-    out = open_run(cfg, "pm", strategy).out
     # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).
+    records, cut = _records(cfg, train_pairs, eval_pairs)
+    out = open_run(cfg, "pm", strategy).out
     paths = {name: out / "pm_data" / f"{name}.jsonl" for name in ("train", "eval")}
     if strategy.is_main:
-        write_jsonl_atomic(paths["train"], pm_training_records(train_pairs, cfg.train.seed))
-        write_jsonl_atomic(paths["eval"], pm_training_records(eval_pairs, cfg.train.seed + 1))
+        for name, path in paths.items():
+            write_jsonl_atomic(path, records[name])
+        if cut:
+            print(f"[pm] truncation to max_length={cfg.data.max_length}: {cut['truncated']}/{cut['examples']} "
+                  f"A/B questions cut ({cut['tokens_removed']} tokens removed), {cut['dropped']} dropped")
     strategy.wait()
-    data = dataclasses.replace(cfg.data, train=str(paths["train"]), eval=str(paths["eval"]) if eval_pairs else "",
-                               limit=0)
+    data = dataclasses.replace(cfg.data, train=str(paths["train"]), eval=str(paths["eval"]) if records["eval"] else "",
+                               limit=0, truncation="error")  # cut above: nothing is left over max_length
     # 2. Next-token training on the answer letter: plain SFT.
     train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train), strategy)
-    results = {"pairs": {"eval": len(eval_pairs)}}
+    results = {"pairs": {"eval": len(eval_pairs)}, **({"truncation": cut} if cut else {})}
     if strategy.is_main:
         # 3. Held-out accuracy, both orders.
         if eval_pairs:
