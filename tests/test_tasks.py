@@ -327,3 +327,76 @@ def test_arithmetic_pairs_are_correct_versus_wrong(tmp_path, monkeypatch):
         (prompts[0]["prompt"], 1.0, 0.0), (prompts[3]["prompt"], 1.0, 0.0)]
     assert rows[0]["chosen"] == f"It is {answers[0]}." and rows[0]["rejected"] == f"{answers[0] + 1}"
     assert meta["counts"]["preference_dropped"] == 2 and meta["annotator_ceiling_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-sft-prompts", "-3"], "--n-sft-prompts: must be >= 0, got -3"),
+    (["--n-pref-prompts", "-3", "--pairs-only", "train"], "--n-pref-prompts: must be >= 0, got -3"),
+    (["--samples-per-prompt", "0"], "--samples-per-prompt: must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--temperature", "0"], "--temperature: must be a finite number > 0"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+    (["--flip-prob", "2"], "--flip-prob: must be in [0, 1], got 2.0"),
+    (["--annotator-beta", "-1"], "--annotator-beta: must be > 0"),
+    (["--seed", "99999999999999999999"], "--seed: must be in [0, 2**32)"),
+    (["--n-sft-prompts", "0", "--n-pref-prompts", "0"], "--n-sft-prompts + --n-pref-prompts: 0 + 0 must be between 1"),
+    (["--n-sft-prompts", "1000", "--n-pref-prompts", "1000"], "--n-sft-prompts + --n-pref-prompts: 1000 + 1000"),
+    (["--model", "/nonexistent/model-dir"], "model directory not found: /nonexistent/model-dir"),
+])
+def test_make_data_refuses_bad_flags_before_loading_or_writing(tmp_path, capsys, monkeypatch, flags, message):
+    from rlhfkit.tasks import build, pairs
+    from rlhfkit.tasks.make_data import main
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(build, "load_causal_lm", no_load)
+    monkeypatch.setattr(pairs, "load_causal_lm", no_load)
+    assert main(["--task", "sentiment", "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_data_replaces_earlier_output_only_with_overwrite(tmp_path, capsys):
+    """An --out that holds make-data files is refused (a pairs-only run would put held-out pairs next
+    to an earlier build's training data); with --overwrite only this run's files remain."""
+    from rlhfkit.tasks.make_data import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sft.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    (out / "notes.txt").write_text("mine")
+    argv = ["--task", "arithmetic", "--out", str(out), "--prompts-only"]
+    assert main(argv) == 2
+    assert "--out: " in capsys.readouterr().err and (out / "sft.jsonl").is_file()
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "notes.txt", "prompts_eval.jsonl",
+                                                     "prompts_train.jsonl"]
+    (tmp_path / "afile").write_text("x")
+    assert main(["--task", "arithmetic", "--out", str(tmp_path / "afile"), "--prompts-only"]) == 2
+    assert "--out: " in capsys.readouterr().err and (tmp_path / "afile").read_text() == "x"
+
+
+def test_meta_json_of_an_empty_preference_set_is_strict_json(tmp_path):
+    """No pair written (every pair's samples identical): the ceiling accuracy is null, not NaN."""
+    from rlhfkit.models import load_tokenizer, tiny_causal_lm
+    from rlhfkit.tasks.build import build_task_data
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    build_task_data("sentiment", "tiny", tmp_path, n_sft_prompts=1, n_pref_prompts=2, samples_per_prompt=1,
+                    max_new_tokens=2, temperature=1e-6, model=tiny_causal_lm(tok, seed=0), tokenizer=tok,
+                    progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in meta"))
+    assert meta["counts"]["preference"] == 0 and meta["annotator_ceiling_accuracy"] is None
+
+
+@pytest.mark.parametrize("beta", [float("inf"), 2.0])
+def test_annotator_prob_of_equal_gold_scores_is_one_half(beta):
+    from rlhfkit.tasks.annotator import SimulatedAnnotator
+
+    ann = SimulatedAnnotator(lambda p, r: [0.0] * len(r), beta=beta)
+    tie, higher, lower = ann.prob_first([0.3, 1.0, 0.0], [0.3, 0.0, 1.0])
+    assert tie == 0.5
+    assert (higher, lower) == ((1.0, 0.0) if beta == float("inf") else (pytest.approx(0.8808, abs=1e-4),
+                                                                        pytest.approx(0.1192, abs=1e-4)))

@@ -5,9 +5,10 @@ Paths are strings resolved on use, so listing the commands imports no trainer.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from dataclasses import dataclass
+
+from rlhfkit.models.loading import library_progress_bars
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Command:
         run = resolve(self.run)
 
         def call(cfg, strategy=None):
-            with _library_bars(getattr(getattr(cfg, "train", None), "progress", True)):
+            with library_progress_bars(getattr(getattr(cfg, "train", None), "progress", True)):
                 return run(cfg, strategy)
 
         return call
@@ -63,22 +64,3 @@ def config_classes() -> dict[str, tuple[type, str]]:
     return {name: (c.config_class(), c.help) for name, c in COMMANDS.items()}
 
 
-@contextlib.contextmanager
-def _library_bars(enabled: bool):
-    """transformers' and huggingface_hub's progress bars on (as they were) or off for the block."""
-    if enabled:
-        yield
-        return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers import logging as hf_logging
-
-    before = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if before[0]:
-            hf_logging.enable_progress_bar()
-        if not before[1]:
-            enable_progress_bars()

@@ -333,3 +333,25 @@ def tiny_causal_lm(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """transformers' and huggingface_hub's progress bars (weight loading, downloads) on, as they
+    were, or off for the block (``train.progress: false``, make-data's ``--no-progress``)."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if before[0]:
+            hf_logging.enable_progress_bar()
+        if not before[1]:
+            enable_progress_bars()

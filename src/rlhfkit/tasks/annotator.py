@@ -45,7 +45,7 @@ class SimulatedAnnotator:
         """P(a1 preferred) before label flipping, from gold scores."""
         out = []
         for a, b in zip(g1, g2):
-            z = self.beta * (a - b) if self.beta > 0 else 0.0
+            z = self.beta * (a - b) if self.beta > 0 and a != b else 0.0  # equal scores: 1/2 at any beta
             out.append(sigmoid(z) if math.isfinite(z) else float(z > 0))
         return out
 

@@ -33,6 +33,7 @@ import torch
 
 from rlhfkit.data import end_of_turn_ids, render_prompt_ids
 from rlhfkit.judges.rewards import RewardFn
+from rlhfkit.io import write_json_atomic
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.rollout import generate
 from rlhfkit.tasks import get_task
@@ -108,7 +109,7 @@ def build_task_data(
     meta = {"task": task.name, "model": str(model_name), "seed": seed, "settings": settings,
             **_summary(sft_rows, pref_rows, len(pref_prompts), sft_samples + pref_samples, prompt_counts,
                        sampler.tokens, elapsed)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(out / "meta.json", meta)  # strict JSON: an empty set's NaN statistics are null
     return meta
 
 

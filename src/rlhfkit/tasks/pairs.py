@@ -18,12 +18,13 @@ first lowest-gold one, dropping prompts whose samples all score the same. On a 0
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from rlhfkit.io import write_json_atomic
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.tasks import get_task
 from rlhfkit.tasks.annotator import agreement
@@ -89,7 +90,7 @@ def build_preference_pairs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "preference.jsonl", rows)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(out / "meta.json", meta)
     return meta
 
 
@@ -141,19 +142,23 @@ def add_arguments(ap) -> None:
                     help="the prompt order (and slice) of this seed's full build (default: --seed)")
 
 
-def run(args) -> int:
-    """make-data --pairs-only: check the settings (one line and exit 2 when they cannot be met, before
-    anything loads or is written), build, print one summary line."""
-    import sys
+def check_args(args) -> None:
+    """The --pairs-only settings: a ValueError naming the flag when they cannot be met."""
+    select_prompts(get_task(args.task), args.pairs_only, args.n_pref_prompts, _skip(args), args.pairs_per_prompt,
+                   args.pair_from, _prompt_seed(args))
 
-    skip = args.n_sft_prompts if args.pairs_only == "train" else 0
-    prompt_seed = args.seed if args.prompt_seed is None else args.prompt_seed
-    try:
-        select_prompts(get_task(args.task), args.pairs_only, args.n_pref_prompts, skip, args.pairs_per_prompt,
-                       args.pair_from, prompt_seed)
-    except ValueError as e:
-        print(f"rlhfkit make-data: error: {e}", file=sys.stderr)
-        return 2
+
+def _skip(args) -> int:
+    return args.n_sft_prompts if args.pairs_only == "train" else 0
+
+
+def _prompt_seed(args) -> int:
+    return args.seed if args.prompt_seed is None else args.prompt_seed
+
+
+def run(args) -> int:
+    """make-data --pairs-only, its settings checked (`check_args`): build, print one summary line."""
+    skip, prompt_seed = _skip(args), _prompt_seed(args)
     meta = build_preference_pairs(
         args.task, args.model, args.out, split=args.pairs_only, n_prompts=args.n_pref_prompts,
         skip=skip, pairs_per_prompt=args.pairs_per_prompt, pair_from=args.pair_from, prompt_seed=prompt_seed,
@@ -163,4 +168,12 @@ def run(args) -> int:
     c = meta["counts"]
     print(f"wrote {args.out}: {c['preference']} preference pairs ({c['preference_dropped']} dropped); "
           f"annotator ceiling accuracy {meta['annotator_ceiling_accuracy']:.3f}")
+    warn_no_pairs(args.n_pref_prompts, c["preference"])
     return 0
+
+
+def warn_no_pairs(asked: int, written: int) -> None:
+    """One line on stderr when pairs were asked for and none was written."""
+    if asked and not written:
+        print("rlhfkit make-data: warning: no preference pair was written: the samples of every pair were the same "
+              "or empty (raise --max-new-tokens or --temperature)", file=sys.stderr)
