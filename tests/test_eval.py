@@ -330,3 +330,53 @@ def test_results_files_are_strict_json(tmp_path):
                                             "t": torch.tensor(float("nan")), "n": 3})
     got = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"holds {c}"))
     assert got == {"corr_length_gold": None, "x": [1.5, None], "t": None, "n": 3}
+
+
+def _eval_cfg(tmp_path, model_dir, *overrides):
+    from rlhfkit.config import load_config
+    from rlhfkit.eval.policy_compare import EvalConfig
+
+    return load_config(EvalConfig, overrides=[f"policies=[p={model_dir}]", f"baseline={model_dir}", "prompts.limit=3",
+                                              "rollout.n=1", "rollout.max_new_tokens=3",
+                                              f"train.output_dir={tmp_path / 'eval'}", *overrides])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no reference", r"gold: task:arithmetic cannot score the prompts of prompts.train \(task:sentiment\): .*'reference'"),
+    ("bad reference", r"gold: task:arithmetic cannot score the prompts of prompts.train \(.*arbad.jsonl\): .*"
+                      r"reference 'four' is not a number"),
+    ("pairs", r"preference_set: gold task:arithmetic cannot score the pairs of .*pairs.jsonl"),
+])
+def test_a_task_judge_that_cannot_score_the_data_is_refused_before_anything_is_written(tmp_path, tiny_model_dir,
+                                                                                       case, match):
+    from rlhfkit.config import ConfigError
+    from rlhfkit.eval.policy_compare import run_eval
+
+    (tmp_path / "arbad.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?", "reference": "four"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}) + "\n")
+    extra = {"no reference": ["prompts.train=task:sentiment"],
+             "bad reference": [f"prompts.train={tmp_path / 'arbad.jsonl'}"],
+             "pairs": ["prompts.train=task:arithmetic", f"preference_set={tmp_path / 'pairs.jsonl'}"]}[case]
+    with pytest.raises(ConfigError, match=match):
+        run_eval(_eval_cfg(tmp_path, tiny_model_dir, "gold=task:arithmetic", *extra))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_the_annotator_judge_reads_the_records_fields_and_ties_identical_responses(tmp_path, tiny_model_dir):
+    """annotator:arithmetic needs each prompt's reference; a policy against itself gives identical
+    samples, which the annotator scores as ties (0.5), as every judge does."""
+    from rlhfkit.eval.policy_compare import run_eval
+
+    res = run_eval(_eval_cfg(tmp_path, tiny_model_dir, "prompts.train=task:arithmetic", "gold=task:arithmetic",
+                             "judges=[annotator:arithmetic,annotator:sentiment]"))
+    for judge in ("annotator:arithmetic", "annotator:sentiment"):
+        assert res["policies"]["p"]["win_rate"][judge]["win_rate"] == 0.5
+
+
+def test_annotator_judge_draws_labels_for_different_responses_only():
+    from rlhfkit.judges.preference import build_pairwise_judge
+
+    judge = build_pairwise_judge("annotator:arithmetic", seed=0)
+    fields = [{"reference": "4"}, {"reference": "4"}, {"reference": "7"}]
+    p = judge.compare(["2 + 2?", "2 + 2?", "3 + 4?"], ["4", "5", "7"], ["5", "5", "1"], fields=fields)
+    assert p == [1.0, 0.5, 1.0] and judge.calls == 2  # beta 10 on a 0/1 gold: the right answer wins

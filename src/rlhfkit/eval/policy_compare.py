@@ -43,12 +43,14 @@ from rlhfkit.eval.stats import (
 )
 from rlhfkit.io import write_json_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
-from rlhfkit.judges.rewards import build_reward_fn
+from rlhfkit.judges.reward_fn import RewardFn, RewardFunctionError
+from rlhfkit.judges.rewards import build_reward_fn, prompt_text
 from rlhfkit.judges.sample_scorer import check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
+from rlhfkit.tasks import get_task
 from rlhfkit.training.runlock import hold, release
 
 log = logging.getLogger("rlhfkit")
@@ -215,7 +217,8 @@ def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
             votes = win_indicators(pol["scores"][name], base["scores"][name])
         else:
             ctx = [judge.context(r.messages) for r in pol["rows"]]
-            votes = prob_indicators(judge.compare(ctx, pol["responses"], base["responses"]))
+            votes = prob_indicators(judge.compare(ctx, pol["responses"], base["responses"],
+                                                  fields=[r.fields for r in pol["rows"]]))
         out[name] = win_rate(votes, per_prompt=n)
     return out
 
@@ -253,6 +256,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     for spec in cfg.policies:
         with under_key("policies"):
             check_policy_path(policy_label(spec)[1])
+    check_task_judges(cfg, items, pairs)
 
     # 2. Judges and the baseline's samples.
     out = Path(cfg.train.output_dir)
@@ -291,6 +295,30 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     release(out)
     print(format_table(results))
     return results
+
+
+def check_task_judges(cfg: EvalConfig, items: list, pairs: list) -> None:
+    """A built-in task's judge (``task:NAME``, ``annotator:NAME``) run once on the prompt records
+    with empty responses, and on the preference set's pairs, before anything is written: a judge
+    that needs a field the records lack (arithmetic's ``reference``) or cannot read one is refused
+    here, naming the key and the data, not after every policy has been sampled."""
+    for key, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *(("judges", j) for j in cfg.judges)]:
+        kind, _, name = spec.partition(":")
+        if kind not in ("task", "annotator"):
+            continue
+        gold = RewardFn(get_task(name).gold_scores, f"task:{name}")
+        try:
+            gold([r.text for r in items], [""] * len(items), messages=[r.messages for r in items],
+                 fields=[r.fields for r in items])
+        except (RewardFunctionError, ValueError) as e:
+            raise ConfigError(f"{key}: {spec} cannot score the prompts of prompts.train ({cfg.prompts.train}): "
+                              f"{e}") from None
+        if pairs:
+            try:
+                gold([prompt_text(ex.prompt) for ex in pairs], [ex.chosen for ex in pairs])
+            except (RewardFunctionError, ValueError) as e:
+                raise ConfigError(f"preference_set: {key} {spec} cannot score the pairs of {cfg.preference_set} "
+                                  f"(preference pairs carry no prompt-record fields): {e}") from None
 
 
 def _clear_previous(out: Path) -> None:

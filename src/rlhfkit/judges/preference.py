@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import under_key
+from rlhfkit.judges.reward_fn import RewardFn
 from rlhfkit.judges.rewards import chat_ids, prompt_text
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.lora import adapter_base, adapter_config
@@ -132,8 +133,9 @@ class PairwiseJudge:
         self.calls += len(rows)
         return torch.cat(out).cpu() if out else torch.zeros(0)
 
-    def compare(self, contexts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str]) -> list[float]:
-        """P(a1 > a2), averaged over both orders (docs/concepts.md: Preference model)."""
+    def compare(self, contexts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str], fields=None) -> list[float]:
+        """P(a1 > a2), averaged over both orders (docs/concepts.md: Preference model); a model
+        judge reads the text only (``fields`` is for the annotator's gold judge)."""
         fwd = self.prob_first(contexts, a1s, a2s)
         swp = self.prob_first(contexts, a2s, a1s)
         return average_orders(fwd, swp).tolist()
@@ -142,11 +144,14 @@ class PairwiseJudge:
 class AnnotatorJudge:
     """The simulated human (docs/concepts.md: Simulated human feedback): one Bernoulli(s(r*(a1) - r*(a2))) label per comparison, as 1.0 / 0.0.
 
-    Wraps a built-in task's `SimulatedAnnotator`; there is no position bias to average out.
+    Wraps a built-in task's `SimulatedAnnotator`; there is no position bias to average out. Its
+    gold judge sees each prompt record's fields (``compare(..., fields=)``: arithmetic's
+    ``reference``); two identical responses are a tie (0.5), with no label drawn.
     """
 
-    def __init__(self, annotator, name: str):
-        self.annotator = annotator
+    def __init__(self, task, name: str, seed: int = 0):
+        self.gold = RewardFn(task.gold_scores, f"task:{task.name}")
+        self.annotator = task.annotator(seed=seed)
         self.name = name
         self.calls = 0
 
@@ -156,9 +161,19 @@ class AnnotatorJudge:
 
         return prompt_text(messages)
 
-    def compare(self, contexts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str]) -> list[float]:
-        self.calls += len(a1s)
-        return [float(y) for y in self.annotator.prefers_first(list(contexts), list(a1s), list(a2s))]
+    def compare(self, contexts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str],
+                fields: Sequence[dict] | None = None) -> list[float]:
+        out = [0.5] * len(a1s)
+        todo = [i for i, (a, b) in enumerate(zip(a1s, a2s)) if a != b]
+        if todo:
+            rows = fields and [fields[i] for i in todo]
+            self.annotator.gold_fn = lambda p, r: self.gold(p, r, fields=rows)
+            labels = self.annotator.prefers_first([contexts[i] for i in todo], [a1s[i] for i in todo],
+                                                  [a2s[i] for i in todo])
+            for i, y in zip(todo, labels):
+                out[i] = float(y)
+        self.calls += len(todo)
+        return out
 
 
 def build_pairwise_judge(spec: str, *, chat_template: str = "", device="cpu", batch_size: int = 8, seed: int = 0):
@@ -168,7 +183,7 @@ def build_pairwise_judge(spec: str, *, chat_template: str = "", device="cpu", ba
     that tokenizer has none (a base model)."""
     kind, target = check_pairwise_spec(spec)
     if kind == "annotator":
-        return AnnotatorJudge(get_task(target).annotator(seed=seed), spec)
+        return AnnotatorJudge(get_task(target), spec, seed=seed)
     tok = judge_tokenizer(spec, target, chat_template)
     model = load_causal_lm(target).to(device).eval().requires_grad_(False)
     return PairwiseJudge(model, tok, batch_size=batch_size, name=spec)

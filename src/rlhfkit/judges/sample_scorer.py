@@ -20,11 +20,13 @@ def check_scorer_spec(spec: str) -> None:
         check_reward_spec(spec)
 
 
-def round_robin(compare, contexts: list[str], responses: list[str], n: int) -> list[float]:
+def round_robin(compare, contexts: list[str], responses: list[str], n: int, fields: list[dict] | None = None
+                ) -> list[float]:
     """Pairwise judge -> per-response score: mean over the other n-1 responses of its prompt of
     P(this > other). Makes n(n-1)/2 comparisons per prompt in one batched call."""
     idx = [(g * n + i, g * n + j) for g in range(len(responses) // n) for i in range(n) for j in range(i + 1, n)]
-    probs = compare([contexts[i] for i, _ in idx], [responses[i] for i, _ in idx], [responses[j] for _, j in idx])
+    probs = compare([contexts[i] for i, _ in idx], [responses[i] for i, _ in idx], [responses[j] for _, j in idx],
+                    fields=fields and [fields[i] for i, _ in idx])
     wins = [0.0] * len(responses)
     for (i, j), p in zip(idx, probs):
         wins[i] += p
@@ -48,7 +50,8 @@ class Scorer:
         """rows: the PromptItem of each response. Returns (scores, {"labels", "judge_calls"})."""
         if self.pairwise:
             before = self.judge.calls
-            scores = round_robin(self.judge.compare, [self.judge.context(r.messages) for r in rows], responses, n)
+            scores = round_robin(self.judge.compare, [self.judge.context(r.messages) for r in rows], responses, n,
+                                 fields=[r.fields for r in rows])
             labels = len(responses) // n * n * (n - 1) // 2
             return scores, {"labels": labels, "judge_calls": self.judge.calls - before}
         return _pointwise(self.reward_fn, rows, responses), {"labels": len(responses), "judge_calls": len(responses)}
