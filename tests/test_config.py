@@ -143,7 +143,7 @@ def test_zero_stage_is_validated(kind, overrides, match):
     ("train.save_every=-1", r"train\.save_every: must be >= 0, got -1"),
     ("train.eval_every=-2", r"train\.eval_every: must be >= 0, got -2"),
     ("train.keep_checkpoints=-1", r"train\.keep_checkpoints: must be >= 0"),
-    ("train.max_bad_steps=-1", r"train\.max_bad_steps: must be >= 0"),
+    ("train.max_bad_steps=-1", r"train\.max_bad_steps: must be >= 1"),
     ("train.max_bad_steps=0", r"train\.max_bad_steps: must be >= 1"),
     ("data.limit=-1", r"data\.limit: must be >= 0, got -1"),
     ("optim.lr=nan", r"optim\.lr: must be a finite number, got nan"),

@@ -201,8 +201,8 @@ def test_eval_reports_alignment_tax(tmp_path, tokenizer):
     table = format_table(res)
     assert f"peaked alignment tax: sft_nll {pol['sft_nll']:.3f} ({pol['sft_nll_delta']:+.3f})" in table
     assert "baseline alignment tax: sft_nll" in table
-    assert res["alignment_tax"] == {"sft_data": str(tmp_path / "sft.jsonl"), "sft_examples": 4,
-                                    "capability": "task:arithmetic", "capability_prompts": 4}
+    assert res["alignment_tax"] == {"sft_data": str(tmp_path / "sft.jsonl"), "sft_examples": 4, "sft_truncated": 0,
+                                    "sft_dropped": 0, "capability": "task:arithmetic", "capability_prompts": 4}
     # the HTML report of this evaluation shows the same numbers, before and after
     from rlhfkit.report import build_report
     from rlhfkit.report.sections import num
@@ -380,3 +380,34 @@ def test_annotator_judge_draws_labels_for_different_responses_only():
     fields = [{"reference": "4"}, {"reference": "4"}, {"reference": "7"}]
     p = judge.compare(["2 + 2?", "2 + 2?", "3 + 4?"], ["4", "5", "7"], ["5", "5", "1"], fields=fields)
     assert p == [1.0, 0.5, 1.0] and judge.calls == 2  # beta 10 on a 0/1 gold: the right answer wins
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ("alignment_tax.capability=task:sentiment", "ConfigError",
+     r"alignment_tax.capability: task sentiment has no exact answer to match; a verifiable task is needed "
+     r"\(task:arithmetic\)"),
+    ("alignment_tax.capability=task:nope", "ConfigError", r"alignment_tax.capability: .*nope"),
+    ("alignment_tax.capability=task:arithmetic/prompts_train.jsonl", "ConfigError", r"alignment_tax.capability: "),
+    ("alignment_tax.max_new_tokens=-5", "ConfigError", r"alignment_tax.max_new_tokens: must be >= 1, got -5"),
+    ("alignment_tax.sft_data=task:nope", "FileNotFoundError",
+     r"alignment_tax.sft_data: task:nope: no built-in task 'nope' \(tasks with data: arithmetic, sentiment\)"),
+    ("alignment_tax.sft_data=task:arithmetic", "FileNotFoundError",
+     r"alignment_tax.sft_data: task:arithmetic: task arithmetic ships no sft.jsonl .*--out DIR"),
+])
+def test_alignment_tax_settings_are_refused_naming_the_key(tmp_path, tiny_model_dir, override, error, match):
+    from rlhfkit.config import ConfigError
+    from rlhfkit.eval.policy_compare import run_eval
+
+    with pytest.raises({"ConfigError": ConfigError, "FileNotFoundError": FileNotFoundError}[error], match=match):
+        run_eval(_eval_cfg(tmp_path, tiny_model_dir, override))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_alignment_tax_counts_the_sft_rows_it_cut(tmp_path, tiny_model_dir):
+    from rlhfkit.eval.policy_compare import run_eval
+
+    rows = [{"prompt": "Name a colour", "response": "red " * 80}, {"prompt": "Name a fruit", "response": "apple"}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run_eval(_eval_cfg(tmp_path, tiny_model_dir, f"alignment_tax.sft_data={tmp_path / 'sft.jsonl'}",
+                             "alignment_tax.max_length=64"))
+    assert res["alignment_tax"]["sft_examples"] == 2 and res["alignment_tax"]["sft_truncated"] == 1

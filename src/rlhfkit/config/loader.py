@@ -194,10 +194,10 @@ def check_numbers(section: Any, where: str) -> None:
         key = f"{where}.{f.name}" if where else f.name
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{key}: must be a finite number, got {v}")
+        if v < 1 and f.name in COUNT_FIELDS and (type(section).__name__, f.name) not in ZERO_MEANS_ALL:
+            raise ConfigError(f"{key}: must be >= 1, got {v}")
         if v < 0 and f.name not in SIGNED_FIELDS:
             raise ConfigError(f"{key}: must be >= 0, got {v}")
-        if v == 0 and f.name in COUNT_FIELDS and (type(section).__name__, f.name) not in ZERO_MEANS_ALL:
-            raise ConfigError(f"{key}: must be >= 1, got {v}")
         if v == 0 and f.name in POSITIVE_FIELDS:
             raise ConfigError(f"{key}: must be > 0, got {v}")
         if v > 1 and f.name in UNIT_FIELDS:

@@ -26,10 +26,14 @@ def resolve_source(spec: str, kind: str) -> str:
         name, fname = name.split("/", 1)
     else:
         fname = TASK_FILES[kind]
+    if not name or not task_data_dir(name).is_dir():
+        shipped = sorted(d.name for d in task_data_dir("").iterdir() if d.is_dir() and not d.name.startswith("_"))
+        raise FileNotFoundError(f"{spec}: no built-in task {name!r} (tasks with data: {', '.join(shipped)})")
     path = task_data_dir(name) / fname
     if not path.is_file():
-        raise FileNotFoundError(f"{spec}: built-in task data {path} not found "
-                                f"(generate it with `rlhfkit make-data --task {name}`)")
+        have = sorted(f.name for f in task_data_dir(name).glob("*.jsonl"))
+        raise FileNotFoundError(f"{spec}: task {name} ships no {fname} (it ships {', '.join(have) or 'no data'}); "
+                                f"`rlhfkit make-data --task {name} --out DIR` writes one to give as DIR/{fname}")
     return str(path)
 
 

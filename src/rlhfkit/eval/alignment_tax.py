@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.config import ConfigError, RolloutSection
+from rlhfkit.config import ConfigError, RolloutSection, under_key
 from rlhfkit.data import (
     IGNORE_INDEX,
     SFTCollator,
@@ -27,6 +27,7 @@ from rlhfkit.judges.rewards import build_reward_fn
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
+from rlhfkit.tasks import get_task, list_tasks
 
 
 @dataclass
@@ -34,18 +35,33 @@ class AlignmentTaxSection:
     """Held-out SFT-data NLL and a capability probe, for the baseline and every policy."""
 
     sft_data: str = ""
-    """Held-out SFT data (a file or task:NAME) whose response NLL is measured; empty = skip."""
+    """SFT data the policies were not trained on (a file, or task:NAME for the task's shipped sft.jsonl:
+    held out only for a policy whose SFT stage did not train on it), whose response NLL is measured;
+    empty = skip."""
     capability: str = ""
     """A verifiable task, task:NAME (e.g. task:arithmetic): greedy exact match on its held-out prompts
     (prompts_eval.jsonl), scored by the task's reward; empty = skip."""
     limit: int = 64
     """Examples of each (SFT rows, capability prompts)."""
+    max_length: int = 512
+    """Tokens of an SFT row (prompt + response); longer rows are cut from the right and counted
+    (``sft_truncated`` in eval_results.json)."""
     max_new_tokens: int = 24
     """Tokens generated per capability prompt."""
 
     def validate(self, where: str) -> None:
-        if self.capability and not self.capability.startswith("task:"):
-            raise ConfigError(f"{where}.capability: expected task:NAME, got {self.capability!r}")
+        if self.capability:
+            kind, _, name = self.capability.partition(":")
+            try:
+                task = get_task(name) if kind == "task" else None
+            except ValueError as e:
+                raise ConfigError(f"{where}.capability: {e}") from None
+            if task is None:
+                raise ConfigError(f"{where}.capability: expected task:NAME, got {self.capability!r}")
+            if not task.verifiable:
+                verifiable = [t for t in list_tasks() if get_task(t).verifiable]
+                raise ConfigError(f"{where}.capability: task {name} has no exact answer to match; a verifiable "
+                                  f"task is needed ({', '.join(f'task:{t}' for t in verifiable)})")
         if self.limit < 1:
             raise ConfigError(f"{where}.limit: must be >= 1")
 
@@ -57,8 +73,9 @@ class AlignmentTax:
         self.cfg, self.tokenizer, self.batch_size, self.device = cfg, tokenizer, batch_size, device
         self.sft = []
         if cfg.sft_data:
-            rows = load_sft(resolve_source(cfg.sft_data, "sft"))[:cfg.limit]
-            self.sft, _ = tokenize_dataset(tokenizer, rows, "sft", 512, "right")
+            with under_key("alignment_tax.sft_data"):
+                rows = load_sft(resolve_source(cfg.sft_data, "sft"))[:cfg.limit]
+                self.sft, self.cut = tokenize_dataset(tokenizer, rows, "sft", cfg.max_length, "right")
         self.items, self.score = [], None
         if cfg.capability:
             self.items = load_prompt_items(f"{cfg.capability}/prompts_eval.jsonl", tokenizer, max_prompt_length=256,
@@ -75,7 +92,8 @@ class AlignmentTax:
         of prompts (eval_results.json's top-level ``alignment_tax``)."""
         out = {}
         if self.sft:
-            out.update(sft_data=self.cfg.sft_data, sft_examples=len(self.sft))
+            out.update(sft_data=self.cfg.sft_data, sft_examples=len(self.sft), sft_truncated=self.cut.truncated,
+                       sft_dropped=self.cut.dropped)
         if self.items:
             out.update(capability=self.cfg.capability, capability_prompts=len(self.items))
         return out

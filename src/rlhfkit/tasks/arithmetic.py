@@ -54,6 +54,7 @@ def check_answer(response: str, reference: int | float | str) -> float:
 class ArithmeticTask(Task):
     name = "arithmetic"
     default_beta = 10.0  # gold is 0/1: a correct answer is preferred with probability s(10) ~ 1
+    verifiable = True
 
     def _all_prompts(self) -> list[dict]:
         out = []

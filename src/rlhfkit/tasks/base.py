@@ -29,6 +29,7 @@ class Task:
     name: str = ""
     system_prompt: str | None = None  # None: the chat template's own default
     default_beta: float = 5.0  # annotator rationality on this task's gold scale
+    verifiable: bool = False  # the gold judge checks an exact answer (1.0 right, 0.0 wrong): a capability probe
     eval_fraction: float = 0.2
 
     # ---- prompts -----------------------------------------------------------------------------
