@@ -131,3 +131,86 @@ def test_a_held_out_drop_says_which_model_select_best_kept(tmp_path):
     (kept,) = [w for w in stage_warnings("demo", st) if w["kind"] == "held_out_worse"]
     assert kept["kept_step"] == 0
     assert kept["message"].endswith("The final model is step 0's, the best eval/accuracy (0.6; train.select_best).")
+
+
+def _eval_dir(path: Path, results: str | None) -> Path:
+    """An evaluation folder as `rlhfkit eval` leaves it: its config first, samples, then (when it
+    finished) its results."""
+    path.mkdir(parents=True)
+    (path / "eval_config.yaml").write_text("policies: [p]\nbaseline: b\ngold: task:sentiment\n")
+    (path / "samples-baseline.jsonl").write_text(json.dumps({"prompt": "x", "response": "y", "gold": 0.1}) + "\n")
+    if results is not None:
+        (path / "eval_results.json").write_text(results)
+    return path
+
+
+def test_a_stage_that_stopped_before_its_results_is_unfinished_with_or_without_metrics(tmp_path):
+    """A crashed evaluation (config and samples, no results) and a pm run killed after its own
+    SFT step wrote sft_results.json are both flagged; a finished evaluation is not."""
+    from rlhfkit.report import collect
+
+    crashed = _eval_dir(tmp_path / "crashed", None)
+    pm = tmp_path / "pm"
+    pm.mkdir()
+    (pm / "pm_config.yaml").write_text("model: {name: m}\n")
+    (pm / "sft_config.yaml").write_text("model: {name: m}\n")
+    (pm / "sft_results.json").write_text("{}")
+    (pm / "metrics.jsonl").write_text(json.dumps({"step": 3, "train/loss": 0.5}) + "\n")
+    pipe = tmp_path / "pipe"
+    (pipe / "sft").mkdir(parents=True)
+    (pipe / "sft" / "sft_config.yaml").write_text("model: {name: m}\n")
+    (pipe / "sft" / "sft_results.json").write_text("{}")
+    _eval_dir(pipe / "eval", None)
+    (pipe / "pipeline.yaml").write_text("stages:\n- {kind: sft, name: sft}\n- {kind: eval, name: eval}\n")
+    for run, stage, results, after in [(crashed, "crashed", "eval_results.json", "it stopped (see"),
+                                       (pm, "pm", "pm_results.json", "it stopped after step 3"),
+                                       (pipe, "eval", "eval_results.json", "it stopped (see")]:
+        (w,) = [w for w in collect([run])["warnings"] if w["kind"] == "unfinished"]
+        assert w["stage"] == stage and f"no results file ({results})" in w["message"] and after in w["message"]
+    done = _eval_dir(tmp_path / "done", json.dumps({"baseline": {}, "policies": {}}))
+    assert not [w for w in collect([done])["warnings"] if w["kind"] == "unfinished"]
+
+
+def test_a_report_of_a_folder_with_no_run_is_refused_and_writes_nothing(tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    (tmp_path / "empty").mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for d in ("empty", "model"):
+        assert main(["report", str(tmp_path / d)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"no run found in {tmp_path / d}" in err
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == []
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+
+
+def test_comparing_with_an_unreadable_evaluation_names_it(tmp_path):
+    from rlhfkit.report import build_report
+
+    good = _eval_dir(tmp_path / "good", json.dumps({"baseline": {}, "policies": {}}))
+    half = _eval_dir(tmp_path / "half", '{"baseline": {"eos_fr')
+    build_report([good, half], tmp_path / "cmp.html")
+    warnings = json.loads((tmp_path / "cmp_warnings.json").read_text())
+    (w,) = [w for w in warnings if w["kind"] == "unreadable"]
+    assert w["run"] == "half" and w["path"] == str(half / "eval_results.json") and "JSONDecodeError" in w["message"]
+    assert "could not be read" in (tmp_path / "cmp.html").read_text()
+
+
+def test_the_report_shows_a_preference_models_held_out_accuracy(tmp_path):
+    from rlhfkit.report import build_report
+
+    pm = tmp_path / "pm"
+    pm.mkdir()
+    (pm / "pm_config.yaml").write_text("model: {name: m}\n")
+    (pm / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 0.7}) + "\n")
+    (pm / "pm_results.json").write_text(json.dumps({
+        "pairs": {"eval": 100},
+        "pm": {"accuracy": 0.7, "pairs": 100, "accuracy_single_order": 0.65, "position_bias": 0.04},
+        "llm_judge": {"accuracy": 0.5, "pairs": 100, "accuracy_single_order": 0.5, "position_bias": -0.2}}))
+    page = build_report([pm]).read_text()
+    table = page[page.index("<h3>Preference model, held-out pairs"):]
+    table = table[:table.index("</table>")]
+    assert "<b>0.700</b> [0.610, 0.790]" in table and "<td>0.650</td><td>0.040</td><td>100</td>" in table
+    assert "untrained model (LLM-as-judge)</td><td><b>0.500</b> [0.402, 0.598]" in table and "-0.200" in table

@@ -3,11 +3,13 @@
     rlhfkit report RUN_DIR [RUN_DIR ...] [--out report.html]
 
 Reads what the stages wrote (``*/metrics.jsonl``, ``*_config.yaml``, ``eval*.json``,
-``samples-*.jsonl``, ``run_info.json``) and shows, top to bottom: warnings (truncated responses,
-held-out metrics that got worse, KL spikes), the evaluation table with 95% intervals and sample
+``pm_results.json``, ``samples-*.jsonl``, ``run_info.json``) and shows, top to bottom: warnings
+(stages that did not finish, unreadable results, truncated responses, held-out metrics that got
+worse, KL spikes), the evaluation table with 95% intervals and sample
 sizes, the alignment tax (the baseline before, each policy after), win rates and length against
 score, the training curves (one metric per panel, raw and smoothed) with the split of each
-policy-gradient iteration's time, responses side by side, and the run information (resolved
+policy-gradient iteration's time, held-out metrics first to last and a preference model's held-out
+accuracy and position bias, responses side by side, and the run information (resolved
 configs, models, library versions, hardware, time per stage).
 Figures are inline PNGs: no network, no scripts, the file opens anywhere.
 
@@ -38,9 +40,13 @@ def collect(runs: list[Path]) -> dict:
     for n, stages in staged.items():
         for st in stages:
             warnings += stage_warnings(n, st)
-        for st, path, ev in find_evals(stages):
+        found, unreadable = find_evals(stages)
+        for st, path, ev in found:
             evals[f"{n}/{st.name}" if st.name != n else n] = ev
             warnings += eval_warnings(n, st, ev)
+        warnings += [{"run": n, "stage": st.name, "kind": "unreadable", "path": str(path),
+                      "message": f"{st.name}: {path} could not be read ({why}); its evaluation is not shown."}
+                     for st, path, why in unreadable]
     warnings.sort(key=lambda w: KINDS.index(w["kind"]))  # stable: stage order within a kind
     envs = {n: read_json(r / "run_info.json").get("environment") or {} for n, r in zip(names, runs)}
     return {"stages": staged, "evals": evals, "warnings": warnings, "environments": envs}
@@ -94,7 +100,7 @@ def _training(staged: dict[str, list[Stage]]) -> str:
             parts.append(f"<h3>{html.escape(name)}{f' ({html.escape(kind)})' if kind and kind != name else ''}</h3>"
                          f"<div class='grid'>{''.join(figs)}</div>")
     pairs = [(r, st) for r, stages in staged.items() for st in stages]
-    held = sections.held_out_table(pairs)
+    held = sections.held_out_table(pairs) + sections.judge_table(pairs)
     if not parts and not held:
         return ""
     return "<section id='training'><h2>Training curves</h2>" + "".join(parts) + held + "</section>"
@@ -136,6 +142,10 @@ def build_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
         if not r.is_dir():
             raise FileNotFoundError(f"run directory not found: {r}")
     data = collect(runs)
+    for r, stages in zip(runs, data["stages"].values()):
+        if not stages:
+            raise FileNotFoundError(f"no run found in {r}: no folder with a command's config (*_config.yaml), "
+                                    "metrics.jsonl or eval_results.json")
     target = Path(out) if out else runs[0] / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
     _write(target, render_page(runs, data))

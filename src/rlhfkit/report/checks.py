@@ -7,8 +7,11 @@
   evaluation, judged by the per-metric direction table `DIRECTIONS`;
 - KL spike: ``objective/kl`` jumped well above its recent level (a robust z-score against the
   median of the preceding iterations);
-- unfinished: a stage with metrics but no results file (``<kind>_results.json``): it stopped (a
-  crash, a kill, too many non-finite updates) or is still running, so it has no final model;
+- unfinished: a stage (a folder with a command's config) with no results file
+  (``<kind>_results.json``): it stopped (a crash, a kill, too many non-finite updates) or is
+  still running, so it has no final model or results;
+- unreadable: an ``eval*.json`` that could not be read (half written, not an evaluation): its
+  evaluation is not shown;
 - skipped updates: updates dropped for a non-finite loss or gradient (``train/skipped_steps``).
 
 Each warning is a JSON-able dict: ``kind``, ``run``, ``stage``, ``message`` and the figures the
@@ -23,7 +26,8 @@ from fnmatch import fnmatch
 
 from rlhfkit.report.data import Stage, config_value, series
 
-KINDS = ("unfinished", "skipped_steps", "truncation", "kl_spike", "held_out_worse")  # the order warnings are listed in
+# the order warnings are listed in
+KINDS = ("unfinished", "unreadable", "skipped_steps", "truncation", "kl_spike", "held_out_worse")
 TRUNCATION_SHARE = 0.2  # a larger share of responses cut at the token cap gets a warning
 
 # Which way is better for a held-out metric (the name after "eval/"); the first matching pattern
@@ -113,12 +117,15 @@ def _selected_best(st: Stage) -> dict | None:
 def _ending(st: Stage, base: dict) -> list[dict]:
     """A stage that has no results file, and updates skipped for non-finite values."""
     out = []
-    # the results file a trainer writes last, whatever its kind is called (online-dpo -> online_dpo_results.json)
-    if st.rows and st.kind and not any(st.path.glob("*_results.json")):
-        last = max((r.get("step", 0) for r in st.rows if isinstance(r.get("step"), int)), default=0)
+    # the results file a command writes last, named after its kind (online-dpo -> online_dpo_results.json; a pm
+    # run's own SFT step writes sft_results.json first, which does not count)
+    results = f"{st.kind.replace('-', '_')}_results.json"
+    if st.kind and not (st.path / results).is_file():
+        last = max((r.get("step", 0) for r in st.rows if isinstance(r.get("step"), int)), default=None)
+        after = f"it stopped after step {last}" if last is not None else "it stopped"
         out.append({**base, "kind": "unfinished", "last_step": last,
-                    "message": f"{st.name}: no results file (*_results.json), so the stage did not finish: it stopped "
-                               f"after step {last} (see its log) or is still running, and has no final model."})
+                    "message": f"{st.name}: no results file ({results}), so the stage did not finish: {after} (see its "
+                               "log) or is still running, and has no final model or results."})
     _, skipped = series(st.rows, "train/skipped_steps")
     if skipped and skipped[-1] > 0:
         out.append({**base, "kind": "skipped_steps", "skipped": int(skipped[-1]),

@@ -108,17 +108,22 @@ def _load_stage(name: str, kind: str, path: Path, recorded: dict[str, float]) ->
     return st
 
 
+def is_stage_dir(path: Path) -> bool:
+    """A folder a command wrote into: its resolved config (written first), metrics or eval results."""
+    return any(path.glob("*_config.yaml")) or (path / "metrics.jsonl").is_file() or any(path.glob("eval*.json"))
+
+
 def load_stages(run: Path) -> list[Stage]:
-    """Stage folders in pipeline order (then any other folder with metrics or eval results)."""
+    """Stage folders in pipeline order (then any other folder a command wrote into)."""
     info = read_json(run / "run_info.json")
     recorded = {s["name"]: s["seconds"] for s in info.get("stages") or []
                 if isinstance(s, dict) and isinstance(s.get("seconds"), (int, float))}
-    if (run / "metrics.jsonl").is_file() or list(run.glob("eval*.json")):
+    if is_stage_dir(run):
         return [_load_stage(run.name, "", run, recorded)]
     kinds = _pipeline_kinds(run)
     dirs = [run / n for n in kinds if (run / n).is_dir()]
     for p in sorted(run.iterdir()) if run.is_dir() else []:
-        if p.is_dir() and p not in dirs and ((p / "metrics.jsonl").is_file() or list(p.glob("eval*.json"))):
+        if p.is_dir() and p not in dirs and is_stage_dir(p):
             dirs.append(p)
     return [_load_stage(p.name, kinds.get(p.name, ""), p, recorded) for p in dirs]
 
@@ -184,15 +189,17 @@ def side_by_side(samples_by: dict[str, list[dict]], per_prompt: int) -> list[dic
     return rows
 
 
-def find_evals(stages: list[Stage]) -> list[tuple[Stage, Path, dict]]:
-    found = []
+def find_evals(stages: list[Stage]) -> tuple[list[tuple[Stage, Path, dict]], list[tuple[Stage, Path, str]]]:
+    """(the evaluations that read, (stage, path, why) of those that do not): an unreadable file
+    leaves the rest of the report standing, and is named by a warning."""
+    found, unreadable = [], []
     for st in stages:
         for p in sorted(st.path.glob("eval*.json")):
             try:
                 found.append((st, p, load_eval(p)))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-                continue  # not an eval_results.json (or half written): the rest of the report stands
-    return found
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+                unreadable.append((st, p, f"{type(e).__name__}: {e}"))
+    return found, unreadable
 
 
 def training_samples(st: Stage, limit: int = 6) -> tuple[int | None, list[dict]]:

@@ -7,10 +7,11 @@ Numbers are shown with their unit, sample size and 95% interval, e.g.
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 from rlhfkit.report.checks import TRUNCATION_SHARE, held_out_trends
-from rlhfkit.report.data import Stage, config_value, training_samples
+from rlhfkit.report.data import Stage, config_value, read_json, training_samples
 
 esc = html.escape
 JUDGE_LABELS = {"gold": "gold judge"}
@@ -45,8 +46,8 @@ def judge_label(name: str, ev: dict | None = None) -> str:
     return JUDGE_LABELS.get(name, f"{name} judge")
 
 
-WARNING_TITLES = {"unfinished": "stage did not finish", "skipped_steps": "skipped updates",
-                  "truncation": "truncated responses", "kl_spike": "KL spike",
+WARNING_TITLES = {"unfinished": "stage did not finish", "unreadable": "unreadable results",
+                  "skipped_steps": "skipped updates", "truncation": "truncated responses", "kl_spike": "KL spike",
                   "held_out_worse": "held-out metric worse"}
 
 
@@ -226,6 +227,36 @@ def held_out_table(stages: list[tuple[str, Stage]]) -> str:
         return ""
     return ("<h3>Held-out metrics, first to last evaluation</h3><table><tr><th>run</th><th>stage</th><th>metric</th>"
             "<th>better</th><th>first</th><th>last</th><th></th></tr>" + "".join(rows) + "</table>")
+
+
+def judge_table(stages: list[tuple[str, Stage]]) -> str:
+    """A preference model's held-out accuracy (both orders, one order) and position bias, next to
+    the untrained model's as LLM-as-judge (``pm_results.json``; docs/methods/pm.md)."""
+    rows = []
+    for run, st in stages:
+        res = read_json(st.path / "pm_results.json")
+        n = (res.get("pairs") or {}).get("eval") if isinstance(res.get("pairs"), dict) else None
+        for key, label in (("pm", "trained preference model"), ("llm_judge", "untrained model (LLM-as-judge)")):
+            r = res.get(key)
+            if not isinstance(r, dict) or not isinstance(r.get("accuracy"), (int, float)):
+                continue
+            cells = [_accuracy_ci(r["accuracy"], n)] + [num(r[k]) if isinstance(r.get(k), (int, float)) else ""
+                                                        for k in ("accuracy_single_order", "position_bias")]
+            rows.append(f"<tr><td>{esc(run)}</td><td>{esc(st.name)}</td><td>{label}</td>"
+                        + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{n if n is not None else ''}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h3>Preference model, held-out pairs</h3><table><tr><th>run</th><th>stage</th><th>judge</th>"
+            "<th>accuracy, both orders [95% CI]</th><th>one order</th><th>position bias</th><th>pairs</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _accuracy_ci(acc: float, n) -> str:
+    """The accuracy in bold, with its normal-approximation 95% interval over n pairs when n is known."""
+    if not isinstance(n, int) or n < 1:
+        return f"<b>{acc:.3f}</b>"
+    half = 1.96 * math.sqrt(max(acc * (1 - acc), 0.0) / n)
+    return f"<b>{acc:.3f}</b> [{max(acc - half, 0.0):.3f}, {min(acc + half, 1.0):.3f}]"
 
 
 def samples_table(evals: dict[str, dict], limit: int = 12) -> str:
