@@ -175,7 +175,7 @@ def test_ceiling_accuracy():
     assert agreement([1.0, 0.0], [0.0, 1.0]) == 0.5
     # The task-level annotator speaks the judges' interface.
     task_ann = get_task("sentiment").annotator(seed=0)
-    assert task_ann.prefers_first(["p"], ["I love it, wonderful!"], ["I hate it, awful."]) == [1]
+    assert task_ann.label(["p"], ["I love it, wonderful!"], ["I hate it, awful."]) == [1]
 
 
 def test_build_task_data_with_tiny_model(tmp_path):

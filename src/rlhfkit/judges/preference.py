@@ -31,9 +31,9 @@ from rlhfkit.config import under_key
 from rlhfkit.judges.reward_fn import RewardFn
 from rlhfkit.judges.rewards import chat_ids, prompt_text
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
+from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.models.lora import adapter_base, adapter_config
 from rlhfkit.models.names import DEFAULT_ALIASES, resolve_hub_id
-from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
 
@@ -166,11 +166,10 @@ class AnnotatorJudge:
         out = [0.5] * len(a1s)
         todo = [i for i, (a, b) in enumerate(zip(a1s, a2s)) if a != b]
         if todo:
-            rows = fields and [fields[i] for i in todo]
-            self.annotator.gold_fn = lambda p, r: self.gold(p, r, fields=rows)
-            labels = self.annotator.prefers_first([contexts[i] for i in todo], [a1s[i] for i in todo],
-                                                  [a2s[i] for i in todo])
-            for i, y in zip(todo, labels):
+            ctx, rows = [contexts[i] for i in todo], fields and [fields[i] for i in todo]
+            g1 = self.gold(ctx, [a1s[i] for i in todo], fields=rows)
+            g2 = self.gold(ctx, [a2s[i] for i in todo], fields=rows)
+            for i, y in zip(todo, self.annotator.labels(g1, g2)):
                 out[i] = float(y)
         self.calls += len(todo)
         return out

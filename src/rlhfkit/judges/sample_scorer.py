@@ -25,8 +25,9 @@ def round_robin(compare, contexts: list[str], responses: list[str], n: int, fiel
     """Pairwise judge -> per-response score: mean over the other n-1 responses of its prompt of
     P(this > other). Makes n(n-1)/2 comparisons per prompt in one batched call."""
     idx = [(g * n + i, g * n + j) for g in range(len(responses) // n) for i in range(n) for j in range(i + 1, n)]
+    rows = {} if fields is None else {"fields": [fields[i] for i, _ in idx]}  # what the annotator's gold judge reads
     probs = compare([contexts[i] for i, _ in idx], [responses[i] for i, _ in idx], [responses[j] for _, j in idx],
-                    fields=fields and [fields[i] for i, _ in idx])
+                    **rows)
     wins = [0.0] * len(responses)
     for (i, j), p in zip(idx, probs):
         wins[i] += p

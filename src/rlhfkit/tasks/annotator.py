@@ -56,20 +56,21 @@ class SimulatedAnnotator:
             raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(a1s)} a1s, {len(a2s)} a2s")
         g1 = [float(x) for x in self.gold_fn(list(prompts), list(a1s))]
         g2 = [float(x) for x in self.gold_fn(list(prompts), list(a2s))]
+        return self.labels(g1, g2), g1, g2
+
+    def labels(self, g1: Sequence[float], g2: Sequence[float]) -> list[int]:
+        """One label per pair of gold scores (1: the first is preferred), flipped with flip_prob."""
         labels = []
         for p in self.prob_first(g1, g2):
             y = int(self._rng.random() < p)
             if self.flip_prob and self._rng.random() < self.flip_prob:
                 y = 1 - y
             labels.append(y)
-        return labels, g1, g2
+        return labels
 
     def label(self, prompts: Sequence[str], a1s: Sequence[str], a2s: Sequence[str]) -> list[int]:
         """1 where a1 is preferred to a2, else 0."""
         return self.annotate(prompts, a1s, a2s)[0]
-
-    # The pairwise-judge interface of rlhfkit.judges (AnnotatorJudge.compare).
-    prefers_first = label
 
     def ceiling_accuracy(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> float:
         """Accuracy of the gold judge itself on labelled pairs: P(gold(chosen) > gold(rejected)),
