@@ -43,10 +43,18 @@ def _cases(model: str, reward_file: str):
         ([*ev, f"proxy=rm:{model}"], "proxy: rm:"),
         ([*ev, f"preference_set={MISSING}.jsonl"], "data file not found"),
         ([*ev, f"alignment_tax.sft_data={MISSING}.jsonl"], "data file not found"),
+        ([*ppo, f"reward.spec={reward_file}:exact"], "reward.spec: prompts.train (task:sentiment): reward function "
+                                                     "exact"),
+        ([*ppo, "reward.spec=[task:sentiment, task:arithmetic]"], "reward.spec: prompts.train (task:sentiment): "),
+        ([*ppo, "reward.spec=[task:sentiment, task:arithmetic]", "reward.combine=normalize_then_sum"],
+         "reward.combine: normalize_then_sum standardises each reward within a prompt's group"),
+        ([*online, "rollout.temperature=0"], "rollout.temperature: training samples need temperature > 0"),
+        ([*online, "scorer=annotator:arithmetic"], "scorer: prompts.train (task:sentiment): "),
+        ([*online, "scorer=task:sentiment", "gold=task:arithmetic"], "gold: prompts.train (task:sentiment): "),
     ]
 
 
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", range(24))
 def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, tiny_model_dir, tmp_path, capsys,
                                                                            monkeypatch):
     import transformers
@@ -54,7 +62,8 @@ def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, t
     from rlhfkit.cli import main
 
     reward = tmp_path / "reward.py"
-    reward.write_text("def score(prompts, responses):\n    return [0.0 for _ in responses]\n")
+    reward.write_text("def score(prompts, responses):\n    return [0.0 for _ in responses]\n\n\n"
+                      "def exact(prompts, responses, reference):\n    return [0.0 for _ in responses]\n")
     argv, fragment = _cases(str(tiny_model_dir), str(reward))[case]
 
     def loaded(*a, **k):

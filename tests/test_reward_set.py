@@ -112,3 +112,38 @@ def test_reward_set_exposes_its_reward_model(tokenizer, tmp_path):
     assert rs.names == ["rm:rmrun", "_length"] and rs.model is rs.fns[0].model and rs.models == [rs.model]
     rm_alone = rs.fns[0](["Hi"], ["Hello"])
     assert rs(["Hi"], ["Hello"]) == pytest.approx([rm_alone[0] + 0.5])
+
+
+def test_absolute_scores_of_a_normalised_set_are_the_weighted_raw_sum():
+    """Held-out means under normalize_then_sum use the weighted raw sum: the batch's z-scores
+    would average to 0 however good the responses are."""
+    from rlhfkit.judges import build_reward_set
+
+    length = lambda prompts, responses: [float(len(r)) for r in responses]  # noqa: E731
+    vowels = lambda prompts, responses: [float(sum(c in "aeiou" for c in r)) for r in responses]  # noqa: E731
+    rs = build_reward_set([{"spec": length, "name": "len"}, {"spec": vowels, "name": "v"}], weights=[1.0, 0.5],
+                          combine="normalize_then_sum")
+    prompts, responses = ["p"] * 3, ["aa", "bbbb", "aeiouxyz"]
+    assert abs(sum(rs(prompts, responses))) < 1e-9  # one group: mean 0 by construction
+    assert rs.absolute()(prompts, responses) == [2 + 0.5 * 2, 4 + 0.0, 8 + 0.5 * 5]
+    plain = build_reward_set(length)
+    assert plain.absolute() is plain
+
+
+def test_an_async_reward_function_is_awaited(tmp_path):
+    """`async def` rewards (a remote judge) work as plain ones, also from inside a running event loop."""
+    import asyncio
+
+    from rlhfkit.judges import build_reward_fn
+
+    async def remote(prompts, responses, reference=None):
+        await asyncio.sleep(0)
+        return [float(r == ref) for r, ref in zip(responses, reference)]
+
+    fn = build_reward_fn(remote)
+    assert fn(["q", "q"], ["4", "5"], fields=[{"reference": "4"}, {"reference": "4"}]) == [1.0, 0.0]
+
+    async def inside_a_loop():
+        return fn(["q"], ["4"], fields=[{"reference": "4"}])
+
+    assert asyncio.run(inside_a_loop()) == [1.0]

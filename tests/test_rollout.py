@@ -336,3 +336,38 @@ def test_packed_linears_match_default_kernels_and_are_removed(model, prompts, mo
     if torch.backends.mkldnn.is_available():
         assert seen
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_a_rollout_stops_at_the_chat_turn_end_and_the_models_eos_ids(model, tok):
+    """A base model trained with a chat template: its tokenizer's eos (<|endoftext|>) is not the
+    template's turn end (<|im_end|>); a rollout stops at both, and at the model's
+    generation_config.eos_token_id (one id or a list), as make-data and the reward model read them."""
+    from rlhfkit.config import RolloutSection
+    from rlhfkit.rollout.backends import make_backend
+    from rlhfkit.rollout.sampling import rollout, stop_ids
+
+    base_tok = copy.deepcopy(tok)
+    base_tok.eos_token = "<|endoftext|>"
+    end, im_end = base_tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert base_tok.eos_token_id == end != im_end
+    m = copy.deepcopy(model)
+    m.generation_config.eos_token_id = [7, end]
+    assert stop_ids(m, base_tok) == sorted({end, im_end, 7})
+    m.generation_config.eos_token_id = None
+    assert stop_ids(m, base_tok) == sorted({end, im_end})
+
+    class Spy:
+        def __init__(self):
+            self.real, self.eos = make_backend("own"), None
+
+        def sync_weights(self, weights):
+            self.real.sync_weights(weights)
+
+        def generate(self, *args, **kwargs):
+            self.eos = kwargs["eos_token_id"]
+            return self.real.generate(*args, **kwargs)
+
+    spy = Spy()
+    items = [type("Item", (), {"ids": base_tok.encode("Hello"), "text": "Hello"})()]
+    exp = rollout(m, items, RolloutSection(n=2, max_new_tokens=3), base_tok, seed=0, backend=spy)
+    assert spy.eos == sorted({end, im_end}) and exp.response_ids.shape[0] == 2

@@ -4,6 +4,9 @@ and Python callables; `judges.reward_model` scores with a trained reward model."
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import inspect
 import math
 import numbers
@@ -130,6 +133,8 @@ class RewardFn:
         self.name = name
         self.spec = spec or name
         self.signature = _Signature(fn, self.label)
+        if inspect.iscoroutinefunction(fn):
+            self.fn = _awaited(fn)
 
     @property
     def label(self) -> str:
@@ -164,6 +169,23 @@ class RewardFn:
                                       f"{missing[0]} ({len(missing)} of {len(scores)}) and no other reward "
                                       "function scores it")
         return scores
+
+
+def _awaited(fn: Callable) -> Callable:
+    """An ``async def`` reward function (e.g. one that calls a remote judge) as a plain one: each
+    call runs the coroutine to completion, in a thread of its own when an event loop is already
+    running (a notebook)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(fn(*args, **kwargs))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, fn(*args, **kwargs)).result()
+
+    return run
 
 
 def validate_scores(out, n: int, label: str) -> list[float | None]:

@@ -34,6 +34,7 @@ from rlhfkit.judges.reward_fn import (
     RewardFunctionError,
     RewardSpecError,
     default_name,
+    field_columns,
 )
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 
@@ -106,6 +107,14 @@ class RewardSet:
                  messages: Sequence[Messages] | None = None, fields=None) -> list[float]:
         return self.score(prompts, responses, messages=messages, fields=fields).combined.tolist()
 
+    def absolute(self) -> RewardSet:
+        """The set whose score of a response does not depend on the other responses it is scored
+        with: itself, or with "normalize_then_sum" the weighted sum of the raw scores (held-out
+        means, where a batch's z-scores would average to 0 by construction)."""
+        if self.combine == "sum":
+            return self
+        return RewardSet(self.fns, self.weights.tolist(), combine="sum", unscorable=self.unscorable)
+
 
 def _check_set(names: list, weights, combine: str, unscorable) -> torch.Tensor:
     """Refuse a set with no function, a bad or repeated name, bad weights or modes; its weights."""
@@ -168,6 +177,28 @@ def check_reward_set(spec_or_list, *, weights: Sequence[float] | None = None, co
     names = [name if name is not None else source.name if isinstance(source, RewardFn) else default_name(source)
              for source, _, name in entries]
     _check_set(names, _entry_weights(weights, [w for _, w, _ in entries]), combine, unscorable)
+
+
+def check_record_fields(spec_or_list, items: Sequence, source: str) -> None:
+    """Each reward of a set against the prompt records it will score, before a model loads: a Python
+    function whose signature requires a field none of the records has, and a built-in task's judge
+    that cannot score them (run once on them with empty responses: arithmetic without, or with an
+    unreadable, ``reference``). ``items``: `PromptItem`s; ``source``: what they came from, for the
+    message. Reward models are not run."""
+    if not items:
+        return
+    texts, messages, fields = [r.text for r in items], [r.messages for r in items], [r.fields for r in items]
+    for source_spec, _, _ in _entries(spec_or_list):
+        if isinstance(source_spec, str) and source_spec.strip().startswith("rm:"):
+            continue
+        fn = build_reward_fn(source_spec)  # a module is imported once: `check_reward_spec` has done it
+        try:
+            if isinstance(source_spec, str) and source_spec.strip().startswith("task:"):
+                fn.score(texts, [""] * len(items), messages=messages, fields=fields)
+            else:
+                fn.signature.kwargs(fn.label, texts, messages, field_columns(fields, len(items)))
+        except (RewardFunctionError, ValueError) as e:
+            raise RewardSpecError(f"{source}: {e}") from None
 
 
 def _entry_weights(weights: Sequence[float] | None, own: list) -> Sequence[float]:

@@ -8,6 +8,7 @@ import hashlib
 
 import torch
 
+from rlhfkit.data import end_of_turn_ids
 from rlhfkit.rollout.backends import RolloutBackend, make_backend
 from rlhfkit.rollout.experience import Experience, common_prefix_len
 from rlhfkit.rollout.prompts import PromptItem
@@ -30,10 +31,20 @@ def rollout(model, items: list[PromptItem], settings, tokenizer, seed: int | Non
     autocast = strategy.autocast() if strategy is not None else contextlib.nullcontext()
     with whole, autocast:
         backend.sync_weights(plain)
-        exp = backend.generate([it.ids for it in items], settings, eos_token_id=tokenizer.eos_token_id,
+        exp = backend.generate([it.ids for it in items], settings, eos_token_id=stop_ids(plain, tokenizer),
                                pad_token_id=tokenizer.pad_token_id, seed=seed)
     exp.shared_prefix = common_prefix_len([items[i].ids for i in exp.prompt_index.tolist()])
     return exp
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids a response ends at: the tokenizer's eos, the end-of-turn tokens of its vocabulary
+    (`data.end_of_turn_ids`: a chat template's turn end, e.g. <|im_end|> on a base model whose eos
+    is <|endoftext|>) and the model's ``generation_config.eos_token_id`` (one id or a list)."""
+    ids = set(end_of_turn_ids(tokenizer))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([configured] if isinstance(configured, int) else configured or [])
+    return sorted(ids)
 
 
 def rank_stream_seed(seed: int, step: int, rank: int) -> int:

@@ -56,6 +56,8 @@ from rlhfkit.config import (
 from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
+from rlhfkit.judges.preference import is_pairwise_spec
+from rlhfkit.judges.reward_set import check_record_fields
 from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.parallel import Strategy, make_strategy
@@ -124,6 +126,9 @@ class OnlineDPOConfig:
             raise ConfigError(f"{where}: iterations and prompts_per_iteration must be >= 1")
         if self.rollout.n < 2:
             raise ConfigError(f"{where}.rollout.n: need >= 2 samples per prompt to form a pair, got {self.rollout.n}")
+        if self.rollout.temperature <= 0:
+            raise ConfigError(f"{where}.rollout.temperature: training samples need temperature > 0 (greedy samples of "
+                              "one prompt are all the same, so no pair could be formed)")
         if self.reference not in ("initial", "previous"):
             raise ConfigError(f"{where}.reference: 'initial' (pi_0) or 'previous' (pi_(k-1)), got {self.reference!r}")
         if self.dpo.reference:
@@ -159,7 +164,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
         check_policy_path(cfg.model.name)  # not a reward model or critic
     tokenizer = load_tokenizer(cfg.model.name)
     items, dropped, eval_items = _prompts(cfg, tokenizer)
-    _check_judges(cfg)
+    _check_judges(cfg, items, eval_items)
     run = open_run(cfg, "online_dpo", strategy)
     # the outer loop: one step per iteration, a checkpoint after each
     run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,
@@ -215,13 +220,22 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     return results
 
 
-def _check_judges(cfg: OnlineDPOConfig) -> None:
-    """The scorer and gold specs, checked before the run writes anything or loads a model."""
+def _check_judges(cfg: OnlineDPOConfig, items: list, eval_items: list) -> None:
+    """The scorer and gold specs, checked before the run writes anything or loads a model, each
+    against the prompt records it will score (`judges.reward_set.check_record_fields`; the
+    simulated annotator's gold judge as its task's)."""
+    p = cfg.prompts
     with under_key("scorer"):
         check_scorer_spec(cfg.scorer)
+        kind, _, target = cfg.scorer.partition(":")
+        pointwise = f"task:{target}" if kind == "annotator" else None if is_pairwise_spec(cfg.scorer) else cfg.scorer
+        if pointwise:
+            check_record_fields(pointwise, items, f"prompts.train ({p.train})")
     with under_key("gold"):
         if cfg.gold:
             check_reward_spec(cfg.gold)
+            check_record_fields(cfg.gold, items, f"prompts.train ({p.train})")
+            check_record_fields(cfg.gold, eval_items, f"prompts.eval ({p.eval})")
 
 
 def _prompts(cfg: OnlineDPOConfig, tokenizer) -> tuple[list, int, list]:

@@ -3,7 +3,9 @@
 One response per held-out prompt from the current policy, sampled from a random stream of its own
 (the same at every evaluation, so successive evaluations differ by the policy, not by the dice,
 and the training stream is left untouched), then:
-- eval/proxy_mean: the training reward (the reward model for PPO), unclipped;
+- eval/proxy_mean: the training reward (the reward model for PPO), unclipped; with
+  ``reward.combine: normalize_then_sum`` the weighted sum of the raw scores (z-scores within the
+  evaluation batch would average to 0);
 - eval/gold_mean: the gold judge ``reward.gold``, when set: proxy rising while gold falls is
   over-optimisation;
 - eval/kl: KL(pi || pi_ref) per response, the k1 estimate summed over its tokens;
@@ -26,7 +28,7 @@ def evaluate_policy(pr, actor) -> dict:
     """The held-out metrics of the module docstring for a policy-gradient run's actor."""
     cfg = pr.cfg
     return heldout_metrics(actor, pr.ref, pr.eval_prompts, cfg.rollout, pr.tokenizer, pr.strategy,
-                           proxy=pr.reward_fn, gold=pr.gold_fn, seed=cfg.train.seed,
+                           proxy=pr.reward_fn.absolute(), gold=pr.gold_fn, seed=cfg.train.seed,
                            micro_batch_size=cfg.train.micro_batch_size)
 
 

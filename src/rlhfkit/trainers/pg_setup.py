@@ -30,6 +30,7 @@ from rlhfkit.config import (
 from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
+from rlhfkit.judges.reward_set import check_record_fields
 from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
@@ -103,6 +104,10 @@ class PolicyGradientConfig:
         if self.clip_eps_high is not None and self.clip_eps_high < self.clip_eps:
             raise ConfigError(f"{where}.clip_eps_high: {self.clip_eps_high} is below clip_eps {self.clip_eps}; it is "
                               "the wider upper side (DAPO's clip-higher), null for symmetric")
+        if self.reward.combine == "normalize_then_sum" and self.rollout.n < 2:
+            raise ConfigError(f"{where}.reward.combine: normalize_then_sum standardises each reward within a "
+                              f"prompt's group of rollout.n samples; with rollout.n = {self.rollout.n} every reward "
+                              "would be 0: set rollout.n >= 2, or combine: sum")
         rows = self.train.batch_size * self.rollout.n
         if rows % self.mini_batch_size:
             raise ConfigError(f"{where}.mini_batch_size: {self.mini_batch_size} must divide train.batch_size x "
@@ -188,9 +193,12 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
     with under_key("reward.spec"):
         check_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None, combine=cfg.reward.combine,
                          unscorable=cfg.reward.unscorable)
+        check_record_fields(cfg.reward.spec, prompts, f"prompts.train ({p.train})")
+        check_record_fields(cfg.reward.spec, eval_prompts, f"prompts.eval ({p.eval})")
     with under_key("reward.gold"):
         if cfg.reward.gold:
             check_reward_spec(cfg.reward.gold)
+            check_record_fields(cfg.reward.gold, eval_prompts, f"prompts.eval ({p.eval})")
     for key, name in (models or {}).items():
         with under_key(key):
             check_model_path(name)
