@@ -142,16 +142,18 @@ def test_rm_backbone_layers_saves_a_shallower_model_whose_head_reads_that_layer(
 
 
 def test_keep_lower_layers_leaves_any_architecture_alone_at_0():
-    """backbone_layers 0 (the default) never inspects the model: a GPT-2 scalar model, whose
-    blocks are not a `.layers` list, is left as is; cutting it is a clear TypeError."""
+    """backbone_layers 0 (the default) never inspects the model; above 0 a GPT-2 scalar model's
+    blocks (its `h` list) are cut; a backbone with no list of layers is one line naming the key."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     from rlhfkit.models import keep_lower_layers
+    from rlhfkit.models.heads import decoder_layers
 
     m = GPT2ForSequenceClassification(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, num_labels=1))
     assert keep_lower_layers(m, 0) is None and len(m.transformer.h) == 2
-    with pytest.raises(TypeError, match="no .layers list"):
-        keep_lower_layers(m, 1)
+    assert keep_lower_layers(m, 1) == 2 and len(m.transformer.h) == 1 and m.config.n_layer == 1
+    with pytest.raises(ValueError, match="backbone_layers: Linear has no list of decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2), "backbone_layers")
 
 
 def test_rm_mean_pooling_is_trained_saved_and_scored_the_same_way(tmp_path, tiny_model_dir):

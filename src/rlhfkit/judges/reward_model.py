@@ -24,7 +24,7 @@ from rlhfkit.models.forward import common_prefix_len, shared_token_values
 from rlhfkit.models.heads import pool_mask, pool_values
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
-from rlhfkit.models.packing import pack_groups, packed_token_values
+from rlhfkit.models.packing import pack_groups, packed_token_values, packs
 from rlhfkit.rollout import left_pad
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -129,7 +129,8 @@ class RewardModelScorer:
         pooling = reward_pooling(self.model)
         parts = [self.render_parts(m, r) for m, r in zip(messages, responses)]
         scores = [0.0] * len(parts)
-        groups, singles = shared_prompt_groups(parts) if pooling in PACKABLE_POOLINGS else ([], range(len(parts)))
+        groups, singles = (shared_prompt_groups(parts) if pooling in PACKABLE_POOLINGS and packs(self.model)
+                           else ([], range(len(parts))))
         for i, v in self._packed(parts, groups, pooling) + self._rows(parts, list(singles), pooling):
             scores[i] = v
         return scores

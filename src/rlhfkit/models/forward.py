@@ -76,10 +76,11 @@ MIN_SHARED_PREFIX = 8
 
 def can_share_prefix(model, attention_mask: torch.Tensor | None = None) -> bool:
     """Whether `prefix_shared_forward` may run for ``model``: a plain 2-D mask (None: a packed
-    batch, `models.packing`) and a model whose forward may be split (`segments.splittable`)."""
+    batch, `models.packing`) and a model whose forward may be split (`segments.splittable`) and
+    that has no sliding-window attention (`segments.windowed`)."""
     if not SHARE_PREFIX or (attention_mask is not None and attention_mask.dim() != 2):
         return False
-    return segments.splittable(model)
+    return segments.splittable(model) and not segments.windowed(model)
 
 
 def rows_as_one_row(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix: int):

@@ -178,6 +178,17 @@ def pooled_features(features: torch.Tensor, attention_mask: torch.Tensor, poolin
     return torch.einsum("bt,bth->bh", w, features)
 
 
+def decoder_layers(backbone, key: str) -> tuple[torch.nn.Module, str]:
+    """(module, attribute) of the backbone's list of decoder layers: ``layers`` (Llama, Qwen2,
+    Mistral, Gemma, Phi, GPT-NeoX), ``h`` (GPT-2, BLOOM, Falcon) or ``decoder.layers`` (OPT); a
+    ValueError naming the config ``key`` that needs it when there is none."""
+    for owner, attr in ((backbone, "layers"), (backbone, "h"), (getattr(backbone, "decoder", None), "layers")):
+        if owner is not None and isinstance(getattr(owner, attr, None), torch.nn.ModuleList):
+            return owner, attr
+    raise ValueError(f"{key}: {type(backbone).__name__} has no list of decoder layers (layers, h or decoder.layers); "
+                     f"set {key}: 0 for this model")
+
+
 def freeze_lower_layers(model, n_trainable: int) -> list[str]:
     """Train only the top ``n_trainable`` decoder layers of a scalar model (with the final norm
     and the head): the embeddings and every lower layer stop requiring gradients. Backward then
@@ -188,13 +199,16 @@ def freeze_lower_layers(model, n_trainable: int) -> list[str]:
     if n_trainable <= 0:
         return names
     backbone, _ = backbone_and_head(model)
-    layers = getattr(backbone, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"{type(backbone).__name__} has no .layers list of decoder layers to freeze")
+    owner, attr = decoder_layers(backbone, "train_top_layers")
+    layers = getattr(owner, attr)
     if n_trainable > len(layers):
         raise ValueError(f"cannot train the top {n_trainable} layers of a {len(layers)}-layer model")
     frozen = {id(p) for layer in layers[:len(layers) - n_trainable] for p in layer.parameters()}
-    frozen |= {id(p) for p in backbone.get_input_embeddings().parameters()}
+    # what runs before the first layer: token and position embeddings (GPT-2's wpe, OPT's
+    # embed_positions), OPT's input projection
+    inputs = [m for name, m in backbone.named_modules()
+              if isinstance(m, torch.nn.Embedding) or name.split(".")[-1] == "project_in"]
+    frozen |= {id(p) for m in [backbone.get_input_embeddings(), *inputs] for p in m.parameters()}
     for p in model.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)
@@ -209,13 +223,12 @@ def keep_lower_layers(model, n_layers: int) -> int | None:
     if n_layers <= 0:
         return None
     backbone, _ = backbone_and_head(model)
-    layers = getattr(backbone, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"{type(backbone).__name__} has no .layers list of decoder layers to cut")
+    owner, attr = decoder_layers(backbone, "backbone_layers")
+    layers = getattr(owner, attr)
     depth = len(layers)
     if n_layers > depth:
         raise ValueError(f"backbone_layers: {n_layers}, but the model has {depth} decoder layers")
-    backbone.layers = torch.nn.ModuleList(list(layers)[:n_layers])
+    setattr(owner, attr, torch.nn.ModuleList(list(layers)[:n_layers]))
     for config in {id(c): c for c in (backbone.config, unwrap_model(model).config)}.values():
         config.num_hidden_layers = n_layers
         if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (transformers 5)

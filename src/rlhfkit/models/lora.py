@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -69,6 +71,30 @@ def adapters_disabled(model):
             yield model
     else:
         yield model
+
+
+# the float rates modules read for functional dropout (OPT's self.dropout, Llama's attention_dropout, ...)
+DROPOUT_RATES = ("dropout", "attention_dropout", "attn_dropout", "hidden_dropout", "activation_dropout",
+                 "resid_pdrop", "attn_pdrop", "embd_pdrop", "dropout_rate")
+
+
+def disable_dropout(model) -> None:
+    """Every dropout of ``model`` off, in train mode too (TRL's ``disable_dropout``): each
+    ``nn.Dropout`` (LoRA's included) gets p = 0 and each float rate a module reads for functional
+    dropout becomes 0. The config is left as it is, so a saved model keeps its rates."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for k in DROPOUT_RATES:
+            if isinstance(getattr(m, k, None), float):
+                setattr(m, k, 0.0)
+
+
+def has_dropout(model) -> bool:
+    """Whether a forward of ``model`` in train mode drops anything (`disable_dropout` undoes it)."""
+    return any((isinstance(m, torch.nn.Dropout) and m.p > 0)
+               or any(isinstance(getattr(m, k, None), float) and getattr(m, k) > 0 for k in DROPOUT_RATES)
+               for m in model.modules())
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -24,6 +24,13 @@ from rlhfkit.models.forward import (
 from rlhfkit.models.heads import token_values
 
 
+def packs(model) -> bool:
+    """Whether ``model`` may score packed sequences: not with sliding-window attention, whose window
+    counts columns of the packed sequence, where a second response sits further from its prompt
+    than in its own row (`segments.windowed`). Callers then score the padded rows."""
+    return not segments.windowed(model)
+
+
 def pack_shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                         response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int) -> dict:
     """Rows that share a prompt -> one packed sequence per prompt (see `pack_groups`).

@@ -255,6 +255,19 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return torch.cat(out, 2).transpose(1, 2).contiguous(), None
 
 
+def windowed(model) -> bool:
+    """Whether some attention layer of ``model`` sees only a sliding window of keys (Mistral, Phi-3,
+    Gemma2, Qwen2 with use_sliding_window): its window counts cache columns, so a prefix computed
+    once and put before left-padded rows would move keys in or out of it. Such models take no
+    shared-prefix path."""
+    for c in _attention_configs(model):
+        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True) is not False:
+            return True
+        if "sliding_attention" in (getattr(c, "layer_types", None) or ()):
+            return True
+    return False
+
+
 def _attention_configs(model) -> list:
     """The distinct config objects the model's modules read their attention implementation from."""
     seen: dict[int, object] = {}

@@ -37,6 +37,7 @@ import torch
 
 from rlhfkit.models.forward import accepts_logits_to_keep
 from rlhfkit.models.heads import position_ids_from_mask
+from rlhfkit.models.segments import windowed
 from rlhfkit.rollout.cpu_linears import packed_linears
 from rlhfkit.rollout.experience import Experience, common_prefix_len
 from rlhfkit.rollout.kv_cache import new_cache, preallocate
@@ -227,7 +228,9 @@ def _prefill(model, rows, pad_token_id, device, keep, extra=0, decoder=None):
     U = len(prompts)
     cache = new_cache(model.config)
     can_copy = hasattr(cache, "batch_select_indices")
-    L = common_prefix_len(prompts) if can_copy else 0  # every row keeps >= 1 suffix token for its logits
+    # every row keeps >= 1 suffix token for its logits; a sliding window counts the cache's columns,
+    # so a windowed model's rows hold their whole prompts
+    L = common_prefix_len(prompts) if can_copy and not windowed(model) else 0
     if L > 0:
         _prefill_forward(model, decoder, torch.tensor([prompts[0][:L]], device=device), None,
                          torch.arange(L, device=device)[None], cache, keep)

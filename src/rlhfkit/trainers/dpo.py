@@ -45,6 +45,7 @@ from rlhfkit.data import (
 from rlhfkit.data.sources import load_sources
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.dpo_logps import (
@@ -89,6 +90,9 @@ class DPOSection:
     share_prompt: bool = True
     """Score each pair as one packed sequence (prompt once, then chosen and rejected, each seeing the
     prompt and itself): the same log-probs up to float rounding, fewer tokens per pair."""
+    disable_dropout: bool = True
+    """Turn every dropout of the policy off, LoRA's included (TRL's default): with dropout the policy's
+    log-probs are noisy against the reference's (eval mode). false keeps the model's own rates."""
 
     def validate(self, where: str) -> None:
         if self.beta <= 0:
@@ -193,6 +197,8 @@ def build_policy_and_reference(cfg, tokenizer=None):
     Returns (policy, Reference).
     """
     policy, adapter_base = load_for_training(cfg.model, "CAUSAL_LM")
+    if cfg.dpo.disable_dropout:
+        disable_dropout(policy)
     if tokenizer is not None and policy.config.pad_token_id is None:
         policy.config.pad_token_id = tokenizer.pad_token_id
     fresh_lora = cfg.model.lora.enabled and adapter_base is None

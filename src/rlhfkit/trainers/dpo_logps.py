@@ -11,7 +11,7 @@ import torch
 from rlhfkit.algos import sequence_logps
 from rlhfkit.data import batch_to_device
 from rlhfkit.models.forward import causal_logprobs
-from rlhfkit.models.packing import pack_pairs, packed_logprobs
+from rlhfkit.models.packing import pack_pairs, packed_logprobs, packs
 from rlhfkit.models.lora import adapters_disabled
 from rlhfkit.training import eval_chunks
 
@@ -27,7 +27,7 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor,
     each pair is one packed sequence, prompt + chosen + rejected, each response seeing the prompt
     and itself.
     """
-    if "prompt_lengths" in batch:
+    if "prompt_lengths" in batch and packs(model):
         logp, lmask = _shared_pair_token_logps(model, batch)
         seq = sequence_logps(logp, lmask, average=average)
         n = seq.shape[0] // 2

@@ -18,7 +18,7 @@ import torch
 from rlhfkit.algos import kl_estimate, masked_sum
 from rlhfkit.judges import reward_metrics
 from rlhfkit.models.forward import causal_logprobs, shared_token_values
-from rlhfkit.models.packing import shared_prompt_logprobs
+from rlhfkit.models.packing import packs, shared_prompt_logprobs
 from rlhfkit.models.lora import adapters_disabled
 from rlhfkit.rollout import Experience, decode_responses, response_metrics
 
@@ -27,7 +27,7 @@ def policy_logprobs(model, mb: Experience, share_prompt: bool, with_entropy: boo
     """(b, R) log-probs of the stored responses under `model`: each [prompt; response] row on its
     own, or with ``share_prompt`` the rows of one prompt packed together (the same values up to
     float rounding, with the prompt computed once per micro-batch)."""
-    if share_prompt:
+    if share_prompt and packs(model):
         return shared_prompt_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
                                       mb.prompt_index, mb.pad_token_id, with_entropy=with_entropy)
     return causal_logprobs(model, mb.input_ids(), mb.attention_mask(), keep_last=mb.response_ids.shape[1],

@@ -33,7 +33,7 @@ from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_se
 from rlhfkit.judges.reward_set import check_record_fields
 from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import to_device, trained_dtype
-from rlhfkit.models.lora import apply_lora, enable_gradient_checkpointing
+from rlhfkit.models.lora import apply_lora, disable_dropout, enable_gradient_checkpointing
 from rlhfkit.rollout import PromptItem, load_prompt_items
 from rlhfkit.trainers.sft import prepare_sft_data
 from rlhfkit.training import (
@@ -87,6 +87,10 @@ class PolicyGradientConfig:
     and PPO's critic's) also give logp_old (and V_old), and those scoring forwards are skipped. Exact:
     the weights have not moved since the rollout. Costs keeping that forward's graph while the
     reference and reward model score. Models with active dropout are never fused."""
+    disable_dropout: bool = True
+    """Turn every dropout of the actor (and PPO's critic) off, LoRA's included (TRL's and OpenRLHF's
+    default): with dropout the rollout's log-probs (eval mode) and the update's (train mode) differ,
+    the first ratio is not 1 and the KL is noise. false keeps the model's own rates."""
 
     def kl_loss(self) -> tuple[float, str]:
         """(coefficient, estimator) of a KL-to-reference term in the loss; PPO puts the KL in the reward."""
@@ -151,15 +155,18 @@ def prompt_batch(pr: PolicyRun, step: int) -> list[PromptItem]:
     return pr.strategy.shard([pr.prompts[i] for i in idx])
 
 
-def load_actor(model_cfg, device):
+def load_actor(model_cfg, device, dropout_off: bool = True):
     """(actor, reference). With LoRA the reference is None: scoring then runs the actor with its
     adapters disabled, so the base weights exist once in memory. The reference is the starting
     policy, so a LoRA adapter as model.name (a LoRA SFT run) is merged into its base first and fresh
-    adapters go on top; `rlhfkit merge` follows that chain back."""
+    adapters go on top; `rlhfkit merge` follows that chain back. ``dropout_off``: the actor's dropout
+    is turned off (``disable_dropout``)."""
     actor = load_causal_lm(model_cfg.name, trained_dtype(model_cfg.dtype, model_cfg.lora.enabled))
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor)
     actor = to_device(apply_lora(actor, model_cfg.lora, "CAUSAL_LM"), device)
+    if dropout_off:
+        disable_dropout(actor)
     ref = None
     if not model_cfg.lora.enabled:
         ref = to_device(load_causal_lm(model_cfg.name, model_cfg.dtype), device)
@@ -207,7 +214,7 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
         reward_fn = build_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None,
                                      combine=cfg.reward.combine, unscorable=cfg.reward.unscorable,
                                      tokenizer=tokenizer, device=strategy.device, batch_size=cfg.reward.batch_size)
-        actor, ref = load_actor(cfg.model, strategy.device)
+        actor, ref = load_actor(cfg.model, strategy.device, cfg.disable_dropout)
     gold_fn = build_reward_fn(cfg.reward.gold) if cfg.reward.gold else None
     # frozen models sharded like the actor under FSDP: their scoring forwards gather block by block,
     # the same number on every rank (equal rows per rank; the RM's micro-batches of reward.batch_size)

@@ -24,6 +24,7 @@ from rlhfkit.algos import (
     value_loss,
 )
 from rlhfkit.data import batch_to_device
+from rlhfkit.models.lora import has_dropout
 from rlhfkit.rollout import Experience
 from rlhfkit.trainers.pg_score import policy_logprobs, response_values
 from rlhfkit.trainers.pg_setup import PTXData, Trained
@@ -68,16 +69,7 @@ def fusable(n_rows: int, mini_batch_size: int, micro_batch_size: int, *models) -
     in train mode as in eval mode (no active dropout), since logp_old is defined in eval mode."""
     if n_rows > mini_batch_size or n_rows > micro_batch_size:
         return False
-    for model in models:
-        if model is None:
-            continue
-        config = getattr(model, "config", None)
-        if any(float(getattr(config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout",
-                                                                     "resid_pdrop", "attn_pdrop", "embd_pdrop")):
-            return False
-        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-            return False
-    return True
+    return not any(model is not None and has_dropout(model) for model in models)
 
 
 def rows_by_prompt(rows: list[int], prompt_index: torch.Tensor) -> list[int]:

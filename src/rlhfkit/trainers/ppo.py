@@ -31,6 +31,7 @@ from rlhfkit.models.heads import backbone_and_head
 from rlhfkit.models.loading import to_device, trained_dtype
 from rlhfkit.models.lora import (
     apply_lora,
+    disable_dropout,
     enable_gradient_checkpointing,
     share_frozen_base,
 )
@@ -138,6 +139,8 @@ def load_critic(cfg: PPOConfig, tokenizer, device, actor=None):
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(critic)
     critic = to_device(apply_lora(critic, cfg.model.lora, "SEQ_CLS"), device)
+    if cfg.disable_dropout:
+        disable_dropout(critic)
     critic.train()
     return critic
 

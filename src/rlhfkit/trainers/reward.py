@@ -29,7 +29,7 @@ from rlhfkit.models import (
     resolve_model_path,
     set_reward_pooling,
 )
-from rlhfkit.models.packing import pack_pairs, packed_token_values
+from rlhfkit.models.packing import pack_pairs, packed_token_values, packs
 from rlhfkit.models.heads import PACKABLE_POOLINGS, backbone_and_head, pool_values, reward_pooling, token_values
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
@@ -70,7 +70,7 @@ def _pair_token_values(model, batch: dict, pooling: str, with_features: bool = F
     response masks to pool them by (and with ``with_features`` the (2B, T, H) features): packed
     (T = the longest response, both masks its real tokens) when the batch and the pooling allow it,
     else the padded rows themselves."""
-    if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS:
+    if "prompt_lengths" in batch and pooling in PACKABLE_POOLINGS and packs(model):
         out = packed_token_values(model, pack_pairs(batch), with_features=with_features, last_only=pooling == "last")
         return (out[0], out[1], out[1], *out[2:])
     out = token_values(model, batch["input_ids"], batch["attention_mask"], with_features=with_features)
