@@ -70,18 +70,6 @@ def length_reward(prompts, responses, **fields):
 
 # --------------------------------------------------------------------------- one point (own process)
 
-class _NoEOS:
-    """The tokenizer with no EOS id, for the rollout: every row makes exactly max_new_tokens tokens."""
-
-    eos_token_id: tuple = ()
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-
 def grpo_prompt_len(length: int) -> int:
     return min(64, length // 2)
 
@@ -90,7 +78,7 @@ def _grpo_run(model: str, length: int, batch: int, steps: int, group: int, out: 
     """The GRPO trainer's run state (`setup_run`, `prepare_trained`) on b/G synthetic prompts."""
     from rlhfkit.config import ModelSection, PolicyTrainSection, PromptsSection, RewardSection, RolloutSection
     from rlhfkit.parallel import make_strategy
-    from rlhfkit.rollout import PromptItem
+    from rlhfkit.rollout import PromptItem, sampling
     from rlhfkit.trainers.grpo import GRPOConfig
     from rlhfkit.trainers.pg_setup import prepare_trained, setup_run
     from rlhfkit.training.logger import RunLogger
@@ -109,7 +97,7 @@ def _grpo_run(model: str, length: int, batch: int, steps: int, group: int, out: 
     actor = prepare_trained(pr, pr.actor, cfg.optim)
     pr.actor = actor.model
     pr.run.logger = RunLogger(pr.run.out, pr.total, enabled=False)  # `fit` would make one; no files here
-    pr.tokenizer = _NoEOS(pr.tokenizer)
+    sampling.stop_ids = lambda model, tokenizer: []  # no stop id: every row makes exactly max_new_tokens tokens
     vocab = actor.model.config.vocab_size
     pr.prompts = [PromptItem(ids=torch.randint(10, vocab, (prompt,)).tolist(), messages=[], text="")
                   for _ in range(batch // group)]

@@ -330,7 +330,9 @@ def test_fusable_needs_one_minibatch_one_micro_batch_and_no_dropout(tiny_model):
     assert fusable(8, 8, 8, tiny_model, None)
     assert not fusable(16, 8, 8, tiny_model)  # two minibatches: the second starts from moved weights
     assert not fusable(8, 8, 4, tiny_model)
-    tiny_model.config.attention_dropout = 0.1  # train-mode forwards would differ from logp_old's eval mode
+    for m in tiny_model.modules():  # train-mode forwards would differ from logp_old's eval mode
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.1
     assert not fusable(8, 8, 8, tiny_model)
 
 

@@ -158,7 +158,7 @@ def end_of_turn_ids(tokenizer) -> frozenset[int]:
         return _eot_cache[tokenizer]
     except (KeyError, TypeError):
         pass
-    vocab = tokenizer.get_vocab()
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}  # a stand-in with eos_token_id only
     ids = {vocab[t] for t in _EOT_CANDIDATES if t in vocab}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
