@@ -51,10 +51,18 @@ def _cases(model: str, reward_file: str):
         ([*online, "rollout.temperature=0"], "rollout.temperature: training samples need temperature > 0"),
         ([*online, "scorer=annotator:arithmetic"], "scorer: prompts.train (task:sentiment): "),
         ([*online, "scorer=task:sentiment", "gold=task:arithmetic"], "gold: prompts.train (task:sentiment): "),
+        ([*ppo, "prompts.max_prompt_length=128", "rollout.max_new_tokens=1000"],
+         "rollout.max_new_tokens: prompts.max_prompt_length + rollout.max_new_tokens = 1128 tokens, more than the "
+         "1024 positions of"),
+        ([*online, "prompts.max_prompt_length=128", "rollout.max_new_tokens=1000"], "rollout.max_new_tokens: "),
+        ([*ppo, "reward.spec=[task:sentiment, task:sentiment]", "reward.weights=[0, 0]"],
+         "reward.spec: two reward functions are named"),
+        ([*ppo, "reward.spec=[{spec: task:sentiment, name: a}, {spec: task:sentiment, name: b}]",
+          "reward.weights=[0, 0]"], "reward.spec: reward weights [0, 0]: all 0"),
     ]
 
 
-@pytest.mark.parametrize("case", range(24))
+@pytest.mark.parametrize("case", range(28))
 def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, tiny_model_dir, tmp_path, capsys,
                                                                            monkeypatch):
     import transformers

@@ -146,6 +146,8 @@ def _weights(weights, n: int) -> torch.Tensor:
     for w in weights:
         if not _is_number(w) or not math.isfinite(w):
             raise RewardSpecError(f"reward weight {w!r}: expected a finite number")
+    if not any(weights):
+        raise RewardSpecError(f"reward weights {weights}: all 0, so every reward would be 0")
     return torch.tensor(weights, dtype=torch.float64)
 
 

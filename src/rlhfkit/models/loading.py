@@ -144,6 +144,22 @@ def load_tokenizer(name: str | os.PathLike, chat_template: str = ""):
     return apply_chat_template(_prepare_tokenizer(tok), chat_template)
 
 
+def check_context_length(name: str | os.PathLike, tokens: int, what: str) -> None:
+    """Refuse sequences of ``tokens`` (``what`` says how they add up, naming the keys) longer than
+    the model's positions (``max_position_embeddings``, GPT-2's ``n_positions``): past them an
+    absolute position table fails with an index error, and rotary positions run beyond what the
+    model was trained on. Reads the config only; a name it cannot read is left to the loader."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name))
+    except Exception:  # an adapter directory, a hub id not cached: checked when it loads
+        return
+    limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens > limit:
+        raise ValueError(f"{what} = {tokens} tokens, more than the {limit} positions of {name}")
+
+
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None or dtype == "auto":
         # fp32 on CPU: this class of CPU has no fast bf16 and fp32 keeps the math exact.

@@ -60,6 +60,7 @@ from rlhfkit.judges.preference import is_pairwise_spec
 from rlhfkit.judges.reward_set import check_record_fields
 from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models.loading import check_context_length
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import (
@@ -163,6 +164,9 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     with under_key("model.name"):
         check_policy_path(cfg.model.name)  # not a reward model or critic
     tokenizer = load_tokenizer(cfg.model.name)
+    with under_key("rollout.max_new_tokens"):
+        check_context_length(cfg.model.name, cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens,
+                             "prompts.max_prompt_length + rollout.max_new_tokens")
     items, dropped, eval_items = _prompts(cfg, tokenizer)
     _check_judges(cfg, items, eval_items)
     run = open_run(cfg, "online_dpo", strategy)

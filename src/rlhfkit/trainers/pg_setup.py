@@ -32,7 +32,7 @@ from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
 from rlhfkit.judges.reward_set import check_record_fields
 from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer
-from rlhfkit.models.loading import to_device, trained_dtype
+from rlhfkit.models.loading import check_context_length, to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, disable_dropout, enable_gradient_checkpointing
 from rlhfkit.rollout import PromptItem, load_prompt_items
 from rlhfkit.trainers.sft import prepare_sft_data
@@ -189,6 +189,9 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
         check_policy_path(cfg.model.name)  # not a reward model or critic
     tokenizer = load_tokenizer(cfg.model.name)
     p = cfg.prompts
+    with under_key("rollout.max_new_tokens"):
+        check_context_length(cfg.model.name, p.max_prompt_length + cfg.rollout.max_new_tokens,
+                             "prompts.max_prompt_length + rollout.max_new_tokens")
     prompts, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit)
     if dropped:
         log.warning("[%s] dropped %d prompts longer than %d tokens", kind, dropped, p.max_prompt_length)
