@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                          "avoids OpenMP threads spinning on each other (measured 7x faster here)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (sampling, weight loading)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="replace the make-data output already in --out (its other files are removed)")
+                    help="replace the make-data output already in --out (its earlier files are removed, others stay)")
     ap.add_argument("--prompts-only", action="store_true",
                     help="write only prompts_train.jsonl / prompts_eval.jsonl (no model, no sampling)")
 
