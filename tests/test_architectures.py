@@ -144,7 +144,8 @@ def test_grpo_on_a_model_with_dropout_starts_at_ratio_one_and_kl_zero(kind, toke
     _tiny(kind, tokenizer).save_pretrained(model)
     tokenizer.save_pretrained(model)
     out = tmp_path / "run"
-    assert main(["grpo", f"model.name={model}", "prompts.train=task:sentiment", "reward.spec=task:sentiment",
+    assert main(["grpo", f"model.name={model}", "prompts.train=task:sentiment", "prompts.max_prompt_length=128",
+                 "reward.spec=task:sentiment",
                  "train.max_steps=1", "train.batch_size=2", "rollout.n=2", "rollout.max_new_tokens=4",
                  "train.micro_batch_size=4", "mini_batch_size=4", "train.report_to=[]", "train.progress=false",
                  f"train.output_dir={out}"]) == 0
