@@ -24,7 +24,7 @@ PROBE = textwrap.dedent("""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 1000, (2, 32))
     faults = []
-    for _ in range(12):
+    for _ in range(20):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
@@ -46,8 +46,9 @@ def test_training_steps_reuse_freed_pages():
     applied, faults = _probe("")
     assert applied == 1
     # after warm-up the steps run on pages already touched. The heap still grows now and then (a
-    # step faulting in up to one gradient's worth), so the typical step is what is checked
-    assert statistics.median(faults[2:]) < GRAD_PAGES // 10, faults
+    # step faulting in up to one gradient's worth; over the first steps more often when another
+    # process loads the machine), so the typical step after eight is what is checked
+    assert statistics.median(faults[8:]) < GRAD_PAGES // 10, faults
 
     applied, faults = _probe("default")  # opt-out: glibc maps and unmaps the big buffers every step
     assert applied == 0
