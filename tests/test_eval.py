@@ -393,12 +393,15 @@ def test_annotator_judge_draws_labels_for_different_responses_only():
      r"alignment_tax.sft_data: task:nope: no built-in task 'nope' \(tasks with data: arithmetic, sentiment\)"),
     ("alignment_tax.sft_data=task:arithmetic", "FileNotFoundError",
      r"alignment_tax.sft_data: task:arithmetic: task arithmetic ships no sft.jsonl .*--out DIR"),
+    ("rollout.max_new_tokens=1000", "ValueError",
+     r"baseline: prompts.max_prompt_length \+ rollout.max_new_tokens = \d+ tokens, more than the 1024 positions"),
 ])
 def test_alignment_tax_settings_are_refused_naming_the_key(tmp_path, tiny_model_dir, override, error, match):
     from rlhfkit.config import ConfigError
     from rlhfkit.eval.policy_compare import run_eval
 
-    with pytest.raises({"ConfigError": ConfigError, "FileNotFoundError": FileNotFoundError}[error], match=match):
+    errors = {"ConfigError": ConfigError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError}
+    with pytest.raises(errors[error], match=match):
         run_eval(_eval_cfg(tmp_path, tiny_model_dir, override))
     assert not (tmp_path / "eval").exists()
 

@@ -48,6 +48,7 @@ from rlhfkit.judges.rewards import build_reward_fn, prompt_text
 from rlhfkit.judges.sample_scorer import check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
+from rlhfkit.models.loading import check_context_length
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
 from rlhfkit.tasks import get_task
@@ -253,9 +254,12 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
         with under_key(key):
             if spec:
                 check_scorer_spec(spec)
-    for spec in cfg.policies:
-        with under_key("policies"):
-            check_policy_path(policy_label(spec)[1])
+    for key, name in [("baseline", cfg.baseline), *(("policies", policy_label(spec)[1]) for spec in cfg.policies)]:
+        with under_key(key):
+            if key == "policies":
+                check_policy_path(name)
+            check_context_length(name, p.max_prompt_length + cfg.rollout.max_new_tokens,
+                                 "prompts.max_prompt_length + rollout.max_new_tokens")
     check_task_judges(cfg, items, pairs)
 
     # 2. Judges and the baseline's samples.
