@@ -96,9 +96,11 @@ class PairFitter:
         for _ in range(8):  # a cut text re-tokenises to within a token or two of its cut
             cut = min(over, max(0, len(tc) - self.max_length // 2))
             tc, over = tc[cut:], over - cut
-            while over > 0 and (ta or tb):
-                ta, tb = (ta[:-1], tb) if len(ta) >= len(tb) else (ta, tb[:-1])
+            na, nb = len(ta), len(tb)
+            while over > 0 and (na or nb):  # one token at a time from the longer response
+                na, nb = (na - 1, nb) if na >= nb else (na, nb - 1)
                 over -= 1
+            ta, tb = ta[:na], tb[:nb]
             tc = tc[over:] if over > 0 else tc  # the responses are gone: the context goes below max_length // 2
             texts = tuple(self.tokenizer.decode(t) for t in (tc, ta, tb))
             fitted = self._length(texts, label)
