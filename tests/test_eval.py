@@ -342,7 +342,8 @@ def _eval_cfg(tmp_path, model_dir, *overrides):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("no reference", r"gold: task:arithmetic cannot score the prompts of prompts.train \(task:sentiment\): .*'reference'"),
+    ("no reference",
+     r"gold: task:arithmetic cannot score the prompts of prompts.train \(task:sentiment\): .*'reference'"),
     ("bad reference", r"gold: task:arithmetic cannot score the prompts of prompts.train \(.*arbad.jsonl\): .*"
                       r"reference 'four' is not a number"),
     ("pairs", r"preference_set: gold task:arithmetic cannot score the pairs of .*pairs.jsonl"),
@@ -353,7 +354,8 @@ def test_a_task_judge_that_cannot_score_the_data_is_refused_before_anything_is_w
     from rlhfkit.eval.policy_compare import run_eval
 
     (tmp_path / "arbad.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?", "reference": "four"}) + "\n")
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}) + "\n")
+    pair = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
     extra = {"no reference": ["prompts.train=task:sentiment"],
              "bad reference": [f"prompts.train={tmp_path / 'arbad.jsonl'}"],
              "pairs": ["prompts.train=task:arithmetic", f"preference_set={tmp_path / 'pairs.jsonl'}"]}[case]
