@@ -18,14 +18,13 @@ it is the same for all of them and lives here:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from rlhfkit.config import ConfigError
-from rlhfkit.io import to_builtin
+from rlhfkit.io import read_jsonl_lenient, to_builtin
 from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 from rlhfkit.training.logger import RunLogger
 
@@ -148,20 +147,8 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
 def last_logged(out, step: int) -> dict:
     """The metrics logged at ``step`` in ``out/metrics.jsonl`` (the last such line), without the
     step and time; {} if there is none."""
-    path = Path(out) / "metrics.jsonl"
-    found: dict = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step") == step:
-            found = {k: v for k, v in row.items() if k not in ("step", "time")}
-    return found
+    rows = [r for r in read_jsonl_lenient(Path(out) / "metrics.jsonl") if r.get("step") == step]
+    return {k: v for k, v in rows[-1].items() if k not in ("step", "time")} if rows else {}
 
 
 def _best_tracker(train) -> Best | None:
