@@ -43,15 +43,15 @@ from rlhfkit.eval.stats import (
 )
 from rlhfkit.io import write_json_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
-from rlhfkit.judges.reward_fn import RewardFn, RewardFunctionError
-from rlhfkit.judges.rewards import build_reward_fn, prompt_text
+from rlhfkit.judges.reward_fn import RewardFunctionError
+from rlhfkit.judges.reward_set import check_record_fields
+from rlhfkit.judges.rewards import build_reward_fn, prompt_text, task_reward_fn
 from rlhfkit.judges.sample_scorer import check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.loading import check_context_length
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
-from rlhfkit.tasks import get_task
 from rlhfkit.training.runlock import hold, release
 
 log = logging.getLogger("rlhfkit")
@@ -302,24 +302,23 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
 
 
 def check_task_judges(cfg: EvalConfig, items: list, pairs: list) -> None:
-    """A built-in task's judge (``task:NAME``, ``annotator:NAME``) run once on the prompt records
-    with empty responses, and on the preference set's pairs, before anything is written: a judge
-    that needs a field the records lack (arithmetic's ``reference``) or cannot read one is refused
-    here, naming the key and the data, not after every policy has been sampled."""
+    """Every pointwise judge, and the simulated annotator's gold judge, against the prompt records
+    (`judges.reward_set.check_record_fields`, each judge used alone) and a built-in task's judge on
+    the preference set's pairs, before anything is written: a judge that needs a field the records
+    lack (arithmetic's ``reference``) or cannot read one is refused here, naming the key and the
+    data, not after every policy has been sampled."""
     for key, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *(("judges", j) for j in cfg.judges)]:
         kind, _, name = spec.partition(":")
-        if kind not in ("task", "annotator"):
+        if not spec or kind in ("pm", "judge"):
             continue
-        gold = RewardFn(get_task(name).gold_scores, f"task:{name}")
+        pointwise = f"task:{name}" if kind == "annotator" else spec
         try:
-            gold([r.text for r in items], [""] * len(items), messages=[r.messages for r in items],
-                 fields=[r.fields for r in items])
-        except (RewardFunctionError, ValueError) as e:
-            raise ConfigError(f"{key}: {spec} cannot score the prompts of prompts.train ({cfg.prompts.train}): "
-                              f"{e}") from None
-        if pairs:
+            check_record_fields(pointwise, items, f"prompts.train ({cfg.prompts.train})", alone=True)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if pairs and pointwise.startswith("task:"):
             try:
-                gold([prompt_text(ex.prompt) for ex in pairs], [ex.chosen for ex in pairs])
+                task_reward_fn(pointwise[5:])([prompt_text(ex.prompt) for ex in pairs], [ex.chosen for ex in pairs])
             except (RewardFunctionError, ValueError) as e:
                 raise ConfigError(f"preference_set: {key} {spec} cannot score the pairs of {cfg.preference_set} "
                                   f"(preference pairs carry no prompt-record fields): {e}") from None

@@ -181,12 +181,13 @@ def check_reward_set(spec_or_list, *, weights: Sequence[float] | None = None, co
     _check_set(names, _entry_weights(weights, [w for _, w, _ in entries]), combine, unscorable)
 
 
-def check_record_fields(spec_or_list, items: Sequence, source: str) -> None:
+def check_record_fields(spec_or_list, items: Sequence, source: str, alone: bool = False) -> None:
     """Each reward of a set against the prompt records it will score, before a model loads: a Python
     function whose signature requires a field none of the records has, and a built-in task's judge
     that cannot score them (run once on them with empty responses: arithmetic without, or with an
-    unreadable, ``reference``). ``items``: `PromptItem`s; ``source``: what they came from, for the
-    message. Reward models are not run."""
+    unreadable, ``reference``; with ``alone``, a judge used without a set, also one that leaves a
+    record unscored). ``items``: `PromptItem`s; ``source``: what they came from, for the message.
+    Reward models are not run."""
     if not items:
         return
     texts, messages, fields = [r.text for r in items], [r.messages for r in items], [r.fields for r in items]
@@ -196,7 +197,7 @@ def check_record_fields(spec_or_list, items: Sequence, source: str) -> None:
         fn = build_reward_fn(source_spec)  # a module is imported once: `check_reward_spec` has done it
         try:
             if isinstance(source_spec, str) and source_spec.strip().startswith("task:"):
-                fn.score(texts, [""] * len(items), messages=messages, fields=fields)
+                (fn if alone else fn.score)(texts, [""] * len(items), messages=messages, fields=fields)
             else:
                 fn.signature.kwargs(fn.label, texts, messages, field_columns(fields, len(items)))
         except (RewardFunctionError, ValueError) as e:

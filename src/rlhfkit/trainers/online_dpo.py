@@ -234,12 +234,12 @@ def _check_judges(cfg: OnlineDPOConfig, items: list, eval_items: list) -> None:
         kind, _, target = cfg.scorer.partition(":")
         pointwise = f"task:{target}" if kind == "annotator" else None if is_pairwise_spec(cfg.scorer) else cfg.scorer
         if pointwise:
-            check_record_fields(pointwise, items, f"prompts.train ({p.train})")
+            check_record_fields(pointwise, items, f"prompts.train ({p.train})", alone=True)
     with under_key("gold"):
         if cfg.gold:
             check_reward_spec(cfg.gold)
-            check_record_fields(cfg.gold, items, f"prompts.train ({p.train})")
-            check_record_fields(cfg.gold, eval_items, f"prompts.eval ({p.eval})")
+            check_record_fields(cfg.gold, items, f"prompts.train ({p.train})", alone=True)
+            check_record_fields(cfg.gold, eval_items, f"prompts.eval ({p.eval})", alone=True)
 
 
 def _prompts(cfg: OnlineDPOConfig, tokenizer) -> tuple[list, int, list]:

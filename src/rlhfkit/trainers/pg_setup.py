@@ -208,7 +208,7 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
     with under_key("reward.gold"):
         if cfg.reward.gold:
             check_reward_spec(cfg.reward.gold)
-            check_record_fields(cfg.reward.gold, eval_prompts, f"prompts.eval ({p.eval})")
+            check_record_fields(cfg.reward.gold, eval_prompts, f"prompts.eval ({p.eval})", alone=True)
     for key, name in (models or {}).items():
         with under_key(key):
             check_model_path(name)
