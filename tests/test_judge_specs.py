@@ -187,3 +187,23 @@ def test_pm_truncation_that_leaves_no_pair_stops_before_anything_is_written(tmp_
     with pytest.raises(DataError, match=r"pairs\.jsonl: all \d+ training pairs were dropped"):
         train_pm(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("max_length", [100, 110, 120, 130])
+def test_pm_truncation_never_cuts_a_response_to_nothing(tokenizer, max_length):
+    """A long context with two short responses: the context goes below half before a response is
+    emptied, as rm and dpo keep at least one response token; a question with an empty response
+    (a label for nothing) is never written."""
+    from rlhfkit.data.tokenize import render_ids
+    from rlhfkit.judges.preference import pm_record
+    from rlhfkit.trainers.pm import PairFitter
+
+    context = "Please summarise the following long article about bread making in Europe. " * 4
+    fitter = PairFitter(tokenizer, max_length)
+    out = fitter(context, "Bread making in Europe began with flat breads.", "I do not know.", "A")
+    if out is None:
+        assert fitter.dropped == 1
+        return
+    _, first, second = out
+    assert first.strip() and second.strip()
+    assert len(render_ids(tokenizer, pm_record(*out, "A")["messages"])) <= max_length

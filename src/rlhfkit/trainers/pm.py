@@ -76,8 +76,9 @@ def _check_lengths(cfg: PMConfig, pairs: list) -> None:
 class PairFitter:
     """``data.truncation`` left or right for A/B questions, as for the pairs of rm and dpo: the
     context keeps its end (cut from the left, to no less than max_length // 2 tokens), then the
-    longer response loses its last token until the whole question fits; the answer letter and the
-    question are never cut. A pair that cannot fit is dropped. Counts what it cut."""
+    longer response loses its last token until the whole question fits; each response keeps at
+    least one token, and the answer letter and the question are never cut. A pair that cannot fit
+    so is dropped. Counts what it cut."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -97,18 +98,20 @@ class PairFitter:
             cut = min(over, max(0, len(tc) - self.max_length // 2))
             tc, over = tc[cut:], over - cut
             na, nb = len(ta), len(tb)
-            while over > 0 and (na or nb):  # one token at a time from the longer response
+            while over > 0 and max(na, nb) > 1:  # one token at a time from the longer response, never to 0
                 na, nb = (na - 1, nb) if na >= nb else (na, nb - 1)
                 over -= 1
             ta, tb = ta[:na], tb[:nb]
-            tc = tc[over:] if over > 0 else tc  # the responses are gone: the context goes below max_length // 2
+            tc = tc[over:] if over > 0 else tc  # the responses are down to a token: the context goes below half
             texts = tuple(self.tokenizer.decode(t) for t in (tc, ta, tb))
+            if not (texts[1].strip() and texts[2].strip()):
+                break  # a response cut to nothing: no question to label
             fitted = self._length(texts, label)
             if fitted <= self.max_length:
                 self.truncated += 1
                 self.tokens_removed += length - fitted
                 return texts
-            if not (tc or ta or tb):
+            if not tc:
                 break
             over = fitted - self.max_length
         self.dropped += 1
