@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -77,11 +78,37 @@ def test_sft_prompt_response_rows_equal_messages_rows(tokenizer, tmp_path):
     assert a == b
 
 
-def test_reply_that_breaks_prefix_stability_is_reported(tokenizer):
-    # "assistant\n" + "\n\nHello" tokenizes differently from the two parts: say so, don't mislabel.
-    ex = SFTExample(chat("Hi", "\n\nHello"), origin=("x.jsonl", 4))
-    with pytest.raises(DataError, match=r"x.jsonl:4: field 'messages': .*prefix-stable"):
-        tokenize_sft(tokenizer, ex, 128)
+@pytest.mark.parametrize("reply", ["\n\nHello", "  two spaces", "    def f():\n        return 1", "  - item"])
+def test_reply_whose_first_token_merges_with_the_header_is_labelled_as_a_rollout_writes_it(tokenizer, reply):
+    """"assistant\\n" + "\\n\\nHello" tokenizes differently from the two parts: the prompt keeps
+    the generation prompt's tokens and the reply is tokenized after it, as a model writes it."""
+    ex = SFTExample(chat("Hi", reply), origin=("x.jsonl", 4))
+    f = tokenize_sft(tokenizer, ex, 128)
+    prompt = render_prompt_ids(tokenizer, chat("Hi"))
+    assert f["input_ids"][:len(prompt)] == prompt
+    (run,) = labelled_runs(f)
+    assert run == tokenizer(reply, add_special_tokens=False)["input_ids"] + tokenizer.convert_tokens_to_ids([EOT])
+    pair = tokenize_preference(tokenizer, PreferenceExample(chat("Hi"), reply, "No."), 128)
+    assert pair["prompt_ids"] == prompt and pair["chosen_ids"] == run
+
+
+def test_multi_turn_with_a_separator_that_merges_into_the_next_header(tokenizer):
+    """An Alpaca-style template: the "\\n\\n" after a reply merges with the next "###"; every turn
+    is still found, and each labelled run is a reply."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] "
+                         "+ '\\n\\n' }}{% else %}{{ '### Response:\\n' + m['content'] + '\\n\\n' }}{% endif %}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}")
+    f = tokenize_sft(tok, SFTExample(chat("hi", "yo", "again", "ok")), 256)
+    assert [tok.decode(r) for r in labelled_runs(f)] == ["yo\n\n", "ok\n\n"]
+
+
+def test_template_that_rewrites_earlier_turns_is_reported(tokenizer):
+    tok = copy.deepcopy(tokenizer)  # the number of messages at the top: every prefix renders differently
+    tok.chat_template = "{{ messages|length }}" + tokenizer.chat_template
+    ex = SFTExample(chat("Hi", "Hello"), origin=("x.jsonl", 4))
+    with pytest.raises(DataError, match=r"x.jsonl:4: field 'messages': .*prefix-stable.*rewrites earlier turns"):
+        tokenize_sft(tok, ex, 128)
 
 
 # ---------------------------------------------------------------------------------- preference

@@ -181,3 +181,19 @@ def test_packed_pairs_compute_the_system_turn_once(rm, tiny_model, tokenizer, tm
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reply", ["  two spaces", "\n\nParagraph", "    def f():\n        return 1"])
+def test_scorer_reads_a_reply_that_merges_with_the_header_as_rm_trained_on_it(rm, tokenizer, reply):
+    """A reply starting with whitespace: `rm:DIR` scores the ids `rlhfkit rm` trains on
+    (tokenize_preference), read at the end-of-turn token, not the template's trailing newline."""
+    from rlhfkit.data import PreferenceExample, tokenize_preference
+    from rlhfkit.judges.reward_model import RewardModelScorer
+
+    prompt = [{"role": "user", "content": "question 1"}]
+    pair = tokenize_preference(tokenizer, PreferenceExample(prompt, reply, "other"), 96)
+    scorer = RewardModelScorer(rm, tokenizer)
+    assert scorer.render_parts(prompt, reply) == (pair["prompt_ids"], pair["chosen_ids"])
+    ids = torch.tensor([pair["prompt_ids"] + pair["chosen_ids"]])
+    set_reward_pooling(rm, "last")
+    torch.testing.assert_close(torch.tensor(scorer([""], [reply], messages=[prompt])), rm(ids).logits[:, 0])

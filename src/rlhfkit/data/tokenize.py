@@ -4,9 +4,13 @@ Assistant spans are found by rendering prefixes of the conversation, not by sear
 strings: for assistant turn i,
     before = template(messages[:i], add_generation_prompt=True)   # ... <|im_start|>assistant\\n
     upto   = template(messages[:i+1])                              # ... reply<|im_end|>\\n
-and the reply's tokens are upto[len(before):]. Both must be token prefixes of the whole
-rendering ("prefix-stable"); if a template rewrites earlier turns or a merge crosses the boundary
-(e.g. a reply starting with a newline right after "assistant\\n"), a DataError says so.
+and the reply's tokens are upto[len(before):] when both are token prefixes of the whole rendering
+("prefix-stable"). When a merge crosses a boundary (a reply starting with spaces or newlines
+right after the "assistant\\n" header, or a template whose turn separator merges with the next
+header), the rendered text is cut at the same places and each piece is tokenized on its own:
+the prompt's tokens are then exactly the generation prompt's, and the reply's are those a model
+writes after it, as in a rollout. A template that rewrites earlier turns (the renderings are not
+even text prefixes of each other) is a DataError.
 
 Labelled tokens: the reply content and the end-of-turn token (``<|im_end|>``), so the model
 learns to stop. Template text *after* the end-of-turn token (ChatML's "\\n") is -100: generation
@@ -179,19 +183,77 @@ def _render(tokenizer, messages, gen: bool, origin, field: str) -> list[int]:
         raise DataError.at(origin, field, f"the chat template refused this conversation: {e}") from None
 
 
-def _reply_span(full, before, upto, eot, origin, field: str, turn: int) -> tuple[int, int]:
-    """[start, stop) of assistant turn `turn` in `full`, ending at its end-of-turn token."""
-    if full[:len(before)] != before or full[:len(upto)] != upto or len(upto) <= len(before):
-        raise DataError.at(origin, field, (
-            f"the chat template is not prefix-stable at message {turn}: rendering the conversation up to "
-            "that turn does not give a token prefix of the whole rendering, so the assistant tokens cannot "
-            "be located (typical causes: a reply starting with whitespace/newlines that merges with the "
-            "template's 'assistant\\n' header, or a template that rewrites earlier turns)"))
-    start, stop = len(before), len(upto)
+def _render_text(tokenizer, messages, gen: bool, origin, field: str) -> str:
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    except (jinja2.TemplateError, ValueError) as e:
+        raise DataError.at(origin, field, f"the chat template refused this conversation: {e}") from None
+
+
+def _to_eot(ids, start: int, stop: int, eot) -> tuple[int, int]:
+    """[start, stop) cut after the last end-of-turn token in it (the template's separator after it is not trained)."""
     for j in range(stop - 1, start - 1, -1):
-        if full[j] in eot:
+        if ids[j] in eot:
             return start, j + 1
     return start, stop
+
+
+def assistant_spans(tokenizer, messages: list[dict], origin=None, field: str = "messages"
+                    ) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids of the whole conversation, [start, stop) of each assistant turn up to its end-of-turn token).
+
+    The template's own tokenization when every turn boundary is prefix-stable; otherwise the text
+    cut at the boundaries, each piece tokenized alone (module docstring)."""
+    full = _render(tokenizer, messages, False, origin, field)
+    eot = end_of_turn_ids(tokenizer)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = []
+    for i in turns:
+        before = _render(tokenizer, messages[:i], True, origin, field)
+        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], False, origin, field)
+        if full[:len(before)] != before or full[:len(upto)] != upto or len(upto) <= len(before):
+            return _text_spans(tokenizer, messages, turns, eot, origin, field)
+        spans.append(_to_eot(full, len(before), len(upto), eot))
+    return full, spans
+
+
+def _text_spans(tokenizer, messages, turns, eot, origin, field):
+    full = _render_text(tokenizer, messages, False, origin, field)
+    cuts = []
+    for i in turns:
+        before = _render_text(tokenizer, messages[:i], True, origin, field)
+        upto = full if i == len(messages) - 1 else _render_text(tokenizer, messages[:i + 1], False, origin, field)
+        if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
+            raise DataError.at(origin, field, (
+                f"the chat template is not prefix-stable at message {i}: rendering the conversation up to that "
+                "turn is not a prefix of the whole rendering (the template rewrites earlier turns), so the "
+                "assistant tokens cannot be located"))
+        cuts.append((len(before), len(upto)))
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    ids, spans, pos = [], [], 0
+    for b, u in cuts:
+        ids += encode(full[pos:b])
+        start = len(ids)
+        ids += encode(full[b:u])
+        spans.append(_to_eot(ids, start, len(ids), eot))
+        pos = u
+    return ids + encode(full[pos:]), spans
+
+
+def render_reply(tokenizer, messages: list[dict], response: str, origin=None, field: str = "response"
+                 ) -> tuple[list[int], list[int]]:
+    """(prompt ids with the generation header, reply ids up to and including its end-of-turn token):
+    how `rlhfkit rm` and `dpo` see a response to `messages`. The prompt ids are
+    `render_prompt_ids(messages)` whichever way the reply was located."""
+    full, spans = assistant_spans(tokenizer, [*messages, {"role": "assistant", "content": response}], origin, field)
+    start, stop = spans[-1]
+    prompt = _render(tokenizer, messages, True, origin, "prompt")
+    if full[:start] != prompt:
+        raise DataError.at(origin, field, "the chat template renders the prompt differently before this reply "
+                                          "than as a generation prompt, so the reply cannot be located")
+    return prompt, full[start:stop]
 
 
 def _check_mode(truncation: str) -> None:
@@ -216,15 +278,9 @@ def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: st
     """
     _check_mode(truncation)
     msgs, o = example.messages, example.origin
-    full = _render(tokenizer, msgs, False, o, example.field)
+    full, spans = assistant_spans(tokenizer, msgs, o, example.field)
     labels = [IGNORE_INDEX] * len(full)
-    eot = end_of_turn_ids(tokenizer)
-    for i, msg in enumerate(msgs):
-        if msg["role"] != "assistant":
-            continue
-        before = _render(tokenizer, msgs[:i], True, o, example.field)
-        upto = full if i == len(msgs) - 1 else _render(tokenizer, msgs[:i + 1], False, o, example.field)
-        start, stop = _reply_span(full, before, upto, eot, o, example.field, i)
+    for start, stop in spans:
         labels[start:stop] = full[start:stop]
     removed = max(0, len(full) - max_length)
     if removed:
@@ -249,15 +305,8 @@ def tokenize_preference(tokenizer, example: PreferenceExample, max_length: int, 
     """
     _check_mode(truncation)
     o = example.origin
-    prompt_ids = _render(tokenizer, example.prompt, True, o, "prompt")
-    eot = end_of_turn_ids(tokenizer)
-    replies = {}
-    for key in ("chosen", "rejected"):
-        full = _render(tokenizer, [*example.prompt, {"role": "assistant", "content": getattr(example, key)}],
-                       False, o, key)
-        start, stop = _reply_span(full, prompt_ids, full, eot, o, key, len(example.prompt))
-        replies[key] = full[start:stop]
-    p, c, r = prompt_ids, replies["chosen"], replies["rejected"]
+    (p, c), (_, r) = (render_reply(tokenizer, example.prompt, getattr(example, key), o, key)
+                      for key in ("chosen", "rejected"))
     longest = max(len(c), len(r))
     removed = 0
     if len(p) + longest > max_length:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.data import end_of_turn_ids, length_batches, render_ids, render_prompt_ids
+from rlhfkit.data import DataError, length_batches, render_ids, render_reply
 from rlhfkit.judges.reward_fn import Messages, RewardFn, RewardSpecError, default_name
 from rlhfkit.models import (
     PACKABLE_POOLINGS,
@@ -107,17 +107,13 @@ class RewardModelScorer:
         return prompt + reply
 
     def render_parts(self, messages: Messages, response: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, reply ids) of `render`. A template that is not prefix-stable for this reply
-        gives ([], whole rendering): then a "mean"-pooled RM averages over every token."""
-
-        prompt = render_prompt_ids(self.tokenizer, messages)
-        full = render_ids(self.tokenizer, [*messages, {"role": "assistant", "content": response}])
-        if full[:len(prompt)] != prompt:
-            return [], full
-        eot = end_of_turn_ids(self.tokenizer)
-        reply = full[len(prompt):]
-        ends = [j for j, t in enumerate(reply) if t in eot]
-        return prompt, (reply[:ends[-1] + 1] if ends else reply)
+        """(prompt ids, reply ids) of `render` (`data.tokenize.render_reply`). A template that
+        rewrites the prompt once a reply follows gives ([], whole rendering): then a "mean"-pooled
+        RM averages over every token."""
+        try:
+            return render_reply(self.tokenizer, messages, response)
+        except DataError:
+            return [], render_ids(self.tokenizer, [*messages, {"role": "assistant", "content": response}])
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], messages: list[Messages]) -> list[float]:
