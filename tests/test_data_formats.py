@@ -176,6 +176,18 @@ def test_hh_message_transcripts_and_other_common_shapes():
     assert got[3] == PreferenceExample(HH_PROMPT[-1:], "6.", "7, I think.")
 
 
+def test_hh_split_into_prompt_and_response_trains_sft_on_the_reply_as_the_pairs_do():
+    """The space after "Assistant:" belongs to the separator: SFT and the preference pairs built
+    from the same split rows see the same reply."""
+    prompt = HH_CHOSEN.rsplit(" 6.", 1)[0]
+    sft = load_sft([{"prompt": prompt, "response": " 6."}])[0]
+    pair = load_preference([{"prompt": prompt, "chosen": " 6.", "rejected": " 7, I think."}])[0]
+    assert sft.messages == [*HH_PROMPT, {"role": "assistant", "content": "6."}]
+    assert sft.messages[-1]["content"] == pair.chosen
+    plain = load_sft([{"prompt": "Indent this", "response": "    x = 1"}])[0]
+    assert plain.messages[-1]["content"] == "    x = 1"  # content of other formats is kept verbatim
+
+
 def test_a_prompt_with_full_hh_transcripts_trains_on_the_replies_alone():
     """HH-RLHF as many copies ship it: a prompt column and chosen / rejected that repeat it in full."""
     want = PreferenceExample(HH_PROMPT, "6.", "7, I think.")

@@ -81,6 +81,7 @@ def test_a_model_without_chat_template_names_the_key_and_the_key_fixes_it(tmp_pa
     data = _sft_data(tmp_path / "d.jsonl")
     code, line = _cli(capsys, _sft_args(model, data, tmp_path / "run"))
     assert code == 2 and "has no chat template" in line and "set data.chat_template" in line, line
+    assert "ppo, grpo, rloo, online-dpo and eval take the template from the model" in line
     assert not (tmp_path / "run").exists()
     code, _ = _cli(capsys, _sft_args(model, data, tmp_path / "run", "data.chat_template=chatml"))
     assert code == 0

@@ -96,6 +96,8 @@ def _parse_sft_one(rec: Record) -> SFTExample:
         raise DataError.at(o, "response", "missing (or null)")
     prompt = prompt_messages(d["prompt"], o, "prompt")
     reply = _reply_content(d[key], o, key)
+    if isinstance(d["prompt"], str) and is_transcript_string(d["prompt"]):
+        reply = reply.strip()  # HH split into prompt / response: the reply starts with the space after "Assistant:"
     return SFTExample([*prompt, {"role": "assistant", "content": reply}], origin=o, field=key)
 
 

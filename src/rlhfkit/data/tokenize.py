@@ -76,8 +76,10 @@ def require_chat_template(tokenizer) -> None:
     """Raise `MissingChatTemplate`, naming the config key that fixes it, for a template-less tokenizer."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or "this model"
-        raise MissingChatTemplate(f"{name} has no chat template (a base model?): set data.chat_template to a "
-                                  f"Jinja template file or to one of: {', '.join(sorted(NAMED_TEMPLATES))}")
+        raise MissingChatTemplate(f"{name} has no chat template (a base model?): in sft, rm, dpo and pm set "
+                                  "data.chat_template to a Jinja template file or to one of: "
+                                  f"{', '.join(sorted(NAMED_TEMPLATES))}; ppo, grpo, rloo, online-dpo and eval take "
+                                  "the template from the model: start from a model trained so (it saves the template)")
 
 
 # ------------------------------------------------------------------------------------ statistics
