@@ -119,3 +119,22 @@ def test_agg_loss_micro_batches_with_global_normalizer_equal_full_batch(mode):
         return
     naive = sum(agg_loss(w[i : i + 1].square(), m[i : i + 1], mode) for i in range(B)) / B
     assert not torch.allclose(naive, full)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_statistics_are_reduced_in_float32(dtype):
+    """bf16 sums of thousands of tokens lose the third digit and an fp16 count overflows at 65504:
+    the statistics are the fp64 ones rounded once to the input's dtype."""
+    from rlhfkit.algos import agg_loss, masked_mean, masked_var, masked_whiten
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3000, generator=gen, dtype=torch.float64) * 3 + 100
+    m = torch.rand(4, 3000, generator=gen) > 0.1
+    xl = x.to(dtype)
+    ref = xl.double()[m]  # the values as the input holds them
+    assert masked_mean(xl, m) == ref.mean().to(dtype)
+    torch.testing.assert_close(masked_var(xl, m).double(), ref.var(), rtol=1e-2, atol=0)
+    w = masked_whiten(xl, m).double()[m]
+    assert abs(float(w.mean())) < 0.01 and abs(float(w.std()) - 1) < 0.01
+    ones = torch.ones(1, 70000, dtype=dtype)
+    assert float(agg_loss(ones, torch.ones(1, 70000))) == 1.0 and float(masked_mean(ones, torch.ones(1, 70000))) == 1.0

@@ -282,3 +282,28 @@ def test_reinforce_baseline_is_the_batch_mean_and_needs_no_groups(tokenizer, tmp
 def test_rloo_config_errors(over, match):
     with pytest.raises(ConfigError, match=match):
         load_config(RLOOConfig, data={"mini_batch_size": 8, **over})
+
+
+@pytest.mark.parametrize("command", ["grpo", "ppo"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_full_fine_tuning_in_half_precision_starts_at_kl_zero_and_ratio_one(tiny_model_dir, tmp_path, command, dtype):
+    """The reference computes as the actor does under autocast (fp32 master weights), and the update
+    packs a prompt's responses in the order the scoring forward did: exactly 0 and 1 at step 0, as in fp32."""
+    import json
+
+    from rlhfkit.cli import main
+
+    out = tmp_path / "run"
+    assert main([command, f"model.name={tiny_model_dir}", f"model.dtype={dtype}", "model.lora.enabled=false",
+                 "prompts.train=task:sentiment", "prompts.limit=8", "reward.spec=task:sentiment",
+                 "train.max_steps=1", "train.batch_size=2", "rollout.n=4", "rollout.max_new_tokens=8",
+                 "train.micro_batch_size=4", "mini_batch_size=8", "train.report_to=[]", "train.progress=false",
+                 "train.save_every=0", f"train.output_dir={out}", *(["critic_init=policy"] if command == "ppo" else [])]) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["policy/ratio_first"] == 1.0 and first["objective/kl"] == 0.0, first
+
+
+def test_rows_of_one_prompt_keep_their_row_order():
+    from rlhfkit.trainers.pg_update import rows_by_prompt
+
+    assert rows_by_prompt([5, 1, 4, 0, 3, 2], torch.tensor([0, 0, 0, 1, 1, 1])) == [0, 1, 2, 3, 4, 5]

@@ -4,6 +4,10 @@ Convention for every function here: `mask` is binary (bool or 0/1 of any dtype) 
 to `x`. Masked entries are selected away with `torch.where`, never multiplied by 0, because
 `0 * nan = nan` and `0 * inf = nan`: padding positions may hold garbage (nan values from a critic
 on pad tokens, -inf log-probs, ...) and must never reach a result.
+
+Half-precision inputs (bf16, fp16) are reduced in float32: a bf16 sum of thousands of tokens is
+off in the third digit, and an fp16 count overflows at 65504. Statistics come back in the input's
+dtype; `agg_loss` returns a loss of at least float32.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
     return x.sum() if dim is None else x.sum(dim)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _count(x: torch.Tensor, mask: torch.Tensor, dim: int | None) -> torch.Tensor:
     # Broadcast the mask to x's shape first, so a (B, 1) mask on a (B, T) x counts T per row.
     return masked_sum(torch.ones_like(x), mask, dim)
@@ -32,12 +40,14 @@ def _count(x: torch.Tensor, mask: torch.Tensor, dim: int | None) -> torch.Tensor
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `x` over valid entries. An empty selection gives 0 (count clamped to 1), not nan,
     so a row with no valid tokens does not poison a batch statistic."""
-    return masked_sum(x, mask, dim) / _count(x, mask, dim).clamp(min=1)
+    w = _wide(x)
+    return (masked_sum(w, mask, dim) / _count(w, mask, dim).clamp(min=1)).to(x.dtype)
 
 
 def _mean_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool, reduce) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, variance) over valid entries, two-pass; ``reduce`` sums each partial over ranks."""
     reduce = reduce or (lambda t: t)
+    x = _wide(x)
     total = reduce(torch.stack([masked_sum(x, mask), _count(x, mask, None)]))  # (sum, count)
     mean = total[0] / total[1].clamp(min=1)
     sq_dev = reduce(masked_sum((x - mean) ** 2, mask))
@@ -52,7 +62,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduc
     clamped to 1, which gives variance 0 instead of inf/nan. ``reduce`` (e.g. `Strategy.sum`) sums
     a tensor over data-parallel ranks: the variance is then that of every rank's valid entries.
     """
-    return _mean_var(x, mask, unbiased, reduce)[1]
+    return _mean_var(x, mask, unbiased, reduce)[1].to(x.dtype)
 
 
 def masked_whiten(
@@ -67,10 +77,10 @@ def masked_whiten(
     the statistics are the global batch's, so N ranks whiten exactly as one process would.
     """
     mean, var = _mean_var(x, mask, True, reduce)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    whitened = (_wide(x) - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return _select(whitened, mask)
+    return _select(whitened, mask).to(x.dtype)
 
 
 def agg_loss(
@@ -98,6 +108,7 @@ def agg_loss(
 
     Rows with no valid token still count as a row in the seq-mean modes (contributing 0).
     """
+    loss_mat = _wide(loss_mat)
     if mode == "token-mean":
         total = masked_sum(loss_mat, mask)
         denom = _count(loss_mat, mask, None).clamp(min=1) if normalizer is None else normalizer

@@ -178,6 +178,19 @@ def trained_dtype(model_dtype: str | None, lora: bool) -> str:
     return (model_dtype or "auto") if lora else "float32"
 
 
+def store_linears_in(model, dtype: torch.dtype):
+    """Store the weights (and biases) of ``model``'s linear layers in ``dtype``; every other
+    parameter stays as it is. A frozen model run under autocast in ``dtype`` then computes exactly
+    as a fp32 copy does (autocast casts a linear layer's fp32 weights to ``dtype`` in each forward,
+    and norms, embeddings and the residual stream stay fp32), with the linear weights' memory halved.
+    A linear layer tied to the input embedding (a tied LM head) stays with the embedding."""
+    tied = {id(p) for p in model.get_input_embeddings().parameters()}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in tied:
+            module.to(dtype)
+    return model
+
+
 _META_LOADS = 0  # > 0 inside `structure_only`
 
 

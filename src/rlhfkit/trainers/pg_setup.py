@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+import torch
+
 from rlhfkit.config import (
     ConfigError,
     DataSection,
@@ -32,8 +34,9 @@ from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
 from rlhfkit.judges.reward_set import check_record_fields
 from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer
-from rlhfkit.models.loading import check_context_length, to_device, trained_dtype
+from rlhfkit.models.loading import check_context_length, store_linears_in, to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, disable_dropout, enable_gradient_checkpointing
+from rlhfkit.parallel import precision
 from rlhfkit.rollout import PromptItem, load_prompt_items
 from rlhfkit.trainers.sft import prepare_sft_data
 from rlhfkit.training import (
@@ -156,7 +159,9 @@ def prompt_batch(pr: PolicyRun, step: int) -> list[PromptItem]:
 
 
 def load_actor(model_cfg, device, dropout_off: bool = True):
-    """(actor, reference). With LoRA the reference is None: scoring then runs the actor with its
+    """(actor, reference). Without LoRA the reference is the starting policy in fp32 with its linear
+    layers' weights in the compute dtype (`store_linears_in`): under the run's autocast it computes as
+    the actor does. With LoRA the reference is None: scoring then runs the actor with its
     adapters disabled, so the base weights exist once in memory. The reference is the starting
     policy, so a LoRA adapter as model.name (a LoRA SFT run) is merged into its base first and fresh
     adapters go on top; `rlhfkit merge` follows that chain back. ``dropout_off``: the actor's dropout
@@ -169,7 +174,12 @@ def load_actor(model_cfg, device, dropout_off: bool = True):
         disable_dropout(actor)
     ref = None
     if not model_cfg.lora.enabled:
-        ref = to_device(load_causal_lm(model_cfg.name, model_cfg.dtype), device)
+        # the actor's fp32 master weights under autocast, as the actor computes: KL exactly 0 at step 0
+        ref = load_causal_lm(model_cfg.name, "float32")
+        compute = precision.NAMES[precision.resolve(model_cfg.dtype or "auto", torch.device(device))]
+        if compute != torch.float32:
+            store_linears_in(ref, compute)
+        ref = to_device(ref, device)
         ref.eval().requires_grad_(False)
     actor.train()
     return actor, ref

@@ -73,11 +73,13 @@ def fusable(n_rows: int, mini_batch_size: int, micro_batch_size: int, *models) -
 
 
 def rows_by_prompt(rows: list[int], prompt_index: torch.Tensor) -> list[int]:
-    """A minibatch's rows reordered so that rows of one prompt are adjacent (stable: the shuffled
-    order is kept within a prompt). The minibatch, and so its gradient, is the same set of rows;
-    its micro-batches then hold runs of one prompt's responses to pack (``share_prompt``)."""
+    """A minibatch's rows reordered so that rows of one prompt are adjacent, in row order within a
+    prompt. The minibatch, and so its gradient, is the same set of rows; its micro-batches then
+    hold runs of one prompt's responses to pack (``share_prompt``), and, when the minibatch is the
+    whole batch, the same rows in the same order as the scoring forward's micro-batches: in
+    bf16/fp16 the first minibatch's ratio is then exactly 1, not 1 +- rounding."""
     idx = prompt_index.tolist()
-    return sorted(rows, key=lambda r: idx[r])
+    return sorted(rows, key=lambda r: (idx[r], r))
 
 
 def forward_tokens(mb: Experience, share_prompt: bool) -> int:
@@ -236,8 +238,7 @@ def policy_update(cfg, strategy, guard, exp: Experience, actor: Trained, critic:
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n).tolist()
         for start in range(0, n, mini):
-            rows = order[start:start + mini]
-            rows = rows_by_prompt(rows, exp.prompt_index) if cfg.share_prompt else rows
+            rows = rows_by_prompt(order[start:start + mini], exp.prompt_index)
             mb_means = Means()
             reuse, first = (first.select(rows) if first is not None else None), None  # the first minibatch only
             losses = minibatch_backward(cfg, strategy, actor.model, critic_model, exp.select(rows), mb_means, reuse,
