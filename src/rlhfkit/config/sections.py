@@ -49,7 +49,7 @@ class ModelSection:
     dtype: str = "auto"
     """Compute precision: auto (bf16 on GPUs that support it, fp32 on CPU), float32, bfloat16 or float16.
     Trained weights and optimizer state stay fp32 (master weights); forwards run under autocast in this
-    dtype; frozen references and reward models load in it; float16 adds loss scaling (docs/distributed.md)."""
+    dtype, frozen references computing as the trained model does; float16 adds loss scaling (docs/distributed.md §8)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (less memory, more compute)."""
     lora: LoraSection = field(default_factory=LoraSection)
