@@ -333,3 +333,42 @@ def test_overrides_may_follow_the_flags(tmp_path, capsys):
     code = main([*args, "--resume", "optim.lr=1e-3"])
     err = capsys.readouterr().err
     assert code == 2 and "unrecognized arguments" not in err and err.startswith("rlhfkit sft: error: ")
+
+
+def _model_with_code(src: Path, dst: Path, model_type: str) -> Path:
+    """A model directory whose config.json points at Python code shipped with it (auto_map);
+    the code writes a marker file when imported."""
+    shutil.copytree(src, dst)
+    marker = dst.parent / f"RAN_{model_type}"
+    (dst / "evil_modeling.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        f"class EvilConfig(LlamaConfig):\n    model_type = {model_type!r}\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(model_type=model_type, auto_map={"AutoConfig": "evil_modeling.EvilConfig",
+                                                "AutoModelForCausalLM": "evil_modeling.EvilForCausalLM"})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "grpo"])
+def test_a_model_directory_with_its_own_code_is_refused_and_its_code_never_runs(tmp_path, tiny_model_dir, capsys,
+                                                                                 command):
+    model = _model_with_code(tiny_model_dir, tmp_path / "evil", "evil")
+    argv = {"sft": _sft_args(model, _sft_data(tmp_path / "d.jsonl"), tmp_path / "run"),
+            "rm": ["rm", f"model.name={model}", "data.train=task:sentiment", f"train.output_dir={tmp_path / 'run'}"],
+            "grpo": ["grpo", f"model.name={model}", f"train.output_dir={tmp_path / 'run'}"]}[command]
+    code, line = _cli(capsys, argv)
+    assert code == 2 and "model.name:" in line and "never runs code from a model directory" in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "RAN_evil").exists()
+
+
+def test_a_known_architecture_with_an_auto_map_loads_without_running_the_shipped_code(tmp_path, tiny_model_dir):
+    from rlhfkit.models import load_causal_lm, load_scalar_model, load_tokenizer
+
+    model = _model_with_code(tiny_model_dir, tmp_path / "llama_with_code", "llama")
+    assert type(load_causal_lm(model)).__name__ == "LlamaForCausalLM"
+    assert type(load_scalar_model(model)).__name__ == "LlamaForSequenceClassification"
+    load_tokenizer(model)
+    assert not (tmp_path / "RAN_llama").exists()

@@ -385,3 +385,32 @@ def test_the_quickstart_pipeline_example_plans_as_it_says(tmp_path):
     assert [(s.name, c.model.name, c.train.output_dir) for s, c in stages] == [
         ("sft", "smollm2-135m-instruct", "runs/mine/sft"), ("rm", "runs/mine/sft/model", "runs/mine/rm")]
     assert stages[1][1].optim.lr == 1e-5 and stages[0][1].train.seed == 0
+
+
+def test_text_from_a_run_never_runs_as_script_in_the_report(tmp_path):
+    """Strings where numbers belong (a crafted eval_results.json, pm_results.json or config) are
+    shown as text; the page's policy lets no script run at all, and the figures still show."""
+    if chromium_path() is None:
+        pytest.fail("Chromium is not installed: `make test` installs Debian's chromium package")
+    from rlhfkit.report import build_report
+
+    run = tmp_path / "run"
+    _synthetic_run(run, healthy=False)  # its ppo samples are cut at the cap: the cap is shown
+    attack = "<script>document.title='pwned'</script>"
+    ev = json.loads((run / "eval" / "eval_results.json").read_text())
+    ev.update(prompts=attack, prompts_dropped_too_long="<img src=x onerror=\"document.title='pwned'\">",
+              preference_set={"gold": {"accuracy": 0.7, "pairs": attack}})
+    (run / "eval" / "eval_results.json").write_text(json.dumps(ev))
+    cfg = yaml.safe_load((run / "ppo" / "ppo_config.yaml").read_text())
+    cfg["rollout"]["max_new_tokens"] = attack
+    (run / "ppo" / "ppo_config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "pm").mkdir()
+    (run / "pm" / "pm_config.yaml").write_text("model: {name: m}\n")
+    (run / "pm" / "pm_results.json").write_text(json.dumps({"pairs": {"eval": attack}, "pm": {"accuracy": 0.8}}))
+    page = build_report([run])
+    text = page.read_text()
+    assert "<script" not in text and "<img src=x" not in text
+    assert "http-equiv='Content-Security-Policy' content=\"default-src 'none'" in text
+    result = render(page, sections=("#responses",))
+    assert result["errors"] == [] and attack in result["text"]
+    assert result["images"] and all(img["visible"] and img["w"] > 100 for img in result["images"])

@@ -74,8 +74,9 @@ def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
     log.info("dequantising %s once into %s (about 20 s)", gguf.name, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                   trust_remote_code=False)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and weights.
     config = qmodel.config
     if hasattr(config, "quantization_config"):
@@ -140,7 +141,7 @@ def load_tokenizer(name: str | os.PathLike, chat_template: str = ""):
 
 
     path = resolve_model_path(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return apply_chat_template(_prepare_tokenizer(tok), chat_template)
 
 
@@ -152,7 +153,7 @@ def check_context_length(name: str | os.PathLike, tokens: int, what: str) -> Non
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name))
+        config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=False)
     except Exception:  # an adapter directory, a hub id not cached: checked when it loads
         return
     limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
@@ -223,7 +224,7 @@ def to_device(model, device):
 
 def _from_config(cls, config, dtype):
     with torch.device("meta"):
-        return cls.from_config(config, dtype=dtype)
+        return cls.from_config(config, dtype=dtype, trust_remote_code=False)
 
 
 def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = None):
@@ -239,8 +240,9 @@ def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = No
     if _is_adapter_dir(path):
         return load_merged(path, dtype=dtype, kind="causal")
     if _META_LOADS:
-        return _from_config(AutoModelForCausalLM, AutoConfig.from_pretrained(path), _dtype(dtype))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype))
+        return _from_config(AutoModelForCausalLM, AutoConfig.from_pretrained(path, trust_remote_code=False),
+                            _dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), trust_remote_code=False)
     return model
 
 
@@ -257,7 +259,7 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
     path = resolve_model_path(name)
     if _is_adapter_dir(path):
         return load_merged(path, dtype=dtype, pad_token_id=pad_token_id, kind="scalar")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     is_seqcls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     config.num_labels = 1
     if pad_token_id is not None:
@@ -269,7 +271,8 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
     try:
         if _META_LOADS:
             return _from_config(AutoModelForSequenceClassification, config, _dtype(dtype))
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype),
+                                                                   trust_remote_code=False)
     finally:
         transformers.logging.set_verbosity(prev)
     if not is_seqcls:

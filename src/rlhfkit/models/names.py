@@ -35,8 +35,27 @@ def check_model_path(name: str | os.PathLike) -> None:
     if p.exists():
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
+        check_no_custom_code(p)
     elif s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
+
+
+def check_no_custom_code(path: Path) -> None:
+    """Refuse a model directory whose architecture exists only as Python code shipped with it
+    (config.json ``auto_map`` and a ``model_type`` transformers does not know): rlhfkit never runs
+    code from a model directory (every load passes ``trust_remote_code=False``)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict) or not config.get("auto_map"):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise ValueError(f"{path}: its architecture (model_type {config.get('model_type')!r}) is Python code shipped "
+                         "with the model (config.json auto_map), and rlhfkit never runs code from a model directory; "
+                         "use a model whose architecture transformers has")
 
 
 def check_policy_path(name: str | os.PathLike) -> None:

@@ -27,6 +27,8 @@ from rlhfkit.report import plots, sections
 from rlhfkit.report.checks import KINDS, eval_warnings, stage_warnings
 from rlhfkit.report.data import Stage, find_evals, load_stages, read_json
 
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
 __all__ = ["build_report", "collect"]
 
 
@@ -124,7 +126,10 @@ def render_page(runs: list[Path], data: dict) -> str:
     ids = [(i, t) for i, t in (("evaluation", "Evaluation"), ("training", "Training curves"), ("responses", "Responses"),
                                ("run-info", "Run information")) if f"id='{i}'" in "".join(body)]
     body.insert(1, "<nav>" + " &middot; ".join(f"<a href='#{i}'>{t}</a>" for i, t in ids) + "</nav>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit report</title>"
+    # No script runs in the page, whatever text a run's files hold: the policy allows inline styles
+    # and data: images (the figures) and nothing else.
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\"><title>rlhfkit report</title>"
             f"<style>{sections.CSS}</style></head><body>{''.join(body)}</body></html>")
 
 

@@ -197,8 +197,9 @@ def _model_list(ev: dict) -> str:
     items = "".join(f"<li>{esc(n)}: <code>{esc(str(m.get('model', '?')))}</code></li>" for n, m in ev["policies"].items())
     raw = ev["raw"]
     dropped = raw.get("prompts_dropped_too_long")
-    note = f"; {dropped} prompt(s) dropped as too long" if dropped else ""
-    return f"<p class='unit'>{raw.get('prompts', '?')} held-out prompts{note}. Models:</p><ul class='unit'>{items}</ul>"
+    note = f"; {esc(str(dropped))} prompt(s) dropped as too long" if dropped else ""
+    return (f"<p class='unit'>{esc(str(raw.get('prompts', '?')))} held-out prompts{note}. Models:</p>"
+            f"<ul class='unit'>{items}</ul>")
 
 
 def _preference_set(ev: dict) -> str:
@@ -206,7 +207,7 @@ def _preference_set(ev: dict) -> str:
     if not isinstance(ps, dict) or not ps:
         return ""
     rows = "".join(f"<tr><td>{esc(judge_label(j, ev))}</td><td>{num(r.get('accuracy'))} "
-                   f"(n = {r.get('pairs', '?')} pairs)</td></tr>" for j, r in ps.items() if isinstance(r, dict))
+                   f"(n = {esc(str(r.get('pairs', '?')))} pairs)</td></tr>" for j, r in ps.items() if isinstance(r, dict))
     return f"<table><tr><th>judge</th><th>accuracy on the labelled preference set</th></tr>{rows}</table>"
 
 
@@ -243,7 +244,7 @@ def judge_table(stages: list[tuple[str, Stage]]) -> str:
             cells = [_accuracy_ci(r["accuracy"], n)] + [num(r[k]) if isinstance(r.get(k), (int, float)) else ""
                                                         for k in ("accuracy_single_order", "position_bias")]
             rows.append(f"<tr><td>{esc(run)}</td><td>{esc(st.name)}</td><td>{label}</td>"
-                        + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{n if n is not None else ''}</td></tr>")
+                        + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{esc(str(n)) if n is not None else ''}</td></tr>")
     if not rows:
         return ""
     return ("<h3>Preference model, held-out pairs</h3><table><tr><th>run</th><th>stage</th><th>judge</th>"
@@ -293,7 +294,7 @@ def training_samples_table(run: str, st: Stage) -> str:
     rows = []
     for r in recs:
         cut = r.get("eos") is False
-        badge = f"<div class='bad score'>cut at the {cap}-token cap (no EOS)</div>" if cut and cap else (
+        badge = f"<div class='bad score'>cut at the {esc(str(cap))}-token cap (no EOS)</div>" if cut and cap else (
             "<div class='bad score'>cut (no EOS)</div>" if cut else "")
         score = f"<div class='score'>score {r['score']:.3g}</div>" if isinstance(r.get("score"), (int, float)) else ""
         rows.append(f"<tr><td><pre>{esc(str(r.get('prompt', '')))}</pre></td>"
@@ -318,7 +319,7 @@ def stages_table(run: str, stages: list[Stage]) -> str:
         cfg = (f"<details><summary>{esc(st.path.name)}/{esc(st.kind or 'stage')}_config.yaml</summary>"
                f"<pre class='cfg'>{esc(st.config_text)}</pre></details>") if st.config_text else "&mdash;"
         cap = config_value(st.config, "rollout.max_new_tokens")
-        extra = f"<div class='unit'>max_new_tokens {cap}</div>" if cap else ""
+        extra = f"<div class='unit'>max_new_tokens {esc(str(cap))}</div>" if cap else ""
         rows.append(f"<tr><td>{esc(st.name)}</td><td>{esc(st.kind)}</td><td><code>{esc(st.model)}</code>{extra}</td>"
                     f"<td>{_duration(st.seconds)}{esc(note)}</td><td>{cfg}</td></tr>")
     total = sum(st.seconds for st in stages if st.seconds is not None)

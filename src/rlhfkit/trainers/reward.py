@@ -13,7 +13,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
 from rlhfkit.algos.probe import PROBE_FOLDS
-from rlhfkit.config import ConfigError, RewardConfig, validate
+from rlhfkit.config import ConfigError, RewardConfig, under_key, validate
 from rlhfkit.data import (
     PreferenceCollator,
     batch_to_device,
@@ -22,6 +22,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.data.sources import source_list, train_and_eval
 from rlhfkit.models import (
+    check_model_path,
     freeze_lower_layers,
     keep_lower_layers,
     load_tokenizer,
@@ -162,7 +163,7 @@ def _check_backbone_layers(cfg: RewardConfig) -> None:
     if cfg.backbone_layers:
         from transformers import AutoConfig
 
-        depth = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name)).num_hidden_layers
+        depth = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=False).num_hidden_layers
         if cfg.backbone_layers > depth:
             raise ConfigError(f"backbone_layers: {cfg.backbone_layers}, but {cfg.model.name} has {depth} "
                               "decoder layers")
@@ -175,6 +176,8 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 
     # 1. Data, validated before anything is written or the model loads.
+    with under_key("model.name"):
+        check_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     if cfg.use_margin and not any(f.get("margin") is not None for f in train):
