@@ -215,6 +215,40 @@ def test_overwrite_deletes_nothing_that_no_run_recorded(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model", "tb"] and (out / "model" / "config.json").is_file()
 
 
+def test_overwrite_refuses_to_delete_the_runs_own_input(tmp_path):
+    """model.name=RUN/model with train.output_dir=RUN and --overwrite: deleting the outputs would
+    delete the model the run is about to load; refused before anything is deleted."""
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    (out / "model" / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match=r"train.overwrite: model.name \(.*run/model\) is in .*run/model, which "
+                                          r"overwriting .* would delete"):
+        open_run(_cfg(tmp_path, data, f"model.name={out / 'model'}", "train.overwrite=true"), "sft")
+    assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
+
+
+def test_held_out_prompts_and_the_gold_judge_are_part_of_a_runs_identity(tmp_path):
+    """They drive select_best and early stopping: a resume on other held-out prompts or another
+    gold judge is a mismatch, as other data is."""
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.grpo import GRPOConfig
+    from rlhfkit.training.fingerprint import default_sources, differences, fingerprint
+
+    prompts = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "a"}])
+    cfg = load_config(GRPOConfig, data={"prompts": {"eval": str(prompts)}, "reward": {"gold": "task:sentiment"}})
+    before = fingerprint(cfg, "grpo", default_sources(cfg))
+    write_jsonl(prompts, [{"prompt": "b"}])
+    cfg.reward.gold = "task:arithmetic"
+    assert differences(before, fingerprint(cfg, "grpo", default_sources(cfg))) == [
+        "reward.gold task:sentiment -> task:arithmetic", "prompts.eval content differs", "reward.gold content differs"]
+    older = {**before, "version": 1, "sources": {k: v for k, v in before["sources"].items()
+                                                 if k not in ("prompts.eval", "reward.gold")}}
+    assert differences(older, fingerprint(cfg, "grpo", default_sources(cfg))) == [
+        "reward.gold task:sentiment -> task:arithmetic"]  # a run recorded before they were fingerprinted
+
+
 def test_resume_needs_something_to_resume(tmp_path):
     from rlhfkit.training.rundir import RunDirError, open_run
 

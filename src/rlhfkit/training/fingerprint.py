@@ -15,7 +15,9 @@ from typing import Any
 from rlhfkit.config import to_dict
 from rlhfkit.data.sources import task_data_dir
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+# Sources fingerprinted only from a record version on: an older record that lacks them is no difference.
+SOURCES_SINCE = {"prompts.eval": 2, "reward.gold": 2}
 # Config keys left out of the fingerprint: how the run is driven, logged, checkpointed and laid
 # out over processes, none of which changes the numbers it computes (micro_batch_size only
 # splits the same global batch; a checkpoint resumes on any FSDP / ZeRO / DDP layout).
@@ -28,9 +30,9 @@ RESUMABLE_KEYS = {
 # said in a warning, not refused; the learning-rate schedule then follows the new length.
 LENGTH_KEYS = {"train.max_steps", "train.epochs"}
 # Inputs compared by content rather than by the string in the config (a moved file is the same data).
-DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "ptx.data")
+DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "prompts.eval", "ptx.data")
 # Models identified by their files as well as by name (a directory retrained in place is another model).
-MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec", "scorer")
+MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec", "reward.gold", "scorer")
 _FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones are sampled
 
 
@@ -76,7 +78,7 @@ def identify(spec: str) -> dict:
     """The identity of a data or model spec: files by size and digest, directories file by file
     (a run directory by its ``model/``), ``task:NAME`` by its shipped data, anything else
     (a hub id, ``hf:`` data, a named template, a Python reward) by its name."""
-    path = _local_path(spec)
+    path = local_path(spec)
     if path is None:
         return {"spec": spec}
     if path.is_file():
@@ -99,7 +101,8 @@ def _files(root: Path, depth: int) -> list[tuple[str, Path]]:
     return out
 
 
-def _local_path(spec: str) -> Path | None:
+def local_path(spec: str) -> Path | None:
+    """The file or directory a data or model spec reads, when it is local and exists."""
     if spec.startswith("task:"):
 
         name, _, fname = spec[len("task:"):].partition("/")
@@ -151,6 +154,8 @@ def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]
     os_, ns = old.get("sources", {}), new.get("sources", {})
     for key in sorted(set(os_) | set(ns)):
         a, b = os_.get(key), ns.get(key)
+        if a is None and old.get("version", 1) < SOURCES_SINCE.get(key.partition("[")[0], 1):
+            continue
         if a is None or b is None:
             diffs.append(f"{key} {'added' if a is None else 'removed'}")
         elif "path" in a and "path" not in b and a["spec"] == b["spec"]:

@@ -36,7 +36,8 @@ from typing import Any
 from rlhfkit.config import ConfigError, dump_config
 from rlhfkit.training.checkpoint import Checkpointer
 from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
-from rlhfkit.training.fingerprint import LENGTH_KEYS, default_sources, differences, fingerprint, flat_config
+from rlhfkit.training.fingerprint import (LENGTH_KEYS, default_sources, differences, fingerprint, flat_config,
+                                         local_path)
 from rlhfkit.training.runlock import hold
 
 log = logging.getLogger("rlhfkit")
@@ -101,11 +102,13 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
     if path.exists() and not path.is_dir():
         raise RunDirError(f"train.output_dir: {path} exists and is not a directory")
     _check_writable(path)
-    record = fingerprint(cfg, kind, sources if sources is not None else default_sources(cfg))
+    sources = sources if sources is not None else default_sources(cfg)
+    record = fingerprint(cfg, kind, sources)
     if train.overwrite:
         if train.resume is True:
             raise RunDirError("train.resume and train.overwrite: choose one (continue the run, or delete it)")
         _check_ours(path)
+        _check_inputs_survive(path, sources)
         return RunDir(path, kind, resuming=False, record=record)
 
     checkpoint = Checkpointer(path).latest() if path.is_dir() else None
@@ -181,6 +184,23 @@ def _check_ours(path: Path) -> None:
     if found:
         raise RunDirError(f"train.overwrite: {path} holds {', '.join(found)} but no rlhfkit run record (*_run.json): "
                           "not deleting what another program wrote; choose another train.output_dir")
+
+
+def _check_inputs_survive(path: Path, sources: dict[str, str]) -> None:
+    """`train.overwrite` must not delete what the run reads (e.g. model.name=runs/x/model with
+    train.output_dir=runs/x): refuse before anything is deleted."""
+    if not path.is_dir():
+        return
+    doomed = [p.resolve() for pattern in RUN_OUTPUTS for p in path.glob(pattern)]
+    for key, spec in sorted(sources.items()):
+        src = local_path(spec)
+        if src is None:
+            continue
+        src = src.resolve()
+        hit = next((d for d in doomed if src == d or d in src.parents), None)
+        if hit is not None:
+            raise RunDirError(f"train.overwrite: {key} ({spec}) is in {hit}, which overwriting {path} would delete: "
+                              "choose another train.output_dir, or copy the input out of it first")
 
 
 def _nested_progress(path: Path, kind: str) -> list[str]:
