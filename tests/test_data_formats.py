@@ -306,3 +306,20 @@ def test_data_error_survives_pickling():
     err = DataError("bad", source="x.jsonl", line=3, field="chosen")
     back = pickle.loads(pickle.dumps(err))
     assert (back.source, back.line, back.field, str(back)) == ("x.jsonl", 3, "chosen", "x.jsonl:3: field 'chosen': bad")
+
+
+def test_a_lone_surrogate_and_a_key_given_twice_are_one_located_line(tmp_path):
+    r"""JSON allows "\ud800" and a repeated key; neither is text a tokenizer can read or a record
+    that says what it means."""
+    (tmp_path / "s.jsonl").write_text('{"prompt": "hi", "response": "ok"}\n{"prompt": "hi \\ud800", "response": "ok"}\n')
+    with pytest.raises(DataError, match=r"s\.jsonl:2: field 'prompt': not valid Unicode text: a lone surrogate"):
+        load_sft(tmp_path / "s.jsonl")
+    (tmp_path / "p.jsonl").write_text('{"prompt": [{"role": "user", "content": "\\udfff"}]}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl:1: field 'prompt\[0\]\.content': not valid Unicode"):
+        load_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "chosen": "d"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:1: key 'chosen' appears twice"):
+        load_preference(tmp_path / "d.jsonl")
+    (tmp_path / "d.json").write_text('[{"prompt": "a", "prompt": "b", "response": "c"}]')
+    with pytest.raises(DataError, match=r"d\.json: key 'prompt' appears twice"):
+        load_sft(tmp_path / "d.json")

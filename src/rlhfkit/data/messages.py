@@ -27,6 +27,11 @@ def check_text(value, origin, field: str) -> str:
         raise DataError.at(origin, field, f"expected a string, got {type_name(value)}")
     if not value.strip():
         raise DataError.at(origin, field, "empty or whitespace-only text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\\ud800" in JSON): no tokenizer can read it
+        raise DataError.at(origin, field, f"not valid Unicode text: a lone surrogate {value[e.start]!r} at character "
+                                          f"{e.start}") from None
     return value
 
 

@@ -105,6 +105,20 @@ def _check_object(obj, name: str, line: int) -> dict:
     return obj
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook``: a key given twice in one object is refused (json keeps the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
     # Read bytes so that an encoding error is reported on its own line, like a JSON error.
     with open(path, "rb") as f:
@@ -116,16 +130,21 @@ def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", source=name, line=lineno) from None
+            except _DuplicateKey as e:
+                raise DataError(f"key {e.args[0]!r} appears twice in one object (which one is meant?)",
+                                source=name, line=lineno) from None
             yield Record(_check_object(obj, name, lineno), name, lineno)
 
 
 def _read_json(path: Path, name: str) -> Iterator[Record]:
     try:
         with open(path, encoding="utf-8-sig") as f:
-            obj = json.load(f)
+            obj = json.load(f, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DataError(f"key {e.args[0]!r} appears twice in one object (which one is meant?)", source=name) from None
     except json.JSONDecodeError as e:
         # Here the position is a real line of the file, not a record number.
         raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", source=name) from None
