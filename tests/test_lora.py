@@ -416,3 +416,22 @@ def test_continuing_an_adapter_says_which_lora_settings_it_does_not_apply(tmp_pa
     with caplog.at_level("WARNING", logger="rlhfkit"):
         load_for_training(again)
     assert "model.lora r 8 (the adapter's: 4); dropout 0.3 (the adapter's: 0.0) not applied" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
+def test_lora_on_a_tied_lm_head_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, capsys, command):
+    """The tiny model (as SmolLM2) ties its LM head to the input embedding: an adapter on lm_head
+    would change the embedding too when merged, so the merged model would not be the trained one."""
+    from rlhfkit.cli import main
+    from rlhfkit.models.lora import apply_lora
+
+    data = {"sft": "task:sentiment/sft.jsonl", "dpo": "task:sentiment", "grpo": None}[command]
+    argv = [command, f"model.name={tiny_model_dir}", "model.lora.enabled=true",
+            "model.lora.target_modules=[lm_head,q_proj]", f"train.output_dir={tmp_path / 'run'}",
+            *([f"data.train={data}"] if data else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.lora.target_modules: lm_head: this model's LM head and input embedding are one tied matrix" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="one tied matrix"):  # and in Python, where no command checked first
+        apply_lora(load_causal_lm(tiny_model_dir), LoraSection(enabled=True, target_modules=["lm_head"]), "CAUSAL_LM")

@@ -25,6 +25,18 @@ import torch
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+# Module names of LM heads and input embeddings (Llama, GPT-2, GPT-NeoX, BLOOM, ...).
+EMBEDDING_NAMES = {"lm_head", "embed_tokens", "wte", "embed_in", "embed_out", "word_embeddings", "output"}
+
+
+def tied_embedding_targets(targets, tied: bool) -> list[str]:
+    """The LoRA targets that name the LM head or input embedding, when the two are one tied matrix
+    ("all-linear" leaves the LM head out; a regex string is the user's to check)."""
+    if not tied or isinstance(targets, str):
+        return []
+    return sorted({str(t) for t in targets if str(t).split(".")[-1] in EMBEDDING_NAMES})
+
+
 def apply_lora(model, section, task_type: str):
     """Wrap ``model`` in a peft LoRA model when ``section.enabled``; return it unchanged otherwise.
 
@@ -34,6 +46,10 @@ def apply_lora(model, section, task_type: str):
     if not section.enabled:
         return model
     from peft import LoraConfig, get_peft_model
+
+    if tied_embedding_targets(section.target_modules, getattr(model.config, "tie_word_embeddings", False)):
+        raise ValueError("model.lora.target_modules: this model's LM head and input embedding are one tied "
+                         "matrix, and an adapter on it cannot be merged without changing both")
 
     cfg = LoraConfig(
         r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,

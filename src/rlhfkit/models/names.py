@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from rlhfkit.models.lora import is_seq_cls_adapter
+from rlhfkit.models.lora import is_seq_cls_adapter, tied_embedding_targets
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct@gguf"}
@@ -56,6 +56,22 @@ def check_no_custom_code(path: Path) -> None:
         raise ValueError(f"{path}: its architecture (model_type {config.get('model_type')!r}) is Python code shipped "
                          "with the model (config.json auto_map), and rlhfkit never runs code from a model directory; "
                          "use a model whose architecture transformers has")
+
+
+def check_lora_targets(name: str | os.PathLike, lora) -> None:
+    """Refuse LoRA on the LM head or input embedding of a model whose two are one tied matrix: an
+    adapter on one side cannot be merged without changing the other (the merged model, and every
+    stage that loads the adapter merged, would differ from the trained one)."""
+    p = Path(str(name)).expanduser()
+    if not lora.enabled or not tied_embedding_targets(lora.target_modules, True) or not (p / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    tied = getattr(AutoConfig.from_pretrained(p, trust_remote_code=False), "tie_word_embeddings", False)
+    hits = tied_embedding_targets(lora.target_modules, tied)
+    if hits:
+        raise ValueError(f"{', '.join(hits)}: this model's LM head and input embedding are one tied matrix, and an "
+                         "adapter on it cannot be merged without changing both; leave it out of the targets")
 
 
 def check_policy_path(name: str | os.PathLike) -> None:

@@ -44,7 +44,14 @@ from rlhfkit.data import (
 )
 from rlhfkit.data.sources import load_sources
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
-from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhfkit.models import (
+    check_lora_targets,
+    check_model_path,
+    check_policy_path,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
@@ -288,6 +295,8 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     #    starting model's tokenizer, which the SFT stage of sft_first saves unchanged with its model).
     with under_key("model.name"):
         check_policy_path(cfg.model.name)  # not a reward model or critic
+    with under_key("model.lora.target_modules"):
+        check_lora_targets(cfg.model.name, cfg.model.lora)
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     with under_key("dpo.reference"):

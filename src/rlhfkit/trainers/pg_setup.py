@@ -33,7 +33,7 @@ from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
 from rlhfkit.judges.reward_set import check_record_fields
-from rlhfkit.models import check_model_path, check_policy_path, load_causal_lm, load_tokenizer
+from rlhfkit.models import check_lora_targets, check_model_path, check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import check_context_length, store_linears_in, to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, disable_dropout, enable_gradient_checkpointing
 from rlhfkit.parallel import precision
@@ -197,6 +197,8 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
         strategy.check_divisible(cfg.ptx.batch_size, "ptx.batch_size")  # sharded forwards run in lockstep
     with under_key("model.name"):
         check_policy_path(cfg.model.name)  # not a reward model or critic
+    with under_key("model.lora.target_modules"):
+        check_lora_targets(cfg.model.name, cfg.model.lora)
     tokenizer = load_tokenizer(cfg.model.name)
     p = cfg.prompts
     with under_key("rollout.max_new_tokens"):

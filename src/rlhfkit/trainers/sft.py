@@ -19,7 +19,7 @@ from rlhfkit.data import (
     tokenize_dataset,
 )
 from rlhfkit.data.sources import source_list, train_and_eval
-from rlhfkit.models import check_policy_path, load_tokenizer
+from rlhfkit.models import check_lora_targets, check_policy_path, load_tokenizer
 from rlhfkit.models.forward import common_prefix_of_rows, labelled_logprobs
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
@@ -93,6 +93,8 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
     # 1. Data: validated and tokenised before anything is written or the model loads.
     with under_key("model.name"):
         check_policy_path(cfg.model.name)  # not a reward model or critic
+    with under_key("model.lora.target_modules"):
+        check_lora_targets(cfg.model.name, cfg.model.lora)
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_sft_data(cfg, tokenizer)
     run = open_run(cfg, "sft", strategy)
