@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -138,7 +139,13 @@ def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
     assert summary["gold_pair_margin"] < 0
     assert summary["gold_mean"] == pytest.approx(-sum(len(s["response"]) for s in samples) / 18)
     assert all(s["gold"] == -len(s["response"]) for s in samples)
-    assert (tmp_path / "run" / "model" / "config.json").is_file()  # link to the last iteration's model
+    final = tmp_path / "run" / "model"  # the last iteration's model, a directory of its own
+    assert not final.is_symlink() and (final / "config.json").is_file()
+    moved = shutil.copytree(final, tmp_path / "elsewhere" / "policy")  # as users copy a model out
+    shutil.rmtree(tmp_path / "run")
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(moved).config.vocab_size == tokenizer.vocab_size
 
 
 def test_a_start_that_no_iteration_beats_is_written_as_the_final_model(tmp_path, tokenizer, monkeypatch):

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -364,14 +365,27 @@ def _save_start(cfg: OnlineDPOConfig, tokenizer, out: Path) -> None:
     link = out
     if link.is_symlink() or link.is_file():
         link.unlink()
-    save_pretrained_atomic(load_causal_lm(cfg.model.name, cfg.model.dtype), tokenizer, out)
+    save_pretrained_atomic(load_causal_lm(cfg.model.name, "float32"), tokenizer, out)  # fp32, as trained models are
 
 
 def _link_final(out: Path, model_dir: Path) -> None:
-    """``out/model`` -> the final iteration's model (a relative symlink: the run dir stays movable)."""
-    link = out / "model"
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.exists():
-        return
-    os.symlink(os.path.relpath(model_dir, out), link)
+    """``out/model``: the final iteration's model as a directory of its own (its files hard-linked,
+    so no second copy on disk; copied where a link is not possible), which can be copied or moved
+    anywhere, as every other trainer's ``model/``."""
+    final, tmp = out / "model", out / ".model.tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for src in sorted(model_dir.rglob("*")):
+        dst = tmp / src.relative_to(model_dir)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    if final.is_symlink() or final.is_file():
+        final.unlink()
+    elif final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
