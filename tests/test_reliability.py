@@ -5,6 +5,7 @@ computed from, and every user error is one line with exit status 2 before anythi
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import random
 from pathlib import Path
@@ -522,3 +523,52 @@ def test_a_source_that_is_gone_is_named_as_gone(tmp_path):
     after = {"sources": {"model.name": identify(str(model))}}
     assert differences(before, after) == [f"model.name {str(model)[:37]}...: not found any more"
                                           if len(str(model)) > 40 else f"model.name {model}: not found any more"]
+
+
+def _kill_after_best(out: Path) -> None:
+    """What a kill after best/ got step 8 but before step 8's checkpoint and the results leaves."""
+    shutil.rmtree(out / "checkpoints" / "step-00000008")
+    shutil.rmtree(out / "model")
+    (out / "sft_results.json").unlink()
+
+
+def test_a_resume_never_takes_a_best_model_from_another_step(tmp_path, tiny_model_dir, capsys):
+    """Killed after best/ got a new best (step 8) but before step 8's checkpoint: the resumed run
+    (with select_best_mode changed, which is allowed) has its best at step 4. best/ is refilled from
+    step 4's checkpoint, so the final model is step 4's. A checkpoint's model loads with its tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    args = _sft_args(tiny_model_dir, data, out, "train.max_steps=8", "train.save_every=4", "train.eval_every=2",
+                     "data.eval_fraction=0.25", "train.select_best=eval/loss", "train.keep_checkpoints=5")
+    assert _cli(capsys, args)[0] == 0
+    assert json.loads((out / "best" / "step.json").read_text())["step"] == json.loads(
+        (out / "sft_results.json").read_text())["best"]["step"] == 8  # the loss falls: the last step is best
+    assert AutoTokenizer.from_pretrained(out / "checkpoints" / "step-00000004" / "model").chat_template
+    _kill_after_best(out)
+    want = load_file(out / "checkpoints" / "step-00000004" / "model" / "model.safetensors")
+    assert _cli(capsys, [*args, "train.resume=true", "train.select_best_mode=max"])[0] == 0
+    assert json.loads((out / "sft_results.json").read_text())["best"]["step"] == 4
+    assert json.loads((out / "best" / "step.json").read_text())["step"] == 4
+    got = load_file(out / "model" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_best_no_checkpoint_holds_is_chosen_again_after_a_resume(tmp_path, tiny_model_dir, capsys, caplog):
+    """best/ holds another step than the restored best (step 0, which no checkpoint holds): the best
+    is chosen again among the evaluations after the resume, and a warning says so."""
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    args = _sft_args(tiny_model_dir, data, out, "train.max_steps=8", "train.save_every=4", "train.eval_every=2",
+                     "data.eval_fraction=0.25", "train.select_best=eval/loss", "train.select_best_mode=max")
+    assert _cli(capsys, args)[0] == 0
+    assert json.loads((out / "sft_results.json").read_text())["best"]["step"] == 0  # the highest loss: the start
+    (out / "best" / "step.json").write_text('{"step": 8}')  # best/ from another step than the checkpoint's best
+    _kill_after_best(out)
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        assert _cli(capsys, [*args, "train.resume=true"])[0] == 0
+    assert "does not hold step 0, the best eval/loss so far, and no checkpoint does" in caplog.text
+    assert json.loads((out / "sft_results.json").read_text())["best"]["step"] == 6  # of steps 6 and 8
+    assert json.loads((out / "best" / "step.json").read_text())["step"] == 6

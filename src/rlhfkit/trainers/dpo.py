@@ -302,7 +302,7 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     with under_key("dpo.reference"):
         if cfg.dpo.reference:
             check_model_path(cfg.dpo.reference)
-    run = open_run(cfg, desc, strategy)
+    run = open_run(cfg, desc, strategy, tokenizer)
 
     # 0. SFT-then-DPO: the SFT model becomes both the starting policy and the reference.
     if cfg.sft_first.enabled:

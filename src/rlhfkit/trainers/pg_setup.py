@@ -224,7 +224,7 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
     for key, name in (models or {}).items():
         with under_key(key):
             check_model_path(name)
-    run = open_run(cfg, kind, strategy)
+    run = open_run(cfg, kind, strategy, tokenizer)
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
         reward_fn = build_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None,
                                      combine=cfg.reward.combine, unscorable=cfg.reward.unscorable,

@@ -188,7 +188,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
                           f"least {2 * PROBE_FOLDS} training pairs; {', '.join(source_list(cfg.data.train))} has "
                           f"{len(train)} (head_init: random trains the head from scratch)")
     _check_backbone_layers(cfg)
-    run = open_run(cfg, "rm", strategy)
+    run = open_run(cfg, "rm", strategy, tokenizer)
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.share_prompt)
 
     # 2. Backbone + fresh scalar head (or a trained RM to continue from). With LoRA the head is

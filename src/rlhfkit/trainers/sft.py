@@ -97,7 +97,7 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
         check_lora_targets(cfg.model.name, cfg.model.lora)
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_sft_data(cfg, tokenizer)
-    run = open_run(cfg, "sft", strategy)
+    run = open_run(cfg, "sft", strategy, tokenizer)
     collator = eval_collator = SFTCollator(tokenizer.pad_token_id)
     if cfg.packing:  # several short examples per row, attention blocked between them
         train = pack_sft(train, cfg.data.max_length)

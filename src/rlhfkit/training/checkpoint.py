@@ -155,16 +155,17 @@ class Checkpointer:
              state: dict, tokenizer=None) -> Path | None:
         """Write checkpoint ``step`` (main process). ``models``: objects with ``save_pretrained``
         (whole weights); ``optimizer_states``: full state dicts by name; ``rng``: every rank's RNG
-        state (`gather_rng_states`)."""
+        state (`gather_rng_states`); ``tokenizer``: saved with each model, so that every model
+        directory of a checkpoint loads on its own (``from_pretrained``, its chat template included)."""
         if not self.enabled:
             return None
 
         def write(tmp: Path) -> None:
             for name, model in models.items():
                 model.save_pretrained(tmp / name, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp / "tokenizer")
-                _fault_sleep()
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / name)
+            _fault_sleep()
             _torch_save(optimizer_states, tmp / "optim.pt")
             _fault_sleep()
             _torch_save(rng, tmp / "rng.pt")
@@ -255,7 +256,8 @@ def _owner(optimizer, models: dict) -> Any:
     return None
 
 
-def save_checkpoint(ckpt: Checkpointer, strategy, step: int, models: dict, optimizers: dict, state: dict) -> None:
+def save_checkpoint(ckpt: Checkpointer, strategy, step: int, models: dict, optimizers: dict, state: dict,
+                    tokenizer=None) -> None:
     """Checkpoint ``step`` of the trained ``models`` and ``optimizers`` (and schedulers) on any layout.
     A collective: call it on every rank (sharded weights and optimizer states are gathered)."""
     rng = gather_rng_states(strategy)
@@ -263,7 +265,7 @@ def save_checkpoint(ckpt: Checkpointer, strategy, step: int, models: dict, optim
                   for name, opt in optimizers.items() if opt is not None}
     saveable = {name: strategy.saveable(model, keep=strategy.is_main) for name, model in models.items()}
     scaler = strategy.precision.state_dict()  # fp16's loss scale; {} otherwise
-    ckpt.save(step, saveable, opt_states, rng, {**state, "grad_scaler": scaler} if scaler else state)
+    ckpt.save(step, saveable, opt_states, rng, {**state, "grad_scaler": scaler} if scaler else state, tokenizer)
 
 
 def load_checkpoint(path: Path, strategy, models: dict, optimizers: dict) -> dict:

@@ -18,15 +18,20 @@ it is the same for all of them and lives here:
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from rlhfkit.config import ConfigError
-from rlhfkit.io import read_jsonl_lenient, to_builtin
-from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+from rlhfkit.io import make_temp_dir, read_jsonl_lenient, to_builtin, write_json_atomic
+from rlhfkit.training.checkpoint import CKPT_PREFIX, Checkpointer, load_checkpoint, save_checkpoint
 from rlhfkit.training.logger import RunLogger
+
+log = logging.getLogger("rlhfkit")
 
 LOWER_IS_BETTER = ("loss", "ppl", "kl", "perplexity", "nll")
 
@@ -69,6 +74,9 @@ class Best:
     def load_state_dict(self, state: dict | None) -> None:
         state = state or {}
         self.step, self.value, self.stale = state.get("step"), state.get("value"), int(state.get("stale", 0))
+
+    def reset(self) -> None:
+        self.step, self.value, self.stale = None, None, 0
 
 
 @dataclass
@@ -126,7 +134,7 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
             state = {"kind": run.kind, "guard": run.guard.state_dict(), **state_fn()}
             if best is not None:
                 state["best"] = best.state_dict()
-            save_checkpoint(ckpt, strategy, step + 1, models, optimizers, state)
+            save_checkpoint(ckpt, strategy, step + 1, models, optimizers, state, run.tokenizer)
         strategy.wait()
         done = step + 1
         if stop:
@@ -137,6 +145,9 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
     if best is not None and best.step is not None:
         result.best = {"metric": best.metric, "step": best.step, "value": best.value}
         if best.step != done:  # the final model is the best one
+            if _best_saved_step(run.out) != best.step:
+                raise RuntimeError(f"{run.out / 'best'} does not hold step {best.step}, the best {best.metric}: "
+                                   "not loading another step's weights as the final model")
             for name, model in models.items():
                 strategy.load_weights(model, run.out / "best" / name)
             run.logger.write(f"[{run.kind}] final model: step {best.step}, the best {best.metric} ({best.value:.4g})")
@@ -158,12 +169,59 @@ def _best_tracker(train) -> Best | None:
     return Best(metric, greater_is_better(metric, getattr(train, "select_best_mode", "auto")))
 
 
+BEST_STEP = "step.json"  # in output_dir/best: the step its models are from, written after them
+
+
+def _best_saved_step(out: Path) -> int | None:
+    try:
+        return int(json.loads((Path(out) / "best" / BEST_STEP).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _save_best(run, step: int, models: dict) -> None:
+    if run.is_main:
+        (run.out / "best" / BEST_STEP).unlink(missing_ok=True)  # a crash between the models: no step claimed
+    for name, model in models.items():
+        run.strategy.save_model(model, run.tokenizer, run.out / "best" / name)
+    if run.is_main:
+        write_json_atomic(run.out / "best" / BEST_STEP, {"step": step})
+
+
 def _consider(run, best: Best | None, step: int, metrics: dict, models: dict) -> None:
     """Keep the models under ``output_dir/best`` when this evaluation is the best so far."""
     if best is None or not best.update(step, metrics):
         return
-    for name, model in models.items():
-        run.strategy.save_model(model, None, run.out / "best" / name)
+    _save_best(run, step, models)
+
+
+def _restore_best(run, ckpt: Checkpointer, best: Best, models: dict) -> None:
+    """``best/`` must hold the models of the restored best step. A run killed after writing a new
+    best but before the checkpoint of that step leaves ``best/`` one step ahead of the checkpoint:
+    its models are then taken from the checkpoint of the best step when there is one; otherwise the
+    best is chosen again from the evaluations that follow, and a warning says so."""
+    if best.step is None or _best_saved_step(run.out) == best.step:
+        return
+    source = next((p for p in ckpt.all() if p.name == f"{CKPT_PREFIX}{best.step:08d}"), None)
+    if source is not None and all((source / name).is_dir() for name in models):
+        if run.is_main:
+            (run.out / "best" / BEST_STEP).unlink(missing_ok=True)
+            for name in models:
+                _copy_dir(source / name, run.out / "best" / name)
+            write_json_atomic(run.out / "best" / BEST_STEP, {"step": best.step})
+        run.strategy.wait()
+        return
+    log.warning("[%s] %s does not hold step %d, the best %s so far, and no checkpoint does: the best is chosen "
+                "again from the evaluations that follow", run.kind, run.out / "best", best.step, best.metric)
+    best.reset()
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    tmp = make_temp_dir(dst)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.replace(dst)
 
 
 def _resume(run, ckpt: Checkpointer, models: dict, optimizers: dict, best: Best | None,
@@ -176,6 +234,7 @@ def _resume(run, ckpt: Checkpointer, models: dict, optimizers: dict, best: Best 
     run.guard.load_state_dict(state.get("guard"))
     if best is not None:
         best.load_state_dict(state.get("best"))
+        _restore_best(run, ckpt, best, models)
     if load_state is not None:
         load_state(state)
     return int(state["step"])

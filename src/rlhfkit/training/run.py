@@ -34,20 +34,22 @@ class Run:
     logger: RunLogger | None = None
     extra: dict = field(default_factory=dict)
     config: dict | None = None  # the resolved config, for the experiment trackers
+    tokenizer: Any = None  # saved with the models of checkpoints and best/, so each directory loads on its own
 
     @property
     def is_main(self) -> bool:
         return self.strategy.is_main
 
 
-def open_run(cfg, kind: str, strategy) -> Run:
+def open_run(cfg, kind: str, strategy, tokenizer=None) -> Run:
     """Start a trainer's run: decide start / continue for ``train.output_dir`` and refuse a used
     directory, nothing to resume or a different config or data (`rlhfkit.training.rundir.open_run`, which
     also writes ``{kind}_config.yaml`` and the run's fingerprint), then seed every generator with
     ``train.seed`` (`Strategy.start`). Call it after validation: nothing is written before."""
     rundir = open_rundir(cfg, kind, is_main=strategy.is_main)
     strategy.start(cfg.train.seed)
-    return Run(kind, rundir.path, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps), config=to_dict(cfg))
+    return Run(kind, rundir.path, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps), config=to_dict(cfg),
+               tokenizer=tokenizer)
 
 
 def finish(run: Run, models: dict[str, Any], tokenizer, metrics: dict, **results: Any) -> None:
