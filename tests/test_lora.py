@@ -435,3 +435,24 @@ def test_lora_on_a_tied_lm_head_is_refused_before_anything_is_written(tmp_path, 
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="one tied matrix"):  # and in Python, where no command checked first
         apply_lora(load_causal_lm(tiny_model_dir), LoraSection(enabled=True, target_modules=["lm_head"]), "CAUSAL_LM")
+
+
+def test_lora_on_a_mean_pooled_reward_model_is_refused_before_anything_is_written(tmp_path, tiny_model_dir,
+                                                                                  tokenizer, capsys):
+    """rm:DIR scores a LoRA adapter with the pooling its base's config.json records: a LoRA RM
+    (pooling last) on a mean-pooled RM would be trained on one reading and scored on another."""
+    from rlhfkit.cli import main
+    from rlhfkit.models import save_pretrained_atomic, set_reward_pooling
+    from rlhfkit.models.heads import stored_reward_pooling
+
+    base = tmp_path / "rm_mean"
+    model = load_scalar_model(tiny_model_dir, pad_token_id=tokenizer.pad_token_id)
+    set_reward_pooling(model, "mean")
+    save_pretrained_atomic(model, tokenizer, base)
+    assert stored_reward_pooling(base) == "mean" and stored_reward_pooling(tiny_model_dir) == "last"
+    train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(8, 0))
+    assert main(["rm", f"model.name={base}", f"data.train={train}", "model.lora.enabled=true",
+                 f"train.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.name: " in err and "scores with reward_pooling 'mean'" in err and "train without LoRA" in err
+    assert not (tmp_path / "run").exists()

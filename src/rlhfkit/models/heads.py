@@ -120,6 +120,24 @@ def reward_pooling(model) -> str:
     return pooling
 
 
+def stored_reward_pooling(name) -> str:
+    """The pooling a saved model directory records (its base's, for a LoRA adapter directory);
+    "last" for anything that records none (a hub id, a causal LM, the default model)."""
+    import json
+    from pathlib import Path
+
+    from rlhfkit.models.lora import adapter_base, adapter_config
+
+    p = Path(str(name)).expanduser()
+    if adapter_config(p):
+        return stored_reward_pooling(adapter_base(p))
+    try:
+        value = json.loads((p / "config.json").read_text()).get(POOLING_KEY)
+    except (OSError, ValueError, AttributeError):
+        return "last"
+    return value if value in POOLINGS else "last"
+
+
 def set_reward_pooling(model, pooling: str) -> None:
     """Record ``pooling`` in ``model.config`` (saved to config.json with the model)."""
     if pooling not in POOLINGS:

@@ -31,7 +31,14 @@ from rlhfkit.models import (
     set_reward_pooling,
 )
 from rlhfkit.models.packing import pack_pairs, packed_token_values, packs
-from rlhfkit.models.heads import PACKABLE_POOLINGS, backbone_and_head, pool_values, reward_pooling, token_values
+from rlhfkit.models.heads import (
+    PACKABLE_POOLINGS,
+    backbone_and_head,
+    pool_values,
+    reward_pooling,
+    stored_reward_pooling,
+    token_values,
+)
 from rlhfkit.models.start import load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
@@ -178,6 +185,11 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     # 1. Data, validated before anything is written or the model loads.
     with under_key("model.name"):
         check_model_path(cfg.model.name)
+        if cfg.model.lora.enabled and stored_reward_pooling(cfg.model.name) != cfg.pooling:
+            # rm:DIR scores an adapter with its base's stored pooling: it must be the one trained with
+            raise ConfigError(f"{cfg.model.name} is a reward model that scores with reward_pooling "
+                              f"{stored_reward_pooling(cfg.model.name)!r} (its config.json), and a LoRA adapter on "
+                              f"it is scored that way, not with pooling {cfg.pooling!r}: train without LoRA")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     if cfg.use_margin and not any(f.get("margin") is not None for f in train):
