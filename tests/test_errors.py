@@ -372,3 +372,25 @@ def test_a_known_architecture_with_an_auto_map_loads_without_running_the_shipped
     assert type(load_scalar_model(model)).__name__ == "LlamaForSequenceClassification"
     load_tokenizer(model)
     assert not (tmp_path / "RAN_llama").exists()
+
+
+def test_a_base_model_given_a_template_saves_a_generation_config_that_stops_at_its_end_of_turn(
+        tmp_path, tiny_model_dir, capsys):
+    """A base model whose eos is <|endoftext|>, given ChatML by data.chat_template, learns to end a
+    reply with <|im_end|>: its saved generation_config stops there too (as rlhfkit's rollouts do),
+    so transformers' generate does not run past it."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model = _templateless_model(tiny_model_dir, tmp_path / "base")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|endoftext|>"
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen.update(eos_token_id=0, pad_token_id=None)
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    data = _sft_data(tmp_path / "d.jsonl")
+    assert _cli(capsys, _sft_args(model, data, tmp_path / "run", "data.chat_template=chatml"))[0] == 0
+    saved = GenerationConfig.from_pretrained(tmp_path / "run" / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert saved.eos_token_id == sorted({0, im_end}) and saved.pad_token_id == tok.pad_token_id

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config.extras import require
-from rlhfkit.data.tokenize import apply_chat_template
+from rlhfkit.data.tokenize import apply_chat_template, end_of_turn_ids
 from rlhfkit.io import as_os_error, make_temp_dir
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
 from rlhfkit.models.names import DEFAULT_ALIASES, DEFAULT_MODEL, check_model_path, check_policy_path, resolve_hub_id
@@ -306,13 +306,34 @@ def load_merged(path: str | os.PathLike, *, base: str | None = None, dtype=None,
     return merged
 
 
+def stop_like_rollouts(model, tokenizer) -> None:
+    """Make ``model.generation_config`` stop where rlhfkit's rollouts stop (the eos and the
+    end-of-turn tokens of the vocabulary, `data.tokenize.end_of_turn_ids`) and pad with the
+    tokenizer's pad token: transformers' ``generate`` (and servers that read the file) then end a
+    reply at the token the model was trained to emit, also after ``data.chat_template`` gave a
+    base model a template whose end-of-turn token is not its eos."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None or not hasattr(tokenizer, "get_vocab"):
+        return
+    current = gen.eos_token_id if isinstance(gen.eos_token_id, (list, tuple)) else [gen.eos_token_id]
+    current = {i for i in current if i is not None}
+    stops = sorted(current | set(end_of_turn_ids(tokenizer)))
+    if stops and set(stops) != current:
+        gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
 def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a transformers/peft directory so that it is either whole or absent.
+    """Write a transformers/peft directory so that it is either whole or absent (with a tokenizer,
+    the generation config stops as rollouts do: `stop_like_rollouts`).
 
     Everything goes into a temporary sibling directory, which is renamed over ``out_dir`` at the
     end; an existing ``out_dir`` is moved aside first and removed only after the rename succeeded.
     """
     out = Path(out_dir)
+    if tokenizer is not None:
+        stop_like_rollouts(model, tokenizer)
     tmp = make_temp_dir(out)  # the umask's mode, not mkdtemp's 0700
     try:
         try:
