@@ -211,3 +211,16 @@ def test_tokenize_dataset_in_processes_matches_and_reports_the_first_error(token
 def test_tokenize_dataset_checks_kind(tokenizer):
     with pytest.raises(TypeError, match="PreferenceExample"):
         tokenize_dataset(tokenizer, [SFTExample(chat("a", "b"))], "preference", 64)
+
+
+def test_a_template_whose_replies_end_in_no_end_of_turn_token_is_warned_about(tokenizer, caplog):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        tokenize_dataset(tok, [SFTExample(chat("hi", "yo"), origin=("x.jsonl", 1))], "sft", 64)
+    assert "x.jsonl: no trained reply ends with an end-of-turn token (<|im_end|>)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        tokenize_dataset(tokenizer, [SFTExample(chat("hi", "yo"), origin=("x.jsonl", 1))], "sft", 64)
+    assert "end-of-turn" not in caplog.text  # ChatML closes each reply with <|im_end|>

@@ -394,3 +394,25 @@ def test_a_base_model_given_a_template_saves_a_generation_config_that_stops_at_i
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert saved.eos_token_id == sorted({0, im_end}) and saved.pad_token_id == tok.pad_token_id
+
+
+def test_chatml_on_a_vocabulary_without_its_tokens_is_refused(tmp_path, tiny_model_dir, capsys):
+    """A base model whose vocabulary has no <|im_start|> / <|im_end|> (as Llama, Mistral or GPT-2
+    base): ChatML's end marker would be text in pieces, never an end-of-turn token to learn."""
+    model = _templateless_model(tiny_model_dir, tmp_path / "base")
+    tj = json.loads((model / "tokenizer.json").read_text())
+    renamed = {"<|im_start|>": "<bos_x>", "<|im_end|>": "<eos_x>"}
+    for tok in tj["added_tokens"]:
+        tok["content"] = renamed.get(tok["content"], tok["content"])
+    vocab = tj["model"]["vocab"]
+    for old, new in renamed.items():
+        vocab[new] = vocab.pop(old)
+    (model / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.update(bos_token="<bos_x>", eos_token="<eos_x>")
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    code, line = _cli(capsys, _sft_args(model, _sft_data(tmp_path / "d.jsonl"), tmp_path / "run",
+                                        "data.chat_template=chatml"))
+    assert code == 2 and "data.chat_template: chatml needs <|im_start|> and <|im_end|>" in line, line
+    assert "splits <|im_end|> into" in line and "'<eos_x>'" in line
+    assert not (tmp_path / "run").exists()

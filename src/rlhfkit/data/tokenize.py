@@ -23,6 +23,7 @@ A tokenizer without a chat template (a base model) gets one from ``data.chat_tem
 
 from __future__ import annotations
 
+import logging
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from typing import Sequence
 
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.formats import PreferenceExample, PromptExample, SFTExample
+
+log = logging.getLogger("rlhfkit")
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("error", "left", "right")
@@ -68,8 +71,27 @@ def apply_chat_template(tokenizer, value: str = ""):
     """Give ``tokenizer`` the chat template ``value`` (a name or a file; "" keeps its own).
     ``tokenizer.save_pretrained`` then writes it with the model, so later stages find it."""
     if value:
+        if value in NAMED_TEMPLATES:
+            _check_named_tokens(tokenizer, value)
         tokenizer.chat_template = resolve_chat_template(value)
     return tokenizer
+
+
+_NAMED_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>")}
+
+
+def _check_named_tokens(tokenizer, name: str) -> None:
+    """A named template's markers must be single tokens of the vocabulary: a marker the tokenizer
+    splits into pieces (a base model without ChatML's tokens) is no end-of-turn token, so the model
+    could never learn to stop and rollouts would never stop."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    missing = [t for t in _NAMED_TOKENS.get(name, ()) if t not in vocab]
+    if missing:
+        pieces = len(tokenizer(missing[-1], add_special_tokens=False)["input_ids"])
+        raise ValueError(f"data.chat_template: {name} needs {' and '.join(_NAMED_TOKENS[name])} as tokens of this "
+                         f"tokenizer's vocabulary, and it splits {missing[-1]} into {pieces} pieces (the model could "
+                         "not learn to stop); give a Jinja template file that ends each reply with the tokenizer's "
+                         f"eos {tokenizer.eos_token!r}")
 
 
 def require_chat_template(tokenizer) -> None:
@@ -420,5 +442,17 @@ def tokenize_dataset(tokenizer, examples: Sequence, kind: str, max_length: int, 
     if examples and not features:
         raise DataError(f"all {len(examples)} examples were dropped by truncation to max_length={max_length}",
                         source=examples[0].origin[0])
+    if kind == "sft":
+        _warn_if_nothing_stops(tokenizer, features, examples[0].origin[0] if examples else None)
     return features, stats
+
+
+def _warn_if_nothing_stops(tokenizer, features: list[dict], source) -> None:
+    """A template whose replies end in no end-of-turn token (`end_of_turn_ids`) trains a model that
+    never learns to stop, and rollouts would not stop it either: say so once."""
+    eot = end_of_turn_ids(tokenizer)
+    if features and not any(t in eot for f in features for t in f["labels"] if t != IGNORE_INDEX):
+        log.warning("%s: no trained reply ends with an end-of-turn token (%s): the model will not learn to stop; "
+                    "use a chat template that closes each reply with one (e.g. the tokenizer's eos %r)",
+                    source or "<data>", ", ".join(tokenizer.convert_ids_to_tokens(sorted(eot))), tokenizer.eos_token)
 
