@@ -224,3 +224,20 @@ def test_a_template_whose_replies_end_in_no_end_of_turn_token_is_warned_about(to
     with caplog.at_level("WARNING", logger="rlhfkit"):
         tokenize_dataset(tokenizer, [SFTExample(chat("hi", "yo"), origin=("x.jsonl", 1))], "sft", 64)
     assert "end-of-turn" not in caplog.text  # ChatML closes each reply with <|im_end|>
+
+
+def test_text_already_rendered_with_the_template_is_refused(tokenizer, tmp_path):
+    """A TRL 'standard' dataset rendered with apply_chat_template(tokenize=False) would be wrapped
+    twice, its <|im_start|> read as real turns: one located line instead."""
+    from rlhfkit.rollout import load_prompt_items
+
+    rendered = tokenizer.apply_chat_template(chat("Hi"), tokenize=False, add_generation_prompt=True)
+    with pytest.raises(DataError, match=r"x.jsonl:3: field 'prompt': .*control token '<\|im_(start|end)\|>'"):
+        tokenize_preference(tokenizer, PreferenceExample(chat(rendered), "a", "b", origin=("x.jsonl", 3)), 256)
+    with pytest.raises(DataError, match=r"x.jsonl:3: field 'response': .*control token '<\|im_end\|>'"):
+        tokenize_sft(tokenizer, SFTExample(chat("Hi", "yo<|im_end|>"), origin=("x.jsonl", 3), field="response"), 256)
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": rendered}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl:1: field 'prompt': .*control token"):
+        load_prompt_items(str(path), tokenizer, max_prompt_length=256)
+    tokenize_sft(tokenizer, SFTExample(chat("Write <b>bold</b> and </s>", "ok")), 256)  # other markup is text

@@ -198,6 +198,42 @@ def end_of_turn_ids(tokenizer) -> frozenset[int]:
     return ids
 
 
+_markers_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _template_markers(tokenizer) -> tuple[str, ...]:
+    """The special tokens the chat template writes itself (``<|im_start|>``, ``<|im_end|>``...)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    try:
+        cached = _markers_cache.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    markers = tuple(sorted(t for t in specials if t and isinstance(template, str) and t in template))
+    try:
+        _markers_cache[tokenizer] = (template, markers)
+    except TypeError:
+        pass
+    return markers
+
+
+def check_not_rendered(tokenizer, messages: list[dict], origin, field: str) -> None:
+    """Text that already holds the template's control tokens (a dataset rendered with
+    ``apply_chat_template(tokenize=False)``) would be wrapped a second time, its markers read as
+    real turn boundaries: refused, naming the token."""
+    markers = _template_markers(tokenizer)
+    for m in messages:
+        hit = next((t for t in markers if t in m["content"]), None)
+        if hit is not None:
+            raise DataError.at(origin, field, f"the text holds the chat template's control token {hit!r}: it looks "
+                                              "rendered with the template already; give plain text or messages, and "
+                                              "rlhfkit applies the template")
+
+
 def _render(tokenizer, messages, gen: bool, origin, field: str) -> list[int]:
     import jinja2
 
@@ -302,6 +338,7 @@ def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: st
     """
     _check_mode(truncation)
     msgs, o = example.messages, example.origin
+    check_not_rendered(tokenizer, msgs, o, example.field)
     full, spans = assistant_spans(tokenizer, msgs, o, example.field)
     labels = [IGNORE_INDEX] * len(full)
     for start, stop in spans:
@@ -329,6 +366,9 @@ def tokenize_preference(tokenizer, example: PreferenceExample, max_length: int, 
     """
     _check_mode(truncation)
     o = example.origin
+    check_not_rendered(tokenizer, example.prompt, o, "prompt")
+    for key in ("chosen", "rejected"):
+        check_not_rendered(tokenizer, [{"content": getattr(example, key)}], o, key)
     (p, c), (_, r) = (render_reply(tokenizer, example.prompt, getattr(example, key), o, key)
                       for key in ("chosen", "rejected"))
     longest = max(len(c), len(r))
@@ -361,6 +401,7 @@ def tokenize_prompt(tokenizer, example: PromptExample, max_length: int, truncati
     """
     _check_mode(truncation)
     o = example.origin
+    check_not_rendered(tokenizer, example.prompt, o, "prompt")
     ids = _render(tokenizer, example.prompt, True, o, "prompt")
     removed = max(0, len(ids) - max_length)
     if removed:

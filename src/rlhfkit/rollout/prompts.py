@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from rlhfkit.data import load_prompts, render_prompt_ids
 from rlhfkit.data.messages import last_user_text
+from rlhfkit.data.tokenize import check_not_rendered
 from rlhfkit.data.sources import resolve_source
 
 
@@ -27,6 +28,7 @@ def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: 
         examples = examples[:limit]
     items, dropped = [], 0
     for ex in examples:
+        check_not_rendered(tokenizer, ex.prompt, ex.origin, "prompt")
         ids = render_prompt_ids(tokenizer, ex.prompt)
         if len(ids) > max_prompt_length:
             dropped += 1
