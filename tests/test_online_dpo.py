@@ -293,3 +293,39 @@ def test_report_plots_the_iterations_scores(rsft_run):
     assert any(series(stage.rows, k)[1] for k in keys)
     alts = [p.split('alt="')[1].split('"')[0] for p in stage_panels(stage.name, {"run": stage})]
     assert f"{stage.name} {title} (reward function)" in alts  # the scorer is a Python function
+
+
+@pytest.mark.parametrize("penalty", [None, 100.0])
+def test_missing_eos_penalty_keeps_cut_samples_from_being_chosen(tmp_path, penalty):
+    """A sample cut at max_new_tokens is trained as a finished reply; with missing_eos_penalty it
+    ranks below every finished one, so the chosen side of a pair is a reply that ended (TRL's
+    option). The cut samples and cut chosen ones are counted either way."""
+    from types import SimpleNamespace
+
+    from rlhfkit.trainers.online_dpo import _score_and_write
+
+    class Scorer:
+        def score(self, rows, responses, n):
+            return [float(len(r)) for r in responses], {}  # the longest scores best
+
+        def gold_scores(self, rows, responses):
+            return None
+
+    cfg = load_config(OnlineDPOConfig, overrides=["rollout.n=3", *([f"missing_eos_penalty={penalty}"] if penalty
+                                                                   else [])])
+    items = [SimpleNamespace(messages=[{"role": "user", "content": f"q{g}"}]) for g in range(2)]
+    responses = ["a long reply that was cut", "done.", "ok", "cut off here and", "fine.", "yes"]
+    eos = [False, True, True, False, True, True]
+    stats: dict = {}
+    _score_and_write(cfg, items, responses, eos, stats, Scorer(), tmp_path, tmp_path / "pairs.jsonl")
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["eos"] for s in samples] == eos and stats["samples_cut"] == 2
+    if penalty is None:  # the cut samples are the longest: chosen
+        assert [p["chosen"] for p in pairs] == ["a long reply that was cut", "cut off here and"]
+        assert stats["chosen_cut"] == 2
+    else:
+        assert [(p["chosen"], p["rejected"]) for p in pairs] == [("done.", "a long reply that was cut"),
+                                                                 ("fine.", "cut off here and")]
+        assert stats["chosen_cut"] == 0
+        assert samples[0]["ranked_score"] == len(responses[0]) - penalty

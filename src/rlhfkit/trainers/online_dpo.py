@@ -118,6 +118,11 @@ class OnlineDPOConfig:
     gold_ranking_accuracy, gold_mean), and the held-out evaluations (eval/gold_mean)."""
     length_penalty: float = 0.0
     """lambda: rank by score - lambda * len(response in characters)."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the ranked score of every sample that did not end with an end-of-turn token
+    (cut at rollout.max_new_tokens) before pairs are built (TRL's missing_eos_penalty). A sample is
+    trained as a finished reply, its end-of-turn token added: a cut sample chosen as best teaches the
+    model to stop mid-sentence. null: no penalty; iteration.json counts cut samples and cut chosen ones."""
     tie_tolerance: float = 0.0
     """best - worst <= this counts as a tie (the pair is dropped)."""
     max_length: int = 512
@@ -139,6 +144,8 @@ class OnlineDPOConfig:
             raise ConfigError(f"{where}.rsft_top_fraction: must be in (0, 1], got {self.rsft_top_fraction}")
         if self.length_penalty < 0 or self.tie_tolerance < 0:
             raise ConfigError(f"{where}: length_penalty and tie_tolerance must be >= 0")
+        if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
+            raise ConfigError(f"{where}.missing_eos_penalty: must be >= 0 (or null), got {self.missing_eos_penalty}")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -281,9 +288,9 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
     # Decided before anyone writes (rank 0 writes only after the collective gather in `sample`).
     if not pairs_path.is_file():  # not yet sampled (else: resume the training of step 4)
         # 1. Rollout from the current policy.
-        responses, stats = sample(cfg, k, current, items, tokenizer, strategy)
+        responses, eos, stats = sample(cfg, k, current, items, tokenizer, strategy)
         if strategy.is_main:
-            _score_and_write(cfg, items, responses, stats, scorer, it_dir, pairs_path)
+            _score_and_write(cfg, items, responses, eos, stats, scorer, it_dir, pairs_path)
         strategy.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
@@ -295,41 +302,47 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
     return {"iteration": k, **stats, **{f"train/{key}": v for key, v in result.items() if isinstance(v, (int, float))}}
 
 
-def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], stats: dict, scorer: Scorer,
-                     it_dir: Path, pairs_path: Path) -> None:
+def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], eos: list[bool], stats: dict,
+                     scorer: Scorer, it_dir: Path, pairs_path: Path) -> None:
     """Steps 2-3 and the iteration's files: samples, pairs (or RSFT's best responses), sampling.json."""
     n = cfg.rollout.n
     it_dir.mkdir(parents=True, exist_ok=True)
     rows = [items[i // n] for i in range(len(responses))]
-    # 2. Score. 3. Rank.
+    # 2. Score. 3. Rank (a sample cut at max_new_tokens loses missing_eos_penalty).
     scores, labels = scorer.score(rows, responses, n)
     ranked = length_penalised(scores, responses, cfg.length_penalty)
+    if cfg.missing_eos_penalty is not None:
+        ranked = [r if done else r - cfg.missing_eos_penalty for r, done in zip(ranked, eos)]
     gold = scorer.gold_scores(rows, responses)
     write_jsonl_atomic(it_dir / "samples.jsonl", [
-        {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "group": i // n,
+        {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "eos": done, "group": i // n,
          **({"gold": gold[i]} if gold is not None else {})}
-        for i, (r, a, s, rs) in enumerate(zip(rows, responses, scores, ranked))])
+        for i, (r, a, s, rs, done) in enumerate(zip(rows, responses, scores, ranked, eos))])
     pairs, counts = build_pairs(ranked, responses, n, cfg.tie_tolerance)
+    stats["samples_cut"] = sum(not done for done in eos)
     if gold is not None:
         stats.update(gold_agreement(ranked, gold, pairs, n))
     if cfg.mode == "dpo":
         records = [{"prompt": items[g].messages, "chosen": responses[b], "rejected": responses[w],
                     "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
-        stats.update(dropped_ties=counts["ties"], dropped_identical=counts["identical"], dropped_empty=counts["empty"])
+        stats.update(dropped_ties=counts["ties"], dropped_identical=counts["identical"], dropped_empty=counts["empty"],
+                     chosen_cut=sum(not eos[b] for _, b, _ in pairs))
     else:
         best = best_of_n(ranked, responses, n, cfg.rsft_min_score, cfg.rsft_top_fraction)
         records = [{"messages": [*items[g].messages, {"role": "assistant", "content": responses[b]}],
                     "score": scores[b]} for g, b in best]
-        stats.update(rsft_dropped(ranked, responses, n, cfg.rsft_min_score, len(best)))
+        stats.update(rsft_dropped(ranked, responses, n, cfg.rsft_min_score, len(best)),
+                     chosen_cut=sum(not eos[b] for _, b in best))
     stats.update(**labels, pairs=len(records), score_mean=sum(scores) / len(scores))
     write_json_atomic(it_dir / "sampling.json", stats)
     write_jsonl_atomic(pairs_path, records)
 
 
 def sample(cfg: OnlineDPOConfig, k: int, current: str, items: list, tokenizer,
-           strategy: Strategy) -> tuple[list[str], dict]:
+           strategy: Strategy) -> tuple[list[str], list[bool], dict]:
     """n responses per prompt from ``current``, every rank sampling its share of ``items`` from its
-    own stream; returns (all decoded responses in the order of ``items``, response statistics)."""
+    own stream; returns (all decoded responses in the order of ``items``, whether each ended with an
+    end-of-turn token, response statistics)."""
     set_seed(cfg.train.seed * 1000 + k)  # a different, reproducible sample stream per iteration
     policy = load_causal_lm(current, cfg.model.dtype).to(strategy.device)
     mine = strategy.shard(items)
@@ -338,11 +351,13 @@ def sample(cfg: OnlineDPOConfig, k: int, current: str, items: list, tokenizer,
     del policy
     n = cfg.rollout.n
     local = decode_responses(exp, tokenizer)
-    groups = strategy.unshard([local[i * n:(i + 1) * n] for i in range(len(mine))])  # back in the order of items
-    responses = [r for g in groups for r in g]
+    done = exp.eos.tolist()
+    groups = strategy.unshard([(local[i * n:(i + 1) * n], done[i * n:(i + 1) * n]) for i in range(len(mine))])
+    responses = [r for g, _ in groups for r in g]  # back in the order of items
+    eos = [bool(e) for _, g in groups for e in g]
     stats = {k_: float(v) for k_, v in response_metrics(exp, local, strategy).items()}
     stats["length_chars_mean"] = sum(len(r) for r in responses) / len(responses)
-    return responses, stats
+    return responses, eos, stats
 
 
 def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path, strategy: Strategy) -> dict:
