@@ -414,3 +414,34 @@ def test_alignment_tax_counts_the_sft_rows_it_cut(tmp_path, tiny_model_dir):
     res = run_eval(_eval_cfg(tmp_path, tiny_model_dir, f"alignment_tax.sft_data={tmp_path / 'sft.jsonl'}",
                              "alignment_tax.max_length=64"))
     assert res["alignment_tax"]["sft_examples"] == 2 and res["alignment_tax"]["sft_truncated"] == 1
+
+
+def test_eval_win_rate_of_a_different_policy_is_recounted_from_its_samples(tmp_path, tokenizer):
+    """A policy that differs from the baseline: the gold win rate (gold = response length) is the
+    share of samples i whose policy response is longer than the baseline's sample i (a tie one half),
+    recounted from the two samples files; the pairwise judge's counts add up to the samples."""
+    from rlhfkit.eval.policy_compare import run_eval
+    from rlhfkit.models import tiny_causal_lm
+
+    dirs = {}
+    for name, seed in [("base", 5), ("other", 11)]:
+        dirs[name] = tmp_path / name
+        tiny_causal_lm(tokenizer, seed=seed).save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say a word {i}"}) + "\n" for i in range(4)))
+    (tmp_path / "rew.py").write_text("def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    res = run_eval(_eval_cfg(tmp_path, dirs["base"], f"policies=[other={dirs['other']}]", "prompts.limit=0",
+                             f"prompts.train={tmp_path / 'prompts.jsonl'}", "rollout.n=2", "rollout.max_new_tokens=6",
+                             f"gold={tmp_path / 'rew.py'}:reward"))
+    pol, base = ([json.loads(line) for line in (tmp_path / "eval" / f"samples-{name}.jsonl").open()]
+                 for name in ("other", "baseline"))
+    assert [r["prompt"] for r in pol] == [r["prompt"] for r in base] and len(pol) == 8
+    votes = [1.0 if len(p["response"]) > len(b["response"]) else 0.5 if len(p["response"]) == len(b["response"])
+             else 0.0 for p, b in zip(pol, base)]
+    assert [p["gold"] for p in pol] == [float(len(p["response"])) for p in pol]
+    w = res["policies"]["other"]["win_rate"]["gold"]
+    assert sum(votes) != 4.0  # not a draw: swapping the policy and the baseline would change the win rate
+    assert w["win_rate"] == pytest.approx(sum(votes) / 8) and w["n"] == 4
+    assert (w["wins"], w["ties"], w["losses"]) == (votes.count(1.0), votes.count(0.5), votes.count(0.0))
+    assert res["policies"]["other"]["length_chars"] == pytest.approx(sum(len(p["response"]) for p in pol) / 8)
+    assert res["baseline"]["length_chars"] == pytest.approx(sum(len(b["response"]) for b in base) / 8)

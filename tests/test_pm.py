@@ -98,3 +98,50 @@ def test_a_pair_too_long_for_pm_names_its_own_file_before_anything_is_written(tm
     with pytest.raises(DataError, match=r"pairs\.jsonl:5: field 'chosen': the conversation is \d+ tokens, longer than"):
         train_pm(cfg)
     assert not (tmp_path / "run").exists()
+
+
+class _LetterJudgeStub(torch.nn.Module):
+    """A judge LM with known next-token logits at the answer position: the "A" logit is ``margin``
+    when the first response contains "good", the "B" logit is ``margin`` when the second does,
+    plus ``bias_a`` on "A" always (a position bias); every other logit is -inf."""
+
+    def __init__(self, tokenizer, margin: float, bias_a: float = 0.0):
+        super().__init__()
+        self.tok, self.margin, self.bias_a = tokenizer, margin, bias_a
+        self.a_id, self.b_id = label_token_ids(tokenizer)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # the judge reads the device from the parameters
+
+    def forward(self, input_ids, attention_mask, **_):
+        from types import SimpleNamespace
+
+        logits = torch.full((input_ids.shape[0], 1, max(self.a_id, self.b_id) + 1), float("-inf"))
+        for i, (ids, m) in enumerate(zip(input_ids, attention_mask)):
+            text = self.tok.decode(ids[m.bool()].tolist())
+            first, second = re.search(r"\[RESPONSE A\] (.*) \[RESPONSE B\] (.*)\n", text).groups()
+            logits[i, -1, self.a_id] = self.margin * ("good" in first) + self.bias_a
+            logits[i, -1, self.b_id] = self.margin * ("good" in second)
+        return SimpleNamespace(logits=logits)
+
+
+def test_prob_first_is_the_probability_of_the_letter_a(tokenizer):
+    """P("A") normalised over {A, B}: logits (3, 0) give sigmoid(3) for the first response, (0, 3)
+    give sigmoid(-3); a judge whose logits prefer the "good" response in either position prefers it."""
+    import math
+
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    judge = PairwiseJudge(_LetterJudgeStub(tokenizer, margin=3.0), tokenizer, batch_size=2)
+    ctx = ["Say hi", "a much longer context to force left padding", "x"]
+    good, bad = ["good hi", "good day", "good"], ["go away", "no", "bad bad bad answer"]
+    torch.testing.assert_close(judge.prob_first(ctx, good, bad), torch.full((3,), sig(3.0)))
+    torch.testing.assert_close(judge.prob_first(ctx, bad, good), torch.full((3,), sig(-3.0)))
+    assert (judge.prob_first(ctx, good, bad) > 0.9).all()
+    torch.testing.assert_close(torch.tensor(judge.compare(ctx, good, bad)), torch.full((3,), sig(3.0)),
+                               check_dtype=False)
+    torch.testing.assert_close(torch.tensor(judge.compare(ctx, bad, good)), torch.full((3,), sig(-3.0)),
+                               check_dtype=False)
+    # With a position bias of +1 on "A": P_A(good, bad) = sig(4), P_A(bad, good) = sig(1 - 3) = sig(-2);
+    # averaged over both orders P(good > bad) = (sig(4) + 1 - sig(-2)) / 2 = (sig(4) + sig(2)) / 2.
+    biased = PairwiseJudge(_LetterJudgeStub(tokenizer, margin=3.0, bias_a=1.0), tokenizer, batch_size=3)
+    p = biased.compare(ctx, good, bad)
+    assert p == pytest.approx([(sig(4.0) + sig(2.0)) / 2] * 3, abs=1e-6)
+    assert biased.compare(ctx, bad, good) == pytest.approx([1 - (sig(4.0) + sig(2.0)) / 2] * 3, abs=1e-6)
