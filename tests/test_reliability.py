@@ -286,7 +286,7 @@ def test_auto_refuses_a_finished_run_that_saved_no_checkpoint(tmp_path):
     (["data.max_length=256"], "data.max_length 512 -> 256"),
     ("data", "data.train content differs (size"),
 ])
-def test_resume_refuses_another_config_or_data_naming_what_differs(tmp_path, change, named):
+def test_resume_refuses_another_config_or_data_naming_what_differs(tmp_path, caplog, change, named):
     from rlhfkit.training.rundir import RunDirError, open_run
 
     data = _sft_data(tmp_path / "d.jsonl")
@@ -297,9 +297,12 @@ def test_resume_refuses_another_config_or_data_naming_what_differs(tmp_path, cha
     with pytest.raises(RunDirError, match="cannot resume") as e:
         open_run(_cfg(tmp_path, data, "train.resume=true", *change), "sft")
     assert named in str(e.value) and "train.resume_mismatch_ok=true" in str(e.value)
-    run = open_run(_cfg(tmp_path, data, "train.resume=true", "train.resume_mismatch_ok=true", *change), "sft")
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        run = open_run(_cfg(tmp_path, data, "train.resume=true", "train.resume_mismatch_ok=true", *change), "sft")
     assert run.resuming and run.checkpoint == out / "checkpoints" / "step-00000002"
     assert named in json.loads((out / "sft_run.json").read_text())["history"][-1]["differences"][0]
+    # an optimizer setting is restored from the checkpoint, not taken from the new config: said
+    assert ("optim.lr: not applied on resume" in caplog.text) == named.startswith("optim.")
 
 
 def test_resume_identifies_each_of_a_list_of_training_sources(tmp_path):

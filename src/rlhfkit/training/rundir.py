@@ -262,6 +262,11 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defa
                     path, "; ".join(length))
     if diffs:
         log.warning("continuing %s although the run differs (train.resume_mismatch_ok): %s", path, "; ".join(diffs))
+    restored = [d.split(" ", 1)[0] for d in diffs if d.startswith("optim.")]
+    if restored:
+        log.warning("%s: not applied on resume: the optimizer and its learning-rate schedule continue as the "
+                    "checkpoint saved them (start over with train.overwrite=true to use the new values)",
+                    ", ".join(restored))
 
 
 def _merged_record(path: Path, kind: str, record: dict, defaults: dict) -> dict:
