@@ -255,6 +255,19 @@ def test_running_mean_baseline_by_hand():
         RunningMeanBaseline(decay=1.0)
 
 
+def test_running_mean_baseline_decay_09_by_hand():
+    # decay 0.9 weighs the old baseline by 0.9 and the new batch mean by 0.1 (not the other way round)
+    b = RunningMeanBaseline(decay=0.9)
+    assert_close(b.advantages(torch.tensor([0.0, 4.0])), torch.tensor([-2.0, 2.0]))  # own mean 2
+    assert b.value == pytest.approx(2.0)
+    a2 = b.advantages(torch.tensor([12.0, 8.0]))  # baseline 2; then 0.9 * 2 + 0.1 * 10 = 2.8
+    assert_close(a2, torch.tensor([10.0, 6.0]))
+    assert b.value == pytest.approx(2.8)
+    a3 = b.advantages(torch.tensor([2.8, 4.8]))  # baseline 2.8; then 0.9 * 2.8 + 0.1 * 3.8 = 2.9
+    assert_close(a3, torch.tensor([0.0, 2.0]))
+    assert b.value == pytest.approx(2.9)
+
+
 def test_running_mean_baseline_is_global_over_fake_ranks():
     batches = [torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0.0, 4.0, 4.0, 8.0])]
     single = RunningMeanBaseline(0.9)

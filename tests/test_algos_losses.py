@@ -52,9 +52,26 @@ def test_ppo_clip_higher():
     logp = torch.tensor([[math.log(1.25)]], dtype=D)
     z, a, m = torch.zeros(1, 1, dtype=D), torch.ones(1, 1, dtype=D), torch.ones(1, 1)
     loss, met = ppo_policy_loss(logp=logp, logp_old=z, advantages=a, mask=m, clip_eps=0.2)
-    assert_close(loss, torch.tensor(-1.2, dtype=D)) and met["clipfrac"].item() == 1.0
+    assert_close(loss, torch.tensor(-1.2, dtype=D))
+    assert met["clipfrac"].item() == 1.0
     loss, met = ppo_policy_loss(logp=logp, logp_old=z, advantages=a, mask=m, clip_eps=0.2, clip_eps_high=0.28)
-    assert_close(loss, torch.tensor(-1.25, dtype=D)) and met["clipfrac"].item() == 0.0
+    assert_close(loss, torch.tensor(-1.25, dtype=D))
+    assert met["clipfrac"].item() == 0.0
+
+
+def test_ppo_clip_higher_asymmetric_by_hand():
+    # eps_low = 0.2, eps_high = 0.28: clip range [0.8, 1.28]
+    # ratio 1.25, A=+1: inside the range               -> loss -1.25, not clipped
+    # ratio 1.4,  A=+1: clipped to 1.28                -> loss -1.28, clipped
+    # ratio 0.75, A=-1: max(0.75, 0.8) = 0.8           -> loss  0.8,  clipped (low side uses eps_low)
+    # ratio 0.7,  A=+1: min(0.7, 0.8) = 0.7            -> loss -0.7,  not clipped
+    logp = torch.tensor([[math.log(1.25), math.log(1.4), math.log(0.75), math.log(0.7)]], dtype=D)
+    z, m = torch.zeros(1, 4, dtype=D), torch.ones(1, 4)
+    a = _t(1.0, 1.0, -1.0, 1.0).unsqueeze(0)
+    loss, met = ppo_policy_loss(logp=logp, logp_old=z, advantages=a, mask=m, clip_eps=0.2, clip_eps_high=0.28)
+    assert_close(loss, torch.tensor((-1.25 - 1.28 + 0.8 - 0.7) / 4, dtype=D))
+    assert met["clipfrac"].item() == 0.5
+    assert_close(met["ratio_max"], torch.tensor(1.4, dtype=D))
 
 
 def test_ppo_ratio_one_gives_minus_mean_advantage():
@@ -221,6 +238,8 @@ def test_value_loss_by_hand():
     loss, met = value_loss(values=v, values_old=v_old, returns=ret, mask=m, clip_eps=0.2)
     assert_close(loss, torch.tensor((0.5 + 0.845) / 2, dtype=D))
     assert met["vf_clipfrac"].item() == 0.5
+    assert_close(met["value_mean"], torch.tensor(1.0, dtype=D))  # mean of V, not V_old (0.5)
+    assert_close(met["value_error"], torch.tensor(1.0, dtype=D))  # unclipped (V-R)^2: mean(1, 1)
     loss, met = value_loss(values=v, values_old=v_old, returns=ret, mask=m, clip_eps=None)
     assert_close(loss, torch.tensor(0.5, dtype=D))  # 0.5 * mean(1, 1)
     assert met["vf_clipfrac"].item() == 0.0

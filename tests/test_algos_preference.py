@@ -75,6 +75,23 @@ def test_dpo_by_hand():
     assert_close(loss, torch.tensor(1.0, dtype=D))
 
 
+def test_hinge_and_ipo_by_hand_away_from_zero():
+    # h = (pc - rc) - (pr - rr) = 1, -2, 4 with the reference at 0 and pr = 0
+    kw = dict(pc=[1.0, -2.0, 4.0], pr=[0.0, 0.0, 0.0], rc=[0.0, 0.0, 0.0], rr=[0.0, 0.0, 0.0],
+              reduction="none")
+    # hinge, beta 0.5: relu(1 - 0.5 h) = relu(0.5), relu(2), relu(-1) = 0.5, 2, 0
+    per, _ = _dpo(**kw, beta=0.5, loss_type="hinge")
+    assert_close(per, _t(0.5, 2.0, 0.0))
+    # hinge, beta 2: relu(1 - 2 h) = relu(-1), relu(5), relu(-7) = 0, 5, 0
+    per, _ = _dpo(**kw, beta=2.0, loss_type="hinge")
+    assert_close(per, _t(0.0, 5.0, 0.0))
+    # IPO, beta 0.25: (h - 1/(2 * 0.25))^2 = (h - 2)^2 = 1, 16, 4
+    per, _ = _dpo(**kw, beta=0.25, loss_type="ipo")
+    assert_close(per, _t(1.0, 16.0, 4.0))
+    loss, _ = _dpo(**{**kw, "reduction": "mean"}, beta=0.25, loss_type="ipo")
+    assert_close(loss, torch.tensor(7.0, dtype=D))
+
+
 def test_dpo_is_bradley_terry_on_implicit_rewards():
     g = torch.Generator().manual_seed(6)
     pc, pr, rc, rr = (torch.randn(16, generator=g, dtype=D) * 5 for _ in range(4))

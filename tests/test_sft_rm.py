@@ -31,8 +31,12 @@ def test_sft_learns_and_saves_loadable_model(tmp_path, tiny_model_dir):
 
 
 def _params_after_one_step(tmp_path, tiny_model_dir, name, micro, packing=False):
-    train = write_jsonl(tmp_path / "train.jsonl", sft_rows(8, 3) + [
-        {"prompt": "A longer prompt with several more words in it", "response": "and a longer reply too, see"}])
+    # data.limit=8 keeps the first 8 records: the longer rows must be among them so the rows have
+    # different token counts (else dividing each micro-batch by its own count only rescales the step)
+    train = write_jsonl(tmp_path / "train.jsonl", sft_rows(3, 3) + [
+        {"prompt": "A longer prompt with several more words in it", "response": "and a longer reply too, see"}]
+        + sft_rows(3, 4) + [{"prompt": "Hi", "response": "a much longer reply, with many more words than the rest"}]
+        + sft_rows(2, 5))
     cfg = trainer_cfg(SFTConfig, tmp_path / name, tiny_model_dir, train, train, train__max_steps=1,
                train__micro_batch_size=micro)
     cfg.data.eval = ""
@@ -52,8 +56,14 @@ def _params_after_one_step(tmp_path, tiny_model_dir, name, micro, packing=False)
 def test_sft_batch8_accum1_equals_batch1_accum8(tmp_path, tiny_model_dir):
     a = _params_after_one_step(tmp_path, tiny_model_dir, "a", micro=8)
     b = _params_after_one_step(tmp_path, tiny_model_dir, "b", micro=1)
+    from safetensors.torch import load_file
+
+    init = load_file(str(tiny_model_dir / "model.safetensors"))
+    moved = 0.0
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+        moved = max(moved, (a[k] - init[k]).abs().max().item())
+    assert moved > 1e-3  # the step did move the weights (lr 3e-3, no weight decay)
 
 
 
