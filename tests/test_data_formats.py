@@ -323,3 +323,28 @@ def test_a_lone_surrogate_and_a_key_given_twice_are_one_located_line(tmp_path):
     (tmp_path / "d.json").write_text('[{"prompt": "a", "prompt": "b", "response": "c"}]')
     with pytest.raises(DataError, match=r"d\.json: key 'prompt' appears twice"):
         load_sft(tmp_path / "d.json")
+
+
+def test_hf_datasets_that_cannot_load_are_one_located_line(tmp_path, monkeypatch):
+    """hf:ID that is not a directory while the hub is unreachable fails at once (no minute of
+    retries); a directory with a loading script (never run) or an unknown split is one line
+    naming the dataset, not a traceback."""
+    import rlhfkit.hub as hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(DataError, match=r"hf:someorg/some-ds:train: not a local directory, and .* cannot be reached"):
+        load_sft("hf:someorg/some-ds")
+    script = tmp_path / "scripted"
+    script.mkdir()
+    (script / "scripted.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w')\n")
+    with pytest.raises(DataError, match=r"hf:.*scripted:train: cannot load: \w+"):
+        load_sft(f"hf:{script}")
+    assert not (tmp_path / "RAN").exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    assert len(load_sft(f"hf:{plain}")) == 1
+    with pytest.raises(DataError, match=r"hf:.*plain:nosplit: cannot load: ValueError: Unknown split"):
+        load_sft(f"hf:{plain}:nosplit")

@@ -269,5 +269,32 @@ def _from_hub(spec: str, split: str | None) -> Iterator[Record]:
     if spec_split and split and spec_split != split:
         raise ValueError(f"hf:{spec}: split given twice ({spec_split!r} and split={split!r})")
     split = spec_split or split or "train"
-    ds = datasets.load_dataset(repo, config or None, split=split)
-    return _from_rows(iter(ds), f"hf:{ref}:{split}")
+    source = f"hf:{ref}:{split}"
+    if not Path(repo).expanduser().is_dir():
+        from rlhfkit.hub import hub_unreachable, offline
+
+        why = "" if offline() else hub_unreachable()  # offline: the datasets cache is read
+        if why:
+            raise DataError(f"not a local directory, and {why} (a dataset in the datasets cache loads with "
+                            "HF_HUB_OFFLINE=1)", source=source)
+    quiet = [datasets.logging, *_hub_logging()]
+    levels = [m.get_verbosity() for m in quiet]
+    for m in quiet:
+        m.set_verbosity_error()  # not the hub's retry warnings: the one line below says what failed
+    try:
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as e:  # the datasets library's own errors: one line naming the dataset
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"cannot load: {type(e).__name__}: {first}", source=source) from None
+    finally:
+        for m, level in zip(quiet, levels):
+            m.set_verbosity(level)
+    return _from_rows(iter(ds), source)
+
+
+def _hub_logging() -> list:
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+    except ImportError:  # pragma: no cover
+        return []
+    return [hub_logging]

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from rlhfkit.hub import offline as _offline
+from rlhfkit.hub import reachable as _reachable
 from rlhfkit.models.lora import is_seq_cls_adapter, tied_embedding_targets
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -121,23 +123,3 @@ def resolve_hub_id(repo_id: str) -> str:
         raise FileNotFoundError(f"model {repo_id!r}: not a local path, not in the Hugging Face cache, and "
                                 f"{endpoint} cannot be reached: {hint}")
     return repo_id
-
-
-def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to ``url``'s host (or the HTTPS proxy in use) opens within ``timeout``."""
-    import socket
-    from urllib.parse import urlparse
-
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy if proxy else url)
-    port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((target.hostname or "", port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
