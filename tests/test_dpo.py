@@ -144,7 +144,22 @@ def test_batch8_equals_batch1_times_accumulation8(setup):
     assert moved > 1e-3  # the runs did move the weights
 
 
-def test_resume_continues_to_the_same_weights(setup):
+def test_resume_continues_to_the_same_weights(setup, monkeypatch):
+    import rlhfkit.training.supervised as supervised
+
+    ran = []  # the steps each train_dpo call really executed
+    real_step = supervised.supervised_step
+
+    def counting_step(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def counted(i):
+            ran.append(i)
+            return step(i)
+
+        return counted
+
+    monkeypatch.setattr(supervised, "supervised_step", counting_step)
     tmp_path, model_dir = setup
     common = ["optim.lr=1e-3", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=4",
               "dpo.precompute_ref_logps=true", "data.eval=", "data.eval_fraction=0"]
@@ -158,7 +173,9 @@ def test_resume_continues_to_the_same_weights(setup):
 
     shutil.rmtree(part / "model")
     shutil.rmtree(part / "checkpoints" / "step-00000004", ignore_errors=True)
+    ran.clear()
     train_dpo(_cfg(tmp_path, model_dir, *common, "train.resume=true", f"train.output_dir={part}"))
+    assert ran == [2, 3]  # continued from the step-2 checkpoint: steps 0 and 1 were not redone
     a, b = _final_weights(full), _final_weights(part)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)

@@ -119,7 +119,73 @@ def test_ppo_raises_a_learnable_reward(tokenizer, tmp_path):
     assert "RLHFKIT_DECODE_GEMV" in results["decode_products"]  # the rollout kernels this run chose
 
 
-def test_resume_keeps_step_and_kl_controller(tokenizer, tmp_path):
+def _naive_gae(rewards, values, mask, gamma: float, lam: float):
+    """Per row, backwards over its valid tokens: delta_t = r_t + gamma V_{t+1} - V_t (V = 0 after the
+    last token), A_t = delta_t + gamma lam A_{t+1}; returns A + V. Plain Python floats."""
+    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        a, v_next = 0.0, 0.0
+        for t in reversed(range(n)):
+            r, v = float(rewards[b, t]), float(values[b, t])
+            a = r + gamma * v_next - v + gamma * lam * a
+            adv[b, t], ret[b, t] = a, a + v
+            v_next = v
+    return adv, ret
+
+
+def test_iteration_wires_kl_penalty_and_gae_into_the_experience(tokenizer, tmp_path, monkeypatch):
+    """What one PPO iteration hands to its update: rewards = -beta (logp_old - logp_ref) on every
+    response token plus the score on the last one, and GAE advantages / returns with the configured
+    gamma and lam (distinct, so that swapping them shows), checked against naive references."""
+    import rlhfkit.trainers.ppo as ppo_mod
+
+    beta, gamma, lam = 0.2, 0.9, 0.8
+    cfg = _cfg(tmp_path, tokenizer, kl={"coef": beta}, gamma=gamma, lam=lam, whiten_advantages=False,
+               train={"max_steps": 2}, rollout={"n": 2, "max_new_tokens": 5}, ppo_epochs=1)
+    seen = []
+    real_update = ppo_mod.policy_update
+
+    def spy(cfg_, strategy, guard, exp, *args, **kwargs):
+        seen.append({k: getattr(exp, k).detach().clone() for k in
+                     ("rewards", "returns", "advantages", "logprobs", "ref_logprobs", "values", "scores",
+                      "response_mask")})
+        return real_update(cfg_, strategy, guard, exp, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_mod, "policy_update", spy)
+    train_ppo(cfg)
+    assert len(seen) == 2
+    for i, e in enumerate(seen):
+        m = e["response_mask"]
+        mb = m.bool()
+        want = torch.where(mb, -beta * (e["logprobs"] - e["ref_logprobs"]), 0.0)
+        last = m.sum(-1) - 1
+        assert (last >= 0).all()
+        for b in range(len(last)):
+            want[b, last[b]] += e["scores"][b]
+        torch.testing.assert_close(e["rewards"][mb], want[mb], atol=1e-6, rtol=1e-6)
+        adv, ret = _naive_gae(e["rewards"], e["values"], m, gamma, lam)
+        torch.testing.assert_close(e["advantages"][mb], adv[mb], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(e["returns"][mb], ret[mb], atol=1e-5, rtol=1e-5)
+    # the second iteration's policy has moved from the reference and its critic from V = 0: both
+    # the KL penalty and the values (where gamma and lam act differently) are really in play
+    e = seen[1]
+    mb = e["response_mask"].bool()
+    assert (e["logprobs"] - e["ref_logprobs"])[mb].abs().max() > 1e-3
+    assert e["values"][mb].abs().max() > 1e-3
+
+
+def test_resume_keeps_step_and_kl_controller(tokenizer, tmp_path, monkeypatch):
+    import rlhfkit.trainers.ppo as ppo_mod
+
+    ran = []  # the steps each train_ppo call really executed
+    real_iteration = ppo_mod.ppo_iteration
+
+    def counting(pr, step, *args, **kwargs):
+        ran.append(step)
+        return real_iteration(pr, step, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_mod, "ppo_iteration", counting)
     over = dict(kl={"coef": 0.1, "target": 0.5, "horizon": 64}, train={"max_steps": 3, "save_every": 1},
                 rollout={"n": 2, "max_new_tokens": 4}, ppo_epochs=1)
     straight = _cfg(tmp_path, tokenizer, **over)
@@ -127,9 +193,13 @@ def test_resume_keeps_step_and_kl_controller(tokenizer, tmp_path):
     full = read_metrics(tmp_path / "run")
 
     over["train"] = {**over["train"], "output_dir": str(tmp_path / "resumed"), "max_steps": 2}
+    ran.clear()
     train_ppo(_cfg(tmp_path, tokenizer, **over))
+    assert ran == [0, 1]
     over["train"] = {**over["train"], "max_steps": 3, "resume": True}
+    ran.clear()
     train_ppo(_cfg(tmp_path, tokenizer, **over))
+    assert ran == [2]  # the resumed run starts at its checkpoint's step: steps 0 and 1 are not redone
     resumed = read_metrics(tmp_path / "resumed")
 
     assert [r["step"] for r in resumed] == [1, 2, 3]

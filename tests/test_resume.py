@@ -62,13 +62,36 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+KEPT = "killed_run_record"  # a mark on the killed run's records, see _mark_records_up_to
+
+
+def _mark_records_up_to(out: Path, step: int) -> None:
+    """Mark the killed run's metrics records of steps <= ``step`` (its checkpoint's). A run resumed from
+    that checkpoint keeps them as they are and logs only the steps after it; a run that started over
+    would rewrite them all, without the mark."""
+    rows = _metric_rows(out)  # a line torn by the kill is left out (the resumed run drops it too)
+    assert any(r["step"] == step for r in rows)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({**r, KEPT: True} if r["step"] <= step else r) + "\n"
+                                               for r in rows))
+
+
+def _assert_logged_only_after(out: Path, step: int) -> None:
+    """The resumed run wrote the records of the steps after ``step`` only (it started at ``step``)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get(KEPT)] == [r["step"] for r in rows if r["step"] <= step]
+    assert [r["step"] for r in rows if not r.get(KEPT)] == [r["step"] for r in rows if r["step"] > step]
+    assert any(r.get(KEPT) for r in rows) and any(not r.get(KEPT) for r in rows)
+
+
 def test_sft_sigkill_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     data = _sft_data(tmp_path)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     _run(_cli("sft", ref, tiny_model_dir, data))
     step = _kill_after_first_checkpoint(_cli("sft", killed, tiny_model_dir, data), killed)
     assert 4 <= step < 14
+    _mark_records_up_to(killed, step)
     _run(_cli("sft", killed, tiny_model_dir, data, ["--resume"]))
+    _assert_logged_only_after(killed, step)  # continued from the checkpoint, not rerun from step 0
     a, b = _final_params(ref), _final_params(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
@@ -129,7 +152,7 @@ def _metric_rows(out: Path) -> list[dict]:
 
 def _by_step(out: Path) -> dict[int, dict]:
     rows = _metric_rows(out)
-    by = {r["step"]: {k: v for k, v in r.items() if k != "time"} for r in rows}
+    by = {r["step"]: {k: v for k, v in r.items() if k not in ("time", KEPT)} for r in rows}
     assert len(by) == len(rows), [r["step"] for r in rows]  # no step logged twice
     return by
 
@@ -170,7 +193,9 @@ def test_dpo_sigkill_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     _run(_cli("dpo", ref, tiny_model_dir, data, [*extra, "train.save_every=0"]))  # saving must not matter
     step = _kill_past_checkpoint(_cli("dpo", killed, tiny_model_dir, data, extra), killed, min_step=4)
     assert 4 <= step < 14
+    _mark_records_up_to(killed, step)
     _run(_cli("dpo", killed, tiny_model_dir, data, [*extra, "--resume"]))
+    _assert_logged_only_after(killed, step)  # continued from the checkpoint, not rerun from step 0
     a, b = _final_params(ref), _final_params(killed)
     assert a.keys() == b.keys()
     for k in a:
