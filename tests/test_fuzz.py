@@ -71,6 +71,8 @@ DPO_ONLY = {
 
 PIECES = st.sampled_from([*"ab xyz\n\t.é中🙂", "<|im_end|>", "<|im_start|>", "\\n", "assistant"])
 TEXT = st.lists(PIECES, max_size=8).map("".join)
+# Valid text holds no chat-template control token (text that does is refused as already rendered)
+PLAIN = st.lists(st.sampled_from([*"ab xyz\n\t.é中🙂", "\\n", "assistant", "<|im", "end|>"]), max_size=8).map("".join)
 VALUE = st.none() | st.booleans() | st.integers(-5, 5) | TEXT | st.lists(st.integers(0, 3), max_size=2)
 ROLE = st.sampled_from(["user", "assistant", "system", "tool", "", 3])
 
@@ -79,15 +81,15 @@ def _message():
     return st.fixed_dictionaries({"role": ROLE, "content": TEXT | VALUE})
 
 
-SFT_VALID = st.fixed_dictionaries({"prompt": TEXT.filter(str.strip), "response": TEXT.filter(str.strip)})
+SFT_VALID = st.fixed_dictionaries({"prompt": PLAIN.filter(str.strip), "response": PLAIN.filter(str.strip)})
 SFT_RECORD = st.one_of(
     st.fixed_dictionaries({"prompt": TEXT, "response": TEXT}),
     st.fixed_dictionaries({"messages": st.lists(_message(), min_size=0, max_size=4)}),
     st.fixed_dictionaries({"prompt": VALUE, "response": VALUE}),
     st.dictionaries(st.sampled_from(["prompt", "response", "messages", "extra"]), VALUE, max_size=3),
 )
-PREF_VALID = st.fixed_dictionaries({"prompt": TEXT.filter(str.strip), "chosen": TEXT.filter(str.strip),
-                                    "rejected": TEXT.filter(str.strip)})
+PREF_VALID = st.fixed_dictionaries({"prompt": PLAIN.filter(str.strip), "chosen": PLAIN.filter(str.strip),
+                                    "rejected": PLAIN.filter(str.strip)})
 PREF_RECORD = st.one_of(
     st.fixed_dictionaries({"prompt": TEXT, "chosen": TEXT, "rejected": TEXT}),
     st.fixed_dictionaries({"prompt": TEXT, "chosen": VALUE, "rejected": VALUE}),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from rlhfkit.data.errors import DataError, Origin, type_name
+from rlhfkit.hub import hub_unreachable, offline
 
 
 @dataclass
@@ -271,8 +272,6 @@ def _from_hub(spec: str, split: str | None) -> Iterator[Record]:
     split = spec_split or split or "train"
     source = f"hf:{ref}:{split}"
     if not Path(repo).expanduser().is_dir():
-        from rlhfkit.hub import hub_unreachable, offline
-
         why = "" if offline() else hub_unreachable()  # offline: the datasets cache is read
         if why:
             raise DataError(f"not a local directory, and {why} (a dataset in the datasets cache loads with "

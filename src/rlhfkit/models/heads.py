@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+
+from rlhfkit.models.lora import adapter_base, adapter_config
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -123,11 +128,6 @@ def reward_pooling(model) -> str:
 def stored_reward_pooling(name) -> str:
     """The pooling a saved model directory records (its base's, for a LoRA adapter directory);
     "last" for anything that records none (a hub id, a causal LM, the default model)."""
-    import json
-    from pathlib import Path
-
-    from rlhfkit.models.lora import adapter_base, adapter_config
-
     p = Path(str(name)).expanduser()
     if adapter_config(p):
         return stored_reward_pooling(adapter_base(p))

@@ -52,9 +52,9 @@ def check_no_custom_code(path: Path) -> None:
         return
     if not isinstance(config, dict) or not config.get("auto_map"):
         return
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers import CONFIG_MAPPING
 
-    if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+    if config.get("model_type") not in CONFIG_MAPPING:
         raise ValueError(f"{path}: its architecture (model_type {config.get('model_type')!r}) is Python code shipped "
                          "with the model (config.json auto_map), and rlhfkit never runs code from a model directory; "
                          "use a model whose architecture transformers has")
