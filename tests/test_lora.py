@@ -456,3 +456,28 @@ def test_lora_on_a_mean_pooled_reward_model_is_refused_before_anything_is_writte
     err = capsys.readouterr().err
     assert "model.name: " in err and "scores with reward_pooling 'mean'" in err and "train without LoRA" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_adapter_on_top_of_an_adapter_says_how_to_get_one_loadable_model(tmp_path, tiny_model_dir, caplog):
+    """GRPO with LoRA from a LoRA SFT adapter trains fresh adapters on the merged SFT model: the
+    saved adapter's base is the SFT adapter, which peft alone cannot apply; the run says so, and
+    `rlhfkit merge` writes the chain as one model equal to what rlhfkit loads."""
+    from rlhfkit.cli import main
+
+    sft, grpo = tmp_path / "sft", tmp_path / "grpo"
+    assert main(["sft", f"model.name={tiny_model_dir}", "data.train=task:sentiment/sft.jsonl", "model.lora.enabled=true",
+                 "train.max_steps=1", "train.batch_size=2", "train.micro_batch_size=2", "train.report_to=[]",
+                 "train.progress=false", f"train.output_dir={sft}"]) == 0
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        assert main(["grpo", f"model.name={sft / 'model'}", "model.lora.enabled=true", "prompts.limit=4",
+                     "train.max_steps=1", "train.batch_size=2", "rollout.n=2", "rollout.max_new_tokens=4",
+                     "train.micro_batch_size=4", "mini_batch_size=4", "train.report_to=[]", "train.progress=false",
+                     f"train.output_dir={grpo}"]) == 0
+    assert f"{grpo / 'model'} is an adapter on top of the adapter {sft / 'model'}" in caplog.text
+    assert main(["merge", str(grpo / "model"), "--out", str(tmp_path / "merged")]) == 0
+    ids = torch.tensor([[1, 5, 9, 13]])
+    want = load_causal_lm(grpo / "model")(ids).logits  # the chain, merged level by level
+    from transformers import AutoModelForCausalLM
+
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits, want,
+                               atol=1e-4, rtol=1e-4)

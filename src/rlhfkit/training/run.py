@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,13 @@ import torch
 
 from rlhfkit.config import to_dict
 from rlhfkit.io import write_json_atomic
+from rlhfkit.models.lora import adapter_config
 from rlhfkit.training.logger import RunLogger
 from rlhfkit.training.optim import StepGuard
 from rlhfkit.training.rundir import open_run as open_rundir
 from rlhfkit.training.runlock import release
+
+log = logging.getLogger("rlhfkit")
 
 
 @dataclass
@@ -52,6 +56,17 @@ def open_run(cfg, kind: str, strategy, tokenizer=None) -> Run:
                tokenizer=tokenizer)
 
 
+def _warn_if_chained(model_dir: Path) -> None:
+    """An adapter whose base is itself an adapter loads through rlhfkit (and `rlhfkit merge`), not
+    through peft alone, which applies one level: say so, with the command that makes it one model."""
+    config = adapter_config(model_dir)
+    base = (config or {}).get("base_model_name_or_path")
+    if base and adapter_config(base):
+        log.warning("%s is an adapter on top of the adapter %s: peft's from_pretrained applies one level only; "
+                    "`rlhfkit merge %s --out DIR` writes the whole chain as one model for transformers/peft",
+                    model_dir, base, model_dir)
+
+
 def finish(run: Run, models: dict[str, Any], tokenizer, metrics: dict, **results: Any) -> None:
     """The trained models as plain transformers/peft directories (``output_dir/<name>``) and
     ``{kind}_results.json`` with the final metrics, the layout and ``results``. Call it on every rank:
@@ -61,6 +76,8 @@ def finish(run: Run, models: dict[str, Any], tokenizer, metrics: dict, **results
     for name, model in models.items():
         run.strategy.save_model(model, tokenizer, run.out / name)
     if run.is_main:
+        for name in models:
+            _warn_if_chained(run.out / name)
         final = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         final["distributed"] = run.strategy.layout
         final.update(results)
