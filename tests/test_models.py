@@ -266,3 +266,32 @@ def test_labelled_logprobs_equal_the_full_forward_at_the_labelled_tokens(tokeniz
     (gb,) = torch.autograd.grad(causal_logprobs(model, ids, mask)[labelled].sum(), model.lm_head.weight)
     torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)
     assert labelled_logprobs(model, ids, mask, torch.zeros_like(labelled)).shape == (0,)
+
+
+def test_a_pad_token_apart_from_eos_where_the_vocabulary_has_one(caplog):
+    """Llama/Mistral vocabularies have <unk> but no pad: pad with it, not with the eos a last-pooled
+    reward model is read at; with no spare token, pad = eos and a warning says what that means."""
+    from rlhfkit.models.loading import _prepare_tokenizer
+
+    class Tok:
+        name_or_path, eos_token, pad_token = "llama-like", "</s>", None
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+        @property
+        def eos_token_id(self):
+            return self.vocab[self.eos_token]
+
+        @property
+        def pad_token_id(self):
+            return None if self.pad_token is None else self.vocab[self.pad_token]
+
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        assert _prepare_tokenizer(Tok({"<unk>": 0, "<s>": 1, "</s>": 2})).pad_token == "<unk>"
+        assert "pad = eos" not in caplog.text
+        assert _prepare_tokenizer(Tok({"<s>": 1, "</s>": 2})).pad_token == "</s>"
+    assert "llama-like: no spare token to pad with, so pad = eos ('</s>')" in caplog.text

@@ -124,13 +124,16 @@ def _prepare_tokenizer(tok):
     """
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         vocab = tok.get_vocab()
-        for cand in ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>"):
+        for cand in ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<unk>"):
             if cand in vocab and vocab[cand] != tok.eos_token_id:
                 tok.pad_token = cand
                 break
         else:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
+            log.warning("%s: no spare token to pad with, so pad = eos (%r): rlhfkit pools and masks by the "
+                        "attention mask, but a last-pooled reward model read by plain transformers would take the "
+                        "token before a final eos", getattr(tok, "name_or_path", "tokenizer"), tok.eos_token)
     return tok
 
 
