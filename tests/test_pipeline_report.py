@@ -75,6 +75,15 @@ def test_pipeline_runs_stages_in_order_and_skips_done(tmp_path, tiny_model_dir, 
     (lambda c: c["stages"][1].update(name="base"), r"'base' is a placeholder's name"),
     (lambda c: c["stages"][0]["config"]["train"].update(output_dir="elsewhere"),
      r"stages\[0\]\.config\.train\.output_dir: set by the pipeline"),
+    # the inputs of a later stage, read before the first one trains
+    (lambda c: c["stages"][1]["config"]["data"].update(train="task:sentimnet"),
+     r"stages\[1\] \(rm\): data\.train: task:sentimnet: no built-in task 'sentimnet'"),
+    (lambda c: c["stages"].append({"name": "grpo", "kind": "grpo", "config": {
+        "model": {"name": "${sft}"}, "reward": {"spec": ["task:sentiment", "rm:${rm}", "task:sentimnet"]}}}),
+     r"stages\[2\] \(grpo\): reward\.spec: reward spec 'task:sentimnet': unknown task"),
+    (lambda c: c["stages"].append({"name": "grpo", "kind": "grpo", "config": {
+        "model": {"name": "${sft}"}, "prompts": {"train": "/nonexistent/prompts.jsonl"}}}),
+     r"stages\[2\] \(grpo\): prompts\.train: .*/nonexistent/prompts\.jsonl"),
 ])
 def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutate, match):
     sft, pref = _data(tmp_path)
