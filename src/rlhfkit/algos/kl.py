@@ -37,7 +37,9 @@ KL_KINDS = ("k1", "k2", "k3", "abs")
 
 # exp(20) ~ 5e8: beyond this the k3 estimate is dominated by a single token anyway, and an
 # unclamped exp(-log_ratio) overflows float32 (~exp(88)) to inf, which then turns into nan
-# through the optimiser. The clamp only changes tokens where p/q is outside [e^-20, e^20].
+# through the optimiser. The clamp only changes tokens where p/q is outside [e^-20, e^20], and
+# there it changes the gradient too: such a token's KL value is capped and its gradient is 0
+# (its penalty in the reward and its pull in GRPO's KL loss stop growing).
 LOG_RATIO_CLAMP = 20.0
 
 

@@ -24,8 +24,9 @@ def _clipped_surrogate(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Elementwise PPO loss max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) and the ratio r.
     Returns (loss, ratio, clipped) where `clipped` marks entries whose active branch is the clipped
-    one, i.e. that get no gradient. The log-ratio is clamped before exp so a wildly stale sample
-    gives a huge finite ratio, not inf (inf * 0 = nan)."""
+    one, i.e. that get no gradient. The log-ratio is clamped to [-20, 20] before exp so a wildly
+    stale sample gives a huge finite ratio, not inf (inf * 0 = nan); a token beyond the clamp gets
+    no gradient, as with a dual clip at e^20."""
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
