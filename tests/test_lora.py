@@ -458,6 +458,7 @@ def test_lora_on_a_mean_pooled_reward_model_is_refused_before_anything_is_writte
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Could not find a config file")  # peft, saving an adapter whose base is one
 def test_an_adapter_on_top_of_an_adapter_says_how_to_get_one_loadable_model(tmp_path, tiny_model_dir, caplog):
     """GRPO with LoRA from a LoRA SFT adapter trains fresh adapters on the merged SFT model: the
     saved adapter's base is the SFT adapter, which peft alone cannot apply; the run says so, and
