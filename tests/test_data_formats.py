@@ -336,6 +336,10 @@ def test_hf_datasets_that_cannot_load_are_one_located_line(tmp_path, monkeypatch
     monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: False)
     with pytest.raises(DataError, match=r"hf:someorg/some-ds:train: not a local directory, and .* cannot be reached"):
         load_sft("hf:someorg/some-ds")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # datasets' own switch: its cache is tried, not refused
+    with pytest.raises(DataError, match=r"hf:someorg/some-ds:train: cannot load: "):
+        load_sft("hf:someorg/some-ds")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
     script = tmp_path / "scripted"
     script.mkdir()
     (script / "scripted.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w')\n")

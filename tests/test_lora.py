@@ -433,6 +433,8 @@ def test_lora_on_a_tied_lm_head_is_refused_before_anything_is_written(tmp_path, 
     err = capsys.readouterr().err
     assert "model.lora.target_modules: lm_head: this model's LM head and input embedding are one tied matrix" in err
     assert not (tmp_path / "run").exists()
+    seq_cls = load_scalar_model(tiny_model_dir)  # no LM head: its embedding is tied to nothing
+    apply_lora(seq_cls, LoraSection(enabled=True, target_modules=["q_proj", "embed_tokens"]), "SEQ_CLS")
     with pytest.raises(ValueError, match="one tied matrix"):  # and in Python, where no command checked first
         apply_lora(load_causal_lm(tiny_model_dir), LoraSection(enabled=True, target_modules=["lm_head"]), "CAUSAL_LM")
 
@@ -454,7 +456,7 @@ def test_lora_on_a_mean_pooled_reward_model_is_refused_before_anything_is_writte
     assert main(["rm", f"model.name={base}", f"data.train={train}", "model.lora.enabled=true",
                  f"train.output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
-    assert "model.name: " in err and "scores with reward_pooling 'mean'" in err and "train without LoRA" in err
+    assert "model.name: " in err and "records reward_pooling 'mean'" in err and "train without LoRA" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -115,6 +115,9 @@ def _is_adapter_dir(path: str) -> bool:
     return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
 
 
+_PAD_WARNED: set = set()
+
+
 def _prepare_tokenizer(tok):
     """Give the tokenizer a pad token distinct from EOS where the vocabulary allows.
 
@@ -131,9 +134,12 @@ def _prepare_tokenizer(tok):
         else:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            log.warning("%s: no spare token to pad with, so pad = eos (%r): rlhfkit pools and masks by the "
-                        "attention mask, but a last-pooled reward model read by plain transformers would take the "
-                        "token before a final eos", getattr(tok, "name_or_path", "tokenizer"), tok.eos_token)
+            name = getattr(tok, "name_or_path", "tokenizer")
+            if name not in _PAD_WARNED:  # once per model, not at every load
+                _PAD_WARNED.add(name)
+                log.warning("%s: no spare token to pad with, so pad = eos (%r): rlhfkit pools and masks by the "
+                            "attention mask, but a last-pooled reward model read by plain transformers would take "
+                            "the token before a final eos", name, tok.eos_token)
     return tok
 
 

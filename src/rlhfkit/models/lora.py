@@ -47,7 +47,9 @@ def apply_lora(model, section, task_type: str):
         return model
     from peft import LoraConfig, get_peft_model
 
-    if tied_embedding_targets(section.target_modules, getattr(model.config, "tie_word_embeddings", False)):
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight  # a scorer has no LM head
+    if tied_embedding_targets(section.target_modules, tied):
         raise ValueError("model.lora.target_modules: this model's LM head and input embedding are one tied "
                          "matrix, and an adapter on it cannot be merged without changing both")
 

@@ -158,14 +158,15 @@ def prompt_batch(pr: PolicyRun, step: int) -> list[PromptItem]:
     return pr.strategy.shard([pr.prompts[i] for i in idx])
 
 
-def load_actor(model_cfg, device, dropout_off: bool = True):
+def load_actor(model_cfg, device, dropout_off: bool = True, sharded: bool = False):
     """(actor, reference). Without LoRA the reference is the starting policy in fp32 with its linear
     layers' weights in the compute dtype (`store_linears_in`): under the run's autocast it computes as
     the actor does. With LoRA the reference is None: scoring then runs the actor with its
     adapters disabled, so the base weights exist once in memory. The reference is the starting
     policy, so a LoRA adapter as model.name (a LoRA SFT run) is merged into its base first and fresh
     adapters go on top; `rlhfkit merge` follows that chain back. ``dropout_off``: the actor's dropout
-    is turned off (``disable_dropout``)."""
+    is turned off (``disable_dropout``). ``sharded``: the reference will be sharded by FSDP, whose
+    mixed-precision policy casts all its parameters for both models (it keeps one storage dtype)."""
     actor = load_causal_lm(model_cfg.name, trained_dtype(model_cfg.dtype, model_cfg.lora.enabled))
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor)
@@ -177,7 +178,7 @@ def load_actor(model_cfg, device, dropout_off: bool = True):
         # the actor's fp32 master weights under autocast, as the actor computes: KL exactly 0 at step 0
         ref = load_causal_lm(model_cfg.name, "float32")
         compute = precision.NAMES[precision.resolve(model_cfg.dtype or "auto", torch.device(device))]
-        if compute != torch.float32:
+        if compute != torch.float32 and not sharded:  # FSDP's mixed precision casts every parameter anyway
             store_linears_in(ref, compute)
         ref = to_device(ref, device)
         ref.eval().requires_grad_(False)
@@ -229,7 +230,7 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
         reward_fn = build_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None,
                                      combine=cfg.reward.combine, unscorable=cfg.reward.unscorable,
                                      tokenizer=tokenizer, device=strategy.device, batch_size=cfg.reward.batch_size)
-        actor, ref = load_actor(cfg.model, strategy.device, cfg.disable_dropout)
+        actor, ref = load_actor(cfg.model, strategy.device, cfg.disable_dropout, sharded=strategy.lockstep_forwards)
     gold_fn = build_reward_fn(cfg.reward.gold) if cfg.reward.gold else None
     # frozen models sharded like the actor under FSDP: their scoring forwards gather block by block,
     # the same number on every rank (equal rows per rank; the RM's micro-batches of reward.batch_size)

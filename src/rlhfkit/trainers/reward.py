@@ -170,7 +170,8 @@ def _check_backbone_layers(cfg: RewardConfig) -> None:
     if cfg.backbone_layers:
         from transformers import AutoConfig
 
-        depth = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=False).num_hidden_layers
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=False)
+        depth = config.num_hidden_layers
         if cfg.backbone_layers > depth:
             raise ConfigError(f"backbone_layers: {cfg.backbone_layers}, but {cfg.model.name} has {depth} "
                               "decoder layers")
@@ -187,9 +188,9 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
         check_model_path(cfg.model.name)
         if cfg.model.lora.enabled and stored_reward_pooling(cfg.model.name) != cfg.pooling:
             # rm:DIR scores an adapter with its base's stored pooling: it must be the one trained with
-            raise ConfigError(f"{cfg.model.name} is a reward model that scores with reward_pooling "
-                              f"{stored_reward_pooling(cfg.model.name)!r} (its config.json), and a LoRA adapter on "
-                              f"it is scored that way, not with pooling {cfg.pooling!r}: train without LoRA")
+            raise ConfigError(f"{cfg.model.name} records reward_pooling {stored_reward_pooling(cfg.model.name)!r} "
+                              f"(its config.json, 'last' when none), and a LoRA adapter on it is scored that way, not "
+                              f"with pooling {cfg.pooling!r}: train without LoRA")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     if cfg.use_margin and not any(f.get("margin") is not None for f in train):

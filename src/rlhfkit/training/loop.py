@@ -200,7 +200,8 @@ def _restore_best(run, ckpt: Checkpointer, best: Best, models: dict) -> None:
     best but before the checkpoint of that step leaves ``best/`` one step ahead of the checkpoint:
     its models are then taken from the checkpoint of the best step when there is one; otherwise the
     best is chosen again from the evaluations that follow, and a warning says so."""
-    if best.step is None or _best_saved_step(run.out) == best.step:
+    saved = run.strategy.gather_objects([_best_saved_step(run.out)])[0]  # rank 0's reading, before any write
+    if best.step is None or saved == best.step:
         return
     source = next((p for p in ckpt.all() if p.name == f"{CKPT_PREFIX}{best.step:08d}"), None)
     if source is not None and all((source / name).is_dir() for name in models):
