@@ -266,6 +266,13 @@ def assistant_spans(tokenizer, messages: list[dict], origin=None, field: str = "
 
     The template's own tokenization when every turn boundary is prefix-stable; otherwise the text
     cut at the boundaries, each piece tokenized alone (module docstring)."""
+    full, spans, _ = _spans(tokenizer, messages, origin, field)
+    return full, spans
+
+
+def _spans(tokenizer, messages, origin, field):
+    """`assistant_spans`, and whether the template's own tokenization was used (each turn's
+    prefix then is exactly its generation prompt's rendering)."""
     full = _render(tokenizer, messages, False, origin, field)
     eot = end_of_turn_ids(tokenizer)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -274,9 +281,9 @@ def assistant_spans(tokenizer, messages: list[dict], origin=None, field: str = "
         before = _render(tokenizer, messages[:i], True, origin, field)
         upto = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], False, origin, field)
         if full[:len(before)] != before or full[:len(upto)] != upto or len(upto) <= len(before):
-            return _text_spans(tokenizer, messages, turns, eot, origin, field)
+            return (*_text_spans(tokenizer, messages, turns, eot, origin, field), False)
         spans.append(_to_eot(full, len(before), len(upto), eot))
-    return full, spans
+    return full, spans, True
 
 
 def _text_spans(tokenizer, messages, turns, eot, origin, field):
@@ -307,8 +314,10 @@ def render_reply(tokenizer, messages: list[dict], response: str, origin=None, fi
     """(prompt ids with the generation header, reply ids up to and including its end-of-turn token):
     how `rlhfkit rm` and `dpo` see a response to `messages`. The prompt ids are
     `render_prompt_ids(messages)` whichever way the reply was located."""
-    full, spans = assistant_spans(tokenizer, [*messages, {"role": "assistant", "content": response}], origin, field)
+    full, spans, exact = _spans(tokenizer, [*messages, {"role": "assistant", "content": response}], origin, field)
     start, stop = spans[-1]
+    if exact:  # full[:start] is the generation prompt's rendering, token for token
+        return full[:start], full[start:stop]
     prompt = _render(tokenizer, messages, True, origin, "prompt")
     if full[:start] != prompt:
         raise DataError.at(origin, field, "the chat template renders the prompt differently before this reply "
