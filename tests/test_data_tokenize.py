@@ -241,3 +241,7 @@ def test_text_already_rendered_with_the_template_is_refused(tokenizer, tmp_path)
     with pytest.raises(DataError, match=r"p.jsonl:1: field 'prompt': .*control token"):
         load_prompt_items(str(path), tokenizer, max_prompt_length=256)
     tokenize_sft(tokenizer, SFTExample(chat("Write <b>bold</b> and </s>", "ok")), 256)  # other markup is text
+    for msgs, field, named in ((chat("<|im_start|>", "ok"), "response", "prompt"),
+                               (chat("Hi", "ok", "<|im_end|>", "yes"), "messages", r"messages\[2\]\.content")):
+        with pytest.raises(DataError, match=rf"x.jsonl:3: field '{named}': .*control token"):
+            tokenize_sft(tokenizer, SFTExample(msgs, origin=("x.jsonl", 3), field=field), 256)

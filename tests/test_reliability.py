@@ -228,6 +228,22 @@ def test_overwrite_refuses_to_delete_the_runs_own_input(tmp_path):
                                           r"overwriting .* would delete"):
         open_run(_cfg(tmp_path, data, f"model.name={out / 'model'}", "train.overwrite=true"), "sft")
     assert (out / "model" / "config.json").is_file() and (out / "checkpoints").is_dir()
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.online_dpo import OnlineDPOConfig
+    from rlhfkit.training.fingerprint import default_sources
+    from rlhfkit.training.rundir import _check_inputs_survive
+
+    online = load_config(OnlineDPOConfig, data={"gold": f"rm:{out}"})  # online DPO's gold judge is an input too
+    assert default_sources(online)["gold"] == f"rm:{out}"
+    with pytest.raises(RunDirError, match=r"train.overwrite: gold \(rm:"):
+        _check_inputs_survive(out, default_sources(online))
+    # a symlinked model/ is unlinked, its target kept: the target as an input is no reason to refuse
+    target = tmp_path / "elsewhere"
+    (out / "model").rename(target)
+    (out / "model").symlink_to(target)
+    _check_inputs_survive(out, {"model.name": str(target)})
+    with pytest.raises(RunDirError, match=r"model.name"):  # reached through the link, it would be lost
+        _check_inputs_survive(out, {"model.name": str(out / "model")})
 
 
 def test_held_out_prompts_and_the_gold_judge_are_part_of_a_runs_identity(tmp_path):

@@ -347,7 +347,12 @@ def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: st
     """
     _check_mode(truncation)
     msgs, o = example.messages, example.origin
-    check_not_rendered(tokenizer, msgs, o, example.field)
+    if example.field == "messages":
+        for i, m in enumerate(msgs):
+            check_not_rendered(tokenizer, [m], o, f"messages[{i}].content")
+    else:  # {"prompt", "response"}: the reply is the last message
+        check_not_rendered(tokenizer, msgs[:-1], o, "prompt")
+        check_not_rendered(tokenizer, msgs[-1:], o, example.field)
     full, spans = assistant_spans(tokenizer, msgs, o, example.field)
     labels = [IGNORE_INDEX] * len(full)
     for start, stop in spans:

@@ -100,7 +100,8 @@ class OnlineDPOConfig:
     mode: Literal["dpo", "rsft"] = "dpo"
     """dpo, or rsft: SFT on the selected best responses (rejection-sampling fine-tuning; lr ~1e-5)."""
     rsft_min_score: Optional[float] = None
-    """rsft: keep a prompt's best response only if its (length-penalised) score is >= this; null = any."""
+    """rsft: keep a prompt's best response only if its ranked score (after length_penalty and
+    missing_eos_penalty) is >= this; null = any."""
     rsft_top_fraction: float = 1.0
     """rsft: keep only this fraction of the prompts, those whose best responses score highest."""
     iterations: int = 3
@@ -294,8 +295,8 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
         strategy.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
-        raise ValueError(f"iteration {k}: every pair was dropped (ties/identical, or below rsft_min_score); "
-                         "raise rollout.temperature or n")
+        raise ValueError(f"iteration {k}: every pair was dropped (ties/identical, or below rsft_min_score after "
+                         "length_penalty and missing_eos_penalty); raise rollout.temperature or n")
 
     # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
     result = train_step(cfg, current, pairs_path, it_dir, strategy)

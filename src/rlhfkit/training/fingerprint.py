@@ -17,7 +17,7 @@ from rlhfkit.data.sources import task_data_dir
 
 RECORD_VERSION = 2
 # Sources fingerprinted only from a record version on: an older record that lacks them is no difference.
-SOURCES_SINCE = {"prompts.eval": 2, "reward.gold": 2}
+SOURCES_SINCE = {"prompts.eval": 2, "reward.gold": 2, "gold": 2}
 # Config keys left out of the fingerprint: how the run is driven, logged, checkpointed and laid
 # out over processes, none of which changes the numbers it computes (micro_batch_size only
 # splits the same global batch; a checkpoint resumes on any FSDP / ZeRO / DDP layout).
@@ -32,7 +32,7 @@ LENGTH_KEYS = {"train.max_steps", "train.epochs"}
 # Inputs compared by content rather than by the string in the config (a moved file is the same data).
 DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "prompts.eval", "ptx.data")
 # Models identified by their files as well as by name (a directory retrained in place is another model).
-MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec", "reward.gold", "scorer")
+MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec", "reward.gold", "scorer", "gold")
 _FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones are sampled
 
 

@@ -191,13 +191,16 @@ def _check_inputs_survive(path: Path, sources: dict[str, str]) -> None:
     train.output_dir=runs/x): refuse before anything is deleted."""
     if not path.is_dir():
         return
-    doomed = [p.resolve() for pattern in RUN_OUTPUTS for p in path.glob(pattern)]
+    doomed = [p for pattern in RUN_OUTPUTS for p in path.glob(pattern)]
+    # a symlink is unlinked, its target kept: an input reached through the link is lost, the target is not
+    as_named = [p.absolute() for p in doomed]
+    real = [p.resolve() for p in doomed if not p.is_symlink()]
     for key, spec in sorted(sources.items()):
         src = local_path(spec)
         if src is None:
             continue
-        src = src.resolve()
-        hit = next((d for d in doomed if src == d or d in src.parents), None)
+        hit = next((d for d in as_named if src.absolute() == d or d in src.absolute().parents), None) or next(
+            (d for d in real if src.resolve() == d or d in src.resolve().parents), None)
         if hit is not None:
             raise RunDirError(f"train.overwrite: {key} ({spec}) is in {hit}, which overwriting {path} would delete: "
                               "choose another train.output_dir, or copy the input out of it first")
