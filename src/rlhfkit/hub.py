@@ -15,9 +15,10 @@ def hub_unreachable() -> str:
     return "" if reachable(endpoint) else f"{endpoint} cannot be reached"
 
 
-def offline() -> bool:
+def offline(*more: str) -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE (or one of the variables ``more``) is set true."""
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *more))
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:

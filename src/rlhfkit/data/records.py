@@ -272,8 +272,7 @@ def _from_hub(spec: str, split: str | None) -> Iterator[Record]:
     split = spec_split or split or "train"
     source = f"hf:{ref}:{split}"
     if not Path(repo).expanduser().is_dir():
-        cached = offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        why = "" if cached else hub_unreachable()  # offline: the datasets cache is read
+        why = "" if offline("HF_DATASETS_OFFLINE") else hub_unreachable()  # offline: the datasets cache is read
         if why:
             raise DataError(f"not a local directory, and {why} (a dataset in the datasets cache loads with "
                             "HF_HUB_OFFLINE=1)", source=source)
