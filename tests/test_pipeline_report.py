@@ -84,6 +84,10 @@ def test_pipeline_runs_stages_in_order_and_skips_done(tmp_path, tiny_model_dir, 
     (lambda c: c["stages"].append({"name": "grpo", "kind": "grpo", "config": {
         "model": {"name": "${sft}"}, "prompts": {"train": "/nonexistent/prompts.jsonl"}}}),
      r"stages\[2\] \(grpo\): prompts\.train: .*/nonexistent/prompts\.jsonl"),
+    # a path that merely starts like the pipeline's output_dir is not an earlier stage's output
+    (lambda c: c["stages"].append({"name": "grpo", "kind": "grpo", "config": {
+        "model": {"name": "${sft}"}, "reward": {"spec": ["rm:${output_dir}2/rm/model"]}}}),
+     r"stages\[2\] \(grpo\): reward\.spec: .*run2/rm/model"),
 ])
 def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutate, match):
     sft, pref = _data(tmp_path)

@@ -103,7 +103,7 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
             stage_cfg = load_config(COMMANDS[spec.kind].config_class(), data=data)
         except ConfigError as e:
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
-        _check_inputs(spec.kind, stage_cfg, f"{source}: stages[{i}] ({spec.name})", str(out))
+        _check_inputs(spec.kind, stage_cfg, f"{source}: stages[{i}] ({spec.name})", [out / st.name for st, _ in stages])
         stages.append((spec, stage_cfg))
         values[spec.name] = str(out / spec.name / "model")
     return cfg, stages
@@ -116,10 +116,9 @@ _DATA = {"sft": ("data", load_sft, "sft"), "rm": ("data", load_preference, "pref
          **{k: ("prompts", load_prompts, "prompts") for k in ("ppo", "grpo", "rloo", "online-dpo")}}
 
 
-def _check_inputs(kind: str, stage_cfg, where: str, out: str) -> None:
+def _check_inputs(kind: str, stage_cfg, where: str, earlier: list[Path]) -> None:
     """Every stage's data files and reward, gold and scorer specs that exist before the pipeline runs
-    (not an earlier stage's outputs under ``out``) are read and checked before the first stage
-    starts, as the stage itself checks them: a typo in the last stage does not wait for the first
+    (not an output of an ``earlier`` stage) are read and checked before the first stage starts, as the stage itself checks them: a typo in the last stage does not wait for the first
     one to train. Each stage checks the rest (tokenisation, models) when it starts."""
     flat = to_dict(stage_cfg)
     checks = []
@@ -138,12 +137,23 @@ def _check_inputs(kind: str, stage_cfg, where: str, out: str) -> None:
         checks.append(("gold", flat.get("gold"), lambda: check_reward_spec(flat["gold"])))
         checks.append(("scorer", flat.get("scorer"), lambda: check_scorer_spec(flat["scorer"])))
     for key, value, check in checks:
-        if not isinstance(value, str) or not value or out in value:  # unset, or an earlier stage's output
+        if not isinstance(value, str) or not value or _reads_any(value, earlier):  # unset, or an earlier output
             continue
         try:
             check()
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise ConfigError(f"{where}: {key}: {e}") from None
+
+
+def _reads_any(value: str, dirs: list[Path]) -> bool:
+    """Whether a data source or spec (``PATH``, ``rm:PATH``, ``rm:PATH,scale=2``...) names a path
+    inside one of ``dirs``, compared as resolved paths: ``runs/p2/x`` is not inside ``runs/p``."""
+    roots = [d.resolve() for d in dirs]
+    for token in re.split(r"[:,=\s]+", value):
+        path = Path(token).resolve() if token else None
+        if path and any(root == path or root in path.parents for root in roots):
+            return True
+    return False
 
 
 def _override_stages(stages: list, over: dict) -> list:
