@@ -163,6 +163,45 @@ def test_saved_models_are_not_private(tmp_path, tiny_model):
     assert out.stat().st_mode & 0o777 == 0o755
 
 
+
+@pytest.mark.parametrize("before", ["nothing", "a directory", "a link", "a file"])
+@pytest.mark.parametrize("link", [False, True])
+def test_a_directory_copy_replaces_whatever_was_there_whole(tmp_path, before, link, monkeypatch):
+    from rlhfkit import io
+
+    src = tmp_path / "ckpt" / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"new weights")
+    (src / "sub" / "b.json").write_text("{}")
+    dst, other = tmp_path / "best" / "model", tmp_path / "other"
+    other.mkdir()
+    dst.parent.mkdir()
+    if before == "a directory":
+        dst.mkdir()
+        (dst / "a.bin").write_bytes(b"old weights")
+        (dst / "stale.txt").write_text("from before")
+    elif before == "a link":
+        dst.symlink_to(other, target_is_directory=True)
+    elif before == "a file":
+        dst.write_text("x")
+    io.copy_tree_atomic(src, dst, link=link)
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*")) == ["a.bin", "sub", "sub/b.json"]
+    assert not dst.is_symlink() and (dst / "a.bin").read_bytes() == b"new weights" and other.is_dir()
+    assert ((dst / "a.bin").stat().st_ino == (src / "a.bin").stat().st_ino) == link  # hard links only when asked
+    assert [p.name for p in dst.parent.iterdir()] == ["model"]  # no temporary or moved-aside directory left
+    shutil.rmtree(src)
+    assert (dst / "a.bin").read_bytes() == b"new weights"  # whole without its source
+
+    # a copy that fails leaves the old directory in place and no temporary one
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.shutil, "copytree", broken)
+    with pytest.raises(OSError, match="No space"):
+        io.copy_tree_atomic(other, dst, link=link)
+    assert [p.name for p in dst.parent.iterdir()] == ["model"] and (dst / "a.bin").read_bytes() == b"new weights"
+
+
 # --------------------------------------------------------------------------- run directories
 
 def _cfg(tmp_path, data, *extra):

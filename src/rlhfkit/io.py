@@ -1,4 +1,4 @@
-"""Files that are whole or absent: JSON and JSON Lines written to a temporary name, then renamed."""
+"""Files and directories that are whole or absent: written under a temporary name, then renamed."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +78,53 @@ def make_temp_dir(final: Path) -> Path:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     return tmp
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync a directory's entries and the directory itself, as far as the file system allows."""
+    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+        try:
+            fsync_path(p)
+        except OSError:
+            pass
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished directory ``tmp`` (a `make_temp_dir` sibling) where ``final`` is. An existing
+    directory is moved aside first and deleted only after the rename; a link or file there is
+    unlinked: a kill leaves the old ``final`` (or it under ``.NAME.old-PID``) or the new one, never a
+    half-written one."""
+    fsync_tree(tmp)
+    old = None
+    if final.is_symlink() or final.is_file():
+        final.unlink()
+    elif final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_tree(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_tree_atomic(src: Path, dst: Path, link: bool = False) -> None:
+    """``dst`` becomes a copy of the directory ``src`` (`replace_dir`). ``link``: its files are hard
+    links to ``src``'s where the file system allows (no second copy on disk; a copy elsewhere), so
+    ``dst`` stays whole when ``src`` is deleted and can be moved anywhere."""
+    def link_or_copy(a: str, b: str) -> str:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+        return b
+
+    tmp = make_temp_dir(dst)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=link_or_copy if link else shutil.copy2)
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def as_os_error(e: Exception, path: Path) -> Exception:

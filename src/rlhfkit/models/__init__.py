@@ -22,10 +22,10 @@ from rlhfkit.models.loading import (
     load_scalar_model,
     load_tokenizer,
     resolve_model_path,
-    save_pretrained_atomic,
     tiny_causal_lm,
 )
 from rlhfkit.models.names import DEFAULT_MODEL, check_lora_targets, check_model_path, check_policy_path
+from rlhfkit.models.saving import save_pretrained_atomic
 
 __all__ = [
     "DEFAULT_MODEL", "cache_root", "check_lora_targets", "check_model_path", "check_policy_path",

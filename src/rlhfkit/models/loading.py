@@ -1,4 +1,4 @@
-"""Where models come from and how they are written back.
+"""Where models come from.
 
 A model name may be:
 - the built-in default ``smollm2-135m-instruct``: a GGUF file shipped in the PyPI package
@@ -7,9 +7,7 @@ A model name may be:
 - a local directory in transformers format;
 - a hub id (``org/name``), passed to ``from_pretrained`` unchanged.
 
-Everything we write is a plain transformers directory: policies load with
-``AutoModelForCausalLM.from_pretrained(dir)``, reward and value models with
-``AutoModelForSequenceClassification.from_pretrained(dir)``.
+How they are written back: `models.saving`.
 """
 
 from __future__ import annotations
@@ -19,16 +17,15 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from rlhfkit.config.extras import require
-from rlhfkit.data.tokenize import apply_chat_template, end_of_turn_ids
-from rlhfkit.io import as_os_error, make_temp_dir
+from rlhfkit.data.tokenize import apply_chat_template
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
 from rlhfkit.models.names import DEFAULT_ALIASES, DEFAULT_MODEL, check_model_path, check_policy_path, resolve_hub_id
+from rlhfkit.models.saving import save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 
@@ -313,74 +310,6 @@ def load_merged(path: str | os.PathLike, *, base: str | None = None, dtype=None,
     # Adapters trained on top of this model record it as their base: the chain stays loadable.
     merged.config.name_or_path = merged.name_or_path = str(path)
     return merged
-
-
-def stop_like_rollouts(model, tokenizer) -> None:
-    """Make ``model.generation_config`` stop where rlhfkit's rollouts stop (the eos and the
-    end-of-turn tokens of the vocabulary, `data.tokenize.end_of_turn_ids`) and pad with the
-    tokenizer's pad token: transformers' ``generate`` (and servers that read the file) then end a
-    reply at the token the model was trained to emit, also after ``data.chat_template`` gave a
-    base model a template whose end-of-turn token is not its eos."""
-    gen = getattr(model, "generation_config", None)
-    if gen is None or not hasattr(tokenizer, "get_vocab"):
-        return
-    current = gen.eos_token_id if isinstance(gen.eos_token_id, (list, tuple)) else [gen.eos_token_id]
-    current = {i for i in current if i is not None}
-    stops = sorted(current | set(end_of_turn_ids(tokenizer)))
-    if stops and set(stops) != current:
-        gen.eos_token_id = stops if len(stops) > 1 else stops[0]
-    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
-        gen.pad_token_id = tokenizer.pad_token_id
-
-
-def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a transformers/peft directory so that it is either whole or absent (with a tokenizer,
-    the generation config stops as rollouts do: `stop_like_rollouts`).
-
-    Everything goes into a temporary sibling directory, which is renamed over ``out_dir`` at the
-    end; an existing ``out_dir`` is moved aside first and removed only after the rename succeeded.
-    """
-    out = Path(out_dir)
-    if tokenizer is not None:
-        stop_like_rollouts(model, tokenizer)
-    tmp = make_temp_dir(out)  # the umask's mode, not mkdtemp's 0700
-    try:
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            for fname, text in (extra_files or {}).items():
-                (tmp / fname).write_text(text)
-        except Exception as e:  # a full disk: an OSError naming the directory (safetensors says it otherwise)
-            converted = as_os_error(e, out)
-            if converted is e:
-                raise
-            raise converted from e
-        _fsync_dir(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _fsync_dir(path: Path) -> None:
-    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
 
 
 def tiny_causal_lm(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):

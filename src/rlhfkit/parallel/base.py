@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from rlhfkit.config import ConfigError
-from rlhfkit.models.loading import save_pretrained_atomic
+from rlhfkit.models.saving import save_pretrained_atomic
 from rlhfkit.models.weights import load_weights_into
 from rlhfkit.parallel.malloc import keep_freed_memory
 from rlhfkit.parallel.optim_state import load_optimizer_state

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -55,7 +53,7 @@ from rlhfkit.config import (
     validate,
 )
 from rlhfkit.eval.stats import gold_agreement
-from rlhfkit.io import write_json_atomic, write_jsonl_atomic
+from rlhfkit.io import copy_tree_atomic, write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 from rlhfkit.judges.preference import is_pairwise_spec
 from rlhfkit.judges.reward_set import check_record_fields
@@ -223,9 +221,10 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
                "world_size": strategy.world_size, "best": result.best}
     if strategy.is_main:
         if final != cfg.model.name:
-            _link_final(run.out, Path(final))
+            copy_tree_atomic(Path(final), run.out / "model", link=True)  # a directory of its own, no second copy
         else:  # no iteration beat the start (select_best): the final model is the starting policy itself
-            _save_start(cfg, tokenizer, run.out / "model")
+            # fp32, as trained models are; an adapter start merged in
+            save_pretrained_atomic(load_causal_lm(cfg.model.name, "float32"), tokenizer, run.out / "model")
             results["final_model"] = str(run.out / "model")
         write_json_atomic(run.out / "online_dpo_results.json", results)
         release(run.out)
@@ -374,34 +373,3 @@ def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path
     else:
         metrics = train_sft(SFTConfig(model=model, data=data, optim=cfg.optim, train=train), strategy)
     return {k.removeprefix("train/"): float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
-
-
-def _save_start(cfg: OnlineDPOConfig, tokenizer, out: Path) -> None:
-    """The starting policy, written as ``out`` (a full model, an adapter start merged in)."""
-    link = out
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    save_pretrained_atomic(load_causal_lm(cfg.model.name, "float32"), tokenizer, out)  # fp32, as trained models are
-
-
-def _link_final(out: Path, model_dir: Path) -> None:
-    """``out/model``: the final iteration's model as a directory of its own (its files hard-linked,
-    so no second copy on disk; copied where a link is not possible), which can be copied or moved
-    anywhere, as every other trainer's ``model/``."""
-    final, tmp = out / "model", out / ".model.tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for src in sorted(model_dir.rglob("*")):
-        dst = tmp / src.relative_to(model_dir)
-        if src.is_dir():
-            dst.mkdir(parents=True, exist_ok=True)
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-    if final.is_symlink() or final.is_file():
-        final.unlink()
-    elif final.exists():
-        shutil.rmtree(final)
-    tmp.replace(final)

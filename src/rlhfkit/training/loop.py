@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from rlhfkit.config import ConfigError
-from rlhfkit.io import make_temp_dir, read_jsonl_lenient, to_builtin, write_json_atomic
+from rlhfkit.io import copy_tree_atomic, read_jsonl_lenient, to_builtin, write_json_atomic
 from rlhfkit.training.checkpoint import CKPT_PREFIX, Checkpointer, load_checkpoint, save_checkpoint
 from rlhfkit.training.logger import RunLogger
 
@@ -208,21 +207,13 @@ def _restore_best(run, ckpt: Checkpointer, best: Best, models: dict) -> None:
         if run.is_main:
             (run.out / "best" / BEST_STEP).unlink(missing_ok=True)
             for name in models:
-                _copy_dir(source / name, run.out / "best" / name)
+                copy_tree_atomic(source / name, run.out / "best" / name)
             write_json_atomic(run.out / "best" / BEST_STEP, {"step": best.step})
         run.strategy.wait()
         return
     log.warning("[%s] %s does not hold step %d, the best %s so far, and no checkpoint does: the best is chosen "
                 "again from the evaluations that follow", run.kind, run.out / "best", best.step, best.metric)
     best.reset()
-
-
-def _copy_dir(src: Path, dst: Path) -> None:
-    tmp = make_temp_dir(dst)
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.replace(dst)
 
 
 def _resume(run, ckpt: Checkpointer, models: dict, optimizers: dict, best: Best | None,
