@@ -85,7 +85,7 @@ def test_a_model_without_chat_template_names_the_key_and_the_key_fixes_it(tmp_pa
     assert not (tmp_path / "run").exists()
     code, _ = _cli(capsys, _sft_args(model, data, tmp_path / "run", "data.chat_template=chatml"))
     assert code == 0
-    from rlhfkit.data.tokenize import CHATML
+    from rlhfkit.data.chat_templates import CHATML
     from rlhfkit.models import load_tokenizer
 
     assert load_tokenizer(tmp_path / "run" / "model").chat_template == CHATML  # later stages find it

@@ -13,7 +13,7 @@ def _small_vocab_model(path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from rlhfkit.data.tokenize import apply_chat_template
+    from rlhfkit.data.chat_templates import apply_chat_template
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
@@ -146,7 +146,7 @@ def test_pm_truncation_cuts_the_responses_and_keeps_the_question_and_answer(tmp_
     """data.truncation for A/B questions (docs/configuration.md): the context keeps its end, the
     responses lose their ends, the question and the answer letter stay; every question fits."""
     from rlhfkit.config import load_config
-    from rlhfkit.data.tokenize import render_ids
+    from rlhfkit.data.render import render_ids
     from rlhfkit.judges.preference import QUESTION
     from rlhfkit.trainers.pm import PMConfig, train_pm
 
@@ -194,7 +194,7 @@ def test_pm_truncation_never_cuts_a_response_to_nothing(tokenizer, max_length):
     """A long context with two short responses: the context goes below half before a response is
     emptied, as rm and dpo keep at least one response token; a question with an empty response
     (a label for nothing) is never written."""
-    from rlhfkit.data.tokenize import render_ids
+    from rlhfkit.data.render import render_ids
     from rlhfkit.judges.preference import pm_record
     from rlhfkit.trainers.pm import PairFitter
 

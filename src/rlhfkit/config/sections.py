@@ -234,7 +234,7 @@ class DataSection:
         if self.chat_template:
             from pathlib import Path
 
-            from rlhfkit.data.tokenize import NAMED_TEMPLATES
+            from rlhfkit.data.chat_templates import NAMED_TEMPLATES
 
             if self.chat_template not in NAMED_TEMPLATES and not Path(self.chat_template).is_file():
                 raise ConfigError(f"{where}.chat_template: {self.chat_template!r} is neither a template file nor "

@@ -32,13 +32,10 @@ from rlhfkit.data.formats import (
 )
 from rlhfkit.data.plain_text import load_plain_text, tokenize_plain_text
 from rlhfkit.data.records import Record, load_records
+from rlhfkit.data.render import end_of_turn_ids, render_ids, render_prompt_ids, render_reply
 from rlhfkit.data.tokenize import (
     IGNORE_INDEX,
     TruncationStats,
-    end_of_turn_ids,
-    render_ids,
-    render_prompt_ids,
-    render_reply,
     tokenize_dataset,
     tokenize_preference,
     tokenize_prompt,

@@ -14,7 +14,7 @@ from pathlib import Path
 from rlhfkit.data.errors import DataError
 
 # ChatML (<|im_start|>role\n...<|im_end|>\n), the format of SmolLM2, Qwen and many others. Its header
-# ends with a newline, so a reply's first token rarely merges with it (data.tokenize locates replies).
+# ends with a newline, so a reply's first token rarely merges with it (data.render locates replies).
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 NAMED_TEMPLATES = {"chatml": CHATML}

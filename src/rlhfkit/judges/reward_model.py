@@ -107,7 +107,7 @@ class RewardModelScorer:
         return prompt + reply
 
     def render_parts(self, messages: Messages, response: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, reply ids) of `render` (`data.tokenize.render_reply`). A template that
+        """(prompt ids, reply ids) of `render` (`data.render.render_reply`). A template that
         rewrites the prompt once a reply follows gives ([], whole rendering): then a "mean"-pooled
         RM averages over every token."""
         try:

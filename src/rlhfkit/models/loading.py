@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config.extras import require
-from rlhfkit.data.tokenize import apply_chat_template
+from rlhfkit.data.chat_templates import apply_chat_template
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
 from rlhfkit.models.names import DEFAULT_ALIASES, DEFAULT_MODEL, check_model_path, check_policy_path, resolve_hub_id
 from rlhfkit.models.saving import save_pretrained_atomic

@@ -11,13 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
-from rlhfkit.data.tokenize import end_of_turn_ids
+from rlhfkit.data.render import end_of_turn_ids
 from rlhfkit.io import as_os_error, make_temp_dir, replace_dir
 
 
 def stop_like_rollouts(model, tokenizer) -> None:
     """Make ``model.generation_config`` stop where rlhfkit's rollouts stop (the eos and the
-    end-of-turn tokens of the vocabulary, `data.tokenize.end_of_turn_ids`) and pad with the
+    end-of-turn tokens of the vocabulary, `data.render.end_of_turn_ids`) and pad with the
     tokenizer's pad token: transformers' ``generate`` (and servers that read the file) then end a
     reply at the token the model was trained to emit, also after ``data.chat_template`` gave a
     base model a template whose end-of-turn token is not its eos."""

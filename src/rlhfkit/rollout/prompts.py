@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from rlhfkit.data import load_prompts, render_prompt_ids
 from rlhfkit.data.messages import last_user_text
-from rlhfkit.data.tokenize import check_not_rendered
+from rlhfkit.data.chat_templates import check_not_rendered
 from rlhfkit.data.sources import resolve_source
 
 

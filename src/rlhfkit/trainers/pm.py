@@ -28,7 +28,7 @@ from rlhfkit.config import (
     validate,
 )
 from rlhfkit.data import DataError, SFTExample, load_preference, tokenize_sft
-from rlhfkit.data.tokenize import render_ids
+from rlhfkit.data.render import render_ids
 from rlhfkit.data.sources import train_and_eval
 from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
