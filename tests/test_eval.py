@@ -271,6 +271,16 @@ def test_two_policies_with_one_label_are_refused(policies, match):
     assert [policy_label(p)[0] for p in cfg.policies] == ["a", "b"]
 
 
+@pytest.mark.parametrize("spec", ["pm:runs/pm", "judge:smollm2-135m-instruct", "annotator:sentiment"])
+def test_a_pairwise_proxy_is_refused(spec):
+    from rlhfkit.config import ConfigError, load_config
+    from rlhfkit.eval.policy_compare import EvalConfig
+
+    with pytest.raises(ConfigError, match=rf"proxy: {spec} is a pairwise judge; proxy is a pointwise reward"):
+        load_config(EvalConfig, data={"policies": ["x/model"], "proxy": spec})
+    assert load_config(EvalConfig, data={"policies": ["x/model"], "judges": [spec]}).judges == [spec]
+
+
 def test_an_eval_directory_in_use_by_another_process_is_refused(tmp_path, tiny_model_dir):
     """Two evaluations writing one directory would mix their samples and results: while another
     process holds it, the second is refused before it samples anything; once it is released, the
@@ -393,6 +403,7 @@ def test_annotator_judge_draws_labels_for_different_responses_only():
      r"alignment_tax.sft_data: task:nope: no built-in task 'nope' \(tasks with data: arithmetic, sentiment\)"),
     ("alignment_tax.sft_data=task:arithmetic", "FileNotFoundError",
      r"alignment_tax.sft_data: task:arithmetic: task arithmetic ships no sft.jsonl .*--out DIR"),
+    ("preference_set=nope.jsonl", "FileNotFoundError", r"^preference_set: .*nope\.jsonl"),
     ("rollout.max_new_tokens=1000", "ValueError",
      r"baseline: prompts.max_prompt_length \+ rollout.max_new_tokens = \d+ tokens, more than the 1024 positions"),
 ])

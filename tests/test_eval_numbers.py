@@ -60,6 +60,51 @@ def test_win_rates_of_a_policy_that_beats_its_baseline():
         assert w["win_rate"] == 1.0 and (w["wins"], w["ties"], w["losses"], w["n"]) == (4, 0, 0, 4)
 
 
+def test_identical_responses_are_a_tie_whatever_the_scores_say():
+    """A reward model scores one text a few ulps apart with different batch companions: sample 0's
+    responses are the same text, scored 1.0000001 against 1.0, and count as a tie for every judge;
+    sample 1 (different texts) is a win for gold and a loss for the longer-wins judge."""
+    from rlhfkit.eval.policy_compare import win_rates
+
+    pol = _samples(["same", "aa"], scores={"gold": [1.0000001, 2.0]})
+    base = _samples(["same", "aaa"], scores={"gold": [1.0, 1.0]})
+    out = win_rates(pol, base, {"gold": ("point", None), "longer": ("pair", _LongerWins())}, n=1)
+    assert (out["gold"]["wins"], out["gold"]["ties"], out["gold"]["losses"]) == (1, 1, 0)
+    assert out["gold"]["win_rate"] == pytest.approx(0.75)
+    assert (out["longer"]["wins"], out["longer"]["ties"], out["longer"]["losses"]) == (0, 1, 1)
+
+
+class _TableJudge:
+    """A model judge whose P(first response better) is looked up: (first, second) -> P."""
+
+    def __init__(self, table):
+        self.table = table
+
+    @staticmethod
+    def context(messages):
+        return messages[-1]["content"]
+
+    def prob_first(self, contexts, a1s, a2s):
+        return torch.tensor([self.table[(a, b)] for a, b in zip(a1s, a2s)])
+
+
+def test_judge_accuracy_by_hand_a_tie_counts_half_in_either_order():
+    """Chosen c, rejected r; P(first better) in the order (c, r) and then (r, c):
+    pair 1: 0.9, 0.2 (right both ways); pair 2: 0.5, 0.5 (a tie both ways); pair 3: 0.7, 0.7 (always the
+    first). Both orders averaged: P(c > r) = 0.85, 0.5, 0.5 -> votes 1, 0.5, 0.5: accuracy 2/3. Each order
+    alone: (1 + 1) / 2, (0.5 + 0.5) / 2, (1 + 0) / 2 -> 2/3. Position bias: mean (0.55, 0.5, 0.7) - 0.5."""
+    from rlhfkit.eval.preference_sets import judge_accuracy
+
+    table = {("c1", "r1"): 0.9, ("r1", "c1"): 0.2, ("c2", "r2"): 0.5, ("r2", "c2"): 0.5,
+             ("c3", "r3"): 0.7, ("r3", "c3"): 0.7}
+    examples = [SimpleNamespace(prompt=[{"role": "user", "content": f"q{i}"}], chosen=f"c{i}", rejected=f"r{i}",
+                                category=None) for i in (1, 2, 3)]
+    out = judge_accuracy(_TableJudge(table), examples)
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["pairs"] == 3
+    assert out["accuracy_single_order"] == pytest.approx(2 / 3)
+    assert out["position_bias"] == pytest.approx((0.55 + 0.5 + 0.7) / 3 - 0.5)
+
+
 def test_summarize_by_hand():
     """4 samples of 2 prompts: 3 of 4 ended with eos (0.75); lengths 1..4 characters against gold
     (2, 1 | 3, 4): pooled Pearson sxy = 4, sxx = syy = 5 -> 0.8; within each prompt the centred

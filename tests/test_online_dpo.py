@@ -208,6 +208,21 @@ def test_dpo_reference_is_owned_by_the_loop(tmp_path):
         load_config(OnlineDPOConfig, overrides=["reference=latest"])
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["rsft_top_fraction=0.5"], r"rsft_top_fraction: applies to mode: rsft only, and this run's mode is dpo"),
+    (["rsft_min_score=0.2"], r"rsft_min_score: applies to mode: rsft only"),
+    (["mode=rsft", "tie_tolerance=0.1"], r"tie_tolerance: applies to mode: dpo only, and this run's mode is rsft"),
+    (["tie_tolerance=-1"], r"overrides: tie_tolerance: must be >= 0, got -1"),
+    (["length_penalty=-0.5"], r"overrides: length_penalty: must be >= 0, got -0.5"),
+])
+def test_a_key_the_mode_does_not_use_is_refused_naming_it(overrides, match):
+    from rlhfkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(OnlineDPOConfig, overrides=overrides)
+    assert load_config(OnlineDPOConfig, overrides=["mode=rsft", "rsft_top_fraction=0.5"]).rsft_top_fraction == 0.5
+
+
 def test_skipped_inner_steps_are_counted_across_iterations(tmp_path, tokenizer, monkeypatch):
     """The outer train/skipped_steps counts the rounds' DPO steps skipped for a non-finite loss, summed
     over the iterations so far; each round's summary keeps its own count."""

@@ -83,6 +83,27 @@ def test_bad_judge_spec(spec):
         build_pairwise_judge(spec)
 
 
+def test_a_pm_spec_that_is_no_pm_runs_model_is_warned_about(tmp_path, tiny_model_dir, caplog):
+    """pm:DIR on a plain causal LM (an untrained judge reported as a trained preference model) is
+    warned about once; a model of a `rlhfkit pm` run (its model/, best/model, a checkpoint's) is not."""
+    import shutil
+
+    from rlhfkit.judges.preference import check_pairwise_spec
+
+    run = tmp_path / "pm"
+    for sub in ("model", "best/model", "checkpoints/step-00000002/model"):
+        shutil.copytree(tiny_model_dir, run / sub)
+    (run / "pm_config.yaml").write_text("model: {}\n")
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        for spec in (f"pm:{run}", f"pm:{run / 'best' / 'model'}", f"pm:{run / 'checkpoints' / 'step-00000002' / 'model'}"):
+            check_pairwise_spec(spec)
+        assert not [r for r in caplog.records if "not a model of an `rlhfkit pm` run" in r.message]
+        check_pairwise_spec(f"pm:{tiny_model_dir}")
+        check_pairwise_spec(f"pm:{tiny_model_dir}")
+    warned = [r.message for r in caplog.records if "not a model of an `rlhfkit pm` run" in r.message]
+    assert len(warned) == 1 and "judge:MODEL" in warned[0]
+
+
 def test_a_pair_too_long_for_pm_names_its_own_file_before_anything_is_written(tmp_path, tiny_model_dir):
     import json
 

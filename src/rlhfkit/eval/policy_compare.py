@@ -130,6 +130,9 @@ class EvalConfig:
                 raise ConfigError(f"{where}.policies: {path} and {seen[label]} are both labelled {label!r}: "
                                   f"name them, e.g. 'NAME={path}'")
             seen[label] = path
+        if self.proxy and is_pairwise_spec(self.proxy):
+            raise ConfigError(f"{where}.proxy: {self.proxy} is a pairwise judge; proxy is a pointwise reward (rm:DIR, "
+                              "task:NAME, module:function): name a pairwise judge in judges")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -211,7 +214,10 @@ def summarize(s: dict, n: int) -> dict:
 
 
 def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
-    """Win rate of the policy's sample i over the baseline's sample i, per judge."""
+    """Win rate of the policy's sample i over the baseline's sample i, per judge. Two identical
+    responses are a tie whatever the judge says (a reward model's scores of the same text can
+    differ in the last bits with the other rows of its batch)."""
+    same = [a == b for a, b in zip(pol["responses"], base["responses"])]
     out = {}
     for name, (kind, judge) in judges.items():
         if kind == "point":
@@ -220,7 +226,7 @@ def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
             ctx = [judge.context(r.messages) for r in pol["rows"]]
             votes = prob_indicators(judge.compare(ctx, pol["responses"], base["responses"],
                                                   fields=[r.fields for r in pol["rows"]]))
-        out[name] = win_rate(votes, per_prompt=n)
+        out[name] = win_rate([0.5 if tie else v for tie, v in zip(same, votes)], per_prompt=n)
     return out
 
 
@@ -248,7 +254,8 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     p = cfg.prompts
     items, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit,
                                        kind="prompts_eval")
-    pairs = load_preference(resolve_source(cfg.preference_set, "preference")) if cfg.preference_set else []
+    with under_key("preference_set"):
+        pairs = load_preference(resolve_source(cfg.preference_set, "preference")) if cfg.preference_set else []
     tax = AlignmentTax(cfg.alignment_tax, tokenizer, cfg.batch_size, device)
     for key, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *(("judges", j) for j in cfg.judges)]:
         with under_key(key):

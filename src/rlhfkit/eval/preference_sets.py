@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
+
 from rlhfkit.judges.preference import average_orders
 from rlhfkit.judges.rewards import prompt_text
 
@@ -33,6 +35,11 @@ def reward_accuracy(reward_fn, examples) -> dict:
     return out
 
 
+def _vote(p: torch.Tensor) -> torch.Tensor:
+    """P(chosen > rejected) -> 1 / 0.5 / 0."""
+    return (p > 0.5).float() + 0.5 * (p == 0.5).float()
+
+
 def judge_accuracy(judge, examples) -> dict:
     """Pairwise judge on PreferenceExamples: accuracy of P(chosen > rejected) averaged over both
     orders; for model judges also the single-order accuracy and the position bias
@@ -47,7 +54,7 @@ def judge_accuracy(judge, examples) -> dict:
     swp = judge.prob_first(ctx, rj, ch)  # chosen shown as B
     p = average_orders(fwd, swp).tolist()
     out = _by_category(examples, [1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p])
-    single = ((fwd > 0.5).float() + (swp < 0.5).float()) / 2
+    single = (_vote(fwd) + _vote(1 - swp)) / 2  # each order alone, a tie counting half as in `accuracy`
     out["accuracy_single_order"] = single.mean().item()
     out["position_bias"] = ((fwd + swp) / 2).mean().item() - 0.5
     return out

@@ -21,6 +21,7 @@ scored in both orders and averaged, which removes the position bias that is left
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from rlhfkit.models.lora import adapter_base, adapter_config
 from rlhfkit.models.names import DEFAULT_ALIASES, resolve_hub_id
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
+
+log = logging.getLogger("rlhfkit")
 
 QUESTION = "Which response is better? Answer A or B."
 LABELS = ("A", "B")
@@ -212,7 +215,19 @@ def check_pairwise_spec(spec: str) -> tuple[str, str]:
             _check_judge_dir(path)
         elif target not in DEFAULT_ALIASES and not target.endswith(".gguf"):
             resolve_hub_id(target)
+        if kind == "pm" and not any((d / "pm_config.yaml").is_file() for d in list(path.resolve().parents)[:3]):
+            _warn_once(f"pm:{target} is not a model of an `rlhfkit pm` run (no pm_config.yaml in its run directory): "
+                       "it is used as a trained preference model; an untrained model judges as judge:MODEL")
     return kind, target
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -242,7 +257,7 @@ def judge_tokenizer(spec: str, target: str, chat_template: str = ""):
             tok = load_tokenizer(source, chat_template=chat_template)
         if not tok.chat_template:
             raise ValueError(f"{source} has no chat template (a base model?): the judge asks its question as a chat "
-                             "turn; give an instruct model, or set data.chat_template")
+                             "turn; give an instruct model (`rlhfkit pm` also takes data.chat_template)")
         label_token_ids(tok)
     return tok
 

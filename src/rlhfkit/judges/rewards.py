@@ -27,6 +27,7 @@ business (they need the EOS flags).
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 import importlib.util
 import os
@@ -158,7 +159,9 @@ def _import(spec: str, target: str):
     try:
         return importlib.import_module(target)
     except ImportError as e:
-        raise RewardSpecError(f"reward spec {spec!r}: cannot import module {target!r}: {e}") from e
+        kinds = difflib.get_close_matches(target, ("rm", "task", "pm", "judge", "annotator"), n=1, cutoff=0.6)
+        hint = f"; did you mean {kinds[0]}:{spec.partition(':')[2]}?" if kinds and "." not in target else ""
+        raise RewardSpecError(f"reward spec {spec!r}: cannot import module {target!r}: {e}{hint}") from e
     except SyntaxError as e:
         raise RewardSpecError(f"reward spec {spec!r}: {_syntax(e)}") from e
     except Exception as e:  # the module's own top-level code failed

@@ -141,8 +141,15 @@ class OnlineDPOConfig:
             raise ConfigError(f"{where}.dpo.reference: set by the loop; choose `reference: initial|previous` instead")
         if not 0 < self.rsft_top_fraction <= 1:
             raise ConfigError(f"{where}.rsft_top_fraction: must be in (0, 1], got {self.rsft_top_fraction}")
-        if self.length_penalty < 0 or self.tie_tolerance < 0:
-            raise ConfigError(f"{where}: length_penalty and tie_tolerance must be >= 0")
+        for key in ("length_penalty", "tie_tolerance"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
+        ignored = ([k for k, unset in (("rsft_min_score", self.rsft_min_score is None),
+                                       ("rsft_top_fraction", self.rsft_top_fraction == 1.0)) if not unset]
+                   if self.mode == "dpo" else ["tie_tolerance"] if self.tie_tolerance else [])
+        if ignored:
+            raise ConfigError(f"{where}.{ignored[0]}: applies to mode: {'rsft' if self.mode == 'dpo' else 'dpo'} only, "
+                              f"and this run's mode is {self.mode}")
         if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
             raise ConfigError(f"{where}.missing_eos_penalty: must be >= 0 (or null), got {self.missing_eos_penalty}")
 
