@@ -2,6 +2,8 @@
 extra padding changes nothing, micro-batches with the global normalizer add up to the full batch
 in every aggregation mode, and a few algebraic identities."""
 
+import math
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,28 +25,35 @@ from rlhfkit.algos import (
 from rlhfkit.algos.stats import AGG_MODES
 
 D = torch.float64
+DTYPES = st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16])  # every dtype trained in
 GARBAGE = st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e6])
 SETTINGS = settings(max_examples=60, deadline=None)
 
 
 @st.composite
 def batches(draw, max_b=5, max_t=7):
-    """A (B, T) batch: four float64 tensors of moderate values and a mask with any layout."""
+    """A (B, T) batch: four tensors of moderate values, of any dtype the trainers compute in, and a
+    mask with any layout."""
     B, T = draw(st.integers(1, max_b)), draw(st.integers(1, max_t))
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed, dtype = draw(st.integers(0, 2**31 - 1)), draw(DTYPES)
     g = torch.Generator().manual_seed(seed)
-    x = [torch.randn(B, T, generator=g, dtype=D) * 0.5 for _ in range(4)]
+    x = [(torch.randn(B, T, generator=g, dtype=D) * 0.5).to(dtype) for _ in range(4)]
     mask = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=T, max_size=T), min_size=B, max_size=B)))
     return x, mask
 
 
+def _fill(garbage, dtype):
+    """Garbage representable in ``dtype`` (1e6 is past float16's largest finite value)."""
+    return garbage if not math.isfinite(garbage) else min(garbage, torch.finfo(dtype).max)
+
+
 def _dirty(x, mask, garbage):
-    return torch.where(mask, x, torch.full_like(x, garbage))
+    return torch.where(mask, x, torch.full_like(x, _fill(garbage, x.dtype)))
 
 
 def _pad(x, mask, k, garbage):
     B = x.shape[0]
-    padded = torch.cat([x, torch.full((B, k), garbage, dtype=x.dtype)], 1)
+    padded = torch.cat([x, torch.full((B, k), _fill(garbage, x.dtype), dtype=x.dtype)], 1)
     return padded, torch.cat([mask, torch.zeros(B, k, dtype=torch.bool)], 1)
 
 
@@ -107,7 +116,7 @@ def test_micro_batches_with_global_normalizer_add_up(b, agg, cut):
 @given(b=batches(), garbage=GARBAGE, kind=st.sampled_from(["k1", "k2", "k3"]), beta=st.floats(0, 1))
 def test_kl_penalized_scores_ignore_masked_values(b, garbage, kind, beta):
     (logp, ref, _, _), m = b
-    scores = torch.arange(m.shape[0], dtype=D)
+    scores = torch.arange(m.shape[0], dtype=logp.dtype)
     clean = kl_penalized_scores(scores, logp, ref, m, beta, kind)
     dirty = kl_penalized_scores(scores, _dirty(logp, m, garbage), _dirty(ref, m, garbage), m, beta, kind)
     for a, c in zip(dirty, clean):
@@ -134,7 +143,8 @@ def test_expand_to_tokens_then_token_mean_of_seq_mean_is_mean_advantage(b):
     seq = adv[:, 0]
     tok = expand_to_tokens(seq, m)
     assert (tok[~m] == 0).all()
-    assert_close(agg_loss(tok, m, "seq-mean-token-mean"), (seq * m.any(1)).sum() / m.shape[0])
+    out = agg_loss(tok, m, "seq-mean-token-mean")
+    assert_close(out, ((seq.double() * m.any(1)).sum() / m.shape[0]).to(out.dtype))
 
 
 @SETTINGS
