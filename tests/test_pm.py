@@ -95,8 +95,8 @@ def test_a_pm_spec_that_is_no_pm_runs_model_is_warned_about(tmp_path, tiny_model
         shutil.copytree(tiny_model_dir, run / sub)
     (run / "pm_config.yaml").write_text("model: {}\n")
     with caplog.at_level("WARNING", logger="rlhfkit"):
-        for spec in (f"pm:{run}", f"pm:{run / 'best' / 'model'}", f"pm:{run / 'checkpoints' / 'step-00000002' / 'model'}"):
-            check_pairwise_spec(spec)
+        for where in (run, run / "best" / "model", run / "checkpoints" / "step-00000002" / "model"):
+            check_pairwise_spec(f"pm:{where}")
         assert not [r for r in caplog.records if "not a model of an `rlhfkit pm` run" in r.message]
         check_pairwise_spec(f"pm:{tiny_model_dir}")
         check_pairwise_spec(f"pm:{tiny_model_dir}")

@@ -118,8 +118,9 @@ _DATA = {"sft": ("data", load_sft, "sft"), "rm": ("data", load_preference, "pref
 
 def _check_inputs(kind: str, stage_cfg, where: str, earlier: list[Path]) -> None:
     """Every stage's data files and reward, gold and scorer specs that exist before the pipeline runs
-    (not an output of an ``earlier`` stage) are read and checked before the first stage starts, as the stage itself checks them: a typo in the last stage does not wait for the first
-    one to train. Each stage checks the rest (tokenisation, models) when it starts."""
+    (not an output of an ``earlier`` stage) are read and checked before the first stage starts, as
+    the stage itself checks them: a typo in the last stage does not wait for the first one to
+    train. Each stage checks the rest (tokenisation, models) when it starts."""
     flat = to_dict(stage_cfg)
     checks = []
     if kind in _DATA:

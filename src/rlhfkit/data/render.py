@@ -10,7 +10,8 @@ right after the "assistant\\n" header, or a template whose turn separator merges
 header), the rendered text is cut at the same places and each piece is tokenized on its own:
 the prompt's tokens are then exactly the generation prompt's, and the reply's are those a model
 writes after it, as in a rollout. A template that rewrites earlier turns (the renderings are not
-even text prefixes of each other) is a DataError. A reply's span ends at its end-of-turn token: the template's separator after it is not trained.
+even text prefixes of each other) is a DataError. A reply's span ends at its end-of-turn token:
+the template's separator after it is not trained.
 
 A tokenizer without a chat template (a base model) gets one from ``data.chat_template``
 (`data.chat_templates.apply_chat_template`).

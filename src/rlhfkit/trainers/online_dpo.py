@@ -144,12 +144,12 @@ class OnlineDPOConfig:
         for key in ("length_penalty", "tie_tolerance"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key}: must be >= 0, got {getattr(self, key)}")
-        ignored = ([k for k, unset in (("rsft_min_score", self.rsft_min_score is None),
-                                       ("rsft_top_fraction", self.rsft_top_fraction == 1.0)) if not unset]
-                   if self.mode == "dpo" else ["tie_tolerance"] if self.tie_tolerance else [])
-        if ignored:
-            raise ConfigError(f"{where}.{ignored[0]}: applies to mode: {'rsft' if self.mode == 'dpo' else 'dpo'} only, "
-                              f"and this run's mode is {self.mode}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        other, keys = (("rsft", ("rsft_min_score", "rsft_top_fraction")) if self.mode == "dpo"
+                       else ("dpo", ("tie_tolerance",)))
+        for key in keys:  # set, but only the other mode reads it
+            if getattr(self, key) != defaults[key]:
+                raise ConfigError(f"{where}.{key}: applies to mode: {other} only, and this run's mode is {self.mode}")
         if self.missing_eos_penalty is not None and not self.missing_eos_penalty >= 0:
             raise ConfigError(f"{where}.missing_eos_penalty: must be >= 0 (or null), got {self.missing_eos_penalty}")
 
