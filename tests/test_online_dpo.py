@@ -223,6 +223,20 @@ def test_a_key_the_mode_does_not_use_is_refused_naming_it(overrides, match):
     assert load_config(OnlineDPOConfig, overrides=["mode=rsft", "rsft_top_fraction=0.5"]).rsft_top_fraction == 0.5
 
 
+@pytest.mark.parametrize("override,match", [
+    ("rsft_top_fraction=1.5", r"rsft_top_fraction: must be in \(0, 1\], got 1.5"),
+    ("rsft_top_fraction=0", r"rsft_top_fraction: must be in \(0, 1\], got 0"),
+    ("rollout.n=1", r"rollout\.n: need >= 2 samples"),
+    ("rollout.temperature=0", r"rollout\.temperature: training samples need temperature > 0"),
+])
+def test_online_dpo_settings_that_cannot_form_pairs_are_refused(override, match):
+    from rlhfkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(OnlineDPOConfig, overrides=[override])
+    load_config(OnlineDPOConfig, overrides=["rsft_top_fraction=1", "rollout.n=2"])  # the edges are allowed
+
+
 def test_skipped_inner_steps_are_counted_across_iterations(tmp_path, tokenizer, monkeypatch):
     """The outer train/skipped_steps counts the rounds' DPO steps skipped for a non-finite loss, summed
     over the iterations so far; each round's summary keeps its own count."""
@@ -336,6 +350,8 @@ def test_missing_eos_penalty_keeps_cut_samples_from_being_chosen(tmp_path, penal
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["eos"] for s in samples] == eos and stats["samples_cut"] == 2
+    assert [(p["score_chosen"], p["score_rejected"]) for p in pairs] == [
+        (len(p["chosen"]), len(p["rejected"])) for p in pairs]  # the scorer's own scores, before the penalty
     if penalty is None:  # the cut samples are the longest: chosen
         assert [p["chosen"] for p in pairs] == ["a long reply that was cut", "cut off here and"]
         assert stats["chosen_cut"] == 2
@@ -344,3 +360,15 @@ def test_missing_eos_penalty_keeps_cut_samples_from_being_chosen(tmp_path, penal
                                                                  ("fine.", "cut off here and")]
         assert stats["chosen_cut"] == 0
         assert samples[0]["ranked_score"] == len(responses[0]) - penalty
+
+
+def test_best_of_n_threshold_is_inclusive_and_top_fraction_rounds_up():
+    scores = [0.3, 0.1, 0.5, 0.2, 0.4, 0.0]  # group bests: 0.3 (row 0), 0.5 (row 2), 0.4 (row 4)
+    resp = ["x"] * 6
+    assert best_of_n(scores, resp, 2, min_score=0.3) == [(0, 0), (1, 2), (2, 4)]  # a best at the threshold stays
+    assert best_of_n(scores, resp, 2, top_fraction=0.5) == [(1, 2), (2, 4)]  # ceil(0.5 * 3 groups) = 2
+    kept = best_of_n(scores, resp, 2, min_score=0.4)
+    assert kept == [(1, 2), (2, 4)] and rsft_dropped(scores, resp, 2, 0.4, len(kept)) == {
+        "dropped_empty": 0, "dropped_below_min_score": 1, "dropped_top_fraction": 0}
+    many = [float(i) for i in range(100)]  # 100 groups of one: top_fraction x 100 rounds up only past a whole
+    assert [len(best_of_n(many, ["x"] * 100, 1, top_fraction=f)) for f in (0.07, 0.55, 0.555)] == [7, 55, 56]

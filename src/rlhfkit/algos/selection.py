@@ -44,7 +44,7 @@ def best_of_n(scores, responses, n: int, min_score: float | None = None,
         b = max(range(g * n, (g + 1) * n), key=lambda i: scores[i])
         if responses[b].strip() and (min_score is None or scores[b] >= min_score):
             best.append((g, b))
-    keep = math.ceil(top_fraction * (len(scores) // n))
+    keep = math.ceil(top_fraction * (len(scores) // n) - 1e-9)  # 0.55 x 100 is 55.000000000000007 in floats
     return sorted(sorted(best, key=lambda gb: -scores[gb[1]])[:keep])
 
 
