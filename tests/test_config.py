@@ -30,6 +30,8 @@ def test_yaml_and_overrides(tmp_path):
     (["data.train=[a.jsonl, 3]"], r"data\.train\[1\]: expected a string, got int 3"),
     (["data.train=[a.jsonl, '']"], r"data\.train: an empty source in the list \['a\.jsonl', ''\]"),
     (["data.train=x", "data.eval={a: 1}"], r"data\.eval: expected string or list, got dict"),
+    (["data.train=x", "train.seed=true"], r"train\.seed: expected an integer, got bool True"),
+    (["data.train=x", "train.batch_size=false"], r"train\.batch_size: expected an integer, got bool False"),
 ])
 def test_errors_are_located(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -46,6 +48,16 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(SFTConfig, p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(SFTConfig, tmp_path / "missing.yaml")
+    p.write_text("data:\n  train: x\noptim:\n  lr: 1e-5\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: .*key 'lr' given twice in one mapping"):
+        load_config(SFTConfig, p)
+
+
+@pytest.mark.parametrize("value", ["nan", ".inf", "-inf"])
+def test_non_finite_numbers_are_refused_even_without_validation(value):
+    """check=False skips the checks across keys, not the types: nan / inf is never a number a key can hold."""
+    with pytest.raises(ConfigError, match=rf"optim\.lr: must be a finite number, got {value.lstrip('.')}"):
+        load_config(SFTConfig, overrides=[f"optim.lr={value}"], check=False)
 
 
 @pytest.mark.parametrize("kind, overrides, match", [
@@ -190,7 +202,7 @@ def test_numeric_and_path_fields_are_checked(override, match):
     ("grpo", "advantage=reinforce rollout.n=1 train.batch_size=2 mini_batch_size=2", None),
     ("ppo", "reward.missing_eos_score=-1", None),  # a score: negative is fine
     ("ppo", "reward.unscorable=-1", None),  # a score too
-    ("online-dpo", "rsft_min_score=-0.2", None),  # a threshold on scores (VADER, reward models go negative)
+    ("online-dpo", "mode=rsft rsft_min_score=-0.2", None),  # a threshold on scores (VADER, RMs go negative)
     ("ppo", "rollout.micro_batch_size=0", None),  # documented: 0 = all rows at once
     ("dpo", "sft_first.lr=0", r"sft_first\.lr: must be > 0"),
     ("online-dpo", "scorer_batch_size=0", r"scorer_batch_size: must be >= 1"),

@@ -206,3 +206,11 @@ def test_length_batches_cover_every_index_once_in_length_order(lengths, size):
     assert sorted(flat) == list(range(len(lengths)))
     assert all(1 <= len(b) <= size for b in batches) and all(len(b) == size for b in batches[:-1])
     assert [lengths[i] for i in flat] == sorted(lengths)
+
+
+def test_pack_sft_best_fit_puts_an_example_into_a_block_it_fills_exactly():
+    exs = [{"input_ids": [i + 1] * n, "labels": [i + 1] * n} for i, n in enumerate([6, 4, 4, 6])]
+    blocks = pack_sft(exs, 10)
+    assert [b["seq_lens"] for b in blocks] == [[6, 4], [4, 6]]
+    assert blocks[1]["input_ids"] == [3] * 4 + [4] * 6
+    assert blocks[1]["labels"] == [IGNORE_INDEX, 3, 3, 3, IGNORE_INDEX, 4, 4, 4, 4, 4]

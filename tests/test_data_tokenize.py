@@ -245,3 +245,23 @@ def test_text_already_rendered_with_the_template_is_refused(tokenizer, tmp_path)
                                (chat("Hi", "ok", "<|im_end|>", "yes"), "messages", r"messages\[2\]\.content")):
         with pytest.raises(DataError, match=rf"x.jsonl:3: field '{named}': .*control token"):
             tokenize_sft(tokenizer, SFTExample(msgs, origin=("x.jsonl", 3), field=field), 256)
+
+
+def test_preference_truncation_counts_the_tokens_cut_from_both_responses(tokenizer):
+    ex = PreferenceExample(chat("context " * 30 + "Question?"), "answer " * 40, "no " * 40, origin=("p.jsonl", 1))
+    full = tokenize_preference(tokenizer, ex, 1024)
+    stats = TruncationStats()
+    cut = tokenize_preference(tokenizer, ex, 48, "right", stats)
+    assert len(full["rejected_ids"]) > len(cut["rejected_ids"]) > 0  # both responses were cut
+    assert len(full["chosen_ids"]) > len(cut["chosen_ids"]) > 0
+    removed = sum(len(full[k]) - len(cut[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    assert stats.by_source["p.jsonl"]["tokens_removed"] == removed
+
+
+def test_sft_example_left_with_only_its_first_label_is_dropped(tokenizer):
+    """A left cut to the reply's end-of-turn token and the newline after it: label 0 is never predicted."""
+    ex = SFTExample(chat("Hi", "Yo."), origin=("a.jsonl", 1))
+    cut = tokenize_sft(tokenizer, ex, 2, "left")
+    assert cut["labels"][0] != IGNORE_INDEX and cut["labels"][1:] == [IGNORE_INDEX]
+    with pytest.raises(DataError, match="all 1 examples were dropped"):
+        tokenize_dataset(tokenizer, [ex], "sft", 2, "left")

@@ -47,6 +47,13 @@ def test_win_rate_clusters_samples_by_prompt():
     assert (w["wins"], w["losses"]) == (3, 1)
 
 
+def test_win_rate_interval_is_clipped_at_both_ends():
+    # votes 1, 0: mean 0.5, sd sqrt(0.5), half = 1.96 * sqrt(0.5) / sqrt(2) = 0.98 -> [-0.48, 1.48] -> [0, 1]
+    w = win_rate([1.0, 0.0])
+    assert w["win_rate"] == 0.5 and w["ci_low"] == 0.0 and w["ci_high"] == 1.0
+    assert mean_ci([1.0, 0.0])["ci_low"] == pytest.approx(0.5 - 0.979981992270027)  # the mean's is not
+
+
 def test_mean_ci_by_hand():
     s = mean_ci([1.0, 2.0, 3.0, 4.0])
     assert s["mean"] == 2.5
@@ -88,6 +95,12 @@ def test_gold_agreement_of_best_vs_worst_pairs():
     assert out["gold_ranking_accuracy"] == pytest.approx(within_group_agreement(ranked, gold, 3))
     assert out["gold_mean"] == pytest.approx(sum(gold) / 6)
     assert math.isnan(gold_agreement(ranked, gold, [], n=3)["gold_pair_accuracy"])
+
+
+def test_gold_pair_accuracy_counts_the_chosen_side():
+    # gold prefers the chosen response of pair (0, 1) and ties pair (2, 3): (1 + 0.5) / 2, not (0 + 0.5) / 2
+    out = gold_agreement([1.0, 0.0, 1.0, 0.0], [0.8, 0.2, 0.5, 0.5], [(0, 0, 1), (1, 2, 3)], n=2)
+    assert out["gold_pair_accuracy"] == 0.75 and out["gold_pair_margin"] == pytest.approx(0.3)
 
 
 def test_policy_labels():

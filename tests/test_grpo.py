@@ -307,3 +307,14 @@ def test_rows_of_one_prompt_keep_their_row_order():
     from rlhfkit.trainers.pg_update import rows_by_prompt
 
     assert rows_by_prompt([5, 1, 4, 0, 3, 2], torch.tensor([0, 0, 0, 1, 1, 1])) == [0, 1, 2, 3, 4, 5]
+
+
+def test_update_metric_means_are_weighted_and_merge_sums_numerators_and_weights():
+    from rlhfkit.trainers.pg_update import Means
+
+    a, b = Means(), Means()
+    a.add({"x": 1.0, "y": 4.0}, weight=3.0)
+    a.add({"x": 3.0}, weight=1.0)
+    b.add({"x": 5.0}, weight=4.0)
+    a.merge(b)
+    assert a.result() == {"x": (3 * 1.0 + 1 * 3.0 + 4 * 5.0) / 8, "y": 4.0}

@@ -98,10 +98,37 @@ def test_resuming_a_run_that_stopped_early_takes_no_more_steps(tmp_path, tokeniz
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
 
 
+def test_the_last_step_is_evaluated_even_off_the_eval_every_grid(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1, 0.2, 0.3])
+    result = fit(_run(tmp_path, eval_every=4), step, 6, models={"model": model}, optimizers={}, evaluate=evaluate)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/score" in r] == [0, 4, 6] and result.metrics["eval/score"] == 0.3
+
+
+def test_a_later_evaluation_that_only_equals_the_best_does_not_replace_it(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1, 0.9, 0.9, 0.9])  # evaluations at steps 0, 2, 4 and 6
+    result = fit(_run(tmp_path, eval_every=2, select_best="eval/score"), step, 6, models={"model": model},
+                 optimizers={}, evaluate=evaluate)
+    assert result.best["step"] == 2 and torch.all(model.model.norm.weight == 2.0)
+
+
+def test_a_nan_evaluation_is_never_the_best(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [float("nan"), 0.3, 0.2, 0.1])
+    result = fit(_run(tmp_path, eval_every=2, select_best="eval/score"), step, 6, models={"model": model},
+                 optimizers={}, evaluate=evaluate)
+    assert result.best == {"metric": "eval/score", "step": 2, "value": 0.3}
+    assert torch.all(model.model.norm.weight == 2.0)
+
+
 def test_metric_direction():
     assert not greater_is_better("eval/loss") and not greater_is_better("eval/kl") and not greater_is_better("eval/ppl")
     assert greater_is_better("eval/accuracy") and greater_is_better("eval/gold_mean")
     assert greater_is_better("eval/loss", "max") and not greater_is_better("eval/accuracy", "min")
+    assert not greater_is_better("eval/nll") and not greater_is_better("eval/perplexity")
+    assert not greater_is_better("eval/sft_nll") and greater_is_better("eval/capability_exact_match")
 
 
 def test_unknown_select_best_metric_is_named(tmp_path, tokenizer):
@@ -198,3 +225,28 @@ def test_batches_walk_shuffled_epochs(n, batch_size, seed, epochs, drop_last):
     stream = [i for e in range(epochs + batch_size // n + 2) for i in epoch_order(n, seed, e)]
     assert seen == stream[:len(seen)]
     assert all(seen.count(i) >= epochs for i in range(n))
+
+
+def test_total_steps_by_hand():
+    from types import SimpleNamespace
+
+    from rlhfkit.training.batches import total_steps
+
+    def train(**kw):
+        return SimpleNamespace(**{"max_steps": 0, "epochs": 1.0, "batch_size": 4, "drop_last": False, **kw})
+
+    assert total_steps(10, train(max_steps=5)) == 5  # max_steps wins over epochs
+    assert total_steps(10, train(epochs=0)) == 0  # the probe alone
+    assert total_steps(100, train(epochs=0.07, batch_size=1)) == 7  # 0.07 * 100 is 7.000000000000001 in floats
+    assert total_steps(10, train()) == 3 and total_steps(10, train(drop_last=True)) == 2
+
+
+def test_checkpoints_keep_the_newest_and_a_resume_continues_from_the_newest(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, _ = _scripted(model, [])
+    fit(_run(tmp_path, save_every=1, keep_checkpoints=2), step, 6, models={"model": model}, optimizers={})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000005", "step-00000006"]
+    calls = []
+    result = fit(_run(tmp_path, save_every=1, keep_checkpoints=2, resume=True), lambda i: calls.append(i) or {}, 7,
+                 models={"model": tiny_causal_lm(tokenizer)}, optimizers={})
+    assert calls == [6] and result.steps == 7

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import pytest
 import torch
 from pg_utils import base_config
 
@@ -94,3 +95,24 @@ def test_kl_loss_term_adds_coef_times_token_mean_k3_to_the_actor_loss(tokenizer,
     for n, p in actor.named_parameters():
         if n in g:
             torch.testing.assert_close(g[n], p.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_heldout_kl_is_the_policy_minus_reference_logprob_summed_over_each_response(tokenizer, monkeypatch):
+    """eval/kl: sum_t log pi(a_t) - log pi_ref(a_t) per response (k1), averaged over prompts; one
+    sample per prompt, whatever rollout.n."""
+    from rlhfkit.config import RolloutSection
+    from rlhfkit.parallel import SingleProcess
+    from rlhfkit.rollout.prompts import PromptItem, render_prompt_ids
+    from rlhfkit.trainers import pg_eval
+
+    # a reference 0.5 nats below the policy on every token: KL = 0.5 x the response length
+    monkeypatch.setattr(pg_eval, "score_logprobs",
+                        lambda *a, policy, **k: {"logp": policy["logp"], "ref_logp": policy["logp"] - 0.5})
+    msgs = [[{"role": "user", "content": t}] for t in ("a", "b", "c")]
+    items = [PromptItem(render_prompt_ids(tokenizer, m), m, m[0]["content"]) for m in msgs]
+    out = pg_eval.heldout_metrics(tiny_causal_lm(tokenizer), None, items,
+                                  RolloutSection(n=4, temperature=1.0, max_new_tokens=6), tokenizer, SingleProcess(),
+                                  gold=lambda texts, responses, **kw: [float(t == "a") for t in texts])
+    assert out["eval/prompts"] == 3 and out["eval/length_mean"] > 0
+    assert out["eval/kl"] == pytest.approx(0.5 * out["eval/length_mean"])
+    assert out["eval/gold_mean"] == pytest.approx(1 / 3)

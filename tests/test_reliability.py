@@ -455,6 +455,31 @@ def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_keeps_its_defa
         open_run(_cfg(tmp_path, data, "train.resume=true", "train.drop_last=false"), "sft")
 
 
+def test_a_run_record_without_a_config_is_named_unreadable(tmp_path):
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    for text in ("{}", "[1, 2]", "{not json"):
+        (out / "sft_run.json").write_text(text)
+        with pytest.raises(RunDirError, match=r"has an unreadable record of a sft run \(sft_run\.json\)"):
+            open_run(_cfg(tmp_path, data, "train.resume=true"), "sft")
+
+
+def test_a_key_set_in_the_old_run_and_back_at_its_default_now_is_a_difference():
+    """The default excuses only a key the old record lacks: a run trained with lr 1e-3 is not
+    continued with the default lr, nor a run recorded with an older source version than it has."""
+    from rlhfkit.training.fingerprint import differences
+
+    defaults = {"optim.lr": 1e-5}
+    assert differences({"config": {"optim.lr": 1e-3}}, {"config": {"optim.lr": 1e-5}}, defaults) == [
+        "optim.lr 0.001 -> 1e-05"]
+    assert differences({"config": {}}, {"config": {"optim.lr": 1e-5}}, defaults) == []
+    gold = {"gold": {"spec": "task:sentiment"}}
+    assert differences({"version": 2, "sources": {}}, {"version": 2, "sources": gold}) == ["gold added"]
+    assert differences({"version": 1, "sources": {}}, {"version": 2, "sources": gold}) == []
+
+
 def test_a_leftover_temporary_directory_is_removed_when_a_run_starts(tmp_path):
     from rlhfkit.training.rundir import open_run
 

@@ -79,6 +79,9 @@ def test_reward_set_construction_errors(reward_module):
     for bad in (True, math.inf, "1"):
         with pytest.raises(RewardSpecError, match="reward weight .*: expected a finite number"):
             build_reward_set(_length, weights=[bad])
+    with pytest.raises(RewardSpecError, match=r"reward weights \[0, 0.0\]: all 0"):
+        build_reward_set([_length, {"spec": _exact, "name": "ex"}], weights=[0, 0.0])
+    assert build_reward_set([_length, {"spec": _exact, "name": "ex"}], weights=[0, 2.0]).weights.tolist() == [0, 2]
     with pytest.raises(RewardSpecError, match="two reward functions are named '_length'"):
         build_reward_set([_length, _length])
     assert build_reward_set([_length, {"spec": _length, "name": "len2"}]).names == ["_length", "len2"]
@@ -90,6 +93,9 @@ def test_reward_set_construction_errors(reward_module):
         build_reward_set(_length, combine="mean")
     with pytest.raises(RewardSpecError, match="unscorable 'skip'"):
         build_reward_set(_length, unscorable="skip")
+    for bad in (math.inf, -math.inf, math.nan):  # a score that would poison every mean it enters
+        with pytest.raises(RewardSpecError, match="expected 'error', 'nan' or a finite number"):
+            build_reward_set(_length, unscorable=bad)
     with pytest.raises(RewardSpecError, match="without '/'"):
         build_reward_set({"spec": _length, "name": "a/b"})
     # strings, callables, mappings and RewardFns mix; default names are short

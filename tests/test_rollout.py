@@ -371,3 +371,56 @@ def test_a_rollout_stops_at_the_chat_turn_end_and_the_models_eos_ids(model, tok)
     items = [type("Item", (), {"ids": base_tok.encode("Hello"), "text": "Hello"})()]
     exp = rollout(m, items, RolloutSection(n=2, max_new_tokens=3), base_tok, seed=0, backend=spy)
     assert spy.eos == sorted({end, im_end}) and exp.response_ids.shape[0] == 2
+
+
+def test_experience_cat_pads_ids_with_the_records_pad_token():
+    def make(P, R):
+        ids, mask = left_pad([[5] * P, [6] * P], 9)
+        return Experience(prompt_ids=ids, prompt_mask=mask, response_ids=torch.full((2, R), 7),
+                          response_mask=torch.ones(2, R, dtype=torch.long), logprobs=None,
+                          eos=torch.tensor([True, False]), prompt_index=torch.tensor([0, 1]), pad_token_id=9)
+
+    c = Experience.cat([make(1, 1), make(2, 3)])
+    assert c.prompt_ids[0].tolist() == [9, 5] and c.prompt_mask[0].tolist() == [0, 1]
+    assert c.response_ids[0].tolist() == [7, 9, 9] and c.response_mask[0].tolist() == [1, 0, 0]
+
+
+def test_rank_streams_differ_by_seed_step_and_rank_and_repeat():
+    from rlhfkit.rollout.sampling import rank_stream_seed
+
+    seeds = {rank_stream_seed(1, step, rank) for step in range(3) for rank in range(4)}
+    assert len(seeds) == 12 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert rank_stream_seed(1, 2, 3) == rank_stream_seed(1, 2, 3) != rank_stream_seed(2, 2, 3)
+
+
+def test_response_metrics_and_decoding_by_hand(tok):
+    from rlhfkit.rollout.sampling import decode_responses, response_metrics
+
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    hello = tok.encode("Hello")
+    ids, mask = left_pad([[1], [1], [1]], PAD)
+    rows = [[3, 4, 3, 4, eos, PAD], [5, 5, 5, PAD, PAD, PAD], [*hello, eos] + [PAD] * (5 - len(hello))]
+    lengths = [5, 3, len(hello) + 1]
+    resp_mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    exp = Experience(prompt_ids=ids, prompt_mask=mask, response_ids=torch.tensor(rows), response_mask=resp_mask,
+                     logprobs=None, eos=torch.tensor([True, False, True]), prompt_index=torch.arange(3),
+                     pad_token_id=PAD)
+    assert decode_responses(exp, tok)[2] == "Hello"  # the end-of-turn token is not text
+    m = response_metrics(exp, ["ab", "", "Hello"])
+    assert float(m["response/length_mean"]) == pytest.approx(sum(lengths) / 3)
+    assert float(m["response/eos_frac"]) == pytest.approx(2 / 3) and m["response/empty_frac"] == pytest.approx(1 / 3)
+    # distinct bigrams over the real tokens: 3/4, 1/2 and, for the third row, all distinct
+    third = list(zip(rows[2][:lengths[2] - 1], rows[2][1:lengths[2]]))
+    assert m["response/distinct2"] == pytest.approx((0.75 + 0.5 + len(set(third)) / len(third)) / 3)
+
+
+def test_logprobs_are_zero_after_eos_in_a_row_kept_in_the_batch(model, prompts):
+    """One row of 17 stops: too few finished rows to drop (1 < 17 // 8), so it keeps decoding pad
+    tokens until the others end, and their log-probs must be 0 (`Experience.logprobs`)."""
+    rows = [prompts[0]] + [prompts[2]] * 16
+    free = _gen(model, rows[:2], temperature=0, max_new_tokens=8)
+    first, other = free.response_ids[0].tolist(), set(free.response_ids[1].tolist())
+    stop = next(t for t in range(1, 6) if first[t] not in other and first[t] not in first[:t])
+    exp = _gen(model, rows, temperature=0, max_new_tokens=8, eos_token_id=[first[stop]])
+    assert exp.eos.tolist() == [True] + [False] * 16 and int(exp.response_mask[0].sum()) == stop + 1
+    assert exp.response_ids.shape[1] == 8 and (exp.logprobs[~exp.response_mask.bool()] == 0).all()

@@ -295,3 +295,9 @@ def test_the_repeated_prefix_is_a_broadcast_so_its_gradient_is_a_plain_sum(token
     grads = [torch.autograd.grad((causal_logprobs(model, ids, mask, keep_last=R, shared_prefix=L) * m).sum(), params)
              for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_common_prefix_len_leaves_every_row_a_token_of_its_own():
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row is all prefix: its last token stays
+    assert common_prefix_len([[5, 6], [5, 6], [5, 6]]) == 1  # identical rows
+    assert common_prefix_len([[5], [5, 6]]) == 0
