@@ -23,7 +23,10 @@ def _cases(model: str, reward_file: str):
         (["grpo", "-c", str(CONFIGS / "grpo.yaml"), f"model.name={model}", "reward.spec=task:nosuch"],
          "reward.spec: reward spec 'task:nosuch': unknown task"),
         (["rloo", "-c", str(CONFIGS / "rloo.yaml"), f"model.name={model}", "reward.spec=task:sentiment",
-          "reward.gold=task:nosuch"], "reward.gold: reward spec 'task:nosuch'"),
+          "prompts.eval=task:sentiment", "reward.gold=task:nosuch"], "reward.gold: reward spec 'task:nosuch'"),
+        (["rloo", "-c", str(CONFIGS / "rloo.yaml"), f"model.name={model}", "reward.spec=task:sentiment",
+          "reward.gold=task:sentiment"], "reward.gold: the gold judge scores the held-out evaluation, which needs "
+                                         "prompts.eval"),
         ([*ppo, f"reward.spec=[task:sentiment, rm:{model}]"], "reward.spec: rm:"),
         ([*ppo, f"reward.spec={reward_file}:nofunction"], "has no function 'nofunction'"),
         ([*ppo, "reward.spec=[{spec: task:sentiment, name: a}, {spec: task:arithmetic, name: a}]"],

@@ -106,6 +106,9 @@ class PolicyGradientConfig:
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:
             raise ConfigError(f"{where}.rollout.temperature: training samples need temperature > 0")
+        if self.reward.gold and not self.prompts.eval:
+            raise ConfigError(f"{where}.reward.gold: the gold judge scores the held-out evaluation, which needs "
+                              "prompts.eval (and train.eval_every); set them, or leave reward.gold empty")
         if self.ppo_epochs < 1 or self.mini_batch_size < 1:
             raise ConfigError(f"{where}: ppo_epochs and mini_batch_size must be >= 1")
         if self.clip_eps_high is not None and self.clip_eps_high < self.clip_eps:
