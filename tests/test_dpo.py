@@ -184,9 +184,12 @@ def test_resume_continues_to_the_same_weights(setup, monkeypatch):
 def test_sft_first_then_dpo_anchors_on_the_sft_model(setup):
     tmp_path, model_dir = setup
     cfg = _cfg(tmp_path, model_dir, "sft_first.enabled=true", "sft_first.max_steps=3", "sft_first.lr=1e-2",
-               "train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=1")
+               "train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=1", "train.eval_every=1",
+               "train.select_best=eval/rewards/margin")  # DPO's metric; the SFT phase keeps its best by eval/loss
     train_dpo(cfg)
     run = tmp_path / "run"
+    assert json.loads((run / "sft" / "sft_results.json").read_text())["best"]["metric"] == "eval/loss"
+    assert json.loads((run / "dpo_results.json").read_text())["best"]["metric"] == "eval/rewards/margin"
     assert (run / "sft" / "model" / "config.json").is_file()
     first = json.loads((run / "sft" / "train.jsonl").read_text().splitlines()[0])
     assert first["messages"][-1] == {"role": "assistant", "content": "yes yes yes"}  # the chosen side

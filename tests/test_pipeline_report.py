@@ -276,6 +276,23 @@ def test_report_warnings(tmp_path, healthy):
     assert all(w["message"] in shown for w in warnings)
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_the_sft_phase_of_a_dpo_stage_is_a_stage_whose_fall_is_flagged(tmp_path, pipeline):
+    """DPO with sft_first trains SFT in <stage>/sft first and anchors to it: a ruined SFT phase leaves
+    DPO's own held-out loss at ln 2, so the phase is checked as a stage of its own."""
+    from rlhfkit.report.checks import stage_warnings
+    from rlhfkit.report.data import load_stages
+
+    run = tmp_path / "run"
+    rows = [{"step": s, "eval/rewards/accuracy": 0.5 + 0.01 * s, "eval/pairs": 40} for s in (0, 2, 4)]
+    _stage(run, "dpo", "dpo", rows)
+    _stage(run / "dpo", "sft", "sft", [{"step": s, "eval/loss": 10.8 + 100 * s, "eval/tokens": 600} for s in (0, 2, 4)])
+    stages = load_stages(run if pipeline else run / "dpo")
+    assert [(st.name, st.kind) for st in stages] == [("dpo", "dpo"), ("dpo/sft", "sft")]
+    warned = [(w["stage"], w["kind"], w.get("metric")) for st in stages for w in stage_warnings("run", st)]
+    assert warned == [("dpo/sft", "held_out_worse", "eval/loss")]
+
+
 def _eval_results(win: float, n: int) -> dict:
     mean = lambda v: {"mean": v, "ci_low": v - 0.1, "ci_high": v + 0.1, "n": n}  # noqa: E731
     return {"prompts": n, "samples_per_prompt": 1,

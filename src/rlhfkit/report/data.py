@@ -119,13 +119,24 @@ def load_stages(run: Path) -> list[Stage]:
     recorded = {s["name"]: s["seconds"] for s in info.get("stages") or []
                 if isinstance(s, dict) and isinstance(s.get("seconds"), (int, float))}
     if is_stage_dir(run):
-        return [_load_stage(run.name, "", run, recorded)]
+        return _with_nested([_load_stage(run.name, "", run, recorded)], recorded)
     kinds = _pipeline_kinds(run)
     dirs = [run / n for n in kinds if (run / n).is_dir()]
     for p in sorted(run.iterdir()) if run.is_dir() else []:
         if p.is_dir() and p not in dirs and is_stage_dir(p):
             dirs.append(p)
-    return [_load_stage(p.name, kinds.get(p.name, ""), p, recorded) for p in dirs]
+    return _with_nested([_load_stage(p.name, kinds.get(p.name, ""), p, recorded) for p in dirs], recorded)
+
+
+def _with_nested(stages: list[Stage], recorded: dict[str, float]) -> list[Stage]:
+    """Each DPO stage followed by its SFT phase (``sft_first``: ``<stage>/sft``), a stage of its own,
+    so that its curves are drawn and a held-out metric that fell there is flagged as anywhere."""
+    out = []
+    for st in stages:
+        out.append(st)
+        if st.kind == "dpo" and is_stage_dir(st.path / "sft"):
+            out.append(_load_stage(f"{st.name}/sft", "sft", st.path / "sft", recorded))
+    return out
 
 
 # --------------------------------------------------------------------------- evaluation results

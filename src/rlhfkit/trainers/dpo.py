@@ -364,8 +364,10 @@ def run_sft_first(cfg: DPOConfig, out: Path, strategy: Strategy) -> Path:
     sft_cfg = SFTConfig(
         model=cfg.model, data=data,
         optim=dataclasses.replace(cfg.optim, lr=cfg.sft_first.lr, warmup_ratio=0.03),
+        # resumes its own checkpoints; with select_best, keeps its best by held-out loss (DPO's metrics are not SFT's)
         train=dataclasses.replace(cfg.train, output_dir=str(sft_dir), epochs=cfg.sft_first.epochs,
-                                  max_steps=cfg.sft_first.max_steps),  # resumes its own checkpoints
+                                  max_steps=cfg.sft_first.max_steps, select_best_mode="auto",
+                                  select_best="eval/loss" if cfg.train.select_best else ""),
     )
     train_sft(sft_cfg, strategy)
     if cfg.model.lora.enabled and strategy.is_main:
