@@ -44,10 +44,21 @@ def test_select_best_makes_the_best_evaluation_the_final_model(tmp_path, tokeniz
     step, evaluate = _scripted(model, [0.1, 0.5, 0.9, 0.3])  # evaluations at steps 0, 2, 4 and 6
     result = fit(_run(tmp_path, eval_every=2, select_best="eval/score"), step, 6, models={"model": model},
                  optimizers={}, evaluate=evaluate)
-    assert result.best == {"metric": "eval/score", "step": 4, "value": 0.9}
+    assert result.best == {"metric": "eval/score", "step": 4, "value": 0.9, "last_eval": {"eval/score": 0.3}}
+    assert result.metrics["eval/score"] == 0.9  # the final metrics describe the model kept
     assert torch.all(model.model.norm.weight == 4.0)  # the weights of step 4, not of the last step (6)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/score" in r] == [0, 2, 4, 6]
+
+
+def test_every_evaluation_is_logged_whatever_log_every(tmp_path, tokenizer):
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1, 0.9, 0.3])  # evaluations at steps 0, 3 and 6
+    result = fit(_run(tmp_path, eval_every=3, log_every=2, select_best="eval/score"), step, 6,
+                 models={"model": model}, optimizers={}, evaluate=evaluate)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("eval/score")) for r in rows] == [(0, 0.1), (2, None), (3, 0.9), (4, None), (6, 0.3)]
+    assert result.best["step"] == 3 and result.metrics["eval/score"] == 0.9
 
 
 def test_without_select_best_the_last_model_stays(tmp_path, tokenizer):
@@ -119,7 +130,7 @@ def test_a_nan_evaluation_is_never_the_best(tmp_path, tokenizer):
     step, evaluate = _scripted(model, [float("nan"), 0.3, 0.2, 0.1])
     result = fit(_run(tmp_path, eval_every=2, select_best="eval/score"), step, 6, models={"model": model},
                  optimizers={}, evaluate=evaluate)
-    assert result.best == {"metric": "eval/score", "step": 2, "value": 0.3}
+    assert result.best == {"metric": "eval/score", "step": 2, "value": 0.3, "last_eval": {"eval/score": 0.1}}
     assert torch.all(model.model.norm.weight == 2.0)
 
 

@@ -120,12 +120,12 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
     for step in range(start, total):
         metrics = step_fn(step)
         metrics["train/skipped_steps"] = run.guard.skipped_total
-        stop = False
+        stop = evaluated = False
         if evaluate is not None and ((train.eval_every and (step + 1) % train.eval_every == 0) or step + 1 == total):
             metrics.update(evaluate())
             _consider(run, best, step + 1, metrics, models)
-            stop = best is not None and 0 < train.early_stopping_patience <= best.stale
-        if (step + 1) % train.log_every == 0 or step + 1 == total or stop:
+            stop, evaluated = best is not None and 0 < train.early_stopping_patience <= best.stale, True
+        if (step + 1) % train.log_every == 0 or step + 1 == total or stop or evaluated:  # every evaluation
             run.logger.log(step + 1, metrics, show=show)
         run.logger.advance()
         # every save_every steps, and at the end (so that a finished run can be continued for longer)
@@ -149,9 +149,19 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
                                    "not loading another step's weights as the final model")
             for name, model in models.items():
                 strategy.load_weights(model, run.out / "best" / name)
+            _describe_the_kept_model(run, result, best.step)
             run.logger.write(f"[{run.kind}] final model: step {best.step}, the best {best.metric} ({best.value:.4g})")
     run.logger.close()
     return result
+
+
+def _describe_the_kept_model(run, result: FitResult, step: int) -> None:
+    """The final eval/* metrics become those of the kept step's evaluation (the model the run
+    writes); the last step's move to ``best["last_eval"]``. Rank 0 reads them from metrics.jsonl."""
+    kept = {k: v for k, v in last_logged(run.out, step).items() if k.startswith("eval/")} if run.is_main else {}
+    if kept:
+        result.best["last_eval"] = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
+        result.metrics = {**{k: v for k, v in result.metrics.items() if not k.startswith("eval/")}, **kept}
 
 
 def last_logged(out, step: int) -> dict:
