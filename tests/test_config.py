@@ -222,6 +222,32 @@ def test_every_config_class_gets_the_numeric_checks(kind, override, match):
         load_config(cls, overrides=[*base, *override.split()])
 
 
+@pytest.mark.parametrize("kind, overrides, metric, ok", [
+    ("sft", ["data.train=x"], "eval/loss", True),
+    ("sft", ["data.train=x"], "eval/accuracy", False),
+    ("rm", ["data.train=x"], "eval/accuracy/food", True),  # one category's accuracy
+    ("rm", ["data.train=x"], "eval/loss", False),
+    ("pm", ["data.train=x"], "eval/ppl", True),
+    ("dpo", ["data.train=x"], "eval/rewards/margin", True),
+    ("dpo", ["data.train=x"], "eval/margin", False),
+    ("grpo", ["prompts.eval=p.jsonl"], "eval/kl", True),
+    ("ppo", ["prompts.eval=p.jsonl", "reward.spec=task:sentiment", "critic_init=policy"], "eval/gold_mean", False),
+    ("ppo", ["prompts.eval=p.jsonl", "reward.spec=task:sentiment", "critic_init=policy", "reward.gold=task:sentiment"],
+     "eval/gold_mean", True),
+    ("online-dpo", ["prompts.eval=p.jsonl"], "eval/proxy_mean", True),
+    ("online-dpo", ["prompts.eval=p.jsonl", "scorer=annotator:sentiment"], "eval/proxy_mean", False),  # pairwise
+])
+def test_select_best_names_a_metric_the_run_evaluates_before_anything_runs(kind, overrides, metric, ok):
+    from rlhfkit.registry import COMMANDS
+
+    overrides = [*overrides, f"train.select_best={metric}"]
+    if ok:
+        assert load_config(COMMANDS[kind].config_class(), overrides=overrides).train.select_best == metric
+        return
+    with pytest.raises(ConfigError, match=rf"train\.select_best: '{metric}' is not among the held-out metrics"):
+        load_config(COMMANDS[kind].config_class(), overrides=overrides)
+
+
 def test_resume_is_tri_state_and_excludes_overwrite():
     assert load_config(SFTConfig, overrides=["data.train=x", "train.resume=auto"]).train.resume == "auto"
     assert load_config(SFTConfig, overrides=["data.train=x", "train.resume=true"]).train.resume is True
@@ -313,7 +339,8 @@ def test_select_best_or_eval_every_without_a_held_out_evaluation_is_refused(comm
     with pytest.raises(ConfigError, match=r"train\.select_best: eval/loss " + match):
         load_config(cls, data=merge(over, {"train": {"select_best": "eval/loss"}}))
     held_out = {"data": {"eval": "y.jsonl"}} if "data" in over else {"prompts": {"eval": "task:sentiment"}}
-    assert load_config(cls, data=merge(merge(over, held_out), {"train": {"select_best": "eval/loss"}}))
+    metric = "eval/loss" if "data" in over else "eval/kl"  # one the run evaluates
+    assert load_config(cls, data=merge(merge(over, held_out), {"train": {"select_best": metric}}))
 
 
 def test_string_keys_take_paths_and_say_how_to_quote_numbers(tmp_path):

@@ -76,6 +76,9 @@ def test_pipeline_runs_stages_in_order_and_skips_done(tmp_path, tiny_model_dir, 
     (lambda c: c["stages"][0]["config"]["train"].update(output_dir="elsewhere"),
      r"stages\[0\]\.config\.train\.output_dir: set by the pipeline"),
     # the inputs of a later stage, read before the first one trains
+    (lambda c: c["stages"][1]["config"]["train"].update(select_best="eval/loss"),  # an SFT metric, not an RM's
+     r"stages\[1\] \(rm\): .*train\.select_best: 'eval/loss' is not among the held-out metrics of this run: "
+     r"eval/accuracy, eval/margin, eval/pairs, eval/accuracy/<category>"),
     (lambda c: c["stages"][1]["config"]["data"].update(train="task:sentimnet"),
      r"stages\[1\] \(rm\): data\.train: task:sentimnet: no built-in task 'sentimnet'"),
     (lambda c: c["stages"].append({"name": "grpo", "kind": "grpo", "config": {

@@ -245,6 +245,10 @@ def _check_held_out(cfg: Any) -> None:
             raise ConfigError(f"{asked[0]} needs held-out data: set data.eval, or data.eval_fraction above 0")
     elif hasattr(prompts, "eval") and not prompts.eval:
         raise ConfigError(f"{asked[0]} needs held-out prompts: set prompts.eval")
+    chosen, known = getattr(train, "select_best", ""), cfg.eval_metrics() if hasattr(cfg, "eval_metrics") else ()
+    if chosen and known and not any(chosen == k or (k.endswith("/") and chosen.startswith(k)) for k in known):
+        raise ConfigError(f"train.select_best: {chosen!r} is not among the held-out metrics of this run: "
+                          f"{', '.join(k + '<category>' if k.endswith('/') else k for k in known)}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

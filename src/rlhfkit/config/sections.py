@@ -120,8 +120,9 @@ class TrainSection:
     eval_every: int = 0
     """Steps between held-out evaluations (also at step 0 and at the end); 0 = at step 0 and the end only."""
     select_best: str = ""
-    """A held-out metric (e.g. eval/loss, eval/accuracy, eval/gold_mean): keep the model of the best
-    evaluation as the final model (step 0, the starting point, included); empty = the last model."""
+    """A held-out metric of the command (e.g. eval/loss, eval/accuracy, eval/gold_mean; another name
+    is refused before the run starts): keep the model of the best evaluation as the final model
+    (step 0, the starting point, included); empty = the last model."""
     select_best_mode: Literal["auto", "max", "min"] = "auto"
     """Whether select_best is maximised or minimised; auto = minimise losses, perplexities and KLs."""
     early_stopping_patience: int = 0
@@ -243,6 +244,9 @@ class DataSection:
 
 # --------------------------------------------------------------------------- policy-gradient sections
 
+SUPERVISED_EVAL_METRICS = ("eval/loss", "eval/ppl", "eval/tokens")
+
+
 @dataclass
 class SFTConfig:
     """`rlhfkit sft`: supervised fine-tuning, the loss on the assistant tokens only."""
@@ -258,6 +262,10 @@ class SFTConfig:
     packing: bool = False
     """Pack several short examples per row, attention restricted to each (fewer padding tokens); train.batch_size and
     micro_batch_size then count packed rows."""
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        """What its held-out evaluation logs (train.select_best is one of them)."""
+        return SUPERVISED_EVAL_METRICS
 
 
 @dataclass
@@ -298,6 +306,10 @@ class RewardConfig:
     backbone_layers: int = 0
     """> 0: keep only the backbone's first N decoder layers; the final norm and the head read layer
     N. The saved RM is an ordinary N-layer model, cheaper to train and to score. 0: all layers."""
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        """What its held-out evaluation logs; ``eval/accuracy/CATEGORY`` per category of the data."""
+        return ("eval/accuracy", "eval/margin", "eval/pairs", "eval/accuracy/")
 
     def validate(self, where: str) -> None:
         if self.train.epochs == 0 and self.train.max_steps == 0 and self.head_init != "probe":

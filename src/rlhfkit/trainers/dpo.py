@@ -147,6 +147,11 @@ class DPOConfig:
     sft_first: SFTFirstSection = field(default_factory=SFTFirstSection)
     """Optional SFT on the chosen responses before DPO."""
 
+    def eval_metrics(self) -> tuple[str, ...]:
+        """What its held-out evaluation logs (train.select_best is one of them)."""
+        return ("eval/loss", *(f"eval/{side}/{k}" for side, keys in (("rewards", ("chosen", "rejected", "margin",
+                "accuracy")), ("logps", ("chosen", "rejected"))) for k in keys), "eval/pairs")
+
 
 # --------------------------------------------------------------------------- the loss on a batch
 

@@ -71,6 +71,7 @@ from rlhfkit.rollout import (
 )
 from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
 from rlhfkit.trainers.pg_eval import heldout_metrics
+from rlhfkit.trainers.pg_setup import HELD_OUT_POLICY_METRICS
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import fit, open_run
 from rlhfkit.training.runlock import release
@@ -126,6 +127,11 @@ class OnlineDPOConfig:
     """best - worst <= this counts as a tie (the pair is dropped)."""
     max_length: int = 512
     """Tokens of prompt + response in each iteration's training data."""
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        """What its held-out evaluation logs; eval/proxy_mean with a pointwise scorer, eval/gold_mean with gold."""
+        own = HELD_OUT_POLICY_METRICS if not is_pairwise_spec(self.scorer) else HELD_OUT_POLICY_METRICS[1:]
+        return (*own, *(("eval/gold_mean",) if self.gold else ()))
 
     def validate(self, where: str) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:

@@ -52,6 +52,9 @@ log = logging.getLogger("rlhfkit")
 LossAgg = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
 
 
+HELD_OUT_POLICY_METRICS = ("eval/proxy_mean", "eval/kl", "eval/length_mean", "eval/eos_frac", "eval/prompts")
+
+
 @dataclass
 class PolicyGradientConfig:
     """The fields every policy-gradient trainer has. A step (iteration): train.batch_size prompts x
@@ -102,6 +105,10 @@ class PolicyGradientConfig:
     def policy_ratio_level(self) -> str:
         """Importance ratio of the surrogate: "token", or one per response ("sequence", "sequence-mean")."""
         return "token"
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        """What its held-out evaluation logs (`trainers.pg_eval`); eval/gold_mean with reward.gold."""
+        return (*HELD_OUT_POLICY_METRICS, *(("eval/gold_mean",) if self.reward.gold else ()))
 
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:

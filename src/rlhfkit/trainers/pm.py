@@ -27,6 +27,7 @@ from rlhfkit.config import (
     TrainSection,
     validate,
 )
+from rlhfkit.config.sections import SUPERVISED_EVAL_METRICS
 from rlhfkit.data import DataError, SFTExample, load_preference, tokenize_sft
 from rlhfkit.data.render import render_ids
 from rlhfkit.data.sources import train_and_eval
@@ -56,6 +57,10 @@ class PMConfig:
     """Judge prompts per forward at evaluation."""
     eval_untrained: bool = True
     """Also report the untrained model as LLM-as-judge on the same held-out pairs."""
+
+    def eval_metrics(self) -> tuple[str, ...]:
+        """What its held-out evaluation logs during training (the SFT on the A/B conversations)."""
+        return SUPERVISED_EVAL_METRICS
 
 
 def _pm_pairs(cfg: PMConfig) -> tuple[list, list]:
