@@ -63,6 +63,12 @@ def test_held_out_trends():
     assert set(trends) == {"eval/loss", "eval/accuracy"}  # breakdown and single evaluation left out
     assert trends["eval/loss"]["worse"] and not trends["eval/accuracy"]["worse"]
     assert (trends["eval/loss"]["first_step"], trends["eval/loss"]["last_step"]) == (0, 10)
+    # moves within float noise are not falls; a move past it is
+    for first, last, metric, worse in [(0.6931, 0.6932, "eval/loss", False), (0.6931, 0.7, "eval/loss", True),
+                                       (0.0, -4e-5, "eval/rewards/margin", False),
+                                       (0.0, -0.01, "eval/rewards/margin", True)]:
+        rows = [{"step": 0, metric: first}, {"step": 4, metric: last}]
+        assert held_out_trends(rows)[0]["worse"] is worse, (metric, first, last)
 
 
 def test_environment_is_cheap_and_complete():
