@@ -85,6 +85,7 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path,
     result = fit(_run(tmp_path, eval_every=1, select_best="eval/score", early_stopping_patience=2), step, 6,
                  models={"model": model}, optimizers={}, evaluate=evaluate)
     assert result.steps == 3 and result.best["step"] == 1  # evaluations at 1 (best), 2 and 3 (worse): stop
+    assert result.best["stopped_early_at"] == 3  # in the results file, not only on the console
     assert torch.all(model.model.norm.weight == 1.0)
 
 

@@ -105,7 +105,9 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
     if on_start is not None:
         on_start(start)
     # a run that stopped early is finished: resuming it takes no more steps
+    stopped_at = None
     if start and best is not None and 0 < train.early_stopping_patience <= best.stale:
+        stopped_at = start
         run.logger.write(f"[{run.kind}] the run stopped early at step {start} ({best.metric} had not improved for "
                          f"{best.stale} evaluations): nothing to continue")
         total = start
@@ -137,12 +139,15 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
         strategy.wait()
         done = step + 1
         if stop:
+            stopped_at = done
             run.logger.write(f"[{run.kind}] early stopping at step {done}: {best.metric} has not improved "
                              f"for {best.stale} evaluations (best {best.value:.4g} at step {best.step})")
             break
     result = FitResult({k: to_builtin(v) for k, v in metrics.items()}, done)  # numbers, not tensors
     if best is not None and best.step is not None:
         result.best = {"metric": best.metric, "step": best.step, "value": best.value}
+        if stopped_at is not None:  # train.early_stopping_patience ended the run there
+            result.best["stopped_early_at"] = stopped_at
         if best.step != done:  # the final model is the best one
             if _best_saved_step(run.out) != best.step:
                 raise RuntimeError(f"{run.out / 'best'} does not hold step {best.step}, the best {best.metric}: "
