@@ -162,7 +162,8 @@ def test_a_start_that_no_iteration_beats_is_written_as_the_final_model(tmp_path,
         *_tiny_setup(tmp_path, tokenizer, 6), f"prompts.eval={tmp_path / 'prompts.jsonl'}",
         "iterations=2", "prompts_per_iteration=3", "rollout.n=2", "rollout.max_new_tokens=4",
         "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1", "train.progress=false",
-        "train.eval_every=1", "train.select_best=eval/gold_mean", f"train.output_dir={tmp_path / 'run'}"])
+        "train.eval_every=1", "train.select_best=eval/gold_mean", "gold=task:sentiment",
+        f"train.output_dir={tmp_path / 'run'}"])
     results = train_online_dpo(cfg)
     final = tmp_path / "run" / "model"
     assert results["best"]["step"] == 0 and results["final_model"] == str(final)
