@@ -238,6 +238,19 @@ def test_rloo_default_is_the_paper_form(tokenizer, tmp_path, monkeypatch):
     assert not any(c[0] in ("kl_estimate", "bias_corrected_kl") for c in calls)
 
 
+def test_the_kl_in_the_reward_is_the_configured_estimator(tokenizer, tmp_path, monkeypatch):
+    """kl_kind k2 in the reward: R_i - kl_coef * sum_t 0.5 (logp - ref)^2, not the k1 sum."""
+    cfg, seen, _ = _spy_run(tokenizer, tmp_path, monkeypatch, RLOOConfig, steps=2, kl_coef=0.5, kl_kind="k2")
+    exp = seen[1]
+    d = exp.logprobs - exp.ref_logprobs
+    k2, k1 = _seq(exp, 0.5 * d * d), _seq(exp, d)
+    assert (k2 - k1).abs().max() > 1e-3
+    R = (exp.scores.double() - 0.5 * k2.double()).view(-1, cfg.rollout.n)
+    want = (R - (R.sum(1, keepdim=True) - R) / (cfg.rollout.n - 1)).reshape(-1)
+    got = _seq(exp, exp.advantages).double() / exp.response_mask.sum(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_rloo_token_form_is_an_option(tokenizer, tmp_path, monkeypatch):
     _, _, calls = _spy_run(tokenizer, tmp_path, monkeypatch, RLOOConfig, ratio_level="token",
                            kl_in_reward=False, kl_kind="k3", kl_coef=0.04)
@@ -318,3 +331,34 @@ def test_update_metric_means_are_weighted_and_merge_sums_numerators_and_weights(
     b.add({"x": 5.0}, weight=4.0)
     a.merge(b)
     assert a.result() == {"x": (3 * 1.0 + 1 * 3.0 + 4 * 5.0) / 8, "y": 4.0}
+
+
+def test_surrogate_loss_by_hand_at_each_ratio_level_with_an_upper_clip():
+    """The clipped surrogate reads the configured ratio level and clip range: per token, or one ratio per
+    response from the summed or the mean log-ratio, with the response's mean advantage."""
+    import math
+    from types import SimpleNamespace
+
+    from rlhfkit.trainers.pg_update import surrogate_loss
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    old = torch.tensor([[-1.1, -1.2, 0.0], [-1.0, -0.9, -1.0]])
+    logp = torch.tensor([[-1.0, -1.0, 5.0], [-1.0, -1.0, -1.0]])
+    adv = torch.tensor([[2.0, 2.0, 9.0], [-1.0, -1.0, -1.0]])  # per-row means over real tokens: 2, -1
+    mb = SimpleNamespace(response_mask=mask, logprobs=old, advantages=adv)
+
+    def naive(log_ratios, advantages, high):
+        return sum(-min(math.exp(x) * a, min(max(math.exp(x), 0.8), 1 + high) * a)
+                   for x, a in zip(log_ratios, advantages))
+
+    def loss(level, high, norm):
+        cfg = SimpleNamespace(clip_eps=0.2, clip_eps_high=high, loss_agg="token-mean",
+                              policy_ratio_level=lambda: level)
+        return float(surrogate_loss(cfg, logp, mb, norm)[0])
+
+    tokens = ([0.1, 0.2, 0.0, -0.1, 0.0], [2.0, 2.0, -1.0, -1.0, -1.0])
+    assert loss("token", None, 5.0) == pytest.approx(naive(*tokens, 0.2) / 5, rel=1e-5)
+    assert loss("token", 0.5, 5.0) == pytest.approx(naive(*tokens, 0.5) / 5, rel=1e-5)
+    assert loss("sequence", None, 2.0) == pytest.approx(naive([0.3, -0.1], [2.0, -1.0], 0.2) / 2, rel=1e-5)
+    assert loss("sequence", 0.5, 2.0) == pytest.approx(naive([0.3, -0.1], [2.0, -1.0], 0.5) / 2, rel=1e-5)
+    assert loss("sequence-mean", None, 2.0) == pytest.approx(naive([0.15, -0.1 / 3], [2.0, -1.0], 0.2) / 2, rel=1e-5)

@@ -418,6 +418,26 @@ def test_continuing_an_adapter_says_which_lora_settings_it_does_not_apply(tmp_pa
     assert "model.lora r 8 (the adapter's: 4); dropout 0.3 (the adapter's: 0.0) not applied" in caplog.text
 
 
+def test_a_reward_adapter_is_told_by_its_task_type_or_its_saved_score_head(tmp_path):
+    from rlhfkit.models.lora import is_seq_cls_adapter
+
+    for name, config in [("task", {"task_type": "SEQ_CLS"}), ("head", {"modules_to_save": ["score"]}),
+                         ("policy", {"task_type": "CAUSAL_LM", "modules_to_save": None})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+    assert is_seq_cls_adapter(tmp_path / "task") and is_seq_cls_adapter(tmp_path / "head")
+    assert not is_seq_cls_adapter(tmp_path / "policy") and not is_seq_cls_adapter(tmp_path / "missing")
+
+
+def test_tied_embedding_targets_match_the_last_part_of_a_module_name():
+    from rlhfkit.models.lora import tied_embedding_targets
+
+    targets = ["q_proj", "model.embed_tokens", "lm_head", "model.layers.0.mlp.up_proj"]
+    assert tied_embedding_targets(targets, tied=True) == ["lm_head", "model.embed_tokens"]
+    assert tied_embedding_targets(targets, tied=False) == []
+    assert tied_embedding_targets("all-linear", tied=True) == []  # leaves the LM head out
+
+
 @pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
 def test_lora_on_a_tied_lm_head_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, capsys, command):
     """The tiny model (as SmolLM2) ties its LM head to the input embedding: an adapter on lm_head

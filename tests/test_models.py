@@ -196,6 +196,60 @@ def test_pooling_is_stored_in_config_json_and_used_by_rm_scoring(tokenizer, tmp_
         reward_pooling(rm)
 
 
+def test_stored_reward_pooling_reads_config_json_and_falls_back_to_last(tmp_path):
+    from rlhfkit.models.heads import stored_reward_pooling
+
+    for name, config in [("mean", {"reward_pooling": "mean"}), ("odd", {"reward_pooling": "max"}), ("none", {})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert stored_reward_pooling(tmp_path / "mean") == "mean"
+    assert stored_reward_pooling(tmp_path / "odd") == "last"  # not a pooling: never passed on
+    assert stored_reward_pooling(tmp_path / "none") == "last"
+    assert stored_reward_pooling(tmp_path / "missing") == "last"
+    (tmp_path / "adapter").mkdir()  # a LoRA adapter directory: its base's pooling
+    base = {"base_model_name_or_path": str(tmp_path / "mean")}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(base))
+    assert stored_reward_pooling(tmp_path / "adapter") == "mean"
+
+
+def test_freeze_lower_layers_and_keep_lower_layers_by_layer_count():
+    from transformers import LlamaConfig, LlamaForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+    from rlhfkit.models.heads import freeze_lower_layers, keep_lower_layers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=0)
+
+    def trained(n):
+        names = freeze_lower_layers(LlamaForSequenceClassification(config), n)
+        assert "score.weight" in names and "model.norm.weight" in names and not any("embed" in k for k in names)
+        return sorted({int(k.split(".")[2]) for k in names if k.startswith("model.layers.")})
+
+    assert trained(1) == [2] and trained(2) == [1, 2] and trained(3) == [0, 1, 2]  # all of them: only embeddings frozen
+    with pytest.raises(ValueError, match="top 4 layers of a 3-layer model"):
+        trained(4)
+    # Qwen2's config lists an attention kind per layer: cut with the layers
+    model = Qwen2ForSequenceClassification(Qwen2Config(**config.to_diff_dict()))
+    assert keep_lower_layers(model, 3) == 3 and len(model.model.layers) == 3  # the whole depth: a no-op
+    assert keep_lower_layers(model, 2) == 3 and len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert model.config.layer_types == ["full_attention"] * 2
+    with pytest.raises(ValueError, match="backbone_layers: 3, but the model has 2"):
+        keep_lower_layers(model, 3)
+
+
+def test_evaluate_sft_is_the_token_mean_of_the_summed_nll(monkeypatch):
+    import math
+
+    import rlhfkit.trainers.sft as sft_mod
+    from rlhfkit.parallel import SingleProcess
+
+    # every micro-batch: summed NLL 6 over 4 labelled tokens
+    monkeypatch.setattr(sft_mod, "sft_batch_loss", lambda *args: (None, torch.tensor(6.0), torch.tensor(4)))
+    examples = [{"i": i} for i in range(3)]
+    out = sft_mod.evaluate_sft(torch.nn.Linear(1, 1), examples, lambda chunk: {}, 2, SingleProcess())
+    assert out == {"eval/loss": 1.5, "eval/ppl": pytest.approx(math.exp(1.5)), "eval/tokens": 8}  # 2 micro-batches
+
+
 def test_atomic_save_keeps_previous_on_failure(tokenizer, tmp_path):
     policy = tiny_causal_lm(tokenizer)
     save_pretrained_atomic(policy, tokenizer, tmp_path / "m")

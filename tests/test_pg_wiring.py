@@ -30,6 +30,19 @@ def _naive_response_logprobs(model, prompts: list[list[int]], responses: list[li
     return out
 
 
+def test_kl_loss_term_by_hand_and_the_bias_correction_weights_k3_by_the_ratio_to_the_rollout_policy():
+    from types import SimpleNamespace
+
+    from rlhfkit.trainers.pg_update import kl_loss_term
+
+    logp, old, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]]), torch.tensor([[-1.2, -1.0]])
+    mb = SimpleNamespace(logprobs=old, ref_logprobs=ref)
+    k3 = (ref - logp).exp() - 1 - (ref - logp)  # q/p - 1 - log q/p, q the reference
+    torch.testing.assert_close(kl_loss_term("k1", logp, mb), logp - ref)
+    torch.testing.assert_close(kl_loss_term("k3", logp, mb), k3)
+    torch.testing.assert_close(kl_loss_term("k3-bias-corrected", logp, mb), (logp - old).exp() * k3)
+
+
 def test_kl_loss_term_adds_coef_times_token_mean_k3_to_the_actor_loss(tokenizer, tmp_path):
     ref = tiny_causal_lm(tokenizer, hidden_size=32, layers=1, heads=2, seed=0).eval()
     actor = copy.deepcopy(ref)

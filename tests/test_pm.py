@@ -166,3 +166,25 @@ def test_prob_first_is_the_probability_of_the_letter_a(tokenizer):
     p = biased.compare(ctx, good, bad)
     assert p == pytest.approx([(sig(4.0) + sig(2.0)) / 2] * 3, abs=1e-6)
     assert biased.compare(ctx, bad, good) == pytest.approx([1 - (sig(4.0) + sig(2.0)) / 2] * 3, abs=1e-6)
+
+
+def test_pair_fitter_cuts_only_what_is_over_and_the_longer_response_first(tokenizer):
+    from rlhfkit.trainers.pm import PairFitter
+
+    context, long, short = "Tell me about bread.", "Bread is made of flour, water and salt. " * 6, "No"
+    assert len(tokenizer.encode(short, add_special_tokens=False)) == 1
+    full = PairFitter(tokenizer, 10_000)._length((context, long, short), "A")
+    exact = PairFitter(tokenizer, full)  # exactly at the limit: nothing is cut or counted
+    assert exact(context, long, short, "A") == (context, long, short) and exact.truncated == 0
+    # 5 tokens over, the context already under half: the longer response loses its end, even when the
+    # other is down to one token; the context and the shorter response stay whole
+    fitter = PairFitter(tokenizer, full - 5)
+    c, a, b = fitter(context, long, short, "A")
+    assert (c, b) == (context, short) and long.startswith(a) and len(a) < len(long)
+    assert fitter.truncated == 1 and fitter.tokens_removed == full - fitter._length((c, a, b), "A") >= 5
+    # a long context 3 tokens over: it loses 3 tokens from its start, not everything above half
+    story = "The history of bread in Europe is long and varied. " * 12
+    full = PairFitter(tokenizer, 10_000)._length((story, "Yes.", "No."), "B")
+    fitter = PairFitter(tokenizer, full - 3)
+    c, a, b = fitter(story, "Yes.", "No.", "B")
+    assert story.endswith(c) and len(c) >= len(story) - 20 and b == "No." and fitter.tokens_removed == 3

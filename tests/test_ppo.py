@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -87,6 +88,33 @@ def test_score_and_per_token_reward_layout(tokenizer):
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 3.0, 0.0], [0.0, -0.1, 0.0, -1.0]]))
 
 
+def test_sequence_kl_sums_the_estimator_over_each_responses_real_tokens(tokenizer):
+    from rlhfkit.trainers.pg_score import sequence_kl
+
+    exp = _hand_experience(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    exp.logprobs = torch.tensor([[-1.0, -2.0, -0.5, 9.0], [-1.0, -1.0, -1.0, -1.0]])
+    exp.ref_logprobs = torch.tensor([[-1.5, -2.0, -1.0, 0.0], [-1.0, -2.0, -1.0, -1.5]])
+    # k1 = logp - ref on the real tokens; row 0's padding position (9 - 0) is left out
+    torch.testing.assert_close(sequence_kl(exp, "k1"), torch.tensor([1.0, 1.5]))
+    # k2 = 0.5 (logp - ref)^2: row 0 0.125 + 0.125, row 1 0.5 + 0.125
+    torch.testing.assert_close(sequence_kl(exp, "k2"), torch.tensor([0.25, 0.625]))
+
+
+def test_kl_and_value_metrics_by_hand():
+    from types import SimpleNamespace
+
+    from rlhfkit.trainers.ppo import kl_and_value_metrics
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    values = torch.tensor([[1.0, 2.0, 50.0], [3.0, 4.0, 5.0]])  # 50: padding, left out
+    exp = SimpleNamespace(response_mask=mask, values=values, returns=values.clone())
+    kl = torch.tensor([[0.1, 0.2, 0.0], [0.3, 0.2, 0.1]])  # the estimator in the reward, per token
+    m = kl_and_value_metrics(exp, torch.tensor([0.5, 1.5]), kl, SimpleNamespace(value=0.2), SingleProcess())
+    assert float(m["objective/kl"]) == pytest.approx(1.0) and float(m["objective/kl_penalty"]) == pytest.approx(0.45)
+    assert m["objective/kl_coef"] == 0.2 and float(m["objective/non_score_reward"]) == pytest.approx(-0.09)
+    assert float(m["value/mean"]) == pytest.approx(3.0)
+
+
 def test_critic_values_are_states_before_each_token(tokenizer, tmp_path):
     cfg = _cfg(tmp_path, tokenizer)
     critic = load_critic(cfg, tokenizer, "cpu").eval()
@@ -97,6 +125,27 @@ def test_critic_values_are_states_before_each_token(tokenizer, tmp_path):
     # V(t) is read at the token *before* response token t: the last prompt token for t = 0;
     # left padding does not change it (position ids come from the mask)
     torch.testing.assert_close(v[0, :3], alone[0, 1:4], atol=1e-5, rtol=0)
+
+
+def test_critic_values_of_a_nonzero_head_are_read_at_the_state_before_each_token(tokenizer, tmp_path):
+    """A critic started from the policy has a zero head (V = 0, which any layout reproduces); with a
+    random head V(t) is the value at the position before response token t, in both rows."""
+    from rlhfkit.models.heads import backbone_and_head
+
+    critic = load_critic(_cfg(tmp_path, tokenizer), tokenizer, "cpu").eval()
+    _, head = backbone_and_head(critic)
+    assert not head.weight.any()
+    with torch.no_grad():
+        head.weight.normal_(generator=torch.Generator().manual_seed(0))
+    exp = _hand_experience(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        v = response_values(critic, exp.input_ids(), exp.attention_mask(), R=4)
+        alone0 = token_values(critic, torch.tensor([[11, 12, 5, 6, eos]]), torch.ones(1, 5))
+        alone1 = token_values(critic, torch.tensor([[13, 14, 15, 7, 8, 9, 10]]), torch.ones(1, 7))
+    assert alone1[0].std() > 1e-3  # the values differ from position to position
+    torch.testing.assert_close(v[0, :3], alone0[0, 1:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v[1], alone1[0, 2:6], atol=1e-5, rtol=0)
 
 
 def test_ppo_raises_a_learnable_reward(tokenizer, tmp_path):
@@ -173,6 +222,24 @@ def test_iteration_wires_kl_penalty_and_gae_into_the_experience(tokenizer, tmp_p
     mb = e["response_mask"].bool()
     assert (e["logprobs"] - e["ref_logprobs"])[mb].abs().max() > 1e-3
     assert e["values"][mb].abs().max() > 1e-3
+
+
+def test_the_kl_controller_is_updated_with_the_applied_penalty_and_every_sample(tokenizer, tmp_path, monkeypatch):
+    import rlhfkit.trainers.ppo as ppo_mod
+    from rlhfkit.algos import FixedKLController
+
+    seen = []
+
+    class Recording(FixedKLController):
+        def update(self, current, n_steps):
+            seen.append((current, n_steps))
+
+    monkeypatch.setattr(ppo_mod, "kl_controller", lambda kl: Recording(kl.coef))
+    cfg = _cfg(tmp_path, tokenizer, kl={"coef": 0.1}, train={"max_steps": 1}, rollout={"n": 2, "max_new_tokens": 4},
+               ppo_epochs=1)
+    train_ppo(cfg)
+    (row,) = read_metrics(tmp_path / "run")
+    assert seen == [(pytest.approx(row["objective/kl_penalty"]), cfg.train.batch_size * 2)]
 
 
 def test_resume_keeps_step_and_kl_controller(tokenizer, tmp_path, monkeypatch):
@@ -327,6 +394,60 @@ def test_ppo_update_batch8_equals_batch1_times_accumulation8(agg):
         torch.testing.assert_close(p8, p1, atol=2e-6, rtol=1e-5)
         moved = max(moved, (p8 - p0).abs().max().item())
     assert moved > 1e-3  # the step did move the weights
+
+
+def test_ppo_update_steps_each_model_per_minibatch_and_epoch_with_its_own_settings(monkeypatch):
+    """ppo_epochs passes of n / mini_batch_size steps, each model clipped by its own max_grad_norm; the
+    value loss is the clipped PPO2 form against the returns (checked by hand), weighted by vf_coef."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhfkit.config import OptimSection
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    actor0, critic0 = LlamaForCausalLM(config).train(), LlamaForSequenceClassification(config).train()
+    exp = _fixed_experience(actor0, critic0, pad_id=0)
+    m = exp.response_mask.bool()
+    with torch.no_grad():
+        v = response_values(critic0, exp.input_ids(), exp.attention_mask(), exp.response_ids.shape[1])
+    eps = 0.01  # small: the clipped term is the larger one on many tokens
+    clipped = exp.values + (v - exp.values).clamp(-eps, eps)
+    want_vl = (0.5 * torch.maximum((v - exp.returns) ** 2, (clipped - exp.returns) ** 2))[m].mean()
+    optim = OptimSection(lr=0.0, schedule="constant", warmup_ratio=0.0)
+    runs = {}
+    class TwoRanks(SingleProcess):  # this rank's 8 rows are half of a global batch of 16
+        def sum(self, t):
+            return t * 2
+
+    for epochs, mini, vf_coef, ranks in [(1, 8, 0.5, 1), (1, 8, 1.0, 1), (3, 4, 0.5, 1), (1, 8, 0.5, 2)]:
+        actor, critic = copy.deepcopy(actor0), copy.deepcopy(critic0)
+        a, c = _trained(actor, optim), _trained(critic, optim)
+        a.max_grad_norm, c.max_grad_norm = 1.0, 2.5
+        strategy, steps = (SingleProcess() if ranks == 1 else TwoRanks()), []
+        strategy.world_size = ranks
+
+        def spy(model, optimizer, scheduler, max_grad_norm, *args, _step=strategy.step, _critic=critic):
+            grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+            steps.append((model is _critic, max_grad_norm, float(torch.cat(grads).norm())))
+            return _step(model, optimizer, scheduler, max_grad_norm, *args)
+
+        monkeypatch.setattr(strategy, "step", spy)
+        cfg = SimpleNamespace(ppo_epochs=epochs, mini_batch_size=mini, train=SimpleNamespace(micro_batch_size=8),
+                              clip_eps=0.2, clip_eps_high=None, loss_agg="token-mean", share_prompt=False,
+                              vf_coef=vf_coef, value_clip_eps=eps, kl_loss=lambda: (0.0, "k1"),
+                              policy_ratio_level=lambda: "token")
+        out = policy_update(cfg, strategy, StepGuard(), exp, a, critic=c)
+        runs[(epochs, mini, vf_coef, ranks)] = (out, steps)
+    out, steps = runs[(1, 8, 0.5, 1)]
+    assert out["loss/value"] == pytest.approx(float(want_vl), rel=1e-5)
+    assert [(is_critic, norm) for is_critic, norm, _ in steps] == [(False, 1.0), (True, 2.5)]
+    # the critic's gradient scales with vf_coef (lr 0: the weights stay put between the runs)
+    assert runs[(1, 8, 1.0, 1)][1][1][2] == pytest.approx(2 * steps[1][2], rel=1e-4)
+    assert len(runs[(3, 4, 0.5, 1)][1]) == 3 * 2 * 2  # 3 epochs x 2 minibatches x (actor, critic)
+    assert len(runs[(1, 8, 0.5, 2)][1]) == 2 * 2  # mini_batch_size counts the rows of every rank
 
 
 @pytest.mark.parametrize("line, field, fragment", [

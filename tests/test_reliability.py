@@ -91,6 +91,34 @@ def test_every_torch_load_in_the_package_is_weights_only():
                 assert "weights_only=True" in line, (path, line)
 
 
+def test_checkpointer_keeps_the_newest_complete_checkpoints_and_latest_is_the_newest(tmp_path):
+    from rlhfkit.training.checkpoint import MANIFEST, Checkpointer
+
+    ck = Checkpointer(tmp_path, keep=2)
+    for step in (1, 2, 3, 4):
+        ck.save(step, {}, {"actor": {"lr": 0.1}}, {"format": 2}, {"note": step})
+    assert [p.name for p in ck.all()] == ["step-00000003", "step-00000004"]
+    assert ck.latest().name == "step-00000004"
+    (ck.root / "step-00000005").mkdir()  # a write that never finished: no manifest
+    assert ck.latest().name == "step-00000004" and [p.name for p in ck.all()][-1] == "step-00000004"
+    (ck.root / "step-00000004" / MANIFEST).unlink()
+    assert ck.latest().name == "step-00000003"
+    assert Checkpointer.load(ck.latest())[2] == {"step": 3, "note": 3}
+
+
+def test_a_rank_the_saved_run_did_not_have_gets_a_fresh_stream_from_step_and_rank():
+    from rlhfkit.rng import plain_rng_state
+    from rlhfkit.training.checkpoint import RNG_FORMAT, restore_rng
+
+    saved = {"format": RNG_FORMAT, "world_size": 1, "ranks": [plain_rng_state()]}
+    restore_rng(saved, 7, 1)  # rank 1 of a resumed run on 2 processes
+    a = torch.rand(3)
+    restore_rng(saved, 7, 1)
+    torch.testing.assert_close(torch.rand(3), a)
+    restore_rng(saved, 7, 2)
+    assert not torch.equal(torch.rand(3), a)
+
+
 def test_rng_states_round_trip_through_weights_only_files(tmp_path):
     from rlhfkit.parallel import SingleProcess
     from rlhfkit.training.checkpoint import gather_rng_states, restore_rng, safe_load
@@ -478,6 +506,41 @@ def test_a_key_set_in_the_old_run_and_back_at_its_default_now_is_a_difference():
     gold = {"gold": {"spec": "task:sentiment"}}
     assert differences({"version": 2, "sources": {}}, {"version": 2, "sources": gold}) == ["gold added"]
     assert differences({"version": 1, "sources": {}}, {"version": 2, "sources": gold}) == []
+
+
+def test_a_fresh_run_refuses_a_directory_holding_only_a_critic_or_best_model(tmp_path):
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    for name in ("critic", "best"):
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        (tmp_path / "run" / name).mkdir(parents=True)
+        with pytest.raises(RunDirError, match=rf"holds a previous run \({name}/\) that saved no checkpoint"):
+            open_run(_cfg(tmp_path, data), "sft")
+
+
+def test_a_fresh_dpo_run_over_its_started_sft_stage_is_told_to_resume(tmp_path):
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.dpo import DPOConfig
+    from rlhfkit.training.rundir import RunDirError, plan_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    (tmp_path / "run" / "sft").mkdir(parents=True)  # sft_first's stage, progress to continue
+    (tmp_path / "run" / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = load_config(DPOConfig, overrides=[f"data.train={data}", f"train.output_dir={tmp_path / 'run'}",
+                                            "model.name=some/model"])
+    with pytest.raises(RunDirError, match=r"holds a previous run \(sft/\): continue it with --resume"):
+        plan_run(cfg, "dpo")
+
+
+def test_a_model_moved_aside_by_an_interrupted_replace_is_removed_when_a_run_starts(tmp_path):
+    from rlhfkit.training.rundir import open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    (tmp_path / "run" / ".model.old-123").mkdir(parents=True)
+    (tmp_path / "run" / ".model.old-123" / "model.safetensors").write_bytes(b"old")
+    open_run(_cfg(tmp_path, data), "sft")
+    assert not (tmp_path / "run" / ".model.old-123").exists() and (tmp_path / "run" / "sft_run.json").is_file()
 
 
 def test_a_leftover_temporary_directory_is_removed_when_a_run_starts(tmp_path):

@@ -55,6 +55,28 @@ def test_held_out_direction_table(metric, better):
     assert higher_is_better(metric) is better
 
 
+def test_kl_spike_needs_three_earlier_values_and_a_jump_over_half_the_level():
+    # from the 4th value on (min_history 3): a flat history has zero spread, so the jump alone decides
+    assert [s["step"] for s in kl_spikes([1, 2, 3, 4], [1.0, 1.0, 1.0, 5.0])] == [4]
+    # 10 -> 14 nats: above z * spread (0) and min_jump, but under half the recent median (5): no spike
+    assert kl_spikes([1, 2, 3, 4], [10.0, 10.0, 10.0, 14.0]) == []
+
+
+def test_held_out_trends_quote_the_last_set_size_and_leave_out_ppl_next_to_loss():
+    rows = [{"step": 0, "eval/loss": 1.0, "eval/ppl": math.exp(1.0), "eval/pairs": 40},
+            {"step": 4, "eval/loss": 1.5, "eval/ppl": math.exp(1.5), "eval/pairs": 48}]
+    trends = {t["metric"]: t for t in held_out_trends(rows)}
+    assert set(trends) == {"eval/loss", "eval/pairs"}  # ppl is a function of loss
+    assert trends["eval/loss"]["set_size"] == "48 pairs" and trends["eval/loss"]["worse"]
+    assert not trends["eval/pairs"]["worse"]  # a size, not a quality measure
+    once = [{"step": 0, "eval/accuracy": 0.7, "eval/samples": 16}, {"step": 4, "eval/accuracy": 0.6}]
+    (t,) = held_out_trends(once)
+    assert t["set_size"] == "16 samples" and t["worse"]
+    # only the ppl logged: it is the held-out metric, and lower is better
+    (t,) = held_out_trends([{"step": 0, "eval/ppl": 3.0}, {"step": 1, "eval/ppl": 4.0}])
+    assert t["metric"] == "eval/ppl" and t["worse"] and t["set_size"] is None
+
+
 def test_held_out_trends():
     rows = [{"step": 0, "eval/loss": 2.0, "eval/accuracy": 0.7, "eval/accuracy/news": 0.9, "eval/once": 1.0},
             {"step": 5, "train/loss": 1.0},
