@@ -136,9 +136,13 @@ def test_pm_of_a_base_model_with_a_configured_chat_template_evaluates_the_untrai
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(PMConfig, overrides=[f"model.name={base}", f"data.train={tmp_path / 'pairs.jsonl'}",
                                            "data.eval_fraction=0.5", "data.chat_template=chatml", "train.max_steps=1",
-                                           "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}"])
+                                           "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}",
+                                           "train.select_best=eval/loss", "train.select_best_mode=max"])
     results = train_pm(cfg)
     assert results["llm_judge"]["pairs"] == 4 and results["pm"]["pairs"] == 4
+    # the step select_best kept is in pm_results.json, as in every trainer's results
+    saved = json.loads((tmp_path / "run" / "pm_results.json").read_text())
+    assert saved["best"]["metric"] == "eval/loss" and saved["best"]["step"] in (0, 1) and saved["best"] == results["best"]
 
 
 @pytest.mark.parametrize("mode", ["left", "right"])

@@ -161,8 +161,9 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     data = dataclasses.replace(cfg.data, train=str(paths["train"]), eval=str(paths["eval"]) if records["eval"] else "",
                                limit=0, truncation="error")  # cut above: nothing is left over max_length
     # 2. Next-token training on the answer letter: plain SFT.
-    train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train), strategy)
-    results = {"pairs": {"eval": len(eval_pairs)}, **({"truncation": cut} if cut else {})}
+    trained = train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train), strategy)
+    results = {"pairs": {"eval": len(eval_pairs)}, **({"truncation": cut} if cut else {}),
+               **({"best": trained["best"]} if "best" in trained else {})}  # the step train.select_best kept
     if strategy.is_main:
         # 3. Held-out accuracy, both orders.
         if eval_pairs:

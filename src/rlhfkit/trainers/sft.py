@@ -85,7 +85,8 @@ def evaluate_sft(model, examples: list[dict], collator, micro_batch_size: int, s
 
 
 def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
-    """Run SFT; returns the final metrics. The trained policy lands in ``output_dir/model``."""
+    """Run SFT; returns the final metrics (and ``best`` with train.select_best). The trained policy
+    lands in ``output_dir/model``."""
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
@@ -125,4 +126,4 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
     # 4. The trained policy: a directory transformers (or peft) loads as is.
     finish(run, {"model": model}, tokenizer, result.metrics, best=result.best,
            truncation={k: v.by_source for k, v in trunc.items()})
-    return result.metrics
+    return {**result.metrics, **({"best": result.best} if result.best else {})}
