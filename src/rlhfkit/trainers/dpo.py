@@ -149,8 +149,8 @@ class DPOConfig:
 
     def eval_metrics(self) -> tuple[str, ...]:
         """What its held-out evaluation logs (train.select_best is one of them)."""
-        return ("eval/loss", *(f"eval/{side}/{k}" for side, keys in (("rewards", ("chosen", "rejected", "margin",
-                "accuracy")), ("logps", ("chosen", "rejected"))) for k in keys), "eval/pairs")
+        return ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margin",
+                "eval/rewards/accuracy", "eval/logps/chosen", "eval/logps/rejected", "eval/pairs")
 
 
 # --------------------------------------------------------------------------- the loss on a batch
