@@ -37,7 +37,7 @@ def test_position_ids_and_last_index():
 
 
 def test_resolve_paths(tmp_path, monkeypatch):
-    from rlhfkit.models import names
+    from rlhfkit import hub
 
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model_path(tmp_path)
@@ -48,9 +48,9 @@ def test_resolve_paths(tmp_path, monkeypatch):
     # a hub id not in the cache is passed through unchanged for from_pretrained to download, when
     # the hub can be reached; without a network it is refused at once (tests/test_errors.py)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(names, "_reachable", lambda url, timeout=3.0: True)
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: True)
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    monkeypatch.setattr(names, "_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda url, timeout=3.0: False)
     with pytest.raises(FileNotFoundError, match="cannot be reached"):
         resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
 

@@ -13,8 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from rlhfkit.hub import offline as _offline
-from rlhfkit.hub import reachable as _reachable
+from rlhfkit.hub import hub_unreachable
 from rlhfkit.models.lora import is_seq_cls_adapter, tied_embedding_targets
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -115,11 +114,8 @@ def resolve_hub_id(repo_id: str) -> str:
         pass
     hint = ("give a local model directory or .gguf file, or the built-in default 'smollm2-135m-instruct'; "
             "or download it where there is network (huggingface-cli download) and copy the cache")
-    if _offline():
-        raise FileNotFoundError(f"model {repo_id!r}: not a local path and not in the Hugging Face cache, and "
-                                f"HF_HUB_OFFLINE is set: {hint}")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    if not _reachable(endpoint):
-        raise FileNotFoundError(f"model {repo_id!r}: not a local path, not in the Hugging Face cache, and "
-                                f"{endpoint} cannot be reached: {hint}")
+    why = hub_unreachable()
+    if why:
+        raise FileNotFoundError(f"model {repo_id!r}: not a local path, not in the Hugging Face cache, and {why}: "
+                                f"{hint}")
     return repo_id
