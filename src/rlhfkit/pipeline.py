@@ -103,7 +103,8 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
             stage_cfg = load_config(COMMANDS[spec.kind].config_class(), data=data)
         except ConfigError as e:
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
-        _check_inputs(spec.kind, stage_cfg, f"{source}: stages[{i}] ({spec.name})", [out / st.name for st, _ in stages])
+        earlier = [out / st.name for st, _ in stages]
+        _check_inputs(spec.kind, stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier)
         stages.append((spec, stage_cfg))
         values[spec.name] = str(out / spec.name / "model")
     return cfg, stages

@@ -21,6 +21,7 @@ scored in both orders and averaged, which removes the position bias that is left
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Sequence
@@ -221,13 +222,9 @@ def check_pairwise_spec(spec: str) -> tuple[str, str]:
     return kind, target
 
 
-_WARNED: set[str] = set()
-
-
+@functools.cache
 def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        log.warning(message)
+    log.warning(message)
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -13,6 +13,7 @@ How they are written back: `models.saving`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -112,7 +113,9 @@ def _is_adapter_dir(path: str) -> bool:
     return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
 
 
-_PAD_WARNED: set = set()
+@functools.cache
+def _warn_once(message: str) -> None:  # a warning about a model, not repeated at every load of it
+    log.warning(message)
 
 
 def _prepare_tokenizer(tok):
@@ -131,12 +134,9 @@ def _prepare_tokenizer(tok):
         else:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            name = getattr(tok, "name_or_path", "tokenizer")
-            if name not in _PAD_WARNED:  # once per model, not at every load
-                _PAD_WARNED.add(name)
-                log.warning("%s: no spare token to pad with, so pad = eos (%r): rlhfkit pools and masks by the "
-                            "attention mask, but a last-pooled reward model read by plain transformers would take "
-                            "the token before a final eos", name, tok.eos_token)
+            _warn_once(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no spare token to pad with, so pad = eos "
+                       f"({tok.eos_token!r}): rlhfkit pools and masks by the attention mask, but a last-pooled reward "
+                       "model read by plain transformers would take the token before a final eos")
     return tok
 
 

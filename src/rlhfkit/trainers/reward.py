@@ -186,9 +186,10 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     # 1. Data, validated before anything is written or the model loads.
     with under_key("model.name"):
         check_model_path(cfg.model.name)
-        if cfg.model.lora.enabled and stored_reward_pooling(cfg.model.name) != cfg.pooling:
+        stored = stored_reward_pooling(cfg.model.name)
+        if cfg.model.lora.enabled and stored != cfg.pooling:
             # rm:DIR scores an adapter with its base's stored pooling: it must be the one trained with
-            raise ConfigError(f"{cfg.model.name} records reward_pooling {stored_reward_pooling(cfg.model.name)!r} "
+            raise ConfigError(f"{cfg.model.name} records reward_pooling {stored!r} "
                               f"(its config.json, 'last' when none), and a LoRA adapter on it is scored that way, not "
                               f"with pooling {cfg.pooling!r}: train without LoRA")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
