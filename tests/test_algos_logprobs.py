@@ -93,3 +93,30 @@ def test_sft_style_cross_entropy_agrees_with_torch():
     lg, lab, _ = shift_for_causal(logits, ids, torch.ones_like(ids))
     ce = F.cross_entropy(lg.reshape(-1, 9), lab.reshape(-1), reduction="none").view(2, 5)
     assert_close(-token_logprobs(lg, lab), ce)
+
+
+def test_temperature_by_hand():
+    # logits [0, 2 ln 3] at T = 2 -> [0, ln 3] -> probs [1/4, 3/4]; entropy of (1/4, 3/4)
+    logits = torch.tensor([[[0.0, 2 * math.log(3)]]], dtype=D)
+    assert_close(token_logprobs(logits, torch.tensor([[1]]), temperature=2.0), torch.tensor([[math.log(0.75)]], dtype=D))
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert_close(entropy_from_logits(logits, temperature=2.0), torch.tensor([[h]], dtype=D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.6])
+def test_tempered_logprobs_and_entropy_match_naive_with_gradients(dtype, temperature):
+    """softmax(logits / T), in blocks: values and gradients as the naive full log_softmax of the
+    upcast, divided logits gives (the division happens per block, after the upcast)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 6, 13, generator=g, dtype=D) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 13, (2, 6), generator=g)
+    z = logits.to(torch.float64 if dtype == D else torch.float32) / temperature
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype != D else {}
+    fast = token_logprobs(logits, labels, chunk_size=4, temperature=temperature)
+    assert_close(fast, _naive_logprobs(z, labels), **tol)
+    assert_close(entropy_from_logits(logits, chunk_size=4, temperature=temperature),
+                 -(z.softmax(-1) * z.log_softmax(-1)).sum(-1), **tol)
+    (g_fast,) = torch.autograd.grad(fast.sum(), logits)
+    (g_ref,) = torch.autograd.grad(_naive_logprobs(z, labels).sum(), logits)
+    assert_close(g_fast, g_ref, **tol)

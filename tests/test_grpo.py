@@ -13,16 +13,20 @@ from rlhfkit.trainers.grpo import GRPOConfig, RLOOConfig, train_grpo
 GRPO_OVER = dict(rollout={"n": 4, "max_new_tokens": 6}, mini_batch_size=16, kl_coef=0.0)
 
 
-@pytest.mark.parametrize("cls, advantage", [(GRPOConfig, "grpo"), (RLOOConfig, "rloo"), (GRPOConfig, "reinforce")])
-def test_group_methods_raise_a_learnable_reward(tokenizer, tmp_path, cls, advantage):
+@pytest.mark.parametrize("cls, advantage, temperature", [
+    (GRPOConfig, "grpo", 1.0), (RLOOConfig, "rloo", 1.0), (GRPOConfig, "reinforce", 1.0), (GRPOConfig, "grpo", 0.7)])
+def test_group_methods_raise_a_learnable_reward(tokenizer, tmp_path, cls, advantage, temperature):
+    """At temperature 0.7 too: the rollout's log-probs and the recomputed ones are both tempered."""
     # 14 steps: at 8 the rise (about +0.1) sat at the threshold and a change of random stream
     # (a new sampler) was enough to fail it
-    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **GRPO_OVER, advantage=advantage,
+    over = {**GRPO_OVER, "rollout": {**GRPO_OVER["rollout"], "temperature": temperature}}
+    cfg = load_config(cls, data=base_config(tmp_path, tokenizer, **over, advantage=advantage,
                                             train={"max_steps": 14}))
     assert cfg.advantage == advantage
     train_grpo(cfg)
     rows = read_metrics(tmp_path / "run")
     assert all(abs(r["policy/ratio_first"] - 1.0) < 1e-6 for r in rows)
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)
     first = sum(r["reward/score_mean"] for r in rows[:2]) / 2
     last = sum(r["reward/score_mean"] for r in rows[-3:]) / 3
     assert last > first + 0.1, [round(r["reward/score_mean"], 3) for r in rows]
@@ -362,3 +366,26 @@ def test_surrogate_loss_by_hand_at_each_ratio_level_with_an_upper_clip():
     assert loss("sequence", None, 2.0) == pytest.approx(naive([0.3, -0.1], [2.0, -1.0], 0.2) / 2, rel=1e-5)
     assert loss("sequence", 0.5, 2.0) == pytest.approx(naive([0.3, -0.1], [2.0, -1.0], 0.5) / 2, rel=1e-5)
     assert loss("sequence-mean", None, 2.0) == pytest.approx(naive([0.15, -0.1 / 3], [2.0, -1.0], 0.2) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_the_trainers_log_probs_are_at_the_sampling_temperature(tokenizer, share_prompt):
+    """logp_old, logp_theta and logp_ref (`policy_logprobs`, their one computation) of rows sampled
+    at T are log softmax(logits / T) from a plain forward, and agree with the rollout's own."""
+    from rlhfkit.models import position_ids_from_mask, tiny_causal_lm
+    from rlhfkit.rollout import generate
+    from rlhfkit.trainers.pg_score import policy_logprobs
+
+    model = tiny_causal_lm(tokenizer, seed=4).eval()
+    prompts = [tokenizer.encode(t) for t in ("Hello there, how", "Write a line about the sea")]
+    exp = generate(model, prompts, max_new_tokens=6, eos_token_id=[], pad_token_id=tokenizer.pad_token_id,
+                   temperature=0.6, n=3, seed=0)
+    ids, mask = exp.input_ids(), exp.attention_mask()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        got = policy_logprobs(model, exp, share_prompt)
+    P = exp.prompt_ids.shape[1]
+    want = (logits[:, P - 1:-1] / 0.6).log_softmax(-1).gather(-1, exp.response_ids[..., None]).squeeze(-1)
+    rmask = exp.response_mask.bool()
+    torch.testing.assert_close(got[rmask], want[rmask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(exp.logprobs[rmask], want[rmask], atol=1e-4, rtol=0)

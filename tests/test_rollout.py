@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -42,13 +43,14 @@ def _naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def _full_forward_logprobs(model, exp: Experience) -> torch.Tensor:
-    """(B, R) log pi(response token) from one pass over prompt+response, positions from the mask."""
+def _full_forward_logprobs(model, exp: Experience, temperature: float = 1.0) -> torch.Tensor:
+    """(B, R) log softmax(logits / temperature) at the response tokens from one pass over
+    prompt+response, positions from the mask."""
     ids, mask = exp.input_ids(), exp.attention_mask()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     P = exp.prompt_ids.shape[1]
-    logits = logits[:, P - 1:-1]  # position t predicts token t+1
+    logits = logits[:, P - 1:-1] / temperature  # position t predicts token t+1
     return logits.log_softmax(-1).gather(-1, exp.response_ids[..., None]).squeeze(-1)
 
 
@@ -93,15 +95,17 @@ def test_outputs_depend_on_context(model, prompts):
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_k=20)])
 def test_logprobs_equal_fresh_forward_pass(model, prompts, settings):
-    """Stored log-probs are log pi(a_t) at temperature 1 from raw logits: PPO's first ratio is 1.
+    """Stored log-probs are log softmax(logits / T) at the sampling temperature T, before top-k /
+    top-p, and the record says T: the trainer's recomputation at T makes PPO's first ratio 1.
 
     In float64 the match is exact to rounding, which checks the logic (positions, cache, masks,
-    untempered distribution); in float32 different kernel shapes (cached steps vs one long pass)
+    tempered distribution); in float32 different kernel shapes (cached steps vs one long pass)
     leave ~1e-5 of noise on log-probs of magnitude ~5.
     """
     for m, atol in [(copy.deepcopy(model).double(), 1e-9), (model, 1e-4)]:
         exp = _gen(m, prompts, n=2, micro_batch_size=3, seed=1, max_new_tokens=12, **settings)
-        ref = _full_forward_logprobs(m, exp)
+        assert exp.temperature == settings["temperature"]
+        ref = _full_forward_logprobs(m, exp, settings["temperature"])
         mask = exp.response_mask.bool()
         assert exp.logprobs.dtype == ref.dtype
         torch.testing.assert_close(exp.logprobs[mask], ref[mask], atol=atol, rtol=0)
@@ -184,8 +188,12 @@ def test_seeded_sampling_is_reproducible(model, prompts):
 def test_top_k_1_is_greedy(model, prompts, temperature):
     greedy = _gen(model, prompts, temperature=0)
     topk1 = _gen(model, prompts, temperature=temperature, top_k=1, seed=0)
+    """Top-k 1 picks the greedy tokens; their log-probs are those of the tempered, unfiltered distribution."""
     assert torch.equal(greedy.response_ids, topk1.response_ids)
-    torch.testing.assert_close(greedy.logprobs, topk1.logprobs)
+    mask = topk1.response_mask.bool()
+    torch.testing.assert_close(topk1.logprobs[mask], _full_forward_logprobs(model, topk1, temperature)[mask],
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(greedy.logprobs[mask], _full_forward_logprobs(model, greedy)[mask], atol=1e-4, rtol=0)
 
 
 def test_micro_batching_matches_one_batch(model, prompts):
@@ -269,6 +277,11 @@ def test_experience_select_and_cat():
     assert s.prompt_index.tolist() == [3, 0] and s.scores.tolist() == [2, 1] and s.values is None
     assert c.select([1]).response_lengths().tolist() == [2]
     assert c.to("cpu").prompt_ids.device.type == "cpu"
+    assert c.temperature == 1.0
+    with pytest.raises(ValueError, match="different temperatures"):
+        Experience.cat([a, dataclasses.replace(b, temperature=0.7)])
+    assert Experience.cat([dataclasses.replace(a, temperature=0.7), dataclasses.replace(b, temperature=0.7)]
+                          ).select([0]).temperature == 0.7
 
 
 def test_pick_across_blocks_of_a_vocabulary_not_a_multiple_of_the_block():
@@ -291,11 +304,13 @@ def test_sampler_logprobs_are_the_log_softmax():
 
     logits = torch.randn(6, 700, dtype=torch.float64) * 3
     for kw in [dict(temperature=1.0, top_p=1.0, top_k=0), dict(temperature=0.6, top_p=0.9, top_k=50),
+               dict(temperature=1.7, top_p=1.0, top_k=0), dict(temperature=0.5, top_p=1.0, top_k=700),
                dict(temperature=0.0, top_p=1.0, top_k=0)]:
         sampler = _Sampler(generator=torch.Generator().manual_seed(0), **kw)
+        tempered = logits / (kw["temperature"] or 1.0)  # greedy: the untempered distribution
         for b in (6, 3):  # the work buffer is reused for fewer rows (finished rows dropped)
             tok, lp = sampler(logits[:b], True)
-            torch.testing.assert_close(lp, logits[:b].log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1),
+            torch.testing.assert_close(lp, tempered[:b].log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1),
                                        atol=1e-12, rtol=0)
 
 

@@ -40,13 +40,13 @@ def policy_and_items(tokenizer, tmp_path_factory):
     return policy, items
 
 
-def _fresh_logprobs(model, exp) -> torch.Tensor:
-    """(B, R) log pi of the response tokens from one forward over prompt + response."""
+def _fresh_logprobs(model, exp, temperature: float = 1.0) -> torch.Tensor:
+    """(B, R) log softmax(logits / temperature) of the response tokens from one forward over prompt + response."""
     ids, mask = exp.input_ids(), exp.attention_mask()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     P = exp.prompt_ids.shape[1]
-    lp = logits[:, P - 1:-1].log_softmax(-1).gather(-1, exp.response_ids[..., None]).squeeze(-1)
+    lp = (logits[:, P - 1:-1] / temperature).log_softmax(-1).gather(-1, exp.response_ids[..., None]).squeeze(-1)
     return lp.masked_fill(exp.response_mask == 0, 0.0)
 
 
@@ -99,7 +99,8 @@ def test_greedy_tokens_and_logprobs_are_the_same_from_both_backends(policy_and_i
 
 
 @pytest.mark.parametrize("name", ["own", "hf"])
-def test_sampled_rollouts_are_valid_seeded_and_carry_untempered_logprobs(policy_and_items, tokenizer, name):
+def test_sampled_rollouts_are_valid_seeded_and_carry_tempered_logprobs(policy_and_items, tokenizer, name):
+    """Both backends store log softmax(logits / T) before the top-k / top-p filters, and say T."""
     policy, items = policy_and_items
     settings = RolloutSection(n=3, max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.95, backend=name)
     a = rollout(policy, items, settings, tokenizer, seed=11)
@@ -107,7 +108,8 @@ def test_sampled_rollouts_are_valid_seeded_and_carry_untempered_logprobs(policy_
     c = rollout(policy, items, settings, tokenizer, seed=12)
     _assert_valid(a, items, 3, 10, tokenizer.eos_token_id)
     assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
-    torch.testing.assert_close(a.logprobs, _fresh_logprobs(policy, a), rtol=0, atol=1e-4)
+    assert a.temperature == 0.7
+    torch.testing.assert_close(a.logprobs, _fresh_logprobs(policy, a, 0.7), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo"])

@@ -5,6 +5,8 @@ entry per token, log p(y) = z_y - logsumexp(z), so we gather z_y and compute log
 blocks of tokens: peak extra memory is one block of (chunk_size, V) instead of the whole tensor.
 Blocks are views of the logits (never reshaped), so a sliced `logits[:, :-1]` is not copied.
 Half-precision logits are upcast per block: bf16 logsumexp loses ~2 digits, too much for PPO ratios.
+``temperature`` T gives the distribution the sampler drew from, softmax(z / T) (docs/concepts.md:
+sampling temperature); each block is divided on its own, never the whole (B, T, V) tensor at once.
 """
 
 from __future__ import annotations
@@ -42,10 +44,16 @@ def _out_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _block(logits: torch.Tensor, bs: slice, ts: slice, out_dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """One block of the logits in ``out_dtype``, divided by ``temperature`` (no copy when neither applies)."""
+    z = logits[bs, ts].to(out_dtype)
+    return z if temperature == 1.0 else z / temperature
+
+
 def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024
+    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log p(labels) under softmax(logits), per token.
+    """log p(labels) under softmax(logits / temperature), per token.
 
     logits: (B, T, V), already aligned with labels (see `shift_for_causal`).
     labels: (B, T) long. Ignore values (-100) or pad ids are allowed: indices < 0 are clamped to 0
@@ -58,7 +66,7 @@ def token_logprobs(
     out_dtype = _out_dtype(logits)
     pieces = []
     for bs, ts in _blocks(B, T, chunk_size):
-        z = logits[bs, ts].to(out_dtype)  # (b, t, V); no copy when already out_dtype
+        z = _block(logits, bs, ts, out_dtype, temperature)  # (b, t, V)
         # log_softmax + pick, as the fused cross-entropy kernel (one pass over V forward and
         # backward; `picked - logsumexp(z)` materialises z - max and its exp, twice as slow on CPU)
         nll = F.cross_entropy(z.flatten(0, 1), labels[bs, ts].flatten(), reduction="none")
@@ -66,8 +74,8 @@ def token_logprobs(
     return _assemble(pieces, B, T, out_dtype, logits.device)
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Entropy H = logsumexp(z) - sum_v softmax(z)_v * z_v of each token's distribution.
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy H = logsumexp(z) - sum_v softmax(z)_v * z_v of each token's distribution, z = logits / temperature.
 
     logits: (B, T, V), finite. Returns (B, T) float32 (float64 for float64 logits). Computed in
     blocks of `chunk_size` tokens for the same memory reason as `token_logprobs`; the identity
@@ -77,7 +85,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.T
     out_dtype = _out_dtype(logits)
     pieces = []
     for bs, ts in _blocks(B, T, chunk_size):
-        z = logits[bs, ts].to(out_dtype)
+        z = _block(logits, bs, ts, out_dtype, temperature)
         p = torch.softmax(z, dim=-1)
         pieces.append((bs, ts, torch.logsumexp(z, dim=-1) - (p * z).sum(-1)))
     return _assemble(pieces, B, T, out_dtype, logits.device)

@@ -74,8 +74,8 @@ class RolloutSection:
     max_new_tokens: int = 48
     """Response budget in tokens; responses that reach it without EOS count as truncated."""
     temperature: float = 1.0
-    """Sampling temperature; 0 = greedy (evaluation only). Log-probs for the ratio and the KL always
-    use the untempered model."""
+    """Sampling temperature; 0 = greedy (evaluation only). The log-probs of the ratio and the KL are
+    taken at the same temperature, softmax(logits / T), as in TRL and verl (greedy: T = 1)."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1 = off."""
     top_k: int = 0

@@ -10,8 +10,8 @@ rollout engine (same seed for every model), then:
   sample i of the baseline; the 95% interval treats the *prompt* as the unit (per-prompt mean
   of the n votes), so several samples per prompt do not fake precision;
 - mean gold and proxy reward, mean response length (tokens and characters);
-- KL(pi || baseline): k1 summed over response tokens, averaged over the policy's own samples
-  (unbiased at temperature 1; the rollout stores log pi at temperature 1 whatever it sampled at);
+- KL(pi || baseline): k1 summed over response tokens, averaged over the policy's own samples,
+  both models' log-probs at the sampling temperature T: an unbiased estimate of KL(pi_T || baseline_T);
 - Pearson correlation of response length (characters) with gold and proxy reward, pooled and
   within prompt (needs n >= 2);
 - with ``preference_set``: accuracy of the proxy and of every judge on that set, by category.
@@ -162,7 +162,8 @@ def build_judges(cfg: EvalConfig, tokenizer, device) -> dict:
 
 @torch.no_grad()
 def kl_to_baseline(baseline, exp, batch_size: int) -> list[float]:
-    """Per-sample k1 KL estimate sum_t log pi(a_t) - log base(a_t) on the policy's own samples.
+    """Per-sample k1 KL estimate sum_t log pi(a_t) - log base(a_t) on the policy's own samples, both at
+    the sampling temperature (`Experience.temperature`): an estimate of KL(pi_T || base_T).
     Rows of similar length are batched together and each batch is cut to the columns its rows
     use (positions come from the mask, so dropping all-padding columns changes nothing)."""
     P = exp.prompt_ids.shape[1]
@@ -176,7 +177,8 @@ def kl_to_baseline(baseline, exp, batch_size: int) -> list[float]:
         r = max(hi - P, 0)  # response columns any row of the batch uses
         if r == 0:
             continue
-        base = causal_logprobs(baseline, ids[idx, lo:hi], m[:, lo:hi], keep_last=r, shared_prefix=exp.shared_prefix)
+        base = causal_logprobs(baseline, ids[idx, lo:hi], m[:, lo:hi], keep_last=r, shared_prefix=exp.shared_prefix,
+                               temperature=exp.temperature)
         diff = torch.where(exp.response_mask[idx, :r].bool(), exp.logprobs[idx, :r] - base, 0.0)
         for i, v in zip(rows, diff.sum(-1).tolist()):
             out[i] = v

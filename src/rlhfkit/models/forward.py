@@ -25,8 +25,8 @@ from rlhfkit.models.heads import (
 
 def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                     keep_last: int | None = None, with_entropy: bool = False,
-                    position_ids: torch.Tensor | None = None, shared_prefix: int = 0):
-    """Log-probs of each token given the ones before it.
+                    position_ids: torch.Tensor | None = None, shared_prefix: int = 0, temperature: float = 1.0):
+    """Log-probs of each token given the ones before it, under softmax(logits / temperature).
 
     input_ids, attention_mask: (B, T). Returns logp (B, T-1) where ``logp[:, t-1] = log p(x_t | x_<t)``,
     or, with ``keep_last=K``, only the last K of those: (B, K) for tokens x_{T-K}..x_{T-1}
@@ -47,8 +47,8 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         logits, keep = one_row_logits(model, row, row[1][:, T - k - 1:T - 1], attention_mask[:, T - k:])
         logits = logits[None]  # (1, N, V)
         placed = lambda v: v.new_zeros(keep.shape).index_put((keep,), v[0])  # noqa: E731
-        logp = placed(token_logprobs(logits, input_ids[:, T - k:][keep][None]))
-        return (logp, placed(entropy_from_logits(logits))) if with_entropy else logp
+        logp = placed(token_logprobs(logits, input_ids[:, T - k:][keep][None], temperature=temperature))
+        return (logp, placed(entropy_from_logits(logits, temperature=temperature))) if with_entropy else logp
     if (position_ids is None and shared_prefix >= MIN_SHARED_PREFIX and can_share_prefix(model, attention_mask)
             and int(attention_mask.long().argmax(-1).max()) + shared_prefix + k < T):  # the kept logits after it
         out = prefix_shared_forward(model, input_ids, attention_mask, shared_prefix, logits_to_keep=k + 1)
@@ -60,9 +60,9 @@ def causal_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     logits_to_keep=k + 1)
     logits = out.logits[:, :-1].float()  # (B, k, V): position t predicts token t+1
     targets = input_ids[:, T - k:]  # (B, k)
-    logp = token_logprobs(logits, targets)
+    logp = token_logprobs(logits, targets, temperature=temperature)
     if with_entropy:
-        return logp, entropy_from_logits(logits)
+        return logp, entropy_from_logits(logits, temperature=temperature)
     return logp
 
 

@@ -153,13 +153,13 @@ def packed_inputs(model, packed: dict) -> tuple[dict, Callable[[torch.Tensor], t
 
 def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                            response_mask: torch.Tensor, prompt_index: torch.Tensor, pad_token_id: int, *,
-                           with_entropy: bool = False):
+                           with_entropy: bool = False, temperature: float = 1.0):
     """(B, R) log p(response token t | prompt, response tokens < t), as
     ``causal_logprobs(model, [prompt; response], mask, keep_last=R)`` gives, but with the rows that
     share a prompt packed into one sequence (see `pack_shared_prompts`). 0 where response_mask is 0.
-    With ``with_entropy`` also the (B, R) entropies (0 where masked)."""
+    With ``with_entropy`` also the (B, R) entropies (0 where masked); both of softmax(logits / temperature)."""
     packed = pack_shared_prompts(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index, pad_token_id)
-    return packed_logprobs(model, packed, with_entropy=with_entropy)
+    return packed_logprobs(model, packed, with_entropy=with_entropy, temperature=temperature)
 
 
 def pack_pairs(batch: dict) -> dict:
@@ -207,8 +207,9 @@ def _last_of_rows(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     return col == last[row]
 
 
-def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
-    """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch; 0 elsewhere."""
+def packed_logprobs(model, packed: dict, *, with_entropy: bool = False, temperature: float = 1.0):
+    """The (B, R) response-token log-probs (and entropies) of a `pack_groups` batch, of
+    softmax(logits / temperature); 0 elsewhere."""
     with packed_forward(model, packed, packed["pred"]) as (inputs, moved):
         logits = logits_at(model, moved(packed["pred"]), **inputs)[None]  # (1, N, V)
     B, R = packed["shape"]
@@ -217,7 +218,7 @@ def packed_logprobs(model, packed: dict, *, with_entropy: bool = False):
         full = torch.zeros(B, R, dtype=v.dtype, device=v.device)
         return full.index_put((packed["row"], packed["col"]), v[0])
 
-    logp = place(token_logprobs(logits, packed["target"][None]))
+    logp = place(token_logprobs(logits, packed["target"][None], temperature=temperature))
     if with_entropy:
-        return logp, place(entropy_from_logits(logits))
+        return logp, place(entropy_from_logits(logits, temperature=temperature))
     return logp

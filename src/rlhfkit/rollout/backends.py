@@ -2,7 +2,7 @@
 
 A backend takes the weights of the policy being trained (`sync_weights`) and samples responses
 to chat-templated prompts (`generate`), returning an `Experience` (prompt and response ids with
-their masks, the EOS flags and each sampled token's untempered log-probability). Two run in the
+their masks, the EOS flags and each sampled token's log-probability at the sampling temperature). Two run in the
 training process, on the live model, so syncing copies nothing:
 - `OwnEngine` ("own"): `engine.generate`, KV-cache decoding made for RLHF (the default);
 - `HFGenerate` ("hf"): plain transformers `model.generate`, with its raw logits for the log-probs.
@@ -102,10 +102,11 @@ class HFGenerate(_InProcess):
                              return_dict_in_generate=True, output_logits=True, **knobs)
         resp = out.sequences[:, ids.shape[1]:]  # (B, R), pad after EOS
         rmask = response_mask(resp, eos_ids)
-        logp = torch.stack([token_logprob(step.float(), resp[:, t]) for t, step in enumerate(out.logits)], dim=1)
+        T = settings.temperature or 1.0  # out.logits are the raw logits, before any logits processor
+        logp = torch.stack([token_logprob(step.float() / T, resp[:, t]) for t, step in enumerate(out.logits)], dim=1)
         return Experience(prompt_ids=ids, prompt_mask=mask, response_ids=resp, response_mask=rmask,
                           logprobs=logp.masked_fill(rmask == 0, 0.0), eos=torch.isin(resp, eos_ids).any(-1),
-                          prompt_index=index, pad_token_id=pad_token_id)
+                          prompt_index=index, pad_token_id=pad_token_id, temperature=T)
 
 
 BACKENDS: dict[str, type] = {"own": OwnEngine, "hf": HFGenerate}

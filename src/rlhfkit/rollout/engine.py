@@ -2,8 +2,8 @@
 
 Our own loop instead of `model.generate` because RLHF needs things `generate` does not give
 cheaply and exactly:
-- log pi(a_t) of each sampled token under the *untempered* distribution, from the same forward
-  pass that chose it (no second scoring pass);
+- log pi(a_t) of each sampled token under the tempered distribution it was drawn from (before
+  top-k / top-p), from the same forward pass that chose it (no second scoring pass);
 - position ids that count only real tokens under left padding, so a padded row produces exactly
   what the same prompt produces alone, and exactly what a training forward pass recomputes
   (`position_ids_from_mask`), which is what makes PPO's first ratio 1;
@@ -71,7 +71,7 @@ def generate(
         Sampled tokens depend on the split because the random stream is consumed per batch.
     seed / generator: a seed builds a fresh generator; otherwise the given one (or torch's
         global RNG) is used.
-    return_logprobs: store log pi(a_t) at temperature 1 (see `Experience.logprobs`).
+    return_logprobs: store log pi(a_t) at the sampling temperature (see `Experience.logprobs`).
 
     Returns an Experience on the model's device with B = len(prompt_ids) * n rows.
     """
@@ -106,7 +106,7 @@ def generate(
                 parts.append(Experience(
                     prompt_ids=ids, prompt_mask=mask, response_ids=resp, response_mask=resp_mask,
                     logprobs=logp, eos=eos, prompt_index=prompt_index[start:start + mbs],
-                    pad_token_id=pad_token_id,
+                    pad_token_id=pad_token_id, temperature=temperature or 1.0,
                 ))
     finally:
         model.train(was_training)

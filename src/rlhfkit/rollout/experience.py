@@ -23,11 +23,10 @@ class Experience:
     prompt_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
     response_ids: torch.Tensor  # (B, R) long, right-padded; pad after EOS
     response_mask: torch.Tensor  # (B, R) long, 1 up to and including EOS, 0 after
-    # (B, R) float32 log pi_theta'(a_t | x, a_<t) of the sampled tokens under the sampling policy's
-    # *raw* distribution (temperature 1, full vocabulary), not the tempered / top-k / top-p one we
-    # actually drew from. PPO's ratio pi_theta / pi_theta' and the KL to the reference are defined on
-    # the model's own distribution; the trainer recomputes pi_theta from raw logits, so storing the
-    # same quantity makes the first ratio exactly 1 (docs/concepts.md: PPO). 0 where response_mask is 0.
+    # (B, R) float32 log pi_theta'(a_t | x, a_<t) of the sampled tokens under the sampling policy at
+    # `temperature`, softmax(logits / T) over the full vocabulary (top-k / top-p filters are not
+    # applied, as in TRL and verl). PPO's ratio pi_theta / pi_theta' and the KL to the reference are
+    # taken at the same temperature (docs/concepts.md: sampling temperature). 0 where response_mask is 0.
     logprobs: torch.Tensor | None
     eos: torch.Tensor  # (B,) bool, whether the row emitted EOS within the budget
     prompt_index: torch.Tensor  # (B,) long, which input prompt the row came from (n rows per prompt)
@@ -35,6 +34,9 @@ class Experience:
     # leading prompt tokens every row shares (the chat template's system turn): the log-prob
     # forwards compute them once (`models.forward.prefix_shared_forward`); 0 = none
     shared_prefix: int = 0
+    # the temperature the rows were sampled at (1 for greedy rows): every log-prob of these rows
+    # (`logprobs`, the trainer's pi_theta, the reference's) is of softmax(logits / temperature)
+    temperature: float = 1.0
 
     # Filled later by trainers.
     ref_logprobs: torch.Tensor | None = None  # (B, R) log pi_ref(a_t | ...)
@@ -97,7 +99,9 @@ class Experience:
                 if f.name == "shared_prefix":  # what the rows of all records share
                     out[f.name] = 0
                     continue
-                if f.name != "pad_token_id" and any(v is not None for v in vals):
+                if f.name == "temperature" and len(set(vals)) > 1:
+                    raise ValueError(f"cannot concatenate rows sampled at different temperatures {sorted(set(vals))}")
+                if f.name not in ("pad_token_id", "temperature") and any(v is not None for v in vals):
                     raise ValueError(f"cannot concatenate field {f.name}: set in some records only")
                 out[f.name] = vals[0]
                 continue

@@ -1,5 +1,6 @@
 """Choosing the next token: temperature, top-k, top-p and inverse-CDF sampling, with the token's
-log-probability under the untempered model from the same logits."""
+log-probability under the tempered model, softmax(logits / temperature) before the top-k / top-p
+filters (1 for greedy), from the same logits."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen
     return Sampler(temperature, top_p, top_k, generator)(logits, False)[0]
 
 
+def _filters(logits: torch.Tensor, top_p: float, top_k: int) -> bool:
+    """Whether top-k or top-p removes any token."""
+    return bool(top_k and top_k < logits.shape[-1]) or top_p < 1.0
+
+
 def _filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
     """Tempered logits with tokens outside top-k / top-p set to -inf; `logits` itself if nothing to do."""
-    if temperature == 1.0 and not (top_k and top_k < logits.shape[-1]) and top_p >= 1.0:
+    if temperature == 1.0 and not _filters(logits, top_p, top_k):
         return logits
     z = logits / temperature if temperature != 1.0 else logits.clone()
     if top_k and top_k < z.shape[-1]:
@@ -30,7 +36,7 @@ def _filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int
 
 
 class Sampler:
-    """One decode step's token choice and its log pi at temperature 1, with few passes over the
+    """One decode step's token choice and its log pi at the sampling temperature, with few passes over the
     (B, V) logits and no (B, V) allocation after the first step.
 
     Inverse-CDF sampling with one uniform per row (same distribution as torch.multinomial, which
@@ -39,8 +45,7 @@ class Sampler:
     float32 cumulative sum over a 49k vocabulary would round away the mass of its tail (absolute
     error ~6e-8 per token near a total of 1), while here every error is relative to a block's mass.
     Unnormalised weights exp(z - max z) go into a buffer reused across steps; their total also
-    gives logsumexp, so the log-prob costs no extra pass when sampling at temperature 1 without
-    filters.
+    gives logsumexp, so the log-prob costs no extra pass when sampling without filters.
     """
 
     BLOCK = 256
@@ -59,7 +64,8 @@ class Sampler:
         return buf[:b]
 
     def __call__(self, logits: torch.Tensor, want_logp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(b, V) raw logits -> (b,) token ids, (b,) log-softmax(logits) at those ids (or None)."""
+        """(b, V) raw logits -> (b,) token ids, (b,) log-softmax(logits / T) at those ids (or None),
+        T the temperature (1 for greedy)."""
         if self.temperature == 0:
             tok = logits.argmax(-1)
             return tok, (token_logprob(logits, tok) if want_logp else None)
@@ -83,10 +89,10 @@ class Sampler:
         tok = (blk * self.BLOCK + torch.searchsorted(inner, rest, right=True)).squeeze(-1)  # (b,)
         if not want_logp:
             return tok, None
-        if z is logits:  # log pi = z - max - log(sum exp(z - max)), the log-softmax formula
-            lse = m.squeeze(-1) + total.squeeze(-1).log().to(logits.dtype)
-            return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - lse
-        return tok, token_logprob(logits, tok)
+        if not _filters(logits, self.top_p, self.top_k):  # z = logits / T: log pi = z - max - log(sum exp(z - max))
+            lse = m.squeeze(-1) + total.squeeze(-1).log().to(z.dtype)
+            return tok, z.gather(-1, tok[:, None]).squeeze(-1) - lse
+        return tok, token_logprob(logits if self.temperature == 1.0 else logits / self.temperature, tok)
 
 
 def token_logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ and the training stream is left untouched), then:
   evaluation batch would average to 0);
 - eval/gold_mean: the gold judge ``reward.gold``, when set: proxy rising while gold falls is
   over-optimisation;
-- eval/kl: KL(pi || pi_ref) per response, the k1 estimate summed over its tokens;
+- eval/kl: KL(pi || pi_ref) per response at the sampling temperature, the k1 estimate summed over its tokens;
 - eval/length_mean, eval/eos_frac.
 """
 
@@ -45,7 +45,7 @@ def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy,
     settings = dataclasses.replace(rollout_settings, n=1)
     exp = rollout(policy, items, settings, tokenizer, strategy=strategy,
                   seed=rank_stream_seed(seed, EVAL_STREAM, strategy.rank))
-    with strategy.autocast():  # the rollout's own (untempered) log-probs; only the reference runs
+    with strategy.autocast():  # the rollout's own log-probs (at its temperature); only the reference runs
         lp = score_logprobs(policy, ref, exp, micro_batch_size, share_prompt=False,
                             policy={"logp": exp.logprobs, "entropy": None})
     mask = exp.response_mask.bool()

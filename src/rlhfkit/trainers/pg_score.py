@@ -26,12 +26,14 @@ from rlhfkit.rollout import Experience, decode_responses, response_metrics
 def policy_logprobs(model, mb: Experience, share_prompt: bool, with_entropy: bool = False):
     """(b, R) log-probs of the stored responses under `model`: each [prompt; response] row on its
     own, or with ``share_prompt`` the rows of one prompt packed together (the same values up to
-    float rounding, with the prompt computed once per micro-batch)."""
+    float rounding, with the prompt computed once per micro-batch). The log-probs are at the
+    temperature the responses were sampled at (`Experience.temperature`)."""
     if share_prompt and packs(model):
         return shared_prompt_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
-                                      mb.prompt_index, mb.pad_token_id, with_entropy=with_entropy)
+                                      mb.prompt_index, mb.pad_token_id, with_entropy=with_entropy,
+                                      temperature=mb.temperature)
     return causal_logprobs(model, mb.input_ids(), mb.attention_mask(), keep_last=mb.response_ids.shape[1],
-                           with_entropy=with_entropy, shared_prefix=mb.shared_prefix)
+                           with_entropy=with_entropy, shared_prefix=mb.shared_prefix, temperature=mb.temperature)
 
 
 def response_values(critic, ids: torch.Tensor, mask: torch.Tensor, R: int, shared_prefix: int = 0) -> torch.Tensor:
