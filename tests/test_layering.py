@@ -4,7 +4,8 @@ Layers, bottom to top (docs/architecture.md): algos; config, envvars, io, rng; d
 parallel, rollout; training; eval; trainers; registry, pipeline, report, cli. A module may import
 from its own layer or below. rlhfkit modules are imported at module level, except by the command
 line and the pipeline (lazy sub-commands, the report's optional plotting dependency) and by the
-config's chat-template check (config sits below data).
+config's checks that read data (the chat-template check, SFTConfig's and RewardConfig's inputs; config
+sits below data).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def test_transformers_internals_are_used_in_one_guarded_module():
 
 def test_rlhfkit_modules_are_imported_at_module_level():
     """An import inside a function hides a cycle from `test_no_import_cycles`; only the command
-    line, the pipeline and the config's template check import lazily."""
+    line, the pipeline and the config's data checks import lazily."""
     lazy = []
     for path in ROOT.rglob("*.py"):
         name = _module_name(path)

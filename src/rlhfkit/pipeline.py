@@ -25,10 +25,6 @@ import yaml
 from rlhfkit.config import ConfigError, build, dump_config, load_config, merge, parse_overrides, to_dict
 from rlhfkit.config.extras import require
 from rlhfkit.config.loader import read_yaml
-from rlhfkit.data import load_preference, load_prompts, load_sft
-from rlhfkit.data.sources import resolve_source, source_list
-from rlhfkit.judges import check_reward_spec
-from rlhfkit.judges.sample_scorer import check_scorer_spec
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
 from rlhfkit.runinfo import write_run_info
@@ -104,41 +100,19 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
         except ConfigError as e:
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
         earlier = [out / st.name for st, _ in stages]
-        _check_inputs(spec.kind, stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier)
+        _check_inputs(stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier)
         stages.append((spec, stage_cfg))
         values[spec.name] = str(out / spec.name / "model")
     return cfg, stages
 
 
-# What each kind of stage reads from files that exist before the pipeline runs: its data section,
-# and the loader that validates the section's sources (with the shipped file of a task:NAME source).
-_DATA = {"sft": ("data", load_sft, "sft"), "rm": ("data", load_preference, "preference"),
-         "dpo": ("data", load_preference, "preference"), "pm": ("data", load_preference, "preference"),
-         **{k: ("prompts", load_prompts, "prompts") for k in ("ppo", "grpo", "rloo", "online-dpo")}}
-
-
-def _check_inputs(kind: str, stage_cfg, where: str, earlier: list[Path]) -> None:
-    """Every stage's data files and reward, gold and scorer specs that exist before the pipeline runs
-    (not an output of an ``earlier`` stage) are read and checked before the first stage starts, as
-    the stage itself checks them: a typo in the last stage does not wait for the first one to
-    train. Each stage checks the rest (tokenisation, models) when it starts."""
-    flat = to_dict(stage_cfg)
-    checks = []
-    if kind in _DATA:
-        section, load, file_kind = _DATA[kind]
-        for key in ("train", "eval"):
-            which = f"{file_kind}_eval" if file_kind == "prompts" and key == "eval" else file_kind
-            for one in source_list((flat.get(section) or {}).get(key) or []):
-                checks.append((f"{section}.{key}", one, lambda one=one, which=which: load(resolve_source(one, which))))
-    reward = flat.get("reward") or {}
-    for one in source_list(reward.get("spec") or []):
-        one = one.get("spec") if isinstance(one, dict) else one
-        checks.append(("reward.spec", one, lambda one=one: check_reward_spec(one)))
-    checks.append(("reward.gold", reward.get("gold"), lambda: check_reward_spec(reward["gold"])))
-    if kind == "online-dpo":
-        checks.append(("gold", flat.get("gold"), lambda: check_reward_spec(flat["gold"])))
-        checks.append(("scorer", flat.get("scorer"), lambda: check_scorer_spec(flat["scorer"])))
-    for key, value, check in checks:
+def _check_inputs(stage_cfg, where: str, earlier: list[Path]) -> None:
+    """Every input a stage's config declares (its ``inputs()``: data files, reward, gold and scorer
+    specs) that exists before the pipeline runs (not an output of an ``earlier`` stage) is read and
+    checked before the first stage starts, as the stage itself checks it: a typo in the last stage
+    does not wait for the first one to train. Each stage checks the rest (tokenisation, models)
+    when it starts."""
+    for key, value, check in stage_cfg.inputs():
         if not isinstance(value, str) or not value or _reads_any(value, earlier):  # unset, or an earlier output
             continue
         try:

@@ -137,11 +137,14 @@ class RewardSection:
         if self.clip < 0:
             raise ConfigError(f"{where}.clip: must be >= 0")
 
+    def sources(self) -> list:
+        """Each reward function's source: the spec of each entry of the list (or the one spec)."""
+        entries = self.spec if isinstance(self.spec, list) else [self.spec]
+        return [e.get("spec") if isinstance(e, dict) else e for e in entries]
+
     def rm_dir(self) -> str | None:
         """The reward model's path when the reward is one rm:DIR (PPO may start its critic from it)."""
-        entries = self.spec if isinstance(self.spec, list) else [self.spec]
-        specs = [e.get("spec") if isinstance(e, dict) else e for e in entries]
-        rms = [s[3:] for s in specs if isinstance(s, str) and s.startswith("rm:")]
+        rms = [s[3:] for s in self.sources() if isinstance(s, str) and s.startswith("rm:")]
         return rms[0] if len(rms) == 1 else None
 
 

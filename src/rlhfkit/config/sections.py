@@ -267,6 +267,14 @@ class SFTConfig:
         """What its held-out evaluation logs (train.select_best is one of them)."""
         return SUPERVISED_EVAL_METRICS
 
+    def inputs(self) -> list:
+        """What it reads that may exist before it runs: ``(key, value, check)`` per data source, the
+        check reading the source as the run does (`rlhfkit.pipeline` checks every stage's up front)."""
+        from rlhfkit.data import load_sft
+        from rlhfkit.data.sources import data_inputs
+
+        return data_inputs(self.data, "sft", load_sft)
+
 
 @dataclass
 class RewardConfig:
@@ -310,6 +318,13 @@ class RewardConfig:
     def eval_metrics(self) -> tuple[str, ...]:
         """What its held-out evaluation logs; ``eval/accuracy/CATEGORY`` per category of the data."""
         return ("eval/accuracy", "eval/margin", "eval/pairs", "eval/accuracy/")
+
+    def inputs(self) -> list:
+        """What it reads that may exist before it runs, as `SFTConfig.inputs`: the preference pairs."""
+        from rlhfkit.data import load_preference
+        from rlhfkit.data.sources import data_inputs
+
+        return data_inputs(self.data, "preference", load_preference)
 
     def validate(self, where: str) -> None:
         if self.train.epochs == 0 and self.train.max_steps == 0 and self.head_init != "probe":

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+# What a config reads before it runs (its `inputs()`): (config key, value, a check that reads the
+# value as the run does, raising ValueError, FileNotFoundError or ImportError)
+Input = tuple[str, Any, Callable[[], object]]
 
 TASK_FILES = {"sft": "sft.jsonl", "preference": "preference.jsonl", "prompts": "prompts_train.jsonl",
               "prompts_eval": "prompts_eval.jsonl"}
@@ -46,6 +51,16 @@ def load_sources(spec: str | list[str], kind: str, load: Callable[[str], list]) 
     """The examples of every source in ``spec`` (`source_list`, each through `resolve_source`),
     concatenated in order; ``load`` validates each file (errors name that file and line)."""
     return [ex for one in source_list(spec) for ex in load(resolve_source(one, kind))]
+
+
+def source_inputs(key: str, spec: str | list[str], kind: str, load: Callable[[str], list]) -> list[Input]:
+    """One `Input` per source of a data key, its check reading that source as `load_sources` does."""
+    return [(key, one, partial(load_sources, one, kind, load)) for one in source_list(spec)]
+
+
+def data_inputs(data, kind: str, load: Callable[[str], list]) -> list[Input]:
+    """The `Input`s of a data section (``data.train``, ``data.eval``), read as `train_and_eval` reads them."""
+    return [*source_inputs("data.train", data.train, kind, load), *source_inputs("data.eval", data.eval, kind, load)]
 
 
 def train_and_eval(data, kind: str, load: Callable[[str], list], seed: int) -> tuple[list, list]:

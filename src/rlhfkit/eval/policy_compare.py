@@ -115,6 +115,11 @@ class EvalConfig:
     train: EvalRunSection = field(default_factory=EvalRunSection)
     """Output directory and seed."""
 
+    def inputs(self) -> list:
+        """What a pipeline checks before its first stage (see `SFTConfig.inputs`): nothing, the
+        evaluation checks its prompts, judges and preference set when it starts."""
+        return []
+
     def validate(self, where: str) -> None:
         if not self.policies:
             raise ConfigError(f"{where}.policies: name at least one policy to evaluate")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from rlhfkit.data import load_prompts, render_prompt_ids
 from rlhfkit.data.messages import last_user_text
 from rlhfkit.data.chat_templates import check_not_rendered
-from rlhfkit.data.sources import resolve_source
+from rlhfkit.data.sources import Input, resolve_source, source_inputs
 
 
 @dataclass
@@ -17,6 +17,13 @@ class PromptItem:
     text: str  # plain user text, what reward functions receive
     reference: str | None = None
     fields: dict = field(default_factory=dict)  # the record's other fields: reward functions get them
+
+
+def prompt_inputs(prompts) -> list[Input]:
+    """The `Input`s of a prompts section (``prompts.train``, ``prompts.eval``), read as
+    `load_prompt_items` reads them (not rendered: that needs the run's tokenizer)."""
+    return [*source_inputs("prompts.train", prompts.train, "prompts", load_prompts),
+            *source_inputs("prompts.eval", prompts.eval, "prompts_eval", load_prompts)]
 
 
 def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: int = 0,

@@ -42,7 +42,7 @@ from rlhfkit.data import (
     load_preference,
     sft_from_preference,
 )
-from rlhfkit.data.sources import load_sources
+from rlhfkit.data.sources import Input, data_inputs, load_sources
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.models import (
     check_lora_targets,
@@ -151,6 +151,10 @@ class DPOConfig:
         """What its held-out evaluation logs (train.select_best is one of them)."""
         return ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margin",
                 "eval/rewards/accuracy", "eval/logps/chosen", "eval/logps/rejected", "eval/pairs")
+
+    def inputs(self) -> list[Input]:
+        """What it reads that may exist before it runs, as `SFTConfig.inputs`: the preference pairs."""
+        return data_inputs(self.data, "preference", load_preference)
 
 
 # --------------------------------------------------------------------------- the loss on a batch

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -52,6 +53,7 @@ from rlhfkit.config import (
     under_key,
     validate,
 )
+from rlhfkit.data.sources import Input
 from rlhfkit.eval.stats import gold_agreement
 from rlhfkit.io import copy_tree_atomic, write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
@@ -69,6 +71,7 @@ from rlhfkit.rollout import (
     response_metrics,
     rollout,
 )
+from rlhfkit.rollout.prompts import prompt_inputs
 from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
 from rlhfkit.trainers.pg_eval import heldout_metrics
 from rlhfkit.trainers.pg_setup import HELD_OUT_POLICY_METRICS
@@ -132,6 +135,12 @@ class OnlineDPOConfig:
         """What its held-out evaluation logs; eval/proxy_mean with a pointwise scorer, eval/gold_mean with gold."""
         own = HELD_OUT_POLICY_METRICS if not is_pairwise_spec(self.scorer) else HELD_OUT_POLICY_METRICS[1:]
         return (*own, *(("eval/gold_mean",) if self.gold else ()))
+
+    def inputs(self) -> list[Input]:
+        """What it reads that may exist before it runs, as `PolicyGradientConfig.inputs`: the prompt
+        sources, the gold judge and the scorer."""
+        return [*prompt_inputs(self.prompts), ("gold", self.gold, partial(check_reward_spec, self.gold)),
+                ("scorer", self.scorer, partial(check_scorer_spec, self.scorer))]
 
     def validate(self, where: str) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:

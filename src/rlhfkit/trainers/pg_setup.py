@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Optional
 
 import torch
@@ -29,8 +30,8 @@ from rlhfkit.config import (
     TrainSection,
     under_key,
 )
-from rlhfkit.data import SFTCollator, load_plain_text, tokenize_plain_text
-from rlhfkit.data.sources import resolve_source
+from rlhfkit.data import SFTCollator, load_plain_text, load_sft, tokenize_plain_text
+from rlhfkit.data.sources import Input, resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
 from rlhfkit.judges.reward_set import check_record_fields
 from rlhfkit.models import check_lora_targets, check_model_path, check_policy_path, load_causal_lm, load_tokenizer
@@ -38,6 +39,7 @@ from rlhfkit.models.loading import check_context_length, store_linears_in, to_de
 from rlhfkit.models.lora import apply_lora, disable_dropout, enable_gradient_checkpointing
 from rlhfkit.parallel import precision
 from rlhfkit.rollout import PromptItem, load_prompt_items
+from rlhfkit.rollout.prompts import prompt_inputs
 from rlhfkit.trainers.sft import prepare_sft_data
 from rlhfkit.training import (
     Run,
@@ -109,6 +111,16 @@ class PolicyGradientConfig:
     def eval_metrics(self) -> tuple[str, ...]:
         """What its held-out evaluation logs (`trainers.pg_eval`); eval/gold_mean with reward.gold."""
         return (*HELD_OUT_POLICY_METRICS, *(("eval/gold_mean",) if self.reward.gold else ()))
+
+    def inputs(self) -> list[Input]:
+        """What it reads that may exist before it runs: ``(key, value, check)`` per prompt source,
+        reward and gold spec and the PTX data (when its coef is > 0), the check reading the value as
+        the run does, without loading a model (`rlhfkit.pipeline` checks every stage's up front)."""
+        r, ptx = self.reward, self.ptx
+        return [*prompt_inputs(self.prompts),
+                *(("reward.spec", s, partial(check_reward_spec, s)) for s in r.sources()),
+                ("reward.gold", r.gold, partial(check_reward_spec, r.gold)),
+                ("ptx.data", ptx.data if ptx.coef > 0 else "", partial(read_ptx, ptx.data))]
 
     def validate(self, where: str) -> None:
         if self.rollout.temperature <= 0:
@@ -279,6 +291,13 @@ class PTXData:
     batch_size: int
     micro_batch_size: int
     seed: int
+
+
+def read_ptx(source: str) -> list:
+    """The PTX data's documents or conversations, read as `load_ptx` reads them (not tokenised)."""
+    path = resolve_source(source, "sft")
+    docs = load_plain_text(path)
+    return docs if docs is not None else load_sft(path)
 
 
 def load_ptx(section: PTXSection, tokenizer, micro_batch_size: int, seed: int) -> PTXData | None:

@@ -30,7 +30,7 @@ from rlhfkit.config import (
 from rlhfkit.config.sections import SUPERVISED_EVAL_METRICS
 from rlhfkit.data import DataError, SFTExample, load_preference, tokenize_sft
 from rlhfkit.data.render import render_ids
-from rlhfkit.data.sources import train_and_eval
+from rlhfkit.data.sources import Input, data_inputs, train_and_eval
 from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, pm_record, pm_training_records
@@ -61,6 +61,10 @@ class PMConfig:
     def eval_metrics(self) -> tuple[str, ...]:
         """What its held-out evaluation logs during training (the SFT on the A/B conversations)."""
         return SUPERVISED_EVAL_METRICS
+
+    def inputs(self) -> list[Input]:
+        """What it reads that may exist before it runs, as `SFTConfig.inputs`: the preference pairs."""
+        return data_inputs(self.data, "preference", load_preference)
 
 
 def _pm_pairs(cfg: PMConfig) -> tuple[list, list]:
