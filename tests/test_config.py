@@ -74,6 +74,7 @@ def test_non_finite_numbers_are_refused_even_without_validation(value):
                                                                 r"micro_batch_size 4"),
     ("rm", ["label_smoothing=0.5"], r"label_smoothing: must be in \[0, 0\.5\), got 0\.5"),
     ("dpo", ["train.resume=maybe"], r"train\.resume: expected true/false or 'auto', got str 'maybe'"),
+    ("dpo", ["train.select_best_mode=max"], r"train\.select_best_mode: max needs select_best \(the metric it "),
 ])
 def test_trainer_config_errors_are_located(kind, overrides, match):
     from rlhfkit.registry import COMMANDS

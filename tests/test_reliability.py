@@ -680,8 +680,9 @@ def _kill_after_best(out: Path) -> None:
 
 def test_a_resume_never_takes_a_best_model_from_another_step(tmp_path, tiny_model_dir, capsys):
     """Killed after best/ got a new best (step 8) but before step 8's checkpoint: the resumed run
-    (with select_best_mode changed, which is allowed) has its best at step 4. best/ is refilled from
-    step 4's checkpoint, so the final model is step 4's. A checkpoint's model loads with its tokenizer."""
+    (with select_best_mode changed, refused unless train.resume_mismatch_ok) has its best at step 4.
+    best/ is refilled from step 4's checkpoint, so the final model is step 4's. A checkpoint's model
+    loads with its tokenizer."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -695,7 +696,9 @@ def test_a_resume_never_takes_a_best_model_from_another_step(tmp_path, tiny_mode
     assert AutoTokenizer.from_pretrained(out / "checkpoints" / "step-00000004" / "model").chat_template
     _kill_after_best(out)
     want = load_file(out / "checkpoints" / "step-00000004" / "model" / "model.safetensors")
-    assert _cli(capsys, [*args, "train.resume=true", "train.select_best_mode=max"])[0] == 0
+    code, line = _cli(capsys, [*args, "train.resume=true", "train.select_best_mode=max"])
+    assert code == 2 and "train.select_best_mode auto -> max" in line and "resume_mismatch_ok" in line, line
+    assert _cli(capsys, [*args, "train.resume=true", "train.select_best_mode=max", "train.resume_mismatch_ok=true"])[0] == 0
     assert json.loads((out / "sft_results.json").read_text())["best"]["step"] == 4
     assert json.loads((out / "best" / "step.json").read_text())["step"] == 4
     got = load_file(out / "model" / "model.safetensors")

@@ -124,7 +124,8 @@ class TrainSection:
     is refused before the run starts): keep the model of the best evaluation as the final model
     (step 0, the starting point, included); empty = the last model."""
     select_best_mode: Literal["auto", "max", "min"] = "auto"
-    """Whether select_best is maximised or minimised; auto = minimise losses, perplexities and KLs."""
+    """Whether select_best is maximised or minimised; auto = minimise losses, perplexities and KLs. A
+    resume must keep it (the restored best was chosen by it)."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without an improvement of select_best; 0 = never."""
     save_every: int = 0
@@ -180,6 +181,9 @@ class TrainSection:
             raise ConfigError(f"{where}.early_stopping_patience: must be >= 0")
         if self.early_stopping_patience and not self.select_best:
             raise ConfigError(f"{where}.early_stopping_patience: needs select_best (the metric to watch)")
+        if self.select_best_mode != "auto" and not self.select_best:
+            raise ConfigError(f"{where}.select_best_mode: {self.select_best_mode} needs select_best (the metric it "
+                              "maximises or minimises)")
         if self.select_best and not self.select_best.startswith("eval/"):
             raise ConfigError(f"{where}.select_best: a held-out metric (eval/...), got {self.select_best!r}")
 

@@ -21,10 +21,11 @@ SOURCES_SINCE = {"prompts.eval": 2, "reward.gold": 2, "gold": 2}
 # Config keys left out of the fingerprint: how the run is driven, logged, checkpointed and laid
 # out over processes, none of which changes the numbers it computes (micro_batch_size only
 # splits the same global batch; a checkpoint resumes on any FSDP / ZeRO / DDP layout).
+# train.select_best and select_best_mode are in: the restored best was chosen by them.
 RESUMABLE_KEYS = {
     "train.resume", "train.overwrite", "train.resume_mismatch_ok", "train.progress", "train.output_dir",
     "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.fsdp",
-    "train.zero_stage", "train.micro_batch_size", "model.gradient_checkpointing", "train.select_best_mode",
+    "train.zero_stage", "train.micro_batch_size", "model.gradient_checkpointing",
 }
 # The run's length may change on resume (to continue a finished run for longer, or end it sooner):
 # said in a warning, not refused; the learning-rate schedule then follows the new length.
