@@ -98,7 +98,8 @@ def test_sft_style_cross_entropy_agrees_with_torch():
 def test_temperature_by_hand():
     # logits [0, 2 ln 3] at T = 2 -> [0, ln 3] -> probs [1/4, 3/4]; entropy of (1/4, 3/4)
     logits = torch.tensor([[[0.0, 2 * math.log(3)]]], dtype=D)
-    assert_close(token_logprobs(logits, torch.tensor([[1]]), temperature=2.0), torch.tensor([[math.log(0.75)]], dtype=D))
+    assert_close(token_logprobs(logits, torch.tensor([[1]]), temperature=2.0),
+                 torch.tensor([[math.log(0.75)]], dtype=D))
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert_close(entropy_from_logits(logits, temperature=2.0), torch.tensor([[h]], dtype=D))
 
