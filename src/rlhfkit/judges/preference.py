@@ -21,8 +21,6 @@ scored in both orders and averaged, which removes the position bias that is left
 
 from __future__ import annotations
 
-import functools
-import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +32,11 @@ from rlhfkit.judges.reward_fn import RewardFn
 from rlhfkit.judges.rewards import chat_ids, prompt_text
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.heads import position_ids_from_mask
+from rlhfkit.models.loading import warn_once
 from rlhfkit.models.lora import adapter_base, adapter_config
 from rlhfkit.models.names import DEFAULT_ALIASES, resolve_hub_id
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
-
-log = logging.getLogger("rlhfkit")
 
 QUESTION = "Which response is better? Answer A or B."
 LABELS = ("A", "B")
@@ -217,14 +214,10 @@ def check_pairwise_spec(spec: str) -> tuple[str, str]:
         elif target not in DEFAULT_ALIASES and not target.endswith(".gguf"):
             resolve_hub_id(target)
         if kind == "pm" and not any((d / "pm_config.yaml").is_file() for d in list(path.resolve().parents)[:3]):
-            _warn_once(f"pm:{target} is not a model of an `rlhfkit pm` run (no pm_config.yaml in its run directory): "
+            warn_once(f"pm:{target} is not a model of an `rlhfkit pm` run (no pm_config.yaml in its run directory): "
                        "it is used as a trained preference model; an untrained model judges as judge:MODEL")
     return kind, target
 
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    log.warning(message)
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -114,7 +114,8 @@ def _is_adapter_dir(path: str) -> bool:
 
 
 @functools.cache
-def _warn_once(message: str) -> None:  # a warning about a model, not repeated at every load of it
+def warn_once(message: str) -> None:
+    """Log a warning about a model or a spec once per process, not at every load of it."""
     log.warning(message)
 
 
@@ -134,7 +135,7 @@ def _prepare_tokenizer(tok):
         else:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            _warn_once(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no spare token to pad with, so pad = eos "
+            warn_once(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no spare token to pad with, so pad = eos "
                        f"({tok.eos_token!r}): rlhfkit pools and masks by the attention mask, but a last-pooled reward "
                        "model read by plain transformers would take the token before a final eos")
     return tok
