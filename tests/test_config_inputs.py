@@ -9,15 +9,17 @@ import dataclasses
 import pytest
 
 from rlhfkit.config import DataSection, PromptsSection, PTXSection, RewardSection
+from rlhfkit.eval.alignment_tax import AlignmentTaxSection
+from rlhfkit.eval.config import EvalPromptsSection
 from rlhfkit.registry import COMMANDS
 
-# The keys of a section that name a data file or a reward/judge spec, and a config's own judge specs.
+# The keys of a section that name a data file or a reward/judge spec, and a config's own specs and
+# models (``rlhfkit eval``'s policies and judges are lists of them).
 SOURCE_KEYS = {DataSection: ("train", "eval"), PromptsSection: ("train", "eval"), RewardSection: ("spec", "gold"),
-               PTXSection: ("data",)}
-SPEC_KEYS = ("gold", "scorer")
-# Commands whose inputs are read when the command starts, not checked ahead by a pipeline.
-NOT_CHECKED_AHEAD = {"eval"}
-TRAINERS = sorted(set(COMMANDS) - NOT_CHECKED_AHEAD)
+               PTXSection: ("data",), EvalPromptsSection: ("train",), AlignmentTaxSection: ("sft_data",)}
+SPEC_KEYS = ("gold", "scorer", "proxy", "preference_set", "baseline")
+LIST_KEYS = ("policies", "judges")
+COMMAND_NAMES = sorted(COMMANDS)
 
 
 def _input_keys(cfg, prefix: str = "") -> set[str]:
@@ -30,28 +32,37 @@ def _input_keys(cfg, prefix: str = "") -> set[str]:
             keys |= {f"{prefix}{f.name}.{n}" for n in names}
         elif dataclasses.is_dataclass(value):
             keys |= _input_keys(value, f"{prefix}{f.name}.")
-        elif f.name in SPEC_KEYS:
+        elif f.name in SPEC_KEYS or f.name in LIST_KEYS:
             keys.add(f"{prefix}{f.name}")
     return keys
+
+
+def _get(cfg, key: str):
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def _set(cfg, key: str, value) -> None:
     *path, last = key.split(".")
     for name in path:
         cfg = getattr(cfg, name)
-    setattr(cfg, last, value)
+    setattr(cfg, last, [value] if last in LIST_KEYS else value)
 
 
-@pytest.mark.parametrize("kind", TRAINERS)
+@pytest.mark.parametrize("kind", COMMAND_NAMES)
 def test_a_config_declares_every_input_it_has(kind):
     cfg = COMMANDS[kind].config_class()()
+    for key in _input_keys(cfg):  # a judge or policy is declared when it is set
+        if _get(cfg, key) in ([], ""):
+            _set(cfg, key, "x")
     declared = {key for key, _, _ in cfg.inputs()}
     assert _input_keys(cfg), f"{kind}: no data or spec key found; SOURCE_KEYS/SPEC_KEYS out of date?"
     assert _input_keys(cfg) <= declared, f"{kind}: inputs() leaves out {sorted(_input_keys(cfg) - declared)}"
     assert declared <= _input_keys(cfg), f"{kind}: inputs() names no such key: {sorted(declared - _input_keys(cfg))}"
 
 
-@pytest.mark.parametrize("kind", TRAINERS)
+@pytest.mark.parametrize("kind", COMMAND_NAMES)
 def test_each_declared_check_reads_its_own_value(kind, tmp_path):
     """Every input set to a file that does not exist: each check fails on its own value, and the
     values are the config's."""
@@ -82,9 +93,37 @@ def test_the_inputs_of_a_list_of_sources_are_one_per_source(tmp_path):
         c2()
 
 
-def test_commands_not_checked_ahead_declare_nothing():
-    for kind in NOT_CHECKED_AHEAD:
-        assert COMMANDS[kind].config_class()().inputs() == []
+@pytest.mark.parametrize("config, error", [
+    ({"prompts": {"train": "task:sentiment/prompts_eval.jsonl"}, "gold": "task:arithmetic"},
+     r"stages\[1\] \(eval\): gold: prompts\.train \(task:sentiment/prompts_eval\.jsonl\): .*reference"),
+    ({"prompts": {"train": "task:sentiment/prompts_evl.jsonl"}},
+     r"stages\[1\] \(eval\): prompts\.train: .*prompts_evl"),
+    ({"policies": ["${sft}", "runs/nowhere/ppo/model"]}, r"stages\[1\] \(eval\): policies: .*runs/nowhere/ppo/model"),
+    ({"judges": ["task:sentimnet"]}, r"stages\[1\] \(eval\): judges: .*sentimnet"),
+    ({"alignment_tax": {"sft_data": "MISSING/sft.jsonl"}}, r"stages\[1\] \(eval\): alignment_tax\.sft_data: .*MISSING"),
+    ({"preference_set": "task:sentiment"}, None),
+])
+def test_a_pipeline_checks_an_evaluation_stage_before_the_first_stage(tmp_path, tiny_model_dir, config, error):
+    """An evaluation's prompts, policies, judges (and what they need of the prompt records) and
+    data are checked when the pipeline is planned, not after the stages before it have trained;
+    a policy that an earlier stage writes (``${sft}``) is not."""
+    import yaml
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.pipeline import plan
+
+    ev = {"policies": ["${sft}"], "baseline": str(tiny_model_dir), **config}
+    stages = [{"name": "sft", "kind": "sft", "config": {"data": {"train": "task:sentiment"}}},
+              {"name": "eval", "kind": "eval", "config": ev}]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "base_model": str(tiny_model_dir),
+                                    "stages": stages}))
+    if error is None:
+        assert [spec.name for spec, _ in plan(str(path))[1]] == ["sft", "eval"]
+    else:
+        with pytest.raises(ConfigError, match=error):
+            plan(str(path))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_pipeline_reads_each_declared_input_before_the_first_stage(tmp_path, tiny_model_dir):

@@ -207,7 +207,7 @@ def test_eval_help_describes_eval(capsys):
     and says task:NAME means the task's held-out prompts."""
     from rlhfkit.cli import main
     from rlhfkit.config import ConfigError, load_config
-    from rlhfkit.eval.policy_compare import EvalConfig
+    from rlhfkit.eval.config import EvalConfig
 
     with pytest.raises(SystemExit):
         main(["eval", "--help"])

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from rlhfkit.eval.policy_compare import format_table, policy_label
+from rlhfkit.eval.config import policy_label
+from rlhfkit.eval.policy_compare import format_table
 from rlhfkit.eval.stats import (
     gold_agreement,
     mean_ci,
@@ -129,7 +130,8 @@ def test_eval_of_a_policy_against_itself(tmp_path, tokenizer):
     import json
 
     from rlhfkit.config import load_config
-    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+    from rlhfkit.eval.config import EvalConfig
+    from rlhfkit.eval.policy_compare import run_eval
     from rlhfkit.models import tiny_causal_lm
 
     model_dir = tmp_path / "tiny"
@@ -189,7 +191,8 @@ def test_eval_reports_alignment_tax(tmp_path, tokenizer):
     from pg_utils import tiny_policy_dir
 
     from rlhfkit.config import load_config
-    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+    from rlhfkit.eval.config import EvalConfig
+    from rlhfkit.eval.policy_compare import run_eval
 
     base_dir = tiny_policy_dir(tokenizer, tmp_path / "base", seed=5, scale=1.0)
     peaked = tiny_policy_dir(tokenizer, tmp_path / "peaked", seed=5, scale=30.0)
@@ -276,7 +279,7 @@ def test_two_policies_with_one_label_are_refused(policies, match):
     """A label names a table row and a samples file: a second policy of the same label would
     silently replace the first. Named, they both count."""
     from rlhfkit.config import ConfigError, load_config
-    from rlhfkit.eval.policy_compare import EvalConfig
+    from rlhfkit.eval.config import EvalConfig
 
     with pytest.raises(ConfigError, match=match):
         load_config(EvalConfig, data={"policies": policies, "baseline": "base/model"})
@@ -287,7 +290,7 @@ def test_two_policies_with_one_label_are_refused(policies, match):
 @pytest.mark.parametrize("spec", ["pm:runs/pm", "judge:smollm2-135m-instruct", "annotator:sentiment"])
 def test_a_pairwise_proxy_is_refused(spec):
     from rlhfkit.config import ConfigError, load_config
-    from rlhfkit.eval.policy_compare import EvalConfig
+    from rlhfkit.eval.config import EvalConfig
 
     with pytest.raises(ConfigError, match=rf"proxy: {spec} is a pairwise judge; proxy is a pointwise reward"):
         load_config(EvalConfig, data={"policies": ["x/model"], "proxy": spec})
@@ -302,7 +305,8 @@ def test_an_eval_directory_in_use_by_another_process_is_refused(tmp_path, tiny_m
     import sys
 
     from rlhfkit.config import ConfigError, load_config
-    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+    from rlhfkit.eval.config import EvalConfig
+    from rlhfkit.eval.policy_compare import run_eval
     from rlhfkit.training.runlock import _HELD
 
     out = tmp_path / "eval"
@@ -328,7 +332,8 @@ def test_a_second_eval_in_one_directory_replaces_the_first(tmp_path, tiny_model_
     """Evaluating again into a directory replaces the earlier evaluation's results and samples:
     a policy it had that this one has not leaves no samples file for the report to pick up."""
     from rlhfkit.config import load_config
-    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+    from rlhfkit.eval.config import EvalConfig
+    from rlhfkit.eval.policy_compare import run_eval
 
     out = tmp_path / "eval"
     common = [f"baseline={tiny_model_dir}", "prompts.limit=2", "rollout.n=1", "rollout.max_new_tokens=2",
@@ -357,7 +362,7 @@ def test_results_files_are_strict_json(tmp_path):
 
 def _eval_cfg(tmp_path, model_dir, *overrides):
     from rlhfkit.config import load_config
-    from rlhfkit.eval.policy_compare import EvalConfig
+    from rlhfkit.eval.config import EvalConfig
 
     return load_config(EvalConfig, overrides=[f"policies=[p={model_dir}]", f"baseline={model_dir}", "prompts.limit=3",
                                               "rollout.n=1", "rollout.max_new_tokens=3",
@@ -367,7 +372,7 @@ def _eval_cfg(tmp_path, model_dir, *overrides):
 @pytest.mark.parametrize("case, match", [
     ("no reference", r"gold: prompts.train \(task:sentiment\): .*task:arithmetic.*'reference'"),
     ("bad reference", r"gold: prompts.train \(.*arbad.jsonl\): .*reference 'four' is not a number"),
-    ("pairs", r"preference_set: gold task:arithmetic cannot score the pairs of .*pairs.jsonl"),
+    ("pairs", r"gold: task:arithmetic cannot score the pairs of preference_set .*pairs.jsonl"),
 ])
 def test_a_task_judge_that_cannot_score_the_data_is_refused_before_anything_is_written(tmp_path, tiny_model_dir,
                                                                                        case, match):

@@ -99,7 +99,8 @@ def test_eval_with_a_bad_judge_keeps_the_earlier_results(tmp_path, tiny_model_di
     """The judges are checked before the output directory is touched: an earlier evaluation's
     results stay as they were."""
     from rlhfkit.config import load_config
-    from rlhfkit.eval.policy_compare import EvalConfig, run_eval
+    from rlhfkit.eval.config import EvalConfig
+    from rlhfkit.eval.policy_compare import run_eval
 
     out = tmp_path / "eval"
     common = [f"baseline={tiny_model_dir}", f"policies=[a={tiny_model_dir}]", "prompts.limit=2", "rollout.n=1",

@@ -49,7 +49,7 @@ COMMANDS: dict[str, Command] = {
                           "online iterative DPO, or rejection-sampling fine-tuning (mode: rsft)"),
     "pm": Command("rlhfkit.trainers.pm:PMConfig", "rlhfkit.trainers.pm:train_pm",
                   "pairwise preference model (A/B next token), with LLM-as-judge baseline"),
-    "eval": Command("rlhfkit.eval.policy_compare:EvalConfig", "rlhfkit.eval.policy_compare:run_eval",
+    "eval": Command("rlhfkit.eval.config:EvalConfig", "rlhfkit.eval.policy_compare:run_eval",
                     "policies vs a baseline: win rate with CI, gold/proxy reward, KL, length bias, RM accuracy"),
 }
 

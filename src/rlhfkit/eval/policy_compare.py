@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
 
 import torch
 
-from rlhfkit.config import ConfigError, RolloutSection, dump_config, under_key, validate
+from rlhfkit.config import ConfigError, dump_config, under_key, validate
 from rlhfkit.data import length_batches, load_preference
 from rlhfkit.data.sources import resolve_source
-from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection, tax_deltas
+from rlhfkit.eval.alignment_tax import AlignmentTax, tax_deltas
+from rlhfkit.eval.config import EvalConfig, check_task_judges, policy_label
 from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
 from rlhfkit.eval.stats import (
     mean_ci,
@@ -43,9 +42,7 @@ from rlhfkit.eval.stats import (
 )
 from rlhfkit.io import write_json_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
-from rlhfkit.judges.reward_fn import RewardFunctionError
-from rlhfkit.judges.reward_set import check_record_fields
-from rlhfkit.judges.rewards import build_reward_fn, prompt_text, task_reward_fn
+from rlhfkit.judges.rewards import build_reward_fn
 from rlhfkit.judges.sample_scorer import check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
@@ -56,107 +53,11 @@ from rlhfkit.training.runlock import hold, release
 
 log = logging.getLogger("rlhfkit")
 
-@dataclass
-class EvalPromptsSection:
-    """The held-out prompts every model answers (records {"prompt"} or {"messages"})."""
-
-    train: str = "task:sentiment/prompts_eval.jsonl"
-    """Prompt source: a .jsonl/.json/.parquet/.csv file, hf:org/name[:split], or task:NAME (its prompts_eval.jsonl)."""
-    max_prompt_length: int = 256
-    """Prompts longer than this many tokens (after the chat template) are dropped and counted."""
-    limit: int = 0
-    """Use only the first N prompts; 0 = all."""
-
-    def validate(self, where: str) -> None:
-        if not self.train:
-            raise ConfigError(f"{where}.train: a prompt source is required")
-
-
-@dataclass
-class EvalRunSection:
-    """Where the evaluation writes, and its sampling seed (named ``train`` like every stage's run
-    section, so the pipeline can set output_dir and seed)."""
-
-    output_dir: str = "runs/eval"
-    """Directory of eval_results.json and the samples."""
-    seed: int = 0
-    """Sampling seed, the same for every model (common random numbers)."""
-    resume: Union[bool, Literal["auto"]] = False
-    """Accepted for the pipeline (true, false or auto); an evaluation is always recomputed."""
-    progress: bool = True
-    """Show progress."""
-
-
-@dataclass
-class EvalConfig:
-    """`rlhfkit eval`: policies against a baseline on held-out prompts."""
-
-    policies: list = field(default_factory=list)
-    """Policies to evaluate: model directories or names; "label=path" names a row."""
-    baseline: str = "smollm2-135m-instruct"
-    """The policy every other is compared with (usually the starting policy, the SFT model)."""
-    prompts: EvalPromptsSection = field(default_factory=EvalPromptsSection)
-    """Held-out prompts (prompts.train; task:NAME means the task's prompts_eval.jsonl)."""
-    rollout: RolloutSection = field(default_factory=lambda: RolloutSection(n=2, temperature=1.0, micro_batch_size=64))
-    """Sampling: rollout.n responses per prompt and model."""
-    gold: str = "task:sentiment"
-    """The gold judge: pointwise (task:NAME, module:function, rm:DIR: win rate, mean score and its
-    correlation with length) or pairwise (annotator:TASK, pm:DIR, judge:MODEL: win rate only); empty = none."""
-    proxy: str = ""
-    """Pointwise proxy reward, e.g. rm:DIR; empty = none."""
-    judges: list = field(default_factory=list)
-    """More win-rate judges: rm:, task:, module:fn, pm:, judge:, annotator:."""
-    preference_set: str = ""
-    """Preference pairs on which to report the proxy's and the judges' accuracy by category; empty = skip."""
-    batch_size: int = 16
-    """Rows per scoring forward (reward model, judge, KL)."""
-    alignment_tax: AlignmentTaxSection = field(default_factory=AlignmentTaxSection)
-    """Held-out SFT-data NLL and a capability probe (greedy exact match), baseline vs each policy."""
-    train: EvalRunSection = field(default_factory=EvalRunSection)
-    """Output directory and seed."""
-
-    def inputs(self) -> list:
-        """What a pipeline checks before its first stage (see `SFTConfig.inputs`): nothing, the
-        evaluation checks its prompts, judges and preference set when it starts."""
-        return []
-
-    def validate(self, where: str) -> None:
-        if not self.policies:
-            raise ConfigError(f"{where}.policies: name at least one policy to evaluate")
-        if not all(isinstance(p, str) and p for p in self.policies + self.judges):
-            raise ConfigError(f"{where}: policies and judges must be non-empty strings")
-        seen: dict[str, str] = {"baseline": self.baseline}
-        for spec in self.policies:  # each label names a row and a samples file: two would overwrite one
-            label, path = policy_label(spec)
-            if not label or "/" in label or "\\" in label or label.startswith("."):
-                raise ConfigError(f"{where}.policies: label {label!r} of {path}: it names the samples file "
-                                  f"(samples-LABEL.jsonl), so no '/', '\\' or leading '.'")
-            if label in seen:
-                raise ConfigError(f"{where}.policies: {path} and {seen[label]} are both labelled {label!r}: "
-                                  f"name them, e.g. 'NAME={path}'")
-            seen[label] = path
-        if self.proxy and is_pairwise_spec(self.proxy):
-            raise ConfigError(f"{where}.proxy: {self.proxy} is a pairwise judge; proxy is a pointwise reward (rm:DIR, "
-                              "task:NAME, module:function): name a pairwise judge in judges")
-
-
-# --------------------------------------------------------------------------- pieces
-
-def policy_label(spec: str) -> tuple[str, str]:
-    """"label=path" -> (label, path); "runs/x/model" -> ("x", ...); "runs/x" -> ("x", ...)."""
-    if "=" in spec:
-        label, path = spec.split("=", 1)
-        return label, path
-    p = Path(spec)
-    return (p.parent.name if p.name == "model" and p.parent.name else p.name or spec), spec
-
-
 def build_judges(cfg: EvalConfig, tokenizer, device) -> dict:
     """name -> ("point", RewardFn) or ("pair", judge); gold and proxy first."""
     out = {}
-    for name, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *((j, j) for j in cfg.judges)]:
-        if not spec:
-            continue
+    for key, spec in cfg.judge_specs():
+        name = spec if key == "judges" else key
         if is_pairwise_spec(spec):
             out[name] = ("pair", build_pairwise_judge(spec, device=device, batch_size=cfg.batch_size,
                                                       seed=cfg.train.seed))
@@ -264,10 +165,9 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     with under_key("preference_set"):
         pairs = load_preference(resolve_source(cfg.preference_set, "preference")) if cfg.preference_set else []
     tax = AlignmentTax(cfg.alignment_tax, tokenizer, cfg.batch_size, device)
-    for key, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *(("judges", j) for j in cfg.judges)]:
+    for key, spec in cfg.judge_specs():
         with under_key(key):
-            if spec:
-                check_scorer_spec(spec)
+            check_scorer_spec(spec)
     for key, name in [("baseline", cfg.baseline), *(("policies", policy_label(spec)[1]) for spec in cfg.policies)]:
         with under_key(key):
             if key == "policies":
@@ -313,29 +213,6 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     release(out)
     print(format_table(results))
     return results
-
-
-def check_task_judges(cfg: EvalConfig, items: list, pairs: list) -> None:
-    """Every pointwise judge, and the simulated annotator's gold judge, against the prompt records
-    (`judges.reward_set.check_record_fields`, each judge used alone) and a built-in task's judge on
-    the preference set's pairs, before anything is written: a judge that needs a field the records
-    lack (arithmetic's ``reference``) or cannot read one is refused here, naming the key and the
-    data, not after every policy has been sampled."""
-    for key, spec in [("gold", cfg.gold), ("proxy", cfg.proxy), *(("judges", j) for j in cfg.judges)]:
-        kind, _, name = spec.partition(":")
-        if not spec or kind in ("pm", "judge"):
-            continue
-        pointwise = f"task:{name}" if kind == "annotator" else spec
-        try:
-            check_record_fields(pointwise, items, f"prompts.train ({cfg.prompts.train})", alone=True)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}") from None
-        if pairs and pointwise.startswith("task:"):
-            try:
-                task_reward_fn(pointwise[5:])([prompt_text(ex.prompt) for ex in pairs], [ex.chosen for ex in pairs])
-            except (RewardFunctionError, ValueError) as e:
-                raise ConfigError(f"preference_set: {key} {spec} cannot score the pairs of {cfg.preference_set} "
-                                  f"(preference pairs carry no prompt-record fields): {e}") from None
 
 
 def _clear_previous(out: Path) -> None:

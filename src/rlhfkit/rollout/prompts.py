@@ -26,6 +26,14 @@ def prompt_inputs(prompts) -> list[Input]:
             *source_inputs("prompts.eval", prompts.eval, "prompts_eval", load_prompts)]
 
 
+def prompt_records(source: str, kind: str = "prompts", limit: int = 0) -> list[PromptItem]:
+    """The records of ``source`` as `PromptItem`s without token ids (no tokenizer needed): what a
+    reward function would receive from them, for checking a judge against them before a run."""
+    examples = load_prompts(resolve_source(source, kind))
+    return [PromptItem([], ex.prompt, last_user_text(ex.prompt), ex.reference, ex.reward_fields())
+            for ex in (examples[:limit] if limit else examples)]
+
+
 def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: int = 0,
                       kind: str = "prompts") -> tuple[list[PromptItem], int]:
     """Load and render the prompts of ``source`` (a file, hf:..., or task:NAME); returns (items,
