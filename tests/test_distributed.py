@@ -80,7 +80,10 @@ def _online_args(work: Path, out: Path):
     return ["online-dpo", f"model.name={work / 'policy'}", f"prompts.train={work / 'prompts.jsonl'}",
             f"scorer={work / 'reward_fn.py'}:e_share", "rollout.n=3", "rollout.max_new_tokens=6", "iterations=2",
             "prompts_per_iteration=4", "train.batch_size=2", "train.micro_batch_size=1", "train.epochs=1",
-            "train.progress=false", "optim.lr=1e-4", "dpo.precompute_ref_logps=true", f"train.output_dir={out}"]
+            "train.progress=false", "optim.lr=1e-4", "dpo.precompute_ref_logps=true", f"train.output_dir={out}",
+            # held out: each rank scores its share with the pointwise scorer, the best iteration is kept
+            f"prompts.eval={work / 'prompts.jsonl'}", "prompts.eval_limit=4", "train.eval_every=1",
+            "train.select_best=eval/proxy_mean"]
 
 
 def _rm(work: Path) -> str:
@@ -508,6 +511,12 @@ def test_online_dpo_on_two_processes(runs, tokenizer):
             assert [r["response"] for r in samples[3 * g:3 * g + 3]] == mine[3 * j:3 * j + 3], (rank, g)
     for r in samples:  # scored by rank 0 with the user's function, row by row
         assert r["score"] == pytest.approx(r["response"].count("e") / max(len(r["response"]), 1))
+    # the held-out evaluation at the start and after each iteration, with the pointwise scorer's mean
+    evals = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "eval/proxy_mean" in r}
+    assert sorted(evals) == [0, 1, 2] and all(r["eval/prompts"] == 4 for r in evals.values())
+    best = max(evals, key=lambda k: evals[k]["eval/proxy_mean"])
+    assert results["best"]["metric"] == "eval/proxy_mean" and results["best"]["step"] == best
 
 
 def test_preference_model_on_two_processes(runs, tiny_model_dir):

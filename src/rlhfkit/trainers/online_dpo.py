@@ -202,8 +202,10 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     # the outer loop: one step per iteration, a checkpoint after each
     run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,
                                     log_every=1, progress=False)
+    # rank 0 scores the samples; a pointwise scorer also scores each rank's held-out share (eval/proxy_mean)
+    scored_here = strategy.is_main or (bool(eval_items) and not is_pairwise_spec(cfg.scorer))
     scorer = Scorer(cfg.scorer, tokenizer, strategy.device, cfg.scorer_batch_size, cfg.train.seed, cfg.gold) \
-        if strategy.is_main else None
+        if scored_here else None
     state = {"current": cfg.model.name, "labels": 0, "history": []}
 
     def iteration(step: int) -> dict:
@@ -294,9 +296,7 @@ def evaluate_iteration(cfg: OnlineDPOConfig, current: str, eval_items: list, sco
     policy = load_causal_lm(current, cfg.model.dtype).to(strategy.device)
     ref = load_causal_lm(cfg.model.name, cfg.model.dtype).to(strategy.device)
     proxy = scorer.reward_fn if scorer is not None and not scorer.pairwise else None
-    if strategy.world_size > 1:
-        proxy = None  # the scorer lives on rank 0 only
-    # the scorer's gold judge where the scorer lives (rank 0), else one of this rank's own
+    # the scorer's gold judge where a scorer lives, else one of this rank's own
     gold = scorer.gold if scorer is not None else build_reward_fn(cfg.gold) if cfg.gold else None
     return heldout_metrics(policy, ref, eval_items, cfg.rollout, tokenizer, strategy, proxy=proxy, gold=gold,
                            seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size)
@@ -305,7 +305,7 @@ def evaluate_iteration(cfg: OnlineDPOConfig, current: str, eval_items: list, sco
 def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, scorer: Scorer | None, tokenizer,
                   it_dir: Path, strategy: Strategy) -> dict:
     """Steps 1-4 of one iteration; returns its summary. On N processes every rank samples its
-    share, rank 0 (the only one with a ``scorer``) scores and writes, all ranks train."""
+    share, rank 0 scores and writes, all ranks train."""
     pairs_path = it_dir / ("pairs.jsonl" if cfg.mode == "dpo" else "best.jsonl")
     # Decided before anyone writes (rank 0 writes only after the collective gather in `sample`).
     if not pairs_path.is_file():  # not yet sampled (else: resume the training of step 4)
