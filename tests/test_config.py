@@ -361,3 +361,16 @@ def test_a_top_level_check_names_its_key_without_a_config_prefix():
 
     with pytest.raises(ConfigError, match=r"overrides: train\.epochs: 0 \(no fine-tuning\) needs head_init: probe"):
         load_config(RewardConfig, overrides=["data.train=x", "train.epochs=0"])
+
+
+@pytest.mark.parametrize("command", ["ppo", "grpo", "rloo", "online-dpo"])
+def test_an_eval_limit_without_held_out_prompts_is_refused(command):
+    """prompts.eval_limit limits prompts.eval: set without it, it would limit nothing."""
+    from rlhfkit.registry import COMMANDS
+
+    cls = COMMANDS[command].config_class()
+    base = {"reward": {"spec": "task:sentiment"}, "critic_init": "policy"} if command == "ppo" else {}
+    with pytest.raises(ConfigError, match=r"prompts\.eval_limit: limits the held-out prompts, and prompts\.eval"):
+        load_config(cls, data={**base, "prompts": {"eval_limit": 8}})
+    cfg = load_config(cls, data={**base, "prompts": {"eval_limit": 8, "eval": "task:sentiment"}})
+    assert cfg.prompts.eval_limit == 8

@@ -30,7 +30,7 @@ class PromptsSection:
     by the training reward (eval/proxy_mean), the gold judge (reward.gold; online DPO: gold) as
     eval/gold_mean, and by the KL to the reference (eval/kl); empty = no held-out evaluation."""
     eval_limit: int = 64
-    """Use only the first N held-out prompts; 0 = all."""
+    """Use only the first N held-out prompts; 0 = all (only with prompts.eval)."""
 
     def validate(self, where: str) -> None:
         if not self.train:
@@ -39,6 +39,9 @@ class PromptsSection:
             raise ConfigError(f"{where}.max_prompt_length: must be >= 1")
         if self.eval_limit < 0:
             raise ConfigError(f"{where}.eval_limit: must be >= 0")
+        if not self.eval and self.eval_limit != PromptsSection.eval_limit:  # set, but nothing reads it
+            raise ConfigError(f"{where}.eval_limit: limits the held-out prompts, and {where}.eval names none; set "
+                              f"{where}.eval too, or drop eval_limit")
 
 
 @dataclass
