@@ -251,6 +251,33 @@ def test_shared_prompt_pairs_match_separate_rows(setup, tokenizer):
     assert cfg.dpo.share_prompt
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_pair_logps_at_a_temperature_are_those_of_the_tempered_softmax(setup, tokenizer, temperature, share_prompt):
+    """The sequence log-probs, the reference's and the precomputed ones, are sums over the response
+    tokens of log softmax(logits / T) (online DPO's pairs are samples of pi_T), against a naive
+    full-vocabulary computation in float64."""
+    tmp_path, model_dir = setup
+    cfg = _cfg(tmp_path, model_dir, f"dpo.temperature={temperature}")
+    train, _, _ = prepare_preference_data(cfg, tokenizer)
+    policy, ref = build_policy_and_reference(cfg, tokenizer)
+    chunk = [dict(ex) for ex in train[:6]]
+    rows = PreferenceCollator(tokenizer.pad_token_id)(chunk)
+    with torch.no_grad():
+        logits = policy(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits.double()
+    lp = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, rows["input_ids"][:, 1:, None]).squeeze(-1)
+    naive = (lp * rows["loss_mask"][:, 1:]).sum(-1).float()
+    batch = PreferenceCollator(tokenizer.pad_token_id, share_prompt=share_prompt)(chunk)
+    c, r = pair_logps(policy, batch, temperature=temperature)
+    torch.testing.assert_close(torch.cat([c, r]).detach(), naive, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(ref.logps(batch, temperature=temperature)), naive, atol=2e-4, rtol=1e-5)
+    precompute_reference(chunk, ref, PreferenceCollator(tokenizer.pad_token_id), 4, SingleProcess(),
+                         temperature=temperature)
+    torch.testing.assert_close(torch.cat(reference_logps(chunk, batch, None, False)), naive, atol=2e-4, rtol=1e-5)
+    loss, _ = dpo_batch_loss(policy, ref, chunk, PreferenceCollator(tokenizer.pad_token_id), cfg.dpo, 6, "cpu")
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # pi = pi_ref at any temperature
+
+
 def _moved_policy_losses(setup, tokenizer, *overrides):
     """(trainer loss, hand-computed inputs) on a policy moved away from its reference."""
     tmp_path, model_dir = setup

@@ -176,7 +176,8 @@ def test_a_start_that_no_iteration_beats_is_written_as_the_final_model(tmp_path,
 @pytest.mark.parametrize("anchor", ["initial", "previous"])
 def test_reference_anchor_of_later_iterations(tmp_path, tokenizer, anchor):
     """reference: previous anchors iteration k to pi_(k-1), so its first DPO loss is exactly ln 2
-    (policy = reference); with initial (pi_0) iteration 2 starts away from its reference."""
+    (policy = reference); with initial (pi_0) iteration 2 starts away from its reference. The
+    iterations' DPO takes its log-probs at the samples' temperature."""
     import math
 
     from rlhfkit.trainers.dpo import DPOConfig
@@ -186,10 +187,12 @@ def test_reference_anchor_of_later_iterations(tmp_path, tokenizer, anchor):
         "iterations=2", "prompts_per_iteration=4", "rollout.n=3", "rollout.max_new_tokens=6", "optim.lr=1e-3",
         "optim.warmup_ratio=0", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=3",
         "train.progress=false", f"train.output_dir={tmp_path / 'run'}", "dpo.precompute_ref_logps=true",
-        f"reference={anchor}"])
+        f"reference={anchor}", "rollout.temperature=0.8"])
     train_online_dpo(cfg)
     it2 = tmp_path / "run" / "iter-2"
     ref = load_config(DPOConfig, it2 / "dpo_config.yaml").dpo.reference
+    for k in (1, 2):
+        assert load_config(DPOConfig, tmp_path / "run" / f"iter-{k}" / "dpo_config.yaml").dpo.temperature == 0.8
     first = json.loads((it2 / "metrics.jsonl").read_text().splitlines()[0])
     if anchor == "previous":
         assert ref == str(tmp_path / "run" / "iter-1" / "model")
@@ -207,6 +210,8 @@ def test_dpo_reference_is_owned_by_the_loop(tmp_path):
         load_config(OnlineDPOConfig, overrides=["dpo.reference=somewhere"])
     with pytest.raises(ConfigError, match="reference"):
         load_config(OnlineDPOConfig, overrides=["reference=latest"])
+    with pytest.raises(ConfigError, match=r"dpo\.temperature: set by the loop to rollout\.temperature"):
+        load_config(OnlineDPOConfig, overrides=["dpo.temperature=0.7"])
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -100,10 +100,14 @@ class DPOSection:
     disable_dropout: bool = True
     """Turn every dropout of the policy off, LoRA's included (TRL's default): with dropout the policy's
     log-probs are noisy against the reference's (eval mode). false keeps the model's own rates."""
+    temperature: float = 1.0
+    """Log-probs of the policy and the reference of softmax(logits / temperature); online DPO sets it
+    to rollout.temperature, that of its samples (docs/concepts.md: Sampling temperature)."""
 
     def validate(self, where: str) -> None:
-        if self.beta <= 0:
-            raise ConfigError(f"{where}.beta: must be > 0, got {self.beta}")
+        for key in ("beta", "temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key}: must be > 0, got {getattr(self, key)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"{where}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "cdpo", "robust"):
@@ -164,8 +168,8 @@ def dpo_batch_loss(policy, reference, chunk: list[dict], collator, dcfg: DPOSect
     """DPO loss of one micro-batch, summed over its pairs and divided by ``normalizer`` (the
     global number of pairs). Returns (loss to backpropagate, metric sums over the chunk's pairs)."""
     batch = batch_to_device(collator(chunk), device)
-    pc, pr = pair_logps(policy, batch, dcfg.average)
-    rc, rr = reference_logps(chunk, batch, reference, dcfg.average)
+    pc, pr = pair_logps(policy, batch, dcfg.average, dcfg.temperature)
+    rc, rr = reference_logps(chunk, batch, reference, dcfg.average, dcfg.temperature)
     loss, m = dpo_loss(pc, pr, rc, rr, beta=dcfg.beta, loss_type=dcfg.loss_type,
                        label_smoothing=dcfg.label_smoothing, reduction="sum")
     sums = {k: v * len(chunk) for k, v in m.items()}  # metrics are chunk means
@@ -251,7 +255,8 @@ def _precompute_or_load(cfg, out: Path, train, evals, reference, collator, strat
                 ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
         return
     for exs in (train, evals):
-        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, strategy, cfg.dpo.average)
+        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, strategy, cfg.dpo.average,
+                             cfg.dpo.temperature)
     if strategy.is_main:
         write_json_atomic(path, {"key": key, **{name: [[ex[k] for k in REF_KEYS] for ex in exs]
                                                 for name, exs in (("train", train), ("eval", evals))}})
@@ -272,7 +277,8 @@ def ref_cache_key(cfg, train: list[dict], evals: list[dict]) -> dict:
     ref = cfg.dpo.reference or cfg.model.name
     return {"reference": identify(ref), "policy": identify(cfg.model.name), "dtype": cfg.model.dtype,
             "lora": cfg.model.lora.enabled, "average_logps": cfg.dpo.average_logps,
-            "share_prompt": cfg.dpo.share_prompt, "pairs": [len(train), len(evals)], "tokens": tokens.hexdigest()}
+            "temperature": cfg.dpo.temperature, "share_prompt": cfg.dpo.share_prompt,
+            "pairs": [len(train), len(evals)], "tokens": tokens.hexdigest()}
 
 
 def _read_ref_cache(path: Path, key: dict) -> dict | None:

@@ -18,8 +18,10 @@ from rlhfkit.training import eval_chunks
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed values stored on each example
 
 
-def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of the chosen and rejected responses: (B,), (B,).
+def pair_logps(model, batch: dict, average: bool = False, temperature: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of the chosen and rejected responses under softmax(logits / temperature):
+    (B,), (B,).
 
     batch: input_ids (2B, T), loss_mask (2B, T) 1 on response tokens. Logits are only computed from
     the earliest response token of the batch on (`keep_last`): the LM head over prompt positions
@@ -28,7 +30,7 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor,
     and itself.
     """
     if "prompt_lengths" in batch and packs(model):
-        logp, lmask = _shared_pair_token_logps(model, batch)
+        logp, lmask = _shared_pair_token_logps(model, batch, temperature)
         seq = sequence_logps(logp, lmask, average=average)
         n = seq.shape[0] // 2
         return seq[:n], seq[n:]
@@ -37,18 +39,19 @@ def pair_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor,
     has_resp = lmask.bool().any(0).nonzero()
     first = int(has_resp[0]) if len(has_resp) else T - 1
     k = min(T - first, T - 1)
-    logp = causal_logprobs(model, ids, attn, keep_last=k)  # (2B, k): tokens T-k .. T-1
+    logp = causal_logprobs(model, ids, attn, keep_last=k, temperature=temperature)  # (2B, k): tokens T-k .. T-1
     seq = sequence_logps(logp, lmask[:, T - k:], average=average)  # (2B,)
     n = seq.shape[0] // 2
     return seq[:n], seq[n:]
 
 
-def _shared_pair_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _shared_pair_token_logps(model, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B, R) response-token log-probs and mask, each pair one packed sequence (prompt once)."""
     rlens = batch["loss_mask"].sum(-1)
     packed = pack_pairs(batch)
     R = packed["shape"][1]
-    return packed_logprobs(model, packed), (torch.arange(R, device=rlens.device)[None] < rlens[:, None]).long()
+    mask = (torch.arange(R, device=rlens.device)[None] < rlens[:, None]).long()
+    return packed_logprobs(model, packed, temperature=temperature), mask
 
 
 class Reference:
@@ -59,38 +62,40 @@ class Reference:
         self.adapters_off = adapters_off
 
     @torch.no_grad()
-    def logps(self, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, batch: dict, average: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         was_training = self.model.training
         self.model.eval()  # no dropout in the reference
         try:
             if self.adapters_off:
                 with adapters_disabled(self.model):
-                    return pair_logps(self.model, batch, average)
-            return pair_logps(self.model, batch, average)
+                    return pair_logps(self.model, batch, average, temperature)
+            return pair_logps(self.model, batch, average, temperature)
         finally:
             self.model.train(was_training)
 
 
-def reference_logps(chunk: list[dict], batch: dict, reference: Reference | None, average: bool):
+def reference_logps(chunk: list[dict], batch: dict, reference: Reference | None, average: bool,
+                    temperature: float = 1.0):
     """The chunk's reference log-probs: precomputed ones when the examples carry them."""
     if REF_KEYS[0] in chunk[0]:
         device = batch["input_ids"].device
         return tuple(torch.tensor([ex[k] for ex in chunk], dtype=torch.float32, device=device) for k in REF_KEYS)
     if reference is None:
         raise RuntimeError("no reference model and no precomputed reference log-probs")
-    return reference.logps(batch, average)
+    return reference.logps(batch, average, temperature)
 
 
 @torch.no_grad()
 def precompute_reference(examples: list[dict], reference: Reference, collator, micro_batch_size: int,
-                         strategy, average: bool = False) -> None:
+                         strategy, average: bool = False, temperature: float = 1.0) -> None:
     """Store pi_ref's log-probs on each example (keys REF_KEYS), in place. Each rank scores its shard
     and the numbers are exchanged: every rank ends with all of them."""
     found = []  # (example index, chosen logp, rejected logp)
     # under FSDP padded with stand-ins so that every rank runs the same number of (collective) forwards
     for idx, real in eval_chunks(list(range(len(examples))), micro_batch_size, strategy):
         with strategy.autocast():
-            rc, rr = reference.logps(batch_to_device(collator([examples[i] for i in idx]), strategy.device), average)
+            batch = batch_to_device(collator([examples[i] for i in idx]), strategy.device)
+            rc, rr = reference.logps(batch, average, temperature)
         if real:
             found += zip(idx, rc.tolist(), rr.tolist())
     for i, c, r in strategy.gather_objects(found):

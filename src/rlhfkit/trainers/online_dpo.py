@@ -154,6 +154,8 @@ class OnlineDPOConfig:
             raise ConfigError(f"{where}.reference: 'initial' (pi_0) or 'previous' (pi_(k-1)), got {self.reference!r}")
         if self.dpo.reference:
             raise ConfigError(f"{where}.dpo.reference: set by the loop; choose `reference: initial|previous` instead")
+        if self.dpo.temperature != 1.0:
+            raise ConfigError(f"{where}.dpo.temperature: set by the loop to rollout.temperature, the samples' own")
         if not 0 < self.rsft_top_fraction <= 1:
             raise ConfigError(f"{where}.rsft_top_fraction: must be in (0, 1], got {self.rsft_top_fraction}")
         for key in ("length_penalty", "tie_tolerance"):
@@ -390,7 +392,7 @@ def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path
                                 early_stopping_patience=0)
     if cfg.mode == "dpo":
         anchor = cfg.model.name if cfg.reference == "initial" else current  # pi_0 or pi_{k-1}
-        dpo = dataclasses.replace(cfg.dpo, reference=anchor)
+        dpo = dataclasses.replace(cfg.dpo, reference=anchor, temperature=cfg.rollout.temperature)  # log-probs of pi_T
         metrics = train_dpo(DPOConfig(model=model, data=data, optim=cfg.optim, train=train, dpo=dpo), strategy)
     else:
         metrics = train_sft(SFTConfig(model=model, data=data, optim=cfg.optim, train=train), strategy)
