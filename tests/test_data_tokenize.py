@@ -265,3 +265,67 @@ def test_sft_example_left_with_only_its_first_label_is_dropped(tokenizer):
     assert cut["labels"][0] != IGNORE_INDEX and cut["labels"][1:] == [IGNORE_INDEX]
     with pytest.raises(DataError, match="all 1 examples were dropped"):
         tokenize_dataset(tokenizer, [ex], "sft", 2, "left")
+
+
+# ------------------------------------------------------------------------- records carrying token ids
+
+def test_records_with_token_ids_train_those_tokens(tokenizer, tmp_path):
+    """prompt_ids / chosen_ids / rejected_ids (SFT: prompt_ids / response_ids) are trained as given,
+    not the text rendered again: a reply cut before its end-of-turn token stays cut; max_length
+    truncates them as it truncates rendered ones."""
+    prompt = render_prompt_ids(tokenizer, chat("Hi"))
+    cut = tokenizer.encode("Hello there, how", add_special_tokens=False)  # sampled, then cut
+    ended = tokenizer.encode("Go away.", add_special_tokens=False) + tokenizer.encode(EOT, add_special_tokens=False)
+    rows = [{"prompt": "Hi", "chosen": "Hello there, how", "rejected": "Go away.", "prompt_ids": prompt,
+             "chosen_ids": cut, "rejected_ids": ended}]
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (ex,) = load_preference(tmp_path / "pairs.jsonl")
+    feat = tokenize_preference(tokenizer, ex, 512)
+    assert (feat["prompt_ids"], feat["chosen_ids"], feat["rejected_ids"]) == (prompt, cut, ended)
+    rendered = tokenize_preference(tokenizer, PreferenceExample(ex.prompt, ex.chosen, ex.rejected), 512)
+    assert rendered["chosen_ids"] == cut + ended[-1:]  # the text alone would close the cut reply
+    short = tokenize_preference(tokenizer, ex, len(prompt) + 2, truncation="right")  # the prompt loses its start
+    assert (short["prompt_ids"], short["chosen_ids"], short["rejected_ids"]) == (prompt[2:], cut, ended)
+    short = tokenize_preference(tokenizer, ex, 8, truncation="right")  # 4 prompt tokens kept, 4 of each reply
+    assert (short["prompt_ids"], short["chosen_ids"], short["rejected_ids"]) == (prompt[-4:], cut[:4], ended[:4])
+    sft = {"prompt": "Hi", "response": "Hello there, how", "prompt_ids": prompt, "response_ids": cut}
+    (tmp_path / "sft.jsonl").write_text(json.dumps(sft) + "\n")
+    feat = tokenize_sft(tokenizer, load_sft(tmp_path / "sft.jsonl")[0], 512)
+    assert feat["input_ids"] == prompt + cut and feat["labels"] == [IGNORE_INDEX] * len(prompt) + cut
+
+
+@pytest.mark.parametrize("kind, change, field, fragment", [
+    ("preference", {"rejected_ids": None}, "rejected_ids", "token ids come as prompt_ids, chosen_ids, rejected_ids"),
+    ("preference", {"chosen_ids": []}, "chosen_ids", "non-empty list of token ids"),
+    ("preference", {"chosen_ids": [1, -2]}, "chosen_ids", "integers >= 0"),
+    ("preference", {"chosen_ids": [1, 2.0]}, "chosen_ids", "integers >= 0"),
+    ("preference", {"chosen_ids": [1, True]}, "chosen_ids", "integers >= 0"),
+    ("preference", {"rejected_ids": [10 ** 9]}, "rejected_ids", "not in the tokenizer's vocabulary"),
+    ("sft", {"response_ids": None}, "response_ids", "token ids come as prompt_ids, response_ids"),
+    ("sft", {"prompt_ids": "1 2 3"}, "prompt_ids", "non-empty list of token ids"),
+    ("sft", {"response_ids": [10 ** 9]}, "response_ids", "not in the tokenizer's vocabulary"),
+])
+def test_bad_token_ids_name_the_file_line_and_field(tokenizer, tmp_path, kind, change, field, fragment):
+    if kind == "preference":
+        rec = {"prompt": "Hi", "chosen": "Hello", "rejected": "Bye", "prompt_ids": [1, 2], "chosen_ids": [3],
+               "rejected_ids": [4]}
+    else:
+        rec = {"prompt": "Hi", "response": "Hello", "prompt_ids": [1, 2], "response_ids": [3]}
+    rec = {k: v for k, v in {**rec, **change}.items() if v is not None}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError) as info:
+        load = load_preference if kind == "preference" else load_sft
+        tokenize_dataset(tokenizer, load(path), kind, max_length=64)
+    assert (info.value.line, info.value.field) == (1, field) and fragment in str(info.value), str(info.value)
+
+
+def test_token_ids_need_the_prompt_form(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": chat("Hi", "Hello"), "prompt_ids": [1], "response_ids": [2]}) + "\n")
+    with pytest.raises(DataError, match="token ids go with 'prompt' and 'response', not 'messages'"):
+        load_sft(path)
+    path.write_text(json.dumps({"chosen": chat("Hi", "A"), "rejected": chat("Hi", "B"), "prompt_ids": [1],
+                                "chosen_ids": [2], "rejected_ids": [3]}) + "\n")
+    with pytest.raises(DataError, match="token ids go with 'prompt', 'chosen' and 'rejected'"):
+        load_preference(path)

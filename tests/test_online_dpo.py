@@ -87,6 +87,8 @@ def test_rsft_iteration_keeps_only_responses_above_the_threshold(tmp_path, token
         group_best[s["group"]] = max(group_best.get(s["group"], -1.0), s["score"])
     assert len(kept) == sum(b >= 50 for b in group_best.values())
     assert all(r["score"] >= 50 for r in kept)
+    for r in kept:  # the sampled tokens, which the SFT step trains
+        assert tokenizer.decode(r["response_ids"], skip_special_tokens=True).strip() == r["response"]
     assert 0 < len(kept) < len(group_best)  # the threshold dropped some prompts, kept others
     stats = json.loads((it / "sampling.json").read_text())
     assert stats["pairs"] == len(kept) and "dropped_ties" not in stats
@@ -134,6 +136,22 @@ def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
     assert summary["pairs"] + summary["dropped_ties"] + summary["dropped_identical"] + summary["dropped_empty"] == 6
     for p in pairs:  # chosen is the longest of its group, rejected the shortest
         assert p["score_chosen"] > p["score_rejected"]
+    # DPO trains the tokens sampled, as the pairs file records them: a reply cut at max_new_tokens
+    # keeps no end-of-turn token it never produced
+    from rlhfkit.data import load_preference
+    from rlhfkit.data.render import end_of_turn_ids
+    from rlhfkit.data.tokenize import tokenize_preference
+
+    ended = {(json.dumps(s["prompt"]), s["response"]): s["eos"] for s in samples}
+    assert not all(ended.values())
+    for rec, ex in zip(pairs, load_preference(str(it / "pairs.jsonl"))):
+        feat = tokenize_preference(tokenizer, ex, 10_000)
+        assert [feat[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")] == [
+            rec[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        for side in ("chosen", "rejected"):
+            ids = rec[f"{side}_ids"]
+            assert tokenizer.decode(ids, skip_special_tokens=True).strip() == rec[side]
+            assert (ids[-1] in end_of_turn_ids(tokenizer)) == ended[(json.dumps(rec["prompt"]), rec[side])]
     # the gold judge prefers shorter responses: it disagrees with every pair and every ranked pair
     assert summary["gold_pair_accuracy"] == 0.0 and summary["gold_ranking_accuracy"] == 0.0
     assert summary["gold_pair_margin"] < 0
@@ -332,12 +350,13 @@ def test_report_plots_the_iterations_scores(rsft_run):
 
 @pytest.mark.parametrize("penalty", [None, 100.0])
 def test_missing_eos_penalty_keeps_cut_samples_from_being_chosen(tmp_path, penalty):
-    """A sample cut at max_new_tokens is trained as a finished reply; with missing_eos_penalty it
-    ranks below every finished one, so the chosen side of a pair is a reply that ended (TRL's
-    option). The cut samples and cut chosen ones are counted either way."""
+    """A sample cut at max_new_tokens can be chosen; with missing_eos_penalty it ranks below every
+    finished one, so the chosen side of a pair is a reply that ended (TRL's option). The cut
+    samples and cut chosen ones are counted either way, and each side of a pair carries the
+    tokens sampled (no end-of-turn token on a cut one)."""
     from types import SimpleNamespace
 
-    from rlhfkit.trainers.online_dpo import _score_and_write
+    from rlhfkit.trainers.online_samples import Samples, score_and_write
 
     class Scorer:
         def score(self, rows, responses, n):
@@ -348,11 +367,12 @@ def test_missing_eos_penalty_keeps_cut_samples_from_being_chosen(tmp_path, penal
 
     cfg = load_config(OnlineDPOConfig, overrides=["rollout.n=3", *([f"missing_eos_penalty={penalty}"] if penalty
                                                                    else [])])
-    items = [SimpleNamespace(messages=[{"role": "user", "content": f"q{g}"}]) for g in range(2)]
+    items = [SimpleNamespace(messages=[{"role": "user", "content": f"q{g}"}], ids=[7, g]) for g in range(2)]
     responses = ["a long reply that was cut", "done.", "ok", "cut off here and", "fine.", "yes"]
     eos = [False, True, True, False, True, True]
+    ids = [[10 + i] * (3 if done else 4) + ([2] if done else []) for i, done in enumerate(eos)]  # 2: end of turn
     stats: dict = {}
-    _score_and_write(cfg, items, responses, eos, stats, Scorer(), tmp_path, tmp_path / "pairs.jsonl")
+    score_and_write(cfg, items, Samples(responses, eos, ids), stats, Scorer(), tmp_path, tmp_path / "pairs.jsonl")
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["eos"] for s in samples] == eos and stats["samples_cut"] == 2
@@ -366,6 +386,9 @@ def test_missing_eos_penalty_keeps_cut_samples_from_being_chosen(tmp_path, penal
                                                                  ("fine.", "cut off here and")]
         assert stats["chosen_cut"] == 0
         assert samples[0]["ranked_score"] == len(responses[0]) - penalty
+    for g, p in enumerate(pairs):
+        assert p["prompt_ids"] == [7, g]
+        assert [p["chosen_ids"], p["rejected_ids"]] == [ids[responses.index(p[k])] for k in ("chosen", "rejected")]
 
 
 def test_best_of_n_threshold_is_inclusive_and_top_fraction_rounds_up():

@@ -36,6 +36,7 @@ class SFTExample:
     messages: list[dict]  # system? user, assistant, (user, assistant)*; ends with assistant
     origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
     field: str = field(default="messages", compare=False, repr=False)  # record key named in errors
+    token_ids: tuple[list[int], list[int]] | None = None  # (prompt, reply) as sampled (`TOKEN_FIELDS`)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class PreferenceExample:
     category: str | None = None  # e.g. chat / chat-hard / safety / reasoning, for per-category metrics
     margin: float | None = None  # optional preference strength, for a margin term in the RM loss
     origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
+    token_ids: tuple[list[int], list[int], list[int]] | None = None  # (prompt, chosen, rejected) as sampled
 
 
 @dataclass
@@ -68,6 +70,30 @@ class PromptExample:
         return out
 
 
+# Token ids a record may carry besides its text: the tokens a policy sampled (online DPO's pairs,
+# RSFT's best replies), trained as they are rather than the text rendered again, which would differ
+# where decoding and re-encoding do not round-trip and would close a reply cut at max_new_tokens
+# with an end-of-turn token the policy never produced.
+TOKEN_FIELDS = {"sft": ("prompt_ids", "response_ids"), "preference": ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+def _token_ids(d: dict, o, kind: str) -> tuple[list[int], ...] | None:
+    """The record's `TOKEN_FIELDS` (all or none): each a non-empty list of integers >= 0 (the
+    tokenizer checks the upper end); None when it has none."""
+    keys = TOKEN_FIELDS[kind]
+    given = [k for k in keys if d.get(k) is not None]
+    if not given:
+        return None
+    if len(given) < len(keys):
+        missing = next(k for k in keys if k not in given)
+        raise DataError.at(o, missing, f"missing: token ids come as {', '.join(keys)} together")
+    for k in keys:
+        v = d[k]
+        if not isinstance(v, list) or not v or not all(type(t) is int and t >= 0 for t in v):
+            raise DataError.at(o, k, "expected a non-empty list of token ids (integers >= 0)")
+    return tuple(list(d[k]) for k in keys)
+
+
 # ----------------------------------------------------------------------------------------- SFT
 
 def parse_sft(records: Iterable[Record]) -> list[SFTExample]:
@@ -75,7 +101,8 @@ def parse_sft(records: Iterable[Record]) -> list[SFTExample]:
 
     Accepted: ``{"messages": [...]}``; ``{"prompt", "response"}`` (or ``"completion"``), where the
     prompt is a string or messages ending with a user turn and the response a string or a
-    single assistant message.
+    single assistant message; the latter optionally with ``prompt_ids`` and ``response_ids``
+    (`TOKEN_FIELDS`), the tokens trained.
     """
     return [_parse_sft_one(rec) for rec in records]
 
@@ -83,6 +110,8 @@ def parse_sft(records: Iterable[Record]) -> list[SFTExample]:
 def _parse_sft_one(rec: Record) -> SFTExample:
     d, o = rec.data, rec.origin
     if d.get("messages") is not None:
+        if _token_ids(d, o, "sft"):
+            raise DataError.at(o, "prompt_ids", "token ids go with 'prompt' and 'response', not 'messages'")
         messages = check_messages(d["messages"], o, "messages")
         check_starts_with_user(messages, o, "messages")
         if messages[-1]["role"] != "assistant":
@@ -98,7 +127,8 @@ def _parse_sft_one(rec: Record) -> SFTExample:
     reply = _reply_content(d[key], o, key)
     if isinstance(d["prompt"], str) and is_transcript_string(d["prompt"]):
         reply = reply.strip()  # HH split into prompt / response: the reply starts with the space after "Assistant:"
-    return SFTExample([*prompt, {"role": "assistant", "content": reply}], origin=o, field=key)
+    return SFTExample([*prompt, {"role": "assistant", "content": reply}], origin=o, field=key,
+                      token_ids=_token_ids(d, o, "sft"))
 
 
 def _reply_content(value, origin, key: str) -> str:
@@ -125,7 +155,8 @@ def parse_preference(records: Iterable[Record]) -> list[PreferenceExample]:
     - ``{"chosen", "rejected"}`` without a prompt (Anthropic HH style): two full conversations,
       as message lists or "\\n\\nHuman: ...\\n\\nAssistant: ..." strings, split at the last
       assistant turn; the turns before it must be identical in both.
-    Optional: ``category`` (string), ``margin`` (number).
+    Optional: ``category`` (string), ``margin`` (number), and with a prompt ``prompt_ids``,
+    ``chosen_ids`` and ``rejected_ids`` (`TOKEN_FIELDS`), the tokens trained.
     """
     return [_parse_preference_one(rec) for rec in records]
 
@@ -135,13 +166,17 @@ def _parse_preference_one(rec: Record) -> PreferenceExample:
     for key in ("chosen", "rejected"):
         if d.get(key) is None:
             raise DataError.at(o, key, "missing (or null)")
+    token_ids = _token_ids(d, o, "preference")
     if d.get("prompt") is not None:
         prompt, chosen, rejected = _pair_with_prompt(d, o)
+    elif token_ids:
+        raise DataError.at(o, "prompt", "missing: token ids go with 'prompt', 'chosen' and 'rejected'")
     else:
         prompt, chosen, rejected = _pair_from_transcripts(d, o)
     if chosen.strip() == rejected.strip():
         raise DataError.at(o, "rejected", "identical to 'chosen': a pair needs two different responses")
-    return PreferenceExample(prompt, chosen, rejected, category=_category(d, o), margin=_margin(d, o), origin=o)
+    return PreferenceExample(prompt, chosen, rejected, category=_category(d, o), margin=_margin(d, o), origin=o,
+                             token_ids=token_ids)
 
 
 def _pair_with_prompt(d: dict, o) -> tuple[list[dict], str, str]:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from rlhfkit.data.chat_templates import check_not_rendered, require_chat_template
 from rlhfkit.data.errors import DataError
-from rlhfkit.data.formats import PreferenceExample, PromptExample, SFTExample
+from rlhfkit.data.formats import TOKEN_FIELDS, PreferenceExample, PromptExample, SFTExample
 from rlhfkit.data.render import assistant_spans, end_of_turn_ids, render_located, render_reply
 
 log = logging.getLogger("rlhfkit")
@@ -106,16 +106,20 @@ def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: st
     """
     _check_mode(truncation)
     msgs, o = example.messages, example.origin
-    if example.field == "messages":
-        for i, m in enumerate(msgs):
-            check_not_rendered(tokenizer, [m], o, f"messages[{i}].content")
-    else:  # {"prompt", "response"}: the reply is the last message
-        check_not_rendered(tokenizer, msgs[:-1], o, "prompt")
-        check_not_rendered(tokenizer, msgs[-1:], o, example.field)
-    full, spans = assistant_spans(tokenizer, msgs, o, example.field)
-    labels = [IGNORE_INDEX] * len(full)
-    for start, stop in spans:
-        labels[start:stop] = full[start:stop]
+    if example.token_ids:  # the tokens as sampled (`formats.TOKEN_FIELDS`)
+        p, r = (_known_ids(tokenizer, ids, o, key) for ids, key in zip(example.token_ids, TOKEN_FIELDS["sft"]))
+        full, labels = p + r, [IGNORE_INDEX] * len(p) + r
+    else:
+        if example.field == "messages":
+            for i, m in enumerate(msgs):
+                check_not_rendered(tokenizer, [m], o, f"messages[{i}].content")
+        else:  # {"prompt", "response"}: the reply is the last message
+            check_not_rendered(tokenizer, msgs[:-1], o, "prompt")
+            check_not_rendered(tokenizer, msgs[-1:], o, example.field)
+        full, spans = assistant_spans(tokenizer, msgs, o, example.field)
+        labels = [IGNORE_INDEX] * len(full)
+        for start, stop in spans:
+            labels[start:stop] = full[start:stop]
     removed = max(0, len(full) - max_length)
     if removed:
         if truncation == "error":
@@ -139,11 +143,15 @@ def tokenize_preference(tokenizer, example: PreferenceExample, max_length: int, 
     """
     _check_mode(truncation)
     o = example.origin
-    check_not_rendered(tokenizer, example.prompt, o, "prompt")
-    for key in ("chosen", "rejected"):
-        check_not_rendered(tokenizer, [{"content": getattr(example, key)}], o, key)
-    (p, c), (_, r) = (render_reply(tokenizer, example.prompt, getattr(example, key), o, key)
-                      for key in ("chosen", "rejected"))
+    if example.token_ids:  # the tokens as sampled (`formats.TOKEN_FIELDS`)
+        p, c, r = (_known_ids(tokenizer, ids, o, key) for ids, key in zip(example.token_ids,
+                                                                          TOKEN_FIELDS["preference"]))
+    else:
+        check_not_rendered(tokenizer, example.prompt, o, "prompt")
+        for key in ("chosen", "rejected"):
+            check_not_rendered(tokenizer, [{"content": getattr(example, key)}], o, key)
+        (p, c), (_, r) = (render_reply(tokenizer, example.prompt, getattr(example, key), o, key)
+                          for key in ("chosen", "rejected"))
     longest = max(len(c), len(r))
     removed = 0
     if len(p) + longest > max_length:
@@ -163,6 +171,16 @@ def tokenize_preference(tokenizer, example: PreferenceExample, max_length: int, 
     if example.margin is not None:
         out["margin"] = example.margin
     return out
+
+
+def _known_ids(tokenizer, ids: list[int], origin, key: str) -> list[int]:
+    """A record's own token ids, each one the tokenizer knows."""
+    size = len(tokenizer)
+    bad = next((t for t in ids if t >= size), None)
+    if bad is not None:
+        raise DataError.at(origin, key, f"token id {bad} is not in the tokenizer's vocabulary of {size}: ids made "
+                                        "with another tokenizer?")
+    return list(ids)
 
 
 def tokenize_prompt(tokenizer, example: PromptExample, max_length: int, truncation: str = "error",

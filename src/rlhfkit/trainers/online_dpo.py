@@ -10,7 +10,8 @@ each iteration k = 1..T, on a fresh slice of prompts:
      responses are compared round-robin, score = mean P(win));
   3. rank: score - length_penalty * |a| (characters); best = chosen, worst = rejected; pairs whose
      two responses are identical or tie are dropped and counted;
-  4. train: `train_dpo` on the iteration's pairs from pi_{k-1}, with pi_0 kept as reference
+  4. train: `train_dpo` on the iteration's pairs (the tokens sampled, `trainers.online_samples`)
+     from pi_{k-1}, with pi_0 kept as reference
      (``reference: previous`` anchors iteration k to pi_{k-1} instead, as self-rewarding LMs do:
      each iteration's KL budget then starts afresh; mode: rsft instead runs `train_sft` on the
      best response of each prompt).
@@ -40,7 +41,6 @@ from typing import Literal, Optional
 
 import torch
 
-from rlhfkit.algos.selection import best_of_n, build_pairs, length_penalised, rsft_dropped
 from rlhfkit.config import (
     ConfigError,
     DataSection,
@@ -54,8 +54,7 @@ from rlhfkit.config import (
     validate,
 )
 from rlhfkit.data.sources import Input
-from rlhfkit.eval.stats import gold_agreement
-from rlhfkit.io import copy_tree_atomic, write_json_atomic, write_jsonl_atomic
+from rlhfkit.io import copy_tree_atomic, write_json_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 from rlhfkit.judges.preference import is_pairwise_spec
 from rlhfkit.judges.reward_set import check_record_fields
@@ -63,16 +62,10 @@ from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.loading import check_context_length
 from rlhfkit.parallel import Strategy, make_strategy
-from rlhfkit.rng import set_seed
-from rlhfkit.rollout import (
-    decode_responses,
-    load_prompt_items,
-    rank_stream_seed,
-    response_metrics,
-    rollout,
-)
+from rlhfkit.rollout import load_prompt_items
 from rlhfkit.rollout.prompts import prompt_inputs
 from rlhfkit.trainers.dpo import DPOConfig, DPOSection, train_dpo
+from rlhfkit.trainers.online_samples import sample, score_and_write
 from rlhfkit.trainers.pg_eval import heldout_metrics
 from rlhfkit.trainers.pg_setup import HELD_OUT_POLICY_METRICS
 from rlhfkit.trainers.sft import train_sft
@@ -123,9 +116,9 @@ class OnlineDPOConfig:
     """lambda: rank by score - lambda * len(response in characters)."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the ranked score of every sample that did not end with an end-of-turn token
-    (cut at rollout.max_new_tokens) before pairs are built (TRL's missing_eos_penalty). A sample is
-    trained as a finished reply, its end-of-turn token added: a cut sample chosen as best teaches the
-    model to stop mid-sentence. null: no penalty; iteration.json counts cut samples and cut chosen ones."""
+    (cut at rollout.max_new_tokens) before pairs are built (TRL's missing_eos_penalty), so that a
+    reply that ended is chosen over a cut one (which is trained as sampled, without an end-of-turn
+    token). null: no penalty; iteration.json counts cut samples and cut chosen ones."""
     tie_tolerance: float = 0.0
     """best - worst <= this counts as a tie (the pair is dropped)."""
     max_length: int = 512
@@ -312,9 +305,9 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
     # Decided before anyone writes (rank 0 writes only after the collective gather in `sample`).
     if not pairs_path.is_file():  # not yet sampled (else: resume the training of step 4)
         # 1. Rollout from the current policy.
-        responses, eos, stats = sample(cfg, k, current, items, tokenizer, strategy)
+        samples, stats = sample(cfg, k, current, items, tokenizer, strategy)
         if strategy.is_main:
-            _score_and_write(cfg, items, responses, eos, stats, scorer, it_dir, pairs_path)
+            score_and_write(cfg, items, samples, stats, scorer, it_dir, pairs_path)
         strategy.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
@@ -324,64 +317,6 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
     # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
     result = train_step(cfg, current, pairs_path, it_dir, strategy)
     return {"iteration": k, **stats, **{f"train/{key}": v for key, v in result.items() if isinstance(v, (int, float))}}
-
-
-def _score_and_write(cfg: OnlineDPOConfig, items: list, responses: list[str], eos: list[bool], stats: dict,
-                     scorer: Scorer, it_dir: Path, pairs_path: Path) -> None:
-    """Steps 2-3 and the iteration's files: samples, pairs (or RSFT's best responses), sampling.json."""
-    n = cfg.rollout.n
-    it_dir.mkdir(parents=True, exist_ok=True)
-    rows = [items[i // n] for i in range(len(responses))]
-    # 2. Score. 3. Rank (a sample cut at max_new_tokens loses missing_eos_penalty).
-    scores, labels = scorer.score(rows, responses, n)
-    ranked = length_penalised(scores, responses, cfg.length_penalty)
-    if cfg.missing_eos_penalty is not None:
-        ranked = [r if done else r - cfg.missing_eos_penalty for r, done in zip(ranked, eos)]
-    gold = scorer.gold_scores(rows, responses)
-    write_jsonl_atomic(it_dir / "samples.jsonl", [
-        {"prompt": r.messages, "response": a, "score": s, "ranked_score": rs, "eos": done, "group": i // n,
-         **({"gold": gold[i]} if gold is not None else {})}
-        for i, (r, a, s, rs, done) in enumerate(zip(rows, responses, scores, ranked, eos))])
-    pairs, counts = build_pairs(ranked, responses, n, cfg.tie_tolerance)
-    stats["samples_cut"] = sum(not done for done in eos)
-    if gold is not None:
-        stats.update(gold_agreement(ranked, gold, pairs, n))
-    if cfg.mode == "dpo":
-        records = [{"prompt": items[g].messages, "chosen": responses[b], "rejected": responses[w],
-                    "score_chosen": scores[b], "score_rejected": scores[w]} for g, b, w in pairs]
-        stats.update(dropped_ties=counts["ties"], dropped_identical=counts["identical"], dropped_empty=counts["empty"],
-                     chosen_cut=sum(not eos[b] for _, b, _ in pairs))
-    else:
-        best = best_of_n(ranked, responses, n, cfg.rsft_min_score, cfg.rsft_top_fraction)
-        records = [{"messages": [*items[g].messages, {"role": "assistant", "content": responses[b]}],
-                    "score": scores[b]} for g, b in best]
-        stats.update(rsft_dropped(ranked, responses, n, cfg.rsft_min_score, len(best)),
-                     chosen_cut=sum(not eos[b] for _, b in best))
-    stats.update(**labels, pairs=len(records), score_mean=sum(scores) / len(scores))
-    write_json_atomic(it_dir / "sampling.json", stats)
-    write_jsonl_atomic(pairs_path, records)
-
-
-def sample(cfg: OnlineDPOConfig, k: int, current: str, items: list, tokenizer,
-           strategy: Strategy) -> tuple[list[str], list[bool], dict]:
-    """n responses per prompt from ``current``, every rank sampling its share of ``items`` from its
-    own stream; returns (all decoded responses in the order of ``items``, whether each ended with an
-    end-of-turn token, response statistics)."""
-    set_seed(cfg.train.seed * 1000 + k)  # a different, reproducible sample stream per iteration
-    policy = load_causal_lm(current, cfg.model.dtype).to(strategy.device)
-    mine = strategy.shard(items)
-    seed = None if strategy.world_size == 1 else rank_stream_seed(cfg.train.seed, k, strategy.rank)
-    exp = rollout(policy, mine, cfg.rollout, tokenizer, seed=seed)
-    del policy
-    n = cfg.rollout.n
-    local = decode_responses(exp, tokenizer)
-    done = exp.eos.tolist()
-    groups = strategy.unshard([(local[i * n:(i + 1) * n], done[i * n:(i + 1) * n]) for i in range(len(mine))])
-    responses = [r for g, _ in groups for r in g]  # back in the order of items
-    eos = [bool(e) for _, g in groups for e in g]
-    stats = {k_: float(v) for k_, v in response_metrics(exp, local, strategy).items()}
-    stats["length_chars_mean"] = sum(len(r) for r in responses) / len(responses)
-    return responses, eos, stats
 
 
 def train_step(cfg: OnlineDPOConfig, current: str, data_path: Path, it_dir: Path, strategy: Strategy) -> dict:
