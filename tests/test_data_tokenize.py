@@ -224,6 +224,11 @@ def test_a_template_whose_replies_end_in_no_end_of_turn_token_is_warned_about(to
     with caplog.at_level("WARNING", logger="rlhfkit"):
         tokenize_dataset(tokenizer, [SFTExample(chat("hi", "yo"), origin=("x.jsonl", 1))], "sft", 64)
     assert "end-of-turn" not in caplog.text  # ChatML closes each reply with <|im_end|>
+    cut = SFTExample(chat("hi", "yo"), origin=("best.jsonl", 1), token_ids=([1, 2], [3, 4]))  # sampled, cut
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        tokenize_dataset(tokenizer, [cut], "sft", 64)
+    assert "best.jsonl: no trained reply ends with an end-of-turn token" in caplog.text
+    assert "every reply given as token ids was cut before its end" in caplog.text
 
 
 def test_text_already_rendered_with_the_template_is_refused(tokenizer, tmp_path):

@@ -275,16 +275,21 @@ def tokenize_dataset(tokenizer, examples: Sequence, kind: str, max_length: int, 
         raise DataError(f"all {len(examples)} examples were dropped by truncation to max_length={max_length}",
                         source=examples[0].origin[0])
     if kind == "sft":
-        _warn_if_nothing_stops(tokenizer, features, examples[0].origin[0] if examples else None)
+        sampled = any(ex.token_ids for ex in examples)
+        _warn_if_nothing_stops(tokenizer, features, examples[0].origin[0] if examples else None, sampled)
     return features, stats
 
 
-def _warn_if_nothing_stops(tokenizer, features: list[dict], source) -> None:
-    """A template whose replies end in no end-of-turn token (`end_of_turn_ids`) trains a model that
-    never learns to stop, and rollouts would not stop it either: say so once."""
+def _warn_if_nothing_stops(tokenizer, features: list[dict], source, sampled: bool = False) -> None:
+    """A template whose replies end in no end-of-turn token (`end_of_turn_ids`), or sampled replies
+    (``sampled``: records with token ids) that were all cut, train a model that never learns to
+    stop, and rollouts would not stop it either: say so once."""
     eot = end_of_turn_ids(tokenizer)
     if features and not any(t in eot for f in features for t in f["labels"] if t != IGNORE_INDEX):
-        log.warning("%s: no trained reply ends with an end-of-turn token (%s): the model will not learn to stop; "
-                    "use a chat template that closes each reply with one (e.g. the tokenizer's eos %r)",
-                    source or "<data>", ", ".join(tokenizer.convert_ids_to_tokens(sorted(eot))), tokenizer.eos_token)
+        names = ", ".join(tokenizer.convert_ids_to_tokens(sorted(eot)))
+        fix = ("every reply given as token ids was cut before its end: sample more new tokens" if sampled else
+               "use a chat template that closes each reply with one (e.g. the tokenizer's eos "
+               f"{tokenizer.eos_token!r})")
+        log.warning("%s: no trained reply ends with an end-of-turn token (%s): the model will not learn to stop; %s",
+                    source or "<data>", names, fix)
 
