@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, Union
 
-from rlhfkit.config import ConfigError, RolloutSection, under_key
+from rlhfkit.config import ConfigError, RolloutSection
 from rlhfkit.data import load_preference, load_prompts, load_sft
 from rlhfkit.data.sources import Input, load_sources, source_inputs
 from rlhfkit.eval.alignment_tax import AlignmentTaxSection
@@ -137,13 +137,6 @@ def check_judge(cfg: EvalConfig, spec: str) -> None:
     except (ValueError, FileNotFoundError):
         return
     check_judge_records(cfg, spec, items, pairs)
-
-
-def check_task_judges(cfg: EvalConfig, items: list, pairs: list) -> None:
-    """`check_judge_records` for every judge, each error naming its key."""
-    for key, spec in cfg.judge_specs():
-        with under_key(key):
-            check_judge_records(cfg, spec, items, pairs)
 
 
 def check_judge_records(cfg: EvalConfig, spec: str, items: list, pairs: list) -> None:

@@ -30,7 +30,7 @@ from rlhfkit.config import ConfigError, dump_config, under_key, validate
 from rlhfkit.data import length_batches, load_preference
 from rlhfkit.data.sources import resolve_source
 from rlhfkit.eval.alignment_tax import AlignmentTax, tax_deltas
-from rlhfkit.eval.config import EvalConfig, check_task_judges, policy_label
+from rlhfkit.eval.config import EvalConfig, policy_label
 from rlhfkit.eval.preference_sets import judge_accuracy, reward_accuracy
 from rlhfkit.eval.stats import (
     mean_ci,
@@ -43,8 +43,7 @@ from rlhfkit.eval.stats import (
 from rlhfkit.io import write_json_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, is_pairwise_spec
 from rlhfkit.judges.rewards import build_reward_fn
-from rlhfkit.judges.sample_scorer import check_scorer_spec
-from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
+from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.loading import check_context_length
 from rlhfkit.rng import set_seed
@@ -155,26 +154,22 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     device = strategy.device if strategy is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     n = cfg.rollout.n
 
-    # 1. Every input read or checked before anything is written or a model loads.
-    with under_key("baseline"):
-        check_policy_path(cfg.baseline)
+    # 1. Every input read or checked before anything is written or a model loads: what a pipeline
+    # checks before its first stage (`EvalConfig.inputs`), then what needs the tokenizer.
+    for key, value, check in cfg.inputs():
+        if value:
+            with under_key(key):
+                check()
     tokenizer = load_tokenizer(cfg.baseline)
     p = cfg.prompts
     items, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit,
                                        kind="prompts_eval")
-    with under_key("preference_set"):
-        pairs = load_preference(resolve_source(cfg.preference_set, "preference")) if cfg.preference_set else []
+    pairs = load_preference(resolve_source(cfg.preference_set, "preference")) if cfg.preference_set else []
     tax = AlignmentTax(cfg.alignment_tax, tokenizer, cfg.batch_size, device)
-    for key, spec in cfg.judge_specs():
-        with under_key(key):
-            check_scorer_spec(spec)
     for key, name in [("baseline", cfg.baseline), *(("policies", policy_label(spec)[1]) for spec in cfg.policies)]:
         with under_key(key):
-            if key == "policies":
-                check_policy_path(name)
             check_context_length(name, p.max_prompt_length + cfg.rollout.max_new_tokens,
                                  "prompts.max_prompt_length + rollout.max_new_tokens")
-    check_task_judges(cfg, items, pairs)
 
     # 2. Judges and the baseline's samples.
     out = Path(cfg.train.output_dir)
