@@ -15,7 +15,7 @@ from rlhfkit.config import TrainSection
 from rlhfkit.models import tiny_causal_lm
 from rlhfkit.parallel import SingleProcess
 from rlhfkit.training import StepGuard, fit
-from rlhfkit.training.loop import greater_is_better
+from rlhfkit.training.best import greater_is_better
 from rlhfkit.training.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,3 +262,64 @@ def test_checkpoints_keep_the_newest_and_a_resume_continues_from_the_newest(tmp_
     result = fit(_run(tmp_path, save_every=1, keep_checkpoints=2, resume=True), lambda i: calls.append(i) or {}, 7,
                  models={"model": tiny_causal_lm(tokenizer)}, optimizers={})
     assert calls == [6] and result.steps == 7
+
+
+class Killed(Exception):
+    pass
+
+
+def _killed_at(step_fn, at: int):
+    """``step_fn`` until step ``at`` starts, which raises (a kill)."""
+    def step(i):
+        if i == at:
+            raise Killed
+        return step_fn(i)
+    return step
+
+
+def test_a_kill_between_a_new_best_and_its_checkpoint_resumes_with_the_best_it_had(tmp_path, tokenizer, caplog):
+    """The best (step 2) is no checkpoint's step; a new best at step 6 is written, then the run is
+    killed before step 8's checkpoint. The resumed run (from step 4's checkpoint, whose best is step
+    2) still has step 2's models: its later evaluations (of steps it does again) are worse, and
+    the final model is step 2's, as if the kill had not happened. The kill's step-6 models are not
+    mixed in."""
+    opts = dict(eval_every=2, save_every=4, keep_checkpoints=1, select_best="eval/score")
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1, 0.9, 0.5, 0.95])  # evaluations at steps 0, 2, 4, 6
+    with pytest.raises(Killed):
+        fit(_run(tmp_path, **opts), _killed_at(step, 6), 8, models={"model": model}, optimizers={},
+            evaluate=evaluate)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]
+    assert json.loads((tmp_path / "best" / "step.json").read_text()) == {"step": 2}
+    again = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(again, [0.3, 0.4])  # steps 6 and 8, done again
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        result = fit(_run(tmp_path, resume=True, **opts), step, 8, models={"model": again}, optimizers={},
+                     evaluate=evaluate)
+    assert "chosen again" not in caplog.text
+    assert result.best["step"] == 2 and result.best["value"] == 0.9
+    assert torch.all(again.model.norm.weight == 2.0)  # step 2's weights
+    assert not (tmp_path / "best-pending").exists()
+
+
+def test_a_kill_after_the_checkpoint_that_records_a_new_best_keeps_that_best(tmp_path, tokenizer, monkeypatch):
+    """Killed after step 4's checkpoint (whose best is step 4) but before its models moved to best/:
+    the resume takes them from best-pending/, and step 4 is the final model."""
+    from rlhfkit.training import best as best_module
+    from rlhfkit.training import loop
+
+    opts = dict(eval_every=2, save_every=4, keep_checkpoints=1, select_best="eval/score")
+    model = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(model, [0.1, 0.5, 0.9])
+    monkeypatch.setattr(loop, "promote", lambda run: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        fit(_run(tmp_path, **opts), step, 8, models={"model": model}, optimizers={}, evaluate=evaluate)
+    assert json.loads((tmp_path / "best-pending" / "step.json").read_text()) == {"step": 4}
+    assert not (tmp_path / "best").exists()  # no checkpoint before step 4's
+    monkeypatch.setattr(loop, "promote", best_module.promote)
+    again = tiny_causal_lm(tokenizer)
+    step, evaluate = _scripted(again, [0.3, 0.4])
+    result = fit(_run(tmp_path, resume=True, **opts), step, 8, models={"model": again}, optimizers={},
+                 evaluate=evaluate)
+    assert result.best["step"] == 4 and torch.all(again.model.norm.weight == 4.0)
+    assert json.loads((tmp_path / "best" / "step.json").read_text()) == {"step": 4}

@@ -707,8 +707,9 @@ def test_a_resume_never_takes_a_best_model_from_another_step(tmp_path, tiny_mode
 
 
 def test_a_best_no_checkpoint_holds_is_chosen_again_after_a_resume(tmp_path, tiny_model_dir, capsys, caplog):
-    """best/ holds another step than the restored best (step 0, which no checkpoint holds): the best
-    is chosen again among the evaluations after the resume, and a warning says so."""
+    """best/ holds another step than the restored best (step 0, which no checkpoint holds; a crash
+    while best/ was being replaced): the best is chosen again among the evaluations after the
+    resume, and a warning says so."""
     data = _sft_data(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     args = _sft_args(tiny_model_dir, data, out, "train.max_steps=8", "train.save_every=4", "train.eval_every=2",

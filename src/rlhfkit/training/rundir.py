@@ -44,8 +44,8 @@ log = logging.getLogger("rlhfkit")
 
 # What `train.overwrite` deletes: every output a trainer writes into its run directory, nothing else.
 RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "wandb", "wandb_run_id", "metrics.jsonl", "samples.jsonl",
-               "samples-*.jsonl", "ref_logps.json", "best", "*_results.json", "*_config.yaml", "*_run.json", "sft", "iter-*", "pm_data",
-               "DONE", "report.html", ".*.tmp-*", ".*.old-*")
+               "samples-*.jsonl", "ref_logps.json", "best", "best-pending", "*_results.json", "*_config.yaml",
+               "*_run.json", "sft", "iter-*", "pm_data", "DONE", "report.html", ".*.tmp-*", ".*.old-*")
 # Stages that a run of this kind nests in sub-directories (progress to continue, like a checkpoint).
 NESTED = {"dpo": ("sft",), "online_dpo": ("iter-*",)}
 
@@ -166,7 +166,7 @@ def _outputs(path: Path) -> list[str]:
     ck = path / "checkpoints"
     if ck.is_dir() and any(p.name.startswith("step-") for p in ck.iterdir()):
         found.append("checkpoints/")
-    for name in ("model", "critic", "best"):
+    for name in ("model", "critic", "best", "best-pending"):
         if (path / name).exists() or (path / name).is_symlink():
             found.append(f"{name}/")
     found += sorted(p.name for p in path.glob("*_results.json"))
