@@ -159,6 +159,21 @@ def test_dpo_reference_cache_is_keyed_by_what_it_was_computed_from(tmp_path, tin
             assert len(json.loads((out / "ref_logps.json").read_text())["train"]) == 12
 
 
+def test_dpo_reference_cache_is_keyed_by_the_temperature(tmp_path, tiny_model_dir, capsys):
+    """Log-probs at another dpo.temperature are other numbers: a resume that changes it (allowed
+    explicitly) recomputes the cached reference log-probs."""
+    data = _pairs(tmp_path / "a.jsonl", 8, "apples")
+    assert _cli(capsys, _dpo_args(tiny_model_dir, data, tmp_path / "t", "dpo.temperature=0.5"))[0] == 0
+    expect = json.loads((tmp_path / "t" / "ref_logps.json").read_text())["train"]
+    out = tmp_path / "run"
+    assert _cli(capsys, _dpo_args(tiny_model_dir, data, out))[0] == 0
+    assert json.loads((out / "ref_logps.json").read_text())["train"] != expect
+    code, line = _cli(capsys, ["dpo", "--resume", *_dpo_args(tiny_model_dir, data, out)[1:], "train.max_steps=3",
+                               "dpo.temperature=0.5", "train.resume_mismatch_ok=true"])
+    assert code == 0, line
+    assert json.loads((out / "ref_logps.json").read_text())["train"] == expect
+
+
 def test_dpo_prints_its_truncation_summary(tmp_path, tiny_model_dir, capsys):
     long = write_jsonl(tmp_path / "long.jsonl", [
         {"prompt": "word " * 40 + str(i), "chosen": "yes " * 30, "rejected": "no"} for i in range(8)])
