@@ -141,3 +141,37 @@ def test_a_pipeline_reads_each_declared_input_before_the_first_stage(tmp_path, t
         plan(str(path))
     (tmp_path / "ptx.txt").write_text("Some plain text.\n")
     assert len(plan(str(path))[1]) == 1
+
+
+@pytest.mark.parametrize("kind, config, error", [
+    ("grpo", {"reward": {"spec": "task:sentiment", "gold": "task:arithmetic"},
+              "prompts": {"train": "task:sentiment", "eval": "task:sentiment"}},
+     r"stages\[1\] \(grpo\): reward\.gold: prompts\.eval \(task:sentiment\): .*reference"),
+    ("grpo", {"reward": {"spec": "task:arithmetic"}, "prompts": {"train": "task:sentiment"}},
+     r"stages\[1\] \(grpo\): reward\.spec: prompts\.train \(task:sentiment\): .*reference"),
+    ("online-dpo", {"scorer": "task:arithmetic"},
+     r"stages\[1\] \(online-dpo\): scorer: prompts\.train \(task:sentiment\): .*reference"),
+    ("online-dpo", {"scorer": "annotator:arithmetic"}, r"scorer: prompts\.train \(task:sentiment\): .*reference"),
+    ("online-dpo", {"scorer": "task:sentiment", "gold": "task:arithmetic"}, r"gold: prompts\.train .*reference"),
+])
+def test_a_pipeline_checks_what_a_later_stage_s_judges_need_of_its_prompts(tmp_path, tiny_model_dir, kind, config,
+                                                                             error):
+    """A reward, scorer or gold judge that cannot score the prompts a later stage gives it (the
+    arithmetic judge needs each record's reference) is refused when the pipeline is planned."""
+    import yaml
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.pipeline import plan
+
+    stages = [{"name": "sft", "kind": "sft", "config": {"data": {"train": "task:sentiment"}}},
+              {"name": kind, "kind": kind, "config": {"model": {"name": "${sft}"}, **config}}]
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "base_model": str(tiny_model_dir),
+                                    "stages": stages}))
+    with pytest.raises(ConfigError, match=error):
+        plan(str(path))
+    arithmetic = {key: "task:arithmetic" for key in config.get("prompts", {"train": ""})}
+    stages[1]["config"] = {**stages[1]["config"], "prompts": arithmetic}
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "base_model": str(tiny_model_dir),
+                                    "stages": stages}))
+    assert len(plan(str(path))[1]) == 2  # prompts that carry the reference pass

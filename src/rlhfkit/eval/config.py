@@ -15,11 +15,10 @@ from rlhfkit.data.sources import Input, load_sources, source_inputs
 from rlhfkit.eval.alignment_tax import AlignmentTaxSection
 from rlhfkit.judges.preference import is_pairwise_spec
 from rlhfkit.judges.reward_fn import RewardFunctionError
-from rlhfkit.judges.reward_set import check_record_fields
+from rlhfkit.judges.reward_set import check_on_prompts
 from rlhfkit.judges.rewards import prompt_text, task_reward_fn
 from rlhfkit.judges.sample_scorer import check_scorer_spec
 from rlhfkit.models import check_policy_path
-from rlhfkit.rollout.prompts import prompt_records
 
 
 @dataclass
@@ -128,34 +127,28 @@ def policy_label(spec: str) -> tuple[str, str]:
 
 
 def check_judge(cfg: EvalConfig, spec: str) -> None:
-    """One judge's spec (`check_scorer_spec`, no model loaded) and `check_judge_records` on the
-    prompt records and preference pairs, when they can be read (else their own inputs say why)."""
+    """One judge's spec (`check_scorer_spec`, no model loaded), and what it needs of the prompt
+    records (`judges.reward_set.check_on_prompts`, the judge used alone) and of the preference
+    set's pairs (a built-in task's judge): a judge that needs a field the records lack (arithmetic's
+    ``reference``) or cannot read one is refused, naming the data, before anything is written, not
+    after every policy has been sampled. Model judges (pm:, judge:) read no fields."""
     check_scorer_spec(spec)
-    try:
-        items = prompt_records(cfg.prompts.train, "prompts_eval", cfg.prompts.limit)
-        pairs = load_sources(cfg.preference_set, "preference", load_preference) if cfg.preference_set else []
-    except (ValueError, FileNotFoundError):
-        return
-    check_judge_records(cfg, spec, items, pairs)
-
-
-def check_judge_records(cfg: EvalConfig, spec: str, items: list, pairs: list) -> None:
-    """A pointwise judge, or the simulated annotator's gold judge, against the prompt records
-    (`judges.reward_set.check_record_fields`, the judge used alone) and a built-in task's judge on
-    the preference set's pairs, before anything is written: a judge that needs a field the records
-    lack (arithmetic's ``reference``) or cannot read one is refused, naming the data, not after
-    every policy has been sampled. Model judges (pm:, judge:) read no fields."""
     kind, _, name = spec.partition(":")
     if kind in ("pm", "judge"):
         return
     pointwise = f"task:{name}" if kind == "annotator" else spec
     try:
-        check_record_fields(pointwise, items, f"prompts.train ({cfg.prompts.train})", alone=True)
+        check_on_prompts(pointwise, "prompts.train", cfg.prompts.train, "prompts_eval", cfg.prompts.limit, alone=True)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if pairs and pointwise.startswith("task:"):
-        try:
-            task_reward_fn(pointwise[5:])([prompt_text(ex.prompt) for ex in pairs], [ex.chosen for ex in pairs])
-        except (RewardFunctionError, ValueError) as e:
-            raise ConfigError(f"{spec} cannot score the pairs of preference_set {cfg.preference_set} (preference "
-                             f"pairs carry no prompt-record fields): {e}") from None
+    if not (cfg.preference_set and pointwise.startswith("task:")):
+        return
+    try:
+        pairs = load_sources(cfg.preference_set, "preference", load_preference)
+    except (ValueError, FileNotFoundError):
+        return  # the preference_set input says why
+    try:
+        task_reward_fn(pointwise[5:])([prompt_text(ex.prompt) for ex in pairs], [ex.chosen for ex in pairs])
+    except (RewardFunctionError, ValueError) as e:
+        raise ConfigError(f"{spec} cannot score the pairs of preference_set {cfg.preference_set} (preference "
+                          f"pairs carry no prompt-record fields): {e}") from None

@@ -37,6 +37,7 @@ from rlhfkit.judges.reward_fn import (
     field_columns,
 )
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
+from rlhfkit.rollout.prompts import prompt_records
 
 _ENTRY_KEYS = ("spec", "weight", "name")
 
@@ -202,6 +203,19 @@ def check_record_fields(spec_or_list, items: Sequence, source: str, alone: bool 
                 fn.signature.kwargs(fn.label, texts, messages, field_columns(fields, len(items)))
         except (RewardFunctionError, ValueError) as e:
             raise RewardSpecError(f"{source}: {e}") from None
+
+
+def check_on_prompts(spec_or_list, key: str, source: str, kind: str, limit: int = 0, alone: bool = False) -> None:
+    """`check_record_fields` on the records of the prompt source ``source`` (config key ``key``),
+    read without a tokenizer: what a pipeline checks before its first stage. A source that cannot
+    be read is skipped here; its own input (`rollout.prompts.prompt_inputs`) says why."""
+    if not source:
+        return
+    try:
+        items = prompt_records(source, kind, limit)
+    except (ValueError, FileNotFoundError):
+        return
+    check_record_fields(spec_or_list, items, f"{key} ({source})", alone=alone)
 
 
 def _entry_weights(weights: Sequence[float] | None, own: list) -> Sequence[float]:

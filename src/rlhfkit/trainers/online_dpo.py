@@ -57,7 +57,7 @@ from rlhfkit.data.sources import Input
 from rlhfkit.io import copy_tree_atomic, write_json_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 from rlhfkit.judges.preference import is_pairwise_spec
-from rlhfkit.judges.reward_set import check_record_fields
+from rlhfkit.judges.reward_set import check_on_prompts
 from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.loading import check_context_length
@@ -132,8 +132,8 @@ class OnlineDPOConfig:
     def inputs(self) -> list[Input]:
         """What it reads that may exist before it runs, as `PolicyGradientConfig.inputs`: the prompt
         sources, the gold judge and the scorer."""
-        return [*prompt_inputs(self.prompts), ("gold", self.gold, partial(check_reward_spec, self.gold)),
-                ("scorer", self.scorer, partial(check_scorer_spec, self.scorer))]
+        return [*prompt_inputs(self.prompts), ("gold", self.gold, partial(_check_gold, self)),
+                ("scorer", self.scorer, partial(_check_scorer, self))]
 
     def validate(self, where: str) -> None:
         if self.iterations < 1 or self.prompts_per_iteration < 1:
@@ -192,7 +192,11 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
         check_context_length(cfg.model.name, cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens,
                              "prompts.max_prompt_length + rollout.max_new_tokens")
     items, dropped, eval_items = _prompts(cfg, tokenizer)
-    _check_judges(cfg, items, eval_items)
+    with under_key("scorer"):
+        _check_scorer(cfg)
+    with under_key("gold"):
+        if cfg.gold:
+            _check_gold(cfg)
     run = open_run(cfg, "online_dpo", strategy)
     # the outer loop: one step per iteration, a checkpoint after each
     run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,
@@ -251,22 +255,24 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     return results
 
 
-def _check_judges(cfg: OnlineDPOConfig, items: list, eval_items: list) -> None:
-    """The scorer and gold specs, checked before the run writes anything or loads a model, each
-    against the prompt records it will score (`judges.reward_set.check_record_fields`; the
-    simulated annotator's gold judge as its task's)."""
+def _check_scorer(cfg: OnlineDPOConfig) -> None:
+    """The scorer's spec, and a pointwise one (the simulated annotator's as its task's) against the
+    training prompts' records it will score (`judges.reward_set.check_on_prompts`), without loading
+    a model: at the run's start and, through `inputs`, before a pipeline's first stage."""
     p = cfg.prompts
-    with under_key("scorer"):
-        check_scorer_spec(cfg.scorer)
-        kind, _, target = cfg.scorer.partition(":")
-        pointwise = f"task:{target}" if kind == "annotator" else None if is_pairwise_spec(cfg.scorer) else cfg.scorer
-        if pointwise:
-            check_record_fields(pointwise, items, f"prompts.train ({p.train})", alone=True)
-    with under_key("gold"):
-        if cfg.gold:
-            check_reward_spec(cfg.gold)
-            check_record_fields(cfg.gold, items, f"prompts.train ({p.train})", alone=True)
-            check_record_fields(cfg.gold, eval_items, f"prompts.eval ({p.eval})", alone=True)
+    check_scorer_spec(cfg.scorer)
+    kind, _, target = cfg.scorer.partition(":")
+    pointwise = f"task:{target}" if kind == "annotator" else None if is_pairwise_spec(cfg.scorer) else cfg.scorer
+    if pointwise:
+        check_on_prompts(pointwise, "prompts.train", p.train, "prompts", p.limit, alone=True)
+
+
+def _check_gold(cfg: OnlineDPOConfig) -> None:
+    """The gold judge's spec, against the training and the held-out prompts' records, as `_check_scorer`."""
+    p = cfg.prompts
+    check_reward_spec(cfg.gold)
+    check_on_prompts(cfg.gold, "prompts.train", p.train, "prompts", p.limit, alone=True)
+    check_on_prompts(cfg.gold, "prompts.eval", p.eval, "prompts_eval", p.eval_limit, alone=True)
 
 
 def _prompts(cfg: OnlineDPOConfig, tokenizer) -> tuple[list, int, list]:

@@ -33,7 +33,7 @@ from rlhfkit.config import (
 from rlhfkit.data import SFTCollator, load_plain_text, load_sft, tokenize_plain_text
 from rlhfkit.data.sources import Input, resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
-from rlhfkit.judges.reward_set import check_record_fields
+from rlhfkit.judges.reward_set import check_on_prompts, check_record_fields
 from rlhfkit.models import check_lora_targets, check_model_path, check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import check_context_length, store_linears_in, to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, disable_dropout, enable_gradient_checkpointing
@@ -118,8 +118,8 @@ class PolicyGradientConfig:
         the run does, without loading a model (`rlhfkit.pipeline` checks every stage's up front)."""
         r, ptx = self.reward, self.ptx
         return [*prompt_inputs(self.prompts),
-                *(("reward.spec", s, partial(check_reward_spec, s)) for s in r.sources()),
-                ("reward.gold", r.gold, partial(check_reward_spec, r.gold)),
+                *(("reward.spec", s, partial(check_reward_on_prompts, s, self.prompts)) for s in r.sources()),
+                ("reward.gold", r.gold, partial(check_reward_on_prompts, r.gold, self.prompts, gold=True)),
                 ("ptx.data", ptx.data if ptx.coef > 0 else "", partial(read_ptx, ptx.data))]
 
     def validate(self, where: str) -> None:
@@ -141,6 +141,16 @@ class PolicyGradientConfig:
         if rows % self.mini_batch_size:
             raise ConfigError(f"{where}.mini_batch_size: {self.mini_batch_size} must divide train.batch_size x "
                               f"rollout.n = {rows} rows")
+
+
+def check_reward_on_prompts(spec, prompts, gold: bool = False) -> None:
+    """A reward's spec (`check_reward_spec`) and what it needs of the prompt records it will score
+    (`judges.reward_set.check_on_prompts`): the training and held-out prompts for a reward of the
+    set, the held-out ones for the gold judge (used alone), as the run checks them when it starts."""
+    check_reward_spec(spec)
+    if not gold:
+        check_on_prompts(spec, "prompts.train", prompts.train, "prompts", prompts.limit)
+    check_on_prompts(spec, "prompts.eval", prompts.eval, "prompts_eval", prompts.eval_limit, alone=gold)
 
 
 @dataclass
