@@ -13,7 +13,7 @@ from rlhfkit.config import ConfigError, RolloutSection
 from rlhfkit.data import load_preference, load_prompts, load_sft
 from rlhfkit.data.sources import Input, load_sources, source_inputs
 from rlhfkit.eval.alignment_tax import AlignmentTaxSection
-from rlhfkit.judges.preference import is_pairwise_spec
+from rlhfkit.judges.preference import fields_judge, is_pairwise_spec
 from rlhfkit.judges.reward_fn import RewardFunctionError
 from rlhfkit.judges.reward_set import check_on_prompts
 from rlhfkit.judges.rewards import prompt_text, task_reward_fn
@@ -133,10 +133,9 @@ def check_judge(cfg: EvalConfig, spec: str) -> None:
     ``reference``) or cannot read one is refused, naming the data, before anything is written, not
     after every policy has been sampled. Model judges (pm:, judge:) read no fields."""
     check_scorer_spec(spec)
-    kind, _, name = spec.partition(":")
-    if kind in ("pm", "judge"):
+    pointwise = fields_judge(spec)
+    if pointwise is None:
         return
-    pointwise = f"task:{name}" if kind == "annotator" else spec
     try:
         check_on_prompts(pointwise, "prompts.train", cfg.prompts.train, "prompts_eval", cfg.prompts.limit, alone=True)
     except ValueError as e:

@@ -254,3 +254,12 @@ def judge_tokenizer(spec: str, target: str, chat_template: str = ""):
 
 def is_pairwise_spec(spec: str) -> bool:
     return spec.split(":", 1)[0] in ("pm", "judge", "annotator")
+
+
+def fields_judge(spec: str) -> str | None:
+    """The pointwise reward that reads a judge's prompt-record fields: the spec itself, the simulated
+    annotator's task judge (annotator:TASK -> task:TASK), None for a model judge (pm:, judge:)."""
+    kind, _, target = spec.partition(":")
+    if kind == "annotator":
+        return f"task:{target}"
+    return None if is_pairwise_spec(spec) else spec

@@ -56,7 +56,7 @@ from rlhfkit.config import (
 from rlhfkit.data.sources import Input
 from rlhfkit.io import copy_tree_atomic, write_json_atomic
 from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
-from rlhfkit.judges.preference import is_pairwise_spec
+from rlhfkit.judges.preference import fields_judge, is_pairwise_spec
 from rlhfkit.judges.reward_set import check_on_prompts
 from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer, save_pretrained_atomic
@@ -261,8 +261,7 @@ def _check_scorer(cfg: OnlineDPOConfig) -> None:
     a model: at the run's start and, through `inputs`, before a pipeline's first stage."""
     p = cfg.prompts
     check_scorer_spec(cfg.scorer)
-    kind, _, target = cfg.scorer.partition(":")
-    pointwise = f"task:{target}" if kind == "annotator" else None if is_pairwise_spec(cfg.scorer) else cfg.scorer
+    pointwise = fields_judge(cfg.scorer)
     if pointwise:
         check_on_prompts(pointwise, "prompts.train", p.train, "prompts", p.limit, alone=True)
 
