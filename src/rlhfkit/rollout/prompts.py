@@ -18,6 +18,11 @@ class PromptItem:
     reference: str | None = None
     fields: dict = field(default_factory=dict)  # the record's other fields: reward functions get them
 
+    @classmethod
+    def of(cls, example, ids: list[int]) -> PromptItem:
+        """The item of a `data.PromptExample`, with its rendered ``ids``."""
+        return cls(ids, example.prompt, last_user_text(example.prompt), example.reference, example.reward_fields())
+
 
 def prompt_inputs(prompts) -> list[Input]:
     """The `Input`s of a prompts section (``prompts.train``, ``prompts.eval``), read as
@@ -30,8 +35,7 @@ def prompt_records(source: str, kind: str = "prompts", limit: int = 0) -> list[P
     """The records of ``source`` as `PromptItem`s without token ids (no tokenizer needed): what a
     reward function would receive from them, for checking a judge against them before a run."""
     examples = load_prompts(resolve_source(source, kind))
-    return [PromptItem([], ex.prompt, last_user_text(ex.prompt), ex.reference, ex.reward_fields())
-            for ex in (examples[:limit] if limit else examples)]
+    return [PromptItem.of(ex, []) for ex in (examples[:limit] if limit else examples)]
 
 
 def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: int = 0,
@@ -48,7 +52,7 @@ def load_prompt_items(source: str, tokenizer, *, max_prompt_length: int, limit: 
         if len(ids) > max_prompt_length:
             dropped += 1
             continue
-        items.append(PromptItem(ids, ex.prompt, last_user_text(ex.prompt), ex.reference, ex.reward_fields()))
+        items.append(PromptItem.of(ex, ids))
     if not items:
         raise ValueError(f"{source}: no prompts left (dropped {dropped} longer than {max_prompt_length} tokens)")
     return items, dropped
