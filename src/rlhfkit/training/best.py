@@ -122,15 +122,17 @@ def restore(run, ckpt: Checkpointer, best: Best, models: dict) -> None:
     best of steps after the checkpoint). Then ``best`` must hold the best step's models: if it does
     not (a crash while it was written), they are copied from that step's checkpoint when there is
     one; otherwise the best is chosen again from the evaluations that follow, and a warning says so."""
-    # rank 0's readings, before any write
+    # rank 0's readings, before any write: every rank then decides alike
     pending, saved = run.strategy.gather_objects([(saved_step(run.out, PENDING), saved_step(run.out))])[0]
+    recorded = pending is not None and pending == best.step
     if run.is_main:
-        if pending is not None and pending == best.step:
+        if recorded:
             _move_pending(run.out)
-            saved = pending
         else:
             shutil.rmtree(run.out / PENDING, ignore_errors=True)
-    saved = run.strategy.gather_objects([saved])[0]
+    run.strategy.wait()
+    if recorded:
+        saved = pending
     if best.step is None or saved == best.step:
         return
     source = next((p for p in ckpt.all() if p.name == f"{CKPT_PREFIX}{best.step:08d}"), None)
