@@ -17,11 +17,14 @@ def _filters(logits: torch.Tensor, top_p: float, top_k: int) -> bool:
     return bool(top_k and top_k < logits.shape[-1]) or top_p < 1.0
 
 
-def _filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """Tempered logits with tokens outside top-k / top-p set to -inf; `logits` itself if nothing to do."""
+def _filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+              want_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tempered logits with tokens outside top-k / top-p set to -inf (`logits` itself if nothing to
+    do), and, with `want_lse` and a filter on, logsumexp(logits / T) taken before the filters."""
     if temperature == 1.0 and not _filters(logits, top_p, top_k):
-        return logits
+        return logits, None
     z = logits / temperature if temperature != 1.0 else logits.clone()
+    lse = z.logsumexp(-1) if want_lse and _filters(logits, top_p, top_k) else None
     if top_k and top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         z.masked_fill_(z < kth, float("-inf"))
@@ -32,7 +35,7 @@ def _filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int
         drop_sorted = (cum - sorted_z.softmax(-1)) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         z.masked_fill_(drop, float("-inf"))
-    return z
+    return z, lse
 
 
 class Sampler:
@@ -69,7 +72,7 @@ class Sampler:
         if self.temperature == 0:
             tok = logits.argmax(-1)
             return tok, (token_logprob(logits, tok) if want_logp else None)
-        z = _filtered(logits, self.temperature, self.top_p, self.top_k)
+        z, lse_all = _filtered(logits, self.temperature, self.top_p, self.top_k, want_logp)
         b, V = z.shape
         m = z.amax(-1, keepdim=True)  # (b, 1), finite: the top token is never filtered out
         buf = self._buffer(z)
@@ -89,10 +92,11 @@ class Sampler:
         tok = (blk * self.BLOCK + torch.searchsorted(inner, rest, right=True)).squeeze(-1)  # (b,)
         if not want_logp:
             return tok, None
-        if not _filters(logits, self.top_p, self.top_k):  # z = logits / T: log pi = z - max - log(sum exp(z - max))
+        if lse_all is None:  # no filter, z = logits / T: log pi = z - max - log(sum exp(z - max))
             lse = m.squeeze(-1) + total.squeeze(-1).log().to(z.dtype)
             return tok, z.gather(-1, tok[:, None]).squeeze(-1) - lse
-        return tok, token_logprob(logits if self.temperature == 1.0 else logits / self.temperature, tok)
+        # filtered: log pi under the unfiltered tempered model, its normaliser taken before the filters
+        return tok, logits.gather(-1, tok[:, None]).squeeze(-1) / self.temperature - lse_all
 
 
 def token_logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
