@@ -83,12 +83,7 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
         run.logger.advance()
         # every save_every steps, and at the end (so that a finished run can be continued for longer)
         if train.save_every and ((step + 1) % train.save_every == 0 or step + 1 == total or stop):
-            state = {"kind": run.kind, "guard": run.guard.state_dict(), **state_fn()}
-            if best is not None:
-                state["best"] = best.state_dict()
-            save_checkpoint(ckpt, strategy, step + 1, models, optimizers, state, run.tokenizer)
-            if best is not None:
-                promote(run)  # the checkpoint records the best: its models become best/
+            _save(run, ckpt, step + 1, models, optimizers, best, state_fn)
         strategy.wait()
         done = step + 1
         if stop:
@@ -98,20 +93,38 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
             break
     result = FitResult({k: to_builtin(v) for k, v in metrics.items()}, done)  # numbers, not tensors
     if best is not None and best.step is not None:
-        result.best = {"metric": best.metric, "step": best.step, "value": best.value}
-        if stopped_at is not None:  # train.early_stopping_patience ended the run there
-            result.best["stopped_early_at"] = stopped_at
-        promote(run)  # the run is over: the last best is final
-        if best.step != done:  # the final model is the best one
-            if saved_step(run.out) != best.step:
-                raise RuntimeError(f"{run.out / BEST} does not hold step {best.step}, the best {best.metric}: "
-                                   "not loading another step's weights as the final model")
-            for name, model in models.items():
-                strategy.load_weights(model, run.out / BEST / name)
-            _describe_the_kept_model(run, result, best.step)
-            run.logger.write(f"[{run.kind}] final model: step {best.step}, the best {best.metric} ({best.value:.4g})")
+        _keep_best(run, best, result, models, stopped_at)
     run.logger.close()
     return result
+
+
+def _save(run, ckpt: Checkpointer, step: int, models: dict, optimizers: dict, best: Best | None,
+          state_fn: Callable[[], dict]) -> None:
+    """A checkpoint of ``step`` with the guard, the best-so-far record and the trainer's state."""
+    state = {"kind": run.kind, "guard": run.guard.state_dict(), **state_fn()}
+    if best is not None:
+        state["best"] = best.state_dict()
+    save_checkpoint(ckpt, run.strategy, step, models, optimizers, state, run.tokenizer)
+    if best is not None:
+        promote(run)  # the checkpoint records the best: its models become best/
+
+
+def _keep_best(run, best: Best, result: FitResult, models: dict, stopped_at: int | None) -> None:
+    """The run is over: record the best evaluation in ``result.best`` and, unless it is the last
+    step, load its models from ``output_dir/best`` as the final ones."""
+    result.best = {"metric": best.metric, "step": best.step, "value": best.value}
+    if stopped_at is not None:  # train.early_stopping_patience ended the run there
+        result.best["stopped_early_at"] = stopped_at
+    promote(run)  # the last best is final
+    if best.step == result.steps:
+        return
+    if saved_step(run.out) != best.step:
+        raise RuntimeError(f"{run.out / BEST} does not hold step {best.step}, the best {best.metric}: "
+                           "not loading another step's weights as the final model")
+    for name, model in models.items():
+        run.strategy.load_weights(model, run.out / BEST / name)
+    _describe_the_kept_model(run, result, best.step)
+    run.logger.write(f"[{run.kind}] final model: step {best.step}, the best {best.metric} ({best.value:.4g})")
 
 
 def _describe_the_kept_model(run, result: FitResult, step: int) -> None:
