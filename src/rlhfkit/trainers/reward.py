@@ -177,6 +177,28 @@ def _check_backbone_layers(cfg: RewardConfig) -> None:
                               "decoder layers")
 
 
+def _check_start_model(cfg: RewardConfig) -> None:
+    """model.name: a model directory or name, and with LoRA one whose stored pooling is cfg.pooling."""
+    check_model_path(cfg.model.name)
+    stored = stored_reward_pooling(cfg.model.name)
+    if cfg.model.lora.enabled and stored != cfg.pooling:
+        # rm:DIR scores an adapter with its base's stored pooling: it must be the one trained with
+        raise ConfigError(f"{cfg.model.name} records reward_pooling {stored!r} "
+                          f"(its config.json, 'last' when none), and a LoRA adapter on it is scored that way, not "
+                          f"with pooling {cfg.pooling!r}: train without LoRA")
+
+
+def _check_training_pairs(cfg: RewardConfig, train: list) -> None:
+    """What use_margin and head_init: probe need of the training pairs."""
+    if cfg.use_margin and not any(f.get("margin") is not None for f in train):
+        raise ConfigError(f"use_margin: no training pair in {', '.join(source_list(cfg.data.train))} has a 'margin' "
+                          "field, so the margin term would be 0 for every pair")
+    if cfg.head_init == "probe" and len(train) < 2 * PROBE_FOLDS:
+        raise ConfigError(f"head_init: probe fits the head by {PROBE_FOLDS}-fold cross-validation, which needs at "
+                          f"least {2 * PROBE_FOLDS} training pairs; {', '.join(source_list(cfg.data.train))} has "
+                          f"{len(train)} (head_init: random trains the head from scratch)")
+
+
 def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
@@ -185,22 +207,10 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
 
     # 1. Data, validated before anything is written or the model loads.
     with under_key("model.name"):
-        check_model_path(cfg.model.name)
-        stored = stored_reward_pooling(cfg.model.name)
-        if cfg.model.lora.enabled and stored != cfg.pooling:
-            # rm:DIR scores an adapter with its base's stored pooling: it must be the one trained with
-            raise ConfigError(f"{cfg.model.name} records reward_pooling {stored!r} "
-                              f"(its config.json, 'last' when none), and a LoRA adapter on it is scored that way, not "
-                              f"with pooling {cfg.pooling!r}: train without LoRA")
+        _check_start_model(cfg)
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
-    if cfg.use_margin and not any(f.get("margin") is not None for f in train):
-        raise ConfigError(f"use_margin: no training pair in {', '.join(source_list(cfg.data.train))} has a 'margin' "
-                          "field, so the margin term would be 0 for every pair")
-    if cfg.head_init == "probe" and len(train) < 2 * PROBE_FOLDS:
-        raise ConfigError(f"head_init: probe fits the head by {PROBE_FOLDS}-fold cross-validation, which needs at "
-                          f"least {2 * PROBE_FOLDS} training pairs; {', '.join(source_list(cfg.data.train))} has "
-                          f"{len(train)} (head_init: random trains the head from scratch)")
+    _check_training_pairs(cfg, train)
     _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy, tokenizer)
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.share_prompt)
