@@ -37,7 +37,7 @@ import random
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -184,19 +184,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
     final one (``output_dir/model``)."""
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
-    strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
-    with under_key("model.name"):
-        check_policy_path(cfg.model.name)  # not a reward model or critic
-    tokenizer = load_tokenizer(cfg.model.name)
-    with under_key("rollout.max_new_tokens"):
-        check_context_length(cfg.model.name, cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens,
-                             "prompts.max_prompt_length + rollout.max_new_tokens")
-    items, dropped, eval_items = _prompts(cfg, tokenizer)
-    with under_key("scorer"):
-        _check_scorer(cfg)
-    with under_key("gold"):
-        if cfg.gold:
-            _check_gold(cfg)
+    tokenizer, (items, dropped, eval_items) = _checked_inputs(cfg, strategy)
     run = open_run(cfg, "online_dpo", strategy)
     # the outer loop: one step per iteration, a checkpoint after each
     run.train = dataclasses.replace(cfg.train, max_steps=cfg.iterations, save_every=1, keep_checkpoints=1,
@@ -243,16 +231,42 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
                "prompts_dropped_too_long": dropped, "final_model": final, "iterations": state["history"],
                "world_size": strategy.world_size, "best": result.best}
     if strategy.is_main:
-        if final != cfg.model.name:
-            copy_tree_atomic(Path(final), run.out / "model", link=True)  # a directory of its own, no second copy
-        else:  # no iteration beat the start (select_best): the final model is the starting policy itself
-            # fp32, as trained models are; an adapter start merged in
-            save_pretrained_atomic(load_causal_lm(cfg.model.name, "float32"), tokenizer, run.out / "model")
-            results["final_model"] = str(run.out / "model")
-        write_json_atomic(run.out / "online_dpo_results.json", results)
-        release(run.out)
+        _write_final(cfg, run, tokenizer, results)
     strategy.wait()
     return results
+
+
+def _checked_inputs(cfg: OnlineDPOConfig, strategy: Strategy) -> tuple[Any, tuple]:
+    """Everything checked before a run directory is written or a model loads: the tokenizer and the
+    tokenised prompts (`_prompts`: training items, how many were too long, held-out items)."""
+    strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
+    with under_key("model.name"):
+        check_policy_path(cfg.model.name)  # not a reward model or critic
+    tokenizer = load_tokenizer(cfg.model.name)
+    with under_key("rollout.max_new_tokens"):
+        check_context_length(cfg.model.name, cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens,
+                             "prompts.max_prompt_length + rollout.max_new_tokens")
+    prompts = _prompts(cfg, tokenizer)
+    with under_key("scorer"):
+        _check_scorer(cfg)
+    with under_key("gold"):
+        if cfg.gold:
+            _check_gold(cfg)
+    return tokenizer, prompts
+
+
+def _write_final(cfg: OnlineDPOConfig, run, tokenizer, results: dict) -> None:
+    """Rank 0: ``output_dir/model`` (the final iteration's model, or the start when no iteration
+    beat it) and ``online_dpo_results.json``; then the run directory is released."""
+    final = results["final_model"]
+    if final != cfg.model.name:
+        copy_tree_atomic(Path(final), run.out / "model", link=True)  # a directory of its own, no second copy
+    else:  # no iteration beat the start (select_best): the final model is the starting policy itself
+        # fp32, as trained models are; an adapter start merged in
+        save_pretrained_atomic(load_causal_lm(cfg.model.name, "float32"), tokenizer, run.out / "model")
+        results["final_model"] = str(run.out / "model")
+    write_json_atomic(run.out / "online_dpo_results.json", results)
+    release(run.out)
 
 
 def _check_scorer(cfg: OnlineDPOConfig) -> None:
