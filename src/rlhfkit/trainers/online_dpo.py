@@ -118,7 +118,10 @@ class OnlineDPOConfig:
     """Subtracted from the ranked score of every sample that did not end with an end-of-turn token
     (cut at rollout.max_new_tokens) before pairs are built (TRL's missing_eos_penalty), so that a
     reply that ended is chosen over a cut one (which is trained as sampled, without an end-of-turn
-    token). null: no penalty; iteration.json counts cut samples and cut chosen ones."""
+    token). It acts on the scorer's scale: the annotator's scores with rollout.n = 2 are 1 and 0, so
+    below 1 it changes no pair, at 1 a pair whose preferred reply was cut against one that ended
+    becomes a tie (dropped), and above 1 it is turned. null: no penalty; iteration.json counts cut
+    samples and cut chosen ones."""
     tie_tolerance: float = 0.0
     """best - worst <= this counts as a tie (the pair is dropped)."""
     max_length: int = 512
