@@ -21,10 +21,11 @@ def _filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int
               want_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tempered logits with tokens outside top-k / top-p set to -inf (`logits` itself if nothing to
     do), and, with `want_lse` and a filter on, logsumexp(logits / T) taken before the filters."""
-    if temperature == 1.0 and not _filters(logits, top_p, top_k):
+    filtering = _filters(logits, top_p, top_k)
+    if temperature == 1.0 and not filtering:
         return logits, None
     z = logits / temperature if temperature != 1.0 else logits.clone()
-    lse = z.logsumexp(-1) if want_lse and _filters(logits, top_p, top_k) else None
+    lse = z.logsumexp(-1) if want_lse and filtering else None
     if top_k and top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         z.masked_fill_(z < kth, float("-inf"))
