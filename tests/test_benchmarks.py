@@ -520,3 +520,55 @@ def test_the_trl_benchmark_venvs_install_every_runtime_dependency():
     recipe = re.search(r"define bench_venv\n(.*?)\nendef", (root / "Makefile").read_text(), re.S).group(1)
     installed = set(re.findall(r"[A-Za-z][\w.-]*", recipe.lower()))
     assert names - installed <= {"numpy", "packaging"}, names - installed
+
+
+def _token_pairs(n, seed, dim=6):
+    """Per-token caches as ``rm_token_heads.py features`` writes them: every reply has six tokens
+    near 0, and the chosen reply's third token has feature 0 far from 0, of random sign."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        c, r = 0.3 * torch.randn(6, dim, generator=g), 0.3 * torch.randn(6, dim, generator=g)
+        c[2, 0] = (1 if torch.rand(1, generator=g) < 0.5 else -1) * 3.0
+        pairs.append([c.half(), r.half()])
+    return {"tok": {0: pairs}, "gold_c": torch.ones(n), "gold_r": torch.zeros(n), "prompts": [f"p{i}" for i in range(n)]}
+
+
+def test_rm_token_heads_token_mlp_learns_what_no_pooled_linear_probe_can(bench_path):
+    """``rm_token_heads.py``: one token of the chosen reply stands out in either direction. A
+    linear head on the pooled features sees a difference of random sign (chance); the MLP applied
+    to every token and then pooled learns |x| and ranks held-out pairs, mean- and sum-pooled, and
+    its settings are the ones the held-out fifth of the training prompts picked."""
+    import rm_token_heads
+
+    grid = {"hidden": (16,), "wd": (0.01,), "epochs": (10, 80)}
+    rows = {r["name"]: r for r in rm_token_heads.head_table(_token_pairs(256, 0), _token_pairs(128, 1), (0,),
+                                                            seeds=2, grid=grid)}
+    assert all(0.3 < rows[f"linear probe, layer 0, {p}"]["acc"] < 0.7 for p in ("mean", "sum"))
+    for pool in ("mean", "sum"):
+        assert rows[f"token MLP, layer 0, {pool}, seed 0"]["acc"] > 0.9
+        assert rows[f"token MLP, layer 0, {pool}, 2 seeds averaged"]["acc"] > 0.9
+        assert rows[f"token MLP, layer 0, {pool}, seed 1"]["config"]["epochs"] in (10, 80)
+    sizes = rm_token_heads.size_table(_token_pairs(256, 0), _token_pairs(128, 1), (0,), [16, 256],
+                                      {"hidden": 16, "wd": 0.01, "epochs": 80}, "sum", seeds=2)
+    assert [s["pairs"] for s in sizes] == [16, 256] and sizes[1]["acc"] > 0.9
+
+
+def test_rm_token_heads_pools_each_reply_over_its_own_tokens(bench_path):
+    """``TokenPairs``: standardised with the training matrix's statistics, the margin of a pair is
+    the pooled net output of its chosen tokens minus its rejected ones, each reply its own length."""
+    import torch
+
+    import rm_token_heads
+
+    c, r = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]])
+    data = rm_token_heads.TokenPairs({"tok": {0: [[c, r]]}}, (0,), (torch.zeros(2), torch.ones(2)))
+    net = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.ones_(net.weight)
+    mean = data.margins(net, torch.tensor([0]), "mean")
+    total = data.margins(net, torch.tensor([0]), "sum")
+    assert torch.allclose(mean, torch.tensor([(3 + 7) / 2 - (11 + 15 + 19) / 3]))
+    assert torch.allclose(total, torch.tensor([(10 - 45) / rm_token_heads.SUM_SCALE]))
+    assert torch.allclose(data.pooled("sum")[0], torch.stack([c.sum(0), r.sum(0)]))

@@ -102,6 +102,9 @@ def one_thread(one_torch_thread):
     """The 1-process runs here use one thread, like each of the two processes (and a shared CPU)."""
 
 
+RM_FSDP = ["head_init=probe", "head_hidden=8", "pooling=mean"]  # the FSDP RM runs' head: a token head
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, tokenizer):
     """Every 2-process run, in one torchrun job; plus the 1-process SFT run the 2-process job resumes."""
@@ -134,7 +137,7 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-fsdp", "train.fsdp=true")},
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2-fsdp", "train.fsdp=true", "--resume")},
         {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-fsdp") + ["train.fsdp=true"]},
-        {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-fsdp") + ["train.fsdp=true", "head_init=probe"]},
+        {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-fsdp") + ["train.fsdp=true", *RM_FSDP]},
         {"argv": _pg_args("grpo", work, work / "grpo-2"), "capture": str(work / "grpo-2-rollouts")},
         {"argv": _pg_args("ppo", work, work / "ppo-2"), "capture": str(work / "ppo-2-rollouts")},
         # FSDP2 for the policy-gradient trainers: actor (and critic) sharded, gathered for the rollout
@@ -312,8 +315,9 @@ def test_fsdp_checkpoints_resume_across_world_sizes_and_layouts(runs, tiny_model
 
 @pytest.mark.parametrize("kind", ["dpo", "rm"])
 def test_fsdp_preference_trainers_equal_one_process(runs, tiny_model_dir, kind):
-    # the RM also fits its head as a linear probe first: features from the sharded forward, head set per shard
-    extra = ["head_init=probe"] if kind == "rm" else []
+    # the RM fits a token head first: per-token features from the sharded forward, head set per shard,
+    # the saved model gathered into a plain one with the same head
+    extra = RM_FSDP if kind == "rm" else []
     one = runs / f"{kind}-1-fsdp-ref"
     assert cli(_pref_args(kind, tiny_model_dir, runs / "pref.jsonl", one) + extra) == 0
     _assert_sharded(runs / f"{kind}-fsdp", f"{kind}_results.json")

@@ -35,6 +35,7 @@ from rlhfkit.algos.losses import (
 )
 from rlhfkit.algos.preference import bradley_terry_loss, dpo_loss, pairwise_accuracy
 from rlhfkit.algos.probe import fit_bt_probe, fit_linear_bt
+from rlhfkit.algos.token_head import fit_token_head_bt, token_head_scores
 from rlhfkit.algos.selection import best_of_n, build_pairs, length_penalised, rsft_dropped
 from rlhfkit.algos.stats import (
     agg_loss,
@@ -61,6 +62,7 @@ __all__ = [
     "explained_variance",
     "fit_bt_probe",
     "fit_linear_bt",
+    "fit_token_head_bt",
     "gae_advantages",
     "group_advantages",
     "kl_estimate",
@@ -81,6 +83,7 @@ __all__ = [
     "sequence_policy_loss",
     "sft_loss",
     "shift_for_causal",
+    "token_head_scores",
     "token_logprobs",
     "value_loss",
 ]

@@ -309,6 +309,12 @@ class RewardConfig:
     """How the per-token head outputs become the reward: last (the value at the last real token),
     mean (the mean over the response tokens) or mean_all (over all tokens). Saved in the model's
     config.json as reward_pooling, so that rm:DIR scores the way the model was trained."""
+    head_hidden: int = 0
+    """> 0: the head is a small MLP of this width applied at every token, w2 . gelu(W1 h + b1),
+    pooled as pooling says, instead of one linear map (a token can count by what it is, as in a
+    word list). With head_init probe it is fitted alone on the frozen backbone's per-token
+    features first (AdamW, 3 epochs, weight decay 0.3). Saved in config.json as reward_head_hidden;
+    rlhfkit loads it back (rm:DIR, critic_init: reward), plain transformers does not. 0: linear."""
     share_prompt: bool = True
     """Score each pair as one packed sequence: the prompt once, then the chosen and the rejected
     response, each seeing the prompt and itself (the same scores up to float rounding, fewer
@@ -349,6 +355,11 @@ class RewardConfig:
                               f"backbone_layers: {self.backbone_layers}")
         if self.train_top_layers and self.model.lora.enabled:
             raise ConfigError(f"{where}.train_top_layers: not with model.lora.enabled (LoRA already freezes the base)")
+        if self.head_hidden < 0:
+            raise ConfigError(f"{where}.head_hidden: must be >= 0, got {self.head_hidden}")
+        if self.head_hidden and self.model.lora.enabled:
+            raise ConfigError(f"{where}.head_hidden: a token head cannot be stored with a LoRA adapter "
+                              "(it has no config.json to record it in); train without LoRA")
         if self.pooling != "last" and self.model.lora.enabled:
             # a LoRA run saves an adapter directory, which has no config.json to record the pooling in
             raise ConfigError(f"{where}.pooling: {self.pooling!r} cannot be stored with a LoRA adapter; "

@@ -27,6 +27,7 @@ from rlhfkit.data.chat_templates import apply_chat_template
 from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
 from rlhfkit.models.names import DEFAULT_ALIASES, DEFAULT_MODEL, check_model_path, check_policy_path, resolve_hub_id
 from rlhfkit.models.saving import save_pretrained_atomic
+from rlhfkit.models.token_head import restore_token_head
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,8 @@ def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = No
 
 
 def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None = None, pad_token_id: int | None = None):
-    """Load a reward / value model: the LM backbone with a one-output linear head.
+    """Load a reward / value model: the LM backbone with a one-output linear head (or the token
+    head its config.json records, `models.token_head`).
 
     A directory saved as ``*ForSequenceClassification`` loads with its trained head; a causal LM
     (the SFT policy, the default model) gets a fresh head, initialised small so that initial
@@ -277,11 +279,14 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
     transformers.logging.set_verbosity_error()  # "lm_head unused / score newly initialised" is expected here
     try:
         if _META_LOADS:
-            return _from_config(AutoModelForSequenceClassification, config, _dtype(dtype))
+            model = _from_config(AutoModelForSequenceClassification, config, _dtype(dtype))
+            restore_token_head(model, None)  # the structure only: rank 0 sends the weights
+            return model
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype),
                                                                    trust_remote_code=False)
     finally:
         transformers.logging.set_verbosity(prev)
+    restore_token_head(model, path)  # a token head (config.json's reward_head_hidden) is not a transformers class
     if not is_seqcls:
         with torch.no_grad():
             model.score.weight.normal_(0.0, 1.0 / (config.hidden_size + 1) ** 0.5)

@@ -42,6 +42,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rlhfkit.models.loading import is_structure_only, structure_only
 from rlhfkit.models.lora import is_peft
+from rlhfkit.models.token_head import restore_token_head
 from rlhfkit.models.weights import saved_weights
 from rlhfkit.parallel.base import Strategy
 
@@ -172,6 +173,7 @@ def unsharded_copy(model, state: dict[str, torch.Tensor]):
     cls = next(b for b in type(model).__bases__ if b is not FSDPModule)
     with torch.device("meta"):
         plain = cls(model.config)
+        restore_token_head(plain, None)  # a token head's structure, as the live model has it
     plain.load_state_dict(state, strict=True, assign=True)
     for name, buf in list(plain.named_buffers()):  # non-persistent buffers (rotary tables): from the live model
         if buf.is_meta:

@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from torch.distributed.tensor import distribute_tensor
 
-from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, pairwise_accuracy
+from rlhfkit.algos import bradley_terry_loss, fit_bt_probe, fit_token_head_bt, pairwise_accuracy
 from rlhfkit.algos.probe import PROBE_FOLDS
 from rlhfkit.config import ConfigError, RewardConfig, under_key, validate
 from rlhfkit.data import (
@@ -34,12 +34,14 @@ from rlhfkit.models.packing import pack_pairs, packed_token_values, packs
 from rlhfkit.models.heads import (
     PACKABLE_POOLINGS,
     backbone_and_head,
+    pool_mask,
     pool_values,
     reward_pooling,
     stored_reward_pooling,
     token_values,
 )
 from rlhfkit.models.start import load_for_training
+from rlhfkit.models.token_head import set_token_head, stored_token_head_width, token_head_width
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
     eval_chunks,
@@ -147,6 +149,73 @@ def _pooled_pair_features(model, batch: dict, strategy: Strategy) -> torch.Tenso
 
 
 @torch.no_grad()
+def pair_token_features(model, examples: list[dict], collator, micro_batch_size: int,
+                        strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token the reward pools over (`pool_mask`), of every pair's chosen then rejected reply,
+    in data order: ((T, H) features in bfloat16, (2N,) tokens per reply). The input of a token
+    head's fit (`algos.token_head`); all ranks' shards gathered."""
+    was_training = model.training
+    model.eval()
+    pooling, mine = reward_pooling(model), []
+    try:
+        for chunk, real in eval_chunks(examples, micro_batch_size, strategy):
+            batch = batch_to_device(collator(chunk), strategy.device)
+            with strategy.autocast():
+                _, mask, response, h = _pair_token_values(model, batch, pooling, with_features=True)
+            keep = pool_mask(mask, response, pooling) > 0  # (2B, T)
+            rows = [h[r][keep[r]].to(torch.bfloat16).cpu() for r in range(h.shape[0])]
+            if real:
+                n = len(rows) // 2
+                mine.extend((rows[i], rows[n + i]) for i in range(n))
+    finally:
+        model.train(was_training)
+    pairs = strategy.unshard(mine)
+    replies = [t for pair in pairs for t in pair]
+    return torch.cat(replies), torch.tensor([len(t) for t in replies])
+
+
+def _fit_head(model, train: list[dict], collator, cfg: RewardConfig, strategy: Strategy, run) -> None:
+    """head_init: probe. A linear head: one forward over the training pairs, a convex fit. A token
+    head: its per-token features cached by one forward, then the head's fit on them."""
+    if cfg.head_hidden:
+        run.logger.write(f"[rm] fitting the token head (width {cfg.head_hidden}) on {len(train)} training pairs")
+        tokens, counts = pair_token_features(model, train, collator, cfg.train.micro_batch_size, strategy)
+        weights, probe = fit_token_head_bt(tokens, counts, cfg.head_hidden, seed=cfg.train.seed,
+                                           label_smoothing=cfg.label_smoothing)
+        install_token_head(model, weights, strategy)
+        run.logger.write(f"[rm] token head: train accuracy {probe['train_accuracy']:.3f} "
+                         f"({int(counts.sum())} tokens)")
+    else:
+        run.logger.write(f"[rm] fitting the head as a linear probe on {len(train)} training pairs")
+        d = pair_feature_differences(model, train, collator, cfg.train.micro_batch_size, strategy)
+        w, probe = fit_bt_probe(d, seed=cfg.train.seed, label_smoothing=cfg.label_smoothing)
+        install_probe_head(model, w, strategy)
+        run.logger.write(f"[rm] probe: l2 {probe['l2']:g}, cross-validated accuracy {probe['cv_accuracy']:.3f}, "
+                         f"train accuracy {probe['train_accuracy']:.3f}")
+    run.logger.log(0, {f"probe/{k}": v for k, v in probe.items()})
+
+
+def _copy_into(param: torch.Tensor, src: torch.Tensor) -> None:
+    """param <- src, in param's dtype; into an FSDP2 shard, each rank its own part (every rank
+    fitted the same src)."""
+    src = src.to(param.dtype)
+    if hasattr(param, "device_mesh"):
+        src = distribute_tensor(src, param.device_mesh, param.placements)
+    param.copy_(src)
+
+
+@torch.no_grad()
+def install_token_head(model, weights: dict[str, torch.Tensor], strategy: Strategy) -> None:
+    """Set a token head to `fit_token_head_bt`'s weights {"w1", "b1", "w2"}."""
+    with strategy.writing_weights(model):
+        _, head = backbone_and_head(strategy.unwrap(model))
+        for param, key in ((head.dense.weight, "w1"), (head.dense.bias, "b1"), (head.out.weight, "w2")):
+            if tuple(param.shape) != tuple(weights[key].shape):
+                raise ValueError(f"token head {key}: expected shape {tuple(param.shape)}, got {tuple(weights[key].shape)}")
+            _copy_into(param, weights[key])
+
+
+@torch.no_grad()
 def install_probe_head(model, w: torch.Tensor, strategy: Strategy) -> None:
     """Set the scalar head to the probe's weights w: (H,) (bias, if any, to 0: BT ignores it).
     Under peft only the trainable copy of the head changes. Under FSDP each rank writes its shard."""
@@ -157,10 +226,7 @@ def install_probe_head(model, w: torch.Tensor, strategy: Strategy) -> None:
         for lin in trainable:
             if lin.weight.shape != (1, w.numel()):
                 raise ValueError(f"head_init=probe needs a (1, {w.numel()}) scalar head, got {tuple(lin.weight.shape)}")
-            src = w.to(lin.weight.dtype)[None]
-            if hasattr(lin.weight, "device_mesh"):  # an FSDP2 shard: every rank fitted the same w
-                src = distribute_tensor(src, lin.weight.device_mesh, lin.weight.placements)
-            lin.weight.copy_(src)
+            _copy_into(lin.weight, w[None])
             if lin.bias is not None:
                 lin.bias.zero_()
 
@@ -178,8 +244,13 @@ def _check_backbone_layers(cfg: RewardConfig) -> None:
 
 
 def _check_start_model(cfg: RewardConfig) -> None:
-    """model.name: a model directory or name, and with LoRA one whose stored pooling is cfg.pooling."""
+    """model.name: a model directory or name, and with LoRA one whose stored pooling is cfg.pooling;
+    a start model's token head only with the same head_hidden."""
     check_model_path(cfg.model.name)
+    stored_width = stored_token_head_width(cfg.model.name)
+    if stored_width and stored_width != cfg.head_hidden:
+        raise ConfigError(f"{cfg.model.name} has a token head of width {stored_width} (config.json's "
+                          f"reward_head_hidden); continue it with head_hidden: {stored_width}")
     stored = stored_reward_pooling(cfg.model.name)
     if cfg.model.lora.enabled and stored != cfg.pooling:
         # rm:DIR scores an adapter with its base's stored pooling: it must be the one trained with
@@ -221,6 +292,8 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
         model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
     depth = keep_lower_layers(model, cfg.backbone_layers)  # before the optimizer and the probe
     set_reward_pooling(model, cfg.pooling)  # saved in config.json: rm:DIR scorers pool the same way
+    if cfg.head_hidden and token_head_width(model.config) != cfg.head_hidden:
+        set_token_head(model, cfg.head_hidden)  # a fresh token head (one the start model saved is kept)
     freeze_lower_layers(model, cfg.train_top_layers)  # before the optimizer: it takes trainable params only
     model.train()
     total = total_steps(len(train), cfg.train)
@@ -229,15 +302,8 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     def on_start(start):
         if cfg.backbone_layers:
             run.logger.write(f"[rm] backbone cut to its first {cfg.backbone_layers} of {depth} decoder layers")
-        if start == 0 and cfg.head_init == "probe":
-            # Linear probing first: one forward over the training pairs, a convex fit of the head.
-            run.logger.write(f"[rm] fitting the head as a linear probe on {len(train)} training pairs")
-            d = pair_feature_differences(model, train, collator, cfg.train.micro_batch_size, strategy)
-            w, probe = fit_bt_probe(d, seed=cfg.train.seed, label_smoothing=cfg.label_smoothing)
-            install_probe_head(model, w, strategy)
-            run.logger.write(f"[rm] probe: l2 {probe['l2']:g}, cross-validated accuracy {probe['cv_accuracy']:.3f}, "
-                             f"train accuracy {probe['train_accuracy']:.3f}")
-            run.logger.log(0, {f"probe/{k}": v for k, v in probe.items()})
+        if start == 0 and cfg.head_init == "probe":  # the head alone first, on the frozen backbone's features
+            _fit_head(model, train, collator, cfg, strategy, run)
 
     # 3. Optimisation: BT loss summed over pairs, divided by the global number of pairs.
     def loss_fn(chunk, norm):

@@ -1,0 +1,91 @@
+"""A reward head on every token, fitted alone on frozen per-token features (docs/concepts.md, "Reward model").
+
+A linear head commutes with the mean: a mean-pooled linear reward model scores a reply by one
+linear function of its mean feature. A token head scores each token first and averages those,
+
+    r(reply) = mean_t f(h_t),    f(h) = w2 . gelu(W1 h + b1),
+
+so that a token can count by what it is, as a word list does, rather than only through the
+average of all of them. Before the backbone is fine-tuned (or instead of it), the head is fitted on
+the frozen backbone's features with the Bradley-Terry loss on r(chosen) - r(rejected), by AdamW
+over minibatches of pairs. The features are standardised per dimension for the fit, and the
+returned W1, b1 absorb that, so they act on the raw features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reply_rows(offsets: torch.Tensor, counts: torch.Tensor, replies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token rows of `replies` in a matrix holding every reply's tokens back to back
+    (reply j at rows offsets[j] ... offsets[j] + counts[j] - 1), and each row's position in
+    `replies`: (rows, which), both (sum of counts[replies],)."""
+    n = counts[replies]
+    which = torch.repeat_interleave(torch.arange(len(replies)), n)
+    start = torch.cumsum(n, 0) - n  # each reply's first position in the output
+    return offsets[replies][which] + torch.arange(int(n.sum())) - start[which], which
+
+
+def token_head_scores(tokens: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                      w2: torch.Tensor) -> torch.Tensor:
+    """(R,) mean over each reply's tokens of w2 . gelu(W1 h + b1). tokens: (T, H), the replies'
+    tokens back to back; counts: (R,) tokens per reply; w1: (k, H), b1: (k,), w2: (1, k)."""
+    values = F.linear(F.gelu(F.linear(tokens.to(w1.dtype), w1, b1)), w2).squeeze(-1)  # (T,)
+    which = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return torch.zeros(len(counts), dtype=values.dtype).index_add(0, which, values) / counts.to(values.dtype)
+
+
+def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *, weight_decay: float = 0.3,
+                      epochs: int = 3, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
+                      label_smoothing: float = 0.0) -> tuple[dict[str, torch.Tensor], dict]:
+    """Fit the token head of the module docstring on N pairs.
+
+    tokens: (T, H), every reply's tokens back to back, pair i's chosen reply (2i) then its
+    rejected one (2i + 1); counts: (2N,) tokens per reply, each >= 1. label_smoothing: the share
+    of labels taken to be flipped, as in `fit_linear_bt`. Returns ({"w1": (hidden, H), "b1":
+    (hidden,), "w2": (1, hidden)} in float32, acting on the raw features; {"train_accuracy"}).
+    """
+    if hidden < 1:
+        raise ValueError(f"hidden must be >= 1, got {hidden}")
+    if counts.numel() % 2 or counts.numel() == 0 or bool((counts < 1).any()):
+        raise ValueError("counts: one count >= 1 per reply, two replies per pair")
+    if int(counts.sum()) != tokens.shape[0]:
+        raise ValueError(f"counts add up to {int(counts.sum())} tokens, tokens has {tokens.shape[0]} rows")
+    counts = counts.long()
+    offsets = torch.cumsum(counts, 0) - counts
+    x64 = tokens.double()
+    mu, sd = x64.mean(0), x64.std(0, correction=0).clamp_min(1e-6)  # (H,)
+    mu32, sd32 = mu.float(), sd.float()
+    torch.manual_seed(seed)
+    dense, out = torch.nn.Linear(tokens.shape[1], hidden), torch.nn.Linear(hidden, 1, bias=False)
+    params = [*dense.parameters(), *out.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    n_pairs = counts.numel() // 2
+    for _ in range(epochs):
+        order = torch.randperm(n_pairs, generator=g)
+        for s in range(0, n_pairs, batch_size):
+            pairs = order[s:s + batch_size]
+            replies = torch.stack([2 * pairs, 2 * pairs + 1], 1).reshape(-1)
+            rows, _ = reply_rows(offsets, counts, replies)
+            x = (tokens[rows].float() - mu32) / sd32
+            r = token_head_scores(x, counts[replies], dense.weight, dense.bias, out.weight)
+            d = r[0::2] - r[1::2]
+            loss = ((1 - label_smoothing) * F.softplus(-d) + label_smoothing * F.softplus(d)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        w1 = (dense.weight.double() / sd).float()  # W1 (h - mu) / sd + b1 = (W1 / sd) h + (b1 - (W1 / sd) mu)
+        b1 = (dense.bias.double() - w1.double() @ mu).float()
+        weights = {"w1": w1, "b1": b1, "w2": out.weight.detach().clone()}
+        hits = 0.0
+        for s in range(0, n_pairs, 256):  # in chunks: no float copy of every token at once
+            replies = torch.arange(2 * s, 2 * min(s + 256, n_pairs))
+            rows, _ = reply_rows(offsets, counts, replies)
+            r = token_head_scores(tokens[rows], counts[replies], **weights)
+            d = r[0::2] - r[1::2]
+            hits += float(((d > 0).double() + 0.5 * (d == 0).double()).sum())
+    return weights, {"train_accuracy": hits / n_pairs}
