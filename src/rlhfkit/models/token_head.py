@@ -87,7 +87,8 @@ def _saved_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     out = {}
     for f in files:
         with safe_open(str(path / f), framework="pt") as st:

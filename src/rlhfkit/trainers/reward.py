@@ -211,7 +211,8 @@ def install_token_head(model, weights: dict[str, torch.Tensor], strategy: Strate
         _, head = backbone_and_head(strategy.unwrap(model))
         for param, key in ((head.dense.weight, "w1"), (head.dense.bias, "b1"), (head.out.weight, "w2")):
             if tuple(param.shape) != tuple(weights[key].shape):
-                raise ValueError(f"token head {key}: expected shape {tuple(param.shape)}, got {tuple(weights[key].shape)}")
+                raise ValueError(f"token head {key}: expected shape {tuple(param.shape)}, "
+                                 f"got {tuple(weights[key].shape)}")
             _copy_into(param, weights[key])
 
 
