@@ -10,11 +10,12 @@ scores each token nonlinearly first, as a word list does (the gold judge, VADER,
 valence its lexicon gives each word). `features` caches every response token's features at
 LAYERS (each through the final norm, as a head on the first N layers reads them; the backbone is
 cut to the deepest one) for the pairs of the given files, in order. `heads` fits, on the training
-pairs: the linear probe on the mean- and the sum-pooled features (L2 by cross-validation), and
+pairs: the linear probe on the mean- and the sum-pooled features (L2 by cross-validation, the
+one-standard-error and the best-accuracy rule), and
 the per-token MLP with mean and with sum pooling, its width, weight decay and epochs picked on a
 fifth of the training prompts held out, then refitted on all pairs from several seeds. `sizes`
-refits the chosen MLP on the first n training pairs. Scores are on the held-out pairs, with
-rm_study's intervals (a bootstrap over prompts).
+refits the chosen MLP on the first n training pairs, next to the linear probe (best-accuracy
+rule). Scores are on the held-out pairs, with rm_study's intervals (a bootstrap over prompts).
 """
 
 from __future__ import annotations
@@ -169,10 +170,11 @@ def head_table(train: dict, held: dict, layers: tuple[int, ...], seeds: int = 5,
     data = TokenPairs(train, layers)
     test = TokenPairs(held, layers, (data.mu, data.sd))
     rows, name = [], "+".join(map(str, layers))
-    for pool in ("mean", "sum"):
+    for pool, rule in itertools.product(("mean", "sum"), ("one_se", "best")):
         t, h = data.pooled(pool), test.pooled(pool)
-        w, info = fit_bt_probe((t[:, 0] - t[:, 1]).double(), l2_grid=L2_GRID)
-        _row(rows, held, f"linear probe, layer {name}, {pool}", (h[:, 0] - h[:, 1]).double() @ w, l2=info["l2"])
+        w, info = fit_bt_probe((t[:, 0] - t[:, 1]).double(), l2_grid=L2_GRID, rule=rule)
+        _row(rows, held, f"linear probe, layer {name}, {pool}, {rule}", (h[:, 0] - h[:, 1]).double() @ w,
+             l2=info["l2"])
     for pool in ("mean", "sum"):
         cfg = choose(data, train["prompts"], pool, grid)
         every = torch.arange(test.n)
@@ -203,10 +205,13 @@ def size_table(train: dict, held: dict, layers: tuple[int, ...], sizes: list[int
                 m = test.margins(net, torch.arange(test.n), pool)
             runs.append(pair_metrics(m.double(), held["gold_c"], held["gold_r"], held["prompts"]))
         acc, gold = [r["acc"] for r in runs], [r["gold_acc"] for r in runs]
+        t, h = data.pooled(pool), test.pooled(pool)
+        w, info = fit_bt_probe((t[:n, 0] - t[:n, 1]).double(), l2_grid=L2_GRID, rule="best")
+        linear = pair_metrics((h[:, 0] - h[:, 1]).double() @ w, held["gold_c"], held["gold_r"], held["prompts"])
         out.append({"pairs": n, "acc": sum(acc) / seeds, "acc_range": [min(acc), max(acc)],
-                    "gold_acc": sum(gold) / seeds, "seed0": runs[0]})
-        print(f"{n:6d} pairs: accuracy {out[-1]['acc']:.3f} ({min(acc):.3f}-{max(acc):.3f}), "
-              f"gold {out[-1]['gold_acc']:.3f}; seed 0 {fmt(runs[0])}", flush=True)
+                    "gold_acc": sum(gold) / seeds, "seed0": runs[0], "linear": linear, "linear_l2": info["l2"]})
+        print(f"{n:6d} pairs: token head {out[-1]['acc']:.3f} ({min(acc):.3f}-{max(acc):.3f}), "
+              f"gold {out[-1]['gold_acc']:.3f}; seed 0 {fmt(runs[0])}; linear probe {fmt(linear)}", flush=True)
     return out
 
 

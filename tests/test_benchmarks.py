@@ -546,7 +546,8 @@ def test_rm_token_heads_token_mlp_learns_what_no_pooled_linear_probe_can(bench_p
     grid = {"hidden": (16,), "wd": (0.01,), "epochs": (10, 80)}
     rows = {r["name"]: r for r in rm_token_heads.head_table(_token_pairs(256, 0), _token_pairs(128, 1), (0,),
                                                             seeds=2, grid=grid)}
-    assert all(0.3 < rows[f"linear probe, layer 0, {p}"]["acc"] < 0.7 for p in ("mean", "sum"))
+    assert all(0.3 < rows[f"linear probe, layer 0, {p}, {r}"]["acc"] < 0.7
+               for p in ("mean", "sum") for r in ("one_se", "best"))
     for pool in ("mean", "sum"):
         assert rows[f"token MLP, layer 0, {pool}, seed 0"]["acc"] > 0.9
         assert rows[f"token MLP, layer 0, {pool}, 2 seeds averaged"]["acc"] > 0.9
@@ -554,6 +555,7 @@ def test_rm_token_heads_token_mlp_learns_what_no_pooled_linear_probe_can(bench_p
     sizes = rm_token_heads.size_table(_token_pairs(256, 0), _token_pairs(128, 1), (0,), [16, 256],
                                       {"hidden": 16, "wd": 0.01, "epochs": 80}, "sum", seeds=2)
     assert [s["pairs"] for s in sizes] == [16, 256] and sizes[1]["acc"] > 0.9
+    assert 0.3 < sizes[1]["linear"]["acc"] < 0.7
 
 
 def test_rm_token_heads_pools_each_reply_over_its_own_tokens(bench_path):
