@@ -218,7 +218,7 @@ def size_table(train: dict, held: dict, layers: tuple[int, ...], sizes: list[int
 def _load(paths: list[str]) -> dict:
     """Feature caches concatenated in order."""
     parts = [torch.load(p) for p in paths]
-    layers = parts[0]["tok"].keys()
+    layers = [k for k in parts[0]["tok"] if all(k in p["tok"] for p in parts)]  # the layers every cache has
     return {"tok": {k: [x for p in parts for x in p["tok"][k]] for k in layers},
             "gold_c": torch.cat([p["gold_c"] for p in parts]), "gold_r": torch.cat([p["gold_r"] for p in parts]),
             "prompts": [x for p in parts for x in p["prompts"]]}
