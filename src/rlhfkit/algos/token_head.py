@@ -23,9 +23,9 @@ def reply_rows(offsets: torch.Tensor, counts: torch.Tensor, replies: torch.Tenso
     (reply j at rows offsets[j] ... offsets[j] + counts[j] - 1), and each row's position in
     `replies`: (rows, which), both (sum of counts[replies],)."""
     n = counts[replies]
-    which = torch.repeat_interleave(torch.arange(len(replies)), n)
+    which = torch.repeat_interleave(torch.arange(len(replies), device=counts.device), n)
     start = torch.cumsum(n, 0) - n  # each reply's first position in the output
-    return offsets[replies][which] + torch.arange(int(n.sum())) - start[which], which
+    return offsets[replies][which] + torch.arange(int(n.sum()), device=counts.device) - start[which], which
 
 
 def token_head_scores(tokens: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
@@ -33,8 +33,9 @@ def token_head_scores(tokens: torch.Tensor, counts: torch.Tensor, w1: torch.Tens
     """(R,) mean over each reply's tokens of w2 . gelu(W1 h + b1). tokens: (T, H), the replies'
     tokens back to back; counts: (R,) tokens per reply; w1: (k, H), b1: (k,), w2: (1, k)."""
     values = F.linear(F.gelu(F.linear(tokens.to(w1.dtype), w1, b1)), w2).squeeze(-1)  # (T,)
-    which = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    return torch.zeros(len(counts), dtype=values.dtype).index_add(0, which, values) / counts.to(values.dtype)
+    which = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    totals = torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add(0, which, values)
+    return totals / counts.to(values.dtype)
 
 
 def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *, weight_decay: float = 0.3,
@@ -59,7 +60,8 @@ def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *
     mu, sd = x64.mean(0), x64.std(0, correction=0).clamp_min(1e-6)  # (H,)
     mu32, sd32 = mu.float(), sd.float()
     torch.manual_seed(seed)
-    dense, out = torch.nn.Linear(tokens.shape[1], hidden), torch.nn.Linear(hidden, 1, bias=False)
+    dense = torch.nn.Linear(tokens.shape[1], hidden, device=tokens.device)
+    out = torch.nn.Linear(hidden, 1, bias=False, device=tokens.device)
     params = [*dense.parameters(), *out.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
@@ -83,7 +85,7 @@ def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *
         weights = {"w1": w1, "b1": b1, "w2": out.weight.detach().clone()}
         hits = 0.0
         for s in range(0, n_pairs, 256):  # in chunks: no float copy of every token at once
-            replies = torch.arange(2 * s, 2 * min(s + 256, n_pairs))
+            replies = torch.arange(2 * s, 2 * min(s + 256, n_pairs), device=counts.device)
             rows, _ = reply_rows(offsets, counts, replies)
             r = token_head_scores(tokens[rows], counts[replies], **weights)
             d = r[0::2] - r[1::2]

@@ -171,7 +171,7 @@ def pair_token_features(model, examples: list[dict], collator, micro_batch_size:
         model.train(was_training)
     pairs = strategy.unshard(mine)
     replies = [t for pair in pairs for t in pair]
-    return torch.cat(replies), torch.tensor([len(t) for t in replies])
+    return torch.cat(replies), torch.tensor([len(t) for t in replies], device=replies[0].device)
 
 
 def _fit_head(model, train: list[dict], collator, cfg: RewardConfig, strategy: Strategy, run) -> None:
