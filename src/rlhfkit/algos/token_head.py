@@ -38,6 +38,15 @@ def token_head_scores(tokens: torch.Tensor, counts: torch.Tensor, w1: torch.Tens
     return totals / counts.to(values.dtype)
 
 
+def _feature_stats(tokens: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and spread (population, at least 1e-6) in float64, in chunks of rows:
+    no float64 copy of every token at once."""
+    n = tokens.shape[0]
+    mu = sum(tokens[s:s + chunk].double().sum(0) for s in range(0, n, chunk)) / n
+    var = sum((tokens[s:s + chunk].double() - mu).pow(2).sum(0) for s in range(0, n, chunk)) / n
+    return mu, var.sqrt().clamp_min(1e-6)
+
+
 def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *, weight_decay: float = 0.3,
                       epochs: int = 3, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
                       label_smoothing: float = 0.0) -> tuple[dict[str, torch.Tensor], dict]:
@@ -56,8 +65,7 @@ def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *
         raise ValueError(f"counts add up to {int(counts.sum())} tokens, tokens has {tokens.shape[0]} rows")
     counts = counts.long()
     offsets = torch.cumsum(counts, 0) - counts
-    x64 = tokens.double()
-    mu, sd = x64.mean(0), x64.std(0, correction=0).clamp_min(1e-6)  # (H,)
+    mu, sd = _feature_stats(tokens)
     mu32, sd32 = mu.float(), sd.float()
     torch.manual_seed(seed)
     dense = torch.nn.Linear(tokens.shape[1], hidden, device=tokens.device)

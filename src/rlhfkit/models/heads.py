@@ -30,6 +30,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def backbone_and_head(model):
     """Return (backbone, head) of a *ForSequenceClassification model, looking through peft wrappers."""
+    owner, name = head_owner(model)
+    return getattr(owner, owner.base_model_prefix), getattr(owner, name)
+
+
+def head_owner(model) -> tuple[torch.nn.Module, str]:
+    """(the *ForSequenceClassification module that holds the scalar head, the head's attribute
+    name: "score" or "classifier"), looking through data-parallel and peft wrappers."""
     # peft forwards attribute lookups to the wrapped model, so hasattr(PeftModel, "score") is true and
     # base_model_prefix would resolve to the whole *ForSequenceClassification: unwrap it first.
     model = unwrap_model(model)
@@ -40,9 +47,7 @@ def backbone_and_head(model):
         m = getattr(m, "base_model", None) or getattr(m, "model", None)
         if m is None:
             raise TypeError(f"{type(model).__name__} has no scalar head")
-    head = getattr(m, "score", None) or getattr(m, "classifier")
-    backbone = getattr(m, m.base_model_prefix)
-    return backbone, head
+    return m, "score" if getattr(m, "score", None) is not None else "classifier"
 
 
 def unwrap_model(model):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.models.heads import unwrap_model
+from rlhfkit.models.heads import head_owner, unwrap_model
 
 HEAD_KEY = "reward_head_hidden"  # config.json: the token head's hidden width; absent or 0 means a linear head
 
@@ -37,27 +37,16 @@ def token_head_width(config) -> int:
     return int(getattr(config, HEAD_KEY, 0) or 0)
 
 
-def _head_owner(model):
-    """(module that holds the head, its attribute name) of a *ForSequenceClassification model."""
-    m = unwrap_model(model)
-    m = m.get_base_model() if hasattr(m, "get_base_model") else m
-    for name in ("score", "classifier"):
-        if isinstance(getattr(m, name, None), torch.nn.Module):
-            return m, name
-    raise TypeError(f"{type(m).__name__} has no scalar head (score or classifier)")
-
-
 def set_token_head(model, width: int) -> TokenHead:
     """Replace the model's linear head by a fresh `TokenHead` of `width` (its dtype and device) and
     record the width in the config, so that ``save_pretrained`` writes a directory
     `restore_token_head` loads back."""
     if width < 1:
         raise ValueError(f"a token head needs a width >= 1, got {width}")
-    owner, name = _head_owner(model)
+    owner, name = head_owner(model)
     old = getattr(owner, name)
-    weight = next(old.parameters())
-    head = TokenHead(weight.shape[-1] if not isinstance(old, TokenHead) else old.dense.in_features, width,
-                     dtype=weight.dtype, device=weight.device)
+    weight = next(old.parameters())  # (1, H) of a linear head, (width, H) of a token head's first layer
+    head = TokenHead(weight.shape[-1], width, dtype=weight.dtype, device=weight.device)
     setattr(owner, name, head)
     setattr(unwrap_model(model).config, HEAD_KEY, width)
     return head
@@ -69,7 +58,7 @@ def restore_token_head(model, path: str | Path | None) -> None:
     width = token_head_width(unwrap_model(model).config)
     if not width:
         return
-    owner, name = _head_owner(model)
+    owner, name = head_owner(model)
     head = set_token_head(model, width)
     if path is None:
         return
