@@ -102,7 +102,8 @@ def one_thread(one_torch_thread):
     """The 1-process runs here use one thread, like each of the two processes (and a shared CPU)."""
 
 
-RM_FSDP = ["head_init=probe", "head_hidden=8", "pooling=mean"]  # the FSDP RM runs' head: a token head
+# the FSDP RM runs' head: a token head reading the last layer and the input embeddings
+RM_FSDP = ["head_init=probe", "head_hidden=8", "head_embeddings=true", "pooling=mean"]
 
 
 @pytest.fixture(scope="module")

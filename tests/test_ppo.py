@@ -586,9 +586,11 @@ def test_ppo_with_plain_text_ptx_learns_the_text(tokenizer, tmp_path):
     assert len(ptx) == 8 and sum(ptx[-2:]) / 2 < 0.8 * sum(ptx[:2]) / 2, ptx
 
 
-def test_ppo_takes_a_cut_reward_model_as_reward_and_critic(tokenizer, tmp_path):
+@pytest.mark.parametrize("head", [{}, {"head_hidden": 4, "head_embeddings": True, "head_ensemble": 2}])
+def test_ppo_takes_a_cut_reward_model_as_reward_and_critic(tokenizer, tmp_path, head):
     """A reward model cut to 1 of the policy's 2 layers (rm backbone_layers) scores PPO's samples
-    through rm:DIR and initialises the critic (critic_init: reward), which stays 1 layer deep."""
+    through rm:DIR and initialises the critic (critic_init: reward), which stays 1 layer deep;
+    with a token head reading the input embeddings (an ensemble of two), the critic keeps it."""
     import json as _json
     import math
 
@@ -601,7 +603,7 @@ def test_ppo_takes_a_cut_reward_model_as_reward_and_critic(tokenizer, tmp_path):
                              + "\n" for w in ("red", "blue", "green", "pink") * 4))
     rm = load_config(RewardConfig, data={
         "model": {"name": policy}, "data": {"train": str(pairs), "max_length": 48}, "head_init": "probe",
-        "pooling": "mean", "backbone_layers": 1,
+        "pooling": "mean", "backbone_layers": 1, **head,
         "train": {"output_dir": str(tmp_path / "rm"), "epochs": 0, "batch_size": 8, "micro_batch_size": 8,
                   "progress": False}})
     train_reward_model(rm)
@@ -612,3 +614,5 @@ def test_ppo_takes_a_cut_reward_model_as_reward_and_critic(tokenizer, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/value"]) for r in rows)
     critic = _json.loads((tmp_path / "run" / "critic" / "config.json").read_text())
     assert critic["num_hidden_layers"] == 1
+    assert (critic.get("reward_head_hidden"), critic.get("reward_head_embeddings")) == (
+        (8, True) if head else (None, None))

@@ -86,6 +86,22 @@ def test_reply_rows_and_scores_match_a_loop_over_replies(counts, data):
         assert got[j].item() == pytest.approx(naive, rel=1e-9, abs=1e-12)
 
 
+def test_an_ensemble_of_token_heads_scores_the_mean_of_its_members():
+    """members=3 from seed 1: one head of width 3 x 4 whose scores are the mean of the three heads
+    fitted alone from seeds 1, 2 and 3, and each of them is what a single fit from its seed gives."""
+    tokens, counts = _pairs(32, 0)
+    held_t, held_c = _pairs(16, 1)
+    ensemble, info = fit_token_head_bt(tokens, counts, 4, epochs=2, seed=1, members=3)
+    assert ensemble["w1"].shape == (12, 6) and ensemble["b1"].shape == (12,) and ensemble["w2"].shape == (1, 12)
+    alone = [fit_token_head_bt(tokens, counts, 4, epochs=2, seed=s)[0] for s in (1, 2, 3)]
+    torch.testing.assert_close(ensemble["w1"][4:8], alone[1]["w1"], atol=0, rtol=0)
+    mean = sum(token_head_scores(held_t, held_c, **w) for w in alone) / 3
+    torch.testing.assert_close(token_head_scores(held_t, held_c, **ensemble), mean, atol=1e-6, rtol=1e-5)
+    assert 0.0 <= info["train_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="members"):
+        fit_token_head_bt(tokens, counts, 4, members=0)
+
+
 def test_the_fit_refuses_counts_that_do_not_describe_the_tokens():
     tokens, counts = _pairs(4, 0)
     with pytest.raises(ValueError, match="add up to"):
@@ -104,21 +120,25 @@ def _scores(model, tokenizer, texts):
         return sequence_scores(model.eval(), enc["input_ids"], enc["attention_mask"], pooling="mean_all")
 
 
-def test_a_saved_token_head_loads_back_with_the_same_scores(tmp_path, tiny_model_dir, tokenizer):
-    """set_token_head + save_pretrained: config.json records the width, and `load_scalar_model`
-    rebuilds the head and reads its weights; a directory whose weights lack them is refused."""
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_a_saved_token_head_loads_back_with_the_same_scores(tmp_path, tiny_model_dir, tokenizer, embeddings):
+    """set_token_head + save_pretrained: config.json records the width (and the embeddings), and
+    `load_scalar_model` rebuilds the head and reads its weights; a directory whose weights lack
+    them is refused."""
     from rlhfkit.models import load_scalar_model
-    from rlhfkit.models.token_head import HEAD_KEY, TokenHead, set_token_head, stored_token_head_width
+    from rlhfkit.models.token_head import EMBED_KEY, HEAD_KEY, TokenHead, set_token_head, stored_token_head
 
     model = load_scalar_model(tiny_model_dir, pad_token_id=tokenizer.pad_token_id)
-    head = set_token_head(model, 8)
+    head = set_token_head(model, 8, embeddings)
     with torch.no_grad():
         head.out.weight.normal_()
     model.save_pretrained(tmp_path / "rm")
-    assert json.loads((tmp_path / "rm" / "config.json").read_text())[HEAD_KEY] == 8
-    assert stored_token_head_width(tmp_path / "rm") == 8 and stored_token_head_width(tiny_model_dir) == 0
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert saved[HEAD_KEY] == 8 and saved.get(EMBED_KEY, False) is embeddings
+    assert stored_token_head(tmp_path / "rm") == (8, embeddings) and stored_token_head(tiny_model_dir) == (0, False)
     back = load_scalar_model(tmp_path / "rm", pad_token_id=tokenizer.pad_token_id)
     assert isinstance(back.score, TokenHead) and back.score.dense.out_features == 8
+    assert (back.score.join is not None) is embeddings
     texts = ["It is a wonderful thing.", "No."]
     torch.testing.assert_close(_scores(back, tokenizer, texts), _scores(model, tokenizer, texts))
 
@@ -138,7 +158,7 @@ def test_rm_with_a_token_head_fits_it_first_and_rm_dir_scores_with_it(tmp_path, 
     from rlhfkit.data import load_preference
     from rlhfkit.eval.preference_sets import reward_accuracy
     from rlhfkit.judges.rewards import build_reward_fn
-    from rlhfkit.models.token_head import stored_token_head_width
+    from rlhfkit.models.token_head import stored_token_head
 
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
     held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
@@ -149,7 +169,7 @@ def test_rm_with_a_token_head_fits_it_first_and_rm_dir_scores_with_it(tmp_path, 
     step0 = next(r for r in m if r["step"] == 0 and "eval/accuracy" in r)
     assert next(r for r in m if "probe/train_accuracy" in r)["probe/train_accuracy"] >= 0.95
     assert step0["eval/accuracy"] >= 0.95 and any("train/loss" in r for r in m)
-    assert stored_token_head_width(tmp_path / "run" / "model") == 8
+    assert stored_token_head(tmp_path / "run" / "model") == (8, False)
     scorer = build_reward_fn(f"rm:{tmp_path / 'run' / 'model'}")
     got = reward_accuracy(scorer, load_preference(str(held)))
     assert got["accuracy"] == pytest.approx(final["eval/accuracy"])
@@ -172,6 +192,106 @@ def test_token_head_settings_that_cannot_work_are_refused_in_one_line(tmp_path, 
     set_token_head(model, 4)
     model.save_pretrained(tmp_path / "rm4")
     cfg = trainer_cfg(RewardConfig, tmp_path, tmp_path / "rm4", train, train, head_hidden=8)
-    with pytest.raises(ConfigError, match=r"model.name.*token head of width 4.*head_hidden: 4"):
+    with pytest.raises(ConfigError, match=r"model.name.*token head of width 4, head_embeddings false"):
+        train_reward_model(cfg)
+    cfg = trainer_cfg(RewardConfig, tmp_path, tmp_path / "rm4", train, train, head_hidden=4, head_embeddings=True)
+    with pytest.raises(ConfigError, match=r"continue it with head_hidden x head_ensemble and head_embeddings the same"):
         train_reward_model(cfg)
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="head_embeddings: reading the input embeddings is a token head's"):
+        trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, train, head_embeddings=True)
+    for bad in ({"head_ensemble": 0, "head_hidden": 4, "head_init": "probe"},
+                {"head_ensemble": 2, "head_init": "probe"}, {"head_ensemble": 2, "head_hidden": 4}):
+        with pytest.raises(ConfigError, match=r"head_ensemble: \d; must be >= 1"):
+            trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, train, **bad)
+
+
+def _embedding_reading_rm(tiny_model_dir, tokenizer):
+    from rlhfkit.models import load_scalar_model
+    from rlhfkit.models.token_head import set_token_head
+
+    model = load_scalar_model(tiny_model_dir, pad_token_id=tokenizer.pad_token_id).eval()
+    head = set_token_head(model, 6, embeddings=True)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def test_a_token_head_reading_the_embeddings_scores_what_its_formula_says(tiny_model_dir, tokenizer):
+    """At every token w2 . gelu(W1 [h; e / rms(e)] + b1), h the last layer's output and e the
+    token's input embedding, against those computed by hand; the same values from a deep copy of
+    the model (its hook keeps the copy's own embeddings) and `token_values`' features are [h; e / rms(e)]."""
+    import copy
+
+    from rlhfkit.models import token_values
+
+    model = _embedding_reading_rm(tiny_model_dir, tokenizer)
+    enc = tokenizer(["It is a wonderful thing.", "No, it is not."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        values, features = token_values(model, enc["input_ids"], enc["attention_mask"], with_features=True)
+        out = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                          position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+        e = model.model.embed_tokens(enc["input_ids"])
+        eps = model.config.rms_norm_eps
+        x = torch.cat([out.last_hidden_state, e / (e.pow(2).mean(-1, keepdim=True) + eps).sqrt()], -1)
+        head = model.score
+        by_hand = (torch.nn.functional.gelu(x @ head.dense.weight.T + head.dense.bias) @ head.out.weight.T)[..., 0]
+        copied = token_values(copy.deepcopy(model), enc["input_ids"], enc["attention_mask"])
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(values[real], by_hand[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features[real], x[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(copied, values)
+    torch.testing.assert_close(head(out.last_hidden_state)[..., 0][real], by_hand[real])  # takes e of the last call
+    with pytest.raises(RuntimeError, match="inside the model's own forward"):  # ... once: nothing kept now
+        head(out.last_hidden_state)
+
+
+def test_a_token_head_reading_the_embeddings_scores_packed_pairs_as_padded_rows(tiny_model_dir, tokenizer):
+    """pair_scores with the prompt shared (one packed sequence per pair) equals the padded rows."""
+    from rlhfkit.data import PreferenceCollator, PreferenceExample, tokenize_dataset
+    from rlhfkit.models import set_reward_pooling
+    from rlhfkit.trainers.reward import pair_scores
+
+    model = _embedding_reading_rm(tiny_model_dir, tokenizer)
+    set_reward_pooling(model, "mean")
+    examples = [PreferenceExample([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"])
+                for r in pref_rows(6, 3)]
+    rows, _ = tokenize_dataset(tokenizer, examples, "preference", 128, "error")
+    with torch.no_grad():
+        packed = pair_scores(model, PreferenceCollator(tokenizer.pad_token_id, share_prompt=True)(rows))
+        padded = pair_scores(model, PreferenceCollator(tokenizer.pad_token_id, share_prompt=False)(rows))
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_token_head_reads_the_words_through_the_embeddings_when_the_last_layer_is_blind(
+        tmp_path, tiny_model_dir, tokenizer):
+    """A backbone whose final norm is zeroed outputs 0 at every token: a token head on it alone
+    ties every held-out pair (accuracy 1/2); with head_embeddings the fitted head (here an
+    ensemble of two) reads the words ("wonderful", "love" against "terrible", "hate") and ranks
+    the held-out pairs, and rm:DIR scores the saved RM, one head of width 2 x 8, as the run did."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.data import load_preference
+    from rlhfkit.eval.preference_sets import reward_accuracy
+    from rlhfkit.judges.rewards import build_reward_fn
+    from rlhfkit.models import save_pretrained_atomic
+    from rlhfkit.models.token_head import stored_token_head
+
+    blind = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        blind.model.norm.weight.zero_()
+    save_pretrained_atomic(blind, tokenizer, tmp_path / "blind")
+    train = write_jsonl(tmp_path / "train.jsonl", pref_rows(48, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    got = {}
+    for embeddings in (False, True):
+        cfg = trainer_cfg(RewardConfig, tmp_path / str(embeddings), tmp_path / "blind", train, held, train__epochs=0,
+                          head_init="probe", pooling="mean", head_hidden=8, head_embeddings=embeddings,
+                          head_ensemble=1 + embeddings)
+        got[embeddings] = train_reward_model(cfg)["eval/accuracy"]
+    assert got[False] == 0.5 and got[True] >= 0.95
+    assert stored_token_head(tmp_path / "True" / "run" / "model") == (16, True)
+    scorer = build_reward_fn(f"rm:{tmp_path / 'True' / 'run' / 'model'}")
+    assert reward_accuracy(scorer, load_preference(str(held)))["accuracy"] == pytest.approx(got[True])

@@ -49,16 +49,19 @@ def _feature_stats(tokens: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tens
 
 def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *, weight_decay: float = 0.3,
                       epochs: int = 3, lr: float = 1e-3, batch_size: int = 32, seed: int = 0,
-                      label_smoothing: float = 0.0) -> tuple[dict[str, torch.Tensor], dict]:
+                      label_smoothing: float = 0.0, members: int = 1) -> tuple[dict[str, torch.Tensor], dict]:
     """Fit the token head of the module docstring on N pairs.
 
     tokens: (T, H), every reply's tokens back to back, pair i's chosen reply (2i) then its
     rejected one (2i + 1); counts: (2N,) tokens per reply, each >= 1. label_smoothing: the share
-    of labels taken to be flipped, as in `fit_linear_bt`. Returns ({"w1": (hidden, H), "b1":
-    (hidden,), "w2": (1, hidden)} in float32, acting on the raw features; {"train_accuracy"}).
+    of labels taken to be flipped, as in `fit_linear_bt`. members: fit that many heads from seeds
+    seed, seed + 1, ... and average them, which is one head of width members x hidden (their
+    first layers stacked, the second divided by members). Returns ({"w1": (members x hidden, H),
+    "b1": (members x hidden,), "w2": (1, members x hidden)} in float32, acting on the raw features;
+    {"train_accuracy"}).
     """
-    if hidden < 1:
-        raise ValueError(f"hidden must be >= 1, got {hidden}")
+    if hidden < 1 or members < 1:
+        raise ValueError(f"hidden and members must be >= 1, got {hidden} and {members}")
     if counts.numel() % 2 or counts.numel() == 0 or bool((counts < 1).any()):
         raise ValueError("counts: one count >= 1 per reply, two replies per pair")
     if int(counts.sum()) != tokens.shape[0]:
@@ -66,12 +69,24 @@ def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *
     counts = counts.long()
     offsets = torch.cumsum(counts, 0) - counts
     mu, sd = _feature_stats(tokens)
+    fits = [_fit_one(tokens, counts, offsets, (mu, sd), hidden, weight_decay=weight_decay, epochs=epochs, lr=lr,
+                     batch_size=batch_size, seed=seed + m, label_smoothing=label_smoothing) for m in range(members)]
+    weights = {"w1": torch.cat([f["w1"] for f in fits]), "b1": torch.cat([f["b1"] for f in fits]),
+               "w2": torch.cat([f["w2"] for f in fits], 1) / members}
+    return weights, {"train_accuracy": _train_accuracy(tokens, counts, offsets, weights)}
+
+
+def _fit_one(tokens: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
+             stats: tuple[torch.Tensor, torch.Tensor], hidden: int, *, weight_decay: float, epochs: int, lr: float, batch_size: int, seed: int,
+             label_smoothing: float) -> dict[str, torch.Tensor]:
+    """One head fitted on the features standardised by stats (their float64 mean and spread),
+    its weights returned acting on the raw features."""
+    mu, sd = stats
     mu32, sd32 = mu.float(), sd.float()
     torch.manual_seed(seed)
     dense = torch.nn.Linear(tokens.shape[1], hidden, device=tokens.device)
     out = torch.nn.Linear(hidden, 1, bias=False, device=tokens.device)
-    params = [*dense.parameters(), *out.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([*dense.parameters(), *out.parameters()], lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     n_pairs = counts.numel() // 2
     for _ in range(epochs):
@@ -90,12 +105,18 @@ def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *
     with torch.no_grad():
         w1 = (dense.weight.double() / sd).float()  # W1 (h - mu) / sd + b1 = (W1 / sd) h + (b1 - (W1 / sd) mu)
         b1 = (dense.bias.double() - w1.double() @ mu).float()
-        weights = {"w1": w1, "b1": b1, "w2": out.weight.detach().clone()}
-        hits = 0.0
-        for s in range(0, n_pairs, 256):  # in chunks: no float copy of every token at once
-            replies = torch.arange(2 * s, 2 * min(s + 256, n_pairs), device=counts.device)
-            rows, _ = reply_rows(offsets, counts, replies)
-            r = token_head_scores(tokens[rows], counts[replies], **weights)
-            d = r[0::2] - r[1::2]
-            hits += float(((d > 0).double() + 0.5 * (d == 0).double()).sum())
-    return weights, {"train_accuracy": hits / n_pairs}
+        return {"w1": w1, "b1": b1, "w2": out.weight.detach().clone()}
+
+
+@torch.no_grad()
+def _train_accuracy(tokens: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
+                    weights: dict[str, torch.Tensor]) -> float:
+    """The head's pairwise accuracy on the pairs it was fitted on (ties count 1/2)."""
+    n_pairs, hits = counts.numel() // 2, 0.0
+    for s in range(0, n_pairs, 256):  # in chunks: no float copy of every token at once
+        replies = torch.arange(2 * s, 2 * min(s + 256, n_pairs), device=counts.device)
+        rows, _ = reply_rows(offsets, counts, replies)
+        d = token_head_scores(tokens[rows], counts[replies], **weights)
+        d = d[0::2] - d[1::2]
+        hits += float(((d > 0).double() + 0.5 * (d == 0).double()).sum())
+    return hits / n_pairs

@@ -315,6 +315,14 @@ class RewardConfig:
     word list). With head_init probe it is fitted alone on the frozen backbone's per-token
     features first (AdamW, 3 epochs, weight decay 0.3). Saved in config.json as reward_head_hidden;
     rlhfkit loads it back (rm:DIR, critic_init: reward), plain transformers does not. 0: linear."""
+    head_embeddings: bool = False
+    """With head_hidden: the token head also reads each token's own input embedding (divided by its
+    root mean square) next to the last layer's features, W1 [h; e] + b1: the word itself, which the
+    layers above may have blurred. Saved in config.json as reward_head_embeddings."""
+    head_ensemble: int = 1
+    """With head_hidden and head_init probe: fit this many token heads from different seeds and
+    average them, stored as one head of width head_ensemble x head_hidden (their first layers
+    stacked): less of the fit's seed-to-seed spread. 1: one head."""
     share_prompt: bool = True
     """Score each pair as one packed sequence: the prompt once, then the chosen and the rejected
     response, each seeing the prompt and itself (the same scores up to float rounding, fewer
@@ -357,6 +365,12 @@ class RewardConfig:
             raise ConfigError(f"{where}.train_top_layers: not with model.lora.enabled (LoRA already freezes the base)")
         if self.head_hidden < 0:
             raise ConfigError(f"{where}.head_hidden: must be >= 0, got {self.head_hidden}")
+        if self.head_ensemble < 1 or (self.head_ensemble > 1 and not (self.head_hidden and self.head_init == "probe")):
+            raise ConfigError(f"{where}.head_ensemble: {self.head_ensemble}; must be >= 1, and above 1 it averages "
+                              "token heads fitted by head_init: probe (set head_hidden and head_init: probe)")
+        if self.head_embeddings and not self.head_hidden:
+            raise ConfigError(f"{where}.head_embeddings: reading the input embeddings is a token head's; "
+                              "set head_hidden (16 in configs/rm_token.yaml)")
         if self.head_hidden and self.model.lora.enabled:
             raise ConfigError(f"{where}.head_hidden: a token head cannot be stored with a LoRA adapter "
                               "(it has no config.json to record it in); train without LoRA")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def unwrap_model(model):
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_features: bool = False,
                  position_ids: torch.Tensor | None = None, past_key_values=None):
     """(B, T) scalar head output at every position (the critic's V(t); an RM pools them, `sequence_scores`).
-    With ``with_features`` also the head's input, (B, T, H): the features a linear head reads.
+    With ``with_features`` also what the head reads at each token, (B, T, H): the last layer's
+    features (with a token head reading the input embeddings, those joined to them: `head_reader`).
     position_ids: None to count the real tokens of the (B, T) 0/1 attention_mask; given, the mask
     may be a packed batch's (B, 1, T, T) additive one (`models.packing.packed_token_values`).
     past_key_values: a cache of tokens every row continues (`models.forward.prefix_cache`); the
@@ -80,16 +82,30 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, w
         # anyway, so the (unwrapped) backbone and head are called directly.
         return _token_values_direct(model, input_ids, attention_mask, with_features, position_ids, past_key_values)
     position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handle = head.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
-    try:
+    with _watching(head) as seen:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
               past_key_values=past_key_values, use_cache=past_key_values is not None)
+    values = seen["values"].squeeze(-1).float()  # (B, T)
+    return (values, seen["features"]) if with_features else values
+
+
+def head_reader(head) -> torch.nn.Module:
+    """The module whose input is what a scalar head reads at each token: a linear head itself, a
+    token head's first layer (`models.token_head.TokenHead.reader`)."""
+    return getattr(head, "reader", None) or head
+
+
+@contextlib.contextmanager
+def _watching(head):
+    """Inside the block, {"values": the head's last output, "features": its reader's last input}."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [head.register_forward_hook(lambda _m, _args, out: seen.__setitem__("values", out)),
+             head_reader(head).register_forward_hook(lambda _m, args, _out: seen.__setitem__("features", args[0]))]
+    try:
+        yield seen
     finally:
-        handle.remove()
-    features, out = seen[-1]
-    values = out.squeeze(-1).float()  # (B, T)
-    return (values, features) if with_features else values
+        for hook in hooks:
+            hook.remove()
 
 
 def has_pad_token(model) -> bool:
@@ -102,10 +118,12 @@ def _token_values_direct(model, input_ids: torch.Tensor, attention_mask: torch.T
                          position_ids: torch.Tensor | None = None, past_key_values=None):
     backbone, head = backbone_and_head(model)
     position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
-    features = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=past_key_values is not None).last_hidden_state
-    values = head(features).squeeze(-1).float()  # (B, T)
-    return (values, features) if with_features else values
+    with _watching(head) as seen:
+        h = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, use_cache=past_key_values is not None).last_hidden_state
+        head(h)
+    values = seen["values"].squeeze(-1).float()  # (B, T)
+    return (values, seen["features"]) if with_features else values
 
 
 # How a reward model turns its per-token head outputs into one score. "last": the value at the

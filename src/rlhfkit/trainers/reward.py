@@ -41,7 +41,7 @@ from rlhfkit.models.heads import (
     token_values,
 )
 from rlhfkit.models.start import load_for_training
-from rlhfkit.models.token_head import set_token_head, stored_token_head_width, token_head_width
+from rlhfkit.models.token_head import set_token_head, stored_token_head, token_head_embeddings, token_head_width
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
     eval_chunks,
@@ -178,10 +178,12 @@ def _fit_head(model, train: list[dict], collator, cfg: RewardConfig, strategy: S
     """head_init: probe. A linear head: one forward over the training pairs, a convex fit. A token
     head: its per-token features cached by one forward, then the head's fit on them."""
     if cfg.head_hidden:
-        run.logger.write(f"[rm] fitting the token head (width {cfg.head_hidden}) on {len(train)} training pairs")
+        reads = " on the last layer and the input embeddings" if cfg.head_embeddings else ""
+        heads = f"{cfg.head_ensemble} token heads" if cfg.head_ensemble > 1 else "the token head"
+        run.logger.write(f"[rm] fitting {heads} (width {cfg.head_hidden}{reads}) on {len(train)} training pairs")
         tokens, counts = pair_token_features(model, train, collator, cfg.train.micro_batch_size, strategy)
         weights, probe = fit_token_head_bt(tokens, counts, cfg.head_hidden, seed=cfg.train.seed,
-                                           label_smoothing=cfg.label_smoothing)
+                                           label_smoothing=cfg.label_smoothing, members=cfg.head_ensemble)
         install_token_head(model, weights, strategy)
         run.logger.write(f"[rm] token head: train accuracy {probe['train_accuracy']:.3f} "
                          f"({int(counts.sum())} tokens)")
@@ -246,12 +248,13 @@ def _check_backbone_layers(cfg: RewardConfig) -> None:
 
 def _check_start_model(cfg: RewardConfig) -> None:
     """model.name: a model directory or name, and with LoRA one whose stored pooling is cfg.pooling;
-    a start model's token head only with the same head_hidden."""
+    a start model's token head only with the same width and head_embeddings."""
     check_model_path(cfg.model.name)
-    stored_width = stored_token_head_width(cfg.model.name)
-    if stored_width and stored_width != cfg.head_hidden:
-        raise ConfigError(f"{cfg.model.name} has a token head of width {stored_width} (config.json's "
-                          f"reward_head_hidden); continue it with head_hidden: {stored_width}")
+    width, embeddings = stored_token_head(cfg.model.name)
+    if width and (width, embeddings) != (cfg.head_hidden * cfg.head_ensemble, cfg.head_embeddings):
+        raise ConfigError(f"{cfg.model.name} has a token head of width {width}, head_embeddings "
+                          f"{str(embeddings).lower()} (config.json's reward_head_hidden, reward_head_embeddings); "
+                          "continue it with head_hidden x head_ensemble and head_embeddings the same")
     stored = stored_reward_pooling(cfg.model.name)
     if cfg.model.lora.enabled and stored != cfg.pooling:
         # rm:DIR scores an adapter with its base's stored pooling: it must be the one trained with
@@ -293,8 +296,9 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
         model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
     depth = keep_lower_layers(model, cfg.backbone_layers)  # before the optimizer and the probe
     set_reward_pooling(model, cfg.pooling)  # saved in config.json: rm:DIR scorers pool the same way
-    if cfg.head_hidden and token_head_width(model.config) != cfg.head_hidden:
-        set_token_head(model, cfg.head_hidden)  # a fresh token head (one the start model saved is kept)
+    head = (cfg.head_hidden * cfg.head_ensemble, cfg.head_embeddings)
+    if cfg.head_hidden and (token_head_width(model.config), token_head_embeddings(model.config)) != head:
+        set_token_head(model, *head)  # a fresh token head (one the start model saved is kept)
     freeze_lower_layers(model, cfg.train_top_layers)  # before the optimizer: it takes trainable params only
     model.train()
     total = total_steps(len(train), cfg.train)
