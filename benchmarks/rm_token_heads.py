@@ -15,7 +15,8 @@ one-standard-error and the best-accuracy rule), and
 the per-token MLP with mean and with sum pooling, its width, weight decay and epochs picked on a
 fifth of the training prompts held out, then refitted on all pairs from several seeds. `sizes`
 refits the chosen MLP on the first n training pairs, next to the linear probe (best-accuracy
-rule). Scores are on the held-out pairs, with rm_study's intervals (a bootstrap over prompts).
+rule), and the seeds' heads averaged. Scores are on the held-out pairs, with rm_study's intervals
+(a bootstrap over prompts).
 """
 
 from __future__ import annotations
@@ -193,25 +194,29 @@ def head_table(train: dict, held: dict, layers: tuple[int, ...], seeds: int = 5,
 
 def size_table(train: dict, held: dict, layers: tuple[int, ...], sizes: list[int], cfg: dict, pool: str,
                seeds: int = 5) -> list[dict]:
-    """The MLP of `cfg` refitted on the first n training pairs for each n: mean and range over seeds."""
+    """The MLP of `cfg` refitted on the first n training pairs for each n: mean and range over
+    seeds, and the seeds' heads averaged (an ensemble: the mean of their margins)."""
     data = TokenPairs(train, layers)
     test = TokenPairs(held, layers, (data.mu, data.sd))
     out = []
     for n in sizes:
-        runs = []
+        runs, margins = [], []
         for seed in range(seeds):
             net, _ = fit_token_mlp(data, torch.arange(n), cfg["hidden"], cfg["wd"], cfg["epochs"], pool, seed=seed)
             with torch.no_grad():
-                m = test.margins(net, torch.arange(test.n), pool)
-            runs.append(pair_metrics(m.double(), held["gold_c"], held["gold_r"], held["prompts"]))
+                margins.append(test.margins(net, torch.arange(test.n), pool).double())
+            runs.append(pair_metrics(margins[-1], held["gold_c"], held["gold_r"], held["prompts"]))
+        ensemble = pair_metrics(sum(margins) / seeds, held["gold_c"], held["gold_r"], held["prompts"])
         acc, gold = [r["acc"] for r in runs], [r["gold_acc"] for r in runs]
         t, h = data.pooled(pool), test.pooled(pool)
         w, info = fit_bt_probe((t[:n, 0] - t[:n, 1]).double(), l2_grid=L2_GRID, rule="best")
         linear = pair_metrics((h[:, 0] - h[:, 1]).double() @ w, held["gold_c"], held["gold_r"], held["prompts"])
         out.append({"pairs": n, "acc": sum(acc) / seeds, "acc_range": [min(acc), max(acc)],
-                    "gold_acc": sum(gold) / seeds, "seed0": runs[0], "linear": linear, "linear_l2": info["l2"]})
+                    "gold_acc": sum(gold) / seeds, "seed0": runs[0], "ensemble": ensemble, "linear": linear,
+                    "linear_l2": info["l2"]})
         print(f"{n:6d} pairs: token head {out[-1]['acc']:.3f} ({min(acc):.3f}-{max(acc):.3f}), "
-              f"gold {out[-1]['gold_acc']:.3f}; seed 0 {fmt(runs[0])}; linear probe {fmt(linear)}", flush=True)
+              f"gold {out[-1]['gold_acc']:.3f}; seed 0 {fmt(runs[0])}; {seeds} seeds averaged {fmt(ensemble)}; "
+              f"linear probe {fmt(linear)}", flush=True)
     return out
 
 

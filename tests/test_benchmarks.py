@@ -555,6 +555,7 @@ def test_rm_token_heads_token_mlp_learns_what_no_pooled_linear_probe_can(bench_p
     sizes = rm_token_heads.size_table(_token_pairs(256, 0), _token_pairs(128, 1), (0,), [16, 256],
                                       {"hidden": 16, "wd": 0.01, "epochs": 80}, "sum", seeds=2)
     assert [s["pairs"] for s in sizes] == [16, 256] and sizes[1]["acc"] > 0.9
+    assert sizes[1]["ensemble"]["acc"] > 0.9 and sizes[0]["ensemble"]["pairs"] == 128
     assert 0.3 < sizes[1]["linear"]["acc"] < 0.7
 
 
