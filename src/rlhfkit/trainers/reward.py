@@ -124,20 +124,29 @@ def pair_feature_differences(model, examples: list[dict], collator, micro_batch_
                              strategy: Strategy) -> torch.Tensor:
     """(N, H) pooled features of chosen minus rejected: what the scalar head reads, pooled the way
     the reward is (`models.reward_pooling`), for every pair, in data order (all ranks' shards gathered)."""
+    def differences(batch):
+        f = _pooled_pair_features(model, batch, strategy).cpu()
+        n = f.shape[0] // 2
+        return list(f[:n] - f[n:])
+
+    # in data order, so that the probe's cross-validation folds are one process's
+    return torch.stack(_per_pair(model, examples, collator, micro_batch_size, strategy, differences))
+
+
+def _per_pair(model, examples: list[dict], collator, micro_batch_size: int, strategy: Strategy, per_batch) -> list:
+    """per_batch(a preference batch on the device) -> one item per pair of the batch; the items of
+    every pair in data order (all ranks' shards gathered), computed with the model in eval mode."""
     was_training = model.training
     model.eval()
-    diffs = []
+    mine = []
     try:
         for chunk, real in eval_chunks(examples, micro_batch_size, strategy):
-            batch = collator(chunk)
-            f = _pooled_pair_features(model, batch_to_device(batch, strategy.device), strategy).cpu()
+            items = per_batch(batch_to_device(collator(chunk), strategy.device))
             if real:
-                n = f.shape[0] // 2
-                diffs.extend(f[:n] - f[n:])
+                mine.extend(items)
     finally:
         model.train(was_training)
-    # in data order, so that the probe's cross-validation folds are one process's
-    return torch.stack(strategy.unshard(diffs))
+    return strategy.unshard(mine)
 
 
 def _pooled_pair_features(model, batch: dict, strategy: Strategy) -> torch.Tensor:
@@ -154,24 +163,19 @@ def pair_token_features(model, examples: list[dict], collator, micro_batch_size:
     """Every token the reward pools over (`pool_mask`), of every pair's chosen then rejected reply,
     in data order: ((T, H) features in bfloat16, (2N,) tokens per reply). The input of a token
     head's fit (`algos.token_head`); all ranks' shards gathered."""
-    was_training = model.training
-    model.eval()
-    pooling, mine = reward_pooling(model), []
-    try:
-        for chunk, real in eval_chunks(examples, micro_batch_size, strategy):
-            batch = batch_to_device(collator(chunk), strategy.device)
-            with strategy.autocast():
-                _, mask, response, h = _pair_token_values(model, batch, pooling, with_features=True)
-            keep = pool_mask(mask, response, pooling) > 0  # (2B, T)
-            rows = [h[r][keep[r]].to(torch.bfloat16).cpu() for r in range(h.shape[0])]
-            if real:
-                n = len(rows) // 2
-                mine.extend((rows[i], rows[n + i]) for i in range(n))
-    finally:
-        model.train(was_training)
-    pairs = strategy.unshard(mine)
-    replies = [t for pair in pairs for t in pair]
-    return torch.cat(replies), torch.tensor([len(t) for t in replies], device=replies[0].device)
+    pooling = reward_pooling(model)
+
+    def replies(batch):
+        with strategy.autocast():
+            _, mask, response, h = _pair_token_values(model, batch, pooling, with_features=True)
+        keep = pool_mask(mask, response, pooling) > 0  # (2B, T)
+        rows = [h[r][keep[r]].to(torch.bfloat16).cpu() for r in range(h.shape[0])]
+        n = len(rows) // 2
+        return [(rows[i], rows[n + i]) for i in range(n)]
+
+    pairs = _per_pair(model, examples, collator, micro_batch_size, strategy, replies)
+    tokens = [t for pair in pairs for t in pair]
+    return torch.cat(tokens), torch.tensor([len(t) for t in tokens], device=tokens[0].device)
 
 
 def _fit_head(model, train: list[dict], collator, cfg: RewardConfig, strategy: Strategy, run) -> None:
