@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.models.heads import head_owner, unwrap_model
+from rlhfkit.models.weights import saved_tensors
 
 HEAD_KEY = "reward_head_hidden"  # config.json: the token head's hidden width; absent or 0 means a linear head
 EMBED_KEY = "reward_head_embeddings"  # config.json: true when the token head also reads the input embeddings
@@ -118,26 +119,12 @@ def restore_token_head(model, path: str | Path | None) -> None:
     if path is None:
         return
     prefix = f"{name}."
-    state = {k[len(prefix):]: v for k, v in _saved_tensors(Path(path), prefix).items()}
+    state = {k[len(prefix):]: v for k, v in saved_tensors(path, prefix).items()}
     missing = {k for k, _ in head.named_parameters()} - set(state)
     if missing:
         raise ValueError(f"{path}: config.json records a token head ({HEAD_KEY}={width}) but the weights "
                          f"have no {', '.join(prefix + m for m in sorted(missing))}")
     head.load_state_dict({k: v.to(next(head.parameters()).dtype) for k, v in state.items()}, strict=True)
-
-
-def _saved_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with `prefix` in a directory's safetensors file(s)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
-    out = {}
-    for f in files:
-        with safe_open(str(path / f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
-    return out
 
 
 def stored_token_head(name) -> tuple[int, bool]:

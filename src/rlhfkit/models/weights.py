@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -18,12 +19,20 @@ def saved_weights(directory: str | Path) -> tuple[dict[str, torch.Tensor], bool]
     adapter = directory / ADAPTER_WEIGHTS
     if adapter.is_file():
         return load_file(str(adapter)), True
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(str(f)))
+    state = saved_tensors(directory)
     if not state:
         raise FileNotFoundError(f"{directory}: no safetensors weights")
     return state, False
+
+
+def saved_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A full model directory's tensors whose names start with `prefix`, from every ``*.safetensors``
+    file of it; only those tensors are read."""
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            state.update({k: st.get_tensor(k) for k in st.keys() if k.startswith(prefix)})
+    return state
 
 
 def load_weights_into(model: torch.nn.Module, directory: str | Path) -> None:
