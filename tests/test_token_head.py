@@ -247,6 +247,30 @@ def test_a_token_head_reading_the_embeddings_scores_what_its_formula_says(tiny_m
         head(out.last_hidden_state)
 
 
+def test_a_token_head_reading_the_embeddings_passes_its_gradient_to_them(tiny_model_dir, tokenizer):
+    """Fine-tuning trains the input embeddings through the head too. On a backbone whose final norm
+    is zeroed (its output, and so its gradient to the embeddings, is 0), the embeddings' gradient
+    of the summed token values is that of w2 . gelu(W1 [0; e / rms(e)] + b1) by hand, and not 0."""
+    from rlhfkit.models import token_values
+
+    model = _embedding_reading_rm(tiny_model_dir, tokenizer).train()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    enc = tokenizer(["It is a wonderful thing.", "No, it is not."], return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    token_values(model, enc["input_ids"], enc["attention_mask"])[real].sum().backward()
+    got = model.model.embed_tokens.weight.grad
+
+    table = model.model.embed_tokens.weight.detach().clone().requires_grad_()
+    e = table[enc["input_ids"]]
+    eps, head = model.config.rms_norm_eps, model.score
+    x = torch.cat([torch.zeros_like(e), e / (e.pow(2).mean(-1, keepdim=True) + eps).sqrt()], -1)
+    by_hand = (torch.nn.functional.gelu(x @ head.dense.weight.T + head.dense.bias) @ head.out.weight.T)[..., 0]
+    by_hand[real].sum().backward()
+    assert got is not None and got[enc["input_ids"][real]].abs().sum() > 0
+    torch.testing.assert_close(got, table.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_a_token_head_reading_the_embeddings_scores_packed_pairs_as_padded_rows(tiny_model_dir, tokenizer):
     """pair_scores with the prompt shared (one packed sequence per pair) equals the padded rows."""
     from rlhfkit.data import PreferenceCollator, PreferenceExample, tokenize_dataset
