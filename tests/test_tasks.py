@@ -267,14 +267,44 @@ def test_build_preference_pairs_with_tiny_model(tmp_path):
         build_preference_pairs("sentiment", "tiny", tmp_path / "x", split="train", n_prompts=len(train), skip=1, **kw)
 
 
+def test_preference_pairs_on_a_prompt_file(tmp_path):
+    """--prompts: the pairs are sampled on the file's prompts in file order (here the shipped
+    prompts unlike the task's own), labelled by the task's annotator, each keeping its category."""
+    from rlhfkit.data import load_preference
+    from rlhfkit.data.sources import task_data_dir
+    from rlhfkit.models import load_tokenizer, tiny_causal_lm
+    from rlhfkit.tasks.pairs import build_preference_pairs
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    ood = "task:sentiment/prompts_ood.jsonl"
+    meta = build_preference_pairs("sentiment", "tiny", tmp_path / "ood", split="eval", n_prompts=4, pairs_per_prompt=2,
+                                  prompts=ood, seed=1, max_new_tokens=6, model=tiny_causal_lm(tok, seed=0),
+                                  tokenizer=tok, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "ood" / "preference.jsonl").read_text().splitlines()]
+    shipped = [json.loads(x) for x in (task_data_dir("sentiment") / "prompts_ood.jsonl").read_text().splitlines()[:4]]
+    assert rows and meta["settings"]["prompts"] == ood
+    assert {(r["prompt"], r["category"]) for r in rows} <= {(r["prompt"], r["category"]) for r in shipped}
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in get_task("sentiment").eval_prompts(seed=0)}
+    assert all(isinstance(r["gold_chosen"], float) for r in rows)
+    assert len(load_preference(str(tmp_path / "ood" / "preference.jsonl"))) == len(rows)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--pairs-only", "eval", "--n-pref-prompts", "100000"], "--n-pref-prompts: 100000 prompts"),
     (["--pairs-only", "train", "--pair-from", "1"], "--pair-from: must be >= 2"),
     (["--pairs-only", "train", "--pairs-per-prompt", "0"], "--pairs-per-prompt: must be >= 1"),
+    (["--prompts", "task:sentiment/prompts_ood.jsonl"], "--prompts: a prompt file sets the prompts of --pairs-only"),
+    (["--pairs-only", "eval", "--prompts", "task:sentiment/prompts_ood.jsonl", "--n-pref-prompts", "321"],
+     "do not fit in the 320 prompts of task:sentiment/prompts_ood.jsonl"),
+    (["--pairs-only", "eval", "--prompts", "{tmp}/missing.jsonl"], "missing.jsonl"),
+    (["--pairs-only", "eval", "--prompts", "{tmp}/bad.jsonl"], "bad.jsonl:2: field 'prompt': expected a non-empty "
+                                                                "string"),
 ])
 def test_make_data_pairs_only_refuses_bad_settings_before_writing(tmp_path, capsys, flags, message):
     from rlhfkit.tasks.make_data import main
 
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "Write a poem."}\n{"prompt": ["a", "list"]}\n')
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     assert main(["--task", "sentiment", "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err

@@ -112,6 +112,9 @@ def check_args(args) -> None:
     if held and not args.overwrite:
         raise ValueError(f"--out: {out} already holds make-data output ({', '.join(held)}); pass --overwrite to "
                          "replace it, or choose another directory")
+    if args.prompts is not None and not args.pairs_only:
+        raise ValueError("--prompts: a prompt file sets the prompts of --pairs-only (train or eval); the full build "
+                         "and --prompts-only use the task's own prompts")
     if args.prompts_only:
         return
     if args.pairs_only:

@@ -11,6 +11,14 @@ prompts (after the first ``skip`` = n_sft_prompts, the SFT prompts), "eval" the 
 the same prompts gives new samples and new labels: more pairs for the same prompt set, or a fixed
 held-out preference set on prompts no training file uses.
 
+``prompts`` (``--prompts FILE``) takes the prompts from a file instead of the task's own: one
+JSON object per line with a string ``prompt`` (the task's chat template and judge apply; every
+other field goes to the judge, e.g. ``answer`` for arithmetic, and ``category`` to the pairs), e.g.
+a held-out set worded unlike the task's prompts:
+
+    rlhfkit make-data --task sentiment --pairs-only eval --prompts task:sentiment/prompts_ood.jsonl \
+        --n-pref-prompts 320 --pairs-per-prompt 2 --seed 1 --out DIR
+
 ``pair_from`` > 2 samples that many responses per pair and pairs the first highest-gold with the
 first lowest-gold one, dropping prompts whose samples all score the same. On a 0/1 verifiable task
 (arithmetic) this gives correct-versus-wrong pairs; with the default 2 the pair is two plain samples.
@@ -24,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.data.errors import DataError, type_name
+from rlhfkit.data.records import load_records
+from rlhfkit.data.sources import resolve_source
 from rlhfkit.io import write_json_atomic
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.tasks import get_task
@@ -43,6 +54,7 @@ def build_preference_pairs(
     pairs_per_prompt: int = 1,
     pair_from: int = 2,
     prompt_seed: int = 0,
+    prompts: str | None = None,
     seed: int = 0,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
@@ -57,10 +69,12 @@ def build_preference_pairs(
     """Sample ``pairs_per_prompt`` pairs for each of ``n_prompts`` prompts, label them with the
     task's simulated annotator, write OUT/preference.jsonl and OUT/meta.json; return meta."""
     task = get_task(task)
-    prompts = select_prompts(task, split, n_prompts, skip, pairs_per_prompt, pair_from, prompt_seed)
+    prompt_file = prompts
+    prompts = select_prompts(task, split, n_prompts, skip, pairs_per_prompt, pair_from, prompt_seed, prompt_file)
     beta = task.default_beta if annotator_beta is None else annotator_beta
     settings = {"split": split, "n_prompts": n_prompts, "skip": skip, "pairs_per_prompt": pairs_per_prompt,
-                "pair_from": pair_from, "prompt_seed": prompt_seed, "max_new_tokens": max_new_tokens,
+                "pair_from": pair_from, "prompt_seed": prompt_seed, "prompts": prompt_file,
+                "max_new_tokens": max_new_tokens,
                 "temperature": temperature, "top_p": top_p, "annotator_beta": beta, "flip_prob": flip_prob,
                 "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
     if model is None or tokenizer is None:
@@ -95,8 +109,9 @@ def build_preference_pairs(
 
 
 def select_prompts(task: Task, split: str, n_prompts: int, skip: int, pairs_per_prompt: int, pair_from: int,
-                   prompt_seed: int) -> list[dict]:
-    """The prompt records the pairs are sampled on; ValueError naming the make-data flag when the
+                   prompt_seed: int, prompts: str | None = None) -> list[dict]:
+    """The prompt records the pairs are sampled on (the task's, or those of the file ``prompts``);
+    ValueError naming the make-data flag (or a DataError naming the file, line and field) when the
     settings cannot be met."""
     if split not in ("train", "eval"):
         raise ValueError(f"--pairs-only: 'train' or 'eval', got {split!r}")
@@ -104,11 +119,28 @@ def select_prompts(task: Task, split: str, n_prompts: int, skip: int, pairs_per_
         raise ValueError(f"--pair-from: must be >= 2, got {pair_from}")
     if pairs_per_prompt < 1:
         raise ValueError(f"--pairs-per-prompt: must be >= 1, got {pairs_per_prompt}")
-    pool = task.train_prompts(seed=prompt_seed) if split == "train" else task.eval_prompts(seed=prompt_seed)
+    if prompts is not None:
+        pool, where = file_prompts(prompts), f"prompts of {prompts}"
+    else:
+        pool = task.train_prompts(seed=prompt_seed) if split == "train" else task.eval_prompts(seed=prompt_seed)
+        where = f"{split} prompts of task {task.name}"
     if n_prompts < 1 or skip + n_prompts > len(pool):
         raise ValueError(f"--n-pref-prompts: {n_prompts} prompts after {skip} skipped (--n-sft-prompts) do not fit "
-                         f"in the {len(pool)} {split} prompts of task {task.name}")
+                         f"in the {len(pool)} {where}")
     return pool[skip:skip + n_prompts]
+
+
+def file_prompts(source: str) -> list[dict]:
+    """The prompt records of a JSONL file (``task:`` paths too), in file order: each needs a string
+    ``prompt``; its other fields are kept for the task's judge. A DataError names the line."""
+    rows = []
+    for rec in load_records(resolve_source(source, "prompts_eval")):
+        prompt = rec.data.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError.at(rec.origin, "prompt", f"expected a non-empty string (the task's chat template wraps "
+                                                     f"it), got {type_name(prompt)}")
+        rows.append(dict(rec.data))
+    return rows
 
 
 def _summary(rows: list[dict], samples: list[list], expected: int, tokens: int) -> dict:
@@ -138,6 +170,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--pairs-per-prompt", type=int, default=1)
     ap.add_argument("--pair-from", type=int, default=2,
                     help="samples per pair; > 2 pairs the highest- and lowest-gold of them")
+    ap.add_argument("--prompts", default=None, metavar="FILE",
+                    help="with --pairs-only: sample on the prompts of this JSONL file (a string 'prompt' per line; "
+                         "task: paths allowed, e.g. task:sentiment/prompts_ood.jsonl) instead of the task's own")
     ap.add_argument("--prompt-seed", type=int, default=None,
                     help="the prompt order (and slice) of this seed's full build (default: --seed)")
 
@@ -145,7 +180,7 @@ def add_arguments(ap) -> None:
 def check_args(args) -> None:
     """The --pairs-only settings: a ValueError naming the flag when they cannot be met."""
     select_prompts(get_task(args.task), args.pairs_only, args.n_pref_prompts, _skip(args), args.pairs_per_prompt,
-                   args.pair_from, _prompt_seed(args))
+                   args.pair_from, _prompt_seed(args), args.prompts)
 
 
 def _skip(args) -> int:
@@ -162,7 +197,7 @@ def run(args) -> int:
     meta = build_preference_pairs(
         args.task, args.model, args.out, split=args.pairs_only, n_prompts=args.n_pref_prompts,
         skip=skip, pairs_per_prompt=args.pairs_per_prompt, pair_from=args.pair_from, prompt_seed=prompt_seed,
-        seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        prompts=args.prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         annotator_beta=args.annotator_beta, flip_prob=args.flip_prob, batch_size=args.batch_size,
         progress=not args.no_progress)
     c = meta["counts"]
