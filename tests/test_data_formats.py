@@ -325,6 +325,37 @@ def test_a_lone_surrogate_and_a_key_given_twice_are_one_located_line(tmp_path):
         load_sft(tmp_path / "d.json")
 
 
+def test_nesting_huge_numbers_and_bad_bytes_are_one_located_line(tmp_path):
+    """What json or csv cannot read, or what is nested too deeply for the code that walks a record,
+    names the file and line: a list nested past the parser's recursion limit, one nested within
+    it but past `MAX_DEPTH` (in a field no format reads), an integer too long to convert, a byte
+    that is not UTF-8 in a CSV, and a message cell nested past the limit."""
+    from rlhfkit.data.records import MAX_DEPTH
+
+    good = '{"prompt": "hi", "response": "ok"}\n'
+    cases = {
+        "deep.jsonl": (good + '{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "response": "x"}\n',
+                       r"deep\.jsonl:2: invalid JSON: nested too deeply"),
+        "nested.jsonl": (good + '{"prompt": "hi", "response": "ok", "x": ' + "[" * 600 + "]" * 600 + "}\n",
+                         rf"nested\.jsonl:2: lists and objects nested more than {MAX_DEPTH} levels deep"),
+        "bigint.jsonl": (good + '{"prompt": "hi", "response": "ok", "n": ' + "9" * 5000 + "}\n",
+                         r"bigint\.jsonl:2: invalid JSON: Exceeds the limit"),
+        "deep.json": ("[" * 100000 + "]" * 100000, r"deep\.json: invalid JSON: nested too deeply"),
+        "cell.csv": ('prompt,response\nhi,ok\n"[{""role"": ' + "[" * 50000 + "]" * 50000 + '}]",x\n',
+                     r"cell\.csv:3: field 'prompt': the cell looks like a list of messages"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=message):
+            load_sft(tmp_path / name)
+    (tmp_path / "bytes.csv").write_bytes(b"prompt,response\nhi,there\nx\xff,y\n")
+    with pytest.raises(DataError, match=r"bytes\.csv:\d+: not valid UTF-8"):
+        load_sft(tmp_path / "bytes.csv")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi", "x": ' + "[" * 600 + "]" * 600 + "}\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:1: lists and objects nested more than"):
+        load_prompts(tmp_path / "p.jsonl")
+
+
 def test_hf_datasets_that_cannot_load_are_one_located_line(tmp_path, monkeypatch):
     """hf:ID that is not a directory while the hub is unreachable fails at once (no minute of
     retries); a directory with a loading script (never run) or an unknown split is one line

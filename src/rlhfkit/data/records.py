@@ -100,10 +100,36 @@ def _iter_records(source, split: str | None) -> Iterator[Record]:
     return readers[suffix](path, name)
 
 
+MAX_DEPTH = 64  # lists and objects nested deeper than this in one record are refused
+
+
 def _check_object(obj, name: str, line: int) -> dict:
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object (one record), got {type_name(obj)}", source=name, line=line)
+    _check_depth(obj, name, line)
     return obj
+
+
+def _check_depth(obj, name: str, line: int) -> None:
+    """Refuse a record nested deeper than `MAX_DEPTH` (no field of any format is), before code that
+    walks it recursively meets Python's recursion limit. Iterative, so any depth is checked."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise DataError(f"lists and objects nested more than {MAX_DEPTH} levels deep", source=name, line=line)
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
+def _json_error(e: Exception) -> str:
+    """The reason of a JSON text json cannot read: its own message, nesting too deep for the parser
+    (RecursionError) or a number too long to convert (ValueError)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e.msg} (column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "invalid JSON: nested too deeply to read"
+    return f"invalid JSON: {e}"
 
 
 class _DuplicateKey(ValueError):
@@ -132,11 +158,11 @@ def _read_jsonl(path: Path, name: str) -> Iterator[Record]:
                 continue
             try:
                 obj = json.loads(text, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", source=name, line=lineno) from None
             except _DuplicateKey as e:
                 raise DataError(f"key {e.args[0]!r} appears twice in one object (which one is meant?)",
                                 source=name, line=lineno) from None
+            except (ValueError, RecursionError) as e:
+                raise DataError(_json_error(e), source=name, line=lineno) from None
             yield Record(_check_object(obj, name, lineno), name, lineno)
 
 
@@ -151,6 +177,8 @@ def _read_json(path: Path, name: str) -> Iterator[Record]:
         raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}", source=name) from None
     except UnicodeDecodeError as e:
         raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", source=name) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(_json_error(e), source=name) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -174,7 +202,7 @@ def _read_parquet(path: Path, name: str) -> Iterator[Record]:
     for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             i += 1
-            yield Record(row, name, i)
+            yield Record(_check_object(row, name, i), name, i)
 
 
 def _read_csv(path: Path, name: str) -> Iterator[Record]:
@@ -187,6 +215,8 @@ def _read_csv(path: Path, name: str) -> Iterator[Record]:
             return
         except csv.Error as e:
             raise DataError(f"invalid CSV: {e}", source=name, line=1) from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 ({e.reason})", source=name, line=1) from None
         header = [h.strip() for h in header]
         prev_end = reader.line_num
         while True:
@@ -197,6 +227,9 @@ def _read_csv(path: Path, name: str) -> Iterator[Record]:
                 return
             except csv.Error as e:
                 raise DataError(f"invalid CSV: {e}", source=name, line=start) from None
+            except UnicodeDecodeError as e:  # decoded a block at a time: the row is where it was met
+                raise DataError(f"not valid UTF-8 ({e.reason}) at or after this line", source=name,
+                                line=start) from None
             prev_end = reader.line_num
             if not row or all(not c.strip() for c in row):
                 continue
@@ -204,7 +237,8 @@ def _read_csv(path: Path, name: str) -> Iterator[Record]:
                 raise DataError(f"expected {len(header)} columns (as in the header), got {len(row)}",
                                 source=name, line=start)
             # CSV has no null: an empty cell means the field is absent.
-            yield Record({k: _cell(v, name, start, k) for k, v in zip(header, row)}, name, start)
+            yield Record(_check_object({k: _cell(v, name, start, k) for k, v in zip(header, row)}, name, start),
+                         name, start)
 
 
 _MESSAGES_TEXT = re.compile(r"""\s*\[\s*\{\s*['"](role|content)['"]\s*:""")
@@ -220,7 +254,7 @@ def _cell(text: str, name: str, line: int, key: str):
         return text
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
