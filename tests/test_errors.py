@@ -46,6 +46,25 @@ def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert code == 2 and line == f"rlhfkit report: error: run directory not found: {tmp_path / 'nonexistent'}"
 
 
+def test_report_reads_a_tampered_run_safely(tmp_path, capsys):
+    """A stage config with a YAML tag that would run code is one line naming the file (the tag never
+    runs); a config that is not a mapping and metrics rows that are not objects are skipped, and
+    the report is built from the rest."""
+    bad = tmp_path / "tagged" / "sft"
+    bad.mkdir(parents=True)
+    (bad / "sft_config.yaml").write_text(f'a: !!python/object/apply:os.system ["touch {tmp_path}/ran"]\n')
+    (bad / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n')
+    code, line = _cli(capsys, ["report", str(tmp_path / "tagged")])
+    assert code == 2 and "sft_config.yaml" in line and "could not determine a constructor" in line
+    assert not (tmp_path / "ran").exists()
+    odd = tmp_path / "odd" / "sft"
+    odd.mkdir(parents=True)
+    (odd / "sft_config.yaml").write_text("- a\n")
+    (odd / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')
+    code, _ = _cli(capsys, ["report", str(tmp_path / "odd")])
+    assert code == 0 and (tmp_path / "odd" / "report.html").is_file()
+
+
 def test_output_dir_that_is_a_file_is_refused(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "afile").write_text("x")
     code, line = _cli(capsys, _sft_args(tiny_model_dir, _sft_data(tmp_path / "d.jsonl"), tmp_path / "afile"))

@@ -20,11 +20,10 @@ message quotes.
 
 from __future__ import annotations
 
-import json
 import statistics
 from fnmatch import fnmatch
 
-from rlhfkit.report.data import Stage, config_value, series
+from rlhfkit.report.data import Stage, config_value, read_json, series
 
 # the order warnings are listed in
 KINDS = ("unfinished", "unreadable", "skipped_steps", "truncation", "kl_spike", "held_out_worse")
@@ -110,11 +109,7 @@ def _truncation(where: str, share: float, detail: str, cap) -> str:
 
 def _selected_best(st: Stage) -> dict | None:
     """The checkpoint ``train.select_best`` kept as the stage's final model (from its results file)."""
-    path = st.path / f"{st.kind}_results.json"
-    try:
-        best = json.loads(path.read_text()).get("best") if path.is_file() else None
-    except (OSError, ValueError):
-        return None
+    best = read_json(st.path / f"{st.kind}_results.json").get("best")
     return best if isinstance(best, dict) and {"step", "metric", "value"} <= best.keys() else None
 
 

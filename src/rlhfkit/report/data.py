@@ -16,22 +16,34 @@ import yaml
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file; a line that is not one (cut by a kill, or not a record) is
+    skipped, the rest is fine."""
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             line = line.strip()
             if line:
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill: skip it, the rest is fine
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
     return rows
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping (safe loader: tags that would build objects are refused); invalid YAML raises
+    a yaml error whose mark names the file, and a file that is not a mapping reads as {}."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        out = yaml.safe_load(f)
+    return out if isinstance(out, dict) else {}
 
 
 def read_json(path: Path) -> dict:
     try:
         out = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return out if isinstance(out, dict) else {}
 
@@ -86,7 +98,8 @@ def _pipeline_kinds(run: Path) -> dict[str, str]:
     pipe = run / "pipeline.yaml"
     if not pipe.is_file():
         return {}
-    stages = (yaml.safe_load(pipe.read_text()) or {}).get("stages") or []
+    stages = read_yaml(pipe).get("stages")
+    stages = stages if isinstance(stages, list) else []
     return {(s.get("name") or s.get("kind")): s.get("kind", "") for s in stages if isinstance(s, dict)}
 
 
@@ -95,7 +108,7 @@ def _load_stage(name: str, kind: str, path: Path, recorded: dict[str, float]) ->
     cfgs = sorted(path.glob("*_config.yaml"))
     if cfgs:
         st.config_text = cfgs[0].read_text()
-        st.config = yaml.safe_load(st.config_text) or {}
+        st.config = read_yaml(cfgs[0])
         st.kind = st.kind or cfgs[0].name[: -len("_config.yaml")]
     done = read_json(path / "DONE") if (path / "DONE").is_file() else {}
     times = [r["time"] for r in st.rows if isinstance(r.get("time"), (int, float))]
@@ -164,7 +177,7 @@ def load_eval(path: Path) -> dict:
             length_reward[f"{name} ({key})"] = [(len(r["response"]), r[key]) for r in recs
                                                 if isinstance(r.get(key), (int, float))]
     cfg_path = path.parent / "eval_config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    cfg = read_yaml(cfg_path) if cfg_path.is_file() else {}
     kinds = {j: scorer_kind(cfg.get(j)) for j in ("gold", "proxy") if isinstance(cfg, dict)}
     return {"policies": policies, "judges": judges, "length_reward": length_reward, "raw": ev, "kinds": kinds,
             "samples": side_by_side(samples_by, int(ev.get("samples_per_prompt") or 1))}
@@ -208,7 +221,7 @@ def find_evals(stages: list[Stage]) -> tuple[list[tuple[Stage, Path, dict]], lis
         for p in sorted(st.path.glob("eval*.json")):
             try:
                 found.append((st, p, load_eval(p)))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            except (OSError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
                 unreadable.append((st, p, f"{type(e).__name__}: {e}"))
     return found, unreadable
 
