@@ -151,6 +151,9 @@ def _two_checkpoints(tmp_path, tiny_model_dir) -> "Checkpointer":  # noqa: F821
     (lambda c: os.truncate(c / "model" / "model.safetensors", 1000), "model/model.safetensors has 1000 bytes"),
     (lambda c: (c / "trainer_state.json").write_text(""), "trainer_state.json has 0 bytes"),
     (lambda c: (c / "manifest.json").unlink(), "no manifest"),
+    (lambda c: (c / "manifest.json").write_text('{"files": {"optim.pt": {}}}'),
+     "unreadable manifest (its entry for 'optim.pt' is not {size, sha256})"),
+    (lambda c: (c / "manifest.json").write_text('{"files": {"optim.pt": 5}}'), "unreadable manifest (its entry"),
     (lambda c: (c / "rng.pt").write_bytes(b"x" * (c / "rng.pt").stat().st_size), "rng.pt does not match its SHA-256"),
 ])
 def test_latest_skips_a_damaged_checkpoint_with_a_warning(tmp_path, tiny_model_dir, caplog, damage, reason):
@@ -488,7 +491,8 @@ def test_a_run_record_without_a_config_is_named_unreadable(tmp_path):
 
     data = _sft_data(tmp_path / "d.jsonl")
     out = _used_run(tmp_path, data)
-    for text in ("{}", "[1, 2]", "{not json"):
+    for text in ("{}", "[1, 2]", "{not json", '{"config": [], "sources": {}}', '{"config": {}, "sources": []}',
+                 '{"config": {}, "sources": {"model.name": "x"}}', '{"config": {}, "version": "2"}'):
         (out / "sft_run.json").write_text(text)
         with pytest.raises(RunDirError, match=r"has an unreadable record of a sft run \(sft_run\.json\)"):
             open_run(_cfg(tmp_path, data, "train.resume=true"), "sft")

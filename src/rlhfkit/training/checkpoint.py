@@ -75,6 +75,9 @@ def verify_manifest(root: Path, hashes: bool = True) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable manifest ({e.__class__.__name__})"
     for rel, meta in items:
+        if not (isinstance(rel, str) and isinstance(meta, dict) and isinstance(meta.get("size"), int)
+                and isinstance(meta.get("sha256"), str)):
+            return f"unreadable manifest (its entry for {rel!r} is not {{size, sha256}})"
         p = root / rel
         if not p.is_file():
             return f"{rel} is missing"

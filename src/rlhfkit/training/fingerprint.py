@@ -141,6 +141,16 @@ def file_digest(path: Path) -> str:
     return f"sampled-sha256:{h.hexdigest()}"
 
 
+def well_formed(record) -> bool:
+    """Whether a saved run record has the shape `differences` reads (a file edited by hand may not):
+    a config mapping, and sources mapping each key to its {"spec", ...} identity."""
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        return False
+    sources = record.get("sources", {})
+    return isinstance(sources, dict) and isinstance(record.get("version", 1), int) and all(
+        isinstance(v, dict) and isinstance(v.get("spec"), str) for v in sources.values())
+
+
 def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
     """What differs between two fingerprints, one short phrase each. ``defaults`` (`flat_config` of
     the command's default config): a key the old record lacks (a run started before rlhfkit had

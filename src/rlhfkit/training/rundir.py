@@ -37,7 +37,7 @@ from rlhfkit.config import ConfigError, dump_config
 from rlhfkit.training.checkpoint import Checkpointer
 from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
 from rlhfkit.training.fingerprint import (LENGTH_KEYS, default_sources, differences, fingerprint, flat_config,
-                                         local_path)
+                                         local_path, well_formed)
 from rlhfkit.training.runlock import hold
 
 log = logging.getLogger("rlhfkit")
@@ -246,7 +246,7 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defa
         saved = None
     except (OSError, ValueError):
         saved = {}
-    if saved is None or not isinstance(saved, dict) or "config" not in saved:
+    if saved is None or not well_formed(saved):
         if mismatch_ok:
             return
         why = "no" if saved is None else "an unreadable"
