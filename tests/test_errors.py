@@ -343,6 +343,45 @@ def test_a_reward_model_given_as_the_policy_is_refused_before_anything_is_writte
     load_causal_lm(tiny_model_dir, torch.float32)  # a policy still loads
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickle_that_runs_code(d: Path) -> None:
+    """The weights as a pytorch_model.bin whose pickle would run a shell command if unpickled freely."""
+    import pickle
+
+    (d / "model.safetensors").unlink()
+    _RunsCode.marker = d / "ran"
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _RunsCode()}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "config.json").write_text("{}"), "config.json: no model_type"),
+    (lambda d: (d / "config.json").write_text("[1"), "config.json: not readable as JSON"),
+    (lambda d: (d / "model.safetensors").unlink(), "holds a config.json but no weights"),
+    (lambda d: (d / "model.safetensors").write_text("garbage"), "model.safetensors: not a readable safetensors file"),
+    (lambda d: _pickle_that_runs_code(d), "pytorch_model.bin: not loadable as weights alone (UnpicklingError"),
+])
+def test_a_model_directory_that_cannot_load_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, capsys,
+                                                                                   damage, message):
+    """A model directory whose config names no model type, whose weights are missing, or whose
+    safetensors header does not read is one line naming the key and the file, for a training
+    command's model.name and for an evaluated policy, before anything is written or any model loads."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    damage(bad)
+    data = _sft_data(tmp_path / "d.jsonl")
+    code, line = _cli(capsys, _sft_args(bad, data, tmp_path / "sft"))
+    assert code == 2 and line.startswith("rlhfkit sft: error: model.name: ") and message in line, line
+    assert not (tmp_path / "sft").exists()
+    code, line = _cli(capsys, ["eval", f"baseline={tiny_model_dir}", f"policies=[{bad}]", "prompts.train=task:sentiment",
+                               f"train.output_dir={tmp_path / 'ev'}"])
+    assert code == 2 and line.startswith("rlhfkit eval: error: policies: ") and message in line, line
+    assert not (tmp_path / "ev").exists() and not (bad / "ran").exists()
+
+
 def test_overrides_may_follow_the_flags(tmp_path, capsys):
     """`rlhfkit sft -c X --resume optim.lr=1e-3` (docs/reliability.md's example): overrides after a
     flag are overrides, in the order given, as before it; an unknown flag is still argparse's error."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from rlhfkit.hub import hub_unreachable
@@ -37,8 +38,50 @@ def check_model_path(name: str | os.PathLike) -> None:
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
         check_no_custom_code(p)
+        if (p / "config.json").is_file():
+            check_model_files(p)
     elif s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_files(path: Path) -> None:
+    """Refuse a model directory no load could succeed with, reading only small files: a config.json
+    that is not a JSON object naming a `model_type`, no weight file (`WEIGHT_FILES`), or a
+    model.safetensors whose header does not read (a file cut short or not safetensors at all)."""
+    cfg = path / "config.json"
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{cfg}: not readable as JSON ({e.__class__.__name__}: {e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{cfg}: no model_type: not the config of a transformers model")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise FileNotFoundError(f"{path} holds a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    single = path / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ValueError(f"{single}: not a readable safetensors file ({e})") from None
+    pickled = path / "pytorch_model.bin"
+    if pickled.is_file() and not single.is_file():
+        import zipfile
+
+        import torch
+
+        try:  # weights_only: a pickle that would build anything but tensors is refused, never run
+            with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error says it
+                warnings.simplefilter("ignore")
+                torch.load(pickled, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(pickled))
+        except Exception as e:  # UnpicklingError, RuntimeError for a file that is not a torch archive
+            raise ValueError(f"{pickled}: not loadable as weights alone ({e.__class__.__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def check_no_custom_code(path: Path) -> None:
