@@ -41,6 +41,24 @@ def test_broken_pipeline_yaml_is_one_line(tmp_path, capsys):
                                   "a flow sequence, expected ',' or ']', but got '<stream end>'"), line
 
 
+def test_a_pipeline_without_stages_is_refused_before_anything_is_written(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(f"output_dir: {tmp_path / 'out'}\nstages: []\n")
+    code, line = _cli(capsys, ["pipeline", "-c", str(empty)])
+    assert code == 2 and line == f"rlhfkit pipeline: error: {empty}: stages: empty; a pipeline runs at least one stage " \
+                                 "(see configs/demo.yaml)", line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, reason", [("[1", "not readable as JSON"), ("[1, 2]", "expected a JSON object")])
+def test_merge_of_an_adapter_whose_config_does_not_read_is_one_line(tmp_path, capsys, text, reason):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(text)
+    code, line = _cli(capsys, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
+    assert code == 2 and line.startswith(f"rlhfkit merge: error: {tmp_path / 'adapter' / 'adapter_config.json'}: {reason}")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
     code, line = _cli(capsys, ["report", str(tmp_path / "nonexistent")])
     assert code == 2 and line == f"rlhfkit report: error: run directory not found: {tmp_path / 'nonexistent'}"
@@ -312,6 +330,26 @@ def test_log_level_is_accepted_after_the_command_and_checked(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--log-level", "bogus", "sft"])
     assert "invalid choice: 'BOGUS'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["make-data", "--task", "nosuch", "--out", "x"], "rlhfkit make-data: error: argument --task: invalid choice"),
+    (["make-data", "--task", "sentiment"], "rlhfkit make-data: error: the following arguments are required: --out"),
+    (["eval", "--resume"], "rlhfkit: error: unrecognized arguments: --resume"),
+    (["report", "a", "b"], "rlhfkit: error: comparing several runs needs --out FILE"),
+    (["sft", "-c", "a.yaml", "-c", "b.yaml"], "rlhfkit sft: error: -c given twice"),
+    (["nosuch"], "rlhfkit: error: argument command: invalid choice: 'nosuch'"),
+])
+def test_a_usage_error_is_one_line(tmp_path, capsys, argv, message):
+    """What argparse refuses is one line naming the command, with where to find the usage, and
+    exit status 2 (argparse's own print the usage block first)."""
+    from rlhfkit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
+    assert err.rstrip().endswith("--help` for usage)")
 
 
 def test_a_reward_model_given_as_the_policy_is_refused_before_anything_is_written(tmp_path, tiny_model_dir,

@@ -19,13 +19,14 @@ import os
 import sys
 
 from rlhfkit import __version__, envvars
+from rlhfkit.argparsing import OneLineParser
 from rlhfkit.config import ConfigError, load_config, to_dict
 from rlhfkit.config.loader import validate
 from rlhfkit.config.reference import explained_yaml, help_text
 from rlhfkit.registry import COMMANDS, Command
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _CommandParser(OneLineParser):
     """A sub-command's parser whose --help ends with its config keys (computed only when shown:
     listing them imports the trainer's module)."""
 
@@ -70,7 +71,7 @@ def _add_trainer(sub, name: str, command: Command) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhfkit", description="Correct, visible and fast RLHF.")
+    parser = OneLineParser(prog="rlhfkit", description="Correct, visible and fast RLHF.")
     parser.add_argument("--version", "-V", action="version", version=f"rlhfkit {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("RLHFKIT_LOG", "WARNING"), type=str.upper,
                         choices=LOG_LEVELS, help="what rlhfkit logs besides its progress and results "

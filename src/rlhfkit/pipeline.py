@@ -85,6 +85,8 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
     cfg = build(PipelineConfig, raw or {}, "", source)
     out = Path(cfg.output_dir)
     values = {"base": cfg.base_model, "output_dir": str(out)}
+    if not cfg.stages:
+        raise ConfigError(f"{source}: stages: empty; a pipeline runs at least one stage (see configs/demo.yaml)")
     stages = []
     for i, s in enumerate(cfg.stages):
         spec = build(StageSpec, s, f"stages[{i}]", source)

@@ -184,7 +184,15 @@ def share_frozen_base(model, source) -> int:
 def adapter_config(path: str | os.PathLike) -> dict | None:
     """The adapter_config.json of a peft adapter directory, or None for anything else."""
     f = Path(path) / ADAPTER_CONFIG
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        cfg = json.loads(f.read_text())
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{f}: not readable as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{f}: expected a JSON object (a peft adapter config), got {type(cfg).__name__}")
+    return cfg
 
 
 def adapter_base(path: str | os.PathLike, base: str | None = None) -> str:

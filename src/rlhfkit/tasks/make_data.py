@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.argparsing import OneLineParser
 from rlhfkit.io import write_json_atomic
 from rlhfkit.models import DEFAULT_MODEL, check_model_path
 from rlhfkit.models.loading import library_progress_bars
@@ -24,7 +25,7 @@ OUTPUT_FILES = ("meta.json", "sft.jsonl", "preference.jsonl", "prompts_train.jso
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``rlhfkit make-data --task NAME --out DIR [--seed ...]`` (see --help)."""
 
-    ap = argparse.ArgumentParser(prog="rlhfkit make-data", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="rlhfkit make-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", required=True, choices=list_tasks())
     ap.add_argument("--model", default=DEFAULT_MODEL, help="policy that writes the samples (default: %(default)s)")
     ap.add_argument("--out", required=True, help="output directory")
