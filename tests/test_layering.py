@@ -1,6 +1,6 @@
 """The package's shape: layers import only downwards, and no module imports itself back.
 
-Layers, bottom to top (docs/architecture.md): algos; config, envvars, io, rng; data, models; judges, tasks,
+Layers, bottom to top (docs/architecture.md): algos; argparsing, config, envvars, io, rng; data, models; judges, tasks,
 parallel, rollout; training; eval; trainers; registry, pipeline, report, cli. A module may import
 from its own layer or below. rlhfkit modules are imported at module level, except by the command
 line and the pipeline (lazy sub-commands, the report's optional plotting dependency) and by the
@@ -18,8 +18,8 @@ import rlhfkit
 ROOT = Path(rlhfkit.__file__).parent
 
 LAYER = {
-    "algos": 0, "config": 1, "envvars": 1, "hub": 1, "io": 1, "rng": 1, "data": 2, "models": 2, "judges": 3, "tasks": 3,
-    "parallel": 3, "rollout": 3, "training": 4, "eval": 5, "trainers": 6, "registry": 7, "pipeline": 7,
+    "algos": 0, "argparsing": 1, "config": 1, "envvars": 1, "hub": 1, "io": 1, "rng": 1, "data": 2, "models": 2,
+    "judges": 3, "tasks": 3, "parallel": 3, "rollout": 3, "training": 4, "eval": 5, "trainers": 6, "registry": 7, "pipeline": 7,
     "report": 7, "runinfo": 7, "cli": 8,
 }
 
