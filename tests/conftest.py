@@ -15,6 +15,18 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
+def _hf_log_handler_on_the_session_stderr() -> None:
+    """transformers' log handler keeps the sys.stderr of the moment it is made. Made here, before
+    any test runs; made inside a test that captures stderr (capsys), it would write every later
+    warning to that test's closed stream ("Logging error")."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+
+
+_hf_log_handler_on_the_session_stderr()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from rlhfkit.models import load_tokenizer

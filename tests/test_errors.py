@@ -45,8 +45,8 @@ def test_a_pipeline_without_stages_is_refused_before_anything_is_written(tmp_pat
     empty = tmp_path / "empty.yaml"
     empty.write_text(f"output_dir: {tmp_path / 'out'}\nstages: []\n")
     code, line = _cli(capsys, ["pipeline", "-c", str(empty)])
-    assert code == 2 and line == f"rlhfkit pipeline: error: {empty}: stages: empty; a pipeline runs at least one stage " \
-                                 "(see configs/demo.yaml)", line
+    assert code == 2 and line == (f"rlhfkit pipeline: error: {empty}: stages: empty; a pipeline runs at least one "
+                                  "stage (see configs/demo.yaml)"), line
     assert not (tmp_path / "out").exists()
 
 
@@ -55,7 +55,8 @@ def test_merge_of_an_adapter_whose_config_does_not_read_is_one_line(tmp_path, ca
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(text)
     code, line = _cli(capsys, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
-    assert code == 2 and line.startswith(f"rlhfkit merge: error: {tmp_path / 'adapter' / 'adapter_config.json'}: {reason}")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    assert code == 2 and line.startswith(f"rlhfkit merge: error: {config}: {reason}"), line
     assert not (tmp_path / "merged").exists()
 
 
@@ -78,7 +79,8 @@ def test_report_reads_a_tampered_run_safely(tmp_path, capsys):
     odd = tmp_path / "odd" / "sft"
     odd.mkdir(parents=True)
     (odd / "sft_config.yaml").write_text("- a\n")
-    (odd / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/loss": 0.5}\n')
+    (odd / "metrics.jsonl").write_text('[1, 2]\n"text"\n{"step": 1, "train/loss": 1.0}\n'
+                                       '{"step": 2, "train/loss": 0.5}\n')
     code, _ = _cli(capsys, ["report", str(tmp_path / "odd")])
     assert code == 0 and (tmp_path / "odd" / "report.html").is_file()
 
@@ -414,8 +416,8 @@ def test_a_model_directory_that_cannot_load_is_refused_before_anything_is_writte
     code, line = _cli(capsys, _sft_args(bad, data, tmp_path / "sft"))
     assert code == 2 and line.startswith("rlhfkit sft: error: model.name: ") and message in line, line
     assert not (tmp_path / "sft").exists()
-    code, line = _cli(capsys, ["eval", f"baseline={tiny_model_dir}", f"policies=[{bad}]", "prompts.train=task:sentiment",
-                               f"train.output_dir={tmp_path / 'ev'}"])
+    code, line = _cli(capsys, ["eval", f"baseline={tiny_model_dir}", f"policies=[{bad}]",
+                               "prompts.train=task:sentiment", f"train.output_dir={tmp_path / 'ev'}"])
     assert code == 2 and line.startswith("rlhfkit eval: error: policies: ") and message in line, line
     assert not (tmp_path / "ev").exists() and not (bad / "ran").exists()
 
