@@ -400,7 +400,7 @@ def _pickle_that_runs_code(d: Path) -> None:
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "config.json").write_text("{}"), "config.json: no model_type"),
     (lambda d: (d / "config.json").write_text("[1"), "config.json: not readable as JSON"),
-    (lambda d: (d / "model.safetensors").unlink(), "holds a config.json but no weights"),
+    (lambda d: (d / "model.safetensors").unlink(), "has no weights: it holds a config.json but none of"),
     (lambda d: (d / "model.safetensors").write_text("garbage"), "model.safetensors: not a readable safetensors file"),
     (lambda d: _pickle_that_runs_code(d), "pytorch_model.bin: not loadable as weights alone (UnpicklingError"),
 ])

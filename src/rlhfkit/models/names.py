@@ -59,7 +59,8 @@ def check_model_files(path: Path) -> None:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ValueError(f"{cfg}: no model_type: not the config of a transformers model")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
-        raise FileNotFoundError(f"{path} holds a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+        raise FileNotFoundError(f"{path} has no weights: it holds a config.json but none of "
+                                f"{', '.join(WEIGHT_FILES)}")
     single = path / "model.safetensors"
     if single.is_file():
         from safetensors import safe_open
