@@ -38,13 +38,14 @@ def check_model_path(name: str | os.PathLike) -> None:
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
         check_no_custom_code(p)
-        if (p / "config.json").is_file():
+        if (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             check_model_files(p)
     elif s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_model_files(path: Path) -> None:

@@ -3,7 +3,6 @@ pairs alone (`tasks.pairs`, ``--pairs-only``)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys

@@ -69,16 +69,13 @@ def build_preference_pairs(
     """Sample ``pairs_per_prompt`` pairs for each of ``n_prompts`` prompts, label them with the
     task's simulated annotator, write OUT/preference.jsonl and OUT/meta.json; return meta."""
     task = get_task(task)
-    prompt_file = prompts
-    prompts = select_prompts(task, split, n_prompts, skip, pairs_per_prompt, pair_from, prompt_seed, prompt_file)
+    records = select_prompts(task, split, n_prompts, skip, pairs_per_prompt, pair_from, prompt_seed, prompts)
     beta = task.default_beta if annotator_beta is None else annotator_beta
-    settings = {"split": split, "n_prompts": n_prompts, "skip": skip, "pairs_per_prompt": pairs_per_prompt,
-                "pair_from": pair_from, "prompt_seed": prompt_seed, "prompts": prompt_file,
-                "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "top_p": top_p, "annotator_beta": beta, "flip_prob": flip_prob,
-                "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
+    settings = {"split": split, "prompts": prompts, "n_prompts": n_prompts, "skip": skip,
+                "pairs_per_prompt": pairs_per_prompt, "pair_from": pair_from, "prompt_seed": prompt_seed,
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "annotator_beta": beta,
+                "flip_prob": flip_prob, "batch_size": batch_size, "torch_threads": torch.get_num_threads()}
     if model is None or tokenizer is None:
-
         tokenizer = tokenizer or load_tokenizer(model_name)
         model = model or load_causal_lm(model_name)
     torch.manual_seed(seed)
@@ -86,10 +83,10 @@ def build_preference_pairs(
     sampler = _Sampler(model, tokenizer, task, generator=generator, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, progress=progress)
     t0 = time.perf_counter()
-    samples = sampler(prompts, pairs_per_prompt * pair_from, f"{split} preference pairs")
+    samples = sampler(records, pairs_per_prompt * pair_from, f"{split} preference pairs")
     # one (prompt, two samples) entry per pair, prompt-major: all pairs of a prompt are adjacent
     recs, two = [], []
-    for rec, group in zip(prompts, samples):
+    for rec, group in zip(records, samples):
         for k in range(pairs_per_prompt):
             chosen = _pick_two(group[k * pair_from:(k + 1) * pair_from])
             if chosen is not None:
@@ -197,8 +194,8 @@ def run(args) -> int:
     meta = build_preference_pairs(
         args.task, args.model, args.out, split=args.pairs_only, n_prompts=args.n_pref_prompts,
         skip=skip, pairs_per_prompt=args.pairs_per_prompt, pair_from=args.pair_from, prompt_seed=prompt_seed,
-        prompts=args.prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        annotator_beta=args.annotator_beta, flip_prob=args.flip_prob, batch_size=args.batch_size,
+        prompts=args.prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, annotator_beta=args.annotator_beta, flip_prob=args.flip_prob, batch_size=args.batch_size,
         progress=not args.no_progress)
     c = meta["counts"]
     print(f"wrote {args.out}: {c['preference']} preference pairs ({c['preference_dropped']} dropped); "
