@@ -85,6 +85,17 @@ def test_report_reads_a_tampered_run_safely(tmp_path, capsys):
     assert code == 0 and (tmp_path / "odd" / "report.html").is_file()
 
 
+def test_report_into_a_directory_is_one_line_naming_it(tmp_path, capsys):
+    run = tmp_path / "run" / "sft"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n')
+    (tmp_path / "pages").mkdir()
+    code, line = _cli(capsys, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "pages")])
+    assert code == 2 and line == (f"rlhfkit report: error: --out: {tmp_path / 'pages'} is a directory; name the page "
+                                  f"to write, e.g. {tmp_path / 'pages' / 'report.html'}"), line
+    assert not any((tmp_path / "pages").iterdir())
+
+
 def test_output_dir_that_is_a_file_is_refused(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "afile").write_text("x")
     code, line = _cli(capsys, _sft_args(tiny_model_dir, _sft_data(tmp_path / "d.jsonl"), tmp_path / "afile"))

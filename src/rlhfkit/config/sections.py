@@ -132,7 +132,7 @@ class TrainSection:
     """Steps between resumable checkpoints (and one at the last step, so the run can be continued for longer); 0 = only
     the final model, not resumable."""
     keep_checkpoints: int = 2
-    """Checkpoints kept on disk (the newest)."""
+    """Checkpoints kept on disk (the newest); 0 = all of them."""
     log_every: int = 1
     """Steps between metric records."""
     max_bad_steps: int = 3

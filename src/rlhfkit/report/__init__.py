@@ -146,6 +146,8 @@ def build_report(runs: list[str | Path], out: str | Path | None = None) -> Path:
     for r in runs:
         if not r.is_dir():
             raise FileNotFoundError(f"run directory not found: {r}")
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"--out: {out} is a directory; name the page to write, e.g. {Path(out) / 'report.html'}")
     data = collect(runs)
     for r, stages in zip(runs, data["stages"].values()):
         if not stages:
