@@ -77,8 +77,8 @@ def fit_token_head_bt(tokens: torch.Tensor, counts: torch.Tensor, hidden: int, *
 
 
 def _fit_one(tokens: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-             stats: tuple[torch.Tensor, torch.Tensor], hidden: int, *, weight_decay: float, epochs: int, lr: float, batch_size: int, seed: int,
-             label_smoothing: float) -> dict[str, torch.Tensor]:
+             stats: tuple[torch.Tensor, torch.Tensor], hidden: int, *, weight_decay: float, epochs: int, lr: float,
+             batch_size: int, seed: int, label_smoothing: float) -> dict[str, torch.Tensor]:
     """One head fitted on the features standardised by stats (their float64 mean and spread),
     its weights returned acting on the raw features."""
     mu, sd = stats

@@ -34,7 +34,7 @@ from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.models.loading import warn_once
 from rlhfkit.models.lora import adapter_base, adapter_config
-from rlhfkit.models.names import DEFAULT_ALIASES, resolve_hub_id
+from rlhfkit.models.names import DEFAULT_ALIASES, WEIGHT_FILES, resolve_hub_id
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
 
@@ -220,8 +220,7 @@ def check_pairwise_spec(spec: str) -> tuple[str, str]:
 
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_FILES = (*WEIGHT_FILES, "adapter_model.safetensors", "adapter_model.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

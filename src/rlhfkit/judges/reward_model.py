@@ -24,10 +24,10 @@ from rlhfkit.models.forward import common_prefix_len, shared_token_values
 from rlhfkit.models.heads import pool_mask, pool_values
 from rlhfkit.models.loading import to_device
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
+from rlhfkit.models.names import WEIGHT_FILES
 from rlhfkit.models.packing import pack_groups, packed_token_values, packs
 from rlhfkit.rollout import left_pad
 
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def find_rm_dir(path: str) -> Path:
@@ -48,8 +48,8 @@ def find_rm_dir(path: str) -> Path:
         raise FileNotFoundError(f"rm:{path}: no reward model found: {p} {what} (expected a directory with "
                                 "config.json, as written by `rlhfkit rm` to OUTPUT_DIR/model)")
     _check_rm_config(path, p)
-    if not any((p / w).is_file() for w in _WEIGHTS):
-        raise RewardSpecError(f"rm:{path}: {p} has a config.json but no weights ({', '.join(_WEIGHTS[::2])})")
+    if not any((p / w).is_file() for w in WEIGHT_FILES):
+        raise RewardSpecError(f"rm:{path}: {p} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])})")
     return p
 
 
