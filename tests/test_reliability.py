@@ -498,6 +498,46 @@ def test_a_run_record_without_a_config_is_named_unreadable(tmp_path):
             open_run(_cfg(tmp_path, data, "train.resume=true"), "sft")
 
 
+@pytest.mark.parametrize("resume, said", [
+    ("true", "nothing to resume in .*run: no complete checkpoint there; step-00000002: trainer_state.json has 0 "
+             "bytes, the manifest says 11 \\(replace the run with --overwrite"),
+    ("false", "holds a previous run \\(checkpoints/, model/, sft_results.json\\) whose newest checkpoint is incomplete "
+              "\\(step-00000002: trainer_state.json has 0 bytes, "
+              "the manifest says 11\\): replace it"),
+    ("auto", "whose newest checkpoint is incomplete \\(step-00000002: .*\\), so train.resume=auto has nothing"),
+])
+def test_a_run_whose_only_checkpoint_is_incomplete_is_refused_in_one_line_naming_why(tmp_path, caplog, resume, said):
+    """The refusal names the incomplete checkpoint and what is wrong with it, and no warning
+    about skipping it comes before (it used to be a warning, then an error saying no checkpoint)."""
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    (out / "checkpoints" / "step-00000002" / "trainer_state.json").write_text("")
+    with caplog.at_level("WARNING", logger="rlhfkit"), pytest.raises(RunDirError, match=said):
+        open_run(_cfg(tmp_path, data, f"train.resume={resume}"), "sft")
+    assert caplog.text == ""
+
+
+def test_another_commands_run_is_never_continued_even_with_mismatch_ok(tmp_path, caplog):
+    """`rlhfkit dpo --resume` on an SFT run's directory would load the SFT trainer's checkpoint:
+    refused in one line naming both commands, with train.resume_mismatch_ok too; a run with no
+    record at all is continued under mismatch_ok only with a warning that says so."""
+    from rlhfkit.training.rundir import RunDirError, open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = _used_run(tmp_path, data)
+    for ok in ("false", "true"):
+        with pytest.raises(RunDirError, match=r"cannot resume .*run: it holds a run of `rlhfkit sft` \(sft_run\.json\), "
+                                              r"not of `rlhfkit online-dpo`; choose another train.output_dir"):
+            open_run(_cfg(tmp_path, data, "train.resume=true", f"train.resume_mismatch_ok={ok}"), "online_dpo")
+    assert not (out / "online_dpo_run.json").exists()
+    (out / "sft_run.json").unlink()
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        assert open_run(_cfg(tmp_path, data, "train.resume=true", "train.resume_mismatch_ok=true"), "sft").resuming
+    assert "although it has no record of a sft run (sft_run.json; train.resume_mismatch_ok)" in caplog.text
+
+
 def test_a_key_set_in_the_old_run_and_back_at_its_default_now_is_a_difference():
     """The default excuses only a key the old record lacks: a run trained with lr 1e-3 is not
     continued with the default lr, nor a run recorded with an older source version than it has."""

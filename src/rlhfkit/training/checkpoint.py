@@ -185,16 +185,20 @@ class Checkpointer:
             return []
         return sorted(p for p in self.root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / MANIFEST).is_file())
 
-    def latest(self, verify: bool = True) -> Path | None:
+    def latest(self, verify: bool = True, skipped: list[str] | None = None) -> Path | None:
         """The newest complete checkpoint: its manifest verifies (sizes and, with ``verify``,
-        SHA-256). Each newer one that does not is skipped with a warning naming what is wrong."""
+        SHA-256). Each newer one that does not is skipped with a warning naming what is wrong, or,
+        given a ``skipped`` list, with that line appended to it instead."""
         if not self.root.is_dir():
             return None
         for p in sorted((p for p in self.root.iterdir() if p.name.startswith(CKPT_PREFIX)), reverse=True):
             problem = verify_manifest(p, hashes=verify)
             if problem is None:
                 return p
-            log.warning("skipping checkpoint %s: %s", p, problem)
+            if skipped is None:
+                log.warning("skipping checkpoint %s: %s", p, problem)
+            else:
+                skipped.append(f"{p.name}: {problem}")
         return None
 
     def _prune(self) -> None:

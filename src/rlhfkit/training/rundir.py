@@ -111,24 +111,28 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
         _check_inputs_survive(path, sources)
         return RunDir(path, kind, resuming=False, record=record)
 
-    checkpoint = Checkpointer(path).latest() if path.is_dir() else None
+    skipped: list[str] = []  # incomplete checkpoints: named in a refusal; when resuming, the loop warns
+    checkpoint = Checkpointer(path).latest(skipped=skipped) if path.is_dir() else None
     nested = _nested_progress(path, kind)
     used = _outputs(path)
+    # why no checkpoint can be continued: none saved, or the newest saved one is incomplete
+    none_saved = f"whose newest checkpoint is incomplete ({skipped[0]})" if skipped else \
+        "that saved no checkpoint to continue from (train.save_every)"
     if train.resume is False:
         if checkpoint is not None or nested:
             raise RunDirError(f"{path} holds a previous run ({', '.join(used)}): continue it with --resume "
                               "(train.resume=true) or replace it with --overwrite (train.overwrite=true)")
         if used:
-            raise RunDirError(f"{path} holds a previous run ({', '.join(used)}) that saved no checkpoint to continue "
-                              "from (train.save_every): replace it with --overwrite (train.overwrite=true), or "
-                              "choose another train.output_dir")
+            raise RunDirError(f"{path} holds a previous run ({', '.join(used)}) {none_saved}: replace it with "
+                              "--overwrite (train.overwrite=true), or choose another train.output_dir")
         return RunDir(path, kind, resuming=False, record=record)
     if checkpoint is None and not nested:
         if train.resume is True:
             if (path / "checkpoints").is_dir():
                 way_out = ("replace the run with --overwrite (train.overwrite=true)" if used else "start without "
                            "--resume, or set train.resume=auto to continue only when there is something to continue")
-                raise RunDirError(f"nothing to resume in {path}: no complete checkpoint there ({way_out})")
+                found = f"; {skipped[0]}" if skipped else ""
+                raise RunDirError(f"nothing to resume in {path}: no complete checkpoint there{found} ({way_out})")
             if used:
                 raise RunDirError(f"nothing to resume in {path}: the run there ({', '.join(used)}) saved no "
                                   "checkpoint (train.save_every), so it cannot be continued; replace it with "
@@ -136,9 +140,9 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
             raise RunDirError(f"nothing to resume in {path}: no checkpoint there (start without --resume, or set "
                               "train.resume=auto to continue only when there is something to continue)")
         if used:  # auto: nothing to continue, and starting would replace a run
-            raise RunDirError(f"{path} holds a previous run ({', '.join(used)}) that saved no checkpoint to continue "
-                              "from (train.save_every), so train.resume=auto has nothing to continue; replace it "
-                              "with --overwrite (train.overwrite=true), or choose another train.output_dir")
+            raise RunDirError(f"{path} holds a previous run ({', '.join(used)}) {none_saved}, so train.resume=auto "
+                              "has nothing to continue; replace it with --overwrite (train.overwrite=true), or choose "
+                              "another train.output_dir")
         return RunDir(path, kind, resuming=False, record=record)
     defaults = flat_config(type(cfg)())  # a key added to rlhfkit since the run started, left at its default: no change
     _check_same_run(path, kind, record, train.resume_mismatch_ok, defaults)
@@ -246,10 +250,14 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defa
         saved = None
     except (OSError, ValueError):
         saved = {}
+    if saved is None:
+        _check_not_another_command(path, kind)
     if saved is None or not well_formed(saved):
-        if mismatch_ok:
-            return
         why = "no" if saved is None else "an unreadable"
+        if mismatch_ok:
+            log.warning("continuing %s although it has %s record of a %s run (%s; train.resume_mismatch_ok)",
+                        path, why, kind, saved_path.name)
+            return
         raise RunDirError(f"{path} has {why} record of a {kind} run ({saved_path.name}): it was not started by "
                           f"`rlhfkit {kind.replace('_', '-')}`, or by an older version; set "
                           "train.resume_mismatch_ok=true to continue it anyway, or train.overwrite=true to start over")
@@ -270,6 +278,17 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defa
         log.warning("%s: not applied on resume: the optimizer and its learning-rate schedule continue as the "
                     "checkpoint saved them (start over with train.overwrite=true to use the new values)",
                     ", ".join(restored))
+
+
+def _check_not_another_command(path: Path, kind: str) -> None:
+    """A directory that holds another command's run is never continued by this one, whatever
+    train.resume_mismatch_ok says: its checkpoint holds another trainer's state."""
+    others = sorted(p.name[:-len("_run.json")] for p in path.glob("*_run.json") if p.name != f"{kind}_run.json")
+    if others:
+        name = others[0].replace("_", "-")
+        raise RunDirError(f"cannot resume {path}: it holds a run of `rlhfkit {name}` ({others[0]}_run.json), not of "
+                          f"`rlhfkit {kind.replace('_', '-')}`; choose another train.output_dir, or replace the run "
+                          "with train.overwrite=true")
 
 
 def _merged_record(path: Path, kind: str, record: dict, defaults: dict) -> dict:
