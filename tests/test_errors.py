@@ -348,8 +348,9 @@ def test_log_level_is_accepted_after_the_command_and_checked(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["make-data", "--task", "nosuch", "--out", "x"], "rlhfkit make-data: error: argument --task: invalid choice"),
     (["make-data", "--task", "sentiment"], "rlhfkit make-data: error: the following arguments are required: --out"),
-    (["eval", "--resume"], "rlhfkit: error: unrecognized arguments: --resume"),
-    (["report", "a", "b"], "rlhfkit: error: comparing several runs needs --out FILE"),
+    (["eval", "--resume"], "rlhfkit eval: error: unrecognized arguments: --resume (`rlhfkit eval --help`"),
+    (["sft", "-c", "a.yaml", "--nosuch", "x=1"], "rlhfkit sft: error: unrecognized arguments: --nosuch (`rlhfkit sft"),
+    (["report", "a", "b"], "rlhfkit report: error: comparing several runs needs --out FILE"),
     (["sft", "-c", "a.yaml", "-c", "b.yaml"], "rlhfkit sft: error: -c given twice"),
     (["nosuch"], "rlhfkit: error: argument command: invalid choice: 'nosuch'"),
 ])

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``command``: its errors name the command (`rlhfkit eval: error: ...`)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def _one_process(command: str) -> None:
     """eval and pipeline are single-process orchestration (docs/distributed.md): refused, in one
     line, under torchrun rather than run once per process into the same directory."""
@@ -253,12 +259,12 @@ def _main(argv: list[str]) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        args = parser.parse_args(argv)  # argparse's own error for what it does not know
+    elif extra:  # argparse's own error for what it does not know, named after the command
+        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "report":
         if len(args.runs) > 1 and not args.out:
-            parser.error("comparing several runs needs --out FILE")
+            _command_parser(parser, "report").error("comparing several runs needs --out FILE")
         missing = [r for r in args.runs if not os.path.isdir(r)]
         if missing:
             raise FileNotFoundError(f"run directory not found: {missing[0]}")
