@@ -383,3 +383,19 @@ def test_hf_datasets_that_cannot_load_are_one_located_line(tmp_path, monkeypatch
     assert len(load_sft(f"hf:{plain}")) == 1
     with pytest.raises(DataError, match=r"hf:.*plain:nosplit: cannot load: ValueError: Unknown split"):
         load_sft(f"hf:{plain}:nosplit")
+
+
+def test_a_misspelled_optional_preference_field_is_said_once_per_file(tmp_path, caplog):
+    """'categroy' or 'Margin' would be dropped like any extra column (a dataset's 'source' or
+    'prompt_id' is, silently): a near miss of an optional field gets one warning naming the file,
+    the first line and the field it resembles; the pairs load as they are."""
+    rows = [{**PAIRS[0], "source": "x", "prompt_id": "7"},
+            *({"prompt": f"p{i}", "chosen": "a", "rejected": "b", "categroy": "chat", "Margin": 1} for i in range(3))]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        pairs = load_preference(path)
+    assert [p.category for p in pairs] == ["math", None, None, None]
+    lines = caplog.text.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert f"{path}:2: field 'categroy' is not used: did you mean 'category'? (said once for this file)" in lines[0]
+    assert f"{path}:2: field 'Margin' is not used: did you mean 'margin'?" in lines[1]

@@ -12,11 +12,13 @@ Each example keeps ``origin = (source, line)`` so that tokenization errors point
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from rlhfkit.data.errors import DataError, Origin, type_name
+from rlhfkit.data.errors import DataError, Origin, location, type_name
 from rlhfkit.data.messages import (
     check_messages,
     check_starts_with_user,
@@ -29,6 +31,7 @@ from rlhfkit.data.messages import (
 from rlhfkit.data.records import Record, load_records
 
 _NO_ORIGIN = Origin(None, None)
+log = logging.getLogger("rlhfkit")
 
 
 @dataclass
@@ -158,7 +161,28 @@ def parse_preference(records: Iterable[Record]) -> list[PreferenceExample]:
     Optional: ``category`` (string), ``margin`` (number), and with a prompt ``prompt_ids``,
     ``chosen_ids`` and ``rejected_ids`` (`TOKEN_FIELDS`), the tokens trained.
     """
-    return [_parse_preference_one(rec) for rec in records]
+    warned: set = set()
+    out = []
+    for rec in records:
+        out.append(_parse_preference_one(rec))
+        _warn_misspelled(rec, _PREFERENCE_OPTIONAL, warned)
+    return out
+
+
+# Optional preference fields: a misspelled one would be ignored (other extra fields are, as
+# datasets' extra columns are), so a near miss is said once per file and field.
+_PREFERENCE_OPTIONAL = ("category", "margin")
+
+
+def _warn_misspelled(rec: Record, optional: tuple[str, ...], warned: set) -> None:
+    for key in rec.data:
+        if key in optional or (rec.origin.source, key) in warned:
+            continue
+        near = difflib.get_close_matches(key.lower(), optional, n=1, cutoff=0.8)
+        if near and near[0] not in rec.data:
+            warned.add((rec.origin.source, key))
+            log.warning("%s: field %r is not used: did you mean %r? (said once for this file)",
+                        location(*rec.origin), key, near[0])
 
 
 def _parse_preference_one(rec: Record) -> PreferenceExample:
