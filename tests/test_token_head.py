@@ -319,3 +319,40 @@ def test_a_token_head_reads_the_words_through_the_embeddings_when_the_last_layer
     assert stored_token_head(tmp_path / "True" / "run" / "model") == (16, True)
     scorer = build_reward_fn(f"rm:{tmp_path / 'True' / 'run' / 'model'}")
     assert reward_accuracy(scorer, load_preference(str(held)))["accuracy"] == pytest.approx(got[True])
+
+
+def test_a_lora_critic_started_from_an_embedding_reading_token_head_rm_values_as_it_does(tmp_path, tiny_model_dir,
+                                                                                         tokenizer):
+    """PPO with LoRA and critic_init: reward from configs/rm_token.yaml's kind of RM: peft copies
+    the head to train it (modules_to_save), and the copy must read the same model's embeddings
+    (it raised, reading a detached copy's). The critic's values are the RM's token values, and
+    its saved adapter, with the trained head changed, loads back with the same values."""
+    from pg_utils import base_config
+
+    from rlhfkit.config import load_config
+    from rlhfkit.models import load_scalar_model, save_pretrained_atomic, token_values
+    from rlhfkit.trainers.pg_score import response_values
+    from rlhfkit.trainers.ppo import PPOConfig, load_critic
+
+    rm = _embedding_reading_rm(tiny_model_dir, tokenizer)
+    save_pretrained_atomic(rm, tokenizer, tmp_path / "rm")
+    lora = {"name": str(tiny_model_dir), "lora": {"enabled": True, "r": 4}}
+    cfg = load_config(PPOConfig, data=base_config(tmp_path, tokenizer, model=lora, critic_init="reward",
+                                                  mini_batch_size=8, reward={"spec": f"rm:{tmp_path / 'rm'}"}))
+    critic = load_critic(cfg, tokenizer, "cpu").eval()
+    enc = tokenizer(["I loved the bright morning sun today", "No, it was a sad day."], return_tensors="pt",
+                    padding=True, padding_side="left")
+    ids, mask, R = enc["input_ids"], enc["attention_mask"], 3  # [left-padded prompt; 3 response tokens]
+    P = ids.shape[1] - R
+    with torch.no_grad():
+        want = token_values(rm, ids, mask)[:, P - 1:P - 1 + R]
+        torch.testing.assert_close(response_values(critic, ids, mask, R), want, rtol=1e-5, atol=1e-5)
+        trained = critic.get_base_model().score.modules_to_save["default"]
+        trained.dense.weight.add_(0.3)  # as training moves the head
+        moved = response_values(critic, ids, mask, R)
+        assert (moved - want).abs().max() > 1e-3
+    critic.save_pretrained(tmp_path / "critic")
+    tokenizer.save_pretrained(tmp_path / "critic")
+    back = load_scalar_model(tmp_path / "critic", pad_token_id=tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(response_values(back, ids, mask, R), moved, rtol=1e-5, atol=1e-5)

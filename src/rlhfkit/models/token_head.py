@@ -14,6 +14,7 @@ A forward hook on the model's input embeddings keeps their output for the head o
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -44,6 +45,16 @@ class EmbeddingJoin(torch.nn.Module):
         self.eps = eps
         if not any(hook is _keep_output for hook in embedding._forward_hooks.values()):
             embedding.register_forward_hook(_keep_output)
+
+    def __deepcopy__(self, memo: dict) -> EmbeddingJoin:
+        """A copy of the whole model reads the copy's embeddings (copied before the head, which
+        follows the backbone); a copy of the head alone, as peft's ``modules_to_save`` makes for a
+        LoRA critic's trained head, reads the same model's embeddings, not a detached copy of them."""
+        memo.setdefault(id(self.embedding), self.embedding)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         e = self.embedding.__dict__.pop(_KEPT, None)
