@@ -14,7 +14,7 @@ from decode_utils import context_dependent
 
 from rlhfkit.models import tiny_causal_lm
 from rlhfkit.rollout import cpu_gemv, cpu_step, generate, llama_decode
-from rlhfkit.rollout.kv_cache import _preallocated_layer_class
+from rlhfkit.rollout.kv_cache import PreallocatedLayer
 
 pytestmark = pytest.mark.skipif(not cpu_step.available(), reason="numba is not installed")
 MIN = torch.finfo(torch.float32).min
@@ -70,7 +70,7 @@ def test_attend_equals_naive_attention_and_masked_positions_do_not_matter(b, nkv
     keys, values = torch.randn(b, nkv, n, hd, generator=gen), torch.randn(b, nkv, n, hd, generator=gen)
     mask = torch.ones(b, n + 1)
     mask[:, :n] = (torch.rand(b, n, generator=gen) > 0.4).float()  # padding; the new token always counts
-    layer = _preallocated_layer_class()(keys.clone(), values.clone(), room)
+    layer = PreallocatedLayer(keys.clone(), values.clone(), room)
     hidden = mask[:, :n] == 0
     layer._kbuf[:, :, :n][hidden[:, None, :, None].expand(b, nkv, n, hd)] = 1e4  # what masking must hide
     layer._vbuf[:, :, :n][hidden[:, None, :, None].expand(b, nkv, n, hd)] = -1e4
@@ -95,7 +95,7 @@ def test_attend_on_numba_threads_gives_the_same_result():
     try:
         for threads in (1, 2):
             cpu_gemv.set_threads(threads)
-            layer = _preallocated_layer_class()(keys.clone(), values.clone(), 2)
+            layer = PreallocatedLayer(keys.clone(), values.clone(), 2)
             outs.append((cpu_step.attend(qkv, ang.cos(), ang.sin(), layer, bias, 0.5, (nh, nkv, hd)), layer.keys))
     finally:
         cpu_gemv.set_threads(1)
@@ -108,7 +108,7 @@ def test_attend_grows_a_full_cache():
     """Past the planned capacity the cache grows (by doubling) and keeps what it held."""
     b, nkv, hd = 2, 1, 4
     keys, values = torch.randn(b, nkv, 3, hd), torch.randn(b, nkv, 3, hd)
-    layer = _preallocated_layer_class()(keys.clone(), values.clone(), 1)
+    layer = PreallocatedLayer(keys.clone(), values.clone(), 1)
     for step in range(3):
         n = layer.get_seq_length()
         bias = torch.zeros(b, n + 1)

@@ -315,10 +315,10 @@ def test_sampler_logprobs_are_the_log_softmax():
 
 
 def test_preallocated_cache_layer_grows_and_selects_rows():
-    from rlhfkit.rollout.kv_cache import _preallocated_layer_class
+    from rlhfkit.rollout.kv_cache import PreallocatedLayer
 
     k, v = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
-    layer = _preallocated_layer_class()(k, v, 2, torch.tensor([0, 0, 2, 1]))  # room for 2 more
+    layer = PreallocatedLayer(k, v, 2, torch.tensor([0, 0, 2, 1]))  # room for 2 more
     ref_k, ref_v = k[[0, 0, 2, 1]], v[[0, 0, 2, 1]]
     for n_new in (1, 1, 3, 1):  # the third update overflows the buffer
         nk, nv = torch.randn(4, 2, n_new, 5), torch.randn(4, 2, n_new, 5)

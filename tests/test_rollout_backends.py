@@ -150,8 +150,13 @@ def test_cache_internals_are_used_only_on_the_transformers_versions_they_were_wr
     assert kv_cache.check_transformers()
     fast = rollout(policy, items, settings, tokenizer)
     built = []
-    real = kv_cache._preallocated_layer_class
-    monkeypatch.setattr(kv_cache, "_preallocated_layer_class", lambda: built.append(1) or real())
+
+    class Counted(kv_cache.PreallocatedLayer):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kv_cache, "PreallocatedLayer", Counted)
     monkeypatch.setattr(kv_cache.transformers, "__version__", f"{kv_cache.TESTED[1].major}.0.0")
     kv_cache.check_transformers.cache_clear()
     try:

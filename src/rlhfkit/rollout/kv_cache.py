@@ -48,89 +48,85 @@ def preallocate(cache, select: torch.Tensor | None, extra: int) -> None:
         return
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel() > 0:
-            cache.layers[i] = _preallocated_layer_class()(layer.keys, layer.values, extra, select)
+            cache.layers[i] = PreallocatedLayer(layer.keys, layer.values, extra, select)
         elif select is not None:
             layer.batch_select_indices(select)
 
 
 def is_preallocated(layer) -> bool:
     """Whether a cache layer is one `preallocate` made (its `update` writes in place)."""
-    return check_transformers() and type(layer) is _preallocated_layer_class()
+    return check_transformers() and type(layer) is PreallocatedLayer
 
 
-@functools.cache
-def _preallocated_layer_class():
-    class _PreallocatedLayer(DynamicLayer):
-        """A DynamicLayer that writes new keys/values into buffers allocated once, instead of
-        `torch.cat`-ing the whole cache at every step (a copy of the entire cache per layer per
-        token, ~13% of a decode step at batch 16). `keys` / `values` are views of the filled part,
-        so attention still sees exactly the tokens so far. Grows by doubling if it runs out."""
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes new keys/values into buffers allocated once, instead of
+    `torch.cat`-ing the whole cache at every step (a copy of the entire cache per layer per
+    token, ~13% of a decode step at batch 16). `keys` / `values` are views of the filled part,
+    so attention still sees exactly the tokens so far. Grows by doubling if it runs out."""
 
-        def __init__(self, keys, values, extra, select=None):
-            super().__init__()
-            n = keys.shape[-2]
-            if select is not None:
-                keys, values = keys[select], values[select]
-            self._kbuf = keys.new_empty(*keys.shape[:-2], n + max(extra, 1), keys.shape[-1])
-            self._vbuf = values.new_empty(*values.shape[:-2], n + max(extra, 1), values.shape[-1])
-            self._kbuf[..., :n, :] = keys
-            self._vbuf[..., :n, :] = values
-            self._n = n
-            self.dtype, self.device = keys.dtype, keys.device
-            self.is_initialized = True
-            self._views()
+    def __init__(self, keys, values, extra, select=None):
+        super().__init__()
+        n = keys.shape[-2]
+        if select is not None:
+            keys, values = keys[select], values[select]
+        self._kbuf = keys.new_empty(*keys.shape[:-2], n + max(extra, 1), keys.shape[-1])
+        self._vbuf = values.new_empty(*values.shape[:-2], n + max(extra, 1), values.shape[-1])
+        self._kbuf[..., :n, :] = keys
+        self._vbuf[..., :n, :] = values
+        self._n = n
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._views()
 
-        def _views(self):
-            self.keys = self._kbuf[..., :self._n, :]
-            self.values = self._vbuf[..., :self._n, :]
+    def _views(self):
+        self.keys = self._kbuf[..., :self._n, :]
+        self.values = self._vbuf[..., :self._n, :]
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            _, _, n = self.reserve(key_states.shape[-2])
-            self._kbuf[..., n:n + key_states.shape[-2], :] = key_states
-            self._vbuf[..., n:n + key_states.shape[-2], :] = value_states
-            self.advance(key_states.shape[-2])
-            return self.keys, self.values
+    def update(self, key_states, value_states, *args, **kwargs):
+        _, _, n = self.reserve(key_states.shape[-2])
+        self._kbuf[..., n:n + key_states.shape[-2], :] = key_states
+        self._vbuf[..., n:n + key_states.shape[-2], :] = value_states
+        self.advance(key_states.shape[-2])
+        return self.keys, self.values
 
-        def reserve(self, t: int):
-            """Room for `t` more tokens (grown by doubling when the plan was short) -> the key and
-            value buffers (b, heads, capacity, hd) and how many positions are filled; a writer
-            fills positions n to n + t of both, then calls `advance(t)`."""
-            m = self._n + t
-            if m > self._kbuf.shape[-2]:
-                cap = max(m, 2 * self._kbuf.shape[-2])
-                self._kbuf, self._vbuf = (_regrow(b, self._n, cap) for b in (self._kbuf, self._vbuf))
-            return self._kbuf, self._vbuf, self._n
+    def reserve(self, t: int):
+        """Room for `t` more tokens (grown by doubling when the plan was short) -> the key and
+        value buffers (b, heads, capacity, hd) and how many positions are filled; a writer
+        fills positions n to n + t of both, then calls `advance(t)`."""
+        m = self._n + t
+        if m > self._kbuf.shape[-2]:
+            cap = max(m, 2 * self._kbuf.shape[-2])
+            self._kbuf, self._vbuf = (_regrow(b, self._n, cap) for b in (self._kbuf, self._vbuf))
+        return self._kbuf, self._vbuf, self._n
 
-        def advance(self, t: int) -> None:
-            self._n += t
-            self._views()
+    def advance(self, t: int) -> None:
+        self._n += t
+        self._views()
 
-        def get_seq_length(self) -> int:
-            return self._n
+    def get_seq_length(self) -> int:
+        return self._n
 
-        def batch_select_indices(self, indices):
-            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
-            self._views()
+    def batch_select_indices(self, indices):
+        self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+        self._views()
 
-        def batch_repeat_interleave(self, repeats):
-            self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
-            self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
-            self._views()
+    def batch_repeat_interleave(self, repeats):
+        self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
+        self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
+        self._views()
 
-        def reorder_cache(self, beam_idx):
-            self.batch_select_indices(beam_idx.to(self._kbuf.device))
+    def reorder_cache(self, beam_idx):
+        self.batch_select_indices(beam_idx.to(self._kbuf.device))
 
-        def crop(self, tokens_to_remove):
-            if tokens_to_remove > 0:
-                raise ValueError("crop takes a negative number of tokens")
-            self._n = max(0, self._n + tokens_to_remove)
-            self._views()
+    def crop(self, tokens_to_remove):
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens")
+        self._n = max(0, self._n + tokens_to_remove)
+        self._views()
 
-        def reset(self):
-            self._n = 0
-            self._views()
-
-    return _PreallocatedLayer
+    def reset(self):
+        self._n = 0
+        self._views()
 
 
 def _regrow(buf: torch.Tensor, n: int, cap: int) -> torch.Tensor:
