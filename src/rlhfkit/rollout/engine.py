@@ -93,26 +93,27 @@ def generate(
     model.eval()
     try:
         with torch.inference_mode(), decode_weights(model, min(mbs, len(rows)), n_forwards) as decoder:
-            parts = []
-            for start in range(0, len(rows), mbs):
-                chunk = rows[start:start + mbs]
-                resp, logp, eos = _sample(
-                    model, chunk, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
-                    temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                    return_logprobs=return_logprobs, decoder=decoder,
-                )
-                resp_mask = response_mask(resp, eos_ids)
-                ids, mask = left_pad(chunk, pad_token_id, device)
-                parts.append(Experience(
-                    prompt_ids=ids, prompt_mask=mask, response_ids=resp, response_mask=resp_mask,
-                    logprobs=logp, eos=eos, prompt_index=prompt_index[start:start + mbs],
-                    pad_token_id=pad_token_id, temperature=temperature or 1.0,
-                ))
+            parts = [_sample_rows(model, rows[start:start + mbs], prompt_index[start:start + mbs], eos_ids=eos_ids,
+                                  pad_token_id=pad_token_id, temperature=temperature, decoder=decoder,
+                                  max_new_tokens=max_new_tokens, top_p=top_p, top_k=top_k, generator=generator,
+                                  return_logprobs=return_logprobs)
+                     for start in range(0, len(rows), mbs)]
     finally:
         model.train(was_training)
     # Tensors made under inference_mode cannot be saved for backward or modified in place; copy
     # them into normal tensors so trainers may use them freely (cat outside inference_mode copies).
     return Experience.cat(parts) if len(parts) > 1 else _clone(parts[0])
+
+
+def _sample_rows(model, rows: list[list[int]], prompt_index: torch.Tensor, *, eos_ids: torch.Tensor, pad_token_id: int,
+                 temperature: float, **sampling) -> Experience:
+    """One micro-batch of `generate`: its rows' responses as an Experience (prompts left-padded)."""
+    resp, logp, eos = _sample(model, rows, eos_ids=eos_ids, pad_token_id=pad_token_id, temperature=temperature,
+                              **sampling)
+    ids, mask = left_pad(rows, pad_token_id, eos_ids.device)
+    return Experience(prompt_ids=ids, prompt_mask=mask, response_ids=resp, response_mask=response_mask(resp, eos_ids),
+                      logprobs=logp, eos=eos, prompt_index=prompt_index, pad_token_id=pad_token_id,
+                      temperature=temperature or 1.0)
 
 
 def _check(prompt_ids, eos_token_id, temperature: float, top_p: float, top_k: int, n: int) -> None:
