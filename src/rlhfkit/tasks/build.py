@@ -77,7 +77,6 @@ def build_task_data(
                 "batch_size": batch_size,
                 "torch_threads": torch.get_num_threads()}  # float sums, hence samples, depend on it
     if model is None or tokenizer is None:
-
         tokenizer = tokenizer or load_tokenizer(model_name)
         model = model or load_causal_lm(model_name)
     torch.manual_seed(seed)
@@ -89,16 +88,9 @@ def build_task_data(
     sampler = _Sampler(model, tokenizer, task, generator=generator, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, progress=progress)
     t0 = time.perf_counter()
-
-    # 1. SFT demonstrations: best of n samples by the gold judge (rejection sampling).
-    sft_prompts = train[:n_sft_prompts]
-    sft_samples = sampler(sft_prompts, samples_per_prompt, "sft best-of-n")
-    sft_rows = _best_of_n(sft_prompts, sft_samples)
-
-    # 2. Preference pairs: two samples per prompt, labelled by the simulated annotator.
-    pref_prompts = train[n_sft_prompts:n_sft_prompts + n_pref_prompts]
-    pref_samples = sampler(pref_prompts, 2, "preference pairs")
-    pref_rows = _label_pairs(pref_prompts, pref_samples, task, beta=beta, flip_prob=flip_prob, seed=seed)
+    sft_rows, pref_rows, samples = _sample_and_label(sampler, task, train[:n_sft_prompts],
+                                                     train[n_sft_prompts:n_sft_prompts + n_pref_prompts],
+                                                     samples_per_prompt, beta=beta, flip_prob=flip_prob, seed=seed)
     elapsed = time.perf_counter() - t0
 
     # 3. Files.
@@ -107,10 +99,20 @@ def build_task_data(
     _write_jsonl(out / "sft.jsonl", [{"prompt": r["prompt"], "response": r["response"]} for r in sft_rows])
     _write_jsonl(out / "preference.jsonl", pref_rows)
     meta = {"task": task.name, "model": str(model_name), "seed": seed, "settings": settings,
-            **_summary(sft_rows, pref_rows, len(pref_prompts), sft_samples + pref_samples, prompt_counts,
-                       sampler.tokens, elapsed)}
+            **_summary(sft_rows, pref_rows, n_pref_prompts, samples, prompt_counts, sampler.tokens, elapsed)}
     write_json_atomic(out / "meta.json", meta)  # strict JSON: an empty set's NaN statistics are null
     return meta
+
+
+def _sample_and_label(sampler, task: Task, sft_prompts: list, pref_prompts: list, samples_per_prompt: int, *,
+                      beta: float, flip_prob: float, seed: int) -> tuple[list[dict], list[dict], list]:
+    """(SFT rows, preference rows, every sample): 1. SFT demonstrations, the best of n samples by
+    the gold judge (rejection sampling); 2. preference pairs, two samples per prompt labelled by
+    the simulated annotator."""
+    sft_samples = sampler(sft_prompts, samples_per_prompt, "sft best-of-n")
+    pref_samples = sampler(pref_prompts, 2, "preference pairs")
+    pref_rows = _label_pairs(pref_prompts, pref_samples, task, beta=beta, flip_prob=flip_prob, seed=seed)
+    return _best_of_n(sft_prompts, sft_samples), pref_rows, sft_samples + pref_samples
 
 
 def _summary(sft_rows, pref_rows, n_pref_prompts, samples, prompt_counts, tokens, elapsed) -> dict:
