@@ -97,6 +97,21 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
         lengths.append((p, [resp.shape[0] for _, resp in responses]))
         segs.append(seg)
         poss.append(pos)
+    input_ids, position_ids, allowed = _padded_groups(seqs, segs, poss, pad_token_id)
+    L, dev = input_ids.shape[1], seqs[0].device
+    return {"input_ids": input_ids.to(dev), "position_ids": position_ids.to(dev), "allowed": allowed.to(dev),
+            "pred": torch.tensor([k * L + t for k, t in pred], dtype=torch.long, device=dev),
+            "own": torch.tensor([k * L + t for k, t in own], dtype=torch.long, device=dev),
+            "target": torch.tensor(target, dtype=torch.long, device=dev),
+            "row": torch.tensor(row, dtype=torch.long, device=dev),
+            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape), "lengths": lengths,
+            "shared_prefix": common_prefix_len([prompt.tolist() for prompt, _ in groups])}
+
+
+def _padded_groups(seqs: list, segs: list, poss: list, pad_token_id: int):
+    """`pack_groups`' sequences, their segment ids (0 the prompt, j response j) and positions ->
+    (K, L) input_ids and position_ids, right-padded, and (K, 1, L, L) ``allowed``: causal, within a
+    segment, or a response seeing its prompt."""
     K, L = len(seqs), max(s.shape[0] for s in seqs)
     input_ids = torch.full((K, L), pad_token_id, dtype=torch.long)
     seg_ids = torch.full((K, L), -1, dtype=torch.long)  # padding: its own segment (no all-masked row)
@@ -109,14 +124,7 @@ def pack_groups(groups: list, shape: tuple[int, int], pad_token_id: int) -> dict
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     q, kk = seg_ids[:, :, None], seg_ids[:, None, :]
     allowed = causal & ((q == kk) | ((kk == 0) & (q > 0)))  # own segment, or a response seeing the prompt
-    dev = seqs[0].device
-    return {"input_ids": input_ids.to(dev), "position_ids": position_ids.to(dev), "allowed": allowed[:, None].to(dev),
-            "pred": torch.tensor([k * L + t for k, t in pred], dtype=torch.long, device=dev),
-            "own": torch.tensor([k * L + t for k, t in own], dtype=torch.long, device=dev),
-            "target": torch.tensor(target, dtype=torch.long, device=dev),
-            "row": torch.tensor(row, dtype=torch.long, device=dev),
-            "col": torch.tensor(col, dtype=torch.long, device=dev), "shape": tuple(shape), "lengths": lengths,
-            "shared_prefix": common_prefix_len([prompt.tolist() for prompt, _ in groups])}
+    return input_ids, position_ids, allowed[:, None]
 
 
 @contextlib.contextmanager
@@ -146,7 +154,8 @@ def packed_inputs(model, packed: dict) -> tuple[dict, Callable[[torch.Tensor], t
         return {"input_ids": ids, "position_ids": pos, "attention_mask": additive_mask(allowed, mask_dtype(model))}, \
             lambda flat: flat
     allowed = torch.cat([allowed.new_ones(K, 1, T - L, L), allowed[:, :, L:, L:]], dim=-1)
-    inputs = {"input_ids": ids[:, L:], "position_ids": pos[:, L:], "past_key_values": prefix_cache(model, ids[:1, :L], K),
+    inputs = {"input_ids": ids[:, L:], "position_ids": pos[:, L:],
+              "past_key_values": prefix_cache(model, ids[:1, :L], K),
               "attention_mask": additive_mask(allowed, mask_dtype(model)), "use_cache": True}
     return inputs, lambda flat: flat - L * (flat // T + 1)  # k*T + t -> k*(T-L) + t-L
 
