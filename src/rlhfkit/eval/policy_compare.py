@@ -190,16 +190,8 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     # 3. Each policy: samples, scores, KL to the baseline, win rates.
     for spec in cfg.policies:
         label, path = policy_label(spec)
-        model = load_causal_lm(path).to(device).eval()
-        pol = sample_and_score(model, items, cfg, tokenizer, judges)
-        taxed = tax_deltas(tax.measure(model), results["baseline"].get("alignment_tax", {}))
-        del model
-        kl = kl_to_baseline(baseline, pol["exp"], cfg.batch_size)
-        _write_samples(out / f"samples-{label}.jsonl", pol)
-        results["policies"][label] = {"model": path, **summarize(pol, n), "kl": mean_ci(per_prompt(kl, n)),
-                                      "win_rate": win_rates(pol, base, judges, n)}
-        if taxed:
-            results["policies"][label]["alignment_tax"] = taxed
+        results["policies"][label] = _evaluate_policy(cfg, path, out / f"samples-{label}.jsonl", items, tokenizer,
+                                                      judges, baseline, base, results["baseline"], tax, device)
 
     # 4. Reward-model / judge accuracy on a labelled set.
     if pairs:
@@ -208,6 +200,24 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     release(out)
     print(format_table(results))
     return results
+
+
+def _evaluate_policy(cfg: EvalConfig, path: str, samples_file: Path, items, tokenizer, judges, baseline, base: dict,
+                     base_results: dict, tax: AlignmentTax, device) -> dict:
+    """One policy's samples (written to ``samples_file``), scores, KL to the baseline, win rates
+    against the baseline's samples ``base``, and its alignment tax against the baseline's."""
+    n = cfg.rollout.n
+    model = load_causal_lm(path).to(device).eval()
+    pol = sample_and_score(model, items, cfg, tokenizer, judges)
+    taxed = tax_deltas(tax.measure(model), base_results.get("alignment_tax", {}))
+    del model
+    kl = kl_to_baseline(baseline, pol["exp"], cfg.batch_size)
+    _write_samples(samples_file, pol)
+    result = {"model": path, **summarize(pol, n), "kl": mean_ci(per_prompt(kl, n)),
+              "win_rate": win_rates(pol, base, judges, n)}
+    if taxed:
+        result["alignment_tax"] = taxed
+    return result
 
 
 def _clear_previous(out: Path) -> None:
@@ -261,5 +271,6 @@ def format_table(results: dict) -> str:
             lines.append(f"  {name} alignment tax: " + ", ".join(parts))
     for judge, acc in results.get("preference_set", {}).items():
         cats = ", ".join(f"{c} {a['accuracy']:.3f}" for c, a in acc.get("by_category", {}).items())
-        lines.append(f"  accuracy of {judge} on the preference set: {acc['accuracy']:.3f}" + (f" ({cats})" if cats else ""))
+        lines.append(f"  accuracy of {judge} on the preference set: {acc['accuracy']:.3f}"
+                     + (f" ({cats})" if cats else ""))
     return "\n".join(lines)
