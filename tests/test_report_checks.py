@@ -31,6 +31,9 @@ def test_smooth_is_a_debiased_ema():
     ("exponential climb", [0.05 * 1.3 ** i for i in range(20)]),
     ("noise around a level", [1.0 + random.Random(0).gauss(0, 0.05) for _ in range(40)]),
     ("tiny moves near zero", [0.0, 0.01, -0.01, 0.0, 0.02, 0.15, 0.0, 0.01]),
+    # `make demo`'s PPO stage (sequence KL, nats): a noisy climb from 0, not a spike
+    ("noisy climb", [0.0, 0.1564, 0.02556, 0.8852, 1.235, 1.219, 1.616, 2.349, 2.383, 3.444, 2.567, 4.851, 3.469,
+                     5.011, 5.324, 6.763, 6.776, 7.608]),
 ])
 def test_no_kl_spike(name, kl):
     assert kl_spikes(list(range(1, len(kl) + 1)), kl) == []
@@ -41,7 +44,7 @@ def test_kl_spike_found_at_its_step():
     kl[8] = 3.0  # a jump to ~4x the preceding level
     spikes = kl_spikes(list(range(1, 13)), kl)
     assert [s["step"] for s in spikes] == [9]
-    assert spikes[0]["recent_median"] == pytest.approx(0.6)  # median of steps 4-8
+    assert spikes[0]["recent_max"] == pytest.approx(0.8)  # the largest of steps 4-8
 
 
 @pytest.mark.parametrize("metric,better", [
@@ -55,11 +58,16 @@ def test_held_out_direction_table(metric, better):
     assert higher_is_better(metric) is better
 
 
-def test_kl_spike_needs_three_earlier_values_and_a_jump_over_half_the_level():
+def test_kl_spike_needs_three_earlier_values_and_a_jump_of_half_their_maximum_and_a_nat():
     # from the 4th value on (min_history 3): a flat history has zero spread, so the jump alone decides
     assert [s["step"] for s in kl_spikes([1, 2, 3, 4], [1.0, 1.0, 1.0, 5.0])] == [4]
-    # 10 -> 14 nats: above z * spread (0) and min_jump, but under half the recent median (5): no spike
+    # 10 -> 14 nats: above z * spread (0) and a nat, but under half the recent maximum (5): no spike
     assert kl_spikes([1, 2, 3, 4], [10.0, 10.0, 10.0, 14.0]) == []
+    # 0.1 -> 0.9 nats: 9x, but under a nat
+    assert kl_spikes([1, 2, 3, 4], [0.1, 0.1, 0.1, 0.9]) == []
+    # measured from the largest recent value, not their median: 1 -> 3 after a 2.5 is no spike
+    assert kl_spikes([1, 2, 3, 4, 5], [1.0, 1.0, 2.5, 1.0, 3.0]) == []
+    assert [s["step"] for s in kl_spikes([1, 2, 3, 4, 5], [1.0, 1.0, 1.5, 1.0, 3.0])] == [5]
 
 
 def test_held_out_trends_quote_the_last_set_size_and_leave_out_ppl_next_to_loss():

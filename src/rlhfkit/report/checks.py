@@ -5,8 +5,8 @@
   ``eos_frac`` of each model in ``eval_results.json``);
 - held-out metric worse: a stage's ``eval/<name>`` got worse from its first to its last
   evaluation, judged by the per-metric direction table `DIRECTIONS`;
-- KL spike: ``objective/kl`` jumped well above its recent level (a robust z-score against the
-  median of the preceding iterations);
+- KL spike: ``objective/kl`` jumped well above every one of the preceding few iterations (by a
+  robust z-score, half their maximum and a nat: `kl_spikes`);
 - unfinished: a stage (a folder with a command's config) with no results file
   (``<kind>_results.json``): it stopped (a crash, a kill, too many non-finite updates) or is
   still running, so it has no final model or results;
@@ -83,21 +83,24 @@ def held_out_trends(rows: list[dict]) -> list[dict]:
 
 
 def kl_spikes(steps: list[float], kl: list[float], window: int = 5, min_history: int = 3,
-              z: float = 4.0, min_jump: float = 0.2) -> list[dict]:
-    """Iterations whose KL is well above the median of the ``window`` before it.
+              z: float = 4.0, rise: float = 0.5, min_jump: float = 1.0) -> list[dict]:
+    """Iterations whose KL is well above every one of the ``window`` before it.
 
-    "Well above": the jump over that median exceeds z robust standard deviations of the window
-    (1.4826 * median absolute deviation), half the median's magnitude, and ``min_jump`` nats, so a
-    steady climb, noise around a flat level, and tiny absolute moves near zero are not spikes.
+    "Well above": the jump over that window's maximum exceeds z robust standard deviations of
+    the window (1.4826 * median absolute deviation), ``rise`` times the maximum's magnitude, and
+    ``min_jump`` nats. Measured from the recent maximum rather than the level, a climb that is
+    noisy (PPO's KL, rising from 0 to several nats over a run, moves up and down by a nat between
+    iterations) is not a spike, nor are noise around a flat level or moves of a fraction of a nat
+    in a sequence KL; a jump to 1.5x everything recent, by a nat or more, is.
     """
     out = []
     for i in range(min_history, len(kl)):
         hist = kl[max(0, i - window):i]
-        level = statistics.median(hist)
+        level, top = statistics.median(hist), max(hist)
         spread = 1.4826 * statistics.median(abs(v - level) for v in hist)
-        jump = kl[i] - level
-        if jump > max(z * spread, 0.5 * abs(level), min_jump):
-            out.append({"step": steps[i], "kl": kl[i], "recent_median": level})
+        jump = kl[i] - top
+        if jump > max(z * spread, rise * abs(top), min_jump):
+            out.append({"step": steps[i], "kl": kl[i], "recent_max": top})
     return out
 
 
@@ -162,10 +165,10 @@ def stage_warnings(run: str, st: Stage) -> list[dict]:
     steps, kl = series(st.rows, "objective/kl")
     spikes = kl_spikes(steps, kl)
     if spikes:
-        where = ", ".join(f"step {s['step']}: {s['kl']:.3g} vs recent median {s['recent_median']:.3g}"
-                          for s in spikes)
+        where = ", ".join(f"step {s['step']}: {s['kl']:.3g} after at most {s['recent_max']:.3g}" for s in spikes)
         out.append({**base, "kind": "kl_spike", "spikes": spikes,
-                    "message": f"{st.name}: KL to the reference jumped well above its recent level ({where} nats)."})
+                    "message": f"{st.name}: KL to the reference jumped well above its recent values ({where} nats "
+                               "in the 5 iterations before)."})
     return out
 
 
