@@ -251,6 +251,7 @@ def test_report_warnings(tmp_path, healthy):
     if chromium_path() is None:
         pytest.fail("Chromium is not installed: `make test` installs Debian's chromium package")
     from rlhfkit.report import build_report
+    from rlhfkit.report.checks import summary_messages
 
     run = tmp_path / "run"
     _synthetic_run(run, healthy)
@@ -277,6 +278,14 @@ def test_report_warnings(tmp_path, healthy):
     assert f"{len(warnings)} warning(s)" in shown
     assert "80% of responses (mean over 12 iterations, last 80%) hit the 48-token cap" in shown
     assert all(w["message"] in shown for w in warnings)
+    # the pipeline's terminal summary: the truncation warnings of one cap on one line, in the place of the first
+    lines = summary_messages(warnings)
+    assert len(lines) == len(warnings) - 1
+    merged = [line for line in lines if "cut-off text was scored" in line]
+    assert merged == ["responses hit the 48-token cap (max_new_tokens) without an EOS token, so cut-off text was "
+                      "scored: ppo training 80% (last 80%), eval trained 70%. Raise max_new_tokens or reward finishing."]
+    first = next(i for i, w in enumerate(warnings) if w["kind"] == "truncation")
+    assert lines[first] == merged[0] and lines[:first] == [w["message"] for w in warnings[:first]]
 
 
 @pytest.mark.parametrize("pipeline", [True, False])

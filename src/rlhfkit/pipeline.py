@@ -228,11 +228,12 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     summary = {"output_dir": str(out), "stage_seconds": timings, "headline": headline(out, stages)}
     write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # versions, hardware, stage times
     from rlhfkit.report import build_report
+    from rlhfkit.report.checks import summary_messages
 
     report = build_report([out])
     summary["report"] = str(report)
     warnings_file = report.with_name(f"{report.stem}_warnings.json")
-    summary["warnings"] = [w["message"] for w in json.loads(warnings_file.read_text())] if warnings_file.is_file() else []
+    summary["warnings"] = summary_messages(json.loads(warnings_file.read_text())) if warnings_file.is_file() else []
     (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return summary

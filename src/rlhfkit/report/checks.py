@@ -104,6 +104,28 @@ def kl_spikes(steps: list[float], kl: list[float], window: int = 5, min_history:
     return out
 
 
+def summary_messages(warnings: list[dict]) -> list[str]:
+    """The warnings' messages for a terminal summary: each on its own line, except that the
+    truncation warnings of one token cap (a training stage's, each evaluated model's) share one."""
+    lines: list = []
+    caps: dict = {}  # cap -> its merged line's place in `lines` and its parts
+    for w in warnings:
+        if w["kind"] != "truncation":
+            lines.append(w["message"])
+            continue
+        cap = w.get("max_new_tokens")
+        if cap not in caps:
+            caps[cap] = (len(lines), [])
+            lines.append(None)
+        last = f" (last {w['last_share']:.0%})" if "last_share" in w else ""
+        caps[cap][1].append(f"{w['stage']} {w.get('model') or 'training'} {w['share']:.0%}{last}")
+    for cap, (at, parts) in caps.items():
+        cap_txt = f"the {cap}-token cap (max_new_tokens)" if cap else "max_new_tokens"
+        lines[at] = (f"responses hit {cap_txt} without an EOS token, so cut-off text was scored: "
+                     f"{', '.join(parts)}. Raise max_new_tokens or reward finishing.")
+    return lines
+
+
 def _truncation(where: str, share: float, detail: str, cap) -> str:
     cap_txt = f"the {cap}-token cap (max_new_tokens)" if cap else "max_new_tokens"
     return (f"{where}: {share:.0%} of responses ({detail}) hit {cap_txt} without an EOS token, so "
