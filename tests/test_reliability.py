@@ -5,6 +5,7 @@ computed from, and every user error is one line with exit status 2 before anythi
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import os
 import random
@@ -767,3 +768,26 @@ def test_a_best_no_checkpoint_holds_is_chosen_again_after_a_resume(tmp_path, tin
     assert "does not hold step 0, the best eval/loss so far, and no checkpoint does" in caplog.text
     assert json.loads((out / "sft_results.json").read_text())["best"]["step"] == 6  # of steps 6 and 8
     assert json.loads((out / "best" / "step.json").read_text())["step"] == 6
+
+
+def test_a_run_continued_for_longer_follows_the_new_schedule_from_its_first_step(tmp_path, tiny_model_dir, capsys):
+    """Cosine over 2 steps, continued to 4: step 3 runs at the new schedule's rate (half the peak),
+    not at the old schedule's last one (0, an update that changes nothing), and train/lr is the
+    rate each step's update ran at."""
+    from safetensors.torch import load_file
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    args = _sft_args(tiny_model_dir, data, out, "optim.schedule=cosine", "optim.warmup_ratio=0", "train.save_every=1",
+                     "train.keep_checkpoints=0")
+    assert _cli(capsys, [*args, "train.max_steps=2"])[0] == 0
+    assert _cli(capsys, [*args, "train.max_steps=4", "--resume"])[0] == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in rows if "train/lr" in r]
+    assert lrs == pytest.approx([1e-3, 5e-4, 5e-4, 1e-3 * 0.5 * (1 + math.cos(0.75 * math.pi))])
+
+    def weights(step):
+        return load_file(out / "checkpoints" / f"step-{step:08d}" / "model" / "model.safetensors")
+
+    before, after = weights(2), weights(3)
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-4

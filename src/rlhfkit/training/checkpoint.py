@@ -275,6 +275,17 @@ def save_checkpoint(ckpt: Checkpointer, strategy, step: int, models: dict, optim
     ckpt.save(step, saveable, opt_states, rng, {**state, "grad_scaler": scaler} if scaler else state, tokenizer)
 
 
+def _apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's learning rates for the step after the checkpoint's by the schedule as
+    built now. The loaded optimizer state holds the rates the saved run's schedule gave: a run
+    continued for longer (train.max_steps raised) would take its first step at the old schedule's
+    last rate (0 at the end of a cosine or linear one) and follow its new length only after it."""
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 def load_checkpoint(path: Path, strategy, models: dict, optimizers: dict) -> dict:
     """Load checkpoint ``path`` into ``models`` and ``optimizers`` (whatever layout wrote it) and
     restore this rank's RNG; returns trainer_state.json."""
@@ -284,6 +295,9 @@ def load_checkpoint(path: Path, strategy, models: dict, optimizers: dict) -> dic
     for name, opt in optimizers.items():
         if opt is not None and name in opt_states:
             strategy.load_optimizer_state(_owner(opt, models), opt, opt_states[name])
+    for opt in optimizers.values():
+        if isinstance(opt, torch.optim.lr_scheduler.LambdaLR):
+            _apply_schedule(opt)
     restore_rng(rng, state["step"], strategy.rank)
     strategy.precision.load_state_dict(state.get("grad_scaler", {}))
     return state

@@ -48,8 +48,9 @@ def supervised_step(run, model, optimizer, scheduler, examples: list, loss_fn: C
         chunks = micro_batches(strategy.shard(global_batch), train.micro_batch_size)
         sums = accumulate(strategy, model, chunks, lambda chunk: loss_fn(chunk, norm))
         metrics = {f"train/{k}": strategy.sum(v) / n for k, v in sums.items()}
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update runs at (the scheduler then moves on)
         _, gnorm = strategy.step(model, optimizer, scheduler, max_grad_norm, metrics["train/loss"], run.guard)
-        metrics.update({"train/grad_norm": gnorm, "train/lr": scheduler.get_last_lr()[0]})
+        metrics.update({"train/grad_norm": gnorm, "train/lr": lr})
         if count_name:
             metrics[f"train/{count_name}"] = counted
         return metrics
