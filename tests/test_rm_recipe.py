@@ -216,3 +216,26 @@ def test_rm_training_accuracy_counts_ties_as_half(tmp_path, tiny_model_dir, monk
     m = read_metrics(tmp_path / "run")
     assert [r["train/accuracy"] for r in m if "train/accuracy" in r] == [0.5]
     assert all(r["eval/accuracy"] == 0.5 for r in m if "eval/accuracy" in r)
+
+
+def test_rm_backbone_layers_starts_from_a_lora_policy_adapter(tmp_path, tiny_model_dir):
+    """The documented next step after a LoRA SFT run: `rlhfkit rm` with backbone_layers on its
+    model/ (an adapter, no config.json of its own) cuts the adapter's merged model, checked against
+    the depth of the model under the adapter (it was refused, transformers finding no model_type)."""
+    from rlhfkit.config import ConfigError, ModelSection
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.lora import apply_lora
+
+    lora = ModelSection(name=str(tiny_model_dir)).lora
+    lora.enabled, lora.r = True, 4
+    apply_lora(load_causal_lm(str(tiny_model_dir)), lora, "CAUSAL_LM").save_pretrained(tmp_path / "sft")
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "sft")  # as a trainer saves its adapter
+    train = write_jsonl(tmp_path / "train.jsonl", pref_rows(32, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(16, 1))
+    cfg = trainer_cfg(RewardConfig, tmp_path, tmp_path / "sft", train, held, train__epochs=0.0, train__max_steps=0,
+                      head_init="probe", pooling="mean", backbone_layers=1)
+    train_reward_model(cfg)
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["num_hidden_layers"] == 1
+    deep = trainer_cfg(RewardConfig, tmp_path / "deep", tmp_path / "sft", train, held, backbone_layers=3)
+    with pytest.raises(ConfigError, match="backbone_layers: 3, but .*sft has 2 decoder layers"):
+        train_reward_model(deep)

@@ -204,6 +204,17 @@ def adapter_base(path: str | os.PathLike, base: str | None = None) -> str:
     return name
 
 
+def root_model(path: str | os.PathLike, limit: int = 16) -> str:
+    """The full model under ``path``: itself, or the base under its chain of adapters (an adapter's
+    base may itself be an adapter)."""
+    name = str(path)
+    for _ in range(limit):
+        if adapter_config(name) is None:
+            return name
+        name = adapter_base(name)
+    raise ValueError(f"{path}: more than {limit} adapters chained, each the base of the one before (a cycle?)")
+
+
 def _peft_config_without_task(path: str | os.PathLike):
     """The adapter's LoraConfig with task_type cleared, so `PeftModel.from_pretrained` builds a
     plain PeftModel around whatever head the base has (it still restores ``modules_to_save``)."""

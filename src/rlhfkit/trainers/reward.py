@@ -30,6 +30,7 @@ from rlhfkit.models import (
     resolve_model_path,
     set_reward_pooling,
 )
+from rlhfkit.models.lora import root_model
 from rlhfkit.models.packing import pack_pairs, packed_token_values, packs
 from rlhfkit.models.heads import (
     PACKABLE_POOLINGS,
@@ -243,7 +244,8 @@ def _check_backbone_layers(cfg: RewardConfig) -> None:
     if cfg.backbone_layers:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name), trust_remote_code=False)
+        # an adapter (a LoRA SFT run's model/) has the depth of the model under it
+        config = AutoConfig.from_pretrained(resolve_model_path(root_model(cfg.model.name)), trust_remote_code=False)
         depth = config.num_hidden_layers
         if cfg.backbone_layers > depth:
             raise ConfigError(f"backbone_layers: {cfg.backbone_layers}, but {cfg.model.name} has {depth} "
