@@ -166,6 +166,24 @@ def test_one_tiny_iteration_writes_its_files(tmp_path, tokenizer):
     assert AutoModelForCausalLM.from_pretrained(moved).config.vocab_size == tokenizer.vocab_size
 
 
+def test_a_finished_run_continues_for_more_iterations_on_the_next_fresh_prompts(tmp_path, tokenizer, caplog):
+    """iterations is the run's length, as train.max_steps is for the other trainers: raised on
+    resume, the finished iterations are kept and the new one samples the next slice of prompts."""
+    args = [*_tiny_setup(tmp_path, tokenizer, 8), "prompts_per_iteration=4", "rollout.n=2", "rollout.max_new_tokens=4",
+            "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1", "train.progress=false",
+            f"train.output_dir={tmp_path / 'run'}"]
+    train_online_dpo(load_config(OnlineDPOConfig, overrides=[*args, "iterations=1"]))
+    first = (tmp_path / "run" / "iter-1" / "samples.jsonl").read_text()
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        results = train_online_dpo(load_config(OnlineDPOConfig, overrides=[*args, "iterations=2", "train.resume=true"]))
+    assert "with another length (iterations 1 -> 2)" in caplog.text
+    assert (tmp_path / "run" / "iter-1" / "samples.jsonl").read_text() == first  # not sampled again
+    assert [r["iteration"] for r in results["iterations"]] == [1, 2]
+    prompts = [{json.dumps(json.loads(line)["prompt"]) for line in (tmp_path / "run" / f"iter-{k}" / "samples.jsonl")
+                .read_text().splitlines()} for k in (1, 2)]
+    assert len(prompts[0]) == len(prompts[1]) == 4 and not prompts[0] & prompts[1]
+
+
 def test_a_start_that_no_iteration_beats_is_written_as_the_final_model(tmp_path, tokenizer, monkeypatch):
     """select_best keeps step 0 (the start): output_dir/model must still be the final model, a
     full model that loads, as with every other trainer."""

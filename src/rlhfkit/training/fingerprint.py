@@ -29,7 +29,7 @@ RESUMABLE_KEYS = {
 }
 # The run's length may change on resume (to continue a finished run for longer, or end it sooner):
 # said in a warning, not refused; the learning-rate schedule then follows the new length.
-LENGTH_KEYS = {"train.max_steps", "train.epochs"}
+LENGTH_KEYS = {"train.max_steps", "train.epochs", "iterations"}  # iterations: online DPO's steps
 # Inputs compared by content rather than by the string in the config (a moved file is the same data).
 DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "prompts.eval", "ptx.data")
 # Models identified by their files as well as by name (a directory retrained in place is another model).
