@@ -189,8 +189,8 @@ def stage_warnings(run: str, st: Stage) -> list[dict]:
     if spikes:
         where = ", ".join(f"step {s['step']}: {s['kl']:.3g} after at most {s['recent_max']:.3g}" for s in spikes)
         out.append({**base, "kind": "kl_spike", "spikes": spikes,
-                    "message": f"{st.name}: KL to the reference jumped well above its recent values ({where} nats "
-                               "in the 5 iterations before)."})
+                    "message": f"{st.name}: KL to the reference jumped well above the iterations before it "
+                               f"({where} nats)."})
     return out
 
 
