@@ -121,6 +121,41 @@ def test_pipeline_overrides_name_an_existing_stage(tmp_path, tiny_model_dir, cap
     assert stages[1][1].optim.lr == 0.005
 
 
+@pytest.mark.parametrize("override, text, match", [
+    ("stages=5", None, r"^stages: set a stage's keys \(stages\.<i or name>\.config\.KEY=VALUE\), not the list$"),
+    ("stages.rm=5", None, r"^stages\.rm: set a stage's keys \(stages\.rm\.config\.KEY=VALUE\), not the stage itself$"),
+    ("output_dir=", None, r"output_dir: empty; name the directory the stages write into$"),
+    (None, "stages: [null]\n", r"stages\[0\]: expected a mapping of keys, got NoneType None$"),
+    (None, "stages: [sft]\n", r"stages\[0\]: expected a mapping of keys, got str 'sft'$"),
+])
+def test_pipeline_shapes_that_are_not_stages_are_one_line(tmp_path, tiny_model_dir, monkeypatch, override, text,
+                                                          match):
+    """A value where a stage or the stage list should be, and an empty output_dir (which would
+    write every stage into the working directory), are refused naming the key; nothing is written."""
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    if text is not None:
+        path.write_text(f"output_dir: {tmp_path / 'run'}\n{text}")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ConfigError, match=match):
+        run_pipeline(str(path), [override] if override else [])
+    assert not (tmp_path / "run").exists() and not any(cwd.iterdir())
+
+
+@pytest.mark.parametrize("record", ["", "[]", '{"config": [1]}'])
+def test_a_finished_stage_whose_record_is_damaged_is_one_line_naming_it(tmp_path, tiny_model_dir, record):
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    run_pipeline(str(path))
+    damaged = tmp_path / "run" / "sft" / "sft_run.json"
+    damaged.write_text(record)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(damaged))}: (unreadable run record|not a run record).*"
+                                          rf"delete {re.escape(str(damaged.parent))} to redo the stage$"):
+        run_pipeline(str(path))
+
+
 def test_pipeline_print_config_prints_each_stage_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
     """`rlhfkit pipeline -c P --print-config [overrides]`: one YAML document per stage, its
     resolved config with the pipeline's substitutions and overrides applied, as the stage's own

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rlhfkit.config import ConfigError, build, dump_config, load_config, merge, parse_overrides, to_dict
 from rlhfkit.config.extras import require
 from rlhfkit.config.loader import read_yaml
@@ -35,6 +33,7 @@ from rlhfkit.training.fingerprint import (
     fingerprint,
     flat_config,
     flatten,
+    well_formed,
 )
 
 
@@ -80,9 +79,13 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
         over = parse_overrides(overrides)
         stages_over = over.pop("stages", None)
         raw = merge(raw or {}, over)
-        if stages_over:  # stages.<i>.config.key=value
+        if stages_over is not None:  # stages.<i>.config.key=value
+            if not isinstance(stages_over, dict):
+                raise ConfigError("stages: set a stage's keys (stages.<i or name>.config.KEY=VALUE), not the list")
             raw["stages"] = _override_stages(list((raw or {}).get("stages") or []), stages_over)
     cfg = build(PipelineConfig, raw or {}, "", source)
+    if not cfg.output_dir.strip():
+        raise ConfigError(f"{source}: output_dir: empty; name the directory the stages write into")
     out = Path(cfg.output_dir)
     values = {"base": cfg.base_model, "output_dir": str(out)}
     if not cfg.stages:
@@ -91,7 +94,8 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
     for i, s in enumerate(cfg.stages):
         spec = build(StageSpec, s, f"stages[{i}]", source)
         if spec.kind not in COMMANDS:
-            raise ConfigError(f"{source}: stages[{i}].kind: unknown stage kind {spec.kind!r}; known: {sorted(COMMANDS)}")
+            raise ConfigError(f"{source}: stages[{i}].kind: unknown stage kind {spec.kind!r}; "
+                              f"known: {sorted(COMMANDS)}")
         if not spec.name:
             spec.name = spec.kind
         _check_stage(spec, i, source, values)
@@ -142,6 +146,9 @@ def _override_stages(stages: list, over: dict) -> list:
         if i is None or not 0 <= i < len(stages):
             raise ConfigError(f"stages.{key}: no such stage; the pipeline has {len(stages)} (0-{len(stages) - 1}: "
                               f"{', '.join(names)})")
+        if not isinstance(stages[i], dict) or not isinstance(v, dict):
+            raise ConfigError(f"stages.{key}: set a stage's keys (stages.{key}.config.KEY=VALUE), not the stage "
+                              "itself" if not isinstance(v, dict) else f"stages.{key}: the stage is not a mapping")
         stages[i] = merge(stages[i], v)
     return stages
 
@@ -168,12 +175,15 @@ def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:
     content), an evaluation by the config it wrote."""
     runs = sorted(stage_dir.glob("*_run.json"))
     if runs:
-        saved = json.loads(runs[0].read_text())
-        diffs = differences(saved, fingerprint(stage_cfg, saved.get("kind", ""), default_sources(stage_cfg)),
+        saved = read_record(runs[0])
+        diffs = differences(saved, fingerprint(stage_cfg, str(saved.get("kind", "")), default_sources(stage_cfg)),
                             flat_config(type(stage_cfg)()))
     else:
         configs = sorted(stage_dir.glob("*_config.yaml"))
-        saved = yaml.safe_load(configs[0].read_text()) if configs else None
+        saved = read_yaml(configs[0]) if configs else None
+        if configs and not isinstance(saved, dict):
+            raise ConfigError(f"{configs[0]}: not a config (a mapping of keys): cannot tell whether finished stage "
+                              f"{name!r} ran with this config; delete {stage_dir} to redo it")
         now = {"config": _results_config(to_dict(stage_cfg))}
         diffs = differences({"config": _results_config(saved)}, now,
                             _results_config(to_dict(type(stage_cfg)()))) if saved else []
@@ -181,6 +191,20 @@ def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:
         raise ConfigError(f"stage {name!r} finished with another config or inputs ({'; '.join(diffs)}): to redo it, "
                           f"delete {stage_dir} and the directories of the stages after it, or choose another "
                           "output_dir")
+
+
+def read_record(path: Path) -> dict:
+    """A stage's run record (``*_run.json``), or a one-line ConfigError naming it when it does not
+    read or does not have a record's shape (`fingerprint.well_formed`)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: unreadable run record ({e.__class__.__name__}); delete {path.parent} to redo "
+                          "the stage") from None
+    if not well_formed(saved):
+        raise ConfigError(f"{path}: not a run record (its config, sources or version have the wrong shape); delete "
+                          f"{path.parent} to redo the stage")
+    return saved
 
 
 def _results_config(d: dict) -> dict:
@@ -270,7 +294,8 @@ def _eval_headline(ev: dict, prefix: str) -> dict:
         if "kl" in pol:
             h[f"{name}: KL to start (nats)"] = round(_m(pol["kl"]), 3)
         if "length_tokens" in pol:
-            h[f"{name}: length (tokens) before -> after"] = f"{base.get('length_tokens', 0):.1f} -> {pol['length_tokens']:.1f}"
+            h[f"{name}: length (tokens) before -> after"] = (f"{base.get('length_tokens', 0):.1f} -> "
+                                                              f"{pol['length_tokens']:.1f}")
     return h
 
 

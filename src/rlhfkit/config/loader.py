@@ -107,6 +107,9 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
 
 
 def build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        where = f"{prefix}: " if prefix else ""
+        raise ConfigError(f"{source}: {where}expected a mapping of keys, got {type(data).__name__} {data!r}"[:300])
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
