@@ -344,7 +344,40 @@ def test_a_second_eval_in_one_directory_replaces_the_first(tmp_path, tiny_model_
     results = run_eval(load_config(EvalConfig, overrides=[f"policies=[a={tiny_model_dir}]", *common]))
     assert list(results["policies"]) == ["a"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "eval_config.yaml", "eval_results.json", "notes.txt", "samples-a.jsonl", "samples-baseline.jsonl"]
+        "eval_config.yaml", "eval_results.json", "eval_run.json", "notes.txt", "samples-a.jsonl",
+        "samples-baseline.jsonl"]
+
+
+def test_a_finished_evaluation_whose_inputs_changed_is_not_skipped_by_a_pipeline(tmp_path, tiny_model_dir, tokenizer):
+    """eval_run.json records what was evaluated by content (prompts, baseline, policies, judges): a
+    pipeline whose evaluation stage is done refuses to skip it when the prompts file was edited or
+    a policy was retrained in place (it skipped it, keeping results of models and prompts no
+    longer there), and skips it when nothing changed."""
+    import shutil
+
+    from conftest import write_jsonl
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.eval.policy_compare import run_eval
+    from rlhfkit.models import save_pretrained_atomic, tiny_causal_lm
+    from rlhfkit.pipeline import _check_unchanged
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}"} for w in ("hi", "yes", "no")])
+    policy = tmp_path / "ppo" / "model"
+    shutil.copytree(tiny_model_dir, policy)
+    cfg = _eval_cfg(tmp_path, tiny_model_dir, f"policies=[p={policy}]", f"prompts.train={prompts}")
+    run_eval(cfg)
+    out = tmp_path / "eval"
+    assert json.loads((out / "eval_run.json").read_text())["kind"] == "eval"
+    _check_unchanged("eval", out, cfg)  # nothing changed: skipped
+    write_jsonl(prompts, [{"prompt": "Say hi"}])
+    with pytest.raises(ConfigError, match=r"stage 'eval' finished with another config or inputs \(prompts\.train "
+                                          r"content differs \(size \d+ -> \d+\)\)"):
+        _check_unchanged("eval", out, cfg)
+    write_jsonl(prompts, [{"prompt": f"Say {w}"} for w in ("hi", "yes", "no")])
+    save_pretrained_atomic(tiny_causal_lm(tokenizer, seed=5), tokenizer, policy)  # retrained in place
+    with pytest.raises(ConfigError, match=r"\(policies\[0\] content differs\)"):
+        _check_unchanged("eval", out, cfg)
 
 
 def test_results_files_are_strict_json(tmp_path):

@@ -97,6 +97,22 @@ class EvalConfig:
                 *source_inputs("preference_set", self.preference_set, "preference", load_preference),
                 *source_inputs("alignment_tax.sft_data", tax.sft_data, "sft", load_sft)]
 
+    def fingerprint_sources(self) -> dict[str, str]:
+        """Name -> spec of every input whose identity (files' content) the evaluation's record
+        (``eval_run.json``) keeps, so that a pipeline does not skip a finished evaluation whose
+        prompts, policies or judges have changed since: `training.fingerprint.default_sources`."""
+        out: dict[str, str] = {}
+        for key, value in [("prompts.train", self.prompts.train), ("baseline", self.baseline),
+                           ("policies", [policy_label(s)[1] for s in self.policies]), ("gold", self.gold),
+                           ("proxy", self.proxy), ("judges", list(self.judges)),
+                           ("preference_set", self.preference_set),
+                           ("alignment_tax.sft_data", self.alignment_tax.sft_data)]:
+            if isinstance(value, list):
+                out.update({f"{key}[{i}]": v for i, v in enumerate(value) if isinstance(v, str) and v})
+            elif isinstance(value, str) and value:
+                out[key] = value
+        return out
+
     def validate(self, where: str) -> None:
         if not self.policies:
             raise ConfigError(f"{where}.policies: name at least one policy to evaluate")

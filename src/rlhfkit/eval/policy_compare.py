@@ -48,6 +48,7 @@ from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.loading import check_context_length
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
+from rlhfkit.training.fingerprint import default_sources, fingerprint
 from rlhfkit.training.runlock import hold, release
 
 log = logging.getLogger("rlhfkit")
@@ -177,6 +178,8 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     hold(out, ConfigError)  # one process per output directory (`training.runlock`)
     _clear_previous(out)
     dump_config(cfg, out / "eval_config.yaml")
+    # what it evaluated, by content: a pipeline redoes or refuses a finished evaluation whose inputs changed
+    write_json_atomic(out / "eval_run.json", fingerprint(cfg, "eval", default_sources(cfg)))
     judges = build_judges(cfg, tokenizer, device)
     baseline = load_causal_lm(cfg.baseline).to(device).eval()
     base = sample_and_score(baseline, items, cfg, tokenizer, judges)

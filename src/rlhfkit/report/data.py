@@ -219,6 +219,8 @@ def find_evals(stages: list[Stage]) -> tuple[list[tuple[Stage, Path, dict]], lis
     found, unreadable = [], []
     for st in stages:
         for p in sorted(st.path.glob("eval*.json")):
+            if p.name.endswith("_run.json"):  # eval_run.json: the record of what was evaluated, no results
+                continue
             try:
                 found.append((st, p, load_eval(p)))
             except (OSError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:

@@ -52,7 +52,11 @@ def flat_config(cfg: Any) -> dict[str, Any]:
 
 
 def default_sources(cfg: Any) -> dict[str, str]:
-    """The data and model specs of ``cfg`` whose identity is fingerprinted (`DATA_KEYS`, `MODEL_KEYS`)."""
+    """The data and model specs of ``cfg`` whose identity is fingerprinted (`DATA_KEYS`, `MODEL_KEYS`),
+    or those its own ``fingerprint_sources()`` names (`eval.config.EvalConfig`)."""
+    declared = getattr(cfg, "fingerprint_sources", None)
+    if callable(declared):
+        return declared()
     flat = flatten(to_dict(cfg))
     out = {}
     for key in (*DATA_KEYS, *MODEL_KEYS):
