@@ -63,6 +63,21 @@ def test_pipeline_runs_stages_in_order_and_skips_done(tmp_path, tiny_model_dir, 
     assert (run / "rm" / "model" / "model.safetensors").stat().st_mtime == mtime
 
 
+def test_a_stage_killed_after_its_results_before_its_done_mark_is_finished(tmp_path, tiny_model_dir, capsys):
+    """A kill between the command's last write (its results file) and the pipeline's DONE: the
+    rerun counts the stage as finished (it refused, finding a model and no checkpoint to continue)."""
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    run_pipeline(str(path))
+    run = tmp_path / "run"
+    (run / "rm" / "DONE").unlink()
+    mtime = (run / "rm" / "model" / "model.safetensors").stat().st_mtime
+    capsys.readouterr()
+    run_pipeline(str(path))
+    assert "stage 2/2 rm: already done, skipped" in capsys.readouterr().out
+    assert (run / "rm" / "DONE").is_file() and (run / "rm" / "model" / "model.safetensors").stat().st_mtime == mtime
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda c: c["stages"][1].update(kind="nope"), r"stages\[1\]\.kind: unknown stage kind 'nope'"),
     (lambda c: c["stages"][1]["config"]["optim"].update(lrr=1), r"stages\[1\] \(rm\).*optim\.lrr: unknown key"),

@@ -6,9 +6,9 @@ A pipeline config names an output directory, a base model and a list of stages. 
 one sub-command (sft, rm, ppo, grpo, dpo, online-dpo, eval, ...) with that command's own config
 as a mapping; ``${base}`` stands for the base model and ``${NAME}`` for the model a stage called
 NAME produced (``<output_dir>/<NAME>/model``). Every stage config is validated before the first
-stage starts, a stage that already finished (``<stage>/DONE``) is not redone (and refused if its
-config or inputs changed since), and an interrupted stage resumes from its latest complete
-checkpoint.
+stage starts, a stage that already finished (``<stage>/DONE``, or its command's results file) is
+not redone (and refused if its config or inputs changed since), and an interrupted stage resumes
+from its latest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -207,6 +207,12 @@ def read_record(path: Path) -> dict:
     return saved
 
 
+def _finished(stage_dir: Path, kind: str) -> bool:
+    """Whether a stage has finished: the pipeline marked it (``DONE``), or its command wrote its
+    results file, which it writes last (a kill between the two leaves only the latter)."""
+    return (stage_dir / "DONE").exists() or (stage_dir / f"{kind.replace('-', '_')}_results.json").is_file()
+
+
 def _results_config(d: dict) -> dict:
     """A config mapping, flat, without the settings that do not change results (`RESUMABLE_KEYS`)."""
     return {k: v for k, v in flatten(d).items() if k not in RESUMABLE_KEYS}
@@ -217,7 +223,7 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     require("matplotlib", "report", "the pipeline's report.html")  # checked before any stage runs
     out = Path(cfg.output_dir)
     for spec, stage_cfg in stages:
-        if (out / spec.name / "DONE").exists():
+        if _finished(out / spec.name, spec.kind):
             _check_unchanged(spec.name, out / spec.name, stage_cfg)
     strategies: dict = {}
 
@@ -235,7 +241,9 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # a report of a partial run has it too
     for i, (spec, stage_cfg) in enumerate(stages):
         done = out / spec.name / "DONE"
-        if done.exists():
+        if _finished(out / spec.name, spec.kind):
+            if not done.exists():  # killed after the command's last write, before the pipeline's
+                done.write_text(json.dumps({"seconds": None}))
             print(f"[pipeline] stage {i + 1}/{len(stages)} {spec.name}: already done, skipped", flush=True)
             continue
         print(f"[pipeline] stage {i + 1}/{len(stages)} {spec.name} ({spec.kind})", flush=True)
