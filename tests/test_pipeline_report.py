@@ -425,6 +425,43 @@ def test_report_shows_the_alignment_tax_only_when_measured(tmp_path):
     assert "alignment" not in main.lower() and "sft_nll" not in main
 
 
+def _edit_eval(key, value):
+    def edit(run):
+        path = run / "eval" / "eval_results.json"
+        ev = json.loads(path.read_text())
+        target = ev["policies"]["trained"] if key != "win" else ev["policies"]["trained"]["win_rate"]["gold"]
+        target.update(value)
+        path.write_text(json.dumps(ev))  # json writes NaN as a bare NaN, which json.loads reads back
+    return edit
+
+
+@pytest.mark.parametrize("edit, unreadable", [
+    (_edit_eval("win", {"win_rate": "high"}), "policies.trained.win_rate.gold: not a win rate with its interval"),
+    (_edit_eval("win", {"ci_low": "x"}), "policies.trained.win_rate.gold"),
+    (_edit_eval("policy", {"eos_frac": float("nan")}), "results.policies.trained.eos_frac: nan (rlhfkit writes null)"),
+    (lambda run: (run / "eval" / "samples-trained.jsonl").write_text(
+        '{"prompt": 5, "response": null, "gold": "x"}\n[1]\n{"response": "a", "gold": NaN}\n'), None),
+    (lambda run: (run / "run_info.json").write_text('{"stages": [5], "environment": [1]}'), None),
+    (lambda run: (run / "pipeline.yaml").write_text("stages:\n  - {name: [1], kind: 3}\n  - 7\n"), None),
+])
+def test_a_report_of_hand_edited_files_names_what_it_skips_and_never_fails(tmp_path, edit, unreadable):
+    """An eval_results.json edited into another shape (a string win rate, a NaN) is named as
+    unreadable and left out; odd samples, run_info.json and pipeline.yaml are read around. Each
+    was a traceback."""
+    from rlhfkit.report import build_report
+
+    run = tmp_path / "run"
+    _fake_eval(run / "eval")
+    edit(run)
+    page = build_report([run])
+    warnings = json.loads((run / "report_warnings.json").read_text())
+    found = [w["message"] for w in warnings if w["kind"] == "unreadable"]
+    if unreadable:
+        assert len(found) == 1 and unreadable in found[0], found
+    else:
+        assert found == [] and "Win rate vs baseline" in page.read_text()
+
+
 def test_report_names_scorers_by_kind_and_wraps_long_text(tmp_path):
     """A reward given as a Python function is not called a reward model; win counts say what they
     count; a prompt of one 600-character word (a URL, base64) wraps instead of widening the page."""

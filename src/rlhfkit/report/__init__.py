@@ -51,6 +51,7 @@ def collect(runs: list[Path]) -> dict:
                      for st, path, why in unreadable]
     warnings.sort(key=lambda w: KINDS.index(w["kind"]))  # stable: stage order within a kind
     envs = {n: read_json(r / "run_info.json").get("environment") or {} for n, r in zip(names, runs)}
+    envs = {n: env if isinstance(env, dict) else {} for n, env in envs.items()}  # a file edited into another shape
     return {"stages": staged, "evals": evals, "warnings": warnings, "environments": envs}
 
 

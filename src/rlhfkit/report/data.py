@@ -100,7 +100,8 @@ def _pipeline_kinds(run: Path) -> dict[str, str]:
         return {}
     stages = read_yaml(pipe).get("stages")
     stages = stages if isinstance(stages, list) else []
-    return {(s.get("name") or s.get("kind")): s.get("kind", "") for s in stages if isinstance(s, dict)}
+    return {name: kind for name, kind in ((s.get("name") or s.get("kind"), s.get("kind", "")) for s in stages
+                                          if isinstance(s, dict)) if isinstance(name, str) and isinstance(kind, str)}
 
 
 def _load_stage(name: str, kind: str, path: Path, recorded: dict[str, float]) -> Stage:
@@ -165,6 +166,7 @@ def load_eval(path: Path) -> dict:
     length_reward: "name (judge)" -> [(characters, score)]; samples: side-by-side rows.
     """
     ev = json.loads(path.read_text())
+    _check_eval_shape(ev)
     policies = {"baseline": ev.get("baseline") or {}, **(ev.get("policies") or {})}
     judges: list[str] = []
     for m in policies.values():
@@ -175,12 +177,34 @@ def load_eval(path: Path) -> dict:
         key = next((k for k in ("gold", "proxy") if recs and k in recs[0]), None)
         if key:
             length_reward[f"{name} ({key})"] = [(len(r["response"]), r[key]) for r in recs
-                                                if isinstance(r.get(key), (int, float))]
+                                                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+                                                and isinstance(r.get("response"), str)]
     cfg_path = path.parent / "eval_config.yaml"
     cfg = read_yaml(cfg_path) if cfg_path.is_file() else {}
     kinds = {j: scorer_kind(cfg.get(j)) for j in ("gold", "proxy") if isinstance(cfg, dict)}
     return {"policies": policies, "judges": judges, "length_reward": length_reward, "raw": ev, "kinds": kinds,
             "samples": side_by_side(samples_by, int(ev.get("samples_per_prompt") or 1))}
+
+
+def _check_eval_shape(ev: Any) -> None:
+    """What the report reads of an eval_results.json has the shape `rlhfkit eval` writes: raises
+    ValueError (the file is then named as unreadable) for one edited into another shape."""
+    def finite(v: Any, where: str) -> None:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where}: {v} (rlhfkit writes null)")
+        for k, sub in (v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()):
+            finite(sub, f"{where}.{k}")
+
+    if not isinstance(ev, dict) or not isinstance(ev.get("policies") or {}, dict):
+        raise ValueError("not an evaluation's results (a mapping with a mapping of policies)")
+    finite(ev, "results")
+    for name, m in {"baseline": ev.get("baseline") or {}, **(ev.get("policies") or {})}.items():
+        if not isinstance(m, dict):
+            raise ValueError(f"policies.{name}: {m!r} is not a model's results")
+        for judge, w in (m.get("win_rate") or {}).items() if isinstance(m.get("win_rate") or {}, dict) else [("", 0)]:
+            if w is not None and not (isinstance(w, dict) and all(isinstance(w.get(k), (int, float))
+                                                                  for k in ("win_rate", "ci_low", "ci_high"))):
+                raise ValueError(f"policies.{name}.win_rate.{judge}: not a win rate with its interval")
 
 
 def scorer_kind(spec: Any) -> str | None:
@@ -204,11 +228,13 @@ def side_by_side(samples_by: dict[str, list[dict]], per_prompt: int) -> list[dic
         return []
     rows = []
     for i in range(0, min(len(samples_by[n]) for n in names), max(1, per_prompt)):
-        row = {"prompt": samples_by[names[0]][i].get("prompt", ""), "responses": {}}
+        prompt = samples_by[names[0]][i].get("prompt")
+        row = {"prompt": prompt if isinstance(prompt, str) else "", "responses": {}}
         for n in names:
             rec = samples_by[n][i]
-            sc = rec.get("gold", rec.get("proxy"))
-            row["responses"][n] = (rec.get("response", ""), sc if isinstance(sc, (int, float)) else None)
+            sc, text = rec.get("gold", rec.get("proxy")), rec.get("response")
+            row["responses"][n] = (text if isinstance(text, str) else "",
+                                   sc if isinstance(sc, (int, float)) and math.isfinite(sc) else None)
         rows.append(row)
     return rows
 
