@@ -146,9 +146,10 @@ def _override_stages(stages: list, over: dict) -> list:
         if i is None or not 0 <= i < len(stages):
             raise ConfigError(f"stages.{key}: no such stage; the pipeline has {len(stages)} (0-{len(stages) - 1}: "
                               f"{', '.join(names)})")
-        if not isinstance(stages[i], dict) or not isinstance(v, dict):
-            raise ConfigError(f"stages.{key}: set a stage's keys (stages.{key}.config.KEY=VALUE), not the stage "
-                              "itself" if not isinstance(v, dict) else f"stages.{key}: the stage is not a mapping")
+        if not isinstance(v, dict):
+            raise ConfigError(f"stages.{key}: set a stage's keys (stages.{key}.config.KEY=VALUE), not the stage itself")
+        if not isinstance(stages[i], dict):
+            raise ConfigError(f"stages.{key}: the stage it names is not a mapping of keys")
         stages[i] = merge(stages[i], v)
     return stages
 
@@ -171,11 +172,11 @@ def _check_stage(spec: StageSpec, i: int, source: str, values: dict) -> None:
 def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:
     """Refuse to skip a finished stage whose config or inputs have changed since it ran: its outputs
     (and what later stages made from them) would be reported under a config they did not run
-    with. A training stage is compared by its fingerprint (``*_run.json``: config and inputs'
-    content), an evaluation by the config it wrote."""
+    with. A stage is compared by its fingerprint (``*_run.json``: config and inputs' content; an
+    evaluation's is ``eval_run.json``), or, for an evaluation written without one, by its config."""
     runs = sorted(stage_dir.glob("*_run.json"))
     if runs:
-        saved = read_record(runs[0])
+        saved = _read_record(runs[0])
         diffs = differences(saved, fingerprint(stage_cfg, str(saved.get("kind", "")), default_sources(stage_cfg)),
                             flat_config(type(stage_cfg)()))
     else:
@@ -193,7 +194,7 @@ def _check_unchanged(name: str, stage_dir: Path, stage_cfg) -> None:
                           "output_dir")
 
 
-def read_record(path: Path) -> dict:
+def _read_record(path: Path) -> dict:
     """A stage's run record (``*_run.json``), or a one-line ConfigError naming it when it does not
     read or does not have a record's shape (`fingerprint.well_formed`)."""
     try:
