@@ -120,15 +120,17 @@ def summary_messages(warnings: list[dict]) -> list[str]:
         last = f" (last {w['last_share']:.0%})" if "last_share" in w else ""
         caps[cap][1].append(f"{w['stage']} {w.get('model') or 'training'} {w['share']:.0%}{last}")
     for cap, (at, parts) in caps.items():
-        cap_txt = f"the {cap}-token cap (max_new_tokens)" if cap else "max_new_tokens"
-        lines[at] = (f"responses hit {cap_txt} without an EOS token, so cut-off text was scored: "
+        lines[at] = (f"responses hit {_cap_text(cap)} without an EOS token, so cut-off text was scored: "
                      f"{', '.join(parts)}. Raise max_new_tokens or reward finishing.")
     return lines
 
 
+def _cap_text(cap) -> str:
+    return f"the {cap}-token cap (max_new_tokens)" if cap else "max_new_tokens"
+
+
 def _truncation(where: str, share: float, detail: str, cap) -> str:
-    cap_txt = f"the {cap}-token cap (max_new_tokens)" if cap else "max_new_tokens"
-    return (f"{where}: {share:.0%} of responses ({detail}) hit {cap_txt} without an EOS token, so "
+    return (f"{where}: {share:.0%} of responses ({detail}) hit {_cap_text(cap)} without an EOS token, so "
             f"cut-off text was scored. Raise max_new_tokens or reward finishing.")
 
 
