@@ -702,6 +702,53 @@ def test_a_finished_run_lets_another_process_continue_it(tmp_path, tiny_model_di
     assert json.loads((out / "sft_run.json").read_text())["history"][-1]["differences"] == ["train.max_steps 4 -> 6"]
 
 
+def test_a_finished_run_continued_for_longer_is_unfinished_until_it_ends_again(tmp_path, tiny_model_dir, capsys):
+    """Continuing a finished run (train.max_steps raised) removes its results file as it opens
+    the run: killed before the new end, the directory reads as unfinished (a report warns, a
+    pipeline continues the stage), not as finished with the shorter run's results. Its model/
+    stays until the continuation replaces it; the continuation's end writes the results again."""
+    from rlhfkit.cli import main
+    from rlhfkit.training.rundir import open_run
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert main(_sft_args(tiny_model_dir, data, out)) == 0
+    (out / "DONE").write_text("{}")  # as a pipeline marks a finished stage
+    from rlhfkit.config import SFTConfig, load_config
+
+    longer = load_config(SFTConfig, overrides=[*_sft_args(tiny_model_dir, data, out)[1:], "train.max_steps=6",
+                                               "train.resume=true"])
+    assert open_run(longer, "sft").resuming
+    assert not (out / "sft_results.json").exists() and not (out / "DONE").exists()
+    assert (out / "model" / "config.json").is_file()
+    assert main(_sft_args(tiny_model_dir, data, out, "train.max_steps=6", "--resume")) == 0
+    assert (out / "sft_results.json").is_file() and (out / "checkpoints" / "step-00000006").is_dir()
+
+
+def test_a_run_directory_that_is_or_holds_its_own_input_is_refused_before_anything_is_written(tmp_path):
+    """train.output_dir equal to the input model's directory, or inside it, would write into what
+    the run reads; an input inside what the run writes (checkpoints/, model/...) would be replaced
+    under it. Both are refused by the decision, which writes nothing; data next to the run's
+    outputs (output_dir=.) is not."""
+    from rlhfkit.training.rundir import RunDirError, plan_run
+
+    model = tmp_path / "base"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = _sft_data(tmp_path / "d.jsonl")
+    for out in (model, model / "runs" / "sft"):
+        with pytest.raises(RunDirError, match=rf"^train\.output_dir: {out} is inside model\.name \({model}\): the "
+                                              r"run would write into what it reads; choose another train\.output_dir$"):
+            plan_run(_cfg(tmp_path, data, f"model.name={model}", f"train.output_dir={out}"), "sft")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    inside = _sft_data(tmp_path / "run" / "checkpoints" / "d.jsonl")
+    with pytest.raises(RunDirError, match=rf"^data\.train \({inside}\) is in {tmp_path / 'run' / 'checkpoints'}, "
+                                          "where this run writes"):
+        plan_run(_cfg(tmp_path, inside), "sft")
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    assert not plan_run(_cfg(tmp_path, data, f"train.output_dir={tmp_path}"), "sft").resuming
+
+
 def test_a_source_that_is_gone_is_named_as_gone(tmp_path):
     from rlhfkit.training.fingerprint import differences, identify
 

@@ -12,7 +12,8 @@ SHA-256, model directories file by file).
     train.resume  false  start; refused if the directory holds a run (a checkpoint, a model,
                          results) unless train.overwrite, which first deletes its outputs
                   true   continue from the latest complete checkpoint; refused if there is none,
-                         or if the config or data differ (unless train.resume_mismatch_ok)
+                         or if the config or data differ (unless train.resume_mismatch_ok); a
+                         finished run continued has no results file until it finishes again
                   auto   continue if there is something to continue, else start (pipelines); a run
                          that saved no checkpoint is refused, as by false
 
@@ -25,6 +26,7 @@ until the run's results are written: another process that opens it is refused (`
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -48,6 +50,8 @@ RUN_OUTPUTS = ("checkpoints", "model", "critic", "tb", "wandb", "wandb_run_id", 
                "*_run.json", "sft", "iter-*", "pm_data", "DONE", "report.html", ".*.tmp-*", ".*.old-*")
 # Stages that a run of this kind nests in sub-directories (progress to continue, like a checkpoint).
 NESTED = {"dpo": ("sft",), "online_dpo": ("iter-*",)}
+# Where a run writes models and checkpoints in its directory: an input there would be replaced under it.
+WRITTEN = ("model", "critic", "best", "best-pending", "checkpoints", "sft", "iter-*")
 
 
 class RunDirError(ConfigError):
@@ -88,6 +92,11 @@ def open_run(cfg: Any, kind: str, *, is_main: bool = True, sources: dict[str, st
                 log.warning("train.overwrite: deleted %s from %s", ", ".join(run.removed), run.path)
         for name in remove_leftovers(run.path):
             log.info("removed %s, left by an interrupted write", name)
+        if run.resuming:  # a finished run continued (for more steps) is unfinished until it ends again
+            for marker in (run.path / f"{kind}_results.json", run.path / "DONE"):
+                if marker.is_file():
+                    marker.unlink()
+                    log.info("continuing a finished run: %s removed until the run finishes again", marker.name)
         dump_config(cfg, run.path / f"{kind}_config.yaml")
         _write_json(run.path / f"{kind}_run.json", run.record)
     cfg.train.resume = "auto" if run.resuming else False
@@ -103,12 +112,14 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
         raise RunDirError(f"train.output_dir: {path} exists and is not a directory")
     _check_writable(path)
     sources = sources if sources is not None else default_sources(cfg)
-    record = fingerprint(cfg, kind, sources)
     if train.overwrite:
         if train.resume is True:
             raise RunDirError("train.resume and train.overwrite: choose one (continue the run, or delete it)")
         _check_ours(path)
         _check_inputs_survive(path, sources)
+    check_apart(path, sources)
+    record = fingerprint(cfg, kind, sources)
+    if train.overwrite:
         return RunDir(path, kind, resuming=False, record=record)
 
     skipped: list[str] = []  # incomplete checkpoints: named in a refusal; when resuming, the loop warns
@@ -160,6 +171,26 @@ def _check_writable(path: Path) -> None:
         raise RunDirError(f"train.output_dir: {path}: {probe} is a file, not a directory")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise RunDirError(f"train.output_dir: {path}: {probe} is not writable (permission denied or read-only)")
+
+
+def check_apart(path: Path, sources: dict[str, str], key: str = "train.output_dir", written=WRITTEN) -> None:
+    """Refuse a run directory that is one of the run's inputs or inside one (the run would write
+    into what it reads, and the input's recorded identity would change as it runs), or that holds
+    an input where the run writes (``written``: ``model/`` is replaced at the end of a run)."""
+    out = path.absolute()
+    for name, spec in sorted(sources.items()):
+        src = local_path(spec)
+        if src is None:
+            continue
+        for named, run_dir in ((src.absolute(), out), (src.resolve(), out.resolve())):
+            if named == run_dir or (src.is_dir() and named in run_dir.parents):
+                raise RunDirError(f"{key}: {path} is inside {name} ({spec}): the run would write into what it "
+                                  f"reads; choose another {key}")
+            if run_dir in named.parents:
+                first = named.relative_to(run_dir).parts[0]
+                if any(fnmatch.fnmatch(first, pattern) for pattern in written):
+                    raise RunDirError(f"{name} ({spec}) is in {path / first}, where this run writes: choose another "
+                                      f"{key}, or copy the input out of it first")
 
 
 def _outputs(path: Path) -> list[str]:
@@ -283,12 +314,17 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defa
 def _check_not_another_command(path: Path, kind: str) -> None:
     """A directory that holds another command's run is never continued by this one, whatever
     train.resume_mismatch_ok says: its checkpoint holds another trainer's state."""
-    others = sorted(p.name[:-len("_run.json")] for p in path.glob("*_run.json") if p.name != f"{kind}_run.json")
+    others = other_runs(path, kind)
     if others:
         name = others[0].replace("_", "-")
         raise RunDirError(f"cannot resume {path}: it holds a run of `rlhfkit {name}` ({others[0]}_run.json), not of "
                           f"`rlhfkit {kind.replace('_', '-')}`; choose another train.output_dir, or replace the run "
                           "with train.overwrite=true")
+
+
+def other_runs(path: Path, kind: str) -> list[str]:
+    """The kinds of the runs other than ``kind`` whose records (``K_run.json``) are in ``path``."""
+    return sorted(p.name[:-len("_run.json")] for p in path.glob("*_run.json") if p.name != f"{kind}_run.json")
 
 
 def _merged_record(path: Path, kind: str, record: dict, defaults: dict) -> dict:

@@ -23,11 +23,11 @@ LOCK = ".lock"
 _HELD: dict[str, int] = {}  # resolved run directory -> the open lock file this process holds
 
 
-def hold(path: Path, error: type[Exception] = RuntimeError) -> None:
+def hold(path: Path, error: type[Exception] = RuntimeError, key: str = "train.output_dir") -> None:
     """Hold the run directory ``path`` (which exists) until `release` or the end of the process;
-    raise ``error`` if another process holds it."""
-    key = str(Path(path).resolve())
-    if fcntl is None or key in _HELD:
+    raise ``error`` (naming the config ``key`` that chose the directory) if another process holds it."""
+    held = str(Path(path).resolve())
+    if fcntl is None or held in _HELD:
         return
     fd = os.open(Path(path) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -35,11 +35,11 @@ def hold(path: Path, error: type[Exception] = RuntimeError) -> None:
     except OSError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise error(f"train.output_dir: {path} is in use by another rlhfkit process (pid {holder}): wait for "
+        raise error(f"{key}: {path} is in use by another rlhfkit process (pid {holder}): wait for "
                     "it to end, or choose another directory") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[key] = fd
+    _HELD[held] = fd
 
 
 def release(path: Path) -> None:
