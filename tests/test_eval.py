@@ -328,6 +328,30 @@ def test_an_eval_directory_in_use_by_another_process_is_refused(tmp_path, tiny_m
     assert run_eval(cfg)["policies"]["a"] and str(out.resolve()) not in _HELD
 
 
+def test_an_eval_into_a_training_runs_directory_or_its_own_input_is_refused(tmp_path, tiny_model_dir):
+    """An evaluation writes a directory of its own: into a training run's (a ppo_run.json there)
+    the report would show it under the run's config; inside a policy's directory it would write
+    into what it evaluates. Both refused in one line before anything is written."""
+    import shutil
+
+    from rlhfkit.config import ConfigError, load_config
+    from rlhfkit.eval.config import EvalConfig
+    from rlhfkit.eval.policy_compare import run_eval
+
+    policy = tmp_path / "ppo" / "model"
+    shutil.copytree(tiny_model_dir, policy)
+    (tmp_path / "ppo" / "ppo_run.json").write_text("{}")
+    common = [f"baseline={tiny_model_dir}", f"policies=[a={policy}]", "prompts.limit=2", "rollout.n=1",
+              "rollout.max_new_tokens=2"]
+    with pytest.raises(ConfigError, match=rf"^train\.output_dir: {tmp_path / 'ppo'} holds a run of `rlhfkit ppo` "
+                                          r"\(ppo_run\.json\): write the evaluation into a directory of its own$"):
+        run_eval(load_config(EvalConfig, overrides=[*common, f"train.output_dir={tmp_path / 'ppo'}"]))
+    with pytest.raises(ConfigError, match=r"^train\.output_dir: .*ppo/model/eval is inside policies\[0\]"):
+        run_eval(load_config(EvalConfig, overrides=[*common, f"train.output_dir={policy / 'eval'}"]))
+    assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == ["model", "ppo_run.json"]
+    assert sorted(p.name for p in policy.iterdir()) == sorted(p.name for p in tiny_model_dir.iterdir())
+
+
 def test_a_second_eval_in_one_directory_replaces_the_first(tmp_path, tiny_model_dir):
     """Evaluating again into a directory replaces the earlier evaluation's results and samples:
     a policy it had that this one has not leaves no samples file for the report to pick up."""

@@ -49,6 +49,7 @@ from rlhfkit.models.loading import check_context_length
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
 from rlhfkit.training.fingerprint import default_sources, fingerprint
+from rlhfkit.training.rundir import check_apart, other_runs
 from rlhfkit.training.runlock import hold, release
 
 log = logging.getLogger("rlhfkit")
@@ -174,6 +175,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
 
     # 2. Judges and the baseline's samples.
     out = Path(cfg.train.output_dir)
+    _check_output_dir(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     hold(out, ConfigError)  # one process per output directory (`training.runlock`)
     _clear_previous(out)
@@ -203,6 +205,16 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     release(out)
     print(format_table(results))
     return results
+
+
+def _check_output_dir(out: Path, cfg: EvalConfig) -> None:
+    """An evaluation writes into a directory of its own: not a training run's (its report would
+    show the evaluation under the run's config), not one of the models or files it reads."""
+    others = other_runs(out, "eval") if out.is_dir() else []
+    if others:
+        raise ConfigError(f"train.output_dir: {out} holds a run of `rlhfkit {others[0].replace('_', '-')}` "
+                          f"({others[0]}_run.json): write the evaluation into a directory of its own")
+    check_apart(out, cfg.fingerprint_sources(), written=())  # it writes samples and results, no model
 
 
 def _evaluate_policy(cfg: EvalConfig, path: str, samples_file: Path, items, tokenizer, judges, baseline, base: dict,
