@@ -106,6 +106,9 @@ def test_a_stage_killed_after_its_results_before_its_done_mark_is_finished(tmp_p
     (lambda c: c["stages"].append({"name": "grpo", "kind": "grpo", "config": {
         "model": {"name": "${sft}"}, "reward": {"spec": ["rm:${output_dir}2/rm/model"]}}}),
      r"stages\[2\] \(grpo\): reward\.spec: .*run2/rm/model"),
+    # a model a stage loads by name, checked before anything is written
+    (lambda c: c["stages"][0]["config"]["model"].update(name="/nonexistent/model"),
+     r"stages\[0\] \(sft\): model\.name: model directory not found: /nonexistent/model"),
 ])
 def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutate, match):
     sft, pref = _data(tmp_path)
@@ -116,7 +119,7 @@ def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutat
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=match):
         run_pipeline(str(path))
-    assert not (tmp_path / "run" / "sft").exists()  # nothing ran
+    assert not (tmp_path / "run").exists()  # nothing written, nothing ran
 
 
 @pytest.mark.parametrize("override,match", [
@@ -157,6 +160,79 @@ def test_pipeline_shapes_that_are_not_stages_are_one_line(tmp_path, tiny_model_d
     with pytest.raises(ConfigError, match=match):
         run_pipeline(str(path), [override] if override else [])
     assert not (tmp_path / "run").exists() and not any(cwd.iterdir())
+
+
+def test_a_stage_whose_directory_is_its_own_input_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    """A stage named like the base model's directory, in the directory above it (output_dir
+    base/.., stage "model"), would train into its own input model: refused at planning."""
+    import shutil
+
+    sft, pref = _data(tmp_path)
+    base = tmp_path / "base" / "model"
+    shutil.copytree(tiny_model_dir, base)
+    before = sorted(p.name for p in base.iterdir())
+    path = _pipeline(tmp_path, base, sft, pref)
+    with pytest.raises(ConfigError, match=rf"stages\[0\] \(model\): output_dir: {base} is inside model\.name "
+                                          r"\(.*\): the run would write into what it reads"):
+        run_pipeline(str(path), [f"output_dir={base.parent}", "stages.0.name=model",
+                                 "stages.1.config.model.name=${model}"])
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
+def test_a_pipeline_rerun_with_stages_left_out_or_added_and_a_stage_name_of_another_kind(tmp_path, tiny_model_dir,
+                                                                                         capsys):
+    """Run again in its output_dir, a pipeline may leave finished stages out or add stages (each
+    stage directory is checked by its own record); a stage name that ran there as another kind is
+    refused before anything is written; an unreadable pipeline.yaml is one line."""
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    run_pipeline(str(path))
+    saved = (tmp_path / "run" / "pipeline.yaml").read_text()
+    swapped = ["stages.0.name=rm", "stages.1.name=sft", "stages.1.config.model.name=${rm}"]
+    with pytest.raises(ConfigError, match=r"^stage 'rm': .*run/rm holds a stage of kind rm \(pipeline\.yaml\), not "
+                                          r"sft: name the stage otherwise, or choose another output_dir$"):
+        run_pipeline(str(path), swapped)
+    assert (tmp_path / "run" / "pipeline.yaml").read_text() == saved
+    cfg = yaml.safe_load(path.read_text())
+    cfg["stages"].append({**copy.deepcopy(cfg["stages"][1]), "name": "rm2"})
+    del cfg["stages"][1]
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    run_pipeline(str(path))  # rm left out, rm2 added: sft is done, rm2 runs
+    out = capsys.readouterr().out
+    assert "stage 1/2 sft: already done" in out and (tmp_path / "run" / "rm2" / "DONE").is_file()
+    (tmp_path / "run" / "pipeline.yaml").write_text("- not a pipeline\n")
+    with pytest.raises(ConfigError, match=r"pipeline\.yaml: not a pipeline config: cannot tell which stages ran"):
+        run_pipeline(str(path))
+
+
+def test_a_pipeline_directory_in_use_by_another_process_is_refused(tmp_path, tiny_model_dir):
+    """Two pipelines in one output_dir at once would interleave their stages: while another
+    process holds it, a second is refused in one line naming its pid, before writing anything;
+    a finished pipeline lets the directory go."""
+    import subprocess
+    import sys
+
+    from rlhfkit.training.runlock import _HELD
+
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
+                               "from rlhfkit.training.runlock import hold\n"
+                               f"hold(Path({str(out)!r}))\nprint('held', flush=True)\nsys.stdin.readline()\n"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"^output_dir: {out} is in use by another rlhfkit process "
+                                              rf"\(pid {holder.pid}\)"):
+            run_pipeline(str(path))
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.communicate("\n")
+    run_pipeline(str(path))
+    assert (out / "rm" / "DONE").is_file() and str(out.resolve()) not in _HELD
 
 
 @pytest.mark.parametrize("record", ["", "[]", '{"config": [1]}'])

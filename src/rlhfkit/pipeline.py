@@ -17,12 +17,14 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import ConfigError, build, dump_config, load_config, merge, parse_overrides, to_dict
 from rlhfkit.config.extras import require
 from rlhfkit.config.loader import read_yaml
+from rlhfkit.models import check_model_path
 from rlhfkit.parallel import make_strategy
 from rlhfkit.registry import COMMANDS
 from rlhfkit.runinfo import write_run_info
@@ -35,6 +37,8 @@ from rlhfkit.training.fingerprint import (
     flatten,
     well_formed,
 )
+from rlhfkit.training.rundir import check_apart
+from rlhfkit.training.runlock import hold, release
 
 
 @dataclass
@@ -53,6 +57,8 @@ class PipelineConfig:
     progress: bool = True
 
 
+# Models a training stage loads by name, checked before the first stage starts.
+MODEL_NAME_KEYS = ("model.name", "dpo.reference", "critic_model")
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
 
 
@@ -107,6 +113,10 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
         earlier = [out / st.name for st, _ in stages]
         _check_inputs(stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier)
+        try:
+            check_apart(out / spec.name, default_sources(stage_cfg), key="output_dir")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
         stages.append((spec, stage_cfg))
         values[spec.name] = str(out / spec.name / "model")
     return cfg, stages
@@ -118,13 +128,21 @@ def _check_inputs(stage_cfg, where: str, earlier: list[Path]) -> None:
     checked before the first stage starts, as the stage itself checks it: a typo in the last stage
     does not wait for the first one to train. Each stage checks the rest (tokenisation, models)
     when it starts."""
-    for key, value, check in stage_cfg.inputs():
+    for key, value, check in [*stage_cfg.inputs(), *_model_inputs(stage_cfg)]:
         if not isinstance(value, str) or not value or _reads_any(value, earlier):  # unset, or an earlier output
             continue
         try:
             check()
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise ConfigError(f"{where}: {key}: {e}") from None
+
+
+def _model_inputs(stage_cfg) -> list:
+    """``(key, name, check)`` for each model a training stage loads by name (an evaluation names
+    its models in its own ``inputs()``): `models.check_model_path`, which loads nothing."""
+    flat = flatten(to_dict(stage_cfg))
+    return [(key, flat[key], partial(check_model_path, flat[key])) for key in MODEL_NAME_KEYS
+            if isinstance(flat.get(key), str) and flat[key]]
 
 
 def _reads_any(value: str, dirs: list[Path]) -> bool:
@@ -219,13 +237,54 @@ def _results_config(d: dict) -> dict:
     return {k: v for k, v in flatten(d).items() if k not in RESUMABLE_KEYS}
 
 
+def _check_same_pipeline(out: Path, stages) -> None:
+    """A stage's directory is named after the stage: a stage that ran in ``out`` under one name
+    (``pipeline.yaml``) may be skipped, left out or joined by others in a later pipeline there,
+    but not reused by a stage of another kind; refused before anything is written."""
+    path = out / "pipeline.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = read_yaml(path)
+    except ConfigError:
+        saved = None
+    ran = saved.get("stages") if isinstance(saved, dict) else None
+    if not isinstance(ran, list) or not all(isinstance(s, dict) for s in ran):
+        raise ConfigError(f"{path}: not a pipeline config: cannot tell which stages ran in {out}; choose another "
+                          "output_dir, or delete it to start over")
+    kinds = {str(s.get("name") or s.get("kind")): str(s.get("kind")) for s in ran}
+    for spec, _ in stages:
+        if kinds.get(spec.name, spec.kind) != spec.kind:
+            raise ConfigError(f"stage {spec.name!r}: {out / spec.name} holds a stage of kind {kinds[spec.name]} "
+                              f"({path.name}), not {spec.kind}: name the stage otherwise, or choose another "
+                              "output_dir")
+
+
+def _open(out: Path, stages) -> None:
+    """Hold the pipeline's directory (one pipeline process at a time: `training.runlock`), check
+    what an earlier run of it left there, and only then write into it."""
+    if out.is_dir():
+        hold(out, ConfigError, key="output_dir")  # before reading what another pipeline may be writing
+    _check_same_pipeline(out, stages)
+    for spec, stage_cfg in stages:
+        if _finished(out / spec.name, spec.kind):
+            _check_unchanged(spec.name, out / spec.name, stage_cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    hold(out, ConfigError, key="output_dir")
+
+
 def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     cfg, stages = plan(path, overrides)
     require("matplotlib", "report", "the pipeline's report.html")  # checked before any stage runs
     out = Path(cfg.output_dir)
-    for spec, stage_cfg in stages:
-        if _finished(out / spec.name, spec.kind):
-            _check_unchanged(spec.name, out / spec.name, stage_cfg)
+    _open(out, stages)
+    try:
+        return _run_stages(cfg, out, stages)
+    finally:
+        release(out)
+
+
+def _run_stages(cfg: PipelineConfig, out: Path, stages) -> dict:
     strategies: dict = {}
 
     def strategy_for(stage_cfg):
@@ -236,7 +295,6 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
             strategies[key] = make_strategy(train, model)
         return strategies[key]
 
-    out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "pipeline.yaml")
     timings: dict[str, float] = {}
     write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # a report of a partial run has it too
