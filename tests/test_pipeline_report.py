@@ -172,7 +172,7 @@ def test_a_stage_whose_directory_is_its_own_input_is_refused_before_anything_is_
     shutil.copytree(tiny_model_dir, base)
     before = sorted(p.name for p in base.iterdir())
     path = _pipeline(tmp_path, base, sft, pref)
-    with pytest.raises(ConfigError, match=rf"stages\[0\] \(model\): output_dir: {base} is inside model\.name "
+    with pytest.raises(ConfigError, match=rf"stages\[0\] \(model\): output_dir: {base} is model\.name "
                                           r"\(.*\): the run would write into what it reads"):
         run_pipeline(str(path), [f"output_dir={base.parent}", "stages.0.name=model",
                                  "stages.1.config.model.name=${model}"])

@@ -184,7 +184,8 @@ def check_apart(path: Path, sources: dict[str, str], key: str = "train.output_di
             continue
         for named, run_dir in ((src.absolute(), out), (src.resolve(), out.resolve())):
             if named == run_dir or (src.is_dir() and named in run_dir.parents):
-                raise RunDirError(f"{key}: {path} is inside {name} ({spec}): the run would write into what it "
+                where = "" if named == run_dir else "inside "
+                raise RunDirError(f"{key}: {path} is {where}{name} ({spec}): the run would write into what it "
                                   f"reads; choose another {key}")
             if run_dir in named.parents:
                 first = named.relative_to(run_dir).parts[0]
