@@ -725,6 +725,23 @@ def test_a_finished_run_continued_for_longer_is_unfinished_until_it_ends_again(t
     assert (out / "sft_results.json").is_file() and (out / "checkpoints" / "step-00000006").is_dir()
 
 
+def test_a_resume_hashes_the_checkpoint_it_continues_from_once(tmp_path, tiny_model_dir, monkeypatch):
+    """The run directory's decision verifies the newest checkpoint (sizes and SHA-256); the loop
+    loads that checkpoint without hashing it a second time."""
+    from rlhfkit.cli import main
+    from rlhfkit.training import checkpoint
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert main(_sft_args(tiny_model_dir, data, out)) == 0
+    hashed: list[str] = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p, *a, **k: hashed.append(str(p)) or real(p, *a, **k))
+    assert main(_sft_args(tiny_model_dir, data, out, "train.max_steps=6", "--resume")) == 0
+    resumed = [p for p in hashed if "step-00000004" in p]
+    assert resumed and len(resumed) == len(set(resumed)), resumed
+
+
 def test_a_run_directory_that_is_or_holds_its_own_input_is_refused_before_anything_is_written(tmp_path):
     """train.output_dir equal to the input model's directory, or inside it, would write into what
     the run reads; an input inside what the run writes (checkpoints/, model/...) would be replaced

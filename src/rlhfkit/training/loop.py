@@ -145,8 +145,9 @@ def last_logged(out, step: int) -> dict:
 
 def _resume(run, ckpt: Checkpointer, models: dict, optimizers: dict, best: Best | None,
             load_state: Callable[[dict], None] | None) -> int:
-    """Load the newest complete checkpoint into the models and optimizers; returns its step (0: none)."""
-    last = ckpt.latest()
+    """Load the newest complete checkpoint into the models and optimizers; returns its step (0: none).
+    The one `open_run` chose and verified is loaded without hashing it again."""
+    last = getattr(run, "checkpoint", None) or ckpt.latest()
     if last is None:
         return 0
     state: dict[str, Any] = load_checkpoint(last, run.strategy, models, optimizers)

@@ -39,6 +39,7 @@ class Run:
     extra: dict = field(default_factory=dict)
     config: dict | None = None  # the resolved config, for the experiment trackers
     tokenizer: Any = None  # saved with the models of checkpoints and best/, so each directory loads on its own
+    checkpoint: Path | None = None  # the checkpoint `open_run` verified to continue from (None: start)
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +54,7 @@ def open_run(cfg, kind: str, strategy, tokenizer=None) -> Run:
     rundir = open_rundir(cfg, kind, is_main=strategy.is_main)
     strategy.start(cfg.train.seed)
     return Run(kind, rundir.path, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps), config=to_dict(cfg),
-               tokenizer=tokenizer)
+               tokenizer=tokenizer, checkpoint=rundir.checkpoint)
 
 
 def _warn_if_chained(model_dir: Path) -> None:
