@@ -204,6 +204,9 @@ def test_a_pipeline_rerun_with_stages_left_out_or_added_and_a_stage_name_of_anot
     (tmp_path / "run" / "pipeline.yaml").write_text("- not a pipeline\n")
     with pytest.raises(ConfigError, match=r"pipeline\.yaml: not a pipeline config: cannot tell which stages ran"):
         run_pipeline(str(path))
+    from rlhfkit.training.runlock import _HELD
+
+    assert str((tmp_path / "run").resolve()) not in _HELD  # a refused pipeline lets the directory go
 
 
 def test_a_pipeline_directory_in_use_by_another_process_is_refused(tmp_path, tiny_model_dir):

@@ -277,11 +277,11 @@ def run_pipeline(path: str | None, overrides: list[str] | None = None) -> dict:
     cfg, stages = plan(path, overrides)
     require("matplotlib", "report", "the pipeline's report.html")  # checked before any stage runs
     out = Path(cfg.output_dir)
-    _open(out, stages)
     try:
+        _open(out, stages)
         return _run_stages(cfg, out, stages)
     finally:
-        release(out)
+        release(out)  # refused or finished, the directory is free for another process (as after a crash)
 
 
 def _run_stages(cfg: PipelineConfig, out: Path, stages) -> dict:
