@@ -9,6 +9,7 @@ import math
 import shutil
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -740,6 +741,58 @@ def test_a_resume_hashes_the_checkpoint_it_continues_from_once(tmp_path, tiny_mo
     assert main(_sft_args(tiny_model_dir, data, out, "train.max_steps=6", "--resume")) == 0
     resumed = [p for p in hashed if "step-00000004" in p]
     assert resumed and len(resumed) == len(set(resumed)), resumed
+
+
+def test_a_resume_never_continues_from_another_runs_checkpoint_or_another_steps(tmp_path, tiny_model_dir, capsys):
+    """A checkpoint names the run that wrote it (the run record's run_id) and its step: one copied
+    in from another run (under a new step or in place of this run's), or a step renamed, is
+    refused in one line before anything is written or loaded."""
+    from rlhfkit.cli import main
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_sft_args(tiny_model_dir, data, a)) == 0
+    assert main(_sft_args(tiny_model_dir, data, b, "optim.lr=5e-3")) == 0
+    ours = (a / "checkpoints" / "step-00000004")
+    shutil.copytree(b / "checkpoints" / "step-00000004", a / "checkpoints" / "step-00000006")
+    code, line = _cli(capsys, _sft_args(tiny_model_dir, data, a, "train.max_steps=8", "--resume"))
+    assert code == 2 and re.search(r"cannot resume .*/a: step-00000006's trainer_state\.json says step 4", line), line
+    shutil.rmtree(a / "checkpoints" / "step-00000006")
+    shutil.rmtree(ours)
+    shutil.copytree(b / "checkpoints" / "step-00000004", ours)
+    before = sorted(p.name for p in a.iterdir())
+    code, line = _cli(capsys, _sft_args(tiny_model_dir, data, a, "train.max_steps=8", "--resume"))
+    assert code == 2 and re.search(r"cannot resume .*/a: step-00000004 was written by another run \(its "
+                                   r"trainer_state\.json names run [0-9a-f]{12}, this directory's sft_run\.json "
+                                   r"[0-9a-f]{12}\)", line), line
+    assert sorted(p.name for p in a.iterdir()) == before and (a / "sft_results.json").is_file()
+
+
+def test_a_checkpoint_with_a_file_its_manifest_does_not_list_is_skipped_with_a_warning(tmp_path, tiny_model_dir,
+                                                                                      caplog):
+    """A loader reads every weight file of a model directory: a file added to a checkpoint after
+    it was written (another step's weights) makes it incomplete, and a resume passes over it to
+    the one before, saying which and why; so does a damaged one."""
+    import logging
+
+    from rlhfkit.cli import main
+    from rlhfkit.training.checkpoint import verify_manifest
+
+    data = _sft_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    assert main(_sft_args(tiny_model_dir, data, out)) == 0
+    step4, step2 = out / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000002"
+    shutil.copy(step2 / "model" / "model.safetensors", step4 / "model" / "zz-extra.safetensors")
+    assert verify_manifest(step4) == "model/zz-extra.safetensors is not in the manifest (added after the checkpoint " \
+                                     "was written)"
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        assert main(_sft_args(tiny_model_dir, data, out, "train.max_steps=4", "--resume")) == 0
+    assert "skipping checkpoint step-00000004: model/zz-extra.safetensors is not in the manifest" in caplog.text
+    caplog.clear()
+    (out / "checkpoints" / "step-00000004" / "optim.pt").write_bytes(b"0" * 100)  # rewritten by the rerun above
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        assert main(_sft_args(tiny_model_dir, data, out, "train.max_steps=4", "--resume")) == 0
+    assert "skipping checkpoint step-00000004: optim.pt has 100 bytes" in caplog.text
 
 
 def test_a_run_directory_that_is_or_holds_its_own_input_is_refused_before_anything_is_written(tmp_path):

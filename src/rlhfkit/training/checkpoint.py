@@ -66,7 +66,7 @@ def write_manifest(root: Path) -> dict:
 
 def verify_manifest(root: Path, hashes: bool = True) -> str | None:
     """None if ``root`` is complete (its manifest lists every file with the right size and, with
-    ``hashes``, SHA-256); else the reason it is not."""
+    ``hashes``, SHA-256, and no file is there that it does not list); else the reason it is not."""
     try:
         files = json.loads((root / MANIFEST).read_text())["files"]
         items = list(files.items())
@@ -85,6 +85,11 @@ def verify_manifest(root: Path, hashes: bool = True) -> str | None:
             return f"{rel} has {p.stat().st_size} bytes, the manifest says {meta['size']}"
         if hashes and sha256_file(p) != meta["sha256"]:
             return f"{rel} does not match its SHA-256 in the manifest"
+    listed = {rel for rel, _ in items} | {MANIFEST}
+    extra = sorted(rel for p in root.rglob("*")
+                   if p.is_file() and (rel := p.relative_to(root).as_posix()) not in listed)
+    if extra:  # a loader reads every weight file of a model directory, listed or not
+        return f"{extra[0]} is not in the manifest (added after the checkpoint was written)"
     return None
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def default_sources(cfg: Any) -> dict[str, str]:
 def fingerprint(cfg: Any, kind: str, sources: dict[str, str]) -> dict:
     config = flat_config(cfg)
     blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return {"version": RECORD_VERSION, "kind": kind, "created": round(time.time(), 3),
+    return {"version": RECORD_VERSION, "kind": kind, "created": round(time.time(), 3), "run_id": uuid.uuid4().hex,
             "config_sha256": hashlib.sha256(blob).hexdigest(), "config": config,
             "sources": {name: identify(spec) for name, spec in sorted(sources.items())}}
 

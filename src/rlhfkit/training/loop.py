@@ -101,7 +101,7 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
 def _save(run, ckpt: Checkpointer, step: int, models: dict, optimizers: dict, best: Best | None,
           state_fn: Callable[[], dict]) -> None:
     """A checkpoint of ``step`` with the guard, the best-so-far record and the trainer's state."""
-    state = {"kind": run.kind, "guard": run.guard.state_dict(), **state_fn()}
+    state = {"kind": run.kind, "run_id": run.run_id, "guard": run.guard.state_dict(), **state_fn()}
     if best is not None:
         state["best"] = best.state_dict()
     save_checkpoint(ckpt, run.strategy, step, models, optimizers, state, run.tokenizer)
@@ -147,7 +147,7 @@ def _resume(run, ckpt: Checkpointer, models: dict, optimizers: dict, best: Best 
             load_state: Callable[[dict], None] | None) -> int:
     """Load the newest complete checkpoint into the models and optimizers; returns its step (0: none).
     The one `open_run` chose and verified is loaded without hashing it again."""
-    last = getattr(run, "checkpoint", None) or ckpt.latest()
+    last = run.checkpoint or ckpt.latest()
     if last is None:
         return 0
     state: dict[str, Any] = load_checkpoint(last, run.strategy, models, optimizers)

@@ -40,6 +40,7 @@ class Run:
     config: dict | None = None  # the resolved config, for the experiment trackers
     tokenizer: Any = None  # saved with the models of checkpoints and best/, so each directory loads on its own
     checkpoint: Path | None = None  # the checkpoint `open_run` verified to continue from (None: start)
+    run_id: str = ""  # the run record's id, written into each checkpoint (`training.rundir`)
 
     @property
     def is_main(self) -> bool:
@@ -54,7 +55,7 @@ def open_run(cfg, kind: str, strategy, tokenizer=None) -> Run:
     rundir = open_rundir(cfg, kind, is_main=strategy.is_main)
     strategy.start(cfg.train.seed)
     return Run(kind, rundir.path, strategy, cfg.train, StepGuard(cfg.train.max_bad_steps), config=to_dict(cfg),
-               tokenizer=tokenizer, checkpoint=rundir.checkpoint)
+               tokenizer=tokenizer, checkpoint=rundir.checkpoint, run_id=rundir.record.get("run_id", ""))
 
 
 def _warn_if_chained(model_dir: Path) -> None:

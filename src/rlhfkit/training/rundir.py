@@ -66,6 +66,7 @@ class RunDir:
     checkpoint: Path | None = None  # the latest complete checkpoint, when there is one to continue from
     record: dict = field(default_factory=dict)  # the fingerprint (what K_run.json holds)
     removed: list[str] = field(default_factory=list)  # what train.overwrite deleted
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints passed over as incomplete, and why
 
 
 # --------------------------------------------------------------------------- the decision
@@ -92,6 +93,8 @@ def open_run(cfg: Any, kind: str, *, is_main: bool = True, sources: dict[str, st
                 log.warning("train.overwrite: deleted %s from %s", ", ".join(run.removed), run.path)
         for name in remove_leftovers(run.path):
             log.info("removed %s, left by an interrupted write", name)
+        for line in run.skipped if run.resuming else []:
+            log.warning("skipping checkpoint %s", line)
         if run.resuming:  # a finished run continued (for more steps) is unfinished until it ends again
             for marker in (run.path / f"{kind}_results.json", run.path / "DONE"):
                 if marker.is_file():
@@ -157,7 +160,10 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
         return RunDir(path, kind, resuming=False, record=record)
     defaults = flat_config(type(cfg)())  # a key added to rlhfkit since the run started, left at its default: no change
     _check_same_run(path, kind, record, train.resume_mismatch_ok, defaults)
-    return RunDir(path, kind, resuming=True, checkpoint=checkpoint, record=_merged_record(path, kind, record, defaults))
+    if checkpoint is not None:
+        _check_checkpoint_is_ours(path, checkpoint)
+    return RunDir(path, kind, resuming=True, checkpoint=checkpoint, record=_merged_record(path, kind, record, defaults),
+                  skipped=skipped)
 
 
 def _check_writable(path: Path) -> None:
@@ -328,6 +334,36 @@ def other_runs(path: Path, kind: str) -> list[str]:
     return sorted(p.name[:-len("_run.json")] for p in path.glob("*_run.json") if p.name != f"{kind}_run.json")
 
 
+def _check_checkpoint_is_ours(path: Path, checkpoint: Path) -> None:
+    """Refuse to continue from a checkpoint that another run wrote (its ``trainer_state.json``
+    names the run: the ``run_id`` of the record of its kind in this directory) or whose step is
+    not the one its directory is named after (renamed, or a link to another step): a resume would
+    mix two runs, or two steps of one. A checkpoint written before checkpoints named their run
+    has no ``run_id`` and is not checked for it."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return  # loading it names the damage (`Checkpointer.load`)
+    state = state if isinstance(state, dict) else {}
+    named = int(checkpoint.name.rpartition("-")[2]) if checkpoint.name.rpartition("-")[2].isdigit() else None
+    if state.get("step") != named:
+        raise RunDirError(f"cannot resume {path}: {checkpoint.name}'s trainer_state.json says step "
+                          f"{state.get('step')}: the checkpoint was renamed or copied from another step; delete it to continue from the "
+                          "one before, or start over with train.overwrite=true")
+    kind, run_id = state.get("kind"), state.get("run_id")
+    if not (isinstance(kind, str) and isinstance(run_id, str)):
+        return
+    try:
+        ours = json.loads((path / f"{kind}_run.json").read_text()).get("run_id")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        ours = None
+    if ours != run_id:
+        raise RunDirError(f"cannot resume {path}: {checkpoint.name} was written by another run (its trainer_state.json "
+                          f"names run {run_id[:12]}, this directory's {kind}_run.json "
+                          f"{ours[:12] if isinstance(ours, str) else 'none'}); delete it, or start over with "
+                          "train.overwrite=true")
+
+
 def _merged_record(path: Path, kind: str, record: dict, defaults: dict) -> dict:
     """The record to keep when continuing: the new fingerprint, with the history of continuations
     that were allowed to differ (train.resume_mismatch_ok)."""
@@ -341,7 +377,8 @@ def _merged_record(path: Path, kind: str, record: dict, defaults: dict) -> dict:
     diffs = differences(saved, record, defaults) if "config" in saved else ["no earlier record"]
     if diffs:
         history.append({"time": record["created"], "differences": diffs})
-    return {**record, "created": saved.get("created", record["created"]), "history": history}
+    return {**record, "created": saved.get("created", record["created"]),
+            "run_id": saved.get("run_id", record["run_id"]), "history": history}
 
 
 def _write_json(path: Path, obj: Any) -> None:
