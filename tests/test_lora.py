@@ -125,6 +125,14 @@ def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, 
     assert main(["merge", str(adapter), "--out", str(tmp_path / "run"), "--overwrite"]) == 2  # holds the adapter
     assert main(["merge", str(adapter), "--out", str(merged), "--overwrite"]) == 0
     assert (merged / "config.json").is_file()
+    # nor the base it merges into (here a copy, named with --base), nor a directory inside either, nor ""
+    import shutil
+
+    base_copy = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    weights = (base_copy / "model.safetensors").read_bytes()
+    for out in (base_copy, base_copy / "merged", adapter / "merged", ""):
+        assert main(["merge", str(adapter), "--base", str(base_copy), "--out", str(out), "--overwrite"]) == 2
+    assert (base_copy / "model.safetensors").read_bytes() == weights and not (adapter / "merged").exists()
 
 
 def _pref_rows(n, seed):

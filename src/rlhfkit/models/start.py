@@ -84,14 +84,19 @@ def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: 
     The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``, or with
     ``AutoModelForSequenceClassification`` for a reward / value model adapter. Written atomically.
     An ``out_dir`` that exists and is not empty is refused unless ``overwrite`` (it is replaced
-    whole); one that holds the adapter itself is always refused.
+    whole); one that is, holds or lies inside the adapter or its base is always refused.
     """
     path = Path(path)
     if adapter_config(path) is None:
         raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     out = Path(out_dir)
-    if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
-        raise ValueError(f"--out {out}: it holds the adapter being merged ({path}); choose another directory")
+    if not str(out_dir).strip():
+        raise ValueError("--out: empty; name the directory the merged model is written to")
+    for what, src in (("the adapter being merged", path), ("its base model", Path(adapter_base(path, base)))):
+        if src.exists() and (out.resolve() == src.resolve() or out.resolve() in src.resolve().parents
+                             or src.resolve() in out.resolve().parents):
+            raise ValueError(f"--out {out}: it is, holds or is inside {what} ({src}), which the merge reads; "
+                             "choose another directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"--out {out}: exists and is not empty; choose a new directory, or add --overwrite to "
                          "replace it whole")
