@@ -180,6 +180,9 @@ def test_checkpoint_files_and_dirs_are_not_private_and_the_rename_is_synced(tmp_
         os.umask(old)
     final = ck.root / "step-00000004"
     assert final.stat().st_mode & 0o777 == 0o755 and (final / "model").stat().st_mode & 0o777 == 0o755
+    # every file too: safetensors writes its own 0600
+    assert {p.name: p.stat().st_mode & 0o777 for p in final.rglob("*") if p.is_file()} == {
+        p.name: 0o644 for p in final.rglob("*") if p.is_file()}
     assert synced[-1] == ck.root  # the parent, after the rename
     manifest = json.loads((final / "manifest.json").read_text())["files"]
     assert {"optim.pt", "rng.pt", "trainer_state.json", "model/model.safetensors"} <= set(manifest)
@@ -194,6 +197,7 @@ def test_saved_models_are_not_private(tmp_path, tiny_model):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644 == (out / "config.json").stat().st_mode & 0o777
 
 
 

@@ -80,6 +80,16 @@ def make_temp_dir(final: Path) -> Path:
     return tmp
 
 
+def umask_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode a plain ``open()`` gives (0666 less the umask):
+    safetensors writes its files 0600, which the other users of a shared model directory cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) != 0o666 & ~mask:
+            os.chmod(p, 0o666 & ~mask)
+
+
 def fsync_tree(path: Path) -> None:
     """fsync a directory's entries and the directory itself, as far as the file system allows."""
     for p in [*path.iterdir(), path] if path.is_dir() else [path]:
@@ -94,6 +104,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     directory is moved aside first and deleted only after the rename; a link or file there is
     unlinked: a kill leaves the old ``final`` (or it under ``.NAME.old-PID``) or the new one, never a
     half-written one."""
+    umask_modes(tmp)
     fsync_tree(tmp)
     old = None
     if final.is_symlink() or final.is_file():

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlhfkit.io import as_os_error, fsync_path, make_temp_dir
+from rlhfkit.io import as_os_error, fsync_path, make_temp_dir, umask_modes
 from rlhfkit.rng import plain_rng_state, set_plain_rng_state, set_seed
 
 log = logging.getLogger("rlhfkit")
@@ -108,6 +108,7 @@ def _atomic_dir_write(final: Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         _fault_sleep()
         write_manifest(tmp)  # last: a checkpoint without one is incomplete
+        umask_modes(tmp)
         for p in [*tmp.rglob("*"), tmp]:
             fsync_path(p)
         if final.exists():
