@@ -3,6 +3,7 @@ loads, PTX data, an eval's preference set and alignment-tax data) is checked bef
 writes anything or loads a model: a bad one is one line naming its key, exit status 2, and no
 output directory."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MISSING = "/nonexistent/rlhfkit-preflight"
 
 
-def _cases(model: str, reward_file: str):
+def _cases(model: str, reward_file: str, rm: str = MISSING):
     ppo = ["ppo", "-c", str(CONFIGS / "ppo.yaml"), f"model.name={model}", "critic_init=policy",
            "reward.spec=task:sentiment"]
     online = ["online-dpo", "-c", str(CONFIGS / "online_dpo.yaml"), f"model.name={model}"]
@@ -62,10 +63,23 @@ def _cases(model: str, reward_file: str):
          "reward.spec: two reward functions are named"),
         ([*ppo, "reward.spec=[{spec: task:sentiment, name: a}, {spec: task:sentiment, name: b}]",
           "reward.weights=[0, 0]"], "reward.spec: reward weights [0, 0]: all 0"),
+        # the model's own settings, checked against its config.json (no weight loaded)
+        (["sft", "-c", str(CONFIGS / "sft.yaml"), f"model.name={model}", "model.lora.enabled=true",
+          "model.lora.target_modules=[q_proj, nosuch_proj]"],
+         f"model.lora.target_modules: nosuch_proj: no module of {model} is named so; its linear layers: down_proj"),
+        (["sft", "-c", str(CONFIGS / "sft.yaml"), f"model.name={model}", "model.lora.enabled=true",
+          "model.lora.target_modules=.*(q_proj"], "model.lora.target_modules: '.*(q_proj' is not a regular expression"),
+        (["dpo", "-c", str(CONFIGS / "dpo.yaml"), f"model.name={model}", f"dpo.reference={rm}"],
+         f"dpo.reference: {rm} is not a policy"),
+        (["dpo", "-c", str(CONFIGS / "dpo.yaml"), f"model.name={model}", "sft_first.enabled=true", "sft_first.epochs=0"],
+         "sft_first.epochs: 0.0 with max_steps 0: the SFT stage needs epochs > 0 or max_steps > 0"),
+        (["pm", "-c", str(CONFIGS / "pm.yaml"), f"model.name={rm}"], f"model.name: {rm} is not a policy"),
+        (["rm", "-c", str(CONFIGS / "rm.yaml"), f"model.name={model}", "backbone_layers=0", "train_top_layers=5"],
+         f"train_top_layers: 5, but {model} has 2 decoder layers"),
     ]
 
 
-@pytest.mark.parametrize("case", range(28))
+@pytest.mark.parametrize("case", range(len(_cases("", ""))))
 def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, tiny_model_dir, tmp_path, capsys,
                                                                            monkeypatch):
     import transformers
@@ -75,7 +89,14 @@ def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, t
     reward = tmp_path / "reward.py"
     reward.write_text("def score(prompts, responses):\n    return [0.0 for _ in responses]\n\n\n"
                       "def exact(prompts, responses, reference):\n    return [0.0 for _ in responses]\n")
-    argv, fragment = _cases(str(tiny_model_dir), str(reward))[case]
+    rm = tmp_path / "rm"  # a reward model's directory: a config.json naming a scalar head
+    rm.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (rm / f.name).symlink_to(f)
+    (rm / "config.json").unlink()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    argv, fragment = _cases(str(tiny_model_dir), str(reward), str(rm))[case]
 
     def loaded(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")

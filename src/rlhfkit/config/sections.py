@@ -8,6 +8,7 @@ from them (`config.reference`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -38,6 +39,14 @@ class LoraSection:
                 self.target_modules != "all-linear":
             # peft reads a string as a regex over full module names: a bare name would match nothing
             self.target_modules = [self.target_modules]
+        elif isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ConfigError(f"{where}.target_modules: {self.target_modules!r} is not a regular expression "
+                                  f"({e})") from None
+        elif isinstance(self.target_modules, list) and not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(f"{where}.target_modules: module names are non-empty strings, got {self.target_modules}")
 
 
 @dataclass

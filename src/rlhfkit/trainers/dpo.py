@@ -46,7 +46,6 @@ from rlhfkit.data.sources import Input, data_inputs, load_sources
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.models import (
     check_lora_targets,
-    check_model_path,
     check_policy_path,
     load_causal_lm,
     load_tokenizer,
@@ -131,6 +130,11 @@ class SFTFirstSection:
     """Epochs of the SFT stage."""
     max_steps: int = 0
     """Steps of the SFT stage; > 0 overrides epochs."""
+
+    def validate(self, where: str) -> None:
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{where}.epochs: {self.epochs} with max_steps {self.max_steps}: the SFT stage needs "
+                              "epochs > 0 or max_steps > 0")
 
 
 @dataclass
@@ -316,7 +320,7 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     with under_key("dpo.reference"):
         if cfg.dpo.reference:
-            check_model_path(cfg.dpo.reference)
+            check_policy_path(cfg.dpo.reference)  # not a reward model or critic
     run = open_run(cfg, desc, strategy, tokenizer)
 
     # 0. SFT-then-DPO: the SFT model becomes both the starting policy and the reference.

@@ -25,6 +25,7 @@ from rlhfkit.config import (
     OptimSection,
     SFTConfig,
     TrainSection,
+    under_key,
     validate,
 )
 from rlhfkit.config.sections import SUPERVISED_EVAL_METRICS
@@ -34,7 +35,7 @@ from rlhfkit.data.sources import Input, data_inputs, train_and_eval
 from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, pm_record, pm_training_records
-from rlhfkit.models import load_tokenizer
+from rlhfkit.models import check_lora_targets, check_policy_path, load_tokenizer
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import open_run
@@ -149,6 +150,10 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     """Train the preference model; returns the held-out results (also in ``pm_results.json``)."""
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
+    with under_key("model.name"):  # it trains as a policy (next token): not a reward model or critic
+        check_policy_path(cfg.model.name)
+    with under_key("model.lora.target_modules"):
+        check_lora_targets(cfg.model.name, cfg.model.lora)
     train_pairs, eval_pairs = _pm_pairs(cfg)
     _check_lengths(cfg, train_pairs + eval_pairs)
     # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).

@@ -240,16 +240,17 @@ def install_probe_head(model, w: torch.Tensor, strategy: Strategy) -> None:
 
 
 def _check_backbone_layers(cfg: RewardConfig) -> None:
-    """backbone_layers deeper than the model: one line before anything is written or the model loads."""
-    if cfg.backbone_layers:
+    """backbone_layers or train_top_layers deeper than the model: one line before anything is
+    written or the model loads."""
+    if cfg.backbone_layers or cfg.train_top_layers:
         from transformers import AutoConfig
 
         # an adapter (a LoRA SFT run's model/) has the depth of the model under it
         config = AutoConfig.from_pretrained(resolve_model_path(root_model(cfg.model.name)), trust_remote_code=False)
         depth = config.num_hidden_layers
-        if cfg.backbone_layers > depth:
-            raise ConfigError(f"backbone_layers: {cfg.backbone_layers}, but {cfg.model.name} has {depth} "
-                              "decoder layers")
+        for key, layers in (("backbone_layers", cfg.backbone_layers), ("train_top_layers", cfg.train_top_layers)):
+            if layers > depth:
+                raise ConfigError(f"{key}: {layers}, but {cfg.model.name} has {depth} decoder layers")
 
 
 def _check_start_model(cfg: RewardConfig) -> None:
