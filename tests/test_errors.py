@@ -541,3 +541,26 @@ def test_chatml_on_a_vocabulary_without_its_tokens_is_refused(tmp_path, tiny_mod
     assert code == 2 and "data.chat_template: chatml needs <|im_start|> and <|im_end|>" in line, line
     assert "splits <|im_end|> into" in line and "'<eos_x>'" in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command, errno_, hint", [
+    ("sft", 28, "(free some space, then rerun with --resume: the run continues from its last complete checkpoint, if "
+                "it saved one (train.save_every))"),
+    ("pipeline", 28, "(free some space, then rerun: the stages continue from their last complete checkpoints)"),
+    ("merge", 28, "(free some space, then rerun)"),
+    ("eval", 28, "(free some space, then rerun)"),
+    ("sft", 30, "(choose a writable train.output_dir)"),
+    ("eval", 13, "(choose a writable train.output_dir)"),
+    ("pipeline", 30, "(choose a writable output_dir)"),
+    ("report", 30, "(choose a writable --out)"),
+    ("make-data", 13, "(choose a writable --out)"),
+])
+def test_a_full_or_read_only_disk_says_what_to_do_in_the_commands_own_terms(command, errno_, hint):
+    """Only a trainer can continue with --resume, and only the trainers and eval have
+    train.output_dir: report, merge and make-data write to --out, a pipeline to output_dir."""
+    import os
+
+    from rlhfkit.cli import _one_line
+
+    line = _one_line(OSError(errno_, os.strerror(errno_), "/x/y"), command)
+    assert line == f"{os.strerror(errno_)}: /x/y {hint}"

@@ -372,10 +372,16 @@ def test_arithmetic_pairs_are_correct_versus_wrong(tmp_path, monkeypatch):
     (["--n-sft-prompts", "0", "--n-pref-prompts", "0"], "--n-sft-prompts + --n-pref-prompts: 0 + 0 must be between 1"),
     (["--n-sft-prompts", "1000", "--n-pref-prompts", "1000"], "--n-sft-prompts + --n-pref-prompts: 1000 + 1000"),
     (["--model", "/nonexistent/model-dir"], "model directory not found: /nonexistent/model-dir"),
+    (["--prompts-only", "--pairs-only", "eval"], "--prompts-only and --pairs-only: choose one"),
+    (["--pairs-only", "eval", "--prompt-seed", "-1"], "--prompt-seed: must be in [0, 2**32), got -1"),
+    (["--prompts-only", "--out", ""], "--out: empty; name the directory the data is written to"),
 ])
 def test_make_data_refuses_bad_flags_before_loading_or_writing(tmp_path, capsys, monkeypatch, flags, message):
     from rlhfkit.tasks import build, pairs
     from rlhfkit.tasks.make_data import main
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # an empty --out wrote into the working directory
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
@@ -385,7 +391,7 @@ def test_make_data_refuses_bad_flags_before_loading_or_writing(tmp_path, capsys,
     assert main(["--task", "sentiment", "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "cwd").iterdir())
 
 
 def test_make_data_replaces_earlier_output_only_with_overwrite(tmp_path, capsys):

@@ -179,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _close_bars()
         if isinstance(e, TrainingDiverged):
-            print(f"rlhfkit {command}: stopped: {_one_line(e)}", file=sys.stderr)
+            print(f"rlhfkit {command}: stopped: {_one_line(e, command)}", file=sys.stderr)
             return 3
         if not _is_user_error(e):
             raise
-        print(f"rlhfkit {command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"rlhfkit {command}: error: {_one_line(e, command)}", file=sys.stderr)
         return 2
 
 
@@ -210,8 +210,15 @@ def _is_user_error(e: BaseException) -> bool:
     return isinstance(e, kinds) or type(e).__name__ == "OutOfMemoryError"
 
 
-def _one_line(e: BaseException) -> str:
-    """The exception as one line, with what to do for the common OS errors."""
+# What a rerun after a full disk does, and the key that names where a command writes.
+_AFTER_A_FULL_DISK = {**{c: " with --resume: the run continues from its last complete checkpoint, if it saved one "
+                            "(train.save_every)" for c in COMMANDS if c != "eval"},
+                      "pipeline": ": the stages continue from their last complete checkpoints"}
+_OUTPUT_KEY = {"pipeline": "output_dir", "report": "--out", "merge": "--out", "make-data": "--out"}
+
+
+def _one_line(e: BaseException, command: str = "") -> str:
+    """The exception as one line, with what to do for the common OS errors (in ``command``'s terms)."""
     import errno
 
     import yaml
@@ -227,9 +234,9 @@ def _one_line(e: BaseException) -> str:
     elif isinstance(e, OSError) and e.strerror:
         text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
         if e.errno == errno.ENOSPC:
-            text += " (free some space, then rerun with --resume: the last complete checkpoint is intact)"
+            text += f" (free some space, then rerun{_AFTER_A_FULL_DISK.get(command, '')})"
         elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            text += " (choose a writable train.output_dir)"
+            text += f" (choose a writable {_OUTPUT_KEY.get(command, 'train.output_dir')})"
     elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         text = "out of memory (lower train.micro_batch_size, or enable model.gradient_checkpointing)"
     else:

@@ -93,8 +93,12 @@ def check_args(args) -> None:
                              ("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1)]:
         if value < low:
             raise ValueError(f"{flag}: must be >= {low}, got {value}")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed: must be in [0, 2**32), got {args.seed}")
+    for flag, seed in (("--seed", args.seed), ("--prompt-seed", getattr(args, "prompt_seed", None))):
+        if seed is not None and not 0 <= seed < 2**32:
+            raise ValueError(f"{flag}: must be in [0, 2**32), got {seed}")
+    if args.prompts_only and args.pairs_only:
+        raise ValueError("--prompts-only and --pairs-only: choose one (the prompts alone, with no model, or "
+                         "preference pairs sampled from a model)")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ValueError(f"--temperature: must be a finite number > 0 (at 0 the two samples of a pair are the same), "
                          f"got {args.temperature}")
@@ -105,6 +109,8 @@ def check_args(args) -> None:
     if args.annotator_beta is not None and not args.annotator_beta > 0:
         raise ValueError(f"--annotator-beta: must be > 0 (inf: the annotator always picks the higher gold score), "
                          f"got {args.annotator_beta}")
+    if not str(args.out).strip():
+        raise ValueError("--out: empty; name the directory the data is written to")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} is a file, not a directory")
