@@ -541,6 +541,26 @@ def test_a_report_of_hand_edited_files_names_what_it_skips_and_never_fails(tmp_p
         assert found == [] and "Win rate vs baseline" in page.read_text()
 
 
+@pytest.mark.parametrize("results, metrics, unreadable", [
+    ("{bad", None, "sft: sft_results.json does not read as a results file (a JSON object)"),
+    ("[1, 2]", None, "sft: sft_results.json does not read as a results file"),
+    ("{}", b"\x00\xff\xfe binary\n\x01", "sft: metrics.jsonl holds no readable record"),
+])
+def test_a_stage_whose_results_or_metrics_do_not_read_is_named_as_unreadable(tmp_path, results, metrics, unreadable):
+    """A results file that is not a JSON object, or a metrics.jsonl with no record that reads:
+    the page warns instead of saying that all is well."""
+    from rlhfkit.report import build_report
+
+    run = tmp_path / "run"
+    _stage(run, "sft", "sft", [{"step": 1, "train/loss": 1.0}])
+    (run / "sft" / "sft_results.json").write_text(results)
+    if metrics is not None:
+        (run / "sft" / "metrics.jsonl").write_bytes(metrics)
+    build_report([run])
+    found = [w["message"] for w in json.loads((run / "report_warnings.json").read_text()) if w["kind"] == "unreadable"]
+    assert len(found) == 1 and found[0].startswith(unreadable), found
+
+
 def test_report_names_scorers_by_kind_and_wraps_long_text(tmp_path):
     """A reward given as a Python function is not called a reward model; win counts say what they
     count; a prompt of one 600-character word (a URL, base64) wraps instead of widening the page."""

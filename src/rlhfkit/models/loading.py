@@ -73,9 +73,13 @@ def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
     log.info("dequantising %s once into %s (about 20 s)", gguf.name, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
-    qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                   trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        qmodel = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                       trust_remote_code=False)
+    except Exception as e:  # the gguf reader's struct / value / key errors on a file cut short or not GGUF
+        raise ValueError(f"{gguf}: not a readable GGUF model ({e.__class__.__name__}: "
+                         f"{' '.join(str(e).split())[:160]})") from None
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and weights.
     config = qmodel.config
     if hasattr(config, "quantization_config"):

@@ -10,8 +10,9 @@
 - unfinished: a stage (a folder with a command's config) with no results file
   (``<kind>_results.json``): it stopped (a crash, a kill, too many non-finite updates) or is
   still running, so it has no final model or results;
-- unreadable: an ``eval*.json`` that could not be read (half written, not an evaluation): its
-  evaluation is not shown;
+- unreadable: an ``eval*.json`` that could not be read (half written, not an evaluation), a stage's
+  results file that is not a JSON object, a ``metrics.jsonl`` with no readable record: what it
+  holds is not shown;
 - skipped updates: updates dropped for a non-finite loss or gradient (``train/skipped_steps``).
 
 Each warning is a JSON-able dict: ``kind``, ``run``, ``stage``, ``message`` and the figures the
@@ -20,8 +21,10 @@ message quotes.
 
 from __future__ import annotations
 
+import json
 import statistics
 from fnmatch import fnmatch
+from pathlib import Path
 
 from rlhfkit.report.data import Stage, config_value, read_json, series
 
@@ -140,6 +143,13 @@ def _selected_best(st: Stage) -> dict | None:
     return best if isinstance(best, dict) and {"step", "metric", "value"} <= best.keys() else None
 
 
+def _is_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
 def _ending(st: Stage, base: dict) -> list[dict]:
     """A stage that has no results file, and updates skipped for non-finite values."""
     out = []
@@ -152,6 +162,15 @@ def _ending(st: Stage, base: dict) -> list[dict]:
         out.append({**base, "kind": "unfinished", "last_step": last,
                     "message": f"{st.name}: no results file ({results}), so the stage did not finish: {after} (see its "
                                "log) or is still running, and has no final model or results."})
+    elif st.kind and st.kind != "eval" and not _is_object(st.path / results):  # an evaluation's: `find_evals`
+        out.append({**base, "kind": "unreadable", "path": str(st.path / results),
+                    "message": f"{st.name}: {results} does not read as a results file (a JSON object): damaged or "
+                               "edited by hand, so the stage's final metrics are not shown."})
+    metrics = st.path / "metrics.jsonl"
+    if not st.rows and metrics.is_file() and metrics.stat().st_size:
+        out.append({**base, "kind": "unreadable", "path": str(metrics),
+                    "message": f"{st.name}: metrics.jsonl holds no readable record, so no curve of the stage is "
+                               "shown."})
     _, skipped = series(st.rows, "train/skipped_steps")
     if skipped and skipped[-1] > 0:
         out.append({**base, "kind": "skipped_steps", "skipped": int(skipped[-1]),
