@@ -564,3 +564,17 @@ def test_a_full_or_read_only_disk_says_what_to_do_in_the_commands_own_terms(comm
 
     line = _one_line(OSError(errno_, os.strerror(errno_), "/x/y"), command)
     assert line == f"{os.strerror(errno_)}: /x/y {hint}"
+
+
+def test_a_gguf_file_that_is_not_one_is_one_line(tmp_path, capsys):
+    """A .gguf cut short or of another format: the GGUF reader's struct error, as one line naming
+    the file, before the run directory is written."""
+    from rlhfkit.cli import main
+
+    junk = tmp_path / "model.gguf"
+    junk.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 8)
+    out = tmp_path / "run"
+    assert main(["sft", f"model.name={junk}", "data.train=task:sentiment", f"train.output_dir={out}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{junk}: not a readable GGUF model" in lines[0], lines
+    assert not out.exists()
