@@ -912,3 +912,37 @@ def test_a_run_continued_for_longer_follows_the_new_schedule_from_its_first_step
 
     before, after = weights(2), weights(3)
     assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-4
+
+
+def test_an_adapters_base_and_a_local_hf_dataset_are_identified_by_content(tmp_path):
+    """A LoRA adapter given as model.name is its weights on top of its base: a base retrained in
+    place is another model, and a resume over it is refused like any changed input. A dataset
+    saved locally and named hf:DIR is compared by its files, not by its name. A record written
+    before these were identified so compares as it was taken."""
+    from rlhfkit.training.fingerprint import differences, identify, local_path
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (base / "model.safetensors").write_bytes(b"a" * 64)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"b" * 32)
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "train.arrow").write_bytes(b"rows")
+    assert local_path(f"hf:{data}:train") == data and local_path("hf:org/name:train") is None
+    spec = {"model.name": str(adapter), "data.train": f"hf:{data}:train"}
+    before = {"version": 3, "sources": {k: identify(v) for k, v in spec.items()}}
+    assert "base:model.safetensors" in before["sources"]["model.name"]["files"]
+    (base / "model.safetensors").write_bytes(b"c" * 64)
+    (data / "train.arrow").write_bytes(b"other rows")
+    after = {"version": 3, "sources": {k: identify(v) for k, v in spec.items()}}
+    assert differences(before, after) == ["data.train content differs", "model.name content differs"]
+    old = {"version": 2, "sources": {"model.name": {**before["sources"]["model.name"], "files": {
+        k: v for k, v in before["sources"]["model.name"]["files"].items() if not k.startswith("base:")}},
+        "data.train": {"spec": f"hf:{data}:train"}}}
+    assert differences(old, after) == []
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(adapter)}))
+    assert "base:adapter_config.json" in identify(str(adapter))["files"]  # a loop of bases ends

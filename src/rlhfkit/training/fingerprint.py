@@ -16,7 +16,9 @@ from typing import Any
 from rlhfkit.config import to_dict
 from rlhfkit.data.sources import task_data_dir
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
+# From version 3 an adapter's identity holds its base's files ("base:..."), and a local hf: dataset
+# directory is identified by its files: an older record's identity of either is compared as it was taken.
 # Sources fingerprinted only from a record version on: an older record that lacks them is no difference.
 SOURCES_SINCE = {"prompts.eval": 2, "reward.gold": 2, "gold": 2}
 # Config keys left out of the fingerprint: how the run is driven, logged, checkpointed and laid
@@ -80,17 +82,31 @@ def fingerprint(cfg: Any, kind: str, sources: dict[str, str]) -> dict:
             "sources": {name: identify(spec) for name, spec in sorted(sources.items())}}
 
 
-def identify(spec: str) -> dict:
+def identify(spec: str, _seen: frozenset = frozenset()) -> dict:
     """The identity of a data or model spec: files by size and digest, directories file by file
-    (a run directory by its ``model/``), ``task:NAME`` by its shipped data, anything else
-    (a hub id, ``hf:`` data, a named template, a Python reward) by its name."""
+    (a run directory by its ``model/``; a LoRA adapter with its local base's files), ``task:NAME``
+    by its shipped data, a local ``hf:`` dataset directory by its files, anything else (a hub id, hub
+    data, a named template, a Python reward) by its name."""
     path = local_path(spec)
     if path is None:
         return {"spec": spec}
     if path.is_file():
         return {"spec": spec, "path": str(path.resolve()), "size": path.stat().st_size, "digest": file_digest(path)}
     files = {rel: {"size": p.stat().st_size, "digest": file_digest(p)} for rel, p in _files(path, depth=2)}
+    base = _adapter_base(path)
+    if base is not None and str(Path(base).resolve()) not in _seen:  # an adapter is its weights on its base's
+        seen = _seen | {str(path.resolve())}
+        files.update({f"base:{rel}": ident for rel, ident in (identify(base, seen).get("files") or {}).items()})
     return {"spec": spec, "path": str(path.resolve()), "files": files}
+
+
+def _adapter_base(path: Path) -> str | None:
+    """The local base model directory a LoRA adapter directory names (``adapter_config.json``)."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base and Path(base).expanduser().is_dir() else None
 
 
 def _files(root: Path, depth: int) -> list[tuple[str, Path]]:
@@ -116,6 +132,9 @@ def local_path(spec: str) -> Path | None:
         return p if p.exists() else None
     if spec.startswith(("rm:", "pm:", "judge:")):
         spec = spec.partition(":")[2]
+    elif spec.startswith("hf:"):  # hf:DIR[@config][:split], a dataset saved locally (a hub id is not a path)
+        p = Path(spec[3:].partition(":")[0].partition("@")[0]).expanduser()
+        return p if p.is_dir() else None
     elif spec.count(":") == 1 and spec.split(":")[0].endswith(".py"):  # file.py:function
         spec = spec.split(":")[0]
     p = Path(spec).expanduser()
@@ -168,26 +187,30 @@ def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]
         if oc.get(key, "<unset>") != nc.get(key, "<unset>"):
             diffs.append(f"{key} {_short(oc.get(key, '<unset>'))} -> {_short(nc.get(key, '<unset>'))}")
     os_, ns = old.get("sources", {}), new.get("sources", {})
+    version = old.get("version", 1)
     for key in sorted(set(os_) | set(ns)):
         a, b = os_.get(key), ns.get(key)
-        if a is None and old.get("version", 1) < SOURCES_SINCE.get(key.partition("[")[0], 1):
+        if a is None and version < SOURCES_SINCE.get(key.partition("[")[0], 1):
             continue
+        if version < 3 and a is not None and b is not None and a["spec"].startswith("hf:") and "path" not in a:
+            continue  # taken by name alone then
         if a is None or b is None:
             diffs.append(f"{key} {'added' if a is None else 'removed'}")
         elif "path" in a and "path" not in b and a["spec"] == b["spec"]:
             diffs.append(f"{key} {_short(b['spec'])}: not found any more")
-        elif _content(a) != _content(b):
+        elif _content(a, version) != _content(b, version):
             sizes = f" (size {a['size']} -> {b['size']})" if "size" in a and "size" in b and a["size"] != b["size"] else ""
             diffs.append(f"{key} content differs{sizes}" if "path" in a and "path" in b else
                          f"{key} {_short(a['spec'])} -> {_short(b['spec'])}")
     return diffs
 
 
-def _content(ident: dict) -> Any:
+def _content(ident: dict, version: int = RECORD_VERSION) -> Any:
     if "digest" in ident:
         return ident["digest"]
     if "files" in ident:
-        return ident["files"]
+        files = ident["files"]
+        return files if version >= 3 else {k: v for k, v in files.items() if not k.startswith("base:")}
     return ident["spec"]
 
 
