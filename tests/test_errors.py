@@ -409,8 +409,25 @@ def _pickle_that_runs_code(d: Path) -> None:
     (d / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _RunsCode()}))
 
 
+def _sharded(d: Path, kind: str) -> None:
+    """The weights as one shard named by an index: a safetensors shard that is a pickle, or a .bin
+    shard whose pickle would run code."""
+    import pickle
+
+    (d / "model.safetensors").unlink()
+    _RunsCode.marker = d / "ran"
+    name = "model-00001-of-00001.safetensors" if kind == "safetensors" else "pytorch_model-00001-of-00001.bin"
+    (d / name).write_bytes(pickle.dumps({"w": _RunsCode()}))
+    index = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+    (d / index).write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": name}}))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "config.json").write_text("{}"), "config.json: no model_type"),
+    (lambda d: _sharded(d, "safetensors"), "model-00001-of-00001.safetensors: not a readable safetensors file"),
+    (lambda d: _sharded(d, "bin"), "pytorch_model-00001-of-00001.bin: not loadable as weights alone (UnpicklingError"),
+    (lambda d: _sharded(d, "bin") or (d / "pytorch_model-00001-of-00001.bin").unlink(),
+     "pytorch_model.bin.index.json: names pytorch_model-00001-of-00001.bin, which is not a file in"),
     (lambda d: (d / "config.json").write_text("[1"), "config.json: not readable as JSON"),
     (lambda d: (d / "model.safetensors").unlink(), "has no weights: it holds a config.json but none of"),
     (lambda d: (d / "model.safetensors").write_text("garbage"), "model.safetensors: not a readable safetensors file"),
@@ -578,3 +595,31 @@ def test_a_gguf_file_that_is_not_one_is_one_line(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"{junk}: not a readable GGUF model" in lines[0], lines
     assert not out.exists()
+
+
+def test_an_adapter_whose_weights_are_a_pickle_or_a_template_that_escapes_is_one_line(tmp_path, tiny_model_dir,
+                                                                                       capsys):
+    """An adapter_model.bin whose pickle would run code is refused from the adapter's files, before
+    anything is written; a chat template that reaches for Python internals is stopped by the
+    sandbox and said in one line (it was a traceback)."""
+    import pickle
+
+    from rlhfkit.models import check_model_path
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir),
+                                                             "peft_type": "LORA"}))
+    _RunsCode.marker = adapter / "ran"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"w": _RunsCode()}))
+    with pytest.raises(ValueError, match="adapter_model.bin: not loadable as weights alone"):
+        check_model_path(adapter)
+    assert not (adapter / "ran").exists()
+    judge = shutil.copytree(tiny_model_dir, tmp_path / "judge")
+    (judge / "chat_template.jinja").write_text(
+        "{{ cycler.__init__.__globals__.os.system('touch " + str(tmp_path / "ran") + "') }}")
+    code, line = _cli(capsys, ["eval", f"baseline={tiny_model_dir}", f"policies=[{tiny_model_dir}]",
+                               f"judges=[judge:{judge}]", "prompts.train=task:sentiment", "prompts.limit=2",
+                               "rollout.n=1", "rollout.max_new_tokens=2", f"train.output_dir={tmp_path / 'ev'}"])
+    assert code == 2 and line.startswith("rlhfkit eval: error: ") and "unsafe" in line, line
+    assert not (tmp_path / "ran").exists()

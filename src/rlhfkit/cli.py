@@ -207,7 +207,17 @@ def _is_user_error(e: BaseException) -> bool:
 
     kinds = (ConfigError, DataError, RewardFunctionError, OSError, ValueError, SyntaxError, ImportError,
              yaml.YAMLError, MemoryError)
-    return isinstance(e, kinds) or type(e).__name__ == "OutOfMemoryError"
+    return isinstance(e, kinds) or type(e).__name__ == "OutOfMemoryError" or _is_template_error(e)
+
+
+def _is_template_error(e: BaseException) -> bool:
+    """A chat template (a model's, or data.chat_template) that fails to render, or that tried to
+    reach Python internals and was stopped by transformers' sandbox."""
+    try:
+        from jinja2.exceptions import TemplateError
+    except ImportError:  # pragma: no cover - transformers requires jinja2
+        return False
+    return isinstance(e, TemplateError)
 
 
 # What a rerun after a full disk does, and the key that names where a command writes.
@@ -237,6 +247,8 @@ def _one_line(e: BaseException, command: str = "") -> str:
             text += f" (free some space, then rerun{_AFTER_A_FULL_DISK.get(command, '')})"
         elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             text += f" (choose a writable {_OUTPUT_KEY.get(command, 'train.output_dir')})"
+    elif _is_template_error(e):
+        text = f"chat template: {type(e).__name__}: {e}"
     elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         text = "out of memory (lower train.micro_batch_size, or enable model.gradient_checkpointing)"
     else:

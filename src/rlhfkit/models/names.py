@@ -39,7 +39,9 @@ def check_model_path(name: str | os.PathLike) -> None:
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
         check_no_custom_code(p)
-        if (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        if (p / "adapter_config.json").is_file():
+            check_adapter_files(p)
+        elif (p / "config.json").is_file():
             check_model_files(p)
     elif s.startswith((".", "/", "~")) or s.count("/") > 1:
         raise FileNotFoundError(f"model directory not found: {s}")
@@ -51,8 +53,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def check_model_files(path: Path) -> None:
     """Refuse a model directory no load could succeed with, reading only small files: a config.json
-    that is not a JSON object naming a `model_type`, no weight file (`WEIGHT_FILES`), or a
-    model.safetensors whose header does not read (a file cut short or not safetensors at all)."""
+    that is not a JSON object naming a `model_type`, no weight file (`WEIGHT_FILES`), a safetensors
+    file (or shard) whose header does not read (cut short, or not safetensors at all), a pickled
+    ``.bin`` (or shard) that is more than tensors; an index naming a shard that is not there."""
     cfg = path / "config.json"
     try:
         config = json.loads(cfg.read_text())
@@ -64,27 +67,64 @@ def check_model_files(path: Path) -> None:
         raise FileNotFoundError(f"{path} has no weights: it holds a config.json but none of "
                                 f"{', '.join(WEIGHT_FILES)}")
     single = path / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
+    for shard in [single] if single.is_file() else _shards(path / "model.safetensors.index.json"):
+        _check_safetensors(shard)
+    if not single.is_file() and not (path / "model.safetensors.index.json").is_file():
+        bins = [path / "pytorch_model.bin"] if (path / "pytorch_model.bin").is_file() else \
+            _shards(path / "pytorch_model.bin.index.json")
+        for pickled in bins:
+            check_pickled_weights(pickled)
 
-        try:
-            with safe_open(str(single), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # safetensors raises its own error types for a bad header
-            raise ValueError(f"{single}: not a readable safetensors file ({e})") from None
-    pickled = path / "pytorch_model.bin"
-    if pickled.is_file() and not single.is_file():
-        import zipfile
 
-        import torch
+def check_adapter_files(path: Path) -> None:
+    """A LoRA adapter directory's weights, as `check_model_files` checks a model's: the
+    safetensors header reads, or a legacy ``adapter_model.bin`` loads as weights alone."""
+    if (path / "adapter_model.safetensors").is_file():
+        _check_safetensors(path / "adapter_model.safetensors")
+    elif (path / "adapter_model.bin").is_file():
+        check_pickled_weights(path / "adapter_model.bin")
 
-        try:  # weights_only: a pickle that would build anything but tensors is refused, never run
-            with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error says it
-                warnings.simplefilter("ignore")
-                torch.load(pickled, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(pickled))
-        except Exception as e:  # UnpicklingError, RuntimeError for a file that is not a torch archive
-            raise ValueError(f"{pickled}: not loadable as weights alone ({e.__class__.__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+def _shards(index: Path) -> list[Path]:
+    """The weight files a sharded checkpoint's index names (each must be there)."""
+    if not index.is_file():
+        return []
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a weight index (a JSON object with a weight_map; "
+                         f"{e.__class__.__name__})") from None
+    shards = [index.parent / str(n) for n in names]
+    for shard in shards:
+        if index.parent.resolve() not in shard.resolve().parents or not shard.is_file():
+            raise FileNotFoundError(f"{index}: names {shard.name}, which is not a file in {index.parent}")
+    return shards
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_pickled_weights(pickled: Path) -> None:
+    """A pickled weight file (``.bin``) loads as tensors alone: a pickle that would build anything
+    else is refused, never run (``torch.load(weights_only=True)``)."""
+    import zipfile
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error says it
+            warnings.simplefilter("ignore")
+            torch.load(pickled, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(pickled))
+    except Exception as e:  # UnpicklingError, RuntimeError for a file that is not a torch archive
+        raise ValueError(f"{pickled}: not loadable as weights alone ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def check_no_custom_code(path: Path) -> None:
