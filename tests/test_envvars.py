@@ -32,3 +32,21 @@ def test_another_value_is_an_error_naming_the_variable(monkeypatch, capsys):
     assert captured.out == ""
     assert captured.err.strip() == ("rlhfkit grpo: error: environment variable RLHFKIT_DECODE_GEMV='yes': must be "
                                     "one of auto, 1, 0 (unset means auto)")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RLHFKIT_LOG", "verbose",
+     "environment variable RLHFKIT_LOG='verbose': must be one of DEBUG, INFO, WARNING, ERROR"),
+    ("RLHFKIT_DEBUG", "no", "environment variable RLHFKIT_DEBUG='no': must be one of 0, 1 (unset means 0)"),
+    ("WORLD_SIZE", "two", "environment variable WORLD_SIZE='two': must be a whole number (torchrun sets it)"),
+])
+def test_the_log_level_debug_switch_and_launcher_sizes_are_checked_too(name, value, message, monkeypatch, capsys):
+    """RLHFKIT_LOG=verbose failed inside logging ("Unknown level"), RLHFKIT_DEBUG=no turned
+    tracebacks on, WORLD_SIZE=two failed in int(): each is one line naming the variable."""
+    from rlhfkit.cli import main
+
+    monkeypatch.setenv(name, value)
+    assert main(["grpo", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == f"rlhfkit grpo: error: {message}"
+    monkeypatch.setenv(name, "info" if name == "RLHFKIT_LOG" else "1" if name != "RLHFKIT_DEBUG" else "0")
+    assert main(["grpo", "--print-config"]) == 0

@@ -38,7 +38,6 @@ class _CommandParser(OneLineParser):
         return super().format_help()
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class _Once(argparse.Action):
@@ -62,7 +61,7 @@ def _add_trainer(sub, name: str, command: Command) -> None:
         p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds a run, "
                        "deleting its checkpoints, metrics, models and results")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+    p.add_argument("--log-level", type=str.upper, choices=envvars.LOG_LEVELS, default=argparse.SUPPRESS,
                    help="as rlhfkit --log-level")
     p.add_argument("--explain", action="store_true",
                    help="print the resolved config with each key's meaning as a comment, and exit")
@@ -73,8 +72,9 @@ def _add_trainer(sub, name: str, command: Command) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="rlhfkit", description="Correct, visible and fast RLHF.")
     parser.add_argument("--version", "-V", action="version", version=f"rlhfkit {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("RLHFKIT_LOG", "WARNING"), type=str.upper,
-                        choices=LOG_LEVELS, help="what rlhfkit logs besides its progress and results "
+    parser.add_argument("--log-level", default=os.environ.get("RLHFKIT_LOG", "").strip().upper() or "WARNING",
+                        type=str.upper, choices=envvars.LOG_LEVELS,
+                        help="what rlhfkit logs besides its progress and results "
                         "(default: $RLHFKIT_LOG, else WARNING); also accepted after the command")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, command in COMMANDS.items():
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from rlhfkit.training import TrainingDiverged
 
-        if os.environ.get("RLHFKIT_DEBUG", "") not in ("", "0"):
+        if os.environ.get("RLHFKIT_DEBUG", "").strip() == "1":  # any other value was refused (`envvars`)
             raise
         _close_bars()
         if isinstance(e, TrainingDiverged):

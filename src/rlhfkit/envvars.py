@@ -16,7 +16,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "RLHFKIT_DECODE_FUSED": ("1", "0"),  # the decode step's small operations as numba kernels
     "RLHFKIT_FINAL_LAYER": ("1", "0"),  # the last decoder layer only where its output is read
     "RLHFKIT_MALLOC": ("keep", "default"),  # glibc keeps freed memory in the process, or as it comes
+    "RLHFKIT_DEBUG": ("0", "1"),  # the command line shows a traceback instead of one line
 }
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # RLHFKIT_LOG, the default of --log-level
+# set by torchrun / accelerate launch: whole numbers
+LAUNCHER_INTS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def setting(name: str) -> str:
@@ -30,6 +34,14 @@ def setting(name: str) -> str:
 
 
 def check() -> None:
-    """Every variable of `CHOICES` that is set has one of its values (ValueError naming it)."""
+    """Every variable of `CHOICES` that is set has one of its values, RLHFKIT_LOG is a log level and
+    the launcher's ranks and sizes are whole numbers (ValueError naming the variable)."""
     for name in CHOICES:
         setting(name)
+    level = os.environ.get("RLHFKIT_LOG", "").strip()
+    if level and level.upper() not in LOG_LEVELS:
+        raise ValueError(f"environment variable RLHFKIT_LOG={level!r}: must be one of {', '.join(LOG_LEVELS)}")
+    for name in LAUNCHER_INTS:
+        value = os.environ.get(name, "").strip()
+        if value and not value.isdigit():
+            raise ValueError(f"environment variable {name}={value!r}: must be a whole number (torchrun sets it)")
