@@ -76,6 +76,8 @@ def _cases(model: str, reward_file: str, rm: str = MISSING):
         (["pm", "-c", str(CONFIGS / "pm.yaml"), f"model.name={rm}"], f"model.name: {rm} is not a policy"),
         (["rm", "-c", str(CONFIGS / "rm.yaml"), f"model.name={model}", "backbone_layers=0", "train_top_layers=5"],
          f"train_top_layers: 5, but {model} has 2 decoder layers"),
+        (["sft", "-c", str(CONFIGS / "sft.yaml"), "model.name="], "model.name: empty; name a model"),
+        (["eval", "baseline=", f"policies=[{model}]"], "baseline: empty; name the model the policies are compared"),
     ]
 
 

@@ -116,6 +116,8 @@ class EvalConfig:
     def validate(self, where: str) -> None:
         if not self.policies:
             raise ConfigError(f"{where}.policies: name at least one policy to evaluate")
+        if not self.baseline.strip():
+            raise ConfigError(f"{where}.baseline: empty; name the model the policies are compared with")
         if not all(isinstance(p, str) and p for p in self.policies + self.judges):
             raise ConfigError(f"{where}: policies and judges must be non-empty strings")
         seen: dict[str, str] = {"baseline": self.baseline}

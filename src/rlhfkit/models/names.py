@@ -28,6 +28,8 @@ def check_model_path(name: str | os.PathLike) -> None:
     id is checked only when it is resolved). Commands call it on every model a run will load later,
     before they write anything."""
     s = str(name)
+    if not s.strip():
+        raise ValueError("empty; name a model (a directory, a .gguf file, a hub id, or smollm2-135m-instruct)")
     if s in DEFAULT_ALIASES:
         return
     if s.endswith(".gguf"):
