@@ -77,6 +77,9 @@ def _cases(model: str, reward_file: str, rm: str = MISSING):
         (["rm", "-c", str(CONFIGS / "rm.yaml"), f"model.name={model}", "backbone_layers=0", "train_top_layers=5"],
          f"train_top_layers: 5, but {model} has 2 decoder layers"),
         (["sft", "-c", str(CONFIGS / "sft.yaml"), "model.name="], "model.name: empty; name a model"),
+        (["sft", "-c", str(CONFIGS / "sft.yaml"), f"model.name={model}", f"data.train={CONFIGS}"],
+         f"{CONFIGS}: a directory, not a data file (a directory of dataset files loads as hf:{CONFIGS})"),
+        ([*ppo, "ptx.coef=0.1", f"ptx.data={CONFIGS}"], f"{CONFIGS}: a directory, not a data file"),
         (["eval", "baseline=", f"policies=[{model}]"], "baseline: empty; name the model the policies are compared"),
     ]
 

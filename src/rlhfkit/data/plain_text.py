@@ -39,6 +39,8 @@ def load_plain_text(source) -> list[Document] | None:
 
 
 def _read_txt(path: Path) -> list[Document]:
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a data file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     try:

@@ -90,6 +90,8 @@ def _iter_records(source, split: str | None) -> Iterator[Record]:
     name = str(source)
     if split is not None:
         raise ValueError(f"{name}: split={split!r} only applies to datasets, not to files")
+    if path.is_dir():
+        raise ValueError(f"{name}: a directory, not a data file (a directory of dataset files loads as hf:{name})")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {name}")
     suffix = path.suffix.lower()

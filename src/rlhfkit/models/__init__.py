@@ -17,6 +17,7 @@ from rlhfkit.models.heads import (
 )
 from rlhfkit.models.loading import (
     cache_root,
+    check_lora_targets,
     ensure_default_model,
     load_causal_lm,
     load_scalar_model,
@@ -24,7 +25,7 @@ from rlhfkit.models.loading import (
     resolve_model_path,
     tiny_causal_lm,
 )
-from rlhfkit.models.names import DEFAULT_MODEL, check_lora_targets, check_model_path, check_policy_path
+from rlhfkit.models.names import DEFAULT_MODEL, check_model_path, check_policy_path
 from rlhfkit.models.saving import save_pretrained_atomic
 
 __all__ = [

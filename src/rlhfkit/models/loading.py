@@ -18,13 +18,14 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from rlhfkit.config.extras import require
 from rlhfkit.data.chat_templates import apply_chat_template
-from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto
+from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto, tied_embedding_targets
 from rlhfkit.models.names import DEFAULT_ALIASES, DEFAULT_MODEL, check_model_path, check_policy_path, resolve_hub_id
 from rlhfkit.models.saving import save_pretrained_atomic
 from rlhfkit.models.token_head import restore_token_head
@@ -111,6 +112,44 @@ def resolve_model_path(name: str | os.PathLike) -> str:
         # absolute: a LoRA adapter records it as its base_model_name_or_path, loadable from any directory
         return os.path.abspath(p)
     return resolve_hub_id(s)
+
+
+def check_lora_targets(name: str | os.PathLike, lora) -> None:
+    """Refuse LoRA targets that name no module of the model (a typo would fail inside peft after
+    the run directory is written), and LoRA on the LM head or input embedding of a model whose two
+    are one tied matrix: an adapter on one side cannot be merged without changing the other (the
+    merged model, and every stage that loads the adapter merged, would differ from the trained
+    one). Reads config.json and builds the model's skeleton on the meta device: no weight loads."""
+    if not lora.enabled:
+        return
+    if str(name) in DEFAULT_ALIASES:  # the cached conversion, which the run loads next
+        name = resolve_model_path(name)
+    p = Path(str(name)).expanduser()
+    if not (p / "config.json").is_file():
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(p, trust_remote_code=False)
+    with torch.device("meta"):
+        modules = [(n, m) for n, m in AutoModelForCausalLM.from_config(config).named_modules() if n]
+    missing = missing_targets(lora.target_modules, [n for n, _ in modules])
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"{', '.join(missing)}: no module of {p} is named so; its linear layers: {', '.join(linear)}")
+    hits = tied_embedding_targets(lora.target_modules, getattr(config, "tie_word_embeddings", False))
+    if hits:
+        raise ValueError(f"{', '.join(hits)}: this model's LM head and input embedding are one tied matrix, and an "
+                         "adapter on it cannot be merged without changing both; leave it out of the targets")
+
+
+def missing_targets(targets, names: list[str]) -> list[str]:
+    """The LoRA targets that match none of the module ``names``, as peft matches them: a name
+    matches itself and every module path ending in it; a string is a regex over full paths."""
+    if targets == "all-linear":
+        return []
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    return [str(t) for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
 
 
 def _is_adapter_dir(path: str) -> bool:

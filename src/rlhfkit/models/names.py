@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 
 from rlhfkit.hub import hub_unreachable
-from rlhfkit.models.lora import is_seq_cls_adapter, tied_embedding_targets
+from rlhfkit.models.lora import is_seq_cls_adapter
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct@gguf"}
@@ -145,47 +144,6 @@ def check_no_custom_code(path: Path) -> None:
         raise ValueError(f"{path}: its architecture (model_type {config.get('model_type')!r}) is Python code shipped "
                          "with the model (config.json auto_map), and rlhfkit never runs code from a model directory; "
                          "use a model whose architecture transformers has")
-
-
-def check_lora_targets(name: str | os.PathLike, lora) -> None:
-    """Refuse LoRA targets that name no module of the model (a typo would fail inside peft after
-    the run directory is written), and LoRA on the LM head or input embedding of a model whose two
-    are one tied matrix: an adapter on one side cannot be merged without changing the other (the
-    merged model, and every stage that loads the adapter merged, would differ from the trained
-    one). Reads config.json and builds the model's skeleton on the meta device: no weight loads."""
-    if not lora.enabled:
-        return
-    if str(name) in DEFAULT_ALIASES:  # the cached conversion, which the run loads next
-        from rlhfkit.models.loading import resolve_model_path
-
-        name = resolve_model_path(name)
-    p = Path(str(name)).expanduser()
-    if not (p / "config.json").is_file():
-        return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(p, trust_remote_code=False)
-    with torch.device("meta"):
-        modules = [(n, m) for n, m in AutoModelForCausalLM.from_config(config).named_modules() if n]
-    missing = missing_targets(lora.target_modules, [n for n, _ in modules])
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"{', '.join(missing)}: no module of {p} is named so; its linear layers: {', '.join(linear)}")
-    hits = tied_embedding_targets(lora.target_modules, getattr(config, "tie_word_embeddings", False))
-    if hits:
-        raise ValueError(f"{', '.join(hits)}: this model's LM head and input embedding are one tied matrix, and an "
-                         "adapter on it cannot be merged without changing both; leave it out of the targets")
-
-
-def missing_targets(targets, names: list[str]) -> list[str]:
-    """The LoRA targets that match none of the module ``names``, as peft matches them: a name
-    matches itself and every module path ending in it; a string is a regex over full paths."""
-    if targets == "all-linear":
-        return []
-    if isinstance(targets, str):
-        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
-    return [str(t) for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
 
 
 def check_policy_path(name: str | os.PathLike) -> None:
