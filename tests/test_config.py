@@ -376,3 +376,37 @@ def test_an_eval_limit_without_held_out_prompts_is_refused(command):
         load_config(cls, data={**base, "prompts": {"eval_limit": 8}})
     cfg = load_config(cls, data={**base, "prompts": {"eval_limit": 8, "eval": "task:sentiment"}})
     assert cfg.prompts.eval_limit == 8
+
+
+@pytest.mark.parametrize("cls, overrides, warning", [
+    ("SFTConfig", ["model.lora.r=8", "model.lora.alpha=16"],
+     "model.lora.r, model.lora.alpha set but not used: model.lora.enabled is false"),
+    ("PPOConfig", ["ptx.data=x.jsonl"], "ptx.data set but not used: ptx.coef is 0.0"),
+    ("DPOConfig", ["sft_first.lr=1e-4"], "sft_first.lr set but not used: sft_first.enabled is false"),
+])
+def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, warning, caplog, monkeypatch):
+    """model.lora.r without model.lora.enabled, ptx.data with ptx.coef 0, sft_first.* without
+    sft_first.enabled: nothing reads them, and the run would silently do without; one warning
+    names them (once per config), and none when the section is on."""
+    import logging
+
+    import rlhfkit.config as config
+    from rlhfkit.config import loader
+    from rlhfkit.trainers.dpo import DPOConfig
+    from rlhfkit.trainers.ppo import PPOConfig
+
+    monkeypatch.setattr(loader, "_WARNED", set())
+    klass = {"SFTConfig": config.SFTConfig, "PPOConfig": PPOConfig, "DPOConfig": DPOConfig}[cls]
+    needed = {"SFTConfig": ["data.train=task:sentiment"], "DPOConfig": ["data.train=task:sentiment"],
+              "PPOConfig": ["reward.spec=task:sentiment", "critic_init=policy"]}[cls]
+    overrides = [*needed, *overrides]
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        cfg = config.load_config(klass, overrides=overrides)
+        config.validate(cfg)
+    assert [r.getMessage() for r in caplog.records] == [f"command-line overrides: {warning}"]
+    caplog.clear()
+    switch = {"SFTConfig": "model.lora.enabled=true", "PPOConfig": "ptx.coef=0.1",
+              "DPOConfig": "sft_first.enabled=true"}[cls]
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        config.load_config(klass, overrides=[*overrides, switch])
+    assert not [r for r in caplog.records if "not used" in r.getMessage()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -20,6 +21,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from rlhfkit.config.errors import ConfigError
+
+log = logging.getLogger("rlhfkit")
 
 
 def _type_name(tp: Any) -> str:
@@ -224,6 +227,7 @@ def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
                 raise ConfigError(f"{where}: {out} exists and is not a directory")
         if hasattr(cfg, "validate"):  # the section's own, more specific messages first
             cfg.validate(prefix or "config")
+        _warn_unused(cfg, prefix, source)
         if not prefix:
             _check_held_out(cfg)
         check_numbers(cfg, prefix)
@@ -232,6 +236,21 @@ def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
         if not prefix and text.startswith("config."):  # a top-level check names keys from the top: no "config."
             text = text[len("config."):]
         raise type(e)(f"{source}: {text}") from None  # keeps MissingDependency an ImportError
+
+
+_WARNED: set[tuple[int, str]] = set()  # (section object, message): a config validated again warns once
+
+
+def _warn_unused(cfg: Any, prefix: str, source: str) -> None:
+    """A section whose keys act only when it is switched on (``unused_keys``: model.lora.r without
+    model.lora.enabled, ptx.data with ptx.coef 0) names the keys set while it is off, once."""
+    unused, switch = cfg.unused_keys() if hasattr(cfg, "unused_keys") else ([], "")
+    if unused:
+        message = (f"{', '.join(f'{prefix}.{k}' for k in unused)} set but not used: "
+                   f"{prefix}.{switch} is {str(getattr(cfg, switch)).lower()}")
+        if (id(cfg), message) not in _WARNED:
+            _WARNED.add((id(cfg), message))
+            log.warning("%s: %s", source, message)
 
 
 def _check_held_out(cfg: Any) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from rlhfkit.config.errors import ConfigError
-from rlhfkit.config.sections import TrainSection
+from rlhfkit.config.sections import TrainSection, changed_keys
 
 
 @dataclass
@@ -166,6 +166,10 @@ class PTXSection:
     max_length: int = 512
     """Tokens per example: longer plain text is split into windows of this length; a longer
     conversation is an error, as in `rlhfkit sft`."""
+
+    def unused_keys(self) -> tuple[list[str], str]:
+        """With coef 0 there is no PTX term: its data and batch settings are read by nothing."""
+        return changed_keys(self, but=("coef",)) if self.coef == 0 else [], "coef"
 
     def validate(self, where: str) -> None:
         if self.coef < 0 or (self.coef > 0 and not self.data):

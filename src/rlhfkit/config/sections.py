@@ -8,6 +8,7 @@ from them (`config.reference`).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Union
@@ -32,6 +33,11 @@ class LoraSection:
     """Layers that get adapters: peft's "all-linear" (every linear layer but the head), a list of names, one name
     (q_proj, as [q_proj]), or a regex over full module names."""
 
+    def unused_keys(self) -> tuple[list[str], str]:
+        """(keys set that nothing reads while the section is off, the key that turns it on): the
+        config loader warns about them."""
+        return [] if self.enabled else changed_keys(self, but=("enabled",)), "enabled"
+
     def validate(self, where: str) -> None:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
@@ -47,6 +53,13 @@ class LoraSection:
                                   f"({e})") from None
         elif isinstance(self.target_modules, list) and not all(isinstance(t, str) and t for t in self.target_modules):
             raise ConfigError(f"{where}.target_modules: module names are non-empty strings, got {self.target_modules}")
+
+
+def changed_keys(section, but: tuple[str, ...] = ()) -> list[str]:
+    """The keys of a config section set away from their defaults (``but`` left out)."""
+    default = type(section)()
+    return [f.name for f in dataclasses.fields(section)
+            if f.name not in but and getattr(section, f.name) != getattr(default, f.name)]
 
 
 @dataclass

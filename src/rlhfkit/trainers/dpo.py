@@ -36,6 +36,7 @@ from rlhfkit.config import (
     under_key,
     validate,
 )
+from rlhfkit.config.sections import changed_keys
 from rlhfkit.data import (
     PreferenceCollator,
     batch_to_device,
@@ -130,6 +131,9 @@ class SFTFirstSection:
     """Epochs of the SFT stage."""
     max_steps: int = 0
     """Steps of the SFT stage; > 0 overrides epochs."""
+
+    def unused_keys(self) -> tuple[list[str], str]:
+        return [] if self.enabled else changed_keys(self, but=("enabled",)), "enabled"
 
     def validate(self, where: str) -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
