@@ -38,8 +38,6 @@ class _CommandParser(OneLineParser):
         return super().format_help()
 
 
-
-
 class _Once(argparse.Action):
     """An option that may be given once (a second -c would silently replace the first file)."""
 
