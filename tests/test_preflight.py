@@ -168,3 +168,26 @@ def test_a_config_changed_in_python_is_checked_before_anything_is_written(tmp_pa
     with pytest.raises(ConfigError, match=match):
         train_sft(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_rm_selected_by_a_category_its_held_out_pairs_lack_is_refused_before_it_writes(tmp_path, tiny_model_dir,
+                                                                                        capsys):
+    """train.select_best: eval/accuracy/CATEGORY is checked against the held-out pairs' categories
+    when the data is read (it stopped after the model loaded and the first evaluation ran)."""
+    from conftest import write_jsonl
+
+    from rlhfkit.cli import main
+
+    pairs = [{"prompt": f"Count {i}", "chosen": f"{i} {i + 1}", "rejected": "no", "category": "even" if i % 2 else "odd"}
+             for i in range(40)]
+    train, held = write_jsonl(tmp_path / "t.jsonl", pairs), write_jsonl(tmp_path / "h.jsonl", pairs[:8])
+    common = ["rm", f"model.name={tiny_model_dir}", f"data.train={train}", f"data.eval={held}", "backbone_layers=0",
+              f"train.output_dir={tmp_path / 'run'}"]
+    assert main([*common, "train.select_best=eval/accuracy/odds"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == ("rlhfkit rm: error: train.select_best: 'eval/accuracy/odds': the held-out pairs' categories are "
+                    "even, odd"), line
+    write_jsonl(held, [{k: v for k, v in p.items() if k != "category"} for p in pairs[:8]])
+    assert main([*common, "train.select_best=eval/accuracy/odd"]) == 2
+    assert "categories fewer than two, so none is logged on its own" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -281,6 +281,19 @@ def _check_training_pairs(cfg: RewardConfig, train: list) -> None:
                           f"{len(train)} (head_init: random trains the head from scratch)")
 
 
+def _check_selected_category(cfg: RewardConfig, evals: list) -> None:
+    """train.select_best: eval/accuracy/CATEGORY names a category of the held-out pairs (per-category
+    accuracy is logged when they have two or more): refused before anything is written, not after
+    the model has loaded and the first evaluation has run."""
+    prefix = "eval/accuracy/"
+    if not cfg.train.select_best.startswith(prefix):
+        return
+    cats = sorted({ex.get("category") or "all" for ex in evals})
+    if len(cats) < 2 or cfg.train.select_best[len(prefix):] not in cats:
+        have = f"are {', '.join(cats)}" if len(cats) > 1 else "fewer than two, so none is logged on its own"
+        raise ConfigError(f"train.select_best: {cfg.train.select_best!r}: the held-out pairs' categories {have}")
+
+
 def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> dict:
     """Train a Bradley-Terry RM; saved to ``output_dir/model`` as a *ForSequenceClassification dir."""
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
@@ -293,6 +306,7 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     _check_training_pairs(cfg, train)
+    _check_selected_category(cfg, evals)
     _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy, tokenizer)
     collator = PreferenceCollator(tokenizer.pad_token_id, share_prompt=cfg.share_prompt)
