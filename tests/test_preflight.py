@@ -178,8 +178,8 @@ def test_an_rm_selected_by_a_category_its_held_out_pairs_lack_is_refused_before_
 
     from rlhfkit.cli import main
 
-    pairs = [{"prompt": f"Count {i}", "chosen": f"{i} {i + 1}", "rejected": "no", "category": "even" if i % 2 else "odd"}
-             for i in range(40)]
+    pairs = [{"prompt": f"Count {i}", "chosen": f"{i} {i + 1}", "rejected": "no",
+              "category": "even" if i % 2 else "odd"} for i in range(40)]
     train, held = write_jsonl(tmp_path / "t.jsonl", pairs), write_jsonl(tmp_path / "h.jsonl", pairs[:8])
     common = ["rm", f"model.name={tiny_model_dir}", f"data.train={train}", f"data.eval={held}", "backbone_layers=0",
               f"train.output_dir={tmp_path / 'run'}"]
