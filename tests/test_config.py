@@ -383,6 +383,8 @@ def test_an_eval_limit_without_held_out_prompts_is_refused(command):
      "model.lora.r, model.lora.alpha set but not used: model.lora.enabled is false"),
     ("PPOConfig", ["ptx.data=x.jsonl"], "ptx.data set but not used: ptx.coef is 0.0"),
     ("DPOConfig", ["sft_first.lr=1e-4"], "sft_first.lr set but not used: sft_first.enabled is false"),
+    ("SFTConfig", ["data.eval=h.jsonl", "data.eval_fraction=0.2"], "data.eval_fraction set but not used: data.eval "
+                                                                   "is h.jsonl"),
 ])
 def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, warning, caplog, monkeypatch):
     """model.lora.r without model.lora.enabled, ptx.data with ptx.coef 0, sft_first.* without
@@ -407,6 +409,8 @@ def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, 
     caplog.clear()
     switch = {"SFTConfig": "model.lora.enabled=true", "PPOConfig": "ptx.coef=0.1",
               "DPOConfig": "sft_first.enabled=true"}[cls]
+    if "data.eval=h.jsonl" in overrides:
+        overrides, switch = [o for o in overrides if o != "data.eval=h.jsonl"], "data.eval="
     with caplog.at_level(logging.WARNING, logger="rlhfkit"):
         config.load_config(klass, overrides=[*overrides, switch])
     assert not [r for r in caplog.records if "not used" in r.getMessage()]

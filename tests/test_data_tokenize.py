@@ -219,7 +219,8 @@ def test_a_template_whose_replies_end_in_no_end_of_turn_token_is_warned_about(to
                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     with caplog.at_level("WARNING", logger="rlhfkit"):
         tokenize_dataset(tok, [SFTExample(chat("hi", "yo"), origin=("x.jsonl", 1))], "sft", 64)
-    assert "x.jsonl: no trained reply ends with an end-of-turn token (<|im_end|>)" in caplog.text
+        tokenize_dataset(tok, [SFTExample(chat("ho", "yo"), origin=("x.jsonl", 2))], "sft", 64)  # its held-out split
+    assert caplog.text.count("x.jsonl: no trained reply ends with an end-of-turn token (<|im_end|>)") == 1
     caplog.clear()
     with caplog.at_level("WARNING", logger="rlhfkit"):
         tokenize_dataset(tokenizer, [SFTExample(chat("hi", "yo"), origin=("x.jsonl", 1))], "sft", 64)

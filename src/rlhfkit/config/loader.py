@@ -247,10 +247,14 @@ def _warn_unused(cfg: Any, prefix: str, source: str) -> None:
     unused, switch = cfg.unused_keys() if hasattr(cfg, "unused_keys") else ([], "")
     if unused:
         message = (f"{', '.join(f'{prefix}.{k}' for k in unused)} set but not used: "
-                   f"{prefix}.{switch} is {str(getattr(cfg, switch)).lower()}")
+                   f"{prefix}.{switch} is {_shown(getattr(cfg, switch))}")
         if (id(cfg), message) not in _WARNED:
             _WARNED.add((id(cfg), message))
             log.warning("%s: %s", source, message)
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _check_held_out(cfg: Any) -> None:

@@ -247,6 +247,9 @@ class DataSection:
     """Chat template for a model whose tokenizer has none (a base model): a Jinja template file or a
     named one ("chatml"); empty = the tokenizer's own. The trained model's tokenizer keeps it."""
 
+    def unused_keys(self) -> tuple[list[str], str]:
+        return [k for k in changed_keys(self) if k == "eval_fraction" and self.eval], "eval"
+
     def validate(self, where: str) -> None:
         if not self.train:
             raise ConfigError(f"{where}.train: a training data source is required")

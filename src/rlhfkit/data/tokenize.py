@@ -280,12 +280,18 @@ def tokenize_dataset(tokenizer, examples: Sequence, kind: str, max_length: int, 
     return features, stats
 
 
+_NO_STOP_WARNED: set[tuple[int, str]] = set()  # (tokenizer, source): a held-out split of the same file warns once
+
+
 def _warn_if_nothing_stops(tokenizer, features: list[dict], source, sampled: bool = False) -> None:
     """A template whose replies end in no end-of-turn token (`end_of_turn_ids`), or sampled replies
     (``sampled``: records with token ids) that were all cut, train a model that never learns to
     stop, and rollouts would not stop it either: say so once."""
     eot = end_of_turn_ids(tokenizer)
+    if (id(tokenizer), str(source)) in _NO_STOP_WARNED:
+        return
     if features and not any(t in eot for f in features for t in f["labels"] if t != IGNORE_INDEX):
+        _NO_STOP_WARNED.add((id(tokenizer), str(source)))
         names = ", ".join(tokenizer.convert_ids_to_tokens(sorted(eot)))
         fix = ("every reply given as token ids was cut before its end: sample more new tokens" if sampled else
                "use a chat template that closes each reply with one (e.g. the tokenizer's eos "
