@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
@@ -57,6 +58,23 @@ def uninstall(monkeypatch, package: str) -> None:
     import of them raises ImportError."""
     for name in [m for m in sys.modules if m.startswith(package + ".")] + [package]:
         monkeypatch.setitem(sys.modules, name, None)
+
+
+@contextlib.contextmanager
+def held_by_another_process(path):
+    """A process that holds the run directory ``path`` (`training.runlock.hold`) for the block;
+    yields it (its pid names it in the refusal)."""
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
+                               "from rlhfkit.training.runlock import hold\n"
+                               f"hold(Path({str(path)!r}))\nprint('held', flush=True)\nsys.stdin.readline()\n"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.communicate("\n")
 
 
 def write_jsonl(path, rows):

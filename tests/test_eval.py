@@ -301,8 +301,7 @@ def test_an_eval_directory_in_use_by_another_process_is_refused(tmp_path, tiny_m
     """Two evaluations writing one directory would mix their samples and results: while another
     process holds it, the second is refused before it samples anything; once it is released, the
     evaluation runs and releases it in turn."""
-    import subprocess
-    import sys
+    from conftest import held_by_another_process
 
     from rlhfkit.config import ConfigError, load_config
     from rlhfkit.eval.config import EvalConfig
@@ -311,20 +310,13 @@ def test_an_eval_directory_in_use_by_another_process_is_refused(tmp_path, tiny_m
 
     out = tmp_path / "eval"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from rlhfkit.training.runlock import hold\n"
-                               f"hold(Path({str(out)!r}))\nprint('held', flush=True)\nsys.stdin.readline()\n"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     cfg = load_config(EvalConfig, overrides=[
         f"policies=[a={tiny_model_dir}]", f"baseline={tiny_model_dir}", "prompts.limit=2", "rollout.n=1",
         "rollout.max_new_tokens=2", f"train.output_dir={out}"])
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(out) as holder:
         with pytest.raises(ConfigError, match=rf"{out} is in use by another rlhfkit process \(pid {holder.pid}\)"):
             run_eval(cfg)
         assert not (out / "eval_config.yaml").exists()
-    finally:
-        holder.communicate("\n")
     assert run_eval(cfg)["policies"]["a"] and str(out.resolve()) not in _HELD
 
 

@@ -213,8 +213,7 @@ def test_a_pipeline_directory_in_use_by_another_process_is_refused(tmp_path, tin
     """Two pipelines in one output_dir at once would interleave their stages: while another
     process holds it, a second is refused in one line naming its pid, before writing anything;
     a finished pipeline lets the directory go."""
-    import subprocess
-    import sys
+    from conftest import held_by_another_process
 
     from rlhfkit.training.runlock import _HELD
 
@@ -222,18 +221,11 @@ def test_a_pipeline_directory_in_use_by_another_process_is_refused(tmp_path, tin
     path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
-                               "from rlhfkit.training.runlock import hold\n"
-                               f"hold(Path({str(out)!r}))\nprint('held', flush=True)\nsys.stdin.readline()\n"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(out) as holder:
         with pytest.raises(ConfigError, match=rf"^output_dir: {out} is in use by another rlhfkit process "
                                               rf"\(pid {holder.pid}\)"):
             run_pipeline(str(path))
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
-    finally:
-        holder.communicate("\n")
     run_pipeline(str(path))
     assert (out / "rm" / "DONE").is_file() and str(out.resolve()) not in _HELD
 
