@@ -41,7 +41,7 @@ def check_model_path(name: str | os.PathLike) -> None:
             raise FileNotFoundError(f"{p} exists but holds no config.json: not a transformers model directory")
         check_no_custom_code(p)
         if (p / "adapter_config.json").is_file():
-            check_adapter_files(p)
+            _check_adapter_files(p)
         elif (p / "config.json").is_file():
             check_model_files(p)
     elif s.startswith((".", "/", "~")) or s.count("/") > 1:
@@ -74,16 +74,16 @@ def check_model_files(path: Path) -> None:
         bins = [path / "pytorch_model.bin"] if (path / "pytorch_model.bin").is_file() else \
             _shards(path / "pytorch_model.bin.index.json")
         for pickled in bins:
-            check_pickled_weights(pickled)
+            _check_pickled_weights(pickled)
 
 
-def check_adapter_files(path: Path) -> None:
+def _check_adapter_files(path: Path) -> None:
     """A LoRA adapter directory's weights, as `check_model_files` checks a model's: the
     safetensors header reads, or a legacy ``adapter_model.bin`` loads as weights alone."""
     if (path / "adapter_model.safetensors").is_file():
         _check_safetensors(path / "adapter_model.safetensors")
     elif (path / "adapter_model.bin").is_file():
-        check_pickled_weights(path / "adapter_model.bin")
+        _check_pickled_weights(path / "adapter_model.bin")
 
 
 def _shards(index: Path) -> list[Path]:
@@ -112,7 +112,7 @@ def _check_safetensors(path: Path) -> None:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def check_pickled_weights(pickled: Path) -> None:
+def _check_pickled_weights(pickled: Path) -> None:
     """A pickled weight file (``.bin``) loads as tensors alone: a pickle that would build anything
     else is refused, never run (``torch.load(weights_only=True)``)."""
     import zipfile

@@ -282,12 +282,7 @@ def remove_leftovers(path: Path) -> list[str]:
 
 def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defaults: dict) -> None:
     saved_path = path / f"{kind}_run.json"
-    try:
-        saved = json.loads(saved_path.read_text())
-    except FileNotFoundError:
-        saved = None
-    except (OSError, ValueError):
-        saved = {}
+    saved = _saved_record(path, kind)
     if saved is None:
         _check_not_another_command(path, kind)
     if saved is None or not well_formed(saved):
@@ -353,10 +348,8 @@ def _check_checkpoint_is_ours(path: Path, checkpoint: Path) -> None:
     kind, run_id = state.get("kind"), state.get("run_id")
     if not (isinstance(kind, str) and isinstance(run_id, str)):
         return
-    try:
-        ours = json.loads((path / f"{kind}_run.json").read_text()).get("run_id")
-    except (OSError, ValueError, RecursionError, AttributeError):
-        ours = None
+    saved = _saved_record(path, kind)
+    ours = saved.get("run_id") if isinstance(saved, dict) else None
     if ours != run_id:
         raise RunDirError(f"cannot resume {path}: {checkpoint.name} was written by another run (its trainer_state.json "
                           f"names run {run_id[:12]}, this directory's {kind}_run.json "
@@ -364,13 +357,21 @@ def _check_checkpoint_is_ours(path: Path, checkpoint: Path) -> None:
                           "train.overwrite=true")
 
 
+def _saved_record(path: Path, kind: str) -> Any:
+    """What ``path/KIND_run.json`` holds: None when there is none, {} when it does not read (its
+    shape is the caller's to check: `fingerprint.well_formed`)."""
+    try:
+        return json.loads((path / f"{kind}_run.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
 def _merged_record(path: Path, kind: str, record: dict, defaults: dict) -> dict:
     """The record to keep when continuing: the new fingerprint, with the history of continuations
     that were allowed to differ (train.resume_mismatch_ok)."""
-    try:
-        saved = json.loads((path / f"{kind}_run.json").read_text())
-    except (OSError, ValueError):
-        return record
+    saved = _saved_record(path, kind)
     if not isinstance(saved, dict):
         return record
     history = list(saved.get("history", []))
