@@ -19,10 +19,10 @@ from rlhfkit.trainers.dpo import (
     build_policy_and_reference,
     dpo_batch_loss,
     pair_logps,
-    precompute_reference,
     reference_logps,
     train_dpo,
 )
+from rlhfkit.trainers.dpo_logps import precompute_reference
 from rlhfkit.trainers.reward import prepare_preference_data
 
 WORDS = ["apple", "river", "stone", "cloud", "music", "garden", "window", "forest", "silver", "candle",

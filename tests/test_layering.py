@@ -25,7 +25,7 @@ LAYER = {
 }
 
 # the only modules that may import rlhfkit modules inside functions (see the docstring)
-LAZY_IMPORTERS = {"rlhfkit.cli", "rlhfkit.pipeline", "rlhfkit.config.sections"}
+LAZY_IMPORTERS = {"rlhfkit.cli", "rlhfkit.pipeline", "rlhfkit.config.sections", "rlhfkit.config.reward"}
 
 
 def _module_name(path: Path) -> str:

@@ -20,12 +20,12 @@ from rlhfkit.config.policy import (
     RewardSection,
     RolloutSection,
 )
+from rlhfkit.config.reward import RewardConfig
 from rlhfkit.config.sections import (
     DataSection,
     LoraSection,
     ModelSection,
     OptimSection,
-    RewardConfig,
     SFTConfig,
     TrainSection,
 )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
@@ -44,7 +43,7 @@ from rlhfkit.data import (
     sft_from_preference,
 )
 from rlhfkit.data.sources import Input, data_inputs, load_sources
-from rlhfkit.io import write_json_atomic, write_jsonl_atomic
+from rlhfkit.io import write_jsonl_atomic
 from rlhfkit.models import (
     check_lora_targets,
     check_policy_path,
@@ -55,13 +54,7 @@ from rlhfkit.models import (
 from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
-from rlhfkit.trainers.dpo_logps import (
-    REF_KEYS,
-    Reference,
-    pair_logps,
-    precompute_reference,
-    reference_logps,
-)
+from rlhfkit.trainers.dpo_logps import Reference, pair_logps, precompute_or_load, reference_logps
 from rlhfkit.trainers.reward import prepare_preference_data
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import (
@@ -72,7 +65,6 @@ from rlhfkit.training import (
     prepare_optimization,
     total_steps,
 )
-from rlhfkit.training.fingerprint import identify
 
 
 @dataclass
@@ -250,61 +242,6 @@ def _frozen(model):
     return model.eval().requires_grad_(False)
 
 
-def _precompute_or_load(cfg, out: Path, train, evals, reference, collator, strategy: Strategy) -> None:
-    """Fill REF_KEYS on every example, from ``out/ref_logps.json`` when it was computed from the
-    same reference, data and settings (`ref_cache_key`), else by computing them (and saving them
-    with their key). The numbers are the starting policy's: computed before any update."""
-    path = out / "ref_logps.json"
-    key = ref_cache_key(cfg, train, evals)
-    saved = _read_ref_cache(path, key)
-    if saved is not None:
-        for name, exs in (("train", train), ("eval", evals)):
-            for ex, (c, r) in zip(exs, saved[name]):
-                ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
-        return
-    for exs in (train, evals):
-        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, strategy, cfg.dpo.average,
-                             cfg.dpo.temperature)
-    if strategy.is_main:
-        write_json_atomic(path, {"key": key, **{name: [[ex[k] for k in REF_KEYS] for ex in exs]
-                                                for name, exs in (("train", train), ("eval", evals))}})
-
-
-def ref_cache_key(cfg, train: list[dict], evals: list[dict]) -> dict:
-    """What precomputed reference log-probs depend on: the reference model (name and files), how
-    it is run (dtype, LoRA adapters off, summed or averaged log-probs, shared prompts) and the
-    tokenised pairs themselves (a digest of their token ids, train and eval in order)."""
-    import hashlib
-
-
-    tokens = hashlib.sha256()
-    for exs in (train, evals):
-        for ex in exs:
-            tokens.update(json.dumps([ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
-        tokens.update(b"|")
-    ref = cfg.dpo.reference or cfg.model.name
-    return {"reference": identify(ref), "policy": identify(cfg.model.name), "dtype": cfg.model.dtype,
-            "lora": cfg.model.lora.enabled, "average_logps": cfg.dpo.average_logps,
-            "temperature": cfg.dpo.temperature, "share_prompt": cfg.dpo.share_prompt,
-            "pairs": [len(train), len(evals)], "tokens": tokens.hexdigest()}
-
-
-def _read_ref_cache(path: Path, key: dict) -> dict | None:
-    """The saved numbers if ``path`` holds them for ``key``; None (they are recomputed) otherwise."""
-    import logging
-
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = None
-    if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)):
-        return saved
-    logging.getLogger("rlhfkit").warning("%s was computed from another reference, data or settings: recomputing", path)
-    return None
-
-
 # --------------------------------------------------------------------------- the trainer
 
 def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo") -> dict:
@@ -342,7 +279,7 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
         strategy.prepare_frozen(reference.model, "reference")  # FSDP: forwards in lockstep with the policy's
     if cfg.dpo.precompute_ref_logps:
         # from the models as prepared (under FSDP, sharded); the examples then carry the numbers
-        _precompute_or_load(cfg, run.out, train, evals, reference, collator, strategy)
+        precompute_or_load(cfg, run.out, train, evals, reference, collator, strategy)
         reference = None
 
     # 3. Optimisation: each step is one global batch of pairs, accumulated over micro-batches.

@@ -1,10 +1,16 @@
-"""Sequence log-probs of preference pairs under the policy and the reference (for DPO's loss).
+"""Sequence log-probs of preference pairs under the policy and the reference (for DPO's loss), and
+the reference's precomputed once and cached in the run directory (``ref_logps.json``).
 
 A batch is `data.PreferenceCollator`'s: the B chosen rows first, then the B rejected ones. Sequence
 log-probs sum the response tokens' log-probs (or average them: IPO as TRL computes it).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
 
 import torch
 
@@ -13,7 +19,11 @@ from rlhfkit.data import batch_to_device
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.packing import pack_pairs, packed_logprobs, packs
 from rlhfkit.models.lora import adapters_disabled
+from rlhfkit.io import write_json_atomic
 from rlhfkit.training import eval_chunks
+from rlhfkit.training.fingerprint import identify
+
+log = logging.getLogger("rlhfkit")
 
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed values stored on each example
 
@@ -100,3 +110,53 @@ def precompute_reference(examples: list[dict], reference: Reference, collator, m
             found += zip(idx, rc.tolist(), rr.tolist())
     for i, c, r in strategy.gather_objects(found):
         examples[i][REF_KEYS[0]], examples[i][REF_KEYS[1]] = c, r
+
+
+def precompute_or_load(cfg, out: Path, train, evals, reference, collator, strategy) -> None:
+    """Fill REF_KEYS on every example, from ``out/ref_logps.json`` when it was computed from the
+    same reference, data and settings (`ref_cache_key`), else by computing them (and saving them
+    with their key). The numbers are the starting policy's: computed before any update."""
+    path = out / "ref_logps.json"
+    key = ref_cache_key(cfg, train, evals)
+    saved = _read_ref_cache(path, key)
+    if saved is not None:
+        for name, exs in (("train", train), ("eval", evals)):
+            for ex, (c, r) in zip(exs, saved[name]):
+                ex[REF_KEYS[0]], ex[REF_KEYS[1]] = c, r
+        return
+    for exs in (train, evals):
+        precompute_reference(exs, reference, collator, cfg.train.micro_batch_size, strategy, cfg.dpo.average,
+                             cfg.dpo.temperature)
+    if strategy.is_main:
+        write_json_atomic(path, {"key": key, **{name: [[ex[k] for k in REF_KEYS] for ex in exs]
+                                                for name, exs in (("train", train), ("eval", evals))}})
+
+
+def ref_cache_key(cfg, train: list[dict], evals: list[dict]) -> dict:
+    """What precomputed reference log-probs depend on: the reference model (name and files), how
+    it is run (dtype, LoRA adapters off, summed or averaged log-probs, shared prompts) and the
+    tokenised pairs themselves (a digest of their token ids, train and eval in order)."""
+    tokens = hashlib.sha256()
+    for exs in (train, evals):
+        for ex in exs:
+            tokens.update(json.dumps([ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]]).encode())
+        tokens.update(b"|")
+    ref = cfg.dpo.reference or cfg.model.name
+    return {"reference": identify(ref), "policy": identify(cfg.model.name), "dtype": cfg.model.dtype,
+            "lora": cfg.model.lora.enabled, "average_logps": cfg.dpo.average_logps,
+            "temperature": cfg.dpo.temperature, "share_prompt": cfg.dpo.share_prompt,
+            "pairs": [len(train), len(evals)], "tokens": tokens.hexdigest()}
+
+
+def _read_ref_cache(path: Path, key: dict) -> dict | None:
+    """The saved numbers if ``path`` holds them for ``key``; None (they are recomputed) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)):
+        return saved
+    log.warning("%s was computed from another reference, data or settings: recomputing", path)
+    return None
