@@ -223,6 +223,9 @@ def _forbid_model_loading(monkeypatch):
     (json.dumps({"prompt": "x", "response": "  "}), "response", "empty or whitespace-only text"),
     (json.dumps({"prompt": "", "response": "y"}), "prompt", "empty or whitespace-only text"),
     (json.dumps({"prompt": "x", "response": "word " * 200}), "response", "longer than max_length=96"),
+    (json.dumps({"prompt": "word " * 200, "response": "y"}), "prompt", "the prompt is"),
+    (json.dumps({"prompt": "x", "response": "y", "prompt_ids": [1] * 200, "response_ids": [2]}), "prompt", "the prompt is 200 tokens"),
+    (json.dumps({"prompt": "x", "response": "y", "prompt_ids": [1] * 20, "response_ids": [2] * 90}), "response", "the conversation is 110 tokens"),
 ])
 def test_bad_sft_data_names_file_line_and_field(tmp_path, tiny_model_dir, monkeypatch, line, field, fragment):
     from rlhfkit.data import DataError

@@ -94,6 +94,14 @@ def _too_long(origin, field: str, n: int, max_length: int, what: str) -> DataErr
                                        "(raise max_length, shorten the example, or set truncation='left'/'right')")
 
 
+def _too_long_sft(example: SFTExample, n: int, before_reply: int, max_length: int) -> DataError:
+    """A prompt/response record names the part that is over: the prompt when it alone (with the
+    reply's header) fills max_length, else the response; a messages record names 'messages'."""
+    if example.field != "messages" and before_reply >= max_length:
+        return _too_long(example.origin, "prompt", before_reply, max_length, "the prompt")
+    return _too_long(example.origin, example.field, n, max_length, "the conversation")
+
+
 # ----------------------------------------------------------------------------------- tokenizers
 
 def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: str = "error",
@@ -123,7 +131,8 @@ def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: st
     removed = max(0, len(full) - max_length)
     if removed:
         if truncation == "error":
-            raise _too_long(o, example.field, len(full), max_length, "the conversation")
+            raise _too_long_sft(example, len(full), len(full) - len(r) if example.token_ids else spans[-1][0],
+                                max_length)
         keep = slice(removed, None) if truncation == "left" else slice(0, max_length)
         full, labels = full[keep], labels[keep]
     if stats is not None:
