@@ -76,7 +76,7 @@ def _trainer_cfg(cls, tmp_path, model_dir, train_path, eval_path, **sections):
     return load_config(cls, data=data)
 
 
-def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, tokenizer):
+def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, tokenizer, capsys):
     from pg_utils import tiny_policy_dir
     from transformers import AutoModelForCausalLM
 
@@ -133,6 +133,12 @@ def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, 
     for out in (base_copy, base_copy / "merged", adapter / "merged", ""):
         assert main(["merge", str(adapter), "--base", str(base_copy), "--out", str(out), "--overwrite"]) == 2
     assert (base_copy / "model.safetensors").read_bytes() == weights and not (adapter / "merged").exists()
+    # a file is not a directory to write the model into, --overwrite or not
+    (tmp_path / "afile").write_text("keep")
+    for flags in ([], ["--overwrite"]):
+        assert main(["merge", str(adapter), "--out", str(tmp_path / "afile"), *flags]) == 2
+        assert "afile: is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep"
 
 
 def _pref_rows(n, seed):

@@ -97,7 +97,9 @@ def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: 
                              or src.resolve() in out.resolve().parents):
             raise ValueError(f"--out {out}: it is, holds or is inside {what} ({src}), which the merge reads; "
                              "choose another directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory; choose a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out}: exists and is not empty; choose a new directory, or add --overwrite to "
                          "replace it whole")
     tok_src = path if (path / "tokenizer_config.json").is_file() else adapter_base(path, base)
