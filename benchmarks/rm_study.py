@@ -3,6 +3,7 @@
     python benchmarks/rm_study.py features --model runs/sft/model --data FILE --out runs/rmstudy/NAME.pt
     python benchmarks/rm_study.py probes --train runs/rmstudy/train.pt --eval runs/rmstudy/eval.pt [--set recipe]
     python benchmarks/rm_study.py score --rm runs/rm/model --data FILE
+    python benchmarks/rm_study.py compare --rm BASELINE_RM OTHER_RM... --data FILE
     python benchmarks/rm_study.py gold-labels --data FILE... --out FILE
 
 `features` runs the frozen backbone once over every pair and caches chosen-minus-rejected
@@ -12,7 +13,8 @@ tokens), so that every probe variant after it costs seconds. `probes` prints the
 Any preference file with `gold_chosen` / `gold_rejected` works (sentiment, arithmetic pairs from
 `rlhfkit make-data --task arithmetic --pairs-only ... --pair-from 4`).
 `score` scores a trained reward model through `rm:DIR`, the path PPO and eval use, so the pooling
-stored in its config.json is the one measured. `gold-labels` writes the same pairs labelled by
+stored in its config.json is the one measured; `compare` scores several RMs on the same pairs and
+gives each one's difference from the first with a paired interval. `gold-labels` writes the same pairs labelled by
 the gold ordering (noise-free), to train on in place of the annotator's labels. Every accuracy comes with a 95% interval from a
 bootstrap over prompts (pairs of one prompt are resampled together).
 """
@@ -32,7 +34,7 @@ from rlhfkit.models import (
     POOLINGS, backbone_and_head, load_scalar_model, load_tokenizer, pooled_features, position_ids_from_mask,
 )
 
-from rm_data import fmt, load_feats, pair_metrics, read_rows, write_gold_labels
+from rm_data import fmt, load_feats, pair_metrics, paired_difference, read_rows, write_gold_labels
 
 LAYERS = (8, 16, 24)  # intermediate layers cached next to the final (normed) one
 
@@ -218,6 +220,31 @@ def score_ensemble(rms: list[str], data: str, limit: int = 0) -> dict:
     return out
 
 
+def compare_rms(rms: list[str], data: str, limit: int = 0) -> list[dict]:
+    """Each RM's metrics on the pairs of `data`, and for every RM after the first its paired
+    difference from the first (`paired_difference`): the first is the baseline."""
+    rows = read_rows(data, limit)
+    gc = torch.tensor([r["gold_chosen"] for r in rows])
+    gr = torch.tensor([r["gold_rejected"] for r in rows])
+    prompts = [r["prompt"] for r in rows]
+    margins = {}
+    for rm in rms:
+        rc, rr = rm_scores(rm, data, limit)
+        margins[rm] = rc - rr
+    out = []
+    for rm in rms:
+        row = {"rm": rm, "metrics": pair_metrics(margins[rm], gc, gr, prompts)}
+        if rm != rms[0]:
+            row["vs_first"] = paired_difference(margins[rms[0]], margins[rm], gc, gr, prompts)
+        out.append(row)
+        d = row.get("vs_first")
+        diff = (f"{d['diff']:+.3f} [{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}] | "
+                f"{d['gold_diff']:+.3f} [{d['gold_diff_ci'][0]:+.3f}, {d['gold_diff_ci'][1]:+.3f}] | "
+                f"{d['only_other']} / {d['only_base']}") if d else "baseline | | "
+        print(f"| {rm} | {fmt(row['metrics'])} | {diff} |", flush=True)
+    return out
+
+
 def finetune(name: str, config: str, overrides: list[str], eval_data: str, out_root: str = "runs/rmstudy/ft") -> dict:
     """`rlhfkit rm --config CONFIG OVERRIDES` into OUT_ROOT/NAME, then `score_rm` on eval_data;
     writes and returns {name, command, seconds (training), metrics, trainer's probe and eval lines}."""
@@ -271,6 +298,11 @@ def main() -> None:
     s.add_argument("--rm", required=True, nargs="+", help="one RM, or several: each alone and their ensemble")
     s.add_argument("--data", required=True)
     s.add_argument("--limit", type=int, default=0)
+    c = sub.add_parser("compare", help="RMs on one held-out set, each against the first (paired intervals)")
+    c.add_argument("--rm", required=True, nargs="+", help="the baseline RM first, then the RMs compared with it")
+    c.add_argument("--data", required=True)
+    c.add_argument("--limit", type=int, default=0)
+    c.add_argument("--json", default="", help="also write the rows here")
     gl = sub.add_parser("gold-labels", help="write preference files relabelled by the gold ordering")
     gl.add_argument("--data", required=True, nargs="+")
     gl.add_argument("--out", required=True)
@@ -288,6 +320,10 @@ def main() -> None:
             res = recipe_table(train, evals)
         else:
             res = probe_table(train, evals, PROBE_SETS[args.set](len(train["prompts"]), args.key))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    elif args.cmd == "compare":
+        res = compare_rms(args.rm, args.data, args.limit)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     elif args.cmd == "finetune":

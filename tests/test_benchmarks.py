@@ -575,3 +575,37 @@ def test_rm_token_heads_pools_each_reply_over_its_own_tokens(bench_path):
     assert torch.allclose(mean, torch.tensor([(3 + 7) / 2 - (11 + 15 + 19) / 3]))
     assert torch.allclose(total, torch.tensor([(10 - 45) / rm_token_heads.SUM_SCALE]))
     assert torch.allclose(data.pooled("sum")[0], torch.stack([c.sum(0), r.sum(0)]))
+
+
+def test_rm_study_paired_difference_is_exact_and_narrower_than_either_interval(bench_path):
+    """``rm_data.paired_difference``: the difference of two RMs' accuracies on the same pairs is the
+    difference of their accuracies (ties count half), the counts of pairs only one of them ranks
+    right are exact, and its interval is that of one bootstrap over both: two RMs that agree on most pairs get an interval
+    around the true difference that excludes 0 and is narrower than either accuracy's (whose
+    intervals overlap here), and an RM compared with itself gets exactly [0, 0]."""
+    import torch
+
+    import rm_data
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    prompts = [f"p{i // 2}" for i in range(n)]  # two pairs per prompt
+    gold_c, gold_r = torch.ones(n), torch.zeros(n)
+    gold_r[:10] = 1.0  # ten gold ties, left out of the gold columns
+    base = torch.where(torch.rand(n, generator=g) < 0.7, 1.0, -1.0)
+    other = base.clone()
+    wrong = (base < 0).nonzero().flatten()
+    other[wrong[:30]] = 1.0  # other ranks 30 more pairs right ...
+    right = (base > 0).nonzero().flatten()
+    other[right[:6]] = 0.0  # ... and ties 6 that base ranked right (half a hit each)
+    d = rm_data.paired_difference(base, other, gold_c, gold_r, prompts)
+    a = rm_data.pair_metrics(base, gold_c, gold_r, prompts)
+    b = rm_data.pair_metrics(other, gold_c, gold_r, prompts)
+    assert d["diff"] == pytest.approx(b["acc"] - a["acc"]) == pytest.approx((30 - 3) / n)
+    assert a["acc_ci"][1] > b["acc_ci"][0]  # unpaired, the two intervals overlap
+    assert d["gold_diff"] == pytest.approx(b["gold_acc"] - a["gold_acc"])
+    assert (d["only_other"], d["only_base"]) == (30, 0)  # a tie is neither right nor wrong
+    lo, hi = d["diff_ci"]
+    assert 0 < lo < d["diff"] < hi and hi - lo < 0.8 * min(a["acc_ci"][1] - a["acc_ci"][0], b["acc_ci"][1] - b["acc_ci"][0])
+    same = rm_data.paired_difference(base, base, gold_c, gold_r, prompts)
+    assert same["diff"] == 0 and same["diff_ci"] == [0.0, 0.0] and same["gold_diff_ci"] == [0.0, 0.0]
