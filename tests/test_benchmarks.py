@@ -580,9 +580,9 @@ def test_rm_token_heads_pools_each_reply_over_its_own_tokens(bench_path):
 def test_rm_study_paired_difference_is_exact_and_narrower_than_either_interval(bench_path):
     """``rm_data.paired_difference``: the difference of two RMs' accuracies on the same pairs is the
     difference of their accuracies (ties count half), the counts of pairs only one of them ranks
-    right are exact, and its interval is that of one bootstrap over both: two RMs that agree on most pairs get an interval
-    around the true difference that excludes 0 and is narrower than either accuracy's (whose
-    intervals overlap here), and an RM compared with itself gets exactly [0, 0]."""
+    right are exact, and its interval is that of one bootstrap over both: two RMs that agree on
+    most pairs get an interval around the true difference that excludes 0 and is narrower than
+    either accuracy's (whose intervals overlap here); an RM against itself gets exactly [0, 0]."""
     import torch
 
     import rm_data
@@ -606,6 +606,7 @@ def test_rm_study_paired_difference_is_exact_and_narrower_than_either_interval(b
     assert d["gold_diff"] == pytest.approx(b["gold_acc"] - a["gold_acc"])
     assert (d["only_other"], d["only_base"]) == (30, 0)  # a tie is neither right nor wrong
     lo, hi = d["diff_ci"]
-    assert 0 < lo < d["diff"] < hi and hi - lo < 0.8 * min(a["acc_ci"][1] - a["acc_ci"][0], b["acc_ci"][1] - b["acc_ci"][0])
+    widths = [m["acc_ci"][1] - m["acc_ci"][0] for m in (a, b)]
+    assert 0 < lo < d["diff"] < hi and hi - lo < 0.8 * min(widths)
     same = rm_data.paired_difference(base, base, gold_c, gold_r, prompts)
     assert same["diff"] == 0 and same["diff_ci"] == [0.0, 0.0] and same["gold_diff_ci"] == [0.0, 0.0]
