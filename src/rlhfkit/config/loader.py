@@ -246,8 +246,9 @@ def _warn_unused(cfg: Any, prefix: str, source: str) -> None:
     model.lora.enabled, ptx.data with ptx.coef 0) names the keys set while it is off, once."""
     unused, switch = cfg.unused_keys() if hasattr(cfg, "unused_keys") else ([], "")
     if unused:
-        message = (f"{', '.join(f'{prefix}.{k}' for k in unused)} set but not used: "
-                   f"{prefix}.{switch} is {_shown(getattr(cfg, switch))}")
+        dotted = f"{prefix}." if prefix else ""
+        message = (f"{', '.join(dotted + k for k in unused)} set but not used: "
+                   f"{dotted}{switch} is {_shown(getattr(cfg, switch))}")
         if (id(cfg), message) not in _WARNED:
             _WARNED.add((id(cfg), message))
             log.warning("%s: %s", source, message)

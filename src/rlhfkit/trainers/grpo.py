@@ -105,6 +105,11 @@ class GRPOConfig(PolicyGradientConfig):
     def policy_ratio_level(self) -> str:
         return self.ratio_level
 
+    def unused_keys(self) -> tuple[list[str], str]:
+        """A ratio per response averages the loss over responses: loss_agg is not read then."""
+        set_agg = self.loss_agg != type(self)().loss_agg
+        return (["loss_agg"] if set_agg and self.ratio_level != "token" else []), "ratio_level"
+
     def validate(self, where: str) -> None:
         super().validate(where)
         if self.rollout.n < 2 and self.advantage != "reinforce":

@@ -86,7 +86,8 @@ class PolicyGradientConfig:
     clip_eps_high: Optional[float] = None
     """Upper clip epsilon (DAPO's clip-higher, e.g. 0.28); null = symmetric."""
     loss_agg: LossAgg = "token-mean"
-    """How token losses reduce to a scalar (`algos.agg_loss`)."""
+    """How token losses reduce to a scalar (`algos.agg_loss`). GRPO/RLOO with a ratio per response
+    (ratio_level sequence or sequence-mean) average over responses and do not read it."""
     share_prompt: bool = False
     """Score and train each prompt's responses as one packed sequence (the prompt once)."""
     fuse_scoring: bool = True
