@@ -95,7 +95,10 @@ class PPOConfig(PolicyGradientConfig):
     ppo_epochs: int = 4
     """Passes over each batch of experience."""
     vf_coef: float = 0.1
-    """Weight c_v of the value loss in the total loss."""
+    """Scale c_v of the value loss. The critic is its own model with its own optimizer (critic_optim), so this
+    is not its share of one combined loss as in TRL: under AdamW the critic's step barely depends on it, except
+    where critic_optim.max_grad_norm clips the scaled gradient. Set the critic's pace with critic_optim.lr;
+    0 = the critic is not trained."""
     value_clip_eps: Optional[float] = 0.2
     """Clip range of the value loss around V_old (reward units); null = unclipped."""
     gamma: float = 1.0
