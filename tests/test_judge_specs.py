@@ -122,8 +122,10 @@ def test_a_pairwise_judge_as_a_pointwise_reward_is_refused(spec):
         check_reward_spec(spec)
 
 
-def test_pm_of_a_base_model_with_a_configured_chat_template_evaluates_the_untrained_judge(tmp_path, tiny_model_dir):
-    """data.chat_template serves the untrained model's evaluation as LLM-as-judge too, not only its training."""
+def test_pm_of_a_base_model_with_a_configured_chat_template_evaluates_the_untrained_judge(tmp_path, tiny_model_dir,
+                                                                                          caplog):
+    """data.chat_template serves the untrained model's evaluation as LLM-as-judge too, not only its training;
+    data.eval_fraction, which splits the pairs, is not called unused by the SFT step that trains on them."""
     from rlhfkit.config import load_config
     from rlhfkit.trainers.pm import PMConfig, train_pm
 
@@ -139,8 +141,10 @@ def test_pm_of_a_base_model_with_a_configured_chat_template_evaluates_the_untrai
                                            "data.eval_fraction=0.5", "data.chat_template=chatml", "train.max_steps=1",
                                            "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}",
                                            "train.select_best=eval/loss", "train.select_best_mode=max"])
-    results = train_pm(cfg)
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        results = train_pm(cfg)
     assert results["llm_judge"]["pairs"] == 4 and results["pm"]["pairs"] == 4
+    assert not [r.message for r in caplog.records if "not used" in r.message]
     # the step select_best kept is in pm_results.json, as in every trainer's results
     saved = json.loads((tmp_path / "run" / "pm_results.json").read_text())
     assert saved["best"]["metric"] == "eval/loss" and saved["best"]["step"] in (0, 1) and saved["best"] == results["best"]

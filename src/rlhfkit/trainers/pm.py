@@ -167,8 +167,9 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
             print(f"[pm] truncation to max_length={cfg.data.max_length}: {cut['truncated']}/{cut['examples']} "
                   f"A/B questions cut ({cut['tokens_removed']} tokens removed), {cut['dropped']} dropped")
     strategy.wait()
+    # split and cut above: no fraction to hold out, nothing left over max_length
     data = dataclasses.replace(cfg.data, train=str(paths["train"]), eval=str(paths["eval"]) if records["eval"] else "",
-                               limit=0, truncation="error")  # cut above: nothing is left over max_length
+                               eval_fraction=type(cfg.data)().eval_fraction, limit=0, truncation="error")
     # 2. Next-token training on the answer letter: plain SFT.
     trained = train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train), strategy)
     results = {"pairs": {"eval": len(eval_pairs)}, **({"truncation": cut} if cut else {}),
