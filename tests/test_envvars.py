@@ -50,3 +50,21 @@ def test_the_log_level_debug_switch_and_launcher_sizes_are_checked_too(name, val
     assert capsys.readouterr().err.strip() == f"rlhfkit grpo: error: {message}"
     monkeypatch.setenv(name, "info" if name == "RLHFKIT_LOG" else "1" if name != "RLHFKIT_DEBUG" else "0")
     assert main(["grpo", "--print-config"]) == 0
+
+
+
+def test_no_module_reads_a_switch_when_it_is_imported():
+    """Every rlhfkit module imports with every switch set to a value it does not take: a switch is
+    read where it is used, after the command line has checked it (`envvars.check`), so a bad value
+    is its one line. RLHFKIT_FINAL_LAYER=x was a 42-line traceback from an import."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, rlhfkit\n"
+            "for m in pkgutil.walk_packages(rlhfkit.__path__, 'rlhfkit.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print('imported')\n")
+    env = {**os.environ, **{name: "x" for name in envvars.CHOICES}}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr[-2000:]

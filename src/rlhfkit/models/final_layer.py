@@ -29,8 +29,13 @@ from rlhfkit.models.heads import unwrap_model
 # Decoder layers whose forward is Llama's: residual + attention(input_layernorm(x)), then
 # residual + mlp(post_attention_layernorm(x)), rotary embeddings on queries and keys.
 LAYOUTS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-# False (or RLHFKIT_FINAL_LAYER=0 in the environment) runs the last layer in full: benchmarks compare.
-ENABLED = envvars.setting("RLHFKIT_FINAL_LAYER") == "1"
+# None: RLHFKIT_FINAL_LAYER decides, read at first use (the command line checks it before anything
+# runs); False (or RLHFKIT_FINAL_LAYER=0) runs the last layer in full: benchmarks and tests compare.
+ENABLED: bool | None = None
+
+
+def enabled() -> bool:
+    return envvars.setting("RLHFKIT_FINAL_LAYER") == "1" if ENABLED is None else ENABLED
 
 
 def last_layer(model):
@@ -59,7 +64,7 @@ def final_layer_on(model, read: torch.Tensor | None, key_rows: Callable[[torch.T
     """Inside the block, the model's last decoder layer computes its output only at the (N,)
     positions ``read`` of a one-row forward, each query seeing the keys ``key_rows(read)`` ((N, T)
     bool) allows. No-op where ``read`` is None, the feature is off or the layer is not `supported`."""
-    layer = last_layer(model) if ENABLED and read is not None else None
+    layer = last_layer(model) if enabled() and read is not None else None
     if layer is None or not supported(layer):
         yield
         return
