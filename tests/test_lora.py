@@ -56,11 +56,12 @@ def _base_numel(model_dir) -> int:
 
 # --------------------------------------------------------------------------- merge
 
-def _sft_rows(n, seed):
+def _sft_rows(n, seed, held_out=False):
     import random
 
     rng = random.Random(seed)
-    colors = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+    colors = (["grey", "gold", "silver"] if held_out  # colours no training row names
+              else ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"])
     return [{"prompt": f"Repeat the colour: {c}", "response": f"The colour is {c}."}
             for c in (rng.choice(colors) for _ in range(n))]
 
@@ -87,7 +88,7 @@ def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, 
     # embeddings are ~0.02 cannot express a confident next token whatever its adapters do.
     tiny_model_dir = tiny_policy_dir(tokenizer, tmp_path / "policy")
     train = write_jsonl(tmp_path / "train.jsonl", _sft_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", _sft_rows(16, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", _sft_rows(16, 1, held_out=True))
     train_sft(_trainer_cfg(SFTConfig, tmp_path, tiny_model_dir, train, held, train={"max_steps": 12}))
     evals = [r["eval/loss"] for r in _metrics(tmp_path / "run") if "eval/loss" in r]
     assert evals[-1] < 0.6 * evals[0], evals  # the adapters alone learn the task
@@ -141,11 +142,12 @@ def test_sft_lora_learns_and_merges_into_a_model_with_the_same_logits(tmp_path, 
     assert (tmp_path / "afile").read_text() == "keep"
 
 
-def _pref_rows(n, seed):
+def _pref_rows(n, seed, held_out=False):
     import random
 
     rng = random.Random(seed)
-    colors = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+    colors = (["grey", "gold", "silver"] if held_out  # colours no training row names
+              else ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"])
     return [{"prompt": f"Describe something {c}.", "chosen": f"It is a wonderful {c} thing, I love it.",
              "rejected": f"It is a terrible {c} thing, I hate it."} for c in (rng.choice(colors) for _ in range(n))]
 
@@ -166,7 +168,7 @@ def test_rm_lora_trains_the_head_and_merges_into_a_sequence_classifier(tmp_path,
     head0 = load_file(str(rm0 / "model.safetensors"))["score.weight"]
 
     train = write_jsonl(tmp_path / "train.jsonl", _pref_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", _pref_rows(24, 1, held_out=True))
     cfg = _trainer_cfg(RewardConfig, tmp_path, rm0, train, held, optim={"lr": 3e-3})
     model, _ = load_for_training(cfg.model, "SEQ_CLS", pad_token_id=tokenizer.pad_token_id)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

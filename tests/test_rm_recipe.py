@@ -43,7 +43,7 @@ def test_rm_head_init_probe_ranks_before_any_gradient_step(tmp_path, tiny_model_
     (before any optimizer step) already ranks held-out pairs; the fitted head is what training
     starts from and what gets saved when the learning rate is ~0."""
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=1)
     cfg.optim.lr, cfg.head_init = 1e-12, "probe"
     train_reward_model(cfg)
@@ -70,7 +70,7 @@ def test_rm_epochs_0_with_probe_saves_the_probe_alone(tmp_path, tiny_model_dir):
     from rlhfkit.judges.rewards import build_reward_fn
 
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__epochs=0.0, train__max_steps=0,
                head_init="probe", pooling="mean")
     final = train_reward_model(cfg)
@@ -108,7 +108,7 @@ def test_rm_backbone_layers_saves_a_shallower_model_whose_head_reads_that_layer(
     from rlhfkit.judges.rewards import build_reward_fn
 
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__epochs=0.0, train__max_steps=0,
                head_init="probe", pooling="mean", backbone_layers=1)
     final = train_reward_model(cfg)
@@ -165,7 +165,7 @@ def test_rm_mean_pooling_is_trained_saved_and_scored_the_same_way(tmp_path, tiny
     from rlhfkit.judges.rewards import build_reward_fn
 
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=2)
     cfg.head_init, cfg.pooling, cfg.optim.lr = "probe", "mean", 1e-3
     final = train_reward_model(cfg)
@@ -210,7 +210,7 @@ def test_rm_training_accuracy_counts_ties_as_half(tmp_path, tiny_model_dir, monk
     real = reward.pair_scores
     monkeypatch.setattr(reward, "pair_scores", lambda m, b: tuple(0.0 * s for s in real(m, b)))
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(16, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(8, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(8, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=1)
     train_reward_model(cfg)
     m = read_metrics(tmp_path / "run")
@@ -231,7 +231,7 @@ def test_rm_backbone_layers_starts_from_a_lora_policy_adapter(tmp_path, tiny_mod
     apply_lora(load_causal_lm(str(tiny_model_dir)), lora, "CAUSAL_LM").save_pretrained(tmp_path / "sft")
     load_tokenizer(tiny_model_dir).save_pretrained(tmp_path / "sft")  # as a trainer saves its adapter
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(32, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(16, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(16, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tmp_path / "sft", train, held, train__epochs=0.0, train__max_steps=0,
                       head_init="probe", pooling="mean", backbone_layers=1)
     train_reward_model(cfg)

@@ -16,7 +16,7 @@ from rlhfkit.trainers.sft import train_sft
 
 def test_sft_learns_and_saves_loadable_model(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", sft_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", sft_rows(16, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", sft_rows(16, 1, held_out=True))
     cfg = trainer_cfg(SFTConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=24)
     train_sft(cfg)
     m = read_metrics(tmp_path / "run")
@@ -69,7 +69,7 @@ def test_sft_batch8_accum1_equals_batch1_accum8(tmp_path, tiny_model_dir):
 
 def test_reward_model_learns_heldout_accuracy(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=16)
     cfg.optim.lr = 1e-3
     train_reward_model(cfg)
@@ -170,7 +170,7 @@ def test_rm_batch8_accum1_equals_batch1_accum8(tmp_path, tiny_model_dir):
 
 def test_sft_packing_learns(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", sft_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", sft_rows(16, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", sft_rows(16, 1, held_out=True))
     cfg = trainer_cfg(SFTConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=16, train__batch_size=2,
                train__micro_batch_size=2)
     cfg.packing = True

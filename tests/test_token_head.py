@@ -161,7 +161,7 @@ def test_rm_with_a_token_head_fits_it_first_and_rm_dir_scores_with_it(tmp_path, 
     from rlhfkit.models.token_head import stored_token_head
 
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
     cfg = trainer_cfg(RewardConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=2,
                       head_init="probe", pooling="mean", head_hidden=8)
     final = train_reward_model(cfg)
@@ -308,7 +308,7 @@ def test_a_token_head_reads_the_words_through_the_embeddings_when_the_last_layer
         blind.model.norm.weight.zero_()
     save_pretrained_atomic(blind, tokenizer, tmp_path / "blind")
     train = write_jsonl(tmp_path / "train.jsonl", pref_rows(48, 0))
-    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
     got = {}
     for embeddings in (False, True):
         cfg = trainer_cfg(RewardConfig, tmp_path / str(embeddings), tmp_path / "blind", train, held, train__epochs=0,

@@ -8,13 +8,19 @@ import random
 from rlhfkit.config import load_config
 
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"]
+# held-out rows name colours no training row names: a learning test measures what carries over
+HELD_OUT_COLORS = ["grey", "gold", "silver"]
 
 
-def sft_rows(n, seed):
+def _colors(held_out: bool) -> list[str]:
+    return HELD_OUT_COLORS if held_out else COLORS
+
+
+def sft_rows(n, seed, held_out=False):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        c = rng.choice(COLORS)
+        c = rng.choice(_colors(held_out))
         rows.append({"prompt": f"Repeat the colour: {c}", "response": f"The colour is {c}."})
     return rows
 
@@ -38,11 +44,11 @@ def read_metrics(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def pref_rows(n, seed):
+def pref_rows(n, seed, held_out=False):
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        c = rng.choice(COLORS)
+        c = rng.choice(_colors(held_out))
         rows.append({"prompt": f"Describe something {c}.", "chosen": f"It is a wonderful {c} thing, I love it.",
                      "rejected": f"It is a terrible {c} thing, I hate it.",
                      "category": "even" if i % 2 == 0 else "odd"})
