@@ -352,6 +352,39 @@ def test_rsft_raises_a_learnable_reward_on_held_out_prompts(rsft_run):
     assert results["iterations"][-1]["score_mean"] > results["iterations"][0]["score_mean"]
 
 
+def test_online_dpo_raises_a_learnable_reward_on_held_out_prompts(tokenizer, tmp_path, one_torch_thread):
+    """Online iterative DPO (mode dpo: best-of-8 against worst-of-8 of the policy's own samples, three
+    iterations) on the reward of `rsft_run` (the share of e's), evaluated by it on 32 fresh prompts:
+    0.09-0.10 at iteration 0 and 0.25-0.51 after, over four model seeds at these settings (beta 0.05,
+    8 epochs of each iteration's 16 pairs). A no-op would repeat the step-0 evaluation, which samples
+    with a fixed seed."""
+    from rlhfkit.models import tiny_causal_lm
+
+    tiny_causal_lm(tokenizer, seed=0).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Say something {i}"}) + "\n"
+                                                  for i in range(48)))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about thing number {i}"}) + "\n"
+                                                 for i in range(32)))
+    (tmp_path / "rew.py").write_text("def e_share(prompts, responses):\n"
+                                     "    return [r.count('e') / len(r) if r else 0.0 for r in responses]\n")
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        f"model.name={tmp_path / 'tiny'}", f"prompts.train={tmp_path / 'train.jsonl'}",
+        f"prompts.eval={tmp_path / 'eval.jsonl'}", f"scorer={tmp_path / 'rew.py'}:e_share",
+        f"gold={tmp_path / 'rew.py'}:e_share", "iterations=3", "prompts_per_iteration=16", "rollout.n=8",
+        "rollout.max_new_tokens=16", "dpo.beta=0.05", "optim.lr=3e-2", "optim.warmup_ratio=0", "train.epochs=8",
+        "train.batch_size=4", "train.micro_batch_size=4", "train.progress=false", "train.report_to=[]",
+        f"train.output_dir={tmp_path / 'run'}"])
+    results = train_online_dpo(cfg)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval/gold_mean" in r]
+    assert [r["step"] for r in evals] == [0, 3] and evals[0]["eval/prompts"] == 32
+    before, after = evals[0]["eval/gold_mean"], evals[-1]["eval/gold_mean"]
+    assert before == pytest.approx(0.1, abs=0.03)
+    assert after > before + 0.05, (before, after)
+    assert [it["pairs"] for it in results["iterations"]] == [16, 16, 16]
+
+
 def test_report_plots_the_iterations_scores(rsft_run):
     """The report's reward panel reads the per-iteration key the trainer writes (score_mean)."""
     from rlhfkit.report.data import load_stages, series
