@@ -188,3 +188,24 @@ def test_pair_fitter_cuts_only_what_is_over_and_the_longer_response_first(tokeni
     fitter = PairFitter(tokenizer, full - 3)
     c, a, b = fitter(story, "Yes.", "No.", "B")
     assert story.endswith(c) and len(c) >= len(story) - 20 and b == "No." and fitter.tokens_removed == 3
+
+
+def test_pm_learns_to_pick_the_better_response_of_held_out_pairs(tmp_path, tiny_model_dir):
+    """`rlhfkit pm` on a tiny random model: the A/B judge it trains picks the chosen response of
+    held-out pairs (colours no training pair names) whichever side it is on, where the untrained
+    model as LLM-as-judge answers by position (one order right, the other wrong: 0.5). Both are
+    scored on the same held-out pairs; the single-order accuracy is the one a judge that reads
+    only positions cannot raise."""
+    from conftest import write_jsonl
+    from trainer_rows import pref_rows, trainer_cfg
+
+    from rlhfkit.trainers.pm import PMConfig, train_pm
+
+    train = write_jsonl(tmp_path / "train.jsonl", pref_rows(64, 0))
+    held = write_jsonl(tmp_path / "eval.jsonl", pref_rows(24, 1, held_out=True))
+    cfg = trainer_cfg(PMConfig, tmp_path, tiny_model_dir, train, held, train__max_steps=80,
+                      data__max_length=128, train__report_to=[])
+    results = train_pm(cfg)
+    assert results["pm"]["pairs"] == results["llm_judge"]["pairs"] == 24
+    assert results["llm_judge"]["accuracy_single_order"] <= 0.6, results["llm_judge"]
+    assert results["pm"]["accuracy_single_order"] >= 0.9 and results["pm"]["accuracy"] >= 0.9, results["pm"]
