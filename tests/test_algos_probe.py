@@ -103,3 +103,13 @@ def test_fit_bt_probe_rules():
     assert one_se["cv_accuracy"] >= best["cv_accuracy"] - (0.25 / 200) ** 0.5
     with pytest.raises(ValueError, match="rule"):
         fit_bt_probe(d, rule="median")
+
+
+def test_pairwise_accuracy_by_hand_ties_count_half():
+    """probe.pairwise_accuracy: the share of pairs whose difference d scores w . d > 0, a score of
+    exactly 0 counting half (as the reward model's accuracy does): here right, wrong, tied, right."""
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+    w = torch.tensor([1.0, -1.0])  # scores 1, -1, 0, 1
+    assert pairwise_accuracy(d, w) == (1 + 0 + 0.5 + 1) / 4
+    assert pairwise_accuracy(d, -w) == (0 + 1 + 0.5 + 0) / 4
+    assert pairwise_accuracy(d, torch.zeros(2)) == 0.5

@@ -193,6 +193,8 @@ def test_dpo_trains_or_says_why_in_one_line(tmp_path, fuzz_model_dir, capsys, li
 def test_the_fuzzing_reached_both_outcomes():
     """Runs after the two properties (file order): both trained runs and rejections were drawn,
     so the properties were not vacuous."""
+    if not any(OUTCOMES.values()):
+        pytest.skip("the fuzzing properties did not run in this process (run the whole file)")
     for kind, codes in OUTCOMES.items():
         if codes:
             assert codes.count(0) >= 3 and codes.count(2) >= 3, (kind, codes)

@@ -126,9 +126,6 @@ def test_rm_rejects_a_causal_lm(tokenizer, tmp_path, tiny_model):
 
 
 def test_task_source():
-    tasks = pytest.importorskip("rlhfkit.tasks")
-    if not hasattr(tasks, "get_task"):
-        pytest.skip("rlhfkit.tasks.get_task not available yet")
     fn = build_reward_fn("task:sentiment")
     good, bad = fn(["Review a film."] * 2, ["A wonderful, delightful, great film!", "Awful, terrible, bad."])
     assert good > bad
