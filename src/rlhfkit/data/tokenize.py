@@ -96,8 +96,9 @@ def _too_long(origin, field: str, n: int, max_length: int, what: str) -> DataErr
 
 def _too_long_sft(example: SFTExample, n: int, before_reply: int, max_length: int) -> DataError:
     """A prompt/response record names the part that is over: the prompt when it alone (with the
-    reply's header) fills max_length, else the response; a messages record names 'messages'."""
-    if example.field != "messages" and before_reply >= max_length:
+    reply's header) fills max_length, else the response. Any other record names its own field (a
+    messages record 'messages'; pm's A/B question, built around the pair, 'chosen')."""
+    if example.field in ("response", "completion") and before_reply >= max_length:
         return _too_long(example.origin, "prompt", before_reply, max_length, "the prompt")
     return _too_long(example.origin, example.field, n, max_length, "the conversation")
 
