@@ -388,6 +388,8 @@ def test_an_eval_limit_without_held_out_prompts_is_refused(command):
     ("RLOOConfig", ["loss_agg=seq-mean-token-mean"], "loss_agg set but not used: ratio_level is sequence"),
     ("GRPOConfig", ["ratio_level=sequence-mean", "kl_coef=0", "loss_agg=seq-mean-token-sum"],
      "loss_agg set but not used: ratio_level is sequence-mean"),
+    ("EvalConfig", ["alignment_tax.limit=8"], "alignment_tax.limit set but not used: alignment_tax.sft_data is empty "
+                                              "and alignment_tax.capability is empty"),
 ])
 def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, warning, caplog, monkeypatch):
     """model.lora.r without model.lora.enabled, ptx.data with ptx.coef 0, sft_first.* without
@@ -398,14 +400,16 @@ def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, 
     import rlhfkit.config as config
     from rlhfkit.config import loader
     from rlhfkit.trainers.dpo import DPOConfig
+    from rlhfkit.eval.config import EvalConfig
     from rlhfkit.trainers.grpo import GRPOConfig, RLOOConfig
     from rlhfkit.trainers.ppo import PPOConfig
 
     monkeypatch.setattr(loader, "_WARNED", set())
     klass = {"SFTConfig": config.SFTConfig, "PPOConfig": PPOConfig, "DPOConfig": DPOConfig, "GRPOConfig": GRPOConfig,
-             "RLOOConfig": RLOOConfig}[cls]
+             "RLOOConfig": RLOOConfig, "EvalConfig": EvalConfig}[cls]
     needed = {"SFTConfig": ["data.train=task:sentiment"], "DPOConfig": ["data.train=task:sentiment"],
-              "PPOConfig": ["reward.spec=task:sentiment", "critic_init=policy"]}.get(cls, ["reward.spec=task:sentiment"])
+              "PPOConfig": ["reward.spec=task:sentiment", "critic_init=policy"],
+              "EvalConfig": ["policies=[a]"]}.get(cls, ["reward.spec=task:sentiment"])
     overrides = [*needed, *overrides]
     with caplog.at_level(logging.WARNING, logger="rlhfkit"):
         cfg = config.load_config(klass, overrides=overrides)
@@ -414,7 +418,7 @@ def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, 
     caplog.clear()
     switch = {"SFTConfig": "model.lora.enabled=true", "PPOConfig": "ptx.coef=0.1",
               "DPOConfig": "sft_first.enabled=true", "GRPOConfig": "ratio_level=token",
-              "RLOOConfig": "ratio_level=token"}[cls]
+              "RLOOConfig": "ratio_level=token", "EvalConfig": "alignment_tax.capability=task:arithmetic"}[cls]
     if "data.eval=h.jsonl" in overrides:
         overrides, switch = [o for o in overrides if o != "data.eval=h.jsonl"], "data.eval="
     with caplog.at_level(logging.WARNING, logger="rlhfkit"):

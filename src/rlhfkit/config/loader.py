@@ -247,15 +247,16 @@ def _warn_unused(cfg: Any, prefix: str, source: str) -> None:
     unused, switch = cfg.unused_keys() if hasattr(cfg, "unused_keys") else ([], "")
     if unused:
         dotted = f"{prefix}." if prefix else ""
+        switches = [switch] if isinstance(switch, str) else list(switch)  # the section is on when any is
         message = (f"{', '.join(dotted + k for k in unused)} set but not used: "
-                   f"{dotted}{switch} is {_shown(getattr(cfg, switch))}")
+                   + " and ".join(f"{dotted}{k} is {_shown(getattr(cfg, k))}" for k in switches))
         if (id(cfg), message) not in _WARNED:
             _WARNED.add((id(cfg), message))
             log.warning("%s: %s", source, message)
 
 
 def _shown(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return str(value).lower() if isinstance(value, bool) else str(value) if value != "" else "empty"
 
 
 def _check_held_out(cfg: Any) -> None:

@@ -35,8 +35,8 @@ class LoraSection:
     (q_proj, as [q_proj]), or a regex over full module names."""
 
     def unused_keys(self) -> tuple[list[str], str]:
-        """(keys set that nothing reads while the section is off, the key that turns it on): the
-        config loader warns about them."""
+        """(keys set that nothing reads while the section is off, the key that turns it on, or a
+        tuple of keys any of which does): the config loader warns about them."""
         return [] if self.enabled else changed_keys(self, but=("enabled",)), "enabled"
 
     def validate(self, where: str) -> None:

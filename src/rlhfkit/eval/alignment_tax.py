@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.config import ConfigError, RolloutSection, under_key
+from rlhfkit.config.sections import changed_keys
 from rlhfkit.data import (
     IGNORE_INDEX,
     SFTCollator,
@@ -48,6 +49,11 @@ class AlignmentTaxSection:
     (``sft_truncated`` in eval_results.json)."""
     max_new_tokens: int = 24
     """Tokens generated per capability prompt."""
+
+    def unused_keys(self) -> tuple[list[str], tuple[str, ...]]:
+        """With neither sft_data nor capability nothing is measured: the other keys are not read."""
+        off = not (self.sft_data or self.capability)
+        return (changed_keys(self, but=("sft_data", "capability")) if off else []), ("sft_data", "capability")
 
     def validate(self, where: str) -> None:
         if self.capability:
