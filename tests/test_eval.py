@@ -183,6 +183,27 @@ def test_heldout_nll_is_the_token_mean_nll_of_the_responses(tmp_path, tokenizer)
     assert heldout_nll(model, exs, tokenizer.pad_token_id, 2, "cpu") == pytest.approx(total / count, rel=1e-4)
 
 
+def test_capability_exact_match_counts_the_verified_answers(tmp_path, tokenizer, monkeypatch):
+    """The probe decodes greedily and counts the replies the task's verifier scores 1: with the
+    decoded replies replaced by the right sum for the first and third of four prompts, a wrong one
+    for the second and prose for the fourth, the exact match is 2/4, and 0 with none right."""
+    from pg_utils import tiny_policy_dir
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.eval import alignment_tax
+    from rlhfkit.eval.alignment_tax import AlignmentTax, AlignmentTaxSection
+
+    tax = AlignmentTax(AlignmentTaxSection(capability="task:arithmetic", limit=4, max_new_tokens=2), tokenizer,
+                       batch_size=4, device="cpu")
+    answers = [item.fields["reference"] for item in tax.items]
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir(tokenizer, tmp_path / "p"))
+    replies = [f"The answer is {answers[0]}.", str(int(answers[1]) + 1), answers[2], "I do not know."]
+    monkeypatch.setattr(alignment_tax, "decode_responses", lambda exp, tok: [replies[i] for i in exp.prompt_index])
+    assert tax.exact_match(model) == 0.5
+    replies[0], replies[2] = "no", "none"
+    assert tax.exact_match(model) == 0.0
+
+
 def test_eval_reports_alignment_tax(tmp_path, tokenizer):
     """A policy whose next-token distribution is made over-confident models the SFT data worse:
     its held-out NLL rises, and the delta is policy - baseline. The arithmetic probe runs for both."""
