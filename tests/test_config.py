@@ -378,6 +378,29 @@ def test_an_eval_limit_without_held_out_prompts_is_refused(command):
     assert cfg.prompts.eval_limit == 8
 
 
+@pytest.mark.parametrize("on, key, off", [("capability=task:arithmetic", "max_length=256", "sft_data"),
+                                          ("sft_data=task:sentiment", "max_new_tokens=8", "capability")])
+def test_an_alignment_tax_key_of_the_half_that_is_off_is_named(on, key, off, caplog, monkeypatch):
+    """alignment_tax.max_length is read only with sft_data and max_new_tokens only with capability:
+    with the other half alone, the key is named in the not-used warning; with both on, nothing is."""
+    import logging
+
+    from rlhfkit.config import loader
+    from rlhfkit.eval.config import EvalConfig
+
+    monkeypatch.setattr(loader, "_WARNED", set())
+    base = ["policies=[a]", f"alignment_tax.{on}", f"alignment_tax.{key}"]
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        load_config(EvalConfig, overrides=base)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"command-line overrides: alignment_tax.{key.split('=')[0]} set but not used: alignment_tax.{off} is empty"]
+    caplog.clear()
+    both = "sft_data=task:sentiment" if off == "sft_data" else "capability=task:arithmetic"
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        load_config(EvalConfig, overrides=[*base, f"alignment_tax.{both}"])
+    assert not [r for r in caplog.records if "not used" in r.getMessage()]
+
+
 @pytest.mark.parametrize("cls, overrides, warning", [
     ("SFTConfig", ["model.lora.r=8", "model.lora.alpha=16"],
      "model.lora.r, model.lora.alpha set but not used: model.lora.enabled is false"),

@@ -51,9 +51,14 @@ class AlignmentTaxSection:
     """Tokens generated per capability prompt."""
 
     def unused_keys(self) -> tuple[list[str], tuple[str, ...]]:
-        """With neither sft_data nor capability nothing is measured: the other keys are not read."""
-        off = not (self.sft_data or self.capability)
-        return (changed_keys(self, but=("sft_data", "capability")) if off else []), ("sft_data", "capability")
+        """With neither sft_data nor capability nothing is measured: the other keys are not read;
+        max_length is read only with sft_data, max_new_tokens only with capability."""
+        if not (self.sft_data or self.capability):
+            return changed_keys(self, but=("sft_data", "capability")), ("sft_data", "capability")
+        if self.sft_data and self.capability:
+            return [], ()
+        off, key = ("capability", "max_new_tokens") if self.sft_data else ("sft_data", "max_length")
+        return [k for k in changed_keys(self) if k == key], (off,)
 
     def validate(self, where: str) -> None:
         if self.capability:
