@@ -573,3 +573,13 @@ def test_eval_kl_is_unbiased_for_the_sampled_distributions(tokenizer, temperatur
         exact = float((lp.exp() * (lp - lq)).sum())
         est = per_row[i * n:(i + 1) * n].double()
         assert exact > 0.05 and abs(float(est.mean()) - exact) < 4 * float(est.std()) / n ** 0.5, (exact, est.mean())
+
+
+def test_by_category_groups_only_when_there_are_several():
+    """One rule for the RM trainer's per-category accuracy, its select_best check and `rlhfkit eval`:
+    a missing category is "all", and a single category gets no figure of its own."""
+    from rlhfkit.eval.preference_sets import by_category
+
+    assert by_category([None, "b", "a", "b", ""], [1, 2, 3, 4, 5]) == {"a": [3], "all": [1, 5], "b": [2, 4]}
+    assert list(by_category(["b", None, "a"], [0, 0, 0])) == ["a", "all", "b"]
+    assert by_category(["a", "a"], [1, 0]) == {} and by_category([None, ""], [1, 0]) == {}

@@ -11,13 +11,20 @@ from rlhfkit.judges.preference import average_orders
 from rlhfkit.judges.rewards import prompt_text
 
 
-def _by_category(examples, correct: list[float]) -> dict:
+def by_category(categories, values) -> dict[str, list]:
+    """values grouped by the category of each (a missing one is "all"), sorted by name; empty with
+    fewer than two categories: an accuracy is reported per category only when there are several."""
     groups = defaultdict(list)
-    for ex, c in zip(examples, correct):
-        groups[ex.category or "all"].append(c)
+    for c, v in zip(categories, values):
+        groups[c or "all"].append(v)
+    return dict(sorted(groups.items())) if len(groups) > 1 else {}
+
+
+def _by_category(examples, correct: list[float]) -> dict:
     out = {"accuracy": sum(correct) / max(len(correct), 1), "pairs": len(correct)}
-    if len(groups) > 1:
-        out["by_category"] = {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(groups.items())}
+    groups = by_category([ex.category for ex in examples], correct)
+    if groups:
+        out["by_category"] = {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in groups.items()}
     return out
 
 

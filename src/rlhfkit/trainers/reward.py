@@ -6,8 +6,6 @@ over the response tokens (`pooling`; docs/concepts.md, "Reward model").
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch.distributed.tensor import distribute_tensor
 
@@ -21,6 +19,7 @@ from rlhfkit.data import (
     tokenize_dataset,
 )
 from rlhfkit.data.sources import source_list, train_and_eval
+from rlhfkit.eval.preference_sets import by_category
 from rlhfkit.models import (
     check_model_path,
     freeze_lower_layers,
@@ -106,17 +105,13 @@ def evaluate_rm(model, examples: list[dict], collator, micro_batch_size: int, st
             continue
         correct += pairwise_accuracy(rc, rr, reduction="none").tolist()  # ties count 1/2
         margins += (rc - rr).tolist()
-        cats += [c or "all" for c in batch.get("category", [None] * len(chunk))]
+        cats += batch.get("category", [None] * len(chunk))
     model.train(was_training)
     correct, margins, cats = (strategy.gather_objects(x) for x in (correct, margins, cats))
     out = {"eval/accuracy": sum(correct) / len(correct), "eval/margin": sum(margins) / len(margins),
            "eval/pairs": len(correct)}
-    by_cat = defaultdict(list)
-    for c, ok in zip(cats, correct):
-        by_cat[c].append(ok)
-    if len(by_cat) > 1:
-        for c, oks in sorted(by_cat.items()):
-            out[f"eval/accuracy/{c}"] = sum(oks) / len(oks)
+    for c, oks in by_category(cats, correct).items():
+        out[f"eval/accuracy/{c}"] = sum(oks) / len(oks)
     return out
 
 
@@ -288,9 +283,9 @@ def _check_selected_category(cfg: RewardConfig, evals: list) -> None:
     prefix = "eval/accuracy/"
     if not cfg.train.select_best.startswith(prefix):
         return
-    cats = sorted({ex.get("category") or "all" for ex in evals})
-    if len(cats) < 2 or cfg.train.select_best[len(prefix):] not in cats:
-        have = f"are {', '.join(cats)}" if len(cats) > 1 else "fewer than two, so none is logged on its own"
+    cats = list(by_category([ex.get("category") for ex in evals], evals))
+    if cfg.train.select_best[len(prefix):] not in cats:
+        have = f"are {', '.join(cats)}" if cats else "fewer than two, so none is logged on its own"
         raise ConfigError(f"train.select_best: {cfg.train.select_best!r}: the held-out pairs' categories {have}")
 
 
