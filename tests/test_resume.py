@@ -406,3 +406,37 @@ def test_tensorboard_drops_the_steps_a_restart_rewrites(tmp_path, restart_at):
     assert points == {s: (10.0 + s if s <= restart_at else float(s)) for s in range(1, 5)}
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 5))
+
+
+def test_a_large_data_file_edited_in_place_at_the_same_size_is_another_input(tmp_path, monkeypatch):
+    """A data file is hashed whole at any size: a pair's labels swapped in place keep the file's
+    size and may fall between the blocks a sampled digest reads. A large weight file is still
+    sampled, and a record taken when a large data file was sampled compares as it was taken."""
+    from rlhfkit.training import fingerprint as fp
+
+    monkeypatch.setattr(fp, "_FULL_HASH_BYTES", 1 << 20)  # "large" from 1 MiB, so that the test writes little
+    line = '{"prompt": "p%07d", "chosen": "good answer", "rejected": "bad answer!"}\n'
+    n = (40 << 20) // len(line % 0)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(line % i for i in range(n)))
+    edge, block, size = 4 << 20, 256 << 10, data.stat().st_size
+    gap = edge + (size - 2 * edge - block) // 31 // 2 + block  # between the first two sampled blocks
+    i = gap // len(line % 0)
+    before = {"sources": {"data.train": fp.identify(str(data))}}
+    sampled_before = fp.file_digest(data, sampled=True)
+    text = data.read_text().replace(line % i, (line % i).replace("good answer", "XXXX").replace(
+        "bad answer!", "good answer").replace("XXXX", "bad answer!"), 1)
+    data.write_text(text)
+    assert data.stat().st_size == size and fp.file_digest(data, sampled=True) == sampled_before  # the blind spot
+    after = {"sources": {"data.train": fp.identify(str(data))}}
+    assert after["sources"]["data.train"]["digest"].startswith("sha256:")
+    assert fp.differences(before, after) == ["data.train content differs"]
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(12 << 20))
+    assert fp.identify(str(weights))["digest"].startswith("sampled-sha256:")
+
+    older = {"sources": {"data.train": {**after["sources"]["data.train"], "digest": fp.file_digest(data, sampled=True)}}}
+    assert fp.differences(older, after) == []  # a record taken by an older version: its data unchanged
+    data.write_text(text.replace("p0000000", "p000000X", 1))  # in the first block every sample reads
+    assert fp.differences(older, {"sources": {"data.train": fp.identify(str(data))}}) == ["data.train content differs"]

@@ -37,7 +37,10 @@ LENGTH_KEYS = {"train.max_steps", "train.epochs", "iterations"}  # iterations: o
 DATA_KEYS = ("data.train", "data.eval", "data.chat_template", "prompts.train", "prompts.eval", "ptx.data")
 # Models identified by their files as well as by name (a directory retrained in place is another model).
 MODEL_KEYS = ("model.name", "dpo.reference", "critic_model", "reward.spec", "reward.gold", "scorer", "gold")
-_FULL_HASH_BYTES = 64 << 20  # files up to this size are hashed whole; larger ones are sampled
+_FULL_HASH_BYTES = 64 << 20  # weight files up to this size are hashed whole; larger ones are sampled
+# Weight files: a retrained model differs almost everywhere, so a large one is sampled. Every other
+# file (data above all: a pair's labels swapped in place keeps the file's size) is hashed whole.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -145,14 +148,17 @@ def local_path(spec: str) -> Path | None:
     return p
 
 
-def file_digest(path: Path) -> str:
-    """``sha256:HEX`` of the whole file up to 64 MiB; above that ``sampled-sha256:HEX`` of its size,
-    first and last 4 MiB and 32 blocks of 256 KiB spread evenly between (model weights: a retrained
-    model differs almost everywhere, and reading 12 MiB of a 500 MiB file is cheap)."""
+def file_digest(path: Path, sampled: bool | None = None) -> str:
+    """``sha256:HEX`` of the whole file; for a weight file (`WEIGHT_SUFFIXES`) above 64 MiB
+    ``sampled-sha256:HEX`` of its size, first and last 4 MiB and 32 blocks of 256 KiB spread evenly
+    between (a retrained model differs almost everywhere, and reading 12 MiB of a 500 MiB file is
+    cheap). ``sampled``: the one form or the other, whatever the file."""
     size = path.stat().st_size
+    if sampled is None:
+        sampled = size > _FULL_HASH_BYTES and path.suffix.lower() in WEIGHT_SUFFIXES
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if size <= _FULL_HASH_BYTES:
+        if not sampled:
             while block := f.read(1 << 20):
                 h.update(block)
             return f"sha256:{h.hexdigest()}"
@@ -198,11 +204,38 @@ def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]
             diffs.append(f"{key} {'added' if a is None else 'removed'}")
         elif "path" in a and "path" not in b and a["spec"] == b["spec"]:
             diffs.append(f"{key} {_short(b['spec'])}: not found any more")
-        elif _content(a, version) != _content(b, version):
+        elif _content(a, version) != _content(_as_taken(b, a), version):
             sizes = f" (size {a['size']} -> {b['size']})" if "size" in a and "size" in b and a["size"] != b["size"] else ""
             diffs.append(f"{key} content differs{sizes}" if "path" in a and "path" in b else
                          f"{key} {_short(a['spec'])} -> {_short(b['spec'])}")
     return diffs
+
+
+def _as_taken(new: dict, old: dict) -> dict:
+    """The new identity with each file's digest taken as the old record's was, sampled or whole
+    (a data file over 64 MiB was sampled by older versions and is hashed whole now)."""
+    if "path" not in new:
+        return new
+    root = Path(new["path"])
+    if "digest" in new and "digest" in old:
+        return {**new, "digest": _digest_as(root, new["digest"], old)}
+    if isinstance(new.get("files"), dict) and isinstance(old.get("files"), dict):
+        taken = old["files"]
+        files = {rel: ident if rel.startswith("base:") else  # a base's files lie under the base, not here
+                 {**ident, "digest": _digest_as(root / rel, ident.get("digest"), taken.get(rel))}
+                 for rel, ident in new["files"].items()}
+        return {**new, "files": files}
+    return new
+
+
+def _digest_as(path: Path, new: Any, old: Any) -> Any:
+    old = old.get("digest") if isinstance(old, dict) else old
+    if not isinstance(old, str) or not isinstance(new, str):
+        return new
+    sampled = old.startswith("sampled-")
+    if sampled == new.startswith("sampled-") or not path.is_file():
+        return new
+    return file_digest(path, sampled=sampled)
 
 
 def _content(ident: dict, version: int = RECORD_VERSION) -> Any:
