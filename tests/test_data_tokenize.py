@@ -70,6 +70,28 @@ def test_sft_multi_turn_trains_every_assistant_turn(tokenizer):
     assert [tokenizer.decode(r) for r in runs] == ["4" + EOT, "It is 6." + EOT]
 
 
+@pytest.mark.parametrize("record", [
+    {"prompt": chat("2+2?", "4", "And 3+3?"), "completion": [{"role": "assistant", "content": "It is 6."}]},
+    {"prompt": chat("2+2?", "4", "And 3+3?"), "response": "It is 6."},
+    {"prompt": "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: And 3+3?\n\nAssistant:", "response": " It is 6."},
+])
+def test_sft_prompt_with_earlier_assistant_turns_trains_only_its_completion(tokenizer, tmp_path, record):
+    """A prompt / completion record trains the completion alone, as TRL's completion_only_loss
+    does: an assistant turn inside a multi-turn prompt is context (the same conversation as
+    ``messages`` trains both replies); so does SFT on a pair's chosen reply (DPO's sft_first)."""
+    from rlhfkit.data.formats import sft_from_preference
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({"messages": chat("2+2?", "4", "And 3+3?", "It is 6.")}) + "\n")
+    split, whole = (tokenize_sft(tokenizer, ex, 512) for ex in load_sft(path))
+    assert split["input_ids"] == whole["input_ids"]
+    assert [tokenizer.decode(r) for r in labelled_runs(split)] == ["It is 6." + EOT]
+    assert [tokenizer.decode(r) for r in labelled_runs(whole)] == ["4" + EOT, "It is 6." + EOT]
+    pair = PreferenceExample(chat("2+2?", "4", "And 3+3?"), "It is 6.", "It is 7.")
+    (chosen,) = sft_from_preference([pair])
+    assert [tokenizer.decode(r) for r in labelled_runs(tokenize_sft(tokenizer, chosen, 512))] == ["It is 6." + EOT]
+
+
 def test_sft_prompt_response_rows_equal_messages_rows(tokenizer, tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "response": "Hello!"}) + "\n"

@@ -38,7 +38,9 @@ log = logging.getLogger("rlhfkit")
 class SFTExample:
     messages: list[dict]  # system? user, assistant, (user, assistant)*; ends with assistant
     origin: Origin = field(default=_NO_ORIGIN, compare=False, repr=False)
-    field: str = field(default="messages", compare=False, repr=False)  # record key named in errors
+    # the record key named in errors; "messages" trains every assistant turn, any other (a prompt's
+    # response or completion, a pair's chosen reply) the last one only
+    field: str = field(default="messages", compare=False, repr=False)
     token_ids: tuple[list[int], list[int]] | None = None  # (prompt, reply) as sampled (`TOKEN_FIELDS`)
 
 

@@ -108,7 +108,9 @@ def _too_long_sft(example: SFTExample, n: int, before_reply: int, max_length: in
 def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: str = "error",
                  stats: TruncationStats | None = None) -> dict[str, list[int]]:
     """-> {"input_ids", "labels"}: labels = token id on every assistant reply token (content and
-    end-of-turn token), -100 elsewhere. Every assistant turn of a multi-turn conversation is trained.
+    end-of-turn token), -100 elsewhere. Every assistant turn of a ``messages`` conversation is
+    trained; of a prompt and its response (or completion, or a preference pair's chosen reply) only
+    the response: assistant turns inside a multi-turn prompt are context, as the user's are.
 
     truncation: "error" raises a DataError for sequences over max_length; "left" drops tokens from
     the start (keeps the latest turns), "right" drops them from the end.
@@ -126,6 +128,8 @@ def tokenize_sft(tokenizer, example: SFTExample, max_length: int, truncation: st
             check_not_rendered(tokenizer, msgs[:-1], o, "prompt")
             check_not_rendered(tokenizer, msgs[-1:], o, example.field)
         full, spans = assistant_spans(tokenizer, msgs, o, example.field)
+        if example.field != "messages":
+            spans = spans[-1:]  # the reply alone: earlier assistant turns belong to the prompt
         labels = [IGNORE_INDEX] * len(full)
         for start, stop in spans:
             labels[start:stop] = full[start:stop]
