@@ -296,8 +296,43 @@ def test_fields_errors():
     with pytest.raises(ValueError, match="field 'responses' is reserved"):
         build_reward_fn(named)(PROMPTS, RESPONSES, fields={"reference": ["4", "5"], "responses": [1, 2]})
     with pytest.raises(RewardSpecError, match=r"reward function one \(.*<lambda>\) must take \(prompts, "
-                                              r"responses, ...\); its signature is \(responses\)"):
+                                              r"responses, ...\) or TRL's \(completions, ...\); its signature is "
+                                              r"\(responses\)"):
         build_reward_fn(lambda responses: [], name="one")
+
+
+def test_trl_reward_functions_get_the_completions_by_name():
+    """TRL's reward functions take ``completions`` (and ``prompts``, and dataset columns) by name:
+    called so, each argument lands where its name says. A function taking (prompts, responses) by
+    position under names the other way round is refused, not fed the prompts as its responses."""
+    seen = {}
+
+    def accuracy(completions, reference, **kwargs):
+        seen["accuracy"] = (completions, reference, sorted(kwargs))
+        return [float(c == r) for c, r in zip(completions, reference)]
+
+    def only(completions):
+        seen["only"] = completions
+        return [float(len(c)) for c in completions]
+
+    def both(prompts, completions, level=None):
+        seen["both"] = (prompts, completions, level)
+        return [0.0] * len(completions)
+
+    assert build_reward_fn(accuracy)(PROMPTS, ["4", "x"], fields=ROWS) == [1.0, 0.0]
+    assert seen["accuracy"] == (["4", "x"], ["4", "5"], ["id", "level", "prompts"])
+    assert build_reward_fn(only)(PROMPTS, RESPONSES) == [float(len(r)) for r in RESPONSES]
+    assert seen["only"] == RESPONSES
+    build_reward_fn(both)(PROMPTS, RESPONSES, fields=ROWS)
+    assert seen["both"] == (PROMPTS, RESPONSES, [None, "hard"])
+    with pytest.raises(RewardFunctionError, match=r"needs the field 'solution'"):
+        build_reward_fn(lambda completions, solution, **kw: [0.0] * 2, name="s")(PROMPTS, RESPONSES, fields=ROWS)
+    for fn, msg in ((lambda responses, reference: [], r"parameter 1 is named 'responses', but it is given the prompts"),
+                    (lambda p, prompts: [], r"parameter 2 is named 'prompts', but it is given the responses")):
+        with pytest.raises(RewardSpecError, match=msg):
+            build_reward_fn(fn, name="f")
+    with pytest.raises(ValueError, match="field 'completions' is reserved"):
+        build_reward_fn(accuracy)(PROMPTS, RESPONSES, fields={"reference": ["4", "5"], "completions": [1, 2]})
 
 
 def test_callables_and_their_names():

@@ -20,7 +20,7 @@ from rlhfkit.data import render_ids
 Messages = list[dict]
 SPEC_FORMS = "rm:DIR, task:NAME, module:function or file.py:function"
 # Reward functions receive the prompts and responses under these names: no field may take them.
-RESERVED_FIELDS = ("prompts", "responses", "messages")
+RESERVED_FIELDS = ("prompts", "responses", "messages", "completions")
 
 
 class RewardFunctionError(RuntimeError):
@@ -76,30 +76,48 @@ def field_columns(fields, n: int) -> dict[str, list]:
 
 
 class _Signature:
-    """Which fields a reward function takes, from its signature: ``(prompts, responses, ...)``."""
+    """How a reward function is called, from its signature: ``(prompts, responses, ...)`` by
+    position, or TRL's ``(completions, ...)`` / ``(prompts, completions, ...)`` by name (a
+    parameter named ``completions``); the other parameters are record fields, by name."""
 
     def __init__(self, fn: Callable, label: str):
-        self.takes_all, self.named, self.required = False, (), ()
+        self.takes_all, self.named, self.required, self.by_name, self.prompts = False, (), (), False, False
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):  # some C callables have none: assume (prompts, responses)
             return
         P = inspect.Parameter
         params = list(sig.parameters.values())
+        self.by_name = any(p.name == "completions" and p.kind != P.POSITIONAL_ONLY for p in params)
         positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
-        if len(positional) < 2 and not any(p.kind == P.VAR_POSITIONAL for p in params):
-            raise RewardSpecError(f"reward function {label} must take (prompts, responses, ...); its signature "
-                                  f"is {sig}")
-        rest = positional[2:] + [p for p in params if p.kind == P.KEYWORD_ONLY]
+        if self.by_name:
+            rest = [p for p in params if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)
+                    and p.name not in ("prompts", "completions")]
+        else:
+            if len(positional) < 2 and not any(p.kind == P.VAR_POSITIONAL for p in params):
+                raise RewardSpecError(f"reward function {label} must take (prompts, responses, ...) or TRL's "
+                                      f"(completions, ...); its signature is {sig}")
+            _check_order(positional[:2], label)
+            rest = positional[2:] + [p for p in params if p.kind == P.KEYWORD_ONLY]
         stuck = [p.name for p in rest if p.kind == P.POSITIONAL_ONLY and p.default is P.empty]
         if stuck:
             raise RewardSpecError(f"reward function {label}: parameter {stuck[0]!r} is positional-only; fields "
                                   "are passed by name")
         self.takes_all = any(p.kind == P.VAR_KEYWORD for p in params)
+        self.prompts = self.takes_all or "prompts" in sig.parameters
         self.named = tuple(p.name for p in rest if p.kind != P.POSITIONAL_ONLY)
         self.required = tuple(p.name for p in rest if p.kind != P.POSITIONAL_ONLY and p.default is P.empty)
 
+    def call(self, fn: Callable, label: str, prompts: list[str], responses: list[str], messages,
+             cols: dict[str, list]):
+        """fn called with the prompts, the responses and the fields it takes."""
+        out = self.kwargs(label, prompts, messages, cols)
+        if not self.by_name:
+            return fn(prompts, responses, **out)
+        return fn(completions=responses, **({"prompts": prompts} if self.prompts else {}), **out)
+
     def kwargs(self, label: str, prompts: list[str], messages, cols: dict[str, list]) -> dict:
+        """The fields the function takes, by name (a required one the records lack is an error)."""
         out = {}
         for k in self.named:
             if k == "messages":
@@ -114,6 +132,17 @@ class _Signature:
         if self.takes_all:
             out.update({k: v for k, v in cols.items() if k not in out})
         return out
+
+
+def _check_order(first_two: list, label: str) -> None:
+    """(prompts, responses) are passed by position: a function whose first two parameters are
+    named the other way round would silently get each in the other's place."""
+    wrong = {0: ("responses", "response", "completion"), 1: ("prompts", "prompt")}
+    for i, p in enumerate(first_two):
+        if p.name in wrong[i]:
+            raise RewardSpecError(f"reward function {label}: parameter {i + 1} is named {p.name!r}, but it is "
+                                  f"given the {('prompts', 'responses')[i]} (a function takes (prompts, responses, "
+                                  "...) by position, or TRL's completions by name)")
 
 
 # --------------------------------------------------------------------------- RewardFn
@@ -151,9 +180,9 @@ class RewardFn:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if messages is not None and len(messages) != len(responses):
             raise ValueError(f"{len(messages)} prompt conversations but {len(responses)} responses")
-        kwargs = self.signature.kwargs(self.label, prompts, messages, field_columns(fields, len(responses)))
+        cols = field_columns(fields, len(responses))
         try:
-            out = self.fn(prompts, responses, **kwargs)
+            out = self.signature.call(self.fn, self.label, prompts, responses, messages, cols)
         except RewardFunctionError:
             raise
         except Exception as e:
