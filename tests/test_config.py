@@ -1,5 +1,6 @@
 """Config loading: YAML + dotted overrides, validated with located messages."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,31 @@ def test_trainer_config_errors_are_located(kind, overrides, match):
     base = {"ppo": ["reward.spec=m:f", "critic_init=policy"], "dpo": ["data.train=x"], "rm": ["data.train=x"]}[kind]
     with pytest.raises(ConfigError, match=match):
         load_config(COMMANDS[kind].config_class(), overrides=[*base, *overrides])
+
+
+@pytest.mark.parametrize("kind, key, named", [
+    ("ppo", "kl_coef=0.1", "kl.coef"),  # the nearest spelling is vf_coef, another setting
+    ("grpo", "beta=0.04", "kl_coef"),
+    ("dpo", "beta=0.1", "dpo.beta"),
+    ("grpo", "num_generations=4", "rollout.n"),
+    ("grpo", "max_completion_length=32", "rollout.max_new_tokens"),
+    ("sft", "per_device_train_batch_size=4", "train.micro_batch_size"),
+    ("rm", "optim.learning_rate=1e-5", "optim.lr"),
+    ("ppo", "num_mini_batches=2", "mini_batch_size"),
+    ("ppo", "critic_learning_rate=1e-5", "critic_optim.lr"),
+])
+def test_a_trl_or_openrlhf_key_names_the_rlhfkit_key_for_it(kind, key, named):
+    """Keys of TRL, OpenRLHF and transformers' TrainingArguments are named with the rlhfkit key that
+    does the same for this command, not the closest spelling (which is often another setting)."""
+    from rlhfkit.registry import COMMANDS
+
+    base = {"ppo": ["reward.spec=m:f", "critic_init=policy"], "dpo": ["data.train=x"], "rm": ["data.train=x"],
+            "sft": ["data.train=x"]}.get(kind, ["reward.spec=m:f"])
+    typed = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(typed)}: unknown key \(rlhfkit's key for it: {re.escape(named)};"):
+        load_config(COMMANDS[kind].config_class(), overrides=[*base, key])
+    with pytest.raises(ConfigError, match=r"whiten_rewards: unknown key \(a key of another library; rlhfkit has no such"):
+        load_config(COMMANDS[kind].config_class(), overrides=[*base, "whiten_rewards=true"])
 
 
 def test_yaml_unknown_key_suggests_the_known_one(tmp_path):

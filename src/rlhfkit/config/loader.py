@@ -8,6 +8,7 @@ them as ``file: key.path: problem`` before any model is loaded.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import logging
@@ -21,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from rlhfkit.config.errors import ConfigError
+from rlhfkit.config.foreign import foreign_hint
 
 log = logging.getLogger("rlhfkit")
 
@@ -109,6 +111,9 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     return value
 
 
+_ROOT: contextvars.ContextVar = contextvars.ContextVar("rlhfkit_config_root", default=None)
+
+
 def build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         where = f"{prefix}: " if prefix else ""
@@ -118,8 +123,10 @@ def build(cls, data: dict, prefix: str, source: str):
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        hint = difflib.get_close_matches(unknown[0], names, n=1)
-        extra = f" (did you mean {where}{hint[0]}?)" if hint else ""
+        extra = foreign_hint(unknown[0], _ROOT.get())
+        if extra is None:
+            hint = difflib.get_close_matches(unknown[0], names, n=1)
+            extra = f" (did you mean {where}{hint[0]}?)" if hint else ""
         raise ConfigError(f"{source}: {where}{unknown[0]}: unknown key{extra}; known keys: {sorted(names)}")
     kwargs = {}
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
@@ -341,7 +348,11 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     if overrides:
         raw = merge(raw, parse_overrides(overrides))
         source = f"{source} (with overrides)" if path else "command-line overrides"
-    cfg = build(cls, raw, "", source)
+    token = _ROOT.set(cls)  # the whole config, for `foreign_hint` in the sections' build
+    try:
+        cfg = build(cls, raw, "", source)
+    finally:
+        _ROOT.reset(token)
     if check:
         validate(cfg, "", source)
     return cfg

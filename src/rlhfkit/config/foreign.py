@@ -1,0 +1,77 @@
+"""Keys of TRL, OpenRLHF and transformers' TrainingArguments that a user may type into an rlhfkit
+config, and the rlhfkit key that does the same: named in the unknown-key error instead of the
+closest spelling, which for these names is often another setting (docs/coming_from_trl.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Union, get_args, get_origin
+
+# name -> the rlhfkit keys that do the same, in order; the first the command has is named. An
+# empty tuple: rlhfkit has no such setting.
+FOREIGN_KEYS: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("optim.lr",), "lr": ("optim.lr",), "actor_learning_rate": ("optim.lr",),
+    "critic_learning_rate": ("critic_optim.lr",),
+    "weight_decay": ("optim.weight_decay",), "max_grad_norm": ("optim.max_grad_norm",),
+    "warmup_ratio": ("optim.warmup_ratio",), "lr_scheduler_type": ("optim.schedule",),
+    "lr_warmup_ratio": ("optim.warmup_ratio",),
+    "per_device_train_batch_size": ("train.micro_batch_size",), "micro_train_batch_size": ("train.micro_batch_size",),
+    "gradient_accumulation_steps": ("train.batch_size",), "train_batch_size": ("train.batch_size",),
+    "rollout_batch_size": ("train.batch_size",),
+    "num_train_epochs": ("train.epochs",), "max_epochs": ("ppo_epochs", "train.epochs"),
+    "max_steps": ("train.max_steps",), "output_dir": ("train.output_dir",), "seed": ("train.seed",),
+    "logging_steps": ("train.log_every",), "save_steps": ("train.save_every",), "eval_steps": ("train.eval_every",),
+    "save_total_limit": ("train.keep_checkpoints",), "report_to": ("train.report_to",),
+    "load_best_model_at_end": ("train.select_best",), "metric_for_best_model": ("train.select_best",),
+    "gradient_checkpointing": ("model.gradient_checkpointing",),
+    "model_name_or_path": ("model.name",), "pretrain": ("model.name",), "reward_pretrain": ("reward.spec",),
+    "use_peft": ("model.lora.enabled",), "lora_r": ("model.lora.r",), "lora_rank": ("model.lora.r",),
+    "lora_alpha": ("model.lora.alpha",), "lora_dropout": ("model.lora.dropout",),
+    "lora_target_modules": ("model.lora.target_modules",), "target_modules": ("model.lora.target_modules",),
+    "beta": ("dpo.beta", "kl_coef", "kl.coef"), "init_kl_coef": ("kl.coef", "kl_coef"),
+    "kl_coef": ("kl.coef",), "target_kl": ("kl.target",), "kl_target": ("kl.target",), "kl_horizon": ("kl.horizon",),
+    "kl_estimator": ("kl_kind", "kl.kind"), "use_kl_loss": ("kl_in_reward",),
+    "loss_type": ("dpo.loss_type", "loss_agg"), "label_smoothing": ("dpo.label_smoothing", "label_smoothing"),
+    "num_generations": ("rollout.n",), "n_samples_per_prompt": ("rollout.n",),
+    "max_completion_length": ("rollout.max_new_tokens",), "generate_max_len": ("rollout.max_new_tokens",),
+    "response_length": ("rollout.max_new_tokens",), "max_new_tokens": ("rollout.max_new_tokens",),
+    "max_prompt_length": ("prompts.max_prompt_length",), "prompt_max_len": ("prompts.max_prompt_length",),
+    "max_len": ("data.max_length",),
+    "temperature": ("rollout.temperature",), "top_p": ("rollout.top_p",), "top_k": ("rollout.top_k",),
+    "epsilon": ("clip_eps",), "cliprange": ("clip_eps",), "eps_clip": ("clip_eps",),
+    "epsilon_high": ("clip_eps_high",), "cliprange_value": ("value_clip_eps",), "value_clip": ("value_clip_eps",),
+    "num_iterations": ("ppo_epochs",), "num_ppo_epochs": ("ppo_epochs",),
+    "num_mini_batches": ("mini_batch_size",), "scale_rewards": ("scale",), "advantage_estimator": ("advantage",),
+    "importance_sampling_level": ("ratio_level",), "use_bias_correction_kl": ("kl_bias_correction",),
+    "whiten_rewards": (), "delta": (), "top_entropy_quantile": (), "entropy_coef": (),
+}
+
+
+def foreign_hint(name: str, root) -> str | None:
+    """The phrase for an unknown key another library names so (None if it is not one): the rlhfkit
+    key of config class ``root`` that does the same, or that rlhfkit has none."""
+    if name not in FOREIGN_KEYS:
+        return None
+    have = [k for k in FOREIGN_KEYS[name] if root is not None and _has_path(root, k)]
+    if have:
+        return f" (rlhfkit's key for it: {have[0]}; docs/coming_from_trl.md)"
+    return " (a key of another library; rlhfkit has no such setting here: docs/coming_from_trl.md)"
+
+
+def _has_path(cls, path: str) -> bool:
+    for part in path.split("."):
+        cls = _dataclass_of(cls)
+        if cls is None or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return True
+
+
+def _dataclass_of(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        return next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
