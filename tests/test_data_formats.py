@@ -399,3 +399,19 @@ def test_a_misspelled_optional_preference_field_is_said_once_per_file(tmp_path, 
     assert len(lines) == 2, lines
     assert f"{path}:2: field 'categroy' is not used: did you mean 'category'? (said once for this file)" in lines[0]
     assert f"{path}:2: field 'Margin' is not used: did you mean 'margin'?" in lines[1]
+
+
+def test_a_message_key_the_template_is_not_given_is_said_once_per_file(tmp_path, caplog):
+    """reasoning_content, tool_calls or name on a message are not passed to the chat template (a
+    template may render them, as a reasoning model's does): one warning per file and key names the
+    first place; a key holding nothing (null, empty) is not worth a word."""
+    rows = [{"messages": [{"role": "user", "content": "2+2?", "name": None},
+                          {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}] * 3
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        (ex, *_), = [load_sft(path)]
+    assert ex.messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    lines = caplog.text.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert (f"{path}:1: field 'messages[1].reasoning_content' is not used: a message's role and content are "
+            "passed to the chat template, nothing else (said once for this file)") in lines[0]

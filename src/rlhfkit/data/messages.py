@@ -1,16 +1,20 @@
 """Chat messages: validation, and the "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript form.
 
 A message is ``{"role": "system" | "user" | "assistant", "content": str}``; other keys of the
-input (``name``, ``tool_calls``...) are dropped, since nothing downstream renders them.
+input (``name``, ``tool_calls``, ``reasoning_content``...) are not passed to the chat template: one
+that holds a value is said once per file and key, since a template may have rendered it.
 Content is kept verbatim (no stripping), except in string transcripts, where the whitespace
 around each turn is an artefact of the "\\n\\nHuman: " separators and is removed.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
-from rlhfkit.data.errors import DataError, type_name
+from rlhfkit.data.errors import DataError, location, type_name
+
+log = logging.getLogger("rlhfkit")
 
 ROLES = ("system", "user", "assistant")
 
@@ -54,7 +58,22 @@ def check_messages(value, origin, field: str) -> list[dict]:
             raise DataError.at(origin, f"{where}.role",
                                f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         out.append({"role": role, "content": check_text(msg.get("content"), origin, f"{where}.content")})
+        _warn_dropped(msg, origin, where)
     return out
+
+
+_DROPPED: set[tuple] = set()  # (file, key): a message key not passed to the template, said once
+
+
+def _warn_dropped(msg: dict, origin, where: str) -> None:
+    source = origin[0] if origin else None
+    for key, value in msg.items():
+        if key in ("role", "content") or value in (None, "", [], {}) or (source, key) in _DROPPED:
+            continue
+        _DROPPED.add((source, key))
+        at = location(*origin) if origin else "data"
+        log.warning("%s: field %r is not used: a message's role and content are passed to the chat template, "
+                    "nothing else (said once for this file)", at, f"{where}.{key}")
 
 
 def check_starts_with_user(messages: list[dict], origin, field: str) -> None:
