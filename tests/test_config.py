@@ -473,3 +473,10 @@ def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, 
     with caplog.at_level(logging.WARNING, logger="rlhfkit"):
         config.load_config(klass, overrides=[*overrides, switch])
     assert not [r for r in caplog.records if "not used" in r.getMessage()]
+
+
+@pytest.mark.parametrize("value, trackers", [("none", []), ("[none]", []), ("tensorboard", ["tensorboard"]),
+                                             ("[tensorboard]", ["tensorboard"]), ("[]", [])])
+def test_report_to_takes_one_name_or_none_as_trl_does(value, trackers):
+    cfg = load_config(SFTConfig, overrides=["data.train=task:sentiment", f"train.report_to={value}"])
+    assert cfg.train.report_to == trackers
