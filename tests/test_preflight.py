@@ -81,6 +81,13 @@ def _cases(model: str, reward_file: str, rm: str = MISSING):
          f"{CONFIGS}: a directory, not a data file (a directory of dataset files loads as hf:{CONFIGS})"),
         ([*ppo, "ptx.coef=0.1", f"ptx.data={CONFIGS}"], f"{CONFIGS}: a directory, not a data file"),
         (["eval", "baseline=", f"policies=[{model}]"], "baseline: empty; name the model the policies are compared"),
+        # a sequence length past the model's positions (an absolute position table fails mid-run)
+        *(([k, "-c", str(CONFIGS / f"{k}.yaml"), f"model.name={model}", "data.max_length=2000"],
+           "data.max_length: 2000 tokens, more than the 1024 positions of") for k in ("sft", "rm", "dpo", "pm")),
+        ([*ppo, "ptx.coef=0.1", "ptx.data=task:sentiment", "ptx.max_length=2000"],
+         "ptx.max_length: 2000 tokens, more than the 1024 positions of"),
+        ([*ev, "alignment_tax.sft_data=task:sentiment", "alignment_tax.max_length=2000"],
+         "alignment_tax.max_length = 2000 tokens, more than the 1024 positions of"),
     ]
 
 

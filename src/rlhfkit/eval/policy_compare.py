@@ -172,6 +172,8 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
         with under_key(key):
             check_context_length(name, p.max_prompt_length + cfg.rollout.max_new_tokens,
                                  "prompts.max_prompt_length + rollout.max_new_tokens")
+            if cfg.alignment_tax.sft_data:
+                check_context_length(name, cfg.alignment_tax.max_length, "alignment_tax.max_length")
 
     # 2. Judges and the baseline's samples.
     out = Path(cfg.train.output_dir)

@@ -196,7 +196,7 @@ def load_tokenizer(name: str | os.PathLike, chat_template: str = ""):
     return apply_chat_template(_prepare_tokenizer(tok), chat_template)
 
 
-def check_context_length(name: str | os.PathLike, tokens: int, what: str) -> None:
+def check_context_length(name: str | os.PathLike, tokens: int, what: str = "") -> None:
     """Refuse sequences of ``tokens`` (``what`` says how they add up, naming the keys) longer than
     the model's positions (``max_position_embeddings``, GPT-2's ``n_positions``): past them an
     absolute position table fails with an index error, and rotary positions run beyond what the
@@ -209,7 +209,8 @@ def check_context_length(name: str | os.PathLike, tokens: int, what: str) -> Non
         return
     limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
     if isinstance(limit, int) and tokens > limit:
-        raise ValueError(f"{what} = {tokens} tokens, more than the {limit} positions of {name}")
+        said = f"{what} = {tokens}" if what else str(tokens)
+        raise ValueError(f"{said} tokens, more than the {limit} positions of {name}")
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -51,6 +51,7 @@ from rlhfkit.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from rlhfkit.models.loading import check_context_length
 from rlhfkit.models.lora import disable_dropout
 from rlhfkit.models.start import load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
@@ -257,6 +258,8 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
         check_policy_path(cfg.model.name)  # not a reward model or critic
     with under_key("model.lora.target_modules"):
         check_lora_targets(cfg.model.name, cfg.model.lora)
+    with under_key("data.max_length"):
+        check_context_length(cfg.model.name, cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     with under_key("dpo.reference"):

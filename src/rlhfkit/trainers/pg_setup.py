@@ -238,6 +238,9 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
     with under_key("rollout.max_new_tokens"):
         check_context_length(cfg.model.name, p.max_prompt_length + cfg.rollout.max_new_tokens,
                              "prompts.max_prompt_length + rollout.max_new_tokens")
+    if cfg.ptx.coef > 0:
+        with under_key("ptx.max_length"):
+            check_context_length(cfg.model.name, cfg.ptx.max_length)
     prompts, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit)
     if dropped:
         log.warning("[%s] dropped %d prompts longer than %d tokens", kind, dropped, p.max_prompt_length)

@@ -36,6 +36,7 @@ from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, pm_record, pm_training_records
 from rlhfkit.models import check_lora_targets, check_policy_path, load_tokenizer
+from rlhfkit.models.loading import check_context_length
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import open_run
@@ -154,6 +155,8 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
         check_policy_path(cfg.model.name)
     with under_key("model.lora.target_modules"):
         check_lora_targets(cfg.model.name, cfg.model.lora)
+    with under_key("data.max_length"):
+        check_context_length(cfg.model.name, cfg.data.max_length)
     train_pairs, eval_pairs = _pm_pairs(cfg)
     _check_lengths(cfg, train_pairs + eval_pairs)
     # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).

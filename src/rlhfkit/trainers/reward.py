@@ -29,6 +29,7 @@ from rlhfkit.models import (
     resolve_model_path,
     set_reward_pooling,
 )
+from rlhfkit.models.loading import check_context_length
 from rlhfkit.models.lora import root_model
 from rlhfkit.models.packing import pack_pairs, packed_token_values, packs
 from rlhfkit.models.heads import (
@@ -298,6 +299,8 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     # 1. Data, validated before anything is written or the model loads.
     with under_key("model.name"):
         _check_start_model(cfg)
+    with under_key("data.max_length"):
+        check_context_length(cfg.model.name, cfg.data.max_length)
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     _check_training_pairs(cfg, train)
