@@ -69,6 +69,8 @@ def test_non_finite_numbers_are_refused_even_without_validation(value):
     ("ppo", ["mini_batch_size=5"], r"mini_batch_size: 5 must divide train\.batch_size x rollout\.n = 16 rows"),
     ("ppo", ["critic_init=reward"], r"critic_init: 'reward' needs reward\.spec=rm:DIR"),
     ("ppo", ["kl.horizon=0"], r"kl: coef and target must be >= 0, horizon > 0"),
+    ("ppo", ["kl.coef=0", "kl.target=1"], r"kl\.target: 1\.0 with coef 0: the adaptive controller scales the "
+                                          r"coefficient, so from 0 it never moves; set kl\.coef > 0"),
     ("dpo", ["dpo.bta=0.1"], r"dpo\.bta: unknown key \(did you mean dpo\.beta\?\)"),
     ("dpo", ["dpo.loss_type=foo"], r"dpo\.loss_type: must be one of \['sigmoid', 'cdpo', 'robust', 'ipo', 'hinge'\], got 'foo'"),
     ("dpo", ["train.batch_size=6", "train.micro_batch_size=4"], r"train\.batch_size: 6 is not divisible by "

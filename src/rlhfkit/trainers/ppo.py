@@ -75,6 +75,9 @@ class KLSection:
     def validate(self, where: str) -> None:
         if self.coef < 0 or self.target < 0 or self.horizon <= 0:
             raise ConfigError(f"{where}: coef and target must be >= 0, horizon > 0")
+        if self.target > 0 and self.coef == 0:  # the controller multiplies the coefficient: 0 stays 0
+            raise ConfigError(f"{where}.target: {self.target} with coef 0: the adaptive controller scales the "
+                              f"coefficient, so from 0 it never moves; set {where}.coef > 0 as its starting value")
 
 
 @dataclass
