@@ -67,6 +67,19 @@ def test_best_of_n_threshold_and_top_fraction():
         "dropped_empty": 0, "dropped_below_min_score": 2, "dropped_top_fraction": 1}
 
 
+def test_an_rsft_iteration_that_keeps_nothing_names_the_rsft_keys(tmp_path, tokenizer):
+    """Every best response below rsft_min_score: the error says what was dropped and names the
+    threshold to lower, not the sampling settings that fix a DPO iteration of ties."""
+    cfg = load_config(OnlineDPOConfig, overrides=[
+        *_tiny_setup(tmp_path, tokenizer, 8), "mode=rsft", "rsft_min_score=1e9",
+        "iterations=1", "prompts_per_iteration=8", "rollout.n=2", "rollout.max_new_tokens=4",
+        "train.batch_size=2", "train.micro_batch_size=2", "train.max_steps=1", "train.progress=false",
+        f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"iteration 1: nothing to train on: 0 best responses \(8 below rsft_min_score, "
+                                         r"0 outside rsft_top_fraction, 0 empty dropped\); lower rsft_min_score"):
+        train_online_dpo(cfg)
+
+
 def test_rsft_iteration_keeps_only_responses_above_the_threshold(tmp_path, tokenizer):
     """End to end: the best responses RSFT trains on all reach rsft_min_score (50 characters here),
     and prompts whose best response falls short are not in the data."""

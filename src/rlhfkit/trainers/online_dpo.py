@@ -333,8 +333,10 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
         strategy.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
-        raise ValueError(f"iteration {k}: every pair was dropped (ties/identical, or below rsft_min_score after "
-                         "length_penalty and missing_eos_penalty); raise rollout.temperature or n")
+        fix = ("raise rollout.temperature or rollout.n" if "dropped_ties" in stats else
+               "lower rsft_min_score (it is compared after length_penalty and missing_eos_penalty) or raise "
+               "rsft_top_fraction")
+        raise ValueError(f"iteration {k}: nothing to train on: {_kept(stats)}; {fix}")
 
     # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
     result = train_step(cfg, current, pairs_path, it_dir, strategy)
