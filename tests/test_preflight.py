@@ -88,6 +88,15 @@ def _cases(model: str, reward_file: str, rm: str = MISSING):
          "ptx.max_length: 2000 tokens, more than the 1024 positions of"),
         ([*ev, "alignment_tax.sft_data=task:sentiment", "alignment_tax.max_length=2000"],
          "alignment_tax.max_length = 2000 tokens, more than the 1024 positions of"),
+        # fewer prompts (or PTX examples) than a batch: every batch would be that short, silently
+        ([*ppo, "prompts.limit=3", "train.batch_size=8", "mini_batch_size=8"],
+         "prompts.train: 3 prompts, fewer than train.batch_size 8 per iteration: lower train.batch_size, or set "
+         "train.drop_last=false"),
+        (["grpo", "-c", str(CONFIGS / "grpo.yaml"), f"model.name={model}", "reward.spec=task:sentiment",
+          "prompts.limit=3", "train.batch_size=4", "rollout.n=2", "mini_batch_size=8"],
+         "prompts.train: 3 prompts, fewer than train.batch_size 4"),
+        ([*ppo, "ptx.coef=0.1", "ptx.data=task:sentiment", "ptx.batch_size=100000"],
+         "examples, fewer than ptx.batch_size 100000: lower ptx.batch_size"),
     ]
 
 

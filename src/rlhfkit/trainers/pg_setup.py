@@ -249,6 +249,7 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
         eval_prompts, _ = load_prompt_items(p.eval, tokenizer, max_prompt_length=p.max_prompt_length,
                                             limit=p.eval_limit, kind="prompts_eval")
     ptx = load_ptx(cfg.ptx, tokenizer, cfg.train.micro_batch_size, cfg.train.seed)
+    _check_enough(cfg, len(prompts), dropped, ptx)
     with under_key("reward.spec"):
         check_reward_set(cfg.reward.spec, weights=cfg.reward.weights or None, combine=cfg.reward.combine,
                          unscorable=cfg.reward.unscorable)
@@ -312,6 +313,21 @@ def read_ptx(source: str) -> list:
     path = resolve_source(source, "sft")
     docs = load_plain_text(path)
     return docs if docs is not None else load_sft(path)
+
+
+def _check_enough(cfg, prompts: int, dropped: int, ptx: PTXData | None) -> None:
+    """Fewer prompts than train.batch_size (or PTX examples than ptx.batch_size) with drop_last
+    would make every batch that short, silently: the schedule, the minibatches and the processes'
+    shares are sized for the configured batch. Refused, naming the counts."""
+    train = cfg.train
+    if train.drop_last and prompts < train.batch_size:
+        said = f" ({dropped} more were longer than prompts.max_prompt_length)" if dropped else ""
+        raise ConfigError(f"prompts.train: {prompts} prompts{said}, fewer than train.batch_size {train.batch_size} "
+                          f"per iteration: lower train.batch_size, or set train.drop_last=false to fill each "
+                          "batch from the next pass over the prompts")
+    if ptx is not None and len(ptx.examples) < ptx.batch_size:
+        raise ConfigError(f"ptx.data: {len(ptx.examples)} examples, fewer than ptx.batch_size {ptx.batch_size}: "
+                          "lower ptx.batch_size")
 
 
 def load_ptx(section: PTXSection, tokenizer, micro_batch_size: int, seed: int) -> PTXData | None:
