@@ -406,6 +406,27 @@ def test_an_eval_limit_without_held_out_prompts_is_refused(command):
     assert cfg.prompts.eval_limit == 8
 
 
+def test_kl_keys_with_kl_coef_0_are_named_next_to_another_unused_key(caplog, monkeypatch):
+    """GRPO with kl_coef 0 has no KL term: kl_bias_correction is not read (one warning), and a
+    section can name several groups of unused keys, each with its own switch."""
+    import logging
+
+    from rlhfkit.config import loader
+    from rlhfkit.trainers.grpo import GRPOConfig
+
+    monkeypatch.setattr(loader, "_WARNED", set())
+    base = ["reward.spec=task:sentiment", "kl_coef=0", "kl_bias_correction=true"]
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        load_config(GRPOConfig, overrides=[*base, "ratio_level=sequence", "loss_agg=seq-mean-token-sum"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "command-line overrides: loss_agg set but not used: ratio_level is sequence",
+        "command-line overrides: kl_bias_correction set but not used: kl_coef is 0.0"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhfkit"):
+        load_config(GRPOConfig, overrides=[*base[:1], "kl_coef=0.1", "kl_bias_correction=true"])
+    assert not [r for r in caplog.records if "not used" in r.getMessage()]
+
+
 @pytest.mark.parametrize("on, key, off", [("capability=task:arithmetic", "max_length=256", "sft_data"),
                                           ("sft_data=task:sentiment", "max_new_tokens=8", "capability")])
 def test_an_alignment_tax_key_of_the_half_that_is_off_is_named(on, key, off, caplog, monkeypatch):

@@ -251,8 +251,10 @@ _WARNED: set[tuple[int, str]] = set()  # (section object, message): a config val
 def _warn_unused(cfg: Any, prefix: str, source: str) -> None:
     """A section whose keys act only when it is switched on (``unused_keys``: model.lora.r without
     model.lora.enabled, ptx.data with ptx.coef 0) names the keys set while it is off, once."""
-    unused, switch = cfg.unused_keys() if hasattr(cfg, "unused_keys") else ([], "")
-    if unused:
+    found = cfg.unused_keys() if hasattr(cfg, "unused_keys") else ([], "")
+    for unused, switch in found if isinstance(found, list) else [found]:  # one (keys, switch) or several
+        if not unused:
+            continue
         dotted = f"{prefix}." if prefix else ""
         switches = [switch] if isinstance(switch, str) else list(switch)  # the section is on when any is
         message = (f"{', '.join(dotted + k for k in unused)} set but not used: "

@@ -105,10 +105,15 @@ class GRPOConfig(PolicyGradientConfig):
     def policy_ratio_level(self) -> str:
         return self.ratio_level
 
-    def unused_keys(self) -> tuple[list[str], str]:
-        """A ratio per response averages the loss over responses: loss_agg is not read then."""
-        set_agg = self.loss_agg != type(self)().loss_agg
-        return (["loss_agg"] if set_agg and self.ratio_level != "token" else []), "ratio_level"
+    def unused_keys(self) -> list[tuple[list[str], str]]:
+        """A ratio per response averages the loss over responses: loss_agg is not read then; with
+        kl_coef 0 there is no KL term, so where it goes and its bias correction are not read (kl_kind
+        still names the logged KL)."""
+        default = type(self)()
+        set_agg = self.loss_agg != default.loss_agg
+        kl = [k for k in ("kl_bias_correction", "kl_in_reward") if getattr(self, k) != getattr(default, k)]
+        return [(["loss_agg"] if set_agg and self.ratio_level != "token" else [], "ratio_level"),
+                (kl if self.kl_coef == 0 else [], "kl_coef")]
 
     def validate(self, where: str) -> None:
         super().validate(where)
