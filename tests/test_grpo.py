@@ -389,3 +389,12 @@ def test_the_trainers_log_probs_are_at_the_sampling_temperature(tokenizer, share
     rmask = exp.response_mask.bool()
     torch.testing.assert_close(got[rmask], want[rmask], atol=1e-4, rtol=0)
     torch.testing.assert_close(exp.logprobs[rmask], want[rmask], atol=1e-4, rtol=0)
+
+
+def test_prompts_left_out_of_each_pass_are_said(tokenizer, tmp_path, capsys):
+    """10 prompts in batches of 4 with drop_last: each pass over the prompts takes 2 batches and
+    leaves 2 prompts out, which the run says once (as the supervised trainers do)."""
+    data = base_config(tmp_path, tokenizer, **GRPO_OVER, prompts={"limit": 10},
+                       train={"batch_size": 4, "micro_batch_size": 8, "max_steps": 2})
+    train_grpo(load_config(GRPOConfig, data={**data, "mini_batch_size": 8}))
+    assert "[grpo] batches of 4 prompts leave 2 of the 10 out of each pass" in capsys.readouterr().out

@@ -234,7 +234,8 @@ def train_grpo(cfg: GRPOConfig, strategy: Strategy | None = None) -> dict:
     result = fit(pr.run, lambda step: grpo_iteration(pr, step, actor, pr.ptx), pr.total,
                  models={"actor": actor.model},
                  optimizers={"actor": actor.optimizer, "actor_scheduler": actor.scheduler},
-                 evaluate=(lambda: evaluate_policy(pr, actor.model)) if pr.eval_prompts else None, show=SHOW)
+                 evaluate=(lambda: evaluate_policy(pr, actor.model)) if pr.eval_prompts else None, show=SHOW,
+                 on_start=pr.announce)
     finish(pr.run, {"model": actor.model}, pr.tokenizer, {**result.metrics, "steps": result.steps}, best=result.best,
            decode_products=decode_choices())
     return result.metrics

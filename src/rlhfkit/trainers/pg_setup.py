@@ -44,6 +44,7 @@ from rlhfkit.trainers.sft import prepare_sft_data
 from rlhfkit.training import (
     Run,
     batch_indices,
+    left_out,
     open_run,
     prepare_optimization,
     total_steps,
@@ -177,6 +178,15 @@ class PolicyRun:
     def local_mini_batch(self) -> int:
         """Rows per optimizer step on this rank."""
         return self.cfg.mini_batch_size // self.strategy.world_size
+
+    def announce(self, start: int) -> None:
+        """`fit`'s on_start: what the run says once its logger exists (the prompts each pass over
+        them leaves out with drop_last, as the supervised trainers say of their examples)."""
+        train, n = self.cfg.train, len(self.prompts)
+        rest = left_out(n, train)
+        if rest and self.total >= n // train.batch_size:  # the run reaches the end of a pass
+            self.run.logger.write(f"[{self.run.kind}] batches of {train.batch_size} prompts leave {rest} of the {n} "
+                                  "out of each pass (a different few each pass); train.drop_last=false keeps them")
 
     def optimizer_steps_per_iteration(self) -> int:
         local_rows = self.cfg.train.batch_size * self.cfg.rollout.n // self.strategy.world_size

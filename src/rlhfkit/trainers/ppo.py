@@ -242,7 +242,8 @@ def train_ppo(cfg: PPOConfig, strategy: Strategy | None = None) -> dict:
                              "critic": critic.optimizer, "critic_scheduler": critic.scheduler},
                  evaluate=(lambda: evaluate_policy(pr, actor.model)) if pr.eval_prompts else None,
                  state_fn=lambda: {"kl_controller": kl_ctl.state_dict()},
-                 load_state=lambda st: kl_ctl.load_state_dict(st["kl_controller"]), show=SHOW)
+                 load_state=lambda st: kl_ctl.load_state_dict(st["kl_controller"]), show=SHOW,
+                 on_start=pr.announce)
     finish(pr.run, {"model": actor.model, "critic": critic.model}, pr.tokenizer,
            {**result.metrics, "steps": result.steps, "kl_coef_final": kl_ctl.value}, best=result.best,
            decode_products=decode_choices())
