@@ -503,3 +503,14 @@ def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, 
 def test_report_to_takes_one_name_or_none_as_trl_does(value, trackers):
     cfg = load_config(SFTConfig, overrides=["data.train=task:sentiment", f"train.report_to={value}"])
     assert cfg.train.report_to == trackers
+
+
+def test_eval_refuses_several_greedy_samples_per_prompt():
+    """At temperature 0 the n samples of a prompt are one response n times: the win rate's
+    interval would count copies as independent samples."""
+    from rlhfkit.eval.config import EvalConfig
+
+    with pytest.raises(ConfigError, match=r"rollout\.n: 2 greedy samples \(rollout\.temperature 0\) per prompt are "
+                                          r"copies of one; use rollout\.n=1"):
+        load_config(EvalConfig, overrides=["policies=[a]", "rollout.temperature=0"])
+    assert load_config(EvalConfig, overrides=["policies=[a]", "rollout.temperature=0", "rollout.n=1"]).rollout.n == 1

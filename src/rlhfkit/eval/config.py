@@ -133,6 +133,9 @@ class EvalConfig:
         if self.proxy and is_pairwise_spec(self.proxy):
             raise ConfigError(f"{where}.proxy: {self.proxy} is a pairwise judge; proxy is a pointwise reward (rm:DIR, "
                               "task:NAME, module:function): name a pairwise judge in judges")
+        if self.rollout.temperature == 0 and self.rollout.n > 1:  # the intervals would count copies as samples
+            raise ConfigError(f"{where}.rollout.n: {self.rollout.n} greedy samples (rollout.temperature 0) per prompt "
+                              "are copies of one; use rollout.n=1, or a temperature above 0")
 
 
 def policy_label(spec: str) -> tuple[str, str]:
