@@ -607,8 +607,9 @@ def test_ppo_takes_a_cut_reward_model_as_reward_and_critic(tokenizer, tmp_path, 
         "train": {"output_dir": str(tmp_path / "rm"), "epochs": 0, "batch_size": 8, "micro_batch_size": 8,
                   "progress": False}})
     train_reward_model(rm)
+    # the critic barely moves (lr 1e-12), so what it saves is what it started from: the RM itself
     cfg = _cfg(tmp_path, tokenizer, critic_init="reward", reward={"spec": f"rm:{tmp_path / 'rm'}"},
-               train={"max_steps": 2})
+               train={"max_steps": 2}, critic_optim={"lr": 1e-12})
     train_ppo(cfg)
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/value"]) for r in rows)
@@ -616,3 +617,10 @@ def test_ppo_takes_a_cut_reward_model_as_reward_and_critic(tokenizer, tmp_path, 
     assert critic["num_hidden_layers"] == 1
     assert (critic.get("reward_head_hidden"), critic.get("reward_head_embeddings")) == (
         (8, True) if head else (None, None))
+    from safetensors.torch import load_file
+
+    started, saved = (load_file(str(d / "model.safetensors"))
+                      for d in (tmp_path / "rm" / "model", tmp_path / "run" / "critic"))
+    assert set(saved) == set(started) and any(k.startswith("score") for k in saved)
+    for k, w in started.items():  # every weight, the (token) head's included, is the RM's
+        torch.testing.assert_close(saved[k], w, atol=1e-6, rtol=0, msg=k)
