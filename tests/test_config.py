@@ -514,3 +514,16 @@ def test_eval_refuses_several_greedy_samples_per_prompt():
                                           r"copies of one; use rollout\.n=1"):
         load_config(EvalConfig, overrides=["policies=[a]", "rollout.temperature=0"])
     assert load_config(EvalConfig, overrides=["policies=[a]", "rollout.temperature=0", "rollout.n=1"]).rollout.n == 1
+
+
+def test_every_unknown_key_of_a_section_is_named_in_the_one_line(tmp_path):
+    """A YAML written for another library has several unknown keys: all of one section are named at
+    once, each with its hint, rather than one per run."""
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train: x\nlearning_rate: 1.0e-5\nnum_train_epochs: 2\ntrian: {seed: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, p)
+    assert str(e.value).startswith(
+        f"{p}: learning_rate: unknown key (rlhfkit's key for it: optim.lr; docs/coming_from_trl.md); "
+        "num_train_epochs: unknown key (rlhfkit's key for it: train.epochs; docs/coming_from_trl.md); "
+        "trian: unknown key (did you mean train?); known keys: ")

@@ -114,6 +114,15 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
 _ROOT: contextvars.ContextVar = contextvars.ContextVar("rlhfkit_config_root", default=None)
 
 
+def _key_hint(key: str, names: set[str], where: str) -> str:
+    """Another library's name for a key (`foreign_hint`), else the nearest spelling, else nothing."""
+    extra = foreign_hint(key, _ROOT.get())
+    if extra is None:
+        close = difflib.get_close_matches(key, names, n=1)
+        extra = f" (did you mean {where}{close[0]}?)" if close else ""
+    return extra
+
+
 def build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         where = f"{prefix}: " if prefix else ""
@@ -121,13 +130,10 @@ def build(cls, data: dict, prefix: str, source: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
-    if unknown:
+    if unknown:  # every unknown key of this section in the one line, each with its hint
         where = f"{prefix}." if prefix else ""
-        extra = foreign_hint(unknown[0], _ROOT.get())
-        if extra is None:
-            hint = difflib.get_close_matches(unknown[0], names, n=1)
-            extra = f" (did you mean {where}{hint[0]}?)" if hint else ""
-        raise ConfigError(f"{source}: {where}{unknown[0]}: unknown key{extra}; known keys: {sorted(names)}")
+        said = "; ".join(f"{where}{k}: unknown key{_key_hint(k, names, where)}" for k in unknown)
+        raise ConfigError(f"{source}: {said}; known keys: {sorted(names)}")
     kwargs = {}
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
                  if f.default_factory is not dataclasses.MISSING}
