@@ -95,7 +95,9 @@ def test_trainer_config_errors_are_located(kind, overrides, match):
     ("grpo", "max_completion_length=32", "rollout.max_new_tokens"),
     ("sft", "per_device_train_batch_size=4", "train.micro_batch_size"),
     ("rm", "optim.learning_rate=1e-5", "optim.lr"),
-    ("ppo", "num_mini_batches=2", "mini_batch_size"),
+    ("ppo", "num_mini_batches=2", "mini_batch_size, rows per minibatch, not a count of minibatches"),
+    ("ppo", "max_epochs=2", "ppo_epochs, passes over each rollout batch"),
+    ("sft", "max_epochs=2", "train.epochs"),
     ("ppo", "critic_learning_rate=1e-5", "critic_optim.lr"),
 ])
 def test_a_trl_or_openrlhf_key_names_the_rlhfkit_key_for_it(kind, key, named):

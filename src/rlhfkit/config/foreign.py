@@ -49,6 +49,20 @@ FOREIGN_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# (name, rlhfkit key) -> what differs in meaning, where the value does not carry over as it is.
+NOTES = {
+    ("num_mini_batches", "mini_batch_size"): "rows per minibatch, not a count of minibatches",
+    ("gradient_accumulation_steps", "train.batch_size"): "the global batch; accumulation is train.batch_size / "
+                                                         "train.micro_batch_size",
+    ("per_device_train_batch_size", "train.micro_batch_size"): "rows per forward; the global batch is train.batch_size",
+    ("micro_train_batch_size", "train.micro_batch_size"): "rows per forward; the global batch is train.batch_size",
+    ("load_best_model_at_end", "train.select_best"): "it names the metric to keep the best model by",
+    ("metric_for_best_model", "train.select_best"): "a metric name as logged, e.g. eval/loss",
+    ("use_kl_loss", "kl_in_reward"): "the other way round: true puts the KL in the reward, false in the loss",
+    ("max_epochs", "ppo_epochs"): "passes over each rollout batch",
+}
+
+
 def foreign_hint(name: str, root) -> str | None:
     """The phrase for an unknown key another library names so (None if it is not one): the rlhfkit
     key of config class ``root`` that does the same, or that rlhfkit has none."""
@@ -56,7 +70,8 @@ def foreign_hint(name: str, root) -> str | None:
         return None
     have = [k for k in FOREIGN_KEYS[name] if root is not None and _has_path(root, k)]
     if have:
-        return f" (rlhfkit's key for it: {have[0]}; docs/coming_from_trl.md)"
+        note = f", {NOTES[name, have[0]]}" if (name, have[0]) in NOTES else ""
+        return f" (rlhfkit's key for it: {have[0]}{note}; docs/coming_from_trl.md)"
     return " (a key of another library; rlhfkit has no such setting here: docs/coming_from_trl.md)"
 
 
