@@ -331,8 +331,14 @@ def test_trl_reward_functions_get_the_completions_by_name():
                     (lambda p, prompts: [], r"parameter 2 is named 'prompts', but it is given the responses")):
         with pytest.raises(RewardSpecError, match=msg):
             build_reward_fn(fn, name="f")
-    with pytest.raises(ValueError, match="field 'completions' is reserved"):
-        build_reward_fn(accuracy)(PROMPTS, RESPONSES, fields={"reference": ["4", "5"], "completions": [1, 2]})
+    # a record field named completions: the responses win in TRL's form; rlhfkit's form may read it
+    build_reward_fn(accuracy)(PROMPTS, RESPONSES, fields={"reference": ["4", "5"], "completions": [1, 2]})
+    assert seen["accuracy"][0] == RESPONSES
+    # rlhfkit's positional form, whatever the second parameter is called
+    assert build_reward_fn(lambda queries, completions: [float(len(c)) for c in completions])(
+        PROMPTS, RESPONSES) == [float(len(r)) for r in RESPONSES]
+    assert build_reward_fn(lambda prompts, /, completions: [float(len(c)) for c in completions])(
+        PROMPTS, RESPONSES) == [float(len(r)) for r in RESPONSES]
 
 
 def test_callables_and_their_names():

@@ -20,7 +20,7 @@ from rlhfkit.data import render_ids
 Messages = list[dict]
 SPEC_FORMS = "rm:DIR, task:NAME, module:function or file.py:function"
 # Reward functions receive the prompts and responses under these names: no field may take them.
-RESERVED_FIELDS = ("prompts", "responses", "messages", "completions")
+RESERVED_FIELDS = ("prompts", "responses", "messages")
 
 
 class RewardFunctionError(RuntimeError):
@@ -88,8 +88,8 @@ class _Signature:
             return
         P = inspect.Parameter
         params = list(sig.parameters.values())
-        self.by_name = any(p.name == "completions" and p.kind != P.POSITIONAL_ONLY for p in params)
         positional = [p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        self.by_name = _trl_form(params, positional)
         if self.by_name:
             rest = [p for p in params if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)
                     and p.name not in ("prompts", "completions")]
@@ -111,9 +111,10 @@ class _Signature:
     def call(self, fn: Callable, label: str, prompts: list[str], responses: list[str], messages,
              cols: dict[str, list]):
         """fn called with the prompts, the responses and the fields it takes."""
-        out = self.kwargs(label, prompts, messages, cols)
         if not self.by_name:
-            return fn(prompts, responses, **out)
+            return fn(prompts, responses, **self.kwargs(label, prompts, messages, cols))
+        cols = {k: v for k, v in cols.items() if k != "completions"}  # a field of that name: the responses win
+        out = self.kwargs(label, prompts, messages, cols)
         return fn(completions=responses, **({"prompts": prompts} if self.prompts else {}), **out)
 
     def kwargs(self, label: str, prompts: list[str], messages, cols: dict[str, list]) -> dict:
@@ -132,6 +133,16 @@ class _Signature:
         if self.takes_all:
             out.update({k: v for k, v in cols.items() if k not in out})
         return out
+
+
+def _trl_form(params: list, positional: list) -> bool:
+    """TRL's form, called by name: ``completions`` first, after ``prompts``, or keyword-only (a
+    ``completions`` elsewhere, ``f(queries, completions)``, is rlhfkit's positional form)."""
+    P = inspect.Parameter
+    first = [p.name for p in positional[:2]]
+    named = first[:1] == ["completions"] or first == ["prompts", "completions"] or any(
+        p.name == "completions" and p.kind == P.KEYWORD_ONLY for p in params)
+    return named and not any(p.kind == P.POSITIONAL_ONLY for p in positional[:2])
 
 
 def _check_order(first_two: list, label: str) -> None:
