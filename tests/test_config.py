@@ -98,6 +98,13 @@ def test_trainer_config_errors_are_located(kind, overrides, match):
     ("ppo", "num_mini_batches=2", "mini_batch_size, rows per minibatch, not a count of minibatches"),
     ("ppo", "max_epochs=2", "ppo_epochs, passes over each rollout batch"),
     ("sft", "max_epochs=2", "train.epochs"),
+    ("ppo", "critic_optim.learning_rate=1e-5", "critic_optim.lr"),  # the section's own key, not optim.lr
+    ("ppo", "ptx.max_len=64", "ptx.max_length"),
+    ("grpo", "train_batch_size=32", "mini_batch_size, rows per optimizer step; train.batch_size counts prompts"),
+    ("grpo", "gradient_accumulation_steps=4", "mini_batch_size, rows per optimizer step; accumulation is "
+                                              "mini_batch_size / train.micro_batch_size"),
+    ("sft", "gradient_accumulation_steps=4", "train.batch_size, the global batch"),
+    ("sft", "max_seq_length=512", "data.max_length"),
     ("ppo", "critic_learning_rate=1e-5", "critic_optim.lr"),
 ])
 def test_a_trl_or_openrlhf_key_names_the_rlhfkit_key_for_it(kind, key, named):
@@ -516,6 +523,13 @@ def test_eval_refuses_several_greedy_samples_per_prompt():
                                           r"copies of one; use rollout\.n=1"):
         load_config(EvalConfig, overrides=["policies=[a]", "rollout.temperature=0"])
     assert load_config(EvalConfig, overrides=["policies=[a]", "rollout.temperature=0", "rollout.n=1"]).rollout.n == 1
+
+
+def test_a_foreign_key_is_named_when_a_section_is_built_alone():
+    from rlhfkit.config.loader import build
+
+    with pytest.raises(ConfigError, match=r"learning_rate: unknown key \(rlhfkit's key for it: optim\.lr;"):
+        build(SFTConfig, {"learning_rate": 1e-5}, "", "api")
 
 
 def test_every_unknown_key_of_a_section_is_named_in_the_one_line(tmp_path):

@@ -18,7 +18,8 @@ FOREIGN_KEYS: dict[str, tuple[str, ...]] = {
     "warmup_ratio": ("optim.warmup_ratio",), "lr_scheduler_type": ("optim.schedule",),
     "lr_warmup_ratio": ("optim.warmup_ratio",),
     "per_device_train_batch_size": ("train.micro_batch_size",), "micro_train_batch_size": ("train.micro_batch_size",),
-    "gradient_accumulation_steps": ("train.batch_size",), "train_batch_size": ("train.batch_size",),
+    "gradient_accumulation_steps": ("mini_batch_size", "train.batch_size"),
+    "train_batch_size": ("mini_batch_size", "train.batch_size"),
     "rollout_batch_size": ("train.batch_size",),
     "num_train_epochs": ("train.epochs",), "max_epochs": ("ppo_epochs", "train.epochs"),
     "max_steps": ("train.max_steps",), "output_dir": ("train.output_dir",), "seed": ("train.seed",),
@@ -38,7 +39,8 @@ FOREIGN_KEYS: dict[str, tuple[str, ...]] = {
     "max_completion_length": ("rollout.max_new_tokens",), "generate_max_len": ("rollout.max_new_tokens",),
     "response_length": ("rollout.max_new_tokens",), "max_new_tokens": ("rollout.max_new_tokens",),
     "max_prompt_length": ("prompts.max_prompt_length",), "prompt_max_len": ("prompts.max_prompt_length",),
-    "max_len": ("data.max_length",),
+    "max_len": ("data.max_length", "max_length"), "max_seq_length": ("data.max_length", "max_length"),
+    "max_length": ("data.max_length",),
     "temperature": ("rollout.temperature",), "top_p": ("rollout.top_p",), "top_k": ("rollout.top_k",),
     "epsilon": ("clip_eps",), "cliprange": ("clip_eps",), "eps_clip": ("clip_eps",),
     "epsilon_high": ("clip_eps_high",), "cliprange_value": ("value_clip_eps",), "value_clip": ("value_clip_eps",),
@@ -54,8 +56,11 @@ NOTES = {
     ("num_mini_batches", "mini_batch_size"): "rows per minibatch, not a count of minibatches",
     ("gradient_accumulation_steps", "train.batch_size"): "the global batch; accumulation is train.batch_size / "
                                                          "train.micro_batch_size",
-    ("per_device_train_batch_size", "train.micro_batch_size"): "rows per forward; the global batch is train.batch_size",
-    ("micro_train_batch_size", "train.micro_batch_size"): "rows per forward; the global batch is train.batch_size",
+    ("gradient_accumulation_steps", "mini_batch_size"): "rows per optimizer step; accumulation is mini_batch_size / "
+                                                        "train.micro_batch_size",
+    ("train_batch_size", "mini_batch_size"): "rows per optimizer step; train.batch_size counts prompts",
+    ("per_device_train_batch_size", "train.micro_batch_size"): "rows per forward",
+    ("micro_train_batch_size", "train.micro_batch_size"): "rows per forward",
     ("load_best_model_at_end", "train.select_best"): "it names the metric to keep the best model by",
     ("metric_for_best_model", "train.select_best"): "a metric name as logged, e.g. eval/loss",
     ("use_kl_loss", "kl_in_reward"): "the other way round: true puts the KL in the reward, false in the loss",
@@ -63,11 +68,18 @@ NOTES = {
 }
 
 
-def foreign_hint(name: str, root) -> str | None:
+def foreign_hint(name: str, root, section=None, prefix: str = "") -> str | None:
     """The phrase for an unknown key another library names so (None if it is not one): the rlhfkit
-    key of config class ``root`` that does the same, or that rlhfkit has none."""
+    key of config class ``root`` that does the same, or that rlhfkit has none. Typed inside a
+    section (``section``, at ``prefix``), that section's own key comes first (critic_optim's lr,
+    not optim's)."""
     if name not in FOREIGN_KEYS:
         return None
+    if prefix and section is not None:
+        leaves = {k.rpartition(".")[2] for k in FOREIGN_KEYS[name]}
+        own = [f.name for f in dataclasses.fields(section) if f.name in leaves]
+        if own:
+            return f" (rlhfkit's key for it: {prefix}.{own[0]}; docs/coming_from_trl.md)"
     have = [k for k in FOREIGN_KEYS[name] if root is not None and _has_path(root, k)]
     if have:
         note = f", {NOTES[name, have[0]]}" if (name, have[0]) in NOTES else ""

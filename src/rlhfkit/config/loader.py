@@ -114,9 +114,10 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
 _ROOT: contextvars.ContextVar = contextvars.ContextVar("rlhfkit_config_root", default=None)
 
 
-def _key_hint(key: str, names: set[str], where: str) -> str:
+def _key_hint(key: str, cls, names: set[str], prefix: str) -> str:
     """Another library's name for a key (`foreign_hint`), else the nearest spelling, else nothing."""
-    extra = foreign_hint(key, _ROOT.get())
+    where = f"{prefix}." if prefix else ""
+    extra = foreign_hint(key, _ROOT.get() or (None if prefix else cls), cls, prefix)
     if extra is None:
         close = difflib.get_close_matches(key, names, n=1)
         extra = f" (did you mean {where}{close[0]}?)" if close else ""
@@ -132,7 +133,7 @@ def build(cls, data: dict, prefix: str, source: str):
     unknown = sorted(set(data) - names)
     if unknown:  # every unknown key of this section in the one line, each with its hint
         where = f"{prefix}." if prefix else ""
-        said = "; ".join(f"{where}{k}: unknown key{_key_hint(k, names, where)}" for k in unknown)
+        said = "; ".join(f"{where}{k}: unknown key{_key_hint(k, cls, names, prefix)}" for k in unknown)
         raise ConfigError(f"{source}: {said}; known keys: {sorted(names)}")
     kwargs = {}
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
