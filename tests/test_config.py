@@ -507,9 +507,13 @@ def test_keys_of_a_section_that_is_off_are_named_in_one_warning(cls, overrides, 
     assert not [r for r in caplog.records if "not used" in r.getMessage()]
 
 
-@pytest.mark.parametrize("value, trackers", [("none", []), ("[none]", []), ("tensorboard", ["tensorboard"]),
-                                             ("[tensorboard]", ["tensorboard"]), ("[]", [])])
-def test_report_to_takes_one_name_or_none_as_trl_does(value, trackers):
+@pytest.mark.parametrize("value, trackers", [("none", []), ("[none]", []), ("[NONE]", []), ("null", []),
+                                             ("tensorboard", ["tensorboard"]), ("[tensorboard]", ["tensorboard"]),
+                                             ("[]", []), ("all", ["tensorboard"])])
+def test_report_to_takes_one_name_none_or_all_as_trl_does(value, trackers, monkeypatch):
+    from rlhfkit.config import extras
+
+    monkeypatch.setattr(extras, "installed", lambda module: module == "tensorboard")  # all: the installed ones
     cfg = load_config(SFTConfig, overrides=["data.train=task:sentiment", f"train.report_to={value}"])
     assert cfg.train.report_to == trackers
 

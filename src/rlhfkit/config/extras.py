@@ -67,6 +67,16 @@ def resolve_trackers(names) -> list[str]:
     return out
 
 
+def tracker_names(value) -> list:
+    """``train.report_to`` as a list, read as TRL reads its ``report_to``: one name alone, ``none``
+    (or null) for no tracker, ``all`` for every known tracker that is installed."""
+    names = [] if value is None else [value] if isinstance(value, str) else list(value)
+    said = [n.strip().lower() if isinstance(n, str) else n for n in names]
+    if "all" in said:
+        return [name for name, (module, _) in TRACKERS.items() if installed(module)]
+    return [n.strip() if isinstance(n, str) else n for n, s in zip(names, said) if s not in ("none", "")]
+
+
 def check_trackers(names: list, where: str) -> None:
     """``train.report_to``: every name "auto", a known tracker or one registered with accelerate's
     ``register_tracker_class``, and installed when named explicitly."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from rlhfkit.config.errors import ConfigError
-from rlhfkit.config.extras import check_trackers
+from rlhfkit.config.extras import check_trackers, tracker_names
 
 
 @dataclass
@@ -172,11 +172,11 @@ class TrainSection:
     """Continue even though the config or data differ from those the run in output_dir started with."""
     progress: bool = True
     """Show a progress bar (false: no bar at all, transformers' loading and saving bars included)."""
-    report_to: Union[str, list] = field(default_factory=lambda: ["auto"])
+    report_to: Union[str, list, None] = field(default_factory=lambda: ["auto"])
     """Experiment trackers that get the metrics besides metrics.jsonl (always written): tensorboard
     (output_dir/tb), wandb, mlflow, or any other tracker of accelerate (trackio, comet_ml, aim, clearml,
-    dvclive, swanlab); auto = tensorboard when it is installed; [] or none = metrics.jsonl only; one
-    name alone (wandb) = [wandb]. A tracker named explicitly must be installed (e.g. pip install 'rlhfkit[wandb]')."""
+    dvclive, swanlab); auto = tensorboard when it is installed; [] or none = metrics.jsonl only; all =
+    every one of those that is installed; one name alone (wandb) = [wandb]. A tracker named explicitly must be installed (e.g. pip install 'rlhfkit[wandb]')."""
     fsdp: bool = False
     """On N processes: shard the trained and frozen models with torch FSDP2 instead of replicating them."""
     zero_stage: int = 0
@@ -199,10 +199,7 @@ class TrainSection:
                               "use train.fsdp=true to shard the weights)")
         if self.zero_stage and self.fsdp:
             raise ConfigError(f"{where}: choose one of fsdp and zero_stage")
-        if isinstance(self.report_to, str):  # as TRL takes it: one name, or "none"
-            self.report_to = [] if self.report_to.strip().lower() in ("none", "") else [self.report_to.strip()]
-        if self.report_to in (["none"], ["None"]):
-            self.report_to = []
+        self.report_to = tracker_names(self.report_to)  # as TRL takes it: one name, none or all too
         check_trackers(self.report_to, f"{where}.report_to")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"{where}.early_stopping_patience: must be >= 0")
