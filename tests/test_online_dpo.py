@@ -465,3 +465,13 @@ def test_best_of_n_threshold_is_inclusive_and_top_fraction_rounds_up():
         "dropped_empty": 0, "dropped_below_min_score": 1, "dropped_top_fraction": 0}
     many = [float(i) for i in range(100)]  # 100 groups of one: top_fraction x 100 rounds up only past a whole
     assert [len(best_of_n(many, ["x"] * 100, 1, top_fraction=f)) for f in (0.07, 0.55, 0.555)] == [7, 55, 56]
+
+
+def test_the_fix_named_for_an_iteration_that_kept_nothing_follows_what_dropped_it():
+    from rlhfkit.trainers.online_dpo import _nothing_kept_fix
+
+    assert _nothing_kept_fix({"dropped_ties": 4, "dropped_identical": 0}) == "raise rollout.temperature or rollout.n"
+    assert _nothing_kept_fix({"dropped_below_min_score": 0, "dropped_top_fraction": 0, "dropped_empty": 8}) == (
+        "raise rollout.max_new_tokens or look at the samples (every best response was empty)")
+    assert _nothing_kept_fix({"dropped_below_min_score": 6, "dropped_top_fraction": 2, "dropped_empty": 0}) == (
+        "lower rsft_min_score (it is compared after length_penalty and missing_eos_penalty); raise rsft_top_fraction")

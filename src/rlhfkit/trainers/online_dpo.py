@@ -169,6 +169,17 @@ class OnlineDPOConfig:
 
 # --------------------------------------------------------------------------- the loop
 
+def _nothing_kept_fix(stats: dict) -> str:
+    """What to change when an iteration kept nothing, from what dropped its examples."""
+    if "dropped_ties" in stats:
+        return "raise rollout.temperature or rollout.n"
+    fixes = {"dropped_below_min_score": "lower rsft_min_score (it is compared after length_penalty and "
+                                        "missing_eos_penalty)",
+             "dropped_top_fraction": "raise rsft_top_fraction",
+             "dropped_empty": "raise rollout.max_new_tokens or look at the samples (every best response was empty)"}
+    return "; ".join(fix for key, fix in fixes.items() if stats.get(key))
+
+
 def _kept(summary: dict) -> str:
     """An iteration's training examples and what was dropped, for its log line."""
     if "dropped_ties" in summary:
@@ -333,10 +344,7 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
         strategy.wait()
     stats = json.loads((it_dir / "sampling.json").read_text())
     if stats["pairs"] == 0:
-        fix = ("raise rollout.temperature or rollout.n" if "dropped_ties" in stats else
-               "lower rsft_min_score (it is compared after length_penalty and missing_eos_penalty) or raise "
-               "rsft_top_fraction")
-        raise ValueError(f"iteration {k}: nothing to train on: {_kept(stats)}; {fix}")
+        raise ValueError(f"iteration {k}: nothing to train on: {_kept(stats)}; {_nothing_kept_fix(stats)}")
 
     # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
     result = train_step(cfg, current, pairs_path, it_dir, strategy)
