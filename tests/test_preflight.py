@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MISSING = "/nonexistent/rlhfkit-preflight"
 
 
-def _cases(model: str, reward_file: str, rm: str = MISSING):
+def _cases(model: str, reward_file: str, rm: str = MISSING, short: str = MISSING):
     ppo = ["ppo", "-c", str(CONFIGS / "ppo.yaml"), f"model.name={model}", "critic_init=policy",
            "reward.spec=task:sentiment"]
     online = ["online-dpo", "-c", str(CONFIGS / "online_dpo.yaml"), f"model.name={model}"]
@@ -84,6 +84,8 @@ def _cases(model: str, reward_file: str, rm: str = MISSING):
         # a sequence length past the model's positions (an absolute position table fails mid-run)
         *(([k, "-c", str(CONFIGS / f"{k}.yaml"), f"model.name={model}", "data.max_length=2000"],
            "data.max_length: 2000 tokens, more than the 1024 positions of") for k in ("sft", "rm", "dpo", "pm")),
+        (["dpo", "-c", str(CONFIGS / "dpo.yaml"), f"model.name={model}", f"dpo.reference={short}"],
+         f"dpo.reference: data.max_length = 256 tokens, more than the 64 positions of {short}"),
         ([*ppo, "ptx.coef=0.1", "ptx.data=task:sentiment", "ptx.max_length=2000"],
          "ptx.max_length: 2000 tokens, more than the 1024 positions of"),
         ([*ev, "alignment_tax.sft_data=task:sentiment", "alignment_tax.max_length=2000"],
@@ -117,7 +119,13 @@ def test_a_bad_input_stops_the_command_before_it_writes_or_loads_a_model(case, t
     (rm / "config.json").unlink()
     config = json.loads((tiny_model_dir / "config.json").read_text())
     (rm / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
-    argv, fragment = _cases(str(tiny_model_dir), str(reward), str(rm))[case]
+    short = tmp_path / "short"  # the policy with 64 positions
+    short.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "config.json":
+            (short / f.name).symlink_to(f)
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    argv, fragment = _cases(str(tiny_model_dir), str(reward), str(rm), str(short))[case]
 
     def loaded(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")

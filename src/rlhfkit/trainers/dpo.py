@@ -265,6 +265,7 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     with under_key("dpo.reference"):
         if cfg.dpo.reference:
             check_policy_path(cfg.dpo.reference)  # not a reward model or critic
+            check_context_length(cfg.dpo.reference, cfg.data.max_length, "data.max_length")
     run = open_run(cfg, desc, strategy, tokenizer)
 
     # 0. SFT-then-DPO: the SFT model becomes both the starting policy and the reference.
