@@ -547,3 +547,45 @@ def test_every_unknown_key_of_a_section_is_named_in_the_one_line(tmp_path):
         f"{p}: learning_rate: unknown key (rlhfkit's key for it: optim.lr; docs/coming_from_trl.md); "
         "num_train_epochs: unknown key (rlhfkit's key for it: train.epochs; docs/coming_from_trl.md); "
         "trian: unknown key (did you mean train?); known keys: ")
+
+
+@pytest.mark.parametrize("attr, value, match", [
+    ("optim.schedule", "linaer", r"config: optim\.schedule: must be one of \['cosine', 'linear', 'constant'\], got "
+                                 r"'linaer'"),
+    ("advantage", "rlooo", r"config: advantage: must be one of \['grpo', 'rloo', 'reinforce'\]"),
+    ("optim.lr", "abc", r"config: optim\.lr: expected a number, got str 'abc'"),
+    ("train.batch_size", 8.0, r"config: train\.batch_size: expected an integer, got float 8\.0"),
+    ("rollout.n", "8", r"config: rollout\.n: expected an integer, got str '8'"),
+    ("train.not_a_key", 3, r"config: train\.not_a_key: unknown key"),
+    ("reward.spec", 3, r"config: reward\.spec: expected string or list or a function, got int 3"),
+])
+def test_a_config_changed_in_python_after_loading_is_checked_as_a_loaded_one(attr, value, match):
+    """Every train_* starts with validate(cfg): a key set in Python after load_config gets the
+    checks load_config gives (type, allowed values, unknown keys), not a run of another option or
+    a traceback from deep inside."""
+    from rlhfkit.config import validate
+    from rlhfkit.trainers.grpo import GRPOConfig
+
+    cfg = load_config(GRPOConfig, overrides=["reward.spec=task:sentiment"])
+    *path, last = attr.split(".")
+    obj = cfg
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, last, value)
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+def test_a_path_a_mapping_or_a_function_set_in_python_after_loading_is_taken_as_loading_takes_it(tmp_path):
+    from rlhfkit.config import validate
+    from rlhfkit.trainers.grpo import GRPOConfig
+
+    def shorter(prompts, responses):
+        return [-float(len(r)) for r in responses]
+
+    cfg = load_config(GRPOConfig, overrides=["reward.spec=task:sentiment"])
+    cfg.train.output_dir, cfg.optim, cfg.reward.spec = tmp_path / "run", {"lr": 1e-4}, shorter
+    validate(cfg)
+    assert cfg.train.output_dir == str(tmp_path / "run") and cfg.reward.spec == [shorter]
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (1e-4, "constant", 0.0)  # GRPO's defaults
+    assert load_config(GRPOConfig, data={"reward": {"spec": shorter}}).reward.spec == [shorter]

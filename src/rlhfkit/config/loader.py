@@ -8,6 +8,7 @@ them as ``file: key.path: problem`` before any model is loaded.
 
 from __future__ import annotations
 
+import collections.abc
 import contextvars
 import dataclasses
 import difflib
@@ -28,7 +29,7 @@ log = logging.getLogger("rlhfkit")
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+    return "a function" if tp is collections.abc.Callable else getattr(tp, "__name__", str(tp))
 
 
 def _describe(tp: Any) -> str:
@@ -70,6 +71,10 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
                 pass
         raise ConfigError(f"{source}: {path}: expected {' or '.join(_describe(a) for a in get_args(tp))}, "
                           f"got {type(value).__name__} {value!r}{_hint(value)}")
+    if tp is collections.abc.Callable or origin is collections.abc.Callable:
+        if not callable(value) or isinstance(value, type):
+            raise ConfigError(f"{source}: {path}: expected a function, got {type(value).__name__} {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {path}: expected a mapping, got {type(value).__name__}")
@@ -226,7 +231,10 @@ def check_numbers(section: Any, where: str) -> None:
 
 def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
     """Run every section's ``validate`` (recursively) and the top-level one, then the generic
-    numeric checks (`check_numbers`). Any section with an ``output_dir`` must name a directory."""
+    numeric checks (`check_numbers`). Any section with an ``output_dir`` must name a directory.
+    Each key's type and allowed values are checked again first (`_recheck`): a config changed in
+    Python after `load_config` is checked as a loaded one is."""
+    _recheck(cfg, prefix, source)
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
@@ -250,6 +258,28 @@ def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
         if not prefix and text.startswith("config."):  # a top-level check names keys from the top: no "config."
             text = text[len("config."):]
         raise type(e)(f"{source}: {text}") from None  # keeps MissingDependency an ImportError
+
+
+def _recheck(cfg: Any, prefix: str, source: str) -> None:
+    """Every key of the section against its annotation, as `build` checks a loaded one (a Path
+    becomes its string, a mapping set where a section goes becomes the section); an attribute
+    that is no key of the section is refused, as an unknown key is."""
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    where = f"{prefix}." if prefix else ""
+    strays = sorted(set(vars(cfg)) - names)
+    if strays:
+        raise ConfigError(f"{source}: {where}{strays[0]}: unknown key{_key_hint(strays[0], type(cfg), names, prefix)}; "
+                          f"known keys: {sorted(names)}")
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cfg)
+                 if f.default_factory is not dataclasses.MISSING}
+    for name in names:
+        value, tp = getattr(cfg, name), hints[name]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type) and dataclasses.is_dataclass(tp):
+            continue  # a section: checked key by key when `validate` reaches it
+        if isinstance(value, dict) and dataclasses.is_dataclass(tp) and name in factories:
+            value = merge(dataclasses.asdict(factories[name]()), value)  # this config's defaults, as `build`
+        setattr(cfg, name, _coerce(value, tp, where + name, source))
 
 
 _WARNED: set[tuple[int, str]] = set()  # (section object, message): a config validated again warns once

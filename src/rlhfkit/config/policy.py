@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Literal, Optional, Union
 
 from rlhfkit.config.errors import ConfigError
@@ -101,7 +102,7 @@ class RolloutSection:
 class RewardSection:
     """The sequence score of each sampled response."""
 
-    spec: Union[str, list] = ""
+    spec: Union[str, list, Callable] = ""
     """Reward source: rm:DIR (trained reward model), task:NAME (gold judge), module:function or
     file.py:function; or a list of them (each a string or {spec, weight, name}) whose scores are
     combined. In Python, a function f(prompts, responses, **fields) or a list of functions also works.
@@ -127,6 +128,8 @@ class RewardSection:
     def validate(self, where: str) -> None:
         if not self.spec:
             raise ConfigError(f"{where}.spec: a reward source is required (rm:DIR, task:NAME, module:function)")
+        if callable(self.spec):  # a Python function alone, as a list of one
+            self.spec = [self.spec]
         entries = self.spec if isinstance(self.spec, list) else [self.spec]
         for i, e in enumerate(entries):
             ok = (isinstance(e, str) and e.strip()) or callable(e) or (

@@ -58,7 +58,8 @@ def type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else type_name(a) for a in get_args(tp))
     if origin in (list, dict):
         return origin.__name__
-    return {"str": "string", "int": "integer", "float": "number", "bool": "true/false"}.get(
+    return {"str": "string", "int": "integer", "float": "number", "bool": "true/false",
+            "Callable": "function (Python)"}.get(
         getattr(tp, "__name__", str(tp)), getattr(tp, "__name__", str(tp)))
 
 

@@ -111,7 +111,10 @@ def check_reward_spec(spec: str | Callable | RewardFn) -> None:
 
 def _nonempty(spec) -> str:
     """The spec stripped; refuses an empty one and a pairwise judge (it scores no single response)."""
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str):
+        raise RewardSpecError(f"reward spec {spec!r}: expected a string ({SPEC_FORMS}) or a Python function, "
+                              f"got {type(spec).__name__}")
+    if not spec.strip():
         raise RewardSpecError(f"reward spec is empty: use {SPEC_FORMS}, or a Python function")
     spec = spec.strip()
     if spec.split(":", 1)[0] in ("pm", "judge", "annotator"):
