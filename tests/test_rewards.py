@@ -289,6 +289,8 @@ def test_fields_errors():
         build_reward_fn(named)(PROMPTS, RESPONSES, fields=[{"id": 1}, {"id": 2}])
     with pytest.raises(RewardFunctionError, match=r"their fields: none"):
         build_reward_fn(named)(PROMPTS, RESPONSES)
+    with pytest.raises(ValueError, match=r"prompts and responses are lists \(one prompt per response\), got a string"):
+        build_reward_fn(named)("p1", "a response")
     with pytest.raises(ValueError, match="3 rows for 2 responses"):
         build_reward_fn(named)(PROMPTS, RESPONSES, fields=ROWS + ROWS[:1])
     with pytest.raises(ValueError, match="field 'reference': expected a list of 2 values"):

@@ -186,6 +186,9 @@ class RewardFn:
     def score(self, prompts: Sequence[str], responses: Sequence[str], messages: Sequence[Messages] | None = None,
               fields=None) -> list[float | None]:
         """One float or None per response; fields as in `field_columns`."""
+        if isinstance(prompts, str) or isinstance(responses, str):  # a string would be read letter by letter
+            raise ValueError("prompts and responses are lists (one prompt per response), got a string: wrap it, "
+                             "e.g. [prompt], [response]")
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
