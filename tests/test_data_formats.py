@@ -415,3 +415,16 @@ def test_a_message_key_the_template_is_not_given_is_said_once_per_file(tmp_path,
     assert len(lines) == 1, lines
     assert (f"{path}:1: field 'messages[1].reasoning_content' is not used: a message's role and content are "
             "passed to the chat template, nothing else (said once for this file)") in lines[0]
+
+
+def test_a_record_of_other_fields_names_the_fields_it_has(tmp_path):
+    """A dataset of other columns (question / answer): the error names the field it lacks and the
+    fields it has, so the mapping to make is plain."""
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"qa\.jsonl:1: field 'messages': missing: an SFT record needs 'messages', or "
+                                        r"'prompt' and 'response' \(or 'completion'\); the record's fields: answer, "
+                                        r"question"):
+        load_sft(path)
+    with pytest.raises(DataError, match=r"qa\.jsonl:1: field 'chosen': missing \(or null\); the record's fields: "
+                                        r"answer, question"):
+        load_preference(path)

@@ -124,7 +124,8 @@ def _parse_sft_one(rec: Record) -> SFTExample:
                                               f"got {messages[-1]['role']!r}")
         return SFTExample(messages, origin=o, field="messages")
     if d.get("prompt") is None:
-        raise DataError.at(o, "messages", "missing: an SFT record needs 'messages', or 'prompt' and 'response'")
+        raise DataError.at(o, "messages", "missing: an SFT record needs 'messages', or 'prompt' and 'response' (or "
+                                          f"'completion'){_fields_of(d)}")
     key = next((k for k in ("response", "completion") if d.get(k) is not None), None)
     if key is None:
         raise DataError.at(o, "response", "missing (or null)")
@@ -187,11 +188,18 @@ def _warn_misspelled(rec: Record, optional: tuple[str, ...], warned: set) -> Non
                         location(*rec.origin), key, near[0])
 
 
+def _fields_of(d: dict) -> str:
+    """The fields a record does have, for an error about one it lacks (a dataset of other columns)."""
+    names = sorted(str(k) for k in d)
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f"; the record's fields: {shown}" if names else "; the record is empty"
+
+
 def _parse_preference_one(rec: Record) -> PreferenceExample:
     d, o = rec.data, rec.origin
     for key in ("chosen", "rejected"):
         if d.get(key) is None:
-            raise DataError.at(o, key, "missing (or null)")
+            raise DataError.at(o, key, f"missing (or null){'' if key in d else _fields_of(d)}")
     token_ids = _token_ids(d, o, "preference")
     if d.get("prompt") is not None:
         prompt, chosen, rejected = _pair_with_prompt(d, o)
