@@ -5,6 +5,7 @@ closest spelling, which for these names is often another setting (docs/coming_fr
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Union, get_args, get_origin
@@ -66,6 +67,16 @@ NOTES = {
     ("use_kl_loss", "kl_in_reward"): "the other way round: true puts the KL in the reward, false in the loss",
     ("max_epochs", "ppo_epochs"): "passes over each rollout batch",
 }
+
+
+def key_hint(key: str, cls, names: set[str], prefix: str, root=None) -> str:
+    """The hint of an unknown key of section ``cls`` at ``prefix``: another library's name for it
+    (`foreign_hint`; ``root``, the whole config, or ``cls`` at the top), else the nearest spelling."""
+    extra = foreign_hint(key, root or (None if prefix else cls), cls, prefix)
+    if extra is None:
+        close = difflib.get_close_matches(key, names, n=1)
+        extra = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+    return extra
 
 
 def foreign_hint(name: str, root, section=None, prefix: str = "") -> str | None:

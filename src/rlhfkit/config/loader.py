@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections.abc
 import contextvars
 import dataclasses
-import difflib
 import logging
 import math
 import os
@@ -23,7 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from rlhfkit.config.errors import ConfigError
-from rlhfkit.config.foreign import foreign_hint
+from rlhfkit.config.foreign import key_hint
+from rlhfkit.config.numbers import check_numbers
 
 log = logging.getLogger("rlhfkit")
 
@@ -50,6 +50,23 @@ def _hint(value: Any) -> str:
     return ""
 
 
+def _coerce_union(value: Any, tp: Any, path: str, source: str) -> Any:
+    """`_coerce` against the first member of a Union that takes the value."""
+    for arg in get_args(tp):
+        if arg is type(None):
+            if value is None:
+                return None
+            continue
+        if get_origin(arg) in (list, dict) and isinstance(value, get_origin(arg)):
+            return _coerce(value, arg, path, source)  # the container fits: its element's error is the one
+        try:
+            return _coerce(value, arg, path, source)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{source}: {path}: expected {' or '.join(_describe(a) for a in get_args(tp))}, "
+                      f"got {type(value).__name__} {value!r}{_hint(value)}")
+
+
 def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert ints to floats where a float is wanted."""
     origin = get_origin(tp)
@@ -58,19 +75,7 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
             raise ConfigError(f"{source}: {path}: must be one of {list(get_args(tp))}, got {value!r}")
         return value
     if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            if get_origin(arg) in (list, dict) and isinstance(value, get_origin(arg)):
-                return _coerce(value, arg, path, source)  # the container fits: its element's error is the one
-            try:
-                return _coerce(value, arg, path, source)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{source}: {path}: expected {' or '.join(_describe(a) for a in get_args(tp))}, "
-                          f"got {type(value).__name__} {value!r}{_hint(value)}")
+        return _coerce_union(value, tp, path, source)
     if tp is collections.abc.Callable or origin is collections.abc.Callable:
         if not callable(value) or isinstance(value, type):
             raise ConfigError(f"{source}: {path}: expected a function, got {type(value).__name__} {value!r}")
@@ -119,16 +124,6 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
 _ROOT: contextvars.ContextVar = contextvars.ContextVar("rlhfkit_config_root", default=None)
 
 
-def _key_hint(key: str, cls, names: set[str], prefix: str) -> str:
-    """Another library's name for a key (`foreign_hint`), else the nearest spelling, else nothing."""
-    where = f"{prefix}." if prefix else ""
-    extra = foreign_hint(key, _ROOT.get() or (None if prefix else cls), cls, prefix)
-    if extra is None:
-        close = difflib.get_close_matches(key, names, n=1)
-        extra = f" (did you mean {where}{close[0]}?)" if close else ""
-    return extra
-
-
 def build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         where = f"{prefix}: " if prefix else ""
@@ -138,7 +133,8 @@ def build(cls, data: dict, prefix: str, source: str):
     unknown = sorted(set(data) - names)
     if unknown:  # every unknown key of this section in the one line, each with its hint
         where = f"{prefix}." if prefix else ""
-        said = "; ".join(f"{where}{k}: unknown key{_key_hint(k, cls, names, prefix)}" for k in unknown)
+        said = "; ".join(f"{where}{k}: unknown key{key_hint(k, cls, names, prefix, _ROOT.get())}"
+                         for k in unknown)
         raise ConfigError(f"{source}: {said}; known keys: {sorted(names)}")
     kwargs = {}
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
@@ -195,40 +191,6 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-# Numeric fields, checked in every config class by name (`check_numbers`), so that a trainer's
-# own section gets them without repeating them: no field may be negative but these, ...
-SIGNED_FIELDS = {"missing_eos_score", "unscorable", "rsft_min_score"}  # scores, on the reward's scale
-# ... these counts must be >= 1 (0 would divide by zero, loop forever or train on nothing) ...
-COUNT_FIELDS = {"r", "alpha", "batch_size", "micro_batch_size", "mini_batch_size", "eval_batch_size",
-                "scorer_batch_size", "max_length", "max_prompt_length", "max_new_tokens", "n", "ppo_epochs",
-                "iterations", "prompts_per_iteration", "log_every", "max_bad_steps"}
-ZERO_MEANS_ALL = {("RolloutSection", "micro_batch_size")}  # documented: 0 = all rows at once
-# ... these must be > 0 ...
-POSITIVE_FIELDS = {"lr", "adam_eps", "beta", "clip_eps", "clip_eps_high", "horizon"}
-# ... and these are fractions in [0, 1] (the discount and GAE's lambda).
-UNIT_FIELDS = {"gamma", "lam"}
-
-
-def check_numbers(section: Any, where: str) -> None:
-    """Reject non-finite numbers anywhere, negative ones (but SIGNED_FIELDS), zero counts and
-    zero rates in one config section (not its sub-sections)."""
-    for f in dataclasses.fields(section):
-        v = getattr(section, f.name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        key = f"{where}.{f.name}" if where else f.name
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{key}: must be a finite number, got {v}")
-        if v < 1 and f.name in COUNT_FIELDS and (type(section).__name__, f.name) not in ZERO_MEANS_ALL:
-            raise ConfigError(f"{key}: must be >= 1, got {v}")
-        if v < 0 and f.name not in SIGNED_FIELDS:
-            raise ConfigError(f"{key}: must be >= 0, got {v}")
-        if v == 0 and f.name in POSITIVE_FIELDS:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-        if v > 1 and f.name in UNIT_FIELDS:
-            raise ConfigError(f"{key}: must be between 0 and 1, got {v}")
-
-
 def validate(cfg: Any, prefix: str = "", source: str = "config") -> None:
     """Run every section's ``validate`` (recursively) and the top-level one, then the generic
     numeric checks (`check_numbers`). Any section with an ``output_dir`` must name a directory.
@@ -269,8 +231,8 @@ def _recheck(cfg: Any, prefix: str, source: str) -> None:
     where = f"{prefix}." if prefix else ""
     strays = sorted(set(vars(cfg)) - names)
     if strays:
-        raise ConfigError(f"{source}: {where}{strays[0]}: unknown key{_key_hint(strays[0], type(cfg), names, prefix)}; "
-                          f"known keys: {sorted(names)}")
+        hint = key_hint(strays[0], type(cfg), names, prefix, _ROOT.get())
+        raise ConfigError(f"{source}: {where}{strays[0]}: unknown key{hint}; known keys: {sorted(names)}")
     factories = {f.name: f.default_factory for f in dataclasses.fields(cfg)
                  if f.default_factory is not dataclasses.MISSING}
     for name in names:

@@ -176,7 +176,8 @@ class TrainSection:
     """Experiment trackers that get the metrics besides metrics.jsonl (always written): tensorboard
     (output_dir/tb), wandb, mlflow, or any other tracker of accelerate (trackio, comet_ml, aim, clearml,
     dvclive, swanlab); auto = tensorboard when it is installed; [] or none = metrics.jsonl only; all =
-    every one of those that is installed; one name alone (wandb) = [wandb]. A tracker named explicitly must be installed (e.g. pip install 'rlhfkit[wandb]')."""
+    every one of those that is installed; one name alone (wandb) = [wandb]. A tracker named explicitly must be
+    installed (e.g. pip install 'rlhfkit[wandb]')."""
     fsdp: bool = False
     """On N processes: shard the trained and frozen models with torch FSDP2 instead of replicating them."""
     zero_stage: int = 0

@@ -25,5 +25,5 @@ from rlhfkit.training.supervised import (
 )
 
 __all__ = ["FitResult", "Run", "StepGuard", "TrainingDiverged", "accumulate", "batch_indices", "build_optimizer",
-           "build_scheduler", "epoch_order", "eval_chunks", "finish", "fit", "fit_supervised", "left_out", "micro_batches",
-           "normalizer", "open_run", "prepare_optimization", "supervised_step", "total_steps"]
+           "build_scheduler", "epoch_order", "eval_chunks", "finish", "fit", "fit_supervised", "left_out",
+           "micro_batches", "normalizer", "open_run", "prepare_optimization", "supervised_step", "total_steps"]
