@@ -183,8 +183,8 @@ class PolicyRun:
         """`fit`'s on_start: what the run says once its logger exists (the prompts each pass over
         them leaves out with drop_last, as the supervised trainers say of their examples)."""
         train, n = self.cfg.train, len(self.prompts)
-        rest = left_out(n, train)
-        if rest and self.total >= n // train.batch_size:  # the run reaches the end of a pass
+        rest = left_out(n, train, self.total)
+        if rest:
             self.run.logger.write(f"[{self.run.kind}] batches of {train.batch_size} prompts leave {rest} of the {n} "
                                   "out of each pass (a different few each pass); train.drop_last=false keeps them")
 

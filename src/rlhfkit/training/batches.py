@@ -38,9 +38,12 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int, drop_last: bool
     return out
 
 
-def left_out(n: int, train) -> int:
-    """Examples of each epoch that no batch takes (`batch_indices` with ``train.drop_last``)."""
-    return n % train.batch_size if train.drop_last and n > train.batch_size else 0
+def left_out(n: int, train, total: int | None = None) -> int:
+    """Examples of each epoch that no batch takes (`batch_indices` with ``train.drop_last``); with
+    ``total``, the run's steps, 0 when it never reaches an epoch's end (it leaves nothing out)."""
+    if not train.drop_last or n <= train.batch_size or (total is not None and total < n // train.batch_size):
+        return 0
+    return n % train.batch_size
 
 
 def total_steps(n: int, train) -> int:

@@ -65,8 +65,8 @@ def fit_supervised(run, model, optimizer, scheduler, examples: list, loss_fn: Ca
     """`fit` with `supervised_step`: checkpoints hold the model, optimizer and scheduler; the data's
     truncation summary (`data.TruncationStats` by split) is written when the run starts."""
     def start(step: int) -> None:
-        rest = left_out(len(examples), run.train)
-        if rest and total >= len(examples) // run.train.batch_size:  # the run reaches an epoch's end
+        rest = left_out(len(examples), run.train, total)
+        if rest:
             run.logger.write(f"[{run.kind}] batches of {run.train.batch_size} leave {rest} of the {len(examples)} "
                              "training examples out of each epoch (a different few each epoch); "
                              "train.drop_last=false keeps them")
