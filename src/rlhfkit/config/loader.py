@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import contextvars
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -128,24 +129,36 @@ def build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         where = f"{prefix}: " if prefix else ""
         raise ConfigError(f"{source}: {where}expected a mapping of keys, got {type(data).__name__} {data!r}"[:300])
+    _refuse_unknown(cls, set(data), prefix, source)
+    return cls(**{k: _key_value(cls, k, v, prefix, source) for k, v in data.items()})
+
+
+@functools.cache
+def _fields(cls) -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Each key of section ``cls``: its resolved annotation and its field."""
     hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+
+
+def _refuse_unknown(cls, keys: set[str], prefix: str, source: str) -> None:
+    """Every key of ``keys`` that is none of section ``cls``'s, in the one line, each with its hint."""
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:  # every unknown key of this section in the one line, each with its hint
+    unknown = sorted(keys - names)
+    if unknown:
         where = f"{prefix}." if prefix else ""
         said = "; ".join(f"{where}{k}: unknown key{key_hint(k, cls, names, prefix, _ROOT.get())}"
                          for k in unknown)
         raise ConfigError(f"{source}: {said}; known keys: {sorted(names)}")
-    kwargs = {}
-    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
-                 if f.default_factory is not dataclasses.MISSING}
-    for k, v in data.items():
-        if isinstance(v, dict) and k in factories and dataclasses.is_dataclass(hints[k]):
-            # a section given in part keeps this config's own defaults for the rest (GRPO's optim
-            # schedule, eval's rollout.n), not those of the section's class
-            v = merge(dataclasses.asdict(factories[k]()), v)
-        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source)
-    return cls(**kwargs)
+
+
+def _key_value(cls, key: str, value: Any, prefix: str, source: str) -> Any:
+    """``value`` for key ``key`` of section ``cls``, checked against its annotation (`_coerce`). A
+    section given in part keeps this config's own defaults for the rest (GRPO's optim schedule,
+    eval's rollout.n), not those of the section's class."""
+    tp, f = _fields(cls)[key]
+    if isinstance(value, dict) and dataclasses.is_dataclass(tp) and f.default_factory is not dataclasses.MISSING:
+        value = merge(dataclasses.asdict(f.default_factory()), value)
+    return _coerce(value, tp, f"{prefix}.{key}" if prefix else key, source)
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
@@ -226,22 +239,12 @@ def _recheck(cfg: Any, prefix: str, source: str) -> None:
     """Every key of the section against its annotation, as `build` checks a loaded one (a Path
     becomes its string, a mapping set where a section goes becomes the section); an attribute
     that is no key of the section is refused, as an unknown key is."""
-    hints = typing.get_type_hints(type(cfg))
-    names = {f.name for f in dataclasses.fields(cfg)}
-    where = f"{prefix}." if prefix else ""
-    strays = sorted(set(vars(cfg)) - names)
-    if strays:
-        hint = key_hint(strays[0], type(cfg), names, prefix, _ROOT.get())
-        raise ConfigError(f"{source}: {where}{strays[0]}: unknown key{hint}; known keys: {sorted(names)}")
-    factories = {f.name: f.default_factory for f in dataclasses.fields(cfg)
-                 if f.default_factory is not dataclasses.MISSING}
-    for name in names:
-        value, tp = getattr(cfg, name), hints[name]
-        if dataclasses.is_dataclass(value) and not isinstance(value, type) and dataclasses.is_dataclass(tp):
+    _refuse_unknown(type(cfg), set(vars(cfg)), prefix, source)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             continue  # a section: checked key by key when `validate` reaches it
-        if isinstance(value, dict) and dataclasses.is_dataclass(tp) and name in factories:
-            value = merge(dataclasses.asdict(factories[name]()), value)  # this config's defaults, as `build`
-        setattr(cfg, name, _coerce(value, tp, where + name, source))
+        setattr(cfg, f.name, _key_value(type(cfg), f.name, value, prefix, source))
 
 
 _WARNED: set[tuple[int, str]] = set()  # (section object, message): a config validated again warns once
