@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
-from typing import Union, get_args, get_origin
+
+from rlhfkit.config.reference import keys
 
 # name -> the rlhfkit keys that do the same, in order; the first the command has is named. An
 # empty tuple: rlhfkit has no such setting.
@@ -91,25 +90,9 @@ def foreign_hint(name: str, root, section=None, prefix: str = "") -> str | None:
         own = [f.name for f in dataclasses.fields(section) if f.name in leaves]
         if own:
             return f" (rlhfkit's key for it: {prefix}.{own[0]}; docs/coming_from_trl.md)"
-    have = [k for k in FOREIGN_KEYS[name] if root is not None and _has_path(root, k)]
+    paths = {k.path for k in keys(root)} if root is not None else set()
+    have = [k for k in FOREIGN_KEYS[name] if k in paths]
     if have:
         note = f", {NOTES[name, have[0]]}" if (name, have[0]) in NOTES else ""
         return f" (rlhfkit's key for it: {have[0]}{note}; docs/coming_from_trl.md)"
     return " (a key of another library; rlhfkit has no such setting here: docs/coming_from_trl.md)"
-
-
-def _has_path(cls, path: str) -> bool:
-    for part in path.split("."):
-        cls = _dataclass_of(cls)
-        if cls is None or part not in {f.name for f in dataclasses.fields(cls)}:
-            return False
-        cls = typing.get_type_hints(cls)[part]
-    return True
-
-
-def _dataclass_of(tp):
-    if dataclasses.is_dataclass(tp):
-        return tp
-    if get_origin(tp) in (Union, types.UnionType):
-        return next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), None)
-    return None
