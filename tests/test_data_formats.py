@@ -417,6 +417,23 @@ def test_a_message_key_the_template_is_not_given_is_said_once_per_file(tmp_path,
             "passed to the chat template, nothing else (said once for this file)") in lines[0]
 
 
+def test_a_record_with_messages_and_a_completion_trains_the_messages_and_says_so(tmp_path, caplog):
+    """Both forms in one record: the messages are trained and the completion left, said once per
+    file; a record with a prompt beside its messages (as UltraChat's) is not worth a word."""
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"messages": conv, "prompt": "hi"},
+            {"messages": conv, "prompt": "hi", "completion": "other"},
+            {"messages": conv, "response": "other"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        examples = load_sft(path)
+    assert [e.messages for e in examples] == [conv] * 3
+    lines = caplog.text.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert (f"{path}:2: field 'completion' is not used: the record has 'messages', which are trained "
+            "(every assistant turn); give one form per record (said once for this file)") in lines[0]
+
+
 def test_a_record_of_other_fields_names_the_fields_it_has(tmp_path):
     """A dataset of other columns (question / answer): the error names the field it lacks and the
     fields it has, so the mapping to make is plain."""

@@ -107,9 +107,26 @@ def parse_sft(records: Iterable[Record]) -> list[SFTExample]:
     Accepted: ``{"messages": [...]}``; ``{"prompt", "response"}`` (or ``"completion"``), where the
     prompt is a string or messages ending with a user turn and the response a string or a
     single assistant message; the latter optionally with ``prompt_ids`` and ``response_ids``
-    (`TOKEN_FIELDS`), the tokens trained.
+    (`TOKEN_FIELDS`), the tokens trained. A record with both forms trains its ``messages``, said
+    once per file.
     """
-    return [_parse_sft_one(rec) for rec in records]
+    warned: set = set()
+    out = []
+    for rec in records:
+        out.append(_parse_sft_one(rec))
+        _warn_both_forms(rec, warned)
+    return out
+
+
+def _warn_both_forms(rec: Record, warned: set) -> None:
+    """A record with ``messages`` and a prompt's response (or completion) trains the messages alone."""
+    d = rec.data
+    other = [k for k in ("response", "completion") if d.get(k) is not None]
+    if d.get("messages") is None or not other or rec.origin.source in warned:
+        return
+    warned.add(rec.origin.source)
+    log.warning("%s: field %r is not used: the record has 'messages', which are trained (every assistant "
+                "turn); give one form per record (said once for this file)", location(*rec.origin), other[0])
 
 
 def _parse_sft_one(rec: Record) -> SFTExample:
