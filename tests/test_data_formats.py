@@ -445,3 +445,19 @@ def test_a_record_of_other_fields_names_the_fields_it_has(tmp_path):
     with pytest.raises(DataError, match=r"qa\.jsonl:1: field 'chosen': missing \(or null\); the record's fields: "
                                         r"answer, question"):
         load_preference(path)
+
+
+def test_a_source_of_another_type_names_what_is_accepted_and_the_conversions():
+    """A DataFrame or an IterableDataset is not a source: the error names the sources there are
+    and the one-call conversion of each, rather than only the type."""
+    import datasets
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["hi"], "response": ["hello"]})
+    with pytest.raises(TypeError, match=r"of type DataFrame: give a file path, .*df\.to_dict\('records'\)"):
+        load_sft(frame)
+    stream = datasets.Dataset.from_list([{"prompt": "hi", "response": "hello"}]).to_iterable_dataset()
+    with pytest.raises(TypeError, match=r"of type IterableDataset: .*list\(ds\.take\(n\)\)"):
+        load_sft(stream)
+    assert load_sft(frame.to_dict("records"))[0].messages[-1] == {"role": "assistant", "content": "hello"}
+    assert load_sft(list(stream.take(1)))[0].messages[0] == {"role": "user", "content": "hi"}

@@ -85,7 +85,9 @@ def _iter_records(source, split: str | None) -> Iterator[Record]:
     if isinstance(source, str) and source.startswith("hf:"):
         return _from_hub(source[3:], split)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"unsupported data source of type {type(source).__name__}")
+        raise TypeError(f"unsupported data source of type {type(source).__name__}: give a file path, "
+                        "'hf:org/name[:split]', a datasets.Dataset or DatasetDict, or a list of dicts "
+                        "(a DataFrame: df.to_dict('records'); an IterableDataset: list(ds.take(n)))")
     path = Path(source)
     name = str(source)
     if split is not None:
