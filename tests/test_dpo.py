@@ -29,10 +29,26 @@ WORDS = ["apple", "river", "stone", "cloud", "music", "garden", "window", "fores
          "bridge", "island", "pepper", "rocket", "violin", "meadow", "harbor", "lantern", "marble", "thunder"]
 
 
+GOOD = ["yes", "sure", "gladly", "certainly", "absolutely", "indeed"]
+BAD = ["no", "never", "refuse", "cannot", "nope", "won't"]
+
+
 def _pairs(n: int, offset: int = 0) -> list[dict]:
-    """Separable pairs: the chosen answer always says 'yes', the rejected one 'no'."""
+    """Separable pairs: the chosen reply is three words of GOOD, the rejected one three of BAD.
+    Training pairs (offset 0) take the even-numbered word triples, held-out ones (another offset)
+    the odd-numbered: a held-out pair's prompt and both replies are strings training never saw."""
+    def words(pool, j):
+        return " ".join(pool[j // 6 ** k % 6] for k in range(3))
+    triple = [2 * i + (offset != 0) for i in range(n)]
     return [{"prompt": f"Tell me about the {WORDS[(i + offset) % 20]} number {i + offset}.",
-             "chosen": "yes yes yes", "rejected": "no no no"} for i in range(n)]
+             "chosen": words(GOOD, j), "rejected": words(BAD, (5 * j + 1) % 216)} for i, j in enumerate(triple)]
+
+
+def test_held_out_pairs_are_new_strings():
+    train, held = _pairs(32), _pairs(16, offset=100)
+    for key in ("prompt", "chosen", "rejected"):
+        assert not {p[key] for p in held} & {p[key] for p in train}, key
+        assert len({p[key] for p in held}) == len(held), key
 
 
 @pytest.fixture()
@@ -212,7 +228,7 @@ def test_sft_first_then_dpo_anchors_on_the_sft_model(setup):
     assert json.loads((run / "dpo_results.json").read_text())["best"]["metric"] == "eval/rewards/margin"
     assert (run / "sft" / "model" / "config.json").is_file()
     first = json.loads((run / "sft" / "train.jsonl").read_text().splitlines()[0])
-    assert first["messages"][-1] == {"role": "assistant", "content": "yes yes yes"}  # the chosen side
+    assert first["messages"][-1] == {"role": "assistant", "content": _pairs(1)[0]["chosen"]}  # the chosen side
     step0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     # The SFT model is both the start and the reference: DPO starts exactly at ln 2, and the SFT
     # stage did change the model (its chosen log-probs are far above the random model's).
