@@ -32,14 +32,6 @@ class RewardSpecError(RewardFunctionError, ValueError):
     reward model). A ValueError too, so callers that validate configs can catch it as one."""
 
 
-def prompt_text(messages: Messages | str) -> str:
-    """The plain user text of a prompt: the last user message (or the string itself)."""
-    if isinstance(messages, str):
-        return messages
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    return users[-1] if users else (messages[-1]["content"] if messages else "")
-
-
 def chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
     """Token ids of a conversation rendered with the chat template (`data.render_ids`)."""
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.data.messages import last_user_text as prompt_text  # the plain user text of a prompt
 from rlhfkit.judges.reward_fn import (
     RESERVED_FIELDS,
     SPEC_FORMS,
@@ -47,7 +48,6 @@ from rlhfkit.judges.reward_fn import (
     chat_ids,
     default_name,
     field_columns,
-    prompt_text,
     validate_scores,
 )
 from rlhfkit.judges.reward_model import RewardModelScorer, find_rm_dir, reward_model_fn
