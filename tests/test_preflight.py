@@ -99,6 +99,11 @@ def _cases(model: str, reward_file: str, rm: str = MISSING, short: str = MISSING
          "prompts.train: 3 prompts, fewer than train.batch_size 4"),
         ([*ppo, "ptx.coef=0.1", "ptx.data=task:sentiment", "ptx.batch_size=100000"],
          "examples, fewer than ptx.batch_size 100000: lower ptx.batch_size"),
+        # online DPO trains each iteration with DPO (or SFT): its model settings are checked before
+        # the first iteration samples, not when its training starts
+        ([*online, "model.lora.enabled=true", "model.lora.target_modules=[nosuch_proj]"],
+         f"model.lora.target_modules: nosuch_proj: no module of {model} is named so"),
+        ([*online, "max_length=2000"], "max_length: 2000 tokens, more than the 1024 positions of"),
     ]
 
 

@@ -11,7 +11,10 @@ import logging
 import os
 from pathlib import Path
 
+from rlhfkit.config.errors import under_key
 from rlhfkit.models.loading import (
+    check_context_length,
+    check_lora_targets,
     load_causal_lm,
     load_merged,
     load_scalar_model,
@@ -19,6 +22,7 @@ from rlhfkit.models.loading import (
     save_pretrained_atomic,
     trained_dtype,
 )
+from rlhfkit.models.names import check_policy_path
 from rlhfkit.models.lora import (
     ADAPTER_CONFIG,
     adapter_base,
@@ -29,6 +33,19 @@ from rlhfkit.models.lora import (
 )
 
 log = logging.getLogger("rlhfkit")
+
+
+def check_policy_start(model_cfg, tokens: int, key: str, what: str = "") -> None:
+    """The policy a trainer starts from, checked from its config.json before anything is written
+    or loads: a policy (not a reward model or critic), the modules its LoRA targets, and sequences
+    of ``tokens`` within its positions (``key`` the key an error names, ``what`` how the tokens add
+    up). Each error names its key."""
+    with under_key("model.name"):
+        check_policy_path(model_cfg.name)
+    with under_key("model.lora.target_modules"):
+        check_lora_targets(model_cfg.name, model_cfg.lora)
+    with under_key(key):
+        check_context_length(model_cfg.name, tokens, what)
 
 
 def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int | None = None):

@@ -45,7 +45,6 @@ from rlhfkit.data import (
 from rlhfkit.data.sources import Input, data_inputs, load_sources
 from rlhfkit.io import write_jsonl_atomic
 from rlhfkit.models import (
-    check_lora_targets,
     check_policy_path,
     load_causal_lm,
     load_tokenizer,
@@ -53,7 +52,7 @@ from rlhfkit.models import (
 )
 from rlhfkit.models.loading import check_context_length
 from rlhfkit.models.lora import disable_dropout
-from rlhfkit.models.start import load_for_training, merge_adapter
+from rlhfkit.models.start import check_policy_start, load_for_training, merge_adapter
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.dpo_logps import Reference, pair_logps, precompute_or_load, reference_logps
 from rlhfkit.trainers.reward import prepare_preference_data
@@ -254,12 +253,7 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
 
     # 1. Data: validated and tokenised before anything is written or the model loads (with the
     #    starting model's tokenizer, which the SFT stage of sft_first saves unchanged with its model).
-    with under_key("model.name"):
-        check_policy_path(cfg.model.name)  # not a reward model or critic
-    with under_key("model.lora.target_modules"):
-        check_lora_targets(cfg.model.name, cfg.model.lora)
-    with under_key("data.max_length"):
-        check_context_length(cfg.model.name, cfg.data.max_length)
+    check_policy_start(cfg.model, cfg.data.max_length, "data.max_length")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     with under_key("dpo.reference"):

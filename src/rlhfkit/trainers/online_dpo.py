@@ -59,8 +59,9 @@ from rlhfkit.judges.rewards import build_reward_fn, check_reward_spec
 from rlhfkit.judges.preference import fields_judge, is_pairwise_spec
 from rlhfkit.judges.reward_set import check_on_prompts
 from rlhfkit.judges.sample_scorer import Scorer, check_scorer_spec
-from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from rlhfkit.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
 from rlhfkit.models.loading import check_context_length
+from rlhfkit.models.start import check_policy_start
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.rollout import load_prompt_items
 from rlhfkit.rollout.prompts import prompt_inputs
@@ -254,12 +255,11 @@ def _checked_inputs(cfg: OnlineDPOConfig, strategy: Strategy) -> tuple[Any, tupl
     """Everything checked before a run directory is written or a model loads: the tokenizer and the
     tokenised prompts (`_prompts`: training items, how many were too long, held-out items)."""
     strategy.check_divisible(cfg.prompts_per_iteration, "prompts_per_iteration")  # equal sampling shares
-    with under_key("model.name"):
-        check_policy_path(cfg.model.name)  # not a reward model or critic
+    check_policy_start(cfg.model, cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens,
+                       "rollout.max_new_tokens", "prompts.max_prompt_length + rollout.max_new_tokens")
+    with under_key("max_length"):  # each iteration's DPO or SFT run
+        check_context_length(cfg.model.name, cfg.max_length)
     tokenizer = load_tokenizer(cfg.model.name)
-    with under_key("rollout.max_new_tokens"):
-        check_context_length(cfg.model.name, cfg.prompts.max_prompt_length + cfg.rollout.max_new_tokens,
-                             "prompts.max_prompt_length + rollout.max_new_tokens")
     prompts = _prompts(cfg, tokenizer)
     with under_key("scorer"):
         _check_scorer(cfg)

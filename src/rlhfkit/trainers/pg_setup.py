@@ -34,9 +34,10 @@ from rlhfkit.data import SFTCollator, load_plain_text, load_sft, tokenize_plain_
 from rlhfkit.data.sources import Input, resolve_source
 from rlhfkit.judges import RewardFn, RewardSet, build_reward_fn, build_reward_set, check_reward_set, check_reward_spec
 from rlhfkit.judges.reward_set import check_on_prompts, check_record_fields
-from rlhfkit.models import check_lora_targets, check_model_path, check_policy_path, load_causal_lm, load_tokenizer
+from rlhfkit.models import check_model_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.loading import check_context_length, store_linears_in, to_device, trained_dtype
 from rlhfkit.models.lora import apply_lora, disable_dropout, enable_gradient_checkpointing
+from rlhfkit.models.start import check_policy_start
 from rlhfkit.parallel import precision
 from rlhfkit.rollout import PromptItem, load_prompt_items
 from rlhfkit.rollout.prompts import prompt_inputs
@@ -239,15 +240,10 @@ def setup_run(cfg, kind: str, strategy, models: Mapping[str, str] | None = None)
     strategy.check_divisible(cfg.mini_batch_size, "mini_batch_size")
     if strategy.lockstep_forwards and cfg.ptx.coef > 0:
         strategy.check_divisible(cfg.ptx.batch_size, "ptx.batch_size")  # sharded forwards run in lockstep
-    with under_key("model.name"):
-        check_policy_path(cfg.model.name)  # not a reward model or critic
-    with under_key("model.lora.target_modules"):
-        check_lora_targets(cfg.model.name, cfg.model.lora)
-    tokenizer = load_tokenizer(cfg.model.name)
     p = cfg.prompts
-    with under_key("rollout.max_new_tokens"):
-        check_context_length(cfg.model.name, p.max_prompt_length + cfg.rollout.max_new_tokens,
-                             "prompts.max_prompt_length + rollout.max_new_tokens")
+    check_policy_start(cfg.model, p.max_prompt_length + cfg.rollout.max_new_tokens, "rollout.max_new_tokens",
+                       "prompts.max_prompt_length + rollout.max_new_tokens")
+    tokenizer = load_tokenizer(cfg.model.name)
     if cfg.ptx.coef > 0:
         with under_key("ptx.max_length"):
             check_context_length(cfg.model.name, cfg.ptx.max_length)

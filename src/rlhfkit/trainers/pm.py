@@ -25,7 +25,6 @@ from rlhfkit.config import (
     OptimSection,
     SFTConfig,
     TrainSection,
-    under_key,
     validate,
 )
 from rlhfkit.config.sections import SUPERVISED_EVAL_METRICS
@@ -35,8 +34,8 @@ from rlhfkit.data.sources import Input, data_inputs, train_and_eval
 from rlhfkit.eval.preference_sets import judge_accuracy
 from rlhfkit.io import write_json_atomic, write_jsonl_atomic
 from rlhfkit.judges.preference import build_pairwise_judge, pm_record, pm_training_records
-from rlhfkit.models import check_lora_targets, check_policy_path, load_tokenizer
-from rlhfkit.models.loading import check_context_length
+from rlhfkit.models import load_tokenizer
+from rlhfkit.models.start import check_policy_start
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import open_run
@@ -151,12 +150,7 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     """Train the preference model; returns the held-out results (also in ``pm_results.json``)."""
     validate(cfg)  # a config changed in Python after load_config is checked as a loaded one is
     strategy = strategy or make_strategy(cfg.train, cfg.model)
-    with under_key("model.name"):  # it trains as a policy (next token): not a reward model or critic
-        check_policy_path(cfg.model.name)
-    with under_key("model.lora.target_modules"):
-        check_lora_targets(cfg.model.name, cfg.model.lora)
-    with under_key("data.max_length"):
-        check_context_length(cfg.model.name, cfg.data.max_length)
+    check_policy_start(cfg.model, cfg.data.max_length, "data.max_length")  # it trains as a policy (next token)
     train_pairs, eval_pairs = _pm_pairs(cfg)
     _check_lengths(cfg, train_pairs + eval_pairs)
     # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from rlhfkit.config import SFTConfig, under_key, validate
+from rlhfkit.config import SFTConfig, validate
 from rlhfkit.data import (
     PackedSFTCollator,
     SFTCollator,
@@ -19,10 +19,9 @@ from rlhfkit.data import (
     tokenize_dataset,
 )
 from rlhfkit.data.sources import source_list, train_and_eval
-from rlhfkit.models import check_lora_targets, check_policy_path, load_tokenizer
+from rlhfkit.models import load_tokenizer
 from rlhfkit.models.forward import common_prefix_of_rows, labelled_logprobs
-from rlhfkit.models.loading import check_context_length
-from rlhfkit.models.start import load_for_training
+from rlhfkit.models.start import check_policy_start, load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
     eval_chunks,
@@ -93,12 +92,7 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
     strategy.check_divisible(cfg.train.batch_size, "train.batch_size")  # equal shares of every global batch
 
     # 1. Data: validated and tokenised before anything is written or the model loads.
-    with under_key("model.name"):
-        check_policy_path(cfg.model.name)  # not a reward model or critic
-    with under_key("model.lora.target_modules"):
-        check_lora_targets(cfg.model.name, cfg.model.lora)
-    with under_key("data.max_length"):
-        check_context_length(cfg.model.name, cfg.data.max_length)
+    check_policy_start(cfg.model, cfg.data.max_length, "data.max_length")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_sft_data(cfg, tokenizer)
     run = open_run(cfg, "sft", strategy, tokenizer)
