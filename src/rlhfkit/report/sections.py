@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any
 
 from rlhfkit.report.checks import TRUNCATION_SHARE, held_out_trends
 from rlhfkit.report.data import Stage, config_value, read_json, training_samples

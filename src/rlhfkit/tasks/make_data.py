@@ -3,7 +3,6 @@ pairs alone (`tasks.pairs`, ``--pairs-only``)."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
