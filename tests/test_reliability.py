@@ -558,6 +558,30 @@ def test_a_key_set_in_the_old_run_and_back_at_its_default_now_is_a_difference():
     assert differences({"version": 1, "sources": {}}, {"version": 2, "sources": gold}) == []
 
 
+def test_eval_every_is_a_difference_while_a_best_checkpoint_is_kept():
+    """With train.select_best (or early stopping) the evaluated steps are the candidates for the
+    final model: a finished stage or a resume with another eval_every would keep a model the new
+    config would not. Without either it only says how often to look. A record taken before the
+    key was recorded is compared as it was taken."""
+    from rlhfkit.config import SFTConfig, load_config
+    from rlhfkit.training.fingerprint import differences, fingerprint
+
+    def taken(*overrides):
+        return fingerprint(load_config(SFTConfig, overrides=["model.name=some/model", "data.train=d.jsonl", *overrides]), "sft", {})
+
+    assert differences(taken("train.eval_every=10"), taken("train.eval_every=20")) == []
+    best = ["train.select_best=eval/loss"]
+    assert differences(taken(*best, "train.eval_every=10"), taken(*best, "train.eval_every=20")) == [
+        "train.eval_every 10 -> 20"]
+    stop = [*best, "train.early_stopping_patience=2"]
+    assert differences(taken(*stop, "train.eval_every=10"), taken(*stop, "train.eval_every=5")) == [
+        "train.eval_every 10 -> 5"]
+    older = taken(*best, "train.eval_every=10")
+    older["version"] = 3
+    del older["config"]["train.eval_every"]
+    assert differences(older, taken(*best, "train.eval_every=20")) == []
+
+
 def test_a_fresh_run_refuses_a_directory_holding_only_a_critic_or_best_model(tmp_path):
     from rlhfkit.training.rundir import RunDirError, open_run
 

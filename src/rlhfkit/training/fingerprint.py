@@ -16,15 +16,18 @@ from typing import Any
 from rlhfkit.config import to_dict
 from rlhfkit.data.sources import task_data_dir
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 # From version 3 an adapter's identity holds its base's files ("base:..."), and a local hf: dataset
 # directory is identified by its files: an older record's identity of either is compared as it was taken.
+# From version 4 train.eval_every is in the config when a best checkpoint is kept (`flat_config`).
+CONFIG_SINCE = {"train.eval_every": 4}
 # Sources fingerprinted only from a record version on: an older record that lacks them is no difference.
 SOURCES_SINCE = {"prompts.eval": 2, "reward.gold": 2, "gold": 2}
 # Config keys left out of the fingerprint: how the run is driven, logged, checkpointed and laid
 # out over processes, none of which changes the numbers it computes (micro_batch_size only
 # splits the same global batch; a checkpoint resumes on any FSDP / ZeRO / DDP layout).
-# train.select_best and select_best_mode are in: the restored best was chosen by them.
+# train.select_best and select_best_mode are in: the restored best was chosen by them, and so is
+# train.eval_every while either of those is set (`flat_config`).
 RESUMABLE_KEYS = {
     "train.resume", "train.overwrite", "train.resume_mismatch_ok", "train.progress", "train.output_dir",
     "train.save_every", "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.fsdp",
@@ -52,9 +55,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def flat_config(cfg: Any) -> dict[str, Any]:
-    """The config as ``{"section.key": value}``, without `RESUMABLE_KEYS` and `DATA_KEYS`."""
+    """The config as ``{"section.key": value}``, without `RESUMABLE_KEYS` and `DATA_KEYS`; with
+    ``train.eval_every`` when ``train.select_best`` or early stopping is set, since the evaluated
+    steps are then the candidates for the final model (and the steps at which a run may stop)."""
     flat = flatten(to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
-    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS and k not in DATA_KEYS}
+    out = {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS and k not in DATA_KEYS}
+    if flat.get("train.select_best") or flat.get("train.early_stopping_patience"):
+        out["train.eval_every"] = flat.get("train.eval_every")
+    return out
 
 
 def default_sources(cfg: Any) -> dict[str, str]:
@@ -187,13 +195,15 @@ def differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]
     the key) is no difference when the new value is its default, the behaviour the old run had."""
     diffs = []
     oc, nc, defaults = old.get("config", {}), new.get("config", {}), defaults or {}
+    version = old.get("version", 1)
     for key in sorted(set(oc) | set(nc)):
         if key not in oc and key in defaults and nc.get(key) == defaults[key]:
             continue
+        if key not in oc and version < CONFIG_SINCE.get(key, 1):
+            continue  # recorded only from that version on
         if oc.get(key, "<unset>") != nc.get(key, "<unset>"):
             diffs.append(f"{key} {_short(oc.get(key, '<unset>'))} -> {_short(nc.get(key, '<unset>'))}")
     os_, ns = old.get("sources", {}), new.get("sources", {})
-    version = old.get("version", 1)
     for key in sorted(set(os_) | set(ns)):
         a, b = os_.get(key), ns.get(key)
         if a is None and version < SOURCES_SINCE.get(key.partition("[")[0], 1):
