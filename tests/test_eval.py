@@ -55,6 +55,17 @@ def test_win_rate_interval_is_clipped_at_both_ends():
     assert mean_ci([1.0, 0.0])["ci_low"] == pytest.approx(0.5 - 0.979981992270027)  # the mean's is not
 
 
+def test_one_value_has_no_interval():
+    """One prompt says nothing of the spread: no interval of zero width (a mean's is NaN, a win
+    rate's the whole [0, 1])."""
+    s = mean_ci([0.7])
+    assert s["mean"] == 0.7 and math.isnan(s["ci_low"]) and math.isnan(s["ci_high"]) and s["n"] == 1
+    w = win_rate([0.5])
+    assert (w["win_rate"], w["ci_low"], w["ci_high"]) == (0.5, 0.0, 1.0)
+    w = win_rate([1.0, 0.0], per_prompt=2)  # two samples of one prompt: one unit
+    assert (w["win_rate"], w["ci_low"], w["ci_high"], w["n"]) == (0.5, 0.0, 1.0, 1)
+
+
 def test_mean_ci_by_hand():
     s = mean_ci([1.0, 2.0, 3.0, 4.0])
     assert s["mean"] == 2.5

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.report.checks import held_out_trends, higher_is_better, kl_spikes
-from rlhfkit.report.plots import smooth
+from rlhfkit.report.plots import scatter_label, smooth
 from rlhfkit.runinfo import environment, package_versions, write_run_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -24,6 +24,12 @@ def test_smooth_is_a_debiased_ema():
     # span 3 -> w = 0.5: s1 = 1, s2 = (0.5 * 1 + 3) / (0.5 + 1), s3 = (0.25 * 1 + 0.5 * 3 + 2) / 1.75
     assert smooth([1.0, 3.0, 2.0], 3) == pytest.approx([1.0, 3.5 / 1.5, 3.75 / 1.75])
     assert smooth([4.0] * 6, 5) == pytest.approx([4.0] * 6)  # no start-up bias towards 0
+
+
+def test_the_length_scatter_legend_leaves_out_an_undefined_correlation():
+    assert scatter_label("ppo", [1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == "ppo: r = 1.00, n = 3"
+    assert scatter_label("ppo", [5.0], [0.3]) == "ppo: n = 1"  # one point: no r, not "r = nan"
+    assert scatter_label("sft", [1.0, 2.0], [0.5, 0.5]) == "sft: n = 2"  # no spread in the scores
 
 
 @pytest.mark.parametrize("name,kl", [

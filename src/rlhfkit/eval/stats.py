@@ -29,13 +29,14 @@ def mean_ci(values: Sequence[float], z: float = Z95) -> dict:
 
     For win indicators in {0, 0.5, 1} this is the Wald interval extended to ties; with n >= 100
     prompts and a rate away from 0/1 it is within a point of Wilson's. Clipped to [0, 1] only by
-    `win_rate`, since a mean reward is unbounded.
+    `win_rate`, since a mean reward is unbounded. One value has no spread to estimate: its interval
+    is NaN (null in a results file; a win rate's is then the whole [0, 1]), not of zero width.
     """
     n = len(values)
     if n == 0:
         return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
     m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
     half = z * sd / math.sqrt(n)
     return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": n}
 

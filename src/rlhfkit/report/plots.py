@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import struct
 
 from rlhfkit.config.extras import require
@@ -182,6 +183,13 @@ def winrate_plot(bars: list[tuple[str, float, float, float]]) -> str | None:
     return to_img(fig, "win rates")
 
 
+def scatter_label(name: str, xs: list[float], ys: list[float]) -> str:
+    """A model's legend entry: Pearson r (left out where it is undefined: fewer than two points, or
+    no spread) and the number of points."""
+    r = pearson(xs, ys)
+    return f"{name}: {f'r = {r:.2f}, ' if math.isfinite(r) else ''}n = {len(xs)}"
+
+
 def scatter_plot(series_: list[tuple[str, list[tuple[float, float]]]]) -> str | None:
     """Response length against score, one colour per model, Pearson r in the legend."""
     if not series_:
@@ -189,8 +197,7 @@ def scatter_plot(series_: list[tuple[str, list[tuple[float, float]]]]) -> str | 
     fig, ax = plt.subplots(figsize=(PANEL_SIZE[0] * 1.2, PANEL_SIZE[1] * 1.2))
     for i, (name, pts) in enumerate(series_):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.scatter(xs, ys, s=7, alpha=0.5, color=COLORS[i % len(COLORS)],
-                   label=f"{name}: r = {pearson(xs, ys):.2f}, n = {len(xs)}")
+        ax.scatter(xs, ys, s=7, alpha=0.5, color=COLORS[i % len(COLORS)], label=scatter_label(name, xs, ys))
     ax.set_xlabel("response length (characters)", fontsize=8)
     ax.set_ylabel("score", fontsize=8)
     ax.set_title("Length vs score (each point one response)", fontsize=10)
