@@ -213,6 +213,43 @@ def test_a_stage_that_stopped_before_its_results_is_unfinished_with_or_without_m
     assert not [w for w in collect([done])["warnings"] if w["kind"] == "unfinished"]
 
 
+def test_a_pipeline_stage_that_never_started_is_named(tmp_path):
+    """A pipeline that stopped after its first stage: the stages after it have no folder, and the
+    report says so instead of "no warnings"."""
+    from rlhfkit.report import build_report, collect
+
+    pipe = tmp_path / "pipe"
+    (pipe / "sft").mkdir(parents=True)
+    (pipe / "sft" / "sft_config.yaml").write_text("model: {name: m}\n")
+    (pipe / "sft" / "sft_results.json").write_text("{}")
+    (pipe / "pipeline.yaml").write_text("stages:\n- {kind: sft, name: sft}\n- {kind: rm}\n"
+                                        "- {kind: eval, name: final}\n")
+    warnings = collect([pipe])["warnings"]
+    assert [(w["kind"], w["stage"]) for w in warnings] == [("not_started", "rm"), ("not_started", "final")]
+    assert warnings[1]["message"] == (f"final: the pipeline's eval stage has not run (no folder {pipe / 'final'}): "
+                                      "the pipeline stopped before it, so its results are missing.")
+    page = build_report([pipe]).read_text()
+    assert "2 warning(s)" in page and "<b>stage not started</b>: rm: the pipeline&#x27;s rm stage has not run" in page
+
+
+def test_a_policy_that_loses_to_its_baseline_beyond_its_interval_is_a_warning(tmp_path):
+    from rlhfkit.report import build_report, collect
+
+    def result(low, high, rate):
+        return {"win_rate": rate, "ci_low": low, "ci_high": high, "n": 160}
+
+    results = {"baseline": {"win_rate": {}}, "policies": {
+        "ppo": {"win_rate": {"gold": result(0.02, 0.18, 0.10), "proxy": result(0.45, 0.61, 0.53)}},
+        "dpo": {"win_rate": {"gold": result(0.41, 0.499, 0.45)}},
+        "even": {"win_rate": {"gold": result(0.40, 0.50, 0.45)}}}}  # touches one half: not beyond its interval
+    run = _eval_dir(tmp_path / "ev", json.dumps(results))
+    found = [w for w in collect([run])["warnings"] if w["kind"] == "worse_than_baseline"]
+    assert [(w["model"], w["judge"]) for w in found] == [("ppo", "gold"), ("dpo", "gold")]
+    assert found[0]["message"] == ("ev, ppo: loses to the baseline by gold: win rate 0.100 [95% CI 0.020, 0.180] "
+                                   "over 160 prompts, the whole interval below 0.5.")
+    assert "<b>worse than the baseline</b>: ev, ppo: loses" in build_report([run]).read_text()
+
+
 def test_a_report_of_a_folder_with_no_run_is_refused_and_writes_nothing(tmp_path, capsys):
     from rlhfkit.cli import main
 

@@ -4,8 +4,8 @@
 
 Reads what the stages wrote (``*/metrics.jsonl``, ``*_config.yaml``, ``eval*.json``,
 ``pm_results.json``, ``samples-*.jsonl``, ``run_info.json``) and shows, top to bottom: warnings
-(stages that did not finish, unreadable results, truncated responses, held-out metrics that got
-worse, KL spikes), the evaluation table with 95% intervals and sample
+(stages that did not finish or never started, unreadable results, a policy that loses to its
+baseline, truncated responses, held-out metrics that got worse, KL spikes), the evaluation table with 95% intervals and sample
 sizes, the alignment tax (the baseline before, each policy after), win rates and length against
 score, the training curves (one metric per panel, raw and smoothed) with the split of each
 policy-gradient iteration's time, held-out metrics first to last and a preference model's held-out
@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from rlhfkit.report import plots, sections
-from rlhfkit.report.checks import KINDS, eval_warnings, stage_warnings
+from rlhfkit.report.checks import KINDS, eval_warnings, not_started, stage_warnings
 from rlhfkit.report.data import Stage, find_evals, load_stages, read_json
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -39,7 +39,8 @@ def collect(runs: list[Path]) -> dict:
         names = [str(r) for r in runs]
     staged = {n: load_stages(r) for n, r in zip(names, runs)}
     evals, warnings = {}, []
-    for n, stages in staged.items():
+    for (n, stages), run in zip(staged.items(), runs):
+        warnings += not_started(n, run, stages)
         for st in stages:
             warnings += stage_warnings(n, st)
         found, unreadable = find_evals(stages)

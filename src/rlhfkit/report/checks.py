@@ -13,7 +13,11 @@
 - unreadable: an ``eval*.json`` that could not be read (half written, not an evaluation), a stage's
   results file that is not a JSON object, a ``metrics.jsonl`` with no readable record: what it
   holds is not shown;
-- skipped updates: updates dropped for a non-finite loss or gradient (``train/skipped_steps``).
+- skipped updates: updates dropped for a non-finite loss or gradient (``train/skipped_steps``);
+- not started: a stage of the pipeline (``pipeline.yaml``) with no folder: the pipeline stopped
+  before it;
+- worse than the baseline: an evaluated policy whose win rate's whole 95% interval, by some judge,
+  lies below one half.
 
 Each warning is a JSON-able dict: ``kind``, ``run``, ``stage``, ``message`` and the figures the
 message quotes.
@@ -26,10 +30,11 @@ import statistics
 from fnmatch import fnmatch
 from pathlib import Path
 
-from rlhfkit.report.data import Stage, config_value, read_json, series
+from rlhfkit.report.data import Stage, config_value, pipeline_kinds, read_json, series
 
 # the order warnings are listed in
-KINDS = ("unfinished", "unreadable", "skipped_steps", "truncation", "kl_spike", "held_out_worse")
+KINDS = ("unfinished", "not_started", "unreadable", "skipped_steps", "worse_than_baseline", "truncation", "kl_spike",
+         "held_out_worse")
 TRUNCATION_SHARE = 0.2  # a larger share of responses cut at the token cap gets a warning
 
 # Which way is better for a held-out metric (the name after "eval/"); the first matching pattern
@@ -215,9 +220,28 @@ def stage_warnings(run: str, st: Stage) -> list[dict]:
     return out
 
 
+def not_started(run: str, path: Path, stages: list[Stage]) -> list[dict]:
+    """The stages of a pipeline (``pipeline.yaml``) that have no folder: it stopped before them."""
+    seen = {st.name for st in stages}
+    return [{"run": run, "stage": name, "kind": "not_started",
+             "message": f"{name}: the pipeline's {kind} stage has not run (no folder {path / name}): the pipeline "
+                        "stopped before it, so its results are missing."}
+            for name, kind in pipeline_kinds(path).items() if name not in seen]
+
+
 def eval_warnings(run: str, st: Stage, ev: dict) -> list[dict]:
-    """Truncation among the evaluation samples of each model (baseline included)."""
+    """A policy that loses to the baseline beyond its interval, by any judge; truncation among the
+    evaluation samples of each model (baseline included)."""
     out = []
+    for name, m in ev["policies"].items():
+        for judge, w in (m.get("win_rate") or {}).items() if name != "baseline" else ():
+            high = w.get("ci_high") if isinstance(w, dict) else None
+            if isinstance(high, (int, float)) and high < 0.5:
+                out.append({"run": run, "stage": st.name, "kind": "worse_than_baseline", "model": name, "judge": judge,
+                            **{k: w.get(k) for k in ("win_rate", "ci_low", "ci_high", "n")},
+                            "message": f"{st.name}, {name}: loses to the baseline by {judge}: win rate "
+                                       f"{w['win_rate']:.3f} [95% CI {w['ci_low']:.3f}, {high:.3f}] over "
+                                       f"{w.get('n')} prompts, the whole interval below 0.5."})
     cap = config_value(st.config, "rollout.max_new_tokens")
     for name, m in ev["policies"].items():
         eos, n = m.get("eos_frac"), m.get("samples")

@@ -94,7 +94,8 @@ class Stage:
         return ""
 
 
-def _pipeline_kinds(run: Path) -> dict[str, str]:
+def pipeline_kinds(run: Path) -> dict[str, str]:
+    """Stage name -> kind, in the order of the run's ``pipeline.yaml`` (none for a single command's run)."""
     pipe = run / "pipeline.yaml"
     if not pipe.is_file():
         return {}
@@ -134,7 +135,7 @@ def load_stages(run: Path) -> list[Stage]:
                 if isinstance(s, dict) and isinstance(s.get("seconds"), (int, float))}
     if is_stage_dir(run):
         return _with_nested([_load_stage(run.name, "", run, recorded)], recorded)
-    kinds = _pipeline_kinds(run)
+    kinds = pipeline_kinds(run)
     dirs = [run / n for n in kinds if (run / n).is_dir()]
     for p in sorted(run.iterdir()) if run.is_dir() else []:
         if p.is_dir() and p not in dirs and is_stage_dir(p):

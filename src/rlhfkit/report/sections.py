@@ -45,16 +45,16 @@ def judge_label(name: str, ev: dict | None = None) -> str:
     return JUDGE_LABELS.get(name, f"{name} judge")
 
 
-WARNING_TITLES = {"unfinished": "stage did not finish", "unreadable": "unreadable results",
-                  "skipped_steps": "skipped updates", "truncation": "truncated responses", "kl_spike": "KL spike",
-                  "held_out_worse": "held-out metric worse"}
+WARNING_TITLES = {"unfinished": "stage did not finish", "not_started": "stage not started",
+                  "unreadable": "unreadable results", "skipped_steps": "skipped updates",
+                  "worse_than_baseline": "worse than the baseline", "truncation": "truncated responses",
+                  "kl_spike": "KL spike", "held_out_worse": "held-out metric worse"}
 
 
 def warnings_block(warnings: list[dict], checked: int, show_run: bool = False) -> str:
     if not warnings:
-        return (f"<div class='ok' id='warnings'>No warnings: completion, skipped updates, truncation, held-out "
-                f"metrics and KL checked in "
-                f"{checked} stage(s).</div>")
+        return (f"<div class='ok' id='warnings'>No warnings: completion, skipped updates, wins against the "
+                f"baseline, truncation, held-out metrics and KL checked in {checked} stage(s).</div>")
     items = []
     for w in warnings:
         where = f" ({esc(w['run'])})" if show_run else ""
