@@ -63,6 +63,32 @@ def test_pipeline_runs_stages_in_order_and_skips_done(tmp_path, tiny_model_dir, 
     assert (run / "rm" / "model" / "model.safetensors").stat().st_mtime == mtime
 
 
+def _stops(cfg, strategy):
+    raise RuntimeError("killed")
+
+
+def test_a_rerun_that_stops_leaves_no_report_of_the_earlier_run(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The report and summary describe what a run finished: a rerun that redoes a stage and stops
+    in it leaves neither (an earlier run's would show results that are gone); `rlhfkit report`
+    makes one of what is there."""
+    import shutil
+
+    from rlhfkit import registry
+
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    run_pipeline(str(path))
+    run = tmp_path / "run"
+    assert {"report.html", "report_warnings.json", "pipeline_summary.json"} <= {p.name for p in run.iterdir()}
+    shutil.rmtree(run / "rm")
+
+    monkeypatch.setitem(registry.COMMANDS, "rm", registry.Command(registry.COMMANDS["rm"].config,
+                                                                   "test_pipeline_report:_stops", ""))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(str(path))
+    assert not {"report.html", "report_warnings.json", "pipeline_summary.json"} & {p.name for p in run.iterdir()}
+
+
 def test_a_stage_killed_after_its_results_before_its_done_mark_is_finished(tmp_path, tiny_model_dir, capsys):
     """A kill between the command's last write (its results file) and the pipeline's DONE: the
     rerun counts the stage as finished (it refused, finding a model and no checkpoint to continue)."""
@@ -109,6 +135,14 @@ def test_a_stage_killed_after_its_results_before_its_done_mark_is_finished(tmp_p
     # a model a stage loads by name, checked before anything is written
     (lambda c: c["stages"][0]["config"]["model"].update(name="/nonexistent/model"),
      r"stages\[0\] \(sft\): model\.name: model directory not found: /nonexistent/model"),
+    # an evaluation makes no model; a path in an earlier stage's directory must be its model
+    (lambda c: c["stages"].insert(1, {"name": "check", "kind": "eval", "config": {"policies": ["${sft}"],
+                                                                                  "baseline": "${base}"}})
+     or c["stages"][2]["config"]["model"].update(name="${check}"),
+     r"stages\[2\]\.config\.model\.name: \$\{check\}: stage 'check' is an evaluation, which makes no model$"),
+    (lambda c: c["stages"][1]["config"]["model"].update(name="${output_dir}/sft/modell"),
+     r"stages\[1\] \(rm\): model\.name: .*/run/sft/modell lies in an earlier stage's directory but is not a model "
+     r"a stage makes"),
 ])
 def test_pipeline_config_errors_before_any_stage(tmp_path, tiny_model_dir, mutate, match):
     sft, pref = _data(tmp_path)
@@ -145,6 +179,8 @@ def test_pipeline_overrides_name_an_existing_stage(tmp_path, tiny_model_dir, cap
     ("output_dir=", None, r"output_dir: empty; name the directory the stages write into$"),
     (None, "stages: [null]\n", r"stages\[0\]: expected a mapping of keys, got NoneType None$"),
     (None, "stages: [sft]\n", r"stages\[0\]: expected a mapping of keys, got str 'sft'$"),
+    ("stages.0.config.optim.lr=1", "stages: 5\n", r"stages: expected a list of stages, got int$"),
+    ("seed=1", None, r"expected a mapping of keys \(output_dir, base_model, stages, \.\.\.\), got list$"),
 ])
 def test_pipeline_shapes_that_are_not_stages_are_one_line(tmp_path, tiny_model_dir, monkeypatch, override, text,
                                                           match):
@@ -154,6 +190,8 @@ def test_pipeline_shapes_that_are_not_stages_are_one_line(tmp_path, tiny_model_d
     path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
     if text is not None:
         path.write_text(f"output_dir: {tmp_path / 'run'}\n{text}")
+    elif override == "seed=1":  # a file of a list, not a mapping
+        path.write_text("- 1\n- 2\n")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -444,16 +482,26 @@ def test_summary_quotes_every_eval_stage_and_the_report_warnings(tmp_path):
         (tmp_path / stage / "eval_results.json").write_text(json.dumps(_eval_results(win, n)))
     stages = [(SimpleNamespace(name=s, kind=k), None) for s, k in (("ppo", "ppo"), ("eval", "eval"), ("eval_ood", "eval"))]
     h = headline(tmp_path, stages)
-    assert h["eval: ppo: gold win rate vs start [95% CI]"] == "0.710 [0.660, 0.760]"
-    assert h["eval_ood: ppo: gold win rate vs start [95% CI]"] == "0.660 [0.610, 0.710]"
+    assert h["eval: ppo: gold win rate vs baseline [95% CI]"] == "0.710 [0.660, 0.760]"
+    assert h["eval_ood: ppo: gold win rate vs baseline [95% CI]"] == "0.660 [0.610, 0.710]"
     assert h["eval_ood: eval prompts"] == 300
     text = format_summary({"output_dir": str(tmp_path), "stage_seconds": {"ppo": 60.0}, "headline": h,
                            "warnings": ["rm: held-out eval/accuracy fell from 0.62 to 0.54"], "report": "r.html"})
     assert "WARNING: rm: held-out eval/accuracy fell" in text
-    assert "eval_ood: ppo: gold win rate vs start [95% CI]: 0.660" in text
+    assert "eval_ood: ppo: gold win rate vs baseline [95% CI]: 0.660" in text
     # one eval stage: no prefix, as before
     one = headline(tmp_path, stages[:2])
-    assert one["ppo: gold win rate vs start [95% CI]"] == "0.710 [0.660, 0.760]"
+    assert one["ppo: gold win rate vs baseline [95% CI]"] == "0.710 [0.660, 0.760]"
+    # a KL estimate just below zero is 0.0, not -0.0
+    results = _eval_results(0.5, 10)
+    results["policies"]["ppo"]["kl"]["mean"] = -4e-5
+    (tmp_path / "eval" / "eval_results.json").write_text(json.dumps(results))
+    assert str(headline(tmp_path, stages[:2])["ppo: KL to baseline (nats)"]) == "0.0"
+    # a stage done before is said as such; a continued one's time is this run's part
+    text = format_summary({"output_dir": "o", "stage_seconds": {"rm": 30.0, "ppo": 90.0}, "skipped": ["sft"],
+                           "continued": ["ppo"], "headline": {}, "report": "r.html"})
+    assert re.search(r"stage sft +done before, skipped\n +stage rm +0\.5 min\n +stage ppo +1\.5 min \(continued "
+                     r"from a checkpoint: this run's part\)\n +all stages run +2\.0 min", text), text
 
 
 def _tax_table_text(page) -> str | None:

@@ -67,7 +67,10 @@ def _substitute(obj: Any, values: dict[str, str], where: str) -> Any:
         def rep(m):
             key = m.group(1)
             if key not in values:
-                raise ConfigError(f"{where}: unknown placeholder ${{{key}}}; known: {sorted(values)}")
+                raise ConfigError(f"{where}: unknown placeholder ${{{key}}}; known: "
+                                  f"{sorted(k for k, v in values.items() if v is not None)}")
+            if values[key] is None:
+                raise ConfigError(f"{where}: ${{{key}}}: stage {key!r} is an evaluation, which makes no model")
             return values[key]
         return _PLACEHOLDER.sub(rep, obj)
     if isinstance(obj, dict):
@@ -81,6 +84,9 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
     """Load the pipeline and build + validate every stage's typed config (no model is loaded)."""
     source = str(path) if path else "pipeline"
     raw = read_yaml(path) if path else {}
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys (output_dir, base_model, stages, ...), got "
+                          f"{type(raw).__name__}")
     if overrides:
         over = parse_overrides(overrides)
         stages_over = over.pop("stages", None)
@@ -88,7 +94,10 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
         if stages_over is not None:  # stages.<i>.config.key=value
             if not isinstance(stages_over, dict):
                 raise ConfigError("stages: set a stage's keys (stages.<i or name>.config.KEY=VALUE), not the list")
-            raw["stages"] = _override_stages(list((raw or {}).get("stages") or []), stages_over)
+            listed = raw.get("stages") or []
+            if not isinstance(listed, list):
+                raise ConfigError(f"{source}: stages: expected a list of stages, got {type(listed).__name__}")
+            raw["stages"] = _override_stages(list(listed), stages_over)
     cfg = build(PipelineConfig, raw or {}, "", source)
     if not cfg.output_dir.strip():
         raise ConfigError(f"{source}: output_dir: empty; name the directory the stages write into")
@@ -112,22 +121,29 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
         except ConfigError as e:
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
         earlier = [out / st.name for st, _ in stages]
-        _check_inputs(stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier)
+        _check_inputs(stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier,
+                      [out / st.name for st, _ in stages if st.kind != "eval"])
         try:
             check_apart(out / spec.name, default_sources(stage_cfg), key="output_dir")
         except ConfigError as e:
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
         stages.append((spec, stage_cfg))
-        values[spec.name] = str(out / spec.name / "model")
+        values[spec.name] = str(out / spec.name / "model") if spec.kind != "eval" else None  # an evaluation makes none
     return cfg, stages
 
 
-def _check_inputs(stage_cfg, where: str, earlier: list[Path]) -> None:
+def _check_inputs(stage_cfg, where: str, earlier: list[Path], makers: list[Path]) -> None:
     """Every input a stage's config declares (its ``inputs()``: data files, reward, gold and scorer
     specs) that exists before the pipeline runs (not an output of an ``earlier`` stage) is read and
     checked before the first stage starts, as the stage itself checks it: a typo in the last stage
-    does not wait for the first one to train. Each stage checks the rest (tokenisation, models)
-    when it starts."""
+    does not wait for the first one to train. A model named inside an earlier stage's directory
+    must be the model of one that makes one (``makers``: ``DIR/model``, or ``DIR`` itself). Each
+    stage checks the rest (tokenisation, the models' files) when it starts."""
+    for key, value, _ in _model_inputs(stage_cfg):
+        path = Path(value).expanduser().resolve()
+        if _reads_any(value, earlier) and not any(path in (d.resolve(), (d / "model").resolve()) for d in makers):
+            raise ConfigError(f"{where}: {key}: {value} lies in an earlier stage's directory but is not a model a "
+                              "stage makes: name that stage's model as ${NAME} (<output_dir>/NAME/model)")
     for key, value, check in [*stage_cfg.inputs(), *_model_inputs(stage_cfg)]:
         if not isinstance(value, str) or not value or _reads_any(value, earlier):  # unset, or an earlier output
             continue
@@ -296,7 +312,10 @@ def _run_stages(cfg: PipelineConfig, out: Path, stages) -> dict:
         return strategies[key]
 
     dump_config(cfg, out / "pipeline.yaml")
+    for name in ("report.html", "report_warnings.json", "pipeline_summary.json"):  # an earlier run's, until this
+        (out / name).unlink(missing_ok=True)  # one ends: a run that stops leaves none (`rlhfkit report` makes one)
     timings: dict[str, float] = {}
+    skipped, continued = [], []
     write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # a report of a partial run has it too
     for i, (spec, stage_cfg) in enumerate(stages):
         done = out / spec.name / "DONE"
@@ -304,6 +323,7 @@ def _run_stages(cfg: PipelineConfig, out: Path, stages) -> dict:
             if not done.exists():  # killed after the command's last write, before the pipeline's
                 done.write_text(json.dumps({"seconds": None}))
             print(f"[pipeline] stage {i + 1}/{len(stages)} {spec.name}: already done, skipped", flush=True)
+            skipped.append(spec.name)
             continue
         print(f"[pipeline] stage {i + 1}/{len(stages)} {spec.name} ({spec.kind})", flush=True)
         if hasattr(stage_cfg, "train"):
@@ -311,12 +331,15 @@ def _run_stages(cfg: PipelineConfig, out: Path, stages) -> dict:
             # (true would refuse a stage that has nothing to resume: rlhfkit.training.rundir)
             stage_cfg.train.resume = "auto"
             stage_cfg.train.progress = cfg.progress
+        if any((out / spec.name / "checkpoints").glob("step-*")):
+            continued.append(spec.name)  # its time below is this run's part only
         t = time.time()
         COMMANDS[spec.kind].runner()(stage_cfg, strategy_for(stage_cfg))
         timings[spec.name] = time.time() - t
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"seconds": timings[spec.name]}))
-    summary = {"output_dir": str(out), "stage_seconds": timings, "headline": headline(out, stages)}
+    summary = {"output_dir": str(out), "stage_seconds": timings, "skipped": skipped, "continued": continued,
+               "headline": headline(out, stages)}
     write_run_info(out, [(spec.name, spec.kind) for spec, _ in stages])  # versions, hardware, stage times
     from rlhfkit.report import build_report
     from rlhfkit.report.checks import summary_messages
@@ -353,13 +376,13 @@ def _eval_headline(ev: dict, prefix: str) -> dict:
         name = f"{prefix}{name}"
         w = (pol.get("win_rate") or {}).get("gold")
         if w:
-            h[f"{name}: gold win rate vs start [95% CI]"] = (
+            h[f"{name}: gold win rate vs baseline [95% CI]"] = (
                 f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}]")
         for key, label in (("gold_mean", "gold score"), ("proxy_mean", "proxy (RM) reward")):
             if key in pol and key in base:
                 h[f"{name}: {label} before -> after"] = f"{_m(base[key]):.3f} -> {_m(pol[key]):.3f}"
         if "kl" in pol:
-            h[f"{name}: KL to start (nats)"] = round(_m(pol["kl"]), 3)
+            h[f"{name}: KL to baseline (nats)"] = round(_m(pol["kl"]), 3) + 0.0  # + 0.0: no "-0.0"
         if "length_tokens" in pol:
             h[f"{name}: length (tokens) before -> after"] = (f"{base.get('length_tokens', 0):.1f} -> "
                                                               f"{pol['length_tokens']:.1f}")
@@ -368,8 +391,11 @@ def _eval_headline(ev: dict, prefix: str) -> dict:
 
 def format_summary(summary: dict) -> str:
     lines = ["", "=" * 72, f"rlhfkit pipeline finished: {summary['output_dir']}"]
+    for name in summary.get("skipped") or []:
+        lines.append(f"  stage {name:<12} done before, skipped")
     for name, sec in summary["stage_seconds"].items():
-        lines.append(f"  stage {name:<12} {sec / 60:6.1f} min")
+        part = " (continued from a checkpoint: this run's part)" if name in (summary.get("continued") or []) else ""
+        lines.append(f"  stage {name:<12} {sec / 60:6.1f} min{part}")
     if len(summary["stage_seconds"]) > 1:
         lines.append(f"  {'all stages run':<18} {sum(summary['stage_seconds'].values()) / 60:6.1f} min")
     for k, v in (summary.get("headline") or {}).items():
