@@ -117,6 +117,7 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
     pref = write_jsonl(work / "pref.jsonl", [
         {"prompt": f"Name a colour like {c}", "chosen": c + " yes" * (i % 3), "rejected": "no idea" + " hmm" * (i % 4)}
         for i, c in enumerate(COLOURS * 6)])
+    one_pair = write_jsonl(work / "pref-1.jsonl", [{"prompt": "Name a colour", "chosen": "red", "rejected": "no"}])
     tiny_policy_dir(tokenizer, work / "policy")
     write_prompts(work / "prompts.jsonl")
     write_reward(work / "reward_fn.py")
@@ -134,6 +135,9 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2", "--resume")},
         {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-2")},
         {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-2")},
+        # fewer held-out pairs than processes: one rank scores none and still joins the sums
+        {"argv": _pref_args("dpo", tiny_model_dir, pref, work / "dpo-2-one-eval") + [f"data.eval={one_pair}",
+                                                                                  "data.eval_fraction=0"]},
         # FSDP2: the same runs with the models sharded over the two ranks
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-fsdp", "train.fsdp=true")},
         {"argv": _sft_args(tiny_model_dir, sft, work / "sft-1to2-fsdp", "train.fsdp=true", "--resume")},
@@ -272,6 +276,15 @@ def test_preference_trainers_two_processes_equal_one(runs, tiny_model_dir, kind)
                                                 else ["train/accuracy", "eval/margin"])
     _assert_same_metrics(one, runs / f"{kind}-2", keys)
     _assert_same_weights(one, runs / f"{kind}-2")
+
+
+def test_a_held_out_set_smaller_than_the_processes_is_scored_as_on_one(runs, tiny_model_dir):
+    """One held-out pair on two processes: the rank with no pair adds zeros to the sums (it once
+    waited forever for a reduction of another length), and the metrics are the 1-process ones."""
+    one = runs / "dpo-1-one-eval"
+    extra = [f"data.eval={runs / 'pref-1.jsonl'}", "data.eval_fraction=0"]
+    assert cli(_pref_args("dpo", tiny_model_dir, runs / "pref.jsonl", one) + extra) == 0
+    _assert_same_metrics(one, runs / "dpo-2-one-eval", ["eval/loss", "eval/rewards/margin", "eval/pairs"])
 
 
 def _assert_sharded(run: Path, results: str) -> None:

@@ -58,6 +58,7 @@ from rlhfkit.trainers.dpo_logps import Reference, pair_logps, precompute_or_load
 from rlhfkit.trainers.reward import prepare_preference_data
 from rlhfkit.trainers.sft import train_sft
 from rlhfkit.training import (
+    check_enough,
     eval_chunks,
     finish,
     fit_supervised,
@@ -177,6 +178,11 @@ def dpo_batch_loss(policy, reference, chunk: list[dict], collator, dcfg: DPOSect
     return loss / normalizer, sums
 
 
+# What a held-out evaluation sums over its pairs (`dpo_batch_loss`'s sums) and adds over ranks.
+EVAL_SUMS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+             "logps/rejected", "loss")
+
+
 @torch.no_grad()
 def evaluate_dpo(policy, reference, examples: list[dict], collator, dcfg: DPOSection, micro_batch_size: int,
                  strategy: Strategy) -> dict:
@@ -186,12 +192,12 @@ def evaluate_dpo(policy, reference, examples: list[dict], collator, dcfg: DPOSec
         return {}
     was_training = policy.training
     policy.eval()
-    totals: dict = {}
+    totals = dict.fromkeys(EVAL_SUMS, 0.0)  # the same keys on every rank, one that scored no pair included
     for chunk, real in eval_chunks(examples, micro_batch_size, strategy):
         with strategy.autocast():
             _, sums = dpo_batch_loss(policy, reference, chunk, collator, dcfg, 1.0, strategy.device)
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + (float(v) if real else 0.0)
+        for k in EVAL_SUMS:
+            totals[k] += float(sums[k]) if real else 0.0
     policy.train(was_training)
     if strategy.world_size > 1:
         summed = strategy.sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
@@ -256,6 +262,7 @@ def train_dpo(cfg: DPOConfig, strategy: Strategy | None = None, desc: str = "dpo
     check_policy_start(cfg.model, cfg.data.max_length, "data.max_length")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
+    check_enough(len(train), cfg.train, "data.train", "pairs")
     with under_key("dpo.reference"):
         if cfg.dpo.reference:
             check_policy_path(cfg.dpo.reference)  # not a reward model or critic
