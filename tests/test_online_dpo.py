@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from rlhfkit.algos.selection import best_of_n, build_pairs, length_penalised, rsft_dropped
-from rlhfkit.config import load_config
+from rlhfkit.config import ConfigError, load_config
 from rlhfkit.judges.sample_scorer import round_robin
 from rlhfkit.trainers.online_dpo import OnlineDPOConfig, train_online_dpo
 
@@ -78,6 +78,23 @@ def test_an_rsft_iteration_that_keeps_nothing_names_the_rsft_keys(tmp_path, toke
     with pytest.raises(ValueError, match=r"iteration 1: nothing to train on: 0 best responses \(8 below rsft_min_score, "
                                          r"0 outside rsft_top_fraction, 0 empty dropped\); lower rsft_min_score"):
         train_online_dpo(cfg)
+
+
+def test_an_iteration_with_fewer_examples_than_a_batch_stops_naming_the_fix(tmp_path, tokenizer):
+    """rsft_top_fraction keeps 2 of 8 best responses, train.batch_size is 4: every batch would be
+    that short, so the round stops and says what to change; prompts_per_iteration below the batch
+    can never fill one and is refused as the config loads."""
+    common = [*_tiny_setup(tmp_path, tokenizer, 8), "mode=rsft", "iterations=1", "rollout.n=2",
+              "rollout.max_new_tokens=4", "train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1",
+              "train.progress=false", f"train.output_dir={tmp_path / 'run'}"]
+    cfg = load_config(OnlineDPOConfig, overrides=[*common, "prompts_per_iteration=8", "rsft_top_fraction=0.25"])
+    with pytest.raises(ValueError, match=r"iteration 1: 2 best responses \(0 below rsft_min_score, 6 outside "
+                                         r"rsft_top_fraction, 0 empty dropped\), fewer than train\.batch_size 4: "
+                                         r"lower train\.batch_size, or raise rsft_top_fraction$"):
+        train_online_dpo(cfg)
+    with pytest.raises(ConfigError, match=r"prompts_per_iteration: 2, fewer than train\.batch_size 4: an iteration "
+                                          r"trains on one pair \(or best response\) per prompt at most"):
+        load_config(OnlineDPOConfig, overrides=[*common, "prompts_per_iteration=2"])
 
 
 def test_rsft_iteration_keeps_only_responses_above_the_threshold(tmp_path, tokenizer):

@@ -99,6 +99,13 @@ def _cases(model: str, reward_file: str, rm: str = MISSING, short: str = MISSING
          "prompts.train: 3 prompts, fewer than train.batch_size 4"),
         ([*ppo, "ptx.coef=0.1", "ptx.data=task:sentiment", "ptx.batch_size=100000"],
          "examples, fewer than ptx.batch_size 100000: lower ptx.batch_size"),
+        # fewer training examples than a batch (the RM fine-tuned, not the probe alone)
+        *(([k, "-c", str(CONFIGS / f"{k}.yaml"), f"model.name={model}", "data.limit=3", "data.eval_fraction=0",
+            "train.eval_every=0", "train.select_best=", "train.batch_size=8", "train.micro_batch_size=8", *extra],
+           f"data.train: 3 {unit}, fewer than train.batch_size 8: lower train.batch_size, or set "
+           f"train.drop_last=false to fill each batch from the next pass over the {unit}")
+          for k, unit, extra in (("sft", "examples", []), ("dpo", "pairs", []), ("pm", "A/B questions", []),
+                                 ("rm", "pairs", ["head_init=random", "train.epochs=1"]))),
         # online DPO trains each iteration with DPO (or SFT): its model settings are checked before
         # the first iteration samples, not when its training starts
         ([*online, "model.lora.enabled=true", "model.lora.target_modules=[nosuch_proj]"],

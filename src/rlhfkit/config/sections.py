@@ -139,7 +139,8 @@ class TrainSection:
     drop_last: bool = True
     """true: an epoch is n // batch_size batches, the rest of its shuffle left out (a different rest each epoch; the
     run says how many); false: nothing is left out, a batch that reaches an epoch's end is completed from the next
-    epoch's shuffle (epochs x n / batch_size steps, rounded up)."""
+    epoch's shuffle (epochs x n / batch_size steps, rounded up). With true, fewer examples (prompts) than
+    batch_size are refused: every batch would be that short."""
     eval_every: int = 0
     """Steps between held-out evaluations (also at step 0 and at the end); 0 = at step 0 and the end only."""
     select_best: str = ""

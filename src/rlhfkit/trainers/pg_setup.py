@@ -45,6 +45,7 @@ from rlhfkit.trainers.sft import prepare_sft_data
 from rlhfkit.training import (
     Run,
     batch_indices,
+    check_enough,
     left_out,
     open_run,
     prepare_optimization,
@@ -325,12 +326,8 @@ def _check_enough(cfg, prompts: int, dropped: int, ptx: PTXData | None) -> None:
     """Fewer prompts than train.batch_size (or PTX examples than ptx.batch_size) with drop_last
     would make every batch that short, silently: the schedule, the minibatches and the processes'
     shares are sized for the configured batch. Refused, naming the counts."""
-    train = cfg.train
-    if train.drop_last and prompts < train.batch_size:
-        said = f" ({dropped} more were longer than prompts.max_prompt_length)" if dropped else ""
-        raise ConfigError(f"prompts.train: {prompts} prompts{said}, fewer than train.batch_size {train.batch_size} "
-                          f"per iteration: lower train.batch_size, or set train.drop_last=false to fill each "
-                          "batch from the next pass over the prompts")
+    said = f" ({dropped} more were longer than prompts.max_prompt_length)" if dropped else ""
+    check_enough(prompts, cfg.train, "prompts.train", "prompts", said, " per iteration")
     if ptx is not None and len(ptx.examples) < ptx.batch_size:
         raise ConfigError(f"ptx.data: {len(ptx.examples)} examples, fewer than ptx.batch_size {ptx.batch_size}: "
                           "lower ptx.batch_size")

@@ -38,7 +38,7 @@ from rlhfkit.models import load_tokenizer
 from rlhfkit.models.start import check_policy_start
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.trainers.sft import train_sft
-from rlhfkit.training import open_run
+from rlhfkit.training import check_enough, open_run
 from rlhfkit.training.runlock import release
 
 
@@ -155,6 +155,7 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     _check_lengths(cfg, train_pairs + eval_pairs)
     # 1. A/B conversations with randomised order (the same on every rank; rank 0 writes them).
     records, cut = _records(cfg, train_pairs, eval_pairs)
+    check_enough(len(records["train"]), cfg.train, "data.train", "A/B questions")
     out = open_run(cfg, "pm", strategy).out
     paths = {name: out / "pm_data" / f"{name}.jsonl" for name in ("train", "eval")}
     if strategy.is_main:

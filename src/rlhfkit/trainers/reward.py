@@ -45,6 +45,7 @@ from rlhfkit.models.start import load_for_training
 from rlhfkit.models.token_head import set_token_head, stored_token_head, token_head_embeddings, token_head_width
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
+    check_enough,
     eval_chunks,
     finish,
     fit_supervised,
@@ -304,6 +305,8 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     _check_training_pairs(cfg, train)
+    if total_steps(len(train), cfg.train):  # epochs 0: the probe alone, no batches
+        check_enough(len(train), cfg.train, "data.train", "pairs")
     _check_selected_category(cfg, evals)
     _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy, tokenizer)

@@ -24,6 +24,7 @@ from rlhfkit.models.forward import common_prefix_of_rows, labelled_logprobs
 from rlhfkit.models.start import check_policy_start, load_for_training
 from rlhfkit.parallel import Strategy, make_strategy
 from rlhfkit.training import (
+    check_enough,
     eval_chunks,
     finish,
     fit_supervised,
@@ -95,6 +96,7 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
     check_policy_start(cfg.model, cfg.data.max_length, "data.max_length")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_sft_data(cfg, tokenizer)
+    check_enough(len(train), cfg.train, "data.train", "examples")
     run = open_run(cfg, "sft", strategy, tokenizer)
     collator = eval_collator = SFTCollator(tokenizer.pad_token_id)
     if cfg.packing:  # several short examples per row, attention blocked between them

@@ -4,6 +4,7 @@ logging, checkpoints and the run directory. Trainers supply a step function and 
 from rlhfkit.training.accumulate import accumulate, normalizer
 from rlhfkit.training.batches import (
            batch_indices,
+           check_enough,
            epoch_order,
            eval_chunks,
            left_out,
@@ -25,5 +26,6 @@ from rlhfkit.training.supervised import (
 )
 
 __all__ = ["FitResult", "Run", "StepGuard", "TrainingDiverged", "accumulate", "batch_indices", "build_optimizer",
-           "build_scheduler", "epoch_order", "eval_chunks", "finish", "fit", "fit_supervised", "left_out",
-           "micro_batches", "normalizer", "open_run", "prepare_optimization", "supervised_step", "total_steps"]
+           "build_scheduler", "check_enough", "epoch_order", "eval_chunks", "finish", "fit", "fit_supervised",
+           "left_out", "micro_batches", "normalizer", "open_run", "prepare_optimization", "supervised_step",
+           "total_steps"]

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from rlhfkit.config.errors import ConfigError
+
 
 def micro_batches(items: list, micro_batch_size: int) -> list[list]:
     return [items[i:i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
@@ -44,6 +46,18 @@ def left_out(n: int, train, total: int | None = None) -> int:
     if not train.drop_last or n <= train.batch_size or (total is not None and total < n // train.batch_size):
         return 0
     return n % train.batch_size
+
+
+def check_enough(n: int, train, key: str, unit: str, said: str = "", per: str = "") -> None:
+    """Fewer than ``train.batch_size`` (``n`` of ``unit`` from ``key``) with ``drop_last`` would make
+    every batch that short, silently: the learning-rate schedule, the minibatches and the
+    processes' shares are sized for the configured batch (and a process may get none). Refused
+    before anything is written, naming the counts (``said``: more about them; ``per``: after the
+    batch size, e.g. " per iteration")."""
+    if train.drop_last and n < train.batch_size:
+        raise ConfigError(f"{key}: {n} {unit}{said}, fewer than train.batch_size {train.batch_size}{per}: lower "
+                          f"train.batch_size, or set train.drop_last=false to fill each batch from the next pass "
+                          f"over the {unit}")
 
 
 def total_steps(n: int, train) -> int:
