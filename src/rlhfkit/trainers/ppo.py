@@ -1,6 +1,6 @@
 """PPO with four models: actor, reference, reward and critic (docs/concepts.md, "PPO").
 
-    rlhfkit ppo --config configs/ppo.yaml reward.spec=rm:runs/demo/rm/model
+    rlhfkit ppo --config configs/ppo.yaml reward.spec=rm:runs/rm/model
 
 One iteration = 1 rollout, 2 score, 3 per-token rewards, 4 GAE advantages, 5 PPO update. Two rules
 keep the first PPO ratio exactly 1: logp_old is recomputed after the rollout with the same forward
