@@ -24,7 +24,8 @@ POLICY = ["train.batch_size=2", "train.micro_batch_size=4", "rollout.n=2", "roll
 PG = [*POLICY, "mini_batch_size=4"]
 # one iteration of 2 prompts; train.max_steps (1) is the inner DPO/SFT run's
 ONLINE = [*POLICY, "iterations=1", "prompts_per_iteration=2", "train.micro_batch_size=2",
-          "dpo.precompute_ref_logps=true"]
+          "dpo.precompute_ref_logps=true",
+          "train.drop_last=false"]  # a round of 2 prompts may keep 1 pair: batches filled from the next pass
 
 # id: (sub-command, overrides with {placeholders} filled from the `files` fixture)
 CASES = {

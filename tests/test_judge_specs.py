@@ -139,6 +139,7 @@ def test_pm_of_a_base_model_with_a_configured_chat_template_evaluates_the_untrai
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(PMConfig, overrides=[f"model.name={base}", f"data.train={tmp_path / 'pairs.jsonl'}",
                                            "data.eval_fraction=0.5", "data.chat_template=chatml", "train.max_steps=1",
+                                           "train.batch_size=4", "train.micro_batch_size=4",
                                            "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}",
                                            "train.select_best=eval/loss", "train.select_best_mode=max"])
     with caplog.at_level("WARNING", logger="rlhfkit"):
@@ -164,7 +165,8 @@ def test_pm_truncation_cuts_the_responses_and_keeps_the_question_and_answer(tmp_
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(PMConfig, overrides=[f"model.name={tiny_model_dir}", f"data.train={tmp_path / 'pairs.jsonl'}",
                                            "data.eval_fraction=0.34", "data.max_length=160", f"data.truncation={mode}",
-                                           "train.max_steps=1", "train.report_to=[]", "eval_untrained=false",
+                                           "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4",
+                                           "train.report_to=[]", "eval_untrained=false",
                                            f"train.output_dir={tmp_path / 'run'}"])
     results = train_pm(cfg)
     assert results["truncation"]["truncated"] == 6 and results["truncation"]["dropped"] == 0

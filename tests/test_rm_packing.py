@@ -98,7 +98,7 @@ def test_trainer_packs_by_default_and_trains_the_same(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", _pairs(8, 5))
 
     def one_step(name, share):
-        data = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(train), "max_length": 96},
+        data = {"model": {"name": str(tiny_model_dir)}, "data": {"train": str(train), "max_length": 96, "eval_fraction": 0.0},
                 "train": {"output_dir": str(tmp_path / name), "batch_size": 8, "micro_batch_size": 8,
                           "max_steps": 1, "progress": False, "seed": 0},
                 "optim": {"lr": 0.05, "adam_eps": 1.0, "warmup_ratio": 0.0, "schedule": "constant"},
