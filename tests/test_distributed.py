@@ -118,6 +118,8 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
         {"prompt": f"Name a colour like {c}", "chosen": c + " yes" * (i % 3), "rejected": "no idea" + " hmm" * (i % 4)}
         for i, c in enumerate(COLOURS * 6)])
     one_pair = write_jsonl(work / "pref-1.jsonl", [{"prompt": "Name a colour", "chosen": "red", "rejected": "no"}])
+    for n in (1, 3):  # held-out prompts for the policy-gradient evaluation: fewer than, or uneven over, 2 ranks
+        write_jsonl(work / f"eval-{n}.jsonl", [{"prompt": f"Tell me about the sea {i}"} for i in range(n)])
     tiny_policy_dir(tokenizer, work / "policy")
     write_prompts(work / "prompts.jsonl")
     write_reward(work / "reward_fn.py")
@@ -145,6 +147,8 @@ def runs(tmp_path_factory, tiny_model_dir, tokenizer):
         {"argv": _pref_args("rm", tiny_model_dir, pref, work / "rm-fsdp") + ["train.fsdp=true", *RM_FSDP]},
         {"argv": _pg_args("grpo", work, work / "grpo-2"), "capture": str(work / "grpo-2-rollouts")},
         {"argv": _pg_args("ppo", work, work / "ppo-2"), "capture": str(work / "ppo-2-rollouts")},
+        *({"argv": _pg_args("grpo", work, work / f"grpo-2-eval-{n}") + [
+            f"prompts.eval={work / f'eval-{n}.jsonl'}", "train.eval_every=1", "train.max_steps=1"]} for n in (1, 3)),
         # FSDP2 for the policy-gradient trainers: actor (and critic) sharded, gathered for the rollout
         {"argv": _pg_args("grpo", work, work / "grpo-fsdp", reward=_rm(work)) + ["train.fsdp=true"],
          "capture": str(work / "grpo-fsdp-rollouts")},
@@ -285,6 +289,16 @@ def test_a_held_out_set_smaller_than_the_processes_is_scored_as_on_one(runs, tin
     extra = [f"data.eval={runs / 'pref-1.jsonl'}", "data.eval_fraction=0"]
     assert cli(_pref_args("dpo", tiny_model_dir, runs / "pref.jsonl", one) + extra) == 0
     _assert_same_metrics(one, runs / "dpo-2-one-eval", ["eval/loss", "eval/rewards/margin", "eval/pairs"])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_policy_gradient_held_out_evaluation_scores_every_prompt_on_two_processes(runs, n):
+    """Data parallelism runs no collective forward: each rank scores its share, however uneven,
+    and a rank with none joins the gather with no rows; no held-out prompt is left out."""
+    rows = [json.loads(line) for line in (runs / f"grpo-2-eval-{n}" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/prompts" in r]
+    assert [r["step"] for r in evals] == [0, 1] and all(r["eval/prompts"] == n for r in evals), evals
+    assert all(0.0 <= r["eval/eos_frac"] <= 1.0 and r["eval/length_mean"] > 0 for r in evals)
 
 
 def _assert_sharded(run: Path, results: str) -> None:

@@ -37,11 +37,29 @@ def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy,
                     seed: int = 0, micro_batch_size: int = 8) -> dict:
     """One sample per prompt of ``prompts`` from ``policy``, scored as the module docstring says, over
     every rank's share. ``ref``: the reference model, or None for ``policy`` with its LoRA adapters
-    off. ``proxy`` / ``gold``: pointwise reward functions (either may be None)."""
-    usable = len(prompts) - len(prompts) % strategy.world_size  # equal shares (lockstep forwards)
-    items = strategy.shard(prompts[:usable])
-    if not items:
+    off. ``proxy`` / ``gold``: pointwise reward functions (either may be None). Every prompt is
+    scored, on any number of processes, except that sharded models (whose forwards are collectives)
+    take equal shares: the last ``len(prompts) % world_size`` are then left out (``eval/prompts``)."""
+    usable = len(prompts) - len(prompts) % strategy.world_size if strategy.lockstep_forwards else len(prompts)
+    if not usable:
         return {}
+    items = strategy.shard(prompts[:usable])
+    names = ["kl", "length", "eos", *(name for name, fn in (("proxy", proxy), ("gold", gold)) if fn is not None)]
+    # a rank with no prompt (fewer than the processes) still joins the gather, with no rows
+    local = _scored(policy, ref, items, rollout_settings, tokenizer, strategy, proxy, gold, seed,
+                    micro_batch_size) if items else torch.zeros((0, len(names)))
+    table = strategy.gather(local)  # (N, columns)
+    means = table.mean(0).tolist()
+    out = {f"eval/{name}_mean" if name in ("proxy", "gold", "length") else f"eval/{name}": m
+           for name, m in zip(names, means)}
+    out["eval/eos_frac"] = out.pop("eval/eos")
+    out["eval/prompts"] = len(table)
+    return out
+
+
+def _scored(policy, ref, items, rollout_settings, tokenizer, strategy, proxy, gold, seed: int,
+            micro_batch_size: int) -> torch.Tensor:
+    """(rows, columns) of this rank's prompts: kl, length, eos, then proxy and gold where given."""
     settings = dataclasses.replace(rollout_settings, n=1)
     exp = rollout(policy, items, settings, tokenizer, strategy=strategy,
                   seed=rank_stream_seed(seed, EVAL_STREAM, strategy.rank))
@@ -52,15 +70,9 @@ def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy,
     kl = torch.where(mask, lp["logp"] - lp["ref_logp"], 0.0).sum(-1)  # (B,) k1 per response
     responses = decode_responses(exp, tokenizer)
     texts, messages = [it.text for it in items], [it.messages for it in items]
-    columns = {"kl": kl.cpu(), "length": exp.response_lengths().float().cpu(), "eos": exp.eos.float().cpu()}
+    columns = [kl.cpu(), exp.response_lengths().float().cpu(), exp.eos.float().cpu()]
     fields = [it.fields for it in items]
-    for name, fn in (("proxy", proxy), ("gold", gold)):
+    for fn in (proxy, gold):
         if fn is not None:
-            columns[name] = torch.tensor(fn(texts, responses, messages=messages, fields=fields))
-    table = strategy.gather(torch.stack([c.float() for c in columns.values()], dim=1))  # (N, C)
-    means = table.mean(0).tolist()
-    out = {f"eval/{name}_mean" if name in ("proxy", "gold", "length") else f"eval/{name}": m
-           for name, m in zip(columns, means)}
-    out["eval/eos_frac"] = out.pop("eval/eos")
-    out["eval/prompts"] = len(table)
-    return out
+            columns.append(torch.tensor(fn(texts, responses, messages=messages, fields=fields)))
+    return torch.stack([c.float() for c in columns], dim=1)
