@@ -623,3 +623,29 @@ def test_an_adapter_whose_weights_are_a_pickle_or_a_template_that_escapes_is_one
                                "rollout.n=1", "rollout.max_new_tokens=2", f"train.output_dir={tmp_path / 'ev'}"])
     assert code == 2 and line.startswith("rlhfkit eval: error: ") and "unsafe" in line, line
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_collective_broken_by_another_process_is_one_line_naming_the_rank(tmp_path, capsys, monkeypatch):
+    """On N processes, the process that fails says why (one line); the others, whose next collective
+    finds the connection closed, say only that another process failed: no traceback."""
+    import torch.distributed as dist
+
+    from rlhfkit import cli
+
+    def broken(argv):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:60045. This is "
+                           "typically caused by a remote worker crashing.")
+
+    monkeypatch.setattr(cli, "_main", broken)
+    with pytest.raises(RuntimeError, match="closed by peer"):  # no process group: not a peer's failure
+        cli.main(["grpo"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert cli.main(["grpo"]) == 2
+        assert capsys.readouterr().err == ("rlhfkit grpo: stopped on rank 0: another process of this job failed (its "
+                                           "error is reported first, by that process)\n")
+        monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(RuntimeError("a bug of ours")))
+        with pytest.raises(RuntimeError, match="a bug of ours"):  # any other RuntimeError keeps its traceback
+            cli.main(["grpo"])
+    finally:
+        dist.destroy_process_group()

@@ -179,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrainingDiverged):
             print(f"rlhfkit {command}: stopped: {_one_line(e, command)}", file=sys.stderr)
             return 3
+        rank = _peer_failed(e)
+        if rank is not None:
+            print(f"rlhfkit {command}: stopped on rank {rank}: another process of this job failed (its error is "
+                  "reported first, by that process)", file=sys.stderr)
+            return 2
         if not _is_user_error(e):
             raise
         print(f"rlhfkit {command}: error: {_one_line(e, command)}", file=sys.stderr)
@@ -192,6 +197,19 @@ def _close_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def _peer_failed(e: BaseException) -> int | None:
+    """This process's rank when ``e`` is a collective that failed because another process of the
+    job stopped (gloo's "Connection closed by peer", NCCL's DistBackendError), else None: the
+    process that stopped reports why, this one need not add a traceback."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and " by peer" in str(e)):
+        return dist.get_rank()
+    return None
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -107,7 +107,7 @@ class Strategy:
             return x
         x = x.detach().to(self.device).contiguous()
         sizes = torch.zeros(self.world_size, dtype=torch.long, device=self.device)
-        dist.all_gather_into_tensor(sizes, torch.tensor([x.shape[0]], device=self.device))
+        dist.all_gather_single(sizes, torch.tensor([x.shape[0]], device=self.device))
         most = int(sizes.max())
         padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=self.device)
         padded[:x.shape[0]] = x
