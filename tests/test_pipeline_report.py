@@ -67,6 +67,24 @@ def _stops(cfg, strategy):
     raise RuntimeError("killed")
 
 
+def _refuses(cfg, strategy):
+    raise FileNotFoundError("model.name: model directory not found: /x/model")
+
+
+def test_an_error_a_stage_raises_names_the_stage(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """What a stage refuses as it starts (an input only it checks) is one line naming the stage."""
+    from rlhfkit import registry
+    from rlhfkit.cli import main
+
+    sft, pref = _data(tmp_path)
+    path = _pipeline(tmp_path, tiny_model_dir, sft, pref)
+    monkeypatch.setitem(registry.COMMANDS, "rm", registry.Command(registry.COMMANDS["rm"].config,
+                                                                   "test_pipeline_report:_refuses", ""))
+    assert main(["pipeline", "-c", str(path)]) == 2
+    assert capsys.readouterr().err == ("rlhfkit pipeline: error: stage rm (rm): model.name: model directory not "
+                                       "found: /x/model\n")
+
+
 def test_a_rerun_that_stops_leaves_no_report_of_the_earlier_run(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """The report and summary describe what a run finished: a rerun that redoes a stage and stops
     in it leaves neither (an earlier run's would show results that are gone); `rlhfkit report`

@@ -269,7 +269,8 @@ def _one_line(e: BaseException, command: str = "") -> str:
         text = "out of memory (lower train.micro_batch_size, or enable model.gradient_checkpointing)"
     else:
         text = str(e) or type(e).__name__
-    text = " ".join(text.split())
+    stage = getattr(e, "pipeline_stage", "")  # set by `rlhfkit pipeline` on what a stage raised
+    text = " ".join(f"{stage}: {text}".split() if stage else text.split())
     return text if len(text) <= 600 else text[:597] + "..."
 
 

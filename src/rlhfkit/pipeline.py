@@ -13,6 +13,7 @@ from its latest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -334,7 +335,12 @@ def _run_stages(cfg: PipelineConfig, out: Path, stages) -> dict:
         if any((out / spec.name / "checkpoints").glob("step-*")):
             continued.append(spec.name)  # its time below is this run's part only
         t = time.time()
-        COMMANDS[spec.kind].runner()(stage_cfg, strategy_for(stage_cfg))
+        try:
+            COMMANDS[spec.kind].runner()(stage_cfg, strategy_for(stage_cfg))
+        except Exception as e:  # the command line's error names the stage
+            with contextlib.suppress(AttributeError, TypeError):
+                e.pipeline_stage = f"stage {spec.name} ({spec.kind})"
+            raise
         timings[spec.name] = time.time() - t
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps({"seconds": timings[spec.name]}))
