@@ -643,9 +643,14 @@ def test_a_collective_broken_by_another_process_is_one_line_naming_the_rank(tmp_
     try:
         assert cli.main(["grpo"]) == 2
         assert capsys.readouterr().err == ("rlhfkit grpo: stopped on rank 0: another process of this job failed (its "
-                                           "error is reported first, by that process)\n")
+                                           "error is reported first, by that process): [gloo/transport/tcp/pair.cc:"
+                                           "553] Connection closed by peer [127.0.0.1]:60045. This is typically "
+                                           "caused by a remote worker crashing.\n")
         monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(RuntimeError("a bug of ours")))
         with pytest.raises(RuntimeError, match="a bug of ours"):  # any other RuntimeError keeps its traceback
+            cli.main(["grpo"])
+        monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(dist.DistBackendError("NCCL timeout")))
+        with pytest.raises(dist.DistBackendError):  # a backend's own failure may be this process's: kept
             cli.main(["grpo"])
     finally:
         dist.destroy_process_group()

@@ -185,6 +185,23 @@ def test_pm_truncation_cuts_the_responses_and_keeps_the_question_and_answer(tmp_
         assert "goodend" not in chosen  # the longer response lost its end
 
 
+def test_pm_without_held_out_pairs_trains_on_every_pair(tmp_path, tiny_model_dir):
+    """data.eval_fraction 0: every pair is an A/B question of training; the SFT step holds none out."""
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.pm import PMConfig, train_pm
+
+    rows = [{"prompt": f"Say something {i}", "chosen": "A fine answer.", "rejected": "No."} for i in range(4)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(PMConfig, overrides=[f"model.name={tiny_model_dir}", f"data.train={tmp_path / 'pairs.jsonl'}",
+                                           "data.eval_fraction=0", "train.batch_size=4", "train.micro_batch_size=4",
+                                           "train.max_steps=1", "train.report_to=[]", "eval_untrained=false",
+                                           f"train.output_dir={tmp_path / 'run'}"])
+    train_pm(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/tokens"] for r in rows] == [8], rows  # 4 questions' answers: a letter and end-of-turn each
+    assert not (tmp_path / "run" / "pm_data" / "eval.jsonl").read_text()
+
+
 def test_pm_truncation_that_leaves_no_pair_stops_before_anything_is_written(tmp_path, tiny_model_dir):
     from rlhfkit.config import load_config
     from rlhfkit.data import DataError

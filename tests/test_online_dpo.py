@@ -90,7 +90,9 @@ def test_an_iteration_with_fewer_examples_than_a_batch_stops_naming_the_fix(tmp_
     cfg = load_config(OnlineDPOConfig, overrides=[*common, "prompts_per_iteration=8", "rsft_top_fraction=0.25"])
     with pytest.raises(ValueError, match=r"iteration 1: 2 best responses \(0 below rsft_min_score, 6 outside "
                                          r"rsft_top_fraction, 0 empty dropped\), fewer than train\.batch_size 4: "
-                                         r"lower train\.batch_size, or raise rsft_top_fraction$"):
+                                         r"raise rsft_top_fraction; or lower train\.batch_size or set "
+                                         r"train\.drop_last=false \(a new run: train\.output_dir elsewhere, or "
+                                         r"--overwrite\)$"):
         train_online_dpo(cfg)
     with pytest.raises(ConfigError, match=r"prompts_per_iteration: 2, fewer than train\.batch_size 4: an iteration "
                                           r"trains on one pair \(or best response\) per prompt at most"):

@@ -106,6 +106,11 @@ def _cases(model: str, reward_file: str, rm: str = MISSING, short: str = MISSING
            f"train.drop_last=false to fill each batch from the next pass over the {unit}")
           for k, unit, extra in (("sft", "examples", []), ("dpo", "pairs", []), ("pm", "A/B questions", []),
                                  ("rm", "pairs", ["head_init=random", "train.epochs=1"]))),
+        # packed, SFT's batch counts rows of several examples
+        (["sft", "-c", str(CONFIGS / "sft.yaml"), f"model.name={model}", "data.limit=16", "data.eval_fraction=0",
+          "train.eval_every=0", "train.select_best=", "train.batch_size=8", "train.micro_batch_size=8",
+          "packing=true", "data.max_length=1024"],
+         "packed rows (of 16 examples, data.max_length 1024), fewer than train.batch_size 8"),
         # online DPO trains each iteration with DPO (or SFT): its model settings are checked before
         # the first iteration samples, not when its training starts
         ([*online, "model.lora.enabled=true", "model.lora.target_modules=[nosuch_proj]"],

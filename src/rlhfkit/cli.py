@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         rank = _peer_failed(e)
         if rank is not None:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             print(f"rlhfkit {command}: stopped on rank {rank}: another process of this job failed (its error is "
-                  "reported first, by that process)", file=sys.stderr)
+                  f"reported first, by that process): {first}", file=sys.stderr)
             return 2
         if not _is_user_error(e):
             raise
@@ -201,13 +202,16 @@ def _close_bars() -> None:
 
 def _peer_failed(e: BaseException) -> int | None:
     """This process's rank when ``e`` is a collective that failed because another process of the
-    job stopped (gloo's "Connection closed by peer", NCCL's DistBackendError), else None: the
-    process that stopped reports why, this one need not add a traceback."""
+    job went away (the connection to it closed or reset: gloo's "Connection closed by peer", a
+    DistNetworkError), else None: the process that stopped reports why. Any other failure of a
+    collective (a timeout, a backend error) keeps its traceback: its cause may be here."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and " by peer" in str(e)):
+    text = str(e)
+    if isinstance(e, dist.DistNetworkError) or (isinstance(e, RuntimeError) and any(
+            s in text for s in ("closed by peer", "reset by peer"))):
         return dist.get_rank()
     return None
 

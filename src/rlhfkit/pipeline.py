@@ -122,8 +122,7 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
         except ConfigError as e:
             raise ConfigError(f"{source}: stages[{i}] ({spec.name}): {e}") from None
         earlier = [out / st.name for st, _ in stages]
-        _check_inputs(stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier,
-                      [out / st.name for st, _ in stages if st.kind != "eval"])
+        _check_inputs(stage_cfg, f"{source}: stages[{i}] ({spec.name})", earlier)
         try:
             check_apart(out / spec.name, default_sources(stage_cfg), key="output_dir")
         except ConfigError as e:
@@ -133,18 +132,12 @@ def plan(path: str | None, overrides: list[str] | None = None) -> tuple[Pipeline
     return cfg, stages
 
 
-def _check_inputs(stage_cfg, where: str, earlier: list[Path], makers: list[Path]) -> None:
+def _check_inputs(stage_cfg, where: str, earlier: list[Path]) -> None:
     """Every input a stage's config declares (its ``inputs()``: data files, reward, gold and scorer
     specs) that exists before the pipeline runs (not an output of an ``earlier`` stage) is read and
     checked before the first stage starts, as the stage itself checks it: a typo in the last stage
-    does not wait for the first one to train. A model named inside an earlier stage's directory
-    must be the model of one that makes one (``makers``: ``DIR/model``, or ``DIR`` itself). Each
-    stage checks the rest (tokenisation, the models' files) when it starts."""
-    for key, value, _ in _model_inputs(stage_cfg):
-        path = Path(value).expanduser().resolve()
-        if _reads_any(value, earlier) and not any(path in (d.resolve(), (d / "model").resolve()) for d in makers):
-            raise ConfigError(f"{where}: {key}: {value} lies in an earlier stage's directory but is not a model a "
-                              "stage makes: name that stage's model as ${NAME} (<output_dir>/NAME/model)")
+    does not wait for the first one to train. Each stage checks the rest (tokenisation, models)
+    when it starts."""
     for key, value, check in [*stage_cfg.inputs(), *_model_inputs(stage_cfg)]:
         if not isinstance(value, str) or not value or _reads_any(value, earlier):  # unset, or an earlier output
             continue

@@ -113,16 +113,15 @@ def parse_sft(records: Iterable[Record]) -> list[SFTExample]:
     warned: set = set()
     out = []
     for rec in records:
-        out.append(_parse_sft_one(rec))
         _warn_both_forms(rec, warned)
+        out.append(_parse_sft_one(rec))
     return out
 
 
 def _warn_both_forms(rec: Record, warned: set) -> None:
     """A record with ``messages`` and a prompt's response (or completion) trains the messages alone."""
-    d = rec.data
-    other = [k for k in ("response", "completion") if d.get(k) is not None]
-    if d.get("messages") is None or not other or rec.origin.source in warned:
+    other = [k for k in ("response", "completion") if rec.data.get(k) is not None]
+    if rec.data.get("messages") is None or not other or rec.origin.source in warned:
         return
     warned.add(rec.origin.source)
     log.warning("%s: field %r is not used: the record has 'messages', which are trained (every assistant "

@@ -1,6 +1,6 @@
 """Reward functions for policy-gradient training, from a config string or a Python callable.
 
-    build_reward_fn("rm:runs/demo/rm/model")        # a trained reward model directory
+    build_reward_fn("rm:runs/rm/model")             # a trained reward model directory
     build_reward_fn("task:arithmetic")               # a built-in task's gold judge
     build_reward_fn("my_rewards:length_bonus")       # a plain Python function in an importable module
     build_reward_fn("rewards.py:reward")             # ... or in a file

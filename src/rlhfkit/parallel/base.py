@@ -107,7 +107,8 @@ class Strategy:
             return x
         x = x.detach().to(self.device).contiguous()
         sizes = torch.zeros(self.world_size, dtype=torch.long, device=self.device)
-        dist.all_gather_single(sizes, torch.tensor([x.shape[0]], device=self.device))
+        gather_one = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the older name
+        gather_one(sizes, torch.tensor([x.shape[0]], device=self.device))
         most = int(sizes.max())
         padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=self.device)
         padded[:x.shape[0]] = x

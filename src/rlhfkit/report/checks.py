@@ -235,12 +235,12 @@ def eval_warnings(run: str, st: Stage, ev: dict) -> list[dict]:
     out = []
     for name, m in ev["policies"].items():
         for judge, w in (m.get("win_rate") or {}).items() if name != "baseline" else ():
-            high = w.get("ci_high") if isinstance(w, dict) else None
-            if isinstance(high, (int, float)) and high < 0.5:
+            rate, low, high = (w.get(k) if isinstance(w, dict) else None for k in ("win_rate", "ci_low", "ci_high"))
+            if all(isinstance(v, (int, float)) for v in (rate, low, high)) and high < 0.5:
                 out.append({"run": run, "stage": st.name, "kind": "worse_than_baseline", "model": name, "judge": judge,
                             **{k: w.get(k) for k in ("win_rate", "ci_low", "ci_high", "n")},
                             "message": f"{st.name}, {name}: loses to the baseline by {judge}: win rate "
-                                       f"{w['win_rate']:.3f} [95% CI {w['ci_low']:.3f}, {high:.3f}] over "
+                                       f"{rate:.3f} [95% CI {low:.3f}, {high:.3f}] over "
                                        f"{w.get('n')} prompts, the whole interval below 0.5."})
     cap = config_value(st.config, "rollout.max_new_tokens")
     for name, m in ev["policies"].items():

@@ -134,6 +134,11 @@ class SFTFirstSection:
                               "epochs > 0 or max_steps > 0")
 
 
+# What a held-out evaluation sums over its pairs (`dpo_batch_loss`'s sums) and adds over ranks.
+EVAL_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+             "logps/rejected")
+
+
 @dataclass
 class DPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -154,8 +159,7 @@ class DPOConfig:
 
     def eval_metrics(self) -> tuple[str, ...]:
         """What its held-out evaluation logs (train.select_best is one of them)."""
-        return ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margin",
-                "eval/rewards/accuracy", "eval/logps/chosen", "eval/logps/rejected", "eval/pairs")
+        return (*(f"eval/{k}" for k in EVAL_SUMS), "eval/pairs")
 
     def inputs(self) -> list[Input]:
         """What it reads that may exist before it runs, as `SFTConfig.inputs`: the preference pairs."""
@@ -176,11 +180,6 @@ def dpo_batch_loss(policy, reference, chunk: list[dict], collator, dcfg: DPOSect
     sums = {k: v * len(chunk) for k, v in m.items()}  # metrics are chunk means
     sums["loss"] = loss.detach()
     return loss / normalizer, sums
-
-
-# What a held-out evaluation sums over its pairs (`dpo_batch_loss`'s sums) and adds over ranks.
-EVAL_SUMS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
-             "logps/rejected", "loss")
 
 
 @torch.no_grad()

@@ -161,7 +161,8 @@ class OnlineDPOConfig:
         if self.train.drop_last and self.prompts_per_iteration < self.train.batch_size:  # one pair per prompt at most
             raise ConfigError(f"{where}.prompts_per_iteration: {self.prompts_per_iteration}, fewer than "
                               f"train.batch_size {self.train.batch_size}: an iteration trains on one pair (or best "
-                              "response) per prompt at most; raise prompts_per_iteration or lower train.batch_size")
+                              "response) per prompt at most; raise prompts_per_iteration, lower train.batch_size, "
+                              "or set train.drop_last=false")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         other, keys = (("rsft", ("rsft_min_score", "rsft_top_fraction")) if self.mode == "dpo"
                        else ("dpo", ("tie_tolerance",)))
@@ -351,7 +352,8 @@ def run_iteration(cfg: OnlineDPOConfig, k: int, current: str, items: list, score
         raise ValueError(f"iteration {k}: nothing to train on: {_kept(stats)}; {_nothing_kept_fix(stats)}")
     if cfg.train.drop_last and stats["pairs"] < cfg.train.batch_size:  # every batch that short (`check_enough`)
         raise ValueError(f"iteration {k}: {_kept(stats)}, fewer than train.batch_size {cfg.train.batch_size}: "
-                         f"lower train.batch_size, or {_nothing_kept_fix(stats) or 'raise prompts_per_iteration'}")
+                         f"{_nothing_kept_fix(stats) or 'raise prompts_per_iteration'}; or lower train.batch_size or "
+                         "set train.drop_last=false (a new run: train.output_dir elsewhere, or --overwrite)")
 
     # 4. Train from pi_{k-1}, anchored to pi_0 (or pi_{k-1}: cfg.reference).
     result = train_step(cfg, current, pairs_path, it_dir, strategy)

@@ -45,9 +45,12 @@ def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy,
         return {}
     items = strategy.shard(prompts[:usable])
     names = ["kl", "length", "eos", *(name for name, fn in (("proxy", proxy), ("gold", gold)) if fn is not None)]
-    # a rank with no prompt (fewer than the processes) still joins the gather, with no rows
-    local = _scored(policy, ref, items, rollout_settings, tokenizer, strategy, proxy, gold, seed,
-                    micro_batch_size) if items else torch.zeros((0, len(names)))
+    if items:
+        columns = _scored(policy, ref, items, rollout_settings, tokenizer, strategy, proxy, gold, seed,
+                          micro_batch_size)
+        local = torch.stack([columns[name].float() for name in names], dim=1)
+    else:  # fewer prompts than processes: this rank still joins the gather, with no rows
+        local = torch.zeros((0, len(names)))
     table = strategy.gather(local)  # (N, columns)
     means = table.mean(0).tolist()
     out = {f"eval/{name}_mean" if name in ("proxy", "gold", "length") else f"eval/{name}": m
@@ -58,8 +61,8 @@ def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy,
 
 
 def _scored(policy, ref, items, rollout_settings, tokenizer, strategy, proxy, gold, seed: int,
-            micro_batch_size: int) -> torch.Tensor:
-    """(rows, columns) of this rank's prompts: kl, length, eos, then proxy and gold where given."""
+            micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """Column -> (rows,) of this rank's prompts: kl, length, eos, and proxy and gold where given."""
     settings = dataclasses.replace(rollout_settings, n=1)
     exp = rollout(policy, items, settings, tokenizer, strategy=strategy,
                   seed=rank_stream_seed(seed, EVAL_STREAM, strategy.rank))
@@ -70,9 +73,9 @@ def _scored(policy, ref, items, rollout_settings, tokenizer, strategy, proxy, go
     kl = torch.where(mask, lp["logp"] - lp["ref_logp"], 0.0).sum(-1)  # (B,) k1 per response
     responses = decode_responses(exp, tokenizer)
     texts, messages = [it.text for it in items], [it.messages for it in items]
-    columns = [kl.cpu(), exp.response_lengths().float().cpu(), exp.eos.float().cpu()]
+    columns = {"kl": kl.cpu(), "length": exp.response_lengths().float().cpu(), "eos": exp.eos.float().cpu()}
     fields = [it.fields for it in items]
-    for fn in (proxy, gold):
+    for name, fn in (("proxy", proxy), ("gold", gold)):
         if fn is not None:
-            columns.append(torch.tensor(fn(texts, responses, messages=messages, fields=fields)))
-    return torch.stack([c.float() for c in columns], dim=1)
+            columns[name] = torch.tensor(fn(texts, responses, messages=messages, fields=fields))
+    return columns

@@ -167,7 +167,8 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
     strategy.wait()
     # split and cut above: no fraction to hold out, nothing left over max_length
     data = dataclasses.replace(cfg.data, train=str(paths["train"]), eval=str(paths["eval"]) if records["eval"] else "",
-                               eval_fraction=type(cfg.data)().eval_fraction, limit=0, truncation="error")
+                               eval_fraction=type(cfg.data)().eval_fraction if records["eval"] else 0.0, limit=0,
+                               truncation="error")
     # 2. Next-token training on the answer letter: plain SFT.
     trained = train_sft(SFTConfig(model=cfg.model, data=data, optim=cfg.optim, train=cfg.train), strategy)
     results = {"pairs": {"eval": len(eval_pairs)}, **({"truncation": cut} if cut else {}),

@@ -268,7 +268,8 @@ def _check_start_model(cfg: RewardConfig) -> None:
 
 
 def _check_training_pairs(cfg: RewardConfig, train: list) -> None:
-    """What use_margin and head_init: probe need of the training pairs."""
+    """What use_margin, head_init: probe and the batches (none with epochs 0: the probe alone) need
+    of the training pairs."""
     if cfg.use_margin and not any(f.get("margin") is not None for f in train):
         raise ConfigError(f"use_margin: no training pair in {', '.join(source_list(cfg.data.train))} has a 'margin' "
                           "field, so the margin term would be 0 for every pair")
@@ -276,6 +277,8 @@ def _check_training_pairs(cfg: RewardConfig, train: list) -> None:
         raise ConfigError(f"head_init: probe fits the head by {PROBE_FOLDS}-fold cross-validation, which needs at "
                           f"least {2 * PROBE_FOLDS} training pairs; {', '.join(source_list(cfg.data.train))} has "
                           f"{len(train)} (head_init: random trains the head from scratch)")
+    if total_steps(len(train), cfg.train):
+        check_enough(len(train), cfg.train, "data.train", "pairs")
 
 
 def _check_selected_category(cfg: RewardConfig, evals: list) -> None:
@@ -305,8 +308,6 @@ def train_reward_model(cfg: RewardConfig, strategy: Strategy | None = None) -> d
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_preference_data(cfg, tokenizer)
     _check_training_pairs(cfg, train)
-    if total_steps(len(train), cfg.train):  # epochs 0: the probe alone, no batches
-        check_enough(len(train), cfg.train, "data.train", "pairs")
     _check_selected_category(cfg, evals)
     _check_backbone_layers(cfg)
     run = open_run(cfg, "rm", strategy, tokenizer)

@@ -96,12 +96,14 @@ def train_sft(cfg: SFTConfig, strategy: Strategy | None = None) -> dict:
     check_policy_start(cfg.model, cfg.data.max_length, "data.max_length")
     tokenizer = load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template)
     train, evals, trunc = prepare_sft_data(cfg, tokenizer)
-    check_enough(len(train), cfg.train, "data.train", "examples")
-    run = open_run(cfg, "sft", strategy, tokenizer)
+    examples = len(train)
     collator = eval_collator = SFTCollator(tokenizer.pad_token_id)
     if cfg.packing:  # several short examples per row, attention blocked between them
         train = pack_sft(train, cfg.data.max_length)
         collator = PackedSFTCollator(tokenizer.pad_token_id)
+    check_enough(len(train), cfg.train, "data.train", "packed rows" if cfg.packing else "examples",
+                 f" (of {examples} examples, data.max_length {cfg.data.max_length})" if cfg.packing else "")
+    run = open_run(cfg, "sft", strategy, tokenizer)
 
     # 2. Model (LoRA-wrapped when enabled; a LoRA adapter as model.name is continued), optimizer, schedule.
     with strategy.loading():  # FSDP: rank 0 reads the weights, the others get their shards from it
