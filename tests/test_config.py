@@ -529,6 +529,17 @@ def test_eval_refuses_several_greedy_samples_per_prompt():
     assert load_config(EvalConfig, overrides=["policies=[a]", "rollout.temperature=0", "rollout.n=1"]).rollout.n == 1
 
 
+@pytest.mark.parametrize("override", ["rollout.top_k=50", "rollout.top_p=0.9"])
+def test_eval_refuses_filtered_sampling(override):
+    """A top-k or top-p sample is drawn from a filtered distribution, while the KL column compares
+    the whole distribution's log-probs: its figure would be no KL."""
+    from rlhfkit.eval.config import EvalConfig
+
+    with pytest.raises(ConfigError, match=r"rollout: top_k \d+, top_p [\d.]+: eval samples from the whole "
+                                          r"distribution .* \(set top_k 0, top_p 1\)$"):
+        load_config(EvalConfig, overrides=["policies=[a]", override])
+
+
 def test_a_foreign_key_is_named_when_a_section_is_built_alone():
     from rlhfkit.config.loader import build
 

@@ -36,7 +36,21 @@ def test_win_rate_and_ci_by_hand():
     half = 1.959963984540054 * sd / math.sqrt(10)
     assert w["ci_low"] == pytest.approx(0.65 - half) and w["ci_high"] == pytest.approx(0.65 + half)
     assert (w["wins"], w["ties"], w["losses"], w["n"]) == (6, 1, 3, 10)
-    assert win_rate([1.0] * 5)["ci_high"] == 1.0  # clipped, zero width
+    assert win_rate([1.0] * 5)["ci_high"] == 1.0  # clipped
+
+
+@pytest.mark.parametrize("votes, low, high", [
+    ([1.0] * 5, 0.565518, 1.0),  # Wilson at 5/5: (5 + z^2/2 - z sqrt(z^2/4)) / (5 + z^2) = 5 / (5 + z^2)
+    ([0.0] * 5, 0.0, 0.434482),
+    ([0.5] * 4, 0.150039, 0.849961),  # (0.5 + z^2/8 -+ z sqrt(1/16 + z^2/64)) / (1 + z^2/4)
+])
+def test_prompts_that_all_agree_get_wilsons_interval_not_one_of_no_width(votes, low, high):
+    """Every prompt with the same mean vote: the sample has no spread, so the normal interval
+    would be a point; Wilson's score interval over the prompts is given instead (by hand above)."""
+    w = win_rate(votes)
+    assert w["ci_low"] == pytest.approx(low, abs=1e-6) and w["ci_high"] == pytest.approx(high, abs=1e-6)
+    z2 = 1.959963984540054 ** 2
+    assert win_rate([1.0] * 5)["ci_low"] == pytest.approx(5 / (5 + z2))
 
 
 def test_win_rate_clusters_samples_by_prompt():
@@ -168,6 +182,72 @@ def test_eval_of_a_policy_against_itself(tmp_path, tokenizer):
     assert acc["gold"]["accuracy"] == 1.0 and set(acc["gold"]["by_category"]) == {"a", "b"}
     assert "position_bias" in acc[f"judge:{model_dir}"]
     assert (tmp_path / "eval" / "eval_results.json").is_file() and (tmp_path / "eval" / "samples-same.jsonl").is_file()
+
+
+def test_the_annotators_labels_of_a_policy_do_not_depend_on_the_policies_before_it():
+    """The simulated annotator draws its labels from a seeded stream: each policy's comparisons
+    (and the labelled set's) start that stream again, so the same samples get the same labels
+    whatever was evaluated before them."""
+    from types import SimpleNamespace
+
+    from rlhfkit.eval.policy_compare import win_rates
+    from rlhfkit.judges.preference import build_pairwise_judge
+
+    judge = build_pairwise_judge("annotator:sentiment", seed=3)
+    rows = [SimpleNamespace(messages=[{"role": "user", "content": f"Write about day {i}"}], fields={})
+            for i in range(40)]
+    # neutral replies: equal gold scores, so each label is a coin the annotator's stream tosses
+    pol = {"rows": rows, "responses": [f"It is day {i}." for i in range(40)]}
+    base = {"responses": [f"Day {i} it is." for i in range(40)]}
+    judges = {"annotator": ("pair", judge)}
+    first = win_rates(pol, base, judges, n=1)
+    assert 0 < first["annotator"]["wins"] < 40  # coins, not a foregone verdict
+    judge.compare(["x"] * 7, ["a day"] * 7, ["the day"] * 7)  # another policy compared in between
+    assert win_rates(pol, base, judges, n=1) == first
+
+
+def test_a_policy_with_another_tokenizer_is_refused_and_another_chat_template_said(tmp_path, tokenizer, caplog):
+    """Every model is prompted and scored with the baseline's tokenizer: another vocabulary would
+    make the KL compare other tokens (refused before anything is written); another chat template
+    prompts the policy in a format it was not trained on (a warning)."""
+    import json
+    import shutil
+
+    from rlhfkit.config import ConfigError, load_config
+    from rlhfkit.eval.config import EvalConfig
+    from rlhfkit.eval.policy_compare import run_eval
+    from rlhfkit.models import tiny_causal_lm
+
+    base = tmp_path / "base"
+    tiny_causal_lm(tokenizer, seed=5).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Say a word {i}"}) + "\n" for i in range(2)))
+    other_vocab, other_template = tmp_path / "vocab", tmp_path / "template"
+    shutil.copytree(base, other_vocab)
+    grown = copy_tokenizer(tokenizer)
+    grown.add_tokens(["<rlhfkit-new-token>"])
+    grown.save_pretrained(other_vocab)
+    shutil.copytree(base, other_template)
+    (other_template / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+    def cfg(policy):
+        return load_config(EvalConfig, overrides=[
+            f"policies=[p={policy}]", f"baseline={base}", f"prompts.train={tmp_path / 'prompts.jsonl'}",
+            "rollout.n=1", "rollout.max_new_tokens=2", f"train.output_dir={tmp_path / 'eval'}"])
+
+    with pytest.raises(ConfigError, match=rf"policies: {other_vocab}'s tokenizer has another vocabulary than the "
+                                          rf"baseline's \({base}\)"):
+        run_eval(cfg(other_vocab))
+    assert not (tmp_path / "eval").exists()
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        run_eval(cfg(other_template))
+    assert f"policies: {other_template}'s chat template differs from the baseline's ({base})" in caplog.text
+
+
+def copy_tokenizer(tokenizer):
+    import copy
+
+    return copy.deepcopy(tokenizer)
 
 
 def test_heldout_nll_is_the_token_mean_nll_of_the_responses(tmp_path, tokenizer):

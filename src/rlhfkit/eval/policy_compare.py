@@ -132,6 +132,7 @@ def win_rates(pol: dict, base: dict, judges: dict, n: int) -> dict:
         if kind == "point":
             votes = win_indicators(pol["scores"][name], base["scores"][name])
         else:
+            _restart(judge)
             ctx = [judge.context(r.messages) for r in pol["rows"]]
             votes = prob_indicators(judge.compare(ctx, pol["responses"], base["responses"],
                                                   fields=[r.fields for r in pol["rows"]]))
@@ -143,8 +144,17 @@ def preference_set_accuracy(examples: list, judges: dict) -> dict:
     """Accuracy of every judge (gold, proxy and the others) on the labelled preference set."""
     out = {}
     for name, (kind, judge) in judges.items():
+        _restart(judge)
         out[name] = reward_accuracy(judge, examples) if kind == "point" else judge_accuracy(judge, examples)
     return out
+
+
+def _restart(judge) -> None:
+    """A judge that draws labels (the simulated annotator) starts its stream again, so that a
+    policy's labels do not depend on which policies were compared before it."""
+    restart = getattr(judge, "restart", None)
+    if callable(restart):
+        restart()
 
 
 # --------------------------------------------------------------------------- the command
@@ -163,6 +173,7 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
             with under_key(key):
                 check()
     tokenizer = load_tokenizer(cfg.baseline)
+    _check_tokenizers(cfg, tokenizer)
     p = cfg.prompts
     items, dropped = load_prompt_items(p.train, tokenizer, max_prompt_length=p.max_prompt_length, limit=p.limit,
                                        kind="prompts_eval")
@@ -207,6 +218,25 @@ def run_eval(cfg: EvalConfig, strategy=None) -> dict:
     release(out)
     print(format_table(results))
     return results
+
+
+def _check_tokenizers(cfg: EvalConfig, tokenizer) -> None:
+    """Every model is prompted, decoded and scored with the baseline's tokenizer and chat template: a
+    policy whose vocabulary differs is refused (its KL would compare other tokens), one whose chat
+    template differs is warned about (it is prompted in a format it was not trained on)."""
+    for spec in cfg.policies:
+        path = policy_label(spec)[1]
+        try:
+            theirs = load_tokenizer(path)
+        except (OSError, ValueError):  # an adapter directory without one: its base's, checked as it loads
+            continue
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"policies: {path}'s tokenizer has another vocabulary than the baseline's "
+                              f"({cfg.baseline}), with which every model is prompted and scored: compare models "
+                              "that share a tokenizer")
+        if getattr(theirs, "chat_template", None) != getattr(tokenizer, "chat_template", None):
+            log.warning("policies: %s's chat template differs from the baseline's (%s): every model is prompted "
+                        "with the baseline's", path, cfg.baseline)
 
 
 def _check_output_dir(out: Path, cfg: EvalConfig) -> None:

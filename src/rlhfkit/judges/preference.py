@@ -152,9 +152,15 @@ class AnnotatorJudge:
 
     def __init__(self, task, name: str, seed: int = 0):
         self.gold = RewardFn(task.gold_scores, f"task:{task.name}")
+        self.task, self.seed = task, seed
         self.annotator = task.annotator(seed=seed)
         self.name = name
         self.calls = 0
+
+    def restart(self) -> None:
+        """Draw the labels from the seed's start again: a set of comparisons (one policy's against
+        the baseline, a labelled set) gets the same labels whatever was compared before it."""
+        self.annotator = self.task.annotator(seed=self.seed)
 
     @staticmethod
     def context(messages) -> str:
