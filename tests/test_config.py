@@ -538,6 +538,8 @@ def test_eval_refuses_filtered_sampling(override):
     with pytest.raises(ConfigError, match=r"rollout: top_k \d+, top_p [\d.]+: eval samples from the whole "
                                           r"distribution .* \(set top_k 0, top_p 1\)$"):
         load_config(EvalConfig, overrides=["policies=[a]", override])
+    # greedy decoding is what it is whatever the filter
+    assert load_config(EvalConfig, overrides=["policies=[a]", override, "rollout.temperature=0", "rollout.n=1"])
 
 
 def test_a_foreign_key_is_named_when_a_section_is_built_alone():

@@ -649,6 +649,8 @@ def test_a_collective_broken_by_another_process_is_one_line_naming_the_rank(tmp_
         monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(RuntimeError("a bug of ours")))
         with pytest.raises(RuntimeError, match="a bug of ours"):  # any other RuntimeError keeps its traceback
             cli.main(["grpo"])
+        monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(dist.DistNetworkError("peer gone")))
+        assert cli.main(["grpo"]) == 2 and capsys.readouterr().err.endswith("by that process): peer gone\n")
         monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(dist.DistBackendError("NCCL timeout")))
         with pytest.raises(dist.DistBackendError):  # a backend's own failure may be this process's: kept
             cli.main(["grpo"])

@@ -58,14 +58,22 @@ def test_win_rate_clusters_samples_by_prompt():
     w = win_rate([1.0, 1.0, 1.0, 0.0], per_prompt=2)
     assert w["n"] == 2 and w["win_rate"] == pytest.approx(0.75)
     half = 1.959963984540054 * math.sqrt(((0.25 ** 2) * 2) / 1) / math.sqrt(2)
-    assert w["ci_low"] == pytest.approx(max(0.0, 0.75 - half))
+    assert 0.75 + half > 1  # the normal interval reaches past 1: Wilson's over the 2 prompts instead
+    z2 = 1.959963984540054 ** 2
+    centre, spread = 0.75 + z2 / 4, math.sqrt(z2) * math.sqrt(0.75 * 0.25 / 2 + z2 / 16)
+    assert w["ci_low"] == pytest.approx((centre - spread) / (1 + z2 / 2))
     assert (w["wins"], w["losses"]) == (3, 1)
 
 
-def test_win_rate_interval_is_clipped_at_both_ends():
-    # votes 1, 0: mean 0.5, sd sqrt(0.5), half = 1.96 * sqrt(0.5) / sqrt(2) = 0.98 -> [-0.48, 1.48] -> [0, 1]
+def test_a_win_rate_interval_that_would_leave_0_1_is_wilsons():
+    # votes 1, 0: mean 0.5, sd sqrt(0.5), half = 1.96 * sqrt(0.5) / sqrt(2) = 0.98 -> [-0.48, 1.48]: past
+    # both ends, so Wilson's at 1/2 over 2: (0.5 + z^2/4 -+ z sqrt(1/8 + z^2/16)) / (1 + z^2/2)
     w = win_rate([1.0, 0.0])
-    assert w["win_rate"] == 0.5 and w["ci_low"] == 0.0 and w["ci_high"] == 1.0
+    assert w["win_rate"] == 0.5 and w["ci_low"] == pytest.approx(0.094531, abs=1e-6)
+    assert w["ci_high"] == pytest.approx(0.905469, abs=1e-6)
+    # and the lower bound rises with the wins, a clean sweep included (the normal interval's did not)
+    lows = [win_rate([1.0] * k + [0.0] * (20 - k))["ci_low"] for k in range(10, 21)]
+    assert lows == sorted(lows) and len(set(lows)) == len(lows)
     assert mean_ci([1.0, 0.0])["ci_low"] == pytest.approx(0.5 - 0.979981992270027)  # the mean's is not
 
 
@@ -238,6 +246,12 @@ def test_a_policy_with_another_tokenizer_is_refused_and_another_chat_template_sa
     with pytest.raises(ConfigError, match=rf"policies: {other_vocab}'s tokenizer has another vocabulary than the "
                                           rf"baseline's \({base}\)"):
         run_eval(cfg(other_vocab))
+    adapter = tmp_path / "adapter"  # an adapter saved without a tokenizer reads with its base's
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                             "base_model_name_or_path": str(other_vocab)}))
+    with pytest.raises(ConfigError, match=rf"policies: {adapter}'s tokenizer has another vocabulary"):
+        run_eval(cfg(adapter))
     assert not (tmp_path / "eval").exists()
     with caplog.at_level("WARNING", logger="rlhfkit"):
         run_eval(cfg(other_template))

@@ -133,7 +133,7 @@ class EvalConfig:
         if self.proxy and is_pairwise_spec(self.proxy):
             raise ConfigError(f"{where}.proxy: {self.proxy} is a pairwise judge; proxy is a pointwise reward (rm:DIR, "
                               "task:NAME, module:function): name a pairwise judge in judges")
-        if self.rollout.top_k or self.rollout.top_p < 1:  # sampled from a filtered distribution, scored unfiltered
+        if self.rollout.temperature > 0 and (self.rollout.top_k or self.rollout.top_p < 1):  # filtered, scored unfiltered
             raise ConfigError(f"{where}.rollout: top_k {self.rollout.top_k}, top_p {self.rollout.top_p}: eval samples "
                               "from the whole distribution at rollout.temperature, whose log-probs its KL column "
                               "compares; filtered samples would make that column no KL (set top_k 0, top_p 1)")

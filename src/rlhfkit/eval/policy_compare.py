@@ -46,6 +46,7 @@ from rlhfkit.judges.rewards import build_reward_fn
 from rlhfkit.models import load_causal_lm, load_tokenizer
 from rlhfkit.models.forward import causal_logprobs
 from rlhfkit.models.loading import check_context_length
+from rlhfkit.models.lora import tokenizer_source
 from rlhfkit.rng import set_seed
 from rlhfkit.rollout import decode_responses, load_prompt_items, rollout
 from rlhfkit.training.fingerprint import default_sources, fingerprint
@@ -227,8 +228,8 @@ def _check_tokenizers(cfg: EvalConfig, tokenizer) -> None:
     for spec in cfg.policies:
         path = policy_label(spec)[1]
         try:
-            theirs = load_tokenizer(path)
-        except (OSError, ValueError):  # an adapter directory without one: its base's, checked as it loads
+            theirs = load_tokenizer(tokenizer_source(path))  # an adapter saved without one: its base's
+        except (OSError, ValueError):  # not readable here (a hub id not cached): the model's loading says so
             continue
         if theirs.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(f"policies: {path}'s tokenizer has another vocabulary than the baseline's "

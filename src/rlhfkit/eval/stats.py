@@ -46,14 +46,14 @@ def win_rate(indicators: Sequence[float], per_prompt: int = 1) -> dict:
 
     per_prompt: votes come in groups of this many consecutive samples of one prompt; the interval
     is then computed over the prompts' mean votes (n = prompts), because samples of one prompt are
-    not independent. wins / ties / losses count the raw votes. Where every prompt has the same mean
-    vote (all won, say) the sample has no spread and the normal interval would have no width:
-    Wilson's score interval for that rate over the n prompts is given instead.
+    not independent. wins / ties / losses count the raw votes. Where the normal interval fails, near
+    0 and 1 with few prompts (it would reach past [0, 1], or every prompt has the same mean vote and
+    it would have no width), Wilson's score interval for the rate over the n prompts is given instead.
     """
     k = per_prompt
     units = [sum(indicators[g:g + k]) / len(indicators[g:g + k]) for g in range(0, len(indicators), k)]
     s = mean_ci(units)
-    if s["n"] > 1 and s["ci_low"] == s["ci_high"]:
+    if s["n"] > 1 and (max(units) == min(units) or s["ci_low"] < 0 or s["ci_high"] > 1):
         s.update(wilson(s["mean"], s["n"]))
     return {"win_rate": s["mean"], "ci_low": max(0.0, s["ci_low"]), "ci_high": min(1.0, s["ci_high"]),
             "n": s["n"], "wins": sum(1 for v in indicators if v == 1.0),

@@ -33,7 +33,7 @@ from rlhfkit.judges.rewards import chat_ids, prompt_text
 from rlhfkit.models import check_policy_path, load_causal_lm, load_tokenizer
 from rlhfkit.models.heads import position_ids_from_mask
 from rlhfkit.models.loading import warn_once
-from rlhfkit.models.lora import adapter_base, adapter_config
+from rlhfkit.models.lora import TOKENIZER_FILES, adapter_config, tokenizer_source
 from rlhfkit.models.names import DEFAULT_ALIASES, WEIGHT_FILES, resolve_hub_id
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
@@ -227,14 +227,13 @@ def check_pairwise_spec(spec: str) -> tuple[str, str]:
 
 
 _WEIGHT_FILES = (*WEIGHT_FILES, "adapter_model.safetensors", "adapter_model.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _check_judge_dir(path: Path) -> None:
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise FileNotFoundError(f"{path} has no weights ({', '.join(_WEIGHT_FILES[::2])})")
-    if adapter_config(path) is None and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"{path} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): a judge reads the "
+    if adapter_config(path) is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): a judge reads the "
                                 "text with its own")
 
 
@@ -242,10 +241,7 @@ def judge_tokenizer(spec: str, target: str, chat_template: str = ""):
     """The tokenizer a model judge reads with: its own (a LoRA adapter saved without one: its
     base's), with ``chat_template`` only when it has none; refuses, in one line naming the spec, a
     chat template that cannot show where the answer letter goes. Loads no model."""
-    path = Path(target).expanduser()
-    source = target
-    if adapter_config(path) is not None and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        source = adapter_base(path)
+    source = tokenizer_source(target)
     with under_key(f"pairwise judge {spec!r}"):
         tok = load_tokenizer(source)
         if not tok.chat_template and chat_template:

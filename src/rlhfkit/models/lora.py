@@ -204,6 +204,18 @@ def adapter_base(path: str | os.PathLike, base: str | None = None) -> str:
     return name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_source(path: str | os.PathLike) -> str:
+    """Where a model's tokenizer is read from: the directory itself, or for a LoRA adapter saved
+    without one, its base."""
+    p = Path(path).expanduser()
+    if adapter_config(p) is not None and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        return adapter_base(p)
+    return str(path)
+
+
 def root_model(path: str | os.PathLike, limit: int = 16) -> str:
     """The full model under ``path``: itself, or the base under its chain of adapters (an adapter's
     base may itself be an adapter)."""

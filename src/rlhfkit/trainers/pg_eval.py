@@ -50,7 +50,7 @@ def heldout_metrics(policy, ref, prompts, rollout_settings, tokenizer, strategy,
                           micro_batch_size)
         local = torch.stack([columns[name].float() for name in names], dim=1)
     else:  # fewer prompts than processes: this rank still joins the gather, with no rows
-        local = torch.zeros((0, len(names)))
+        local = torch.zeros((0, len(names)), device="cpu")  # as the scored columns; the gather moves it
     table = strategy.gather(local)  # (N, columns)
     means = table.mean(0).tolist()
     out = {f"eval/{name}_mean" if name in ("proxy", "gold", "length") else f"eval/{name}": m
