@@ -20,7 +20,7 @@ ROOT = Path(rlhfkit.__file__).parent
 LAYER = {
     "algos": 0, "argparsing": 1, "config": 1, "envvars": 1, "hub": 1, "io": 1, "rng": 1, "data": 2, "models": 2,
     "judges": 3, "tasks": 3, "parallel": 3, "rollout": 3, "training": 4, "eval": 5, "trainers": 6, "registry": 7,
-    "pipeline": 7,
+    "pipeline": 7, "pipeline_summary": 7,
     "report": 7, "runinfo": 7, "cli": 8,
 }
 

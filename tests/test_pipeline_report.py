@@ -490,7 +490,7 @@ def _eval_results(win: float, n: int) -> dict:
 def test_summary_quotes_every_eval_stage_and_the_report_warnings(tmp_path):
     from types import SimpleNamespace
 
-    from rlhfkit.pipeline import format_summary, headline
+    from rlhfkit.pipeline_summary import format_summary, headline
 
     for stage, win, n in (("eval", 0.71, 320), ("eval_ood", 0.66, 300)):
         (tmp_path / stage).mkdir()
