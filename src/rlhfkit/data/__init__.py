@@ -23,13 +23,12 @@ from rlhfkit.data.formats import (
     PromptExample,
     SFTExample,
     load_preference,
-    load_prompts,
     load_sft,
     parse_preference,
-    parse_prompts,
     parse_sft,
     sft_from_preference,
 )
+from rlhfkit.data.prompt_records import load_prompts, parse_prompts
 from rlhfkit.data.plain_text import load_plain_text, tokenize_plain_text
 from rlhfkit.data.records import Record, load_records
 from rlhfkit.data.render import end_of_turn_ids, render_ids, render_prompt_ids, render_reply
