@@ -5,12 +5,14 @@
 Reads what the stages wrote (``*/metrics.jsonl``, ``*_config.yaml``, ``eval*.json``,
 ``pm_results.json``, ``samples-*.jsonl``, ``run_info.json``) and shows, top to bottom: warnings
 (stages that did not finish or never started, unreadable results, a policy that loses to its
-baseline, truncated responses, held-out metrics that got worse, KL spikes), the evaluation table with 95% intervals and sample
-sizes, the alignment tax (the baseline before, each policy after), win rates and length against
-score, the training curves (one metric per panel, raw and smoothed) with the split of each
-policy-gradient iteration's time, held-out metrics first to last and a preference model's held-out
-accuracy and position bias, responses side by side, and the run information (resolved
-configs, models, library versions, hardware, time per stage).
+baseline, truncated responses, held-out metrics that got worse, KL spikes; a damaged file), the
+evaluation table with 95% intervals and sample sizes, the alignment tax (the baseline before, each
+policy after), judges' accuracy on a labelled preference set overall and by category, win rates
+and length against score, the training curves (one metric per panel, raw and smoothed; a
+breakdown by category in one panel) with the split of each policy-gradient iteration's time,
+every other logged metric in a table (first, last, lowest, highest), held-out metrics first to
+last and a preference model's held-out accuracy and position bias, responses side by side, and
+the run information (resolved configs, models, library versions, hardware, time per stage).
 Figures are inline PNGs: no network, no scripts, the file opens anywhere.
 
 The warnings are also written as a JSON list next to the page (``report_warnings.json`` for
@@ -23,9 +25,9 @@ import html
 import json
 from pathlib import Path
 
-from rlhfkit.report import plots, sections
+from rlhfkit.report import eval_tables, plots, sections
 from rlhfkit.report.checks import KINDS, eval_warnings, not_started, stage_warnings
-from rlhfkit.report.data import Stage, find_evals, load_stages, read_json
+from rlhfkit.report.data import Stage, find_evals, load_stages, metric_keys, read_json, run_warnings
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -34,15 +36,18 @@ __all__ = ["build_report", "collect"]
 
 def collect(runs: list[Path]) -> dict:
     """Everything the page shows, keyed by run name: stages, evaluations, warnings, environments."""
-    names = [r.name or str(r) for r in runs]
+    names = [r.resolve().name or str(r) for r in runs]
     if len(set(names)) < len(names):  # two runs with the same folder name: use the paths
         names = [str(r) for r in runs]
     staged = {n: load_stages(r) for n, r in zip(names, runs)}
     evals, warnings = {}, []
     for (n, stages), run in zip(staged.items(), runs):
-        warnings += not_started(n, run, stages)
+        warnings += run_warnings(n, run) + not_started(n, run, stages)
         for st in stages:
             warnings += stage_warnings(n, st)
+            warnings += [{"run": n, "stage": st.name, "kind": "unreadable", "path": str(path),
+                          "message": f"{st.name}: {path} could not be read ({why}); its settings are not shown."}
+                         for path, why in st.unreadable]
         found, unreadable = find_evals(stages)
         for st, path, ev in found:
             evals[f"{n}/{st.name}" if st.name != n else n] = ev
@@ -88,7 +93,7 @@ def _evaluation(evals: dict[str, dict]) -> str:
                     bars.append((f"{label}\n({sections.judge_label(j, ev)})", w["win_rate"], w["ci_low"], w["ci_high"]))
         scatter += [(f"{title}: {k}" if many else k, pts) for k, pts in ev["length_reward"].items() if pts]
     figs = [f for f in (plots.winrate_plot(bars), plots.scatter_plot(scatter)) if f]
-    return ("<section id='evaluation'><h2>Evaluation</h2>" + sections.eval_table(evals)
+    return ("<section id='evaluation'><h2>Evaluation</h2>" + eval_tables.eval_table(evals)
             + "<div class='grid'>" + "".join(figs) + "</div></section>")
 
 
@@ -99,10 +104,13 @@ def _training(staged: dict[str, list[Stage]]) -> str:
         runs = {r: st for r, stages in staged.items() for st in stages if st.name == name}
         figs = plots.stage_panels(name, runs) + [f for r, st in runs.items()
                                                  if (f := plots.time_split(r if len(staged) > 1 else "", st))]
-        if figs:
+        rest = "".join(sections.other_metrics_table(r if len(staged) > 1 else "", st,
+                                                    plots.drawn_keys(set(metric_keys(st.rows))))
+                       for r, st in runs.items())
+        if figs or rest:
             kind = next((st.kind for st in runs.values() if st.kind), "")
             parts.append(f"<h3>{html.escape(name)}{f' ({html.escape(kind)})' if kind and kind != name else ''}</h3>"
-                         f"<div class='grid'>{''.join(figs)}</div>")
+                         f"<div class='grid'>{''.join(figs)}</div>{rest}")
     pairs = [(r, st) for r, stages in staged.items() for st in stages]
     held = sections.held_out_table(pairs) + sections.judge_table(pairs)
     if not parts and not held:
@@ -131,6 +139,7 @@ def render_page(runs: list[Path], data: dict) -> str:
     # No script runs in the page, whatever text a run's files hold: the policy allows inline styles
     # and data: images (the figures) and nothing else.
     return ("<!doctype html><html><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\"><title>rlhfkit report</title>"
             f"<style>{sections.CSS}</style></head><body>{''.join(body)}</body></html>")
 

@@ -48,6 +48,22 @@ def read_json(path: Path) -> dict:
     return out if isinstance(out, dict) else {}
 
 
+def why_unreadable(path: Path, parse) -> str | None:
+    """Why a file that is there does not read with ``parse`` (the error's first line); None when
+    it reads, or is not there."""
+    if not path.is_file():
+        return None
+    try:
+        parse(path)
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
+def _json_parse(path: Path) -> None:
+    json.loads(path.read_text())
+
+
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of one metric over the rows that logged a finite number for it."""
     xs, ys = [], []
@@ -81,6 +97,7 @@ class Stage:
     config_text: str = ""
     seconds: float | None = None
     seconds_source: str = ""  # "pipeline", "DONE file" or "log timestamps"
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # files of the stage that did not read, and why
 
     @property
     def model(self) -> str:
@@ -97,7 +114,7 @@ class Stage:
 def pipeline_kinds(run: Path) -> dict[str, str]:
     """Stage name -> kind, in the order of the run's ``pipeline.yaml`` (none for a single command's run)."""
     pipe = run / "pipeline.yaml"
-    if not pipe.is_file():
+    if not pipe.is_file() or why_unreadable(pipe, read_yaml):  # a damaged one is a warning of `run_warnings`
         return {}
     stages = read_yaml(pipe).get("stages")
     stages = stages if isinstance(stages, list) else []
@@ -109,9 +126,13 @@ def _load_stage(name: str, kind: str, path: Path, recorded: dict[str, float]) ->
     st = Stage(name=name, kind=kind, path=path, rows=read_jsonl(path / "metrics.jsonl"))
     cfgs = sorted(path.glob("*_config.yaml"))
     if cfgs:
-        st.config_text = cfgs[0].read_text()
-        st.config = read_yaml(cfgs[0])
+        st.config_text = cfgs[0].read_text(errors="replace")
         st.kind = st.kind or cfgs[0].name[: -len("_config.yaml")]
+        why = why_unreadable(cfgs[0], read_yaml)
+        if why:
+            st.unreadable.append((cfgs[0], why))
+        else:
+            st.config = read_yaml(cfgs[0])
     done = read_json(path / "DONE") if (path / "DONE").is_file() else {}
     times = [r["time"] for r in st.rows if isinstance(r.get("time"), (int, float))]
     if name in recorded:
@@ -128,8 +149,23 @@ def is_stage_dir(path: Path) -> bool:
     return any(path.glob("*_config.yaml")) or (path / "metrics.jsonl").is_file() or any(path.glob("eval*.json"))
 
 
+def run_warnings(name: str, run: Path) -> list[dict]:
+    """An ``unreadable`` warning for a run's own ``pipeline.yaml`` or ``run_info.json`` that is
+    there but does not read: the stage order, the stages not started, the stage times and the
+    environment it holds are not shown."""
+    out = []
+    for file, parse, lost in (("pipeline.yaml", read_yaml, "the stage order and the stages not started"),
+                              ("run_info.json", _json_parse, "stage times and the software and hardware")):
+        why = why_unreadable(run / file, parse)
+        if why:
+            out.append({"run": name, "stage": "", "kind": "unreadable", "path": str(run / file),
+                        "message": f"{run / file} could not be read ({why}); {lost} are not shown."})
+    return out
+
+
 def load_stages(run: Path) -> list[Stage]:
     """Stage folders in pipeline order (then any other folder a command wrote into)."""
+    run = Path(run).resolve()  # `rlhfkit report .` names the stage by its folder, not ""
     info = read_json(run / "run_info.json")
     recorded = {s["name"]: s["seconds"] for s in info.get("stages") or []
                 if isinstance(s, dict) and isinstance(s.get("seconds"), (int, float))}

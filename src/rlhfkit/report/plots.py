@@ -11,6 +11,7 @@ import html
 import io
 import math
 import struct
+import warnings
 
 from rlhfkit.config.extras import require
 
@@ -47,13 +48,26 @@ PANELS: list[tuple[str, list[str], str]] = [
     ("Training accuracy", ["train/rewards/accuracy", "train/accuracy"], "share of pairs"),
     ("Held-out loss", ["eval/loss"], "loss"),
     ("Held-out accuracy", ["eval/accuracy", "eval/rewards/accuracy", "eval/accuracy_implicit"], "share of pairs"),
+    ("Held-out proxy reward", ["eval/proxy_mean"], "reward"),
+    ("Held-out KL to reference", ["eval/kl"], "nats per response"),
+    ("Held-out response length", ["eval/length_mean"], "tokens"),
 ]
+MAX_BARS = 120  # a time split of more iterations draws the mean of consecutive ones per bar
+
+
+def plain(text: str) -> str:
+    """A run's text as matplotlib shows it literally: ``$`` does not start mathtext, and a label
+    starting with ``_`` is not hidden from the legend."""
+    text = str(text).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def to_img(fig, alt: str) -> str:
     """An <img> holding the figure as a base64 PNG, sized so it keeps its aspect ratio."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    with warnings.catch_warnings():  # a character the font lacks is drawn as a box, not reported per glyph
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     w, h = struct.unpack(">II", buf.getvalue()[16:24])  # the PNG header's IHDR chunk: width, height
     data = base64.b64encode(buf.getvalue()).decode()
@@ -74,7 +88,7 @@ def smooth(ys: list[float], span: int) -> list[float]:
 
 
 def _draw(ax, xs, ys, color, label, smoothed: bool) -> None:
-    marker = "o" if len(xs) <= 40 else None
+    marker, label = "o" if len(xs) <= 40 else None, plain(label)
     if smoothed and len(ys) >= 5:
         ax.plot(xs, ys, color=color, alpha=0.3, lw=1, marker=marker, ms=2.5)
         span = max(3, len(ys) // 8)
@@ -94,10 +108,11 @@ def metric_panel(title: str, ylabel: str, lines: list[tuple[str, list, list]], s
     fig, ax = plt.subplots(figsize=PANEL_SIZE)
     for i, (label, xs, ys) in enumerate(lines):
         _draw(ax, xs, ys, COLORS[i % len(COLORS)], label, smoothed)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plain(title), fontsize=10)
     _step_axis(ax, [x for _, xs, _ in lines for x in xs])
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
+    ax.ticklabel_format(axis="y", useOffset=False)  # 10.824, not 0.004 and "+1.082e1" in the corner
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="best")
@@ -105,14 +120,26 @@ def metric_panel(title: str, ylabel: str, lines: list[tuple[str, list, list]], s
 
 
 def _held_out_panels(keys: set[str]) -> list[tuple[str, list[str], str]]:
-    """A panel for every other held-out metric that has a direction (policy-gradient eval/*)."""
+    """A panel for every other held-out metric that has a direction (policy-gradient eval/*), and
+    one for each breakdown (``eval/accuracy/<category>`` next to ``eval/accuracy``), its parts together."""
     known = {k for _, ks, _ in PANELS for k in ks}
     out = []
     for k in sorted(keys - known):
         better = higher_is_better(k) if k.startswith("eval/") else None
         if better is not None and not any(k.startswith(p + "/") for p in keys) and REDUNDANT.get(k) not in keys:
-            out.append((f"Held-out {k.removeprefix('eval/')} ({'higher' if better else 'lower'} is better)", [k], ""))
+            name = k.removeprefix("eval/")
+            out.append((f"Held-out {name} ({'higher' if better else 'lower'} is better)", [k], name))
+    for parent in sorted(k for k in keys if k.startswith("eval/")):
+        parts = sorted(k for k in keys if k.startswith(parent + "/"))
+        if parts:
+            out.append((f"Held-out {parent.removeprefix('eval/')} by category", parts, parent.removeprefix("eval/")))
     return out
+
+
+def drawn_keys(keys: set[str]) -> set[str]:
+    """The metrics of ``keys`` that `stage_panels` and `time_split` draw."""
+    drawn = {k for _, ks, _ in PANELS + _held_out_panels(keys) for k in ks}
+    return (drawn & keys) | {k for k in keys if k.startswith("time/") and "per_s" not in k}
 
 
 def stage_panels(stage: str, runs: dict[str, Stage]) -> list[str]:
@@ -146,18 +173,23 @@ def time_split(run_name: str, st: Stage) -> str | None:
     if not steps:
         return None
     fig, ax = plt.subplots(figsize=(PANEL_SIZE[0] * 1.4, PANEL_SIZE[1]))
-    bottom = [0.0] * len(steps)
+    per_bar = math.ceil(len(steps) / MAX_BARS)  # one bar per iteration, or per run of `per_bar` of them
+    bins = [steps[i:i + per_bar] for i in range(0, len(steps), per_bar)]
+    xs = [b[0] + (b[-1] - b[0]) / 2 for b in bins]
+    width = 0.8 * (steps[-1] - steps[0] + 1) / len(bins) if per_bar > 1 else 0.8
+    bottom = [0.0] * len(bins)
     total = sum(sum(d.values()) for d in data.values())
     for i, k in enumerate(phases):
-        vals = [data[k].get(s, 0.0) for s in steps]
-        share = sum(vals) / total if total else 0.0
-        ax.bar(steps, vals, bottom=bottom, color=COLORS[i % len(COLORS)], width=0.8,
-               label=f"{k.removeprefix('time/')} ({share:.0%}, {sum(vals) / len(steps):.1f} s/iter)")
+        vals = [sum(data[k].get(s, 0.0) for s in b) / len(b) for b in bins]
+        phase_total = sum(data[k].values())
+        share = phase_total / total if total else 0.0
+        ax.bar(xs, vals, bottom=bottom, color=COLORS[i % len(COLORS)], width=width,
+               label=f"{k.removeprefix('time/')} ({share:.0%}, {phase_total / len(steps):.1f} s/iter)")
         bottom = [b + v for b, v in zip(bottom, vals)]
     where = f"{run_name}/{st.name}" if run_name and run_name != st.name else st.name
-    ax.set_title(f"{where}: where each iteration's time went", fontsize=10)
+    ax.set_title(plain(f"{where}: where each iteration's time went"), fontsize=10)
     _step_axis(ax, steps)
-    ax.set_xlabel("iteration", fontsize=8)
+    ax.set_xlabel("iteration" if per_bar == 1 else f"iteration (each bar: the mean of {per_bar})", fontsize=8)
     ax.set_ylabel("seconds", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3, axis="y")
@@ -169,13 +201,13 @@ def winrate_plot(bars: list[tuple[str, float, float, float]]) -> str | None:
     """Horizontal bars: win rate over the baseline with its 95% interval; (label, rate, low, high)."""
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(PANEL_SIZE[0] * 1.2, 0.9 + 0.4 * len(bars)))
+    fig, ax = plt.subplots(figsize=(PANEL_SIZE[0] * 1.2, 0.9 + 0.55 * len(bars)))
     ys = list(range(len(bars)))[::-1]
     for y, (label, wr, lo, hi) in zip(ys, bars):
         ax.barh(y, wr, color="#4c78a8", height=0.6)
         ax.errorbar(wr, y, xerr=[[wr - lo], [hi - wr]], color="black", capsize=4, lw=1.2)
-        ax.text(min(hi + 0.02, 0.9), y, f"{wr:.3f}", va="center", fontsize=8)
-    ax.set_yticks(ys, [b[0] for b in bars], fontsize=8)
+    # the figures beside each name, where no bar or interval can cover them
+    ax.set_yticks(ys, [plain(f"{b[0]}\n{b[1]:.3f} [{b[2]:.3f}, {b[3]:.3f}]") for b in bars], fontsize=8)
     ax.axvline(0.5, color="grey", ls="--", lw=1)
     ax.set_xlim(0, 1)
     ax.set_xlabel("win rate vs baseline (bar: 95% CI; dashed: no difference)", fontsize=8)
@@ -197,7 +229,7 @@ def scatter_plot(series_: list[tuple[str, list[tuple[float, float]]]]) -> str | 
     fig, ax = plt.subplots(figsize=(PANEL_SIZE[0] * 1.2, PANEL_SIZE[1] * 1.2))
     for i, (name, pts) in enumerate(series_):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.scatter(xs, ys, s=7, alpha=0.5, color=COLORS[i % len(COLORS)], label=scatter_label(name, xs, ys))
+        ax.scatter(xs, ys, s=7, alpha=0.5, color=COLORS[i % len(COLORS)], label=plain(scatter_label(name, xs, ys)))
     ax.set_xlabel("response length (characters)", fontsize=8)
     ax.set_ylabel("score", fontsize=8)
     ax.set_title("Length vs score (each point one response)", fontsize=10)
