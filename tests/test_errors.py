@@ -66,15 +66,19 @@ def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
 
 
 def test_report_reads_a_tampered_run_safely(tmp_path, capsys):
-    """A stage config with a YAML tag that would run code is one line naming the file (the tag never
-    runs); a config that is not a mapping and metrics rows that are not objects are skipped, and
-    the report is built from the rest."""
+    """A stage config with a YAML tag that would run code is a warning naming the file (the tag never
+    runs), and the page shows the rest; a config that is not a mapping and metrics rows that are
+    not objects are skipped, and the report is built from the rest."""
     bad = tmp_path / "tagged" / "sft"
     bad.mkdir(parents=True)
     (bad / "sft_config.yaml").write_text(f'a: !!python/object/apply:os.system ["touch {tmp_path}/ran"]\n')
     (bad / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n')
-    code, line = _cli(capsys, ["report", str(tmp_path / "tagged")])
-    assert code == 2 and "sft_config.yaml" in line and "could not determine a constructor" in line
+    code, _ = _cli(capsys, ["report", str(tmp_path / "tagged")])
+    warnings = json.loads((tmp_path / "tagged" / "report_warnings.json").read_text())
+    (w,) = [w for w in warnings if w["kind"] == "unreadable"]
+    assert code == 0 and w["path"] == str(bad / "sft_config.yaml")
+    assert "could not determine a constructor" in w["message"] and "sft Training loss" in (
+        tmp_path / "tagged" / "report.html").read_text()
     assert not (tmp_path / "ran").exists()
     odd = tmp_path / "odd" / "sft"
     odd.mkdir(parents=True)
