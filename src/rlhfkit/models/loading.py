@@ -25,7 +25,8 @@ import torch
 
 from rlhfkit.config.extras import require
 from rlhfkit.data.chat_templates import apply_chat_template
-from rlhfkit.models.lora import adapter_base, is_seq_cls_adapter, load_adapter_onto, tied_embedding_targets
+from rlhfkit.models.lora import (adapter_base, is_seq_cls_adapter, load_adapter_onto, tied_embedding_targets,
+                                 tokenizer_source)
 from rlhfkit.models.names import DEFAULT_ALIASES, DEFAULT_MODEL, check_model_path, check_policy_path, resolve_hub_id
 from rlhfkit.models.saving import save_pretrained_atomic
 from rlhfkit.models.token_head import restore_token_head
@@ -132,14 +133,37 @@ def check_lora_targets(name: str | os.PathLike, lora) -> None:
     config = AutoConfig.from_pretrained(p, trust_remote_code=False)
     with torch.device("meta"):
         modules = [(n, m) for n, m in AutoModelForCausalLM.from_config(config).named_modules() if n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
+    if lora.target_modules == []:
+        raise ValueError(f"empty: name the layers to adapt (e.g. [q_proj, v_proj], or all-linear); {p}'s linear "
+                         f"layers: {', '.join(linear)}")
     missing = missing_targets(lora.target_modules, [n for n, _ in modules])
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"{', '.join(missing)}: no module of {p} is named so; its linear layers: {', '.join(linear)}")
-    hits = tied_embedding_targets(lora.target_modules, getattr(config, "tie_word_embeddings", False))
+    odd = sorted({type(m).__name__ for n, m in modules if lora.target_modules != "all-linear"
+                  and targeted(lora.target_modules, n) and not _adaptable(m)})
+    if odd:
+        raise ValueError(f"{lora.target_modules}: names modules LoRA cannot adapt ({', '.join(odd)}); name linear "
+                         f"layers: {', '.join(linear)}")
+    hits = tied_embedding_targets(lora.target_modules, getattr(config, "tie_word_embeddings", False),
+                                  [n for n, _ in modules])
     if hits:
         raise ValueError(f"{', '.join(hits)}: this model's LM head and input embedding are one tied matrix, and an "
                          "adapter on it cannot be merged without changing both; leave it out of the targets")
+
+
+def targeted(targets, name: str) -> bool:
+    """Whether peft's ``target_modules`` (a list of names, or a regex string over full paths)
+    picks the module ``name``."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in map(str, targets))
+
+
+def _adaptable(module) -> bool:
+    """A layer peft's LoRA wraps: linear, embedding, convolution (GPT-2's Conv1D among them)."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return isinstance(module, kinds) or type(module).__name__ == "Conv1D"
 
 
 def missing_targets(targets, names: list[str]) -> list[str]:
@@ -148,8 +172,8 @@ def missing_targets(targets, names: list[str]) -> list[str]:
     if targets == "all-linear":
         return []
     if isinstance(targets, str):
-        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
-    return [str(t) for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        return [] if any(targeted(targets, n) for n in names) else [targets]
+    return [str(t) for t in targets if not any(targeted([t], n) for n in names)]
 
 
 def _is_adapter_dir(path: str) -> bool:
@@ -192,6 +216,11 @@ def load_tokenizer(name: str | os.PathLike, chat_template: str = ""):
 
 
     path = resolve_model_path(name)
+    for _ in range(16):  # an adapter saved without a tokenizer (peft's default): its base's
+        source = tokenizer_source(path)
+        if source == str(path):
+            break
+        path = resolve_model_path(source)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return apply_chat_template(_prepare_tokenizer(tok), chat_template)
 
@@ -295,6 +324,16 @@ def load_causal_lm(name: str | os.PathLike, dtype: str | torch.dtype | None = No
         return _from_config(AutoModelForCausalLM, AutoConfig.from_pretrained(path, trust_remote_code=False),
                             _dtype(dtype))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), trust_remote_code=False)
+    return _named_as_given(model, name)
+
+
+def _named_as_given(model, name):
+    """A model loaded from a hub id keeps the id as its name, not the cache snapshot it was read
+    from: a LoRA adapter records its base by this name (``base_model_name_or_path``), which must
+    load on any machine."""
+    s = str(name)
+    if s not in DEFAULT_ALIASES and not s.endswith(".gguf") and not Path(s).expanduser().exists():
+        model.config.name_or_path = model.name_or_path = s
     return model
 
 
@@ -331,6 +370,7 @@ def load_scalar_model(name: str | os.PathLike, dtype: str | torch.dtype | None =
     finally:
         transformers.logging.set_verbosity(prev)
     restore_token_head(model, path)  # a token head (config.json's reward_head_hidden) is not a transformers class
+    _named_as_given(model, name)
     if not is_seqcls:
         with torch.no_grad():
             model.score.weight.normal_(0.0, 1.0 / (config.hidden_size + 1) ** 0.5)

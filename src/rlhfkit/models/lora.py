@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,11 +30,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 EMBEDDING_NAMES = {"lm_head", "embed_tokens", "wte", "embed_in", "embed_out", "word_embeddings", "output"}
 
 
-def tied_embedding_targets(targets, tied: bool) -> list[str]:
+def tied_embedding_targets(targets, tied: bool, names: list[str] | None = None) -> list[str]:
     """The LoRA targets that name the LM head or input embedding, when the two are one tied matrix
-    ("all-linear" leaves the LM head out; a regex string is the user's to check)."""
-    if not tied or isinstance(targets, str):
+    ("all-linear" leaves the LM head out; a regex string, as peft reads it, is matched against the
+    model's module ``names``)."""
+    if not tied or targets == "all-linear":
         return []
+    if isinstance(targets, str):
+        return sorted(n for n in names or [] if re.fullmatch(targets, n) and n.split(".")[-1] in EMBEDDING_NAMES)
     return sorted({str(t) for t in targets if str(t).split(".")[-1] in EMBEDDING_NAMES})
 
 
@@ -49,7 +53,7 @@ def apply_lora(model, section, task_type: str):
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight  # a scorer has no LM head
-    if tied_embedding_targets(section.target_modules, tied):
+    if tied_embedding_targets(section.target_modules, tied, [n for n, _ in model.named_modules()]):
         raise ValueError("model.lora.target_modules: this model's LM head and input embedding are one tied "
                          "matrix, and an adapter on it cannot be merged without changing both")
 

@@ -42,6 +42,7 @@ def check_model_path(name: str | os.PathLike) -> None:
         check_no_custom_code(p)
         if (p / "adapter_config.json").is_file():
             _check_adapter_files(p)
+            _check_adapter_base(p)
         elif (p / "config.json").is_file():
             check_model_files(p)
     elif s.startswith((".", "/", "~")) or s.count("/") > 1:
@@ -84,6 +85,19 @@ def _check_adapter_files(path: Path) -> None:
         _check_safetensors(path / "adapter_model.safetensors")
     elif (path / "adapter_model.bin").is_file():
         _check_pickled_weights(path / "adapter_model.bin")
+
+
+def _check_adapter_base(path: Path) -> None:
+    """An adapter whose recorded base is a local path that is not there (a relative one is read
+    from the working directory, as peft reads it) is refused before anything loads."""
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return  # the loader says what is wrong with the file
+    if isinstance(base, str) and base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
+        where = f" (relative to the working directory {os.getcwd()})" if not base.startswith(("/", "~")) else ""
+        raise FileNotFoundError(f"{path}: its base model {base}{where} is not there (adapter_config.json "
+                                "base_model_name_or_path): put the base there, or set that path to where it is")
 
 
 def _shards(index: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from rlhfkit.models.loading import (
     save_pretrained_atomic,
     trained_dtype,
 )
-from rlhfkit.models.names import check_policy_path
+from rlhfkit.models.names import check_model_path, check_policy_path
 from rlhfkit.models.lora import (
     ADAPTER_CONFIG,
     adapter_base,
@@ -71,7 +71,10 @@ def load_for_training(model_cfg, task_type: str = "CAUSAL_LM", pad_token_id: int
         enable_gradient_checkpointing(model)
     if continued:
         _warn_unused_lora_settings(model_cfg, cont)
-        return load_adapter_onto(model, model_cfg.name, trainable=True), adapter_base(model_cfg.name)
+        wrapped = load_adapter_onto(model, model_cfg.name, trainable=True)
+        for c in wrapped.peft_config.values():  # the base as loaded: an absolute path or a hub id, never
+            c.base_model_name_or_path = model.name_or_path  # a path relative to some working directory
+        return wrapped, adapter_base(model_cfg.name)
     return apply_lora(model, model_cfg.lora, task_type), None
 
 
@@ -106,6 +109,7 @@ def merge_adapter(path: str | os.PathLike, out_dir: str | os.PathLike, *, base: 
     path = Path(path)
     if adapter_config(path) is None:
         raise FileNotFoundError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    check_model_path(path)  # its weights read as tensors alone, its base is there
     out = Path(out_dir)
     if not str(out_dir).strip():
         raise ValueError("--out: empty; name the directory the merged model is written to")
