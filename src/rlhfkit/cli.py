@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from rlhfkit import __version__, envvars
@@ -161,15 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     known = (*COMMANDS, "pipeline", "report", "merge", "make-data")
     command = next((a for a in argv if a in known), "")
+    previous = _on_sigterm(_terminate)
     try:
         return _main(argv)
     except BrokenPipeError:  # `rlhfkit ... | head`: the reader has what it wanted; end quietly
         _silence_stdout()
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (a scheduler's stop): writes in progress are cleaned up
         _close_bars()
-        print(f"rlhfkit {command}: interrupted".rstrip(), file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"rlhfkit {command}: {what}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         from rlhfkit.training import TrainingDiverged
 
@@ -189,6 +192,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rlhfkit {command}: error: {_one_line(e, command)}", file=sys.stderr)
         return 2
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it stops as after Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM and return the one it replaces (None where signals cannot
+    be set: not the main thread, or ``handler`` None)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a library caller's worker thread): leave signals alone
+        return None
 
 
 def _close_bars() -> None:

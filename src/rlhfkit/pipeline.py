@@ -315,6 +315,8 @@ def _run_stages(cfg: PipelineConfig, out: Path, stages) -> dict:
     for i, (spec, stage_cfg) in enumerate(stages):
         done = out / spec.name / "DONE"
         if _finished(out / spec.name, spec.kind):
+            if len(skipped) < i:  # a stage before it ran now: its inputs may have changed since `_open` checked
+                _check_unchanged(spec.name, out / spec.name, stage_cfg)
             if not done.exists():  # killed after the command's last write, before the pipeline's
                 done.write_text(json.dumps({"seconds": None}))
             print(f"[pipeline] stage {i + 1}/{len(stages)} {spec.name}: already done, skipped", flush=True)

@@ -27,6 +27,7 @@ from rlhfkit.io import read_jsonl_lenient, to_builtin
 from rlhfkit.training.best import BEST, Best, best_tracker, consider, promote, restore, saved_step
 from rlhfkit.training.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 from rlhfkit.training.logger import RunLogger
+from rlhfkit.training.rundir import RunDirError
 
 
 @dataclass
@@ -50,6 +51,10 @@ def fit(run, step_fn: Callable[[int], dict], total: int, *, models: dict, optimi
     ckpt = Checkpointer(run.out, train.keep_checkpoints, enabled=run.is_main)
     best = best_tracker(train)
     start = _resume(run, ckpt, models, optimizers, best, load_state) if train.resume else 0
+    if start > total:  # a length by epochs below the checkpoint's step (max_steps: refused by open_run)
+        raise RunDirError(f"cannot continue {run.out} to step {total}: its newest checkpoint is step {start}, past "
+                          f"the new length (train.epochs); give a length of at least {start} steps, or start over "
+                          "with train.overwrite=true")
     run.logger = RunLogger(run.out, total, enabled=run.is_main, progress=train.progress, desc=run.kind,
                            initial_step=start, report_to=getattr(train, "report_to", ("auto",)),
                            config=run.config)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import ConfigError, dump_config
-from rlhfkit.training.checkpoint import Checkpointer
+from rlhfkit.training.checkpoint import CKPT_PREFIX, Checkpointer
 from rlhfkit.training.checkpoint import remove_leftovers as remove_tmp
 from rlhfkit.training.fingerprint import (LENGTH_KEYS, default_sources, differences, fingerprint, flat_config,
                                          local_path, well_formed)
@@ -93,6 +93,9 @@ def open_run(cfg: Any, kind: str, *, is_main: bool = True, sources: dict[str, st
                 log.warning("train.overwrite: deleted %s from %s", ", ".join(run.removed), run.path)
         for name in remove_leftovers(run.path):
             log.info("removed %s, left by an interrupted write", name)
+        if not run.resuming and (run.path / "best-pending").is_dir():  # the best so far of a run that
+            shutil.rmtree(run.path / "best-pending")  # stopped before its first checkpoint: nothing to continue
+            log.info("removed best-pending/ of a run stopped before its first checkpoint")
         for line in run.skipped if run.resuming else []:
             log.warning("skipping checkpoint %s", line)
         if run.resuming:  # a finished run continued (for more steps) is unfinished until it ends again
@@ -162,6 +165,7 @@ def plan_run(cfg: Any, kind: str, *, sources: dict[str, str] | None = None) -> R
     _check_same_run(path, kind, record, train.resume_mismatch_ok, defaults)
     if checkpoint is not None:
         _check_checkpoint_is_ours(path, checkpoint)
+        _check_length_reaches(path, checkpoint, train)
     return RunDir(path, kind, resuming=True, checkpoint=checkpoint, record=_merged_record(path, kind, record, defaults),
                   skipped=skipped)
 
@@ -208,8 +212,8 @@ def _outputs(path: Path) -> list[str]:
     ck = path / "checkpoints"
     if ck.is_dir() and any(p.name.startswith("step-") for p in ck.iterdir()):
         found.append("checkpoints/")
-    for name in ("model", "critic", "best", "best-pending"):
-        if (path / name).exists() or (path / name).is_symlink():
+    for name in ("model", "critic", "best"):  # not best-pending/: a run's best so far, kept only with a
+        if (path / name).exists() or (path / name).is_symlink():  # checkpoint (else it is started over)
             found.append(f"{name}/")
     found += sorted(p.name for p in path.glob("*_results.json"))
     found += sorted(f"{p.name}/" for pattern in {"sft", "iter-*"} for p in path.glob(pattern) if p.is_dir())
@@ -311,6 +315,20 @@ def _check_same_run(path: Path, kind: str, record: dict, mismatch_ok: bool, defa
         log.warning("%s: not applied on resume: the optimizer and its learning-rate schedule continue as the "
                     "checkpoint saved them (start over with train.overwrite=true to use the new values)",
                     ", ".join(restored))
+
+
+def _check_length_reaches(path: Path, checkpoint: Path, train: Any) -> None:
+    """A run continued to fewer steps than its newest checkpoint would end at once with that
+    checkpoint's weights, under a config that says otherwise: refused (the length by epochs, known
+    only with the data, is checked as the loop starts)."""
+    try:
+        step = int(checkpoint.name.removeprefix(CKPT_PREFIX))
+    except ValueError:
+        return
+    if 0 < getattr(train, "max_steps", 0) < step:
+        raise RunDirError(f"train.max_steps: {train.max_steps} is below the step of {path}'s newest checkpoint "
+                          f"({checkpoint.name}): the run would end with that step's weights; give at least {step}, or "
+                          "start over with train.overwrite=true")
 
 
 def _check_not_another_command(path: Path, kind: str) -> None:
