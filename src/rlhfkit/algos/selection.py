@@ -7,12 +7,19 @@ from __future__ import annotations
 import math
 
 
+# Two scores this close (relative to their size) are equal up to rounding: a length penalty leaves
+# 0.3 - 0.2 * 2 and 0.1 - 0.2 * 1 apart in their last bit. Far below the resolution of a float32
+# reward model (1e-7), so no real difference is ever taken for a tie.
+ROUNDING = 1e-9
+
+
 def build_pairs(scores, responses, n: int, tie_tolerance: float = 0.0) -> tuple[list[tuple[int, int, int]], dict]:
     """Best-vs-worst pair of each group of n consecutive rows (docs/concepts.md: Online iterative DPO).
 
     scores, responses: length G*n, rows [g*n, (g+1)*n) belong to prompt g. Returns
     ([(g, best_row, worst_row), ...], counts). A group is dropped when its best and worst
-    responses are the same text (``identical``), when best - worst <= tie_tolerance (``ties``),
+    responses are the same text (``identical``), when best - worst <= tie_tolerance or is a
+    rounding difference (`ROUNDING`; ``ties``),
     or when either is empty (``empty``: nothing to learn from, and not a valid preference record).
     """
     if len(scores) != len(responses) or len(scores) % n:
@@ -25,7 +32,8 @@ def build_pairs(scores, responses, n: int, tie_tolerance: float = 0.0) -> tuple[
         a, b = responses[best].strip(), responses[worst].strip()
         if a == b:
             counts["identical"] += 1
-        elif scores[best] - scores[worst] <= tie_tolerance:
+        elif scores[best] - scores[worst] <= max(tie_tolerance, ROUNDING * max(1.0, abs(scores[best]),
+                                                                         abs(scores[worst]))):
             counts["ties"] += 1
         elif not a or not b:
             counts["empty"] += 1

@@ -157,10 +157,11 @@ class AnnotatorJudge:
         self.name = name
         self.calls = 0
 
-    def restart(self) -> None:
-        """Draw the labels from the seed's start again: a set of comparisons (one policy's against
-        the baseline, a labelled set) gets the same labels whatever was compared before it."""
-        self.annotator = self.task.annotator(seed=self.seed)
+    def restart(self, stream: int = 0) -> None:
+        """Draw the labels from the start of stream ``stream`` of the seed: a set of comparisons (one
+        policy's against the baseline, a labelled set, online DPO's iteration k) gets the same labels
+        whatever was compared before it, in this process or before a resume."""
+        self.annotator = self.task.annotator(seed=self.seed if stream == 0 else self.seed * 1_000_003 + stream)
 
     @staticmethod
     def context(messages) -> str:

@@ -169,6 +169,9 @@ def _import(spec: str, target: str):
         raise RewardSpecError(f"reward spec {spec!r}: {_syntax(e)}") from e
     except Exception as e:  # the module's own top-level code failed
         raise RewardSpecError(f"reward spec {spec!r}: importing {target!r} raised {type(e).__name__}: {e}") from e
+    except SystemExit as e:
+        raise RewardSpecError(f"reward spec {spec!r}: importing {target!r} called sys.exit({e.code!r}): its "
+                              "top-level code runs as a script; put it under `if __name__ == \"__main__\":`") from None
 
 
 def _load_file(spec: str, target: str):
@@ -192,6 +195,9 @@ def _load_file(spec: str, target: str):
             raise RewardSpecError(f"reward spec {spec!r}: {_syntax(e)}") from e
         if isinstance(e, Exception):
             raise RewardSpecError(f"reward spec {spec!r}: loading {path} raised {type(e).__name__}: {e}") from e
+        if isinstance(e, SystemExit):  # a script's sys.exit or argparse at top level: not a module to import
+            raise RewardSpecError(f"reward spec {spec!r}: loading {path} called sys.exit({e.code!r}): its top-level "
+                                  "code runs as a script; put it under `if __name__ == \"__main__\":`") from None
         raise
     return module
 

@@ -57,6 +57,13 @@ class Scorer:
             return scores, {"labels": labels, "judge_calls": self.judge.calls - before}
         return _pointwise(self.reward_fn, rows, responses), {"labels": len(responses), "judge_calls": len(responses)}
 
+    def restart(self, stream: int) -> None:
+        """A judge that draws its labels at random (the simulated annotator) draws stream ``stream``
+        of its seed from its start: online DPO's iteration k gets the same labels in a run resumed
+        before it as in one that never stopped."""
+        if self.pairwise and hasattr(self.judge, "restart"):
+            self.judge.restart(stream)
+
     def gold_scores(self, rows: list, responses: list[str]) -> list[float] | None:
         """The gold judge's score of each response, or None without one."""
         return None if self.gold is None else _pointwise(self.gold, rows, responses)

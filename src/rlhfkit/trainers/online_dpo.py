@@ -223,6 +223,8 @@ def train_online_dpo(cfg: OnlineDPOConfig, strategy: Strategy | None = None) -> 
             summary = json.loads(done.read_text())
         else:
             chunk = items[(k - 1) * cfg.prompts_per_iteration:k * cfg.prompts_per_iteration]
+            if scorer is not None:
+                scorer.restart(k)
             summary = run_iteration(cfg, k, state["current"], chunk, scorer, tokenizer, it_dir, strategy)
             if strategy.is_main:
                 write_json_atomic(done, summary)
@@ -290,13 +292,15 @@ def _write_final(cfg: OnlineDPOConfig, run, tokenizer, results: dict) -> None:
 
 def _check_scorer(cfg: OnlineDPOConfig) -> None:
     """The scorer's spec, and a pointwise one (the simulated annotator's as its task's) against the
-    training prompts' records it will score (`judges.reward_set.check_on_prompts`), without loading
-    a model: at the run's start and, through `inputs`, before a pipeline's first stage."""
+    training and held-out prompts' records it will score (`judges.reward_set.check_on_prompts`;
+    held out: ``eval/proxy_mean``), without loading a model: at the run's start and, through
+    `inputs`, before a pipeline's first stage."""
     p = cfg.prompts
     check_scorer_spec(cfg.scorer)
     pointwise = fields_judge(cfg.scorer)
     if pointwise:
         check_on_prompts(pointwise, "prompts.train", p.train, "prompts", p.limit, alone=True)
+        check_on_prompts(pointwise, "prompts.eval", p.eval, "prompts_eval", p.eval_limit, alone=True)
 
 
 def _check_gold(cfg: OnlineDPOConfig) -> None:

@@ -71,8 +71,6 @@ def score_and_write(cfg, items: list, samples: Samples, stats: dict, scorer, it_
         for i, (r, a, s, rs, done) in enumerate(zip(rows, responses, scores, ranked, eos))])
     pairs, counts = build_pairs(ranked, responses, n, cfg.tie_tolerance)
     stats["samples_cut"] = sum(not done for done in eos)
-    if gold is not None:
-        stats.update(gold_agreement(ranked, gold, pairs, n))
     if cfg.mode == "dpo":
         records = [{"prompt": items[g].messages, "chosen": responses[b], "rejected": responses[w],
                     "score_chosen": scores[b], "score_rejected": scores[w], "prompt_ids": items[g].ids,
@@ -85,6 +83,10 @@ def score_and_write(cfg, items: list, samples: Samples, stats: dict, scorer, it_
                     "prompt_ids": items[g].ids, "response_ids": samples.ids[b]} for g, b in best]
         stats.update(rsft_dropped(ranked, responses, n, cfg.rsft_min_score, len(best)),
                      chosen_cut=sum(not eos[b] for _, b in best))
+        kept = {g for g, _ in best}
+        pairs = [p for p in pairs if p[0] in kept]  # gold's view of what is trained: the kept groups' best vs worst
+    if gold is not None:
+        stats.update(gold_agreement(ranked, gold, pairs, n))
     stats.update(**labels, pairs=len(records), score_mean=sum(scores) / len(scores))
     write_json_atomic(it_dir / "sampling.json", stats)
     write_jsonl_atomic(pairs_path, records)
