@@ -235,3 +235,39 @@ def test_pm_truncation_never_cuts_a_response_to_nothing(tokenizer, max_length):
     _, first, second = out
     assert first.strip() and second.strip()
     assert len(render_ids(tokenizer, pm_record(*out, "A")["messages"])) <= max_length
+
+
+def test_pm_held_out_accuracy_is_measured_on_the_questions_as_training_cut_them(tmp_path, tiny_model_dir, tokenizer,
+                                                                                 monkeypatch):
+    """With data.truncation the held-out pairs are judged cut to data.max_length as the training
+    questions were, not whole (past the length the model trained at, or its positions)."""
+    from rlhfkit.config import load_config
+    from rlhfkit.data.render import render_ids
+    from rlhfkit.judges.preference import PairwiseJudge, pm_record
+    from rlhfkit.trainers.pm import PMConfig, train_pm
+
+    seen = []
+    original = PairwiseJudge.prob_first
+
+    def spy(self, contexts, firsts, seconds):
+        seen.extend(zip(contexts, firsts, seconds))
+        return original(self, contexts, firsts, seconds)
+
+    monkeypatch.setattr(PairwiseJudge, "prob_first", spy)
+    rows = [{"prompt": f"context {i} " + "filler " * 30, "chosen": "good " * 80, "rejected": "bad " * 50}
+            for i in range(6)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(PMConfig, overrides=[f"model.name={tiny_model_dir}", f"data.train={tmp_path / 'pairs.jsonl'}",
+                                           "data.eval_fraction=0.34", "data.max_length=160", "data.truncation=right",
+                                           "train.max_steps=1", "train.batch_size=4", "train.micro_batch_size=4",
+                                           "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}"])
+    results = train_pm(cfg)
+    assert results["pm"]["pairs"] == results["llm_judge"]["pairs"] == 2 and len(seen) == 8  # 2 judges x 2 orders
+    assert all(len(render_ids(tokenizer, pm_record(c, a, b, "A")["messages"])) <= 160 for c, a, b in seen)
+
+
+def test_pm_truncation_never_leaves_half_a_character(tokenizer):
+    from rlhfkit.trainers.pm import PairFitter
+
+    context, first, second = PairFitter(tokenizer, 97)("\U0001F600 " * 100, "yes \U0001F600" * 20, "no", "A")
+    assert "\ufffd" not in context + first + second and first.strip() and second.strip()

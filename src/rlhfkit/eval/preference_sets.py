@@ -47,13 +47,29 @@ def _vote(p: torch.Tensor) -> torch.Tensor:
     return (p > 0.5).float() + 0.5 * (p == 0.5).float()
 
 
-def judge_accuracy(judge, examples) -> dict:
+def judge_accuracy(judge, examples, fit=None) -> dict:
     """Pairwise judge on PreferenceExamples: accuracy of P(chosen > rejected) averaged over both
     orders; for model judges also the single-order accuracy and the position bias
-    (mean P("A") over both orders minus 0.5; > 0 means the judge favours the first response)."""
+    (mean P("A") over both orders minus 0.5; > 0 means the judge favours the first response).
+    ``fit(context, first, second, label)`` (`trainers.pm.PairFitter`), when given, cuts each pair's
+    texts as a preference model's training cut them (both orders are the same length), or drops it
+    (counted in ``dropped_too_long``)."""
 
     ctx = [judge.context(ex.prompt) for ex in examples]
     ch, rj = [ex.chosen for ex in examples], [ex.rejected for ex in examples]
+    dropped = 0
+    if fit is not None:
+        fitted = [(ex, f) for ex, *texts in zip(examples, ctx, ch, rj) if (f := fit(*texts, "A")) is not None]
+        dropped = len(examples) - len(fitted)
+        examples = [ex for ex, _ in fitted]
+        ctx, ch, rj = ([f[i] for _, f in fitted] for i in range(3))
+        if not examples:
+            return {"accuracy": None, "pairs": 0, "dropped_too_long": dropped}
+    out = _judge_accuracy(judge, examples, ctx, ch, rj)
+    return {**out, "dropped_too_long": dropped} if dropped else out
+
+
+def _judge_accuracy(judge, examples, ctx: list[str], ch: list[str], rj: list[str]) -> dict:
     if not hasattr(judge, "prob_first"):  # the simulated annotator: no order to average
         p = judge.compare(ctx, ch, rj)
         return _by_category(examples, [1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0 for x in p])

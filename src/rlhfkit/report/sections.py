@@ -124,11 +124,12 @@ def judge_table(stages: list[tuple[str, Stage]]) -> str:
     rows = []
     for run, st in stages:
         res = read_json(st.path / "pm_results.json")
-        n = (res.get("pairs") or {}).get("eval") if isinstance(res.get("pairs"), dict) else None
+        held = (res.get("pairs") or {}).get("eval") if isinstance(res.get("pairs"), dict) else None
         for key, label in (("pm", "trained preference model"), ("llm_judge", "untrained model (LLM-as-judge)")):
             r = res.get(key)
             if not isinstance(r, dict) or not isinstance(r.get("accuracy"), (int, float)):
                 continue
+            n = r["pairs"] if isinstance(r.get("pairs"), int) else held  # the pairs judged: some may not fit
             cells = [accuracy_ci(r["accuracy"], n)] + [num(r[k]) if isinstance(r.get(k), (int, float)) else ""
                                                         for k in ("accuracy_single_order", "position_bias")]
             rows.append(f"<tr><td>{esc(run)}</td><td>{esc(st.name)}</td><td>{label}</td>"

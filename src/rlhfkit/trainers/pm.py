@@ -113,7 +113,9 @@ class PairFitter:
                 over -= 1
             ta, tb = ta[:na], tb[:nb]
             tc = tc[over:] if over > 0 else tc  # the responses are down to a token: the context goes below half
-            texts = tuple(self.tokenizer.decode(t) for t in (tc, ta, tb))
+            # a cut inside a character's bytes decodes to U+FFFD: dropped, not shown to the model
+            texts = (self.tokenizer.decode(tc).lstrip("\ufffd"), self.tokenizer.decode(ta).rstrip("\ufffd"),
+                     self.tokenizer.decode(tb).rstrip("\ufffd"))
             if not (texts[1].strip() and texts[2].strip()):
                 break  # a response cut to nothing: no question to label
             fitted = self._length(texts, label)
@@ -175,21 +177,29 @@ def train_pm(cfg: PMConfig, strategy: Strategy | None = None) -> dict:
                **({"best": trained["best"]} if "best" in trained else {})}  # the step train.select_best kept
     if strategy.is_main:
         # 3. Held-out accuracy, both orders.
-        if eval_pairs:
+        if eval_pairs:  # on the questions as training cut them (data.truncation), not past max_length
             results["pm"] = _judge_eval(f"pm:{out}", eval_pairs, cfg)
             if cfg.eval_untrained:
                 results["llm_judge"] = _judge_eval(f"judge:{cfg.model.name}", eval_pairs, cfg)
         write_json_atomic(out / "pm_results.json", results)
         release(out)
         for name in ("pm", "llm_judge"):
-            if name in results:
-                r = results[name]
+            r = results.get(name)
+            cut = f", {r['dropped_too_long']} pair(s) left out: too long to fit" \
+                if r and "dropped_too_long" in r else ""
+            if r and r["accuracy"] is None:
+                print(f"[pm] {name}: no held-out accuracy: every held-out pair is too long for max_length="
+                      f"{cfg.data.max_length}")
+            elif r:
                 print(f"[pm] {name}: held-out accuracy {r['accuracy']:.3f} (both orders), "
-                      f"{r['accuracy_single_order']:.3f} (one order), position bias {r['position_bias']:+.3f}")
+                      f"{r['accuracy_single_order']:.3f} (one order), position bias {r['position_bias']:+.3f}{cut}")
     strategy.wait()
     return results
 
 
 def _judge_eval(spec: str, pairs: list, cfg: PMConfig) -> dict:
     judge = build_pairwise_judge(spec, chat_template=cfg.data.chat_template, batch_size=cfg.eval_batch_size)
-    return judge_accuracy(judge, pairs)
+    fit = None
+    if cfg.data.truncation != "error":
+        fit = PairFitter(load_tokenizer(cfg.model.name, chat_template=cfg.data.chat_template), cfg.data.max_length)
+    return judge_accuracy(judge, pairs, fit=fit)
