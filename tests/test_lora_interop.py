@@ -135,3 +135,21 @@ def test_merging_an_adapter_whose_weights_are_a_pickle_of_code_is_one_line(tmp_p
     out, err = capsys.readouterr()
     assert "ran" not in out and err.strip().count("\n") == 0 and "not loadable as weights alone" in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_reward_model_trained_elsewhere_is_scored_with_a_warning_naming_where_it_is_read(
+        tmp_path, tiny_model_dir, tokenizer, caplog):
+    """A TRL / plain-transformers RM (no reward_pooling in its config.json) is accepted as rm:DIR,
+    with a warning that rlhfkit reads it at the end-of-turn token; rlhfkit's own RMs get none."""
+    from rlhfkit.judges.reward_model import find_rm_dir
+    from rlhfkit.models import load_scalar_model, save_pretrained_atomic, set_reward_pooling
+
+    model = load_scalar_model(tiny_model_dir, pad_token_id=tokenizer.pad_token_id)
+    save_pretrained_atomic(model, tokenizer, tmp_path / "trl_rm")
+    set_reward_pooling(model, "last")
+    save_pretrained_atomic(model, tokenizer, tmp_path / "ours")
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        find_rm_dir(str(tmp_path / "ours"))
+        assert "was not written by `rlhfkit rm`" not in caplog.text
+        find_rm_dir(str(tmp_path / "trl_rm"))
+    assert f"rm:{tmp_path / 'trl_rm'}: " in caplog.text and "end-of-turn token" in caplog.text

@@ -21,8 +21,8 @@ from rlhfkit.models import (
     reward_pooling,
 )
 from rlhfkit.models.forward import common_prefix_len, shared_token_values
-from rlhfkit.models.heads import pool_mask, pool_values
-from rlhfkit.models.loading import to_device
+from rlhfkit.models.heads import POOLING_KEY, pool_mask, pool_values
+from rlhfkit.models.loading import to_device, warn_once
 from rlhfkit.models.lora import adapter_config, is_seq_cls_adapter
 from rlhfkit.models.names import WEIGHT_FILES
 from rlhfkit.models.packing import pack_groups, packed_token_values, packs
@@ -71,6 +71,11 @@ def _check_rm_config(path: str, p: Path) -> None:
     if labels != 1:
         raise RewardSpecError(f"rm:{path}: {p} is a classifier with {labels} labels, not a reward model "
                               "(one score per sequence)")
+    if POOLING_KEY not in config:  # every `rlhfkit rm` records its pooling: this one was trained elsewhere
+        warn_once(f"rm:{path}: {p} was not written by `rlhfkit rm` (its config.json records no {POOLING_KEY}): it "
+                  "is scored at the reply's end-of-turn token, where rlhfkit's reward models read; a model trained "
+                  "elsewhere may read another position (TRL's RewardTrainer: the rendering's last token, after the "
+                  "end-of-turn), so check its accuracy (rlhfkit eval with preference_set) before optimising it")
 
 
 def reward_model_fn(path: str, *, tokenizer=None, device="cpu", batch_size: int = 16) -> RewardFn:
