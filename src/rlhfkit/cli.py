@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     known = (*COMMANDS, "pipeline", "report", "merge", "make-data")
     command = next((a for a in argv if a in known), "")
-    previous = _on_sigterm(_terminate)
+    # one process: SIGTERM stops it as Ctrl-C does; under torchrun the launcher's SIGTERM (sent to the
+    # others when one process fails) keeps its default, an immediate stop, not a wait in a collective
+    previous = _on_sigterm(_terminate if os.environ.get("WORLD_SIZE", "1") == "1" else None)
     try:
         return _main(argv)
     except BrokenPipeError:  # `rlhfkit ... | head`: the reader has what it wanted; end quietly
