@@ -129,3 +129,17 @@ def test_rsft_gold_agreement_is_measured_on_the_groups_it_trains_on(tmp_path):
     score_and_write(cfg, items, samples, stats, Fixed(), tmp_path, tmp_path / "best.jsonl")
     assert stats["pairs"] == 1 and stats["gold_pair_accuracy"] == 1.0 and stats["gold_pair_margin"] == 1.0
     assert stats["gold_ranking_accuracy"] == 1 / 3  # the ranking itself, over every group
+
+
+def test_a_model_judge_warns_once_when_a_question_is_past_its_positions(tokenizer, caplog):
+    """judge:MODEL / pm:DIR read past their positions give verdicts on what they never saw: said once."""
+    from rlhfkit.judges.preference import PairwiseJudge
+    from rlhfkit.models import tiny_causal_lm
+
+    judge = PairwiseJudge(tiny_causal_lm(tokenizer), tokenizer, name="judge:tiny")
+    with caplog.at_level("WARNING", logger="rlhfkit"):
+        judge.prob_first(["Say hi"], ["hi"], ["hello"])
+        assert "positions" not in caplog.text
+        for _ in range(2):
+            judge.prob_first(["Say hi"], ["hi " * 1500], ["hello"])
+    assert caplog.text.count(f"judge:tiny: an A/B question of") == 1 and "judge's 1024 positions" in caplog.text

@@ -21,6 +21,7 @@ scored in both orders and averaged, which removes the position bias that is left
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ from rlhfkit.models.lora import TOKENIZER_FILES, adapter_config, tokenizer_sourc
 from rlhfkit.models.names import DEFAULT_ALIASES, WEIGHT_FILES, resolve_hub_id
 from rlhfkit.rollout import left_pad
 from rlhfkit.tasks import get_task
+
+log = logging.getLogger("rlhfkit")
 
 QUESTION = "Which response is better? Answer A or B."
 LABELS = ("A", "B")
@@ -113,6 +116,10 @@ class PairwiseJudge:
         self.name = name
         self.label_ids = label_token_ids(tokenizer)
         self.calls = 0  # judge forward passes (one per order per pair)
+        config = getattr(model, "config", None)
+        limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+        self.positions = limit if isinstance(limit, int) else None
+        self.warned_long = False
 
     context = staticmethod(context_text)  # how a prompt (messages) is shown to this judge
 
@@ -123,6 +130,12 @@ class PairwiseJudge:
         device = next(self.model.parameters()).device
         rows = [chat_ids(self.tokenizer, [{"role": "user", "content": pm_prompt(c, a, b)}], add_generation_prompt=True)
                 for c, a, b in zip(contexts, firsts, seconds)]
+        longest = max(map(len, rows), default=0)
+        if self.positions is not None and longest > self.positions and not self.warned_long:
+            self.warned_long = True  # once per judge: its verdicts on such pairs read past what it was trained on
+            log.warning("%s: an A/B question of %d tokens is longer than the judge's %d positions: its verdicts on "
+                        "such pairs are unreliable; shorten the responses (rollout.max_new_tokens) or the prompts",
+                        self.name, longest, self.positions)
         out = []
         self.model.eval()
         for i in range(0, len(rows), self.batch_size):
