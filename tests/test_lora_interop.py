@@ -153,3 +153,18 @@ def test_a_reward_model_trained_elsewhere_is_scored_with_a_warning_naming_where_
         assert "was not written by `rlhfkit rm`" not in caplog.text
         find_rm_dir(str(tmp_path / "trl_rm"))
     assert f"rm:{tmp_path / 'trl_rm'}: " in caplog.text and "end-of-turn token" in caplog.text
+
+
+def test_a_lora_adapter_directory_holds_the_generation_config_that_stops_like_rollouts(tmp_path, tiny_model_dir):
+    """peft saves the adapter's weights and config only: the directory also holds the generation
+    config whose stop tokens are the full model's (eos and end-of-turn)."""
+    from transformers import GenerationConfig
+
+    from rlhfkit.data.render import end_of_turn_ids
+    from rlhfkit.models import load_tokenizer
+
+    assert main(["sft", f"model.name={tiny_model_dir}", "model.lora.enabled=true", *COMMON,
+                 f"train.output_dir={tmp_path / 'lora'}"]) == 0
+    gen = GenerationConfig.from_pretrained(tmp_path / "lora" / "model")
+    stops = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert set(end_of_turn_ids(load_tokenizer(tiny_model_dir))) <= set(stops)

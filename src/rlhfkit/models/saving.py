@@ -47,6 +47,9 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | os.PathLike, extra_f
     try:
         try:
             model.save_pretrained(tmp, safe_serialization=True)
+            gen = getattr(model, "generation_config", None)
+            if hasattr(model, "peft_config") and gen is not None:  # peft writes the adapter alone: the stops too
+                gen.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for fname, text in (extra_files or {}).items():
